@@ -1,0 +1,416 @@
+//! Expressions and templates: one sandboxed engine (minijinja) for `forEach`, `when`, event
+//! `filter`s, `dedupeKey`s and every string in `params`.
+//!
+//! - An *expression* (`forEach`, `when`, `filter`) is Jinja expression syntax: `item.amount > 0`.
+//! - A *template* is any string containing `{{ … }}` or `{% … %}`. A string that is exactly one
+//!   `{{ expr }}` keeps the expression's JSON type (`"{{ item.amount }}"` renders the number `42`,
+//!   not the string `"42"`); any other template renders to a string. Strings without template
+//!   syntax are literals and never touch the engine.
+//! - Evaluation is bounded: a fuel limit per evaluation (so `range(10**9)` or a runaway loop stops
+//!   with an error), and a limit on the bytes one task's params may render to.
+//! - Undefined values are errors where they would be silently wrong (printing `item.emial`, a
+//!   whole-string expression that is undefined), and false in conditions (`when: item.flag`).
+
+use minijinja::value::{Serde, Value};
+use minijinja::{AutoEscape, Environment, Expression, Template, UndefinedBehavior};
+
+/// Bounds on one evaluation.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Instruction fuel per expression or template evaluation.
+    pub fuel: u64,
+    /// Bytes of rendered params per task.
+    pub max_output_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            fuel: 50_000,
+            max_output_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// An expression or template failed to compile or to evaluate.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ExprError {
+    pub message: String,
+}
+
+impl ExprError {
+    fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+        }
+    }
+
+    fn from_minijinja(e: &minijinja::Error) -> Self {
+        let mut message = e.to_string();
+        if let Some(detail) = e.detail()
+            && !message.contains(detail)
+        {
+            message = format!("{message}: {detail}");
+        }
+        if e.kind() == minijinja::ErrorKind::OutOfFuel {
+            message = "evaluation ran out of fuel (too much work for one expression; simplify it or shrink its input)".to_owned();
+        }
+        Self::new(message)
+    }
+}
+
+/// A configured engine. Cheap to create; holds the environment that compiled expressions borrow.
+pub struct Engine<'src> {
+    env: Environment<'src>,
+    limits: Limits,
+}
+
+impl<'src> Engine<'src> {
+    pub fn new(limits: Limits) -> Self {
+        let mut env = Environment::new();
+        env.set_fuel(Some(limits.fuel));
+        env.set_undefined_behavior(UndefinedBehavior::SemiStrict);
+        env.set_auto_escape_callback(|_| AutoEscape::None);
+        env.set_recursion_limit(64);
+        Self { env, limits }
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Compiles an expression (`forEach`, `when`, `filter`).
+    pub fn expression(&self, source: &'src str) -> Result<CompiledExpr<'_, 'src>, ExprError> {
+        let trimmed = source.trim();
+        if trimmed.is_empty() {
+            return Err(ExprError::new("expression is empty"));
+        }
+        if trimmed.contains("{{") || trimmed.contains("{%") {
+            return Err(ExprError::new(format!(
+                "{trimmed:?} is an expression, not a template: write it without {{{{ }}}}"
+            )));
+        }
+        self.env
+            .compile_expression(trimmed)
+            .map(|expr| CompiledExpr { expr })
+            .map_err(|e| ExprError::from_minijinja(&e))
+    }
+
+    /// Compiles one string of params (or a `dedupeKey`): a literal, a typed single expression, or
+    /// a template.
+    pub fn template(&self, source: &'src str) -> Result<CompiledTemplate<'_, 'src>, ExprError> {
+        if !has_template_syntax(source) {
+            return Ok(CompiledTemplate::Literal(source));
+        }
+        if let Some(inner) = single_expression(source) {
+            return self
+                .env
+                .compile_expression(inner)
+                .map(CompiledTemplate::Expression)
+                .map_err(|e| ExprError::from_minijinja(&e));
+        }
+        self.env
+            .template_from_str(source)
+            .map(CompiledTemplate::Template)
+            .map_err(|e| ExprError::from_minijinja(&e))
+    }
+
+    /// Compiles every string in a JSON tree of params. An error carries the path of the string
+    /// that failed (`body.to`, `items[2]`).
+    pub fn params(
+        &self,
+        params: &'src serde_json::Value,
+    ) -> Result<CompiledParams<'_, 'src>, (String, ExprError)> {
+        self.params_at(params, String::new())
+    }
+
+    fn params_at(
+        &self,
+        params: &'src serde_json::Value,
+        path: String,
+    ) -> Result<CompiledParams<'_, 'src>, (String, ExprError)> {
+        let join = |key: &str| {
+            if path.is_empty() {
+                key.to_owned()
+            } else {
+                format!("{path}.{key}")
+            }
+        };
+        Ok(match params {
+            serde_json::Value::String(s) => {
+                CompiledParams::String(self.template(s).map_err(|e| (path.clone(), e))?)
+            }
+            serde_json::Value::Array(items) => {
+                let mut compiled = Vec::with_capacity(items.len());
+                for (i, item) in items.iter().enumerate() {
+                    compiled.push(self.params_at(item, format!("{path}[{i}]"))?);
+                }
+                CompiledParams::Array(compiled)
+            }
+            serde_json::Value::Object(map) => {
+                let mut fields = Vec::with_capacity(map.len());
+                for (key, value) in map {
+                    fields.push((key.as_str(), self.params_at(value, join(key))?));
+                }
+                CompiledParams::Object(fields)
+            }
+            other => CompiledParams::Literal(other),
+        })
+    }
+}
+
+fn has_template_syntax(s: &str) -> bool {
+    s.contains("{{") || s.contains("{%") || s.contains("{#")
+}
+
+/// `"{{ expr }}"` with nothing else → `Some("expr")`.
+fn single_expression(s: &str) -> Option<&str> {
+    let inner = s.trim().strip_prefix("{{")?.strip_suffix("}}")?;
+    let inner = inner.strip_prefix('-').unwrap_or(inner);
+    let inner = inner.strip_suffix('-').unwrap_or(inner);
+    if has_template_syntax(inner) || inner.contains("}}") || inner.trim().is_empty() {
+        return None;
+    }
+    Some(inner.trim())
+}
+
+/// A compiled expression.
+pub struct CompiledExpr<'env, 'src> {
+    expr: Expression<'env, 'src>,
+}
+
+impl CompiledExpr<'_, '_> {
+    pub fn eval(&self, scope: &Value) -> Result<Value, ExprError> {
+        self.expr
+            .eval(scope.clone())
+            .map_err(|e| ExprError::from_minijinja(&e))
+    }
+
+    /// Truthiness, as in `when` and `filter`: undefined and null are false.
+    pub fn eval_bool(&self, scope: &Value) -> Result<bool, ExprError> {
+        Ok(self.eval(scope)?.is_true())
+    }
+
+    /// A list, as `forEach` needs: every element, in order.
+    pub fn eval_list(&self, scope: &Value) -> Result<Vec<Value>, ExprError> {
+        let value = self.eval(scope)?;
+        if value.is_undefined() {
+            return Err(ExprError::new("is undefined (check the names it uses)"));
+        }
+        match value.kind() {
+            minijinja::value::ValueKind::Seq | minijinja::value::ValueKind::Iterable => value
+                .try_iter()
+                .map(|iter| iter.collect())
+                .map_err(|e| ExprError::from_minijinja(&e)),
+            kind => Err(ExprError::new(format!(
+                "yielded {kind} ({}), not a list",
+                preview(&value)
+            ))),
+        }
+    }
+}
+
+fn preview(value: &Value) -> String {
+    let text = value.to_string();
+    if text.len() > 80 {
+        let cut = (0..=80).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0);
+        format!("{}…", &text[..cut])
+    } else {
+        text
+    }
+}
+
+/// One compiled string.
+pub enum CompiledTemplate<'env, 'src> {
+    Literal(&'src str),
+    Expression(Expression<'env, 'src>),
+    Template(Template<'env, 'src>),
+}
+
+impl CompiledTemplate<'_, '_> {
+    /// Renders to JSON: literals and templates become strings, a single expression keeps its type.
+    pub fn render(&self, scope: &Value) -> Result<serde_json::Value, ExprError> {
+        match self {
+            CompiledTemplate::Literal(s) => Ok(serde_json::Value::String((*s).to_owned())),
+            CompiledTemplate::Expression(expr) => {
+                let value = expr
+                    .eval(scope.clone())
+                    .map_err(|e| ExprError::from_minijinja(&e))?;
+                if value.is_undefined() {
+                    return Err(ExprError::new("expression is undefined (check the names it uses)"));
+                }
+                serde_json::to_value(&value)
+                    .map_err(|e| ExprError::new(format!("result is not JSON: {e}")))
+            }
+            CompiledTemplate::Template(template) => template
+                .render(scope.clone())
+                .map(serde_json::Value::String)
+                .map_err(|e| ExprError::from_minijinja(&e)),
+        }
+    }
+
+    /// Renders to a string (for keys and names): a typed result is written as JSON text.
+    pub fn render_string(&self, scope: &Value) -> Result<String, ExprError> {
+        Ok(match self.render(scope)? {
+            serde_json::Value::String(s) => s,
+            other => other.to_string(),
+        })
+    }
+}
+
+/// A compiled JSON tree of params.
+pub enum CompiledParams<'env, 'src> {
+    Literal(&'src serde_json::Value),
+    String(CompiledTemplate<'env, 'src>),
+    Array(Vec<CompiledParams<'env, 'src>>),
+    Object(Vec<(&'src str, CompiledParams<'env, 'src>)>),
+}
+
+impl CompiledParams<'_, '_> {
+    /// Renders the whole tree, failing if it grows past `max_bytes` of strings.
+    pub fn render(&self, scope: &Value, max_bytes: usize) -> Result<serde_json::Value, ExprError> {
+        let mut budget = max_bytes;
+        self.render_inner(scope, &mut budget, "params")
+    }
+
+    fn render_inner(
+        &self,
+        scope: &Value,
+        budget: &mut usize,
+        path: &str,
+    ) -> Result<serde_json::Value, ExprError> {
+        let value = match self {
+            CompiledParams::Literal(v) => (*v).clone(),
+            CompiledParams::String(t) => {
+                let rendered = t
+                    .render(scope)
+                    .map_err(|e| ExprError::new(format!("{path}: {}", e.message)))?;
+                let size = match &rendered {
+                    serde_json::Value::String(s) => s.len(),
+                    other => other.to_string().len(),
+                };
+                *budget = budget.checked_sub(size).ok_or_else(|| {
+                    ExprError::new(format!("{path}: rendered params exceed the output limit"))
+                })?;
+                rendered
+            }
+            CompiledParams::Array(items) => {
+                let mut out = Vec::with_capacity(items.len());
+                for (i, item) in items.iter().enumerate() {
+                    out.push(item.render_inner(scope, budget, &format!("{path}[{i}]"))?);
+                }
+                serde_json::Value::Array(out)
+            }
+            CompiledParams::Object(fields) => {
+                let mut out = serde_json::Map::with_capacity(fields.len());
+                for (key, field) in fields {
+                    out.insert(
+                        (*key).to_owned(),
+                        field.render_inner(scope, budget, &format!("{path}.{key}"))?,
+                    );
+                }
+                serde_json::Value::Object(out)
+            }
+        };
+        Ok(value)
+    }
+}
+
+/// JSON → engine value (done once per run for big inputs such as the context).
+pub fn to_value(json: &serde_json::Value) -> Value {
+    Value::from(Serde(json))
+}
+
+/// Engine value → JSON.
+pub fn from_value(value: &Value) -> serde_json::Value {
+    serde_json::to_value(value).unwrap_or(serde_json::Value::Null)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn scope(json: serde_json::Value) -> Value {
+        to_value(&json)
+    }
+
+    #[test]
+    fn single_expression_keeps_its_type() {
+        let engine = Engine::new(Limits::default());
+        let s = scope(json!({"item": {"amount": 42, "email": "a@b.c", "tags": ["x"]}}));
+        let t = engine.template("{{ item.amount }}").unwrap();
+        assert_eq!(t.render(&s).unwrap(), json!(42));
+        let t = engine.template("{{ item.tags }}").unwrap();
+        assert_eq!(t.render(&s).unwrap(), json!(["x"]));
+        let t = engine.template("to {{ item.email }}").unwrap();
+        assert_eq!(t.render(&s).unwrap(), json!("to a@b.c"));
+        let t = engine.template("{{ item.email }} and {{ item.amount }}").unwrap();
+        assert_eq!(t.render(&s).unwrap(), json!("a@b.c and 42"));
+        let t = engine.template("plain").unwrap();
+        assert_eq!(t.render(&s).unwrap(), json!("plain"));
+    }
+
+    #[test]
+    fn undefined_names_are_errors_when_rendered_and_false_in_conditions() {
+        let engine = Engine::new(Limits::default());
+        let s = scope(json!({"item": {"email": "a@b.c"}}));
+        assert!(engine.template("{{ item.emial }}").unwrap().render(&s).is_err());
+        assert!(engine.template("to {{ item.emial }}").unwrap().render(&s).is_err());
+        assert!(!engine.expression("item.flag").unwrap().eval_bool(&s).unwrap());
+    }
+
+    #[test]
+    fn for_each_needs_a_list() {
+        let engine = Engine::new(Limits::default());
+        let s = scope(json!({"event": {"items": [1, 2, 3], "obj": {"a": 1}}}));
+        let items = engine.expression("event.items").unwrap().eval_list(&s).unwrap();
+        assert_eq!(items.len(), 3);
+        let err = engine.expression("event.obj").unwrap().eval_list(&s).unwrap_err();
+        assert!(err.message.contains("not a list"), "{err}");
+        let err = engine.expression("event.nope").unwrap().eval_list(&s).unwrap_err();
+        assert!(err.message.contains("undefined"), "{err}");
+    }
+
+    #[test]
+    fn runaway_evaluation_runs_out_of_fuel() {
+        let engine = Engine::new(Limits {
+            fuel: 10_000,
+            max_output_bytes: 1 << 20,
+        });
+        let t = engine
+            .template("{% for i in range(100000) %}{{ i }}{% endfor %}")
+            .unwrap();
+        let err = t.render(&scope(json!({}))).unwrap_err();
+        assert!(err.message.contains("fuel"), "{err}");
+    }
+
+    #[test]
+    fn params_tree_renders_with_paths_in_errors_and_an_output_cap() {
+        let engine = Engine::new(Limits::default());
+        let params = json!({"url": "https://x/{{ item.id }}", "body": {"n": "{{ item.n }}", "k": [true, "{{ index }}"]}});
+        let compiled = engine.params(&params).unwrap();
+        let out = compiled
+            .render(&scope(json!({"item": {"id": "a", "n": 1.5}, "index": 3})), 1 << 20)
+            .unwrap();
+        assert_eq!(out, json!({"url": "https://x/a", "body": {"n": 1.5, "k": [true, 3]}}));
+        let err = compiled
+            .render(&scope(json!({"item": {"id": "a"}, "index": 3})), 1 << 20)
+            .unwrap_err();
+        assert!(err.message.contains("params.body.n"), "{err}");
+        let err = compiled
+            .render(&scope(json!({"item": {"id": "a", "n": 1}, "index": 3})), 5)
+            .unwrap_err();
+        assert!(err.message.contains("output limit"), "{err}");
+    }
+
+    #[test]
+    fn compile_errors_are_reported() {
+        let engine = Engine::new(Limits::default());
+        assert!(engine.expression("item.amount >").is_err());
+        assert!(engine.expression("{{ item }}").is_err());
+        assert!(engine.template("{{ item.amount ").is_err());
+        assert!(engine.template("{% if %}").is_err());
+    }
+}

@@ -1,0 +1,24 @@
+//! Pure logic of taskfactory, shared by every service. No I/O: nothing here touches the network,
+//! the clock or a database, so all of it is unit-tested directly.
+//!
+//! # Layout
+//!
+//! - [`ids`]: typed ids; run, fire and task ids are derived (UUIDv5) from what identifies them.
+//! - [`spec`]: loading activity specs (YAML / proto3 JSON), defaults, validation with field paths.
+//! - [`schedule`]: the cron engine — POSIX cron on local wall time, mapped to UTC under DST policies.
+//! - [`misfire`]: what a schedule does about occurrences it missed (policy, window, cap).
+//! - [`plan`]: evaluating task templates into tasks, with a per-template evaluation.
+//! - [`expr`]: the sandboxed expression and template engine (`forEach`, `when`, `params`, filters).
+//! - [`status`]: run and task states, their database spelling and their transitions.
+//! - [`subjects`]: stream, subject, consumer and header names.
+//! - [`values`]: protobuf `Value`/`Struct` ↔ JSON.
+
+pub mod expr;
+pub mod ids;
+pub mod misfire;
+pub mod plan;
+pub mod schedule;
+pub mod spec;
+pub mod status;
+pub mod subjects;
+pub mod values;

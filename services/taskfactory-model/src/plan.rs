@@ -1,0 +1,272 @@
+//! Turning task templates into tasks: the evaluation at the heart of a run.
+//!
+//! Given the spec and what is in scope (`trigger`, `event`, `context`, `activity`), each template's
+//! `forEach` yields items, `when` keeps or drops each, and `params` render per kept item. The
+//! result is the list of tasks plus an evaluation per template (items seen, tasks made, why items
+//! were dropped, the error) that the run stores so every fire is explainable.
+//!
+//! All or nothing: if any template fails (an expression error, fuel exhausted, over `maxTasks`),
+//! the plan carries the error and the run makes no tasks.
+
+use std::time::Duration;
+
+use minijinja::value::Value;
+use taskfactory_proto::v1::{ActivitySpec, RetryPolicy, TemplateEvaluation};
+
+use crate::expr::{self, Engine, Limits};
+use crate::spec::{effective_retry, effective_timeout, std_duration};
+
+/// Bounds on one run's evaluation.
+#[derive(Clone, Copy, Debug)]
+pub struct PlanLimits {
+    pub expr: Limits,
+    /// Tasks one run may make across all templates (a template's `maxTasks` may only lower it).
+    pub max_tasks_per_run: usize,
+}
+
+impl Default for PlanLimits {
+    fn default() -> Self {
+        Self {
+            expr: Limits::default(),
+            max_tasks_per_run: 10_000,
+        }
+    }
+}
+
+/// What is in scope for the templates.
+pub struct Scope {
+    pub trigger: serde_json::Value,
+    pub event: serde_json::Value,
+    pub context: serde_json::Value,
+    pub activity: serde_json::Value,
+}
+
+/// One task to make.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlannedTask {
+    pub template: String,
+    pub item_index: u32,
+    pub task_type: String,
+    pub params: serde_json::Value,
+    pub retry: RetryPolicy,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub tasks: Vec<PlannedTask>,
+    pub evaluation: Vec<TemplateEvaluation>,
+    /// Set when the run must fail: which template, and why.
+    pub error: Option<String>,
+}
+
+/// Evaluates every template of `spec` against `scope`.
+pub fn plan_tasks(spec: &ActivitySpec, scope: &Scope, limits: &PlanLimits) -> Plan {
+    let engine = Engine::new(limits.expr);
+    let base = BaseScope {
+        trigger: expr::to_value(&scope.trigger),
+        event: expr::to_value(&scope.event),
+        context: expr::to_value(&scope.context),
+        activity: expr::to_value(&scope.activity),
+    };
+    let mut plan = Plan::default();
+    for template in &spec.tasks {
+        let remaining = limits.max_tasks_per_run.saturating_sub(plan.tasks.len());
+        let cap = if template.max_tasks == 0 {
+            remaining
+        } else {
+            (template.max_tasks as usize).min(remaining)
+        };
+        let mut evaluation = TemplateEvaluation {
+            template: template.name.clone(),
+            ..Default::default()
+        };
+        match plan_template(&engine, template, &base, cap, limits, &mut evaluation) {
+            Ok(tasks) => {
+                evaluation.tasks = u32::try_from(tasks.len()).unwrap_or(u32::MAX);
+                plan.tasks.extend(tasks);
+            }
+            Err(error) => {
+                evaluation.error = error.clone();
+                if plan.error.is_none() {
+                    plan.error = Some(format!("template {:?}: {error}", template.name));
+                }
+            }
+        }
+        plan.evaluation.push(evaluation);
+    }
+    if plan.error.is_some() {
+        plan.tasks.clear();
+    }
+    plan
+}
+
+/// The scope shared by every item, converted once per run.
+struct BaseScope {
+    trigger: Value,
+    event: Value,
+    context: Value,
+    activity: Value,
+}
+
+impl BaseScope {
+    fn with_item(&self, item: Value, index: usize) -> Value {
+        minijinja::context! {
+            trigger => self.trigger.clone(),
+            event => self.event.clone(),
+            context => self.context.clone(),
+            activity => self.activity.clone(),
+            item => item,
+            index => index,
+        }
+    }
+}
+
+fn plan_template(
+    engine: &Engine<'_>,
+    template: &taskfactory_proto::v1::TaskTemplate,
+    base: &BaseScope,
+    cap: usize,
+    limits: &PlanLimits,
+    evaluation: &mut TemplateEvaluation,
+) -> Result<Vec<PlannedTask>, String> {
+    let scope_with = |item: Value, index: usize| base.with_item(item, index);
+    let items: Vec<Value> = if template.for_each.trim().is_empty() {
+        vec![Value::UNDEFINED]
+    } else {
+        let for_each = engine
+            .expression(&template.for_each)
+            .map_err(|e| format!("forEach: {e}"))?;
+        for_each
+            .eval_list(&scope_with(Value::UNDEFINED, 0))
+            .map_err(|e| format!("forEach {:?} {e}", template.for_each))?
+    };
+    evaluation.items = u32::try_from(items.len()).unwrap_or(u32::MAX);
+    let when = if template.when.trim().is_empty() {
+        None
+    } else {
+        Some(engine.expression(&template.when).map_err(|e| format!("when: {e}"))?)
+    };
+    let params_json = template
+        .params
+        .as_ref()
+        .map(crate::values::struct_to_json)
+        .unwrap_or_else(|| serde_json::Value::Object(Default::default()));
+    let params = engine
+        .params(&params_json)
+        .map_err(|(path, e)| format!("params.{path}: {e}"))?;
+    let retry = effective_retry(template.retry.as_ref());
+    let timeout = std_duration(&effective_timeout(template)).unwrap_or(Duration::from_secs(60));
+
+    let mut tasks = Vec::new();
+    let mut dropped = 0usize;
+    for (index, item) in items.into_iter().enumerate() {
+        let scope = scope_with(item, index);
+        if let Some(when) = &when {
+            let keep = when
+                .eval_bool(&scope)
+                .map_err(|e| format!("when, item {index}: {e}"))?;
+            if !keep {
+                dropped += 1;
+                continue;
+            }
+        }
+        if tasks.len() >= cap {
+            return Err(format!(
+                "produced more than {cap} tasks; raise maxTasks or narrow forEach/when"
+            ));
+        }
+        let rendered = params
+            .render(&scope, limits.expr.max_output_bytes)
+            .map_err(|e| format!("item {index}: {e}"))?;
+        tasks.push(PlannedTask {
+            template: template.name.clone(),
+            item_index: u32::try_from(index).unwrap_or(u32::MAX),
+            task_type: template.r#type.clone(),
+            params: rendered,
+            retry,
+            timeout,
+        });
+    }
+    if dropped > 0 {
+        evaluation.notes.push(format!(
+            "{dropped} of {} items excluded by when: {}",
+            evaluation.items,
+            template.when.trim()
+        ));
+    }
+    Ok(tasks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::spec_from_yaml;
+    use serde_json::json;
+
+    fn scope(event: serde_json::Value) -> Scope {
+        Scope {
+            trigger: json!({"source": "event"}),
+            event,
+            context: json!({"limits": {"max": 3}}),
+            activity: json!({"name": "a", "version": 1}),
+        }
+    }
+
+    const SPEC: &str = r#"
+name: a
+trigger: {manual: {}}
+tasks:
+  - name: each
+    type: log
+    forEach: event.items
+    when: item.n % 5 != 0
+    params: {n: "{{ item.n }}", label: "item {{ index }} of {{ activity.name }}", max: "{{ context.limits.max }}"}
+  - name: once
+    type: log
+    params: {source: "{{ trigger.source }}"}
+"#;
+
+    #[test]
+    fn for_each_and_when_make_one_task_per_kept_item() {
+        let spec = spec_from_yaml(SPEC).unwrap();
+        let items: Vec<_> = (1..=25).map(|n| json!({"n": n})).collect();
+        let plan = plan_tasks(&spec, &scope(json!({"items": items})), &PlanLimits::default());
+        assert_eq!(plan.error, None);
+        let each: Vec<_> = plan.tasks.iter().filter(|t| t.template == "each").collect();
+        assert_eq!(each.len(), 20);
+        assert_eq!(each[0].params, json!({"n": 1, "label": "item 0 of a", "max": 3}));
+        assert_eq!(each[4].item_index, 5);
+        assert_eq!(plan.evaluation[0].items, 25);
+        assert_eq!(plan.evaluation[0].tasks, 20);
+        assert!(plan.evaluation[0].notes[0].contains("5 of 25"));
+        let once: Vec<_> = plan.tasks.iter().filter(|t| t.template == "once").collect();
+        assert_eq!(once.len(), 1);
+        assert_eq!(once[0].params, json!({"source": "event"}));
+        assert_eq!(once[0].retry.max_attempts, 3);
+    }
+
+    #[test]
+    fn a_failing_template_fails_the_whole_plan_with_its_name() {
+        let spec = spec_from_yaml(SPEC).unwrap();
+        let plan = plan_tasks(&spec, &scope(json!({"items": "nope"})), &PlanLimits::default());
+        assert!(plan.tasks.is_empty());
+        let error = plan.error.unwrap();
+        assert!(error.contains("\"each\"") && error.contains("not a list"), "{error}");
+        assert!(!plan.evaluation[0].error.is_empty());
+        assert!(plan.evaluation[1].error.is_empty());
+    }
+
+    #[test]
+    fn max_tasks_caps_a_runaway_fan_out() {
+        let spec = spec_from_yaml(SPEC).unwrap();
+        let items: Vec<_> = (1..=100).map(|n| json!({"n": n})).collect();
+        let limits = PlanLimits {
+            max_tasks_per_run: 50,
+            ..Default::default()
+        };
+        let plan = plan_tasks(&spec, &scope(json!({"items": items})), &limits);
+        assert!(plan.error.unwrap().contains("more than 50 tasks"));
+        assert!(plan.tasks.is_empty());
+    }
+}

@@ -1,0 +1,626 @@
+//! The activity spec: loading (YAML or proto3 JSON), defaults, and validation.
+//!
+//! Validation runs at the API, before anything is stored: every problem is reported at once, each
+//! naming its field the way the user wrote it (`tasks[0].forEach`, `trigger.schedule.timezone`).
+
+use std::collections::HashSet;
+use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use taskfactory_proto::v1::{
+    self, ActivitySpec, ContextSource, DstPolicy, EventTrigger, RetryPolicy, ScheduleTrigger,
+    TaskTemplate, context_source, dst_policy, trigger,
+};
+
+use crate::expr::{Engine, Limits};
+use crate::schedule::{GapPolicy, RepeatPolicy, Schedule};
+use crate::subjects;
+
+/// One problem in a spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// The field, as written in the spec (`tasks[0].forEach`).
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// Every problem found in a spec.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct SpecErrors(pub Vec<FieldError>);
+
+impl fmt::Display for SpecErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = self.0.iter().map(ToString::to_string).collect();
+        write!(f, "invalid activity spec: {}", parts.join("; "))
+    }
+}
+
+/// A spec file could not be read as a spec at all.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("not valid YAML: {0}")]
+    Yaml(String),
+    #[error("not valid JSON: {0}")]
+    Json(String),
+    #[error("not an activity spec: {0}")]
+    Shape(String),
+}
+
+/// Parses a spec from YAML (JSON is YAML too), through the proto3 JSON mapping.
+pub fn spec_from_yaml(text: &str) -> Result<ActivitySpec, LoadError> {
+    let value: serde_json::Value =
+        serde_yaml_ng::from_str(text).map_err(|e| LoadError::Yaml(e.to_string()))?;
+    taskfactory_proto::from_json(&value).map_err(|e| LoadError::Shape(e.to_string()))
+}
+
+/// Parses a spec from proto3 JSON text.
+pub fn spec_from_json(text: &str) -> Result<ActivitySpec, LoadError> {
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| LoadError::Json(e.to_string()))?;
+    taskfactory_proto::from_json(&value).map_err(|e| LoadError::Shape(e.to_string()))
+}
+
+/// Whether the spec is enabled: a spec that does not say is.
+pub fn is_enabled(spec: &ActivitySpec) -> bool {
+    spec.enabled.unwrap_or(true)
+}
+
+/// Defaults for what a template leaves unset.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+pub const DEFAULT_INITIAL_BACKOFF: Duration = Duration::from_secs(1);
+pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(60);
+pub const DEFAULT_BACKOFF_MULTIPLIER: f64 = 2.0;
+pub const DEFAULT_TASK_TIMEOUT: Duration = Duration::from_secs(60);
+pub const MAX_ATTEMPTS_LIMIT: u32 = 100;
+
+/// The retry policy with defaults filled in.
+pub fn effective_retry(retry: Option<&RetryPolicy>) -> RetryPolicy {
+    let given = retry.cloned().unwrap_or_default();
+    RetryPolicy {
+        max_attempts: if given.max_attempts == 0 {
+            DEFAULT_MAX_ATTEMPTS
+        } else {
+            given.max_attempts
+        },
+        initial_backoff: Some(
+            given
+                .initial_backoff
+                .unwrap_or_else(|| proto_duration(DEFAULT_INITIAL_BACKOFF)),
+        ),
+        max_backoff: Some(
+            given
+                .max_backoff
+                .unwrap_or_else(|| proto_duration(DEFAULT_MAX_BACKOFF)),
+        ),
+        multiplier: if given.multiplier == 0.0 {
+            DEFAULT_BACKOFF_MULTIPLIER
+        } else {
+            given.multiplier
+        },
+    }
+}
+
+/// The task timeout with the default filled in.
+pub fn effective_timeout(template: &TaskTemplate) -> prost_types::Duration {
+    template
+        .timeout
+        .unwrap_or_else(|| proto_duration(DEFAULT_TASK_TIMEOUT))
+}
+
+pub fn proto_duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// `google.protobuf.Duration` → std, `None` when negative or out of range.
+pub fn std_duration(d: &prost_types::Duration) -> Option<Duration> {
+    if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 {
+        return None;
+    }
+    Some(Duration::new(d.seconds as u64, d.nanos as u32))
+}
+
+pub fn timestamp_to_chrono(t: &prost_types::Timestamp) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).ok()?)
+}
+
+pub fn chrono_to_timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.timestamp(),
+        nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// Builds the schedule engine's view of a schedule trigger.
+pub fn build_schedule(trigger: &ScheduleTrigger) -> Result<Schedule, Vec<FieldError>> {
+    let dst = trigger.dst.unwrap_or_default();
+    let gap = match dst_policy::Gap::try_from(dst.gap) {
+        Ok(dst_policy::Gap::Skip) => GapPolicy::Skip,
+        _ => GapPolicy::ShiftForward,
+    };
+    let repeat = match dst_policy::Repeat::try_from(dst.repeat) {
+        Ok(dst_policy::Repeat::Last) => RepeatPolicy::Last,
+        Ok(dst_policy::Repeat::Both) => RepeatPolicy::Both,
+        _ => RepeatPolicy::First,
+    };
+    let schedule = Schedule::new(&trigger.cron, &trigger.timezone, gap, repeat).map_err(|errs| {
+        errs.into_iter()
+            .map(|(field, e)| FieldError {
+                field: format!("trigger.schedule.{field}"),
+                message: e.message,
+            })
+            .collect::<Vec<_>>()
+    })?;
+    let mut errors = Vec::new();
+    let mut dates = Vec::new();
+    for (i, text) in trigger.exclude_dates.iter().enumerate() {
+        match NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+            Ok(date) => dates.push(date),
+            Err(_) => errors.push(FieldError {
+                field: format!("trigger.schedule.excludeDates[{i}]"),
+                message: format!("{text:?} is not a date in YYYY-MM-DD form"),
+            }),
+        }
+    }
+    let start = trigger.start_at.as_ref().and_then(timestamp_to_chrono);
+    let end = trigger.end_at.as_ref().and_then(timestamp_to_chrono);
+    if let (Some(s), Some(e)) = (start, end)
+        && e <= s
+    {
+        errors.push(FieldError {
+            field: "trigger.schedule.endAt".to_owned(),
+            message: format!("{e} is not after startAt {s}"),
+        });
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(schedule.with_bounds(start, end).with_exclude_dates(dates))
+}
+
+/// What a task template's type may be: dot-separated tokens of letters, digits, `_` and `-`.
+fn task_type_error(task_type: &str) -> Option<String> {
+    if task_type.is_empty() {
+        return Some("is required (e.g. log, http, publish, or your own type)".to_owned());
+    }
+    let ok = task_type.split('.').all(|token| {
+        !token.is_empty()
+            && token
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    });
+    (!ok).then(|| {
+        format!("{task_type:?} is not a valid task type: use letters, digits, '_', '-' and '.' between tokens")
+    })
+}
+
+/// `[a-z0-9][a-z0-9._-]{0,127}`.
+pub fn name_error(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return Some("is required".to_owned());
+    }
+    let mut chars = name.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'));
+    if !first_ok || !rest_ok || name.len() > 128 {
+        return Some(format!(
+            "{name:?} is not a valid name: 1–128 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit"
+        ));
+    }
+    if name.contains("..") || name.ends_with('.') {
+        return Some(format!("{name:?} is not a valid name: dots must separate non-empty parts"));
+    }
+    None
+}
+
+fn identifier_error(name: &str) -> Option<String> {
+    let mut chars = name.chars();
+    let ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    (!ok).then(|| {
+        format!("{name:?} is not a valid name: letters, digits and '_', not starting with a digit (it is used as context.<name>)")
+    })
+}
+
+/// Validates a spec completely. `now` bounds the check that a schedule fires at all.
+pub fn validate(spec: &ActivitySpec, now: DateTime<Utc>) -> Result<(), SpecErrors> {
+    let mut errors = Vec::new();
+    let mut err = |field: String, message: String| errors.push(FieldError { field, message });
+    if let Some(message) = name_error(&spec.name) {
+        err("name".to_owned(), message);
+    }
+    let engine = Engine::new(Limits::default());
+
+    match spec.trigger.as_ref().and_then(|t| t.kind.as_ref()) {
+        None => err(
+            "trigger".to_owned(),
+            "is required: one of schedule, event or manual".to_owned(),
+        ),
+        Some(trigger::Kind::Schedule(schedule)) => {
+            for e in validate_schedule(schedule, now) {
+                err(e.field, e.message);
+            }
+        }
+        Some(trigger::Kind::Event(event)) => {
+            for e in validate_event(event, &engine) {
+                err(e.field, e.message);
+            }
+        }
+        Some(trigger::Kind::Manual(_)) => {}
+    }
+
+    let mut context_names = HashSet::new();
+    for (i, source) in spec.context.iter().enumerate() {
+        for e in validate_context_source(source, i) {
+            err(e.field, e.message);
+        }
+        if !source.name.is_empty() && !context_names.insert(source.name.as_str()) {
+            err(
+                format!("context[{i}].name"),
+                format!("{:?} is used by an earlier source", source.name),
+            );
+        }
+    }
+
+    if spec.tasks.is_empty() {
+        err(
+            "tasks".to_owned(),
+            "at least one task template is required".to_owned(),
+        );
+    }
+    let mut task_names = HashSet::new();
+    for (i, template) in spec.tasks.iter().enumerate() {
+        for e in validate_template(template, i, &engine) {
+            err(e.field, e.message);
+        }
+        if !template.name.is_empty() && !task_names.insert(template.name.as_str()) {
+            err(
+                format!("tasks[{i}].name"),
+                format!("{:?} is used by an earlier template", template.name),
+            );
+        }
+    }
+
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(SpecErrors(errors))
+    }
+}
+
+fn field(field: impl Into<String>, message: impl Into<String>) -> FieldError {
+    FieldError {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+fn validate_schedule(schedule: &ScheduleTrigger, now: DateTime<Utc>) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    let prefix = "trigger.schedule";
+    let dst = schedule.dst.unwrap_or(DstPolicy { gap: 0, repeat: 0 });
+    if dst_policy::Gap::try_from(dst.gap).is_err() {
+        errors.push(field(
+            format!("{prefix}.dst.gap"),
+            format!("{} is not a gap policy (SHIFT_FORWARD or SKIP)", dst.gap),
+        ));
+    }
+    if dst_policy::Repeat::try_from(dst.repeat).is_err() {
+        errors.push(field(
+            format!("{prefix}.dst.repeat"),
+            format!("{} is not a repeat policy (FIRST, LAST or BOTH)", dst.repeat),
+        ));
+    }
+    if v1::MisfirePolicy::try_from(schedule.misfire).is_err() {
+        errors.push(field(
+            format!("{prefix}.misfire"),
+            format!("{} is not a misfire policy", schedule.misfire),
+        ));
+    }
+    match v1::OverlapPolicy::try_from(schedule.overlap) {
+        Err(_) => errors.push(field(
+            format!("{prefix}.overlap"),
+            format!("{} is not an overlap policy", schedule.overlap),
+        )),
+        Ok(v1::OverlapPolicy::OverlapUnspecified | v1::OverlapPolicy::AllowAll) => {}
+        Ok(other) => errors.push(field(
+            format!("{prefix}.overlap"),
+            format!(
+                "{} is not available in this release yet; runs currently overlap freely (ALLOW_ALL)",
+                other.as_str_name()
+            ),
+        )),
+    }
+    for (name, d) in [
+        ("jitter", schedule.jitter.as_ref()),
+        ("catchupWindow", schedule.catchup_window.as_ref()),
+    ] {
+        if let Some(d) = d
+            && std_duration(d).is_none()
+        {
+            errors.push(field(
+                format!("{prefix}.{name}"),
+                "must be a non-negative duration",
+            ));
+        }
+    }
+    match build_schedule(schedule) {
+        Err(errs) => errors.extend(errs),
+        Ok(built) => {
+            if schedule.end_at.is_none() && built.next_after(now).is_none() {
+                errors.push(field(
+                    format!("{prefix}.cron"),
+                    "never matches a date that exists (for example 30 February)",
+                ));
+            }
+        }
+    }
+    errors
+}
+
+fn validate_event(event: &EventTrigger, engine: &Engine<'_>) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    let prefix = "trigger.event";
+    if event.subject.is_empty() {
+        errors.push(field(
+            format!("{prefix}.subject"),
+            "is required: a NATS subject filter under events., such as events.orders.created or events.orders.>",
+        ));
+    } else if let Some(message) = subjects::subject_error(&event.subject, true) {
+        errors.push(field(format!("{prefix}.subject"), message));
+    } else if !(event.subject.starts_with("events.") || event.subject == "events.>") {
+        errors.push(field(
+            format!("{prefix}.subject"),
+            format!(
+                "{:?} is outside events.>: event triggers listen to subjects under events.",
+                event.subject
+            ),
+        ));
+    }
+    if !event.filter.trim().is_empty()
+        && let Err(e) = engine.expression(&event.filter)
+    {
+        errors.push(field(format!("{prefix}.filter"), e.message));
+    }
+    if !event.dedupe_key.is_empty()
+        && let Err(e) = engine.template(&event.dedupe_key)
+    {
+        errors.push(field(format!("{prefix}.dedupeKey"), e.message));
+    }
+    errors
+}
+
+fn validate_context_source(source: &ContextSource, i: usize) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    let prefix = format!("context[{i}]");
+    if source.name.is_empty() {
+        errors.push(field(format!("{prefix}.name"), "is required"));
+    } else if let Some(message) = identifier_error(&source.name) {
+        errors.push(field(format!("{prefix}.name"), message));
+    }
+    match &source.kind {
+        None => errors.push(field(
+            prefix.clone(),
+            "needs a kind: static, sql, http, kv or request",
+        )),
+        Some(context_source::Kind::Static(_)) => {}
+        Some(other) => {
+            let kind = match other {
+                context_source::Kind::Sql(_) => "sql",
+                context_source::Kind::Http(_) => "http",
+                context_source::Kind::Kv(_) => "kv",
+                context_source::Kind::Request(_) => "request",
+                context_source::Kind::Static(_) => "static",
+            };
+            errors.push(field(
+                format!("{prefix}.{kind}"),
+                format!("{kind} context sources are not available in this release yet; use static (the event payload is always in scope as `event`)"),
+            ));
+        }
+    }
+    if let Some(timeout) = &source.timeout
+        && std_duration(timeout).is_none_or(|d| d.is_zero())
+    {
+        errors.push(field(format!("{prefix}.timeout"), "must be a positive duration"));
+    }
+    if v1::OnError::try_from(source.on_error).is_err() {
+        errors.push(field(
+            format!("{prefix}.onError"),
+            format!("{} is not FAIL, USE_DEFAULT or OMIT", source.on_error),
+        ));
+    }
+    errors
+}
+
+fn validate_template(template: &TaskTemplate, i: usize, engine: &Engine<'_>) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    let prefix = format!("tasks[{i}]");
+    if let Some(message) = name_error(&template.name) {
+        errors.push(field(format!("{prefix}.name"), message));
+    }
+    if let Some(message) = task_type_error(&template.r#type) {
+        errors.push(field(format!("{prefix}.type"), message));
+    }
+    if !template.for_each.trim().is_empty()
+        && let Err(e) = engine.expression(&template.for_each)
+    {
+        errors.push(field(format!("{prefix}.forEach"), e.message));
+    }
+    if !template.when.trim().is_empty()
+        && let Err(e) = engine.expression(&template.when)
+    {
+        errors.push(field(format!("{prefix}.when"), e.message));
+    }
+    if let Some(params) = &template.params {
+        let json = crate::values::struct_to_json(params);
+        if let Err((path, e)) = engine.params(&json) {
+            errors.push(field(format!("{prefix}.params.{path}"), e.message));
+        }
+    }
+    if let Some(retry) = &template.retry {
+        if retry.max_attempts > MAX_ATTEMPTS_LIMIT {
+            errors.push(field(
+                format!("{prefix}.retry.maxAttempts"),
+                format!("{} is over the limit of {MAX_ATTEMPTS_LIMIT}", retry.max_attempts),
+            ));
+        }
+        let initial = retry.initial_backoff.as_ref().map(std_duration);
+        let max = retry.max_backoff.as_ref().map(std_duration);
+        if initial == Some(None) {
+            errors.push(field(format!("{prefix}.retry.initialBackoff"), "must be a non-negative duration"));
+        }
+        if max == Some(None) {
+            errors.push(field(format!("{prefix}.retry.maxBackoff"), "must be a non-negative duration"));
+        }
+        if let (Some(Some(initial)), Some(Some(max))) = (initial, max)
+            && initial > max
+        {
+            errors.push(field(
+                format!("{prefix}.retry.maxBackoff"),
+                "must not be less than initialBackoff",
+            ));
+        }
+        if retry.multiplier != 0.0 && !(1.0..=100.0).contains(&retry.multiplier) {
+            errors.push(field(
+                format!("{prefix}.retry.multiplier"),
+                format!("{} is not between 1 and 100", retry.multiplier),
+            ));
+        }
+    }
+    if let Some(timeout) = &template.timeout
+        && std_duration(timeout).is_none_or(|d| d.is_zero())
+    {
+        errors.push(field(format!("{prefix}.timeout"), "must be a positive duration"));
+    }
+    errors
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339("2026-11-30T12:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc)
+    }
+
+    fn errors_of(yaml: &str) -> Vec<FieldError> {
+        let spec = spec_from_yaml(yaml).unwrap();
+        validate(&spec, now()).err().map(|e| e.0).unwrap_or_default()
+    }
+
+    const GOOD: &str = r#"
+name: invoice-reminders
+trigger:
+  schedule:
+    cron: ["0 9 * * MON-FRI"]
+    timezone: Europe/Berlin
+    jitter: 30s
+context:
+  - name: limits
+    static: {max: 3}
+tasks:
+  - name: remind
+    type: http
+    forEach: "event.items"
+    when: "item.amount > 0"
+    params:
+      url: "https://mailer.internal/send"
+      body: {to: "{{ item.email }}", amount: "{{ item.amount }}"}
+    retry: {maxAttempts: 5, initialBackoff: 1s, maxBackoff: 5m}
+    timeout: 30s
+"#;
+
+    #[test]
+    fn a_good_spec_validates() {
+        assert_eq!(errors_of(GOOD), vec![]);
+    }
+
+    #[test]
+    fn each_problem_names_its_field() {
+        let yaml = r#"
+name: Bad Name
+trigger:
+  schedule:
+    cron: ["0 25 * * *", "* * *"]
+    timezone: Mars/Base
+context:
+  - name: a
+    static: 1
+  - name: a
+    static: 2
+tasks:
+  - name: t
+    type: "tasks.*"
+    forEach: "event.items |"
+    when: "item >"
+    params: {x: "{{ item.x "}
+    retry: {initialBackoff: 10s, maxBackoff: 1s}
+"#;
+        let fields: Vec<String> = errors_of(yaml).into_iter().map(|e| e.field).collect();
+        for expected in [
+            "name",
+            "trigger.schedule.cron[0]",
+            "trigger.schedule.cron[1]",
+            "trigger.schedule.timezone",
+            "context[1].name",
+            "tasks[0].type",
+            "tasks[0].forEach",
+            "tasks[0].when",
+            "tasks[0].params.x",
+            "tasks[0].retry.maxBackoff",
+        ] {
+            assert!(fields.contains(&expected.to_owned()), "missing {expected} in {fields:?}");
+        }
+    }
+
+    #[test]
+    fn missing_trigger_and_tasks_are_reported() {
+        let fields: Vec<String> = errors_of("name: a").into_iter().map(|e| e.field).collect();
+        assert_eq!(fields, ["trigger", "tasks"]);
+    }
+
+    #[test]
+    fn event_trigger_subject_must_be_under_events() {
+        let yaml = "name: a\ntrigger: {event: {subject: orders.created}}\ntasks: [{name: t, type: log}]";
+        let errors = errors_of(yaml);
+        assert_eq!(errors[0].field, "trigger.event.subject");
+        assert!(errors[0].message.contains("events."));
+    }
+
+    #[test]
+    fn never_matching_cron_is_rejected() {
+        let yaml = "name: a\ntrigger: {schedule: {cron: ['0 0 30 2 *'], timezone: UTC}}\ntasks: [{name: t, type: log}]";
+        let errors = errors_of(yaml);
+        assert_eq!(errors[0].field, "trigger.schedule.cron");
+    }
+
+    #[test]
+    fn unsupported_context_kinds_are_rejected_clearly() {
+        let yaml = "name: a\ntrigger: {manual: {}}\ncontext: [{name: rows, sql: {database: billing, query: 'select 1'}}]\ntasks: [{name: t, type: log}]";
+        let errors = errors_of(yaml);
+        assert_eq!(errors[0].field, "context[0].sql");
+    }
+
+    #[test]
+    fn enabled_defaults_to_true() {
+        let spec = spec_from_yaml(GOOD).unwrap();
+        assert!(is_enabled(&spec));
+        let spec = spec_from_yaml(&format!("{GOOD}\nenabled: false")).unwrap();
+        assert!(!is_enabled(&spec));
+    }
+}

@@ -1,0 +1,91 @@
+//! Run and task states: their spelling in Postgres (the proto enum names, without the `RUN_`
+//! prefix for runs) and the rule that they only move forward.
+//!
+//! Task: `PENDING` → `RUNNING` ⇄ `FAILED` (an attempt failed, another follows) → `SUCCEEDED` |
+//! `DEAD` (attempts exhausted, or a permanent error) | `CANCELLED`; human tasks wait in `WAITING`.
+//! The first terminal state wins; later results are recorded as attempts, never a second completion.
+//!
+//! Run: `PENDING` (recorded, tasks being made) → `RUNNING` (tasks spawned) → `SUCCEEDED` (every
+//! task succeeded, or none was needed) | `FAILED` (evaluation failed, or a task died) | `SKIPPED` |
+//! `CANCELLED`.
+
+use taskfactory_proto::v1::{RunStatus, TaskStatus};
+
+pub fn task_status_db(status: TaskStatus) -> &'static str {
+    match status {
+        TaskStatus::Unspecified | TaskStatus::Pending => "PENDING",
+        TaskStatus::Running => "RUNNING",
+        TaskStatus::Succeeded => "SUCCEEDED",
+        TaskStatus::Failed => "FAILED",
+        TaskStatus::Dead => "DEAD",
+        TaskStatus::Cancelled => "CANCELLED",
+        TaskStatus::Waiting => "WAITING",
+    }
+}
+
+pub fn task_status_from_db(text: &str) -> TaskStatus {
+    TaskStatus::from_str_name(text).unwrap_or(TaskStatus::Unspecified)
+}
+
+/// Whether no later result may change a task in this state.
+pub fn task_is_terminal(status: TaskStatus) -> bool {
+    matches!(
+        status,
+        TaskStatus::Succeeded | TaskStatus::Dead | TaskStatus::Cancelled
+    )
+}
+
+pub fn run_status_db(status: RunStatus) -> &'static str {
+    match status {
+        RunStatus::Unspecified | RunStatus::RunPending => "PENDING",
+        RunStatus::RunRunning => "RUNNING",
+        RunStatus::RunSucceeded => "SUCCEEDED",
+        RunStatus::RunFailed => "FAILED",
+        RunStatus::RunSkipped => "SKIPPED",
+        RunStatus::RunCancelled => "CANCELLED",
+    }
+}
+
+pub fn run_status_from_db(text: &str) -> RunStatus {
+    RunStatus::from_str_name(&format!("RUN_{text}")).unwrap_or(RunStatus::Unspecified)
+}
+
+pub fn run_is_terminal(status: RunStatus) -> bool {
+    matches!(
+        status,
+        RunStatus::RunSucceeded
+            | RunStatus::RunFailed
+            | RunStatus::RunSkipped
+            | RunStatus::RunCancelled
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_spelling_round_trips() {
+        for status in [
+            TaskStatus::Pending,
+            TaskStatus::Running,
+            TaskStatus::Succeeded,
+            TaskStatus::Failed,
+            TaskStatus::Dead,
+            TaskStatus::Cancelled,
+            TaskStatus::Waiting,
+        ] {
+            assert_eq!(task_status_from_db(task_status_db(status)), status);
+        }
+        for status in [
+            RunStatus::RunPending,
+            RunStatus::RunRunning,
+            RunStatus::RunSucceeded,
+            RunStatus::RunFailed,
+            RunStatus::RunSkipped,
+            RunStatus::RunCancelled,
+        ] {
+            assert_eq!(run_status_from_db(run_status_db(status)), status);
+        }
+    }
+}

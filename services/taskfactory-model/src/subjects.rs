@@ -1,0 +1,142 @@
+//! Stream, subject, consumer and header names: the one place they are spelled.
+
+/// Users (and the webhook gateway) publish JSON here; the trigger consumes it.
+pub const EVENTS_STREAM: &str = "FACTORY_EVENTS";
+pub const EVENTS_SUBJECTS: &str = "events.>";
+/// TriggerEvents, `triggers.<activity name>`; the orchestrator consumes them.
+pub const TRIGGERS_STREAM: &str = "FACTORY_TRIGGERS";
+pub const TRIGGERS_SUBJECTS: &str = "triggers.>";
+/// TaskInstances, `tasks.<type>`, work-queue retention; executors consume them.
+pub const TASKS_STREAM: &str = "FACTORY_TASKS";
+pub const TASKS_SUBJECTS: &str = "tasks.>";
+/// TaskResults, `results.<activity name>.<run id>`; the orchestrator consumes them.
+pub const RESULTS_STREAM: &str = "FACTORY_RESULTS";
+pub const RESULTS_SUBJECTS: &str = "results.>";
+/// Dead letters: `dlq.tasks.<type>` (tasks that exhausted their attempts) and `dlq.events`
+/// (events that could not be taken in), kept for operators.
+pub const DLQ_STREAM: &str = "FACTORY_DLQ";
+pub const DLQ_SUBJECTS: &str = "dlq.>";
+
+/// Published (core NATS) whenever a definition changes, so every trigger replica reloads at once.
+pub const DEFINITIONS_CHANGED: &str = "taskfactory.internal.definitions-changed";
+/// Published by the orchestrator when a run reaches a terminal state; activities can chain on it.
+pub const RUN_COMPLETED_EVENT: &str = "events.taskfactory.run.completed";
+
+/// Durable consumer names.
+pub const TRIGGER_EVENTS_CONSUMER: &str = "taskfactory-trigger-events";
+pub const ORCHESTRATOR_TRIGGERS_CONSUMER: &str = "taskfactory-orchestrator-triggers";
+pub const ORCHESTRATOR_RESULTS_CONSUMER: &str = "taskfactory-orchestrator-results";
+
+/// Headers.
+pub const HEADER_MSG_ID: &str = "Nats-Msg-Id";
+pub const HEADER_ERROR: &str = "Taskfactory-Error";
+pub const HEADER_ORIGINAL_SUBJECT: &str = "Taskfactory-Original-Subject";
+pub const HEADER_ORIGINAL_SEQUENCE: &str = "Taskfactory-Original-Sequence";
+pub const HEADER_ATTEMPTS: &str = "Taskfactory-Attempts";
+
+pub fn trigger_subject(activity_name: &str) -> String {
+    format!("triggers.{activity_name}")
+}
+
+pub fn task_subject(task_type: &str) -> String {
+    format!("tasks.{task_type}")
+}
+
+pub fn result_subject(activity_name: &str, run_id: &str) -> String {
+    format!("results.{activity_name}.{run_id}")
+}
+
+pub fn task_dlq_subject(task_type: &str) -> String {
+    format!("dlq.tasks.{task_type}")
+}
+
+pub const EVENTS_DLQ_SUBJECT: &str = "dlq.events";
+/// Trigger and result messages that cannot be decoded (only ever from a foreign publisher).
+pub const TRIGGERS_DLQ_SUBJECT: &str = "dlq.triggers";
+pub const RESULTS_DLQ_SUBJECT: &str = "dlq.results";
+
+/// The durable consumer an executor uses for one task type; replicas share it (competing consumers).
+pub fn executor_consumer(task_type: &str) -> String {
+    format!("taskfactory-executor-{task_type}")
+}
+
+/// `Nats-Msg-Id` of a TriggerEvent: `<activity id>:<dedupe key>`.
+pub fn trigger_msg_id(activity_id: &str, dedupe_key: &str) -> String {
+    format!("{activity_id}:{dedupe_key}")
+}
+
+/// `Nats-Msg-Id` of a TaskResult: one per task attempt and outcome.
+pub fn result_msg_id(task_id: &str, attempt: u32, status: &str) -> String {
+    format!("{task_id}:{attempt}:{status}")
+}
+
+/// Whether `subject` matches the NATS subject `filter` (`*` one token, `>` one or more at the end).
+pub fn subject_matches(filter: &str, subject: &str) -> bool {
+    let mut filter_tokens = filter.split('.');
+    let mut subject_tokens = subject.split('.');
+    loop {
+        match (filter_tokens.next(), subject_tokens.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(f), Some(s)) if f == s => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Why a subject (or filter, when `wildcards` is set) is not valid.
+pub fn subject_error(subject: &str, wildcards: bool) -> Option<String> {
+    if subject.is_empty() {
+        return Some("is empty".to_owned());
+    }
+    let tokens: Vec<&str> = subject.split('.').collect();
+    for (i, token) in tokens.iter().enumerate() {
+        if token.is_empty() {
+            return Some(format!("{subject:?} has an empty token"));
+        }
+        if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Some(format!("{subject:?} contains whitespace"));
+        }
+        let is_wildcard = *token == "*" || *token == ">";
+        if is_wildcard && !wildcards {
+            return Some(format!("{subject:?} may not contain wildcards"));
+        }
+        if *token == ">" && i + 1 != tokens.len() {
+            return Some(format!("{subject:?}: '>' must be the last token"));
+        }
+        if !is_wildcard && (token.contains('*') || token.contains('>')) {
+            return Some(format!(
+                "{subject:?}: wildcards must be whole tokens, as in 'events.*.created'"
+            ));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subject_filters_match_like_nats() {
+        assert!(subject_matches("events.orders.created", "events.orders.created"));
+        assert!(subject_matches("events.*.created", "events.orders.created"));
+        assert!(subject_matches("events.>", "events.orders.created"));
+        assert!(!subject_matches("events.>", "events"));
+        assert!(!subject_matches("events.*", "events.orders.created"));
+        assert!(!subject_matches("events.orders", "events.orders.created"));
+        assert!(!subject_matches("events.orders.created", "events.orders"));
+    }
+
+    #[test]
+    fn subject_validation_names_the_problem() {
+        assert!(subject_error("events.a.b", false).is_none());
+        assert!(subject_error("events.*.b", true).is_none());
+        assert!(subject_error("events.>", true).is_none());
+        assert!(subject_error("events..b", true).unwrap().contains("empty token"));
+        assert!(subject_error("events.>.b", true).unwrap().contains("last token"));
+        assert!(subject_error("events.a*", true).unwrap().contains("whole tokens"));
+        assert!(subject_error("events.*", false).unwrap().contains("wildcards"));
+    }
+}

@@ -1,0 +1,98 @@
+//! Conversions between protobuf's `Value`/`Struct` and `serde_json::Value`.
+//!
+//! The wire carries `google.protobuf.Value`; everything that computes with data (expressions,
+//! Postgres JSONB, HTTP bodies) uses `serde_json::Value`. Numbers: protobuf has only doubles, so an
+//! integer survives the round trip as long as it fits in 53 bits, like in any JSON tool.
+
+use prost_types::value::Kind;
+use prost_types::{ListValue, Struct, Value};
+
+/// `serde_json::Value` → `google.protobuf.Value`.
+pub fn json_to_value(json: &serde_json::Value) -> Value {
+    let kind = match json {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(*b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
+        serde_json::Value::String(s) => Kind::StringValue(s.clone()),
+        serde_json::Value::Array(items) => Kind::ListValue(ListValue {
+            values: items.iter().map(json_to_value).collect(),
+        }),
+        serde_json::Value::Object(map) => Kind::StructValue(json_map_to_struct(map)),
+    };
+    Value { kind: Some(kind) }
+}
+
+/// A JSON object → `google.protobuf.Struct`.
+pub fn json_map_to_struct(map: &serde_json::Map<String, serde_json::Value>) -> Struct {
+    Struct {
+        fields: map
+            .iter()
+            .map(|(k, v)| (k.clone(), json_to_value(v)))
+            .collect(),
+    }
+}
+
+/// Any JSON → `Struct`: objects map field by field, anything else is wrapped as `{"value": …}`.
+pub fn json_to_struct(json: &serde_json::Value) -> Struct {
+    match json {
+        serde_json::Value::Object(map) => json_map_to_struct(map),
+        other => Struct {
+            fields: [("value".to_owned(), json_to_value(other))]
+                .into_iter()
+                .collect(),
+        },
+    }
+}
+
+/// `google.protobuf.Value` → `serde_json::Value`. Whole doubles become integers, so `3` stays `3`.
+pub fn value_to_json(value: &Value) -> serde_json::Value {
+    match &value.kind {
+        None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
+        Some(Kind::BoolValue(b)) => serde_json::Value::Bool(*b),
+        Some(Kind::NumberValue(n)) => number_to_json(*n),
+        Some(Kind::StringValue(s)) => serde_json::Value::String(s.clone()),
+        Some(Kind::ListValue(list)) => {
+            serde_json::Value::Array(list.values.iter().map(value_to_json).collect())
+        }
+        Some(Kind::StructValue(s)) => struct_to_json(s),
+    }
+}
+
+/// `google.protobuf.Struct` → a JSON object.
+pub fn struct_to_json(s: &Struct) -> serde_json::Value {
+    serde_json::Value::Object(
+        s.fields
+            .iter()
+            .map(|(k, v)| (k.clone(), value_to_json(v)))
+            .collect(),
+    )
+}
+
+fn number_to_json(n: f64) -> serde_json::Value {
+    const MAX_SAFE: f64 = 9_007_199_254_740_992.0;
+    if n.fract() == 0.0 && n.abs() <= MAX_SAFE {
+        serde_json::Value::from(n as i64)
+    } else {
+        serde_json::Number::from_f64(n)
+            .map(serde_json::Value::Number)
+            .unwrap_or(serde_json::Value::Null)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn json_round_trips_through_protobuf_value() {
+        let input = json!({"a": [1, 2.5, "x", null, true], "b": {"c": -7}});
+        assert_eq!(value_to_json(&json_to_value(&input)), input);
+        assert_eq!(struct_to_json(&json_to_struct(&input)), input);
+    }
+
+    #[test]
+    fn non_object_becomes_wrapped_struct() {
+        assert_eq!(struct_to_json(&json_to_struct(&json!(5))), json!({"value": 5}));
+    }
+}

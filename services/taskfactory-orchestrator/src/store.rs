@@ -1,0 +1,334 @@
+//! Postgres access of the orchestrator: runs, tasks and task attempts (owned), and the pinned
+//! activity versions (read; owned by the trigger service).
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgPool, Row};
+use taskfactory_model::ids::{ActivityId, RunId, TaskId};
+use taskfactory_model::status;
+use taskfactory_proto::v1::{RunStatus, TaskStatus};
+use uuid::Uuid;
+
+/// What the orchestrator knows of a run it may have seen before.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RunState {
+    pub status: RunStatus,
+    pub spawn_complete: bool,
+    pub announced: bool,
+}
+
+pub async fn run_state(pool: &PgPool, run: RunId) -> Result<Option<RunState>, sqlx::Error> {
+    let row: Option<(String, bool, Option<DateTime<Utc>>)> =
+        sqlx::query_as("SELECT status, spawn_complete, announced_at FROM runs WHERE id = $1")
+            .bind(run.0)
+            .fetch_optional(pool)
+            .await?;
+    Ok(row.map(|(status, spawn_complete, announced)| RunState {
+        status: status::run_status_from_db(&status),
+        spawn_complete,
+        announced: announced.is_some(),
+    }))
+}
+
+/// The spec of an activity at a version, in its proto3 JSON form.
+pub async fn activity_spec(
+    pool: &PgPool,
+    activity: ActivityId,
+    version: u32,
+) -> Result<Option<serde_json::Value>, sqlx::Error> {
+    let row: Option<(serde_json::Value,)> = sqlx::query_as(
+        "SELECT spec FROM activity_versions WHERE activity_id = $1 AND version = $2",
+    )
+    .bind(activity.0)
+    .bind(i32::try_from(version).unwrap_or(i32::MAX))
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|(spec,)| spec))
+}
+
+/// A run to record.
+pub struct NewRun {
+    pub id: RunId,
+    pub activity_id: ActivityId,
+    pub activity_name: String,
+    pub activity_version: u32,
+    pub event_id: Uuid,
+    pub source: String,
+    pub dedupe_key: String,
+    pub scheduled_for: Option<DateTime<Utc>>,
+    pub fired_at: DateTime<Utc>,
+    pub subject: String,
+    pub payload: Option<serde_json::Value>,
+    pub status: RunStatus,
+    pub context: serde_json::Value,
+    pub evaluation: serde_json::Value,
+    pub error: String,
+    pub trace_id: String,
+}
+
+/// A task to record with its run.
+pub struct NewTask {
+    pub id: TaskId,
+    pub template: String,
+    pub item_index: u32,
+    pub task_type: String,
+    pub params: serde_json::Value,
+    /// The encoded TaskInstance.
+    pub instance: Vec<u8>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Records a run and all its tasks in one transaction. Returns false when the run already existed
+/// (another delivery of the same trigger got there first); then nothing is written.
+pub async fn insert_run(pool: &PgPool, run: &NewRun, tasks: &[NewTask]) -> Result<bool, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let terminal = status::run_is_terminal(run.status);
+    let inserted = sqlx::query(
+        "INSERT INTO runs (id, activity_id, activity_name, activity_version, event_id, source, \
+             dedupe_key, scheduled_for, fired_at, subject, payload, status, context, evaluation, \
+             error, tasks_spawned, spawn_complete, trace_id, finished_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
+             CASE WHEN $17 THEN now() END) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(run.id.0)
+    .bind(run.activity_id.0)
+    .bind(&run.activity_name)
+    .bind(i32::try_from(run.activity_version).unwrap_or(i32::MAX))
+    .bind(run.event_id)
+    .bind(&run.source)
+    .bind(&run.dedupe_key)
+    .bind(run.scheduled_for)
+    .bind(run.fired_at)
+    .bind(&run.subject)
+    .bind(&run.payload)
+    .bind(status::run_status_db(run.status))
+    .bind(&run.context)
+    .bind(&run.evaluation)
+    .bind(&run.error)
+    .bind(i32::try_from(tasks.len()).unwrap_or(i32::MAX))
+    .bind(terminal)
+    .bind(&run.trace_id)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if !inserted {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    // In chunks, so one statement's parameters stay small.
+    for chunk in tasks.chunks(1000) {
+        let ids: Vec<Uuid> = chunk.iter().map(|t| t.id.0).collect();
+        let templates: Vec<&str> = chunk.iter().map(|t| t.template.as_str()).collect();
+        let indexes: Vec<i32> = chunk
+            .iter()
+            .map(|t| i32::try_from(t.item_index).unwrap_or(i32::MAX))
+            .collect();
+        let types: Vec<&str> = chunk.iter().map(|t| t.task_type.as_str()).collect();
+        let params: Vec<&serde_json::Value> = chunk.iter().map(|t| &t.params).collect();
+        let instances: Vec<&[u8]> = chunk.iter().map(|t| t.instance.as_slice()).collect();
+        let created: Vec<DateTime<Utc>> = chunk.iter().map(|t| t.created_at).collect();
+        sqlx::query(
+            "INSERT INTO tasks (id, run_id, activity_id, activity_name, template, item_index, type, \
+                 params, instance, status, created_at) \
+             SELECT u.id, $1, $2, $3, u.template, u.item_index, u.type, u.params, u.instance, \
+                 'PENDING', u.created_at \
+             FROM UNNEST($4::uuid[], $5::text[], $6::int4[], $7::text[], $8::jsonb[], $9::bytea[], \
+                 $10::timestamptz[]) AS u(id, template, item_index, type, params, instance, created_at) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(run.id.0)
+        .bind(run.activity_id.0)
+        .bind(&run.activity_name)
+        .bind(&ids)
+        .bind(&templates)
+        .bind(&indexes)
+        .bind(&types)
+        .bind(&params)
+        .bind(&instances)
+        .bind(&created)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Tasks of a run not yet reported on, to publish (again) when a spawn is resumed.
+pub async fn pending_instances(pool: &PgPool, run: RunId) -> Result<Vec<(TaskId, String, Vec<u8>)>, sqlx::Error> {
+    let rows: Vec<(Uuid, String, Vec<u8>)> = sqlx::query_as(
+        "SELECT id, type, instance FROM tasks WHERE run_id = $1 AND status = 'PENDING' \
+         ORDER BY template, item_index",
+    )
+    .bind(run.0)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, t, instance)| (TaskId(id), t, instance))
+        .collect())
+}
+
+pub async fn mark_spawn_complete(pool: &PgPool, run: RunId) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE runs SET spawn_complete = true WHERE id = $1")
+        .bind(run.0)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+pub async fn mark_announced(pool: &PgPool, run: RunId) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE runs SET announced_at = now() WHERE id = $1 AND announced_at IS NULL")
+        .bind(run.0)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// One executor result to record.
+pub struct ResultRecord {
+    pub task_id: TaskId,
+    pub attempt: u32,
+    pub status: TaskStatus,
+    pub error: String,
+    pub output: Option<serde_json::Value>,
+    pub executor: String,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// A finished run that has not been announced yet.
+#[derive(Clone, Debug)]
+pub struct CompletedRun {
+    pub id: RunId,
+    pub activity_id: ActivityId,
+    pub activity_name: String,
+    pub status: RunStatus,
+    pub tasks_spawned: u32,
+    pub tasks_succeeded: u32,
+    pub tasks_failed: u32,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// What recording a result did.
+#[derive(Debug)]
+pub enum Recorded {
+    /// No such task (a result for something this system did not make).
+    UnknownTask,
+    /// The task was already terminal: the result is kept as an extra attempt only.
+    AlreadyFinal,
+    /// The task moved; when its run is finished and not yet announced, that run.
+    Applied(Option<CompletedRun>),
+}
+
+/// Records a result: the attempt row, the task's state (forward only; the first terminal result
+/// wins), and the run's counters and completion, in one transaction.
+pub async fn record_result(pool: &PgPool, result: &ResultRecord) -> Result<Recorded, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let task: Option<(Uuid, String)> =
+        sqlx::query_as("SELECT run_id, status FROM tasks WHERE id = $1 FOR UPDATE")
+            .bind(result.task_id.0)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some((run_id, current)) = task else {
+        tx.rollback().await?;
+        return Ok(Recorded::UnknownTask);
+    };
+    let status_text = status::task_status_db(result.status);
+    sqlx::query(
+        "INSERT INTO task_attempts (task_id, attempt, status, error, output, executor, started_at, finished_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
+    )
+    .bind(result.task_id.0)
+    .bind(i32::try_from(result.attempt).unwrap_or(i32::MAX))
+    .bind(status_text)
+    .bind(&result.error)
+    .bind(&result.output)
+    .bind(&result.executor)
+    .bind(result.started_at)
+    .bind(result.finished_at)
+    .execute(&mut *tx)
+    .await?;
+    if status::task_is_terminal(status::task_status_from_db(&current)) {
+        tx.commit().await?;
+        return Ok(Recorded::AlreadyFinal);
+    }
+    let terminal = status::task_is_terminal(result.status);
+    sqlx::query(
+        "UPDATE tasks SET status = $2, attempts = GREATEST(attempts, $3), last_error = $4, \
+             output = COALESCE($5, output), finished_at = CASE WHEN $6 THEN COALESCE($7, now()) END \
+         WHERE id = $1",
+    )
+    .bind(result.task_id.0)
+    .bind(status_text)
+    .bind(i32::try_from(result.attempt).unwrap_or(i32::MAX))
+    .bind(&result.error)
+    .bind(&result.output)
+    .bind(terminal)
+    .bind(result.finished_at)
+    .execute(&mut *tx)
+    .await?;
+    let mut completed = None;
+    if terminal {
+        let succeeded = result.status == TaskStatus::Succeeded;
+        let row = sqlx::query(
+            "UPDATE runs SET \
+                 tasks_succeeded = tasks_succeeded + $2, \
+                 tasks_failed = tasks_failed + $3, \
+                 status = CASE WHEN status = 'RUNNING' \
+                     AND tasks_succeeded + $2 + tasks_failed + $3 >= tasks_spawned \
+                     THEN CASE WHEN tasks_failed + $3 > 0 THEN 'FAILED' ELSE 'SUCCEEDED' END \
+                     ELSE status END, \
+                 finished_at = CASE WHEN status = 'RUNNING' \
+                     AND tasks_succeeded + $2 + tasks_failed + $3 >= tasks_spawned \
+                     THEN now() ELSE finished_at END \
+             WHERE id = $1 \
+             RETURNING id, activity_id, activity_name, status, tasks_spawned, tasks_succeeded, \
+                 tasks_failed, finished_at, announced_at",
+        )
+        .bind(run_id)
+        .bind(i32::from(succeeded))
+        .bind(i32::from(!succeeded))
+        .fetch_one(&mut *tx)
+        .await?;
+        completed = completed_from_row(&row)?;
+    }
+    tx.commit().await?;
+    Ok(Recorded::Applied(completed))
+}
+
+/// A run that is finished and not yet announced, if this one is.
+pub async fn unannounced_completion(pool: &PgPool, run: RunId) -> Result<Option<CompletedRun>, sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT id, activity_id, activity_name, status, tasks_spawned, tasks_succeeded, \
+             tasks_failed, finished_at, announced_at FROM runs WHERE id = $1",
+    )
+    .bind(run.0)
+    .fetch_optional(pool)
+    .await?;
+    match row {
+        Some(row) => completed_from_row(&row),
+        None => Ok(None),
+    }
+}
+
+fn completed_from_row(row: &sqlx::postgres::PgRow) -> Result<Option<CompletedRun>, sqlx::Error> {
+    let status = status::run_status_from_db(&row.try_get::<String, _>("status")?);
+    let announced: Option<DateTime<Utc>> = row.try_get("announced_at")?;
+    if !status::run_is_terminal(status) || announced.is_some() {
+        return Ok(None);
+    }
+    let count = |name: &str| -> Result<u32, sqlx::Error> {
+        Ok(u32::try_from(row.try_get::<i32, _>(name)?).unwrap_or(0))
+    };
+    Ok(Some(CompletedRun {
+        id: RunId(row.try_get("id")?),
+        activity_id: ActivityId(row.try_get("activity_id")?),
+        activity_name: row.try_get("activity_name")?,
+        status,
+        tasks_spawned: count("tasks_spawned")?,
+        tasks_succeeded: count("tasks_succeeded")?,
+        tasks_failed: count("tasks_failed")?,
+        finished_at: row.try_get("finished_at")?,
+    }))
+}

@@ -1,0 +1,97 @@
+//! Flags shared by the services. Every flag has an environment variable and a default that works
+//! on a developer machine.
+
+use std::time::Duration;
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct NatsArgs {
+    /// NATS server URL(s), comma-separated.
+    #[arg(long = "nats-url", env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub url: String,
+    /// A NATS credentials file (JWT + NKey).
+    #[arg(long = "nats-creds", env = "NATS_CREDS")]
+    pub creds: Option<std::path::PathBuf>,
+    /// NATS user (with --nats-password).
+    #[arg(long = "nats-user", env = "NATS_USER")]
+    pub user: Option<String>,
+    /// NATS password.
+    #[arg(long = "nats-password", env = "NATS_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+    /// NATS token.
+    #[arg(long = "nats-token", env = "NATS_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Replicas of each stream this service declares (3 on a production cluster).
+    #[arg(long = "stream-replicas", env = "TASKFACTORY_STREAM_REPLICAS", default_value_t = 1)]
+    pub stream_replicas: usize,
+}
+
+impl NatsArgs {
+    pub fn local(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            creds: None,
+            user: None,
+            password: None,
+            token: None,
+            stream_replicas: 1,
+        }
+    }
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct DatabaseArgs {
+    /// Postgres URL; the database is created if it does not exist.
+    #[arg(
+        long = "database-url",
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/taskfactory"
+    )]
+    pub url: String,
+    /// Connections in the pool.
+    #[arg(long = "database-pool-size", env = "TASKFACTORY_DATABASE_POOL_SIZE", default_value_t = 10)]
+    pub pool_size: u32,
+}
+
+impl DatabaseArgs {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            pool_size: 10,
+        }
+    }
+}
+
+/// Parses a humane duration flag: `30s`, `250ms`, `5m`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(text.len()),
+    );
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration such as 30s, 250ms or 5m"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" | "" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("{text:?} has an unknown unit (use ms, s, m or h)")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("{text:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5y").is_err());
+    }
+}

@@ -1,0 +1,110 @@
+//! Postgres: creating the database if absent, the pool, and the migrations (embedded from the
+//! top-level `migrations/`; sqlx serialises concurrent runs with an advisory lock).
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::ConnectOptions;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+
+use crate::config::DatabaseArgs;
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("DATABASE_URL is not a valid Postgres URL")]
+    Url(#[source] sqlx::Error),
+    #[error("could not connect to Postgres within {waited:?}")]
+    Connect {
+        waited: Duration,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("could not create database {database}")]
+    Create {
+        database: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("migrations failed")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+}
+
+/// Connects (creating the database if it does not exist, retrying for up to `patience` while the
+/// server is not reachable) and runs the migrations.
+pub async fn connect_and_migrate(args: &DatabaseArgs, patience: Duration) -> Result<PgPool, DbError> {
+    let options = PgConnectOptions::from_str(&args.url).map_err(DbError::Url)?;
+    let options = options.log_statements(tracing::log::LevelFilter::Debug);
+    let started = tokio::time::Instant::now();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match try_connect(&options, args.pool_size).await {
+            Ok(pool) => {
+                MIGRATOR.run(&pool).await.map_err(DbError::Migrate)?;
+                return Ok(pool);
+            }
+            Err(DbError::Connect { source, .. }) if started.elapsed() < patience => {
+                tracing::warn!(error = %source, "postgres not reachable yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(DbError::Connect { source, .. }) => {
+                return Err(DbError::Connect {
+                    waited: started.elapsed(),
+                    source,
+                });
+            }
+            Err(other) => return Err(other),
+        }
+    }
+}
+
+async fn try_connect(options: &PgConnectOptions, pool_size: u32) -> Result<PgPool, DbError> {
+    let connect = |options: PgConnectOptions| {
+        PgPoolOptions::new()
+            .max_connections(pool_size.max(1))
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+    };
+    match connect(options.clone()).await {
+        Ok(pool) => Ok(pool),
+        // 3D000: invalid_catalog_name — the database does not exist yet.
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("3D000") => {
+            let database = options.get_database().unwrap_or("taskfactory").to_owned();
+            create_database(options, &database).await?;
+            connect(options.clone())
+                .await
+                .map_err(|source| DbError::Connect {
+                    waited: Duration::ZERO,
+                    source,
+                })
+        }
+        Err(source) => Err(DbError::Connect {
+            waited: Duration::ZERO,
+            source,
+        }),
+    }
+}
+
+async fn create_database(options: &PgConnectOptions, database: &str) -> Result<(), DbError> {
+    let admin = options.clone().database("postgres");
+    let mut conn = admin.connect().await.map_err(|source| DbError::Connect {
+        waited: Duration::ZERO,
+        source,
+    })?;
+    let quoted = format!("\"{}\"", database.replace('"', "\"\""));
+    let statement = format!("CREATE DATABASE {quoted}");
+    match sqlx::query(sqlx::AssertSqlSafe(statement)).execute(&mut conn).await {
+        Ok(_) => {
+            tracing::info!(database, "created database");
+            Ok(())
+        }
+        // 42P04: duplicate_database — another service created it first.
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => Ok(()),
+        Err(source) => Err(DbError::Create {
+            database: database.to_owned(),
+            source,
+        }),
+    }
+}

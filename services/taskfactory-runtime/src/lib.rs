@@ -1,0 +1,18 @@
+//! Runtime pieces every taskfactory service shares: configuration, connections to NATS and
+//! Postgres, stream declaration, migrations, the publish and consume helpers, shutdown and logs.
+//!
+//! # Layout
+//!
+//! - [`config`]: flags with environment fallbacks common to the services.
+//! - [`nats`]: connecting, and declaring the streams (idempotently, at every start).
+//! - [`db`]: creating the database if absent, the pool, and the embedded migrations.
+//! - [`messaging`]: the one publish helper and the one consume loop (acks, concurrency, DLQ).
+//! - [`shutdown`]: SIGTERM/SIGINT → a `CancellationToken`; a second signal exits at once.
+//! - [`telemetry`]: structured logs (pretty for development, JSON for production).
+
+pub mod config;
+pub mod db;
+pub mod messaging;
+pub mod nats;
+pub mod shutdown;
+pub mod telemetry;

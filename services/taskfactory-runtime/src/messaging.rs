@@ -1,0 +1,236 @@
+//! The one publish helper and the one consume loop.
+//!
+//! - Publishing: every message we put on a stream goes through [`publish`], which sets
+//!   `Nats-Msg-Id` (JetStream drops a repeat inside the duplicate window) and is the single place
+//!   where outgoing headers are built.
+//! - Consuming: [`consume`] pulls from a durable consumer with at most `concurrency` messages in
+//!   hand (the fetch batch never exceeds it, so nothing waits in a buffer past `ack_wait`), runs the
+//!   handler for each, and on shutdown stops pulling and lets the messages in hand finish. A
+//!   message in hand is never abandoned halfway.
+//! - Settling: a handler returns a [`Disposition`]; [`settle`] turns it into the JetStream ack.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::consumer::{self, PullConsumer};
+use async_nats::jetstream::context::{PublishAckFuture, PublishError};
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::{self, AckKind, Message};
+use bytes::Bytes;
+use futures::StreamExt;
+use taskfactory_model::subjects;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Publishes `payload` to `subject` with `Nats-Msg-Id` = `msg_id` and any extra headers; returns
+/// the ack future (await it before acking what caused the publish).
+pub async fn publish(
+    js: &jetstream::Context,
+    subject: String,
+    msg_id: &str,
+    extra_headers: Option<HeaderMap>,
+    payload: Bytes,
+) -> Result<PublishAckFuture, PublishError> {
+    let mut headers = extra_headers.unwrap_or_default();
+    headers.insert(subjects::HEADER_MSG_ID, msg_id);
+    js.send_publish(subject, PublishMessage::build().payload(payload).headers(headers))
+        .await
+}
+
+/// Publishes and waits for the stream's ack. `Ok(true)` when the server dropped it as a duplicate.
+pub async fn publish_confirmed(
+    js: &jetstream::Context,
+    subject: String,
+    msg_id: &str,
+    extra_headers: Option<HeaderMap>,
+    payload: Bytes,
+) -> Result<bool, PublishError> {
+    let ack = publish(js, subject, msg_id, extra_headers, payload)
+        .await?
+        .await?;
+    Ok(ack.duplicate)
+}
+
+/// What to do with a consumed message once its handler is done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Disposition {
+    /// Done: everything it caused is written and published.
+    Ack,
+    /// A transient failure: deliver it again after the delay.
+    Retry(Duration),
+    /// Never deliver it again (it has been dead-lettered or recorded as rejected).
+    Term,
+}
+
+/// Settles a message; a failure to ack only means it will be delivered again, which every handler
+/// tolerates, so it is logged and not propagated.
+pub async fn settle(message: &Message, disposition: Disposition) {
+    let kind = match disposition {
+        Disposition::Ack => AckKind::Ack,
+        Disposition::Retry(delay) => AckKind::Nak(Some(delay)),
+        Disposition::Term => AckKind::Term,
+    };
+    if let Err(error) = message.ack_with(kind).await {
+        tracing::warn!(subject = %message.subject, %error, ?disposition, "could not settle message; it will be redelivered");
+    }
+}
+
+/// Tells the server the message is still being worked on (resets its `ack_wait`).
+pub async fn keep_alive(message: &Message) {
+    if let Err(error) = message.ack_with(AckKind::Progress).await {
+        tracing::debug!(subject = %message.subject, %error, "progress ack failed");
+    }
+}
+
+/// Sends a message that cannot be processed to a dead-letter subject, with its original subject,
+/// stream sequence and the error in headers. Deduplicated by the original stream sequence.
+pub async fn dead_letter(
+    js: &jetstream::Context,
+    dlq_subject: String,
+    message: &Message,
+    error: &str,
+) -> Result<(), PublishError> {
+    let mut headers = message.headers.clone().unwrap_or_default();
+    headers.insert(subjects::HEADER_ERROR, one_line(error).as_str());
+    headers.insert(subjects::HEADER_ORIGINAL_SUBJECT, message.subject.as_str());
+    let (stream, sequence) = match message.info() {
+        Ok(info) => (info.stream.to_owned(), info.stream_sequence),
+        Err(_) => (String::new(), 0),
+    };
+    headers.insert(
+        subjects::HEADER_ORIGINAL_SEQUENCE,
+        sequence.to_string().as_str(),
+    );
+    let msg_id = format!("dlq:{stream}:{sequence}");
+    publish_confirmed(js, dlq_subject, &msg_id, Some(headers), message.payload.clone()).await?;
+    Ok(())
+}
+
+/// Header values are one line.
+fn one_line(text: &str) -> String {
+    let mut line: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if line.len() > 2048 {
+        let cut = (0..=2048).rev().find(|i| line.is_char_boundary(*i)).unwrap_or(0);
+        line.truncate(cut);
+    }
+    line
+}
+
+/// Where and how a consume loop pulls.
+pub struct ConsumerSpec {
+    pub stream: &'static str,
+    pub durable: String,
+    pub filter_subject: String,
+    /// Messages in hand at once; also the fetch batch.
+    pub concurrency: usize,
+    pub ack_wait: Duration,
+}
+
+impl ConsumerSpec {
+    fn config(&self) -> consumer::pull::Config {
+        consumer::pull::Config {
+            durable_name: Some(self.durable.clone()),
+            filter_subject: self.filter_subject.clone(),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: self.ack_wait,
+            max_deliver: -1,
+            max_ack_pending: i64::try_from(self.concurrency.max(1) * 4).unwrap_or(1024),
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..Default::default()
+        }
+    }
+}
+
+/// Creates (or updates) the durable consumer.
+pub async fn ensure_consumer(
+    js: &jetstream::Context,
+    spec: &ConsumerSpec,
+) -> Result<PullConsumer, async_nats::Error> {
+    let stream = js.get_stream(spec.stream).await?;
+    let consumer = stream
+        .create_consumer(spec.config())
+        .await
+        .map_err(|e| format!("could not create consumer {} on {}: {e}", spec.durable, spec.stream))?;
+    Ok(consumer)
+}
+
+/// Pulls messages and runs `handler` on each, at most `spec.concurrency` at a time, until
+/// `shutdown`; then waits for the handlers in flight. The consumer is recreated whenever its
+/// message stream ends or fails (server restart, consumer deleted).
+pub async fn consume<F, Fut>(
+    js: jetstream::Context,
+    spec: ConsumerSpec,
+    shutdown: CancellationToken,
+    handler: F,
+) where
+    F: Fn(Message) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let handler = Arc::new(handler);
+    let tracker = TaskTracker::new();
+    let slots = Arc::new(Semaphore::new(spec.concurrency.max(1)));
+    let mut backoff = Duration::from_millis(100);
+    'reconnect: while !shutdown.is_cancelled() {
+        let messages = async {
+            let consumer = ensure_consumer(&js, &spec).await?;
+            let messages = consumer
+                .stream()
+                .max_messages_per_batch(spec.concurrency.max(1))
+                .heartbeat(Duration::from_secs(5))
+                .messages()
+                .await?;
+            Ok::<_, async_nats::Error>(messages)
+        }
+        .await;
+        let mut messages = match messages {
+            Ok(messages) => messages,
+            Err(error) => {
+                tracing::warn!(consumer = %spec.durable, %error, "cannot consume yet; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break 'reconnect,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        loop {
+            let slot = tokio::select! {
+                _ = shutdown.cancelled() => break 'reconnect,
+                slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+            };
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => break 'reconnect,
+                next = messages.next() => next,
+            };
+            match next {
+                Some(Ok(message)) => {
+                    backoff = Duration::from_millis(100);
+                    let handler = handler.clone();
+                    tracker.spawn(async move {
+                        handler(message).await;
+                        drop(slot);
+                    });
+                }
+                Some(Err(error)) => {
+                    tracing::warn!(consumer = %spec.durable, %error, "message stream failed; re-subscribing");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break 'reconnect,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue 'reconnect;
+                }
+                None => continue 'reconnect,
+            }
+        }
+    }
+    tracker.close();
+    tracker.wait().await;
+}

@@ -1,0 +1,138 @@
+//! NATS: connecting, and declaring the streams every service relies on.
+//!
+//! Each service declares all streams at start, idempotently (create, or update to this config), so
+//! a fresh NATS just works whichever service starts first.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use taskfactory_model::subjects;
+
+use crate::config::NatsArgs;
+
+/// How long the server remembers a `Nats-Msg-Id` to drop a repeated publish. Postgres uniqueness
+/// catches what falls outside it.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+#[derive(Debug, thiserror::Error)]
+pub enum NatsError {
+    #[error("could not connect to NATS at {url} within {waited:?}")]
+    Connect {
+        url: String,
+        waited: Duration,
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    #[error("could not read NATS credentials file")]
+    Credentials(#[source] std::io::Error),
+    #[error("could not declare stream {stream}")]
+    Stream {
+        stream: String,
+        #[source]
+        source: jetstream::context::CreateStreamError,
+    },
+}
+
+/// Connects, retrying for up to `patience` while the server is not reachable yet.
+pub async fn connect(
+    args: &NatsArgs,
+    client_name: &str,
+    patience: Duration,
+) -> Result<async_nats::Client, NatsError> {
+    let started = tokio::time::Instant::now();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let mut options = match &args.creds {
+            Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
+                .await
+                .map_err(NatsError::Credentials)?,
+            None => async_nats::ConnectOptions::new(),
+        };
+        if let (Some(user), Some(password)) = (&args.user, &args.password) {
+            options = options.user_and_password(user.clone(), password.clone());
+        }
+        if let Some(token) = &args.token {
+            options = options.token(token.clone());
+        }
+        options = options
+            .name(client_name)
+            .connection_timeout(Duration::from_secs(5))
+            .request_timeout(Some(Duration::from_secs(10)));
+        match options.connect(args.url.as_str()).await {
+            Ok(client) => return Ok(client),
+            Err(source) => {
+                let waited = started.elapsed();
+                if waited >= patience {
+                    return Err(NatsError::Connect {
+                        url: args.url.clone(),
+                        waited,
+                        source,
+                    });
+                }
+                tracing::warn!(url = %args.url, error = %source, "nats not reachable yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// The configuration of each stream.
+pub fn stream_configs(replicas: usize) -> Vec<stream::Config> {
+    let day = Duration::from_secs(24 * 3600);
+    let base = |name: &str, subject: &str, max_age: Duration| stream::Config {
+        name: name.to_owned(),
+        subjects: vec![subject.to_owned()],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        num_replicas: replicas.max(1),
+        duplicate_window: DUPLICATE_WINDOW,
+        max_age,
+        ..Default::default()
+    };
+    vec![
+        stream::Config {
+            description: Some("events users publish (JSON); the trigger service consumes them".to_owned()),
+            ..base(subjects::EVENTS_STREAM, subjects::EVENTS_SUBJECTS, 7 * day)
+        },
+        stream::Config {
+            description: Some("TriggerEvents: one per fire; orchestrators consume them".to_owned()),
+            ..base(subjects::TRIGGERS_STREAM, subjects::TRIGGERS_SUBJECTS, 7 * day)
+        },
+        stream::Config {
+            description: Some("TaskInstances by type; executors consume them".to_owned()),
+            retention: stream::RetentionPolicy::WorkQueue,
+            ..base(subjects::TASKS_STREAM, subjects::TASKS_SUBJECTS, 14 * day)
+        },
+        stream::Config {
+            description: Some("TaskResults, one per attempt; orchestrators consume them".to_owned()),
+            ..base(subjects::RESULTS_STREAM, subjects::RESULTS_SUBJECTS, 7 * day)
+        },
+        stream::Config {
+            description: Some("dead letters: tasks that exhausted their attempts, events that could not be taken in".to_owned()),
+            ..base(subjects::DLQ_STREAM, subjects::DLQ_SUBJECTS, 30 * day)
+        },
+    ]
+}
+
+/// Declares every stream: creates it, or updates it to this configuration. A stream whose
+/// existing configuration cannot be changed that way (an operator's choice) is kept as it is.
+pub async fn declare_streams(js: &jetstream::Context, replicas: usize) -> Result<(), NatsError> {
+    for config in stream_configs(replicas) {
+        let name = config.name.clone();
+        match js.create_or_update_stream(config).await {
+            Ok(_) => {}
+            Err(source) => {
+                if js.get_stream(&name).await.is_ok() {
+                    tracing::warn!(stream = %name, error = %source, "stream exists with a configuration that cannot be updated; keeping it");
+                } else {
+                    return Err(NatsError::Stream {
+                        stream: name,
+                        source,
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,416 @@
+//! The admin gRPC API (`taskfactory.v1.AdminService`).
+//!
+//! Every error becomes a gRPC status in one place ([`AdminError`] → `tonic::Status`), with a
+//! message that says what to fix. RPCs whose issue has not landed yet answer `UNIMPLEMENTED`
+//! (generated default stubs).
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use sqlx::PgPool;
+use taskfactory_model::ids::ActivityId;
+use taskfactory_model::spec::{self, SpecErrors, chrono_to_timestamp};
+use taskfactory_model::values;
+use taskfactory_proto::v1::admin_service_server::AdminService;
+use taskfactory_proto::v1::{
+    self, Activity, ActivitySpec, CreateActivityRequest, DeleteActivityRequest,
+    DeleteActivityResponse, GetActivityRequest, GetRunRequest, GetTaskRequest,
+    ListActivitiesRequest, ListActivitiesResponse, ListRunsRequest, ListRunsResponse,
+    ListTasksRequest, ListTasksResponse, Run, RunStatus, Task, TaskStatus, TriggerActivityRequest,
+    TriggerActivityResponse, TriggerSource, UpdateActivityRequest, trigger,
+};
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::fire::{self, FireRequest};
+use crate::registry::{self, LiveActivity, Registry};
+use crate::store::{self, ActivityRecord, StoreError};
+use crate::views;
+
+const DEFAULT_PAGE_SIZE: u32 = 50;
+const MAX_PAGE_SIZE: u32 = 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("{0}")]
+    InvalidSpec(SpecErrors),
+    #[error("{field}: {message}")]
+    InvalidArgument { field: String, message: String },
+    #[error("{what} {id:?} not found")]
+    NotFound { what: &'static str, id: String },
+    #[error("an activity named {name:?} already exists; change it with UpdateActivity or pick another name")]
+    AlreadyExists { name: String },
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("internal error; see the trigger service's log")]
+    Internal(#[source] anyhow::Error),
+}
+
+impl From<StoreError> for AdminError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::NameTaken { name } => AdminError::AlreadyExists { name },
+            other => AdminError::Internal(other.into()),
+        }
+    }
+}
+
+impl From<sqlx::Error> for AdminError {
+    fn from(error: sqlx::Error) -> Self {
+        AdminError::Internal(error.into())
+    }
+}
+
+impl From<AdminError> for Status {
+    fn from(error: AdminError) -> Self {
+        match &error {
+            AdminError::InvalidSpec(_) | AdminError::InvalidArgument { .. } => {
+                Status::invalid_argument(error.to_string())
+            }
+            AdminError::NotFound { .. } => Status::not_found(error.to_string()),
+            AdminError::AlreadyExists { .. } => Status::already_exists(error.to_string()),
+            AdminError::FailedPrecondition(_) => Status::failed_precondition(error.to_string()),
+            AdminError::Internal(source) => {
+                tracing::error!(error = ?source, "admin request failed");
+                Status::internal(error.to_string())
+            }
+        }
+    }
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> AdminError {
+    AdminError::InvalidArgument {
+        field: field.to_owned(),
+        message: message.into(),
+    }
+}
+
+pub struct Admin {
+    pub pool: PgPool,
+    pub js: async_nats::jetstream::Context,
+    pub nats: async_nats::Client,
+    pub registry: Registry,
+}
+
+impl Admin {
+    async fn definitions_changed(&self) {
+        self.registry.request_reload();
+        registry::announce_change(&self.nats).await;
+    }
+
+    async fn resolve(&self, id_or_name: &str) -> Result<ActivityId, AdminError> {
+        if id_or_name.trim().is_empty() {
+            return Err(invalid("id", "is required: an activity id or name"));
+        }
+        store::find_activity_id(&self.pool, id_or_name)
+            .await?
+            .ok_or_else(|| AdminError::NotFound {
+                what: "activity",
+                id: id_or_name.to_owned(),
+            })
+    }
+
+    async fn load(&self, id: ActivityId, version: Option<u32>) -> Result<ActivityRecord, AdminError> {
+        store::get_activity(&self.pool, id, version)
+            .await?
+            .ok_or_else(|| AdminError::NotFound {
+                what: if version.is_some() { "activity version" } else { "activity" },
+                id: match version {
+                    Some(v) => format!("{id}@{v}"),
+                    None => id.to_string(),
+                },
+            })
+    }
+}
+
+fn validated_spec(spec: Option<ActivitySpec>) -> Result<(ActivitySpec, serde_json::Value), AdminError> {
+    let spec = spec.ok_or_else(|| invalid("spec", "is required"))?;
+    spec::validate(&spec, Utc::now()).map_err(AdminError::InvalidSpec)?;
+    let json = taskfactory_proto::to_json(&spec);
+    Ok((spec, json))
+}
+
+fn trigger_kind(spec: &ActivitySpec) -> &'static str {
+    match spec.trigger.as_ref().and_then(|t| t.kind.as_ref()) {
+        Some(trigger::Kind::Schedule(_)) => "schedule",
+        Some(trigger::Kind::Event(_)) => "event",
+        _ => "manual",
+    }
+}
+
+/// A stored record as the contract's `Activity`.
+pub fn activity_message(record: &ActivityRecord) -> Result<Activity, AdminError> {
+    let spec: ActivitySpec = taskfactory_proto::from_json(&record.spec)
+        .map_err(|e| AdminError::Internal(anyhow::anyhow!("stored spec does not parse: {e}")))?;
+    let next_fire_at = if record.enabled && !record.paused && record.version == record.current_version {
+        LiveActivity::from_record(record)
+            .and_then(|live| live.schedule.as_ref()?.next_after(Utc::now()))
+            .map(|o| chrono_to_timestamp(o.at))
+    } else {
+        None
+    };
+    Ok(Activity {
+        id: record.id.to_string(),
+        version: record.version,
+        spec: Some(spec),
+        paused: record.paused,
+        pause_note: record.pause_note.clone(),
+        created_at: Some(chrono_to_timestamp(record.created_at)),
+        updated_at: Some(chrono_to_timestamp(record.updated_at)),
+        next_fire_at,
+    })
+}
+
+fn page_size(requested: u32) -> i64 {
+    i64::from(if requested == 0 { DEFAULT_PAGE_SIZE } else { requested.min(MAX_PAGE_SIZE) })
+}
+
+fn parse_uuid(field: &str, text: &str) -> Result<Uuid, AdminError> {
+    Uuid::parse_str(text).map_err(|_| invalid(field, format!("{text:?} is not a UUID")))
+}
+
+#[tonic::async_trait]
+impl AdminService for Admin {
+    async fn create_activity(
+        &self,
+        request: Request<CreateActivityRequest>,
+    ) -> Result<Response<Activity>, Status> {
+        let (spec, json) = validated_spec(request.into_inner().spec)?;
+        let record = store::create_activity(
+            &self.pool,
+            ActivityId::new_random(),
+            &spec.name,
+            spec::is_enabled(&spec),
+            trigger_kind(&spec),
+            &json,
+        )
+        .await
+        .map_err(AdminError::from)?;
+        tracing::info!(activity.id = %record.id, activity.name = %record.name, "activity created");
+        self.definitions_changed().await;
+        Ok(Response::new(activity_message(&record)?))
+    }
+
+    async fn update_activity(
+        &self,
+        request: Request<UpdateActivityRequest>,
+    ) -> Result<Response<Activity>, Status> {
+        let request = request.into_inner();
+        let id = self.resolve(&request.id).await?;
+        let current = self.load(id, None).await?;
+        let mut spec = request.spec;
+        if let Some(spec) = spec.as_mut()
+            && spec.name.is_empty()
+        {
+            spec.name = current.name.clone();
+        }
+        let (spec, json) = validated_spec(spec)?;
+        if spec.name != current.name {
+            return Err(invalid(
+                "spec.name",
+                format!(
+                    "an activity cannot be renamed ({:?} → {:?}); create a new activity instead",
+                    current.name, spec.name
+                ),
+            )
+            .into());
+        }
+        let (record, changed) = store::update_activity(
+            &self.pool,
+            id,
+            spec::is_enabled(&spec),
+            trigger_kind(&spec),
+            &json,
+        )
+        .await
+        .map_err(AdminError::from)?;
+        if changed {
+            tracing::info!(activity.id = %record.id, activity.name = %record.name, version = record.version, "activity updated");
+            self.definitions_changed().await;
+        }
+        Ok(Response::new(activity_message(&record)?))
+    }
+
+    async fn get_activity(
+        &self,
+        request: Request<GetActivityRequest>,
+    ) -> Result<Response<Activity>, Status> {
+        let request = request.into_inner();
+        let id = self.resolve(&request.id).await?;
+        let version = (request.version != 0).then_some(request.version);
+        let record = self.load(id, version).await?;
+        Ok(Response::new(activity_message(&record)?))
+    }
+
+    async fn list_activities(
+        &self,
+        request: Request<ListActivitiesRequest>,
+    ) -> Result<Response<ListActivitiesResponse>, Status> {
+        let request = request.into_inner();
+        let limit = page_size(request.page_size);
+        let after = (!request.page_token.is_empty()).then_some(request.page_token.as_str());
+        let mut records = store::list_activities(&self.pool, after, limit + 1)
+            .await
+            .map_err(AdminError::from)?;
+        let more = records.len() as i64 > limit;
+        records.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+        let next_page_token = if more {
+            records.last().map(|r| r.name.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let activities = records
+            .iter()
+            .map(activity_message)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Response::new(ListActivitiesResponse {
+            activities,
+            next_page_token,
+        }))
+    }
+
+    async fn delete_activity(
+        &self,
+        request: Request<DeleteActivityRequest>,
+    ) -> Result<Response<DeleteActivityResponse>, Status> {
+        let id = self.resolve(&request.into_inner().id).await?;
+        store::delete_activity(&self.pool, id)
+            .await
+            .map_err(AdminError::from)?;
+        tracing::info!(activity.id = %id, "activity deleted");
+        self.definitions_changed().await;
+        Ok(Response::new(DeleteActivityResponse {}))
+    }
+
+    async fn trigger_activity(
+        &self,
+        request: Request<TriggerActivityRequest>,
+    ) -> Result<Response<TriggerActivityResponse>, Status> {
+        let request = request.into_inner();
+        let id = self.resolve(&request.id).await?;
+        let record = self.load(id, None).await?;
+        if !record.enabled {
+            return Err(AdminError::FailedPrecondition(format!(
+                "activity {:?} is disabled; enable it (UpdateActivity with enabled: true) before triggering it",
+                record.name
+            ))
+            .into());
+        }
+        match v1::OverlapPolicy::try_from(request.overlap) {
+            Ok(v1::OverlapPolicy::OverlapUnspecified | v1::OverlapPolicy::AllowAll) => {}
+            _ => {
+                return Err(invalid(
+                    "overlap",
+                    "overlap overrides are not available in this release yet; leave it unset",
+                )
+                .into());
+            }
+        }
+        let dedupe_key = if request.idempotency_key.is_empty() {
+            format!("manual:{}", Uuid::new_v4())
+        } else {
+            format!("manual:{}", request.idempotency_key)
+        };
+        let fired = fire::fire(
+            &self.pool,
+            &self.js,
+            FireRequest {
+                activity_id: id,
+                activity_name: record.name.clone(),
+                activity_version: record.current_version,
+                source: TriggerSource::Manual,
+                dedupe_key,
+                scheduled_for: None,
+                payload: request.payload.as_ref().map(values::value_to_json),
+                subject: String::new(),
+                watermark: None,
+            },
+        )
+        .await
+        .map_err(AdminError::from)?;
+        Ok(Response::new(TriggerActivityResponse {
+            run_id: fired.run_id.to_string(),
+            event_id: fired.fire_id.to_string(),
+            duplicate: fired.duplicate,
+        }))
+    }
+
+    async fn list_runs(
+        &self,
+        request: Request<ListRunsRequest>,
+    ) -> Result<Response<ListRunsResponse>, Status> {
+        let request = request.into_inner();
+        let activity = if request.activity_id.is_empty() {
+            None
+        } else {
+            Some(self.resolve(&request.activity_id).await?.0)
+        };
+        let status = match RunStatus::try_from(request.status) {
+            Ok(RunStatus::Unspecified) => None,
+            Ok(status) => Some(status),
+            Err(_) => return Err(invalid("status", format!("{} is not a run status", request.status)).into()),
+        };
+        let after = if request.page_token.is_empty() {
+            None
+        } else {
+            Some(views::Cursor::decode(&request.page_token).ok_or_else(|| invalid("pageToken", "is not a token this API returned"))?)
+        };
+        let (runs, next) = views::list_runs(&self.pool, activity, status, after, page_size(request.page_size))
+            .await
+            .map_err(AdminError::from)?;
+        Ok(Response::new(ListRunsResponse {
+            runs,
+            next_page_token: next.map(|c| c.encode()).unwrap_or_default(),
+        }))
+    }
+
+    async fn get_run(&self, request: Request<GetRunRequest>) -> Result<Response<Run>, Status> {
+        let id = request.into_inner().id;
+        let uuid = parse_uuid("id", &id)?;
+        let run = views::get_run(&self.pool, uuid)
+            .await
+            .map_err(AdminError::from)?
+            .ok_or(AdminError::NotFound { what: "run", id })?;
+        Ok(Response::new(run))
+    }
+
+    async fn list_tasks(
+        &self,
+        request: Request<ListTasksRequest>,
+    ) -> Result<Response<ListTasksResponse>, Status> {
+        let request = request.into_inner();
+        let run = if request.run_id.is_empty() {
+            None
+        } else {
+            Some(parse_uuid("runId", &request.run_id)?)
+        };
+        let activity = if request.activity_id.is_empty() {
+            None
+        } else {
+            Some(self.resolve(&request.activity_id).await?.0)
+        };
+        let status = match TaskStatus::try_from(request.status) {
+            Ok(TaskStatus::Unspecified) => None,
+            Ok(status) => Some(status),
+            Err(_) => return Err(invalid("status", format!("{} is not a task status", request.status)).into()),
+        };
+        let token = (!request.page_token.is_empty()).then_some(request.page_token.as_str());
+        let (tasks, next) = views::list_tasks(&self.pool, run, activity, status, token, page_size(request.page_size))
+            .await
+            .map_err(AdminError::from)?;
+        Ok(Response::new(ListTasksResponse {
+            tasks,
+            next_page_token: next.unwrap_or_default(),
+        }))
+    }
+
+    async fn get_task(&self, request: Request<GetTaskRequest>) -> Result<Response<Task>, Status> {
+        let id = request.into_inner().id;
+        let uuid = parse_uuid("id", &id)?;
+        let task = views::get_task(&self.pool, uuid)
+            .await
+            .map_err(AdminError::from)?
+            .ok_or(AdminError::NotFound { what: "task", id })?;
+        Ok(Response::new(task))
+    }
+}

@@ -1,0 +1,185 @@
+//! Event ingress: consumes `events.>` and fires every active activity whose event trigger matches.
+//!
+//! For each event:
+//! - a body over the size limit, not JSON, or not UTF-8 is *rejected*: recorded in Postgres
+//!   (`rejected_events`) with its error, copied to `dlq.events`, and terminated — it never blocks
+//!   the consumer and the next event is handled as usual;
+//! - otherwise each matching activity's `filter` decides, its `dedupeKey` (else the
+//!   `Nats-Msg-Id` header, else the stream sequence) names the fire, and the fire is recorded and
+//!   published ([`crate::fire`]). A filter or key that fails on this event skips that activity
+//!   with a warning; it does not reject the event for the others.
+//! - The event is acked once every fire is recorded; a database failure retries the whole event
+//!   (fires already recorded are recognised as duplicates).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::Message;
+use sqlx::PgPool;
+use taskfactory_model::expr::{self, Engine, Limits};
+use taskfactory_model::subjects;
+use taskfactory_proto::v1::TriggerSource;
+use taskfactory_runtime::messaging::{self, Disposition};
+
+use crate::fire::{self, FireRequest};
+use crate::registry::Registry;
+use crate::store;
+
+pub struct EventIngress {
+    pub pool: PgPool,
+    pub js: async_nats::jetstream::Context,
+    pub registry: Registry,
+    pub max_event_bytes: usize,
+}
+
+impl EventIngress {
+    pub async fn handle(self: Arc<Self>, message: Message) {
+        let disposition = self.process(&message).await;
+        messaging::settle(&message, disposition).await;
+    }
+
+    async fn process(&self, message: &Message) -> Disposition {
+        let subject = message.subject.as_str();
+        let msg_id = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(subjects::HEADER_MSG_ID))
+            .map(|v| v.as_str().to_owned())
+            .filter(|v| !v.is_empty());
+        let (sequence, published) = match message.info() {
+            Ok(info) => (info.stream_sequence, info.published.unix_timestamp_nanos()),
+            Err(_) => (0, 0),
+        };
+        let payload = match parse_event(&message.payload, self.max_event_bytes) {
+            Ok(payload) => payload,
+            Err(error) => return self.reject(message, sequence, msg_id.as_deref(), &error).await,
+        };
+
+        let snapshot = self.registry.current();
+        let scope = expr::to_value(&serde_json::json!({ "event": payload, "subject": subject }));
+        let engine = Engine::new(Limits::default());
+        for activity in snapshot.activities.values() {
+            if !activity.is_active() {
+                continue;
+            }
+            let Some(trigger) = activity.event_trigger() else { continue };
+            if !subjects::subject_matches(&trigger.subject, subject) {
+                continue;
+            }
+            if !trigger.filter.trim().is_empty() {
+                let passes = engine
+                    .expression(&trigger.filter)
+                    .and_then(|f| f.eval_bool(&scope));
+                match passes {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(error) => {
+                        tracing::warn!(activity.name = %activity.name, %subject, %error, "event filter failed on this event; activity not fired");
+                        continue;
+                    }
+                }
+            }
+            let dedupe_key = if trigger.dedupe_key.is_empty() {
+                match &msg_id {
+                    Some(id) => id.clone(),
+                    None => format!("seq:{sequence}:{published}"),
+                }
+            } else {
+                match engine
+                    .template(&trigger.dedupe_key)
+                    .and_then(|t| t.render_string(&scope))
+                {
+                    Ok(key) if !key.is_empty() => key,
+                    Ok(_) => {
+                        tracing::warn!(activity.name = %activity.name, %subject, "dedupeKey rendered empty on this event; activity not fired");
+                        continue;
+                    }
+                    Err(error) => {
+                        tracing::warn!(activity.name = %activity.name, %subject, %error, "dedupeKey failed on this event; activity not fired");
+                        continue;
+                    }
+                }
+            };
+            let request = FireRequest {
+                activity_id: activity.id,
+                activity_name: activity.name.clone(),
+                activity_version: activity.version,
+                source: TriggerSource::Event,
+                dedupe_key,
+                scheduled_for: None,
+                payload: Some(payload.clone()),
+                subject: subject.to_owned(),
+                watermark: None,
+            };
+            if let Err(error) = fire::fire(&self.pool, &self.js, request).await {
+                tracing::warn!(activity.name = %activity.name, %subject, %error, "cannot record event fire; event will be redelivered");
+                return Disposition::Retry(Duration::from_secs(1));
+            }
+        }
+        Disposition::Ack
+    }
+
+    async fn reject(
+        &self,
+        message: &Message,
+        sequence: u64,
+        msg_id: Option<&str>,
+        error: &str,
+    ) -> Disposition {
+        tracing::warn!(subject = %message.subject, stream.sequence = sequence, %error, "rejected event");
+        if let Err(e) = store::record_rejected_event(
+            &self.pool,
+            &message.subject,
+            sequence,
+            msg_id,
+            error,
+            &message.payload,
+        )
+        .await
+        {
+            tracing::warn!(error = %e, "cannot record rejected event; will retry");
+            return Disposition::Retry(Duration::from_secs(1));
+        }
+        if let Err(e) = messaging::dead_letter(
+            &self.js,
+            subjects::EVENTS_DLQ_SUBJECT.to_owned(),
+            message,
+            error,
+        )
+        .await
+        {
+            // Recorded in Postgres already; the DLQ copy is a convenience.
+            tracing::warn!(error = %e, "cannot copy rejected event to the dead-letter stream");
+        }
+        Disposition::Term
+    }
+}
+
+/// Checks an event body: within the size limit, UTF-8, JSON.
+pub fn parse_event(body: &[u8], max_bytes: usize) -> Result<serde_json::Value, String> {
+    if body.len() > max_bytes {
+        return Err(format!(
+            "event body is {} bytes, over the limit of {max_bytes} bytes",
+            body.len()
+        ));
+    }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err("event body is empty; events are JSON documents".to_owned());
+    }
+    serde_json::from_slice(body).map_err(|e| format!("event body is not valid JSON: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_bodies_are_checked() {
+        assert!(parse_event(br#"{"a":1}"#, 100).is_ok());
+        assert!(parse_event(b"[1,2]", 100).is_ok());
+        assert!(parse_event(b"not json", 100).unwrap_err().contains("not valid JSON"));
+        assert!(parse_event(b"", 100).unwrap_err().contains("empty"));
+        assert!(parse_event(&[b' '; 200], 100).unwrap_err().contains("over the limit"));
+        assert!(parse_event(&[0xff, 0xfe], 100).unwrap_err().contains("not valid JSON"));
+    }
+}

@@ -1,0 +1,186 @@
+//! Firing an activity: the outbox pattern.
+//!
+//! 1. The fire is written to Postgres, unique per `(activity, dedupe key)`; for schedules the
+//!    watermark advances in the same transaction.
+//! 2. The TriggerEvent is published to `triggers.<activity>` with
+//!    `Nats-Msg-Id = <activity id>:<dedupe key>` and the fire is marked published.
+//! 3. A fire that was recorded but not published (NATS down, crash in between), or published but
+//!    never turned into a run, is republished by [`run_reconciler`].
+//!
+//! A repeated fire (same dedupe key) is recognised at step 1 and reported as a duplicate; the
+//! run id is derived from the same key, so callers can name the run either way.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use prost::Message;
+use sqlx::PgPool;
+use taskfactory_model::ids::{ActivityId, FireId, RunId};
+use taskfactory_model::spec::chrono_to_timestamp;
+use taskfactory_model::{subjects, values};
+use taskfactory_proto::v1::{TriggerEvent, TriggerSource};
+use taskfactory_runtime::messaging;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{self, NewFire, StoreError};
+
+/// What to fire.
+#[derive(Clone, Debug)]
+pub struct FireRequest {
+    pub activity_id: ActivityId,
+    pub activity_name: String,
+    pub activity_version: u32,
+    pub source: TriggerSource,
+    pub dedupe_key: String,
+    pub scheduled_for: Option<DateTime<Utc>>,
+    pub payload: Option<serde_json::Value>,
+    /// For events: the subject the event arrived on.
+    pub subject: String,
+    /// For schedules: the watermark to advance with this fire.
+    pub watermark: Option<DateTime<Utc>>,
+}
+
+/// What happened.
+#[derive(Clone, Copy, Debug)]
+pub struct Fired {
+    pub fire_id: FireId,
+    pub run_id: RunId,
+    /// The dedupe key was seen before: nothing new was recorded.
+    pub duplicate: bool,
+}
+
+fn source_name(source: TriggerSource) -> &'static str {
+    match source {
+        TriggerSource::Schedule => "schedule",
+        TriggerSource::Event => "event",
+        TriggerSource::Webhook => "webhook",
+        TriggerSource::Manual => "manual",
+        TriggerSource::Backfill => "backfill",
+        TriggerSource::Catchup => "catchup",
+        TriggerSource::Unspecified => "unspecified",
+    }
+}
+
+/// Records and publishes one fire. Once the fire is recorded the call succeeds even if publishing
+/// fails: the reconciler publishes it later.
+pub async fn fire(
+    pool: &PgPool,
+    js: &async_nats::jetstream::Context,
+    request: FireRequest,
+) -> Result<Fired, StoreError> {
+    let fire_id = FireId::derive(request.activity_id, &request.dedupe_key);
+    let run_id = RunId::derive(request.activity_id, &request.dedupe_key);
+    let fired_at = Utc::now();
+    let event = TriggerEvent {
+        event_id: fire_id.to_string(),
+        activity_id: request.activity_id.to_string(),
+        activity_version: request.activity_version,
+        source: request.source as i32,
+        scheduled_for: request.scheduled_for.map(chrono_to_timestamp),
+        fired_at: Some(chrono_to_timestamp(fired_at)),
+        dedupe_key: request.dedupe_key.clone(),
+        payload: request.payload.as_ref().map(values::json_to_value),
+        subject: request.subject.clone(),
+        activity_name: request.activity_name.clone(),
+    };
+    let encoded = event.encode_to_vec();
+    let new_fire = NewFire {
+        id: fire_id,
+        activity_id: request.activity_id,
+        activity_name: request.activity_name.clone(),
+        activity_version: request.activity_version,
+        source: source_name(request.source),
+        dedupe_key: request.dedupe_key.clone(),
+        scheduled_for: request.scheduled_for,
+        fired_at,
+        subject: request.subject.clone(),
+        payload: request.payload.clone(),
+        event: encoded.clone(),
+    };
+    let inserted = store::record_fire(pool, &new_fire, request.watermark).await?;
+    if !inserted {
+        tracing::debug!(activity.id = %request.activity_id, dedupe_key = %request.dedupe_key, "duplicate fire");
+        return Ok(Fired {
+            fire_id,
+            run_id,
+            duplicate: true,
+        });
+    }
+    match publish_fire(js, &request.activity_name, request.activity_id, &request.dedupe_key, encoded).await {
+        Ok(()) => {
+            if let Err(error) = store::mark_published(pool, fire_id).await {
+                tracing::warn!(fire.id = %fire_id, %error, "fire published but not marked; the reconciler will republish it (deduplicated)");
+            }
+        }
+        Err(error) => {
+            tracing::warn!(fire.id = %fire_id, activity.name = %request.activity_name, %error, "fire recorded but not published; the reconciler will publish it");
+        }
+    }
+    tracing::info!(activity.name = %request.activity_name, fire.id = %fire_id, run.id = %run_id, source = source_name(request.source), scheduled_for = ?request.scheduled_for, "fired");
+    Ok(Fired {
+        fire_id,
+        run_id,
+        duplicate: false,
+    })
+}
+
+async fn publish_fire(
+    js: &async_nats::jetstream::Context,
+    activity_name: &str,
+    activity_id: ActivityId,
+    dedupe_key: &str,
+    encoded: Vec<u8>,
+) -> Result<(), async_nats::jetstream::context::PublishError> {
+    messaging::publish_confirmed(
+        js,
+        subjects::trigger_subject(activity_name),
+        &subjects::trigger_msg_id(&activity_id.to_string(), dedupe_key),
+        None,
+        encoded.into(),
+    )
+    .await
+    .map(|_duplicate| ())
+}
+
+/// Republishes fires that did not make it (see the module docs) until shutdown.
+pub async fn run_reconciler(
+    pool: PgPool,
+    js: async_nats::jetstream::Context,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = Utc::now();
+        let older_than = now - chrono::Duration::from_std(every).unwrap_or_default();
+        let pending = match store::fires_to_republish(&pool, older_than, now, 500).await {
+            Ok(pending) => pending,
+            Err(error) => {
+                tracing::warn!(%error, "reconciler cannot read fires");
+                continue;
+            }
+        };
+        for fire in pending {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            match publish_fire(&js, &fire.activity_name, fire.activity_id, &fire.dedupe_key, fire.event).await {
+                Ok(()) => {
+                    tracing::info!(fire.id = %fire.id, activity.name = %fire.activity_name, "republished fire");
+                    if let Err(error) = store::mark_republished(&pool, fire.id).await {
+                        tracing::warn!(fire.id = %fire.id, %error, "could not mark republished fire");
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "reconciler cannot publish; will retry");
+                    break;
+                }
+            }
+        }
+    }
+}

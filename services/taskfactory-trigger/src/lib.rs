@@ -1,0 +1,179 @@
+//! The trigger service: the control plane and ingress of taskfactory.
+//!
+//! Consumes `events.>` (user events) and the admin API; owns activity definitions, the fire
+//! ledger and schedule watermarks in Postgres; produces TriggerEvents on `triggers.<activity>`.
+//!
+//! # Layout
+//!
+//! - [`admin`]: the gRPC `AdminService` (definitions, manual fires, runs and tasks).
+//! - [`registry`]: the in-memory snapshot of live activities, reloaded on change.
+//! - [`scheduler`]: fires schedules on time; misfire policy after downtime.
+//! - [`events`]: event ingress — matching, filters, dedupe keys, rejecting malformed events.
+//! - [`fire`]: recording and publishing a fire (outbox), and the reconciler.
+//! - [`store`] / [`views`]: Postgres access.
+//! - [`apply`]: the `apply` command (create or update activities from YAML/JSON files).
+
+pub mod admin;
+pub mod apply;
+pub mod events;
+pub mod fire;
+pub mod registry;
+pub mod scheduler;
+pub mod store;
+pub mod views;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use taskfactory_model::subjects;
+use taskfactory_proto::v1::admin_service_server::AdminServiceServer;
+use taskfactory_runtime::config::{DatabaseArgs, NatsArgs, parse_duration};
+use taskfactory_runtime::messaging::{self, ConsumerSpec};
+use taskfactory_runtime::{db, nats};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Configuration of the trigger service.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Config {
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Address of the admin gRPC API.
+    #[arg(long = "grpc-addr", env = "TASKFACTORY_GRPC_ADDR", default_value = "127.0.0.1:50051")]
+    pub grpc_addr: SocketAddr,
+    /// Largest event body taken in; larger events are rejected (recorded, dead-lettered).
+    #[arg(long = "max-event-bytes", env = "TASKFACTORY_MAX_EVENT_BYTES", default_value_t = 1024 * 1024)]
+    pub max_event_bytes: usize,
+    /// Events handled at once.
+    #[arg(long = "event-concurrency", env = "TASKFACTORY_EVENT_CONCURRENCY", default_value_t = 32)]
+    pub event_concurrency: usize,
+    /// How often to republish fires that did not reach JetStream.
+    #[arg(long = "reconcile-interval", env = "TASKFACTORY_RECONCILE_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub reconcile_interval: Duration,
+    /// How often to poll for definition changes made elsewhere.
+    #[arg(long = "reload-interval", env = "TASKFACTORY_RELOAD_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub reload_interval: Duration,
+    /// How long to wait for NATS and Postgres at start.
+    #[arg(long = "startup-patience", env = "TASKFACTORY_STARTUP_PATIENCE", default_value = "60s", value_parser = parse_duration)]
+    pub startup_patience: Duration,
+}
+
+impl Config {
+    /// A configuration for a local setup (tests, examples).
+    pub fn local(nats_url: &str, database_url: &str, grpc_addr: SocketAddr) -> Self {
+        Self {
+            nats: NatsArgs::local(nats_url),
+            database: DatabaseArgs::new(database_url),
+            grpc_addr,
+            max_event_bytes: 1024 * 1024,
+            event_concurrency: 32,
+            reconcile_interval: Duration::from_secs(5),
+            reload_interval: Duration::from_secs(5),
+            startup_patience: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Runs the trigger service until `shutdown`, then stops taking work, finishes what it holds and
+/// returns.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let pool = db::connect_and_migrate(&config.database, config.startup_patience)
+        .await
+        .context("postgres")?;
+    let client = nats::connect(&config.nats, "taskfactory-trigger", config.startup_patience)
+        .await
+        .context("nats")?;
+    let js = async_nats::jetstream::new(client.clone());
+    nats::declare_streams(&js, config.nats.stream_replicas)
+        .await
+        .context("declaring streams")?;
+
+    let registry = registry::Registry::new();
+    registry.reload(&pool).await.context("loading definitions")?;
+
+    let tracker = TaskTracker::new();
+    // Background work stops on `work_shutdown`; the gRPC server keeps answering until it is done.
+    let work_shutdown = shutdown.child_token();
+
+    tracker.spawn(registry.clone().run_reloader(
+        pool.clone(),
+        client.clone(),
+        config.reload_interval,
+        work_shutdown.clone(),
+    ));
+    tracker.spawn(
+        scheduler::Scheduler::new(pool.clone(), js.clone(), registry.clone(), work_shutdown.clone())
+            .run(),
+    );
+    tracker.spawn(fire::run_reconciler(
+        pool.clone(),
+        js.clone(),
+        config.reconcile_interval,
+        work_shutdown.clone(),
+    ));
+    let ingress = Arc::new(events::EventIngress {
+        pool: pool.clone(),
+        js: js.clone(),
+        registry: registry.clone(),
+        max_event_bytes: config.max_event_bytes,
+    });
+    tracker.spawn(messaging::consume(
+        js.clone(),
+        ConsumerSpec {
+            stream: subjects::EVENTS_STREAM,
+            durable: subjects::TRIGGER_EVENTS_CONSUMER.to_owned(),
+            filter_subject: subjects::EVENTS_SUBJECTS.to_owned(),
+            concurrency: config.event_concurrency,
+            ack_wait: Duration::from_secs(30),
+        },
+        work_shutdown.clone(),
+        move |message| ingress.clone().handle(message),
+    ));
+
+    let admin = Arc::new(admin::Admin {
+        pool: pool.clone(),
+        js: js.clone(),
+        nats: client.clone(),
+        registry: registry.clone(),
+    });
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<AdminServiceServer<admin::Admin>>()
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(taskfactory_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("reflection service")?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(taskfactory_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("reflection service")?;
+    let listener = tokio::net::TcpListener::bind(config.grpc_addr)
+        .await
+        .with_context(|| format!("binding the admin API to {}", config.grpc_addr))?;
+    tracing::info!(addr = %config.grpc_addr, "admin gRPC API listening");
+    let server_shutdown = shutdown.clone();
+    let server = tonic::transport::Server::builder()
+        .add_service(AdminServiceServer::from_arc(admin))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            async move { server_shutdown.cancelled().await },
+        );
+    let served = server.await;
+    work_shutdown.cancel();
+    tracker.close();
+    tracker.wait().await;
+    client.flush().await.ok();
+    served.context("admin gRPC server")?;
+    tracing::info!("trigger stopped");
+    Ok(())
+}

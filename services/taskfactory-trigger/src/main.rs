@@ -1,0 +1,33 @@
+use clap::Parser;
+use taskfactory_runtime::telemetry::{self, LogArgs};
+
+/// taskfactory trigger: schedules, event ingress and the admin gRPC API.
+#[derive(Parser)]
+#[command(name = "taskfactory-trigger", version)]
+struct Cli {
+    #[command(flatten)]
+    log: LogArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    config: taskfactory_trigger::Config,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Create or update activities from YAML or JSON spec files (or directories of them).
+    Apply(taskfactory_trigger::apply::ApplyArgs),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    telemetry::init_logging(&cli.log);
+    match cli.command {
+        Some(Command::Apply(args)) => taskfactory_trigger::apply::run(args).await,
+        None => {
+            let shutdown = taskfactory_runtime::shutdown::on_signal();
+            taskfactory_trigger::run(cli.config, shutdown).await
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! The in-memory view of live activities that the scheduler and the event matcher work from.
+//!
+//! A snapshot is immutable and replaced whole on reload. Reloads happen when this replica's admin
+//! API changes a definition (at once), when another replica announces a change on
+//! `taskfactory.internal.definitions-changed`, and when the definitions generation in Postgres
+//! moves (polled, so a lost announcement only delays a change, never drops it).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use sqlx::PgPool;
+use taskfactory_model::ids::ActivityId;
+use taskfactory_model::schedule::Schedule;
+use taskfactory_model::spec;
+use taskfactory_model::subjects;
+use taskfactory_proto::v1::{ActivitySpec, trigger};
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::store::{self, ActivityRecord};
+
+/// One live activity at its current version.
+#[derive(Debug)]
+pub struct LiveActivity {
+    pub id: ActivityId,
+    pub name: String,
+    pub version: u32,
+    pub enabled: bool,
+    pub paused: bool,
+    pub spec: ActivitySpec,
+    /// Built once per version for schedule triggers.
+    pub schedule: Option<Arc<Schedule>>,
+}
+
+impl LiveActivity {
+    /// Whether automatic fires (schedules, events) may happen.
+    pub fn is_active(&self) -> bool {
+        self.enabled && !self.paused
+    }
+
+    pub fn event_trigger(&self) -> Option<&taskfactory_proto::v1::EventTrigger> {
+        match self.spec.trigger.as_ref()?.kind.as_ref()? {
+            trigger::Kind::Event(event) => Some(event),
+            _ => None,
+        }
+    }
+
+    pub fn schedule_trigger(&self) -> Option<&taskfactory_proto::v1::ScheduleTrigger> {
+        match self.spec.trigger.as_ref()?.kind.as_ref()? {
+            trigger::Kind::Schedule(schedule) => Some(schedule),
+            _ => None,
+        }
+    }
+
+    /// Builds the live view of a stored record. A stored spec that no longer parses (it passed
+    /// validation when stored) is reported and left out rather than stopping the service.
+    pub fn from_record(record: &ActivityRecord) -> Option<Self> {
+        let spec: ActivitySpec = match taskfactory_proto::from_json(&record.spec) {
+            Ok(spec) => spec,
+            Err(error) => {
+                tracing::error!(activity.id = %record.id, activity.name = %record.name, %error, "stored spec does not parse; activity ignored");
+                return None;
+            }
+        };
+        let schedule = match spec.trigger.as_ref().and_then(|t| t.kind.as_ref()) {
+            Some(trigger::Kind::Schedule(schedule)) => match spec::build_schedule(schedule) {
+                Ok(built) => Some(Arc::new(built)),
+                Err(errors) => {
+                    tracing::error!(activity.id = %record.id, errors = ?errors, "stored schedule does not parse; activity ignored");
+                    return None;
+                }
+            },
+            _ => None,
+        };
+        Some(Self {
+            id: record.id,
+            name: record.name.clone(),
+            version: record.current_version,
+            enabled: record.enabled,
+            paused: record.paused,
+            spec,
+            schedule,
+        })
+    }
+}
+
+/// All live activities, as of one generation.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub generation: i64,
+    pub activities: HashMap<ActivityId, Arc<LiveActivity>>,
+}
+
+/// Holds the current snapshot and tells subscribers when it changes.
+#[derive(Clone)]
+pub struct Registry {
+    sender: Arc<watch::Sender<Arc<Snapshot>>>,
+    changed: Arc<Notify>,
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        let (sender, _) = watch::channel(Arc::new(Snapshot::default()));
+        Self {
+            sender: Arc::new(sender),
+            changed: Arc::new(Notify::new()),
+        }
+    }
+
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.sender.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.sender.subscribe()
+    }
+
+    /// Asks the reload loop to reload now (after a local change).
+    pub fn request_reload(&self) {
+        self.changed.notify_one();
+    }
+
+    /// Loads every live activity from Postgres and publishes the new snapshot.
+    pub async fn reload(&self, pool: &PgPool) -> Result<(), store::StoreError> {
+        let generation = store::definitions_generation(pool).await?;
+        let records = store::load_live_activities(pool).await?;
+        let previous = self.current();
+        let mut activities = HashMap::with_capacity(records.len());
+        for record in &records {
+            // Keep the built schedule when the version did not change.
+            if let Some(old) = previous.activities.get(&record.id)
+                && old.version == record.current_version
+                && old.enabled == record.enabled
+                && old.paused == record.paused
+            {
+                activities.insert(record.id, old.clone());
+                continue;
+            }
+            if let Some(live) = LiveActivity::from_record(record) {
+                activities.insert(record.id, Arc::new(live));
+            }
+        }
+        self.sender.send_replace(Arc::new(Snapshot {
+            generation,
+            activities,
+        }));
+        Ok(())
+    }
+
+    /// Keeps the snapshot current until shutdown: reloads on a local request, on an announcement
+    /// from another replica, and when the polled generation moves.
+    pub async fn run_reloader(
+        self,
+        pool: PgPool,
+        nats: async_nats::Client,
+        poll_every: Duration,
+        shutdown: CancellationToken,
+    ) {
+        let mut announcements = match nats.subscribe(subjects::DEFINITIONS_CHANGED).await {
+            Ok(subscription) => Some(subscription),
+            Err(error) => {
+                tracing::warn!(%error, "cannot subscribe to definition announcements; relying on polling");
+                None
+            }
+        };
+        let mut poll = tokio::time::interval(poll_every);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let force = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.changed.notified() => true,
+                Some(_) = async {
+                    match announcements.as_mut() {
+                        Some(s) => s.next().await,
+                        None => std::future::pending().await,
+                    }
+                } => true,
+                _ = poll.tick() => false,
+            };
+            if !force {
+                match store::definitions_generation(&pool).await {
+                    Ok(generation) if generation == self.current().generation => continue,
+                    Ok(_) => {}
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot poll definitions generation");
+                        continue;
+                    }
+                }
+            }
+            if let Err(error) = self.reload(&pool).await {
+                tracing::warn!(%error, "cannot reload definitions; will retry");
+            }
+        }
+    }
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Tells every trigger replica that definitions changed (best effort: polling catches a miss).
+pub async fn announce_change(nats: &async_nats::Client) {
+    if let Err(error) = nats
+        .publish(subjects::DEFINITIONS_CHANGED, bytes::Bytes::new())
+        .await
+    {
+        tracing::debug!(%error, "could not announce definition change");
+    }
+}

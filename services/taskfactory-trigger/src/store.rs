@@ -1,0 +1,427 @@
+//! Postgres access of the trigger service: definitions and versions (owned), the fire ledger and
+//! schedule watermarks (owned), rejected events (owned), and read-only views of runs and tasks
+//! (owned by the orchestrator) for the admin API.
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgPool, Row};
+use taskfactory_model::ids::{ActivityId, FireId};
+use uuid::Uuid;
+
+/// A stored activity at one version.
+#[derive(Clone, Debug)]
+pub struct ActivityRecord {
+    pub id: ActivityId,
+    pub name: String,
+    /// The version the record's `spec` is (the current one unless a version was asked for).
+    pub version: u32,
+    pub current_version: u32,
+    pub enabled: bool,
+    pub paused: bool,
+    pub pause_note: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub spec: serde_json::Value,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("an activity named {name:?} already exists")]
+    NameTaken { name: String },
+    #[error("database error")]
+    Database(#[source] sqlx::Error),
+}
+
+/// The one place sqlx errors become store errors, by SQLSTATE.
+fn classify(error: sqlx::Error, name: &str) -> StoreError {
+    if let sqlx::Error::Database(db) = &error
+        && db.code().as_deref() == Some("23505")
+        && db.constraint() == Some("activities_live_name")
+    {
+        return StoreError::NameTaken {
+            name: name.to_owned(),
+        };
+    }
+    StoreError::Database(error)
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        StoreError::Database(error)
+    }
+}
+
+fn activity_from_row(row: &sqlx::postgres::PgRow) -> Result<ActivityRecord, sqlx::Error> {
+    Ok(ActivityRecord {
+        id: ActivityId(row.try_get("id")?),
+        name: row.try_get("name")?,
+        version: u32::try_from(row.try_get::<i32, _>("version")?).unwrap_or(0),
+        current_version: u32::try_from(row.try_get::<i32, _>("current_version")?).unwrap_or(0),
+        enabled: row.try_get("enabled")?,
+        paused: row.try_get("paused")?,
+        pause_note: row.try_get("pause_note")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        spec: row.try_get("spec")?,
+    })
+}
+
+const ACTIVITY_COLUMNS: &str = "a.id, a.name, v.version, a.current_version, a.enabled, a.paused, \
+     a.pause_note, a.created_at, a.updated_at, v.spec";
+
+/// Creates an activity at version 1.
+pub async fn create_activity(
+    pool: &PgPool,
+    id: ActivityId,
+    name: &str,
+    enabled: bool,
+    trigger_kind: &str,
+    spec: &serde_json::Value,
+) -> Result<ActivityRecord, StoreError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO activities (id, name, current_version, enabled, trigger_kind) VALUES ($1, $2, 1, $3, $4)",
+    )
+    .bind(id.0)
+    .bind(name)
+    .bind(enabled)
+    .bind(trigger_kind)
+    .execute(&mut *tx)
+    .await
+    .map_err(|e| classify(e, name))?;
+    sqlx::query("INSERT INTO activity_versions (activity_id, version, spec) VALUES ($1, 1, $2)")
+        .bind(id.0)
+        .bind(spec)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("SELECT nextval('definitions_generation')")
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(get_activity(pool, id, None)
+        .await?
+        .expect("the activity was just created"))
+}
+
+/// Stores a new version when the spec differs from the current one; returns the record and
+/// whether a version was added.
+pub async fn update_activity(
+    pool: &PgPool,
+    id: ActivityId,
+    enabled: bool,
+    trigger_kind: &str,
+    spec: &serde_json::Value,
+) -> Result<(ActivityRecord, bool), StoreError> {
+    let mut tx = pool.begin().await?;
+    let current: (i32, serde_json::Value) = sqlx::query_as(
+        "SELECT a.current_version, v.spec FROM activities a \
+         JOIN activity_versions v ON v.activity_id = a.id AND v.version = a.current_version \
+         WHERE a.id = $1 FOR UPDATE OF a",
+    )
+    .bind(id.0)
+    .fetch_one(&mut *tx)
+    .await?;
+    let changed = &current.1 != spec;
+    if changed {
+        let version = current.0 + 1;
+        sqlx::query("INSERT INTO activity_versions (activity_id, version, spec) VALUES ($1, $2, $3)")
+            .bind(id.0)
+            .bind(version)
+            .bind(spec)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "UPDATE activities SET current_version = $2, enabled = $3, trigger_kind = $4, updated_at = now() WHERE id = $1",
+        )
+        .bind(id.0)
+        .bind(version)
+        .bind(enabled)
+        .bind(trigger_kind)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("SELECT nextval('definitions_generation')")
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    let record = get_activity(pool, id, None)
+        .await?
+        .expect("the activity exists");
+    Ok((record, changed))
+}
+
+/// Finds a live activity by id or by name.
+pub async fn find_activity_id(pool: &PgPool, id_or_name: &str) -> Result<Option<ActivityId>, StoreError> {
+    let row: Option<(Uuid,)> = if let Ok(id) = Uuid::parse_str(id_or_name) {
+        sqlx::query_as("SELECT id FROM activities WHERE id = $1 AND deleted_at IS NULL")
+            .bind(id)
+            .fetch_optional(pool)
+            .await?
+    } else {
+        sqlx::query_as("SELECT id FROM activities WHERE name = $1 AND deleted_at IS NULL")
+            .bind(id_or_name)
+            .fetch_optional(pool)
+            .await?
+    };
+    Ok(row.map(|(id,)| ActivityId(id)))
+}
+
+/// A live activity at its current version, or at `version`.
+pub async fn get_activity(
+    pool: &PgPool,
+    id: ActivityId,
+    version: Option<u32>,
+) -> Result<Option<ActivityRecord>, StoreError> {
+    let query = format!(
+        "SELECT {ACTIVITY_COLUMNS} FROM activities a \
+         JOIN activity_versions v ON v.activity_id = a.id \
+              AND v.version = COALESCE($2, a.current_version) \
+         WHERE a.id = $1 AND a.deleted_at IS NULL"
+    );
+    let row = sqlx::query(sqlx::AssertSqlSafe(query))
+        .bind(id.0)
+        .bind(version.map(|v| i32::try_from(v).unwrap_or(i32::MAX)))
+        .fetch_optional(pool)
+        .await?;
+    Ok(row.as_ref().map(activity_from_row).transpose()?)
+}
+
+/// Live activities by name, after `after_name`.
+pub async fn list_activities(
+    pool: &PgPool,
+    after_name: Option<&str>,
+    limit: i64,
+) -> Result<Vec<ActivityRecord>, StoreError> {
+    let query = format!(
+        "SELECT {ACTIVITY_COLUMNS} FROM activities a \
+         JOIN activity_versions v ON v.activity_id = a.id AND v.version = a.current_version \
+         WHERE a.deleted_at IS NULL AND ($1::text IS NULL OR a.name > $1) \
+         ORDER BY a.name LIMIT $2"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(query))
+        .bind(after_name)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?;
+    Ok(rows.iter().map(activity_from_row).collect::<Result<_, _>>()?)
+}
+
+/// Every live activity at its current version (the registry's view).
+pub async fn load_live_activities(pool: &PgPool) -> Result<Vec<ActivityRecord>, StoreError> {
+    list_activities(pool, None, i64::MAX).await
+}
+
+/// Soft-deletes; history (versions, fires, runs) stays.
+pub async fn delete_activity(pool: &PgPool, id: ActivityId) -> Result<bool, StoreError> {
+    let mut tx = pool.begin().await?;
+    let deleted = sqlx::query(
+        "UPDATE activities SET deleted_at = now(), updated_at = now() WHERE id = $1 AND deleted_at IS NULL",
+    )
+    .bind(id.0)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    sqlx::query("SELECT nextval('definitions_generation')")
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(deleted)
+}
+
+/// The generation counter trigger replicas poll to notice definition changes.
+pub async fn definitions_generation(pool: &PgPool) -> Result<i64, StoreError> {
+    let (value, called): (i64, bool) =
+        sqlx::query_as("SELECT last_value, is_called FROM definitions_generation")
+            .fetch_one(pool)
+            .await?;
+    Ok(if called { value } else { 0 })
+}
+
+/// A fire to record and publish.
+#[derive(Clone, Debug)]
+pub struct NewFire {
+    pub id: FireId,
+    pub activity_id: ActivityId,
+    pub activity_name: String,
+    pub activity_version: u32,
+    pub source: &'static str,
+    pub dedupe_key: String,
+    pub scheduled_for: Option<DateTime<Utc>>,
+    pub fired_at: DateTime<Utc>,
+    pub subject: String,
+    pub payload: Option<serde_json::Value>,
+    /// The encoded TriggerEvent.
+    pub event: Vec<u8>,
+}
+
+/// Records a fire once per `(activity, dedupe key)`. For schedules the watermark advances in the
+/// same transaction. Returns false when the fire was already recorded (a duplicate).
+pub async fn record_fire(
+    pool: &PgPool,
+    fire: &NewFire,
+    watermark: Option<DateTime<Utc>>,
+) -> Result<bool, StoreError> {
+    let mut tx = pool.begin().await?;
+    let inserted = sqlx::query(
+        "INSERT INTO fires (id, activity_id, activity_name, activity_version, source, dedupe_key, \
+             scheduled_for, fired_at, subject, payload, event) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+         ON CONFLICT (activity_id, dedupe_key) DO NOTHING",
+    )
+    .bind(fire.id.0)
+    .bind(fire.activity_id.0)
+    .bind(&fire.activity_name)
+    .bind(i32::try_from(fire.activity_version).unwrap_or(i32::MAX))
+    .bind(fire.source)
+    .bind(&fire.dedupe_key)
+    .bind(fire.scheduled_for)
+    .bind(fire.fired_at)
+    .bind(&fire.subject)
+    .bind(&fire.payload)
+    .bind(&fire.event)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if let Some(watermark) = watermark {
+        advance_watermark(&mut tx, fire.activity_id, watermark, inserted).await?;
+    }
+    tx.commit().await?;
+    Ok(inserted)
+}
+
+async fn advance_watermark(
+    tx: &mut sqlx::PgConnection,
+    activity_id: ActivityId,
+    watermark: DateTime<Utc>,
+    counted: bool,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO schedule_state (activity_id, watermark, fires) VALUES ($1, $2, $3) \
+         ON CONFLICT (activity_id) DO UPDATE SET \
+             watermark = GREATEST(schedule_state.watermark, EXCLUDED.watermark), \
+             fires = schedule_state.fires + EXCLUDED.fires, updated_at = now()",
+    )
+    .bind(activity_id.0)
+    .bind(watermark)
+    .bind(i64::from(counted))
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+/// Moves a schedule's watermark without a fire (occurrences decided as not fired).
+pub async fn set_watermark(
+    pool: &PgPool,
+    activity_id: ActivityId,
+    watermark: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let mut conn = pool.acquire().await?;
+    advance_watermark(&mut conn, activity_id, watermark, false).await
+}
+
+/// Each schedule's newest decided occurrence and how many times it fired.
+pub async fn schedule_states(
+    pool: &PgPool,
+) -> Result<Vec<(ActivityId, DateTime<Utc>, u64)>, StoreError> {
+    let rows: Vec<(Uuid, DateTime<Utc>, i64)> =
+        sqlx::query_as("SELECT activity_id, watermark, fires FROM schedule_state")
+            .fetch_all(pool)
+            .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, w, n)| (ActivityId(id), w, u64::try_from(n).unwrap_or(0)))
+        .collect())
+}
+
+pub async fn mark_published(pool: &PgPool, fire: FireId) -> Result<(), StoreError> {
+    sqlx::query("UPDATE fires SET published_at = now() WHERE id = $1 AND published_at IS NULL")
+        .bind(fire.0)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// A recorded fire that still has to reach JetStream.
+pub struct PendingFire {
+    pub id: FireId,
+    pub activity_id: ActivityId,
+    pub activity_name: String,
+    pub dedupe_key: String,
+    pub event: Vec<u8>,
+}
+
+/// Fires recorded but not published, older than `older_than`, plus published fires of the last day
+/// for which no run appeared (their message may have been lost): first a minute after publishing,
+/// then with doubling waits up to an hour, so a stopped orchestrator is not flooded.
+pub async fn fires_to_republish(
+    pool: &PgPool,
+    older_than: DateTime<Utc>,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<PendingFire>, StoreError> {
+    let rows = sqlx::query(
+        "(SELECT f.id, f.activity_id, f.activity_name, f.dedupe_key, f.event FROM fires f \
+           WHERE f.published_at IS NULL AND f.fired_at < $1 ORDER BY f.fired_at LIMIT $3) \
+         UNION ALL \
+         (SELECT f.id, f.activity_id, f.activity_name, f.dedupe_key, f.event FROM fires f \
+           WHERE f.published_at IS NOT NULL \
+             AND f.published_at < $2 - make_interval(secs => LEAST(3600, 60 * power(2, LEAST(f.republish_count, 12)))) \
+             AND f.fired_at > $2 - interval '1 day' \
+             AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.activity_id = f.activity_id AND r.dedupe_key = f.dedupe_key) \
+           ORDER BY f.published_at LIMIT $3)",
+    )
+    .bind(older_than)
+    .bind(now)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    let mut fires = Vec::with_capacity(rows.len());
+    for row in rows {
+        fires.push(PendingFire {
+            id: FireId(row.try_get("id")?),
+            activity_id: ActivityId(row.try_get("activity_id")?),
+            activity_name: row.try_get("activity_name")?,
+            dedupe_key: row.try_get("dedupe_key")?,
+            event: row.try_get("event")?,
+        });
+    }
+    Ok(fires)
+}
+
+/// Records a republish: `published_at` moves forward and the backoff grows.
+pub async fn mark_republished(pool: &PgPool, fire: FireId) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE fires SET republish_count = republish_count + CASE WHEN published_at IS NULL THEN 0 ELSE 1 END, \
+             published_at = now() WHERE id = $1",
+    )
+        .bind(fire.0)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Records an event that could not be taken in.
+pub async fn record_rejected_event(
+    pool: &PgPool,
+    subject: &str,
+    stream_sequence: u64,
+    msg_id: Option<&str>,
+    error: &str,
+    body: &[u8],
+) -> Result<(), StoreError> {
+    const EXCERPT: usize = 4096;
+    sqlx::query(
+        "INSERT INTO rejected_events (subject, stream_sequence, msg_id, error, size_bytes, body_excerpt) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(subject)
+    .bind(i64::try_from(stream_sequence).unwrap_or(i64::MAX))
+    .bind(msg_id)
+    .bind(error)
+    .bind(i32::try_from(body.len()).unwrap_or(i32::MAX))
+    .bind(&body[..body.len().min(EXCERPT)])
+    .execute(pool)
+    .await?;
+    Ok(())
+}
