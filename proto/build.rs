@@ -9,7 +9,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = ["taskfactory/v1/taskfactory.proto"];
     let fds = protox::compile(files, ["."])?;
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
-    std::fs::write(out_dir.join("taskfactory_descriptor.bin"), fds.encode_to_vec())?;
+    std::fs::write(
+        out_dir.join("taskfactory_descriptor.bin"),
+        fds.encode_to_vec(),
+    )?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

@@ -247,7 +247,10 @@ mod tests {
             Some("0.25s")
         );
         assert_eq!(humane_duration_to_canonical("30s").as_deref(), Some("30s"));
-        assert_eq!(humane_duration_to_canonical("1.5s").as_deref(), Some("1.5s"));
+        assert_eq!(
+            humane_duration_to_canonical("1.5s").as_deref(),
+            Some("1.5s")
+        );
         assert_eq!(humane_duration_to_canonical("soon"), None);
         assert_eq!(humane_duration_to_canonical("5 parsecs"), None);
     }
@@ -288,7 +291,10 @@ mod tests {
         });
         let spec: v1::ActivitySpec = from_json(&input).unwrap();
         assert_eq!(spec.tasks[0].timeout.unwrap().seconds, 300);
-        assert_eq!(spec.tasks[0].retry.unwrap().max_backoff.unwrap().seconds, 3600);
+        assert_eq!(
+            spec.tasks[0].retry.unwrap().max_backoff.unwrap().seconds,
+            3600
+        );
     }
 
     #[test]

@@ -1,1 +1,8 @@
+//! End-to-end tests: the three services against a real `nats-server` and Postgres.
+//! One binary; each test gets its own NATS server and database.
 
+mod events;
+mod resilience;
+mod schedules;
+mod support;
+mod validation;

@@ -1,1 +1,474 @@
+//! The end-to-end test harness: real infrastructure, nothing mocked.
+//!
+//! - [`NatsServer`]: a fresh pinned `nats-server` (installed by `scripts/tools.sh nats`) on a free
+//!   loopback port with its own store directory; killed on `Drop`, restartable.
+//! - [`TestDb`]: a fresh Postgres database on the machine's server (`TEST_DATABASE_URL`, default
+//!   `postgres://postgres@127.0.0.1:5432`), dropped afterwards.
+//! - [`TestEnv`]: both, plus the three services — in-process (`run(config, shutdown)`) or as real
+//!   processes when a test must kill or signal them.
+//! - [`wait_for`]: poll with a deadline; tests never sleep to wait.
 
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use taskfactory_proto::v1::admin_service_client::AdminServiceClient;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The workspace root (where `.tools/` and `target/` live).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// Installs a global log subscriber once (`RUST_LOG` to see service logs in a failing test).
+pub fn init_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
+/// Polls `check` until it yields `Some`, or fails after `timeout` with `what` in the message.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last_error = None;
+    loop {
+        match check().await {
+            Ok(Some(value)) => return Ok(value),
+            Ok(None) => {}
+            Err(error) => last_error = Some(error),
+        }
+        if Instant::now() >= deadline {
+            match last_error {
+                Some(error) => {
+                    bail!("timed out after {timeout:?} waiting for {what}; last error: {error:#}")
+                }
+                None => bail!("timed out after {timeout:?} waiting for {what}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A `nats-server` of our own.
+pub struct NatsServer {
+    child: Option<Child>,
+    pub port: u16,
+    config: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl NatsServer {
+    fn binary() -> PathBuf {
+        if let Ok(path) = std::env::var("TASKFACTORY_NATS_SERVER") {
+            return PathBuf::from(path);
+        }
+        workspace_root().join(".tools/bin/nats-server")
+    }
+
+    pub fn start() -> anyhow::Result<Self> {
+        let binary = Self::binary();
+        if !binary.exists() {
+            bail!(
+                "{} not found: run `scripts/tools.sh nats` (just test does) or set TASKFACTORY_NATS_SERVER",
+                binary.display()
+            );
+        }
+        let dir = tempfile::tempdir()?;
+        let port = free_port();
+        let config = dir.path().join("nats.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{\n  store_dir: \"{}\"\n}}\n",
+                dir.path().join("store").display()
+            ),
+        )?;
+        let mut server = Self {
+            child: None,
+            port,
+            config,
+            _dir: dir,
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let child = Command::new(Self::binary())
+            .arg("-c")
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting nats-server")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("nats-server did not listen on {} within 10s", self.port);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Kills the server and starts it again on the same port with the same store.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.spawn()
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A fresh database, dropped afterwards.
+pub struct TestDb {
+    pub name: String,
+    server_url: String,
+}
+
+impl TestDb {
+    pub async fn create() -> anyhow::Result<Self> {
+        let server_url = std::env::var("TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned());
+        let name = format!("taskfactory_test_{}", uuid::Uuid::new_v4().simple());
+        let admin = sqlx::PgPool::connect(&format!("{server_url}/postgres"))
+            .await
+            .with_context(|| {
+                format!("connecting to the test Postgres at {server_url} (set TEST_DATABASE_URL)")
+            })?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&admin)
+            .await?;
+        admin.close().await;
+        Ok(Self { name, server_url })
+    }
+
+    pub fn url(&self) -> String {
+        format!("{}/{}", self.server_url, self.name)
+    }
+
+    pub async fn pool(&self) -> anyhow::Result<sqlx::PgPool> {
+        Ok(sqlx::PgPool::connect(&self.url()).await?)
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let url = format!("{}/postgres", self.server_url);
+        let name = self.name.clone();
+        // Drop runs outside any runtime guarantees: use a thread with its own.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            if let Ok(runtime) = runtime {
+                runtime.block_on(async {
+                    if let Ok(admin) = sqlx::PgPool::connect(&url).await {
+                        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                        )))
+                        .execute(&admin)
+                        .await;
+                    }
+                });
+            }
+        })
+        .join();
+    }
+}
+
+/// Which service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Service {
+    Trigger,
+    Orchestrator,
+    Executor,
+}
+
+impl Service {
+    pub fn binary_name(self) -> &'static str {
+        match self {
+            Service::Trigger => "taskfactory-trigger",
+            Service::Orchestrator => "taskfactory-orchestrator",
+            Service::Executor => "taskfactory-executor",
+        }
+    }
+}
+
+/// A running service.
+pub enum Running {
+    InProcess {
+        shutdown: CancellationToken,
+        task: JoinHandle<anyhow::Result<()>>,
+    },
+    Process(Child),
+}
+
+impl Running {
+    /// Stops it gracefully and waits; returns whether it exited cleanly.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        match self {
+            Running::InProcess { shutdown, task } => {
+                shutdown.cancel();
+                tokio::time::timeout(Duration::from_secs(30), task)
+                    .await
+                    .context("service did not stop within 30s")??
+            }
+            Running::Process(mut child) => {
+                signal(&child, "TERM")?;
+                let status = tokio::task::spawn_blocking(move || child.wait()).await??;
+                if !status.success() {
+                    bail!("service exited with {status}");
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// SIGKILL (processes only).
+    pub fn kill(self) {
+        if let Running::Process(mut child) = self {
+            let _ = child.kill();
+            let _ = child.wait();
+        } else if let Running::InProcess { shutdown, task } = self {
+            shutdown.cancel();
+            task.abort();
+        }
+    }
+}
+
+/// Sends a signal to a child process (`TERM`, `INT`, `KILL`).
+pub fn signal(child: &Child, name: &str) -> anyhow::Result<()> {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(child.id().to_string())
+        .status()?;
+    if !status.success() {
+        bail!("kill -{name} {} failed", child.id());
+    }
+    Ok(())
+}
+
+/// Knobs a test may turn.
+#[derive(Clone, Debug)]
+pub struct EnvOptions {
+    /// Orchestrator: how long a trigger may be in hand without a progress ack.
+    pub orchestrator_ack_wait: Duration,
+    /// Executor: the egress allow list (tests talk to loopback servers).
+    pub egress_allow: String,
+    /// Trigger: the largest event body taken in.
+    pub max_event_bytes: usize,
+}
+
+impl Default for EnvOptions {
+    fn default() -> Self {
+        Self {
+            orchestrator_ack_wait: Duration::from_secs(30),
+            egress_allow: "127.0.0.1".to_owned(),
+            max_event_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// NATS, Postgres and the services.
+pub struct TestEnv {
+    pub nats: NatsServer,
+    pub db: TestDb,
+    pub grpc_addr: SocketAddr,
+    pub options: EnvOptions,
+}
+
+impl TestEnv {
+    /// Fresh NATS and database; no services yet.
+    pub async fn new(options: EnvOptions) -> anyhow::Result<Self> {
+        init_logs();
+        let nats = NatsServer::start()?;
+        let db = TestDb::create().await?;
+        let grpc_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        Ok(Self {
+            nats,
+            db,
+            grpc_addr,
+            options,
+        })
+    }
+
+    /// Starts a service in this process.
+    pub fn start(&self, service: Service) -> Running {
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        let nats = self.nats.url();
+        let database = self.db.url();
+        let task = match service {
+            Service::Trigger => {
+                let mut config =
+                    taskfactory_trigger::Config::local(&nats, &database, self.grpc_addr);
+                config.max_event_bytes = self.options.max_event_bytes;
+                config.reconcile_interval = Duration::from_secs(2);
+                tokio::spawn(taskfactory_trigger::run(config, token))
+            }
+            Service::Orchestrator => {
+                let mut config = taskfactory_orchestrator::Config::local(&nats, &database);
+                config.ack_wait = self.options.orchestrator_ack_wait;
+                tokio::spawn(taskfactory_orchestrator::run(config, token))
+            }
+            Service::Executor => {
+                let mut config = taskfactory_executor::Config::local(&nats);
+                config.egress_allow = self.options.egress_allow.clone();
+                tokio::spawn(taskfactory_executor::run(config, token))
+            }
+        };
+        Running::InProcess { shutdown, task }
+    }
+
+    /// Starts a service as its own process (built by `cargo build --bins`), for tests that kill
+    /// or signal it.
+    pub fn spawn_process(
+        &self,
+        service: Service,
+        extra_env: &[(&str, &str)],
+    ) -> anyhow::Result<Running> {
+        let binary = workspace_root()
+            .join("target/debug")
+            .join(service.binary_name());
+        if !binary.exists() {
+            bail!(
+                "{} not found: run `cargo build --bins` first (just test does)",
+                binary.display()
+            );
+        }
+        let mut command = Command::new(binary);
+        command
+            .env("NATS_URL", self.nats.url())
+            .env("DATABASE_URL", self.db.url())
+            .env("TASKFACTORY_GRPC_ADDR", self.grpc_addr.to_string())
+            .env(
+                "TASKFACTORY_ACK_WAIT",
+                format!("{}ms", self.options.orchestrator_ack_wait.as_millis()),
+            )
+            .env("TASKFACTORY_EGRESS_ALLOW", &self.options.egress_allow)
+            .env("TASKFACTORY_RECONCILE_INTERVAL", "2s")
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned()),
+            )
+            .stdin(Stdio::null());
+        if std::env::var("RUST_LOG").is_err() {
+            command.stdout(Stdio::null()).stderr(Stdio::null());
+        }
+        for (key, value) in extra_env {
+            command.env(key, value);
+        }
+        Ok(Running::Process(command.spawn()?))
+    }
+
+    /// Starts all three services in-process and waits until they are ready.
+    pub async fn start_all(&self) -> anyhow::Result<Vec<Running>> {
+        let running = vec![
+            self.start(Service::Trigger),
+            self.start(Service::Orchestrator),
+            self.start(Service::Executor),
+        ];
+        self.wait_ready(&[Service::Trigger, Service::Orchestrator, Service::Executor])
+            .await?;
+        Ok(running)
+    }
+
+    /// Waits until the services' consumers exist and the admin API answers.
+    pub async fn wait_ready(&self, services: &[Service]) -> anyhow::Result<()> {
+        let js = self.js().await?;
+        for service in services {
+            match service {
+                Service::Trigger => {
+                    wait_for("the admin API", Duration::from_secs(30), || async {
+                        Ok(self.admin().await.ok())
+                    })
+                    .await?;
+                    wait_consumer(&js, "FACTORY_EVENTS", "taskfactory-trigger-events").await?;
+                }
+                Service::Orchestrator => {
+                    wait_consumer(&js, "FACTORY_TRIGGERS", "taskfactory-orchestrator-triggers")
+                        .await?;
+                    wait_consumer(&js, "FACTORY_RESULTS", "taskfactory-orchestrator-results")
+                        .await?;
+                }
+                Service::Executor => {
+                    wait_consumer(&js, "FACTORY_TASKS", "taskfactory-executor-log").await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn admin(&self) -> anyhow::Result<AdminServiceClient<tonic::transport::Channel>> {
+        Ok(AdminServiceClient::connect(format!("http://{}", self.grpc_addr)).await?)
+    }
+
+    pub async fn nats_client(&self) -> anyhow::Result<async_nats::Client> {
+        Ok(async_nats::connect(self.nats.url()).await?)
+    }
+
+    pub async fn js(&self) -> anyhow::Result<async_nats::jetstream::Context> {
+        Ok(async_nats::jetstream::new(self.nats_client().await?))
+    }
+}
+
+async fn wait_consumer(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    consumer: &str,
+) -> anyhow::Result<()> {
+    wait_for(
+        &format!("consumer {consumer}"),
+        Duration::from_secs(30),
+        || async {
+            let Ok(stream) = js.get_stream(stream).await else {
+                return Ok(None);
+            };
+            Ok(stream
+                .get_consumer::<async_nats::jetstream::consumer::pull::Config>(consumer)
+                .await
+                .ok()
+                .map(|_| ()))
+        },
+    )
+    .await
+}

@@ -1,1 +1,145 @@
+//! The executor service: runs tasks of the built-in types and reports their results.
+//!
+//! Consumes `tasks.<type>` for the types it serves (competing consumers per type: add replicas to
+//! scale); produces TaskResults on `results.<activity>.<run>` and dead letters on
+//! `dlq.tasks.<type>`. It needs no database: its outcomes are messages, which is also what makes an
+//! executor written in any other language a first-class citizen.
+//!
+//! # Layout
+//!
+//! - [`execute`]: one task message → one attempt → one TaskResult → ack, retry or dead-letter.
+//! - [`builtins`]: the `log`, `http` and `publish` task types.
 
+pub mod builtins;
+pub mod execute;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use taskfactory_model::egress::EgressPolicy;
+use taskfactory_model::subjects;
+use taskfactory_runtime::config::{NatsArgs, parse_duration};
+use taskfactory_runtime::messaging::{self, ConsumerSpec};
+use taskfactory_runtime::nats;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Configuration of the executor service.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Config {
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    /// Task types to serve (comma-separated), from the built-in types.
+    #[arg(
+        long = "task-types",
+        env = "TASKFACTORY_TASK_TYPES",
+        default_value = "log,http,publish",
+        value_delimiter = ','
+    )]
+    pub task_types: Vec<String>,
+    /// Tasks of one type run at once.
+    #[arg(
+        long = "concurrency",
+        env = "TASKFACTORY_TASK_CONCURRENCY",
+        default_value_t = 16
+    )]
+    pub concurrency: usize,
+    /// How long a task may run without a heartbeat before it is redelivered.
+    #[arg(long = "ack-wait", env = "TASKFACTORY_ACK_WAIT", default_value = "30s", value_parser = parse_duration)]
+    pub ack_wait: Duration,
+    /// Hosts, host:port, IPs and CIDRs outbound HTTP may reach besides public addresses.
+    #[arg(
+        long = "egress-allow",
+        env = "TASKFACTORY_EGRESS_ALLOW",
+        default_value = ""
+    )]
+    pub egress_allow: String,
+    /// This executor's name in results (default: host name and process id).
+    #[arg(long = "executor-name", env = "TASKFACTORY_EXECUTOR_NAME")]
+    pub name: Option<String>,
+    /// How long to wait for NATS at start.
+    #[arg(long = "startup-patience", env = "TASKFACTORY_STARTUP_PATIENCE", default_value = "60s", value_parser = parse_duration)]
+    pub startup_patience: Duration,
+}
+
+impl Config {
+    pub fn local(nats_url: &str) -> Self {
+        Self {
+            nats: NatsArgs::local(nats_url),
+            task_types: builtins::BUILTIN_TYPES
+                .iter()
+                .map(|t| (*t).to_owned())
+                .collect(),
+            concurrency: 16,
+            ack_wait: Duration::from_secs(30),
+            egress_allow: String::new(),
+            name: None,
+            startup_patience: Duration::from_secs(60),
+        }
+    }
+}
+
+fn default_name() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "executor".to_owned());
+    format!("{host}:{}", std::process::id())
+}
+
+/// Runs the executor until `shutdown`, then stops fetching and finishes the tasks in hand.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let egress = EgressPolicy::parse(&config.egress_allow)
+        .map_err(anyhow::Error::msg)
+        .context("TASKFACTORY_EGRESS_ALLOW")?;
+    for task_type in &config.task_types {
+        if !builtins::BUILTIN_TYPES.contains(&task_type.as_str()) {
+            anyhow::bail!(
+                "task type {task_type:?} is not built in (built-in: {}); an external executor serves other types",
+                builtins::BUILTIN_TYPES.join(", ")
+            );
+        }
+    }
+    let client = nats::connect(
+        &config.nats,
+        "taskfactory-executor",
+        config.startup_patience,
+    )
+    .await
+    .context("nats")?;
+    let js = async_nats::jetstream::new(client.clone());
+    nats::declare_streams(&js, config.nats.stream_replicas)
+        .await
+        .context("declaring streams")?;
+    let executor = Arc::new(execute::Executor {
+        builtins: builtins::Builtins::new(egress, js.clone(), client.clone())
+            .context("http client")?,
+        name: config.name.clone().unwrap_or_else(default_name),
+        ack_wait: config.ack_wait,
+    });
+    let tracker = TaskTracker::new();
+    for task_type in &config.task_types {
+        let executor = executor.clone();
+        tracker.spawn(messaging::consume(
+            js.clone(),
+            ConsumerSpec {
+                stream: subjects::TASKS_STREAM,
+                durable: subjects::executor_consumer(task_type),
+                filter_subject: subjects::task_subject(task_type),
+                concurrency: config.concurrency,
+                ack_wait: config.ack_wait,
+            },
+            shutdown.clone(),
+            move |message| executor.clone().handle(message),
+        ));
+    }
+    tracing::info!(types = ?config.task_types, "executor running");
+    tracker.close();
+    tracker.wait().await;
+    client.flush().await.ok();
+    tracing::info!("executor stopped");
+    Ok(())
+}

@@ -214,7 +214,10 @@ impl CompiledExpr<'_, '_> {
 fn preview(value: &Value) -> String {
     let text = value.to_string();
     if text.len() > 80 {
-        let cut = (0..=80).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0);
+        let cut = (0..=80)
+            .rev()
+            .find(|i| text.is_char_boundary(*i))
+            .unwrap_or(0);
         format!("{}…", &text[..cut])
     } else {
         text
@@ -238,7 +241,9 @@ impl CompiledTemplate<'_, '_> {
                     .eval(scope.clone())
                     .map_err(|e| ExprError::from_minijinja(&e))?;
                 if value.is_undefined() {
-                    return Err(ExprError::new("expression is undefined (check the names it uses)"));
+                    return Err(ExprError::new(
+                        "expression is undefined (check the names it uses)",
+                    ));
                 }
                 serde_json::to_value(&value)
                     .map_err(|e| ExprError::new(format!("result is not JSON: {e}")))
@@ -346,7 +351,9 @@ mod tests {
         assert_eq!(t.render(&s).unwrap(), json!(["x"]));
         let t = engine.template("to {{ item.email }}").unwrap();
         assert_eq!(t.render(&s).unwrap(), json!("to a@b.c"));
-        let t = engine.template("{{ item.email }} and {{ item.amount }}").unwrap();
+        let t = engine
+            .template("{{ item.email }} and {{ item.amount }}")
+            .unwrap();
         assert_eq!(t.render(&s).unwrap(), json!("a@b.c and 42"));
         let t = engine.template("plain").unwrap();
         assert_eq!(t.render(&s).unwrap(), json!("plain"));
@@ -356,20 +363,50 @@ mod tests {
     fn undefined_names_are_errors_when_rendered_and_false_in_conditions() {
         let engine = Engine::new(Limits::default());
         let s = scope(json!({"item": {"email": "a@b.c"}}));
-        assert!(engine.template("{{ item.emial }}").unwrap().render(&s).is_err());
-        assert!(engine.template("to {{ item.emial }}").unwrap().render(&s).is_err());
-        assert!(!engine.expression("item.flag").unwrap().eval_bool(&s).unwrap());
+        assert!(
+            engine
+                .template("{{ item.emial }}")
+                .unwrap()
+                .render(&s)
+                .is_err()
+        );
+        assert!(
+            engine
+                .template("to {{ item.emial }}")
+                .unwrap()
+                .render(&s)
+                .is_err()
+        );
+        assert!(
+            !engine
+                .expression("item.flag")
+                .unwrap()
+                .eval_bool(&s)
+                .unwrap()
+        );
     }
 
     #[test]
     fn for_each_needs_a_list() {
         let engine = Engine::new(Limits::default());
         let s = scope(json!({"event": {"items": [1, 2, 3], "obj": {"a": 1}}}));
-        let items = engine.expression("event.items").unwrap().eval_list(&s).unwrap();
+        let items = engine
+            .expression("event.items")
+            .unwrap()
+            .eval_list(&s)
+            .unwrap();
         assert_eq!(items.len(), 3);
-        let err = engine.expression("event.obj").unwrap().eval_list(&s).unwrap_err();
+        let err = engine
+            .expression("event.obj")
+            .unwrap()
+            .eval_list(&s)
+            .unwrap_err();
         assert!(err.message.contains("not a list"), "{err}");
-        let err = engine.expression("event.nope").unwrap().eval_list(&s).unwrap_err();
+        let err = engine
+            .expression("event.nope")
+            .unwrap()
+            .eval_list(&s)
+            .unwrap_err();
         assert!(err.message.contains("undefined"), "{err}");
     }
 
@@ -392,9 +429,15 @@ mod tests {
         let params = json!({"url": "https://x/{{ item.id }}", "body": {"n": "{{ item.n }}", "k": [true, "{{ index }}"]}});
         let compiled = engine.params(&params).unwrap();
         let out = compiled
-            .render(&scope(json!({"item": {"id": "a", "n": 1.5}, "index": 3})), 1 << 20)
+            .render(
+                &scope(json!({"item": {"id": "a", "n": 1.5}, "index": 3})),
+                1 << 20,
+            )
             .unwrap();
-        assert_eq!(out, json!({"url": "https://x/a", "body": {"n": 1.5, "k": [true, 3]}}));
+        assert_eq!(
+            out,
+            json!({"url": "https://x/a", "body": {"n": 1.5, "k": [true, 3]}})
+        );
         let err = compiled
             .render(&scope(json!({"item": {"id": "a"}, "index": 3})), 1 << 20)
             .unwrap_err();

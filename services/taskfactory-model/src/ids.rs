@@ -96,7 +96,10 @@ mod tests {
         let activity = ActivityId(Uuid::nil());
         assert_eq!(RunId::derive(activity, "k"), RunId::derive(activity, "k"));
         assert_ne!(RunId::derive(activity, "k"), RunId::derive(activity, "k2"));
-        assert_ne!(RunId::derive(activity, "k").0, FireId::derive(activity, "k").0);
+        assert_ne!(
+            RunId::derive(activity, "k").0,
+            FireId::derive(activity, "k").0
+        );
         let run = RunId::derive(activity, "k");
         assert_ne!(TaskId::derive(run, "a", 0), TaskId::derive(run, "a", 1));
         assert_ne!(TaskId::derive(run, "a", 1), TaskId::derive(run, "b", 1));

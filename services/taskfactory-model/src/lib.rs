@@ -10,9 +10,11 @@
 //! - [`plan`]: evaluating task templates into tasks, with a per-template evaluation.
 //! - [`expr`]: the sandboxed expression and template engine (`forEach`, `when`, `params`, filters).
 //! - [`status`]: run and task states, their database spelling and their transitions.
+//! - [`egress`]: which hosts and addresses outbound HTTP may reach.
 //! - [`subjects`]: stream, subject, consumer and header names.
 //! - [`values`]: protobuf `Value`/`Struct` ↔ JSON.
 
+pub mod egress;
 pub mod expr;
 pub mod ids;
 pub mod misfire;

@@ -57,7 +57,9 @@ pub fn plan(
             in_window.push(occurrence);
         }
     }
-    let fire = match MisfirePolicy::try_from(trigger.misfire).unwrap_or(MisfirePolicy::MisfireUnspecified) {
+    let fire = match MisfirePolicy::try_from(trigger.misfire)
+        .unwrap_or(MisfirePolicy::MisfireUnspecified)
+    {
         MisfirePolicy::MisfireSkip => Vec::new(),
         MisfirePolicy::MisfireAll => {
             let cap = if trigger.max_catchup == 0 {
@@ -89,26 +91,42 @@ mod tests {
     }
 
     fn minutely() -> Schedule {
-        Schedule::new(&["* * * * *".to_owned()], "UTC", GapPolicy::ShiftForward, RepeatPolicy::First)
-            .unwrap()
+        Schedule::new(
+            &["* * * * *".to_owned()],
+            "UTC",
+            GapPolicy::ShiftForward,
+            RepeatPolicy::First,
+        )
+        .unwrap()
     }
 
     fn trigger(misfire: MisfirePolicy, window_secs: i64, max_catchup: u32) -> ScheduleTrigger {
         ScheduleTrigger {
             misfire: misfire as i32,
-            catchup_window: (window_secs > 0).then_some(prost_types::Duration { seconds: window_secs, nanos: 0 }),
+            catchup_window: (window_secs > 0).then_some(prost_types::Duration {
+                seconds: window_secs,
+                nanos: 0,
+            }),
             max_catchup,
             ..Default::default()
         }
     }
 
     fn fired(plan: &CatchUp) -> Vec<String> {
-        plan.fire.iter().map(|o| o.at.format("%H:%M").to_string()).collect()
+        plan.fire
+            .iter()
+            .map(|o| o.at.format("%H:%M").to_string())
+            .collect()
     }
 
     #[test]
     fn latest_fires_the_newest_missed_time_once() {
-        let p = plan(&minutely(), &trigger(MisfirePolicy::MisfireLatest, 0, 0), utc("2026-01-01T10:00:00Z"), utc("2026-01-01T10:05:30Z"));
+        let p = plan(
+            &minutely(),
+            &trigger(MisfirePolicy::MisfireLatest, 0, 0),
+            utc("2026-01-01T10:00:00Z"),
+            utc("2026-01-01T10:05:30Z"),
+        );
         assert_eq!(fired(&p), ["10:05"]);
         assert_eq!(p.missed, 4);
         assert_eq!(p.watermark, Some(utc("2026-01-01T10:05:00Z")));
@@ -116,14 +134,24 @@ mod tests {
 
     #[test]
     fn all_fires_each_in_order_capped_to_the_newest() {
-        let p = plan(&minutely(), &trigger(MisfirePolicy::MisfireAll, 0, 3), utc("2026-01-01T10:00:00Z"), utc("2026-01-01T10:05:30Z"));
+        let p = plan(
+            &minutely(),
+            &trigger(MisfirePolicy::MisfireAll, 0, 3),
+            utc("2026-01-01T10:00:00Z"),
+            utc("2026-01-01T10:05:30Z"),
+        );
         assert_eq!(fired(&p), ["10:03", "10:04", "10:05"]);
         assert_eq!(p.missed, 2);
     }
 
     #[test]
     fn skip_fires_nothing_but_moves_the_watermark() {
-        let p = plan(&minutely(), &trigger(MisfirePolicy::MisfireSkip, 0, 0), utc("2026-01-01T10:00:00Z"), utc("2026-01-01T10:05:30Z"));
+        let p = plan(
+            &minutely(),
+            &trigger(MisfirePolicy::MisfireSkip, 0, 0),
+            utc("2026-01-01T10:00:00Z"),
+            utc("2026-01-01T10:05:30Z"),
+        );
         assert!(p.fire.is_empty());
         assert_eq!(p.missed, 5);
         assert_eq!(p.watermark, Some(utc("2026-01-01T10:05:00Z")));
@@ -131,14 +159,24 @@ mod tests {
 
     #[test]
     fn occurrences_outside_the_window_are_missed() {
-        let p = plan(&minutely(), &trigger(MisfirePolicy::MisfireAll, 120, 0), utc("2026-01-01T10:00:00Z"), utc("2026-01-01T10:05:30Z"));
+        let p = plan(
+            &minutely(),
+            &trigger(MisfirePolicy::MisfireAll, 120, 0),
+            utc("2026-01-01T10:00:00Z"),
+            utc("2026-01-01T10:05:30Z"),
+        );
         assert_eq!(fired(&p), ["10:04", "10:05"]);
         assert_eq!(p.missed, 3);
     }
 
     #[test]
     fn nothing_missed_means_nothing_to_do() {
-        let p = plan(&minutely(), &trigger(MisfirePolicy::MisfireAll, 0, 0), utc("2026-01-01T10:05:00Z"), utc("2026-01-01T10:05:30Z"));
+        let p = plan(
+            &minutely(),
+            &trigger(MisfirePolicy::MisfireAll, 0, 0),
+            utc("2026-01-01T10:05:00Z"),
+            utc("2026-01-01T10:05:30Z"),
+        );
         assert_eq!(p, CatchUp::default());
     }
 }

@@ -145,7 +145,11 @@ fn plan_template(
     let when = if template.when.trim().is_empty() {
         None
     } else {
-        Some(engine.expression(&template.when).map_err(|e| format!("when: {e}"))?)
+        Some(
+            engine
+                .expression(&template.when)
+                .map_err(|e| format!("when: {e}"))?,
+        )
     };
     let params_json = template
         .params
@@ -231,11 +235,18 @@ tasks:
     fn for_each_and_when_make_one_task_per_kept_item() {
         let spec = spec_from_yaml(SPEC).unwrap();
         let items: Vec<_> = (1..=25).map(|n| json!({"n": n})).collect();
-        let plan = plan_tasks(&spec, &scope(json!({"items": items})), &PlanLimits::default());
+        let plan = plan_tasks(
+            &spec,
+            &scope(json!({"items": items})),
+            &PlanLimits::default(),
+        );
         assert_eq!(plan.error, None);
         let each: Vec<_> = plan.tasks.iter().filter(|t| t.template == "each").collect();
         assert_eq!(each.len(), 20);
-        assert_eq!(each[0].params, json!({"n": 1, "label": "item 0 of a", "max": 3}));
+        assert_eq!(
+            each[0].params,
+            json!({"n": 1, "label": "item 0 of a", "max": 3})
+        );
         assert_eq!(each[4].item_index, 5);
         assert_eq!(plan.evaluation[0].items, 25);
         assert_eq!(plan.evaluation[0].tasks, 20);
@@ -249,10 +260,17 @@ tasks:
     #[test]
     fn a_failing_template_fails_the_whole_plan_with_its_name() {
         let spec = spec_from_yaml(SPEC).unwrap();
-        let plan = plan_tasks(&spec, &scope(json!({"items": "nope"})), &PlanLimits::default());
+        let plan = plan_tasks(
+            &spec,
+            &scope(json!({"items": "nope"})),
+            &PlanLimits::default(),
+        );
         assert!(plan.tasks.is_empty());
         let error = plan.error.unwrap();
-        assert!(error.contains("\"each\"") && error.contains("not a list"), "{error}");
+        assert!(
+            error.contains("\"each\"") && error.contains("not a list"),
+            "{error}"
+        );
         assert!(!plan.evaluation[0].error.is_empty());
         assert!(plan.evaluation[1].error.is_empty());
     }

@@ -100,9 +100,7 @@ impl CronExpr {
         };
         let fields: Vec<&str> = expanded.split_whitespace().collect();
         let fields: [&str; 6] = match fields.len() {
-            5 => [
-                "0", fields[0], fields[1], fields[2], fields[3], fields[4],
-            ],
+            5 => ["0", fields[0], fields[1], fields[2], fields[3], fields[4]],
             6 => [
                 fields[0], fields[1], fields[2], fields[3], fields[4], fields[5],
             ],
@@ -214,7 +212,11 @@ fn parse_day_of_week(field: &str) -> Result<u8, ScheduleError> {
             (a, b)
         } else {
             let day = day_number(range).map_err(&bad)?;
-            if item.contains('/') { (day, 7) } else { (day, day) }
+            if item.contains('/') {
+                (day, 7)
+            } else {
+                (day, day)
+            }
         };
         let mut day = start;
         while day <= end {
@@ -230,7 +232,9 @@ fn day_number(token: &str) -> Result<u32, String> {
         return if n <= 7 {
             Ok(n)
         } else {
-            Err(format!("{n} is not a day of week (0–7, 0 and 7 are Sunday)"))
+            Err(format!(
+                "{n} is not a day of week (0–7, 0 and 7 are Sunday)"
+            ))
         };
     }
     const NAMES: [&str; 7] = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"];
@@ -423,11 +427,15 @@ impl Schedule {
                     return vec![
                         make(
                             first,
-                            format!("{repeated}; wildcard hour fires at both, this is the first ({first_abbr})"),
+                            format!(
+                                "{repeated}; wildcard hour fires at both, this is the first ({first_abbr})"
+                            ),
                         ),
                         make(
                             second,
-                            format!("{repeated}; wildcard hour fires at both, this is the second ({second_abbr})"),
+                            format!(
+                                "{repeated}; wildcard hour fires at both, this is the second ({second_abbr})"
+                            ),
                         ),
                     ];
                 }
@@ -443,11 +451,15 @@ impl Schedule {
                     RepeatPolicy::Both => vec![
                         make(
                             first,
-                            format!("{repeated}; repeat policy BOTH, this is the first ({first_abbr})"),
+                            format!(
+                                "{repeated}; repeat policy BOTH, this is the first ({first_abbr})"
+                            ),
                         ),
                         make(
                             second,
-                            format!("{repeated}; repeat policy BOTH, this is the second ({second_abbr})"),
+                            format!(
+                                "{repeated}; repeat policy BOTH, this is the second ({second_abbr})"
+                            ),
                         ),
                     ],
                 }
@@ -739,7 +751,13 @@ mod tests {
             .collect();
         // 2026-03-08 02:30 does not exist; fire at 03:00 EDT = 07:00 UTC.
         assert_eq!(got[0].at, utc("2026-03-08T07:00:00Z"));
-        assert!(got[0].dst_note.as_deref().unwrap().contains("shifted forward"));
+        assert!(
+            got[0]
+                .dst_note
+                .as_deref()
+                .unwrap()
+                .contains("shifted forward")
+        );
         assert_eq!(got[1].at, utc("2026-03-09T06:30:00Z"));
         assert_eq!(got[1].dst_note, None);
     }
@@ -945,7 +963,9 @@ mod jitter_tests {
 
     #[test]
     fn jitter_is_deterministic_bounded_and_before_the_next_fire() {
-        let at = DateTime::parse_from_rfc3339("2026-11-30T09:00:00Z").unwrap().with_timezone(&Utc);
+        let at = DateTime::parse_from_rfc3339("2026-11-30T09:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
         let jitter = std::time::Duration::from_secs(30);
         let a = jitter_delay("x", at, jitter, None);
         assert_eq!(a, jitter_delay("x", at, jitter, None));
@@ -955,6 +975,9 @@ mod jitter_tests {
         for key in ["a", "b", "c", "d", "e", "f"] {
             assert!(jitter_delay(key, at, jitter, Some(next)) < std::time::Duration::from_secs(9));
         }
-        assert_eq!(jitter_delay("x", at, std::time::Duration::ZERO, None), std::time::Duration::ZERO);
+        assert_eq!(
+            jitter_delay("x", at, std::time::Duration::ZERO, None),
+            std::time::Duration::ZERO
+        );
     }
 }

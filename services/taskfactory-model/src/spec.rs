@@ -152,14 +152,15 @@ pub fn build_schedule(trigger: &ScheduleTrigger) -> Result<Schedule, Vec<FieldEr
         Ok(dst_policy::Repeat::Both) => RepeatPolicy::Both,
         _ => RepeatPolicy::First,
     };
-    let schedule = Schedule::new(&trigger.cron, &trigger.timezone, gap, repeat).map_err(|errs| {
-        errs.into_iter()
-            .map(|(field, e)| FieldError {
-                field: format!("trigger.schedule.{field}"),
-                message: e.message,
-            })
-            .collect::<Vec<_>>()
-    })?;
+    let schedule =
+        Schedule::new(&trigger.cron, &trigger.timezone, gap, repeat).map_err(|errs| {
+            errs.into_iter()
+                .map(|(field, e)| FieldError {
+                    field: format!("trigger.schedule.{field}"),
+                    message: e.message,
+                })
+                .collect::<Vec<_>>()
+        })?;
     let mut errors = Vec::new();
     let mut dates = Vec::new();
     for (i, text) in trigger.exclude_dates.iter().enumerate() {
@@ -212,14 +213,17 @@ pub fn name_error(name: &str) -> Option<String> {
     let first_ok = chars
         .next()
         .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
-    let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'));
+    let rest_ok =
+        chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'));
     if !first_ok || !rest_ok || name.len() > 128 {
         return Some(format!(
             "{name:?} is not a valid name: 1–128 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit"
         ));
     }
     if name.contains("..") || name.ends_with('.') {
-        return Some(format!("{name:?} is not a valid name: dots must separate non-empty parts"));
+        return Some(format!(
+            "{name:?} is not a valid name: dots must separate non-empty parts"
+        ));
     }
     None
 }
@@ -321,7 +325,10 @@ fn validate_schedule(schedule: &ScheduleTrigger, now: DateTime<Utc>) -> Vec<Fiel
     if dst_policy::Repeat::try_from(dst.repeat).is_err() {
         errors.push(field(
             format!("{prefix}.dst.repeat"),
-            format!("{} is not a repeat policy (FIRST, LAST or BOTH)", dst.repeat),
+            format!(
+                "{} is not a repeat policy (FIRST, LAST or BOTH)",
+                dst.repeat
+            ),
         ));
     }
     if v1::MisfirePolicy::try_from(schedule.misfire).is_err() {
@@ -434,7 +441,10 @@ fn validate_context_source(source: &ContextSource, i: usize) -> Vec<FieldError> 
     if let Some(timeout) = &source.timeout
         && std_duration(timeout).is_none_or(|d| d.is_zero())
     {
-        errors.push(field(format!("{prefix}.timeout"), "must be a positive duration"));
+        errors.push(field(
+            format!("{prefix}.timeout"),
+            "must be a positive duration",
+        ));
     }
     if v1::OnError::try_from(source.on_error).is_err() {
         errors.push(field(
@@ -474,16 +484,25 @@ fn validate_template(template: &TaskTemplate, i: usize, engine: &Engine<'_>) -> 
         if retry.max_attempts > MAX_ATTEMPTS_LIMIT {
             errors.push(field(
                 format!("{prefix}.retry.maxAttempts"),
-                format!("{} is over the limit of {MAX_ATTEMPTS_LIMIT}", retry.max_attempts),
+                format!(
+                    "{} is over the limit of {MAX_ATTEMPTS_LIMIT}",
+                    retry.max_attempts
+                ),
             ));
         }
         let initial = retry.initial_backoff.as_ref().map(std_duration);
         let max = retry.max_backoff.as_ref().map(std_duration);
         if initial == Some(None) {
-            errors.push(field(format!("{prefix}.retry.initialBackoff"), "must be a non-negative duration"));
+            errors.push(field(
+                format!("{prefix}.retry.initialBackoff"),
+                "must be a non-negative duration",
+            ));
         }
         if max == Some(None) {
-            errors.push(field(format!("{prefix}.retry.maxBackoff"), "must be a non-negative duration"));
+            errors.push(field(
+                format!("{prefix}.retry.maxBackoff"),
+                "must be a non-negative duration",
+            ));
         }
         if let (Some(Some(initial)), Some(Some(max))) = (initial, max)
             && initial > max
@@ -503,7 +522,10 @@ fn validate_template(template: &TaskTemplate, i: usize, engine: &Engine<'_>) -> 
     if let Some(timeout) = &template.timeout
         && std_duration(timeout).is_none_or(|d| d.is_zero())
     {
-        errors.push(field(format!("{prefix}.timeout"), "must be a positive duration"));
+        errors.push(field(
+            format!("{prefix}.timeout"),
+            "must be a positive duration",
+        ));
     }
     errors
 }
@@ -520,7 +542,10 @@ mod tests {
 
     fn errors_of(yaml: &str) -> Vec<FieldError> {
         let spec = spec_from_yaml(yaml).unwrap();
-        validate(&spec, now()).err().map(|e| e.0).unwrap_or_default()
+        validate(&spec, now())
+            .err()
+            .map(|e| e.0)
+            .unwrap_or_default()
     }
 
     const GOOD: &str = r#"
@@ -584,7 +609,10 @@ tasks:
             "tasks[0].params.x",
             "tasks[0].retry.maxBackoff",
         ] {
-            assert!(fields.contains(&expected.to_owned()), "missing {expected} in {fields:?}");
+            assert!(
+                fields.contains(&expected.to_owned()),
+                "missing {expected} in {fields:?}"
+            );
         }
     }
 
@@ -596,7 +624,8 @@ tasks:
 
     #[test]
     fn event_trigger_subject_must_be_under_events() {
-        let yaml = "name: a\ntrigger: {event: {subject: orders.created}}\ntasks: [{name: t, type: log}]";
+        let yaml =
+            "name: a\ntrigger: {event: {subject: orders.created}}\ntasks: [{name: t, type: log}]";
         let errors = errors_of(yaml);
         assert_eq!(errors[0].field, "trigger.event.subject");
         assert!(errors[0].message.contains("events."));

@@ -120,7 +120,10 @@ mod tests {
 
     #[test]
     fn subject_filters_match_like_nats() {
-        assert!(subject_matches("events.orders.created", "events.orders.created"));
+        assert!(subject_matches(
+            "events.orders.created",
+            "events.orders.created"
+        ));
         assert!(subject_matches("events.*.created", "events.orders.created"));
         assert!(subject_matches("events.>", "events.orders.created"));
         assert!(!subject_matches("events.>", "events"));
@@ -134,9 +137,25 @@ mod tests {
         assert!(subject_error("events.a.b", false).is_none());
         assert!(subject_error("events.*.b", true).is_none());
         assert!(subject_error("events.>", true).is_none());
-        assert!(subject_error("events..b", true).unwrap().contains("empty token"));
-        assert!(subject_error("events.>.b", true).unwrap().contains("last token"));
-        assert!(subject_error("events.a*", true).unwrap().contains("whole tokens"));
-        assert!(subject_error("events.*", false).unwrap().contains("wildcards"));
+        assert!(
+            subject_error("events..b", true)
+                .unwrap()
+                .contains("empty token")
+        );
+        assert!(
+            subject_error("events.>.b", true)
+                .unwrap()
+                .contains("last token")
+        );
+        assert!(
+            subject_error("events.a*", true)
+                .unwrap()
+                .contains("whole tokens")
+        );
+        assert!(
+            subject_error("events.*", false)
+                .unwrap()
+                .contains("wildcards")
+        );
     }
 }

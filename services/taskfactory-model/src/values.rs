@@ -93,6 +93,9 @@ mod tests {
 
     #[test]
     fn non_object_becomes_wrapped_struct() {
-        assert_eq!(struct_to_json(&json_to_struct(&json!(5))), json!({"value": 5}));
+        assert_eq!(
+            struct_to_json(&json_to_struct(&json!(5))),
+            json!({"value": 5})
+        );
     }
 }

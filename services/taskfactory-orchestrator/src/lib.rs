@@ -1,1 +1,211 @@
+//! The orchestrator service: turns fires into runs and tasks, and completes runs.
+//!
+//! Consumes `triggers.>` (TriggerEvents) and `results.>` (TaskResults); owns runs, tasks and task
+//! attempts in Postgres; produces TaskInstances on `tasks.<type>` and run completions on
+//! `events.taskfactory.run.completed`. Replicas are competing consumers: add more to scale.
+//!
+//! # Layout
+//!
+//! - [`spawn`]: one TriggerEvent → one run (recorded once) → its tasks published.
+//! - [`results`]: one TaskResult → task state, run counters, run completion.
+//! - [`completion`]: announcing finished runs exactly once in effect.
+//! - [`store`]: Postgres access.
 
+pub mod completion;
+pub mod results;
+pub mod spawn;
+pub mod store;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use sqlx::PgPool;
+use taskfactory_model::expr::Limits;
+use taskfactory_model::ids::ActivityId;
+use taskfactory_model::plan::PlanLimits;
+use taskfactory_model::subjects;
+use taskfactory_proto::v1::ActivitySpec;
+use taskfactory_runtime::config::{DatabaseArgs, NatsArgs, parse_duration};
+use taskfactory_runtime::messaging::{self, ConsumerSpec};
+use taskfactory_runtime::{db, nats};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Configuration of the orchestrator service.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Config {
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Triggers handled at once.
+    #[arg(
+        long = "trigger-concurrency",
+        env = "TASKFACTORY_TRIGGER_CONCURRENCY",
+        default_value_t = 8
+    )]
+    pub trigger_concurrency: usize,
+    /// Results handled at once.
+    #[arg(
+        long = "result-concurrency",
+        env = "TASKFACTORY_RESULT_CONCURRENCY",
+        default_value_t = 32
+    )]
+    pub result_concurrency: usize,
+    /// How long a trigger may be in hand without a progress ack before it is redelivered.
+    #[arg(long = "ack-wait", env = "TASKFACTORY_ACK_WAIT", default_value = "30s", value_parser = parse_duration)]
+    pub ack_wait: Duration,
+    /// Task publishes in flight at once while spawning a run.
+    #[arg(
+        long = "publish-window",
+        env = "TASKFACTORY_PUBLISH_WINDOW",
+        default_value_t = 256
+    )]
+    pub publish_window: usize,
+    /// Tasks one run may make, across its templates.
+    #[arg(
+        long = "max-tasks-per-run",
+        env = "TASKFACTORY_MAX_TASKS_PER_RUN",
+        default_value_t = 10_000
+    )]
+    pub max_tasks_per_run: usize,
+    /// Instruction fuel per expression or template evaluation.
+    #[arg(
+        long = "template-fuel",
+        env = "TASKFACTORY_TEMPLATE_FUEL",
+        default_value_t = 50_000
+    )]
+    pub template_fuel: u64,
+    /// How long to wait for NATS and Postgres at start.
+    #[arg(long = "startup-patience", env = "TASKFACTORY_STARTUP_PATIENCE", default_value = "60s", value_parser = parse_duration)]
+    pub startup_patience: Duration,
+}
+
+impl Config {
+    pub fn local(nats_url: &str, database_url: &str) -> Self {
+        Self {
+            nats: NatsArgs::local(nats_url),
+            database: DatabaseArgs::new(database_url),
+            trigger_concurrency: 8,
+            result_concurrency: 32,
+            ack_wait: Duration::from_secs(30),
+            publish_window: 256,
+            max_tasks_per_run: 10_000,
+            template_fuel: 50_000,
+            startup_patience: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Immutable activity versions, loaded once each.
+#[derive(Clone, Default)]
+pub struct SpecCache {
+    specs: Arc<Mutex<HashMap<(ActivityId, u32), Arc<ActivitySpec>>>>,
+}
+
+impl SpecCache {
+    /// The spec of `activity` at `version`; the inner error says why a run cannot use it.
+    pub async fn get(
+        &self,
+        pool: &PgPool,
+        activity: ActivityId,
+        version: u32,
+    ) -> Result<Result<Arc<ActivitySpec>, String>, sqlx::Error> {
+        if let Some(spec) = self
+            .specs
+            .lock()
+            .expect("spec cache lock")
+            .get(&(activity, version))
+        {
+            return Ok(Ok(spec.clone()));
+        }
+        let Some(json) = store::activity_spec(pool, activity, version).await? else {
+            return Ok(Err(format!("activity {activity} has no version {version}")));
+        };
+        let spec: ActivitySpec = match taskfactory_proto::from_json(&json) {
+            Ok(spec) => spec,
+            Err(error) => {
+                return Ok(Err(format!(
+                    "stored spec of version {version} does not parse: {error}"
+                )));
+            }
+        };
+        let spec = Arc::new(spec);
+        let mut specs = self.specs.lock().expect("spec cache lock");
+        if specs.len() > 10_000 {
+            specs.clear();
+        }
+        specs.insert((activity, version), spec.clone());
+        Ok(Ok(spec))
+    }
+}
+
+/// Runs the orchestrator until `shutdown`, then stops pulling and finishes what it holds.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let pool = db::connect_and_migrate(&config.database, config.startup_patience)
+        .await
+        .context("postgres")?;
+    let client = nats::connect(
+        &config.nats,
+        "taskfactory-orchestrator",
+        config.startup_patience,
+    )
+    .await
+    .context("nats")?;
+    let js = async_nats::jetstream::new(client.clone());
+    nats::declare_streams(&js, config.nats.stream_replicas)
+        .await
+        .context("declaring streams")?;
+
+    let spawner = Arc::new(spawn::Spawner {
+        pool: pool.clone(),
+        js: js.clone(),
+        limits: PlanLimits {
+            expr: Limits {
+                fuel: config.template_fuel,
+                ..Limits::default()
+            },
+            max_tasks_per_run: config.max_tasks_per_run,
+        },
+        ack_wait: config.ack_wait,
+        publish_window: config.publish_window.max(1),
+        specs: SpecCache::default(),
+    });
+    let sink = Arc::new(results::ResultSink {
+        pool: pool.clone(),
+        js: js.clone(),
+    });
+    let tracker = TaskTracker::new();
+    tracker.spawn(messaging::consume(
+        js.clone(),
+        ConsumerSpec {
+            stream: subjects::TRIGGERS_STREAM,
+            durable: subjects::ORCHESTRATOR_TRIGGERS_CONSUMER.to_owned(),
+            filter_subject: subjects::TRIGGERS_SUBJECTS.to_owned(),
+            concurrency: config.trigger_concurrency,
+            ack_wait: config.ack_wait,
+        },
+        shutdown.clone(),
+        move |message| spawner.clone().handle(message),
+    ));
+    tracker.spawn(messaging::consume(
+        js.clone(),
+        ConsumerSpec {
+            stream: subjects::RESULTS_STREAM,
+            durable: subjects::ORCHESTRATOR_RESULTS_CONSUMER.to_owned(),
+            filter_subject: subjects::RESULTS_SUBJECTS.to_owned(),
+            concurrency: config.result_concurrency,
+            ack_wait: Duration::from_secs(30),
+        },
+        shutdown.clone(),
+        move |message| sink.clone().handle(message),
+    ));
+    tracing::info!("orchestrator running");
+    tracker.close();
+    tracker.wait().await;
+    client.flush().await.ok();
+    tracing::info!("orchestrator stopped");
+    Ok(())
+}

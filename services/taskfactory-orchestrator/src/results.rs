@@ -31,17 +31,27 @@ impl ResultSink {
     async fn process(&self, message: &Message) -> Disposition {
         let result = match TaskResult::decode(message.payload.as_ref()) {
             Ok(result) => result,
-            Err(error) => return self.reject(message, &format!("not a TaskResult: {error}")).await,
+            Err(error) => {
+                return self
+                    .reject(message, &format!("not a TaskResult: {error}"))
+                    .await;
+            }
         };
         let Ok(task_id) = result.task_id.parse::<TaskId>() else {
             return self
-                .reject(message, &format!("task_id {:?} is not a task id", result.task_id))
+                .reject(
+                    message,
+                    &format!("task_id {:?} is not a task id", result.task_id),
+                )
                 .await;
         };
         let status = result.status();
         if status == TaskStatus::Unspecified || status == TaskStatus::Pending {
             return self
-                .reject(message, &format!("status {} is not a result status", status.as_str_name()))
+                .reject(
+                    message,
+                    &format!("status {} is not a result status", status.as_str_name()),
+                )
                 .await;
         }
         let record = ResultRecord {
@@ -92,7 +102,14 @@ impl ResultSink {
 
     async fn reject(&self, message: &Message, error: &str) -> Disposition {
         tracing::error!(subject = %message.subject, %error, "undecodable result; dead-lettered");
-        match messaging::dead_letter(&self.js, subjects::RESULTS_DLQ_SUBJECT.to_owned(), message, error).await {
+        match messaging::dead_letter(
+            &self.js,
+            subjects::RESULTS_DLQ_SUBJECT.to_owned(),
+            message,
+            error,
+        )
+        .await
+        {
             Ok(()) => Disposition::Term,
             Err(e) => {
                 tracing::warn!(error = %e, "could not dead-letter result; it will be redelivered");

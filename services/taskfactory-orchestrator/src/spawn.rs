@@ -26,7 +26,9 @@ use taskfactory_model::ids::{ActivityId, RunId, TaskId};
 use taskfactory_model::plan::{self, PlanLimits, Scope};
 use taskfactory_model::spec::{chrono_to_timestamp, proto_duration, timestamp_to_chrono};
 use taskfactory_model::{subjects, values};
-use taskfactory_proto::v1::{ActivitySpec, RunStatus, TaskInstance, TriggerEvent, TriggerSource, context_source};
+use taskfactory_proto::v1::{
+    ActivitySpec, RunStatus, TaskInstance, TriggerEvent, TriggerSource, context_source,
+};
 use taskfactory_runtime::messaging::{self, Disposition};
 use uuid::Uuid;
 
@@ -38,6 +40,8 @@ pub struct Spawner {
     pub js: async_nats::jetstream::Context,
     pub limits: PlanLimits,
     pub ack_wait: Duration,
+    /// Task publishes in flight at once.
+    pub publish_window: usize,
     pub specs: crate::SpecCache,
 }
 
@@ -93,9 +97,17 @@ impl Spawner {
                 let disposition = error.disposition();
                 if disposition == Disposition::Term {
                     tracing::error!(subject = %message.subject, error = %error, "undecodable trigger; dead-lettered");
-                    if let Err(e) = messaging::dead_letter(&self.js, subjects::TRIGGERS_DLQ_SUBJECT.to_owned(), &message, &error.to_string()).await {
+                    if let Err(e) = messaging::dead_letter(
+                        &self.js,
+                        subjects::TRIGGERS_DLQ_SUBJECT.to_owned(),
+                        &message,
+                        &error.to_string(),
+                    )
+                    .await
+                    {
                         tracing::warn!(error = %e, "could not dead-letter trigger; it will be redelivered");
-                        messaging::settle(&message, Disposition::Retry(Duration::from_secs(5))).await;
+                        messaging::settle(&message, Disposition::Retry(Duration::from_secs(5)))
+                            .await;
                         return;
                     }
                 } else {
@@ -181,7 +193,11 @@ impl Spawner {
             error: String::new(),
             trace_id: String::new(),
         };
-        let spec = match self.specs.get(&self.pool, activity_id, event.activity_version).await? {
+        let spec = match self
+            .specs
+            .get(&self.pool, activity_id, event.activity_version)
+            .await?
+        {
             Ok(spec) => spec,
             Err(reason) => {
                 run.status = RunStatus::RunFailed;
@@ -210,7 +226,10 @@ impl Spawner {
         let plan = plan::plan_tasks(&spec, &scope, &self.limits);
         run.context = context;
         run.evaluation = serde_json::Value::Array(
-            plan.evaluation.iter().map(taskfactory_proto::to_json).collect(),
+            plan.evaluation
+                .iter()
+                .map(taskfactory_proto::to_json)
+                .collect(),
         );
         if let Some(error) = plan.error {
             run.status = RunStatus::RunFailed;
@@ -258,7 +277,7 @@ impl Spawner {
 
     /// Publishes tasks concurrently (in bounded windows) and waits for every ack.
     async fn publish_tasks(&self, tasks: &[(TaskId, String, Vec<u8>)]) -> Result<(), SpawnError> {
-        for window in tasks.chunks(256) {
+        for window in tasks.chunks(self.publish_window) {
             let mut acks = Vec::with_capacity(window.len());
             for (task_id, task_type, instance) in window {
                 let ack = messaging::publish(
@@ -275,7 +294,11 @@ impl Spawner {
                 })?;
                 acks.push((*task_id, ack));
             }
-            let results = join_all(acks.into_iter().map(|(id, ack)| async move { (id, ack.await) })).await;
+            let results = join_all(
+                acks.into_iter()
+                    .map(|(id, ack)| async move { (id, ack.await) }),
+            )
+            .await;
             for (task_id, result) in results {
                 result.map_err(|source| SpawnError::Publish { task_id, source })?;
             }

@@ -79,7 +79,11 @@ pub struct NewTask {
 
 /// Records a run and all its tasks in one transaction. Returns false when the run already existed
 /// (another delivery of the same trigger got there first); then nothing is written.
-pub async fn insert_run(pool: &PgPool, run: &NewRun, tasks: &[NewTask]) -> Result<bool, sqlx::Error> {
+pub async fn insert_run(
+    pool: &PgPool,
+    run: &NewRun,
+    tasks: &[NewTask],
+) -> Result<bool, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let terminal = status::run_is_terminal(run.status);
     let inserted = sqlx::query(
@@ -155,7 +159,10 @@ pub async fn insert_run(pool: &PgPool, run: &NewRun, tasks: &[NewTask]) -> Resul
 }
 
 /// Tasks of a run not yet reported on, to publish (again) when a spawn is resumed.
-pub async fn pending_instances(pool: &PgPool, run: RunId) -> Result<Vec<(TaskId, String, Vec<u8>)>, sqlx::Error> {
+pub async fn pending_instances(
+    pool: &PgPool,
+    run: RunId,
+) -> Result<Vec<(TaskId, String, Vec<u8>)>, sqlx::Error> {
     let rows: Vec<(Uuid, String, Vec<u8>)> = sqlx::query_as(
         "SELECT id, type, instance FROM tasks WHERE run_id = $1 AND status = 'PENDING' \
          ORDER BY template, item_index",
@@ -298,7 +305,10 @@ pub async fn record_result(pool: &PgPool, result: &ResultRecord) -> Result<Recor
 }
 
 /// A run that is finished and not yet announced, if this one is.
-pub async fn unannounced_completion(pool: &PgPool, run: RunId) -> Result<Option<CompletedRun>, sqlx::Error> {
+pub async fn unannounced_completion(
+    pool: &PgPool,
+    run: RunId,
+) -> Result<Option<CompletedRun>, sqlx::Error> {
     let row = sqlx::query(
         "SELECT id, activity_id, activity_name, status, tasks_spawned, tasks_succeeded, \
              tasks_failed, finished_at, announced_at FROM runs WHERE id = $1",

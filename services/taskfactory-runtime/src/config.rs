@@ -6,7 +6,12 @@ use std::time::Duration;
 #[derive(Clone, Debug, clap::Args)]
 pub struct NatsArgs {
     /// NATS server URL(s), comma-separated.
-    #[arg(long = "nats-url", env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    #[arg(
+        id = "nats_url",
+        long = "nats-url",
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
     pub url: String,
     /// A NATS credentials file (JWT + NKey).
     #[arg(long = "nats-creds", env = "NATS_CREDS")]
@@ -21,7 +26,11 @@ pub struct NatsArgs {
     #[arg(long = "nats-token", env = "NATS_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// Replicas of each stream this service declares (3 on a production cluster).
-    #[arg(long = "stream-replicas", env = "TASKFACTORY_STREAM_REPLICAS", default_value_t = 1)]
+    #[arg(
+        long = "stream-replicas",
+        env = "TASKFACTORY_STREAM_REPLICAS",
+        default_value_t = 1
+    )]
     pub stream_replicas: usize,
 }
 
@@ -42,13 +51,18 @@ impl NatsArgs {
 pub struct DatabaseArgs {
     /// Postgres URL; the database is created if it does not exist.
     #[arg(
+        id = "database_url",
         long = "database-url",
         env = "DATABASE_URL",
         default_value = "postgres://postgres@127.0.0.1:5432/taskfactory"
     )]
     pub url: String,
     /// Connections in the pool.
-    #[arg(long = "database-pool-size", env = "TASKFACTORY_DATABASE_POOL_SIZE", default_value_t = 10)]
+    #[arg(
+        long = "database-pool-size",
+        env = "TASKFACTORY_DATABASE_POOL_SIZE",
+        default_value_t = 10
+    )]
     pub pool_size: u32,
 }
 

@@ -33,7 +33,10 @@ pub enum DbError {
 
 /// Connects (creating the database if it does not exist, retrying for up to `patience` while the
 /// server is not reachable) and runs the migrations.
-pub async fn connect_and_migrate(args: &DatabaseArgs, patience: Duration) -> Result<PgPool, DbError> {
+pub async fn connect_and_migrate(
+    args: &DatabaseArgs,
+    patience: Duration,
+) -> Result<PgPool, DbError> {
     let options = PgConnectOptions::from_str(&args.url).map_err(DbError::Url)?;
     let options = options.log_statements(tracing::log::LevelFilter::Debug);
     let started = tokio::time::Instant::now();
@@ -95,7 +98,10 @@ async fn create_database(options: &PgConnectOptions, database: &str) -> Result<(
     })?;
     let quoted = format!("\"{}\"", database.replace('"', "\"\""));
     let statement = format!("CREATE DATABASE {quoted}");
-    match sqlx::query(sqlx::AssertSqlSafe(statement)).execute(&mut conn).await {
+    match sqlx::query(sqlx::AssertSqlSafe(statement))
+        .execute(&mut conn)
+        .await
+    {
         Ok(_) => {
             tracing::info!(database, "created database");
             Ok(())

@@ -36,8 +36,11 @@ pub async fn publish(
 ) -> Result<PublishAckFuture, PublishError> {
     let mut headers = extra_headers.unwrap_or_default();
     headers.insert(subjects::HEADER_MSG_ID, msg_id);
-    js.send_publish(subject, PublishMessage::build().payload(payload).headers(headers))
-        .await
+    js.send_publish(
+        subject,
+        PublishMessage::build().payload(payload).headers(headers),
+    )
+    .await
 }
 
 /// Publishes and waits for the stream's ack. `Ok(true)` when the server dropped it as a duplicate.
@@ -105,7 +108,14 @@ pub async fn dead_letter(
         sequence.to_string().as_str(),
     );
     let msg_id = format!("dlq:{stream}:{sequence}");
-    publish_confirmed(js, dlq_subject, &msg_id, Some(headers), message.payload.clone()).await?;
+    publish_confirmed(
+        js,
+        dlq_subject,
+        &msg_id,
+        Some(headers),
+        message.payload.clone(),
+    )
+    .await?;
     Ok(())
 }
 
@@ -116,7 +126,10 @@ fn one_line(text: &str) -> String {
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
     if line.len() > 2048 {
-        let cut = (0..=2048).rev().find(|i| line.is_char_boundary(*i)).unwrap_or(0);
+        let cut = (0..=2048)
+            .rev()
+            .find(|i| line.is_char_boundary(*i))
+            .unwrap_or(0);
         line.truncate(cut);
     }
     line
@@ -153,10 +166,12 @@ pub async fn ensure_consumer(
     spec: &ConsumerSpec,
 ) -> Result<PullConsumer, async_nats::Error> {
     let stream = js.get_stream(spec.stream).await?;
-    let consumer = stream
-        .create_consumer(spec.config())
-        .await
-        .map_err(|e| format!("could not create consumer {} on {}: {e}", spec.durable, spec.stream))?;
+    let consumer = stream.create_consumer(spec.config()).await.map_err(|e| {
+        format!(
+            "could not create consumer {} on {}: {e}",
+            spec.durable, spec.stream
+        )
+    })?;
     Ok(consumer)
 }
 
@@ -202,11 +217,17 @@ pub async fn consume<F, Fut>(
         };
         loop {
             let slot = tokio::select! {
-                _ = shutdown.cancelled() => break 'reconnect,
+                _ = shutdown.cancelled() => {
+                    hand_back_buffered(&mut messages).await;
+                    break 'reconnect;
+                }
                 slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
             };
             let next = tokio::select! {
-                _ = shutdown.cancelled() => break 'reconnect,
+                _ = shutdown.cancelled() => {
+                    hand_back_buffered(&mut messages).await;
+                    break 'reconnect;
+                }
                 next = messages.next() => next,
             };
             match next {
@@ -233,4 +254,16 @@ pub async fn consume<F, Fut>(
     }
     tracker.close();
     tracker.wait().await;
+}
+
+/// On shutdown: messages already delivered to this client but not yet handled go back to the
+/// server at once (a NAK without delay), so another replica — or this one after a restart — gets
+/// them without waiting for `ack_wait`.
+async fn hand_back_buffered(messages: &mut consumer::pull::Stream) {
+    use futures::FutureExt;
+    while let Some(Some(Ok(message))) = messages.next().now_or_never() {
+        if let Err(error) = message.ack_with(AckKind::Nak(None)).await {
+            tracing::debug!(%error, "could not hand back a buffered message");
+        }
+    }
 }

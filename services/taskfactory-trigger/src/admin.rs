@@ -4,8 +4,6 @@
 //! message that says what to fix. RPCs whose issue has not landed yet answer `UNIMPLEMENTED`
 //! (generated default stubs).
 
-use std::sync::Arc;
-
 use chrono::Utc;
 use sqlx::PgPool;
 use taskfactory_model::ids::ActivityId;
@@ -38,7 +36,9 @@ pub enum AdminError {
     InvalidArgument { field: String, message: String },
     #[error("{what} {id:?} not found")]
     NotFound { what: &'static str, id: String },
-    #[error("an activity named {name:?} already exists; change it with UpdateActivity or pick another name")]
+    #[error(
+        "an activity named {name:?} already exists; change it with UpdateActivity or pick another name"
+    )]
     AlreadyExists { name: String },
     #[error("{0}")]
     FailedPrecondition(String),
@@ -93,8 +93,13 @@ pub struct Admin {
 }
 
 impl Admin {
+    /// Makes a change visible before the call returns: this replica reloads at once (an event
+    /// published right after CreateActivity fires it), the others on the announcement.
     async fn definitions_changed(&self) {
-        self.registry.request_reload();
+        if let Err(error) = self.registry.reload(&self.pool).await {
+            tracing::warn!(%error, "cannot reload definitions after a change; the reloader retries");
+            self.registry.request_reload();
+        }
         registry::announce_change(&self.nats).await;
     }
 
@@ -110,11 +115,19 @@ impl Admin {
             })
     }
 
-    async fn load(&self, id: ActivityId, version: Option<u32>) -> Result<ActivityRecord, AdminError> {
+    async fn load(
+        &self,
+        id: ActivityId,
+        version: Option<u32>,
+    ) -> Result<ActivityRecord, AdminError> {
         store::get_activity(&self.pool, id, version)
             .await?
             .ok_or_else(|| AdminError::NotFound {
-                what: if version.is_some() { "activity version" } else { "activity" },
+                what: if version.is_some() {
+                    "activity version"
+                } else {
+                    "activity"
+                },
                 id: match version {
                     Some(v) => format!("{id}@{v}"),
                     None => id.to_string(),
@@ -123,7 +136,9 @@ impl Admin {
     }
 }
 
-fn validated_spec(spec: Option<ActivitySpec>) -> Result<(ActivitySpec, serde_json::Value), AdminError> {
+fn validated_spec(
+    spec: Option<ActivitySpec>,
+) -> Result<(ActivitySpec, serde_json::Value), AdminError> {
     let spec = spec.ok_or_else(|| invalid("spec", "is required"))?;
     spec::validate(&spec, Utc::now()).map_err(AdminError::InvalidSpec)?;
     let json = taskfactory_proto::to_json(&spec);
@@ -142,13 +157,14 @@ fn trigger_kind(spec: &ActivitySpec) -> &'static str {
 pub fn activity_message(record: &ActivityRecord) -> Result<Activity, AdminError> {
     let spec: ActivitySpec = taskfactory_proto::from_json(&record.spec)
         .map_err(|e| AdminError::Internal(anyhow::anyhow!("stored spec does not parse: {e}")))?;
-    let next_fire_at = if record.enabled && !record.paused && record.version == record.current_version {
-        LiveActivity::from_record(record)
-            .and_then(|live| live.schedule.as_ref()?.next_after(Utc::now()))
-            .map(|o| chrono_to_timestamp(o.at))
-    } else {
-        None
-    };
+    let next_fire_at =
+        if record.enabled && !record.paused && record.version == record.current_version {
+            LiveActivity::from_record(record)
+                .and_then(|live| live.schedule.as_ref()?.next_after(Utc::now()))
+                .map(|o| chrono_to_timestamp(o.at))
+        } else {
+            None
+        };
     Ok(Activity {
         id: record.id.to_string(),
         version: record.version,
@@ -162,7 +178,11 @@ pub fn activity_message(record: &ActivityRecord) -> Result<Activity, AdminError>
 }
 
 fn page_size(requested: u32) -> i64 {
-    i64::from(if requested == 0 { DEFAULT_PAGE_SIZE } else { requested.min(MAX_PAGE_SIZE) })
+    i64::from(if requested == 0 {
+        DEFAULT_PAGE_SIZE
+    } else {
+        requested.min(MAX_PAGE_SIZE)
+    })
 }
 
 fn parse_uuid(field: &str, text: &str) -> Result<Uuid, AdminError> {
@@ -348,16 +368,29 @@ impl AdminService for Admin {
         let status = match RunStatus::try_from(request.status) {
             Ok(RunStatus::Unspecified) => None,
             Ok(status) => Some(status),
-            Err(_) => return Err(invalid("status", format!("{} is not a run status", request.status)).into()),
+            Err(_) => {
+                return Err(
+                    invalid("status", format!("{} is not a run status", request.status)).into(),
+                );
+            }
         };
         let after = if request.page_token.is_empty() {
             None
         } else {
-            Some(views::Cursor::decode(&request.page_token).ok_or_else(|| invalid("pageToken", "is not a token this API returned"))?)
+            Some(
+                views::Cursor::decode(&request.page_token)
+                    .ok_or_else(|| invalid("pageToken", "is not a token this API returned"))?,
+            )
         };
-        let (runs, next) = views::list_runs(&self.pool, activity, status, after, page_size(request.page_size))
-            .await
-            .map_err(AdminError::from)?;
+        let (runs, next) = views::list_runs(
+            &self.pool,
+            activity,
+            status,
+            after,
+            page_size(request.page_size),
+        )
+        .await
+        .map_err(AdminError::from)?;
         Ok(Response::new(ListRunsResponse {
             runs,
             next_page_token: next.map(|c| c.encode()).unwrap_or_default(),
@@ -392,12 +425,23 @@ impl AdminService for Admin {
         let status = match TaskStatus::try_from(request.status) {
             Ok(TaskStatus::Unspecified) => None,
             Ok(status) => Some(status),
-            Err(_) => return Err(invalid("status", format!("{} is not a task status", request.status)).into()),
+            Err(_) => {
+                return Err(
+                    invalid("status", format!("{} is not a task status", request.status)).into(),
+                );
+            }
         };
         let token = (!request.page_token.is_empty()).then_some(request.page_token.as_str());
-        let (tasks, next) = views::list_tasks(&self.pool, run, activity, status, token, page_size(request.page_size))
-            .await
-            .map_err(AdminError::from)?;
+        let (tasks, next) = views::list_tasks(
+            &self.pool,
+            run,
+            activity,
+            status,
+            token,
+            page_size(request.page_size),
+        )
+        .await
+        .map_err(AdminError::from)?;
         Ok(Response::new(ListTasksResponse {
             tasks,
             next_page_token: next.unwrap_or_default(),

@@ -11,7 +11,11 @@ use taskfactory_proto::v1::{CreateActivityRequest, GetActivityRequest, UpdateAct
 #[derive(Clone, Debug, clap::Args)]
 pub struct ApplyArgs {
     /// The admin API to apply to.
-    #[arg(long = "admin-url", env = "TASKFACTORY_ADMIN_URL", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long = "admin-url",
+        env = "TASKFACTORY_ADMIN_URL",
+        default_value = "http://127.0.0.1:50051"
+    )]
     pub admin_url: String,
     /// Spec files (.yaml, .yml, .json) or directories of them.
     #[arg(required = true)]
@@ -95,7 +99,10 @@ async fn apply_file(
                 .await
                 .map_err(|s| anyhow::anyhow!("{}", s.message()))?
                 .into_inner();
-            println!("{name}: created (id {}, version {})", created.id, created.version);
+            println!(
+                "{name}: created (id {}, version {})",
+                created.id, created.version
+            );
         }
         Err(status) => bail!("{}", status.message()),
     }

@@ -52,7 +52,11 @@ impl EventIngress {
         };
         let payload = match parse_event(&message.payload, self.max_event_bytes) {
             Ok(payload) => payload,
-            Err(error) => return self.reject(message, sequence, msg_id.as_deref(), &error).await,
+            Err(error) => {
+                return self
+                    .reject(message, sequence, msg_id.as_deref(), &error)
+                    .await;
+            }
         };
 
         let snapshot = self.registry.current();
@@ -62,7 +66,9 @@ impl EventIngress {
             if !activity.is_active() {
                 continue;
             }
-            let Some(trigger) = activity.event_trigger() else { continue };
+            let Some(trigger) = activity.event_trigger() else {
+                continue;
+            };
             if !subjects::subject_matches(&trigger.subject, subject) {
                 continue;
             }
@@ -177,9 +183,21 @@ mod tests {
     fn event_bodies_are_checked() {
         assert!(parse_event(br#"{"a":1}"#, 100).is_ok());
         assert!(parse_event(b"[1,2]", 100).is_ok());
-        assert!(parse_event(b"not json", 100).unwrap_err().contains("not valid JSON"));
+        assert!(
+            parse_event(b"not json", 100)
+                .unwrap_err()
+                .contains("not valid JSON")
+        );
         assert!(parse_event(b"", 100).unwrap_err().contains("empty"));
-        assert!(parse_event(&[b' '; 200], 100).unwrap_err().contains("over the limit"));
-        assert!(parse_event(&[0xff, 0xfe], 100).unwrap_err().contains("not valid JSON"));
+        assert!(
+            parse_event(&[b' '; 200], 100)
+                .unwrap_err()
+                .contains("over the limit")
+        );
+        assert!(
+            parse_event(&[0xff, 0xfe], 100)
+                .unwrap_err()
+                .contains("not valid JSON")
+        );
     }
 }

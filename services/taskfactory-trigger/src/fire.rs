@@ -106,7 +106,15 @@ pub async fn fire(
             duplicate: true,
         });
     }
-    match publish_fire(js, &request.activity_name, request.activity_id, &request.dedupe_key, encoded).await {
+    match publish_fire(
+        js,
+        &request.activity_name,
+        request.activity_id,
+        &request.dedupe_key,
+        encoded,
+    )
+    .await
+    {
         Ok(()) => {
             if let Err(error) = store::mark_published(pool, fire_id).await {
                 tracing::warn!(fire.id = %fire_id, %error, "fire published but not marked; the reconciler will republish it (deduplicated)");
@@ -169,7 +177,15 @@ pub async fn run_reconciler(
             if shutdown.is_cancelled() {
                 return;
             }
-            match publish_fire(&js, &fire.activity_name, fire.activity_id, &fire.dedupe_key, fire.event).await {
+            match publish_fire(
+                &js,
+                &fire.activity_name,
+                fire.activity_id,
+                &fire.dedupe_key,
+                fire.event,
+            )
+            .await
+            {
                 Ok(()) => {
                     tracing::info!(fire.id = %fire.id, activity.name = %fire.activity_name, "republished fire");
                     if let Err(error) = store::mark_republished(&pool, fire.id).await {

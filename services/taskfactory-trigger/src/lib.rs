@@ -43,13 +43,21 @@ pub struct Config {
     #[command(flatten)]
     pub database: DatabaseArgs,
     /// Address of the admin gRPC API.
-    #[arg(long = "grpc-addr", env = "TASKFACTORY_GRPC_ADDR", default_value = "127.0.0.1:50051")]
+    #[arg(
+        long = "grpc-addr",
+        env = "TASKFACTORY_GRPC_ADDR",
+        default_value = "127.0.0.1:50051"
+    )]
     pub grpc_addr: SocketAddr,
     /// Largest event body taken in; larger events are rejected (recorded, dead-lettered).
     #[arg(long = "max-event-bytes", env = "TASKFACTORY_MAX_EVENT_BYTES", default_value_t = 1024 * 1024)]
     pub max_event_bytes: usize,
     /// Events handled at once.
-    #[arg(long = "event-concurrency", env = "TASKFACTORY_EVENT_CONCURRENCY", default_value_t = 32)]
+    #[arg(
+        long = "event-concurrency",
+        env = "TASKFACTORY_EVENT_CONCURRENCY",
+        default_value_t = 32
+    )]
     pub event_concurrency: usize,
     /// How often to republish fires that did not reach JetStream.
     #[arg(long = "reconcile-interval", env = "TASKFACTORY_RECONCILE_INTERVAL", default_value = "5s", value_parser = parse_duration)]
@@ -93,7 +101,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .context("declaring streams")?;
 
     let registry = registry::Registry::new();
-    registry.reload(&pool).await.context("loading definitions")?;
+    registry
+        .reload(&pool)
+        .await
+        .context("loading definitions")?;
 
     let tracker = TaskTracker::new();
     // Background work stops on `work_shutdown`; the gRPC server keeps answering until it is done.
@@ -106,8 +117,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         work_shutdown.clone(),
     ));
     tracker.spawn(
-        scheduler::Scheduler::new(pool.clone(), js.clone(), registry.clone(), work_shutdown.clone())
-            .run(),
+        scheduler::Scheduler::new(
+            pool.clone(),
+            js.clone(),
+            registry.clone(),
+            work_shutdown.clone(),
+        )
+        .run(),
     );
     tracker.spawn(fire::run_reconciler(
         pool.clone(),

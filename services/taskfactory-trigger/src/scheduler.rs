@@ -65,12 +65,9 @@ impl Scheduler {
     /// Runs until shutdown, then waits for fires in flight.
     pub async fn run(mut self) {
         let mut snapshots = self.registry.subscribe();
-        snapshots.mark_changed();
+        let initial = snapshots.borrow_and_update().clone();
+        self.sync(&initial.activities).await;
         loop {
-            if snapshots.has_changed().unwrap_or(false) {
-                let snapshot = snapshots.borrow_and_update().clone();
-                self.sync(&snapshot.activities).await;
-            }
             let due = self
                 .entries
                 .values()
@@ -84,6 +81,8 @@ impl Scheduler {
                 _ = self.shutdown.cancelled() => break,
                 changed = snapshots.changed() => {
                     if changed.is_err() { break; }
+                    let snapshot = snapshots.borrow_and_update().clone();
+                    self.sync(&snapshot.activities).await;
                     continue;
                 }
                 _ = tokio::time::sleep(sleep) => {}
@@ -100,9 +99,9 @@ impl Scheduler {
         // schedule restarted by a version change continues from the newer of the two.
         let mut decided_here: HashMap<ActivityId, (DateTime<Utc>, u64)> = HashMap::new();
         self.entries.retain(|id, entry| {
-            let keep = activities
-                .get(id)
-                .is_some_and(|a| a.is_active() && a.schedule.is_some() && Arc::ptr_eq(a, &entry.activity));
+            let keep = activities.get(id).is_some_and(|a| {
+                a.is_active() && a.schedule.is_some() && Arc::ptr_eq(a, &entry.activity)
+            });
             if !keep && let Some(last) = entry.last_decided {
                 decided_here.insert(*id, (last, entry.fires));
             }
@@ -111,7 +110,10 @@ impl Scheduler {
         let now = Utc::now();
         let mut loaded: Option<HashMap<ActivityId, (DateTime<Utc>, u64)>> = None;
         for activity in activities.values() {
-            if !activity.is_active() || activity.schedule.is_none() || self.entries.contains_key(&activity.id) {
+            if !activity.is_active()
+                || activity.schedule.is_none()
+                || self.entries.contains_key(&activity.id)
+            {
                 continue;
             }
             if loaded.is_none() {
@@ -150,11 +152,11 @@ impl Scheduler {
         state: Option<(DateTime<Utc>, u64)>,
         now: DateTime<Utc>,
     ) -> Entry {
-        let schedule = activity.schedule.clone().expect("only schedules get entries");
-        let trigger = activity
-            .schedule_trigger()
-            .cloned()
-            .unwrap_or_default();
+        let schedule = activity
+            .schedule
+            .clone()
+            .expect("only schedules get entries");
+        let trigger = activity.schedule_trigger().cloned().unwrap_or_default();
         let mut fires = state.map_or(0, |(_, n)| n);
         let mut last_decided = state.map(|(w, _)| w);
         if let Some((watermark, _)) = state {
@@ -191,17 +193,29 @@ impl Scheduler {
         entry
     }
 
-    fn max_runs_reached(&self, trigger: &taskfactory_proto::v1::ScheduleTrigger, fires: u64) -> bool {
+    fn max_runs_reached(
+        &self,
+        trigger: &taskfactory_proto::v1::ScheduleTrigger,
+        fires: u64,
+    ) -> bool {
         trigger.max_runs > 0 && fires >= trigger.max_runs
     }
 
     fn schedule_next(&self, entry: &mut Entry, after: DateTime<Utc>) {
-        let trigger = entry.activity.schedule_trigger().cloned().unwrap_or_default();
+        let trigger = entry
+            .activity
+            .schedule_trigger()
+            .cloned()
+            .unwrap_or_default();
         if self.max_runs_reached(&trigger, entry.fires) {
             entry.next = None;
             return;
         }
-        let schedule = entry.activity.schedule.as_ref().expect("only schedules get entries");
+        let schedule = entry
+            .activity
+            .schedule
+            .as_ref()
+            .expect("only schedules get entries");
         let mut upcoming = schedule.occurrences_after(after);
         entry.next = upcoming.next().map(|occurrence| {
             let jitter = trigger
@@ -213,7 +227,12 @@ impl Scheduler {
                 Duration::ZERO
             } else {
                 let following = upcoming.next().map(|o| o.at);
-                jitter_delay(&entry.activity.id.to_string(), occurrence.at, jitter, following)
+                jitter_delay(
+                    &entry.activity.id.to_string(),
+                    occurrence.at,
+                    jitter,
+                    following,
+                )
             };
             let due = occurrence.at + chrono::Duration::from_std(delay).unwrap_or_default();
             (occurrence, due)
@@ -228,7 +247,9 @@ impl Scheduler {
             .map(|(id, _)| *id)
             .collect();
         for id in due {
-            let Some(mut entry) = self.entries.remove(&id) else { continue };
+            let Some(mut entry) = self.entries.remove(&id) else {
+                continue;
+            };
             if let Some((occurrence, _)) = entry.next.take() {
                 if let Some(note) = &occurrence.dst_note {
                     tracing::info!(activity.name = %entry.activity.name, scheduled_for = %occurrence.at, note = %note, "dst adjusted occurrence");

@@ -123,12 +123,14 @@ pub async fn update_activity(
     let changed = &current.1 != spec;
     if changed {
         let version = current.0 + 1;
-        sqlx::query("INSERT INTO activity_versions (activity_id, version, spec) VALUES ($1, $2, $3)")
-            .bind(id.0)
-            .bind(version)
-            .bind(spec)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO activity_versions (activity_id, version, spec) VALUES ($1, $2, $3)",
+        )
+        .bind(id.0)
+        .bind(version)
+        .bind(spec)
+        .execute(&mut *tx)
+        .await?;
         sqlx::query(
             "UPDATE activities SET current_version = $2, enabled = $3, trigger_kind = $4, updated_at = now() WHERE id = $1",
         )
@@ -150,7 +152,10 @@ pub async fn update_activity(
 }
 
 /// Finds a live activity by id or by name.
-pub async fn find_activity_id(pool: &PgPool, id_or_name: &str) -> Result<Option<ActivityId>, StoreError> {
+pub async fn find_activity_id(
+    pool: &PgPool,
+    id_or_name: &str,
+) -> Result<Option<ActivityId>, StoreError> {
     let row: Option<(Uuid,)> = if let Ok(id) = Uuid::parse_str(id_or_name) {
         sqlx::query_as("SELECT id FROM activities WHERE id = $1 AND deleted_at IS NULL")
             .bind(id)
@@ -202,7 +207,10 @@ pub async fn list_activities(
         .bind(limit)
         .fetch_all(pool)
         .await?;
-    Ok(rows.iter().map(activity_from_row).collect::<Result<_, _>>()?)
+    Ok(rows
+        .iter()
+        .map(activity_from_row)
+        .collect::<Result<_, _>>()?)
 }
 
 /// Every live activity at its current version (the registry's view).

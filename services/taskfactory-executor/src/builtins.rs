@@ -1,0 +1,305 @@
+//! The built-in task types.
+//!
+//! - `log` {anything}: logs the params; output `null`.
+//! - `http` {`url`, `method` (default POST), `headers`, `body` (JSON)}: sends the task id as
+//!   `Idempotency-Key`; 2xx succeeds with the response JSON (or text) as output; 5xx, 429 and
+//!   connection failures are retryable, other statuses are permanent. Egress follows the policy
+//!   ([`taskfactory_model::egress`]), checked on resolved addresses and on every redirect.
+//! - `publish` {`subject`, `payload`}: publishes the payload as JSON — through JetStream with
+//!   `Nats-Msg-Id` = task id when a stream covers the subject (so a retried task does not publish
+//!   twice), else as a core NATS message. This is how activities chain.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use taskfactory_model::egress::EgressPolicy;
+use taskfactory_model::subjects;
+use taskfactory_runtime::messaging;
+
+/// The outcome of one attempt that did not succeed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskFailure {
+    pub message: String,
+    /// Whether another attempt may succeed.
+    pub retryable: bool,
+}
+
+impl TaskFailure {
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            retryable: false,
+        }
+    }
+
+    pub fn retryable(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            retryable: true,
+        }
+    }
+}
+
+pub const BUILTIN_TYPES: [&str; 3] = ["log", "http", "publish"];
+
+/// What the built-ins need.
+pub struct Builtins {
+    pub http: reqwest::Client,
+    pub egress: Arc<EgressPolicy>,
+    pub js: async_nats::jetstream::Context,
+    pub nats: async_nats::Client,
+    pub max_response_bytes: usize,
+}
+
+impl Builtins {
+    pub fn new(
+        egress: EgressPolicy,
+        js: async_nats::jetstream::Context,
+        nats: async_nats::Client,
+    ) -> Result<Self, reqwest::Error> {
+        let egress = Arc::new(egress);
+        let redirect_egress = egress.clone();
+        let http = reqwest::Client::builder()
+            .dns_resolver(Arc::new(CheckedResolver {
+                egress: egress.clone(),
+            }))
+            .redirect(reqwest::redirect::Policy::custom(move |attempt| {
+                if attempt.previous().len() >= 5 {
+                    return attempt.error("more than 5 redirects");
+                }
+                let url = attempt.url().clone();
+                let host = url.host_str().unwrap_or_default().to_owned();
+                let port = url.port_or_known_default().unwrap_or(0);
+                match redirect_egress.check_url_target(&host, port) {
+                    Ok(()) => attempt.follow(),
+                    Err(reason) => attempt.error(format!("redirect to {url} refused: {reason}")),
+                }
+            }))
+            .connect_timeout(Duration::from_secs(10))
+            .user_agent(concat!("taskfactory-executor/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self {
+            http,
+            egress,
+            js,
+            nats,
+            max_response_bytes: 1024 * 1024,
+        })
+    }
+
+    /// Runs one built-in task. The caller enforces the timeout.
+    pub async fn run(
+        &self,
+        task_type: &str,
+        task_id: &str,
+        params: &serde_json::Value,
+    ) -> Result<serde_json::Value, TaskFailure> {
+        match task_type {
+            "log" => {
+                tracing::info!(task.id = %task_id, params = %params, "log task");
+                Ok(serde_json::Value::Null)
+            }
+            "http" => self.http(task_id, params).await,
+            "publish" => self.publish(task_id, params).await,
+            other => Err(TaskFailure::permanent(format!(
+                "task type {other:?} is not a built-in type of this executor"
+            ))),
+        }
+    }
+
+    async fn http(
+        &self,
+        task_id: &str,
+        params: &serde_json::Value,
+    ) -> Result<serde_json::Value, TaskFailure> {
+        let url = params
+            .get("url")
+            .and_then(|u| u.as_str())
+            .ok_or_else(|| TaskFailure::permanent("params.url is required (a string)"))?;
+        let url = reqwest::Url::parse(url)
+            .map_err(|e| TaskFailure::permanent(format!("params.url {url:?} is not a URL: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(TaskFailure::permanent(format!(
+                "params.url scheme {:?} is not http or https",
+                url.scheme()
+            )));
+        }
+        let host = url.host_str().unwrap_or_default().to_owned();
+        let port = url.port_or_known_default().unwrap_or(0);
+        self.egress
+            .check_url_target(&host, port)
+            .map_err(|reason| {
+                TaskFailure::permanent(format!("egress to {host} refused: {reason}"))
+            })?;
+        let method = params
+            .get("method")
+            .and_then(|m| m.as_str())
+            .unwrap_or("POST");
+        let method =
+            reqwest::Method::from_bytes(method.to_ascii_uppercase().as_bytes()).map_err(|_| {
+                TaskFailure::permanent(format!("params.method {method:?} is not an HTTP method"))
+            })?;
+        let mut request = self
+            .http
+            .request(method.clone(), url.clone())
+            .header("Idempotency-Key", task_id);
+        if let Some(headers) = params.get("headers") {
+            let headers = headers.as_object().ok_or_else(|| {
+                TaskFailure::permanent("params.headers must be an object of strings")
+            })?;
+            for (name, value) in headers {
+                let value = value.as_str().ok_or_else(|| {
+                    TaskFailure::permanent(format!("params.headers.{name} must be a string"))
+                })?;
+                request = request.header(name.as_str(), value);
+            }
+        }
+        if let Some(body) = params.get("body") {
+            request = request.json(body);
+        }
+        let response = request.send().await.map_err(|e| {
+            let message = format!("{method} {url}: {}", error_chain(&e));
+            if e.is_builder() || e.is_redirect() || message.contains("refused:") {
+                TaskFailure::permanent(message)
+            } else {
+                TaskFailure::retryable(message)
+            }
+        })?;
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = read_capped(response, self.max_response_bytes).await?;
+        let output = serde_json::from_slice(&body).unwrap_or_else(|_| {
+            serde_json::Value::String(String::from_utf8_lossy(&body).into_owned())
+        });
+        if status.is_success() {
+            return Ok(output);
+        }
+        let snippet: String = String::from_utf8_lossy(&body).chars().take(300).collect();
+        let mut message = format!("{method} {url} answered {status}: {snippet}");
+        if let Some(retry_after) = retry_after {
+            message.push_str(&format!(" (Retry-After: {retry_after})"));
+        }
+        if status.is_server_error()
+            || status == reqwest::StatusCode::TOO_MANY_REQUESTS
+            || status == reqwest::StatusCode::REQUEST_TIMEOUT
+        {
+            Err(TaskFailure::retryable(message))
+        } else {
+            Err(TaskFailure::permanent(message))
+        }
+    }
+
+    async fn publish(
+        &self,
+        task_id: &str,
+        params: &serde_json::Value,
+    ) -> Result<serde_json::Value, TaskFailure> {
+        let subject = params
+            .get("subject")
+            .and_then(|s| s.as_str())
+            .ok_or_else(|| TaskFailure::permanent("params.subject is required (a string)"))?;
+        if let Some(problem) = subjects::subject_error(subject, false) {
+            return Err(TaskFailure::permanent(format!("params.subject {problem}")));
+        }
+        let payload = params
+            .get("payload")
+            .cloned()
+            .unwrap_or(serde_json::Value::Null);
+        let body = serde_json::to_vec(&payload).expect("JSON serializes");
+        match messaging::publish_confirmed(
+            &self.js,
+            subject.to_owned(),
+            task_id,
+            None,
+            body.clone().into(),
+        )
+        .await
+        {
+            Ok(duplicate) => {
+                Ok(serde_json::json!({"subject": subject, "stream": true, "duplicate": duplicate}))
+            }
+            Err(e)
+                if e.kind() == async_nats::jetstream::context::PublishErrorKind::StreamNotFound =>
+            {
+                self.nats
+                    .publish(subject.to_owned(), body.into())
+                    .await
+                    .map_err(|e| TaskFailure::retryable(format!("publish to {subject}: {e}")))?;
+                self.nats
+                    .flush()
+                    .await
+                    .map_err(|e| TaskFailure::retryable(format!("publish to {subject}: {e}")))?;
+                Ok(serde_json::json!({"subject": subject, "stream": false}))
+            }
+            Err(e) => Err(TaskFailure::retryable(format!("publish to {subject}: {e}"))),
+        }
+    }
+}
+
+async fn read_capped(mut response: reqwest::Response, cap: usize) -> Result<Vec<u8>, TaskFailure> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| TaskFailure::retryable(format!("reading the response: {}", error_chain(&e))))?
+    {
+        if body.len() + chunk.len() > cap {
+            return Err(TaskFailure::permanent(format!(
+                "response body exceeds {cap} bytes"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        let inner_text = inner.to_string();
+        if !text.contains(&inner_text) {
+            text.push_str(": ");
+            text.push_str(&inner_text);
+        }
+        source = inner.source();
+    }
+    text
+}
+
+/// Resolves names and keeps only the addresses the egress policy allows.
+struct CheckedResolver {
+    egress: Arc<EgressPolicy>,
+}
+
+impl reqwest::dns::Resolve for CheckedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let egress = self.egress.clone();
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let resolved: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            if egress.host_allowed(&host) {
+                return Ok(Box::new(resolved.into_iter()) as reqwest::dns::Addrs);
+            }
+            let mut allowed = Vec::new();
+            let mut refusal = None;
+            for addr in resolved {
+                match egress.check_ip(addr.ip()) {
+                    Ok(()) => allowed.push(addr),
+                    Err(reason) => refusal = Some(reason),
+                }
+            }
+            if allowed.is_empty() {
+                let reason = refusal.unwrap_or_else(|| "no addresses".to_owned());
+                return Err(format!("egress to {host} refused: {reason}").into());
+            }
+            Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}

@@ -1,0 +1,256 @@
+//! Running one task message: decode, run with a timeout while heartbeating, report, settle.
+//!
+//! Each attempt publishes one TaskResult (`results.<activity>.<run>`) before the task message is
+//! settled, so an outcome is never lost: a crash in between means the task runs again (at least
+//! once), and the orchestrator keeps only the first terminal result.
+//!
+//! - success → `SUCCEEDED`, ack;
+//! - a retryable failure with attempts left → `FAILED`, delayed NAK (exponential backoff with
+//!   jitter, capped);
+//! - otherwise → `DEAD`, a copy to `dlq.tasks.<type>` with the error and attempt count, ack;
+//! - a message that is not a TaskInstance → `dlq.tasks.<type>` at once, terminated.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::Message;
+use chrono::Utc;
+use prost::Message as _;
+use taskfactory_model::spec::{chrono_to_timestamp, effective_retry, std_duration};
+use taskfactory_model::{subjects, values};
+use taskfactory_proto::v1::{RetryPolicy, TaskInstance, TaskResult, TaskStatus};
+use taskfactory_runtime::messaging::{self, Disposition};
+
+use crate::builtins::{Builtins, TaskFailure};
+
+pub struct Executor {
+    pub builtins: Builtins,
+    pub name: String,
+    pub ack_wait: Duration,
+}
+
+impl Executor {
+    pub async fn handle(self: Arc<Self>, message: Message) {
+        let disposition = self.process(&message).await;
+        messaging::settle(&message, disposition).await;
+    }
+
+    async fn process(&self, message: &Message) -> Disposition {
+        let task_type = message
+            .subject
+            .as_str()
+            .strip_prefix("tasks.")
+            .unwrap_or(message.subject.as_str())
+            .to_owned();
+        let task = match TaskInstance::decode(message.payload.as_ref()) {
+            Ok(task) if !task.task_id.is_empty() => task,
+            Ok(_) => {
+                return self
+                    .reject(message, &task_type, "task message has no task_id")
+                    .await;
+            }
+            Err(error) => {
+                return self
+                    .reject(message, &task_type, &format!("not a TaskInstance: {error}"))
+                    .await;
+            }
+        };
+        let attempt = message
+            .info()
+            .map(|info| u32::try_from(info.delivered).unwrap_or(u32::MAX))
+            .unwrap_or(1)
+            .max(1);
+        let retry = effective_retry(task.retry.as_ref());
+        let timeout = task
+            .timeout
+            .as_ref()
+            .and_then(std_duration)
+            .filter(|d| !d.is_zero())
+            .unwrap_or(Duration::from_secs(60));
+        let params = task
+            .params
+            .as_ref()
+            .map(values::struct_to_json)
+            .unwrap_or_else(|| serde_json::json!({}));
+
+        let started_at = Utc::now();
+        let heartbeat = {
+            let message = message.clone();
+            let every = self.ack_wait / 3;
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    messaging::keep_alive(&message).await;
+                }
+            })
+        };
+        let outcome = match tokio::time::timeout(
+            timeout,
+            self.builtins.run(&task.r#type, &task.task_id, &params),
+        )
+        .await
+        {
+            Ok(outcome) => outcome,
+            Err(_) => Err(TaskFailure::retryable(format!(
+                "timed out after {timeout:?}"
+            ))),
+        };
+        heartbeat.abort();
+
+        let (status, disposition, error, output) = match outcome {
+            Ok(output) => (
+                TaskStatus::Succeeded,
+                Disposition::Ack,
+                String::new(),
+                Some(output),
+            ),
+            Err(failure) if failure.retryable && attempt < retry.max_attempts => {
+                let delay = backoff(&retry, attempt, &task.task_id);
+                tracing::warn!(task.id = %task.task_id, task.type = %task.r#type, attempt, error = %failure.message, retry_in = ?delay, "task attempt failed");
+                (
+                    TaskStatus::Failed,
+                    Disposition::Retry(delay),
+                    failure.message,
+                    None,
+                )
+            }
+            Err(failure) => {
+                tracing::warn!(task.id = %task.task_id, task.type = %task.r#type, attempt, error = %failure.message, "task dead");
+                (TaskStatus::Dead, Disposition::Ack, failure.message, None)
+            }
+        };
+        let result = TaskResult {
+            task_id: task.task_id.clone(),
+            run_id: task.run_id.clone(),
+            activity_id: task.activity_id.clone(),
+            attempt,
+            status: status as i32,
+            error: error.clone(),
+            output: output.as_ref().map(values::json_to_value),
+            finished_at: Some(chrono_to_timestamp(Utc::now())),
+            executor: self.name.clone(),
+            started_at: Some(chrono_to_timestamp(started_at)),
+            r#type: task.r#type.clone(),
+            retryable: status == TaskStatus::Failed,
+        };
+        if let Err(e) = messaging::publish_confirmed(
+            &self.builtins.js,
+            subjects::result_subject(&task.activity_name, &task.run_id),
+            &subjects::result_msg_id(&task.task_id, attempt, status.as_str_name()),
+            None,
+            result.encode_to_vec().into(),
+        )
+        .await
+        {
+            tracing::warn!(task.id = %task.task_id, error = %e, "cannot report result; the task will run again");
+            return Disposition::Retry(Duration::from_secs(1));
+        }
+        if status == TaskStatus::Dead {
+            let mut headers = HeaderMap::new();
+            headers.insert(subjects::HEADER_ERROR, one_line(&error).as_str());
+            headers.insert(subjects::HEADER_ATTEMPTS, attempt.to_string().as_str());
+            if let Err(e) = messaging::publish_confirmed(
+                &self.builtins.js,
+                subjects::task_dlq_subject(&task_type),
+                &format!("dead:{}", task.task_id),
+                Some(headers),
+                message.payload.clone(),
+            )
+            .await
+            {
+                tracing::warn!(task.id = %task.task_id, error = %e, "cannot dead-letter task; will retry the report");
+                return Disposition::Retry(Duration::from_secs(1));
+            }
+        }
+        disposition
+    }
+
+    async fn reject(&self, message: &Message, task_type: &str, error: &str) -> Disposition {
+        tracing::error!(subject = %message.subject, %error, "undecodable task; dead-lettered");
+        match messaging::dead_letter(
+            &self.builtins.js,
+            subjects::task_dlq_subject(task_type),
+            message,
+            error,
+        )
+        .await
+        {
+            Ok(()) => Disposition::Term,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not dead-letter task; it will be redelivered");
+                Disposition::Retry(Duration::from_secs(5))
+            }
+        }
+    }
+}
+
+fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(2048)
+        .collect()
+}
+
+/// Exponential backoff from the policy, with ±20% jitter derived from the task and attempt.
+pub fn backoff(retry: &RetryPolicy, attempt: u32, task_id: &str) -> Duration {
+    let initial = retry
+        .initial_backoff
+        .as_ref()
+        .and_then(std_duration)
+        .unwrap_or(Duration::from_secs(1));
+    let max = retry
+        .max_backoff
+        .as_ref()
+        .and_then(std_duration)
+        .unwrap_or(Duration::from_secs(60));
+    let multiplier = if retry.multiplier >= 1.0 {
+        retry.multiplier
+    } else {
+        2.0
+    };
+    let exponent = i32::try_from(attempt.saturating_sub(1))
+        .unwrap_or(i32::MAX)
+        .min(64);
+    let base = initial.as_secs_f64() * multiplier.powi(exponent);
+    let capped = base.min(max.as_secs_f64());
+    let hash = task_id
+        .bytes()
+        .chain(attempt.to_le_bytes())
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    let jitter = 0.8 + 0.4 * ((hash % 10_000) as f64 / 10_000.0);
+    Duration::from_secs_f64((capped * jitter).min(max.as_secs_f64()).max(0.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(initial: i64, max: i64) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: 5,
+            initial_backoff: Some(prost_types::Duration {
+                seconds: initial,
+                nanos: 0,
+            }),
+            max_backoff: Some(prost_types::Duration {
+                seconds: max,
+                nanos: 0,
+            }),
+            multiplier: 2.0,
+        }
+    }
+
+    #[test]
+    fn backoff_grows_exponentially_with_bounded_jitter_and_a_cap() {
+        let p = policy(1, 10);
+        let first = backoff(&p, 1, "t").as_secs_f64();
+        let third = backoff(&p, 3, "t").as_secs_f64();
+        assert!((0.8..=1.2).contains(&first), "{first}");
+        assert!((3.2..=4.8).contains(&third), "{third}");
+        assert!(backoff(&p, 30, "t") <= Duration::from_secs(10));
+        assert_eq!(backoff(&p, 2, "t"), backoff(&p, 2, "t"));
+    }
+}

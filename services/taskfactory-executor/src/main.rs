@@ -1,0 +1,29 @@
+use clap::Parser;
+use taskfactory_runtime::telemetry::{self, LogArgs};
+
+/// taskfactory executor: runs tasks of the built-in types and reports their results.
+#[derive(Parser)]
+#[command(name = "taskfactory-executor", version)]
+struct Cli {
+    #[command(flatten)]
+    log: LogArgs,
+    #[command(flatten)]
+    config: taskfactory_executor::Config,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    telemetry::init_logging(&cli.log);
+    let shutdown = taskfactory_runtime::shutdown::on_signal();
+    taskfactory_executor::run(cli.config, shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn command_line_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

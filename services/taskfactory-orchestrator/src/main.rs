@@ -1,0 +1,29 @@
+use clap::Parser;
+use taskfactory_runtime::telemetry::{self, LogArgs};
+
+/// taskfactory orchestrator: turns fires into runs and tasks, and completes runs.
+#[derive(Parser)]
+#[command(name = "taskfactory-orchestrator", version)]
+struct Cli {
+    #[command(flatten)]
+    log: LogArgs,
+    #[command(flatten)]
+    config: taskfactory_orchestrator::Config,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    telemetry::init_logging(&cli.log);
+    let shutdown = taskfactory_runtime::shutdown::on_signal();
+    taskfactory_orchestrator::run(cli.config, shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn command_line_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,345 @@
+//! Event triggers: fan-out, dedupe, malformed events, and the built-in task types.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use taskfactory_model::values::struct_to_json;
+use taskfactory_proto::v1::{RunStatus, TaskStatus, TriggerSource};
+use taskfactory_tests::{EnvOptions, TestEnv, wait_for};
+
+use crate::schedules::wait_for_triggers_drained;
+use crate::support::{create, finished_run, publish_event, runs, tasks};
+
+const FAN_OUT: &str = r#"
+name: order-lines
+trigger:
+  event:
+    subject: "events.orders.*"
+tasks:
+  - name: line
+    type: log
+    forEach: event.lines
+    when: "not item.cancelled"
+    params:
+      order: "{{ event.order_id }}"
+      sku: "{{ item.sku }}"
+      quantity: "{{ item.qty }}"
+      label: "line {{ index }}: {{ item.sku }}"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn event_for_each_with_when_makes_twenty_tasks_with_rendered_params() -> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    create(&mut admin, FAN_OUT).await?;
+    let lines: Vec<serde_json::Value> = (0..25)
+        .map(|i| serde_json::json!({"sku": format!("sku-{i}"), "qty": i + 1, "cancelled": i % 5 == 4}))
+        .collect();
+    let body = serde_json::json!({"order_id": "o-17", "lines": lines});
+    publish_event(
+        &js,
+        "events.orders.created",
+        serde_json::to_vec(&body)?,
+        None,
+    )
+    .await?;
+
+    let run = wait_for("the run", Duration::from_secs(20), || {
+        let mut admin = admin.clone();
+        async move { Ok(runs(&mut admin, "order-lines").await?.into_iter().next()) }
+    })
+    .await?;
+    let run = finished_run(&admin, &run.id, Duration::from_secs(30)).await?;
+    assert_eq!(run.status(), RunStatus::RunSucceeded);
+    assert_eq!(run.source(), TriggerSource::Event);
+    assert_eq!(run.subject, "events.orders.created");
+    assert_eq!(run.tasks_spawned, 20);
+    assert_eq!(run.evaluation[0].items, 25);
+    assert_eq!(run.evaluation[0].tasks, 20);
+    assert!(
+        run.evaluation[0].notes[0].contains("5 of 25 items excluded"),
+        "{:?}",
+        run.evaluation[0].notes
+    );
+
+    let run_tasks = tasks(&mut admin, &run.id).await?;
+    assert_eq!(run_tasks.len(), 20);
+    let mut ids: Vec<&str> = run_tasks.iter().map(|t| t.id.as_str()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 20, "task ids are unique");
+    for task in &run_tasks {
+        assert_eq!(task.status(), TaskStatus::Succeeded);
+        let params = struct_to_json(task.params.as_ref().unwrap());
+        let i = task.item_index as i64;
+        assert_ne!(i % 5, 4, "cancelled lines make no task");
+        assert_eq!(params["order"], "o-17");
+        assert_eq!(params["sku"], format!("sku-{i}"));
+        assert_eq!(
+            params["quantity"],
+            i + 1,
+            "a single expression keeps its number type"
+        );
+        assert_eq!(params["label"], format!("line {i}: sku-{i}"));
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn same_msg_id_gives_one_run_and_different_ids_give_two() -> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    create(
+        &mut admin,
+        "name: dedupe\ntrigger: {event: {subject: events.pay.>}}\ntasks: [{name: t, type: log}]",
+    )
+    .await?;
+    create(&mut admin, "name: keyed\ntrigger: {event: {subject: events.pay.>, dedupeKey: '{{ event.payment }}'}}\ntasks: [{name: t, type: log}]").await?;
+
+    let first = publish_event(
+        &js,
+        "events.pay.done",
+        br#"{"payment": "p1"}"#.to_vec(),
+        Some("evt-1"),
+    )
+    .await?;
+    let second = publish_event(
+        &js,
+        "events.pay.done",
+        br#"{"payment": "p1"}"#.to_vec(),
+        Some("evt-1"),
+    )
+    .await?;
+    assert!(!first.duplicate);
+    assert!(
+        second.duplicate,
+        "JetStream drops the repeat inside the duplicate window"
+    );
+    publish_event(
+        &js,
+        "events.pay.done",
+        br#"{"payment": "p2"}"#.to_vec(),
+        Some("evt-2"),
+    )
+    .await?;
+    // Without a header, every message is its own event; the keyed activity dedupes by payload.
+    publish_event(
+        &js,
+        "events.pay.done",
+        br#"{"payment": "p2"}"#.to_vec(),
+        None,
+    )
+    .await?;
+
+    wait_for("runs of both activities", Duration::from_secs(20), || {
+        let mut admin = admin.clone();
+        async move {
+            let a = runs(&mut admin, "dedupe").await?.len();
+            let b = runs(&mut admin, "keyed").await?.len();
+            Ok((a >= 3 && b >= 2).then_some(()))
+        }
+    })
+    .await?;
+    wait_for_triggers_drained(&js).await?;
+    let by_msg_id = runs(&mut admin, "dedupe").await?;
+    let mut keys: Vec<String> = by_msg_id.iter().map(|r| r.dedupe_key.clone()).collect();
+    keys.sort();
+    assert_eq!(by_msg_id.len(), 3, "{keys:?}");
+    assert_eq!(&keys[..2], ["evt-1", "evt-2"]);
+    assert!(keys[2].starts_with("seq:"), "{keys:?}");
+    let mut by_payload: Vec<String> = runs(&mut admin, "keyed")
+        .await?
+        .into_iter()
+        .map(|r| r.dedupe_key)
+        .collect();
+    by_payload.sort();
+    assert_eq!(by_payload, ["p1", "p2"]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_events_are_recorded_and_the_next_good_event_fires() -> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    create(
+        &mut admin,
+        "name: robust\ntrigger: {event: {subject: events.in}}\ntasks: [{name: t, type: log}]",
+    )
+    .await?;
+
+    publish_event(
+        &js,
+        "events.in",
+        b"this is not json".to_vec(),
+        Some("bad-1"),
+    )
+    .await?;
+    let mut huge = br#"{"blob": ""#.to_vec();
+    huge.extend(std::iter::repeat_n(b'x', 2 * 1024 * 1024));
+    huge.extend(br#""}"#);
+    publish_event(&js, "events.in", huge, Some("bad-2")).await?;
+    publish_event(
+        &js,
+        "events.in",
+        br#"{"ok": true}"#.to_vec(),
+        Some("good-1"),
+    )
+    .await?;
+
+    let run = wait_for("the good event's run", Duration::from_secs(20), || {
+        let mut admin = admin.clone();
+        async move {
+            Ok(runs(&mut admin, "robust")
+                .await?
+                .into_iter()
+                .find(|r| r.dedupe_key == "good-1"))
+        }
+    })
+    .await?;
+    assert_eq!(
+        finished_run(&admin, &run.id, Duration::from_secs(20))
+            .await?
+            .status(),
+        RunStatus::RunSucceeded
+    );
+    assert_eq!(runs(&mut admin, "robust").await?.len(), 1);
+
+    // Both bad events are recorded with their error, and copied to the dead-letter stream.
+    let pool = env.db.pool().await?;
+    let rejected: Vec<(String, String, i32)> =
+        wait_for("two rejected events", Duration::from_secs(10), || {
+            let pool = pool.clone();
+            async move {
+                let rows: Vec<(String, String, i32)> = sqlx::query_as(
+                    "SELECT msg_id, error, size_bytes FROM rejected_events ORDER BY msg_id",
+                )
+                .fetch_all(&pool)
+                .await?;
+                Ok((rows.len() == 2).then_some(rows))
+            }
+        })
+        .await?;
+    assert_eq!(rejected[0].0, "bad-1");
+    assert!(
+        rejected[0].1.contains("not valid JSON"),
+        "{}",
+        rejected[0].1
+    );
+    assert_eq!(rejected[1].0, "bad-2");
+    assert!(
+        rejected[1].1.contains("over the limit"),
+        "{}",
+        rejected[1].1
+    );
+    assert!(rejected[1].2 > 2 * 1024 * 1024);
+    let dlq = js.get_stream("FACTORY_DLQ").await?;
+    let message = dlq.get_last_raw_message_by_subject("dlq.events").await?;
+    let headers = message.headers;
+    assert!(headers.get("Taskfactory-Error").is_some());
+    Ok(())
+}
+
+/// A loopback HTTP server that records what it receives.
+async fn recording_server() -> anyhow::Result<(String, Arc<Mutex<Vec<(String, serde_json::Value)>>>)>
+{
+    let seen: Arc<Mutex<Vec<(String, serde_json::Value)>>> = Arc::default();
+    let state = seen.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(
+            move |headers: axum::http::HeaderMap,
+                  axum::Json(body): axum::Json<serde_json::Value>| {
+                let state = state.clone();
+                async move {
+                    let key = headers
+                        .get("idempotency-key")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned();
+                    state.lock().unwrap().push((key, body));
+                    axum::Json(serde_json::json!({"accepted": true}))
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/hook", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((url, seen))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn http_tasks_send_the_task_id_and_publish_tasks_chain_activities() -> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    let (url, seen) = recording_server().await?;
+    create(
+        &mut admin,
+        "name: first\ntrigger: {event: {subject: events.start}}\ntasks: [{name: next, type: publish, params: {subject: events.chained, payload: {value: '{{ event.value }}'}}}]",
+    )
+    .await?;
+    create(
+        &mut admin,
+        &format!("name: second\ntrigger: {{event: {{subject: events.chained}}}}\ntasks: [{{name: call, type: http, params: {{url: '{url}', body: {{value: '{{{{ event.value }}}}'}}}}}}]"),
+    )
+    .await?;
+    publish_event(&js, "events.start", br#"{"value": 7}"#.to_vec(), None).await?;
+
+    let run = wait_for("the chained run", Duration::from_secs(20), || {
+        let mut admin = admin.clone();
+        async move { Ok(runs(&mut admin, "second").await?.into_iter().next()) }
+    })
+    .await?;
+    let run = finished_run(&admin, &run.id, Duration::from_secs(20)).await?;
+    assert_eq!(run.status(), RunStatus::RunSucceeded);
+    let task = tasks(&mut admin, &run.id).await?.remove(0);
+    assert_eq!(task.status(), TaskStatus::Succeeded);
+    assert_eq!(
+        taskfactory_model::values::value_to_json(task.output.as_ref().unwrap()),
+        serde_json::json!({"accepted": true})
+    );
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].0, task.id, "the task id is the Idempotency-Key");
+    assert_eq!(seen[0].1, serde_json::json!({"value": 7}));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn http_tasks_to_private_addresses_are_refused_by_default() -> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions {
+        egress_allow: String::new(),
+        ..Default::default()
+    })
+    .await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    let (url, seen) = recording_server().await?;
+    create(
+        &mut admin,
+        &format!("name: egress\ntrigger: {{manual: {{}}}}\ntasks: [{{name: call, type: http, params: {{url: '{url}'}}, retry: {{maxAttempts: 1}}}}]"),
+    )
+    .await?;
+    let fired = admin
+        .trigger_activity(taskfactory_proto::v1::TriggerActivityRequest {
+            id: "egress".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let run = finished_run(&admin, &fired.run_id, Duration::from_secs(20)).await?;
+    assert_eq!(run.status(), RunStatus::RunFailed);
+    let task = tasks(&mut admin, &run.id).await?.remove(0);
+    assert_eq!(task.status(), TaskStatus::Dead);
+    assert!(task.last_error.contains("loopback"), "{}", task.last_error);
+    assert!(seen.lock().unwrap().is_empty());
+    Ok(())
+}

@@ -1,0 +1,209 @@
+//! Crashes, signals and restarts: nothing lost, nothing done twice.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use taskfactory_model::spec::timestamp_to_chrono;
+use taskfactory_proto::v1::{RunStatus, TaskStatus, TriggerActivityRequest};
+use taskfactory_tests::{EnvOptions, Service, TestEnv, wait_for};
+
+use crate::support::{create, finished_run, runs, tasks};
+
+/// A loopback HTTP endpoint that counts calls per `Idempotency-Key`, optionally slowly.
+async fn counting_server(
+    delay: Duration,
+) -> anyhow::Result<(String, Arc<Mutex<HashMap<String, u32>>>)> {
+    let calls: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let state = calls.clone();
+    let app = axum::Router::new().route(
+        "/work",
+        axum::routing::post(move |headers: axum::http::HeaderMap| {
+            let state = state.clone();
+            async move {
+                tokio::time::sleep(delay).await;
+                let key = headers
+                    .get("idempotency-key")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                *state.lock().unwrap().entry(key).or_default() += 1;
+                axum::Json(serde_json::json!({"ok": true}))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/work", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((url, calls))
+}
+
+fn fan_out_spec(name: &str, url: &str, count: u32) -> String {
+    format!(
+        "name: {name}\ntrigger: {{manual: {{}}}}\ntasks: [{{name: work, type: http, forEach: 'range({count})', params: {{url: '{url}', body: {{n: '{{{{ item }}}}'}}}}}}]"
+    )
+}
+
+async fn stream_messages(js: &async_nats::jetstream::Context, stream: &str) -> anyhow::Result<u64> {
+    let mut stream = js.get_stream(stream).await?;
+    Ok(stream.info().await?.state.messages)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn orchestrator_killed_mid_spawn_loses_nothing() -> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions {
+        orchestrator_ack_wait: Duration::from_secs(2),
+        ..Default::default()
+    })
+    .await?;
+    let _trigger = env.start(Service::Trigger);
+    // One publish at a time makes the spawn long enough to be killed in the middle of it.
+    let slow_spawn = [("TASKFACTORY_PUBLISH_WINDOW", "1")];
+    let orchestrator = env.spawn_process(Service::Orchestrator, &slow_spawn)?;
+    env.wait_ready(&[Service::Trigger, Service::Orchestrator])
+        .await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    let (url, calls) = counting_server(Duration::ZERO).await?;
+    create(&mut admin, &fan_out_spec("fan-out", &url, 500)).await?;
+
+    let fired = admin
+        .trigger_activity(TriggerActivityRequest {
+            id: "fan-out".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    // No executor yet: the task stream shows how far the spawn got.
+    wait_for("the spawn to be under way", Duration::from_secs(30), || {
+        let js = js.clone();
+        async move { Ok((stream_messages(&js, "FACTORY_TASKS").await? >= 25).then_some(())) }
+    })
+    .await?;
+    orchestrator.kill();
+    let published_before_kill = stream_messages(&js, "FACTORY_TASKS").await?;
+    assert!(
+        (25..500).contains(&published_before_kill),
+        "the kill landed mid-spawn ({published_before_kill} of 500 published)"
+    );
+
+    let _orchestrator = env.spawn_process(Service::Orchestrator, &slow_spawn)?;
+    let _executor = env.start(Service::Executor);
+    let run = finished_run(&admin, &fired.run_id, Duration::from_secs(90)).await?;
+    assert_eq!(run.status(), RunStatus::RunSucceeded);
+    assert_eq!(run.tasks_spawned, 500);
+    assert_eq!(run.tasks_succeeded, 500);
+
+    let run_tasks = tasks(&mut admin, &run.id).await?;
+    assert_eq!(run_tasks.len(), 500);
+    assert!(
+        run_tasks
+            .iter()
+            .all(|t| t.status() == TaskStatus::Succeeded && t.attempts == 1)
+    );
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 500, "every task ran");
+    let twice: Vec<_> = calls.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(twice.is_empty(), "tasks ran more than once: {twice:?}");
+    for task in &run_tasks {
+        assert_eq!(calls.get(&task.id), Some(&1));
+    }
+    assert_eq!(runs(&mut admin, "fan-out").await?.len(), 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn services_stop_cleanly_on_sigterm_and_lose_nothing_across_a_restart() -> anyhow::Result<()>
+{
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let start = |env: &TestEnv| -> anyhow::Result<Vec<taskfactory_tests::Running>> {
+        Ok(vec![
+            env.spawn_process(Service::Trigger, &[])?,
+            env.spawn_process(Service::Orchestrator, &[])?,
+            env.spawn_process(Service::Executor, &[])?,
+        ])
+    };
+    let services = start(&env)?;
+    env.wait_ready(&[Service::Trigger, Service::Orchestrator, Service::Executor])
+        .await?;
+    let mut admin = env.admin().await?;
+    let (url, calls) = counting_server(Duration::from_millis(100)).await?;
+    create(&mut admin, &fan_out_spec("slow-work", &url, 120)).await?;
+    create(
+        &mut admin,
+        "name: ticker\ntrigger: {schedule: {cron: ['* * * * * *'], timezone: UTC, misfire: MISFIRE_ALL}}\ntasks: [{name: t, type: log}]",
+    )
+    .await?;
+    let fired = admin
+        .trigger_activity(TriggerActivityRequest {
+            id: "slow-work".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    wait_for("work in flight", Duration::from_secs(30), || {
+        let calls = calls.clone();
+        async move { Ok((calls.lock().unwrap().len() >= 10).then_some(())) }
+    })
+    .await?;
+
+    // SIGTERM everything with work in flight: each exits 0.
+    for service in services {
+        service.stop().await?;
+    }
+    let done_before_restart = calls.lock().unwrap().len();
+    assert!(
+        done_before_restart < 120,
+        "work was still in flight at the signal"
+    );
+
+    let _services = start(&env)?;
+    env.wait_ready(&[Service::Trigger, Service::Orchestrator, Service::Executor])
+        .await?;
+    let mut admin = env.admin().await?;
+    let run = finished_run(&admin, &fired.run_id, Duration::from_secs(90)).await?;
+    assert_eq!(run.status(), RunStatus::RunSucceeded);
+    let run_tasks = tasks(&mut admin, &run.id).await?;
+    assert_eq!(run_tasks.len(), 120);
+    assert!(
+        run_tasks
+            .iter()
+            .all(|t| t.status() == TaskStatus::Succeeded)
+    );
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 120, "every task ran");
+    assert!(
+        calls.values().all(|n| *n == 1),
+        "no task ran twice: {calls:?}"
+    );
+
+    // The schedule caught up: no second is missing between the first and the newest run.
+    let ticks = wait_for("ticks after the restart", Duration::from_secs(30), || {
+        let mut admin = admin.clone();
+        async move {
+            let ticks = runs(&mut admin, "ticker").await?;
+            let newest = ticks
+                .iter()
+                .filter_map(|r| r.scheduled_for.as_ref().and_then(timestamp_to_chrono))
+                .max();
+            Ok(newest
+                .filter(|n| *n > Utc::now() - chrono::Duration::seconds(2))
+                .map(|_| ticks))
+        }
+    })
+    .await?;
+    let mut seconds: Vec<DateTime<Utc>> = ticks
+        .iter()
+        .filter_map(|r| r.scheduled_for.as_ref().and_then(timestamp_to_chrono))
+        .collect();
+    seconds.sort();
+    for pair in seconds.windows(2) {
+        assert_eq!(
+            pair[1] - pair[0],
+            chrono::Duration::seconds(1),
+            "no missed second: {seconds:?}"
+        );
+    }
+    Ok(())
+}

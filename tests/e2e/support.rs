@@ -1,0 +1,109 @@
+//! Shared steps of the end-to-end tests.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use taskfactory_model::spec::spec_from_yaml;
+use taskfactory_proto::v1::admin_service_client::AdminServiceClient;
+use taskfactory_proto::v1::{
+    Activity, CreateActivityRequest, GetRunRequest, ListRunsRequest, ListTasksRequest, Run,
+    RunStatus, Task,
+};
+use taskfactory_tests::wait_for;
+use tonic::transport::Channel;
+
+pub type Admin = AdminServiceClient<Channel>;
+
+pub async fn create(admin: &mut Admin, yaml: &str) -> anyhow::Result<Activity> {
+    let spec = spec_from_yaml(yaml)?;
+    Ok(admin
+        .create_activity(CreateActivityRequest { spec: Some(spec) })
+        .await
+        .context("CreateActivity")?
+        .into_inner())
+}
+
+/// Every run of an activity, newest first (all pages).
+pub async fn runs(admin: &mut Admin, activity: &str) -> anyhow::Result<Vec<Run>> {
+    let mut runs = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = admin
+            .list_runs(ListRunsRequest {
+                activity_id: activity.to_owned(),
+                page_size: 1000,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        runs.extend(page.runs);
+        if page.next_page_token.is_empty() {
+            return Ok(runs);
+        }
+        token = page.next_page_token;
+    }
+}
+
+/// Every task of a run, in template and item order (all pages).
+pub async fn tasks(admin: &mut Admin, run_id: &str) -> anyhow::Result<Vec<Task>> {
+    let mut tasks = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = admin
+            .list_tasks(ListTasksRequest {
+                run_id: run_id.to_owned(),
+                page_size: 1000,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        tasks.extend(page.tasks);
+        if page.next_page_token.is_empty() {
+            return Ok(tasks);
+        }
+        token = page.next_page_token;
+    }
+}
+
+/// Waits until the run is in a terminal state and returns it with details.
+pub async fn finished_run(admin: &Admin, run_id: &str, timeout: Duration) -> anyhow::Result<Run> {
+    wait_for(&format!("run {run_id} to finish"), timeout, || {
+        let mut admin = admin.clone();
+        let run_id = run_id.to_owned();
+        async move {
+            let run = match admin.get_run(GetRunRequest { id: run_id }).await {
+                Ok(run) => run.into_inner(),
+                Err(status) if status.code() == tonic::Code::NotFound => return Ok(None),
+                Err(status) => return Err(status.into()),
+            };
+            let done = matches!(
+                run.status(),
+                RunStatus::RunSucceeded
+                    | RunStatus::RunFailed
+                    | RunStatus::RunCancelled
+                    | RunStatus::RunSkipped
+            );
+            Ok(done.then_some(run))
+        }
+    })
+    .await
+}
+
+/// Publishes a JSON event through JetStream, optionally with a `Nats-Msg-Id`.
+pub async fn publish_event(
+    js: &async_nats::jetstream::Context,
+    subject: &str,
+    body: Vec<u8>,
+    msg_id: Option<&str>,
+) -> anyhow::Result<async_nats::jetstream::publish::PublishAck> {
+    let mut headers = async_nats::HeaderMap::new();
+    if let Some(id) = msg_id {
+        headers.insert("Nats-Msg-Id", id);
+    }
+    Ok(js
+        .publish_with_headers(subject.to_owned(), headers, body.into())
+        .await?
+        .await?)
+}
