@@ -2,6 +2,7 @@
 //! One binary; each test gets its own NATS server and database.
 
 mod events;
+mod examples;
 mod resilience;
 mod schedules;
 mod support;

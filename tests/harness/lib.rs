@@ -233,13 +233,26 @@ impl Service {
     }
 }
 
-/// A running service.
+/// A running service. A service process still running when its handle is dropped is killed, so
+/// a failing test leaves nothing behind.
 pub enum Running {
     InProcess {
         shutdown: CancellationToken,
         task: JoinHandle<anyhow::Result<()>>,
     },
-    Process(Child),
+    Process(ChildGuard),
+}
+
+/// Kills its process on drop.
+pub struct ChildGuard(Option<Child>);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 impl Running {
@@ -252,22 +265,30 @@ impl Running {
                     .await
                     .context("service did not stop within 30s")??
             }
-            Running::Process(mut child) => {
-                signal(&child, "TERM")?;
-                let status = tokio::task::spawn_blocking(move || child.wait()).await??;
-                if !status.success() {
-                    bail!("service exited with {status}");
+            Running::Process(mut guard) => {
+                let child = guard.0.as_mut().expect("the child is present");
+                signal(child, "TERM")?;
+                let deadline = Instant::now() + Duration::from_secs(30);
+                loop {
+                    if let Some(status) = child.try_wait()? {
+                        if !status.success() {
+                            bail!("service exited with {status}");
+                        }
+                        return Ok(());
+                    }
+                    if Instant::now() > deadline {
+                        bail!("service did not exit within 30s of SIGTERM");
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                Ok(())
             }
         }
     }
 
     /// SIGKILL (processes only).
     pub fn kill(self) {
-        if let Running::Process(mut child) = self {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Running::Process(guard) = self {
+            drop(guard);
         } else if let Running::InProcess { shutdown, task } = self {
             shutdown.cancel();
             task.abort();
@@ -397,7 +418,7 @@ impl TestEnv {
         for (key, value) in extra_env {
             command.env(key, value);
         }
-        Ok(Running::Process(command.spawn()?))
+        Ok(Running::Process(ChildGuard(Some(command.spawn()?))))
     }
 
     /// Starts all three services in-process and waits until they are ready.

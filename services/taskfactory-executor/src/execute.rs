@@ -12,6 +12,7 @@
 
 use std::sync::Arc;
 use std::time::Duration;
+use taskfactory_runtime::telemetry::error_chain;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::Message;
@@ -143,7 +144,7 @@ impl Executor {
         )
         .await
         {
-            tracing::warn!(task.id = %task.task_id, error = %e, "cannot report result; the task will run again");
+            tracing::warn!(task.id = %task.task_id, error = %error_chain(&e), "cannot report result; the task will run again");
             return Disposition::Retry(Duration::from_secs(1));
         }
         if status == TaskStatus::Dead {
@@ -159,7 +160,7 @@ impl Executor {
             )
             .await
             {
-                tracing::warn!(task.id = %task.task_id, error = %e, "cannot dead-letter task; will retry the report");
+                tracing::warn!(task.id = %task.task_id, error = %error_chain(&e), "cannot dead-letter task; will retry the report");
                 return Disposition::Retry(Duration::from_secs(1));
             }
         }
@@ -178,7 +179,7 @@ impl Executor {
         {
             Ok(()) => Disposition::Term,
             Err(e) => {
-                tracing::warn!(error = %e, "could not dead-letter task; it will be redelivered");
+                tracing::warn!(error = %error_chain(&e), "could not dead-letter task; it will be redelivered");
                 Disposition::Retry(Duration::from_secs(5))
             }
         }

@@ -205,7 +205,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     tracing::info!("orchestrator running");
     tracker.close();
     tracker.wait().await;
-    client.flush().await.ok();
+    // Bounded: a server that is already gone must not hold up the exit.
+    let _ = tokio::time::timeout(Duration::from_secs(5), client.flush()).await;
     tracing::info!("orchestrator stopped");
     Ok(())
 }

@@ -13,6 +13,7 @@ use taskfactory_model::spec::timestamp_to_chrono;
 use taskfactory_model::{subjects, values};
 use taskfactory_proto::v1::{TaskResult, TaskStatus};
 use taskfactory_runtime::messaging::{self, Disposition};
+use taskfactory_runtime::telemetry::error_chain;
 
 use crate::completion;
 use crate::store::{self, Recorded, ResultRecord};
@@ -77,14 +78,14 @@ impl ResultSink {
                 if let Some(run) = completed
                     && let Err(error) = completion::announce(&self.pool, &self.js, &run).await
                 {
-                    tracing::warn!(run.id = %run.id, error = ?anyhow::Error::from(error), "run finished but not announced; will retry");
+                    tracing::warn!(run.id = %run.id, error = %error_chain(&error), "run finished but not announced; will retry");
                     // The result is recorded; the redelivery finds the run unannounced.
                     return self.retry_announcement(&result).await;
                 }
                 Disposition::Ack
             }
             Err(error) => {
-                tracing::warn!(task.id = %task_id, %error, "cannot record result; will retry");
+                tracing::warn!(task.id = %task_id, error = %error_chain(&error), "cannot record result; will retry");
                 Disposition::Retry(Duration::from_secs(1))
             }
         }
@@ -112,7 +113,7 @@ impl ResultSink {
         {
             Ok(()) => Disposition::Term,
             Err(e) => {
-                tracing::warn!(error = %e, "could not dead-letter result; it will be redelivered");
+                tracing::warn!(error = %error_chain(&e), "could not dead-letter result; it will be redelivered");
                 Disposition::Retry(Duration::from_secs(5))
             }
         }

@@ -30,6 +30,7 @@ use taskfactory_proto::v1::{
     ActivitySpec, RunStatus, TaskInstance, TriggerEvent, TriggerSource, context_source,
 };
 use taskfactory_runtime::messaging::{self, Disposition};
+use taskfactory_runtime::telemetry::error_chain;
 use uuid::Uuid;
 
 use crate::completion;
@@ -52,6 +53,8 @@ enum SpawnError {
     Decode(#[source] prost::DecodeError),
     #[error("trigger message is missing {0}")]
     Missing(&'static str),
+    #[error("{0}")]
+    UnknownActivity(String),
     #[error("database error")]
     Database(#[from] sqlx::Error),
     #[error("failed to announce the finished run")]
@@ -68,7 +71,9 @@ impl SpawnError {
     /// The one place a spawn error picks its ack.
     fn disposition(&self) -> Disposition {
         match self {
-            SpawnError::Decode(_) | SpawnError::Missing(_) => Disposition::Term,
+            SpawnError::Decode(_) | SpawnError::Missing(_) | SpawnError::UnknownActivity(_) => {
+                Disposition::Term
+            }
             SpawnError::Database(_) | SpawnError::Announce(_) | SpawnError::Publish { .. } => {
                 Disposition::Retry(Duration::from_secs(2))
             }
@@ -96,7 +101,7 @@ impl Spawner {
             Err(error) => {
                 let disposition = error.disposition();
                 if disposition == Disposition::Term {
-                    tracing::error!(subject = %message.subject, error = %error, "undecodable trigger; dead-lettered");
+                    tracing::error!(subject = %message.subject, error = %error_chain(&error), "trigger cannot be processed; dead-lettered");
                     if let Err(e) = messaging::dead_letter(
                         &self.js,
                         subjects::TRIGGERS_DLQ_SUBJECT.to_owned(),
@@ -105,13 +110,13 @@ impl Spawner {
                     )
                     .await
                     {
-                        tracing::warn!(error = %e, "could not dead-letter trigger; it will be redelivered");
+                        tracing::warn!(error = %error_chain(&e), "could not dead-letter trigger; it will be redelivered");
                         messaging::settle(&message, Disposition::Retry(Duration::from_secs(5)))
                             .await;
                         return;
                     }
                 } else {
-                    tracing::warn!(subject = %message.subject, error = ?anyhow::Error::from(error), "trigger not processed; will retry");
+                    tracing::warn!(subject = %message.subject, error = %error_chain(&error), "trigger not processed; will retry");
                 }
                 disposition
             }
@@ -199,11 +204,9 @@ impl Spawner {
             .await?
         {
             Ok(spec) => spec,
-            Err(reason) => {
-                run.status = RunStatus::RunFailed;
-                run.error = reason;
-                return Ok((run, Vec::new()));
-            }
+            // The fire names a definition this database does not have (NATS and Postgres were
+            // reset separately): there is nothing to record a run against.
+            Err(reason) => return Err(SpawnError::UnknownActivity(reason)),
         };
         let context = match resolve_context(&spec) {
             Ok(context) => context,

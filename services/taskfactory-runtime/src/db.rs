@@ -1,6 +1,7 @@
 //! Postgres: creating the database if absent, the pool, and the migrations (embedded from the
 //! top-level `migrations/`; sqlx serialises concurrent runs with an advisory lock).
 
+use crate::telemetry::error_chain;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -48,7 +49,7 @@ pub async fn connect_and_migrate(
                 return Ok(pool);
             }
             Err(DbError::Connect { source, .. }) if started.elapsed() < patience => {
-                tracing::warn!(error = %source, "postgres not reachable yet; retrying");
+                tracing::warn!(error = %error_chain(&source), "postgres not reachable yet; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
@@ -106,8 +107,11 @@ async fn create_database(options: &PgConnectOptions, database: &str) -> Result<(
             tracing::info!(database, "created database");
             Ok(())
         }
-        // 42P04: duplicate_database — another service created it first.
-        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => Ok(()),
+        // 42P04 duplicate_database, or 23505 when two creations race in the catalog: another
+        // service created it first.
+        Err(sqlx::Error::Database(e)) if matches!(e.code().as_deref(), Some("42P04" | "23505")) => {
+            Ok(())
+        }
         Err(source) => Err(DbError::Create {
             database: database.to_owned(),
             source,

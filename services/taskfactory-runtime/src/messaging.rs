@@ -9,6 +9,7 @@
 //!   message in hand is never abandoned halfway.
 //! - Settling: a handler returns a [`Disposition`]; [`settle`] turns it into the JetStream ack.
 
+use crate::telemetry::error_chain;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -77,14 +78,14 @@ pub async fn settle(message: &Message, disposition: Disposition) {
         Disposition::Term => AckKind::Term,
     };
     if let Err(error) = message.ack_with(kind).await {
-        tracing::warn!(subject = %message.subject, %error, ?disposition, "could not settle message; it will be redelivered");
+        tracing::warn!(subject = %message.subject, error = %error_chain(&*error), ?disposition, "could not settle message; it will be redelivered");
     }
 }
 
 /// Tells the server the message is still being worked on (resets its `ack_wait`).
 pub async fn keep_alive(message: &Message) {
     if let Err(error) = message.ack_with(AckKind::Progress).await {
-        tracing::debug!(subject = %message.subject, %error, "progress ack failed");
+        tracing::debug!(subject = %message.subject, error = %error_chain(&*error), "progress ack failed");
     }
 }
 
@@ -206,7 +207,7 @@ pub async fn consume<F, Fut>(
         let mut messages = match messages {
             Ok(messages) => messages,
             Err(error) => {
-                tracing::warn!(consumer = %spec.durable, %error, "cannot consume yet; retrying");
+                tracing::warn!(consumer = %spec.durable, error = %error_chain(&*error), "cannot consume yet; retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => break 'reconnect,
                     _ = tokio::time::sleep(backoff) => {}
@@ -240,7 +241,7 @@ pub async fn consume<F, Fut>(
                     });
                 }
                 Some(Err(error)) => {
-                    tracing::warn!(consumer = %spec.durable, %error, "message stream failed; re-subscribing");
+                    tracing::warn!(consumer = %spec.durable, error = %error_chain(&error), "message stream failed; re-subscribing");
                     tokio::select! {
                         _ = shutdown.cancelled() => break 'reconnect,
                         _ = tokio::time::sleep(backoff) => {}
@@ -263,7 +264,7 @@ async fn hand_back_buffered(messages: &mut consumer::pull::Stream) {
     use futures::FutureExt;
     while let Some(Some(Ok(message))) = messages.next().now_or_never() {
         if let Err(error) = message.ack_with(AckKind::Nak(None)).await {
-            tracing::debug!(%error, "could not hand back a buffered message");
+            tracing::debug!(error = %error_chain(&*error), "could not hand back a buffered message");
         }
     }
 }

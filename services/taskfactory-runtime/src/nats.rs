@@ -3,6 +3,7 @@
 //! Each service declares all streams at start, idempotently (create, or update to this config), so
 //! a fresh NATS just works whichever service starts first.
 
+use crate::telemetry::error_chain;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
@@ -69,7 +70,7 @@ pub async fn connect(
                         source,
                     });
                 }
-                tracing::warn!(url = %args.url, error = %source, "nats not reachable yet; retrying");
+                tracing::warn!(url = %args.url, error = %error_chain(&source), "nats not reachable yet; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
@@ -124,7 +125,7 @@ pub async fn declare_streams(js: &jetstream::Context, replicas: usize) -> Result
             Ok(_) => {}
             Err(source) => {
                 if js.get_stream(&name).await.is_ok() {
-                    tracing::warn!(stream = %name, error = %source, "stream exists with a configuration that cannot be updated; keeping it");
+                    tracing::warn!(stream = %name, error = %error_chain(&source), "stream exists with a configuration that cannot be updated; keeping it");
                 } else {
                     return Err(NatsError::Stream {
                         stream: name,

@@ -27,3 +27,19 @@ pub fn init_logging(args: &LogArgs) {
         LogFormat::Pretty => builder.compact().try_init(),
     };
 }
+
+/// An error and its sources on one line (`outer: inner: root`), for log fields. Errors keep their
+/// source out of their own message, so this is where the chain is spelled out.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        let inner_text = inner.to_string();
+        if !text.contains(&inner_text) {
+            text.push_str(": ");
+            text.push_str(&inner_text);
+        }
+        source = inner.source();
+    }
+    text
+}

@@ -17,6 +17,7 @@ use taskfactory_proto::v1::{
     ListTasksRequest, ListTasksResponse, Run, RunStatus, Task, TaskStatus, TriggerActivityRequest,
     TriggerActivityResponse, TriggerSource, UpdateActivityRequest, trigger,
 };
+use taskfactory_runtime::telemetry::error_chain;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
@@ -97,7 +98,7 @@ impl Admin {
     /// published right after CreateActivity fires it), the others on the announcement.
     async fn definitions_changed(&self) {
         if let Err(error) = self.registry.reload(&self.pool).await {
-            tracing::warn!(%error, "cannot reload definitions after a change; the reloader retries");
+            tracing::warn!(error = %error_chain(&error), "cannot reload definitions after a change; the reloader retries");
             self.registry.request_reload();
         }
         registry::announce_change(&self.nats).await;

@@ -13,6 +13,7 @@
 
 use std::sync::Arc;
 use std::time::Duration;
+use taskfactory_runtime::telemetry::error_chain;
 
 use async_nats::jetstream::Message;
 use sqlx::PgPool;
@@ -80,7 +81,7 @@ impl EventIngress {
                     Ok(true) => {}
                     Ok(false) => continue,
                     Err(error) => {
-                        tracing::warn!(activity.name = %activity.name, %subject, %error, "event filter failed on this event; activity not fired");
+                        tracing::warn!(activity.name = %activity.name, %subject, error = %error_chain(&error), "event filter failed on this event; activity not fired");
                         continue;
                     }
                 }
@@ -101,7 +102,7 @@ impl EventIngress {
                         continue;
                     }
                     Err(error) => {
-                        tracing::warn!(activity.name = %activity.name, %subject, %error, "dedupeKey failed on this event; activity not fired");
+                        tracing::warn!(activity.name = %activity.name, %subject, error = %error_chain(&error), "dedupeKey failed on this event; activity not fired");
                         continue;
                     }
                 }
@@ -118,7 +119,7 @@ impl EventIngress {
                 watermark: None,
             };
             if let Err(error) = fire::fire(&self.pool, &self.js, request).await {
-                tracing::warn!(activity.name = %activity.name, %subject, %error, "cannot record event fire; event will be redelivered");
+                tracing::warn!(activity.name = %activity.name, %subject, error = %error_chain(&error), "cannot record event fire; event will be redelivered");
                 return Disposition::Retry(Duration::from_secs(1));
             }
         }
@@ -143,7 +144,7 @@ impl EventIngress {
         )
         .await
         {
-            tracing::warn!(error = %e, "cannot record rejected event; will retry");
+            tracing::warn!(error = %error_chain(&e), "cannot record rejected event; will retry");
             return Disposition::Retry(Duration::from_secs(1));
         }
         if let Err(e) = messaging::dead_letter(
@@ -155,7 +156,7 @@ impl EventIngress {
         .await
         {
             // Recorded in Postgres already; the DLQ copy is a convenience.
-            tracing::warn!(error = %e, "cannot copy rejected event to the dead-letter stream");
+            tracing::warn!(error = %error_chain(&e), "cannot copy rejected event to the dead-letter stream");
         }
         Disposition::Term
     }

@@ -11,6 +11,7 @@
 //! run id is derived from the same key, so callers can name the run either way.
 
 use std::time::Duration;
+use taskfactory_runtime::telemetry::error_chain;
 
 use chrono::{DateTime, Utc};
 use prost::Message;
@@ -117,11 +118,11 @@ pub async fn fire(
     {
         Ok(()) => {
             if let Err(error) = store::mark_published(pool, fire_id).await {
-                tracing::warn!(fire.id = %fire_id, %error, "fire published but not marked; the reconciler will republish it (deduplicated)");
+                tracing::warn!(fire.id = %fire_id, error = %error_chain(&error), "fire published but not marked; the reconciler will republish it (deduplicated)");
             }
         }
         Err(error) => {
-            tracing::warn!(fire.id = %fire_id, activity.name = %request.activity_name, %error, "fire recorded but not published; the reconciler will publish it");
+            tracing::warn!(fire.id = %fire_id, activity.name = %request.activity_name, error = %error_chain(&error), "fire recorded but not published; the reconciler will publish it");
         }
     }
     tracing::info!(activity.name = %request.activity_name, fire.id = %fire_id, run.id = %run_id, source = source_name(request.source), scheduled_for = ?request.scheduled_for, "fired");
@@ -169,7 +170,7 @@ pub async fn run_reconciler(
         let pending = match store::fires_to_republish(&pool, older_than, now, 500).await {
             Ok(pending) => pending,
             Err(error) => {
-                tracing::warn!(%error, "reconciler cannot read fires");
+                tracing::warn!(error = %error_chain(&error), "reconciler cannot read fires");
                 continue;
             }
         };
@@ -189,11 +190,11 @@ pub async fn run_reconciler(
                 Ok(()) => {
                     tracing::info!(fire.id = %fire.id, activity.name = %fire.activity_name, "republished fire");
                     if let Err(error) = store::mark_republished(&pool, fire.id).await {
-                        tracing::warn!(fire.id = %fire.id, %error, "could not mark republished fire");
+                        tracing::warn!(fire.id = %fire.id, error = %error_chain(&error), "could not mark republished fire");
                     }
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "reconciler cannot publish; will retry");
+                    tracing::warn!(error = %error_chain(&error), "reconciler cannot publish; will retry");
                     break;
                 }
             }

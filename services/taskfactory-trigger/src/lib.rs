@@ -188,7 +188,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     work_shutdown.cancel();
     tracker.close();
     tracker.wait().await;
-    client.flush().await.ok();
+    // Bounded: a server that is already gone must not hold up the exit.
+    let _ = tokio::time::timeout(Duration::from_secs(5), client.flush()).await;
     served.context("admin gRPC server")?;
     tracing::info!("trigger stopped");
     Ok(())

@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
+use taskfactory_runtime::telemetry::error_chain;
 
 use futures::StreamExt;
 use sqlx::PgPool;
@@ -60,7 +61,7 @@ impl LiveActivity {
         let spec: ActivitySpec = match taskfactory_proto::from_json(&record.spec) {
             Ok(spec) => spec,
             Err(error) => {
-                tracing::error!(activity.id = %record.id, activity.name = %record.name, %error, "stored spec does not parse; activity ignored");
+                tracing::error!(activity.id = %record.id, activity.name = %record.name, error = %error_chain(&error), "stored spec does not parse; activity ignored");
                 return None;
             }
         };
@@ -161,7 +162,7 @@ impl Registry {
         let mut announcements = match nats.subscribe(subjects::DEFINITIONS_CHANGED).await {
             Ok(subscription) => Some(subscription),
             Err(error) => {
-                tracing::warn!(%error, "cannot subscribe to definition announcements; relying on polling");
+                tracing::warn!(error = %error_chain(&error), "cannot subscribe to definition announcements; relying on polling");
                 None
             }
         };
@@ -184,13 +185,13 @@ impl Registry {
                     Ok(generation) if generation == self.current().generation => continue,
                     Ok(_) => {}
                     Err(error) => {
-                        tracing::warn!(%error, "cannot poll definitions generation");
+                        tracing::warn!(error = %error_chain(&error), "cannot poll definitions generation");
                         continue;
                     }
                 }
             }
             if let Err(error) = self.reload(&pool).await {
-                tracing::warn!(%error, "cannot reload definitions; will retry");
+                tracing::warn!(error = %error_chain(&error), "cannot reload definitions; will retry");
             }
         }
     }
@@ -208,6 +209,6 @@ pub async fn announce_change(nats: &async_nats::Client) {
         .publish(subjects::DEFINITIONS_CHANGED, bytes::Bytes::new())
         .await
     {
-        tracing::debug!(%error, "could not announce definition change");
+        tracing::debug!(error = %error_chain(&error), "could not announce definition change");
     }
 }

@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
+use taskfactory_runtime::telemetry::error_chain;
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
@@ -134,7 +135,7 @@ impl Scheduler {
             match store::schedule_states(&self.pool).await {
                 Ok(states) => return states.into_iter().map(|(id, w, n)| (id, (w, n))).collect(),
                 Err(error) => {
-                    tracing::warn!(%error, "cannot read schedule watermarks; retrying");
+                    tracing::warn!(error = %error_chain(&error), "cannot read schedule watermarks; retrying");
                     tokio::select! {
                         _ = self.shutdown.cancelled() => return HashMap::new(),
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -177,7 +178,7 @@ impl Scheduler {
                 let id = activity.id;
                 self.tracker.spawn(async move {
                     if let Err(error) = store::set_watermark(&pool, id, watermark).await {
-                        tracing::warn!(activity.id = %id, %error, "cannot advance watermark");
+                        tracing::warn!(activity.id = %id, error = %error_chain(&error), "cannot advance watermark");
                     }
                 });
             }
@@ -286,7 +287,7 @@ impl Scheduler {
                 match fire::fire(&pool, &js, request.clone()).await {
                     Ok(_) => return,
                     Err(error) => {
-                        tracing::warn!(activity.name = %request.activity_name, scheduled_for = %at, %error, "cannot record fire; retrying");
+                        tracing::warn!(activity.name = %request.activity_name, scheduled_for = %at, error = %error_chain(&error), "cannot record fire; retrying");
                     }
                 }
                 tokio::select! {

@@ -1,0 +1,37 @@
+# taskfactory — common tasks. `just --list` shows them.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# List the recipes
+default:
+    @just --list
+
+# A complete local taskfactory: NATS and Postgres (started if absent), the three services, the examples
+dev:
+    scripts/dev.sh
+
+# Every test: unit tests and end-to-end tests against a real nats-server and Postgres
+test:
+    scripts/tools.sh nats >/dev/null
+    cargo build --workspace --bins
+    if cargo nextest --version >/dev/null 2>&1; then \
+        cargo nextest run --workspace --no-fail-fast; \
+    else \
+        cargo test --workspace; \
+    fi
+
+# Format the code
+fmt:
+    cargo fmt --all
+
+# Lints, warnings as errors
+lint:
+    cargo fmt --all --check
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# What CI checks, and more
+verify: lint test
+
+# Apply activity specs (files or directories) to a running admin API
+apply +paths:
+    cargo run -q --bin taskfactory-trigger -- apply {{paths}}
