@@ -99,10 +99,12 @@ impl Config {
     }
 }
 
+type SpecsByVersion = HashMap<(ActivityId, u32), Arc<ActivitySpec>>;
+
 /// Immutable activity versions, loaded once each.
 #[derive(Clone, Default)]
 pub struct SpecCache {
-    specs: Arc<Mutex<HashMap<(ActivityId, u32), Arc<ActivitySpec>>>>,
+    specs: Arc<Mutex<SpecsByVersion>>,
 }
 
 impl SpecCache {
