@@ -19,10 +19,13 @@ CREATE TABLE fires (
     published_at     timestamptz,
     -- How often the reconciler republished it because no run appeared (it backs off).
     republish_count  integer NOT NULL DEFAULT 0,
+    -- When the reconciler saw the fire's run: from then on it is never looked at again.
+    confirmed_at     timestamptz,
     UNIQUE (activity_id, dedupe_key)
 );
 
 CREATE INDEX fires_unpublished ON fires (fired_at) WHERE published_at IS NULL;
+CREATE INDEX fires_unconfirmed ON fires (published_at) WHERE confirmed_at IS NULL;
 CREATE INDEX fires_activity_time ON fires (activity_id, fired_at DESC);
 
 CREATE TABLE schedule_state (

@@ -343,3 +343,58 @@ async fn http_tasks_to_private_addresses_are_refused_by_default() -> anyhow::Res
     assert!(seen.lock().unwrap().is_empty());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn run_completions_chain_activities_but_never_their_own() -> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    create(
+        &mut admin,
+        "name: job\ntrigger: {manual: {}}\ntasks: [{name: t, type: log}]",
+    )
+    .await?;
+    create(
+        &mut admin,
+        "name: watch\ntrigger: {event: {subject: events.taskfactory.run.completed}}\ntasks: [{name: t, type: log, params: {saw: '{{ event.activityName }} {{ event.status }}'}}]",
+    )
+    .await?;
+    let fired = admin
+        .trigger_activity(taskfactory_proto::v1::TriggerActivityRequest {
+            id: "job".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    finished_run(&admin, &fired.run_id, Duration::from_secs(20)).await?;
+    let watch = wait_for("the watcher's run", Duration::from_secs(20), || {
+        let mut admin = admin.clone();
+        async move { Ok(runs(&mut admin, "watch").await?.into_iter().next()) }
+    })
+    .await?;
+    let watch = finished_run(&admin, &watch.id, Duration::from_secs(20)).await?;
+    let task = tasks(&mut admin, &watch.id).await?.remove(0);
+    assert_eq!(
+        struct_to_json(task.params.as_ref().unwrap())["saw"],
+        "job RUN_SUCCEEDED"
+    );
+    // The watcher's own completion is announced too, and must not fire it again.
+    wait_for_triggers_drained(&js).await?;
+    let events = js.get_stream("FACTORY_EVENTS").await?;
+    wait_for(
+        "both completions announced",
+        Duration::from_secs(20),
+        || {
+            let events = events.clone();
+            async move {
+                let mut events = events;
+                Ok((events.info().await?.state.messages >= 2).then_some(()))
+            }
+        },
+    )
+    .await?;
+    wait_for_triggers_drained(&js).await?;
+    assert_eq!(runs(&mut admin, "watch").await?.len(), 1);
+    Ok(())
+}

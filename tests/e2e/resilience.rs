@@ -207,3 +207,33 @@ async fn services_stop_cleanly_on_sigterm_and_lose_nothing_across_a_restart() ->
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fire_recorded_while_nats_is_down_is_published_when_it_returns() -> anyhow::Result<()> {
+    let mut env = TestEnv::new(EnvOptions::default()).await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    create(
+        &mut admin,
+        "name: outbox\ntrigger: {manual: {}}\ntasks: [{name: t, type: log}]",
+    )
+    .await?;
+
+    env.nats.kill();
+    // The admin API still answers: the fire is recorded in Postgres, not yet published.
+    let fired = admin
+        .trigger_activity(TriggerActivityRequest {
+            id: "outbox".to_owned(),
+            idempotency_key: "while-down".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert!(!fired.duplicate);
+    env.nats.restart()?;
+
+    let run = finished_run(&admin, &fired.run_id, Duration::from_secs(60)).await?;
+    assert_eq!(run.status(), RunStatus::RunSucceeded);
+    assert_eq!(runs(&mut admin, "outbox").await?.len(), 1);
+    Ok(())
+}

@@ -73,6 +73,10 @@ impl EventIngress {
             if !subjects::subject_matches(&trigger.subject, subject) {
                 continue;
             }
+            if is_own_completion(subject, &payload, &activity.id.to_string()) {
+                // An activity never fires on the completion of its own runs: that would loop.
+                continue;
+            }
             if !trigger.filter.trim().is_empty() {
                 let passes = engine
                     .expression(&trigger.filter)
@@ -162,6 +166,12 @@ impl EventIngress {
     }
 }
 
+/// Whether the event announces the completion of a run of `activity_id` itself.
+fn is_own_completion(subject: &str, payload: &serde_json::Value, activity_id: &str) -> bool {
+    subject == subjects::RUN_COMPLETED_EVENT
+        && payload.get("activityId").and_then(|v| v.as_str()) == Some(activity_id)
+}
+
 /// Checks an event body: within the size limit, UTF-8, JSON.
 pub fn parse_event(body: &[u8], max_bytes: usize) -> Result<serde_json::Value, String> {
     if body.len() > max_bytes {
@@ -179,6 +189,22 @@ pub fn parse_event(body: &[u8], max_bytes: usize) -> Result<serde_json::Value, S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_activity_ignores_its_own_completions() {
+        let payload = serde_json::json!({"activityId": "a1", "status": "RUN_SUCCEEDED"});
+        assert!(is_own_completion(
+            subjects::RUN_COMPLETED_EVENT,
+            &payload,
+            "a1"
+        ));
+        assert!(!is_own_completion(
+            subjects::RUN_COMPLETED_EVENT,
+            &payload,
+            "a2"
+        ));
+        assert!(!is_own_completion("events.other", &payload, "a1"));
+    }
 
     #[test]
     fn event_bodies_are_checked() {

@@ -359,24 +359,30 @@ pub struct PendingFire {
     pub event: Vec<u8>,
 }
 
-/// Fires recorded but not published, older than `older_than`, plus published fires of the last day
-/// for which no run appeared (their message may have been lost): first a minute after publishing,
-/// then with doubling waits up to an hour, so a stopped orchestrator is not flooded.
+/// Fires recorded but not published, older than `older_than`, plus published fires for which no
+/// run appeared (their message may have been lost): first a minute after publishing, then with
+/// doubling waits up to an hour, so a stopped orchestrator is not flooded. Fires whose run exists
+/// are confirmed first and never examined again, so each pass only looks at recent fires.
 pub async fn fires_to_republish(
     pool: &PgPool,
     older_than: DateTime<Utc>,
     now: DateTime<Utc>,
     limit: i64,
 ) -> Result<Vec<PendingFire>, StoreError> {
+    sqlx::query(
+        "UPDATE fires f SET confirmed_at = now() FROM runs r \
+         WHERE f.confirmed_at IS NULL AND f.published_at IS NOT NULL \
+           AND r.activity_id = f.activity_id AND r.dedupe_key = f.dedupe_key",
+    )
+    .execute(pool)
+    .await?;
     let rows = sqlx::query(
         "(SELECT f.id, f.activity_id, f.activity_name, f.dedupe_key, f.event FROM fires f \
            WHERE f.published_at IS NULL AND f.fired_at < $1 ORDER BY f.fired_at LIMIT $3) \
          UNION ALL \
          (SELECT f.id, f.activity_id, f.activity_name, f.dedupe_key, f.event FROM fires f \
-           WHERE f.published_at IS NOT NULL \
+           WHERE f.confirmed_at IS NULL AND f.published_at IS NOT NULL \
              AND f.published_at < $2 - make_interval(secs => LEAST(3600, 60 * power(2, LEAST(f.republish_count, 12)))) \
-             AND f.fired_at > $2 - interval '1 day' \
-             AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.activity_id = f.activity_id AND r.dedupe_key = f.dedupe_key) \
            ORDER BY f.published_at LIMIT $3)",
     )
     .bind(older_than)
