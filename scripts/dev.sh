@@ -67,7 +67,8 @@ cleanup() {
     run_as_pg "$pg_bin/pg_ctl" -D "$state/pg/data" -m fast stop >/dev/null 2>&1 || true
   fi
 }
-trap cleanup INT TERM EXIT
+trap cleanup EXIT
+trap "exit 0" INT TERM
 
 # ---------------------------------------------------------------- NATS
 export NATS_URL="${NATS_URL:-nats://127.0.0.1:4222}"

@@ -1,6 +1,5 @@
 //! Event triggers: fan-out, dedupe, malformed events, and the built-in task types.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use taskfactory_model::values::struct_to_json;
@@ -8,7 +7,7 @@ use taskfactory_proto::v1::{RunStatus, TaskStatus, TriggerSource};
 use taskfactory_tests::{EnvOptions, TestEnv, wait_for};
 
 use crate::schedules::wait_for_triggers_drained;
-use crate::support::{create, finished_run, publish_event, runs, tasks};
+use crate::support::{RecordingServer, create, finished_run, publish_event, runs, tasks};
 
 const FAN_OUT: &str = r#"
 name: order-lines
@@ -245,42 +244,14 @@ async fn malformed_events_are_recorded_and_the_next_good_event_fires() -> anyhow
     Ok(())
 }
 
-/// A loopback HTTP server that records what it receives.
-async fn recording_server() -> anyhow::Result<(String, Arc<Mutex<Vec<(String, serde_json::Value)>>>)>
-{
-    let seen: Arc<Mutex<Vec<(String, serde_json::Value)>>> = Arc::default();
-    let state = seen.clone();
-    let app = axum::Router::new().route(
-        "/hook",
-        axum::routing::post(
-            move |headers: axum::http::HeaderMap,
-                  axum::Json(body): axum::Json<serde_json::Value>| {
-                let state = state.clone();
-                async move {
-                    let key = headers
-                        .get("idempotency-key")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or_default()
-                        .to_owned();
-                    state.lock().unwrap().push((key, body));
-                    axum::Json(serde_json::json!({"accepted": true}))
-                }
-            },
-        ),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}/hook", listener.local_addr()?);
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    Ok((url, seen))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn http_tasks_send_the_task_id_and_publish_tasks_chain_activities() -> anyhow::Result<()> {
     let env = TestEnv::new(EnvOptions::default()).await?;
     let _services = env.start_all().await?;
     let mut admin = env.admin().await?;
     let js = env.js().await?;
-    let (url, seen) = recording_server().await?;
+    let server = RecordingServer::start(Duration::ZERO).await?;
+    let url = server.url.clone();
     create(
         &mut admin,
         "name: first\ntrigger: {event: {subject: events.start}}\ntasks: [{name: next, type: publish, params: {subject: events.chained, payload: {value: '{{ event.value }}'}}}]",
@@ -306,7 +277,7 @@ async fn http_tasks_send_the_task_id_and_publish_tasks_chain_activities() -> any
         taskfactory_model::values::value_to_json(task.output.as_ref().unwrap()),
         serde_json::json!({"accepted": true})
     );
-    let seen = seen.lock().unwrap().clone();
+    let seen = server.calls();
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].0, task.id, "the task id is the Idempotency-Key");
     assert_eq!(seen[0].1, serde_json::json!({"value": 7}));
@@ -322,7 +293,8 @@ async fn http_tasks_to_private_addresses_are_refused_by_default() -> anyhow::Res
     .await?;
     let _services = env.start_all().await?;
     let mut admin = env.admin().await?;
-    let (url, seen) = recording_server().await?;
+    let server = RecordingServer::start(Duration::ZERO).await?;
+    let url = server.url.clone();
     create(
         &mut admin,
         &format!("name: egress\ntrigger: {{manual: {{}}}}\ntasks: [{{name: call, type: http, params: {{url: '{url}'}}, retry: {{maxAttempts: 1}}}}]"),
@@ -340,7 +312,7 @@ async fn http_tasks_to_private_addresses_are_refused_by_default() -> anyhow::Res
     let task = tasks(&mut admin, &run.id).await?.remove(0);
     assert_eq!(task.status(), TaskStatus::Dead);
     assert!(task.last_error.contains("loopback"), "{}", task.last_error);
-    assert!(seen.lock().unwrap().is_empty());
+    assert!(server.calls().is_empty());
     Ok(())
 }
 

@@ -1,7 +1,5 @@
 //! Crashes, signals and restarts: nothing lost, nothing done twice.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -9,35 +7,7 @@ use taskfactory_model::spec::timestamp_to_chrono;
 use taskfactory_proto::v1::{RunStatus, TaskStatus, TriggerActivityRequest};
 use taskfactory_tests::{EnvOptions, Service, TestEnv, wait_for};
 
-use crate::support::{create, finished_run, runs, tasks};
-
-/// A loopback HTTP endpoint that counts calls per `Idempotency-Key`, optionally slowly.
-async fn counting_server(
-    delay: Duration,
-) -> anyhow::Result<(String, Arc<Mutex<HashMap<String, u32>>>)> {
-    let calls: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
-    let state = calls.clone();
-    let app = axum::Router::new().route(
-        "/work",
-        axum::routing::post(move |headers: axum::http::HeaderMap| {
-            let state = state.clone();
-            async move {
-                tokio::time::sleep(delay).await;
-                let key = headers
-                    .get("idempotency-key")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default()
-                    .to_owned();
-                *state.lock().unwrap().entry(key).or_default() += 1;
-                axum::Json(serde_json::json!({"ok": true}))
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}/work", listener.local_addr()?);
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    Ok((url, calls))
-}
+use crate::support::{RecordingServer, create, finished_run, runs, tasks};
 
 fn fan_out_spec(name: &str, url: &str, count: u32) -> String {
     format!(
@@ -65,7 +35,8 @@ async fn orchestrator_killed_mid_spawn_loses_nothing() -> anyhow::Result<()> {
         .await?;
     let mut admin = env.admin().await?;
     let js = env.js().await?;
-    let (url, calls) = counting_server(Duration::ZERO).await?;
+    let server = RecordingServer::start(Duration::ZERO).await?;
+    let url = server.url.clone();
     create(&mut admin, &fan_out_spec("fan-out", &url, 500)).await?;
 
     let fired = admin
@@ -75,16 +46,20 @@ async fn orchestrator_killed_mid_spawn_loses_nothing() -> anyhow::Result<()> {
         })
         .await?
         .into_inner();
-    // No executor yet: the task stream shows how far the spawn got.
-    wait_for("the spawn to be under way", Duration::from_secs(30), || {
-        let js = js.clone();
-        async move { Ok((stream_messages(&js, "FACTORY_TASKS").await? >= 25).then_some(())) }
-    })
-    .await?;
+    // No executor yet: the task stream shows how far the spawn got. Poll tightly and kill as
+    // soon as the spawn is under way.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while stream_messages(&js, "FACTORY_TASKS").await? < 10 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the spawn never started"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     orchestrator.kill();
     let published_before_kill = stream_messages(&js, "FACTORY_TASKS").await?;
     assert!(
-        (25..500).contains(&published_before_kill),
+        (10..500).contains(&published_before_kill),
         "the kill landed mid-spawn ({published_before_kill} of 500 published)"
     );
 
@@ -102,7 +77,7 @@ async fn orchestrator_killed_mid_spawn_loses_nothing() -> anyhow::Result<()> {
             .iter()
             .all(|t| t.status() == TaskStatus::Succeeded && t.attempts == 1)
     );
-    let calls = calls.lock().unwrap().clone();
+    let calls = server.counts();
     assert_eq!(calls.len(), 500, "every task ran");
     let twice: Vec<_> = calls.iter().filter(|(_, n)| **n != 1).collect();
     assert!(twice.is_empty(), "tasks ran more than once: {twice:?}");
@@ -128,7 +103,8 @@ async fn services_stop_cleanly_on_sigterm_and_lose_nothing_across_a_restart() ->
     env.wait_ready(&[Service::Trigger, Service::Orchestrator, Service::Executor])
         .await?;
     let mut admin = env.admin().await?;
-    let (url, calls) = counting_server(Duration::from_millis(100)).await?;
+    let server = RecordingServer::start(Duration::from_millis(100)).await?;
+    let url = server.url.clone();
     create(&mut admin, &fan_out_spec("slow-work", &url, 120)).await?;
     create(
         &mut admin,
@@ -143,16 +119,16 @@ async fn services_stop_cleanly_on_sigterm_and_lose_nothing_across_a_restart() ->
         .await?
         .into_inner();
     wait_for("work in flight", Duration::from_secs(30), || {
-        let calls = calls.clone();
-        async move { Ok((calls.lock().unwrap().len() >= 10).then_some(())) }
+        let done = server.counts().len();
+        async move { Ok((done >= 10).then_some(())) }
     })
     .await?;
 
-    // SIGTERM everything with work in flight: each exits 0.
-    for service in services {
-        service.stop().await?;
+    // SIGTERM everything at once, with work in flight: each exits 0.
+    for stopped in futures::future::join_all(services.into_iter().map(|s| s.stop())).await {
+        stopped?;
     }
-    let done_before_restart = calls.lock().unwrap().len();
+    let done_before_restart = server.counts().len();
     assert!(
         done_before_restart < 120,
         "work was still in flight at the signal"
@@ -171,7 +147,7 @@ async fn services_stop_cleanly_on_sigterm_and_lose_nothing_across_a_restart() ->
             .iter()
             .all(|t| t.status() == TaskStatus::Succeeded)
     );
-    let calls = calls.lock().unwrap().clone();
+    let calls = server.counts();
     assert_eq!(calls.len(), 120, "every task ran");
     assert!(
         calls.values().all(|n| *n == 1),

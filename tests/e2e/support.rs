@@ -1,5 +1,7 @@
 //! Shared steps of the end-to-end tests.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -106,4 +108,55 @@ pub async fn publish_event(
         .publish_with_headers(subject.to_owned(), headers, body.into())
         .await?
         .await?)
+}
+
+/// A loopback HTTP endpoint (`POST <url>`) that records each call's `Idempotency-Key` and JSON
+/// body, answering `{"accepted": true}` after `delay`.
+pub struct RecordingServer {
+    pub url: String,
+    calls: Arc<Mutex<Vec<(String, serde_json::Value)>>>,
+}
+
+impl RecordingServer {
+    pub async fn start(delay: Duration) -> anyhow::Result<Self> {
+        let calls: Arc<Mutex<Vec<(String, serde_json::Value)>>> = Arc::default();
+        let state = calls.clone();
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(
+                move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                    let state = state.clone();
+                    async move {
+                        tokio::time::sleep(delay).await;
+                        let key = headers
+                            .get("idempotency-key")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_owned();
+                        let body = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+                        state.lock().unwrap().push((key, body));
+                        axum::Json(serde_json::json!({"accepted": true}))
+                    }
+                },
+            ),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}/hook", listener.local_addr()?);
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Ok(Self { url, calls })
+    }
+
+    /// Every call so far: `(Idempotency-Key, body)`.
+    pub fn calls(&self) -> Vec<(String, serde_json::Value)> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    /// Calls per `Idempotency-Key`.
+    pub fn counts(&self) -> HashMap<String, u32> {
+        let mut counts = HashMap::new();
+        for (key, _) in self.calls.lock().unwrap().iter() {
+            *counts.entry(key.clone()).or_default() += 1;
+        }
+        counts
+    }
 }

@@ -16,6 +16,7 @@ use std::time::Duration;
 use taskfactory_model::egress::EgressPolicy;
 use taskfactory_model::subjects;
 use taskfactory_runtime::messaging;
+use taskfactory_runtime::telemetry::error_chain;
 
 /// The outcome of one attempt that did not succeed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -256,20 +257,6 @@ async fn read_capped(mut response: reqwest::Response, cap: usize) -> Result<Vec<
         body.extend_from_slice(&chunk);
     }
     Ok(body)
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(inner) = source {
-        let inner_text = inner.to_string();
-        if !text.contains(&inner_text) {
-            text.push_str(": ");
-            text.push_str(&inner_text);
-        }
-        source = inner.source();
-    }
-    text
 }
 
 /// Resolves names and keeps only the addresses the egress policy allows.

@@ -149,7 +149,7 @@ impl Executor {
         }
         if status == TaskStatus::Dead {
             let mut headers = HeaderMap::new();
-            headers.insert(subjects::HEADER_ERROR, one_line(&error).as_str());
+            headers.insert(subjects::HEADER_ERROR, messaging::one_line(&error).as_str());
             headers.insert(subjects::HEADER_ATTEMPTS, attempt.to_string().as_str());
             if let Err(e) = messaging::publish_confirmed(
                 &self.builtins.js,
@@ -184,13 +184,6 @@ impl Executor {
             }
         }
     }
-}
-
-fn one_line(text: &str) -> String {
-    text.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(2048)
-        .collect()
 }
 
 /// Exponential backoff from the policy, with ±20% jitter derived from the task and attempt.

@@ -9,7 +9,32 @@
 //! task succeeded, or none was needed) | `FAILED` (evaluation failed, or a task died) | `SKIPPED` |
 //! `CANCELLED`.
 
-use taskfactory_proto::v1::{RunStatus, TaskStatus};
+use taskfactory_proto::v1::{RunStatus, TaskStatus, TriggerSource};
+
+/// How a trigger source is spelled in Postgres, logs and templates (`trigger.source`).
+pub fn source_name(source: TriggerSource) -> &'static str {
+    match source {
+        TriggerSource::Schedule => "schedule",
+        TriggerSource::Event => "event",
+        TriggerSource::Webhook => "webhook",
+        TriggerSource::Manual => "manual",
+        TriggerSource::Backfill => "backfill",
+        TriggerSource::Catchup => "catchup",
+        TriggerSource::Unspecified => "unspecified",
+    }
+}
+
+pub fn source_from_name(name: &str) -> TriggerSource {
+    match name {
+        "schedule" => TriggerSource::Schedule,
+        "event" => TriggerSource::Event,
+        "webhook" => TriggerSource::Webhook,
+        "manual" => TriggerSource::Manual,
+        "backfill" => TriggerSource::Backfill,
+        "catchup" => TriggerSource::Catchup,
+        _ => TriggerSource::Unspecified,
+    }
+}
 
 pub fn task_status_db(status: TaskStatus) -> &'static str {
     match status {
@@ -63,6 +88,20 @@ pub fn run_is_terminal(status: RunStatus) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn source_names_round_trip() {
+        for source in [
+            TriggerSource::Schedule,
+            TriggerSource::Event,
+            TriggerSource::Webhook,
+            TriggerSource::Manual,
+            TriggerSource::Backfill,
+            TriggerSource::Catchup,
+        ] {
+            assert_eq!(source_from_name(source_name(source)), source);
+        }
+    }
 
     #[test]
     fn database_spelling_round_trips() {

@@ -25,10 +25,9 @@ use sqlx::PgPool;
 use taskfactory_model::ids::{ActivityId, RunId, TaskId};
 use taskfactory_model::plan::{self, PlanLimits, Scope};
 use taskfactory_model::spec::{chrono_to_timestamp, proto_duration, timestamp_to_chrono};
+use taskfactory_model::status::source_name;
 use taskfactory_model::{subjects, values};
-use taskfactory_proto::v1::{
-    ActivitySpec, RunStatus, TaskInstance, TriggerEvent, TriggerSource, context_source,
-};
+use taskfactory_proto::v1::{ActivitySpec, RunStatus, TaskInstance, TriggerEvent, context_source};
 use taskfactory_runtime::messaging::{self, Disposition};
 use taskfactory_runtime::telemetry::error_chain;
 use uuid::Uuid;
@@ -327,18 +326,6 @@ fn resolve_context(spec: &ActivitySpec) -> Result<serde_json::Value, String> {
         }
     }
     Ok(serde_json::Value::Object(context))
-}
-
-fn source_name(source: TriggerSource) -> &'static str {
-    match source {
-        TriggerSource::Schedule => "schedule",
-        TriggerSource::Event => "event",
-        TriggerSource::Webhook => "webhook",
-        TriggerSource::Manual => "manual",
-        TriggerSource::Backfill => "backfill",
-        TriggerSource::Catchup => "catchup",
-        TriggerSource::Unspecified => "unspecified",
-    }
 }
 
 /// `trigger` as templates see it (snake_case, times in RFC 3339).

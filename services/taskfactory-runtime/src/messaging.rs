@@ -120,8 +120,8 @@ pub async fn dead_letter(
     Ok(())
 }
 
-/// Header values are one line.
-fn one_line(text: &str) -> String {
+/// A header value: one line, at most 2 KiB.
+pub fn one_line(text: &str) -> String {
     let mut line: String = text
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })

@@ -18,6 +18,7 @@ use prost::Message;
 use sqlx::PgPool;
 use taskfactory_model::ids::{ActivityId, FireId, RunId};
 use taskfactory_model::spec::chrono_to_timestamp;
+use taskfactory_model::status::source_name;
 use taskfactory_model::{subjects, values};
 use taskfactory_proto::v1::{TriggerEvent, TriggerSource};
 use taskfactory_runtime::messaging;
@@ -48,18 +49,6 @@ pub struct Fired {
     pub run_id: RunId,
     /// The dedupe key was seen before: nothing new was recorded.
     pub duplicate: bool,
-}
-
-fn source_name(source: TriggerSource) -> &'static str {
-    match source {
-        TriggerSource::Schedule => "schedule",
-        TriggerSource::Event => "event",
-        TriggerSource::Webhook => "webhook",
-        TriggerSource::Manual => "manual",
-        TriggerSource::Backfill => "backfill",
-        TriggerSource::Catchup => "catchup",
-        TriggerSource::Unspecified => "unspecified",
-    }
 }
 
 /// Records and publishes one fire. Once the fire is recorded the call succeeds even if publishing

@@ -6,7 +6,7 @@ use sqlx::{PgPool, Row};
 use taskfactory_model::spec::chrono_to_timestamp;
 use taskfactory_model::status;
 use taskfactory_model::values;
-use taskfactory_proto::v1::{Run, RunStatus, Task, TaskStatus, TemplateEvaluation, TriggerSource};
+use taskfactory_proto::v1::{Run, RunStatus, Task, TaskStatus, TemplateEvaluation};
 use uuid::Uuid;
 
 /// A page position: `(created_at, id)` of the last row shown, newest first.
@@ -27,18 +27,6 @@ impl Cursor {
             created_at: DateTime::from_timestamp_micros(micros.parse().ok()?)?,
             id: Uuid::parse_str(id).ok()?,
         })
-    }
-}
-
-fn source_from_db(text: &str) -> TriggerSource {
-    match text {
-        "schedule" => TriggerSource::Schedule,
-        "event" => TriggerSource::Event,
-        "webhook" => TriggerSource::Webhook,
-        "manual" => TriggerSource::Manual,
-        "backfill" => TriggerSource::Backfill,
-        "catchup" => TriggerSource::Catchup,
-        _ => TriggerSource::Unspecified,
     }
 }
 
@@ -66,7 +54,7 @@ fn run_from_row(row: &sqlx::postgres::PgRow, with_details: bool) -> Result<Run, 
         id: row.try_get::<Uuid, _>("id")?.to_string(),
         activity_id: row.try_get::<Uuid, _>("activity_id")?.to_string(),
         activity_version: count("activity_version")?,
-        source: source_from_db(&source_text) as i32,
+        source: status::source_from_name(&source_text) as i32,
         dedupe_key: row.try_get("dedupe_key")?,
         scheduled_for: row
             .try_get::<Option<DateTime<Utc>>, _>("scheduled_for")?
