@@ -35,6 +35,8 @@ CREATE TABLE runs (
 
 CREATE INDEX runs_by_activity ON runs (activity_id, created_at DESC, id DESC);
 CREATE INDEX runs_by_time ON runs (created_at DESC, id DESC);
+-- Finished runs whose completion event is still to be published (a sweeper repairs them).
+CREATE INDEX runs_unannounced ON runs (finished_at) WHERE announced_at IS NULL AND finished_at IS NOT NULL;
 
 CREATE TABLE tasks (
     id               uuid PRIMARY KEY,

@@ -87,19 +87,26 @@ pub fn from_json<M: JsonMessage>(value: &serde_json::Value) -> Result<M, JsonErr
 }
 
 /// Renders a message in its canonical proto3 JSON form, omitting fields that hold their default.
-pub fn to_json<M: JsonMessage>(message: &M) -> serde_json::Value {
+/// Fails when a value has no JSON form (a duration or timestamp out of the proto3 range).
+pub fn try_to_json<M: JsonMessage>(message: &M) -> Result<serde_json::Value, JsonError> {
     let mut dynamic = DynamicMessage::new(descriptor(M::FULL_NAME));
     dynamic
         .transcode_from(message)
-        .expect("a generated message transcodes into its own descriptor");
+        .map_err(|e| JsonError::Invalid(e.to_string()))?;
     let options = SerializeOptions::new()
         .skip_default_fields(true)
         .stringify_64_bit_integers(false);
     let mut json = dynamic
         .serialize_with_options(serde_json::value::Serializer, &options)
-        .expect("a dynamic message serializes to JSON");
+        .map_err(|e| JsonError::Invalid(e.to_string()))?;
     integral_numbers_as_integers(&mut json);
-    json
+    Ok(json)
+}
+
+/// [`try_to_json`] for messages this system built itself, whose values are always in range; an
+/// out-of-range value renders as `null` rather than failing.
+pub fn to_json<M: JsonMessage>(message: &M) -> serde_json::Value {
+    try_to_json(message).unwrap_or(serde_json::Value::Null)
 }
 
 /// Protobuf's `Value` holds only doubles; `3.0` reads back as `3`, as the user wrote it.
@@ -295,6 +302,22 @@ mod tests {
             spec.tasks[0].retry.unwrap().max_backoff.unwrap().seconds,
             3600
         );
+    }
+
+    #[test]
+    fn out_of_range_durations_have_no_json_form() {
+        let spec = v1::ActivitySpec {
+            name: "a".to_owned(),
+            tasks: vec![v1::TaskTemplate {
+                timeout: Some(prost_types::Duration {
+                    seconds: i64::MAX,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert!(try_to_json(&spec).is_err());
     }
 
     #[test]

@@ -76,16 +76,7 @@ impl Executor {
             .unwrap_or_else(|| serde_json::json!({}));
 
         let started_at = Utc::now();
-        let heartbeat = {
-            let message = message.clone();
-            let every = self.ack_wait / 3;
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(every).await;
-                    messaging::keep_alive(&message).await;
-                }
-            })
-        };
+        let heartbeat = messaging::heartbeat(message, self.ack_wait / 3);
         let outcome = match tokio::time::timeout(
             timeout,
             self.builtins.run(&task.r#type, &task.task_id, &params),
@@ -97,7 +88,7 @@ impl Executor {
                 "timed out after {timeout:?}"
             ))),
         };
-        heartbeat.abort();
+        drop(heartbeat);
 
         let (status, disposition, error, output) = match outcome {
             Ok(output) => (

@@ -58,6 +58,9 @@ pub struct Config {
     /// This executor's name in results (default: host name and process id).
     #[arg(long = "executor-name", env = "TASKFACTORY_EXECUTOR_NAME")]
     pub name: Option<String>,
+    /// At shutdown, how long work in hand may take to finish before it is left for redelivery.
+    #[arg(long = "drain-timeout", env = "TASKFACTORY_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
     /// How long to wait for NATS at start.
     #[arg(long = "startup-patience", env = "TASKFACTORY_STARTUP_PATIENCE", default_value = "60s", value_parser = parse_duration)]
     pub startup_patience: Duration,
@@ -76,6 +79,7 @@ impl Config {
             egress_allow: String::new(),
             name: None,
             startup_patience: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -131,6 +135,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 filter_subject: subjects::task_subject(task_type),
                 concurrency: config.concurrency,
                 ack_wait: config.ack_wait,
+                drain_timeout: config.drain_timeout,
             },
             shutdown.clone(),
             move |message| executor.clone().handle(message),

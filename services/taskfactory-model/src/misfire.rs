@@ -24,7 +24,8 @@ const SCAN_LIMIT: usize = 100_000;
 pub struct CatchUp {
     /// Fire these, in order.
     pub fire: Vec<Occurrence>,
-    /// Missed and not fired (skipped by policy, outside the window, or over the cap).
+    /// Missed and not fired (skipped by policy or over the cap; occurrences before the window are
+    /// not counted).
     pub missed: usize,
     /// The newest occurrence at or before `now`: the new watermark.
     pub watermark: Option<DateTime<Utc>>,
@@ -47,7 +48,11 @@ pub fn plan(
     let mut all = 0usize;
     let mut in_window = Vec::new();
     let mut newest = None;
-    for occurrence in schedule.occurrences_after(watermark).take(SCAN_LIMIT) {
+    // Occurrences older than the window are missed whatever the policy: start the scan at the
+    // window, so a watermark far behind costs nothing.
+    let scan_from = watermark.max(window_start - chrono::Duration::nanoseconds(1));
+    let skipped_before_window = watermark < scan_from;
+    for occurrence in schedule.occurrences_after(scan_from).take(SCAN_LIMIT) {
         if occurrence.at > now {
             break;
         }
@@ -74,6 +79,10 @@ pub fn plan(
             in_window.pop().into_iter().collect()
         }
     };
+    if newest.is_none() && skipped_before_window {
+        // Nothing within the window, but everything before it is decided (missed).
+        newest = Some(window_start);
+    }
     CatchUp {
         missed: all - fire.len(),
         fire,
@@ -166,7 +175,40 @@ mod tests {
             utc("2026-01-01T10:05:30Z"),
         );
         assert_eq!(fired(&p), ["10:04", "10:05"]);
-        assert_eq!(p.missed, 3);
+        assert_eq!(p.missed, 0, "occurrences before the window are not counted");
+        assert_eq!(p.watermark, Some(utc("2026-01-01T10:05:00Z")));
+    }
+
+    #[test]
+    fn a_watermark_far_behind_costs_one_window_scan() {
+        let every_second = Schedule::new(
+            &["* * * * * *".to_owned()],
+            "UTC",
+            GapPolicy::ShiftForward,
+            RepeatPolicy::First,
+        )
+        .unwrap();
+        let p = plan(
+            &every_second,
+            &trigger(MisfirePolicy::MisfireLatest, 60, 0),
+            utc("2025-01-01T00:00:00Z"),
+            utc("2026-01-01T10:05:30.5Z"),
+        );
+        assert_eq!(p.fire.len(), 1);
+        assert_eq!(p.fire[0].at, utc("2026-01-01T10:05:30Z"));
+        assert_eq!(p.watermark, Some(utc("2026-01-01T10:05:30Z")));
+    }
+
+    #[test]
+    fn nothing_in_the_window_still_moves_the_watermark_to_it() {
+        let p = plan(
+            &minutely(),
+            &trigger(MisfirePolicy::MisfireLatest, 20, 0),
+            utc("2026-01-01T10:00:00Z"),
+            utc("2026-01-01T10:05:30Z"),
+        );
+        assert!(p.fire.is_empty());
+        assert_eq!(p.watermark, Some(utc("2026-01-01T10:05:10Z")));
     }
 
     #[test]

@@ -626,8 +626,15 @@ impl Occurrences<'_> {
             return;
         }
         let instants = self.schedule.instants_for(wall, wildcard);
-        if let Some(first) = instants.iter().map(|o| o.at).min() {
-            self.frontier = Some(first);
+        // The earliest instant this wall time could have under any policy: wall times pulled
+        // later never map before it, whichever expression (wildcard or not) they come from.
+        let earliest = match self.schedule.tz.from_local_datetime(&wall) {
+            LocalResult::Single(t) => Some(t.with_timezone(&Utc)),
+            LocalResult::Ambiguous(first, _) => Some(first.with_timezone(&Utc)),
+            LocalResult::None => first_instant_after_gap(self.schedule.tz, wall),
+        };
+        if earliest.is_some() {
+            self.frontier = earliest;
         }
         for occurrence in instants {
             if occurrence.at > self.after {
@@ -846,6 +853,28 @@ mod tests {
     }
 
     #[test]
+    fn a_last_policy_expression_and_a_wildcard_hour_expression_merge_in_order() {
+        let s = Schedule::new(
+            &["*/30 * * * *".to_owned(), "15 1 * * *".to_owned()],
+            "America/New_York",
+            GapPolicy::ShiftForward,
+            RepeatPolicy::Last,
+        )
+        .unwrap();
+        assert_eq!(
+            times(&s, "2026-11-01T04:50:00Z", 6),
+            [
+                "2026-11-01T05:00:00+00:00", // 01:00 EDT (wildcard hour: both passes)
+                "2026-11-01T05:30:00+00:00", // 01:30 EDT
+                "2026-11-01T06:00:00+00:00", // 01:00 EST
+                "2026-11-01T06:15:00+00:00", // 01:15, LAST: the EST pass
+                "2026-11-01T06:30:00+00:00", // 01:30 EST
+                "2026-11-01T07:00:00+00:00", // 02:00 EST
+            ]
+        );
+    }
+
+    #[test]
     fn wildcard_hour_invents_nothing_in_the_spring_gap() {
         let s = schedule("0 * * * *", "America/New_York");
         // 01:00 EST (06:00Z), then 03:00 EDT (07:00Z): 02:00 does not exist.
@@ -979,5 +1008,57 @@ mod jitter_tests {
             jitter_delay("x", at, std::time::Duration::ZERO, None),
             std::time::Duration::ZERO
         );
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    const EXPRS: [&str; 10] = [
+        "*/15 * * * *",
+        "30 1 * * *",
+        "30 2 * * *",
+        "0 * * * *",
+        "15,45 0-3 * * *",
+        "0 9 * * MON-FRI",
+        "0 0 1 * FRI",
+        "*/20 * * * * *",
+        "0 2 29 2 *",
+        "@daily",
+    ];
+    const ZONES: [&str; 8] = [
+        "America/New_York",
+        "Europe/London",
+        "Europe/Dublin",
+        "Australia/Lord_Howe",
+        "America/Santiago",
+        "Asia/Kathmandu",
+        "Pacific/Apia",
+        "UTC",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        #[test]
+        fn fire_times_strictly_increase(
+            picks in proptest::collection::vec(0..EXPRS.len(), 1..3),
+            zone in 0..ZONES.len(),
+            gap_skip in any::<bool>(),
+            repeat in 0..3u8,
+            start in 1_300_000_000i64..1_900_000_000i64,
+        ) {
+            let exprs: Vec<String> = picks.iter().map(|i| EXPRS[*i].to_owned()).collect();
+            let gap = if gap_skip { GapPolicy::Skip } else { GapPolicy::ShiftForward };
+            let repeat = match repeat { 0 => RepeatPolicy::First, 1 => RepeatPolicy::Last, _ => RepeatPolicy::Both };
+            let schedule = Schedule::new(&exprs, ZONES[zone], gap, repeat).unwrap();
+            let after = DateTime::from_timestamp(start, 0).unwrap();
+            let mut last = after;
+            for occurrence in schedule.occurrences_after(after).take(150) {
+                prop_assert!(occurrence.at > last, "{} not after {}", occurrence.at, last);
+                last = occurrence.at;
+            }
+        }
     }
 }

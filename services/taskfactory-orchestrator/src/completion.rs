@@ -2,7 +2,8 @@
 //!
 //! A run is announced exactly once in effect: the announcement is published with
 //! `Nats-Msg-Id = run-completed:<run id>` and then marked in Postgres; a crash in between is
-//! repaired by the next delivery of any message about the run (deduplicated by JetStream).
+//! repaired by the next delivery of any message about the run, or else by [`run_sweeper`]
+//! (deduplicated by JetStream either way).
 
 use sqlx::PgPool;
 use taskfactory_model::ids::RunId;
@@ -62,4 +63,38 @@ pub async fn announce_if_finished(
         announce(pool, js, &completed).await?;
     }
     Ok(())
+}
+
+/// Announces finished runs that were missed, every `every`, until shutdown.
+pub async fn run_sweeper(
+    pool: PgPool,
+    js: async_nats::jetstream::Context,
+    every: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let before = chrono::Utc::now() - chrono::Duration::from_std(every).unwrap_or_default();
+        let runs = match store::unannounced_runs(&pool, before, 500).await {
+            Ok(runs) => runs,
+            Err(error) => {
+                tracing::warn!(error = %taskfactory_runtime::telemetry::error_chain(&error), "cannot look for unannounced runs");
+                continue;
+            }
+        };
+        for run in runs {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            if let Err(error) = announce_if_finished(&pool, &js, run).await {
+                tracing::warn!(run.id = %run, error = %taskfactory_runtime::telemetry::error_chain(&error), "cannot announce a finished run; will retry");
+                break;
+            }
+        }
+    }
 }

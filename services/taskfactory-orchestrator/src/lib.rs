@@ -78,6 +78,9 @@ pub struct Config {
         default_value_t = 50_000
     )]
     pub template_fuel: u64,
+    /// At shutdown, how long work in hand may take to finish before it is left for redelivery.
+    #[arg(long = "drain-timeout", env = "TASKFACTORY_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
     /// How long to wait for NATS and Postgres at start.
     #[arg(long = "startup-patience", env = "TASKFACTORY_STARTUP_PATIENCE", default_value = "60s", value_parser = parse_duration)]
     pub startup_patience: Duration,
@@ -95,6 +98,7 @@ impl Config {
             max_tasks_per_run: 10_000,
             template_fuel: 50_000,
             startup_patience: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -188,6 +192,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             filter_subject: subjects::TRIGGERS_SUBJECTS.to_owned(),
             concurrency: config.trigger_concurrency,
             ack_wait: config.ack_wait,
+            drain_timeout: config.drain_timeout,
         },
         shutdown.clone(),
         move |message| spawner.clone().handle(message),
@@ -200,9 +205,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             filter_subject: subjects::RESULTS_SUBJECTS.to_owned(),
             concurrency: config.result_concurrency,
             ack_wait: Duration::from_secs(30),
+            drain_timeout: config.drain_timeout,
         },
         shutdown.clone(),
         move |message| sink.clone().handle(message),
+    ));
+    tracker.spawn(completion::run_sweeper(
+        pool.clone(),
+        js.clone(),
+        Duration::from_secs(30),
+        shutdown.clone(),
     ));
     tracing::info!("orchestrator running");
     tracker.close();

@@ -72,7 +72,8 @@ impl ResultSink {
             }
             Ok(Recorded::AlreadyFinal) => {
                 tracing::debug!(task.id = %task_id, attempt = result.attempt, "late result kept as an attempt");
-                Disposition::Ack
+                // A redelivery after the run finished but before it was announced lands here.
+                self.retry_announcement(&result).await
             }
             Ok(Recorded::Applied(completed)) => {
                 if let Some(run) = completed

@@ -83,18 +83,9 @@ impl SpawnError {
 impl Spawner {
     pub async fn handle(self: Arc<Self>, message: Message) {
         // Long spawns keep the message alive so it is not redelivered while in hand.
-        let keep_alive = {
-            let message = message.clone();
-            let every = self.ack_wait / 3;
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(every).await;
-                    messaging::keep_alive(&message).await;
-                }
-            })
-        };
+        let heartbeat = messaging::heartbeat(&message, self.ack_wait / 3);
         let outcome = self.process(&message).await;
-        keep_alive.abort();
+        drop(heartbeat);
         let disposition = match outcome {
             Ok(()) => Disposition::Ack,
             Err(error) => {

@@ -304,6 +304,24 @@ pub async fn record_result(pool: &PgPool, result: &ResultRecord) -> Result<Recor
     Ok(Recorded::Applied(completed))
 }
 
+/// Runs that finished before `before` and were never announced (the announcing orchestrator died
+/// in between).
+pub async fn unannounced_runs(
+    pool: &PgPool,
+    before: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<RunId>, sqlx::Error> {
+    let rows: Vec<(Uuid,)> = sqlx::query_as(
+        "SELECT id FROM runs WHERE announced_at IS NULL AND finished_at IS NOT NULL \
+           AND finished_at < $1 ORDER BY finished_at LIMIT $2",
+    )
+    .bind(before)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|(id,)| RunId(id)).collect())
+}
+
 /// A run that is finished and not yet announced, if this one is.
 pub async fn unannounced_completion(
     pool: &PgPool,

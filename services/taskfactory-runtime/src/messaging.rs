@@ -3,10 +3,10 @@
 //! - Publishing: every message we put on a stream goes through [`publish`], which sets
 //!   `Nats-Msg-Id` (JetStream drops a repeat inside the duplicate window) and is the single place
 //!   where outgoing headers are built.
-//! - Consuming: [`consume`] pulls from a durable consumer with at most `concurrency` messages in
-//!   hand (the fetch batch never exceeds it, so nothing waits in a buffer past `ack_wait`), runs the
-//!   handler for each, and on shutdown stops pulling and lets the messages in hand finish. A
-//!   message in hand is never abandoned halfway.
+//! - Consuming: [`consume`] pulls from a durable consumer only as many messages as it has free
+//!   handler slots (so nothing waits in a buffer past `ack_wait`), runs the handler for each, and
+//!   on shutdown stops pulling, hands back what was delivered but not started, and lets the
+//!   messages in hand finish. A message in hand is never abandoned halfway.
 //! - Settling: a handler returns a [`Disposition`]; [`settle`] turns it into the JetStream ack.
 
 use crate::telemetry::error_chain;
@@ -89,6 +89,28 @@ pub async fn keep_alive(message: &Message) {
     }
 }
 
+/// Keeps a message in hand alive: a progress ack every `every` until the returned guard is
+/// dropped (on every path, a panic included).
+pub fn heartbeat(message: &Message, every: Duration) -> Heartbeat {
+    let message = message.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            keep_alive(&message).await;
+        }
+    });
+    Heartbeat(task)
+}
+
+/// Stops the heartbeat when dropped.
+pub struct Heartbeat(tokio::task::JoinHandle<()>);
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Sends a message that cannot be processed to a dead-letter subject, with its original subject,
 /// stream sequence and the error in headers. Deduplicated by the original stream sequence.
 pub async fn dead_letter(
@@ -144,6 +166,9 @@ pub struct ConsumerSpec {
     /// Messages in hand at once; also the fetch batch.
     pub concurrency: usize,
     pub ack_wait: Duration,
+    /// At shutdown, how long handlers in flight may take to finish; messages of those still
+    /// running after it are redelivered (after `ack_wait`) once the process is gone.
+    pub drain_timeout: Duration,
 }
 
 impl ConsumerSpec {
@@ -154,7 +179,8 @@ impl ConsumerSpec {
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: self.ack_wait,
             max_deliver: -1,
-            max_ack_pending: i64::try_from(self.concurrency.max(1) * 4).unwrap_or(1024),
+            // Each replica pulls only for its free slots; this only bounds all replicas together.
+            max_ack_pending: 10_000,
             deliver_policy: consumer::DeliverPolicy::All,
             ..Default::default()
         }
@@ -177,8 +203,12 @@ pub async fn ensure_consumer(
 }
 
 /// Pulls messages and runs `handler` on each, at most `spec.concurrency` at a time, until
-/// `shutdown`; then waits for the handlers in flight. The consumer is recreated whenever its
-/// message stream ends or fails (server restart, consumer deleted).
+/// `shutdown`; then waits (up to `spec.drain_timeout`) for the handlers in flight.
+///
+/// Messages are requested only for free handler slots (a pull batch sized to them), so no message
+/// ever waits in a client buffer while its `ack_wait` runs out — the prefetch pitfall that would
+/// otherwise redeliver, and run twice, messages nobody had started. The consumer is recreated
+/// whenever pulling fails (server restart, consumer deleted).
 pub async fn consume<F, Fut>(
     js: jetstream::Context,
     spec: ConsumerSpec,
@@ -193,19 +223,8 @@ pub async fn consume<F, Fut>(
     let slots = Arc::new(Semaphore::new(spec.concurrency.max(1)));
     let mut backoff = Duration::from_millis(100);
     'reconnect: while !shutdown.is_cancelled() {
-        let messages = async {
-            let consumer = ensure_consumer(&js, &spec).await?;
-            let messages = consumer
-                .stream()
-                .max_messages_per_batch(spec.concurrency.max(1))
-                .heartbeat(Duration::from_secs(5))
-                .messages()
-                .await?;
-            Ok::<_, async_nats::Error>(messages)
-        }
-        .await;
-        let mut messages = match messages {
-            Ok(messages) => messages,
+        let consumer = match ensure_consumer(&js, &spec).await {
+            Ok(consumer) => consumer,
             Err(error) => {
                 tracing::warn!(consumer = %spec.durable, error = %error_chain(&*error), "cannot consume yet; retrying");
                 tokio::select! {
@@ -217,31 +236,25 @@ pub async fn consume<F, Fut>(
             }
         };
         loop {
-            let slot = tokio::select! {
-                _ = shutdown.cancelled() => {
-                    hand_back_buffered(&mut messages).await;
-                    break 'reconnect;
-                }
+            // Wait for one free slot, then take every other free one.
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => break 'reconnect,
                 slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
             };
-            let next = tokio::select! {
-                _ = shutdown.cancelled() => {
-                    hand_back_buffered(&mut messages).await;
-                    break 'reconnect;
-                }
-                next = messages.next() => next,
-            };
-            match next {
-                Some(Ok(message)) => {
-                    backoff = Duration::from_millis(100);
-                    let handler = handler.clone();
-                    tracker.spawn(async move {
-                        handler(message).await;
-                        drop(slot);
-                    });
-                }
-                Some(Err(error)) => {
-                    tracing::warn!(consumer = %spec.durable, error = %error_chain(&error), "message stream failed; re-subscribing");
+            let mut free = vec![first];
+            while let Ok(slot) = slots.clone().try_acquire_owned() {
+                free.push(slot);
+            }
+            let batch = consumer
+                .batch()
+                .max_messages(free.len())
+                .expires(PULL_EXPIRY)
+                .messages()
+                .await;
+            let mut batch = match batch {
+                Ok(batch) => batch,
+                Err(error) => {
+                    tracing::warn!(consumer = %spec.durable, error = %error_chain(&error), "pull failed; re-subscribing");
                     tokio::select! {
                         _ = shutdown.cancelled() => break 'reconnect,
                         _ = tokio::time::sleep(backoff) => {}
@@ -249,22 +262,70 @@ pub async fn consume<F, Fut>(
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                     continue 'reconnect;
                 }
-                None => continue 'reconnect,
+            };
+            loop {
+                let next = tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        hand_back_buffered(&mut batch).await;
+                        break 'reconnect;
+                    }
+                    next = batch.next() => next,
+                };
+                match next {
+                    Some(Ok(message)) => {
+                        backoff = Duration::from_millis(100);
+                        let Some(slot) = free.pop() else {
+                            // More than asked for: never expected; give it back at once.
+                            settle(&message, Disposition::Retry(Duration::ZERO)).await;
+                            continue;
+                        };
+                        let handler = handler.clone();
+                        tracker.spawn(async move {
+                            handler(message).await;
+                            drop(slot);
+                        });
+                    }
+                    Some(Err(error)) => {
+                        tracing::warn!(consumer = %spec.durable, error = %error_chain(&*error), "pull failed; re-subscribing");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break 'reconnect,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        continue 'reconnect;
+                    }
+                    // The batch is complete, or expired with slots left: pull again.
+                    None => break,
+                }
             }
         }
     }
     tracker.close();
-    tracker.wait().await;
+    if tokio::time::timeout(spec.drain_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(consumer = %spec.durable, in_flight = tracker.len(), "drain timeout: leaving messages in flight to be redelivered");
+    }
 }
 
-/// On shutdown: messages already delivered to this client but not yet handled go back to the
-/// server at once (a NAK without delay), so another replica — or this one after a restart — gets
-/// them without waiting for `ack_wait`.
-async fn hand_back_buffered(messages: &mut consumer::pull::Stream) {
-    use futures::FutureExt;
-    while let Some(Some(Ok(message))) = messages.next().now_or_never() {
+/// How long one pull request waits for messages before it is renewed; also how long a pull that a
+/// restarted server forgot can stall. No idle heartbeat: async-nats 0.51's `Batch` returns
+/// `Pending` after consuming a heartbeat without arranging a wake-up, which stalls the pull until
+/// its expiry (measured: 10 s stalls with a 2 s heartbeat).
+const PULL_EXPIRY: Duration = Duration::from_secs(5);
+
+/// On shutdown: messages of the open pull that were delivered, or are still on their way, but not
+/// started go back to the server at once (a NAK without delay), so another replica — or this one
+/// after a restart — gets them without waiting for `ack_wait`.
+async fn hand_back_buffered<S, E>(messages: &mut S)
+where
+    S: futures::Stream<Item = Result<Message, E>> + Unpin,
+{
+    const IN_TRANSIT: Duration = Duration::from_millis(250);
+    while let Ok(Some(Ok(message))) = tokio::time::timeout(IN_TRANSIT, messages.next()).await {
         if let Err(error) = message.ack_with(AckKind::Nak(None)).await {
-            tracing::debug!(error = %error_chain(&*error), "could not hand back a buffered message");
+            tracing::debug!(error = %error_chain(&*error), "could not hand back a message");
         }
     }
 }

@@ -51,6 +51,10 @@ impl From<StoreError> for AdminError {
     fn from(error: StoreError) -> Self {
         match error {
             StoreError::NameTaken { name } => AdminError::AlreadyExists { name },
+            StoreError::Gone => AdminError::NotFound {
+                what: "activity",
+                id: "(deleted while being changed)".to_owned(),
+            },
             other => AdminError::Internal(other.into()),
         }
     }
@@ -142,7 +146,8 @@ fn validated_spec(
 ) -> Result<(ActivitySpec, serde_json::Value), AdminError> {
     let spec = spec.ok_or_else(|| invalid("spec", "is required"))?;
     spec::validate(&spec, Utc::now()).map_err(AdminError::InvalidSpec)?;
-    let json = taskfactory_proto::to_json(&spec);
+    let json = taskfactory_proto::try_to_json(&spec)
+        .map_err(|e| invalid("spec", format!("has a value out of range: {e}")))?;
     Ok((spec, json))
 }
 

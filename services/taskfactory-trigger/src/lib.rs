@@ -65,6 +65,9 @@ pub struct Config {
     /// How often to poll for definition changes made elsewhere.
     #[arg(long = "reload-interval", env = "TASKFACTORY_RELOAD_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     pub reload_interval: Duration,
+    /// At shutdown, how long work in hand may take to finish before it is left for redelivery.
+    #[arg(long = "drain-timeout", env = "TASKFACTORY_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
     /// How long to wait for NATS and Postgres at start.
     #[arg(long = "startup-patience", env = "TASKFACTORY_STARTUP_PATIENCE", default_value = "60s", value_parser = parse_duration)]
     pub startup_patience: Duration,
@@ -82,6 +85,7 @@ impl Config {
             reconcile_interval: Duration::from_secs(5),
             reload_interval: Duration::from_secs(5),
             startup_patience: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -145,6 +149,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             filter_subject: subjects::EVENTS_SUBJECTS.to_owned(),
             concurrency: config.event_concurrency,
             ack_wait: Duration::from_secs(30),
+            drain_timeout: config.drain_timeout,
         },
         work_shutdown.clone(),
         move |message| ingress.clone().handle(message),

@@ -1,26 +1,34 @@
-//! The scheduler: holds every active schedule's next occurrence and fires it on time.
+//! The scheduler: fires every active schedule on time, and decides what was missed.
 //!
-//! - On (re)load of a schedule, the occurrences it missed since its persisted watermark (the
-//!   service was down, the activity paused or disabled) go through the misfire policy
-//!   ([`taskfactory_model::misfire`]); then it waits for the next occurrence after now.
-//! - An occurrence fires at `scheduled_for` plus its deterministic jitter. Each fire is recorded
-//!   with the watermark in one transaction (see [`crate::fire`]), in its own task, retried until it
-//!   is recorded or the service stops, so a slow database delays no other schedule.
-//! - Definition changes arrive as registry snapshots; a schedule whose version changed is
-//!   recomputed from its last decided occurrence.
+//! Two parts:
+//!
+//! - **The timer** (one loop for all schedules) knows each schedule's next occurrence. When an
+//!   occurrence's time plus its deterministic jitter comes, it tells that schedule's writer
+//!   "everything through this occurrence is due".
+//! - **The writer** (one task per schedule) is the only one that records the schedule's fires,
+//!   strictly in order, starting from the watermark persisted in Postgres. For each signal it
+//!   decides every occurrence between the watermark and the signalled one: an occurrence less than
+//!   [`MISFIRE_THRESHOLD`] late fires; a later one goes through the misfire policy
+//!   ([`taskfactory_model::misfire`]). A fire that cannot be recorded (database down) is retried;
+//!   as time passes its occurrence becomes late and falls under the misfire policy, so an outage
+//!   never releases a flood, and a restart, a pause or a disabled spell is handled the same way.
+//!
+//! The watermark moves only with a recorded fire (same transaction) or after a recorded decision,
+//! in order, so whenever the service stops the next start resumes exactly where it left off.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use taskfactory_runtime::telemetry::error_chain;
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use taskfactory_model::ids::ActivityId;
 use taskfactory_model::misfire;
-use taskfactory_model::schedule::{Occurrence, jitter_delay};
+use taskfactory_model::schedule::jitter_delay;
 use taskfactory_model::spec::std_duration;
 use taskfactory_proto::v1::TriggerSource;
+use taskfactory_runtime::telemetry::error_chain;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -28,13 +36,18 @@ use crate::fire::{self, FireRequest};
 use crate::registry::{LiveActivity, Registry};
 use crate::store;
 
+/// An occurrence fired later than this after its time counts as missed: the misfire policy
+/// decides about it.
+pub const MISFIRE_THRESHOLD: Duration = Duration::from_secs(10);
+
 struct Entry {
     activity: Arc<LiveActivity>,
-    /// The next occurrence and when to fire it (its instant plus jitter).
-    next: Option<(Occurrence, DateTime<Utc>)>,
-    /// The newest occurrence decided (fired or not).
-    last_decided: Option<DateTime<Utc>>,
-    fires: u64,
+    /// The next occurrence and when it is due (its instant plus jitter).
+    next: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    /// Tells the writer: every occurrence up to and including this instant is due.
+    due: watch::Sender<Option<DateTime<Utc>>>,
+    /// Stops the writer (even mid-retry) when the entry goes: the schedule changed or ended.
+    _retire: tokio_util::sync::DropGuard,
 }
 
 pub struct Scheduler {
@@ -63,7 +76,7 @@ impl Scheduler {
         }
     }
 
-    /// Runs until shutdown, then waits for fires in flight.
+    /// Runs until shutdown, then waits for the writers to finish the fire in hand.
     pub async fn run(mut self) {
         let mut snapshots = self.registry.subscribe();
         let initial = snapshots.borrow_and_update().clone();
@@ -72,7 +85,7 @@ impl Scheduler {
             let due = self
                 .entries
                 .values()
-                .filter_map(|e| e.next.as_ref().map(|(_, due)| *due))
+                .filter_map(|e| e.next.map(|(_, due)| due))
                 .min();
             let sleep = match due {
                 Some(due) => (due - Utc::now()).to_std().unwrap_or(Duration::ZERO),
@@ -81,35 +94,32 @@ impl Scheduler {
             tokio::select! {
                 _ = self.shutdown.cancelled() => break,
                 changed = snapshots.changed() => {
-                    if changed.is_err() { break; }
+                    if changed.is_err() {
+                        break;
+                    }
                     let snapshot = snapshots.borrow_and_update().clone();
                     self.sync(&snapshot.activities).await;
                     continue;
                 }
                 _ = tokio::time::sleep(sleep) => {}
             }
-            self.fire_due(Utc::now());
+            self.signal_due(Utc::now());
         }
+        // Each writer finishes the fire in hand, then stops.
+        self.entries.clear();
         self.tracker.close();
         self.tracker.wait().await;
     }
 
-    /// Brings the entries in line with the registry.
+    /// Brings the entries in line with the registry: new or changed schedules get a writer.
     async fn sync(&mut self, activities: &HashMap<ActivityId, Arc<LiveActivity>>) {
-        // What this process decided may be ahead of the stored watermark (fires in flight); a
-        // schedule restarted by a version change continues from the newer of the two.
-        let mut decided_here: HashMap<ActivityId, (DateTime<Utc>, u64)> = HashMap::new();
         self.entries.retain(|id, entry| {
-            let keep = activities.get(id).is_some_and(|a| {
+            activities.get(id).is_some_and(|a| {
                 a.is_active() && a.schedule.is_some() && Arc::ptr_eq(a, &entry.activity)
-            });
-            if !keep && let Some(last) = entry.last_decided {
-                decided_here.insert(*id, (last, entry.fires));
-            }
-            keep
+            })
         });
         let now = Utc::now();
-        let mut loaded: Option<HashMap<ActivityId, (DateTime<Utc>, u64)>> = None;
+        let mut stored: Option<HashMap<ActivityId, (DateTime<Utc>, u64)>> = None;
         for activity in activities.values() {
             if !activity.is_active()
                 || activity.schedule.is_none()
@@ -117,15 +127,28 @@ impl Scheduler {
             {
                 continue;
             }
-            if loaded.is_none() {
-                loaded = Some(self.load_state().await);
+            if stored.is_none() {
+                stored = Some(self.load_state().await);
             }
-            let stored = loaded.as_ref().and_then(|l| l.get(&activity.id)).copied();
-            let state = match (stored, decided_here.get(&activity.id).copied()) {
-                (Some(a), Some(b)) => Some(if b.0 > a.0 { b } else { a }),
-                (a, b) => a.or(b),
+            let state = stored.as_ref().and_then(|s| s.get(&activity.id)).copied();
+            let (due, signal) = watch::channel(None);
+            let retire = self.shutdown.child_token();
+            let writer = Writer {
+                pool: self.pool.clone(),
+                js: self.js.clone(),
+                activity: activity.clone(),
+                shutdown: retire.clone(),
+                watermark: state.map(|(w, _)| w),
+                fires: state.map_or(0, |(_, n)| n),
             };
-            let entry = self.start_entry(activity.clone(), state, now).await;
+            self.tracker.spawn(writer.run(signal));
+            let mut entry = Entry {
+                activity: activity.clone(),
+                next: None,
+                due,
+                _retire: retire.drop_guard(),
+            };
+            schedule_next(&mut entry, now);
             self.entries.insert(activity.id, entry);
         }
     }
@@ -133,7 +156,9 @@ impl Scheduler {
     async fn load_state(&self) -> HashMap<ActivityId, (DateTime<Utc>, u64)> {
         loop {
             match store::schedule_states(&self.pool).await {
-                Ok(states) => return states.into_iter().map(|(id, w, n)| (id, (w, n))).collect(),
+                Ok(states) => {
+                    return states.into_iter().map(|(id, w, n)| (id, (w, n))).collect();
+                }
                 Err(error) => {
                     tracing::warn!(error = %error_chain(&error), "cannot read schedule watermarks; retrying");
                     tokio::select! {
@@ -145,132 +170,196 @@ impl Scheduler {
         }
     }
 
-    /// Applies the misfire policy to what was missed since the watermark, then schedules the next
-    /// occurrence after now.
-    async fn start_entry(
-        &self,
-        activity: Arc<LiveActivity>,
-        state: Option<(DateTime<Utc>, u64)>,
-        now: DateTime<Utc>,
-    ) -> Entry {
-        let schedule = activity
-            .schedule
-            .clone()
-            .expect("only schedules get entries");
-        let trigger = activity.schedule_trigger().cloned().unwrap_or_default();
-        let mut fires = state.map_or(0, |(_, n)| n);
-        let mut last_decided = state.map(|(w, _)| w);
-        if let Some((watermark, _)) = state {
-            let plan = misfire::plan(&schedule, &trigger, watermark, now);
-            if plan.missed > 0 || !plan.fire.is_empty() {
-                tracing::info!(activity.name = %activity.name, missed = plan.missed, catching_up = plan.fire.len(), policy = ?trigger.misfire(), "schedule missed occurrences");
+    /// Signals every schedule whose next occurrence is due, and moves it to the following one.
+    fn signal_due(&mut self, now: DateTime<Utc>) {
+        for entry in self.entries.values_mut() {
+            let Some((occurrence, due)) = entry.next else {
+                continue;
+            };
+            if due > now {
+                continue;
             }
-            for occurrence in plan.fire {
-                if self.max_runs_reached(&trigger, fires) {
-                    break;
-                }
-                fires += 1;
-                self.spawn_fire(&activity, occurrence.at, TriggerSource::Catchup);
+            entry.due.send_replace(Some(occurrence));
+            // Occurrences already far behind need no signal of their own: the writer decides
+            // them with the next one.
+            let late_limit =
+                now - chrono::Duration::from_std(MISFIRE_THRESHOLD).unwrap_or_default();
+            schedule_next(entry, occurrence.max(late_limit));
+        }
+    }
+}
+
+/// Sets the entry's next occurrence after `after`, with its jitter.
+fn schedule_next(entry: &mut Entry, after: DateTime<Utc>) {
+    let schedule = entry
+        .activity
+        .schedule
+        .as_ref()
+        .expect("only schedules get entries");
+    let jitter = entry
+        .activity
+        .schedule_trigger()
+        .and_then(|t| t.jitter.as_ref())
+        .and_then(std_duration)
+        .unwrap_or_default();
+    let mut upcoming = schedule.occurrences_after(after);
+    entry.next = upcoming.next().map(|occurrence| {
+        let delay = if jitter.is_zero() {
+            Duration::ZERO
+        } else {
+            let following = upcoming.next().map(|o| o.at);
+            jitter_delay(
+                &entry.activity.id.to_string(),
+                occurrence.at,
+                jitter,
+                following,
+            )
+        };
+        (
+            occurrence.at,
+            occurrence.at + chrono::Duration::from_std(delay).unwrap_or_default(),
+        )
+    });
+}
+
+/// The single writer of one schedule's fires.
+struct Writer {
+    pool: PgPool,
+    js: async_nats::jetstream::Context,
+    activity: Arc<LiveActivity>,
+    /// Cancelled at shutdown, or when the schedule changes or ends.
+    shutdown: CancellationToken,
+    /// The newest occurrence decided (fired or not), as recorded.
+    watermark: Option<DateTime<Utc>>,
+    /// Fires so far (for `maxRuns`).
+    fires: u64,
+}
+
+impl Writer {
+    async fn run(mut self, mut due: watch::Receiver<Option<DateTime<Utc>>>) {
+        // A schedule with a watermark first decides what it missed while it was not running (the
+        // service was down, the activity paused or disabled): all of it goes to the misfire policy.
+        // A new one starts now.
+        let started = Utc::now();
+        match self.watermark {
+            Some(_) => self.decide_through(started, started).await,
+            None => self.watermark = Some(started),
+        }
+        let mut through = None;
+        loop {
+            if let Some(through) = through.take() {
+                let late_before =
+                    Utc::now() - chrono::Duration::from_std(MISFIRE_THRESHOLD).unwrap_or_default();
+                self.decide_through(through, late_before).await;
             }
-            if let Some(watermark) = plan.watermark {
-                last_decided = Some(watermark);
-                let pool = self.pool.clone();
-                let id = activity.id;
-                self.tracker.spawn(async move {
-                    if let Err(error) = store::set_watermark(&pool, id, watermark).await {
-                        tracing::warn!(activity.id = %id, error = %error_chain(&error), "cannot advance watermark");
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                changed = due.changed() => {
+                    if changed.is_err() {
+                        return; // the schedule changed or went away
                     }
-                });
+                    through = *due.borrow_and_update();
+                }
             }
         }
-        let after = last_decided.map_or(now, |w| w.max(now));
-        let mut entry = Entry {
-            activity,
-            next: None,
-            last_decided,
-            fires,
-        };
-        self.schedule_next(&mut entry, after);
-        entry
     }
 
-    fn max_runs_reached(
-        &self,
-        trigger: &taskfactory_proto::v1::ScheduleTrigger,
-        fires: u64,
-    ) -> bool {
-        trigger.max_runs > 0 && fires >= trigger.max_runs
+    /// Decides every occurrence in `(watermark, through]` — those before `late_before` by the
+    /// misfire policy, the rest by firing them — retrying until it is all recorded or the writer
+    /// stops. A retry moves `late_before` along, so an outage turns into misfires, not a flood.
+    async fn decide_through(&mut self, through: DateTime<Utc>, late_before: DateTime<Utc>) {
+        let mut backoff = Duration::from_millis(200);
+        let mut late_before = late_before;
+        while let Err(error) = self.try_decide_through(through, late_before).await {
+            tracing::warn!(activity.name = %self.activity.name, error = %error_chain(&error), "cannot record scheduled fires; retrying");
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            late_before = late_before.max(
+                Utc::now() - chrono::Duration::from_std(MISFIRE_THRESHOLD).unwrap_or_default(),
+            );
+        }
     }
 
-    fn schedule_next(&self, entry: &mut Entry, after: DateTime<Utc>) {
-        let trigger = entry
+    async fn try_decide_through(
+        &mut self,
+        through: DateTime<Utc>,
+        late_before: DateTime<Utc>,
+    ) -> Result<(), store::StoreError> {
+        let schedule = self
+            .activity
+            .schedule
+            .clone()
+            .expect("only schedules get writers");
+        let trigger = self
             .activity
             .schedule_trigger()
             .cloned()
             .unwrap_or_default();
-        if self.max_runs_reached(&trigger, entry.fires) {
-            entry.next = None;
-            return;
-        }
-        let schedule = entry
-            .activity
-            .schedule
-            .as_ref()
-            .expect("only schedules get entries");
-        let mut upcoming = schedule.occurrences_after(after);
-        entry.next = upcoming.next().map(|occurrence| {
-            let jitter = trigger
-                .jitter
-                .as_ref()
-                .and_then(std_duration)
-                .unwrap_or_default();
-            let delay = if jitter.is_zero() {
-                Duration::ZERO
-            } else {
-                let following = upcoming.next().map(|o| o.at);
-                jitter_delay(
-                    &entry.activity.id.to_string(),
-                    occurrence.at,
-                    jitter,
-                    following,
-                )
-            };
-            let due = occurrence.at + chrono::Duration::from_std(delay).unwrap_or_default();
-            (occurrence, due)
-        });
-    }
+        let Some(watermark) = self.watermark else {
+            return Ok(());
+        };
 
-    fn fire_due(&mut self, now: DateTime<Utc>) {
-        let due: Vec<ActivityId> = self
-            .entries
-            .iter()
-            .filter(|(_, e)| e.next.as_ref().is_some_and(|(_, due)| *due <= now))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in due {
-            let Some(mut entry) = self.entries.remove(&id) else {
-                continue;
-            };
-            if let Some((occurrence, _)) = entry.next.take() {
-                if let Some(note) = &occurrence.dst_note {
-                    tracing::info!(activity.name = %entry.activity.name, scheduled_for = %occurrence.at, note = %note, "dst adjusted occurrence");
-                }
-                self.spawn_fire(&entry.activity, occurrence.at, TriggerSource::Schedule);
-                entry.fires += 1;
-                entry.last_decided = Some(occurrence.at);
-                self.schedule_next(&mut entry, occurrence.at);
+        // Late occurrences: the misfire policy.
+        let late_until = through.min(late_before);
+        if late_until > watermark {
+            let plan = misfire::plan(&schedule, &trigger, watermark, late_until);
+            if plan.missed > 0 || !plan.fire.is_empty() {
+                tracing::info!(activity.name = %self.activity.name, missed = plan.missed, catching_up = plan.fire.len(), policy = trigger.misfire().as_str_name(), "schedule missed occurrences");
             }
-            self.entries.insert(id, entry);
+            for occurrence in &plan.fire {
+                if !self
+                    .fire(occurrence.at, TriggerSource::Catchup, &trigger)
+                    .await?
+                {
+                    return Ok(());
+                }
+            }
+            if let Some(newest) = plan.watermark
+                && self.watermark.is_some_and(|w| w < newest)
+            {
+                store::set_watermark(&self.pool, self.activity.id, newest).await?;
+                self.watermark = Some(newest);
+            }
         }
+
+        // On time: fire each, in order.
+        let after = self.watermark.unwrap_or(watermark);
+        let on_time: Vec<_> = schedule
+            .occurrences_after(after)
+            .take_while(|o| o.at <= through)
+            .collect();
+        for occurrence in on_time {
+            if let Some(note) = &occurrence.dst_note {
+                tracing::info!(activity.name = %self.activity.name, scheduled_for = %occurrence.at, note = %note, "daylight saving time adjusted this occurrence");
+            }
+            if !self
+                .fire(occurrence.at, TriggerSource::Schedule, &trigger)
+                .await?
+            {
+                return Ok(());
+            }
+        }
+        Ok(())
     }
 
-    /// Records and publishes one scheduled fire in its own task, retrying until it is recorded or
-    /// the service stops (then the watermark has not moved, and the next start catches it up).
-    fn spawn_fire(&self, activity: &LiveActivity, at: DateTime<Utc>, source: TriggerSource) {
+    /// Records and publishes one fire, advancing the watermark with it. `Ok(false)` once
+    /// `maxRuns` is reached: nothing more fires.
+    async fn fire(
+        &mut self,
+        at: DateTime<Utc>,
+        source: TriggerSource,
+        trigger: &taskfactory_proto::v1::ScheduleTrigger,
+    ) -> Result<bool, store::StoreError> {
+        if trigger.max_runs > 0 && self.fires >= trigger.max_runs {
+            return Ok(false);
+        }
         let request = FireRequest {
-            activity_id: activity.id,
-            activity_name: activity.name.clone(),
-            activity_version: activity.version,
+            activity_id: self.activity.id,
+            activity_name: self.activity.name.clone(),
+            activity_version: self.activity.version,
             source,
             dedupe_key: schedule_dedupe_key(at),
             scheduled_for: Some(at),
@@ -278,25 +367,12 @@ impl Scheduler {
             subject: String::new(),
             watermark: Some(at),
         };
-        let pool = self.pool.clone();
-        let js = self.js.clone();
-        let shutdown = self.shutdown.clone();
-        self.tracker.spawn(async move {
-            let mut delay = Duration::from_millis(200);
-            loop {
-                match fire::fire(&pool, &js, request.clone()).await {
-                    Ok(_) => return,
-                    Err(error) => {
-                        tracing::warn!(activity.name = %request.activity_name, scheduled_for = %at, error = %error_chain(&error), "cannot record fire; retrying");
-                    }
-                }
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-        });
+        let fired = fire::fire(&self.pool, &self.js, request).await?;
+        if !fired.duplicate {
+            self.fires += 1;
+        }
+        self.watermark = Some(at);
+        Ok(true)
     }
 }
 

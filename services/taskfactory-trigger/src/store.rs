@@ -27,6 +27,8 @@ pub struct ActivityRecord {
 pub enum StoreError {
     #[error("an activity named {name:?} already exists")]
     NameTaken { name: String },
+    #[error("the activity was deleted meanwhile")]
+    Gone,
     #[error("database error")]
     Database(#[source] sqlx::Error),
 }
@@ -115,11 +117,12 @@ pub async fn update_activity(
     let current: (i32, serde_json::Value) = sqlx::query_as(
         "SELECT a.current_version, v.spec FROM activities a \
          JOIN activity_versions v ON v.activity_id = a.id AND v.version = a.current_version \
-         WHERE a.id = $1 FOR UPDATE OF a",
+         WHERE a.id = $1 AND a.deleted_at IS NULL FOR UPDATE OF a",
     )
     .bind(id.0)
-    .fetch_one(&mut *tx)
-    .await?;
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or(StoreError::Gone)?;
     let changed = &current.1 != spec;
     if changed {
         let version = current.0 + 1;
@@ -147,7 +150,7 @@ pub async fn update_activity(
     tx.commit().await?;
     let record = get_activity(pool, id, None)
         .await?
-        .expect("the activity exists");
+        .ok_or(StoreError::Gone)?;
     Ok((record, changed))
 }
 
@@ -359,6 +362,10 @@ pub struct PendingFire {
     pub event: Vec<u8>,
 }
 
+/// How often a published fire without a run is republished before it is given up (about five
+/// hours of doubling waits); the orchestrator dead-letters fires it cannot use, with the reason.
+pub const MAX_REPUBLISHES: i32 = 10;
+
 /// Fires recorded but not published, older than `older_than`, plus published fires for which no
 /// run appeared (their message may have been lost): first a minute after publishing, then with
 /// doubling waits up to an hour, so a stopped orchestrator is not flooded. Fires whose run exists
@@ -382,12 +389,14 @@ pub async fn fires_to_republish(
          UNION ALL \
          (SELECT f.id, f.activity_id, f.activity_name, f.dedupe_key, f.event FROM fires f \
            WHERE f.confirmed_at IS NULL AND f.published_at IS NOT NULL \
+             AND f.republish_count < $4 \
              AND f.published_at < $2 - make_interval(secs => LEAST(3600, 60 * power(2, LEAST(f.republish_count, 12)))) \
            ORDER BY f.published_at LIMIT $3)",
     )
     .bind(older_than)
     .bind(now)
     .bind(limit)
+    .bind(MAX_REPUBLISHES)
     .fetch_all(pool)
     .await?;
     let mut fires = Vec::with_capacity(rows.len());
