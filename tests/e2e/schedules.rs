@@ -428,3 +428,60 @@ async fn disabling_a_schedule_stops_it_and_enabling_catches_up_once() -> anyhow:
     assert_eq!(after_delete, 0, "a deleted schedule fired");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn updating_a_running_schedule_neither_misses_nor_doubles_a_second() -> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    let yaml = |label: &str| {
+        format!(
+            "name: steady\ntrigger: {{schedule: {{cron: ['* * * * * *'], timezone: UTC, misfire: MISFIRE_SKIP}}}}\ntasks: [{{name: t, type: log, params: {{label: {label}}}}}]"
+        )
+    };
+    create(&mut admin, &yaml("one")).await?;
+    wait_for("runs of version 1", Duration::from_secs(20), || {
+        let mut admin = admin.clone();
+        async move { Ok((runs(&mut admin, "steady").await?.len() >= 2).then_some(())) }
+    })
+    .await?;
+    for (version, label) in [(2, "two"), (3, "three")] {
+        admin
+            .update_activity(UpdateActivityRequest {
+                id: "steady".to_owned(),
+                spec: Some(spec_from_yaml(&yaml(label))?),
+            })
+            .await?;
+        wait_for(
+            &format!("runs of version {version}"),
+            Duration::from_secs(20),
+            || {
+                let mut admin = admin.clone();
+                async move {
+                    let n = runs(&mut admin, "steady")
+                        .await?
+                        .iter()
+                        .filter(|r| r.activity_version == version)
+                        .count();
+                    Ok((n >= 2).then_some(()))
+                }
+            },
+        )
+        .await?;
+    }
+    let all = runs(&mut admin, "steady").await?;
+    let mut seconds: Vec<DateTime<Utc>> = all.iter().map(|r| at(&r.scheduled_for)).collect();
+    seconds.sort();
+    for pair in seconds.windows(2) {
+        assert_eq!(
+            pair[1] - pair[0],
+            chrono::Duration::seconds(1),
+            "no second missed or doubled across updates: {seconds:?}"
+        );
+    }
+    assert!(
+        all.iter().all(|r| r.source() == TriggerSource::Schedule),
+        "an update is not downtime"
+    );
+    Ok(())
+}

@@ -113,10 +113,17 @@ impl Scheduler {
 
     /// Brings the entries in line with the registry: new or changed schedules get a writer.
     async fn sync(&mut self, activities: &HashMap<ActivityId, Arc<LiveActivity>>) {
+        // Schedules replaced by a new version while staying active were running here a moment ago:
+        // their new writer treats recent occurrences as on time, not as missed.
+        let mut replaced = std::collections::HashSet::new();
         self.entries.retain(|id, entry| {
-            activities.get(id).is_some_and(|a| {
+            let keep = activities.get(id).is_some_and(|a| {
                 a.is_active() && a.schedule.is_some() && Arc::ptr_eq(a, &entry.activity)
-            })
+            });
+            if !keep && activities.get(id).is_some_and(|a| a.is_active()) {
+                replaced.insert(*id);
+            }
+            keep
         });
         let now = Utc::now();
         let mut stored: Option<HashMap<ActivityId, (DateTime<Utc>, u64)>> = None;
@@ -141,7 +148,8 @@ impl Scheduler {
                 watermark: state.map(|(w, _)| w),
                 fires: state.map_or(0, |(_, n)| n),
             };
-            self.tracker.spawn(writer.run(signal));
+            self.tracker
+                .spawn(writer.run(signal, replaced.contains(&activity.id)));
             let mut entry = Entry {
                 activity: activity.clone(),
                 next: None,
@@ -236,13 +244,19 @@ struct Writer {
 }
 
 impl Writer {
-    async fn run(mut self, mut due: watch::Receiver<Option<DateTime<Utc>>>) {
+    async fn run(mut self, mut due: watch::Receiver<Option<DateTime<Utc>>>, replaced: bool) {
         // A schedule with a watermark first decides what it missed while it was not running (the
         // service was down, the activity paused or disabled): all of it goes to the misfire policy.
-        // A new one starts now.
+        // After a new version replaced a running one, only what is truly late is missed. A new
+        // schedule starts now.
         let started = Utc::now();
+        let late_before = if replaced {
+            started - chrono::Duration::from_std(MISFIRE_THRESHOLD).unwrap_or_default()
+        } else {
+            started
+        };
         match self.watermark {
-            Some(_) => self.decide_through(started, started).await,
+            Some(_) => self.decide_through(started, late_before).await,
             None => self.watermark = Some(started),
         }
         let mut through = None;
