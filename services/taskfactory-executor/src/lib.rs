@@ -19,7 +19,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use taskfactory_model::egress::EgressPolicy;
 use taskfactory_model::subjects;
-use taskfactory_runtime::config::{NatsArgs, parse_duration};
+use taskfactory_runtime::config::{LifecycleArgs, NatsArgs, parse_duration};
 use taskfactory_runtime::messaging::{self, ConsumerSpec};
 use taskfactory_runtime::nats;
 use tokio_util::sync::CancellationToken;
@@ -58,12 +58,8 @@ pub struct Config {
     /// This executor's name in results (default: host name and process id).
     #[arg(long = "executor-name", env = "TASKFACTORY_EXECUTOR_NAME")]
     pub name: Option<String>,
-    /// At shutdown, how long work in hand may take to finish before it is left for redelivery.
-    #[arg(long = "drain-timeout", env = "TASKFACTORY_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
-    pub drain_timeout: Duration,
-    /// How long to wait for NATS at start.
-    #[arg(long = "startup-patience", env = "TASKFACTORY_STARTUP_PATIENCE", default_value = "60s", value_parser = parse_duration)]
-    pub startup_patience: Duration,
+    #[command(flatten)]
+    pub lifecycle: LifecycleArgs,
 }
 
 impl Config {
@@ -78,8 +74,7 @@ impl Config {
             ack_wait: Duration::from_secs(30),
             egress_allow: String::new(),
             name: None,
-            startup_patience: Duration::from_secs(60),
-            drain_timeout: Duration::from_secs(30),
+            lifecycle: LifecycleArgs::default(),
         }
     }
 }
@@ -110,7 +105,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let client = nats::connect(
         &config.nats,
         "taskfactory-executor",
-        config.startup_patience,
+        config.lifecycle.startup_patience,
     )
     .await
     .context("nats")?;
@@ -135,7 +130,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 filter_subject: subjects::task_subject(task_type),
                 concurrency: config.concurrency,
                 ack_wait: config.ack_wait,
-                drain_timeout: config.drain_timeout,
+                drain_timeout: config.lifecycle.drain_timeout,
             },
             shutdown.clone(),
             move |message| executor.clone().handle(message),

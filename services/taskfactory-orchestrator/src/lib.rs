@@ -27,7 +27,7 @@ use taskfactory_model::ids::ActivityId;
 use taskfactory_model::plan::PlanLimits;
 use taskfactory_model::subjects;
 use taskfactory_proto::v1::ActivitySpec;
-use taskfactory_runtime::config::{DatabaseArgs, NatsArgs, parse_duration};
+use taskfactory_runtime::config::{DatabaseArgs, LifecycleArgs, NatsArgs, parse_duration};
 use taskfactory_runtime::messaging::{self, ConsumerSpec};
 use taskfactory_runtime::{db, nats};
 use tokio_util::sync::CancellationToken;
@@ -78,12 +78,8 @@ pub struct Config {
         default_value_t = 50_000
     )]
     pub template_fuel: u64,
-    /// At shutdown, how long work in hand may take to finish before it is left for redelivery.
-    #[arg(long = "drain-timeout", env = "TASKFACTORY_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
-    pub drain_timeout: Duration,
-    /// How long to wait for NATS and Postgres at start.
-    #[arg(long = "startup-patience", env = "TASKFACTORY_STARTUP_PATIENCE", default_value = "60s", value_parser = parse_duration)]
-    pub startup_patience: Duration,
+    #[command(flatten)]
+    pub lifecycle: LifecycleArgs,
 }
 
 impl Config {
@@ -97,8 +93,7 @@ impl Config {
             publish_window: 256,
             max_tasks_per_run: 10_000,
             template_fuel: 50_000,
-            startup_patience: Duration::from_secs(60),
-            drain_timeout: Duration::from_secs(30),
+            lifecycle: LifecycleArgs::default(),
         }
     }
 }
@@ -150,13 +145,13 @@ impl SpecCache {
 
 /// Runs the orchestrator until `shutdown`, then stops pulling and finishes what it holds.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let pool = db::connect_and_migrate(&config.database, config.startup_patience)
+    let pool = db::connect_and_migrate(&config.database, config.lifecycle.startup_patience)
         .await
         .context("postgres")?;
     let client = nats::connect(
         &config.nats,
         "taskfactory-orchestrator",
-        config.startup_patience,
+        config.lifecycle.startup_patience,
     )
     .await
     .context("nats")?;
@@ -192,7 +187,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             filter_subject: subjects::TRIGGERS_SUBJECTS.to_owned(),
             concurrency: config.trigger_concurrency,
             ack_wait: config.ack_wait,
-            drain_timeout: config.drain_timeout,
+            drain_timeout: config.lifecycle.drain_timeout,
         },
         shutdown.clone(),
         move |message| spawner.clone().handle(message),
@@ -205,7 +200,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             filter_subject: subjects::RESULTS_SUBJECTS.to_owned(),
             concurrency: config.result_concurrency,
             ack_wait: Duration::from_secs(30),
-            drain_timeout: config.drain_timeout,
+            drain_timeout: config.lifecycle.drain_timeout,
         },
         shutdown.clone(),
         move |message| sink.clone().handle(message),

@@ -75,6 +75,26 @@ impl DatabaseArgs {
     }
 }
 
+/// How a service starts and stops.
+#[derive(Clone, Debug, clap::Args)]
+pub struct LifecycleArgs {
+    /// How long to wait for NATS (and Postgres) at start.
+    #[arg(long = "startup-patience", env = "TASKFACTORY_STARTUP_PATIENCE", default_value = "60s", value_parser = parse_duration)]
+    pub startup_patience: Duration,
+    /// At shutdown, how long work in hand may take to finish before it is left for redelivery.
+    #[arg(long = "drain-timeout", env = "TASKFACTORY_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+impl Default for LifecycleArgs {
+    fn default() -> Self {
+        Self {
+            startup_patience: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
 /// Parses a humane duration flag: `30s`, `250ms`, `5m`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();

@@ -29,7 +29,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use taskfactory_model::subjects;
 use taskfactory_proto::v1::admin_service_server::AdminServiceServer;
-use taskfactory_runtime::config::{DatabaseArgs, NatsArgs, parse_duration};
+use taskfactory_runtime::config::{DatabaseArgs, LifecycleArgs, NatsArgs, parse_duration};
 use taskfactory_runtime::messaging::{self, ConsumerSpec};
 use taskfactory_runtime::{db, nats};
 use tokio_util::sync::CancellationToken;
@@ -65,12 +65,8 @@ pub struct Config {
     /// How often to poll for definition changes made elsewhere.
     #[arg(long = "reload-interval", env = "TASKFACTORY_RELOAD_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     pub reload_interval: Duration,
-    /// At shutdown, how long work in hand may take to finish before it is left for redelivery.
-    #[arg(long = "drain-timeout", env = "TASKFACTORY_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
-    pub drain_timeout: Duration,
-    /// How long to wait for NATS and Postgres at start.
-    #[arg(long = "startup-patience", env = "TASKFACTORY_STARTUP_PATIENCE", default_value = "60s", value_parser = parse_duration)]
-    pub startup_patience: Duration,
+    #[command(flatten)]
+    pub lifecycle: LifecycleArgs,
 }
 
 impl Config {
@@ -84,8 +80,7 @@ impl Config {
             event_concurrency: 32,
             reconcile_interval: Duration::from_secs(5),
             reload_interval: Duration::from_secs(5),
-            startup_patience: Duration::from_secs(60),
-            drain_timeout: Duration::from_secs(30),
+            lifecycle: LifecycleArgs::default(),
         }
     }
 }
@@ -93,12 +88,16 @@ impl Config {
 /// Runs the trigger service until `shutdown`, then stops taking work, finishes what it holds and
 /// returns.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let pool = db::connect_and_migrate(&config.database, config.startup_patience)
+    let pool = db::connect_and_migrate(&config.database, config.lifecycle.startup_patience)
         .await
         .context("postgres")?;
-    let client = nats::connect(&config.nats, "taskfactory-trigger", config.startup_patience)
-        .await
-        .context("nats")?;
+    let client = nats::connect(
+        &config.nats,
+        "taskfactory-trigger",
+        config.lifecycle.startup_patience,
+    )
+    .await
+    .context("nats")?;
     let js = async_nats::jetstream::new(client.clone());
     nats::declare_streams(&js, config.nats.stream_replicas)
         .await
@@ -149,7 +148,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             filter_subject: subjects::EVENTS_SUBJECTS.to_owned(),
             concurrency: config.event_concurrency,
             ack_wait: Duration::from_secs(30),
-            drain_timeout: config.drain_timeout,
+            drain_timeout: config.lifecycle.drain_timeout,
         },
         work_shutdown.clone(),
         move |message| ingress.clone().handle(message),
