@@ -102,17 +102,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             );
         }
     }
-    let client = nats::connect(
+    let (client, js) = nats::connect_and_declare(
         &config.nats,
         "taskfactory-executor",
         config.lifecycle.startup_patience,
     )
     .await
     .context("nats")?;
-    let js = async_nats::jetstream::new(client.clone());
-    nats::declare_streams(&js, config.nats.stream_replicas)
-        .await
-        .context("declaring streams")?;
     let executor = Arc::new(execute::Executor {
         builtins: builtins::Builtins::new(egress, js.clone(), client.clone())
             .context("http client")?,

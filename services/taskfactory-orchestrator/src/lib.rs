@@ -148,17 +148,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let pool = db::connect_and_migrate(&config.database, config.lifecycle.startup_patience)
         .await
         .context("postgres")?;
-    let client = nats::connect(
+    let (client, js) = nats::connect_and_declare(
         &config.nats,
         "taskfactory-orchestrator",
         config.lifecycle.startup_patience,
     )
     .await
     .context("nats")?;
-    let js = async_nats::jetstream::new(client.clone());
-    nats::declare_streams(&js, config.nats.stream_replicas)
-        .await
-        .context("declaring streams")?;
 
     let spawner = Arc::new(spawn::Spawner {
         pool: pool.clone(),

@@ -78,6 +78,18 @@ pub async fn connect(
     }
 }
 
+/// Connects and declares every stream: what each service does first.
+pub async fn connect_and_declare(
+    args: &NatsArgs,
+    client_name: &str,
+    patience: Duration,
+) -> Result<(async_nats::Client, jetstream::Context), NatsError> {
+    let client = connect(args, client_name, patience).await?;
+    let js = jetstream::new(client.clone());
+    declare_streams(&js, args.stream_replicas).await?;
+    Ok((client, js))
+}
+
 /// The configuration of each stream.
 pub fn stream_configs(replicas: usize) -> Vec<stream::Config> {
     let day = Duration::from_secs(24 * 3600);
