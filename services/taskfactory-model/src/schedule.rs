@@ -291,6 +291,9 @@ pub struct Occurrence {
     pub wall: NaiveDateTime,
     /// Set when a DST rule moved, doubled or chose this fire.
     pub dst_note: Option<String>,
+    /// Its wall date is in `excludeDates`: it does not fire. Only iterators made with
+    /// [`Occurrences::including_excluded`] yield these.
+    pub excluded: bool,
 }
 
 impl Occurrence {
@@ -398,6 +401,7 @@ impl Schedule {
             frontier: None,
             exhausted: false,
             last_emitted: None,
+            include_excluded: false,
         }
     }
 
@@ -413,6 +417,7 @@ impl Schedule {
                 at: t.with_timezone(&Utc),
                 wall,
                 dst_note: None,
+                excluded: false,
             }],
             LocalResult::Ambiguous(first, second) => {
                 let first_abbr = first.format("%Z").to_string();
@@ -421,6 +426,7 @@ impl Schedule {
                     at: t.with_timezone(&Utc),
                     wall,
                     dst_note: Some(note),
+                    excluded: false,
                 };
                 let repeated = format!("{wall} happens twice in {} (DST fall-back)", self.tz);
                 if wildcard_hour {
@@ -480,6 +486,7 @@ impl Schedule {
                         self.tz,
                         local.format("%H:%M:%S %Z")
                     )),
+                    excluded: false,
                 }]
             }
         }
@@ -574,6 +581,7 @@ pub struct Occurrences<'a> {
     frontier: Option<DateTime<Utc>>,
     exhausted: bool,
     last_emitted: Option<DateTime<Utc>>,
+    include_excluded: bool,
 }
 
 #[derive(PartialEq, Eq)]
@@ -584,6 +592,8 @@ impl Ord for PendingOccurrence {
         self.0
             .at
             .cmp(&other.0.at)
+            // At one instant a firing occurrence wins over an excluded one.
+            .then(self.0.excluded.cmp(&other.0.excluded))
             .then(self.0.wall.cmp(&other.0.wall))
     }
 }
@@ -595,6 +605,13 @@ impl PartialOrd for PendingOccurrence {
 }
 
 impl Occurrences<'_> {
+    /// Also yields the occurrences that `excludeDates` suppresses, marked `excluded` (for
+    /// previews and the decision ledger).
+    pub fn including_excluded(mut self) -> Self {
+        self.include_excluded = true;
+        self
+    }
+
     /// The next wall time from the union of all expressions, with whether any expression that
     /// matched it has a wildcard hour.
     fn next_wall(&mut self) -> Option<(NaiveDateTime, bool)> {
@@ -622,10 +639,14 @@ impl Occurrences<'_> {
             self.exhausted = true;
             return;
         };
-        if self.schedule.exclude_dates.contains(&wall.date()) {
+        let excluded = self.schedule.exclude_dates.contains(&wall.date());
+        if excluded && !self.include_excluded {
             return;
         }
-        let instants = self.schedule.instants_for(wall, wildcard);
+        let mut instants = self.schedule.instants_for(wall, wildcard);
+        for instant in &mut instants {
+            instant.excluded = excluded;
+        }
         // The earliest instant this wall time could have under any policy: wall times pulled
         // later never map before it, whichever expression (wildcard or not) they come from.
         let earliest = match self.schedule.tz.from_local_datetime(&wall) {
@@ -936,6 +957,45 @@ mod tests {
                 "2026-12-05T12:00:00+00:00"
             ]
         );
+    }
+
+    #[test]
+    fn excluded_occurrences_are_shown_marked_when_asked_for() {
+        let s = schedule("0 12 * * *", "UTC")
+            .with_exclude_dates([NaiveDate::from_ymd_opt(2026, 12, 3).unwrap()]);
+        let all: Vec<_> = s
+            .occurrences_after(utc("2026-12-01T13:00:00Z"))
+            .including_excluded()
+            .take(3)
+            .map(|o| (o.at.to_rfc3339(), o.excluded))
+            .collect();
+        assert_eq!(
+            all,
+            [
+                ("2026-12-02T12:00:00+00:00".to_owned(), false),
+                ("2026-12-03T12:00:00+00:00".to_owned(), true),
+                ("2026-12-04T12:00:00+00:00".to_owned(), false),
+            ]
+        );
+    }
+
+    #[test]
+    fn at_one_instant_a_firing_occurrence_wins_over_an_excluded_one() {
+        // Apia skipped 2011-12-30: its midnight shifts forward onto 2011-12-31 00:00, which is
+        // also the next day's own midnight. Excluding the 30th must not hide the 31st.
+        let s = schedule("0 0 * * *", "Pacific/Apia")
+            .with_exclude_dates([NaiveDate::from_ymd_opt(2011, 12, 30).unwrap()]);
+        let shown: Vec<_> = s
+            .occurrences_after(utc("2011-12-29T12:00:00Z"))
+            .including_excluded()
+            .take(1)
+            .collect();
+        let fired: Vec<_> = s
+            .occurrences_after(utc("2011-12-29T12:00:00Z"))
+            .take(1)
+            .collect();
+        assert_eq!(shown[0].at, fired[0].at);
+        assert!(!shown[0].excluded);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //!
+//! - [`clock`]: the scheduler's notion of time (system, or driven by tests).
 //! - [`config`]: flags with environment fallbacks common to the services.
 //! - [`nats`]: connecting, and declaring the streams (idempotently, at every start).
 //! - [`db`]: creating the database if absent, the pool, and the embedded migrations.
@@ -10,6 +11,7 @@
 //! - [`shutdown`]: SIGTERM/SIGINT → a `CancellationToken`; a second signal exits at once.
 //! - [`telemetry`]: structured logs (pretty for development, JSON for production).
 
+pub mod clock;
 pub mod config;
 pub mod db;
 pub mod messaging;

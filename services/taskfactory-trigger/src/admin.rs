@@ -13,10 +13,13 @@ use taskfactory_proto::v1::admin_service_server::AdminService;
 use taskfactory_proto::v1::{
     self, Activity, ActivitySpec, CreateActivityRequest, DeleteActivityRequest,
     DeleteActivityResponse, GetActivityRequest, GetRunRequest, GetTaskRequest,
-    ListActivitiesRequest, ListActivitiesResponse, ListRunsRequest, ListRunsResponse,
-    ListTasksRequest, ListTasksResponse, Run, RunStatus, Task, TaskStatus, TriggerActivityRequest,
-    TriggerActivityResponse, TriggerSource, UpdateActivityRequest, trigger,
+    ListActivitiesRequest, ListActivitiesResponse, ListOccurrencesRequest, ListOccurrencesResponse,
+    ListRunsRequest, ListRunsResponse, ListScheduleTimesRequest, ListScheduleTimesResponse,
+    ListTasksRequest, ListTasksResponse, PauseActivityRequest, ResumeActivityRequest, Run,
+    RunStatus, Task, TaskStatus, TriggerActivityRequest, TriggerActivityResponse, TriggerSource,
+    UpdateActivityRequest, trigger,
 };
+use taskfactory_runtime::clock::ClockHandle;
 use taskfactory_runtime::telemetry::error_chain;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
@@ -24,7 +27,7 @@ use uuid::Uuid;
 use crate::fire::{self, FireRequest};
 use crate::registry::{self, LiveActivity, Registry};
 use crate::store::{self, ActivityRecord, StoreError};
-use crate::views;
+use crate::{ledger, views};
 
 const DEFAULT_PAGE_SIZE: u32 = 50;
 const MAX_PAGE_SIZE: u32 = 1000;
@@ -95,6 +98,8 @@ pub struct Admin {
     pub js: async_nats::jetstream::Context,
     pub nats: async_nats::Client,
     pub registry: Registry,
+    /// The scheduler's clock (pauses, previews and occurrence queries default to its "now").
+    pub clock: ClockHandle,
 }
 
 impl Admin {
@@ -106,6 +111,32 @@ impl Admin {
             self.registry.request_reload();
         }
         registry::announce_change(&self.nats).await;
+    }
+
+    async fn set_paused(
+        &self,
+        id_or_name: &str,
+        paused: bool,
+        note: &str,
+    ) -> Result<Response<Activity>, Status> {
+        let id = self.resolve(id_or_name).await?;
+        let found = store::set_paused(&self.pool, id, paused, note, self.clock.now())
+            .await
+            .map_err(AdminError::from)?;
+        if !found {
+            return Err(AdminError::NotFound {
+                what: "activity",
+                id: id_or_name.to_owned(),
+            }
+            .into());
+        }
+        tracing::info!(activity.id = %id, note, "{}", if paused { "activity paused" } else { "activity resumed" });
+        self.definitions_changed().await;
+        let record = self.load(id, None).await?;
+        Ok(Response::new(activity_message_at(
+            &record,
+            self.clock.now(),
+        )?))
     }
 
     async fn resolve(&self, id_or_name: &str) -> Result<ActivityId, AdminError> {
@@ -161,12 +192,19 @@ fn trigger_kind(spec: &ActivitySpec) -> &'static str {
 
 /// A stored record as the contract's `Activity`.
 pub fn activity_message(record: &ActivityRecord) -> Result<Activity, AdminError> {
+    activity_message_at(record, Utc::now())
+}
+
+fn activity_message_at(
+    record: &ActivityRecord,
+    now: chrono::DateTime<Utc>,
+) -> Result<Activity, AdminError> {
     let spec: ActivitySpec = taskfactory_proto::from_json(&record.spec)
         .map_err(|e| AdminError::Internal(anyhow::anyhow!("stored spec does not parse: {e}")))?;
     let next_fire_at =
         if record.enabled && !record.paused && record.version == record.current_version {
             LiveActivity::from_record(record)
-                .and_then(|live| live.schedule.as_ref()?.next_after(Utc::now()))
+                .and_then(|live| live.schedule.as_ref()?.next_after(now))
                 .map(|o| chrono_to_timestamp(o.at))
         } else {
             None
@@ -176,7 +214,11 @@ pub fn activity_message(record: &ActivityRecord) -> Result<Activity, AdminError>
         version: record.version,
         spec: Some(spec),
         paused: record.paused,
-        pause_note: record.pause_note.clone(),
+        pause_note: if record.paused {
+            record.pause_note.clone()
+        } else {
+            String::new()
+        },
         created_at: Some(chrono_to_timestamp(record.created_at)),
         updated_at: Some(chrono_to_timestamp(record.updated_at)),
         next_fire_at,
@@ -189,6 +231,18 @@ fn page_size(requested: u32) -> i64 {
     } else {
         requested.min(MAX_PAGE_SIZE)
     })
+}
+
+fn timestamp(
+    field: &str,
+    value: Option<&prost_types::Timestamp>,
+) -> Result<Option<chrono::DateTime<Utc>>, AdminError> {
+    value
+        .map(|t| {
+            chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(u32::MAX))
+                .ok_or_else(|| invalid(field, "is not a valid timestamp"))
+        })
+        .transpose()
 }
 
 fn parse_uuid(field: &str, text: &str) -> Result<Uuid, AdminError> {
@@ -349,8 +403,10 @@ impl AdminService for Admin {
                 scheduled_for: None,
                 payload: request.payload.as_ref().map(values::value_to_json),
                 subject: String::new(),
-                watermark: None,
+                fired_at: Utc::now(),
+                dst_note: None,
             },
+            None,
         )
         .await
         .map_err(AdminError::from)?;
@@ -359,6 +415,104 @@ impl AdminService for Admin {
             event_id: fired.fire_id.to_string(),
             duplicate: fired.duplicate,
         }))
+    }
+
+    async fn pause_activity(
+        &self,
+        request: Request<PauseActivityRequest>,
+    ) -> Result<Response<Activity>, Status> {
+        let request = request.into_inner();
+        self.set_paused(&request.id, true, &request.note).await
+    }
+
+    async fn resume_activity(
+        &self,
+        request: Request<ResumeActivityRequest>,
+    ) -> Result<Response<Activity>, Status> {
+        let request = request.into_inner();
+        self.set_paused(&request.id, false, &request.note).await
+    }
+
+    async fn list_schedule_times(
+        &self,
+        request: Request<ListScheduleTimesRequest>,
+    ) -> Result<Response<ListScheduleTimesResponse>, Status> {
+        let request = request.into_inner();
+        let (key, trigger) = match (request.id.is_empty(), request.schedule) {
+            (false, None) => {
+                let id = self.resolve(&request.id).await?;
+                let record = self.load(id, None).await?;
+                let spec: ActivitySpec =
+                    taskfactory_proto::from_json(&record.spec).map_err(|e| {
+                        AdminError::Internal(anyhow::anyhow!("stored spec does not parse: {e}"))
+                    })?;
+                let trigger = ledger::schedule_trigger(&spec).cloned().ok_or_else(|| {
+                    AdminError::FailedPrecondition(format!(
+                        "activity {:?} has no schedule trigger; only schedules have fire times",
+                        record.name
+                    ))
+                })?;
+                (id.to_string(), trigger)
+            }
+            (true, Some(schedule)) => (String::new(), schedule),
+            (false, Some(_)) => {
+                return Err(invalid("schedule", "give either id or schedule, not both").into());
+            }
+            (true, None) => {
+                return Err(invalid(
+                    "id",
+                    "is required: an activity id or name, or an ad-hoc schedule in `schedule`",
+                )
+                .into());
+            }
+        };
+        let schedule = spec::build_schedule(&trigger).map_err(|errors| {
+            AdminError::InvalidSpec(SpecErrors(
+                errors
+                    .into_iter()
+                    .map(|mut e| {
+                        e.field = e.field.replacen("trigger.schedule", "schedule", 1);
+                        e
+                    })
+                    .collect(),
+            ))
+        })?;
+        let after = timestamp("after", request.after.as_ref())?.unwrap_or_else(|| self.clock.now());
+        if request.count > ledger::MAX_SCHEDULE_TIMES {
+            return Err(invalid(
+                "count",
+                format!(
+                    "at most {} times per call; page on with `after`",
+                    ledger::MAX_SCHEDULE_TIMES
+                ),
+            )
+            .into());
+        }
+        let count = if request.count == 0 {
+            10
+        } else {
+            request.count
+        };
+        let times = ledger::schedule_times(&key, &trigger, &schedule, after, count);
+        Ok(Response::new(ListScheduleTimesResponse { times }))
+    }
+
+    async fn list_occurrences(
+        &self,
+        request: Request<ListOccurrencesRequest>,
+    ) -> Result<Response<ListOccurrencesResponse>, Status> {
+        let request = request.into_inner();
+        let id = self.resolve(&request.id).await?;
+        let end = timestamp("end", request.end.as_ref())?.unwrap_or_else(|| self.clock.now());
+        let start =
+            timestamp("start", request.start.as_ref())?.unwrap_or(end - chrono::Duration::days(1));
+        if start > end {
+            return Err(invalid("start", "must not be after end").into());
+        }
+        let occurrences = ledger::list_occurrences(&self.pool, id, start, end)
+            .await
+            .map_err(AdminError::from)?;
+        Ok(Response::new(ListOccurrencesResponse { occurrences }))
     }
 
     async fn list_runs(

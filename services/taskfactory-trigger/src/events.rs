@@ -120,9 +120,10 @@ impl EventIngress {
                 scheduled_for: None,
                 payload: Some(payload.clone()),
                 subject: subject.to_owned(),
-                watermark: None,
+                fired_at: chrono::Utc::now(),
+                dst_note: None,
             };
-            if let Err(error) = fire::fire(&self.pool, &self.js, request).await {
+            if let Err(error) = fire::fire(&self.pool, &self.js, request, None).await {
                 tracing::warn!(activity.name = %activity.name, %subject, error = %error_chain(&error), "cannot record event fire; event will be redelivered");
                 return Disposition::Retry(Duration::from_secs(1));
             }

@@ -24,7 +24,7 @@ use taskfactory_proto::v1::{TriggerEvent, TriggerSource};
 use taskfactory_runtime::messaging;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{self, NewFire, StoreError};
+use crate::store::{self, NewFire, ScheduleWrite, StoreError};
 
 /// What to fire.
 #[derive(Clone, Debug)]
@@ -38,8 +38,10 @@ pub struct FireRequest {
     pub payload: Option<serde_json::Value>,
     /// For events: the subject the event arrived on.
     pub subject: String,
-    /// For schedules: the watermark to advance with this fire.
-    pub watermark: Option<DateTime<Utc>>,
+    /// When it fires (the scheduler's clock; the system clock elsewhere).
+    pub fired_at: DateTime<Utc>,
+    /// Schedules: the DST note of the occurrence.
+    pub dst_note: Option<String>,
 }
 
 /// What happened.
@@ -51,16 +53,18 @@ pub struct Fired {
     pub duplicate: bool,
 }
 
-/// Records and publishes one fire. Once the fire is recorded the call succeeds even if publishing
+/// Records and publishes one fire (for schedules: under the leader's fence, with the watermark and
+/// the decisions before it). Once the fire is recorded the call succeeds even if publishing
 /// fails: the reconciler publishes it later.
 pub async fn fire(
     pool: &PgPool,
     js: &async_nats::jetstream::Context,
     request: FireRequest,
+    schedule: Option<ScheduleWrite<'_>>,
 ) -> Result<Fired, StoreError> {
     let fire_id = FireId::derive(request.activity_id, &request.dedupe_key);
     let run_id = RunId::derive(request.activity_id, &request.dedupe_key);
-    let fired_at = Utc::now();
+    let fired_at = request.fired_at;
     let event = TriggerEvent {
         event_id: fire_id.to_string(),
         activity_id: request.activity_id.to_string(),
@@ -86,8 +90,9 @@ pub async fn fire(
         subject: request.subject.clone(),
         payload: request.payload.clone(),
         event: encoded.clone(),
+        dst_note: request.dst_note.clone(),
     };
-    let inserted = store::record_fire(pool, &new_fire, request.watermark).await?;
+    let inserted = store::record_fire(pool, &new_fire, schedule).await?;
     if !inserted {
         tracing::debug!(activity.id = %request.activity_id, dedupe_key = %request.dedupe_key, "duplicate fire");
         return Ok(Fired {

@@ -7,7 +7,8 @@
 //!
 //! - [`admin`]: the gRPC `AdminService` (definitions, manual fires, runs and tasks).
 //! - [`registry`]: the in-memory snapshot of live activities, reloaded on change.
-//! - [`scheduler`]: fires schedules on time; misfire policy after downtime.
+//! - [`lease`]: scheduling leadership (one replica schedules; NATS KV lease, Postgres fence).
+//! - [`scheduler`]: fires schedules on time; misfire policy after downtime; the decision ledger.
 //! - [`events`]: event ingress — matching, filters, dedupe keys, rejecting malformed events.
 //! - [`fire`]: recording and publishing a fire (outbox), and the reconciler.
 //! - [`store`] / [`views`]: Postgres access.
@@ -17,6 +18,8 @@ pub mod admin;
 pub mod apply;
 pub mod events;
 pub mod fire;
+pub mod lease;
+pub mod ledger;
 pub mod registry;
 pub mod scheduler;
 pub mod store;
@@ -29,6 +32,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use taskfactory_model::subjects;
 use taskfactory_proto::v1::admin_service_server::AdminServiceServer;
+use taskfactory_runtime::clock::ClockHandle;
 use taskfactory_runtime::config::{DatabaseArgs, LifecycleArgs, NatsArgs, parse_duration};
 use taskfactory_runtime::messaging::{self, ConsumerSpec};
 use taskfactory_runtime::{db, nats};
@@ -65,8 +69,25 @@ pub struct Config {
     /// How often to poll for definition changes made elsewhere.
     #[arg(long = "reload-interval", env = "TASKFACTORY_RELOAD_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     pub reload_interval: Duration,
+    /// How long the scheduling lease lives without renewal: after a leader crashes, another
+    /// replica takes over within about this long.
+    #[arg(long = "lease-ttl", env = "TASKFACTORY_LEASE_TTL", default_value = "5s", value_parser = parse_duration)]
+    pub lease_ttl: Duration,
+    /// The NATS KV bucket of the scheduling lease.
+    #[arg(
+        long = "lease-bucket",
+        env = "TASKFACTORY_LEASE_BUCKET",
+        default_value = "taskfactory_leases"
+    )]
+    pub lease_bucket: String,
+    /// This replica's name in the lease (default: host name and process id).
+    #[arg(long = "instance-id", env = "TASKFACTORY_INSTANCE_ID")]
+    pub instance_id: Option<String>,
     #[command(flatten)]
     pub lifecycle: LifecycleArgs,
+    /// The scheduler's clock (tests drive it; always the system clock from the command line).
+    #[arg(skip)]
+    pub clock: ClockHandle,
 }
 
 impl Config {
@@ -80,7 +101,11 @@ impl Config {
             event_concurrency: 32,
             reconcile_interval: Duration::from_secs(5),
             reload_interval: Duration::from_secs(5),
+            lease_ttl: Duration::from_secs(5),
+            lease_bucket: "taskfactory_leases".to_owned(),
+            instance_id: None,
             lifecycle: LifecycleArgs::default(),
+            clock: ClockHandle::system(),
         }
     }
 }
@@ -115,20 +140,46 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         config.reload_interval,
         work_shutdown.clone(),
     ));
-    tracker.spawn(
-        scheduler::Scheduler::new(
+    let (roles, _) = tokio::sync::watch::channel(lease::Role::Starting);
+    let lead = {
+        let (pool, js, registry, clock) = (
             pool.clone(),
             js.clone(),
             registry.clone(),
-            work_shutdown.clone(),
-        )
-        .run(),
-    );
-    tracker.spawn(fire::run_reconciler(
-        pool.clone(),
+            config.clock.clone(),
+        );
+        let reconcile_interval = config.reconcile_interval;
+        move |term, stop: CancellationToken| {
+            let scheduler = scheduler::Scheduler::new(
+                pool.clone(),
+                js.clone(),
+                registry.clone(),
+                clock.clone(),
+                term,
+                stop.clone(),
+            );
+            let reconciler =
+                fire::run_reconciler(pool.clone(), js.clone(), reconcile_interval, stop);
+            async move {
+                tokio::join!(scheduler.run(), reconciler);
+            }
+        }
+    };
+    tracker.spawn(lease::run(
         js.clone(),
-        config.reconcile_interval,
+        pool.clone(),
+        lease::LeaseConfig {
+            bucket: config.lease_bucket.clone(),
+            ttl: config.lease_ttl,
+            holder: config
+                .instance_id
+                .clone()
+                .unwrap_or_else(default_instance_id),
+            replicas: config.nats.stream_replicas,
+        },
+        roles.clone(),
         work_shutdown.clone(),
+        lead,
     ));
     let ingress = Arc::new(events::EventIngress {
         pool: pool.clone(),
@@ -155,6 +206,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         js: js.clone(),
         nats: client.clone(),
         registry: registry.clone(),
+        clock: config.clock.clone(),
     });
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -193,4 +245,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     served.context("admin gRPC server")?;
     tracing::info!("trigger stopped");
     Ok(())
+}
+
+/// The host name (a pod's name on Kubernetes) and the process id.
+fn default_instance_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "trigger".to_owned());
+    format!("{host}-{}", std::process::id())
 }

@@ -30,6 +30,12 @@ pub struct LiveActivity {
     pub version: u32,
     pub enabled: bool,
     pub paused: bool,
+    /// The current pause's note (or the last one's).
+    pub pause_note: String,
+    /// When the current (or last) pause began and ended: decisions about occurrences missed in
+    /// between say "paused".
+    pub paused_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub resumed_at: Option<chrono::DateTime<chrono::Utc>>,
     pub spec: ActivitySpec,
     /// Built once per version for schedule triggers.
     pub schedule: Option<Arc<Schedule>>,
@@ -81,6 +87,9 @@ impl LiveActivity {
             version: record.current_version,
             enabled: record.enabled,
             paused: record.paused,
+            pause_note: record.pause_note.clone(),
+            paused_at: record.paused_at,
+            resumed_at: record.resumed_at,
             spec,
             schedule,
         })

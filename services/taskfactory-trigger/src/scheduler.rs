@@ -13,8 +13,13 @@
 //!   as time passes its occurrence becomes late and falls under the misfire policy, so an outage
 //!   never releases a flood, and a restart, a pause or a disabled spell is handled the same way.
 //!
-//! The watermark moves only with a recorded fire (same transaction) or after a recorded decision,
-//! in order, so whenever the service stops the next start resumes exactly where it left off.
+//! Every occurrence gets a decision ([`taskfactory_model::misfire`]): fired, or recorded in the
+//! `occurrences` ledger with why not. The watermark moves only in the transaction that records a
+//! fire or a decision, in order, so whenever the service stops the next start resumes exactly
+//! where it left off. Every write is fenced by the leadership term ([`crate::lease`]): a replica
+//! that lost the lease cannot record anything more.
+//!
+//! Time comes from a [`Clock`], so tests can drive it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,6 +32,7 @@ use taskfactory_model::misfire;
 use taskfactory_model::schedule::jitter_delay;
 use taskfactory_model::spec::std_duration;
 use taskfactory_proto::v1::TriggerSource;
+use taskfactory_runtime::clock::ClockHandle;
 use taskfactory_runtime::telemetry::error_chain;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -34,7 +40,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::fire::{self, FireRequest};
 use crate::registry::{LiveActivity, Registry};
-use crate::store;
+use crate::store::{self, DecisionRow, ScheduleWrite, StoreError, Term};
 
 /// An occurrence fired later than this after its time counts as missed: the misfire policy
 /// decides about it.
@@ -54,6 +60,8 @@ pub struct Scheduler {
     pool: PgPool,
     js: async_nats::jetstream::Context,
     registry: Registry,
+    clock: ClockHandle,
+    term: Term,
     tracker: TaskTracker,
     shutdown: CancellationToken,
     entries: HashMap<ActivityId, Entry>,
@@ -64,12 +72,16 @@ impl Scheduler {
         pool: PgPool,
         js: async_nats::jetstream::Context,
         registry: Registry,
+        clock: ClockHandle,
+        term: Term,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
             pool,
             js,
             registry,
+            clock,
+            term,
             tracker: TaskTracker::new(),
             shutdown,
             entries: HashMap::new(),
@@ -87,10 +99,7 @@ impl Scheduler {
                 .values()
                 .filter_map(|e| e.next.map(|(_, due)| due))
                 .min();
-            let sleep = match due {
-                Some(due) => (due - Utc::now()).to_std().unwrap_or(Duration::ZERO),
-                None => Duration::from_secs(3600),
-            };
+            let until = due.unwrap_or_else(|| self.clock.now() + chrono::Duration::hours(1));
             tokio::select! {
                 _ = self.shutdown.cancelled() => break,
                 changed = snapshots.changed() => {
@@ -101,9 +110,9 @@ impl Scheduler {
                     self.sync(&snapshot.activities).await;
                     continue;
                 }
-                _ = tokio::time::sleep(sleep) => {}
+                _ = self.clock.sleep_until(until) => {}
             }
-            self.signal_due(Utc::now());
+            self.signal_due(self.clock.now());
         }
         // Each writer finishes the fire in hand, then stops.
         self.entries.clear();
@@ -125,7 +134,7 @@ impl Scheduler {
             }
             keep
         });
-        let now = Utc::now();
+        let now = self.clock.now();
         let mut stored: Option<HashMap<ActivityId, (DateTime<Utc>, u64)>> = None;
         for activity in activities.values() {
             if !activity.is_active()
@@ -143,6 +152,8 @@ impl Scheduler {
             let writer = Writer {
                 pool: self.pool.clone(),
                 js: self.js.clone(),
+                clock: self.clock.clone(),
+                term: self.term,
                 activity: activity.clone(),
                 shutdown: retire.clone(),
                 watermark: state.map(|(w, _)| w),
@@ -169,6 +180,7 @@ impl Scheduler {
                 }
                 Err(error) => {
                     tracing::warn!(error = %error_chain(&error), "cannot read schedule watermarks; retrying");
+                    // Real time: a retry pause, not a schedule.
                     tokio::select! {
                         _ = self.shutdown.cancelled() => return HashMap::new(),
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -230,12 +242,14 @@ fn schedule_next(entry: &mut Entry, after: DateTime<Utc>) {
     });
 }
 
-/// The single writer of one schedule's fires.
+/// The single writer of one schedule's fires and decisions.
 struct Writer {
     pool: PgPool,
     js: async_nats::jetstream::Context,
+    clock: ClockHandle,
+    term: Term,
     activity: Arc<LiveActivity>,
-    /// Cancelled at shutdown, or when the schedule changes or ends.
+    /// Cancelled at shutdown, when leadership is lost, or when the schedule changes or ends.
     shutdown: CancellationToken,
     /// The newest occurrence decided (fired or not), as recorded.
     watermark: Option<DateTime<Utc>>,
@@ -243,28 +257,44 @@ struct Writer {
     fires: u64,
 }
 
+/// Whether the writer goes on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    /// `maxRuns` reached, or leadership lost: nothing more from this writer.
+    Stop,
+}
+
+fn threshold() -> chrono::Duration {
+    chrono::Duration::from_std(MISFIRE_THRESHOLD).unwrap_or_default()
+}
+
 impl Writer {
     async fn run(mut self, mut due: watch::Receiver<Option<DateTime<Utc>>>, replaced: bool) {
         // A schedule with a watermark first decides what it missed while it was not running (the
         // service was down, the activity paused or disabled): all of it goes to the misfire policy.
         // After a new version replaced a running one, only what is truly late is missed. A new
-        // schedule starts now.
-        let started = Utc::now();
+        // schedule starts now, and records that start so a restart knows what it missed.
+        let started = self.clock.now();
         let late_before = if replaced {
-            started - chrono::Duration::from_std(MISFIRE_THRESHOLD).unwrap_or_default()
+            started - threshold()
         } else {
             started
         };
-        match self.watermark {
+        let flow = match self.watermark {
             Some(_) => self.decide_through(started, late_before).await,
-            None => self.watermark = Some(started),
+            None => self.start_fresh(started).await,
+        };
+        if flow == Flow::Stop {
+            return;
         }
         let mut through = None;
         loop {
             if let Some(through) = through.take() {
-                let late_before =
-                    Utc::now() - chrono::Duration::from_std(MISFIRE_THRESHOLD).unwrap_or_default();
-                self.decide_through(through, late_before).await;
+                let late_before = self.clock.now() - threshold();
+                if self.decide_through(through, late_before).await == Flow::Stop {
+                    return;
+                }
             }
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
@@ -278,22 +308,63 @@ impl Writer {
         }
     }
 
+    async fn start_fresh(&mut self, started: DateTime<Utc>) -> Flow {
+        self.retrying(|writer| {
+            Box::pin(async move {
+                store::record_decisions(
+                    &writer.pool,
+                    writer.activity.id,
+                    writer.term,
+                    &[],
+                    started,
+                )
+                .await?;
+                writer.watermark = Some(started);
+                Ok(Flow::Continue)
+            })
+        })
+        .await
+    }
+
     /// Decides every occurrence in `(watermark, through]` — those before `late_before` by the
     /// misfire policy, the rest by firing them — retrying until it is all recorded or the writer
     /// stops. A retry moves `late_before` along, so an outage turns into misfires, not a flood.
-    async fn decide_through(&mut self, through: DateTime<Utc>, late_before: DateTime<Utc>) {
-        let mut backoff = Duration::from_millis(200);
+    async fn decide_through(&mut self, through: DateTime<Utc>, late_before: DateTime<Utc>) -> Flow {
         let mut late_before = late_before;
-        while let Err(error) = self.try_decide_through(through, late_before).await {
-            tracing::warn!(activity.name = %self.activity.name, error = %error_chain(&error), "cannot record scheduled fires; retrying");
+        self.retrying(move |writer| {
+            late_before = late_before.max(writer.clock.now() - threshold());
+            Box::pin(writer.try_decide_through(through, late_before))
+        })
+        .await
+    }
+
+    /// Runs `attempt` until it succeeds, the writer stops, or leadership is lost.
+    async fn retrying<F>(&mut self, mut attempt: F) -> Flow
+    where
+        F: for<'a> FnMut(
+            &'a mut Writer,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<Flow, StoreError>> + Send + 'a>,
+        >,
+    {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match attempt(self).await {
+                Ok(flow) => return flow,
+                Err(StoreError::Deposed { term }) => {
+                    tracing::warn!(activity.name = %self.activity.name, term = %term, "leadership lost; this replica stops scheduling");
+                    return Flow::Stop;
+                }
+                Err(error) => {
+                    tracing::warn!(activity.name = %self.activity.name, error = %error_chain(&error), "cannot record scheduled fires; retrying");
+                }
+            }
+            // Real time: a retry pause, not a schedule.
             tokio::select! {
-                _ = self.shutdown.cancelled() => return,
+                _ = self.shutdown.cancelled() => return Flow::Stop,
                 _ = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(Duration::from_secs(5));
-            late_before = late_before.max(
-                Utc::now() - chrono::Duration::from_std(MISFIRE_THRESHOLD).unwrap_or_default(),
-            );
         }
     }
 
@@ -301,7 +372,7 @@ impl Writer {
         &mut self,
         through: DateTime<Utc>,
         late_before: DateTime<Utc>,
-    ) -> Result<(), store::StoreError> {
+    ) -> Result<Flow, StoreError> {
         let schedule = self
             .activity
             .schedule
@@ -312,81 +383,255 @@ impl Writer {
             .schedule_trigger()
             .cloned()
             .unwrap_or_default();
-        let Some(watermark) = self.watermark else {
-            return Ok(());
-        };
 
-        // Late occurrences: the misfire policy.
+        // Late occurrences: the misfire policy (in chunks if there are very many).
         let late_until = through.min(late_before);
-        if late_until > watermark {
-            let plan = misfire::plan(&schedule, &trigger, watermark, late_until);
-            if plan.missed > 0 || !plan.fire.is_empty() {
-                tracing::info!(activity.name = %self.activity.name, missed = plan.missed, catching_up = plan.fire.len(), policy = trigger.misfire().as_str_name(), "schedule missed occurrences");
+        while let Some(watermark) = self.watermark
+            && late_until > watermark
+        {
+            let decisions = misfire::plan(&schedule, &trigger, watermark, late_until);
+            let fires = decisions.fires().count();
+            let missed: u64 = decisions
+                .steps
+                .iter()
+                .filter_map(|s| match s {
+                    misfire::Step::Decided(r) => Some(r.count.unwrap_or(1)),
+                    misfire::Step::Fire(_) => None,
+                })
+                .sum();
+            if fires > 0 || missed > 0 {
+                tracing::info!(activity.name = %self.activity.name, missed, catching_up = fires, policy = trigger.misfire().as_str_name(), "schedule missed occurrences");
             }
-            for occurrence in &plan.fire {
-                if !self
-                    .fire(occurrence.at, TriggerSource::Catchup, &trigger)
-                    .await?
-                {
-                    return Ok(());
-                }
-            }
-            if let Some(newest) = plan.watermark
-                && self.watermark.is_some_and(|w| w < newest)
+            let complete = decisions.complete;
+            if self
+                .apply(decisions, TriggerSource::Catchup, &trigger)
+                .await?
+                == Flow::Stop
             {
-                store::set_watermark(&self.pool, self.activity.id, newest).await?;
-                self.watermark = Some(newest);
+                return Ok(Flow::Stop);
+            }
+            if complete {
+                break;
             }
         }
 
         // On time: fire each, in order.
-        let after = self.watermark.unwrap_or(watermark);
-        let on_time: Vec<_> = schedule
-            .occurrences_after(after)
-            .take_while(|o| o.at <= through)
-            .collect();
-        for occurrence in on_time {
-            if let Some(note) = &occurrence.dst_note {
-                tracing::info!(activity.name = %self.activity.name, scheduled_for = %occurrence.at, note = %note, "daylight saving time adjusted this occurrence");
-            }
-            if !self
-                .fire(occurrence.at, TriggerSource::Schedule, &trigger)
+        while let Some(watermark) = self.watermark
+            && through > watermark
+        {
+            let decisions = misfire::on_time(&schedule, watermark, through);
+            let complete = decisions.complete;
+            if self
+                .apply(decisions, TriggerSource::Schedule, &trigger)
                 .await?
+                == Flow::Stop
             {
-                return Ok(());
+                return Ok(Flow::Stop);
+            }
+            if complete {
+                break;
             }
         }
+        Ok(Flow::Continue)
+    }
+
+    /// Records the decisions in order: each fire in its own transaction together with the
+    /// decisions before it; decisions after the last fire on their own.
+    async fn apply(
+        &mut self,
+        decisions: misfire::Decisions,
+        source: TriggerSource,
+        trigger: &taskfactory_proto::v1::ScheduleTrigger,
+    ) -> Result<Flow, StoreError> {
+        let now = self.clock.now();
+        let mut pending: Vec<misfire::DecidedRange> = Vec::new();
+        for step in decisions.steps {
+            match step {
+                misfire::Step::Decided(range) => pending.push(range),
+                misfire::Step::Fire(occurrence) => {
+                    if trigger.max_runs > 0 && self.fires >= trigger.max_runs {
+                        self.record_pending(&pending, None, trigger, now).await?;
+                        tracing::info!(activity.name = %self.activity.name, max_runs = trigger.max_runs, "schedule reached maxRuns; it fires no more");
+                        return Ok(Flow::Stop);
+                    }
+                    let rows = self.rows(&pending, Some(&occurrence), trigger, now);
+                    self.fire(&occurrence, source, &rows).await?;
+                    pending.clear();
+                }
+            }
+        }
+        if !pending.is_empty() || decisions.watermark > self.watermark {
+            self.record_pending(&pending, decisions.watermark, trigger, now)
+                .await?;
+        }
+        Ok(Flow::Continue)
+    }
+
+    async fn record_pending(
+        &mut self,
+        pending: &[misfire::DecidedRange],
+        watermark: Option<DateTime<Utc>>,
+        trigger: &taskfactory_proto::v1::ScheduleTrigger,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let Some(watermark) = pending
+            .last()
+            .map(|r| r.through)
+            .max(watermark)
+            .max(self.watermark)
+        else {
+            return Ok(());
+        };
+        let rows = self.rows(pending, None, trigger, now);
+        store::record_decisions(&self.pool, self.activity.id, self.term, &rows, watermark).await?;
+        self.watermark = Some(watermark);
         Ok(())
     }
 
-    /// Records and publishes one fire, advancing the watermark with it. `Ok(false)` once
-    /// `maxRuns` is reached: nothing more fires.
+    /// The ledger rows of decided ranges; `next_fire` is the fire they come before (the one
+    /// coalesced occurrences went into).
+    fn rows(
+        &self,
+        ranges: &[misfire::DecidedRange],
+        next_fire: Option<&taskfactory_model::schedule::Occurrence>,
+        trigger: &taskfactory_proto::v1::ScheduleTrigger,
+        now: DateTime<Utc>,
+    ) -> Vec<DecisionRow> {
+        ranges
+            .iter()
+            .map(|range| {
+                let (decision, reason) = self.explain(range, next_fire, trigger, now);
+                DecisionRow {
+                    activity_id: self.activity.id,
+                    activity_version: self.activity.version,
+                    scheduled_for: range.through,
+                    range_after: range.after,
+                    occurrences: range.count,
+                    decision,
+                    reason,
+                    run_id: (range.why == misfire::Missed::Coalesced)
+                        .then(|| next_fire.map(|o| self.run_id(o.at)))
+                        .flatten(),
+                    dst_note: range.dst_note.clone(),
+                    decided_at: now,
+                }
+            })
+            .collect()
+    }
+
+    fn run_id(&self, at: DateTime<Utc>) -> uuid::Uuid {
+        taskfactory_model::ids::RunId::derive(self.activity.id, &schedule_dedupe_key(at)).0
+    }
+
+    /// The decision and its reason, in words an operator can act on.
+    fn explain(
+        &self,
+        range: &misfire::DecidedRange,
+        next_fire: Option<&taskfactory_model::schedule::Occurrence>,
+        trigger: &taskfactory_proto::v1::ScheduleTrigger,
+        now: DateTime<Utc>,
+    ) -> (&'static str, String) {
+        use misfire::Missed;
+        let schedule = self
+            .activity
+            .schedule
+            .as_ref()
+            .expect("only schedules get writers");
+        if range.why == Missed::Excluded {
+            let date = range
+                .through
+                .with_timezone(&schedule.timezone())
+                .date_naive();
+            return ("EXCLUDED", format!("{date} is in excludeDates"));
+        }
+        // Missed while paused? Only when the whole range lies inside the last pause.
+        let first = schedule.next_after(range.after).map(|o| o.at);
+        let paused = match (self.activity.paused_at, self.activity.resumed_at) {
+            (Some(paused_at), Some(resumed_at)) => {
+                first.is_some_and(|f| f >= paused_at) && range.through <= resumed_at
+            }
+            _ => false,
+        };
+        let why = if paused {
+            let note = &self.activity.pause_note;
+            format!(
+                "the activity was paused{}",
+                if note.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({note})")
+                }
+            )
+        } else {
+            "the schedule was not running (trigger service down or without a leader, activity disabled, or fires could not be recorded)".to_owned()
+        };
+        let window = humantime::format_duration(misfire::catchup_window(trigger));
+        let missed = if paused {
+            "SKIPPED_PAUSED"
+        } else {
+            "MISSED_CATCHUP_WINDOW"
+        };
+        match range.why {
+            Missed::BeforeWindow => (
+                missed,
+                format!(
+                    "{why}; older than the catch-up window ({window}) when scheduling resumed at {now}"
+                ),
+            ),
+            Missed::Coalesced => (
+                "COALESCED",
+                format!(
+                    "{why}; misfire policy MISFIRE_LATEST fired only the newest missed time{}",
+                    next_fire
+                        .map(|o| format!(" ({})", o.at))
+                        .unwrap_or_default()
+                ),
+            ),
+            Missed::OverCap => (
+                missed,
+                format!(
+                    "{why}; misfire policy MISFIRE_ALL caught up only the newest {} (maxCatchup)",
+                    misfire::max_catchup(trigger)
+                ),
+            ),
+            Missed::PolicySkip => (missed, format!("{why}; misfire policy MISFIRE_SKIP")),
+            Missed::Excluded => unreachable!("handled above"),
+        }
+    }
+
+    /// Records and publishes one fire with the decisions before it, advancing the watermark.
     async fn fire(
         &mut self,
-        at: DateTime<Utc>,
+        occurrence: &taskfactory_model::schedule::Occurrence,
         source: TriggerSource,
-        trigger: &taskfactory_proto::v1::ScheduleTrigger,
-    ) -> Result<bool, store::StoreError> {
-        if trigger.max_runs > 0 && self.fires >= trigger.max_runs {
-            return Ok(false);
+        decisions: &[DecisionRow],
+    ) -> Result<(), StoreError> {
+        if let Some(note) = &occurrence.dst_note {
+            tracing::info!(activity.name = %self.activity.name, scheduled_for = %occurrence.at, note = %note, "daylight saving time adjusted this occurrence");
         }
         let request = FireRequest {
             activity_id: self.activity.id,
             activity_name: self.activity.name.clone(),
             activity_version: self.activity.version,
             source,
-            dedupe_key: schedule_dedupe_key(at),
-            scheduled_for: Some(at),
+            dedupe_key: schedule_dedupe_key(occurrence.at),
+            scheduled_for: Some(occurrence.at),
             payload: None,
             subject: String::new(),
-            watermark: Some(at),
+            fired_at: self.clock.now(),
+            dst_note: occurrence.dst_note.clone(),
         };
-        let fired = fire::fire(&self.pool, &self.js, request).await?;
+        let write = ScheduleWrite {
+            term: self.term,
+            watermark: occurrence.at,
+            decisions,
+        };
+        let fired = fire::fire(&self.pool, &self.js, request, Some(write)).await?;
         if !fired.duplicate {
             self.fires += 1;
         }
-        self.watermark = Some(at);
-        Ok(true)
+        self.watermark = Some(occurrence.at);
+        Ok(())
     }
 }
 

@@ -18,6 +18,8 @@ pub struct ActivityRecord {
     pub enabled: bool,
     pub paused: bool,
     pub pause_note: String,
+    pub paused_at: Option<DateTime<Utc>>,
+    pub resumed_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub spec: serde_json::Value,
@@ -29,6 +31,8 @@ pub enum StoreError {
     NameTaken { name: String },
     #[error("the activity was deleted meanwhile")]
     Gone,
+    #[error("this replica is no longer the scheduling leader (its term {term} was superseded)")]
+    Deposed { term: Term },
     #[error("database error")]
     Database(#[source] sqlx::Error),
 }
@@ -61,6 +65,8 @@ fn activity_from_row(row: &sqlx::postgres::PgRow) -> Result<ActivityRecord, sqlx
         enabled: row.try_get("enabled")?,
         paused: row.try_get("paused")?,
         pause_note: row.try_get("pause_note")?,
+        paused_at: row.try_get("paused_at")?,
+        resumed_at: row.try_get("resumed_at")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         spec: row.try_get("spec")?,
@@ -68,7 +74,7 @@ fn activity_from_row(row: &sqlx::postgres::PgRow) -> Result<ActivityRecord, sqlx
 }
 
 const ACTIVITY_COLUMNS: &str = "a.id, a.name, v.version, a.current_version, a.enabled, a.paused, \
-     a.pause_note, a.created_at, a.updated_at, v.spec";
+     a.pause_note, a.paused_at, a.resumed_at, a.created_at, a.updated_at, v.spec";
 
 /// Creates an activity at version 1.
 pub async fn create_activity(
@@ -263,20 +269,65 @@ pub struct NewFire {
     pub payload: Option<serde_json::Value>,
     /// The encoded TriggerEvent.
     pub event: Vec<u8>,
+    /// Schedules: the DST note of the occurrence.
+    pub dst_note: Option<String>,
 }
 
-/// Records a fire once per `(activity, dedupe key)`. For schedules the watermark advances in the
-/// same transaction. Returns false when the fire was already recorded (a duplicate).
+/// A scheduling leadership term: the lease bucket's creation time (a recreated bucket is a newer
+/// epoch) and the KV revision at which the lease was taken. Terms are ordered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Term {
+    pub epoch: DateTime<Utc>,
+    pub revision: i64,
+}
+
+impl std::fmt::Display for Term {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.revision, self.epoch.timestamp_millis())
+    }
+}
+
+/// The scheduler's side of a scheduled fire: the fencing token it writes under, the watermark
+/// the fire advances, and the decisions about the occurrences before it.
+#[derive(Clone, Copy, Debug)]
+pub struct ScheduleWrite<'a> {
+    pub term: Term,
+    pub watermark: DateTime<Utc>,
+    pub decisions: &'a [DecisionRow],
+}
+
+/// One row of the decision ledger (see the `occurrences` table).
+#[derive(Clone, Debug)]
+pub struct DecisionRow {
+    pub activity_id: ActivityId,
+    pub activity_version: u32,
+    pub scheduled_for: DateTime<Utc>,
+    pub range_after: DateTime<Utc>,
+    pub occurrences: Option<u64>,
+    /// `OccurrenceDecision` name, e.g. `COALESCED`.
+    pub decision: &'static str,
+    pub reason: String,
+    pub run_id: Option<Uuid>,
+    pub dst_note: Option<String>,
+    pub decided_at: DateTime<Utc>,
+}
+
+/// Records a fire once per `(activity, dedupe key)`. For schedules the fence is checked, and the
+/// watermark and the decisions before the fire are written in the same transaction; a repeated
+/// scheduled fire is recorded as `DEDUPED`. Returns false when the fire was already recorded.
 pub async fn record_fire(
     pool: &PgPool,
     fire: &NewFire,
-    watermark: Option<DateTime<Utc>>,
+    schedule: Option<ScheduleWrite<'_>>,
 ) -> Result<bool, StoreError> {
     let mut tx = pool.begin().await?;
+    if let Some(write) = &schedule {
+        check_fence(&mut tx, write.term).await?;
+    }
     let inserted = sqlx::query(
         "INSERT INTO fires (id, activity_id, activity_name, activity_version, source, dedupe_key, \
-             scheduled_for, fired_at, subject, payload, event) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+             scheduled_for, fired_at, subject, payload, event, dst_note) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
          ON CONFLICT (activity_id, dedupe_key) DO NOTHING",
     )
     .bind(fire.id.0)
@@ -290,15 +341,121 @@ pub async fn record_fire(
     .bind(&fire.subject)
     .bind(&fire.payload)
     .bind(&fire.event)
+    .bind(&fire.dst_note)
     .execute(&mut *tx)
     .await?
     .rows_affected()
         == 1;
-    if let Some(watermark) = watermark {
-        advance_watermark(&mut tx, fire.activity_id, watermark, inserted).await?;
+    if let Some(write) = schedule {
+        insert_decisions(&mut tx, write.decisions).await?;
+        if !inserted && let Some(at) = fire.scheduled_for {
+            let (source,): (String,) = sqlx::query_as(
+                "SELECT source FROM fires WHERE activity_id = $1 AND dedupe_key = $2",
+            )
+            .bind(fire.activity_id.0)
+            .bind(&fire.dedupe_key)
+            .fetch_one(&mut *tx)
+            .await?;
+            let dedupe = DecisionRow {
+                activity_id: fire.activity_id,
+                activity_version: fire.activity_version,
+                scheduled_for: at,
+                range_after: at - chrono::Duration::nanoseconds(1),
+                occurrences: Some(1),
+                decision: "DEDUPED",
+                reason: format!("already fired (by {source}); the schedule did not fire it again"),
+                run_id: None,
+                dst_note: fire.dst_note.clone(),
+                decided_at: fire.fired_at,
+            };
+            insert_decisions(&mut tx, std::slice::from_ref(&dedupe)).await?;
+        }
+        advance_watermark(&mut tx, fire.activity_id, write.watermark, inserted).await?;
     }
     tx.commit().await?;
     Ok(inserted)
+}
+
+/// Records decisions that come with no fire, and moves the watermark past them.
+pub async fn record_decisions(
+    pool: &PgPool,
+    activity_id: ActivityId,
+    term: Term,
+    decisions: &[DecisionRow],
+    watermark: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await?;
+    check_fence(&mut tx, term).await?;
+    insert_decisions(&mut tx, decisions).await?;
+    advance_watermark(&mut tx, activity_id, watermark, false).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn insert_decisions(
+    tx: &mut sqlx::PgConnection,
+    decisions: &[DecisionRow],
+) -> Result<(), StoreError> {
+    for row in decisions {
+        sqlx::query(
+            "INSERT INTO occurrences (activity_id, scheduled_for, decision, range_after, occurrences, \
+                 reason, run_id, activity_version, dst_note, decided_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+             ON CONFLICT (activity_id, scheduled_for, decision) DO NOTHING",
+        )
+        .bind(row.activity_id.0)
+        .bind(row.scheduled_for)
+        .bind(row.decision)
+        .bind(row.range_after)
+        .bind(row.occurrences.map(|n| i64::try_from(n).unwrap_or(i64::MAX)))
+        .bind(&row.reason)
+        .bind(row.run_id)
+        .bind(i32::try_from(row.activity_version).unwrap_or(i32::MAX))
+        .bind(&row.dst_note)
+        .bind(row.decided_at)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Holds the fence for the rest of the transaction (shared: scheduled fires of many schedules go
+/// on concurrently) and fails if another leader has taken it since `term`.
+async fn check_fence(tx: &mut sqlx::PgConnection, term: Term) -> Result<(), StoreError> {
+    let current: Option<(DateTime<Utc>, i64)> =
+        sqlx::query_as("SELECT epoch, term FROM scheduler_fence WHERE singleton FOR SHARE")
+            .fetch_optional(tx)
+            .await?;
+    match current {
+        Some((epoch, revision)) if (Term { epoch, revision }) == term => Ok(()),
+        _ => Err(StoreError::Deposed { term }),
+    }
+}
+
+/// Takes the fence for a new leadership term. False when a newer term already holds it (then
+/// this lease is stale and will not renew).
+pub async fn take_fence(
+    pool: &PgPool,
+    term: Term,
+    holder: &str,
+    at: DateTime<Utc>,
+) -> Result<bool, StoreError> {
+    let taken = sqlx::query(
+        "INSERT INTO scheduler_fence (singleton, epoch, term, holder, acquired_at) \
+         VALUES (true, $1, $2, $3, $4) \
+         ON CONFLICT (singleton) DO UPDATE SET epoch = EXCLUDED.epoch, term = EXCLUDED.term, \
+             holder = EXCLUDED.holder, acquired_at = EXCLUDED.acquired_at \
+         WHERE (scheduler_fence.epoch, scheduler_fence.term) < (EXCLUDED.epoch, EXCLUDED.term)",
+    )
+    .bind(term.epoch)
+    .bind(term.revision)
+    .bind(holder)
+    .bind(at)
+    .execute(pool)
+    .await?
+    .rows_affected()
+        == 1;
+    Ok(taken)
 }
 
 async fn advance_watermark(
@@ -319,16 +476,6 @@ async fn advance_watermark(
     .execute(tx)
     .await?;
     Ok(())
-}
-
-/// Moves a schedule's watermark without a fire (occurrences decided as not fired).
-pub async fn set_watermark(
-    pool: &PgPool,
-    activity_id: ActivityId,
-    watermark: DateTime<Utc>,
-) -> Result<(), StoreError> {
-    let mut conn = pool.acquire().await?;
-    advance_watermark(&mut conn, activity_id, watermark, false).await
 }
 
 /// Each schedule's newest decided occurrence and how many times it fired.
@@ -447,4 +594,41 @@ pub async fn record_rejected_event(
     .execute(pool)
     .await?;
     Ok(())
+}
+
+/// Pauses (`paused: true`) or resumes an activity with a note. Pausing a paused activity only
+/// replaces its note; resuming a running one changes nothing. Returns whether the activity was
+/// found.
+pub async fn set_paused(
+    pool: &PgPool,
+    id: ActivityId,
+    paused: bool,
+    note: &str,
+    at: DateTime<Utc>,
+) -> Result<bool, StoreError> {
+    let mut tx = pool.begin().await?;
+    let query = if paused {
+        "UPDATE activities SET pause_note = $2, \
+             paused_at = CASE WHEN paused THEN paused_at ELSE $3 END, \
+             paused = true, updated_at = now() \
+         WHERE id = $1 AND deleted_at IS NULL"
+    } else {
+        "UPDATE activities SET resume_note = $2, \
+             resumed_at = CASE WHEN paused THEN $3 ELSE resumed_at END, \
+             paused = false, updated_at = now() \
+         WHERE id = $1 AND deleted_at IS NULL"
+    };
+    let found = sqlx::query(query)
+        .bind(id.0)
+        .bind(note)
+        .bind(at)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+        == 1;
+    sqlx::query("SELECT nextval('definitions_generation')")
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(found)
 }
