@@ -3,6 +3,7 @@
 
 mod events;
 mod examples;
+mod misfire;
 mod resilience;
 mod schedules;
 mod support;

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use taskfactory_proto::v1::admin_service_client::AdminServiceClient;
+use taskfactory_runtime::clock::ClockHandle;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -317,6 +318,10 @@ pub struct EnvOptions {
     pub egress_allow: String,
     /// Trigger: the largest event body taken in.
     pub max_event_bytes: usize,
+    /// Trigger (in-process): the scheduler's clock; tests that drive time pass a manual one.
+    pub clock: ClockHandle,
+    /// Trigger: how long the scheduling lease lives without renewal.
+    pub lease_ttl: Duration,
 }
 
 impl Default for EnvOptions {
@@ -325,6 +330,8 @@ impl Default for EnvOptions {
             orchestrator_ack_wait: Duration::from_secs(30),
             egress_allow: "127.0.0.1".to_owned(),
             max_event_bytes: 1024 * 1024,
+            clock: ClockHandle::system(),
+            lease_ttl: Duration::from_secs(5),
         }
     }
 }
@@ -364,6 +371,8 @@ impl TestEnv {
                     taskfactory_trigger::Config::local(&nats, &database, self.grpc_addr);
                 config.max_event_bytes = self.options.max_event_bytes;
                 config.reconcile_interval = Duration::from_secs(2);
+                config.clock = self.options.clock.clone();
+                config.lease_ttl = self.options.lease_ttl;
                 tokio::spawn(taskfactory_trigger::run(config, token))
             }
             Service::Orchestrator => {
@@ -407,6 +416,10 @@ impl TestEnv {
             )
             .env("TASKFACTORY_EGRESS_ALLOW", &self.options.egress_allow)
             .env("TASKFACTORY_RECONCILE_INTERVAL", "2s")
+            .env(
+                "TASKFACTORY_LEASE_TTL",
+                format!("{}ms", self.options.lease_ttl.as_millis()),
+            )
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned()),

@@ -65,6 +65,9 @@ pub struct Scheduler {
     tracker: TaskTracker,
     shutdown: CancellationToken,
     entries: HashMap<ActivityId, Entry>,
+    /// After the first sync, a new entry means an activity became active (created, resumed,
+    /// enabled); in the first, it means scheduling (re)started here.
+    synced_once: bool,
 }
 
 impl Scheduler {
@@ -85,6 +88,7 @@ impl Scheduler {
             tracker: TaskTracker::new(),
             shutdown,
             entries: HashMap::new(),
+            synced_once: false,
         }
     }
 
@@ -160,7 +164,7 @@ impl Scheduler {
                 fires: state.map_or(0, |(_, n)| n),
             };
             self.tracker
-                .spawn(writer.run(signal, replaced.contains(&activity.id)));
+                .spawn(writer.run(signal, !self.synced_once || replaced.contains(&activity.id)));
             let mut entry = Entry {
                 activity: activity.clone(),
                 next: None,
@@ -170,6 +174,7 @@ impl Scheduler {
             schedule_next(&mut entry, now);
             self.entries.insert(activity.id, entry);
         }
+        self.synced_once = true;
     }
 
     async fn load_state(&self) -> HashMap<ActivityId, (DateTime<Utc>, u64)> {
@@ -270,13 +275,16 @@ fn threshold() -> chrono::Duration {
 }
 
 impl Writer {
-    async fn run(mut self, mut due: watch::Receiver<Option<DateTime<Utc>>>, replaced: bool) {
-        // A schedule with a watermark first decides what it missed while it was not running (the
-        // service was down, the activity paused or disabled): all of it goes to the misfire policy.
-        // After a new version replaced a running one, only what is truly late is missed. A new
-        // schedule starts now, and records that start so a restart knows what it missed.
+    async fn run(mut self, mut due: watch::Receiver<Option<DateTime<Utc>>>, resumed_here: bool) {
+        // A schedule with a watermark first decides what it missed while it was not running.
+        // When scheduling (re)started here — a restart, a new leader, a new version of a running
+        // schedule — occurrences less than the misfire threshold late still fire, so a quick
+        // restart or hand-over loses nothing whatever the policy; older ones go to the misfire
+        // policy. When the activity itself was off (paused, disabled), everything it missed goes
+        // to the policy. A new schedule starts now, and records that start so a restart knows
+        // what it missed.
         let started = self.clock.now();
-        let late_before = if replaced {
+        let late_before = if resumed_here {
             started - threshold()
         } else {
             started

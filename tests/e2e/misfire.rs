@@ -1,0 +1,434 @@
+//! Schedules under a driven clock: downtime under each misfire policy, pause and resume, and the
+//! decision ledger that explains every occurrence.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Timelike, Utc};
+use taskfactory_model::ids::ActivityId;
+use taskfactory_model::spec::{chrono_to_timestamp, timestamp_to_chrono};
+use taskfactory_proto::v1::{
+    DeleteActivityRequest, ListOccurrencesRequest, Occurrence, OccurrenceDecision,
+    PauseActivityRequest, ResumeActivityRequest,
+};
+use taskfactory_runtime::clock::{Clock as _, ClockHandle, ManualClock};
+use taskfactory_tests::{EnvOptions, Service, TestEnv, wait_for};
+
+use crate::support::{Admin, create, runs};
+
+fn utc(s: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+}
+
+fn minutely(name: &str, misfire: &str) -> String {
+    format!(
+        r#"
+name: {name}
+trigger:
+  schedule:
+    cron: ["* * * * *"]
+    timezone: UTC
+    misfire: {misfire}
+    catchupWindow: 4h
+    maxCatchup: 100
+tasks:
+  - name: note
+    type: log
+    params: {{at: "{{{{ trigger.scheduled_for }}}}"}}
+"#
+    )
+}
+
+/// The start of the minute after `t`.
+fn next_minute(t: DateTime<Utc>) -> DateTime<Utc> {
+    t.with_second(0).unwrap().with_nanosecond(0).unwrap() + chrono::Duration::minutes(1)
+}
+
+/// The start of the minute `t` is in.
+fn minute_of(t: DateTime<Utc>) -> DateTime<Utc> {
+    t.with_second(0).unwrap().with_nanosecond(0).unwrap()
+}
+
+async fn watermark(pool: &sqlx::PgPool, activity: &str) -> anyhow::Result<Option<DateTime<Utc>>> {
+    let id = uuid::Uuid::parse_str(activity)?;
+    let row: Option<(DateTime<Utc>,)> =
+        sqlx::query_as("SELECT watermark FROM schedule_state WHERE activity_id = $1")
+            .bind(id)
+            .fetch_optional(pool)
+            .await?;
+    Ok(row.map(|(w,)| w))
+}
+
+/// Waits until the schedule has decided everything up to `at`.
+async fn decided_through(
+    pool: &sqlx::PgPool,
+    activity: &str,
+    at: DateTime<Utc>,
+) -> anyhow::Result<()> {
+    wait_for(
+        &format!("the schedule to decide through {at}"),
+        Duration::from_secs(30),
+        || async { Ok(watermark(pool, activity).await?.filter(|w| *w >= at)) },
+    )
+    .await
+    .map(|_| ())
+}
+
+async fn occurrences(
+    admin: &mut Admin,
+    activity: &str,
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+) -> anyhow::Result<Vec<Occurrence>> {
+    Ok(admin
+        .list_occurrences(ListOccurrencesRequest {
+            id: activity.to_owned(),
+            start: Some(chrono_to_timestamp(start)),
+            end: Some(chrono_to_timestamp(end)),
+        })
+        .await?
+        .into_inner()
+        .occurrences)
+}
+
+fn at(o: &Occurrence) -> DateTime<Utc> {
+    timestamp_to_chrono(o.scheduled_for.as_ref().unwrap()).unwrap()
+}
+
+fn by_decision(list: &[Occurrence]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for o in list {
+        *counts
+            .entry(o.decision().as_str_name().to_owned())
+            .or_default() += 1;
+    }
+    counts
+}
+
+/// What one downtime should produce: occurrences fired by the catch-up, and how many of the rest
+/// got which decision.
+struct Expected {
+    downtime: chrono::Duration,
+    fired: usize,
+    others: &'static [(&'static str, usize)],
+}
+
+/// For each downtime: three on-time fires, the trigger service stops, the clock jumps, it starts
+/// again, and then the schedule carries on. Checks every occurrence's decision from the ledger,
+/// and the runs.
+async fn downtime_under(misfire: &str, cases: &[Expected]) -> anyhow::Result<()> {
+    let clock = ManualClock::new(utc("2026-01-05T10:00:30Z"));
+    let env = TestEnv::new(EnvOptions {
+        clock: ClockHandle::manual(&clock),
+        ..EnvOptions::default()
+    })
+    .await?;
+    let pool = env.db.pool().await?;
+    let _orchestrator = env.start(Service::Orchestrator);
+
+    for (i, case) in cases.iter().enumerate() {
+        let name = format!("minutely-{}-{i}", misfire.to_lowercase().replace('_', "-"));
+        let trigger = env.start(Service::Trigger);
+        env.wait_ready(&[Service::Trigger]).await?;
+        let mut admin = env.admin().await?;
+        let activity = create(&mut admin, &minutely(&name, misfire)).await?;
+        // The schedule starts from "now" once it has recorded its start.
+        wait_for("the schedule to start", Duration::from_secs(30), || async {
+            Ok(watermark(&pool, &activity.id).await?)
+        })
+        .await?;
+
+        let created = clock.now();
+        let mut on_time = Vec::new();
+        for _ in 0..3 {
+            let minute = next_minute(clock.now());
+            clock.set(minute);
+            decided_through(&pool, &activity.id, minute).await?;
+            on_time.push(minute);
+        }
+        clock.set(on_time[2] + chrono::Duration::seconds(50));
+        trigger.stop().await?;
+
+        clock.advance(case.downtime);
+        let restarted = clock.now();
+        let trigger = env.start(Service::Trigger);
+        env.wait_ready(&[Service::Trigger]).await?;
+        let mut admin = env.admin().await?;
+        let newest_missed = minute_of(restarted);
+        decided_through(&pool, &activity.id, newest_missed).await?;
+        // And on time again afterwards.
+        let after = next_minute(restarted);
+        clock.set(after);
+        decided_through(&pool, &activity.id, after).await?;
+
+        let ledger = occurrences(&mut admin, &name, created, after).await?;
+        let label = format!("{misfire} after {}", case.downtime);
+        // Every minute from the first on-time fire to `after` has exactly one decision.
+        let minutes: Vec<DateTime<Utc>> = ledger.iter().map(at).collect();
+        let expected_minutes: Vec<DateTime<Utc>> = (0..)
+            .map(|k| on_time[0] + chrono::Duration::minutes(k))
+            .take_while(|m| *m <= after)
+            .collect();
+        assert_eq!(
+            minutes, expected_minutes,
+            "{label}: one decision per occurrence"
+        );
+
+        let missed: Vec<&Occurrence> = ledger
+            .iter()
+            .filter(|o| at(o) > on_time[2] && at(o) <= newest_missed)
+            .collect();
+        let fired: Vec<&&Occurrence> = missed
+            .iter()
+            .filter(|o| o.decision() == OccurrenceDecision::Fired)
+            .collect();
+        assert_eq!(fired.len(), case.fired, "{label}: caught-up fires");
+        // The catch-up fires are the newest missed times, in a row.
+        for (k, o) in fired.iter().rev().enumerate() {
+            assert_eq!(
+                at(o),
+                newest_missed - chrono::Duration::minutes(k as i64),
+                "{label}: the newest are caught up"
+            );
+            assert!(o.reason.contains("caught up"), "{label}: {}", o.reason);
+        }
+        let others: Vec<Occurrence> = missed
+            .iter()
+            .filter(|o| o.decision() != OccurrenceDecision::Fired)
+            .map(|o| (*o).clone())
+            .collect();
+        let expected_others: BTreeMap<String, usize> = case
+            .others
+            .iter()
+            .map(|(d, n)| ((*d).to_owned(), *n))
+            .collect();
+        assert_eq!(by_decision(&others), expected_others, "{label}: the rest");
+        for o in &others {
+            assert!(
+                o.reason.contains("not running"),
+                "{label}: the reason says why: {}",
+                o.reason
+            );
+            if o.decision() == OccurrenceDecision::Coalesced {
+                let into = fired.last().expect("coalesced into the newest fire");
+                assert_eq!(o.run_id, into.run_id, "{label}: coalesced into which run");
+            }
+        }
+        // Before and after the downtime: on time.
+        for o in ledger
+            .iter()
+            .filter(|o| at(o) <= on_time[2] || at(o) == after)
+        {
+            assert_eq!(o.decision(), OccurrenceDecision::Fired, "{label}");
+            assert!(o.reason.contains("on time"), "{label}: {}", o.reason);
+        }
+
+        // Each fire made one run.
+        let expected_runs = 3 + case.fired + 1;
+        let activity_id = activity.id.clone();
+        wait_for(
+            &format!("{expected_runs} runs"),
+            Duration::from_secs(30),
+            || {
+                let mut admin = admin.clone();
+                let activity_id = activity_id.clone();
+                let label = label.clone();
+                async move {
+                    let n = runs(&mut admin, &activity_id).await?.len();
+                    anyhow::ensure!(n <= expected_runs, "{label}: {n} runs, more than expected");
+                    Ok((n == expected_runs).then_some(()))
+                }
+            },
+        )
+        .await?;
+        admin
+            .delete_activity(DeleteActivityRequest { id: name.clone() })
+            .await?;
+        trigger.stop().await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn downtime_with_misfire_skip_fires_nothing_missed() -> anyhow::Result<()> {
+    downtime_under(
+        "MISFIRE_SKIP",
+        &[
+            Expected {
+                downtime: chrono::Duration::seconds(30),
+                fired: 0,
+                others: &[("MISSED_CATCHUP_WINDOW", 1)],
+            },
+            Expected {
+                downtime: chrono::Duration::minutes(10),
+                fired: 0,
+                others: &[("MISSED_CATCHUP_WINDOW", 10)],
+            },
+            Expected {
+                downtime: chrono::Duration::hours(3),
+                fired: 0,
+                others: &[("MISSED_CATCHUP_WINDOW", 180)],
+            },
+        ],
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn downtime_with_misfire_latest_fires_the_newest_once() -> anyhow::Result<()> {
+    downtime_under(
+        "MISFIRE_LATEST",
+        &[
+            Expected {
+                downtime: chrono::Duration::seconds(30),
+                fired: 1,
+                others: &[],
+            },
+            Expected {
+                downtime: chrono::Duration::minutes(10),
+                fired: 1,
+                others: &[("COALESCED", 9)],
+            },
+            Expected {
+                downtime: chrono::Duration::hours(3),
+                fired: 1,
+                others: &[("COALESCED", 179)],
+            },
+        ],
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn downtime_with_misfire_all_catches_up_at_most_max_catchup() -> anyhow::Result<()> {
+    downtime_under(
+        "MISFIRE_ALL",
+        &[
+            Expected {
+                downtime: chrono::Duration::seconds(30),
+                fired: 1,
+                others: &[],
+            },
+            Expected {
+                downtime: chrono::Duration::minutes(10),
+                fired: 10,
+                others: &[],
+            },
+            Expected {
+                downtime: chrono::Duration::hours(3),
+                fired: 100,
+                others: &[("MISSED_CATCHUP_WINDOW", 80)],
+            },
+        ],
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_schedule_records_why_it_did_not_fire_and_resumes() -> anyhow::Result<()> {
+    let clock = ManualClock::new(utc("2026-03-02T08:00:30Z"));
+    let env = TestEnv::new(EnvOptions {
+        clock: ClockHandle::manual(&clock),
+        ..EnvOptions::default()
+    })
+    .await?;
+    let pool = env.db.pool().await?;
+    let _trigger = env.start(Service::Trigger);
+    env.wait_ready(&[Service::Trigger]).await?;
+    let mut admin = env.admin().await?;
+    let activity = create(&mut admin, &minutely("paused", "MISFIRE_SKIP")).await?;
+    wait_for("the schedule to start", Duration::from_secs(30), || async {
+        Ok(watermark(&pool, &activity.id).await?)
+    })
+    .await?;
+    let first = next_minute(clock.now());
+    clock.set(first);
+    decided_through(&pool, &activity.id, first).await?;
+
+    let paused = admin
+        .pause_activity(PauseActivityRequest {
+            id: "paused".to_owned(),
+            note: "supplier maintenance".to_owned(),
+        })
+        .await?
+        .into_inner();
+    assert!(paused.paused);
+    assert_eq!(paused.pause_note, "supplier maintenance");
+    assert!(
+        paused.next_fire_at.is_none(),
+        "a paused schedule has no next fire"
+    );
+    // Pausing again only replaces the note.
+    let again = admin
+        .pause_activity(PauseActivityRequest {
+            id: activity.id.clone(),
+            note: "supplier maintenance, extended".to_owned(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(again.pause_note, "supplier maintenance, extended");
+
+    // Five minutes pass while paused: nothing is decided yet, nothing fires.
+    clock.advance(chrono::Duration::minutes(5));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(watermark(&pool, &activity.id).await?, Some(first));
+
+    let resumed = admin
+        .resume_activity(ResumeActivityRequest {
+            id: "paused".to_owned(),
+            note: "back".to_owned(),
+        })
+        .await?
+        .into_inner();
+    assert!(!resumed.paused);
+    assert!(resumed.next_fire_at.is_some());
+    let resumed_at = clock.now();
+    decided_through(&pool, &activity.id, minute_of(resumed_at)).await?;
+    let next = next_minute(resumed_at);
+    clock.set(next);
+    decided_through(&pool, &activity.id, next).await?;
+
+    let ledger = occurrences(&mut admin, "paused", first, next).await?;
+    let decisions: Vec<(String, &str)> = ledger
+        .iter()
+        .map(|o| {
+            (
+                at(o).format("%H:%M").to_string(),
+                o.decision().as_str_name(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        decisions,
+        [
+            ("08:01".to_owned(), "FIRED"),
+            ("08:02".to_owned(), "SKIPPED_PAUSED"),
+            ("08:03".to_owned(), "SKIPPED_PAUSED"),
+            ("08:04".to_owned(), "SKIPPED_PAUSED"),
+            ("08:05".to_owned(), "SKIPPED_PAUSED"),
+            ("08:06".to_owned(), "SKIPPED_PAUSED"),
+            ("08:07".to_owned(), "FIRED"),
+        ]
+    );
+    for o in ledger
+        .iter()
+        .filter(|o| o.decision() == OccurrenceDecision::SkippedPaused)
+    {
+        assert!(
+            o.reason.contains("paused (supplier maintenance, extended)"),
+            "{}",
+            o.reason
+        );
+    }
+    // A second activity id check: the ledger is per activity.
+    let other = ActivityId::new_random().to_string();
+    let status = admin
+        .list_occurrences(ListOccurrencesRequest {
+            id: other,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound);
+    Ok(())
+}
