@@ -3,6 +3,7 @@
 
 mod events;
 mod examples;
+mod leadership;
 mod misfire;
 mod resilience;
 mod schedules;
