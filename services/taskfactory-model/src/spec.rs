@@ -337,19 +337,11 @@ fn validate_schedule(schedule: &ScheduleTrigger, now: DateTime<Utc>) -> Vec<Fiel
             format!("{} is not a misfire policy", schedule.misfire),
         ));
     }
-    match v1::OverlapPolicy::try_from(schedule.overlap) {
-        Err(_) => errors.push(field(
+    if v1::OverlapPolicy::try_from(schedule.overlap).is_err() {
+        errors.push(field(
             format!("{prefix}.overlap"),
             format!("{} is not an overlap policy", schedule.overlap),
-        )),
-        Ok(v1::OverlapPolicy::OverlapUnspecified | v1::OverlapPolicy::AllowAll) => {}
-        Ok(other) => errors.push(field(
-            format!("{prefix}.overlap"),
-            format!(
-                "{} is not available in this release yet; runs currently overlap freely (ALLOW_ALL)",
-                other.as_str_name()
-            ),
-        )),
+        ));
     }
     for (name, d) in [
         ("jitter", schedule.jitter.as_ref()),
