@@ -5,6 +5,7 @@ mod events;
 mod examples;
 mod leadership;
 mod misfire;
+mod overlap;
 mod resilience;
 mod schedules;
 mod support;

@@ -134,7 +134,7 @@ async fn downtime_under(misfire: &str, cases: &[Expected]) -> anyhow::Result<()>
         let activity = create(&mut admin, &minutely(&name, misfire)).await?;
         // The schedule starts from "now" once it has recorded its start.
         wait_for("the schedule to start", Duration::from_secs(30), || async {
-            Ok(watermark(&pool, &activity.id).await?)
+            watermark(&pool, &activity.id).await
         })
         .await?;
 
@@ -338,7 +338,7 @@ async fn a_paused_schedule_records_why_it_did_not_fire_and_resumes() -> anyhow::
     let mut admin = env.admin().await?;
     let activity = create(&mut admin, &minutely("paused", "MISFIRE_SKIP")).await?;
     wait_for("the schedule to start", Duration::from_secs(30), || async {
-        Ok(watermark(&pool, &activity.id).await?)
+        watermark(&pool, &activity.id).await
     })
     .await?;
     let first = next_minute(clock.now());

@@ -110,16 +110,25 @@ pub async fn publish_event(
         .await?)
 }
 
-/// A loopback HTTP endpoint (`POST <url>`) that records each call's `Idempotency-Key` and JSON
-/// body, answering `{"accepted": true}` after `delay`.
+/// One call a [`RecordingServer`] received.
+#[derive(Clone, Debug)]
+pub struct Call {
+    pub key: String,
+    pub body: serde_json::Value,
+    pub started: std::time::Instant,
+    pub finished: std::time::Instant,
+}
+
+/// A loopback HTTP endpoint (`POST <url>`) that records each call's `Idempotency-Key`, JSON body
+/// and timing, answering `{"accepted": true}` after `delay`.
 pub struct RecordingServer {
     pub url: String,
-    calls: Arc<Mutex<Vec<(String, serde_json::Value)>>>,
+    calls: Arc<Mutex<Vec<Call>>>,
 }
 
 impl RecordingServer {
     pub async fn start(delay: Duration) -> anyhow::Result<Self> {
-        let calls: Arc<Mutex<Vec<(String, serde_json::Value)>>> = Arc::default();
+        let calls: Arc<Mutex<Vec<Call>>> = Arc::default();
         let state = calls.clone();
         let app = axum::Router::new().route(
             "/hook",
@@ -127,6 +136,7 @@ impl RecordingServer {
                 move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
                     let state = state.clone();
                     async move {
+                        let started = std::time::Instant::now();
                         tokio::time::sleep(delay).await;
                         let key = headers
                             .get("idempotency-key")
@@ -134,7 +144,12 @@ impl RecordingServer {
                             .unwrap_or_default()
                             .to_owned();
                         let body = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
-                        state.lock().unwrap().push((key, body));
+                        state.lock().unwrap().push(Call {
+                            key,
+                            body,
+                            started,
+                            finished: std::time::Instant::now(),
+                        });
                         axum::Json(serde_json::json!({"accepted": true}))
                     }
                 },
@@ -148,14 +163,24 @@ impl RecordingServer {
 
     /// Every call so far: `(Idempotency-Key, body)`.
     pub fn calls(&self) -> Vec<(String, serde_json::Value)> {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|c| (c.key.clone(), c.body.clone()))
+            .collect()
+    }
+
+    /// Every call so far, with timing, in the order they finished.
+    pub fn timed_calls(&self) -> Vec<Call> {
         self.calls.lock().unwrap().clone()
     }
 
     /// Calls per `Idempotency-Key`.
     pub fn counts(&self) -> HashMap<String, u32> {
         let mut counts = HashMap::new();
-        for (key, _) in self.calls.lock().unwrap().iter() {
-            *counts.entry(key.clone()).or_default() += 1;
+        for call in self.calls.lock().unwrap().iter() {
+            *counts.entry(call.key.clone()).or_default() += 1;
         }
         counts
     }

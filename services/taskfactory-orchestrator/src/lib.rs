@@ -173,7 +173,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let sink = Arc::new(results::ResultSink {
         pool: pool.clone(),
         js: js.clone(),
+        spawner: spawner.clone(),
     });
+    let overlap_spawner = spawner.clone();
     let tracker = TaskTracker::new();
     tracker.spawn(messaging::consume(
         js.clone(),
@@ -205,6 +207,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         pool.clone(),
         js.clone(),
         Duration::from_secs(30),
+        shutdown.clone(),
+    ));
+    tracker.spawn(spawn::run_overlap_sweeper(
+        overlap_spawner,
+        Duration::from_secs(5),
         shutdown.clone(),
     ));
     tracing::info!("orchestrator running");

@@ -21,6 +21,8 @@ use crate::store::{self, Recorded, ResultRecord};
 pub struct ResultSink {
     pub pool: PgPool,
     pub js: async_nats::jetstream::Context,
+    /// Starts the next buffered run of an activity when one of its runs finishes.
+    pub spawner: Arc<crate::spawn::Spawner>,
 }
 
 impl ResultSink {
@@ -76,12 +78,16 @@ impl ResultSink {
                 self.retry_announcement(&result).await
             }
             Ok(Recorded::Applied(completed)) => {
-                if let Some(run) = completed
-                    && let Err(error) = completion::announce(&self.pool, &self.js, &run).await
-                {
-                    tracing::warn!(run.id = %run.id, error = %error_chain(&error), "run finished but not announced; will retry");
-                    // The result is recorded; the redelivery finds the run unannounced.
-                    return self.retry_announcement(&result).await;
+                if let Some(run) = completed {
+                    if let Err(error) = completion::announce(&self.pool, &self.js, &run).await {
+                        tracing::warn!(run.id = %run.id, error = %error_chain(&error), "run finished but not announced; will retry");
+                        // The result is recorded; the redelivery finds the run unannounced.
+                        return self.retry_announcement(&result).await;
+                    }
+                    if let Err(error) = self.spawner.start_next(run.activity_id).await {
+                        // The overlap sweeper starts it if this did not.
+                        tracing::warn!(activity.id = %run.activity_id, error = %error_chain(&error), "cannot start the next buffered run yet");
+                    }
                 }
                 Disposition::Ack
             }

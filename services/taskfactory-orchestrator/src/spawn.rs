@@ -27,13 +27,15 @@ use taskfactory_model::plan::{self, PlanLimits, Scope};
 use taskfactory_model::spec::{chrono_to_timestamp, proto_duration, timestamp_to_chrono};
 use taskfactory_model::status::source_name;
 use taskfactory_model::{subjects, values};
-use taskfactory_proto::v1::{ActivitySpec, RunStatus, TaskInstance, TriggerEvent, context_source};
+use taskfactory_proto::v1::{
+    ActivitySpec, OverlapPolicy, RunStatus, TaskInstance, TriggerEvent, context_source, trigger,
+};
 use taskfactory_runtime::messaging::{self, Disposition};
 use taskfactory_runtime::telemetry::error_chain;
 use uuid::Uuid;
 
 use crate::completion;
-use crate::store::{self, NewRun, NewTask};
+use crate::store::{self, Admission, NewRun, NewTask};
 
 pub struct Spawner {
     pub pool: PgPool,
@@ -47,7 +49,7 @@ pub struct Spawner {
 
 /// Why handling a trigger did not finish.
 #[derive(Debug, thiserror::Error)]
-enum SpawnError {
+pub enum SpawnError {
     #[error("trigger message is not a TriggerEvent")]
     Decode(#[source] prost::DecodeError),
     #[error("trigger message is missing {0}")]
@@ -126,6 +128,14 @@ impl Spawner {
         let run_id = RunId::derive(activity_id, &event.dedupe_key);
 
         if let Some(state) = store::run_state(&self.pool, run_id).await? {
+            if state.status == RunStatus::RunPending {
+                // Admitted by its overlap policy but not started (a crash in between): start it
+                // now. A waiting run is started when the run before it finishes.
+                if !state.waiting {
+                    self.start_admitted(run_id).await?;
+                }
+                return Ok(());
+            }
             if !state.spawn_complete {
                 self.publish_pending(run_id).await?;
                 store::mark_spawn_complete(&self.pool, run_id).await?;
@@ -135,6 +145,22 @@ impl Spawner {
                 completion::announce_if_finished(&self.pool, &self.js, run_id).await?;
             }
             return Ok(());
+        }
+
+        let policy = self.overlap_policy(&event, activity_id).await?;
+        if !matches!(
+            policy,
+            OverlapPolicy::AllowAll | OverlapPolicy::OverlapUnspecified
+        ) {
+            return self
+                .admit(
+                    &event,
+                    activity_id,
+                    run_id,
+                    policy,
+                    message.payload.as_ref(),
+                )
+                .await;
         }
 
         let (new_run, tasks) = self.evaluate(&event, activity_id, run_id).await?;
@@ -157,6 +183,142 @@ impl Spawner {
         Ok(())
     }
 
+    /// The overlap policy for this fire: the fire's override, else the activity's schedule's,
+    /// else runs overlap freely.
+    async fn overlap_policy(
+        &self,
+        event: &TriggerEvent,
+        activity_id: ActivityId,
+    ) -> Result<OverlapPolicy, SpawnError> {
+        if event.overlap() != OverlapPolicy::OverlapUnspecified {
+            return Ok(event.overlap());
+        }
+        let spec = match self
+            .specs
+            .get(&self.pool, activity_id, event.activity_version)
+            .await?
+        {
+            Ok(spec) => spec,
+            Err(reason) => return Err(SpawnError::UnknownActivity(reason)),
+        };
+        Ok(match spec.trigger.as_ref().and_then(|t| t.kind.as_ref()) {
+            Some(trigger::Kind::Schedule(schedule)) => schedule.overlap(),
+            _ => OverlapPolicy::AllowAll,
+        })
+    }
+
+    /// Records the run as the overlap policy decides — start, wait or skip — and starts it when
+    /// admitted. Runs cancelled by `CANCEL_OTHER` are announced as finished.
+    async fn admit(
+        &self,
+        event: &TriggerEvent,
+        activity_id: ActivityId,
+        run_id: RunId,
+        policy: OverlapPolicy,
+        encoded_event: &[u8],
+    ) -> Result<(), SpawnError> {
+        let header = run_header(event, activity_id, run_id);
+        let (admission, cancelled) =
+            store::admit_run(&self.pool, &header, policy, encoded_event).await?;
+        for run in cancelled {
+            tracing::info!(run.id = %run, by = %run_id, "run cancelled by overlap CANCEL_OTHER");
+            completion::announce_if_finished(&self.pool, &self.js, run).await?;
+        }
+        match admission {
+            Admission::Start => self.start_admitted(run_id).await,
+            Admission::Buffered { behind } => {
+                tracing::info!(run.id = %run_id, activity.name = %event.activity_name, behind = %behind, policy = policy.as_str_name(), "run buffered until the run before it finishes");
+                Ok(())
+            }
+            Admission::Skipped { reason } => {
+                tracing::info!(run.id = %run_id, activity.name = %event.activity_name, %reason, "run skipped");
+                Ok(())
+            }
+            Admission::AlreadyRecorded => {
+                // Another delivery recorded it first; continue from what it recorded.
+                if store::admitted_trigger_event(&self.pool, run_id)
+                    .await?
+                    .is_some()
+                {
+                    self.start_admitted(run_id).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Starts a run its overlap policy admitted: evaluates it as of now, records its tasks and
+    /// publishes them. A run that ends at once (no tasks, evaluation failed) lets the next waiting
+    /// run start.
+    pub async fn start_admitted(&self, run_id: RunId) -> Result<(), SpawnError> {
+        let Some(encoded) = store::admitted_trigger_event(&self.pool, run_id).await? else {
+            return Ok(()); // started elsewhere meanwhile, or cancelled
+        };
+        let event = TriggerEvent::decode(encoded.as_slice()).map_err(SpawnError::Decode)?;
+        let activity_id: ActivityId = event
+            .activity_id
+            .parse()
+            .map_err(|_| SpawnError::Missing("a valid activity_id"))?;
+        let (run, tasks) = match self.evaluate(&event, activity_id, run_id).await {
+            Ok(evaluated) => evaluated,
+            Err(SpawnError::UnknownActivity(reason)) => {
+                let mut run = run_header(&event, activity_id, run_id);
+                run.status = RunStatus::RunFailed;
+                run.error = reason;
+                (run, Vec::new())
+            }
+            Err(other) => return Err(other),
+        };
+        if !store::fill_run(&self.pool, &run, &tasks).await? {
+            return Ok(());
+        }
+        tracing::info!(run.id = %run_id, activity.name = %run.activity_name, tasks = tasks.len(), status = ?run.status, "run started");
+        if run.status == RunStatus::RunRunning {
+            let instances: Vec<(TaskId, String, Vec<u8>)> = tasks
+                .iter()
+                .map(|t| (t.id, t.task_type.clone(), t.instance.clone()))
+                .collect();
+            self.publish_tasks(&instances).await?;
+            store::mark_spawn_complete(&self.pool, run_id).await?;
+        } else {
+            completion::announce_if_finished(&self.pool, &self.js, run_id).await?;
+            Box::pin(self.start_next(activity_id)).await?;
+        }
+        Ok(())
+    }
+
+    /// After one of the activity's runs finished: starts its oldest waiting run, if nothing else
+    /// of it is running.
+    pub async fn start_next(&self, activity_id: ActivityId) -> Result<(), SpawnError> {
+        while let Some(next) = store::promote_next(&self.pool, activity_id).await? {
+            tracing::info!(run.id = %next, activity.id = %activity_id, "starting a buffered run");
+            Box::pin(self.start_admitted(next)).await?;
+        }
+        Ok(())
+    }
+
+    /// Finishes overlap work an orchestrator left undone when it stopped mid-way.
+    pub async fn resume_stalled(&self, older_than: Duration) -> Result<(), SpawnError> {
+        let before = Utc::now() - chrono::Duration::from_std(older_than).unwrap_or_default();
+        let (activities, runs) = store::stalled_overlap_work(&self.pool, before).await?;
+        for run in runs {
+            match store::run_state(&self.pool, run).await? {
+                Some(state) if state.status == RunStatus::RunPending => {
+                    self.start_admitted(run).await?;
+                }
+                Some(state) if !state.spawn_complete => {
+                    self.publish_pending(run).await?;
+                    store::mark_spawn_complete(&self.pool, run).await?;
+                }
+                _ => {}
+            }
+        }
+        for activity in activities {
+            self.start_next(activity).await?;
+        }
+        Ok(())
+    }
+
     /// Loads the pinned spec, resolves context and evaluates the templates.
     async fn evaluate(
         &self,
@@ -165,29 +327,7 @@ impl Spawner {
         run_id: RunId,
     ) -> Result<(NewRun, Vec<NewTask>), SpawnError> {
         let payload = event.payload.as_ref().map(values::value_to_json);
-        let fired_at = event
-            .fired_at
-            .as_ref()
-            .and_then(timestamp_to_chrono)
-            .unwrap_or_else(Utc::now);
-        let mut run = NewRun {
-            id: run_id,
-            activity_id,
-            activity_name: event.activity_name.clone(),
-            activity_version: event.activity_version,
-            event_id: Uuid::parse_str(&event.event_id).unwrap_or(Uuid::nil()),
-            source: source_name(event.source()).to_owned(),
-            dedupe_key: event.dedupe_key.clone(),
-            scheduled_for: event.scheduled_for.as_ref().and_then(timestamp_to_chrono),
-            fired_at,
-            subject: event.subject.clone(),
-            payload: payload.clone(),
-            status: RunStatus::RunRunning,
-            context: serde_json::json!({}),
-            evaluation: serde_json::json!([]),
-            error: String::new(),
-            trace_id: String::new(),
-        };
+        let mut run = run_header(event, activity_id, run_id);
         let spec = match self
             .specs
             .get(&self.pool, activity_id, event.activity_version)
@@ -300,6 +440,32 @@ impl Spawner {
     }
 }
 
+/// The run a fire makes, before evaluation (status RUNNING, nothing resolved yet).
+fn run_header(event: &TriggerEvent, activity_id: ActivityId, run_id: RunId) -> NewRun {
+    NewRun {
+        id: run_id,
+        activity_id,
+        activity_name: event.activity_name.clone(),
+        activity_version: event.activity_version,
+        event_id: Uuid::parse_str(&event.event_id).unwrap_or(Uuid::nil()),
+        source: source_name(event.source()).to_owned(),
+        dedupe_key: event.dedupe_key.clone(),
+        scheduled_for: event.scheduled_for.as_ref().and_then(timestamp_to_chrono),
+        fired_at: event
+            .fired_at
+            .as_ref()
+            .and_then(timestamp_to_chrono)
+            .unwrap_or_else(Utc::now),
+        subject: event.subject.clone(),
+        payload: event.payload.as_ref().map(values::value_to_json),
+        status: RunStatus::RunRunning,
+        context: serde_json::json!({}),
+        evaluation: serde_json::json!([]),
+        error: String::new(),
+        trace_id: String::new(),
+    }
+}
+
 /// Static context sources, by name. (Other kinds are refused at the API until they are supported.)
 fn resolve_context(spec: &ActivitySpec) -> Result<serde_json::Value, String> {
     let mut context = serde_json::Map::new();
@@ -337,4 +503,24 @@ fn trigger_scope(event: &TriggerEvent) -> serde_json::Value {
         "dedupe_key": event.dedupe_key,
         "subject": event.subject,
     })
+}
+
+/// Every `every`, finishes overlap work left undone (a run admitted but not started, a buffered run
+/// whose predecessor finished while its orchestrator was stopping), until shutdown.
+pub async fn run_overlap_sweeper(
+    spawner: Arc<Spawner>,
+    every: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(error) = spawner.resume_stalled(every * 2).await {
+            tracing::warn!(error = %error_chain(&error), "cannot resume stalled overlap work; will retry");
+        }
+    }
 }

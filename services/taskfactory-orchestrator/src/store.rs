@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row};
 use taskfactory_model::ids::{ActivityId, RunId, TaskId};
 use taskfactory_model::status;
-use taskfactory_proto::v1::{RunStatus, TaskStatus};
+use taskfactory_proto::v1::{OverlapPolicy, RunStatus, TaskStatus};
 use uuid::Uuid;
 
 /// What the orchestrator knows of a run it may have seen before.
@@ -14,19 +14,25 @@ pub struct RunState {
     pub status: RunStatus,
     pub spawn_complete: bool,
     pub announced: bool,
+    /// Buffered by its overlap policy: starts when the run before it finishes.
+    pub waiting: bool,
 }
 
 pub async fn run_state(pool: &PgPool, run: RunId) -> Result<Option<RunState>, sqlx::Error> {
-    let row: Option<(String, bool, Option<DateTime<Utc>>)> =
-        sqlx::query_as("SELECT status, spawn_complete, announced_at FROM runs WHERE id = $1")
-            .bind(run.0)
-            .fetch_optional(pool)
-            .await?;
-    Ok(row.map(|(status, spawn_complete, announced)| RunState {
-        status: status::run_status_from_db(&status),
-        spawn_complete,
-        announced: announced.is_some(),
-    }))
+    let row: Option<(String, bool, Option<DateTime<Utc>>, bool)> = sqlx::query_as(
+        "SELECT status, spawn_complete, announced_at, waiting FROM runs WHERE id = $1",
+    )
+    .bind(run.0)
+    .fetch_optional(pool)
+    .await?;
+    Ok(
+        row.map(|(status, spawn_complete, announced, waiting)| RunState {
+            status: status::run_status_from_db(&status),
+            spawn_complete,
+            announced: announced.is_some(),
+            waiting,
+        }),
+    )
 }
 
 /// The spec of an activity at a version, in its proto3 JSON form.
@@ -46,6 +52,7 @@ pub async fn activity_spec(
 }
 
 /// A run to record.
+#[derive(Clone, Debug)]
 pub struct NewRun {
     pub id: RunId,
     pub activity_id: ActivityId,
@@ -77,21 +84,32 @@ pub struct NewTask {
     pub created_at: DateTime<Utc>,
 }
 
-/// Records a run and all its tasks in one transaction. Returns false when the run already existed
-/// (another delivery of the same trigger got there first); then nothing is written.
-pub async fn insert_run(
-    pool: &PgPool,
+/// How a run row is written besides its `NewRun` fields.
+#[derive(Clone, Copy, Debug, Default)]
+struct RowExtras<'a> {
+    waiting: bool,
+    trigger_event: Option<&'a [u8]>,
+    overlap: &'a str,
+    started: bool,
+    /// Not announced on `run.completed` (skipped runs).
+    quiet: bool,
+}
+
+async fn insert_run_row(
+    tx: &mut sqlx::PgConnection,
     run: &NewRun,
-    tasks: &[NewTask],
+    tasks_spawned: usize,
+    extras: RowExtras<'_>,
 ) -> Result<bool, sqlx::Error> {
-    let mut tx = pool.begin().await?;
     let terminal = status::run_is_terminal(run.status);
-    let inserted = sqlx::query(
+    Ok(sqlx::query(
         "INSERT INTO runs (id, activity_id, activity_name, activity_version, event_id, source, \
              dedupe_key, scheduled_for, fired_at, subject, payload, status, context, evaluation, \
-             error, tasks_spawned, spawn_complete, trace_id, finished_at) \
+             error, tasks_spawned, spawn_complete, trace_id, finished_at, waiting, trigger_event, \
+             overlap, started_at, announced_at) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
-             CASE WHEN $17 THEN now() END) \
+             CASE WHEN $17 THEN now() END, $19, $20, $21, CASE WHEN $22 THEN now() END, \
+             CASE WHEN $23 THEN now() END) \
          ON CONFLICT DO NOTHING",
     )
     .bind(run.id.0)
@@ -109,17 +127,25 @@ pub async fn insert_run(
     .bind(&run.context)
     .bind(&run.evaluation)
     .bind(&run.error)
-    .bind(i32::try_from(tasks.len()).unwrap_or(i32::MAX))
+    .bind(i32::try_from(tasks_spawned).unwrap_or(i32::MAX))
     .bind(terminal)
     .bind(&run.trace_id)
+    .bind(extras.waiting)
+    .bind(extras.trigger_event)
+    .bind(extras.overlap)
+    .bind(extras.started)
+    .bind(extras.quiet)
     .execute(&mut *tx)
     .await?
     .rows_affected()
-        == 1;
-    if !inserted {
-        tx.rollback().await?;
-        return Ok(false);
-    }
+        == 1)
+}
+
+async fn insert_tasks(
+    tx: &mut sqlx::PgConnection,
+    run: &NewRun,
+    tasks: &[NewTask],
+) -> Result<(), sqlx::Error> {
     // In chunks, so one statement's parameters stay small.
     for chunk in tasks.chunks(1000) {
         let ids: Vec<Uuid> = chunk.iter().map(|t| t.id.0).collect();
@@ -154,8 +180,277 @@ pub async fn insert_run(
         .execute(&mut *tx)
         .await?;
     }
+    Ok(())
+}
+
+/// Records a run and all its tasks in one transaction. Returns false when the run already existed
+/// (another delivery of the same trigger got there first); then nothing is written.
+pub async fn insert_run(
+    pool: &PgPool,
+    run: &NewRun,
+    tasks: &[NewTask],
+) -> Result<bool, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    if !insert_run_row(&mut tx, run, tasks.len(), RowExtras::default()).await? {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    insert_tasks(&mut tx, run, tasks).await?;
     tx.commit().await?;
     Ok(true)
+}
+
+/// What the overlap policy decided about a new run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Recorded as admitted: evaluate and spawn it now.
+    Start,
+    /// Recorded as waiting behind the activity's running run.
+    Buffered { behind: RunId },
+    /// Recorded as skipped, with the reason.
+    Skipped { reason: String },
+    /// The run was recorded before (a redelivered trigger).
+    AlreadyRecorded,
+}
+
+/// Serializes overlap decisions about one activity across orchestrators (transaction-scoped).
+async fn lock_activity(
+    tx: &mut sqlx::PgConnection,
+    activity: ActivityId,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(format!("taskfactory-overlap:{}", activity.0))
+        .execute(tx)
+        .await?;
+    Ok(())
+}
+
+/// The activity's unfinished runs, oldest first: `(id, waiting)`.
+async fn active_runs(
+    tx: &mut sqlx::PgConnection,
+    activity: ActivityId,
+) -> Result<Vec<(RunId, bool)>, sqlx::Error> {
+    let rows: Vec<(Uuid, bool)> = sqlx::query_as(
+        "SELECT id, waiting FROM runs WHERE activity_id = $1 AND status IN ('PENDING', 'RUNNING') \
+         ORDER BY COALESCE(scheduled_for, fired_at), created_at, id",
+    )
+    .bind(activity.0)
+    .fetch_all(tx)
+    .await?;
+    Ok(rows.into_iter().map(|(id, w)| (RunId(id), w)).collect())
+}
+
+/// Applies `policy` to a new run against the activity's unfinished runs and records the outcome
+/// (with the TriggerEvent, for whoever starts it). `CANCEL_OTHER` cancels those runs first; they
+/// are returned so their end can be announced.
+pub async fn admit_run(
+    pool: &PgPool,
+    run: &NewRun,
+    policy: OverlapPolicy,
+    trigger_event: &[u8],
+) -> Result<(Admission, Vec<RunId>), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    lock_activity(&mut tx, run.activity_id).await?;
+    let exists: Option<(Uuid,)> = sqlx::query_as("SELECT id FROM runs WHERE id = $1")
+        .bind(run.id.0)
+        .fetch_optional(&mut *tx)
+        .await?;
+    if exists.is_some() {
+        tx.rollback().await?;
+        return Ok((Admission::AlreadyRecorded, Vec::new()));
+    }
+    let active = active_runs(&mut tx, run.activity_id).await?;
+    let running: Vec<RunId> = active
+        .iter()
+        .filter(|(_, w)| !w)
+        .map(|(id, _)| *id)
+        .collect();
+    let waiting: Vec<RunId> = active
+        .iter()
+        .filter(|(_, w)| *w)
+        .map(|(id, _)| *id)
+        .collect();
+    let policy_name = policy.as_str_name();
+    let mut cancelled = Vec::new();
+    let admission = match policy {
+        OverlapPolicy::Skip => match running.first().or(waiting.first()) {
+            Some(other) => Admission::Skipped {
+                reason: format!("overlap SKIP: run {other} of this activity was still running"),
+            },
+            None => Admission::Start,
+        },
+        OverlapPolicy::BufferOne => match (running.first(), waiting.first()) {
+            (_, Some(buffered)) => Admission::Skipped {
+                reason: format!(
+                    "overlap BUFFER_ONE: run {buffered} is already waiting for the running run"
+                ),
+            },
+            (Some(other), None) => Admission::Buffered { behind: *other },
+            (None, None) => Admission::Start,
+        },
+        OverlapPolicy::BufferAll => match active.last() {
+            Some((other, _)) => Admission::Buffered { behind: *other },
+            None => Admission::Start,
+        },
+        OverlapPolicy::CancelOther => {
+            cancelled = active.iter().map(|(id, _)| *id).collect();
+            let reason = format!("cancelled by overlap CANCEL_OTHER: run {} started", run.id);
+            cancel_runs(&mut tx, &cancelled, &reason).await?;
+            Admission::Start
+        }
+        OverlapPolicy::AllowAll | OverlapPolicy::OverlapUnspecified => Admission::Start,
+    };
+    let mut row = NewRun {
+        status: RunStatus::RunPending,
+        ..run.clone()
+    };
+    let mut extras = RowExtras {
+        overlap: policy_name,
+        trigger_event: Some(trigger_event),
+        ..RowExtras::default()
+    };
+    match &admission {
+        Admission::Start => extras.started = true,
+        Admission::Buffered { .. } => extras.waiting = true,
+        Admission::Skipped { reason } => {
+            row.status = RunStatus::RunSkipped;
+            row.error = reason.clone();
+            extras.trigger_event = None;
+            extras.quiet = true;
+        }
+        Admission::AlreadyRecorded => {}
+    }
+    insert_run_row(&mut tx, &row, 0, extras).await?;
+    tx.commit().await?;
+    Ok((admission, cancelled))
+}
+
+/// Cancels runs and their unfinished tasks (`CANCELLED`, counted as not succeeded).
+async fn cancel_runs(
+    tx: &mut sqlx::PgConnection,
+    runs: &[RunId],
+    reason: &str,
+) -> Result<(), sqlx::Error> {
+    if runs.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = runs.iter().map(|r| r.0).collect();
+    sqlx::query(
+        "WITH cancelled AS ( \
+             UPDATE tasks SET status = 'CANCELLED', finished_at = now(), last_error = $2 \
+             WHERE run_id = ANY($1) AND status NOT IN ('SUCCEEDED', 'DEAD', 'CANCELLED') \
+             RETURNING run_id), \
+         counts AS (SELECT run_id, count(*) AS n FROM cancelled GROUP BY run_id) \
+         UPDATE runs r SET status = 'CANCELLED', waiting = false, finished_at = now(), \
+             error = $2, tasks_failed = r.tasks_failed + COALESCE(c.n, 0), trigger_event = NULL \
+         FROM (SELECT unnest($1::uuid[]) AS id) AS target \
+         LEFT JOIN counts c ON c.run_id = target.id \
+         WHERE r.id = target.id AND r.status IN ('PENDING', 'RUNNING')",
+    )
+    .bind(&ids)
+    .bind(reason)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// The TriggerEvent of a run admitted to start but not started yet (status PENDING, not waiting).
+pub async fn admitted_trigger_event(
+    pool: &PgPool,
+    run: RunId,
+) -> Result<Option<Vec<u8>>, sqlx::Error> {
+    let row: Option<(Option<Vec<u8>>,)> = sqlx::query_as(
+        "SELECT trigger_event FROM runs WHERE id = $1 AND status = 'PENDING' AND NOT waiting",
+    )
+    .bind(run.0)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.and_then(|(event,)| event))
+}
+
+/// Fills an admitted run with its evaluation and tasks (status leaves PENDING). False when it is
+/// no longer an admitted run (someone else started it, or it was cancelled).
+pub async fn fill_run(pool: &PgPool, run: &NewRun, tasks: &[NewTask]) -> Result<bool, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let terminal = status::run_is_terminal(run.status);
+    let filled = sqlx::query(
+        "UPDATE runs SET status = $2, context = $3, evaluation = $4, error = $5, \
+             tasks_spawned = $6, spawn_complete = $7, finished_at = CASE WHEN $7 THEN now() END, \
+             trigger_event = NULL \
+         WHERE id = $1 AND status = 'PENDING' AND NOT waiting",
+    )
+    .bind(run.id.0)
+    .bind(status::run_status_db(run.status))
+    .bind(&run.context)
+    .bind(&run.evaluation)
+    .bind(&run.error)
+    .bind(i32::try_from(tasks.len()).unwrap_or(i32::MAX))
+    .bind(terminal)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if !filled {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    insert_tasks(&mut tx, run, tasks).await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// When none of the activity's runs is running, admits its oldest waiting run: the run to start.
+pub async fn promote_next(
+    pool: &PgPool,
+    activity: ActivityId,
+) -> Result<Option<RunId>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    lock_activity(&mut tx, activity).await?;
+    let active = active_runs(&mut tx, activity).await?;
+    if active.iter().any(|(_, waiting)| !waiting) {
+        tx.rollback().await?;
+        return Ok(None);
+    }
+    let Some((next, _)) = active.first() else {
+        tx.rollback().await?;
+        return Ok(None);
+    };
+    sqlx::query("UPDATE runs SET waiting = false, started_at = now() WHERE id = $1")
+        .bind(next.0)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(Some(*next))
+}
+
+/// Overlap work left undone by an orchestrator that stopped mid-way, older than `before`:
+/// activities whose waiting runs have nothing running ahead of them, and admitted runs that were
+/// not started or not fully spawned.
+pub async fn stalled_overlap_work(
+    pool: &PgPool,
+    before: DateTime<Utc>,
+) -> Result<(Vec<ActivityId>, Vec<RunId>), sqlx::Error> {
+    let activities: Vec<(Uuid,)> = sqlx::query_as(
+        "SELECT DISTINCT w.activity_id FROM runs w \
+         WHERE w.status = 'PENDING' AND w.waiting AND w.created_at < $1 \
+           AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.activity_id = w.activity_id \
+               AND r.status IN ('PENDING', 'RUNNING') AND NOT r.waiting)",
+    )
+    .bind(before)
+    .fetch_all(pool)
+    .await?;
+    let runs: Vec<(Uuid,)> = sqlx::query_as(
+        "SELECT id FROM runs WHERE started_at < $1 AND NOT waiting \
+           AND (status = 'PENDING' OR (status = 'RUNNING' AND NOT spawn_complete)) \
+         LIMIT 500",
+    )
+    .bind(before)
+    .fetch_all(pool)
+    .await?;
+    Ok((
+        activities.into_iter().map(|(id,)| ActivityId(id)).collect(),
+        runs.into_iter().map(|(id,)| RunId(id)).collect(),
+    ))
 }
 
 /// Tasks of a run not yet reported on, to publish (again) when a spawn is resumed.

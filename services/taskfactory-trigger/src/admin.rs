@@ -11,13 +11,13 @@ use taskfactory_model::spec::{self, SpecErrors, chrono_to_timestamp};
 use taskfactory_model::values;
 use taskfactory_proto::v1::admin_service_server::AdminService;
 use taskfactory_proto::v1::{
-    self, Activity, ActivitySpec, CreateActivityRequest, DeleteActivityRequest,
-    DeleteActivityResponse, GetActivityRequest, GetRunRequest, GetTaskRequest,
-    ListActivitiesRequest, ListActivitiesResponse, ListOccurrencesRequest, ListOccurrencesResponse,
-    ListRunsRequest, ListRunsResponse, ListScheduleTimesRequest, ListScheduleTimesResponse,
-    ListTasksRequest, ListTasksResponse, PauseActivityRequest, ResumeActivityRequest, Run,
-    RunStatus, Task, TaskStatus, TriggerActivityRequest, TriggerActivityResponse, TriggerSource,
-    UpdateActivityRequest, trigger,
+    self, Activity, ActivitySpec, BackfillRequest, BackfillResponse, CreateActivityRequest,
+    DeleteActivityRequest, DeleteActivityResponse, GetActivityRequest, GetRunRequest,
+    GetTaskRequest, ListActivitiesRequest, ListActivitiesResponse, ListOccurrencesRequest,
+    ListOccurrencesResponse, ListRunsRequest, ListRunsResponse, ListScheduleTimesRequest,
+    ListScheduleTimesResponse, ListTasksRequest, ListTasksResponse, PauseActivityRequest,
+    ResumeActivityRequest, Run, RunStatus, Task, TaskStatus, TriggerActivityRequest,
+    TriggerActivityResponse, TriggerSource, UpdateActivityRequest, trigger,
 };
 use taskfactory_runtime::clock::ClockHandle;
 use taskfactory_runtime::telemetry::error_chain;
@@ -31,6 +31,8 @@ use crate::{ledger, views};
 
 const DEFAULT_PAGE_SIZE: u32 = 50;
 const MAX_PAGE_SIZE: u32 = 1000;
+/// Fire times one `Backfill` call may cover.
+const MAX_BACKFILL: usize = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -245,6 +247,17 @@ fn timestamp(
         .transpose()
 }
 
+fn overlap_override(value: i32) -> Result<v1::OverlapPolicy, AdminError> {
+    v1::OverlapPolicy::try_from(value).map_err(|_| {
+        invalid(
+            "overlap",
+            format!(
+                "{value} is not an overlap policy (ALLOW_ALL, SKIP, BUFFER_ONE, BUFFER_ALL, CANCEL_OTHER)"
+            ),
+        )
+    })
+}
+
 fn parse_uuid(field: &str, text: &str) -> Result<Uuid, AdminError> {
     Uuid::parse_str(text).map_err(|_| invalid(field, format!("{text:?} is not a UUID")))
 }
@@ -376,16 +389,7 @@ impl AdminService for Admin {
             ))
             .into());
         }
-        match v1::OverlapPolicy::try_from(request.overlap) {
-            Ok(v1::OverlapPolicy::OverlapUnspecified | v1::OverlapPolicy::AllowAll) => {}
-            _ => {
-                return Err(invalid(
-                    "overlap",
-                    "overlap overrides are not available in this release yet; leave it unset",
-                )
-                .into());
-            }
-        }
+        let overlap = overlap_override(request.overlap)?;
         let dedupe_key = if request.idempotency_key.is_empty() {
             format!("manual:{}", Uuid::new_v4())
         } else {
@@ -405,6 +409,7 @@ impl AdminService for Admin {
                 subject: String::new(),
                 fired_at: Utc::now(),
                 dst_note: None,
+                overlap,
             },
             None,
         )
@@ -431,6 +436,93 @@ impl AdminService for Admin {
     ) -> Result<Response<Activity>, Status> {
         let request = request.into_inner();
         self.set_paused(&request.id, false, &request.note).await
+    }
+
+    async fn backfill(
+        &self,
+        request: Request<BackfillRequest>,
+    ) -> Result<Response<BackfillResponse>, Status> {
+        let request = request.into_inner();
+        let overlap = overlap_override(request.overlap)?;
+        let id = self.resolve(&request.id).await?;
+        let record = self.load(id, None).await?;
+        if !record.enabled {
+            return Err(AdminError::FailedPrecondition(format!(
+                "activity {:?} is disabled; enable it before backfilling",
+                record.name
+            ))
+            .into());
+        }
+        let start = timestamp("start", request.start.as_ref())?
+            .ok_or_else(|| invalid("start", "is required"))?;
+        let end =
+            timestamp("end", request.end.as_ref())?.ok_or_else(|| invalid("end", "is required"))?;
+        if start > end {
+            return Err(invalid("start", "must not be after end").into());
+        }
+        let now = self.clock.now();
+        if end > now {
+            return Err(invalid(
+                "end",
+                format!("{end} is in the future; a backfill covers past times (the schedule fires the future ones)"),
+            )
+            .into());
+        }
+        let live = LiveActivity::from_record(&record).ok_or_else(|| {
+            AdminError::Internal(anyhow::anyhow!(
+                "stored spec of {} does not load",
+                record.name
+            ))
+        })?;
+        let Some(schedule) = live.schedule.clone() else {
+            return Err(AdminError::FailedPrecondition(format!(
+                "activity {:?} has no schedule trigger; only schedules can be backfilled (use TriggerActivity)",
+                record.name
+            ))
+            .into());
+        };
+        let times: Vec<_> = schedule
+            .occurrences_after(start - chrono::Duration::nanoseconds(1))
+            .take_while(|o| o.at <= end)
+            .take(MAX_BACKFILL + 1)
+            .collect();
+        if times.len() > MAX_BACKFILL {
+            return Err(invalid(
+                "end",
+                format!("the range holds more than {MAX_BACKFILL} fire times; backfill it in smaller ranges"),
+            )
+            .into());
+        }
+        let mut response = BackfillResponse::default();
+        for occurrence in times {
+            let fired = fire::fire(
+                &self.pool,
+                &self.js,
+                FireRequest {
+                    activity_id: id,
+                    activity_name: record.name.clone(),
+                    activity_version: record.current_version,
+                    source: TriggerSource::Backfill,
+                    dedupe_key: crate::scheduler::schedule_dedupe_key(occurrence.at),
+                    scheduled_for: Some(occurrence.at),
+                    payload: None,
+                    subject: String::new(),
+                    fired_at: now,
+                    dst_note: occurrence.dst_note.clone(),
+                    overlap,
+                },
+                None,
+            )
+            .await
+            .map_err(AdminError::from)?;
+            if fired.duplicate {
+                response.duplicates += 1;
+            } else {
+                response.fires += 1;
+            }
+        }
+        tracing::info!(activity.name = %record.name, %start, %end, fires = response.fires, duplicates = response.duplicates, "backfill");
+        Ok(Response::new(response))
     }
 
     async fn list_schedule_times(

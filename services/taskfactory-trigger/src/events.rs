@@ -122,6 +122,7 @@ impl EventIngress {
                 subject: subject.to_owned(),
                 fired_at: chrono::Utc::now(),
                 dst_note: None,
+                overlap: taskfactory_proto::v1::OverlapPolicy::OverlapUnspecified,
             };
             if let Err(error) = fire::fire(&self.pool, &self.js, request, None).await {
                 tracing::warn!(activity.name = %activity.name, %subject, error = %error_chain(&error), "cannot record event fire; event will be redelivered");

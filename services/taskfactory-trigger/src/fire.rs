@@ -20,7 +20,7 @@ use taskfactory_model::ids::{ActivityId, FireId, RunId};
 use taskfactory_model::spec::chrono_to_timestamp;
 use taskfactory_model::status::source_name;
 use taskfactory_model::{subjects, values};
-use taskfactory_proto::v1::{TriggerEvent, TriggerSource};
+use taskfactory_proto::v1::{OverlapPolicy, TriggerEvent, TriggerSource};
 use taskfactory_runtime::messaging;
 use tokio_util::sync::CancellationToken;
 
@@ -42,6 +42,8 @@ pub struct FireRequest {
     pub fired_at: DateTime<Utc>,
     /// Schedules: the DST note of the occurrence.
     pub dst_note: Option<String>,
+    /// An overlap policy overriding the activity's (manual fires, backfills).
+    pub overlap: OverlapPolicy,
 }
 
 /// What happened.
@@ -76,6 +78,7 @@ pub async fn fire(
         payload: request.payload.as_ref().map(values::json_to_value),
         subject: request.subject.clone(),
         activity_name: request.activity_name.clone(),
+        overlap: request.overlap as i32,
     };
     let encoded = event.encode_to_vec();
     let new_fire = NewFire {

@@ -36,11 +36,15 @@ pub async fn list_occurrences(
     let limit = i64::try_from(MAX_OCCURRENCES + 1).unwrap_or(i64::MAX);
     let mut out = Vec::new();
 
+    // A fire's run may say more: its overlap policy skipped it, or it waits behind another run.
     let fires = sqlx::query(
-        "SELECT scheduled_for, source, dedupe_key, fired_at, dst_note FROM fires \
-         WHERE activity_id = $1 AND scheduled_for BETWEEN $2 AND $3 \
-           AND source IN ('schedule', 'catchup', 'backfill') \
-         ORDER BY scheduled_for LIMIT $4",
+        "SELECT f.scheduled_for, f.source, f.dedupe_key, f.fired_at, f.dst_note, \
+             r.status AS run_status, r.waiting, r.error AS run_error, r.overlap \
+         FROM fires f LEFT JOIN runs r \
+             ON r.activity_id = f.activity_id AND r.dedupe_key = f.dedupe_key \
+         WHERE f.activity_id = $1 AND f.scheduled_for BETWEEN $2 AND $3 \
+           AND f.source IN ('schedule', 'catchup', 'backfill') \
+         ORDER BY f.scheduled_for LIMIT $4",
     )
     .bind(activity.0)
     .bind(start)
@@ -62,10 +66,26 @@ pub async fn list_occurrences(
             ),
             _ => "fired by a backfill".to_owned(),
         };
+        let run_status: Option<String> = row.try_get("run_status")?;
+        let waiting: Option<bool> = row.try_get("waiting")?;
+        let (decision, reason) = match (run_status.as_deref(), waiting) {
+            (Some("SKIPPED"), _) => (
+                OccurrenceDecision::SkippedOverlap,
+                format!("{reason}; {}", row.try_get::<String, _>("run_error")?),
+            ),
+            (Some("PENDING"), Some(true)) => (
+                OccurrenceDecision::Buffered,
+                format!(
+                    "{reason}; overlap {} holds the run until the one before it finishes",
+                    row.try_get::<String, _>("overlap")?
+                ),
+            ),
+            _ => (OccurrenceDecision::Fired, reason),
+        };
         out.push(Occurrence {
             activity_id: activity.to_string(),
             scheduled_for: Some(chrono_to_timestamp(at)),
-            decision: OccurrenceDecision::Fired as i32,
+            decision: decision as i32,
             reason,
             run_id: RunId::derive(activity, &dedupe_key).to_string(),
             dst_note: row

@@ -628,6 +628,7 @@ impl Writer {
             subject: String::new(),
             fired_at: self.clock.now(),
             dst_note: occurrence.dst_note.clone(),
+            overlap: taskfactory_proto::v1::OverlapPolicy::OverlapUnspecified,
         };
         let write = ScheduleWrite {
             term: self.term,
