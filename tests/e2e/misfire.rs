@@ -299,8 +299,33 @@ async fn downtime_with_misfire_latest_fires_the_newest_once() -> anyhow::Result<
     .await
 }
 
+/// A counter's value on a `/metrics` page.
+fn counter(page: &str, series: &str) -> u64 {
+    page.lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// `GET /metrics` over plain HTTP/1.0.
+async fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: test\r\n\r\n")
+        .await?;
+    let mut page = String::new();
+    stream.read_to_string(&mut page).await?;
+    anyhow::ensure!(page.starts_with("HTTP/1.0 200"), "{page}");
+    Ok(page)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn downtime_with_misfire_all_catches_up_at_most_max_catchup() -> anyhow::Result<()> {
+    // Each test runs in its own process: the counters are this test's alone.
+    let addr: std::net::SocketAddr =
+        format!("127.0.0.1:{}", taskfactory_tests::free_port()).parse()?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(taskfactory_runtime::metrics::serve(addr, stop.clone()));
     downtime_under(
         "MISFIRE_ALL",
         &[
@@ -321,7 +346,21 @@ async fn downtime_with_misfire_all_catches_up_at_most_max_catchup() -> anyhow::R
             },
         ],
     )
-    .await
+    .await?;
+    // Every decision is counted: 3 on time + the catch-up + 1 on time again, per downtime.
+    let page = wait_for("the metrics endpoint", Duration::from_secs(10), || async {
+        Ok(scrape(addr).await.ok())
+    })
+    .await?;
+    let series = |d: &str| format!("taskfactory_schedule_occurrences_total{{decision=\"{d}\"}}");
+    assert_eq!(counter(&page, &series("FIRED")), 5 + 14 + 104, "{page}");
+    assert_eq!(
+        counter(&page, &series("MISSED_CATCHUP_WINDOW")),
+        80,
+        "{page}"
+    );
+    stop.cancel();
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

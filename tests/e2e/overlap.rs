@@ -174,6 +174,12 @@ async fn overlap_skip_drops_fires_while_a_run_is_running() -> anyhow::Result<()>
         assert_eq!(skipped.tasks_spawned, 0);
     }
     assert_eq!(numbers(&calls), ["1"]);
+    // Counted (each test is its own process, so the counter is this test's).
+    let page = taskfactory_runtime::metrics::handle().render();
+    assert!(
+        page.contains("taskfactory_schedule_occurrences_total{decision=\"SKIPPED_OVERLAP\"} 3"),
+        "{page}"
+    );
     Ok(())
 }
 

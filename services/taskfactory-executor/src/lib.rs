@@ -116,6 +116,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         ack_wait: config.ack_wait,
     });
     let tracker = TaskTracker::new();
+    taskfactory_runtime::metrics::spawn_endpoint(
+        &tracker,
+        config.lifecycle.metrics_addr,
+        shutdown.clone(),
+    );
     for task_type in &config.task_types {
         let executor = executor.clone();
         tracker.spawn(messaging::consume(

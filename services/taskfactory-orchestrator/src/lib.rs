@@ -177,6 +177,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     });
     let overlap_spawner = spawner.clone();
     let tracker = TaskTracker::new();
+    taskfactory_runtime::metrics::spawn_endpoint(
+        &tracker,
+        config.lifecycle.metrics_addr,
+        shutdown.clone(),
+    );
     tracker.spawn(messaging::consume(
         js.clone(),
         ConsumerSpec {

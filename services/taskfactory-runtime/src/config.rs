@@ -84,6 +84,9 @@ pub struct LifecycleArgs {
     /// At shutdown, how long work in hand may take to finish before it is left for redelivery.
     #[arg(long = "drain-timeout", env = "TASKFACTORY_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// Where to serve `/metrics` (Prometheus) and `/healthz`, e.g. `0.0.0.0:9464`; off if unset.
+    #[arg(long = "metrics-addr", env = "TASKFACTORY_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl Default for LifecycleArgs {
@@ -91,6 +94,7 @@ impl Default for LifecycleArgs {
         Self {
             startup_patience: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(30),
+            metrics_addr: None,
         }
     }
 }

@@ -8,6 +8,7 @@
 //! - [`nats`]: connecting, and declaring the streams (idempotently, at every start).
 //! - [`db`]: creating the database if absent, the pool, and the embedded migrations.
 //! - [`messaging`]: the one publish helper and the one consume loop (acks, concurrency, DLQ).
+//! - [`metrics`]: the Prometheus recorder and the `/metrics` endpoint.
 //! - [`shutdown`]: SIGTERM/SIGINT → a `CancellationToken`; a second signal exits at once.
 //! - [`telemetry`]: structured logs (pretty for development, JSON for production).
 
@@ -15,6 +16,7 @@ pub mod clock;
 pub mod config;
 pub mod db;
 pub mod messaging;
+pub mod metrics;
 pub mod nats;
 pub mod shutdown;
 pub mod telemetry;

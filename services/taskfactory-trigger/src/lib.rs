@@ -133,6 +133,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let tracker = TaskTracker::new();
     // Background work stops on `work_shutdown`; the gRPC server keeps answering until it is done.
     let work_shutdown = shutdown.child_token();
+    taskfactory_runtime::metrics::spawn_endpoint(
+        &tracker,
+        config.lifecycle.metrics_addr,
+        work_shutdown.clone(),
+    );
 
     tracker.spawn(registry.clone().run_reloader(
         pool.clone(),

@@ -33,6 +33,7 @@ use taskfactory_model::schedule::jitter_delay;
 use taskfactory_model::spec::std_duration;
 use taskfactory_proto::v1::TriggerSource;
 use taskfactory_runtime::clock::ClockHandle;
+use taskfactory_runtime::metrics;
 use taskfactory_runtime::telemetry::error_chain;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -492,6 +493,7 @@ impl Writer {
         };
         let rows = self.rows(pending, None, trigger, now);
         store::record_decisions(&self.pool, self.activity.id, self.term, &rows, watermark).await?;
+        count_decisions(&rows);
         self.watermark = Some(watermark);
         Ok(())
     }
@@ -636,11 +638,22 @@ impl Writer {
             decisions,
         };
         let fired = fire::fire(&self.pool, &self.js, request, Some(write)).await?;
-        if !fired.duplicate {
+        count_decisions(decisions);
+        if fired.duplicate {
+            metrics::count_occurrences("DEDUPED", 1);
+        } else {
+            metrics::count_occurrences("FIRED", 1);
             self.fires += 1;
         }
         self.watermark = Some(occurrence.at);
         Ok(())
+    }
+}
+
+/// Counts recorded decisions in the occurrences metric.
+fn count_decisions(rows: &[DecisionRow]) {
+    for row in rows {
+        metrics::count_occurrences(row.decision, row.occurrences.unwrap_or(1));
     }
 }
 
