@@ -116,10 +116,12 @@ cargo build --workspace --bins
 export TASKFACTORY_GRPC_ADDR="${TASKFACTORY_GRPC_ADDR:-127.0.0.1:50051}"
 export TASKFACTORY_EGRESS_ALLOW="${TASKFACTORY_EGRESS_ALLOW:-127.0.0.1,localhost}"
 followers=()
+declare -A metrics_port=([trigger]=9464 [orchestrator]=9465 [executor]=9466)
 for service in trigger orchestrator executor; do
   # Each in its own session: Ctrl-C reaches only this script, which then stops them once, gracefully.
   : >"$state/logs/$service.log"
-  setsid target/debug/taskfactory-$service >"$state/logs/$service.log" 2>&1 &
+  TASKFACTORY_METRICS_ADDR="127.0.0.1:${metrics_port[$service]}" \
+    setsid target/debug/taskfactory-$service >"$state/logs/$service.log" 2>&1 &
   pids+=($!)
   tail -F -n +1 "$state/logs/$service.log" 2>/dev/null | sed -u "s/^/[$service] /" &
   followers+=($!)
@@ -134,6 +136,7 @@ cat >&2 <<EOF
 
 taskfactory is running:
   admin API   grpcurl -plaintext $TASKFACTORY_GRPC_ADDR list
+  metrics     http://127.0.0.1:9464/metrics (trigger), :9465 (orchestrator), :9466 (executor)
   NATS        $NATS_URL
   Postgres    $DATABASE_URL
 Logs: .state/logs/. Ctrl-C stops everything.
