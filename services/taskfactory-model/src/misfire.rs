@@ -194,6 +194,16 @@ pub fn plan(
     watermark: DateTime<Utc>,
     now: DateTime<Utc>,
 ) -> Decisions {
+    plan_limited(schedule, trigger, watermark, now, SCAN_LIMIT)
+}
+
+fn plan_limited(
+    schedule: &Schedule,
+    trigger: &ScheduleTrigger,
+    watermark: DateTime<Utc>,
+    now: DateTime<Utc>,
+    scan_limit: usize,
+) -> Decisions {
     let window = catchup_window(trigger);
     let window_start = now - chrono::Duration::from_std(window).unwrap_or(chrono::Duration::MAX);
     let mut steps = StepsBuilder::new(watermark);
@@ -241,7 +251,7 @@ pub fn plan(
         if occurrence.at > now {
             break;
         }
-        if scanned == SCAN_LIMIT {
+        if scanned == scan_limit {
             complete = false;
             break;
         }
@@ -473,6 +483,23 @@ mod tests {
             })
         ));
         assert!(matches!(&on.steps[1], Step::Fire(_)));
+    }
+
+    #[test]
+    fn a_plan_cut_short_by_the_scan_limit_says_so_and_continues_where_it_stopped() {
+        let trigger = trigger(MisfirePolicy::MisfireSkip, 0, 0);
+        let now = utc("2026-01-01T10:30:30Z");
+        let first = plan_limited(&minutely(), &trigger, utc("2026-01-01T10:00:00Z"), now, 10);
+        assert!(!first.complete);
+        assert_eq!(first.watermark, Some(utc("2026-01-01T10:10:00Z")));
+        let rest = plan_limited(&minutely(), &trigger, first.watermark.unwrap(), now, 100);
+        assert!(rest.complete);
+        assert_eq!(
+            first.missed(Missed::PolicySkip) + rest.missed(Missed::PolicySkip),
+            30,
+            "every occurrence decided once"
+        );
+        assert_eq!(rest.watermark, Some(utc("2026-01-01T10:30:00Z")));
     }
 
     #[test]
