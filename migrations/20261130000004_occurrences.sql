@@ -29,6 +29,9 @@ ALTER TABLE fires ADD COLUMN dst_note text;
 ALTER TABLE activities ADD COLUMN paused_at timestamptz;
 ALTER TABLE activities ADD COLUMN resumed_at timestamptz;
 ALTER TABLE activities ADD COLUMN resume_note text NOT NULL DEFAULT '';
+-- When the activity last became active (created, resumed, enabled): occurrences before it were
+-- missed while it was off and go to the misfire policy.
+ALTER TABLE activities ADD COLUMN activated_at timestamptz;
 
 -- The scheduling leader's fencing token: (when the lease bucket was created, the NATS KV revision
 -- at which it took the lease) — ordered, so a recreated bucket starts a newer epoch. Every

@@ -471,3 +471,71 @@ async fn a_paused_schedule_records_why_it_did_not_fire_and_resumes() -> anyhow::
     assert_eq!(status.code(), tonic::Code::NotFound);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn jittered_fires_are_on_time_and_a_new_version_invents_no_catch_up() -> anyhow::Result<()> {
+    let clock = ManualClock::new(utc("2026-05-04T09:59:30Z"));
+    let env = TestEnv::new(EnvOptions {
+        clock: ClockHandle::manual(&clock),
+        ..EnvOptions::default()
+    })
+    .await?;
+    let pool = env.db.pool().await?;
+    let _trigger = env.start(Service::Trigger);
+    env.wait_ready(&[Service::Trigger]).await?;
+    let mut admin = env.admin().await?;
+    let spec = |cron: &str| {
+        format!(
+            "name: jittery\ntrigger: {{schedule: {{cron: ['{cron}'], timezone: UTC, jitter: 40s, misfire: MISFIRE_SKIP}}}}\ntasks: [{{name: a, type: log}}]\n"
+        )
+    };
+    let activity = create(&mut admin, &spec("0,1,2 10 * * *")).await?;
+    // Each minute fires somewhere in its first 40 seconds; 45 seconds in, it has fired, on time.
+    for minute in ["10:00", "10:01", "10:02"] {
+        let at = utc(&format!("2026-05-04T{minute}:00Z"));
+        clock.set(at + chrono::Duration::seconds(45));
+        decided_through(&pool, &activity.id, at).await?;
+    }
+    // Every five minutes from 10:32:45 on: the new cron's earlier times (10:05 … 10:30) were never
+    // in force, so they are neither fired nor missed.
+    clock.set(utc("2026-05-04T10:32:45Z"));
+    admin
+        .update_activity(taskfactory_proto::v1::UpdateActivityRequest {
+            id: "jittery".to_owned(),
+            spec: Some(taskfactory_model::spec::spec_from_yaml(&spec(
+                "*/5 * * * *",
+            ))?),
+        })
+        .await?;
+    let next = utc("2026-05-04T10:35:00Z");
+    clock.set(next + chrono::Duration::seconds(45));
+    decided_through(&pool, &activity.id, next).await?;
+
+    let ledger = occurrences(
+        &mut admin,
+        "jittery",
+        utc("2026-05-04T09:00:00Z"),
+        clock.now(),
+    )
+    .await?;
+    let decisions: Vec<(String, &str, bool)> = ledger
+        .iter()
+        .map(|o| {
+            (
+                at(o).format("%H:%M").to_string(),
+                o.decision().as_str_name(),
+                o.reason.contains("on time"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        decisions,
+        [
+            ("10:00".to_owned(), "FIRED", true),
+            ("10:01".to_owned(), "FIRED", true),
+            ("10:02".to_owned(), "FIRED", true),
+            ("10:35".to_owned(), "FIRED", true),
+        ]
+    );
+    Ok(())
+}

@@ -205,12 +205,19 @@ fn plan_limited(
     scan_limit: usize,
 ) -> Decisions {
     let window = catchup_window(trigger);
-    let window_start = now - chrono::Duration::from_std(window).unwrap_or(chrono::Duration::MAX);
+    let window_start = chrono::Duration::from_std(window)
+        .ok()
+        .and_then(|w| now.checked_sub_signed(w))
+        .unwrap_or(DateTime::<Utc>::MIN_UTC);
     let mut steps = StepsBuilder::new(watermark);
 
     // Occurrences older than the window are missed whatever the policy: count a few, then start
     // the scan at the window, so a watermark far behind costs nothing.
-    let scan_from = watermark.max(window_start - chrono::Duration::nanoseconds(1));
+    let scan_from = watermark.max(
+        window_start
+            .checked_sub_signed(chrono::Duration::nanoseconds(1))
+            .unwrap_or(window_start),
+    );
     if watermark < scan_from {
         let mut before = 0u64;
         let mut last = None;
@@ -268,6 +275,11 @@ fn plan_limited(
                 steps.decide(&oldest, pushed_out);
             }
         }
+    }
+    // Cut short by the scan limit with some occurrences already decided: those stand, and the
+    // held ones are planned again from the new watermark (so LATEST still fires only the newest).
+    if !complete && steps.moved {
+        return steps.finish(false);
     }
     for occurrence in held {
         if occurrence.excluded {
@@ -500,6 +512,26 @@ mod tests {
             "every occurrence decided once"
         );
         assert_eq!(rest.watermark, Some(utc("2026-01-01T10:30:00Z")));
+    }
+
+    #[test]
+    fn latest_cut_short_still_fires_only_the_newest() {
+        let trigger = trigger(MisfirePolicy::MisfireLatest, 0, 0);
+        let now = utc("2026-01-01T10:30:30Z");
+        let mut watermark = utc("2026-01-01T10:00:00Z");
+        let mut fires = Vec::new();
+        let mut coalesced = 0;
+        loop {
+            let plan = plan_limited(&minutely(), &trigger, watermark, now, 7);
+            fires.extend(plan.fires().map(|o| o.at));
+            coalesced += plan.missed(Missed::Coalesced);
+            watermark = plan.watermark.unwrap_or(watermark);
+            if plan.complete {
+                break;
+            }
+        }
+        assert_eq!(fires, [utc("2026-01-01T10:30:00Z")]);
+        assert_eq!(coalesced, 29);
     }
 
     #[test]

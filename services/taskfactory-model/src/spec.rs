@@ -343,17 +343,25 @@ fn validate_schedule(schedule: &ScheduleTrigger, now: DateTime<Utc>) -> Vec<Fiel
             format!("{} is not an overlap policy", schedule.overlap),
         ));
     }
-    for (name, d) in [
-        ("jitter", schedule.jitter.as_ref()),
-        ("catchupWindow", schedule.catchup_window.as_ref()),
+    for (name, d, max, max_text) in [
+        ("jitter", schedule.jitter.as_ref(), 86_400, "one day"),
+        (
+            "catchupWindow",
+            schedule.catchup_window.as_ref(),
+            366 * 86_400,
+            "366 days",
+        ),
     ] {
-        if let Some(d) = d
-            && std_duration(d).is_none()
-        {
-            errors.push(field(
+        match d.map(std_duration) {
+            Some(None) => errors.push(field(
                 format!("{prefix}.{name}"),
                 "must be a non-negative duration",
-            ));
+            )),
+            Some(Some(d)) if d.as_secs() > max => errors.push(field(
+                format!("{prefix}.{name}"),
+                format!("must be at most {max_text}"),
+            )),
+            _ => {}
         }
     }
     match build_schedule(schedule) {

@@ -101,7 +101,15 @@ impl ResultSink {
     async fn retry_announcement(&self, result: &TaskResult) -> Disposition {
         match result.run_id.parse() {
             Ok(run) => match completion::announce_if_finished(&self.pool, &self.js, run).await {
-                Ok(()) => Disposition::Ack,
+                Ok(()) => {
+                    // The run that finished may have buffered runs behind it.
+                    if let Ok(activity) = result.activity_id.parse()
+                        && let Err(error) = self.spawner.start_next(activity).await
+                    {
+                        tracing::warn!(error = %error_chain(&error), "cannot start the next buffered run yet");
+                    }
+                    Disposition::Ack
+                }
                 Err(_) => Disposition::Retry(Duration::from_secs(2)),
             },
             Err(_) => Disposition::Ack,

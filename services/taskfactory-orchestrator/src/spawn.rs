@@ -275,7 +275,11 @@ impl Spawner {
             return Ok(());
         }
         tracing::info!(run.id = %run_id, activity.name = %run.activity_name, tasks = tasks.len(), status = ?run.status, "run started");
-        if run.status == RunStatus::RunRunning {
+        // CANCEL_OTHER may have cancelled it in the moment since: then its tasks stay unpublished.
+        let cancelled = store::run_state(&self.pool, run_id)
+            .await?
+            .is_some_and(|state| state.status == RunStatus::RunCancelled);
+        if run.status == RunStatus::RunRunning && !cancelled {
             let instances: Vec<(TaskId, String, Vec<u8>)> = tasks
                 .iter()
                 .map(|t| (t.id, t.task_type.clone(), t.instance.clone()))
@@ -303,20 +307,31 @@ impl Spawner {
     pub async fn resume_stalled(&self, older_than: Duration) -> Result<(), SpawnError> {
         let before = Utc::now() - chrono::Duration::from_std(older_than).unwrap_or_default();
         let (activities, runs) = store::stalled_overlap_work(&self.pool, before).await?;
+        // One stuck item must not hold up the others: log and go on.
         for run in runs {
-            match store::run_state(&self.pool, run).await? {
-                Some(state) if state.status == RunStatus::RunPending => {
-                    self.start_admitted(run).await?;
+            let resumed = async {
+                match store::run_state(&self.pool, run).await? {
+                    Some(state) if state.status == RunStatus::RunPending => {
+                        self.start_admitted(run).await
+                    }
+                    Some(state)
+                        if state.status == RunStatus::RunRunning && !state.spawn_complete =>
+                    {
+                        self.publish_pending(run).await?;
+                        store::mark_spawn_complete(&self.pool, run).await?;
+                        Ok(())
+                    }
+                    _ => Ok(()),
                 }
-                Some(state) if !state.spawn_complete => {
-                    self.publish_pending(run).await?;
-                    store::mark_spawn_complete(&self.pool, run).await?;
-                }
-                _ => {}
+            };
+            if let Err(error) = resumed.await {
+                tracing::warn!(run.id = %run, error = %error_chain(&error), "cannot resume a run's start yet");
             }
         }
         for activity in activities {
-            self.start_next(activity).await?;
+            if let Err(error) = self.start_next(activity).await {
+                tracing::warn!(activity.id = %activity, error = %error_chain(&error), "cannot start a buffered run yet");
+            }
         }
         Ok(())
     }

@@ -39,7 +39,11 @@ pub async fn connect_and_migrate(
     patience: Duration,
 ) -> Result<PgPool, DbError> {
     let options = PgConnectOptions::from_str(&args.url).map_err(DbError::Url)?;
-    let options = options.log_statements(tracing::log::LevelFilter::Debug);
+    let options = options
+        .log_statements(tracing::log::LevelFilter::Debug)
+        // A process that froze (or lost the network) inside a transaction must not hold its
+        // locks for long: the scheduling fence, a run's overlap lock.
+        .options([("idle_in_transaction_session_timeout", "15s")]);
     let started = tokio::time::Instant::now();
     let mut delay = Duration::from_millis(100);
     loop {

@@ -276,6 +276,7 @@ impl AdminService for Admin {
             spec::is_enabled(&spec),
             trigger_kind(&spec),
             &json,
+            self.clock.now(),
         )
         .await
         .map_err(AdminError::from)?;
@@ -314,6 +315,7 @@ impl AdminService for Admin {
             spec::is_enabled(&spec),
             trigger_kind(&spec),
             &json,
+            self.clock.now(),
         )
         .await
         .map_err(AdminError::from)?;

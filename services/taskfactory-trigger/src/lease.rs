@@ -29,6 +29,8 @@ use crate::store::{self, Term};
 
 /// The key holding the scheduling lease.
 pub const LEASE_KEY: &str = "scheduler";
+/// The shortest lease lifetime that leaves room for renewals.
+pub const MIN_TTL: Duration = Duration::from_secs(1);
 
 /// How leadership is held.
 #[derive(Clone, Debug)]
@@ -58,6 +60,8 @@ struct Lease {
     kv: kv::Store,
     config: LeaseConfig,
     epoch: DateTime<Utc>,
+    /// The bucket's entry lifetime: the lease's real TTL.
+    ttl: Duration,
 }
 
 impl Lease {
@@ -80,19 +84,29 @@ impl Lease {
             }
         };
         let status = kv.status().await?;
-        let max_age = status.info.config.max_age;
-        if max_age != config.ttl {
-            tracing::warn!(bucket = %config.bucket, bucket_ttl = ?max_age, configured_ttl = ?config.ttl, "the lease bucket's entry lifetime differs from the configured lease TTL; the bucket's wins");
+        let ttl = status.info.config.max_age;
+        anyhow::ensure!(
+            ttl >= MIN_TTL,
+            "the lease bucket {:?} keeps entries for {ttl:?}; a lease needs them to expire (at least {MIN_TTL:?}): delete the bucket, taskfactory recreates it",
+            config.bucket
+        );
+        if ttl != config.ttl {
+            tracing::warn!(bucket = %config.bucket, bucket_ttl = ?ttl, configured_ttl = ?config.ttl, "the lease bucket's entry lifetime differs from the configured lease TTL; the bucket's is used");
         }
         // Microseconds: what Postgres keeps of a timestamp, so the fence compares equal.
         let created_us = status.info.created.unix_timestamp_nanos() / 1000;
         let epoch = DateTime::from_timestamp_micros(i64::try_from(created_us).unwrap_or(0))
             .unwrap_or_default();
-        Ok(Self { kv, config, epoch })
+        Ok(Self {
+            kv,
+            config,
+            epoch,
+            ttl,
+        })
     }
 
     fn ttl(&self) -> Duration {
-        self.config.ttl
+        self.ttl
     }
 
     fn value(&self) -> bytes::Bytes {
@@ -145,61 +159,72 @@ pub async fn run<F, Fut>(
     F: FnMut(Term, CancellationToken) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let lease = loop {
-        match Lease::open(&js, config.clone()).await {
-            Ok(lease) => break lease,
-            Err(error) => {
-                tracing::warn!(bucket = %config.bucket, error = %error_chain(error.as_ref()), "cannot open the scheduling lease bucket; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-            }
-        }
+    let Some(mut lease) = open(&js, &config, &shutdown).await else {
+        return;
     };
-    let renew_every = (lease.ttl() / 5).max(Duration::from_millis(100));
-    // Stop leading this long before the lease could expire on the server.
-    let margin = (lease.ttl() / 5).max(Duration::from_millis(100));
     roles.send_replace(Role::Standby);
 
     let mut held: Option<Held> = None;
     loop {
+        let renew_every = (lease.ttl() / 5).max(Duration::from_millis(100));
+        // Stop leading this long before the lease could expire on the server.
+        let margin = (lease.ttl() / 5).max(Duration::from_millis(100));
         match held.as_mut() {
-            None => match lease.try_take().await {
-                Ok(Some(revision)) => {
-                    let taken_at = Instant::now();
-                    let term = Term {
-                        epoch: lease.epoch,
-                        revision: i64::try_from(revision).unwrap_or(i64::MAX),
-                    };
-                    match store::take_fence(&pool, term, &config.holder, Utc::now()).await {
-                        Ok(true) => {
-                            tracing::info!(holder = %config.holder, term = %term, "took the scheduling lease; this replica schedules");
-                            roles.send_replace(Role::Leader(term));
-                            let stop = shutdown.child_token();
-                            let task = tokio::spawn(lead(term, stop.clone()));
-                            held = Some(Held {
-                                revision,
-                                valid_until: taken_at + lease.ttl() - margin,
-                                stop,
-                                task,
-                            });
-                        }
-                        Ok(false) => {
-                            tracing::error!(term = %term, "a newer scheduling term is already recorded in Postgres; giving the lease back");
-                            lease.release(revision).await;
-                        }
-                        Err(error) => {
-                            tracing::warn!(error = %error_chain(&error), "took the lease but cannot record the term in Postgres; giving it back");
-                            lease.release(revision).await;
+            None => {
+                let sent = Instant::now();
+                match lease.try_take().await {
+                    Ok(Some(revision)) => {
+                        let taken_at = sent;
+                        let term = Term {
+                            epoch: lease.epoch,
+                            revision: i64::try_from(revision).unwrap_or(i64::MAX),
+                        };
+                        let left =
+                            (taken_at + lease.ttl()).saturating_duration_since(Instant::now());
+                        let fenced = tokio::time::timeout(
+                            left.saturating_sub(margin),
+                            store::take_fence(&pool, term, &config.holder, Utc::now()),
+                        )
+                        .await;
+                        match fenced {
+                            Ok(Ok(true)) => {
+                                tracing::info!(holder = %config.holder, term = %term, "took the scheduling lease; this replica schedules");
+                                roles.send_replace(Role::Leader(term));
+                                let stop = shutdown.child_token();
+                                let task = tokio::spawn(lead(term, stop.clone()));
+                                held = Some(Held {
+                                    revision,
+                                    valid_until: taken_at + lease.ttl() - margin,
+                                    stop,
+                                    task,
+                                });
+                            }
+                            Ok(Ok(false)) => {
+                                tracing::error!(term = %term, "a newer scheduling term is already recorded in Postgres; giving the lease back (and rereading the bucket, in case it was recreated)");
+                                lease.release(revision).await;
+                                match open(&js, &config, &shutdown).await {
+                                    Some(reopened) => lease = reopened,
+                                    None => break,
+                                }
+                            }
+                            Ok(Err(error)) => {
+                                tracing::warn!(error = %error_chain(&error), "took the lease but cannot record the term in Postgres; giving it back");
+                                lease.release(revision).await;
+                            }
+                            Err(_elapsed) => {
+                                tracing::warn!(
+                                    "took the lease but could not record the term in Postgres in time (a deposed leader's write still holds the fence?); giving it back"
+                                );
+                                lease.release(revision).await;
+                            }
                         }
                     }
+                    Ok(None) => {}
+                    Err(error) => {
+                        tracing::warn!(error = %error_chain(error.as_ref()), "cannot reach the scheduling lease");
+                    }
                 }
-                Ok(None) => {}
-                Err(error) => {
-                    tracing::warn!(error = %error_chain(error.as_ref()), "cannot reach the scheduling lease");
-                }
-            },
+            }
             Some(current) => {
                 let sent = Instant::now();
                 let left = current.valid_until.saturating_duration_since(sent);
@@ -238,9 +263,27 @@ pub async fn run<F, Fut>(
             ),
             None => renew_every,
         };
+        let lead_ended = async {
+            match held.as_mut() {
+                Some(current) => (&mut current.task).await.err(),
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(wake) => {}
+            failure = lead_ended => {
+                if shutdown.is_cancelled() {
+                    break; // it stopped because we are stopping
+                }
+                // Scheduling must not stop silently while this replica keeps the lease.
+                tracing::error!(error = ?failure, "the scheduler stopped while leading; giving the lease up so another replica schedules");
+                if let Some(ended) = held.take() {
+                    lease.release(ended.revision).await;
+                    roles.send_replace(Role::Standby);
+                }
+                continue;
+            }
         }
         if let Some(current) = &held
             && Instant::now() >= current.valid_until
@@ -261,6 +304,26 @@ pub async fn run<F, Fut>(
         tracing::info!(holder = %config.holder, "gave up the scheduling lease");
     }
     roles.send_replace(Role::Starting);
+}
+
+/// Opens the lease bucket, retrying until it works or shutdown.
+async fn open(
+    js: &async_nats::jetstream::Context,
+    config: &LeaseConfig,
+    shutdown: &CancellationToken,
+) -> Option<Lease> {
+    loop {
+        match Lease::open(js, config.clone()).await {
+            Ok(lease) => return Some(lease),
+            Err(error) => {
+                tracing::warn!(bucket = %config.bucket, error = %error_chain(error.as_ref()), "cannot open the scheduling lease bucket; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return None,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
 }
 
 struct Held {

@@ -113,6 +113,12 @@ impl Config {
 /// Runs the trigger service until `shutdown`, then stops taking work, finishes what it holds and
 /// returns.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        config.lease_ttl >= lease::MIN_TTL,
+        "--lease-ttl {:?} is too short: at least {:?}",
+        config.lease_ttl,
+        lease::MIN_TTL
+    );
     let pool = db::connect_and_migrate(&config.database, config.lifecycle.startup_patience)
         .await
         .context("postgres")?;

@@ -36,6 +36,8 @@ pub struct LiveActivity {
     /// between say "paused".
     pub paused_at: Option<chrono::DateTime<chrono::Utc>>,
     pub resumed_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// When it last became active (created, resumed, enabled).
+    pub activated_at: Option<chrono::DateTime<chrono::Utc>>,
     pub spec: ActivitySpec,
     /// Built once per version for schedule triggers.
     pub schedule: Option<Arc<Schedule>>,
@@ -90,6 +92,7 @@ impl LiveActivity {
             pause_note: record.pause_note.clone(),
             paused_at: record.paused_at,
             resumed_at: record.resumed_at,
+            activated_at: record.activated_at,
             spec,
             schedule,
         })

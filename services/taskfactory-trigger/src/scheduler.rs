@@ -54,7 +54,20 @@ struct Entry {
     /// Tells the writer: every occurrence up to and including this instant is due.
     due: watch::Sender<Option<DateTime<Utc>>>,
     /// Stops the writer (even mid-retry) when the entry goes: the schedule changed or ended.
-    _retire: tokio_util::sync::DropGuard,
+    retire: tokio_util::sync::DropGuard,
+    /// The writer, awaited before a successor starts (one writer per schedule, ever).
+    writer: tokio::task::JoinHandle<()>,
+}
+
+/// Why a writer starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StartMode {
+    /// Scheduling (re)started here: a restart, a new leader.
+    Restarted,
+    /// A new version replaced the running schedule.
+    Replaced,
+    /// The activity became active: created, resumed, enabled.
+    Activated,
 }
 
 pub struct Scheduler {
@@ -130,15 +143,30 @@ impl Scheduler {
         // Schedules replaced by a new version while staying active were running here a moment ago:
         // their new writer treats recent occurrences as on time, not as missed.
         let mut replaced = std::collections::HashSet::new();
-        self.entries.retain(|id, entry| {
-            let keep = activities.get(id).is_some_and(|a| {
-                a.is_active() && a.schedule.is_some() && Arc::ptr_eq(a, &entry.activity)
-            });
-            if !keep && activities.get(id).is_some_and(|a| a.is_active()) {
-                replaced.insert(*id);
+        let retired: Vec<ActivityId> = self
+            .entries
+            .iter()
+            .filter(|(id, entry)| {
+                !activities.get(id).is_some_and(|a| {
+                    a.is_active() && a.schedule.is_some() && Arc::ptr_eq(a, &entry.activity)
+                })
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        let mut stopping = Vec::new();
+        for id in retired {
+            if activities.get(&id).is_some_and(|a| a.is_active()) {
+                replaced.insert(id);
             }
-            keep
-        });
+            if let Some(entry) = self.entries.remove(&id) {
+                drop(entry.retire); // cancels the writer
+                stopping.push(entry.writer);
+            }
+        }
+        // A retired writer finishes the fire in hand before anyone reads the watermark it moves.
+        for writer in stopping {
+            let _ = writer.await;
+        }
         let now = self.clock.now();
         let mut stored: Option<HashMap<ActivityId, (DateTime<Utc>, u64)>> = None;
         for activity in activities.values() {
@@ -164,13 +192,20 @@ impl Scheduler {
                 watermark: state.map(|(w, _)| w),
                 fires: state.map_or(0, |(_, n)| n),
             };
-            self.tracker
-                .spawn(writer.run(signal, !self.synced_once || replaced.contains(&activity.id)));
+            let mode = if !self.synced_once {
+                StartMode::Restarted
+            } else if replaced.contains(&activity.id) {
+                StartMode::Replaced
+            } else {
+                StartMode::Activated
+            };
+            let writer = self.tracker.spawn(writer.run(signal, mode));
             let mut entry = Entry {
                 activity: activity.clone(),
                 next: None,
                 due,
-                _retire: retire.drop_guard(),
+                retire: retire.drop_guard(),
+                writer,
             };
             schedule_next(&mut entry, now);
             self.entries.insert(activity.id, entry);
@@ -243,7 +278,10 @@ fn schedule_next(entry: &mut Entry, after: DateTime<Utc>) {
         };
         (
             occurrence.at,
-            occurrence.at + chrono::Duration::from_std(delay).unwrap_or_default(),
+            chrono::Duration::from_std(delay)
+                .ok()
+                .and_then(|d| occurrence.at.checked_add_signed(d))
+                .unwrap_or(occurrence.at),
         )
     });
 }
@@ -276,21 +314,28 @@ fn threshold() -> chrono::Duration {
 }
 
 impl Writer {
-    async fn run(mut self, mut due: watch::Receiver<Option<DateTime<Utc>>>, resumed_here: bool) {
-        // A schedule with a watermark first decides what it missed while it was not running.
-        // When scheduling (re)started here — a restart, a new leader, a new version of a running
-        // schedule — occurrences less than the misfire threshold late still fire, so a quick
-        // restart or hand-over loses nothing whatever the policy; older ones go to the misfire
-        // policy. When the activity itself was off (paused, disabled), everything it missed goes
-        // to the policy. A new schedule starts now, and records that start so a restart knows
-        // what it missed.
+    async fn run(mut self, mut due: watch::Receiver<Option<DateTime<Utc>>>, mode: StartMode) {
+        // A schedule with a watermark first decides what it missed while it was not running:
+        //
+        // - Restarted (a restart, a new leader): occurrences less than the misfire threshold late
+        //   still fire, so a quick restart or hand-over loses nothing whatever the policy; older
+        //   ones go to the misfire policy.
+        // - Replaced (a new version of a running schedule): the new version starts from now; its
+        //   cron never applied before, so nothing before it counts as missed.
+        // - Activated (created, resumed, enabled): what the activity missed while it was off goes
+        //   to the policy (everything before it became active again); after that, as on a
+        //   restart.
+        //
+        // A new schedule starts from its creation (recorded with it).
         let started = self.clock.now();
-        let late_before = if resumed_here {
-            started - threshold()
-        } else {
-            started
-        };
+        let mut late_before = self.late_limit(started);
+        if let Some(activated) = self.activity.activated_at.filter(|a| *a <= started) {
+            late_before = late_before.max(activated);
+        }
         let flow = match self.watermark {
+            Some(watermark) if mode == StartMode::Replaced && watermark < late_before => {
+                self.start_fresh(late_before).await
+            }
             Some(_) => self.decide_through(started, late_before).await,
             None => self.start_fresh(started).await,
         };
@@ -300,7 +345,7 @@ impl Writer {
         let mut through = None;
         loop {
             if let Some(through) = through.take() {
-                let late_before = self.clock.now() - threshold();
+                let late_before = self.late_limit(self.clock.now());
                 if self.decide_through(through, late_before).await == Flow::Stop {
                     return;
                 }
@@ -317,6 +362,20 @@ impl Writer {
         }
     }
 
+    /// Occurrences before this are late (missed): more than the misfire threshold behind, not
+    /// counting the schedule's jitter (a jittered fire is due up to `jitter` after its time).
+    fn late_limit(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        let jitter = self
+            .activity
+            .schedule_trigger()
+            .and_then(|t| t.jitter.as_ref())
+            .and_then(std_duration)
+            .and_then(|j| chrono::Duration::from_std(j).ok())
+            .unwrap_or_default();
+        now.checked_sub_signed(threshold() + jitter).unwrap_or(now)
+    }
+
+    /// Starts deciding from `started` on, recorded.
     async fn start_fresh(&mut self, started: DateTime<Utc>) -> Flow {
         self.retrying(|writer| {
             Box::pin(async move {
@@ -341,7 +400,7 @@ impl Writer {
     async fn decide_through(&mut self, through: DateTime<Utc>, late_before: DateTime<Utc>) -> Flow {
         let mut late_before = late_before;
         self.retrying(move |writer| {
-            late_before = late_before.max(writer.clock.now() - threshold());
+            late_before = late_before.max(writer.late_limit(writer.clock.now()));
             Box::pin(writer.try_decide_through(through, late_before))
         })
         .await
@@ -374,6 +433,17 @@ impl Writer {
                 _ = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(Duration::from_secs(5));
+            // A commit whose answer was lost may have happened: continue from what is recorded.
+            match store::schedule_state(&self.pool, self.activity.id).await {
+                Ok(Some((watermark, fires))) => {
+                    self.watermark = self.watermark.max(Some(watermark));
+                    self.fires = self.fires.max(fires);
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::debug!(error = %error_chain(&error), "cannot reread the watermark");
+                }
+            }
         }
     }
 
@@ -458,6 +528,11 @@ impl Writer {
             match step {
                 misfire::Step::Decided(range) => pending.push(range),
                 misfire::Step::Fire(occurrence) => {
+                    if self.shutdown.is_cancelled() {
+                        // Stopping (shutdown, lost lease, a new version): what is recorded stands;
+                        // the successor continues from the watermark.
+                        return Ok(Flow::Stop);
+                    }
                     if trigger.max_runs > 0 && self.fires >= trigger.max_runs {
                         self.record_pending(&pending, None, trigger, now).await?;
                         tracing::info!(activity.name = %self.activity.name, max_runs = trigger.max_runs, "schedule reached maxRuns; it fires no more");

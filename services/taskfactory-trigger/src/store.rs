@@ -20,6 +20,7 @@ pub struct ActivityRecord {
     pub pause_note: String,
     pub paused_at: Option<DateTime<Utc>>,
     pub resumed_at: Option<DateTime<Utc>>,
+    pub activated_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub spec: serde_json::Value,
@@ -67,6 +68,7 @@ fn activity_from_row(row: &sqlx::postgres::PgRow) -> Result<ActivityRecord, sqlx
         pause_note: row.try_get("pause_note")?,
         paused_at: row.try_get("paused_at")?,
         resumed_at: row.try_get("resumed_at")?,
+        activated_at: row.try_get("activated_at")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         spec: row.try_get("spec")?,
@@ -74,9 +76,11 @@ fn activity_from_row(row: &sqlx::postgres::PgRow) -> Result<ActivityRecord, sqlx
 }
 
 const ACTIVITY_COLUMNS: &str = "a.id, a.name, v.version, a.current_version, a.enabled, a.paused, \
-     a.pause_note, a.paused_at, a.resumed_at, a.created_at, a.updated_at, v.spec";
+     a.pause_note, a.paused_at, a.resumed_at, a.activated_at, a.created_at, a.updated_at, v.spec";
 
-/// Creates an activity at version 1.
+/// Creates an activity at version 1. An enabled schedule starts deciding its occurrences from
+/// `now` (its watermark is written with it, so none between creation and the scheduler noticing it
+/// goes without a decision).
 pub async fn create_activity(
     pool: &PgPool,
     id: ActivityId,
@@ -84,15 +88,18 @@ pub async fn create_activity(
     enabled: bool,
     trigger_kind: &str,
     spec: &serde_json::Value,
+    now: DateTime<Utc>,
 ) -> Result<ActivityRecord, StoreError> {
     let mut tx = pool.begin().await?;
     sqlx::query(
-        "INSERT INTO activities (id, name, current_version, enabled, trigger_kind) VALUES ($1, $2, 1, $3, $4)",
+        "INSERT INTO activities (id, name, current_version, enabled, trigger_kind, activated_at) \
+         VALUES ($1, $2, 1, $3, $4, $5)",
     )
     .bind(id.0)
     .bind(name)
     .bind(enabled)
     .bind(trigger_kind)
+    .bind(now)
     .execute(&mut *tx)
     .await
     .map_err(|e| classify(e, name))?;
@@ -101,6 +108,9 @@ pub async fn create_activity(
         .bind(spec)
         .execute(&mut *tx)
         .await?;
+    if enabled && trigger_kind == "schedule" {
+        advance_watermark(&mut tx, id, now, false).await?;
+    }
     sqlx::query("SELECT nextval('definitions_generation')")
         .execute(&mut *tx)
         .await?;
@@ -111,13 +121,14 @@ pub async fn create_activity(
 }
 
 /// Stores a new version when the spec differs from the current one; returns the record and
-/// whether a version was added.
+/// whether a version was added. Enabling a disabled activity marks it activated at `now`.
 pub async fn update_activity(
     pool: &PgPool,
     id: ActivityId,
     enabled: bool,
     trigger_kind: &str,
     spec: &serde_json::Value,
+    now: DateTime<Utc>,
 ) -> Result<(ActivityRecord, bool), StoreError> {
     let mut tx = pool.begin().await?;
     let current: (i32, serde_json::Value) = sqlx::query_as(
@@ -141,12 +152,15 @@ pub async fn update_activity(
         .execute(&mut *tx)
         .await?;
         sqlx::query(
-            "UPDATE activities SET current_version = $2, enabled = $3, trigger_kind = $4, updated_at = now() WHERE id = $1",
+            "UPDATE activities SET current_version = $2, enabled = $3, trigger_kind = $4, \
+                 activated_at = CASE WHEN $3 AND NOT enabled THEN $5 ELSE activated_at END, \
+                 updated_at = now() WHERE id = $1",
         )
         .bind(id.0)
         .bind(version)
         .bind(enabled)
         .bind(trigger_kind)
+        .bind(now)
         .execute(&mut *tx)
         .await?;
         sqlx::query("SELECT nextval('definitions_generation')")
@@ -433,13 +447,18 @@ async fn check_fence(tx: &mut sqlx::PgConnection, term: Term) -> Result<(), Stor
 }
 
 /// Takes the fence for a new leadership term. False when a newer term already holds it (then
-/// this lease is stale and will not renew).
+/// this lease is stale and will not renew). Waits at most two seconds for a deposed leader's fire
+/// in progress (its connection is cut by `idle_in_transaction_session_timeout` if it froze).
 pub async fn take_fence(
     pool: &PgPool,
     term: Term,
     holder: &str,
     at: DateTime<Utc>,
 ) -> Result<bool, StoreError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET LOCAL lock_timeout = '2s'")
+        .execute(&mut *tx)
+        .await?;
     let taken = sqlx::query(
         "INSERT INTO scheduler_fence (singleton, epoch, term, holder, acquired_at) \
          VALUES (true, $1, $2, $3, $4) \
@@ -451,10 +470,11 @@ pub async fn take_fence(
     .bind(term.revision)
     .bind(holder)
     .bind(at)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?
     .rows_affected()
         == 1;
+    tx.commit().await?;
     Ok(taken)
 }
 
@@ -615,6 +635,7 @@ pub async fn set_paused(
     } else {
         "UPDATE activities SET resume_note = $2, \
              resumed_at = CASE WHEN paused THEN $3 ELSE resumed_at END, \
+             activated_at = CASE WHEN paused THEN $3 ELSE activated_at END, \
              paused = false, updated_at = now() \
          WHERE id = $1 AND deleted_at IS NULL"
     };
@@ -631,4 +652,17 @@ pub async fn set_paused(
         .await?;
     tx.commit().await?;
     Ok(found)
+}
+
+/// One schedule's newest decided occurrence and how many times it fired.
+pub async fn schedule_state(
+    pool: &PgPool,
+    activity: ActivityId,
+) -> Result<Option<(DateTime<Utc>, u64)>, StoreError> {
+    let row: Option<(DateTime<Utc>, i64)> =
+        sqlx::query_as("SELECT watermark, fires FROM schedule_state WHERE activity_id = $1")
+            .bind(activity.0)
+            .fetch_optional(pool)
+            .await?;
+    Ok(row.map(|(w, n)| (w, u64::try_from(n).unwrap_or(0))))
 }
