@@ -539,3 +539,67 @@ async fn jittered_fires_are_on_time_and_a_new_version_invents_no_catch_up() -> a
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn max_runs_start_at_and_end_at_bound_a_schedule_across_restarts() -> anyhow::Result<()> {
+    let clock = ManualClock::new(utc("2026-06-01T12:00:30Z"));
+    let env = TestEnv::new(EnvOptions {
+        clock: ClockHandle::manual(&clock),
+        ..EnvOptions::default()
+    })
+    .await?;
+    let pool = env.db.pool().await?;
+    let trigger = env.start(Service::Trigger);
+    env.wait_ready(&[Service::Trigger]).await?;
+    let mut admin = env.admin().await?;
+    let twice = create(
+        &mut admin,
+        "name: twice\ntrigger: {schedule: {cron: ['* * * * *'], timezone: UTC, maxRuns: 2, misfire: MISFIRE_ALL}}\ntasks: [{name: a, type: log}]\n",
+    )
+    .await?;
+    let window = create(
+        &mut admin,
+        "name: window\ntrigger: {schedule: {cron: ['* * * * *'], timezone: UTC, startAt: '2026-06-01T12:03:00Z', endAt: '2026-06-01T12:04:00Z', misfire: MISFIRE_ALL}}\ntasks: [{name: a, type: log}]\n",
+    )
+    .await?;
+    for minute in 1..=3 {
+        let at = utc(&format!("2026-06-01T12:0{minute}:00Z"));
+        clock.set(at);
+        // Before startAt the window schedule has no occurrences at all.
+        let bounded = if minute <= 2 { &twice.id } else { &window.id };
+        decided_through(&pool, bounded, at).await?;
+    }
+    // A restart does not reset maxRuns; the window closes at endAt.
+    trigger.stop().await?;
+    clock.set(utc("2026-06-01T12:04:00Z"));
+    let _trigger = env.start(Service::Trigger);
+    env.wait_ready(&[Service::Trigger]).await?;
+    let mut admin = env.admin().await?;
+    decided_through(&pool, &window.id, utc("2026-06-01T12:04:00Z")).await?;
+    clock.set(utc("2026-06-01T12:06:00Z"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let fired = |list: &[Occurrence]| -> Vec<String> {
+        list.iter()
+            .map(|o| format!("{} {}", at(o).format("%H:%M"), o.decision().as_str_name()))
+            .collect()
+    };
+    let start = utc("2026-06-01T12:00:00Z");
+    let end = utc("2026-06-01T12:10:00Z");
+    assert_eq!(
+        fired(&occurrences(&mut admin, "twice", start, end).await?),
+        ["12:01 FIRED", "12:02 FIRED"],
+        "maxRuns: 2"
+    );
+    assert_eq!(
+        fired(&occurrences(&mut admin, "window", start, end).await?),
+        ["12:03 FIRED", "12:04 FIRED"],
+        "from startAt through endAt"
+    );
+    assert_eq!(
+        watermark(&pool, &twice.id).await?,
+        Some(utc("2026-06-01T12:02:00Z")),
+        "nothing is decided after the last run"
+    );
+    Ok(())
+}

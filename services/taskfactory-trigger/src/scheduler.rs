@@ -327,6 +327,12 @@ impl Writer {
         //   restart.
         //
         // A new schedule starts from its creation (recorded with it).
+        if let Some(max_runs) = self.activity.schedule_trigger().map(|t| t.max_runs)
+            && max_runs > 0
+            && self.fires >= max_runs
+        {
+            return; // it has fired all its runs: the schedule is over
+        }
         let started = self.clock.now();
         let mut late_before = self.late_limit(started);
         if let Some(activated) = self.activity.activated_at.filter(|a| *a <= started) {
