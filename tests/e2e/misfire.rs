@@ -603,3 +603,78 @@ async fn max_runs_start_at_and_end_at_bound_a_schedule_across_restarts() -> anyh
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_time_already_backfilled_is_deduped_when_the_schedule_reaches_it() -> anyhow::Result<()> {
+    let clock = ManualClock::new(utc("2026-07-01T08:00:30Z"));
+    let env = TestEnv::new(EnvOptions {
+        clock: ClockHandle::manual(&clock),
+        ..EnvOptions::default()
+    })
+    .await?;
+    let pool = env.db.pool().await?;
+    let _trigger = env.start(Service::Trigger);
+    env.wait_ready(&[Service::Trigger]).await?;
+    let mut admin = env.admin().await?;
+    let activity = create(
+        &mut admin,
+        "name: deduped\ntrigger: {schedule: {cron: ['* * * * *'], timezone: UTC, misfire: MISFIRE_ALL}}\ntasks: [{name: a, type: log}]\n",
+    )
+    .await?;
+    admin
+        .pause_activity(PauseActivityRequest {
+            id: "deduped".to_owned(),
+            note: "backfilling".to_owned(),
+        })
+        .await?;
+    clock.set(utc("2026-07-01T08:03:30Z"));
+    let backfill = admin
+        .backfill(taskfactory_proto::v1::BackfillRequest {
+            id: "deduped".to_owned(),
+            start: Some(chrono_to_timestamp(utc("2026-07-01T08:01:00Z"))),
+            end: Some(chrono_to_timestamp(utc("2026-07-01T08:02:00Z"))),
+            overlap: 0,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(backfill.fires, 2);
+    // Resumed: MISFIRE_ALL catches up 08:01 … 08:03; two of them were already fired.
+    admin
+        .resume_activity(ResumeActivityRequest {
+            id: "deduped".to_owned(),
+            note: String::new(),
+        })
+        .await?;
+    decided_through(&pool, &activity.id, utc("2026-07-01T08:03:00Z")).await?;
+    let ledger = occurrences(
+        &mut admin,
+        "deduped",
+        utc("2026-07-01T08:00:00Z"),
+        clock.now(),
+    )
+    .await?;
+    let decisions: Vec<String> = ledger
+        .iter()
+        .map(|o| format!("{} {}", at(o).format("%H:%M"), o.decision().as_str_name()))
+        .collect();
+    assert_eq!(
+        decisions,
+        [
+            "08:01 FIRED",
+            "08:01 DEDUPED",
+            "08:02 FIRED",
+            "08:02 DEDUPED",
+            "08:03 FIRED"
+        ]
+    );
+    let deduped = ledger
+        .iter()
+        .find(|o| o.decision() == OccurrenceDecision::Deduped)
+        .unwrap();
+    assert!(
+        deduped.reason.contains("already fired (by backfill)"),
+        "{}",
+        deduped.reason
+    );
+    Ok(())
+}
