@@ -9,14 +9,12 @@
 //!   `Nats-Msg-Id` = task id when a stream covers the subject (so a retried task does not publish
 //!   twice), else as a core NATS message. This is how activities chain.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use taskfactory_model::egress::EgressPolicy;
 use taskfactory_model::subjects;
-use taskfactory_runtime::messaging;
 use taskfactory_runtime::telemetry::error_chain;
+use taskfactory_runtime::{egress, messaging};
 
 /// The outcome of one attempt that did not succeed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,26 +58,10 @@ impl Builtins {
         nats: async_nats::Client,
     ) -> Result<Self, reqwest::Error> {
         let egress = Arc::new(egress);
-        let redirect_egress = egress.clone();
-        let http = reqwest::Client::builder()
-            .dns_resolver(Arc::new(CheckedResolver {
-                egress: egress.clone(),
-            }))
-            .redirect(reqwest::redirect::Policy::custom(move |attempt| {
-                if attempt.previous().len() >= 5 {
-                    return attempt.error("more than 5 redirects");
-                }
-                let url = attempt.url().clone();
-                let host = url.host_str().unwrap_or_default().to_owned();
-                let port = url.port_or_known_default().unwrap_or(0);
-                match redirect_egress.check_url_target(&host, port) {
-                    Ok(()) => attempt.follow(),
-                    Err(reason) => attempt.error(format!("redirect to {url} refused: {reason}")),
-                }
-            }))
-            .connect_timeout(Duration::from_secs(10))
-            .user_agent(concat!("taskfactory-executor/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+        let http = egress::guarded_client(
+            egress.clone(),
+            concat!("taskfactory-executor/", env!("CARGO_PKG_VERSION")),
+        )?;
         Ok(Self {
             http,
             egress,
@@ -120,19 +102,8 @@ impl Builtins {
             .ok_or_else(|| TaskFailure::permanent("params.url is required (a string)"))?;
         let url = reqwest::Url::parse(url)
             .map_err(|e| TaskFailure::permanent(format!("params.url {url:?} is not a URL: {e}")))?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(TaskFailure::permanent(format!(
-                "params.url scheme {:?} is not http or https",
-                url.scheme()
-            )));
-        }
-        let host = url.host_str().unwrap_or_default().to_owned();
-        let port = url.port_or_known_default().unwrap_or(0);
-        self.egress
-            .check_url_target(&host, port)
-            .map_err(|reason| {
-                TaskFailure::permanent(format!("egress to {host} refused: {reason}"))
-            })?;
+        egress::check_url(&self.egress, &url)
+            .map_err(|reason| TaskFailure::permanent(format!("params.url: {reason}")))?;
         let method = params
             .get("method")
             .and_then(|m| m.as_str())
@@ -173,7 +144,14 @@ impl Builtins {
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        let body = read_capped(response, self.max_response_bytes).await?;
+        let body = egress::read_capped(response, self.max_response_bytes)
+            .await
+            .map_err(|e| match e {
+                egress::ReadError::TooLarge { .. } => TaskFailure::permanent(e.to_string()),
+                egress::ReadError::Transport(_) => {
+                    TaskFailure::retryable(format!("{method} {url}: {}", error_chain(&e)))
+                }
+            })?;
         let output = serde_json::from_slice(&body).unwrap_or_else(|_| {
             serde_json::Value::String(String::from_utf8_lossy(&body).into_owned())
         });
@@ -239,54 +217,5 @@ impl Builtins {
             }
             Err(e) => Err(TaskFailure::retryable(format!("publish to {subject}: {e}"))),
         }
-    }
-}
-
-async fn read_capped(mut response: reqwest::Response, cap: usize) -> Result<Vec<u8>, TaskFailure> {
-    let mut body = Vec::new();
-    while let Some(chunk) = response
-        .chunk()
-        .await
-        .map_err(|e| TaskFailure::retryable(format!("reading the response: {}", error_chain(&e))))?
-    {
-        if body.len() + chunk.len() > cap {
-            return Err(TaskFailure::permanent(format!(
-                "response body exceeds {cap} bytes"
-            )));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
-}
-
-/// Resolves names and keeps only the addresses the egress policy allows.
-struct CheckedResolver {
-    egress: Arc<EgressPolicy>,
-}
-
-impl reqwest::dns::Resolve for CheckedResolver {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let egress = self.egress.clone();
-        let host = name.as_str().to_owned();
-        Box::pin(async move {
-            let resolved: Vec<SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            if egress.host_allowed(&host) {
-                return Ok(Box::new(resolved.into_iter()) as reqwest::dns::Addrs);
-            }
-            let mut allowed = Vec::new();
-            let mut refusal = None;
-            for addr in resolved {
-                match egress.check_ip(addr.ip()) {
-                    Ok(()) => allowed.push(addr),
-                    Err(reason) => refusal = Some(reason),
-                }
-            }
-            if allowed.is_empty() {
-                let reason = refusal.unwrap_or_else(|| "no addresses".to_owned());
-                return Err(format!("egress to {host} refused: {reason}").into());
-            }
-            Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
-        })
     }
 }

@@ -6,6 +6,7 @@
 //! - [`clock`]: the scheduler's notion of time (system, or driven by tests).
 //! - [`config`]: flags with environment fallbacks common to the services.
 //! - [`nats`]: connecting, and declaring the streams (idempotently, at every start).
+//! - [`egress`]: outbound HTTP guarded by the egress policy (tasks and context sources).
 //! - [`db`]: creating the database if absent, the pool, and the embedded migrations.
 //! - [`messaging`]: the one publish helper and the one consume loop (acks, concurrency, DLQ).
 //! - [`metrics`]: the Prometheus recorder and the `/metrics` endpoint.
@@ -15,6 +16,7 @@
 pub mod clock;
 pub mod config;
 pub mod db;
+pub mod egress;
 pub mod messaging;
 pub mod metrics;
 pub mod nats;
