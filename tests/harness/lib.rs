@@ -322,6 +322,8 @@ pub struct EnvOptions {
     pub clock: ClockHandle,
     /// Trigger: how long the scheduling lease lives without renewal.
     pub lease_ttl: Duration,
+    /// Orchestrator: databases `sql` context sources may query, `(name, dsn)`.
+    pub sql_databases: Vec<(String, String)>,
 }
 
 impl Default for EnvOptions {
@@ -332,6 +334,7 @@ impl Default for EnvOptions {
             max_event_bytes: 1024 * 1024,
             clock: ClockHandle::system(),
             lease_ttl: Duration::from_secs(5),
+            sql_databases: Vec::new(),
         }
     }
 }
@@ -378,6 +381,8 @@ impl TestEnv {
             Service::Orchestrator => {
                 let mut config = taskfactory_orchestrator::Config::local(&nats, &database);
                 config.ack_wait = self.options.orchestrator_ack_wait;
+                config.sql_databases = self.options.sql_databases.clone();
+                config.egress_allow = self.options.egress_allow.clone();
                 tokio::spawn(taskfactory_orchestrator::run(config, token))
             }
             Service::Executor => {
@@ -427,6 +432,12 @@ impl TestEnv {
             .stdin(Stdio::null());
         if std::env::var("RUST_LOG").is_err() {
             command.stdout(Stdio::null()).stderr(Stdio::null());
+        }
+        for (name, dsn) in &self.options.sql_databases {
+            command.env(
+                format!("TASKFACTORY_SQL_{}", name.to_ascii_uppercase()),
+                dsn,
+            );
         }
         for (key, value) in extra_env {
             command.env(key, value);

@@ -78,11 +78,69 @@ pub struct Config {
         default_value_t = 50_000
     )]
     pub template_fuel: u64,
+    /// Databases `sql` context sources may query, by name: `NAME=DSN`, repeatable; also every
+    /// `TASKFACTORY_SQL_<NAME>` environment variable. Use a role that may only SELECT.
+    #[arg(long = "sql-database", value_parser = parse_named_database)]
+    pub sql_databases: Vec<(String, String)>,
+    /// Hosts `http` context sources may reach besides public addresses (hosts, `*.suffix`,
+    /// `host:port`, IPs, CIDRs).
+    #[arg(
+        long = "egress-allow",
+        env = "TASKFACTORY_EGRESS_ALLOW",
+        default_value = ""
+    )]
+    pub egress_allow: String,
+    /// A context source's timeout unless its spec sets one.
+    #[arg(long = "source-timeout", env = "TASKFACTORY_SOURCE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub source_timeout: Duration,
+    /// Rows a `sql` source returns at most unless its spec sets fewer.
+    #[arg(
+        long = "sql-max-rows",
+        env = "TASKFACTORY_SQL_MAX_ROWS",
+        default_value_t = 1000
+    )]
+    pub sql_max_rows: u32,
+    /// Bytes a context source's value may have at most (an `http` body, all rows of a query).
+    #[arg(
+        long = "max-source-bytes",
+        env = "TASKFACTORY_MAX_SOURCE_BYTES",
+        default_value_t = 1024 * 1024
+    )]
+    pub max_source_bytes: usize,
     #[command(flatten)]
     pub lifecycle: LifecycleArgs,
 }
 
+/// Parses `NAME=DSN`.
+fn parse_named_database(text: &str) -> Result<(String, String), String> {
+    let (name, dsn) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not NAME=DSN"))?;
+    let name = name.trim().to_ascii_lowercase();
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(format!(
+            "database name {name:?} must be letters, digits and _"
+        ));
+    }
+    Ok((name, dsn.trim().to_owned()))
+}
+
 impl Config {
+    /// The named databases from the flags and from `TASKFACTORY_SQL_<NAME>` variables (names are
+    /// case-insensitive; a flag wins over a variable).
+    pub fn named_databases(&self) -> Vec<(String, String)> {
+        let mut named: Vec<(String, String)> = self.sql_databases.clone();
+        for (key, dsn) in std::env::vars() {
+            if let Some(name) = key.strip_prefix("TASKFACTORY_SQL_") {
+                let name = name.to_ascii_lowercase();
+                if !named.iter().any(|(n, _)| *n == name) {
+                    named.push((name, dsn));
+                }
+            }
+        }
+        named
+    }
+
     pub fn local(nats_url: &str, database_url: &str) -> Self {
         Self {
             nats: NatsArgs::local(nats_url),
@@ -93,6 +151,11 @@ impl Config {
             publish_window: 256,
             max_tasks_per_run: 10_000,
             template_fuel: 50_000,
+            sql_databases: Vec::new(),
+            egress_allow: String::new(),
+            source_timeout: Duration::from_secs(10),
+            sql_max_rows: 1000,
+            max_source_bytes: 1024 * 1024,
             lifecycle: LifecycleArgs::default(),
         }
     }
