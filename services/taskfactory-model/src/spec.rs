@@ -268,7 +268,7 @@ pub fn validate(spec: &ActivitySpec, now: DateTime<Utc>) -> Result<(), SpecError
 
     let mut context_names = HashSet::new();
     for (i, source) in spec.context.iter().enumerate() {
-        for e in validate_context_source(source, i) {
+        for e in validate_context_source(source, i, &engine) {
             err(e.field, e.message);
         }
         if !source.name.is_empty() && !context_names.insert(source.name.as_str()) {
@@ -410,7 +410,11 @@ fn validate_event(event: &EventTrigger, engine: &Engine<'_>) -> Vec<FieldError> 
     errors
 }
 
-fn validate_context_source(source: &ContextSource, i: usize) -> Vec<FieldError> {
+fn validate_context_source(
+    source: &ContextSource,
+    i: usize,
+    engine: &Engine<'_>,
+) -> Vec<FieldError> {
     let mut errors = Vec::new();
     let prefix = format!("context[{i}]");
     if source.name.is_empty() {
@@ -418,25 +422,113 @@ fn validate_context_source(source: &ContextSource, i: usize) -> Vec<FieldError> 
     } else if let Some(message) = identifier_error(&source.name) {
         errors.push(field(format!("{prefix}.name"), message));
     }
+    let mut template = |path: String, text: &str| {
+        if let Err(e) = engine.template(text) {
+            errors.push(field(path, e.message));
+        }
+    };
     match &source.kind {
-        None => errors.push(field(
-            prefix.clone(),
-            "needs a kind: static, sql, http, kv or request",
-        )),
-        Some(context_source::Kind::Static(_)) => {}
-        Some(other) => {
-            let kind = match other {
-                context_source::Kind::Sql(_) => "sql",
-                context_source::Kind::Http(_) => "http",
-                context_source::Kind::Kv(_) => "kv",
-                context_source::Kind::Request(_) => "request",
-                context_source::Kind::Static(_) => "static",
-            };
+        None | Some(context_source::Kind::Static(_)) => {}
+        Some(context_source::Kind::Sql(sql)) => {
+            for (j, param) in sql.params.iter().enumerate() {
+                template(format!("{prefix}.sql.params[{j}]"), param);
+            }
+        }
+        Some(context_source::Kind::Http(http)) => {
+            template(format!("{prefix}.http.url"), &http.url);
+            for (name, value) in &http.headers {
+                template(format!("{prefix}.http.headers.{name}"), value);
+            }
+        }
+        Some(context_source::Kind::Kv(kv)) => {
+            template(format!("{prefix}.kv.bucket"), &kv.bucket);
+            template(format!("{prefix}.kv.key"), &kv.key);
+        }
+        Some(context_source::Kind::Request(request)) => {
+            template(format!("{prefix}.request.subject"), &request.subject);
+        }
+    }
+    match &source.kind {
+        None => {
             errors.push(field(
-                format!("{prefix}.{kind}"),
-                format!("{kind} context sources are not available in this release yet; use static (the event payload is always in scope as `event`)"),
+                prefix.clone(),
+                "needs a kind: static, sql, http, kv or request",
             ));
         }
+        Some(context_source::Kind::Static(_)) => {}
+        Some(context_source::Kind::Sql(sql)) => {
+            if sql.database.is_empty() {
+                errors.push(field(
+                    format!("{prefix}.sql.database"),
+                    "is required: the name of a database configured on the orchestrator (TASKFACTORY_SQL_<NAME>)",
+                ));
+            } else if !sql
+                .database
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+            {
+                errors.push(field(
+                    format!("{prefix}.sql.database"),
+                    format!(
+                        "{:?} is not a database name (letters, digits, _); DSNs belong in the orchestrator's configuration, never in a spec",
+                        sql.database
+                    ),
+                ));
+            }
+            if sql.query.trim().is_empty() {
+                errors.push(field(format!("{prefix}.sql.query"), "is required"));
+            }
+        }
+        Some(context_source::Kind::Http(http)) => {
+            if !matches!(
+                http.method.to_ascii_uppercase().as_str(),
+                "" | "GET" | "POST"
+            ) {
+                errors.push(field(
+                    format!("{prefix}.http.method"),
+                    format!("{:?} is not GET or POST", http.method),
+                ));
+            }
+            if http.url.trim().is_empty() {
+                errors.push(field(format!("{prefix}.http.url"), "is required"));
+            } else if !http.url.contains("{{") && !http.url.contains("{%") {
+                match url_scheme(&http.url) {
+                    Some("http" | "https") => {}
+                    _ => errors.push(field(
+                        format!("{prefix}.http.url"),
+                        format!("{:?} is not an http or https URL", http.url),
+                    )),
+                }
+            }
+        }
+        Some(context_source::Kind::Kv(kv)) => {
+            if kv.bucket.is_empty() {
+                errors.push(field(format!("{prefix}.kv.bucket"), "is required"));
+            }
+            if kv.key.is_empty() {
+                errors.push(field(format!("{prefix}.kv.key"), "is required"));
+            }
+        }
+        Some(context_source::Kind::Request(request)) => {
+            if request.subject.is_empty() {
+                errors.push(field(format!("{prefix}.request.subject"), "is required"));
+            } else if !request.subject.contains("{{")
+                && let Some(problem) = crate::subjects::subject_error(&request.subject, false)
+            {
+                errors.push(field(
+                    format!("{prefix}.request.subject"),
+                    problem.to_string(),
+                ));
+            }
+        }
+    }
+    if let Some(timeout) = &source.timeout
+        && std_duration(timeout).is_some_and(|d| d > std::time::Duration::from_secs(300))
+    {
+        errors.push(field(
+            format!("{prefix}.timeout"),
+            "must be at most 5 minutes",
+        ));
     }
     if let Some(timeout) = &source.timeout
         && std_duration(timeout).is_none_or(|d| d.is_zero())
@@ -453,6 +545,12 @@ fn validate_context_source(source: &ContextSource, i: usize) -> Vec<FieldError> 
         ));
     }
     errors
+}
+
+/// The scheme of a URL-looking string (`https` of `https://…`).
+fn url_scheme(text: &str) -> Option<&str> {
+    let (scheme, rest) = text.split_once("://")?;
+    (!rest.is_empty()).then_some(scheme)
 }
 
 fn validate_template(template: &TaskTemplate, i: usize, engine: &Engine<'_>) -> Vec<FieldError> {
@@ -639,10 +737,48 @@ tasks:
     }
 
     #[test]
-    fn unsupported_context_kinds_are_rejected_clearly() {
-        let yaml = "name: a\ntrigger: {manual: {}}\ncontext: [{name: rows, sql: {database: billing, query: 'select 1'}}]\ntasks: [{name: t, type: log}]";
-        let errors = errors_of(yaml);
-        assert_eq!(errors[0].field, "context[0].sql");
+    fn context_sources_are_checked_and_name_the_field() {
+        let good = "name: a\ntrigger: {manual: {}}\ncontext:\n  - {name: rows, sql: {database: billing, query: 'select * from t where id = $1', params: ['{{ event.id }}']}}\n  - {name: price, http: {url: 'https://api.example.com/p/{{ event.sku }}'}, onError: USE_DEFAULT, default: 0}\n  - {name: flags, kv: {bucket: config, key: flags}, onError: OMIT}\n  - {name: stock, request: {subject: inventory.query, payload: {sku: '{{ event.sku }}'}}, timeout: 2s}\ntasks: [{name: t, type: log}]";
+        assert!(validate(&spec_from_yaml(good).unwrap(), Utc::now()).is_ok());
+        let cases = [
+            (
+                "{name: x, sql: {database: 'postgres://u@h/db', query: 'select 1'}}",
+                "context[0].sql.database",
+            ),
+            (
+                "{name: x, sql: {database: billing, query: ''}}",
+                "context[0].sql.query",
+            ),
+            (
+                "{name: x, sql: {database: billing, query: 'select 1', params: ['{{ event.id']}}",
+                "context[0].sql.params[0]",
+            ),
+            ("{name: x, http: {url: 'ftp://x/y'}}", "context[0].http.url"),
+            (
+                "{name: x, http: {url: 'https://x', method: DELETE}}",
+                "context[0].http.method",
+            ),
+            ("{name: x, kv: {bucket: b, key: ''}}", "context[0].kv.key"),
+            (
+                "{name: x, request: {subject: 'a..b'}}",
+                "context[0].request.subject",
+            ),
+            (
+                "{name: x, request: {subject: a.b}, timeout: 10m}",
+                "context[0].timeout",
+            ),
+            ("{name: x}", "context[0]"),
+        ];
+        for (source, field) in cases {
+            let yaml = format!(
+                "name: a\ntrigger: {{manual: {{}}}}\ncontext: [{source}]\ntasks: [{{name: t, type: log}}]"
+            );
+            let errors = errors_of(&yaml);
+            assert!(
+                errors.iter().any(|e| e.field == field),
+                "{source}: {errors:?}"
+            );
+        }
     }
 
     #[test]

@@ -7,11 +7,13 @@
 //! # Layout
 //!
 //! - [`spawn`]: one TriggerEvent → one run (recorded once) → its tasks published.
+//! - [`context`]: resolving context sources (static, sql, http, kv, request).
 //! - [`results`]: one TaskResult → task state, run counters, run completion.
 //! - [`completion`]: announcing finished runs exactly once in effect.
 //! - [`store`]: Postgres access.
 
 pub mod completion;
+pub mod context;
 pub mod results;
 pub mod spawn;
 pub mod store;
@@ -232,6 +234,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         ack_wait: config.ack_wait,
         publish_window: config.publish_window.max(1),
         specs: SpecCache::default(),
+        sources: Arc::new(
+            context::Sources::new(
+                context::SourcesConfig {
+                    databases: config.named_databases(),
+                    egress_allow: config.egress_allow.clone(),
+                    default_timeout: config.source_timeout,
+                    max_rows: config.sql_max_rows,
+                    max_bytes: config.max_source_bytes,
+                    limits: Limits {
+                        fuel: config.template_fuel,
+                        ..Limits::default()
+                    },
+                },
+                client.clone(),
+                js.clone(),
+            )
+            .context("context sources")?,
+        ),
     });
     let sink = Arc::new(results::ResultSink {
         pool: pool.clone(),

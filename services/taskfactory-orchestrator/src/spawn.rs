@@ -27,9 +27,7 @@ use taskfactory_model::plan::{self, PlanLimits, Scope};
 use taskfactory_model::spec::{chrono_to_timestamp, proto_duration, timestamp_to_chrono};
 use taskfactory_model::status::source_name;
 use taskfactory_model::{subjects, values};
-use taskfactory_proto::v1::{
-    ActivitySpec, OverlapPolicy, RunStatus, TaskInstance, TriggerEvent, context_source, trigger,
-};
+use taskfactory_proto::v1::{OverlapPolicy, RunStatus, TaskInstance, TriggerEvent, trigger};
 use taskfactory_runtime::messaging::{self, Disposition};
 use taskfactory_runtime::telemetry::error_chain;
 use uuid::Uuid;
@@ -45,6 +43,8 @@ pub struct Spawner {
     /// Task publishes in flight at once.
     pub publish_window: usize,
     pub specs: crate::SpecCache,
+    /// Resolves context sources.
+    pub sources: Arc<crate::context::Sources>,
 }
 
 /// Why handling a trigger did not finish.
@@ -355,30 +355,42 @@ impl Spawner {
             // reset separately): there is nothing to record a run against.
             Err(reason) => return Err(SpawnError::UnknownActivity(reason)),
         };
-        let context = match resolve_context(&spec) {
-            Ok(context) => context,
-            Err(reason) => {
-                run.status = RunStatus::RunFailed;
-                run.error = reason;
-                return Ok((run, Vec::new()));
-            }
-        };
-        let scope = Scope {
+        let mut scope = Scope {
             trigger: trigger_scope(event),
             event: payload.unwrap_or_else(|| serde_json::json!({})),
-            context: context.clone(),
+            context: serde_json::json!({}),
             activity: serde_json::json!({
                 "id": activity_id.to_string(),
                 "name": event.activity_name,
                 "version": event.activity_version,
             }),
         };
+        let sources_scope = serde_json::json!({
+            "event": scope.event,
+            "trigger": scope.trigger,
+            "activity": scope.activity,
+        });
+        let resolved = self.sources.resolve(&spec, &sources_scope).await;
+        let context = serde_json::Value::Object(resolved.context);
+        let source_notes: Vec<serde_json::Value> = resolved
+            .notes
+            .iter()
+            .map(taskfactory_proto::to_json)
+            .collect();
+        if let Some(error) = resolved.error {
+            run.status = RunStatus::RunFailed;
+            run.error = error;
+            run.context = context;
+            run.evaluation = serde_json::Value::Array(source_notes);
+            return Ok((run, Vec::new()));
+        }
+        scope.context = context.clone();
         let plan = plan::plan_tasks(&spec, &scope, &self.limits);
         run.context = context;
         run.evaluation = serde_json::Value::Array(
-            plan.evaluation
-                .iter()
-                .map(taskfactory_proto::to_json)
+            source_notes
+                .into_iter()
+                .chain(plan.evaluation.iter().map(taskfactory_proto::to_json))
                 .collect(),
         );
         if let Some(error) = plan.error {
@@ -481,25 +493,6 @@ fn run_header(event: &TriggerEvent, activity_id: ActivityId, run_id: RunId) -> N
         error: String::new(),
         trace_id: String::new(),
     }
-}
-
-/// Static context sources, by name. (Other kinds are refused at the API until they are supported.)
-fn resolve_context(spec: &ActivitySpec) -> Result<serde_json::Value, String> {
-    let mut context = serde_json::Map::new();
-    for source in &spec.context {
-        match &source.kind {
-            Some(context_source::Kind::Static(value)) => {
-                context.insert(source.name.clone(), values::value_to_json(value));
-            }
-            _ => {
-                return Err(format!(
-                    "context source {:?}: this kind is not supported by this orchestrator",
-                    source.name
-                ));
-            }
-        }
-    }
-    Ok(serde_json::Value::Object(context))
 }
 
 /// `trigger` as templates see it (snake_case, times in RFC 3339).
