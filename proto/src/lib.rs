@@ -58,6 +58,7 @@ json_messages!(
     Activity,
     Run,
     Task,
+    PreviewRunResponse,
 );
 
 /// Why a JSON document is not a valid message of the contract.

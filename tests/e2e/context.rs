@@ -11,7 +11,7 @@ use taskfactory_tests::{EnvOptions, TestEnv};
 use crate::support::{Admin, create, finished_run, tasks};
 
 /// Fires a manual activity with `payload` and waits for its run to finish.
-async fn fire(
+pub async fn fire(
     admin: &mut Admin,
     activity: &str,
     payload: serde_json::Value,
@@ -217,7 +217,7 @@ tasks:
 
 /// A local JSON API: `/price/<sku>` → `{"sku", "price"}`, `/echo` (POST) → the body, `/slow` after
 /// 2 s, `/broken` → 500.
-async fn json_api() -> anyhow::Result<String> {
+pub async fn json_api() -> anyhow::Result<String> {
     use axum::routing::{get, post};
     let app = axum::Router::new()
         .route(

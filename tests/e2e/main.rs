@@ -7,6 +7,7 @@ mod examples;
 mod leadership;
 mod misfire;
 mod overlap;
+mod preview;
 mod resilience;
 mod schedules;
 mod support;

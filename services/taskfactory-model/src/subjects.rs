@@ -19,6 +19,10 @@ pub const DLQ_SUBJECTS: &str = "dlq.>";
 
 /// Published (core NATS) whenever a definition changes, so every trigger replica reloads at once.
 pub const DEFINITIONS_CHANGED: &str = "taskfactory.internal.definitions-changed";
+/// Request/reply: the trigger asks an orchestrator to preview a run (`PreviewRun`).
+pub const PREVIEW_REQUESTS: &str = "taskfactory.internal.preview";
+/// The queue group orchestrators answer previews in (one answers each).
+pub const PREVIEW_QUEUE: &str = "taskfactory-orchestrator";
 /// Published by the orchestrator when a run reaches a terminal state; activities can chain on it.
 pub const RUN_COMPLETED_EVENT: &str = "events.taskfactory.run.completed";
 

@@ -8,12 +8,14 @@
 //!
 //! - [`spawn`]: one TriggerEvent → one run (recorded once) → its tasks published.
 //! - [`context`]: resolving context sources (static, sql, http, kv, request).
+//! - [`preview`]: answering `PreviewRun` (the same evaluation, nothing recorded).
 //! - [`results`]: one TaskResult → task state, run counters, run completion.
 //! - [`completion`]: announcing finished runs exactly once in effect.
 //! - [`store`]: Postgres access.
 
 pub mod completion;
 pub mod context;
+pub mod preview;
 pub mod results;
 pub mod spawn;
 pub mod store;
@@ -259,6 +261,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         spawner: spawner.clone(),
     });
     let overlap_spawner = spawner.clone();
+    let preview_spawner = spawner.clone();
     let tracker = TaskTracker::new();
     taskfactory_runtime::metrics::spawn_endpoint(
         &tracker,
@@ -295,6 +298,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         pool.clone(),
         js.clone(),
         Duration::from_secs(30),
+        shutdown.clone(),
+    ));
+    tracker.spawn(preview::serve(
+        client.clone(),
+        preview_spawner,
         shutdown.clone(),
     ));
     tracker.spawn(spawn::run_overlap_sweeper(

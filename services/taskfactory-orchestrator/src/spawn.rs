@@ -27,7 +27,9 @@ use taskfactory_model::plan::{self, PlanLimits, Scope};
 use taskfactory_model::spec::{chrono_to_timestamp, proto_duration, timestamp_to_chrono};
 use taskfactory_model::status::source_name;
 use taskfactory_model::{subjects, values};
-use taskfactory_proto::v1::{OverlapPolicy, RunStatus, TaskInstance, TriggerEvent, trigger};
+use taskfactory_proto::v1::{
+    ActivitySpec, OverlapPolicy, RunStatus, TaskInstance, TriggerEvent, trigger,
+};
 use taskfactory_runtime::messaging::{self, Disposition};
 use taskfactory_runtime::telemetry::error_chain;
 use uuid::Uuid;
@@ -343,8 +345,6 @@ impl Spawner {
         activity_id: ActivityId,
         run_id: RunId,
     ) -> Result<(NewRun, Vec<NewTask>), SpawnError> {
-        let payload = event.payload.as_ref().map(values::value_to_json);
-        let mut run = run_header(event, activity_id, run_id);
         let spec = match self
             .specs
             .get(&self.pool, activity_id, event.activity_version)
@@ -355,6 +355,20 @@ impl Spawner {
             // reset separately): there is nothing to record a run against.
             Err(reason) => return Err(SpawnError::UnknownActivity(reason)),
         };
+        Ok(self.evaluate_spec(&spec, event, activity_id, run_id).await)
+    }
+
+    /// Resolves the context and evaluates the templates of `spec` for `event` — the one path both
+    /// real runs and previews take.
+    pub async fn evaluate_spec(
+        &self,
+        spec: &ActivitySpec,
+        event: &TriggerEvent,
+        activity_id: ActivityId,
+        run_id: RunId,
+    ) -> (NewRun, Vec<NewTask>) {
+        let payload = event.payload.as_ref().map(values::value_to_json);
+        let mut run = run_header(event, activity_id, run_id);
         let mut scope = Scope {
             trigger: trigger_scope(event),
             event: payload.unwrap_or_else(|| serde_json::json!({})),
@@ -370,7 +384,7 @@ impl Spawner {
             "trigger": scope.trigger,
             "activity": scope.activity,
         });
-        let resolved = self.sources.resolve(&spec, &sources_scope).await;
+        let resolved = self.sources.resolve(spec, &sources_scope).await;
         let context = serde_json::Value::Object(resolved.context);
         let source_notes: Vec<serde_json::Value> = resolved
             .notes
@@ -382,10 +396,10 @@ impl Spawner {
             run.error = error;
             run.context = context;
             run.evaluation = serde_json::Value::Array(source_notes);
-            return Ok((run, Vec::new()));
+            return (run, Vec::new());
         }
         scope.context = context.clone();
-        let plan = plan::plan_tasks(&spec, &scope, &self.limits);
+        let plan = plan::plan_tasks(spec, &scope, &self.limits);
         run.context = context;
         run.evaluation = serde_json::Value::Array(
             source_notes
@@ -396,7 +410,7 @@ impl Spawner {
         if let Some(error) = plan.error {
             run.status = RunStatus::RunFailed;
             run.error = error;
-            return Ok((run, Vec::new()));
+            return (run, Vec::new());
         }
         if plan.tasks.is_empty() {
             run.status = RunStatus::RunSucceeded;
@@ -429,7 +443,7 @@ impl Spawner {
                 created_at,
             });
         }
-        Ok((run, tasks))
+        (run, tasks)
     }
 
     async fn publish_pending(&self, run_id: RunId) -> Result<(), SpawnError> {

@@ -1,0 +1,104 @@
+//! `PreviewRun`, the orchestrator's half: the trigger service sends the spec and the would-be
+//! TriggerEvent on `taskfactory.internal.preview`; one orchestrator (queue group) resolves the
+//! context and evaluates the templates exactly as a real run would — the same code path — and
+//! answers with the would-be tasks and the evaluation. Nothing is recorded or published.
+//!
+//! Messages are proto3 JSON: the request `{"spec": ActivitySpec, "event": TriggerEvent}`, the
+//! answer a `PreviewRunResponse`, or `{"error": "..."}`.
+
+use std::sync::Arc;
+
+use futures::StreamExt as _;
+use prost::Message as _;
+use taskfactory_model::ids::{ActivityId, RunId};
+use taskfactory_model::subjects;
+use taskfactory_proto::v1::{
+    ActivitySpec, PreviewRunResponse, TaskInstance, TemplateEvaluation, TriggerEvent,
+};
+use taskfactory_runtime::telemetry::error_chain;
+use tokio_util::sync::CancellationToken;
+
+use crate::spawn::Spawner;
+
+/// Answers preview requests until shutdown.
+pub async fn serve(nats: async_nats::Client, spawner: Arc<Spawner>, shutdown: CancellationToken) {
+    let mut requests = match nats
+        .queue_subscribe(
+            subjects::PREVIEW_REQUESTS,
+            subjects::PREVIEW_QUEUE.to_owned(),
+        )
+        .await
+    {
+        Ok(subscription) => subscription,
+        Err(error) => {
+            tracing::error!(error = %error_chain(&error), "cannot subscribe to preview requests; PreviewRun will not work");
+            return;
+        }
+    };
+    loop {
+        let request = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            request = requests.next() => match request {
+                Some(request) => request,
+                None => break,
+            },
+        };
+        let Some(reply) = request.reply.clone() else {
+            continue;
+        };
+        let (nats, spawner) = (nats.clone(), spawner.clone());
+        tokio::spawn(async move {
+            let answer = match preview(&spawner, &request.payload).await {
+                Ok(response) => taskfactory_proto::to_json(&response),
+                Err(error) => serde_json::json!({ "error": error }),
+            };
+            let body = serde_json::to_vec(&answer).unwrap_or_default();
+            if let Err(error) = nats.publish(reply, body.into()).await {
+                tracing::warn!(error = %error_chain(&error), "cannot answer a preview request");
+            }
+        });
+    }
+    let _ = requests.unsubscribe().await;
+}
+
+async fn preview(spawner: &Spawner, body: &[u8]) -> Result<PreviewRunResponse, String> {
+    let request: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("preview request is not JSON: {e}"))?;
+    let spec: ActivitySpec = taskfactory_proto::from_json(&request["spec"])
+        .map_err(|e| format!("preview request spec: {e}"))?;
+    let event: TriggerEvent = taskfactory_proto::from_json(&request["event"])
+        .map_err(|e| format!("preview request event: {e}"))?;
+    let activity_id: ActivityId = event
+        .activity_id
+        .parse()
+        .map_err(|_| "preview request event has no valid activity id".to_owned())?;
+    let run_id = RunId::derive(activity_id, &event.dedupe_key);
+    let (run, tasks) = spawner
+        .evaluate_spec(&spec, &event, activity_id, run_id)
+        .await;
+    let tasks = tasks
+        .iter()
+        .map(|task| TaskInstance::decode(task.instance.as_slice()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("encoding the would-be tasks: {e}"))?;
+    let mut evaluation: Vec<TemplateEvaluation> = match &run.evaluation {
+        serde_json::Value::Array(items) => items
+            .iter()
+            .filter_map(|item| taskfactory_proto::from_json(item).ok())
+            .collect(),
+        _ => Vec::new(),
+    };
+    if !run.error.is_empty() && !evaluation.iter().any(|e| e.error == run.error) {
+        // The run would fail: say why, where a reader of the evaluation looks.
+        evaluation.push(TemplateEvaluation {
+            template: "run".to_owned(),
+            error: run.error.clone(),
+            ..Default::default()
+        });
+    }
+    Ok(PreviewRunResponse {
+        context: Some(taskfactory_model::values::json_to_struct(&run.context)),
+        tasks,
+        evaluation,
+    })
+}
