@@ -16,8 +16,8 @@ use taskfactory_proto::v1::{
     GetTaskRequest, ListActivitiesRequest, ListActivitiesResponse, ListOccurrencesRequest,
     ListOccurrencesResponse, ListRunsRequest, ListRunsResponse, ListScheduleTimesRequest,
     ListScheduleTimesResponse, ListTasksRequest, ListTasksResponse, PauseActivityRequest,
-    ResumeActivityRequest, Run, RunStatus, Task, TaskStatus, TriggerActivityRequest,
-    TriggerActivityResponse, TriggerSource, UpdateActivityRequest, trigger,
+    PreviewRunRequest, PreviewRunResponse, ResumeActivityRequest, Run, RunStatus, Task, TaskStatus,
+    TriggerActivityRequest, TriggerActivityResponse, TriggerSource, UpdateActivityRequest, trigger,
 };
 use taskfactory_runtime::clock::ClockHandle;
 use taskfactory_runtime::telemetry::error_chain;
@@ -31,6 +31,8 @@ use crate::{ledger, views};
 
 const DEFAULT_PAGE_SIZE: u32 = 50;
 const MAX_PAGE_SIZE: u32 = 1000;
+/// How long `PreviewRun` waits for an orchestrator (sources have their own timeouts).
+const PREVIEW_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// Fire times one `Backfill` call may cover.
 const MAX_BACKFILL: usize = 10_000;
 
@@ -524,6 +526,105 @@ impl AdminService for Admin {
             }
         }
         tracing::info!(activity.name = %record.name, %start, %end, fires = response.fires, duplicates = response.duplicates, "backfill");
+        Ok(Response::new(response))
+    }
+
+    async fn preview_run(
+        &self,
+        request: Request<PreviewRunRequest>,
+    ) -> Result<Response<PreviewRunResponse>, Status> {
+        let request = request.into_inner();
+        let (id, version, spec) = match (request.id.is_empty(), request.spec) {
+            (false, None) => {
+                let id = self.resolve(&request.id).await?;
+                let record = self.load(id, None).await?;
+                let spec: ActivitySpec =
+                    taskfactory_proto::from_json(&record.spec).map_err(|e| {
+                        AdminError::Internal(anyhow::anyhow!("stored spec does not parse: {e}"))
+                    })?;
+                (id, record.current_version, spec)
+            }
+            (true, Some(spec)) => {
+                let (spec, _) = validated_spec(Some(spec))?;
+                // An unsaved spec for an existing activity previews as that activity would run.
+                let id = match store::find_activity_id(&self.pool, &spec.name)
+                    .await
+                    .map_err(AdminError::from)?
+                {
+                    Some(id) => id,
+                    None => ActivityId(Uuid::new_v5(
+                        &Uuid::NAMESPACE_URL,
+                        format!("taskfactory:preview:{}", spec.name).as_bytes(),
+                    )),
+                };
+                (id, 0, spec)
+            }
+            (false, Some(_)) => {
+                return Err(invalid("spec", "give either id or spec, not both").into());
+            }
+            (true, None) => {
+                return Err(invalid(
+                    "id",
+                    "is required: an activity id or name, or an unsaved spec in `spec`",
+                )
+                .into());
+            }
+        };
+        let scheduled_for = timestamp("scheduledFor", request.scheduled_for.as_ref())?;
+        let now = self.clock.now();
+        // The same keys a real fire would carry, so the same run and task ids come out.
+        let (source, dedupe_key) = match scheduled_for {
+            Some(at) => (
+                TriggerSource::Schedule,
+                crate::scheduler::schedule_dedupe_key(at),
+            ),
+            None => (TriggerSource::Manual, "manual:preview".to_owned()),
+        };
+        let event = v1::TriggerEvent {
+            event_id: taskfactory_model::ids::FireId::derive(id, &dedupe_key).to_string(),
+            activity_id: id.to_string(),
+            activity_version: version,
+            source: source as i32,
+            scheduled_for: scheduled_for.map(chrono_to_timestamp),
+            fired_at: Some(chrono_to_timestamp(now)),
+            dedupe_key,
+            payload: request.payload,
+            subject: String::new(),
+            activity_name: spec.name.clone(),
+            overlap: 0,
+        };
+        let body = serde_json::json!({
+            "spec": taskfactory_proto::to_json(&spec),
+            "event": taskfactory_proto::to_json(&event),
+        });
+        let reply = tokio::time::timeout(
+            PREVIEW_TIMEOUT,
+            self.nats.send_request(
+                taskfactory_model::subjects::PREVIEW_REQUESTS,
+                async_nats::Request::new()
+                    .payload(serde_json::to_vec(&body).unwrap_or_default().into())
+                    .timeout(Some(PREVIEW_TIMEOUT)),
+            ),
+        )
+        .await
+        .map_err(|_| {
+            Status::deadline_exceeded(format!(
+                "no orchestrator answered the preview within {}s",
+                PREVIEW_TIMEOUT.as_secs()
+            ))
+        })?
+        .map_err(|e| {
+            Status::unavailable(format!(
+                "no orchestrator is available to resolve the context ({e}); start one and retry"
+            ))
+        })?;
+        let answer: serde_json::Value = serde_json::from_slice(&reply.payload)
+            .map_err(|e| AdminError::Internal(anyhow::anyhow!("preview answer: {e}")))?;
+        if let Some(error) = answer.get("error").and_then(|e| e.as_str()) {
+            return Err(AdminError::Internal(anyhow::anyhow!("preview failed: {error}")).into());
+        }
+        let response: PreviewRunResponse = taskfactory_proto::from_json(&answer)
+            .map_err(|e| AdminError::Internal(anyhow::anyhow!("preview answer: {e}")))?;
         Ok(Response::new(response))
     }
 
