@@ -7,8 +7,9 @@ use chrono::{DateTime, Utc};
 use taskfactory_model::spec::{chrono_to_timestamp, spec_from_yaml};
 use taskfactory_model::values::{json_to_value, struct_to_json};
 use taskfactory_proto::v1::{
-    BackfillRequest, GetActivityRequest, PauseActivityRequest, PreviewRunRequest, RunStatus, Task,
-    TaskInstance, TriggerActivityRequest, UpdateActivityRequest,
+    BackfillRequest, GetActivityRequest, ListActivityVersionsRequest, PauseActivityRequest,
+    PreviewRunRequest, RunStatus, Task, TaskInstance, TriggerActivityRequest,
+    UpdateActivityRequest,
 };
 use taskfactory_tests::{EnvOptions, TestEnv, wait_for};
 
@@ -293,7 +294,21 @@ async fn runs_in_flight_finish_on_their_version_and_new_fires_use_the_new_one() 
         bodies.contains(&serde_json::json!({"made_by": "v2"})),
         "{bodies:?}"
     );
-    // Both versions stay readable.
+    // Both versions stay readable, and are listed.
+    let listed = admin
+        .list_activity_versions(ListActivityVersionsRequest {
+            id: "versioned".to_owned(),
+        })
+        .await?
+        .into_inner()
+        .versions;
+    assert_eq!(
+        listed
+            .iter()
+            .map(|v| (v.version, v.current))
+            .collect::<Vec<_>>(),
+        [(2, true), (1, false)]
+    );
     for version in [1, 2] {
         let activity = admin
             .get_activity(GetActivityRequest {

@@ -13,11 +13,12 @@ use taskfactory_proto::v1::admin_service_server::AdminService;
 use taskfactory_proto::v1::{
     self, Activity, ActivitySpec, BackfillRequest, BackfillResponse, CreateActivityRequest,
     DeleteActivityRequest, DeleteActivityResponse, GetActivityRequest, GetRunRequest,
-    GetTaskRequest, ListActivitiesRequest, ListActivitiesResponse, ListOccurrencesRequest,
-    ListOccurrencesResponse, ListRunsRequest, ListRunsResponse, ListScheduleTimesRequest,
-    ListScheduleTimesResponse, ListTasksRequest, ListTasksResponse, PauseActivityRequest,
-    PreviewRunRequest, PreviewRunResponse, ResumeActivityRequest, Run, RunStatus, Task, TaskStatus,
-    TriggerActivityRequest, TriggerActivityResponse, TriggerSource, UpdateActivityRequest, trigger,
+    GetTaskRequest, ListActivitiesRequest, ListActivitiesResponse, ListActivityVersionsRequest,
+    ListActivityVersionsResponse, ListOccurrencesRequest, ListOccurrencesResponse, ListRunsRequest,
+    ListRunsResponse, ListScheduleTimesRequest, ListScheduleTimesResponse, ListTasksRequest,
+    ListTasksResponse, PauseActivityRequest, PreviewRunRequest, PreviewRunResponse,
+    ResumeActivityRequest, Run, RunStatus, Task, TaskStatus, TriggerActivityRequest,
+    TriggerActivityResponse, TriggerSource, UpdateActivityRequest, trigger,
 };
 use taskfactory_runtime::clock::ClockHandle;
 use taskfactory_runtime::telemetry::error_chain;
@@ -337,6 +338,25 @@ impl AdminService for Admin {
         let version = (request.version != 0).then_some(request.version);
         let record = self.load(id, version).await?;
         Ok(Response::new(activity_message(&record)?))
+    }
+
+    async fn list_activity_versions(
+        &self,
+        request: Request<ListActivityVersionsRequest>,
+    ) -> Result<Response<ListActivityVersionsResponse>, Status> {
+        let id = self.resolve(&request.into_inner().id).await?;
+        let current = self.load(id, None).await?.current_version;
+        let versions = store::activity_versions(&self.pool, id)
+            .await
+            .map_err(AdminError::from)?
+            .into_iter()
+            .map(|(version, created_at)| v1::ActivityVersion {
+                version,
+                created_at: Some(chrono_to_timestamp(created_at)),
+                current: version == current,
+            })
+            .collect();
+        Ok(Response::new(ListActivityVersionsResponse { versions }))
     }
 
     async fn list_activities(

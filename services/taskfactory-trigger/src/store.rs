@@ -666,3 +666,20 @@ pub async fn schedule_state(
             .await?;
     Ok(row.map(|(w, n)| (w, u64::try_from(n).unwrap_or(0))))
 }
+
+/// Every version of an activity, newest first: `(version, created_at)`.
+pub async fn activity_versions(
+    pool: &PgPool,
+    id: ActivityId,
+) -> Result<Vec<(u32, DateTime<Utc>)>, StoreError> {
+    let rows: Vec<(i32, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT version, created_at FROM activity_versions WHERE activity_id = $1 ORDER BY version DESC",
+    )
+    .bind(id.0)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(v, at)| (u32::try_from(v).unwrap_or(0), at))
+        .collect())
+}
