@@ -4,11 +4,14 @@
 mod context;
 mod events;
 mod examples;
+mod hostile;
 mod leadership;
 mod misfire;
 mod overlap;
 mod preview;
 mod resilience;
 mod schedules;
+mod ssrf;
 mod support;
 mod validation;
+mod webhooks;

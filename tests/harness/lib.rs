@@ -324,6 +324,8 @@ pub struct EnvOptions {
     pub lease_ttl: Duration,
     /// Orchestrator: databases `sql` context sources may query, `(name, dsn)`.
     pub sql_databases: Vec<(String, String)>,
+    /// Trigger (in-process): webhooks; with any, the gateway listens on [`TestEnv::http_addr`].
+    pub webhooks: Vec<taskfactory_trigger::webhook::Hook>,
 }
 
 impl Default for EnvOptions {
@@ -335,6 +337,7 @@ impl Default for EnvOptions {
             clock: ClockHandle::system(),
             lease_ttl: Duration::from_secs(5),
             sql_databases: Vec::new(),
+            webhooks: Vec::new(),
         }
     }
 }
@@ -344,6 +347,8 @@ pub struct TestEnv {
     pub nats: NatsServer,
     pub db: TestDb,
     pub grpc_addr: SocketAddr,
+    /// Where the trigger's webhook gateway listens (only when hooks are configured).
+    pub http_addr: SocketAddr,
     pub options: EnvOptions,
 }
 
@@ -354,10 +359,12 @@ impl TestEnv {
         let nats = NatsServer::start()?;
         let db = TestDb::create().await?;
         let grpc_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let http_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         Ok(Self {
             nats,
             db,
             grpc_addr,
+            http_addr,
             options,
         })
     }
@@ -376,6 +383,8 @@ impl TestEnv {
                 config.reconcile_interval = Duration::from_secs(2);
                 config.clock = self.options.clock.clone();
                 config.lease_ttl = self.options.lease_ttl;
+                config.http_addr = self.http_addr;
+                config.hooks = self.options.webhooks.clone();
                 tokio::spawn(taskfactory_trigger::run(config, token))
             }
             Service::Orchestrator => {
@@ -415,6 +424,7 @@ impl TestEnv {
             .env("NATS_URL", self.nats.url())
             .env("DATABASE_URL", self.db.url())
             .env("TASKFACTORY_GRPC_ADDR", self.grpc_addr.to_string())
+            .env("TASKFACTORY_HTTP_ADDR", self.http_addr.to_string())
             .env(
                 "TASKFACTORY_ACK_WAIT",
                 format!("{}ms", self.options.orchestrator_ack_wait.as_millis()),
@@ -468,6 +478,12 @@ impl TestEnv {
                     })
                     .await?;
                     wait_consumer(&js, "FACTORY_EVENTS", "taskfactory-trigger-events").await?;
+                    if !self.options.webhooks.is_empty() {
+                        wait_for("the webhook gateway", Duration::from_secs(30), || async {
+                            Ok(tokio::net::TcpStream::connect(self.http_addr).await.ok())
+                        })
+                        .await?;
+                    }
                 }
                 Service::Orchestrator => {
                     wait_consumer(&js, "FACTORY_TRIGGERS", "taskfactory-orchestrator-triggers")

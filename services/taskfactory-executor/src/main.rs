@@ -11,8 +11,11 @@ struct Cli {
     config: taskfactory_executor::Config,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    taskfactory_runtime::tokio_runtime()?.block_on(serve())
+}
+
+async fn serve() -> anyhow::Result<()> {
     let cli = Cli::parse();
     telemetry::init_logging(&cli.log);
     let shutdown = taskfactory_runtime::shutdown::on_signal();

@@ -73,12 +73,14 @@ impl EgressPolicy {
         Ok(policy)
     }
 
-    /// Whether the host (by name) is allowed on any port: its addresses are then not checked.
+    /// Whether the host (by name) is allow-listed (on some port): its resolved addresses are then
+    /// not checked. Ports are enforced before resolution, on every URL and every redirect, by
+    /// [`EgressPolicy::check_url_target`].
     pub fn host_allowed(&self, host: &str) -> bool {
         let host = host.trim_end_matches('.').to_ascii_lowercase();
         self.hosts
             .iter()
-            .any(|rule| rule.port.is_none() && matches_host(&rule.pattern, &host))
+            .any(|rule| matches_host(&rule.pattern, &host))
     }
 
     /// Whether a URL's host and port pass before resolution: `Err` names why not. Names that are
@@ -92,6 +94,24 @@ impl EgressPolicy {
             .any(|rule| matches_host(&rule.pattern, &lower) && rule.port.is_none_or(|p| p == port));
         if named {
             return Ok(());
+        }
+        // Listed, but only on other ports: refused here, because its addresses are not checked
+        // once it resolves (see `host_allowed`).
+        let ports: Vec<u16> = self
+            .hosts
+            .iter()
+            .filter(|rule| matches_host(&rule.pattern, &lower))
+            .filter_map(|rule| rule.port)
+            .collect();
+        if !ports.is_empty() && host.parse::<IpAddr>().is_err() {
+            return Err(format!(
+                "{host} is allowed only on port {}",
+                ports
+                    .iter()
+                    .map(u16::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
         }
         if let Ok(ip) = host.parse::<IpAddr>() {
             return self.check_ip(ip);
@@ -109,7 +129,14 @@ impl EgressPolicy {
         {
             return Ok(());
         }
-        if self.hosts.iter().any(|rule| rule.pattern == ip.to_string()) {
+        // An address listed with a port (`127.0.0.1:8080`) is allowed on that port only, which
+        // `check_url_target` enforces; a bare address check (a resolved name, port unknown) does
+        // not open it.
+        if self
+            .hosts
+            .iter()
+            .any(|rule| rule.port.is_none() && rule.pattern == ip.to_string())
+        {
             return Ok(());
         }
         match non_public_reason(ip) {
@@ -133,12 +160,32 @@ fn matches_host(pattern: &str, host: &str) -> bool {
 }
 
 /// IPv4-mapped IPv6 addresses are judged as the IPv4 address they carry.
+/// IPv6 addresses that carry an IPv4 address — mapped (`::ffff:a.b.c.d`), compatible
+/// (`::a.b.c.d`, deprecated but routable on some stacks) and NAT64 (`64:ff9b::a.b.c.d`, which a
+/// NAT64 gateway forwards to the IPv4 address) — are judged as that IPv4 address.
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(v6),
-        },
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return IpAddr::V4(v4);
+            }
+            let s = v6.segments();
+            let embedded = || {
+                std::net::Ipv4Addr::new(
+                    (s[6] >> 8) as u8,
+                    s[6] as u8,
+                    (s[7] >> 8) as u8,
+                    s[7] as u8,
+                )
+            };
+            let compatible = s[..6].iter().all(|x| *x == 0) && (s[6] != 0 || s[7] > 1);
+            let nat64 = s[0] == 0x64 && s[1] == 0xff9b && s[2..6].iter().all(|x| *x == 0);
+            if compatible || nat64 {
+                IpAddr::V4(embedded())
+            } else {
+                IpAddr::V6(v6)
+            }
+        }
         v4 => v4,
     }
 }
@@ -253,8 +300,32 @@ mod tests {
         assert!(policy.host_allowed("api.internal"));
         assert!(policy.host_allowed("x.svc.local"));
         assert!(!policy.host_allowed("svc.local"));
-        assert!(!policy.host_allowed("db.internal"));
+        // A name listed with a port: allowed on that port, refused on any other before it resolves.
+        assert!(policy.host_allowed("db.internal"));
         assert!(policy.check_url_target("db.internal", 5432).is_ok());
+        assert!(
+            policy
+                .check_url_target("db.internal", 22)
+                .unwrap_err()
+                .contains("only on port 5432")
+        );
+        // An address listed with a port opens that port only.
+        let one_port = EgressPolicy::parse("127.0.0.1:8080").unwrap();
+        assert!(one_port.check_url_target("127.0.0.1", 8080).is_ok());
+        assert!(one_port.check_url_target("127.0.0.1", 8081).is_err());
+        assert!(one_port.check_ip(ip("127.0.0.1")).is_err());
+        // IPv4 carried in IPv6 is judged as the IPv4 address.
+        for hidden in [
+            "::127.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+            "64:ff9b::7f00:1",
+            "::ffff:10.0.0.1",
+        ] {
+            assert!(
+                EgressPolicy::default().check_ip(ip(hidden)).is_err(),
+                "{hidden}"
+            );
+        }
         assert!(policy.check_ip(ip("127.0.0.1")).is_ok());
         assert!(policy.check_ip(ip("10.9.8.7")).is_ok());
         assert!(policy.check_ip(ip("192.168.0.1")).is_err());

@@ -86,6 +86,7 @@ impl<'src> Engine<'src> {
         if trimmed.is_empty() {
             return Err(ExprError::new("expression is empty"));
         }
+        check_complexity(trimmed)?;
         if trimmed.contains("{{") || trimmed.contains("{%") {
             return Err(ExprError::new(format!(
                 "{trimmed:?} is an expression, not a template: write it without {{{{ }}}}"
@@ -103,6 +104,7 @@ impl<'src> Engine<'src> {
         if !has_template_syntax(source) {
             return Ok(CompiledTemplate::Literal(source));
         }
+        check_complexity(source)?;
         if let Some(inner) = single_expression(source) {
             return self
                 .env
@@ -160,6 +162,59 @@ impl<'src> Engine<'src> {
     }
 }
 
+/// Items a `forEach` may yield at most (`maxTasks` bounds the tasks made from them).
+pub const MAX_ITEMS: usize = 100_000;
+/// The longest template or expression compiled.
+pub const MAX_SOURCE_BYTES: usize = 64 * 1024;
+/// Operators one expression (or one `{{ }}` / `{% %}` block) may chain.
+pub const MAX_OPERATORS: usize = 256;
+
+/// Refuses sources whose parse alone could exhaust the stack: the parser recurses once per
+/// chained operator (`a + b + c …`, `x.a.b.c …`, `not not …`), and minijinja bounds nesting but
+/// not chains. Counted per block, generously: real templates stay far below.
+fn check_complexity(source: &str) -> Result<(), ExprError> {
+    if source.len() > MAX_SOURCE_BYTES {
+        return Err(ExprError::new(format!(
+            "is {} bytes long; templates and expressions may have at most {MAX_SOURCE_BYTES}",
+            source.len()
+        )));
+    }
+    let blocks: Vec<&str> = if has_template_syntax(source) {
+        source
+            .split("{{")
+            .chain(source.split("{%"))
+            .skip(1)
+            .map(|rest| {
+                rest.split("}}")
+                    .next()
+                    .unwrap_or(rest)
+                    .split("%}")
+                    .next()
+                    .unwrap_or(rest)
+            })
+            .collect()
+    } else {
+        vec![source]
+    };
+    for block in blocks {
+        let symbols = block
+            .chars()
+            .filter(|c| "+-*/%~|.[(<>=!,:?".contains(*c))
+            .count();
+        let words = block
+            .split(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+            .filter(|w| matches!(*w, "not" | "and" | "or" | "if" | "else" | "is" | "in"))
+            .count();
+        if symbols + words > MAX_OPERATORS {
+            return Err(ExprError::new(format!(
+                "is too complex: {} operators in one expression, at most {MAX_OPERATORS}; split it up",
+                symbols + words
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn has_template_syntax(s: &str) -> bool {
     s.contains("{{") || s.contains("{%") || s.contains("{#")
 }
@@ -199,10 +254,20 @@ impl CompiledExpr<'_, '_> {
             return Err(ExprError::new("is undefined (check the names it uses)"));
         }
         match value.kind() {
-            minijinja::value::ValueKind::Seq | minijinja::value::ValueKind::Iterable => value
-                .try_iter()
-                .map(|iter| iter.collect())
-                .map_err(|e| ExprError::from_minijinja(&e)),
+            minijinja::value::ValueKind::Seq | minijinja::value::ValueKind::Iterable => {
+                // Lazily repeated or generated sequences are only counted here: stop at the cap.
+                let items: Vec<Value> = value
+                    .try_iter()
+                    .map_err(|e| ExprError::from_minijinja(&e))?
+                    .take(MAX_ITEMS + 1)
+                    .collect();
+                if items.len() > MAX_ITEMS {
+                    return Err(ExprError::new(format!(
+                        "yielded more than {MAX_ITEMS} items; narrow it"
+                    )));
+                }
+                Ok(items)
+            }
             kind => Err(ExprError::new(format!(
                 "yielded {kind} ({}), not a list",
                 preview(&value)

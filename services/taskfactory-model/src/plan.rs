@@ -22,6 +22,11 @@ pub struct PlanLimits {
     pub expr: Limits,
     /// Tasks one run may make across all templates (a template's `maxTasks` may only lower it).
     pub max_tasks_per_run: usize,
+    /// Wall-clock time one run's evaluation may take (fuel bounds each expression; this bounds
+    /// their sum over many items).
+    pub max_duration: Duration,
+    /// Bytes of rendered params one run may produce across all its tasks.
+    pub max_run_bytes: usize,
 }
 
 impl Default for PlanLimits {
@@ -29,6 +34,8 @@ impl Default for PlanLimits {
         Self {
             expr: Limits::default(),
             max_tasks_per_run: 10_000,
+            max_duration: Duration::from_millis(800),
+            max_run_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -63,6 +70,12 @@ pub struct Plan {
 /// Evaluates every template of `spec` against `scope`.
 pub fn plan_tasks(spec: &ActivitySpec, scope: &Scope, limits: &PlanLimits) -> Plan {
     let engine = Engine::new(limits.expr);
+    let mut budget = Budget {
+        deadline: std::time::Instant::now() + limits.max_duration,
+        max_duration: limits.max_duration,
+        bytes_left: limits.max_run_bytes,
+        max_bytes: limits.max_run_bytes,
+    };
     let base = BaseScope {
         trigger: expr::to_value(&scope.trigger),
         event: expr::to_value(&scope.event),
@@ -81,7 +94,15 @@ pub fn plan_tasks(spec: &ActivitySpec, scope: &Scope, limits: &PlanLimits) -> Pl
             template: template.name.clone(),
             ..Default::default()
         };
-        match plan_template(&engine, template, &base, cap, limits, &mut evaluation) {
+        match plan_template(
+            &engine,
+            template,
+            &base,
+            cap,
+            limits,
+            &mut budget,
+            &mut evaluation,
+        ) {
             Ok(tasks) => {
                 evaluation.tasks = u32::try_from(tasks.len()).unwrap_or(u32::MAX);
                 plan.tasks.extend(tasks);
@@ -99,6 +120,39 @@ pub fn plan_tasks(spec: &ActivitySpec, scope: &Scope, limits: &PlanLimits) -> Pl
         plan.tasks.clear();
     }
     plan
+}
+
+/// What is left of a run's time and output.
+struct Budget {
+    deadline: std::time::Instant,
+    max_duration: Duration,
+    bytes_left: usize,
+    max_bytes: usize,
+}
+
+impl Budget {
+    fn check_time(&self, done: usize) -> Result<(), String> {
+        if std::time::Instant::now() > self.deadline {
+            return Err(format!(
+                "evaluating took longer than {:?} ({done} items done); the templates do too much work per item or there are too many items",
+                self.max_duration
+            ));
+        }
+        Ok(())
+    }
+
+    fn spend(&mut self, rendered: &serde_json::Value) -> Result<(), String> {
+        let size = serde_json::to_vec(rendered)
+            .map(|b| b.len())
+            .unwrap_or(usize::MAX);
+        self.bytes_left = self.bytes_left.checked_sub(size).ok_or_else(|| {
+            format!(
+                "the run's tasks would carry more than {} bytes of params; make fewer or smaller tasks",
+                self.max_bytes
+            )
+        })?;
+        Ok(())
+    }
 }
 
 /// The scope shared by every item, converted once per run.
@@ -128,6 +182,7 @@ fn plan_template(
     base: &BaseScope,
     cap: usize,
     limits: &PlanLimits,
+    budget: &mut Budget,
     evaluation: &mut TemplateEvaluation,
 ) -> Result<Vec<PlannedTask>, String> {
     let scope_with = |item: Value, index: usize| base.with_item(item, index);
@@ -164,7 +219,9 @@ fn plan_template(
 
     let mut tasks = Vec::new();
     let mut dropped = 0usize;
+    budget.check_time(0)?;
     for (index, item) in items.into_iter().enumerate() {
+        budget.check_time(index)?;
         let scope = scope_with(item, index);
         if let Some(when) = &when {
             let keep = when
@@ -183,6 +240,7 @@ fn plan_template(
         let rendered = params
             .render(&scope, limits.expr.max_output_bytes)
             .map_err(|e| format!("item {index}: {e}"))?;
+        budget.spend(&rendered)?;
         tasks.push(PlannedTask {
             template: template.name.clone(),
             item_index: u32::try_from(index).unwrap_or(u32::MAX),

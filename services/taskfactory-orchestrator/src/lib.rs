@@ -82,6 +82,9 @@ pub struct Config {
         default_value_t = 50_000
     )]
     pub template_fuel: u64,
+    /// Wall-clock time one run's template evaluation may take (a run that needs more fails).
+    #[arg(long = "evaluation-timeout", env = "TASKFACTORY_EVALUATION_TIMEOUT", default_value = "800ms", value_parser = parse_duration)]
+    pub evaluation_timeout: Duration,
     /// Databases `sql` context sources may query, by name: `NAME=DSN`, repeatable; also every
     /// `TASKFACTORY_SQL_<NAME>` environment variable. Use a role that may only SELECT.
     #[arg(long = "sql-database", value_parser = parse_named_database)]
@@ -155,6 +158,7 @@ impl Config {
             publish_window: 256,
             max_tasks_per_run: 10_000,
             template_fuel: 50_000,
+            evaluation_timeout: Duration::from_millis(800),
             sql_databases: Vec::new(),
             egress_allow: String::new(),
             source_timeout: Duration::from_secs(10),
@@ -232,6 +236,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 ..Limits::default()
             },
             max_tasks_per_run: config.max_tasks_per_run,
+            max_duration: config.evaluation_timeout,
+            ..PlanLimits::default()
         },
         ack_wait: config.ack_wait,
         publish_window: config.publish_window.max(1),

@@ -399,7 +399,15 @@ impl Spawner {
             return (run, Vec::new());
         }
         scope.context = context.clone();
-        let plan = plan::plan_tasks(spec, &scope, &self.limits);
+        // CPU work bounded by fuel and a deadline, off the async workers.
+        let (owned_spec, limits) = (spec.clone(), self.limits);
+        let plan =
+            tokio::task::spawn_blocking(move || plan::plan_tasks(&owned_spec, &scope, &limits))
+                .await
+                .unwrap_or_else(|panic| plan::Plan {
+                    error: Some(format!("template evaluation failed: {panic}")),
+                    ..plan::Plan::default()
+                });
         run.context = context;
         run.evaluation = serde_json::Value::Array(
             source_notes

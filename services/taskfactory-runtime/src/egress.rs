@@ -22,6 +22,8 @@ pub fn guarded_client(
     egress: Arc<EgressPolicy>,
     user_agent: &str,
 ) -> Result<reqwest::Client, reqwest::Error> {
+    // One TLS stack (ring) for the process, whoever builds the first client.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let redirect_egress = egress.clone();
     reqwest::Client::builder()
         .dns_resolver(Arc::new(CheckedResolver { egress }))

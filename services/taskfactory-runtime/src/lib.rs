@@ -22,3 +22,12 @@ pub mod metrics;
 pub mod nats;
 pub mod shutdown;
 pub mod telemetry;
+
+/// The services' tokio runtime: multi-threaded, with roomy thread stacks (defence in depth for
+/// deeply recursive parsing of user templates; the expression engine also refuses such input).
+pub fn tokio_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_stack_size(16 * 1024 * 1024)
+        .build()
+}

@@ -25,6 +25,7 @@ use taskfactory_runtime::messaging::{self, Disposition};
 use crate::fire::{self, FireRequest};
 use crate::registry::Registry;
 use crate::store;
+use crate::webhook;
 
 pub struct EventIngress {
     pub pool: PgPool,
@@ -115,7 +116,7 @@ impl EventIngress {
                 activity_id: activity.id,
                 activity_name: activity.name.clone(),
                 activity_version: activity.version,
-                source: TriggerSource::Event,
+                source: event_source(message.headers.as_ref()),
                 dedupe_key,
                 scheduled_for: None,
                 payload: Some(payload.clone()),
@@ -174,6 +175,18 @@ fn is_own_completion(subject: &str, payload: &serde_json::Value, activity_id: &s
         && payload.get("activityId").and_then(|v| v.as_str()) == Some(activity_id)
 }
 
+/// `WEBHOOK` for events the webhook gateway published, `EVENT` for every other.
+fn event_source(headers: Option<&async_nats::HeaderMap>) -> TriggerSource {
+    let from_webhook = headers
+        .and_then(|h| h.get(webhook::HEADER_SOURCE))
+        .is_some_and(|v| v.as_str() == webhook::SOURCE_WEBHOOK);
+    if from_webhook {
+        TriggerSource::Webhook
+    } else {
+        TriggerSource::Event
+    }
+}
+
 /// Checks an event body: within the size limit, UTF-8, JSON.
 pub fn parse_event(body: &[u8], max_bytes: usize) -> Result<serde_json::Value, String> {
     if body.len() > max_bytes {
@@ -206,6 +219,17 @@ mod tests {
             "a2"
         ));
         assert!(!is_own_completion("events.other", &payload, "a1"));
+    }
+
+    #[test]
+    fn events_from_the_webhook_gateway_fire_as_webhook() {
+        let mut headers = async_nats::HeaderMap::new();
+        assert_eq!(event_source(None), TriggerSource::Event);
+        assert_eq!(event_source(Some(&headers)), TriggerSource::Event);
+        headers.insert(webhook::HEADER_SOURCE, "somewhere");
+        assert_eq!(event_source(Some(&headers)), TriggerSource::Event);
+        headers.insert(webhook::HEADER_SOURCE, webhook::SOURCE_WEBHOOK);
+        assert_eq!(event_source(Some(&headers)), TriggerSource::Webhook);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The trigger service: the control plane and ingress of taskfactory.
 //!
-//! Consumes `events.>` (user events) and the admin API; owns activity definitions, the fire
-//! ledger and schedule watermarks in Postgres; produces TriggerEvents on `triggers.<activity>`.
+//! Consumes `events.>` (user events) and the admin API; takes webhook deliveries over HTTP and
+//! publishes them to `events.>`; owns activity definitions, the fire ledger, schedule watermarks
+//! and webhook delivery ids in Postgres; produces TriggerEvents on `triggers.<activity>`.
 //!
 //! # Layout
 //!
@@ -10,6 +11,7 @@
 //! - [`lease`]: scheduling leadership (one replica schedules; NATS KV lease, Postgres fence).
 //! - [`scheduler`]: fires schedules on time; misfire policy after downtime; the decision ledger.
 //! - [`events`]: event ingress — matching, filters, dedupe keys, rejecting malformed events.
+//! - [`webhook`]: the HTTP webhook gateway — signed deliveries become events on `events.>`.
 //! - [`fire`]: recording and publishing a fire (outbox), and the reconciler.
 //! - [`store`] / [`views`]: Postgres access.
 //! - [`apply`]: the `apply` command (create or update activities from YAML/JSON files).
@@ -24,8 +26,10 @@ pub mod registry;
 pub mod scheduler;
 pub mod store;
 pub mod views;
+pub mod webhook;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -83,6 +87,20 @@ pub struct Config {
     /// This replica's name in the lease (default: host name and process id).
     #[arg(long = "instance-id", env = "TASKFACTORY_INSTANCE_ID")]
     pub instance_id: Option<String>,
+    /// Address of the webhook gateway (`POST /hooks/{name}`); it listens only when at least one
+    /// hook is configured.
+    #[arg(
+        long = "http-addr",
+        env = "TASKFACTORY_HTTP_ADDR",
+        default_value = "127.0.0.1:8080"
+    )]
+    pub http_addr: SocketAddr,
+    /// A YAML or JSON file of webhooks: `hooks: [{name, subject, secretEnv}]` (see the README).
+    #[arg(long = "webhooks", env = "TASKFACTORY_WEBHOOKS")]
+    pub webhooks: Option<PathBuf>,
+    /// Webhooks given in code (tests), in addition to the file's.
+    #[arg(skip)]
+    pub hooks: Vec<webhook::Hook>,
     #[command(flatten)]
     pub lifecycle: LifecycleArgs,
     /// The scheduler's clock (tests drive it; always the system clock from the command line).
@@ -104,6 +122,9 @@ impl Config {
             lease_ttl: Duration::from_secs(5),
             lease_bucket: "taskfactory_leases".to_owned(),
             instance_id: None,
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            webhooks: None,
+            hooks: Vec::new(),
             lifecycle: LifecycleArgs::default(),
             clock: ClockHandle::system(),
         }
@@ -119,6 +140,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         config.lease_ttl,
         lease::MIN_TTL
     );
+    // Hooks are checked, and their port taken, before anything else: a bad file fails at once.
+    let webhooks = webhook::Gateway::bind(&config).await.context("webhooks")?;
     let pool = db::connect_and_migrate(&config.database, config.lifecycle.startup_patience)
         .await
         .context("postgres")?;
@@ -211,6 +234,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         work_shutdown.clone(),
         move |message| ingress.clone().handle(message),
     ));
+    if let Some(webhooks) = webhooks {
+        webhooks.spawn(&tracker, pool.clone(), js.clone(), work_shutdown.clone());
+    }
 
     let admin = Arc::new(admin::Admin {
         pool: pool.clone(),

@@ -19,8 +19,11 @@ enum Command {
     Apply(taskfactory_trigger::apply::ApplyArgs),
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    taskfactory_runtime::tokio_runtime()?.block_on(serve())
+}
+
+async fn serve() -> anyhow::Result<()> {
     let cli = Cli::parse();
     telemetry::init_logging(&cli.log);
     match cli.command {

@@ -1,0 +1,494 @@
+//! The webhook gateway: signed deliveries become events (and runs whose source is WEBHOOK); every
+//! delivery that cannot be authenticated, is too large, goes to an unknown hook or is not JSON is
+//! refused with nothing published.
+//!
+//! Requests are written by hand over TCP, so the tests control exactly what is sent (a declared
+//! length with no body, a chunked body without any length).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use futures::StreamExt;
+use taskfactory_model::values::struct_to_json;
+use taskfactory_proto::v1::{RunStatus, TriggerSource};
+use taskfactory_tests::{EnvOptions, Service, TestEnv, wait_for};
+use taskfactory_trigger::webhook::{self, Hook, Secret};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::support::{create, finished_run, runs, tasks};
+
+const SECRET: &str = "s3cr3t-shared-with-the-shop-0001";
+const OLD_SECRET: &str = "the-secret-being-rotated-out-002";
+const SUBJECT: &str = "events.shop.orders";
+
+fn shop_hook() -> Hook {
+    Hook {
+        name: "shop".to_owned(),
+        subject: SUBJECT.to_owned(),
+        secrets: vec![Secret::new(SECRET), Secret::new(OLD_SECRET)],
+        max_body_bytes: Some(1024),
+    }
+}
+
+fn options() -> EnvOptions {
+    EnvOptions {
+        webhooks: vec![shop_hook()],
+        ..Default::default()
+    }
+}
+
+/// Request headers, `(name, value)`.
+type Headers = Vec<(String, String)>;
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// The three headers of a delivery signed with `secret` at `timestamp`.
+fn signed(secret: &str, timestamp: i64, delivery: &str, body: &[u8]) -> Headers {
+    let timestamp = timestamp.to_string();
+    let signature = webhook::sign(secret.as_bytes(), &timestamp, delivery, body);
+    vec![
+        (webhook::HEADER_DELIVERY.to_owned(), delivery.to_owned()),
+        (webhook::HEADER_TIMESTAMP.to_owned(), timestamp),
+        (
+            webhook::HEADER_SIGNATURE.to_owned(),
+            format!("v1={signature}"),
+        ),
+    ]
+}
+
+/// An HTTP answer: the status and the JSON body (`null` if none).
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    body: serde_json::Value,
+}
+
+impl Answer {
+    fn error(&self) -> &str {
+        self.body["error"].as_str().unwrap_or_default()
+    }
+}
+
+/// `POST path` with a `Content-Length` body.
+async fn post(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> anyhow::Result<Answer> {
+    let mut request = request_head(path, headers);
+    request.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    let mut bytes = request.into_bytes();
+    bytes.extend_from_slice(body);
+    exchange(addr, &bytes).await
+}
+
+fn request_head(path: &str, headers: &[(String, String)]) -> String {
+    let mut head = format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head
+}
+
+/// Sends raw request bytes and reads the answer until the server closes the connection.
+async fn exchange(addr: SocketAddr, request: &[u8]) -> anyhow::Result<Answer> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    // A server refusing a body early may close before taking all of it; its answer still counts.
+    let _ = stream.write_all(request).await;
+    let mut response = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        match stream.read(&mut buffer).await {
+            Ok(0) => break,
+            Ok(n) => response.extend_from_slice(&buffer[..n]),
+            Err(_) if !response.is_empty() => break,
+            Err(error) => return Err(error.into()),
+        }
+    }
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("not an HTTP response: {text:?}"))?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("no status in {head:?}"))?;
+    let body = if body.trim().is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(body).with_context(|| format!("answer body {body:?}"))?
+    };
+    Ok(Answer { status, body })
+}
+
+/// Messages stored on `subject` in FACTORY_EVENTS.
+async fn messages_on(env: &TestEnv, subject: &str) -> anyhow::Result<usize> {
+    let js = env.js().await?;
+    let stream = js.get_stream("FACTORY_EVENTS").await?;
+    let mut subjects = stream.info_with_subjects(subject).await?;
+    let mut count = 0;
+    while let Some(entry) = subjects.next().await {
+        let (name, n) = entry?;
+        if name == subject {
+            count += n;
+        }
+    }
+    Ok(count)
+}
+
+fn metrics_text() -> String {
+    taskfactory_runtime::metrics::handle().render()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn signed_deliveries_are_published_and_fire_webhook_runs() -> anyhow::Result<()> {
+    let env = TestEnv::new(options()).await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    create(
+        &mut admin,
+        "name: shop-orders\ntrigger: {event: {subject: events.shop.orders}}\ntasks: [{name: t, type: log, params: {order: '{{ event.order }}'}}]",
+    )
+    .await?;
+
+    let body = br#"{"order": "o-1"}"#;
+    let answer = post(
+        env.http_addr,
+        "/hooks/shop",
+        &signed(SECRET, now(), "d-1", body),
+        body,
+    )
+    .await?;
+    assert_eq!(answer.status, 202, "{answer:?}");
+    assert_eq!(answer.body["deliveryId"], "d-1");
+    assert_eq!(answer.body["subject"], SUBJECT);
+    assert!(answer.body["sequence"].as_u64().unwrap() >= 1, "{answer:?}");
+
+    let run = wait_for("the webhook's run", Duration::from_secs(20), || {
+        let mut admin = admin.clone();
+        async move { Ok(runs(&mut admin, "shop-orders").await?.into_iter().next()) }
+    })
+    .await?;
+    let run = finished_run(&admin, &run.id, Duration::from_secs(20)).await?;
+    assert_eq!(run.status(), RunStatus::RunSucceeded);
+    assert_eq!(run.source(), TriggerSource::Webhook);
+    assert_eq!(run.subject, SUBJECT);
+    assert_eq!(run.dedupe_key, "webhook:shop:d-1");
+    let task = tasks(&mut admin, &run.id).await?.remove(0);
+    assert_eq!(
+        struct_to_json(task.params.as_ref().unwrap())["order"],
+        "o-1"
+    );
+
+    // Rotation: the hook's previous secret still verifies, and of several signatures one is enough.
+    let body = br#"{"order": "o-2"}"#;
+    let answer = post(
+        env.http_addr,
+        "/hooks/shop",
+        &signed(OLD_SECRET, now(), "d-2", body),
+        body,
+    )
+    .await?;
+    assert_eq!(answer.status, 202, "{answer:?}");
+    let body = br#"{"order": "o-3"}"#;
+    let mut headers = signed(SECRET, now(), "d-3", body);
+    headers[2].1 = format!("v1={},{}", "00".repeat(32), headers[2].1);
+    let answer = post(env.http_addr, "/hooks/shop", &headers, body).await?;
+    assert_eq!(answer.status, 202, "{answer:?}");
+
+    wait_for("three webhook runs", Duration::from_secs(20), || {
+        let mut admin = admin.clone();
+        async move { Ok((runs(&mut admin, "shop-orders").await?.len() == 3).then_some(())) }
+    })
+    .await?;
+    assert_eq!(messages_on(&env, SUBJECT).await?, 3);
+    assert!(
+        metrics_text().contains(r#"taskfactory_webhook_deliveries_total{outcome="accepted"}"#),
+        "{}",
+        metrics_text()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unauthenticated_deliveries_get_401_and_publish_nothing() -> anyhow::Result<()> {
+    let env = TestEnv::new(options()).await?;
+    let trigger = env.start(Service::Trigger);
+    env.wait_ready(&[Service::Trigger]).await?;
+    let addr = env.http_addr;
+
+    let body = br#"{"order": "o-1"}"#.to_vec();
+    let accepted = signed(SECRET, now(), "d-1", &body);
+    let answer = post(addr, "/hooks/shop", &accepted, &body).await?;
+    assert_eq!(answer.status, 202, "{answer:?}");
+    assert_eq!(messages_on(&env, SUBJECT).await?, 1);
+
+    let mut flipped = body.clone();
+    flipped[5] ^= 0x01;
+    let without = |header: &str| -> Headers {
+        signed(SECRET, now(), "d-9", &body)
+            .into_iter()
+            .filter(|(name, _)| name != header)
+            .collect()
+    };
+    let cases: Vec<(&str, Headers, Vec<u8>, &str)> = vec![
+        (
+            "wrong secret",
+            signed("not-the-shop-secret-at-all-0000", now(), "d-2", &body),
+            body.clone(),
+            "signature does not match",
+        ),
+        (
+            "one flipped body bit",
+            signed(SECRET, now(), "d-3", &body),
+            flipped,
+            "signature does not match",
+        ),
+        (
+            "a timestamp 6 minutes old",
+            signed(SECRET, now() - 360, "d-4", &body),
+            body.clone(),
+            "5 minutes",
+        ),
+        (
+            "a timestamp 6 minutes ahead",
+            signed(SECRET, now() + 360, "d-5", &body),
+            body.clone(),
+            "5 minutes",
+        ),
+        (
+            "the accepted request sent again",
+            accepted.clone(),
+            body.clone(),
+            "already received",
+        ),
+        (
+            "the accepted delivery id, freshly signed over another body",
+            signed(SECRET, now(), "d-1", br#"{"order": "o-2"}"#),
+            br#"{"order": "o-2"}"#.to_vec(),
+            "already received",
+        ),
+        (
+            "no delivery header",
+            without(webhook::HEADER_DELIVERY),
+            body.clone(),
+            "missing Taskfactory-Delivery header",
+        ),
+        (
+            "no timestamp header",
+            without(webhook::HEADER_TIMESTAMP),
+            body.clone(),
+            "missing Taskfactory-Timestamp header",
+        ),
+        (
+            "no signature header",
+            without(webhook::HEADER_SIGNATURE),
+            body.clone(),
+            "missing Taskfactory-Signature header",
+        ),
+        (
+            "a malformed delivery id",
+            signed(SECRET, now(), "d 6", &body),
+            body.clone(),
+            "malformed Taskfactory-Delivery header",
+        ),
+    ];
+    for (case, headers, sent, expected) in cases {
+        let answer = post(addr, "/hooks/shop", &headers, &sent).await?;
+        assert_eq!(answer.status, 401, "{case}: {answer:?}");
+        assert!(answer.error().contains(expected), "{case}: {answer:?}");
+    }
+
+    // Nothing was published and no delivery id but the accepted one was used up.
+    assert_eq!(messages_on(&env, SUBJECT).await?, 1);
+    let pool = env.db.pool().await?;
+    let ids: Vec<String> =
+        sqlx::query_scalar("SELECT delivery_id FROM webhook_deliveries ORDER BY delivery_id")
+            .fetch_all(&pool)
+            .await?;
+    assert_eq!(ids, ["d-1"]);
+    let metrics = metrics_text();
+    for outcome in ["unauthorized", "stale", "replayed"] {
+        assert!(
+            metrics.contains(&format!(
+                r#"taskfactory_webhook_deliveries_total{{outcome="{outcome}"}}"#
+            )),
+            "{outcome}: {metrics}"
+        );
+    }
+    trigger.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn oversized_unknown_and_non_json_deliveries_are_refused() -> anyhow::Result<()> {
+    let env = TestEnv::new(options()).await?;
+    let _trigger = env.start(Service::Trigger);
+    env.wait_ready(&[Service::Trigger]).await?;
+    let addr = env.http_addr;
+    let padded = |size: usize| -> Vec<u8> {
+        let mut body = br#"{"pad": ""#.to_vec();
+        body.resize(size - 2, b'x');
+        body.extend_from_slice(br#""}"#);
+        body
+    };
+
+    // Exactly the hook's cap is taken.
+    let body = padded(1024);
+    let answer = post(
+        addr,
+        "/hooks/shop",
+        &signed(SECRET, now(), "fits", &body),
+        &body,
+    )
+    .await?;
+    assert_eq!(answer.status, 202, "{answer:?}");
+
+    // A declared length over the cap is refused before the body is sent.
+    let body = padded(1025);
+    let mut head = request_head("/hooks/shop", &signed(SECRET, now(), "big-1", &body));
+    head.push_str("Content-Length: 1025\r\n\r\n");
+    let answer = exchange(addr, head.as_bytes()).await?;
+    assert_eq!(answer.status, 413, "{answer:?}");
+    assert!(answer.error().contains("1024 bytes"), "{answer:?}");
+
+    // A chunked body with no declared length is cut off where it passes the cap.
+    let body = padded(2048);
+    let mut request = request_head("/hooks/shop", &signed(SECRET, now(), "big-2", &body));
+    request.push_str("Transfer-Encoding: chunked\r\n\r\n");
+    let mut bytes = request.into_bytes();
+    for chunk in body.chunks(512) {
+        bytes.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        bytes.extend_from_slice(chunk);
+        bytes.extend_from_slice(b"\r\n");
+    }
+    bytes.extend_from_slice(b"0\r\n\r\n");
+    let answer = exchange(addr, &bytes).await?;
+    assert_eq!(answer.status, 413, "{answer:?}");
+
+    let body = br#"{"order": 1}"#;
+    let answer = post(
+        addr,
+        "/hooks/nope",
+        &signed(SECRET, now(), "u-1", body),
+        body,
+    )
+    .await?;
+    assert_eq!(answer.status, 404, "{answer:?}");
+    assert!(
+        answer.error().contains(r#"no webhook named "nope""#),
+        "{answer:?}"
+    );
+
+    let body = b"order=1";
+    let answer = post(
+        addr,
+        "/hooks/shop",
+        &signed(SECRET, now(), "j-1", body),
+        body,
+    )
+    .await?;
+    assert_eq!(answer.status, 400, "{answer:?}");
+    assert!(answer.error().contains("not valid JSON"), "{answer:?}");
+
+    assert_eq!(
+        messages_on(&env, SUBJECT).await?,
+        1,
+        "only the delivery that fits"
+    );
+    let metrics = metrics_text();
+    for outcome in ["too_large", "unknown_hook", "bad_request"] {
+        assert!(
+            metrics.contains(&format!(
+                r#"taskfactory_webhook_deliveries_total{{outcome="{outcome}"}}"#
+            )),
+            "{outcome}: {metrics}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_delivery_that_could_not_be_published_can_be_sent_again() -> anyhow::Result<()> {
+    let mut env = TestEnv::new(options()).await?;
+    let _trigger = env.start(Service::Trigger);
+    env.wait_ready(&[Service::Trigger]).await?;
+    let addr = env.http_addr;
+    let body = br#"{"order": "o-1"}"#;
+
+    env.nats.kill();
+    let answer = post(
+        addr,
+        "/hooks/shop",
+        &signed(SECRET, now(), "d-1", body),
+        body,
+    )
+    .await?;
+    assert_eq!(answer.status, 503, "{answer:?}");
+    assert!(
+        answer.error().contains("send the same delivery again"),
+        "{answer:?}"
+    );
+
+    env.nats.restart()?;
+    wait_for(
+        "the same delivery to be accepted",
+        Duration::from_secs(30),
+        || async move {
+            let answer = post(
+                addr,
+                "/hooks/shop",
+                &signed(SECRET, now(), "d-1", body),
+                body,
+            )
+            .await?;
+            match answer.status {
+                202 => Ok(Some(())),
+                503 => Ok(None),
+                _ => bail!("unexpected answer {answer:?}"),
+            }
+        },
+    )
+    .await?;
+    // However the first attempt fared inside NATS, the event is in the stream once.
+    assert_eq!(messages_on(&env, SUBJECT).await?, 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_body_over_the_nats_max_payload_is_413_not_503() -> anyhow::Result<()> {
+    // The hook's cap (here --max-event-bytes, 10 MiB) is above the test server's max_payload (8 MB).
+    let env = TestEnv::new(EnvOptions {
+        max_event_bytes: 10 * 1024 * 1024,
+        webhooks: vec![Hook {
+            max_body_bytes: None,
+            ..shop_hook()
+        }],
+        ..Default::default()
+    })
+    .await?;
+    let _trigger = env.start(Service::Trigger);
+    env.wait_ready(&[Service::Trigger]).await?;
+    let mut body = br#"{"pad": ""#.to_vec();
+    body.resize(9 * 1024 * 1024, b'x');
+    body.extend_from_slice(br#""}"#);
+    let headers = signed(SECRET, now(), "huge-1", &body);
+    let answer = post(env.http_addr, "/hooks/shop", &headers, &body).await?;
+    assert_eq!(answer.status, 413, "{answer:?}");
+    assert!(answer.error().contains("NATS server"), "{answer:?}");
+    assert_eq!(messages_on(&env, SUBJECT).await?, 0);
+    // Nothing was kept: the delivery id is still free.
+    let pool = env.db.pool().await?;
+    let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_deliveries")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(kept, 0);
+    Ok(())
+}
