@@ -98,6 +98,7 @@ async fn same_msg_id_gives_one_run_and_different_ids_give_two() -> anyhow::Resul
     )
     .await?;
     create(&mut admin, "name: keyed\ntrigger: {event: {subject: events.pay.>, dedupeKey: '{{ event.payment }}'}}\ntasks: [{name: t, type: log}]").await?;
+    create(&mut admin, "name: p2-only\ntrigger: {event: {subject: events.pay.>, filter: 'event.payment == \"p2\"'}}\ntasks: [{name: t, type: log}]").await?;
 
     let first = publish_event(
         &js,
@@ -157,6 +158,17 @@ async fn same_msg_id_gives_one_run_and_different_ids_give_two() -> anyhow::Resul
         .collect();
     by_payload.sort();
     assert_eq!(by_payload, ["p1", "p2"]);
+    // The filter let both p2 events through and held back the p1 one, and counted it.
+    assert_eq!(runs(&mut admin, "p2-only").await?.len(), 2);
+    let page = taskfactory_runtime::metrics::handle().render();
+    assert!(
+        page.contains("taskfactory_events_total{outcome=\"filtered\"} 1"),
+        "{page}"
+    );
+    assert!(
+        page.contains("taskfactory_events_total{outcome=\"deduped\"} 1"),
+        "the keyed activity's second p2: {page}"
+    );
     Ok(())
 }
 

@@ -14,6 +14,10 @@ use tokio_util::sync::CancellationToken;
 /// Occurrences of schedules by decision (`FIRED`, `COALESCED`, `SKIPPED_OVERLAP`, …).
 pub const OCCURRENCES: &str = "taskfactory_schedule_occurrences_total";
 
+/// Events taken in, per activity they matched, by outcome (`fired`, `deduped`, `filtered`,
+/// `filter_error`, `dedupe_key_error`), and events `rejected` before matching.
+pub const EVENTS: &str = "taskfactory_events_total";
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// The process's recorder (installed on first use; services sharing a process share it).
@@ -28,6 +32,7 @@ pub fn handle() -> &'static PrometheusHandle {
             OCCURRENCES,
             "Schedule occurrences by the decision taken about them"
         );
+        metrics::describe_counter!(EVENTS, "Events taken in, by outcome per matching activity");
         handle
     })
 }
@@ -36,6 +41,12 @@ pub fn handle() -> &'static PrometheusHandle {
 pub fn count_occurrences(decision: &'static str, n: u64) {
     handle();
     metrics::counter!(OCCURRENCES, "decision" => decision).increment(n);
+}
+
+/// Counts an event outcome.
+pub fn count_events(outcome: &'static str) {
+    handle();
+    metrics::counter!(EVENTS, "outcome" => outcome).increment(1);
 }
 
 /// Serves `/metrics` (Prometheus text) and `/healthz` until shutdown.

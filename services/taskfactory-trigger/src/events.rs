@@ -13,6 +13,7 @@
 
 use std::sync::Arc;
 use std::time::Duration;
+use taskfactory_runtime::metrics;
 use taskfactory_runtime::telemetry::error_chain;
 
 use async_nats::jetstream::Message;
@@ -84,8 +85,12 @@ impl EventIngress {
                     .and_then(|f| f.eval_bool(&scope));
                 match passes {
                     Ok(true) => {}
-                    Ok(false) => continue,
+                    Ok(false) => {
+                        metrics::count_events("filtered");
+                        continue;
+                    }
                     Err(error) => {
+                        metrics::count_events("filter_error");
                         tracing::warn!(activity.name = %activity.name, %subject, error = %error_chain(&error), "event filter failed on this event; activity not fired");
                         continue;
                     }
@@ -103,10 +108,12 @@ impl EventIngress {
                 {
                     Ok(key) if !key.is_empty() => key,
                     Ok(_) => {
+                        metrics::count_events("dedupe_key_error");
                         tracing::warn!(activity.name = %activity.name, %subject, "dedupeKey rendered empty on this event; activity not fired");
                         continue;
                     }
                     Err(error) => {
+                        metrics::count_events("dedupe_key_error");
                         tracing::warn!(activity.name = %activity.name, %subject, error = %error_chain(&error), "dedupeKey failed on this event; activity not fired");
                         continue;
                     }
@@ -125,9 +132,14 @@ impl EventIngress {
                 dst_note: None,
                 overlap: taskfactory_proto::v1::OverlapPolicy::OverlapUnspecified,
             };
-            if let Err(error) = fire::fire(&self.pool, &self.js, request, None).await {
-                tracing::warn!(activity.name = %activity.name, %subject, error = %error_chain(&error), "cannot record event fire; event will be redelivered");
-                return Disposition::Retry(Duration::from_secs(1));
+            match fire::fire(&self.pool, &self.js, request, None).await {
+                Ok(fired) => {
+                    metrics::count_events(if fired.duplicate { "deduped" } else { "fired" })
+                }
+                Err(error) => {
+                    tracing::warn!(activity.name = %activity.name, %subject, error = %error_chain(&error), "cannot record event fire; event will be redelivered");
+                    return Disposition::Retry(Duration::from_secs(1));
+                }
             }
         }
         Disposition::Ack
@@ -141,6 +153,7 @@ impl EventIngress {
         error: &str,
     ) -> Disposition {
         tracing::warn!(subject = %message.subject, stream.sequence = sequence, %error, "rejected event");
+        metrics::count_events("rejected");
         if let Err(e) = store::record_rejected_event(
             &self.pool,
             &message.subject,
