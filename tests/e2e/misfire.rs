@@ -12,12 +12,35 @@ use taskfactory_proto::v1::{
     PauseActivityRequest, ResumeActivityRequest,
 };
 use taskfactory_runtime::clock::{Clock as _, ClockHandle, ManualClock};
-use taskfactory_tests::{EnvOptions, Service, TestEnv, wait_for};
+use taskfactory_tests::{EnvOptions, Running, Service, TestEnv, wait_for};
 
 use crate::support::{Admin, create, runs};
 
 fn utc(s: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+}
+
+/// A fresh environment whose trigger runs on a clock the test drives, starting at `start`.
+async fn driven(start: &str) -> anyhow::Result<(ManualClock, TestEnv, sqlx::PgPool)> {
+    let clock = ManualClock::new(utc(start));
+    let env = TestEnv::new(EnvOptions {
+        clock: ClockHandle::manual(&clock),
+        ..EnvOptions::default()
+    })
+    .await?;
+    let pool = env.db.pool().await?;
+    Ok((clock, env, pool))
+}
+
+/// [`driven`], with the trigger started and its admin API ready.
+async fn driven_trigger(
+    start: &str,
+) -> anyhow::Result<(ManualClock, TestEnv, sqlx::PgPool, Running, Admin)> {
+    let (clock, env, pool) = driven(start).await?;
+    let trigger = env.start(Service::Trigger);
+    env.wait_ready(&[Service::Trigger]).await?;
+    let admin = env.admin().await?;
+    Ok((clock, env, pool, trigger, admin))
 }
 
 fn minutely(name: &str, misfire: &str) -> String {
@@ -117,13 +140,7 @@ struct Expected {
 /// again, and then the schedule carries on. Checks every occurrence's decision from the ledger,
 /// and the runs.
 async fn downtime_under(misfire: &str, cases: &[Expected]) -> anyhow::Result<()> {
-    let clock = ManualClock::new(utc("2026-01-05T10:00:30Z"));
-    let env = TestEnv::new(EnvOptions {
-        clock: ClockHandle::manual(&clock),
-        ..EnvOptions::default()
-    })
-    .await?;
-    let pool = env.db.pool().await?;
+    let (clock, env, pool) = driven("2026-01-05T10:00:30Z").await?;
     let _orchestrator = env.start(Service::Orchestrator);
 
     for (i, case) in cases.iter().enumerate() {
@@ -365,16 +382,7 @@ async fn downtime_with_misfire_all_catches_up_at_most_max_catchup() -> anyhow::R
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_paused_schedule_records_why_it_did_not_fire_and_resumes() -> anyhow::Result<()> {
-    let clock = ManualClock::new(utc("2026-03-02T08:00:30Z"));
-    let env = TestEnv::new(EnvOptions {
-        clock: ClockHandle::manual(&clock),
-        ..EnvOptions::default()
-    })
-    .await?;
-    let pool = env.db.pool().await?;
-    let _trigger = env.start(Service::Trigger);
-    env.wait_ready(&[Service::Trigger]).await?;
-    let mut admin = env.admin().await?;
+    let (clock, _env, pool, _trigger, mut admin) = driven_trigger("2026-03-02T08:00:30Z").await?;
     let activity = create(&mut admin, &minutely("paused", "MISFIRE_SKIP")).await?;
     wait_for("the schedule to start", Duration::from_secs(30), || async {
         watermark(&pool, &activity.id).await
@@ -474,16 +482,7 @@ async fn a_paused_schedule_records_why_it_did_not_fire_and_resumes() -> anyhow::
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn jittered_fires_are_on_time_and_a_new_version_invents_no_catch_up() -> anyhow::Result<()> {
-    let clock = ManualClock::new(utc("2026-05-04T09:59:30Z"));
-    let env = TestEnv::new(EnvOptions {
-        clock: ClockHandle::manual(&clock),
-        ..EnvOptions::default()
-    })
-    .await?;
-    let pool = env.db.pool().await?;
-    let _trigger = env.start(Service::Trigger);
-    env.wait_ready(&[Service::Trigger]).await?;
-    let mut admin = env.admin().await?;
+    let (clock, _env, pool, _trigger, mut admin) = driven_trigger("2026-05-04T09:59:30Z").await?;
     let spec = |cron: &str| {
         format!(
             "name: jittery\ntrigger: {{schedule: {{cron: ['{cron}'], timezone: UTC, jitter: 40s, misfire: MISFIRE_SKIP}}}}\ntasks: [{{name: a, type: log}}]\n"
@@ -542,16 +541,7 @@ async fn jittered_fires_are_on_time_and_a_new_version_invents_no_catch_up() -> a
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn max_runs_start_at_and_end_at_bound_a_schedule_across_restarts() -> anyhow::Result<()> {
-    let clock = ManualClock::new(utc("2026-06-01T12:00:30Z"));
-    let env = TestEnv::new(EnvOptions {
-        clock: ClockHandle::manual(&clock),
-        ..EnvOptions::default()
-    })
-    .await?;
-    let pool = env.db.pool().await?;
-    let trigger = env.start(Service::Trigger);
-    env.wait_ready(&[Service::Trigger]).await?;
-    let mut admin = env.admin().await?;
+    let (clock, env, pool, trigger, mut admin) = driven_trigger("2026-06-01T12:00:30Z").await?;
     let twice = create(
         &mut admin,
         "name: twice\ntrigger: {schedule: {cron: ['* * * * *'], timezone: UTC, maxRuns: 2, misfire: MISFIRE_ALL}}\ntasks: [{name: a, type: log}]\n",
@@ -606,16 +596,7 @@ async fn max_runs_start_at_and_end_at_bound_a_schedule_across_restarts() -> anyh
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_time_already_backfilled_is_deduped_when_the_schedule_reaches_it() -> anyhow::Result<()> {
-    let clock = ManualClock::new(utc("2026-07-01T08:00:30Z"));
-    let env = TestEnv::new(EnvOptions {
-        clock: ClockHandle::manual(&clock),
-        ..EnvOptions::default()
-    })
-    .await?;
-    let pool = env.db.pool().await?;
-    let _trigger = env.start(Service::Trigger);
-    env.wait_ready(&[Service::Trigger]).await?;
-    let mut admin = env.admin().await?;
+    let (clock, _env, pool, _trigger, mut admin) = driven_trigger("2026-07-01T08:00:30Z").await?;
     let activity = create(
         &mut admin,
         "name: deduped\ntrigger: {schedule: {cron: ['* * * * *'], timezone: UTC, misfire: MISFIRE_ALL}}\ntasks: [{name: a, type: log}]\n",

@@ -195,6 +195,12 @@ fn trigger_kind(spec: &ActivitySpec) -> &'static str {
     }
 }
 
+/// The spec of a stored record (it passed validation when stored).
+fn stored_spec(record: &ActivityRecord) -> Result<ActivitySpec, AdminError> {
+    taskfactory_proto::from_json(&record.spec)
+        .map_err(|e| AdminError::Internal(anyhow::anyhow!("stored spec does not parse: {e}")))
+}
+
 /// A stored record as the contract's `Activity`.
 pub fn activity_message(record: &ActivityRecord) -> Result<Activity, AdminError> {
     activity_message_at(record, Utc::now())
@@ -204,8 +210,7 @@ fn activity_message_at(
     record: &ActivityRecord,
     now: chrono::DateTime<Utc>,
 ) -> Result<Activity, AdminError> {
-    let spec: ActivitySpec = taskfactory_proto::from_json(&record.spec)
-        .map_err(|e| AdminError::Internal(anyhow::anyhow!("stored spec does not parse: {e}")))?;
+    let spec = stored_spec(record)?;
     let next_fire_at =
         if record.enabled && !record.paused && record.version == record.current_version {
             LiveActivity::from_record(record)
@@ -558,10 +563,7 @@ impl AdminService for Admin {
             (false, None) => {
                 let id = self.resolve(&request.id).await?;
                 let record = self.load(id, None).await?;
-                let spec: ActivitySpec =
-                    taskfactory_proto::from_json(&record.spec).map_err(|e| {
-                        AdminError::Internal(anyhow::anyhow!("stored spec does not parse: {e}"))
-                    })?;
+                let spec = stored_spec(&record)?;
                 (id, record.current_version, spec)
             }
             (true, Some(spec)) => {
@@ -657,10 +659,7 @@ impl AdminService for Admin {
             (false, None) => {
                 let id = self.resolve(&request.id).await?;
                 let record = self.load(id, None).await?;
-                let spec: ActivitySpec =
-                    taskfactory_proto::from_json(&record.spec).map_err(|e| {
-                        AdminError::Internal(anyhow::anyhow!("stored spec does not parse: {e}"))
-                    })?;
+                let spec = stored_spec(&record)?;
                 let trigger = ledger::schedule_trigger(&spec).cloned().ok_or_else(|| {
                     AdminError::FailedPrecondition(format!(
                         "activity {:?} has no schedule trigger; only schedules have fire times",
