@@ -6,6 +6,7 @@ mod events;
 mod examples;
 mod hostile;
 mod leadership;
+mod lifecycle;
 mod misfire;
 mod overlap;
 mod preview;

@@ -10,9 +10,13 @@
 //! - otherwise → `DEAD`, a copy to `dlq.tasks.<type>` with the error and attempt count, ack;
 //! - a message that is not a TaskInstance → `dlq.tasks.<type>` at once, terminated.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
+
+use futures::StreamExt as _;
 use taskfactory_runtime::telemetry::error_chain;
+use tokio_util::sync::CancellationToken;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::Message;
@@ -29,6 +33,119 @@ pub struct Executor {
     pub builtins: Builtins,
     pub name: String,
     pub ack_wait: Duration,
+    pub cancellations: Arc<Cancellations>,
+}
+
+/// Cancelled runs: checked before each attempt, and watched to stop attempts in flight.
+pub struct Cancellations {
+    kv: async_nats::jetstream::kv::Store,
+    in_flight: std::sync::Mutex<HashMap<String, Vec<(u64, CancellationToken)>>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+impl Cancellations {
+    pub fn new(kv: async_nats::jetstream::kv::Store) -> Self {
+        Self {
+            kv,
+            in_flight: std::sync::Mutex::new(HashMap::new()),
+            next_id: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Registers an attempt of a task of `run`; the token is cancelled if the run is.
+    fn register(self: &Arc<Self>, run: &str) -> InFlight {
+        let token = CancellationToken::new();
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.in_flight
+            .lock()
+            .expect("cancellations lock")
+            .entry(run.to_owned())
+            .or_default()
+            .push((id, token.clone()));
+        InFlight {
+            cancellations: self.clone(),
+            run: run.to_owned(),
+            id,
+            token,
+        }
+    }
+
+    /// The reason the run was cancelled, if it was.
+    async fn reason(&self, run: &str) -> Result<Option<String>, String> {
+        match self.kv.get(run).await {
+            Ok(Some(reason)) => Ok(Some(String::from_utf8_lossy(&reason).into_owned())),
+            Ok(None) => Ok(None),
+            Err(error) => Err(error.to_string()),
+        }
+    }
+
+    /// Cancels the attempts in flight of runs as they are cancelled, until shutdown.
+    pub async fn watch(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            let mut updates = match self.kv.watch_all().await {
+                Ok(updates) => updates,
+                Err(error) => {
+                    tracing::warn!(error = %error_chain(&error), "cannot watch cancelled runs; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            loop {
+                let entry = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    entry = updates.next() => entry,
+                };
+                match entry {
+                    Some(Ok(entry))
+                        if entry.operation == async_nats::jetstream::kv::Operation::Put =>
+                    {
+                        let tokens = self
+                            .in_flight
+                            .lock()
+                            .expect("cancellations lock")
+                            .remove(&entry.key);
+                        for (_, token) in tokens.into_iter().flatten() {
+                            token.cancel();
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(error)) => {
+                        tracing::warn!(error = %error_chain(&error), "watching cancelled runs failed; rewatching");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+        }
+    }
+}
+
+/// One attempt in flight; unregisters itself when dropped.
+struct InFlight {
+    cancellations: Arc<Cancellations>,
+    run: String,
+    id: u64,
+    token: CancellationToken,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut in_flight = self
+            .cancellations
+            .in_flight
+            .lock()
+            .expect("cancellations lock");
+        if let Some(tokens) = in_flight.get_mut(&self.run) {
+            tokens.retain(|(id, _)| *id != self.id);
+            if tokens.is_empty() {
+                in_flight.remove(&self.run);
+            }
+        }
+    }
 }
 
 impl Executor {
@@ -57,11 +174,13 @@ impl Executor {
                     .await;
             }
         };
-        let attempt = message
+        // The attempt within this series (RetryTask starts a new one), and overall.
+        let series_attempt = message
             .info()
             .map(|info| u32::try_from(info.delivered).unwrap_or(u32::MAX))
             .unwrap_or(1)
             .max(1);
+        let attempt = task.attempt_base.saturating_add(series_attempt);
         let retry = effective_retry(task.retry.as_ref());
         let timeout = task
             .timeout
@@ -76,29 +195,54 @@ impl Executor {
             .unwrap_or_else(|| serde_json::json!({}));
 
         let started_at = Utc::now();
-        let heartbeat = messaging::heartbeat(message, self.ack_wait / 3);
-        let outcome = match tokio::time::timeout(
-            timeout,
-            self.builtins.run(&task.r#type, &task.task_id, &params),
-        )
-        .await
-        {
-            Ok(outcome) => outcome,
-            Err(_) => Err(TaskFailure::retryable(format!(
-                "timed out after {timeout:?}"
-            ))),
+        // Registered before the check, so a cancel landing in between is still seen.
+        let in_flight = self.cancellations.register(&task.run_id);
+        let cancelled = match self.cancellations.reason(&task.run_id).await {
+            Ok(reason) => reason,
+            Err(error) => {
+                tracing::warn!(task.id = %task.task_id, %error, "cannot check whether the run was cancelled; retrying the task");
+                return Disposition::Retry(Duration::from_secs(1));
+            }
         };
-        drop(heartbeat);
+        let outcome = match cancelled {
+            Some(reason) => Err(Stopped::Cancelled(reason)),
+            None => {
+                let heartbeat = messaging::heartbeat(message, self.ack_wait / 3);
+                let outcome = tokio::select! {
+                    outcome = tokio::time::timeout(
+                        timeout,
+                        self.builtins.run(&task.r#type, &task.task_id, &params),
+                    ) => match outcome {
+                        Ok(outcome) => outcome.map_err(Stopped::Failed),
+                        Err(_) => Err(Stopped::Failed(TaskFailure::retryable(format!(
+                            "timed out after {timeout:?}"
+                        )))),
+                    },
+                    _ = in_flight.token.cancelled() => Err(Stopped::Cancelled(
+                        "the run was cancelled while the task ran".to_owned(),
+                    )),
+                };
+                drop(heartbeat);
+                outcome
+            }
+        };
+        drop(in_flight);
 
         let (status, disposition, error, output) = match outcome {
+            Err(Stopped::Cancelled(reason)) => {
+                tracing::info!(task.id = %task.task_id, run.id = %task.run_id, "task of a cancelled run not run");
+                (TaskStatus::Cancelled, Disposition::Ack, reason, None)
+            }
             Ok(output) => (
                 TaskStatus::Succeeded,
                 Disposition::Ack,
                 String::new(),
                 Some(output),
             ),
-            Err(failure) if failure.retryable && attempt < retry.max_attempts => {
-                let delay = backoff(&retry, attempt, &task.task_id);
+            Err(Stopped::Failed(failure))
+                if failure.retryable && series_attempt < retry.max_attempts =>
+            {
+                let delay = backoff(&retry, series_attempt, &task.task_id);
                 tracing::warn!(task.id = %task.task_id, task.type = %task.r#type, attempt, error = %failure.message, retry_in = ?delay, "task attempt failed");
                 (
                     TaskStatus::Failed,
@@ -107,7 +251,7 @@ impl Executor {
                     None,
                 )
             }
-            Err(failure) => {
+            Err(Stopped::Failed(failure)) => {
                 tracing::warn!(task.id = %task.task_id, task.type = %task.r#type, attempt, error = %failure.message, "task dead");
                 (TaskStatus::Dead, Disposition::Ack, failure.message, None)
             }
@@ -178,6 +322,12 @@ impl Executor {
 }
 
 /// Exponential backoff from the policy, with ±20% jitter derived from the task and attempt.
+/// Why an attempt did not succeed.
+enum Stopped {
+    Failed(TaskFailure),
+    Cancelled(String),
+}
+
 pub fn backoff(retry: &RetryPolicy, attempt: u32, task_id: &str) -> Duration {
     let initial = retry
         .initial_backoff

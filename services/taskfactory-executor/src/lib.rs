@@ -109,13 +109,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     )
     .await
     .context("nats")?;
+    let cancellations = Arc::new(execute::Cancellations::new(
+        nats::cancelled_runs(&js, config.nats.stream_replicas)
+            .await
+            .map_err(|e| anyhow::anyhow!("the cancelled-runs bucket: {e}"))?,
+    ));
     let executor = Arc::new(execute::Executor {
         builtins: builtins::Builtins::new(egress, js.clone(), client.clone())
             .context("http client")?,
         name: config.name.clone().unwrap_or_else(default_name),
         ack_wait: config.ack_wait,
+        cancellations: cancellations.clone(),
     });
     let tracker = TaskTracker::new();
+    tracker.spawn(cancellations.watch(shutdown.clone()));
     taskfactory_runtime::metrics::spawn_endpoint(
         &tracker,
         config.lifecycle.metrics_addr,

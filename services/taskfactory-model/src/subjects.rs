@@ -21,6 +21,12 @@ pub const DLQ_SUBJECTS: &str = "dlq.>";
 pub const DEFINITIONS_CHANGED: &str = "taskfactory.internal.definitions-changed";
 /// Request/reply: the trigger asks an orchestrator to preview a run (`PreviewRun`).
 pub const PREVIEW_REQUESTS: &str = "taskfactory.internal.preview";
+/// Request/reply: the trigger's admin API asks an orchestrator to cancel a run, complete a human
+/// task or redrive a dead one (the orchestrator owns runs and tasks).
+pub const RUN_COMMANDS: &str = "taskfactory.internal.commands";
+/// The KV bucket of cancelled runs (key = run id): executors check it before each attempt and watch
+/// it to stop attempts in flight.
+pub const CANCELLED_RUNS_BUCKET: &str = "taskfactory_cancelled_runs";
 /// The queue group orchestrators answer previews in (one answers each).
 pub const PREVIEW_QUEUE: &str = "taskfactory-orchestrator";
 /// Published by the orchestrator when a run reaches a terminal state; activities can chain on it.

@@ -11,8 +11,10 @@
 //! - [`preview`]: answering `PreviewRun` (the same evaluation, nothing recorded).
 //! - [`results`]: one TaskResult → task state, run counters, run completion.
 //! - [`completion`]: announcing finished runs exactly once in effect.
+//! - [`commands`]: CancelRun, CompleteTask (human tasks) and RetryTask, for the admin API.
 //! - [`store`]: Postgres access.
 
+pub mod commands;
 pub mod completion;
 pub mod context;
 pub mod preview;
@@ -268,6 +270,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     });
     let overlap_spawner = spawner.clone();
     let preview_spawner = spawner.clone();
+    let commands = Arc::new(commands::Commands {
+        spawner: spawner.clone(),
+        cancelled_runs: nats::cancelled_runs(&js, config.nats.stream_replicas)
+            .await
+            .map_err(|e| anyhow::anyhow!("the cancelled-runs bucket: {e}"))?,
+    });
     let tracker = TaskTracker::new();
     taskfactory_runtime::metrics::spawn_endpoint(
         &tracker,
@@ -309,6 +317,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     tracker.spawn(preview::serve(
         client.clone(),
         preview_spawner,
+        shutdown.clone(),
+    ));
+    tracker.spawn(commands::serve(
+        client.clone(),
+        commands.clone(),
+        shutdown.clone(),
+    ));
+    tracker.spawn(commands::run_deadline_sweeper(
+        commands,
+        Duration::from_secs(1),
         shutdown.clone(),
     ));
     tracker.spawn(spawn::run_overlap_sweeper(

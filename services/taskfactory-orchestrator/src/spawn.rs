@@ -24,11 +24,13 @@ use prost::Message as _;
 use sqlx::PgPool;
 use taskfactory_model::ids::{ActivityId, RunId, TaskId};
 use taskfactory_model::plan::{self, PlanLimits, Scope};
-use taskfactory_model::spec::{chrono_to_timestamp, proto_duration, timestamp_to_chrono};
+use taskfactory_model::spec::{
+    chrono_to_timestamp, proto_duration, std_duration, timestamp_to_chrono,
+};
 use taskfactory_model::status::source_name;
 use taskfactory_model::{subjects, values};
 use taskfactory_proto::v1::{
-    ActivitySpec, OverlapPolicy, RunStatus, TaskInstance, TriggerEvent, trigger,
+    ActivitySpec, OverlapPolicy, RunStatus, TaskInstance, TaskStatus, TriggerEvent, trigger,
 };
 use taskfactory_runtime::messaging::{self, Disposition};
 use taskfactory_runtime::telemetry::error_chain;
@@ -167,10 +169,7 @@ impl Spawner {
 
         let (new_run, tasks) = self.evaluate(&event, activity_id, run_id).await?;
         let status = new_run.status;
-        let instances: Vec<(TaskId, String, Vec<u8>)> = tasks
-            .iter()
-            .map(|t| (t.id, t.task_type.clone(), t.instance.clone()))
-            .collect();
+        let instances = publishable(&tasks);
         if !store::insert_run(&self.pool, &new_run, &tasks).await? {
             // Another delivery recorded it first; continue from what it recorded.
             return Box::pin(self.process(message)).await;
@@ -282,11 +281,7 @@ impl Spawner {
             .await?
             .is_some_and(|state| state.status == RunStatus::RunCancelled);
         if run.status == RunStatus::RunRunning && !cancelled {
-            let instances: Vec<(TaskId, String, Vec<u8>)> = tasks
-                .iter()
-                .map(|t| (t.id, t.task_type.clone(), t.instance.clone()))
-                .collect();
-            self.publish_tasks(&instances).await?;
+            self.publish_tasks(&publishable(&tasks)).await?;
             store::mark_spawn_complete(&self.pool, run_id).await?;
         } else {
             completion::announce_if_finished(&self.pool, &self.js, run_id).await?;
@@ -440,7 +435,21 @@ impl Spawner {
                 created_at: Some(chrono_to_timestamp(created_at)),
                 activity_name: event.activity_name.clone(),
                 item_index: planned.item_index,
+                attempt_base: 0,
             };
+            // Human tasks wait for CompleteTask; an explicit `timeout` is their deadline.
+            let human = planned.task_type == HUMAN_TASK_TYPE;
+            let deadline = human
+                .then(|| {
+                    spec.tasks
+                        .iter()
+                        .find(|t| t.name == planned.template)
+                        .and_then(|t| t.timeout.as_ref())
+                        .and_then(std_duration)
+                        .and_then(|d| chrono::Duration::from_std(d).ok())
+                        .map(|d| created_at + d)
+                })
+                .flatten();
             tasks.push(NewTask {
                 id,
                 template: planned.template,
@@ -449,6 +458,12 @@ impl Spawner {
                 params: planned.params,
                 instance: instance.encode_to_vec(),
                 created_at,
+                status: if human {
+                    TaskStatus::Waiting
+                } else {
+                    TaskStatus::Pending
+                },
+                deadline,
             });
         }
         (run, tasks)
@@ -489,6 +504,18 @@ impl Spawner {
         }
         Ok(())
     }
+}
+
+/// The task type served by people through `CompleteTask`, not by executors.
+pub const HUMAN_TASK_TYPE: &str = "human";
+
+/// The tasks that go to executors (all but human tasks), as `(id, type, TaskInstance bytes)`.
+fn publishable(tasks: &[NewTask]) -> Vec<(TaskId, String, Vec<u8>)> {
+    tasks
+        .iter()
+        .filter(|t| t.status == TaskStatus::Pending)
+        .map(|t| (t.id, t.task_type.clone(), t.instance.clone()))
+        .collect()
 }
 
 /// The run a fire makes, before evaluation (status RUNNING, nothing resolved yet).

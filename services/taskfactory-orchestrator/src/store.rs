@@ -82,6 +82,10 @@ pub struct NewTask {
     /// The encoded TaskInstance.
     pub instance: Vec<u8>,
     pub created_at: DateTime<Utc>,
+    /// `PENDING`, or `WAITING` for a human task (not published: completed through the API).
+    pub status: TaskStatus,
+    /// A human task's deadline.
+    pub deadline: Option<DateTime<Utc>>,
 }
 
 /// How a run row is written besides its `NewRun` fields.
@@ -158,13 +162,19 @@ async fn insert_tasks(
         let params: Vec<&serde_json::Value> = chunk.iter().map(|t| &t.params).collect();
         let instances: Vec<&[u8]> = chunk.iter().map(|t| t.instance.as_slice()).collect();
         let created: Vec<DateTime<Utc>> = chunk.iter().map(|t| t.created_at).collect();
+        let statuses: Vec<&str> = chunk
+            .iter()
+            .map(|t| status::task_status_db(t.status))
+            .collect();
+        let deadlines: Vec<Option<DateTime<Utc>>> = chunk.iter().map(|t| t.deadline).collect();
         sqlx::query(
             "INSERT INTO tasks (id, run_id, activity_id, activity_name, template, item_index, type, \
-                 params, instance, status, created_at) \
+                 params, instance, status, created_at, deadline) \
              SELECT u.id, $1, $2, $3, u.template, u.item_index, u.type, u.params, u.instance, \
-                 'PENDING', u.created_at \
+                 u.status, u.created_at, u.deadline \
              FROM UNNEST($4::uuid[], $5::text[], $6::int4[], $7::text[], $8::jsonb[], $9::bytea[], \
-                 $10::timestamptz[]) AS u(id, template, item_index, type, params, instance, created_at) \
+                 $10::timestamptz[], $11::text[], $12::timestamptz[]) \
+                 AS u(id, template, item_index, type, params, instance, created_at, status, deadline) \
              ON CONFLICT (id) DO NOTHING",
         )
         .bind(run.id.0)
@@ -177,6 +187,8 @@ async fn insert_tasks(
         .bind(&params)
         .bind(&instances)
         .bind(&created)
+        .bind(&statuses)
+        .bind(&deadlines)
         .execute(&mut *tx)
         .await?;
     }
@@ -654,4 +666,129 @@ fn completed_from_row(row: &sqlx::postgres::PgRow) -> Result<Option<CompletedRun
         tasks_failed: count("tasks_failed")?,
         finished_at: row.try_get("finished_at")?,
     }))
+}
+
+/// What cancelling a run found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Cancelled {
+    NotFound,
+    /// Already finished: nothing to cancel.
+    AlreadyFinished(RunStatus),
+    /// Cancelled now (its unfinished tasks too); its activity, to start what waits behind it.
+    Now(ActivityId),
+}
+
+/// Cancels a run and its unfinished tasks (under the activity's overlap lock).
+pub async fn cancel_run(pool: &PgPool, run: RunId, reason: &str) -> Result<Cancelled, sqlx::Error> {
+    let found: Option<(Uuid, String)> =
+        sqlx::query_as("SELECT activity_id, status FROM runs WHERE id = $1")
+            .bind(run.0)
+            .fetch_optional(pool)
+            .await?;
+    let Some((activity, _)) = found else {
+        return Ok(Cancelled::NotFound);
+    };
+    let activity = ActivityId(activity);
+    let mut tx = pool.begin().await?;
+    lock_activity(&mut tx, activity).await?;
+    let (status,): (String,) = sqlx::query_as("SELECT status FROM runs WHERE id = $1 FOR UPDATE")
+        .bind(run.0)
+        .fetch_one(&mut *tx)
+        .await?;
+    let status = status::run_status_from_db(&status);
+    if status::run_is_terminal(status) {
+        tx.rollback().await?;
+        return Ok(Cancelled::AlreadyFinished(status));
+    }
+    cancel_runs(&mut tx, &[run], reason).await?;
+    tx.commit().await?;
+    Ok(Cancelled::Now(activity))
+}
+
+/// A task as the commands see it.
+#[derive(Debug)]
+pub struct TaskState {
+    pub run: RunId,
+    pub activity: ActivityId,
+    pub status: TaskStatus,
+    pub attempts: u32,
+    pub task_type: String,
+    pub instance: Vec<u8>,
+    pub redrives: u32,
+}
+
+pub async fn task_state(pool: &PgPool, task: TaskId) -> Result<Option<TaskState>, sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT run_id, activity_id, status, attempts, type, instance, redrives FROM tasks WHERE id = $1",
+    )
+    .bind(task.0)
+    .fetch_optional(pool)
+    .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    Ok(Some(TaskState {
+        run: RunId(row.try_get("run_id")?),
+        activity: ActivityId(row.try_get("activity_id")?),
+        status: status::task_status_from_db(&row.try_get::<String, _>("status")?),
+        attempts: u32::try_from(row.try_get::<i32, _>("attempts")?).unwrap_or(0),
+        task_type: row.try_get("type")?,
+        instance: row.try_get("instance")?,
+        redrives: u32::try_from(row.try_get::<i32, _>("redrives")?).unwrap_or(0),
+    }))
+}
+
+/// Puts a dead task back to `PENDING` for a new attempt series, and reopens its run if the task's
+/// death had finished it. False when the task is not dead (or its run was cancelled).
+pub async fn redrive_task(pool: &PgPool, task: TaskId) -> Result<bool, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let row: Option<(Uuid, String)> = sqlx::query_as(
+        "SELECT t.run_id, r.status FROM tasks t JOIN runs r ON r.id = t.run_id \
+         WHERE t.id = $1 AND t.status = 'DEAD' FOR UPDATE OF t, r",
+    )
+    .bind(task.0)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((run, run_status)) = row else {
+        tx.rollback().await?;
+        return Ok(false);
+    };
+    if run_status == "CANCELLED" || run_status == "SKIPPED" {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    sqlx::query(
+        "UPDATE tasks SET status = 'PENDING', redrives = redrives + 1, finished_at = NULL \
+         WHERE id = $1",
+    )
+    .bind(task.0)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "UPDATE runs SET tasks_failed = GREATEST(tasks_failed - 1, 0), status = 'RUNNING', \
+             finished_at = NULL, announced_at = NULL \
+         WHERE id = $1",
+    )
+    .bind(run)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Human tasks whose deadline passed.
+pub async fn expired_human_tasks(
+    pool: &PgPool,
+    now: DateTime<Utc>,
+) -> Result<Vec<(TaskId, u32)>, sqlx::Error> {
+    let rows: Vec<(Uuid, i32)> = sqlx::query_as(
+        "SELECT id, attempts FROM tasks WHERE status = 'WAITING' AND deadline < $1 LIMIT 500",
+    )
+    .bind(now)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, n)| (TaskId(id), u32::try_from(n).unwrap_or(0)))
+        .collect())
 }

@@ -149,3 +149,26 @@ pub async fn declare_streams(js: &jetstream::Context, replicas: usize) -> Result
     }
     Ok(())
 }
+
+/// The KV bucket of cancelled runs (created if absent): the orchestrator writes a run's id there
+/// before it acknowledges a cancel; executors read it before each attempt and watch it.
+pub async fn cancelled_runs(
+    js: &jetstream::Context,
+    replicas: usize,
+) -> Result<jetstream::kv::Store, async_nats::Error> {
+    let bucket = taskfactory_model::subjects::CANCELLED_RUNS_BUCKET;
+    match js.get_key_value(bucket).await {
+        Ok(store) => Ok(store),
+        Err(_) => Ok(js
+            .create_key_value(jetstream::kv::Config {
+                bucket: bucket.to_owned(),
+                description: "taskfactory: cancelled runs (executors skip their tasks)".to_owned(),
+                history: 1,
+                // Long enough for any task message still queued to be skipped.
+                max_age: std::time::Duration::from_secs(14 * 24 * 3600),
+                num_replicas: replicas.max(1),
+                ..Default::default()
+            })
+            .await?),
+    }
+}

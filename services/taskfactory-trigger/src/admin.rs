@@ -11,13 +11,14 @@ use taskfactory_model::spec::{self, SpecErrors, chrono_to_timestamp};
 use taskfactory_model::values;
 use taskfactory_proto::v1::admin_service_server::AdminService;
 use taskfactory_proto::v1::{
-    self, Activity, ActivitySpec, BackfillRequest, BackfillResponse, CreateActivityRequest,
-    DeleteActivityRequest, DeleteActivityResponse, GetActivityRequest, GetRunRequest,
-    GetTaskRequest, ListActivitiesRequest, ListActivitiesResponse, ListActivityVersionsRequest,
-    ListActivityVersionsResponse, ListOccurrencesRequest, ListOccurrencesResponse, ListRunsRequest,
-    ListRunsResponse, ListScheduleTimesRequest, ListScheduleTimesResponse, ListTasksRequest,
-    ListTasksResponse, PauseActivityRequest, PreviewRunRequest, PreviewRunResponse,
-    ResumeActivityRequest, Run, RunStatus, Task, TaskStatus, TriggerActivityRequest,
+    self, Activity, ActivitySpec, BackfillRequest, BackfillResponse, CancelRunRequest,
+    CompleteTaskRequest, CreateActivityRequest, DeleteActivityRequest, DeleteActivityResponse,
+    GetActivityRequest, GetRunRequest, GetTaskRequest, ListActivitiesRequest,
+    ListActivitiesResponse, ListActivityVersionsRequest, ListActivityVersionsResponse,
+    ListOccurrencesRequest, ListOccurrencesResponse, ListRunsRequest, ListRunsResponse,
+    ListScheduleTimesRequest, ListScheduleTimesResponse, ListTasksRequest, ListTasksResponse,
+    PauseActivityRequest, PreviewRunRequest, PreviewRunResponse, ResumeActivityRequest,
+    RetryTaskRequest, Run, RunStatus, Task, TaskStatus, TriggerActivityRequest,
     TriggerActivityResponse, TriggerSource, UpdateActivityRequest, trigger,
 };
 use taskfactory_runtime::clock::ClockHandle;
@@ -32,6 +33,8 @@ use crate::{ledger, views};
 
 const DEFAULT_PAGE_SIZE: u32 = 50;
 const MAX_PAGE_SIZE: u32 = 1000;
+/// How long a command (cancel, complete, retry) waits for an orchestrator.
+const COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// How long `PreviewRun` waits for an orchestrator (sources have their own timeouts).
 const PREVIEW_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// Fire times one `Backfill` call may cover.
@@ -142,6 +145,45 @@ impl Admin {
             &record,
             self.clock.now(),
         )?))
+    }
+
+    /// Asks an orchestrator to carry out a command on runs or tasks (it owns them).
+    async fn command(&self, body: serde_json::Value) -> Result<(), Status> {
+        let reply = tokio::time::timeout(
+            COMMAND_TIMEOUT,
+            self.nats.send_request(
+                taskfactory_model::subjects::RUN_COMMANDS,
+                async_nats::Request::new()
+                    .payload(serde_json::to_vec(&body).unwrap_or_default().into())
+                    .timeout(Some(COMMAND_TIMEOUT)),
+            ),
+        )
+        .await
+        .map_err(|_| Status::deadline_exceeded("no orchestrator answered in time; retry"))?
+        .map_err(|e| {
+            Status::unavailable(format!(
+                "no orchestrator is available to carry this out ({e}); start one and retry"
+            ))
+        })?;
+        let answer: serde_json::Value = serde_json::from_slice(&reply.payload)
+            .map_err(|e| AdminError::Internal(anyhow::anyhow!("command answer: {e}")))?;
+        if answer["ok"].as_bool() == Some(true) {
+            return Ok(());
+        }
+        let message = answer["error"].as_str().unwrap_or("failed").to_owned();
+        Err(match answer["code"].as_str() {
+            Some("not_found") => Status::not_found(message),
+            Some("failed_precondition") => Status::failed_precondition(message),
+            _ => AdminError::Internal(anyhow::anyhow!(message)).into(),
+        })
+    }
+
+    async fn task(&self, uuid: Uuid, id: String) -> Result<Response<Task>, Status> {
+        let task = views::get_task(&self.pool, uuid)
+            .await
+            .map_err(AdminError::from)?
+            .ok_or(AdminError::NotFound { what: "task", id })?;
+        Ok(Response::new(task))
     }
 
     async fn resolve(&self, id_or_name: &str) -> Result<ActivityId, AdminError> {
@@ -779,6 +821,54 @@ impl AdminService for Admin {
             .map_err(AdminError::from)?
             .ok_or(AdminError::NotFound { what: "run", id })?;
         Ok(Response::new(run))
+    }
+
+    async fn cancel_run(
+        &self,
+        request: Request<CancelRunRequest>,
+    ) -> Result<Response<Run>, Status> {
+        let request = request.into_inner();
+        let uuid = parse_uuid("id", &request.id)?;
+        self.command(
+            serde_json::json!({"op": "cancel", "run": uuid.to_string(), "reason": request.reason}),
+        )
+        .await?;
+        let run = views::get_run(&self.pool, uuid)
+            .await
+            .map_err(AdminError::from)?
+            .ok_or(AdminError::NotFound {
+                what: "run",
+                id: request.id,
+            })?;
+        Ok(Response::new(run))
+    }
+
+    async fn complete_task(
+        &self,
+        request: Request<CompleteTaskRequest>,
+    ) -> Result<Response<Task>, Status> {
+        let request = request.into_inner();
+        let uuid = parse_uuid("id", &request.id)?;
+        self.command(serde_json::json!({
+            "op": "complete",
+            "task": uuid.to_string(),
+            "failed": request.failed,
+            "error": request.error,
+            "output": request.output.as_ref().map(values::value_to_json),
+        }))
+        .await?;
+        self.task(uuid, request.id).await
+    }
+
+    async fn retry_task(
+        &self,
+        request: Request<RetryTaskRequest>,
+    ) -> Result<Response<Task>, Status> {
+        let request = request.into_inner();
+        let uuid = parse_uuid("id", &request.id)?;
+        self.command(serde_json::json!({"op": "retry", "task": uuid.to_string()}))
+            .await?;
+        self.task(uuid, request.id).await
     }
 
     async fn list_tasks(

@@ -1,0 +1,310 @@
+//! Commands from the admin API, which the orchestrator carries out because it owns runs and tasks:
+//! `CancelRun`, `CompleteTask` (human tasks) and `RetryTask` (redrive a dead task). They arrive as
+//! requests on `taskfactory.internal.commands` (one orchestrator of the queue group answers), as
+//! JSON: `{"op": "cancel", "run": id, "reason": …}`, `{"op": "complete", "task": id, "failed":
+//! bool, "output": any, "error": …}`, `{"op": "retry", "task": id}`. The answer is `{"ok": true}`
+//! or `{"error": …, "code": "not_found" | "failed_precondition" | "internal"}`.
+//!
+//! A cancel is answered only after the run is recorded as cancelled *and* its id is in the
+//! cancelled-runs KV bucket, which executors read before every attempt: once the caller has the
+//! answer, none of the run's tasks starts.
+
+use std::sync::Arc;
+
+use futures::StreamExt as _;
+use prost::Message as _;
+use serde_json::json;
+use taskfactory_model::ids::{RunId, TaskId};
+use taskfactory_model::subjects;
+use taskfactory_proto::v1::{TaskInstance, TaskStatus};
+use taskfactory_runtime::messaging;
+use taskfactory_runtime::telemetry::error_chain;
+use tokio_util::sync::CancellationToken;
+
+use crate::completion;
+use crate::spawn::Spawner;
+use crate::store::{self, Cancelled, Recorded, ResultRecord};
+
+/// What answering needs.
+pub struct Commands {
+    pub spawner: Arc<Spawner>,
+    pub cancelled_runs: async_nats::jetstream::kv::Store,
+}
+
+/// A command that could not be carried out, with the gRPC-ish code the admin API maps it to.
+struct Refusal {
+    code: &'static str,
+    message: String,
+}
+
+fn refuse(code: &'static str, message: impl Into<String>) -> Refusal {
+    Refusal {
+        code,
+        message: message.into(),
+    }
+}
+
+impl From<sqlx::Error> for Refusal {
+    fn from(error: sqlx::Error) -> Self {
+        refuse("internal", format!("database: {}", error_chain(&error)))
+    }
+}
+
+/// Answers commands until shutdown.
+pub async fn serve(nats: async_nats::Client, commands: Arc<Commands>, shutdown: CancellationToken) {
+    let mut requests = match nats
+        .queue_subscribe(subjects::RUN_COMMANDS, subjects::PREVIEW_QUEUE.to_owned())
+        .await
+    {
+        Ok(subscription) => subscription,
+        Err(error) => {
+            tracing::error!(error = %error_chain(&error), "cannot subscribe to admin commands; CancelRun, CompleteTask and RetryTask will not work");
+            return;
+        }
+    };
+    loop {
+        let request = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            request = requests.next() => match request {
+                Some(request) => request,
+                None => break,
+            },
+        };
+        let Some(reply) = request.reply.clone() else {
+            continue;
+        };
+        let (nats, commands) = (nats.clone(), commands.clone());
+        tokio::spawn(async move {
+            let answer = match commands.carry_out(&request.payload).await {
+                Ok(()) => json!({"ok": true}),
+                Err(refusal) => json!({"error": refusal.message, "code": refusal.code}),
+            };
+            let body = serde_json::to_vec(&answer).unwrap_or_default();
+            if let Err(error) = nats.publish(reply, body.into()).await {
+                tracing::warn!(error = %error_chain(&error), "cannot answer an admin command");
+            }
+        });
+    }
+    let _ = requests.unsubscribe().await;
+}
+
+impl Commands {
+    async fn carry_out(&self, body: &[u8]) -> Result<(), Refusal> {
+        let command: serde_json::Value = serde_json::from_slice(body)
+            .map_err(|e| refuse("internal", format!("command is not JSON: {e}")))?;
+        let text = |name: &str| command[name].as_str().unwrap_or_default().to_owned();
+        match command["op"].as_str() {
+            Some("cancel") => {
+                let run: RunId = text("run")
+                    .parse()
+                    .map_err(|_| refuse("not_found", "no such run"))?;
+                self.cancel(run, &text("reason")).await
+            }
+            Some("complete") => {
+                let task: TaskId = text("task")
+                    .parse()
+                    .map_err(|_| refuse("not_found", "no such task"))?;
+                let failed = command["failed"].as_bool().unwrap_or(false);
+                let output = command.get("output").cloned().filter(|o| !o.is_null());
+                self.complete(task, failed, output, &text("error")).await
+            }
+            Some("retry") => {
+                let task: TaskId = text("task")
+                    .parse()
+                    .map_err(|_| refuse("not_found", "no such task"))?;
+                self.retry(task).await
+            }
+            other => Err(refuse("internal", format!("unknown command {other:?}"))),
+        }
+    }
+
+    async fn cancel(&self, run: RunId, reason: &str) -> Result<(), Refusal> {
+        let reason = if reason.trim().is_empty() {
+            "cancelled through the admin API".to_owned()
+        } else {
+            format!("cancelled: {reason}")
+        };
+        // Executors first: from here on none of the run's tasks starts, whatever happens next.
+        self.cancelled_runs
+            .put(run.to_string(), reason.clone().into())
+            .await
+            .map_err(|e| {
+                refuse(
+                    "internal",
+                    format!("recording the cancel for executors: {e}"),
+                )
+            })?;
+        match store::cancel_run(&self.spawner.pool, run, &reason).await? {
+            Cancelled::NotFound => {
+                let _ = self.cancelled_runs.delete(run.to_string()).await;
+                Err(refuse("not_found", format!("run {run} not found")))
+            }
+            Cancelled::AlreadyFinished(status) => {
+                let _ = self.cancelled_runs.delete(run.to_string()).await;
+                Err(refuse(
+                    "failed_precondition",
+                    format!("run {run} already finished ({})", status.as_str_name()),
+                ))
+            }
+            Cancelled::Now(activity) => {
+                tracing::info!(run.id = %run, %reason, "run cancelled");
+                if let Err(error) =
+                    completion::announce_if_finished(&self.spawner.pool, &self.spawner.js, run)
+                        .await
+                {
+                    tracing::warn!(run.id = %run, error = %error_chain(&error), "cancelled run not announced yet; the sweeper will");
+                }
+                if let Err(error) = self.spawner.start_next(activity).await {
+                    tracing::warn!(error = %error_chain(&error), "cannot start the next buffered run yet");
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn complete(
+        &self,
+        task: TaskId,
+        failed: bool,
+        output: Option<serde_json::Value>,
+        error: &str,
+    ) -> Result<(), Refusal> {
+        let state = store::task_state(&self.spawner.pool, task)
+            .await?
+            .ok_or_else(|| refuse("not_found", format!("task {task} not found")))?;
+        if state.status != TaskStatus::Waiting {
+            return Err(refuse(
+                "failed_precondition",
+                format!(
+                    "task {task} is {} (a {} task); only a human task that is WAITING can be completed",
+                    state.status.as_str_name(),
+                    state.task_type
+                ),
+            ));
+        }
+        let record = ResultRecord {
+            task_id: task,
+            attempt: state.attempts + 1,
+            status: if failed {
+                TaskStatus::Dead
+            } else {
+                TaskStatus::Succeeded
+            },
+            error: if failed && error.is_empty() {
+                "marked failed through the admin API".to_owned()
+            } else {
+                error.to_owned()
+            },
+            output,
+            executor: "admin-api".to_owned(),
+            started_at: None,
+            finished_at: Some(chrono::Utc::now()),
+        };
+        self.record(record).await
+    }
+
+    /// Records a result the way the results consumer does, and announces a finished run.
+    async fn record(&self, record: ResultRecord) -> Result<(), Refusal> {
+        match store::record_result(&self.spawner.pool, &record).await? {
+            Recorded::UnknownTask => Err(refuse("not_found", "no such task")),
+            Recorded::AlreadyFinal => {
+                Err(refuse("failed_precondition", "the task finished meanwhile"))
+            }
+            Recorded::Applied(completed) => {
+                if let Some(run) = completed {
+                    if let Err(error) =
+                        completion::announce(&self.spawner.pool, &self.spawner.js, &run).await
+                    {
+                        tracing::warn!(run.id = %run.id, error = %error_chain(&error), "finished run not announced yet; the sweeper will");
+                    }
+                    if let Err(error) = self.spawner.start_next(run.activity_id).await {
+                        tracing::warn!(error = %error_chain(&error), "cannot start the next buffered run yet");
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn retry(&self, task: TaskId) -> Result<(), Refusal> {
+        let state = store::task_state(&self.spawner.pool, task)
+            .await?
+            .ok_or_else(|| refuse("not_found", format!("task {task} not found")))?;
+        if state.status != TaskStatus::Dead {
+            return Err(refuse(
+                "failed_precondition",
+                format!(
+                    "task {task} is {}; only a DEAD task can be retried",
+                    state.status.as_str_name()
+                ),
+            ));
+        }
+        if !store::redrive_task(&self.spawner.pool, task).await? {
+            return Err(refuse(
+                "failed_precondition",
+                format!(
+                    "task {task} cannot be retried: it is no longer dead, or its run was cancelled"
+                ),
+            ));
+        }
+        // A new attempt series: attempts continue from where the last one ended.
+        let mut instance = TaskInstance::decode(state.instance.as_slice())
+            .map_err(|e| refuse("internal", format!("stored task does not decode: {e}")))?;
+        instance.attempt_base = state.attempts;
+        let series = state.redrives + 1;
+        messaging::publish_confirmed(
+            &self.spawner.js,
+            subjects::task_subject(&state.task_type),
+            &format!("{task}:redrive:{series}"),
+            None,
+            instance.encode_to_vec().into(),
+        )
+        .await
+        .map_err(|e| refuse("internal", format!("publishing the task again: {e}")))?;
+        tracing::info!(task.id = %task, run.id = %state.run, activity.id = %state.activity, series, "dead task redriven");
+        Ok(())
+    }
+
+    /// Human tasks whose deadline passed die ("deadline passed").
+    pub async fn expire_human_tasks(&self) {
+        let expired = match store::expired_human_tasks(&self.spawner.pool, chrono::Utc::now()).await
+        {
+            Ok(expired) => expired,
+            Err(error) => {
+                tracing::warn!(error = %error_chain(&error), "cannot look for expired human tasks");
+                return;
+            }
+        };
+        for (task, attempts) in expired {
+            let record = ResultRecord {
+                task_id: task,
+                attempt: attempts + 1,
+                status: TaskStatus::Dead,
+                error: "deadline passed before the task was completed".to_owned(),
+                output: None,
+                executor: "orchestrator".to_owned(),
+                started_at: None,
+                finished_at: Some(chrono::Utc::now()),
+            };
+            if let Err(refusal) = self.record(record).await {
+                tracing::debug!(task.id = %task, error = %refusal.message, "expired human task not recorded");
+            }
+        }
+    }
+}
+
+/// Every `every`, lets human tasks past their deadline die, until shutdown.
+pub async fn run_deadline_sweeper(
+    commands: Arc<Commands>,
+    every: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => commands.expire_human_tasks().await,
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! Run and task lifecycle: CancelRun, human tasks with CompleteTask (and chaining on their run's
+//! completion), deadlines, and RetryTask.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use taskfactory_model::values::{json_to_value, struct_to_json};
+use taskfactory_proto::v1::{
+    CancelRunRequest, CompleteTaskRequest, GetTaskRequest, RetryTaskRequest, RunStatus, TaskStatus,
+    TriggerActivityRequest,
+};
+use taskfactory_tests::{EnvOptions, Service, TestEnv, wait_for};
+
+use crate::support::{create, finished_run, runs, tasks};
+
+/// A local endpoint that counts calls and answers 500 while `failing`.
+async fn switchable() -> anyhow::Result<(String, Arc<AtomicUsize>, Arc<AtomicBool>)> {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let failing = Arc::new(AtomicBool::new(false));
+    let (c, f) = (calls.clone(), failing.clone());
+    let app = axum::Router::new().route(
+        "/work",
+        axum::routing::post(move || {
+            let (c, f) = (c.clone(), f.clone());
+            async move {
+                c.fetch_add(1, Ordering::SeqCst);
+                if f.load(Ordering::SeqCst) {
+                    (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "down")
+                } else {
+                    (axum::http::StatusCode::OK, "{\"done\": true}")
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/work", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((url, calls, failing))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancelled_run_with_a_thousand_pending_tasks_executes_none() -> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    // No executor yet: every task waits in the stream.
+    let _trigger = env.start(Service::Trigger);
+    let _orchestrator = env.start(Service::Orchestrator);
+    env.wait_ready(&[Service::Trigger, Service::Orchestrator])
+        .await?;
+    let mut admin = env.admin().await?;
+    let (url, calls, _) = switchable().await?;
+    create(
+        &mut admin,
+        &format!(
+            "name: bulk\ntrigger: {{manual: {{}}}}\ntasks: [{{name: call, type: http, forEach: 'range(1000)', params: {{url: '{url}', body: {{n: '{{{{ item }}}}'}}}}}}]\n"
+        ),
+    )
+    .await?;
+    let fired = admin
+        .trigger_activity(TriggerActivityRequest {
+            id: "bulk".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let js = env.js().await?;
+    wait_for("1000 tasks queued", Duration::from_secs(30), || async {
+        let stream = js.get_stream("FACTORY_TASKS").await?;
+        Ok((stream.cached_info().state.messages == 1000).then_some(()))
+    })
+    .await?;
+
+    let cancelled = admin
+        .cancel_run(CancelRunRequest {
+            id: fired.run_id.clone(),
+            reason: "wrong batch".to_owned(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(cancelled.status(), RunStatus::RunCancelled);
+    assert!(
+        cancelled.error.contains("wrong batch"),
+        "{}",
+        cancelled.error
+    );
+    assert_eq!(
+        cancelled.tasks_failed, 1000,
+        "its unfinished tasks count as not succeeded"
+    );
+
+    // Now an executor comes: it takes every task and runs none of them.
+    let _executor = env.start(Service::Executor);
+    wait_for("the queue to drain", Duration::from_secs(60), || async {
+        let stream = js.get_stream("FACTORY_TASKS").await?;
+        Ok((stream.cached_info().state.messages == 0).then_some(()))
+    })
+    .await?;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        0,
+        "no task of the cancelled run ran"
+    );
+    let all = tasks(&mut admin, &fired.run_id).await?;
+    assert_eq!(all.len(), 1000);
+    assert!(all.iter().all(|t| t.status() == TaskStatus::Cancelled));
+
+    // Cancelling again is refused: it is finished.
+    let status = admin
+        .cancel_run(CancelRunRequest {
+            id: fired.run_id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    let status = admin
+        .cancel_run(CancelRunRequest {
+            id: uuid::Uuid::new_v4().to_string(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_human_task_completed_through_the_api_completes_its_run_and_chains() -> anyhow::Result<()>
+{
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    create(
+        &mut admin,
+        "name: approval\ntrigger: {manual: {}}\ntasks:\n  - {name: approve, type: human, timeout: 1h, params: {question: 'ship {{ event.order }}?'}}\n",
+    )
+    .await?;
+    create(
+        &mut admin,
+        "name: after-approval\ntrigger: {event: {subject: events.taskfactory.run.completed, filter: \"event.activityName == 'approval' and event.status == 'RUN_SUCCEEDED'\"}}\ntasks: [{name: ship, type: log, params: {run: '{{ event.runId }}'}}]\n",
+    )
+    .await?;
+    let fired = admin
+        .trigger_activity(TriggerActivityRequest {
+            id: "approval".to_owned(),
+            payload: Some(json_to_value(&serde_json::json!({"order": "o-7"}))),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let waiting = wait_for("the human task", Duration::from_secs(20), || {
+        let mut admin = admin.clone();
+        let run = fired.run_id.clone();
+        async move { Ok(tasks(&mut admin, &run).await?.into_iter().next()) }
+    })
+    .await?;
+    assert_eq!(waiting.status(), TaskStatus::Waiting);
+    assert_eq!(
+        struct_to_json(waiting.params.as_ref().unwrap())["question"],
+        "ship o-7?"
+    );
+    // It waits: nothing completes it on its own.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let still = admin
+        .get_task(GetTaskRequest {
+            id: waiting.id.clone(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(still.status(), TaskStatus::Waiting);
+
+    let done = admin
+        .complete_task(CompleteTaskRequest {
+            id: waiting.id.clone(),
+            output: Some(json_to_value(
+                &serde_json::json!({"approved": true, "by": "ada"}),
+            )),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!(done.status(), TaskStatus::Succeeded);
+    let run = finished_run(&admin, &fired.run_id, Duration::from_secs(20)).await?;
+    assert_eq!(run.status(), RunStatus::RunSucceeded);
+    // The completion chains into the next activity.
+    let chained = wait_for("the chained run", Duration::from_secs(20), || {
+        let mut admin = admin.clone();
+        async move { Ok(runs(&mut admin, "after-approval").await?.into_iter().next()) }
+    })
+    .await?;
+    let chained = finished_run(&admin, &chained.id, Duration::from_secs(20)).await?;
+    assert_eq!(chained.status(), RunStatus::RunSucceeded);
+    // A finished task cannot be completed again; a non-human one never.
+    let status = admin
+        .complete_task(CompleteTaskRequest {
+            id: waiting.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+
+    // A human task past its deadline dies, and fails its run.
+    create(
+        &mut admin,
+        "name: quick-approval\ntrigger: {manual: {}}\ntasks: [{name: approve, type: human, timeout: 1s}]\n",
+    )
+    .await?;
+    let fired = admin
+        .trigger_activity(TriggerActivityRequest {
+            id: "quick-approval".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let run = finished_run(&admin, &fired.run_id, Duration::from_secs(20)).await?;
+    assert_eq!(run.status(), RunStatus::RunFailed);
+    let expired = tasks(&mut admin, &fired.run_id).await?;
+    assert_eq!(expired[0].status(), TaskStatus::Dead);
+    assert!(
+        expired[0].last_error.contains("deadline"),
+        "{}",
+        expired[0].last_error
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retry_task_redrives_a_dead_task_and_its_run_finishes_again() -> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    let (url, calls, failing) = switchable().await?;
+    failing.store(true, Ordering::SeqCst);
+    create(
+        &mut admin,
+        &format!(
+            "name: fragile\ntrigger: {{manual: {{}}}}\ntasks: [{{name: call, type: http, params: {{url: '{url}'}}, retry: {{maxAttempts: 2, initialBackoff: 0.1s}}}}]\n"
+        ),
+    )
+    .await?;
+    let fired = admin
+        .trigger_activity(TriggerActivityRequest {
+            id: "fragile".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let run = finished_run(&admin, &fired.run_id, Duration::from_secs(30)).await?;
+    assert_eq!(run.status(), RunStatus::RunFailed);
+    let dead = tasks(&mut admin, &fired.run_id).await?.remove(0);
+    assert_eq!(dead.status(), TaskStatus::Dead);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+
+    // The endpoint is fixed; the dead task gets a new series of attempts.
+    failing.store(false, Ordering::SeqCst);
+    let redriven = admin
+        .retry_task(RetryTaskRequest {
+            id: dead.id.clone(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(redriven.status(), TaskStatus::Pending);
+    let task = wait_for(
+        "the redriven task to succeed",
+        Duration::from_secs(30),
+        || {
+            let mut admin = admin.clone();
+            let id = dead.id.clone();
+            async move {
+                let task = admin.get_task(GetTaskRequest { id }).await?.into_inner();
+                Ok((task.status() == TaskStatus::Succeeded).then_some(task))
+            }
+        },
+    )
+    .await?;
+    assert_eq!(task.attempts, 3, "attempts continue across the redrive");
+    let run = finished_run(&admin, &fired.run_id, Duration::from_secs(30)).await?;
+    assert_eq!(run.status(), RunStatus::RunSucceeded);
+    assert_eq!((run.tasks_succeeded, run.tasks_failed), (1, 0));
+    // Only a dead task can be retried.
+    let status = admin
+        .retry_task(RetryTaskRequest {
+            id: task.id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    Ok(())
+}
