@@ -229,7 +229,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     .await
     .context("nats")?;
 
+    let cancelled_runs = nats::cancelled_runs(&js, config.nats.stream_replicas)
+        .await
+        .map_err(|e| anyhow::anyhow!("the cancelled-runs bucket: {e}"))?;
     let spawner = Arc::new(spawn::Spawner {
+        cancelled_runs: cancelled_runs.clone(),
         pool: pool.clone(),
         js: js.clone(),
         limits: PlanLimits {
@@ -272,9 +276,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let preview_spawner = spawner.clone();
     let commands = Arc::new(commands::Commands {
         spawner: spawner.clone(),
-        cancelled_runs: nats::cancelled_runs(&js, config.nats.stream_replicas)
-            .await
-            .map_err(|e| anyhow::anyhow!("the cancelled-runs bucket: {e}"))?,
+        cancelled_runs: cancelled_runs.clone(),
     });
     let tracker = TaskTracker::new();
     taskfactory_runtime::metrics::spawn_endpoint(

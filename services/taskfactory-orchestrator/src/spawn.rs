@@ -49,6 +49,8 @@ pub struct Spawner {
     pub specs: crate::SpecCache,
     /// Resolves context sources.
     pub sources: Arc<crate::context::Sources>,
+    /// Runs cancelled (by CANCEL_OTHER here): executors skip their tasks.
+    pub cancelled_runs: async_nats::jetstream::kv::Store,
 }
 
 /// Why handling a trigger did not finish.
@@ -223,6 +225,17 @@ impl Spawner {
             store::admit_run(&self.pool, &header, policy, encoded_event).await?;
         for run in cancelled {
             tracing::info!(run.id = %run, by = %run_id, "run cancelled by overlap CANCEL_OTHER");
+            // Its queued tasks are skipped and its attempts in flight stopped by the executors.
+            if let Err(error) = self
+                .cancelled_runs
+                .put(
+                    run.to_string(),
+                    format!("cancelled by overlap CANCEL_OTHER: run {run_id} started").into(),
+                )
+                .await
+            {
+                tracing::warn!(run.id = %run, error = %error, "cannot tell executors about the cancelled run; its queued tasks may still run");
+            }
             completion::announce_if_finished(&self.pool, &self.js, run).await?;
         }
         match admission {
