@@ -12,6 +12,7 @@
 //! - [`results`]: one TaskResult → task state, run counters, run completion.
 //! - [`completion`]: announcing finished runs exactly once in effect.
 //! - [`commands`]: CancelRun, CompleteTask (human tasks) and RetryTask, for the admin API.
+//! - [`unserved`]: tasks of a type no executor serves die after a grace period.
 //! - [`store`]: Postgres access.
 
 pub mod commands;
@@ -21,6 +22,7 @@ pub mod preview;
 pub mod results;
 pub mod spawn;
 pub mod store;
+pub mod unserved;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -84,6 +86,9 @@ pub struct Config {
         default_value_t = 50_000
     )]
     pub template_fuel: u64,
+    /// How long tasks of a type no executor consumes may wait before they die.
+    #[arg(long = "unserved-grace", env = "TASKFACTORY_UNSERVED_GRACE", default_value = "10m", value_parser = parse_duration)]
+    pub unserved_grace: Duration,
     /// Wall-clock time one run's template evaluation may take (a run that needs more fails).
     #[arg(long = "evaluation-timeout", env = "TASKFACTORY_EVALUATION_TIMEOUT", default_value = "800ms", value_parser = parse_duration)]
     pub evaluation_timeout: Duration,
@@ -161,6 +166,7 @@ impl Config {
             max_tasks_per_run: 10_000,
             template_fuel: 50_000,
             evaluation_timeout: Duration::from_millis(800),
+            unserved_grace: Duration::from_secs(600),
             sql_databases: Vec::new(),
             egress_allow: String::new(),
             source_timeout: Duration::from_secs(10),
@@ -329,6 +335,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     tracker.spawn(commands::run_deadline_sweeper(
         commands,
         Duration::from_secs(1),
+        shutdown.clone(),
+    ));
+    tracker.spawn(unserved::run_sweeper(
+        pool.clone(),
+        js.clone(),
+        config.unserved_grace,
+        (config.unserved_grace / 4).clamp(Duration::from_secs(1), Duration::from_secs(60)),
         shutdown.clone(),
     ));
     tracker.spawn(spawn::run_overlap_sweeper(

@@ -223,7 +223,7 @@ pub async fn consume<F, Fut>(
     let slots = Arc::new(Semaphore::new(spec.concurrency.max(1)));
     let mut backoff = Duration::from_millis(100);
     'reconnect: while !shutdown.is_cancelled() {
-        let consumer = match ensure_consumer(&js, &spec).await {
+        let mut consumer = match ensure_consumer(&js, &spec).await {
             Ok(consumer) => consumer,
             Err(error) => {
                 tracing::warn!(consumer = %spec.durable, error = %error_chain(&*error), "cannot consume yet; retrying");
@@ -235,6 +235,8 @@ pub async fn consume<F, Fut>(
                 continue;
             }
         };
+
+        let mut empty_pulls = 0u32;
         loop {
             // Wait for one free slot, then take every other free one.
             let first = tokio::select! {
@@ -263,6 +265,7 @@ pub async fn consume<F, Fut>(
                     continue 'reconnect;
                 }
             };
+            let mut received = false;
             loop {
                 let next = tokio::select! {
                     _ = shutdown.cancelled() => {
@@ -273,6 +276,7 @@ pub async fn consume<F, Fut>(
                 };
                 match next {
                     Some(Ok(message)) => {
+                        received = true;
                         backoff = Duration::from_millis(100);
                         let Some(slot) = free.pop() else {
                             // More than asked for: never expected; give it back at once.
@@ -298,6 +302,25 @@ pub async fn consume<F, Fut>(
                     None => break,
                 }
             }
+            // Pulls that keep coming back empty while the stream holds messages for us: the
+            // consumer went silent (seen after server restarts). Look, and start over if so.
+            empty_pulls = if received { 0 } else { empty_pulls + 1 };
+            if empty_pulls >= STALL_PULLS {
+                empty_pulls = 0;
+                match consumer.info().await {
+                    Ok(info) if info.num_pending > 0 && info.num_ack_pending == 0 => {
+                        tracing::warn!(consumer = %spec.durable, pending = info.num_pending, "consumer stalled: messages pending but none delivered; recreating it");
+                        crate::metrics::count_consumer_stall(&spec.durable);
+                        continue 'reconnect;
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        tracing::warn!(consumer = %spec.durable, error = %error_chain(&error), "consumer is gone or unreachable; recreating it");
+                        crate::metrics::count_consumer_stall(&spec.durable);
+                        continue 'reconnect;
+                    }
+                }
+            }
         }
     }
     tracker.close();
@@ -308,6 +331,10 @@ pub async fn consume<F, Fut>(
         tracing::warn!(consumer = %spec.durable, in_flight = tracker.len(), "drain timeout: leaving messages in flight to be redelivered");
     }
 }
+
+/// Empty pulls in a row (each up to [`PULL_EXPIRY`]) after which the consumer is checked for a
+/// stall.
+const STALL_PULLS: u32 = 3;
 
 /// How long one pull request waits for messages before it is renewed; also how long a pull that a
 /// restarted server forgot can stall. No idle heartbeat: async-nats 0.51's `Batch` returns

@@ -49,6 +49,13 @@ pub fn count_events(outcome: &'static str) {
     metrics::counter!(EVENTS, "outcome" => outcome).increment(1);
 }
 
+/// Counts a consumer found stalled (or gone) and recreated. Consumer names are a bounded set.
+pub fn count_consumer_stall(consumer: &str) {
+    handle();
+    metrics::counter!("taskfactory_consumer_stalls_total", "consumer" => consumer.to_owned())
+        .increment(1);
+}
+
 /// Serves `/metrics` (Prometheus text) and `/healthz` until shutdown.
 pub async fn serve(addr: SocketAddr, shutdown: CancellationToken) -> anyhow::Result<()> {
     let handle = handle();
