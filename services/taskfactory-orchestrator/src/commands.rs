@@ -124,29 +124,24 @@ impl Commands {
         } else {
             format!("cancelled: {reason}")
         };
-        // Executors first: from here on none of the run's tasks starts, whatever happens next.
-        self.cancelled_runs
-            .put(run.to_string(), reason.clone().into())
-            .await
-            .map_err(|e| {
-                refuse(
-                    "internal",
-                    format!("recording the cancel for executors: {e}"),
-                )
-            })?;
+        // Postgres first (the record, and what a late result is checked against), then the
+        // executors: once the caller has the answer, none of the run's tasks starts.
         match store::cancel_run(&self.spawner.pool, run, &reason).await? {
-            Cancelled::NotFound => {
-                let _ = self.cancelled_runs.delete(run.to_string()).await;
-                Err(refuse("not_found", format!("run {run} not found")))
-            }
-            Cancelled::AlreadyFinished(status) => {
-                let _ = self.cancelled_runs.delete(run.to_string()).await;
-                Err(refuse(
-                    "failed_precondition",
-                    format!("run {run} already finished ({})", status.as_str_name()),
-                ))
-            }
+            Cancelled::NotFound => Err(refuse("not_found", format!("run {run} not found"))),
+            Cancelled::AlreadyFinished(status) => Err(refuse(
+                "failed_precondition",
+                format!("run {run} already finished ({})", status.as_str_name()),
+            )),
             Cancelled::Now(activity) => {
+                self.cancelled_runs
+                    .put(run.to_string(), reason.clone().into())
+                    .await
+                    .map_err(|e| {
+                        refuse(
+                            "internal",
+                            format!("the run is cancelled, but telling the executors failed ({e}); cancel again to retry"),
+                        )
+                    })?;
                 tracing::info!(run.id = %run, %reason, "run cancelled");
                 if let Err(error) =
                     completion::announce_if_finished(&self.spawner.pool, &self.spawner.js, run)

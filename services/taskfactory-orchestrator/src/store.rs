@@ -347,6 +347,11 @@ async fn cancel_runs(
         return Ok(());
     }
     let ids: Vec<Uuid> = runs.iter().map(|r| r.0).collect();
+    // Runs before tasks, the order every writer locks them in (see `record_result`).
+    sqlx::query("SELECT id FROM runs WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await?;
     sqlx::query(
         "WITH cancelled AS ( \
              UPDATE tasks SET status = 'CANCELLED', finished_at = now(), last_error = $2 \
@@ -539,6 +544,17 @@ pub enum Recorded {
 /// wins), and the run's counters and completion, in one transaction.
 pub async fn record_result(pool: &PgPool, result: &ResultRecord) -> Result<Recorded, sqlx::Error> {
     let mut tx = pool.begin().await?;
+    // Lock order, everywhere: the run, then its tasks (a cancel takes them in that order too).
+    let run: Option<(Uuid,)> = sqlx::query_as("SELECT run_id FROM tasks WHERE id = $1")
+        .bind(result.task_id.0)
+        .fetch_optional(&mut *tx)
+        .await?;
+    if let Some((run,)) = run {
+        sqlx::query("SELECT 1 FROM runs WHERE id = $1 FOR UPDATE")
+            .bind(run)
+            .execute(&mut *tx)
+            .await?;
+    }
     let task: Option<(Uuid, String)> =
         sqlx::query_as("SELECT run_id, status FROM tasks WHERE id = $1 FOR UPDATE")
             .bind(result.task_id.0)

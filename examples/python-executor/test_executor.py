@@ -1,0 +1,351 @@
+"""Unit tests of the Python executor: the contract table against the .proto, the value conversions,
+the `uppercase` handler, and one attempt end to end against a fake message and a fake JetStream
+(what is published, with which headers, and that the task is settled only after the publishes).
+
+    PYTHONPATH=.tools/python python3 -m unittest discover -s examples/python-executor -v
+
+The end-to-end test against the real services is tests/e2e/external_executor.rs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import unittest
+from pathlib import Path
+from types import SimpleNamespace
+
+import executor as ex
+
+ex.log.disabled = True  # the attempts below log as they would in production
+
+PROTO = Path(__file__).resolve().parents[2] / "proto" / "taskfactory" / "v1" / "taskfactory.proto"
+
+
+def _blocks(text: str, keyword: str) -> dict[str, str]:
+    """Top-level `message X { … }` / `enum X { … }` bodies of a .proto, comments removed."""
+    text = re.sub(r"//[^\n]*", "", text)
+    blocks = {}
+    for match in re.finditer(rf"(?m)^{keyword}\s+(\w+)\s*\{{", text):
+        depth, start = 1, match.end()
+        end = start
+        while depth:
+            depth += {"{": 1, "}": -1}.get(text[end], 0)
+            end += 1
+        blocks[match.group(1)] = text[start : end - 1]
+    return blocks
+
+
+class ContractMatchesTheProto(unittest.TestCase):
+    """The executor's table of TaskInstance/TaskResult/RetryPolicy/TaskStatus is the .proto's."""
+
+    def setUp(self) -> None:
+        if not PROTO.exists():
+            self.skipTest(f"{PROTO} not found (the example outside its repository)")
+        self.text = PROTO.read_text()
+
+    def test_messages(self) -> None:
+        messages = _blocks(self.text, "message")
+        for name, fields in ex.CONTRACT_MESSAGES.items():
+            self.assertIn(name, messages, f"message {name} is gone from {PROTO.name}")
+            in_proto = [
+                (modifier.strip(), type_name, field, int(number))
+                for modifier, type_name, field, number in re.findall(
+                    r"((?:optional|repeated)\s+)?([\w.]+)\s+(\w+)\s*=\s*(\d+)\s*;", messages[name]
+                )
+            ]
+            self.assertEqual(
+                sorted((t, f, n) for _, t, f, n in in_proto),
+                sorted(fields),
+                f"{name} in {PROTO.name} differs from CONTRACT_MESSAGES in executor.py: update the table "
+                "(and the executor, if the new field changes what an executor must do)",
+            )
+            self.assertEqual([m for m, *_ in in_proto if m], [], f"{name}: only singular fields are expected")
+
+    def test_enums(self) -> None:
+        enums = _blocks(self.text, "enum")
+        for name, values in ex.CONTRACT_ENUMS.items():
+            self.assertIn(name, enums)
+            in_proto = [(v, int(n)) for v, n in re.findall(r"(\w+)\s*=\s*(\d+)\s*;", enums[name])]
+            self.assertEqual(sorted(in_proto), sorted(values), f"enum {name} differs from CONTRACT_ENUMS")
+
+    def test_the_descriptor_has_every_field_with_its_number(self) -> None:
+        for name, fields in ex.CONTRACT_MESSAGES.items():
+            descriptor = ex._POOL.FindMessageTypeByName(f"taskfactory.v1.{name}")
+            self.assertEqual(
+                sorted((f.name, f.number) for f in descriptor.fields), sorted((f, n) for _, f, n in fields)
+            )
+        # The wire bytes of a known message: field 1 (task_id) is tag 0x0a, field 13 (attempt_base) 0x68.
+        self.assertEqual(ex.TaskInstance(task_id="t", attempt_base=2).SerializeToString(), b"\x0a\x01t\x68\x02")
+        self.assertEqual(ex.TaskResult(status=ex.DEAD, retryable=True).SerializeToString(), b"\x28\x05\x60\x01")
+
+
+class Values(unittest.TestCase):
+    def test_round_trip(self) -> None:
+        value = {"s": "x", "i": 2, "f": 2.5, "b": True, "n": None, "l": [1, "a", [], {}], "o": {"k": -3}}
+        self.assertEqual(ex.value_to_py(ex.py_to_value(value)), value)
+        self.assertIsInstance(ex.value_to_py(ex.py_to_value(7)), int, "whole numbers come back as int")
+        self.assertIsInstance(ex.value_to_py(ex.py_to_value(2.0**60)), float, "beyond 53 bits: float")
+
+    def test_what_is_not_json_is_refused(self) -> None:
+        for bad in (math.nan, math.inf, {1: "x"}, object(), b"bytes"):
+            with self.assertRaises(ValueError, msg=repr(bad)):
+                ex.py_to_value(bad)
+
+    def test_struct(self) -> None:
+        task = ex.TaskInstance()
+        task.params.update({"text": "hi", "n": 3})
+        self.assertEqual(ex.struct_to_py(task.params), {"text": "hi", "n": 3})
+        self.assertEqual(ex.struct_to_py(ex.TaskInstance().params), {})
+
+
+def _run(coroutine):
+    return asyncio.run(coroutine)
+
+
+class Uppercase(unittest.TestCase):
+    def attempt(self, params, number=1):
+        return ex.Attempt(ex.TaskInstance(task_id="t"), params, number)
+
+    def test_upper_cases_text(self) -> None:
+        self.assertEqual(_run(ex.uppercase(self.attempt({"text": "Grüße"}))), {"text": "GRÜSSE"})
+
+    def test_missing_or_wrong_text_is_permanent(self) -> None:
+        for params in ({}, {"text": None}, {"text": 3}, {"text": "x", "failAttempts": "two"}):
+            with self.assertRaises(ex.PermanentError, msg=repr(params)):
+                _run(ex.uppercase(self.attempt(params)))
+
+    def test_fail_attempts_fails_the_first_ones(self) -> None:
+        with self.assertRaises(ex.RetryableError):
+            _run(ex.uppercase(self.attempt({"text": "x", "failAttempts": 2}, number=2)))
+        self.assertEqual(_run(ex.uppercase(self.attempt({"text": "x", "failAttempts": 2}, number=3))), {"text": "X"})
+
+
+class Helpers(unittest.TestCase):
+    def test_backoff_grows_with_jitter_and_a_cap(self) -> None:
+        for _ in range(100):
+            self.assertTrue(0.8 <= ex.backoff(10, 1, 2, 1) <= 1.2)
+            self.assertTrue(3.2 <= ex.backoff(10, 1, 2, 3) <= 4.8)
+            self.assertLessEqual(ex.backoff(10, 1, 2, 30), 10)
+
+    def test_one_line(self) -> None:
+        self.assertEqual(ex.one_line("a\nb\tc"), "a b c")
+        self.assertEqual(len(ex.one_line("é" * 5000).encode()), 2048)
+
+
+# ------------------------------------------------------------------------------------------------
+# One attempt against fakes
+
+
+class FakeMessage:
+    def __init__(self, data: bytes, events: list, delivered: int = 1) -> None:
+        self.data = data
+        self.subject = "tasks.uppercase"
+        self.headers = {"Nats-Msg-Id": "original"}
+        self.metadata = SimpleNamespace(
+            num_delivered=delivered, stream="FACTORY_TASKS", sequence=SimpleNamespace(stream=7)
+        )
+        self.events = events
+
+    async def ack(self):
+        self.events.append(("ack",))
+
+    async def nak(self, delay=None):
+        self.events.append(("nak", delay))
+
+    async def term(self):
+        self.events.append(("term",))
+
+    async def in_progress(self):
+        self.events.append(("in_progress",))
+
+
+class FakeJetStream:
+    def __init__(self, events: list, fail: bool = False) -> None:
+        self.events = events
+        self.fail = fail
+
+    async def publish(self, subject, payload, timeout=None, headers=None):
+        if self.fail:
+            raise ConnectionError("no responders")
+        self.events.append(("publish", subject, dict(headers or {}), payload))
+        return SimpleNamespace(stream="S", seq=1, duplicate=False)
+
+
+def task_bytes(params=None, **fields) -> bytes:
+    task = ex.TaskInstance(
+        task_id="0b6f4a34-0000-4000-8000-000000000001",
+        run_id="run-1",
+        activity_id="act-1",
+        activity_name="shout",
+        template="upper",
+        type="uppercase",
+        **fields,
+    )
+    if params is not None:
+        task.params.update(params)
+    return task.SerializeToString()
+
+
+class FakeKeyValue:
+    """The cancelled-runs bucket: `cancelled` maps run ids to reasons; `broken` makes reads fail."""
+
+    def __init__(self, cancelled=None, broken=False) -> None:
+        self.cancelled = dict(cancelled or {})
+        self.broken = broken
+
+    async def get(self, key):
+        from nats.js.errors import KeyNotFoundError
+
+        if self.broken:
+            raise ConnectionError("timeout")
+        if key not in self.cancelled:
+            raise KeyNotFoundError
+        return SimpleNamespace(key=key, value=self.cancelled[key].encode(), operation=None)
+
+
+class OneAttempt(unittest.TestCase):
+    def attempt(self, data: bytes, delivered=1, fail_publish=False, ack_wait=30.0, kv=None):
+        events: list = []
+        js = FakeJetStream(events, fail_publish)
+        executor = ex.Executor(js, "python-executor@test", ex.HANDLERS, ack_wait=ack_wait)
+        executor.cancellations.kv = kv or FakeKeyValue()
+        _run(executor.process("uppercase", FakeMessage(data, events, delivered)))
+        self.assertEqual(executor.cancellations.in_flight, {}, "every attempt unregisters")
+        return events
+
+    def result(self, event) -> ex.TaskResult:
+        self.assertEqual(event[0], "publish")
+        self.assertEqual(event[1], "results.shout.run-1")
+        return ex.TaskResult.FromString(event[3])
+
+    def test_success_publishes_the_result_then_acks(self) -> None:
+        events = self.attempt(task_bytes({"text": "hello"}))
+        self.assertEqual([e[0] for e in events], ["publish", "ack"])
+        result = self.result(events[0])
+        self.assertEqual(events[0][2], {"Nats-Msg-Id": "0b6f4a34-0000-4000-8000-000000000001:1:SUCCEEDED"})
+        self.assertEqual(ex.status_name(result.status), "SUCCEEDED")
+        self.assertEqual(ex.value_to_py(result.output), {"text": "HELLO"})
+        self.assertEqual((result.run_id, result.activity_id, result.type), ("run-1", "act-1", "uppercase"))
+        self.assertEqual((result.attempt, result.executor, result.retryable), (1, "python-executor@test", False))
+        self.assertLessEqual(result.started_at.ToNanoseconds(), result.finished_at.ToNanoseconds())
+        self.assertGreater(result.started_at.seconds, 0)
+
+    def test_missing_params_is_dead_at_once_with_a_dead_letter(self) -> None:
+        data = task_bytes()
+        events = self.attempt(data)
+        self.assertEqual([e[0] for e in events], ["publish", "publish", "ack"])
+        result = self.result(events[0])
+        self.assertEqual(ex.status_name(result.status), "DEAD")
+        self.assertIn("params.text is required", result.error)
+        self.assertFalse(result.retryable)
+        self.assertFalse(result.HasField("output"))
+        _, subject, headers, payload = events[1]
+        self.assertEqual(subject, "dlq.tasks.uppercase")
+        self.assertEqual(payload, data, "the dead letter is the task message as it came")
+        self.assertEqual(headers["Nats-Msg-Id"], "dead:0b6f4a34-0000-4000-8000-000000000001")
+        self.assertEqual(headers["Taskfactory-Attempts"], "1")
+        self.assertIn("params.text is required", headers["Taskfactory-Error"])
+
+    def test_a_transient_failure_with_attempts_left_naks_with_the_backoff(self) -> None:
+        retry = ex.TaskInstance().retry.__class__(max_attempts=3)
+        retry.initial_backoff.FromMilliseconds(500)
+        events = self.attempt(task_bytes({"text": "x", "failAttempts": 1}, retry=retry))
+        self.assertEqual([e[0] for e in events], ["publish", "nak"])
+        result = self.result(events[0])
+        self.assertEqual(ex.status_name(result.status), "FAILED")
+        self.assertTrue(result.retryable)
+        self.assertIn("simulated transient failure on attempt 1", result.error)
+        self.assertTrue(0.4 <= events[1][1] <= 0.6, events[1])
+
+    def test_the_last_attempt_is_dead(self) -> None:
+        events = self.attempt(task_bytes({"text": "x", "failAttempts": 9}), delivered=3)
+        self.assertEqual([e[0] for e in events], ["publish", "publish", "ack"])
+        result = self.result(events[0])
+        self.assertEqual((ex.status_name(result.status), result.attempt), ("DEAD", 3))
+        self.assertEqual(events[0][2]["Nats-Msg-Id"], "0b6f4a34-0000-4000-8000-000000000001:3:DEAD")
+        self.assertEqual(events[1][2]["Taskfactory-Attempts"], "3")
+
+    def test_a_redriven_task_counts_on_from_attempt_base(self) -> None:
+        events = self.attempt(task_bytes({"text": "x"}, attempt_base=3))
+        self.assertEqual(self.result(events[0]).attempt, 4)
+        self.assertEqual(events[0][2]["Nats-Msg-Id"], "0b6f4a34-0000-4000-8000-000000000001:4:SUCCEEDED")
+
+    def test_the_timeout_is_a_transient_failure(self) -> None:
+        timeout = ex.TaskInstance().timeout.__class__()
+        timeout.FromMilliseconds(100)
+        events = self.attempt(task_bytes({"text": "x", "sleepSeconds": 5}, timeout=timeout))
+        result = self.result(events[0])
+        self.assertEqual((ex.status_name(result.status), result.error), ("FAILED", "timed out after 0.1s"))
+
+    def test_a_long_task_sends_heartbeats(self) -> None:
+        events = self.attempt(task_bytes({"text": "x", "sleepSeconds": 0.35}), ack_wait=0.3)
+        kinds = [e[0] for e in events]
+        self.assertGreaterEqual(kinds.count("in_progress"), 2, kinds)
+        self.assertEqual(kinds[-2:], ["publish", "ack"])
+
+    def test_an_undecodable_message_is_dead_lettered_and_terminated(self) -> None:
+        events = self.attempt(b"not protobuf")
+        self.assertEqual([e[0] for e in events], ["publish", "term"])
+        _, subject, headers, payload = events[0]
+        self.assertEqual((subject, payload), ("dlq.tasks.uppercase", b"not protobuf"))
+        self.assertEqual(headers["Nats-Msg-Id"], "dlq:FACTORY_TASKS:7")
+        self.assertEqual(headers["Taskfactory-Original-Subject"], "tasks.uppercase")
+        self.assertEqual(headers["Taskfactory-Original-Sequence"], "7")
+        self.assertIn("not a TaskInstance", headers["Taskfactory-Error"])
+
+    def test_a_task_without_id_is_dead_lettered(self) -> None:
+        events = self.attempt(ex.TaskInstance(type="uppercase").SerializeToString())
+        self.assertEqual([e[0] for e in events], ["publish", "term"])
+        self.assertIn("no task_id", events[0][2]["Taskfactory-Error"])
+
+    def test_no_ack_when_the_result_cannot_be_published(self) -> None:
+        events = self.attempt(task_bytes({"text": "x"}), fail_publish=True)
+        self.assertEqual(events, [("nak", ex.Executor.SETTLE_RETRY)])
+
+    def test_a_task_of_a_cancelled_run_is_not_run(self) -> None:
+        events = self.attempt(task_bytes({"text": "x"}), kv=FakeKeyValue({"run-1": "cancelled: wrong batch"}))
+        self.assertEqual([e[0] for e in events], ["publish", "ack"])
+        result = self.result(events[0])
+        self.assertEqual((ex.status_name(result.status), result.error), ("CANCELLED", "cancelled: wrong batch"))
+        self.assertEqual(events[0][2]["Nats-Msg-Id"], "0b6f4a34-0000-4000-8000-000000000001:1:CANCELLED")
+
+    def test_an_attempt_in_flight_stops_when_its_run_is_cancelled(self) -> None:
+        events: list = []
+        executor = ex.Executor(FakeJetStream(events), "e", ex.HANDLERS)
+        executor.cancellations.kv = FakeKeyValue()
+
+        async def scenario():
+            attempt = asyncio.create_task(
+                executor.process("uppercase", FakeMessage(task_bytes({"text": "x", "sleepSeconds": 30}), events))
+            )
+            await asyncio.sleep(0.1)
+            executor.cancellations.cancelled("run-1")  # what the watcher does on a put
+            await asyncio.wait_for(attempt, 2)
+
+        _run(scenario())
+        self.assertEqual([e[0] for e in events], ["publish", "ack"])
+        result = self.result(events[0])
+        self.assertEqual(ex.status_name(result.status), "CANCELLED")
+        self.assertIn("cancelled while the task ran", result.error)
+
+    def test_when_cancellations_cannot_be_read_the_task_waits(self) -> None:
+        events = self.attempt(task_bytes({"text": "x"}), kv=FakeKeyValue(broken=True))
+        self.assertEqual(events, [("nak", ex.Executor.SETTLE_RETRY)])
+
+    def test_output_that_is_not_json_is_dead(self) -> None:
+        async def bad(attempt):
+            return {"when": object()}
+
+        events: list = []
+        executor = ex.Executor(FakeJetStream(events), "e", {"uppercase": bad})
+        executor.cancellations.kv = FakeKeyValue()
+        _run(executor.process("uppercase", FakeMessage(task_bytes({}), events)))
+        result = self.result(events[0])
+        self.assertEqual(ex.status_name(result.status), "DEAD")
+        self.assertIn("not JSON", result.error)
+
+
+if __name__ == "__main__":
+    unittest.main()
