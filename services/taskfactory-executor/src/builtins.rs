@@ -1,6 +1,7 @@
 //! The built-in task types.
 //!
 //! - `log` {anything}: logs the params; output `null`.
+//! - `noop` {anything}: does nothing; output `null` (benchmarks, placeholder tasks).
 //! - `http` {`url`, `method` (default POST), `headers`, `body` (JSON)}: sends the task id as
 //!   `Idempotency-Key`; 2xx succeeds with the response JSON (or text) as output; 5xx, 429 and
 //!   connection failures are retryable, other statuses are permanent. Egress follows the policy
@@ -40,7 +41,7 @@ impl TaskFailure {
     }
 }
 
-pub const BUILTIN_TYPES: [&str; 3] = ["log", "http", "publish"];
+pub const BUILTIN_TYPES: [&str; 4] = ["log", "http", "publish", "noop"];
 
 /// What the built-ins need.
 pub struct Builtins {
@@ -83,6 +84,8 @@ impl Builtins {
                 tracing::info!(task.id = %task_id, params = %params, "log task");
                 Ok(serde_json::Value::Null)
             }
+            // Does nothing: for benchmarks, and for activities that only need a run.
+            "noop" => Ok(serde_json::Value::Null),
             "http" => self.http(task_id, params).await,
             "publish" => self.publish(task_id, params).await,
             other => Err(TaskFailure::permanent(format!(

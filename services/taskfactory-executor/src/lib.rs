@@ -34,7 +34,7 @@ pub struct Config {
     #[arg(
         long = "task-types",
         env = "TASKFACTORY_TASK_TYPES",
-        default_value = "log,http,publish",
+        default_value = "log,http,publish,noop",
         value_delimiter = ','
     )]
     pub task_types: Vec<String>,
