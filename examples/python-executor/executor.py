@@ -623,7 +623,7 @@ class Executor:
                     message.data,
                     timeout=self.PUBLISH_TIMEOUT,
                     headers={
-                        HEADER_MSG_ID: f"dead:{task.task_id}",
+                        HEADER_MSG_ID: f"dead:{task.task_id}:{attempt}",
                         HEADER_ERROR: one_line(error_text),
                         HEADER_ATTEMPTS: str(attempt),
                     },

@@ -481,7 +481,7 @@ async fn always_failing_tasks_die_after_five_attempts_on_the_backoff_and_are_dea
         );
         assert_eq!(
             header(letter, subjects::HEADER_MSG_ID),
-            Some(format!("dead:{}", task.task_id).as_str())
+            Some(format!("dead:{}:5", task.task_id).as_str())
         );
         assert!(
             lettered.insert(task.task_id.clone()),

@@ -289,7 +289,7 @@ impl Executor {
             if let Err(e) = messaging::publish_confirmed(
                 &self.builtins.js,
                 subjects::task_dlq_subject(&task_type),
-                &format!("dead:{}", task.task_id),
+                &format!("dead:{}:{attempt}", task.task_id),
                 Some(headers),
                 message.payload.clone(),
             )
