@@ -288,3 +288,43 @@ async fn retry_task_redrives_a_dead_task_and_its_run_finishes_again() -> anyhow:
     assert_eq!(status.code(), tonic::Code::FailedPrecondition);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tasks_of_a_type_nobody_serves_die_after_the_grace_period() -> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions {
+        unserved_grace: Duration::from_secs(2),
+        ..EnvOptions::default()
+    })
+    .await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    create(
+        &mut admin,
+        "name: orphan\ntrigger: {manual: {}}\ntasks: [{name: t, type: translate, forEach: 'range(3)'}]\n",
+    )
+    .await?;
+    let fired = admin
+        .trigger_activity(TriggerActivityRequest {
+            id: "orphan".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let run = finished_run(&admin, &fired.run_id, Duration::from_secs(30)).await?;
+    assert_eq!(run.status(), RunStatus::RunFailed);
+    let dead = tasks(&mut admin, &fired.run_id).await?;
+    assert_eq!(dead.len(), 3);
+    for task in &dead {
+        assert_eq!(task.status(), TaskStatus::Dead);
+        assert!(
+            task.last_error
+                .contains("no executor serves task type \"translate\""),
+            "{}",
+            task.last_error
+        );
+    }
+    // And they left the queue.
+    let stream = env.js().await?.get_stream("FACTORY_TASKS").await?;
+    assert_eq!(stream.cached_info().state.messages, 0);
+    Ok(())
+}

@@ -326,6 +326,8 @@ pub struct EnvOptions {
     pub lease_ttl: Duration,
     /// Orchestrator: databases `sql` context sources may query, `(name, dsn)`.
     pub sql_databases: Vec<(String, String)>,
+    /// Orchestrator: how long tasks of a type nobody serves may wait before they die.
+    pub unserved_grace: Duration,
     /// Trigger (in-process): webhooks; with any, the gateway listens on [`TestEnv::http_addr`].
     pub webhooks: Vec<taskfactory_trigger::webhook::Hook>,
 }
@@ -340,6 +342,7 @@ impl Default for EnvOptions {
             clock: ClockHandle::system(),
             lease_ttl: Duration::from_secs(5),
             sql_databases: Vec::new(),
+            unserved_grace: Duration::from_secs(600),
             webhooks: Vec::new(),
         }
     }
@@ -394,6 +397,7 @@ impl TestEnv {
                 let mut config = taskfactory_orchestrator::Config::local(&nats, &database);
                 config.ack_wait = self.options.orchestrator_ack_wait;
                 config.sql_databases = self.options.sql_databases.clone();
+                config.unserved_grace = self.options.unserved_grace;
                 config.egress_allow = self.options.egress_allow.clone();
                 tokio::spawn(taskfactory_orchestrator::run(config, token))
             }
