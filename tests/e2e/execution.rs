@@ -830,3 +830,62 @@ async fn an_executor_killed_with_tasks_in_flight_finishes_each_task_once_after_a
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_per_type_limit_bounds_how_many_tasks_of_that_type_run_at_once() -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _trigger = env.start(Service::Trigger);
+    let _orchestrator = env.start(Service::Orchestrator);
+    env.wait_ready(&[Service::Trigger, Service::Orchestrator])
+        .await?;
+    let mut config = taskfactory_executor::Config::local(&env.nats.url());
+    config.egress_allow = "127.0.0.1".to_owned();
+    config.type_concurrency = vec![("http".to_owned(), 2)];
+    let stop = tokio_util::sync::CancellationToken::new();
+    let executor = tokio::spawn(taskfactory_executor::run(config, stop.clone()));
+
+    // An endpoint that remembers the most calls it had at once.
+    let (now, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (n, m) = (now.clone(), most.clone());
+    let app = axum::Router::new().route(
+        "/slow",
+        axum::routing::post(move || {
+            let (n, m) = (n.clone(), m.clone());
+            async move {
+                let current = n.fetch_add(1, Ordering::SeqCst) + 1;
+                m.fetch_max(current, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                n.fetch_sub(1, Ordering::SeqCst);
+                "{}"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/slow", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let mut admin = env.admin().await?;
+    create(
+        &mut admin,
+        &format!("name: limited\ntrigger: {{manual: {{}}}}\ntasks: [{{name: t, type: http, forEach: 'range(10)', params: {{url: '{url}'}}}}]\n"),
+    )
+    .await?;
+    let fired = admin
+        .trigger_activity(taskfactory_proto::v1::TriggerActivityRequest {
+            id: "limited".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let run = finished_run(&admin, &fired.run_id, Duration::from_secs(30)).await?;
+    assert_eq!(run.status(), RunStatus::RunSucceeded);
+    assert_eq!(
+        most.load(Ordering::SeqCst),
+        2,
+        "at most two http tasks at once, and two did run together"
+    );
+    stop.cancel();
+    executor.await??;
+    Ok(())
+}

@@ -45,6 +45,14 @@ pub struct Config {
         default_value_t = 16
     )]
     pub concurrency: usize,
+    /// Per-type limits overriding `--concurrency`: `TYPE=N`, comma-separated (e.g. `http=4`).
+    #[arg(
+        long = "type-concurrency",
+        env = "TASKFACTORY_TYPE_CONCURRENCY",
+        value_delimiter = ',',
+        value_parser = parse_type_limit
+    )]
+    pub type_concurrency: Vec<(String, usize)>,
     /// How long a task may run without a heartbeat before it is redelivered.
     #[arg(long = "ack-wait", env = "TASKFACTORY_ACK_WAIT", default_value = "30s", value_parser = parse_duration)]
     pub ack_wait: Duration,
@@ -62,7 +70,31 @@ pub struct Config {
     pub lifecycle: LifecycleArgs,
 }
 
+/// Parses `TYPE=N`.
+fn parse_type_limit(text: &str) -> Result<(String, usize), String> {
+    let (task_type, limit) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not TYPE=N"))?;
+    let limit: usize = limit
+        .trim()
+        .parse()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{text:?}: the limit must be a positive number"))?;
+    Ok((task_type.trim().to_owned(), limit))
+}
+
 impl Config {
+    /// Tasks of `task_type` run at once.
+    pub fn concurrency_of(&self, task_type: &str) -> usize {
+        self.type_concurrency
+            .iter()
+            .rev()
+            .find(|(t, _)| t == task_type)
+            .map_or(self.concurrency, |(_, n)| *n)
+            .max(1)
+    }
+
     pub fn local(nats_url: &str) -> Self {
         Self {
             nats: NatsArgs::local(nats_url),
@@ -71,6 +103,7 @@ impl Config {
                 .map(|t| (*t).to_owned())
                 .collect(),
             concurrency: 16,
+            type_concurrency: Vec::new(),
             ack_wait: Duration::from_secs(30),
             egress_allow: String::new(),
             name: None,
@@ -136,7 +169,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 stream: subjects::TASKS_STREAM,
                 durable: subjects::executor_consumer(task_type),
                 filter_subject: subjects::task_subject(task_type),
-                concurrency: config.concurrency,
+                concurrency: config.concurrency_of(task_type),
                 ack_wait: config.ack_wait,
                 drain_timeout: config.lifecycle.drain_timeout,
             },
@@ -151,4 +184,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let _ = tokio::time::timeout(Duration::from_secs(5), client.flush()).await;
     tracing::info!("executor stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_type_limits_override_the_default() {
+        let mut config = Config::local("nats://127.0.0.1:4222");
+        config.type_concurrency = vec![parse_type_limit("http=4").unwrap()];
+        assert_eq!(config.concurrency_of("http"), 4);
+        assert_eq!(config.concurrency_of("log"), 16);
+        assert!(parse_type_limit("http").is_err());
+        assert!(parse_type_limit("http=0").is_err());
+        assert!(parse_type_limit("http=many").is_err());
+    }
 }
