@@ -889,3 +889,59 @@ async fn a_per_type_limit_bounds_how_many_tasks_of_that_type_run_at_once() -> an
     executor.await??;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_429_with_retry_after_is_retried_no_sooner_than_asked() -> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _services = env.start_all().await?;
+    let calls: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let seen = calls.clone();
+    let app = axum::Router::new().route(
+        "/busy",
+        axum::routing::post(move || {
+            let seen = seen.clone();
+            async move {
+                let first = {
+                    let mut calls = seen.lock().unwrap();
+                    calls.push(Instant::now());
+                    calls.len() == 1
+                };
+                if first {
+                    (
+                        StatusCode::TOO_MANY_REQUESTS,
+                        [("Retry-After", "2")],
+                        "slow down",
+                    )
+                } else {
+                    (StatusCode::OK, [("Retry-After", "0")], "{}")
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/busy", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let mut admin = env.admin().await?;
+    create(
+        &mut admin,
+        &format!("name: polite\ntrigger: {{manual: {{}}}}\ntasks: [{{name: t, type: http, params: {{url: '{url}'}}, retry: {{maxAttempts: 3, initialBackoff: 0.1s}}}}]\n"),
+    )
+    .await?;
+    let fired = admin
+        .trigger_activity(TriggerActivityRequest {
+            id: "polite".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let run = finished_run(&admin, &fired.run_id, Duration::from_secs(30)).await?;
+    assert_eq!(run.status(), RunStatus::RunSucceeded);
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 2);
+    let gap = calls[1] - calls[0];
+    assert!(
+        gap >= Duration::from_secs(2),
+        "Retry-After: 2 honoured, not the 0.1 s backoff: {gap:?}"
+    );
+    Ok(())
+}

@@ -23,6 +23,8 @@ pub struct TaskFailure {
     pub message: String,
     /// Whether another attempt may succeed.
     pub retryable: bool,
+    /// The other side asked to wait this long before trying again (HTTP `Retry-After`).
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl TaskFailure {
@@ -30,6 +32,7 @@ impl TaskFailure {
         Self {
             message: message.into(),
             retryable: false,
+            retry_after: None,
         }
     }
 
@@ -37,8 +40,30 @@ impl TaskFailure {
         Self {
             message: message.into(),
             retryable: true,
+            retry_after: None,
         }
     }
+}
+
+/// The longest `Retry-After` honoured (a longer one is capped: the task still tries again).
+pub const MAX_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Parses an HTTP `Retry-After`: delay seconds, or an HTTP date (relative to `now`).
+pub fn parse_retry_after(
+    value: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Option<std::time::Duration> {
+    let value = value.trim();
+    let delay = match value.parse::<u64>() {
+        Ok(seconds) => std::time::Duration::from_secs(seconds),
+        Err(_) => {
+            let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+            (at.with_timezone(&chrono::Utc) - now)
+                .to_std()
+                .unwrap_or_default()
+        }
+    };
+    Some(delay.min(MAX_RETRY_AFTER))
 }
 
 pub const BUILTIN_TYPES: [&str; 4] = ["log", "http", "publish", "noop"];
@@ -163,14 +188,18 @@ impl Builtins {
         }
         let snippet: String = String::from_utf8_lossy(&body).chars().take(300).collect();
         let mut message = format!("{method} {url} answered {status}: {snippet}");
-        if let Some(retry_after) = retry_after {
+        if let Some(retry_after) = &retry_after {
             message.push_str(&format!(" (Retry-After: {retry_after})"));
         }
         if status.is_server_error()
             || status == reqwest::StatusCode::TOO_MANY_REQUESTS
             || status == reqwest::StatusCode::REQUEST_TIMEOUT
         {
-            Err(TaskFailure::retryable(message))
+            let mut failure = TaskFailure::retryable(message);
+            failure.retry_after = retry_after
+                .as_deref()
+                .and_then(|v| parse_retry_after(v, chrono::Utc::now()));
+            Err(failure)
         } else {
             Err(TaskFailure::permanent(message))
         }
@@ -220,5 +249,32 @@ impl Builtins {
             }
             Err(e) => Err(TaskFailure::retryable(format!("publish to {subject}: {e}"))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates_and_is_capped() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-11-30T12:00:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        assert_eq!(
+            parse_retry_after("120", now),
+            Some(std::time::Duration::from_secs(120))
+        );
+        assert_eq!(
+            parse_retry_after("Mon, 30 Nov 2026 12:00:30 GMT", now),
+            Some(std::time::Duration::from_secs(30))
+        );
+        assert_eq!(
+            parse_retry_after("Mon, 30 Nov 2026 11:00:00 GMT", now),
+            Some(std::time::Duration::ZERO),
+            "a date in the past means now"
+        );
+        assert_eq!(parse_retry_after("999999", now), Some(MAX_RETRY_AFTER));
+        assert_eq!(parse_retry_after("soon", now), None);
     }
 }

@@ -242,7 +242,9 @@ impl Executor {
             Err(Stopped::Failed(failure))
                 if failure.retryable && series_attempt < retry.max_attempts =>
             {
-                let delay = backoff(&retry, series_attempt, &task.task_id);
+                // The other side's Retry-After wins over our backoff when it asks for longer.
+                let delay = backoff(&retry, series_attempt, &task.task_id)
+                    .max(failure.retry_after.unwrap_or_default());
                 tracing::warn!(task.id = %task.task_id, task.type = %task.r#type, attempt, error = %failure.message, retry_in = ?delay, "task attempt failed");
                 (
                     TaskStatus::Failed,
