@@ -945,3 +945,42 @@ async fn a_429_with_retry_after_is_retried_no_sooner_than_asked() -> anyhow::Res
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_consumer_deleted_under_a_running_executor_is_recreated() -> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _services = env.start_all().await?;
+    let js = env.js().await?;
+    // What a server restart can do: the executor's consumer is gone.
+    js.get_stream("FACTORY_TASKS")
+        .await?
+        .delete_consumer("taskfactory-executor-log")
+        .await?;
+    let mut admin = env.admin().await?;
+    create(
+        &mut admin,
+        "name: after-loss\ntrigger: {manual: {}}\ntasks: [{name: t, type: log}]\n",
+    )
+    .await?;
+    let fired = admin
+        .trigger_activity(TriggerActivityRequest {
+            id: "after-loss".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let run = finished_run(&admin, &fired.run_id, Duration::from_secs(60)).await?;
+    assert_eq!(
+        run.status(),
+        RunStatus::RunSucceeded,
+        "the executor consumes again"
+    );
+    let page = taskfactory_runtime::metrics::handle().render();
+    assert!(
+        page.contains(
+            "taskfactory_consumer_recreations_total{consumer=\"taskfactory-executor-log\"}"
+        ),
+        "counted: {page}"
+    );
+    Ok(())
+}

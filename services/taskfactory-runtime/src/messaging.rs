@@ -257,6 +257,7 @@ pub async fn consume<F, Fut>(
                 Ok(batch) => batch,
                 Err(error) => {
                     tracing::warn!(consumer = %spec.durable, error = %error_chain(&error), "pull failed; re-subscribing");
+                    crate::metrics::count_consumer_recreated(&spec.durable);
                     tokio::select! {
                         _ = shutdown.cancelled() => break 'reconnect,
                         _ = tokio::time::sleep(backoff) => {}
@@ -291,6 +292,7 @@ pub async fn consume<F, Fut>(
                     }
                     Some(Err(error)) => {
                         tracing::warn!(consumer = %spec.durable, error = %error_chain(&*error), "pull failed; re-subscribing");
+                        crate::metrics::count_consumer_recreated(&spec.durable);
                         tokio::select! {
                             _ = shutdown.cancelled() => break 'reconnect,
                             _ = tokio::time::sleep(backoff) => {}
@@ -310,13 +312,13 @@ pub async fn consume<F, Fut>(
                 match consumer.info().await {
                     Ok(info) if info.num_pending > 0 && info.num_ack_pending == 0 => {
                         tracing::warn!(consumer = %spec.durable, pending = info.num_pending, "consumer stalled: messages pending but none delivered; recreating it");
-                        crate::metrics::count_consumer_stall(&spec.durable);
+                        crate::metrics::count_consumer_recreated(&spec.durable);
                         continue 'reconnect;
                     }
                     Ok(_) => {}
                     Err(error) => {
                         tracing::warn!(consumer = %spec.durable, error = %error_chain(&error), "consumer is gone or unreachable; recreating it");
-                        crate::metrics::count_consumer_stall(&spec.durable);
+                        crate::metrics::count_consumer_recreated(&spec.durable);
                         continue 'reconnect;
                     }
                 }

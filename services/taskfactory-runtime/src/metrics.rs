@@ -49,10 +49,11 @@ pub fn count_events(outcome: &'static str) {
     metrics::counter!(EVENTS, "outcome" => outcome).increment(1);
 }
 
-/// Counts a consumer found stalled (or gone) and recreated. Consumer names are a bounded set.
-pub fn count_consumer_stall(consumer: &str) {
+/// Counts a consumer re-subscribed after it failed, went silent or disappeared. Consumer names
+/// are a bounded set.
+pub fn count_consumer_recreated(consumer: &str) {
     handle();
-    metrics::counter!("taskfactory_consumer_stalls_total", "consumer" => consumer.to_owned())
+    metrics::counter!("taskfactory_consumer_recreations_total", "consumer" => consumer.to_owned())
         .increment(1);
 }
 
