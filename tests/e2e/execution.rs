@@ -21,6 +21,7 @@ use taskfactory_proto::v1::{
 };
 use taskfactory_tests::{EnvOptions, Service, TestEnv, wait_for};
 
+use crate::context::fire as fire_and_finish;
 use crate::support::{Admin, create, finished_run, tasks};
 
 // ---------------------------------------------------------------------------------------------
@@ -871,14 +872,7 @@ async fn a_per_type_limit_bounds_how_many_tasks_of_that_type_run_at_once() -> an
         &format!("name: limited\ntrigger: {{manual: {{}}}}\ntasks: [{{name: t, type: http, forEach: 'range(10)', params: {{url: '{url}'}}}}]\n"),
     )
     .await?;
-    let fired = admin
-        .trigger_activity(taskfactory_proto::v1::TriggerActivityRequest {
-            id: "limited".to_owned(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    let run = finished_run(&admin, &fired.run_id, Duration::from_secs(30)).await?;
+    let run = fire_and_finish(&mut admin, "limited", serde_json::json!({})).await?;
     assert_eq!(run.status(), RunStatus::RunSucceeded);
     assert_eq!(
         most.load(Ordering::SeqCst),
@@ -927,14 +921,7 @@ async fn a_429_with_retry_after_is_retried_no_sooner_than_asked() -> anyhow::Res
         &format!("name: polite\ntrigger: {{manual: {{}}}}\ntasks: [{{name: t, type: http, params: {{url: '{url}'}}, retry: {{maxAttempts: 3, initialBackoff: 0.1s}}}}]\n"),
     )
     .await?;
-    let fired = admin
-        .trigger_activity(TriggerActivityRequest {
-            id: "polite".to_owned(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    let run = finished_run(&admin, &fired.run_id, Duration::from_secs(30)).await?;
+    let run = fire_and_finish(&mut admin, "polite", serde_json::json!({})).await?;
     assert_eq!(run.status(), RunStatus::RunSucceeded);
     let calls = calls.lock().unwrap().clone();
     assert_eq!(calls.len(), 2);
@@ -962,14 +949,7 @@ async fn a_consumer_deleted_under_a_running_executor_is_recreated() -> anyhow::R
         "name: after-loss\ntrigger: {manual: {}}\ntasks: [{name: t, type: log}]\n",
     )
     .await?;
-    let fired = admin
-        .trigger_activity(TriggerActivityRequest {
-            id: "after-loss".to_owned(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    let run = finished_run(&admin, &fired.run_id, Duration::from_secs(60)).await?;
+    let run = fire_and_finish(&mut admin, "after-loss", serde_json::json!({})).await?;
     assert_eq!(
         run.status(),
         RunStatus::RunSucceeded,

@@ -12,6 +12,7 @@ use taskfactory_proto::v1::{
 };
 use taskfactory_tests::{EnvOptions, Service, TestEnv, wait_for};
 
+use crate::context::fire;
 use crate::support::{create, finished_run, runs, tasks};
 
 /// A local endpoint that counts calls and answers 500 while `failing`.
@@ -206,16 +207,9 @@ async fn a_human_task_completed_through_the_api_completes_its_run_and_chains() -
         "name: quick-approval\ntrigger: {manual: {}}\ntasks: [{name: approve, type: human, timeout: 1s}]\n",
     )
     .await?;
-    let fired = admin
-        .trigger_activity(TriggerActivityRequest {
-            id: "quick-approval".to_owned(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    let run = finished_run(&admin, &fired.run_id, Duration::from_secs(20)).await?;
+    let run = fire(&mut admin, "quick-approval", serde_json::json!({})).await?;
     assert_eq!(run.status(), RunStatus::RunFailed);
-    let expired = tasks(&mut admin, &fired.run_id).await?;
+    let expired = tasks(&mut admin, &run.id).await?;
     assert_eq!(expired[0].status(), TaskStatus::Dead);
     assert!(
         expired[0].last_error.contains("deadline"),
@@ -239,16 +233,9 @@ async fn retry_task_redrives_a_dead_task_and_its_run_finishes_again() -> anyhow:
         ),
     )
     .await?;
-    let fired = admin
-        .trigger_activity(TriggerActivityRequest {
-            id: "fragile".to_owned(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    let run = finished_run(&admin, &fired.run_id, Duration::from_secs(30)).await?;
+    let run = fire(&mut admin, "fragile", serde_json::json!({})).await?;
     assert_eq!(run.status(), RunStatus::RunFailed);
-    let dead = tasks(&mut admin, &fired.run_id).await?.remove(0);
+    let dead = tasks(&mut admin, &run.id).await?.remove(0);
     assert_eq!(dead.status(), TaskStatus::Dead);
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 
@@ -275,7 +262,7 @@ async fn retry_task_redrives_a_dead_task_and_its_run_finishes_again() -> anyhow:
     )
     .await?;
     assert_eq!(task.attempts, 3, "attempts continue across the redrive");
-    let run = finished_run(&admin, &fired.run_id, Duration::from_secs(30)).await?;
+    let run = finished_run(&admin, &run.id, Duration::from_secs(30)).await?;
     assert_eq!(run.status(), RunStatus::RunSucceeded);
     assert_eq!((run.tasks_succeeded, run.tasks_failed), (1, 0));
     // Only a dead task can be retried.
@@ -303,16 +290,9 @@ async fn tasks_of_a_type_nobody_serves_die_after_the_grace_period() -> anyhow::R
         "name: orphan\ntrigger: {manual: {}}\ntasks: [{name: t, type: translate, forEach: 'range(3)'}]\n",
     )
     .await?;
-    let fired = admin
-        .trigger_activity(TriggerActivityRequest {
-            id: "orphan".to_owned(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    let run = finished_run(&admin, &fired.run_id, Duration::from_secs(30)).await?;
+    let run = fire(&mut admin, "orphan", serde_json::json!({})).await?;
     assert_eq!(run.status(), RunStatus::RunFailed);
-    let dead = tasks(&mut admin, &fired.run_id).await?;
+    let dead = tasks(&mut admin, &run.id).await?;
     assert_eq!(dead.len(), 3);
     for task in &dead {
         assert_eq!(task.status(), TaskStatus::Dead);
