@@ -37,3 +37,8 @@ verify: lint test
 # Apply activity specs (files or directories) to a running admin API
 apply +paths:
     cargo run -q --bin taskfactory-trigger -- apply {{paths}}
+
+# Throughput and latency of a fan-out beside a raw JetStream baseline (BENCHMARKS.md); e.g. just bench --events 200 --fan-out 10
+bench *args:
+    scripts/tools.sh nats >/dev/null
+    cargo run --release -p taskfactory-tests --bin taskfactory-bench -- {{args}}

@@ -273,15 +273,18 @@ pub async fn run<F, Fut>(
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(wake) => {}
             failure = lead_ended => {
+                // The task is finished (its handle must not be awaited again): give the lease up.
+                let ended = held.take();
+                if let Some(ended) = &ended {
+                    lease.release(ended.revision).await;
+                }
                 if shutdown.is_cancelled() {
+                    tracing::info!(holder = %config.holder, "gave up the scheduling lease");
                     break; // it stopped because we are stopping
                 }
                 // Scheduling must not stop silently while this replica keeps the lease.
-                tracing::error!(error = ?failure, "the scheduler stopped while leading; giving the lease up so another replica schedules");
-                if let Some(ended) = held.take() {
-                    lease.release(ended.revision).await;
-                    roles.send_replace(Role::Standby);
-                }
+                tracing::error!(error = ?failure, "the scheduler stopped while leading; gave the lease up so another replica schedules");
+                roles.send_replace(Role::Standby);
                 continue;
             }
         }
