@@ -308,3 +308,72 @@ async fn tasks_of_a_type_nobody_serves_die_after_the_grace_period() -> anyhow::R
     assert_eq!(stream.cached_info().state.messages, 0);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancelling_a_run_stops_its_running_attempts() -> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _services = env.start_all().await?;
+    let pool = env.db.pool().await?;
+    let mut admin = env.admin().await?;
+    let started = Arc::new(AtomicUsize::new(0));
+    let s = started.clone();
+    let app = axum::Router::new().route(
+        "/long",
+        axum::routing::post(move || {
+            let s = s.clone();
+            async move {
+                s.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_secs(20)).await;
+                "{}"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/long", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    create(
+        &mut admin,
+        &format!("name: long\ntrigger: {{manual: {{}}}}\ntasks: [{{name: t, type: http, forEach: 'range(3)', timeout: 60s, params: {{url: '{url}'}}}}]\n"),
+    )
+    .await?;
+    let fired = admin
+        .trigger_activity(TriggerActivityRequest {
+            id: "long".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    wait_for(
+        "the three calls to be running",
+        Duration::from_secs(20),
+        || async { Ok((started.load(Ordering::SeqCst) == 3).then_some(())) },
+    )
+    .await?;
+    let cancelled_at = std::time::Instant::now();
+    admin
+        .cancel_run(CancelRunRequest {
+            id: fired.run_id.clone(),
+            reason: "too slow".to_owned(),
+        })
+        .await?;
+    // Each running attempt stops and reports CANCELLED long before its call would have ended.
+    wait_for(
+        "the attempts to report",
+        Duration::from_secs(10),
+        || async {
+            let (reported,): (i64,) = sqlx::query_as(
+                "SELECT count(*) FROM task_attempts a JOIN tasks t ON t.id = a.task_id \
+             WHERE t.run_id::text = $1 AND a.status = 'CANCELLED'",
+            )
+            .bind(&fired.run_id)
+            .fetch_one(&pool)
+            .await?;
+            Ok((reported == 3).then_some(()))
+        },
+    )
+    .await?;
+    assert!(cancelled_at.elapsed() < Duration::from_secs(10));
+    let run = finished_run(&admin, &fired.run_id, Duration::from_secs(5)).await?;
+    assert_eq!(run.status(), RunStatus::RunCancelled);
+    Ok(())
+}
