@@ -10,6 +10,7 @@ mod hostile;
 mod leadership;
 mod lifecycle;
 mod misfire;
+mod observability;
 mod overlap;
 mod preview;
 mod resilience;

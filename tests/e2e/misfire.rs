@@ -323,26 +323,17 @@ fn counter(page: &str, series: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// `GET /metrics` over plain HTTP/1.0.
-async fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<String> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: test\r\n\r\n")
-        .await?;
-    let mut page = String::new();
-    stream.read_to_string(&mut page).await?;
-    anyhow::ensure!(page.starts_with("HTTP/1.0 200"), "{page}");
-    Ok(page)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn downtime_with_misfire_all_catches_up_at_most_max_catchup() -> anyhow::Result<()> {
     // Each test runs in its own process: the counters are this test's alone.
     let addr: std::net::SocketAddr =
         format!("127.0.0.1:{}", taskfactory_tests::free_port()).parse()?;
     let stop = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(taskfactory_runtime::metrics::serve(addr, stop.clone()));
+    tokio::spawn(taskfactory_runtime::metrics::serve(
+        addr,
+        None,
+        stop.clone(),
+    ));
     downtime_under(
         "MISFIRE_ALL",
         &[
@@ -366,7 +357,11 @@ async fn downtime_with_misfire_all_catches_up_at_most_max_catchup() -> anyhow::R
     .await?;
     // Every decision is counted: 3 on time + the catch-up + 1 on time again, per downtime.
     let page = wait_for("the metrics endpoint", Duration::from_secs(10), || async {
-        Ok(scrape(addr).await.ok())
+        Ok(crate::support::http_get(addr, "/metrics")
+            .await
+            .ok()
+            .filter(|(status, _)| *status == 200)
+            .map(|(_, page)| page))
     })
     .await?;
     let series = |d: &str| format!("taskfactory_schedule_occurrences_total{{decision=\"{d}\"}}");

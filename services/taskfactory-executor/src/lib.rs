@@ -159,6 +159,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     taskfactory_runtime::metrics::spawn_endpoint(
         &tracker,
         config.lifecycle.metrics_addr,
+        taskfactory_runtime::metrics::readiness(client.clone(), None, None),
         shutdown.clone(),
     );
     for task_type in &config.task_types {

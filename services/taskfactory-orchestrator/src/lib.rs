@@ -288,6 +288,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     taskfactory_runtime::metrics::spawn_endpoint(
         &tracker,
         config.lifecycle.metrics_addr,
+        taskfactory_runtime::metrics::readiness(client.clone(), Some(pool.clone()), None),
         shutdown.clone(),
     );
     tracker.spawn(messaging::consume(

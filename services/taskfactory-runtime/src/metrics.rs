@@ -1,11 +1,13 @@
 //! Prometheus metrics: one recorder per process (the `metrics` facade), rendered on `/metrics`.
 //!
 //! Services count with `metrics::counter!` and friends wherever the thing happens; labels carry
-//! bounded values only (a decision, a task type), never an id. [`serve`] answers `/metrics` and
-//! `/healthz` on the address given with `--metrics-addr`.
+//! bounded values only (a decision, a task type), never an id. [`serve`] answers `/metrics`,
+//! `/healthz` and `/readyz` on the address given with `--metrics-addr`.
 
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::OnceLock;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::Context as _;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -57,15 +59,91 @@ pub fn count_consumer_recreated(consumer: &str) {
         .increment(1);
 }
 
-/// Serves `/metrics` (Prometheus text) and `/healthz` until shutdown.
-pub async fn serve(addr: SocketAddr, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// What `/readyz` asks: `Ok(details)` when the service can do its work, `Err(why not)`.
+pub type Readiness =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<String, String>> + Send>> + Send + Sync>;
+
+/// Readiness of a service that needs NATS (and Postgres, when it has a pool): connected to NATS,
+/// and Postgres answering within a second. `extra` adds the service's own state (e.g. the
+/// trigger's scheduling role).
+pub fn readiness(
+    nats: async_nats::Client,
+    pool: Option<sqlx::PgPool>,
+    extra: Option<Arc<dyn Fn() -> Result<String, String> + Send + Sync>>,
+) -> Readiness {
+    Arc::new(move || {
+        let (nats, pool, extra) = (nats.clone(), pool.clone(), extra.clone());
+        Box::pin(async move {
+            let mut problems = Vec::new();
+            let mut details = Vec::new();
+            match nats.connection_state() {
+                async_nats::connection::State::Connected => {
+                    details.push("nats: connected".to_owned())
+                }
+                other => problems.push(format!("nats: {other}")),
+            }
+            if let Some(pool) = pool {
+                let ping = tokio::time::timeout(
+                    std::time::Duration::from_secs(1),
+                    sqlx::query("SELECT 1").execute(&pool),
+                )
+                .await;
+                match ping {
+                    Ok(Ok(_)) => details.push("postgres: ok".to_owned()),
+                    Ok(Err(error)) => problems.push(format!(
+                        "postgres: {}",
+                        crate::telemetry::error_chain(&error)
+                    )),
+                    Err(_) => problems.push("postgres: no answer within 1s".to_owned()),
+                }
+            }
+            if let Some(extra) = extra {
+                match extra() {
+                    Ok(detail) => details.push(detail),
+                    Err(problem) => problems.push(problem),
+                }
+            }
+            if problems.is_empty() {
+                Ok(details.join("\n"))
+            } else {
+                Err(problems.join("\n"))
+            }
+        })
+    })
+}
+
+/// Serves `/metrics` (Prometheus text), `/healthz` (alive) and `/readyz` (able to work; 503 with
+/// the reasons when not) until shutdown.
+pub async fn serve(
+    addr: SocketAddr,
+    readiness: Option<Readiness>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let handle = handle();
     let app = axum::Router::new()
         .route(
             "/metrics",
             axum::routing::get(move || async move { handle.render() }),
         )
-        .route("/healthz", axum::routing::get(|| async { "ok\n" }));
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            axum::routing::get(move || {
+                let readiness = readiness.clone();
+                async move {
+                    let Some(readiness) = readiness else {
+                        return (axum::http::StatusCode::OK, "ready\n".to_owned());
+                    };
+                    match readiness().await {
+                        Ok(details) => (axum::http::StatusCode::OK, format!("ready\n{details}\n")),
+                        Err(problems) => (
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            format!("not ready\n{problems}\n"),
+                        ),
+                    }
+                }
+            }),
+        );
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the metrics endpoint to {addr}"))?;
@@ -81,11 +159,12 @@ pub async fn serve(addr: SocketAddr, shutdown: CancellationToken) -> anyhow::Res
 pub fn spawn_endpoint(
     tracker: &tokio_util::task::TaskTracker,
     addr: Option<SocketAddr>,
+    readiness: Readiness,
     shutdown: CancellationToken,
 ) {
     if let Some(addr) = addr {
         tracker.spawn(async move {
-            if let Err(error) = serve(addr, shutdown).await {
+            if let Err(error) = serve(addr, Some(readiness), shutdown).await {
                 tracing::error!(error = %crate::telemetry::error_chain(error.as_ref()), "metrics endpoint failed");
             }
         });

@@ -162,9 +162,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let tracker = TaskTracker::new();
     // Background work stops on `work_shutdown`; the gRPC server keeps answering until it is done.
     let work_shutdown = shutdown.child_token();
+    let (roles, _) = tokio::sync::watch::channel(lease::Role::Starting);
+    let role = roles.subscribe();
     taskfactory_runtime::metrics::spawn_endpoint(
         &tracker,
         config.lifecycle.metrics_addr,
+        taskfactory_runtime::metrics::readiness(
+            client.clone(),
+            Some(pool.clone()),
+            Some(Arc::new(move || match *role.borrow() {
+                lease::Role::Leader(term) => Ok(format!("scheduling: leader (term {term})")),
+                lease::Role::Standby => Ok("scheduling: standby".to_owned()),
+                lease::Role::Starting => {
+                    Err("scheduling: not connected to the lease yet".to_owned())
+                }
+            })),
+        ),
         work_shutdown.clone(),
     );
 
@@ -174,7 +187,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         config.reload_interval,
         work_shutdown.clone(),
     ));
-    let (roles, _) = tokio::sync::watch::channel(lease::Role::Starting);
     let lead = {
         let (pool, js, registry, clock) = (
             pool.clone(),
