@@ -17,5 +17,6 @@ mod resilience;
 mod schedules;
 mod ssrf;
 mod support;
+mod tracing;
 mod validation;
 mod webhooks;

@@ -8,6 +8,8 @@
 //!   processes when a test must kill or signal them.
 //! - [`wait_for`]: poll with a deadline; tests never sleep to wait.
 
+pub mod otlp;
+
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;

@@ -144,6 +144,10 @@ impl Builtins {
             .http
             .request(method.clone(), url.clone())
             .header("Idempotency-Key", task_id);
+        // The attempt's trace continues at the receiver (`traceparent`); a task's own headers win.
+        let mut trace_headers = reqwest::header::HeaderMap::new();
+        taskfactory_runtime::propagation::inject_http(&mut trace_headers);
+        request = request.headers(trace_headers);
         if let Some(headers) = params.get("headers") {
             let headers = headers.as_object().ok_or_else(|| {
                 TaskFailure::permanent("params.headers must be an object of strings")
@@ -238,7 +242,11 @@ impl Builtins {
                 if e.kind() == async_nats::jetstream::context::PublishErrorKind::StreamNotFound =>
             {
                 self.nats
-                    .publish(subject.to_owned(), body.into())
+                    .publish_with_headers(
+                        subject.to_owned(),
+                        messaging::request_headers(),
+                        body.into(),
+                    )
                     .await
                     .map_err(|e| TaskFailure::retryable(format!("publish to {subject}: {e}")))?;
                 self.nats

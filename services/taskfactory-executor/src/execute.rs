@@ -17,6 +17,7 @@ use std::time::Duration;
 use futures::StreamExt as _;
 use taskfactory_runtime::telemetry::error_chain;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::Message;
@@ -181,6 +182,35 @@ impl Executor {
             .unwrap_or(1)
             .max(1);
         let attempt = task.attempt_base.saturating_add(series_attempt);
+        let span = tracing::info_span!(
+            "attempt",
+            otel.name = %format_args!("execute {}", task.r#type),
+            otel.status_code = tracing::field::Empty,
+            otel.status_description = tracing::field::Empty,
+            task.id = %task.task_id,
+            task.type = %task.r#type,
+            task.template = %task.template,
+            task.attempt = attempt,
+            task.status = tracing::field::Empty,
+            run.id = %task.run_id,
+            activity.name = %task.activity_name,
+            executor.name = %self.name,
+        );
+        self.attempt(message, task_type, task, attempt, series_attempt)
+            .instrument(span)
+            .await
+    }
+
+    /// One attempt of a decoded task, in its span: run it (unless its run was cancelled), report
+    /// the result, dead-letter it when it is out of attempts.
+    async fn attempt(
+        &self,
+        message: &Message,
+        task_type: String,
+        task: TaskInstance,
+        attempt: u32,
+        series_attempt: u32,
+    ) -> Disposition {
         let retry = effective_retry(task.retry.as_ref());
         let timeout = task
             .timeout
@@ -258,6 +288,15 @@ impl Executor {
                 (TaskStatus::Dead, Disposition::Ack, failure.message, None)
             }
         };
+        let span = tracing::Span::current();
+        span.record("task.status", status.as_str_name());
+        if matches!(status, TaskStatus::Failed | TaskStatus::Dead) {
+            span.record("otel.status_code", "ERROR");
+            span.record(
+                "otel.status_description",
+                messaging::one_line(&error).as_str(),
+            );
+        }
         let result = TaskResult {
             task_id: task.task_id.clone(),
             run_id: task.run_id.clone(),

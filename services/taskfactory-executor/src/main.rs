@@ -17,9 +17,11 @@ fn main() -> anyhow::Result<()> {
 
 async fn serve() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    telemetry::init_logging(&cli.log);
+    let telemetry = telemetry::init(&cli.log, "taskfactory-executor");
     let shutdown = taskfactory_runtime::shutdown::on_signal();
-    taskfactory_executor::run(cli.config, shutdown).await
+    let outcome = taskfactory_executor::run(cli.config, shutdown).await;
+    telemetry.shutdown().await;
+    outcome
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 //! answer, none of the run's tasks starts.
 
 use std::sync::Arc;
+use tracing::Instrument as _;
 
 use futures::StreamExt as _;
 use prost::Message as _;
@@ -74,16 +75,20 @@ pub async fn serve(nats: async_nats::Client, commands: Arc<Commands>, shutdown: 
             continue;
         };
         let (nats, commands) = (nats.clone(), commands.clone());
-        tokio::spawn(async move {
-            let answer = match commands.carry_out(&request.payload).await {
-                Ok(()) => json!({"ok": true}),
-                Err(refusal) => json!({"error": refusal.message, "code": refusal.code}),
-            };
-            let body = serde_json::to_vec(&answer).unwrap_or_default();
-            if let Err(error) = nats.publish(reply, body.into()).await {
-                tracing::warn!(error = %error_chain(&error), "cannot answer an admin command");
+        let span = taskfactory_runtime::messaging::request_span(&request);
+        tokio::spawn(
+            async move {
+                let answer = match commands.carry_out(&request.payload).await {
+                    Ok(()) => json!({"ok": true}),
+                    Err(refusal) => json!({"error": refusal.message, "code": refusal.code}),
+                };
+                let body = serde_json::to_vec(&answer).unwrap_or_default();
+                if let Err(error) = nats.publish(reply, body.into()).await {
+                    tracing::warn!(error = %error_chain(&error), "cannot answer an admin command");
+                }
             }
-        });
+            .instrument(span),
+        );
     }
     let _ = requests.unsubscribe().await;
 }

@@ -19,6 +19,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument as _;
 
 use futures::future::join_all;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -115,12 +116,19 @@ impl Sources {
                 .and_then(std_duration)
                 .filter(|d| !d.is_zero())
                 .unwrap_or(self.default_timeout);
+            let span = source_span(source);
             let value =
-                match tokio::time::timeout(timeout, self.resolve_one(source, scope, timeout)).await
+                match tokio::time::timeout(timeout, self.resolve_one(source, scope, timeout))
+                    .instrument(span.clone())
+                    .await
                 {
                     Ok(result) => result,
                     Err(_) => Err(format!("timed out after {}", humane(timeout))),
                 };
+            if let Err(error) = &value {
+                span.record("otel.status_code", "ERROR");
+                span.record("otel.status_description", error.as_str());
+            }
             (source, value)
         }))
         .await;
@@ -165,6 +173,18 @@ impl Sources {
             }
         }
         resolved
+    }
+
+    /// The source's kind as specs spell it.
+    fn kind_name(source: &ContextSource) -> &'static str {
+        match &source.kind {
+            Some(context_source::Kind::Static(_)) => "static",
+            Some(context_source::Kind::Sql(_)) => "sql",
+            Some(context_source::Kind::Http(_)) => "http",
+            Some(context_source::Kind::Kv(_)) => "kv",
+            Some(context_source::Kind::Request(_)) => "request",
+            None => "none",
+        }
     }
 
     async fn resolve_one(
@@ -324,9 +344,12 @@ impl Sources {
             "POST" => reqwest::Method::POST,
             other => return Err(format!("method {other:?} is not GET or POST")),
         };
+        let mut trace_headers = reqwest::header::HeaderMap::new();
+        taskfactory_runtime::propagation::inject_http(&mut trace_headers);
         let mut request = self
             .http
             .request(method.clone(), url.clone())
+            .headers(trace_headers)
             .header(reqwest::header::ACCEPT, "application/json");
         for (name, value) in &http.headers {
             request = request.header(
@@ -389,9 +412,11 @@ impl Sources {
             .transpose()?
             .unwrap_or(serde_json::Value::Null);
         let body = serde_json::to_vec(&payload).map_err(|e| e.to_string())?;
+        let mut headers = async_nats::HeaderMap::new();
+        taskfactory_runtime::propagation::inject_nats(&tracing::Span::current(), &mut headers);
         let reply = self
             .nats
-            .request(subject.clone(), body.into())
+            .request_with_headers(subject.clone(), headers, body.into())
             .await
             .map_err(|e| format!("request to {subject}: {e}"))?;
         self.decode(&reply.payload, &format!("the reply from {subject}"))
@@ -423,4 +448,18 @@ fn db_error(error: &sqlx::Error) -> String {
 
 fn humane(d: Duration) -> String {
     format!("{:.3}s", d.as_secs_f64())
+}
+
+/// The span of one source's resolution: `context <name>`, with its kind.
+fn source_span(source: &ContextSource) -> tracing::Span {
+    let kind = Sources::kind_name(source);
+    tracing::info_span!(
+        "context source",
+        otel.name = %format_args!("context {}", source.name),
+        otel.kind = if kind == "static" { "internal" } else { "client" },
+        otel.status_code = tracing::field::Empty,
+        otel.status_description = tracing::field::Empty,
+        context.source = %source.name,
+        context.kind = kind,
+    )
 }

@@ -7,6 +7,7 @@
 //! answer a `PreviewRunResponse`, or `{"error": "..."}`.
 
 use std::sync::Arc;
+use tracing::Instrument as _;
 
 use futures::StreamExt as _;
 use prost::Message as _;
@@ -47,16 +48,20 @@ pub async fn serve(nats: async_nats::Client, spawner: Arc<Spawner>, shutdown: Ca
             continue;
         };
         let (nats, spawner) = (nats.clone(), spawner.clone());
-        tokio::spawn(async move {
-            let answer = match preview(&spawner, &request.payload).await {
-                Ok(response) => taskfactory_proto::to_json(&response),
-                Err(error) => serde_json::json!({ "error": error }),
-            };
-            let body = serde_json::to_vec(&answer).unwrap_or_default();
-            if let Err(error) = nats.publish(reply, body.into()).await {
-                tracing::warn!(error = %error_chain(&error), "cannot answer a preview request");
+        let span = taskfactory_runtime::messaging::request_span(&request);
+        tokio::spawn(
+            async move {
+                let answer = match preview(&spawner, &request.payload).await {
+                    Ok(response) => taskfactory_proto::to_json(&response),
+                    Err(error) => serde_json::json!({ "error": error }),
+                };
+                let body = serde_json::to_vec(&answer).unwrap_or_default();
+                if let Err(error) = nats.publish(reply, body.into()).await {
+                    tracing::warn!(error = %error_chain(&error), "cannot answer a preview request");
+                }
             }
-        });
+            .instrument(span),
+        );
     }
     let _ = requests.unsubscribe().await;
 }

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument as _;
 
 use async_nats::jetstream::Message;
 use prost::Message as _;
@@ -57,6 +58,29 @@ impl ResultSink {
                 )
                 .await;
         }
+        let span = tracing::info_span!(
+            "record result",
+            otel.name = %format_args!("record result {}", result.r#type),
+            otel.status_code = tracing::field::Empty,
+            task.id = %task_id,
+            task.type = %result.r#type,
+            task.attempt = result.attempt,
+            task.status = status.as_str_name(),
+            run.id = %result.run_id,
+            executor.name = %result.executor,
+        );
+        let disposition = self
+            .record(result, task_id, status)
+            .instrument(span.clone())
+            .await;
+        if disposition != Disposition::Ack {
+            span.record("otel.status_code", "ERROR");
+        }
+        disposition
+    }
+
+    /// Records a decoded result; announces the run when it was the last.
+    async fn record(&self, result: TaskResult, task_id: TaskId, status: TaskStatus) -> Disposition {
         let record = ResultRecord {
             task_id,
             attempt: result.attempt,

@@ -33,7 +33,9 @@ use taskfactory_proto::v1::{
     ActivitySpec, OverlapPolicy, RunStatus, TaskInstance, TaskStatus, TriggerEvent, trigger,
 };
 use taskfactory_runtime::messaging::{self, Disposition};
+use taskfactory_runtime::propagation;
 use taskfactory_runtime::telemetry::error_chain;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::completion;
@@ -132,7 +134,25 @@ impl Spawner {
             return Err(SpawnError::Missing("a dedupe_key"));
         }
         let run_id = RunId::derive(activity_id, &event.dedupe_key);
+        let span = run_span(&event, run_id);
+        let processed = self
+            .process_run(message, &event, activity_id, run_id)
+            .instrument(span.clone())
+            .await;
+        if processed.is_err() {
+            span.record("otel.status_code", "ERROR");
+        }
+        processed
+    }
 
+    /// The run of one trigger, in the run's span.
+    async fn process_run(
+        &self,
+        message: &Message,
+        event: &TriggerEvent,
+        activity_id: ActivityId,
+        run_id: RunId,
+    ) -> Result<(), SpawnError> {
         if let Some(state) = store::run_state(&self.pool, run_id).await? {
             if state.status == RunStatus::RunPending {
                 // Admitted by its overlap policy but not started (a crash in between): start it
@@ -153,28 +173,23 @@ impl Spawner {
             return Ok(());
         }
 
-        let policy = self.overlap_policy(&event, activity_id).await?;
+        let policy = self.overlap_policy(event, activity_id).await?;
         if !matches!(
             policy,
             OverlapPolicy::AllowAll | OverlapPolicy::OverlapUnspecified
         ) {
             return self
-                .admit(
-                    &event,
-                    activity_id,
-                    run_id,
-                    policy,
-                    message.payload.as_ref(),
-                )
+                .admit(event, activity_id, run_id, policy, message.payload.as_ref())
                 .await;
         }
 
-        let (new_run, tasks) = self.evaluate(&event, activity_id, run_id).await?;
+        let (new_run, tasks) = self.evaluate(event, activity_id, run_id).await?;
         let status = new_run.status;
+        record_run_outcome(&new_run, tasks.len());
         let instances = publishable(&tasks);
         if !store::insert_run(&self.pool, &new_run, &tasks).await? {
             // Another delivery recorded it first; continue from what it recorded.
-            return Box::pin(self.process(message)).await;
+            return Box::pin(self.process_run(message, event, activity_id, run_id)).await;
         }
         tracing::info!(run.id = %run_id, activity.name = %new_run.activity_name, tasks = tasks.len(), status = ?status, "run recorded");
         if status == RunStatus::RunRunning {
@@ -241,11 +256,13 @@ impl Spawner {
         match admission {
             Admission::Start => self.start_admitted(run_id).await,
             Admission::Buffered { behind } => {
+                tracing::Span::current().record("run.admission", "buffered");
                 taskfactory_runtime::metrics::count_occurrences("BUFFERED", 1);
                 tracing::info!(run.id = %run_id, activity.name = %event.activity_name, behind = %behind, policy = policy.as_str_name(), "run buffered until the run before it finishes");
                 Ok(())
             }
             Admission::Skipped { reason } => {
+                tracing::Span::current().record("run.admission", "skipped");
                 taskfactory_runtime::metrics::count_occurrences("SKIPPED_OVERLAP", 1);
                 tracing::info!(run.id = %run_id, activity.name = %event.activity_name, %reason, "run skipped");
                 Ok(())
@@ -267,10 +284,26 @@ impl Spawner {
     /// publishes them. A run that ends at once (no tasks, evaluation failed) lets the next waiting
     /// run start.
     pub async fn start_admitted(&self, run_id: RunId) -> Result<(), SpawnError> {
-        let Some(encoded) = store::admitted_trigger_event(&self.pool, run_id).await? else {
+        let Some((encoded, traceparent)) =
+            store::admitted_trigger_event(&self.pool, run_id).await?
+        else {
             return Ok(()); // started elsewhere meanwhile, or cancelled
         };
         let event = TriggerEvent::decode(encoded.as_slice()).map_err(SpawnError::Decode)?;
+        // The run continues the trace of its fire, whoever starts it and whenever.
+        let span = run_span(&event, run_id);
+        span.record("run.admission", "started");
+        propagation::set_parent(&span, propagation::parse_traceparent(&traceparent));
+        self.start_admitted_event(run_id, event)
+            .instrument(span)
+            .await
+    }
+
+    async fn start_admitted_event(
+        &self,
+        run_id: RunId,
+        event: TriggerEvent,
+    ) -> Result<(), SpawnError> {
         let activity_id: ActivityId = event
             .activity_id
             .parse()
@@ -288,6 +321,7 @@ impl Spawner {
         if !store::fill_run(&self.pool, &run, &tasks).await? {
             return Ok(());
         }
+        record_run_outcome(&run, tasks.len());
         tracing::info!(run.id = %run_id, activity.name = %run.activity_name, tasks = tasks.len(), status = ?run.status, "run started");
         // CANCEL_OTHER may have cancelled it in the moment since: then its tasks stay unpublished.
         let cancelled = store::run_state(&self.pool, run_id)
@@ -409,13 +443,36 @@ impl Spawner {
         scope.context = context.clone();
         // CPU work bounded by fuel and a deadline, off the async workers.
         let (owned_spec, limits) = (spec.clone(), self.limits);
-        let plan =
-            tokio::task::spawn_blocking(move || plan::plan_tasks(&owned_spec, &scope, &limits))
-                .await
-                .unwrap_or_else(|panic| plan::Plan {
-                    error: Some(format!("template evaluation failed: {panic}")),
-                    ..plan::Plan::default()
-                });
+        let evaluation = tracing::info_span!(
+            "evaluate templates",
+            otel.status_code = tracing::field::Empty,
+            otel.status_description = tracing::field::Empty,
+            evaluation.templates = spec.tasks.len(),
+            evaluation.items = tracing::field::Empty,
+            evaluation.tasks = tracing::field::Empty,
+        );
+        let in_evaluation = evaluation.clone();
+        let plan = tokio::task::spawn_blocking(move || {
+            in_evaluation.in_scope(|| plan::plan_tasks(&owned_spec, &scope, &limits))
+        })
+        .await
+        .unwrap_or_else(|panic| plan::Plan {
+            error: Some(format!("template evaluation failed: {panic}")),
+            ..plan::Plan::default()
+        });
+        evaluation.record("evaluation.tasks", plan.tasks.len());
+        evaluation.record(
+            "evaluation.items",
+            plan.evaluation
+                .iter()
+                .map(|e| u64::from(e.items))
+                .sum::<u64>(),
+        );
+        if let Some(error) = &plan.error {
+            evaluation.record("otel.status_code", "ERROR");
+            evaluation.record("otel.status_description", error.as_str());
+        }
+        drop(evaluation);
         run.context = context;
         run.evaluation = serde_json::Value::Array(
             source_notes
@@ -492,6 +549,12 @@ impl Spawner {
         for window in tasks.chunks(self.publish_window) {
             let mut acks = Vec::with_capacity(window.len());
             for (task_id, task_type, instance) in window {
+                let span = tracing::info_span!(
+                    "spawn task",
+                    otel.name = %format_args!("spawn {task_type}"),
+                    task.id = %task_id,
+                    task.type = %task_type,
+                );
                 let ack = messaging::publish(
                     &self.js,
                     subjects::task_subject(task_type),
@@ -499,6 +562,7 @@ impl Spawner {
                     None,
                     instance.clone().into(),
                 )
+                .instrument(span)
                 .await
                 .map_err(|source| SpawnError::Publish {
                     task_id: *task_id,
@@ -553,7 +617,38 @@ fn run_header(event: &TriggerEvent, activity_id: ActivityId, run_id: RunId) -> N
         context: serde_json::json!({}),
         evaluation: serde_json::json!([]),
         error: String::new(),
-        trace_id: String::new(),
+        trace_id: propagation::current_trace_id().unwrap_or_default(),
+        traceparent: propagation::current_traceparent().unwrap_or_default(),
+    }
+}
+
+/// The span of one run: `run <activity>`, a child of its fire's span.
+fn run_span(event: &TriggerEvent, run_id: RunId) -> tracing::Span {
+    tracing::info_span!(
+        "run",
+        otel.name = %format_args!("run {}", event.activity_name),
+        otel.status_code = tracing::field::Empty,
+        otel.status_description = tracing::field::Empty,
+        run.id = %run_id,
+        run.status = tracing::field::Empty,
+        run.tasks = tracing::field::Empty,
+        run.admission = tracing::field::Empty,
+        activity.name = %event.activity_name,
+        activity.id = %event.activity_id,
+        activity.version = event.activity_version,
+        fire.source = source_name(event.source()),
+        fire.dedupe_key = %event.dedupe_key,
+    )
+}
+
+/// What the run's evaluation decided, on the current (run) span.
+fn record_run_outcome(run: &NewRun, tasks: usize) {
+    let span = tracing::Span::current();
+    span.record("run.status", run.status.as_str_name());
+    span.record("run.tasks", tasks);
+    if run.status == RunStatus::RunFailed {
+        span.record("otel.status_code", "ERROR");
+        span.record("otel.status_description", run.error.as_str());
     }
 }
 

@@ -70,6 +70,8 @@ pub struct NewRun {
     pub evaluation: serde_json::Value,
     pub error: String,
     pub trace_id: String,
+    /// The run's trace context, so a buffered run started later continues its fire's trace.
+    pub traceparent: String,
 }
 
 /// A task to record with its run.
@@ -110,10 +112,10 @@ async fn insert_run_row(
         "INSERT INTO runs (id, activity_id, activity_name, activity_version, event_id, source, \
              dedupe_key, scheduled_for, fired_at, subject, payload, status, context, evaluation, \
              error, tasks_spawned, spawn_complete, trace_id, finished_at, waiting, trigger_event, \
-             overlap, started_at, announced_at) \
+             overlap, started_at, announced_at, traceparent) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
              CASE WHEN $17 THEN now() END, $19, $20, $21, CASE WHEN $22 THEN now() END, \
-             CASE WHEN $23 THEN now() END) \
+             CASE WHEN $23 THEN now() END, $24) \
          ON CONFLICT DO NOTHING",
     )
     .bind(run.id.0)
@@ -139,6 +141,7 @@ async fn insert_run_row(
     .bind(extras.overlap)
     .bind(extras.started)
     .bind(extras.quiet)
+    .bind(&run.traceparent)
     .execute(&mut *tx)
     .await?
     .rows_affected()
@@ -371,18 +374,20 @@ async fn cancel_runs(
     Ok(())
 }
 
-/// The TriggerEvent of a run admitted to start but not started yet (status PENDING, not waiting).
+/// The TriggerEvent of a run admitted to start but not started yet (status PENDING, not waiting),
+/// and the run's trace context.
 pub async fn admitted_trigger_event(
     pool: &PgPool,
     run: RunId,
-) -> Result<Option<Vec<u8>>, sqlx::Error> {
-    let row: Option<(Option<Vec<u8>>,)> = sqlx::query_as(
-        "SELECT trigger_event FROM runs WHERE id = $1 AND status = 'PENDING' AND NOT waiting",
+) -> Result<Option<(Vec<u8>, String)>, sqlx::Error> {
+    let row: Option<(Option<Vec<u8>>, String)> = sqlx::query_as(
+        "SELECT trigger_event, traceparent FROM runs \
+         WHERE id = $1 AND status = 'PENDING' AND NOT waiting",
     )
     .bind(run.0)
     .fetch_optional(pool)
     .await?;
-    Ok(row.and_then(|(event,)| event))
+    Ok(row.and_then(|(event, traceparent)| event.map(|event| (event, traceparent))))
 }
 
 /// Fills an admitted run with its evaluation and tasks (status leaves PENDING). False when it is

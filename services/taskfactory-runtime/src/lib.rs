@@ -10,8 +10,9 @@
 //! - [`db`]: creating the database if absent, the pool, and the embedded migrations.
 //! - [`messaging`]: the one publish helper and the one consume loop (acks, concurrency, DLQ).
 //! - [`metrics`]: the Prometheus recorder and the `/metrics` endpoint.
+//! - [`propagation`]: W3C trace context in NATS headers, HTTP headers and gRPC metadata.
 //! - [`shutdown`]: SIGTERM/SIGINT → a `CancellationToken`; a second signal exits at once.
-//! - [`telemetry`]: structured logs (pretty for development, JSON for production).
+//! - [`telemetry`]: structured logs (pretty for development, JSON for production) and OTLP traces.
 
 pub mod clock;
 pub mod config;
@@ -20,6 +21,7 @@ pub mod egress;
 pub mod messaging;
 pub mod metrics;
 pub mod nats;
+pub mod propagation;
 pub mod shutdown;
 pub mod telemetry;
 

@@ -8,6 +8,10 @@
 //!   on shutdown stops pulling, hands back what was delivered but not started, and lets the
 //!   messages in hand finish. A message in hand is never abandoned halfway.
 //! - Settling: a handler returns a [`Disposition`]; [`settle`] turns it into the JetStream ack.
+//! - Tracing: each publish is a producer span whose context goes out in the message headers; each
+//!   handler runs in a consumer span that continues the context the message carries
+//!   ([`crate::propagation`]). Names and attributes follow the OpenTelemetry messaging
+//!   conventions (`publish <subject>`, `process <subject>`, `messaging.*`).
 
 use crate::telemetry::error_chain;
 use std::future::Future;
@@ -25,6 +29,7 @@ use taskfactory_model::subjects;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
 
 /// Publishes `payload` to `subject` with `Nats-Msg-Id` = `msg_id` and any extra headers; returns
 /// the ack future (await it before acking what caused the publish).
@@ -35,12 +40,25 @@ pub async fn publish(
     extra_headers: Option<HeaderMap>,
     payload: Bytes,
 ) -> Result<PublishAckFuture, PublishError> {
+    let span = tracing::info_span!(
+        "publish",
+        otel.name = %format_args!("publish {subject}"),
+        otel.kind = "producer",
+        messaging.system = "nats",
+        messaging.operation.type = "send",
+        messaging.operation.name = "publish",
+        messaging.destination.name = %subject,
+        messaging.message.id = %msg_id,
+        messaging.message.body.size = payload.len(),
+    );
     let mut headers = extra_headers.unwrap_or_default();
     headers.insert(subjects::HEADER_MSG_ID, msg_id);
+    crate::propagation::inject_nats(&span, &mut headers);
     js.send_publish(
         subject,
         PublishMessage::build().payload(payload).headers(headers),
     )
+    .instrument(span)
     .await
 }
 
@@ -69,14 +87,30 @@ pub enum Disposition {
     Term,
 }
 
+impl Disposition {
+    fn name(self) -> &'static str {
+        match self {
+            Disposition::Ack => "ack",
+            Disposition::Retry(_) => "nak",
+            Disposition::Term => "term",
+        }
+    }
+}
+
 /// Settles a message; a failure to ack only means it will be delivered again, which every handler
-/// tolerates, so it is logged and not propagated.
+/// tolerates, so it is logged and not propagated. A message not done is an error of its
+/// consumer span.
 pub async fn settle(message: &Message, disposition: Disposition) {
     let kind = match disposition {
         Disposition::Ack => AckKind::Ack,
         Disposition::Retry(delay) => AckKind::Nak(Some(delay)),
         Disposition::Term => AckKind::Term,
     };
+    let span = tracing::Span::current();
+    span.record("messaging.nats.settle", disposition.name());
+    if disposition != Disposition::Ack {
+        span.record("otel.status_code", "ERROR");
+    }
     if let Err(error) = message.ack_with(kind).await {
         tracing::warn!(subject = %message.subject, error = %error_chain(&*error), ?disposition, "could not settle message; it will be redelivered");
     }
@@ -285,10 +319,14 @@ pub async fn consume<F, Fut>(
                             continue;
                         };
                         let handler = handler.clone();
-                        tracker.spawn(async move {
-                            handler(message).await;
-                            drop(slot);
-                        });
+                        let span = consumer_span(&message, &spec.durable);
+                        tracker.spawn(
+                            async move {
+                                handler(message).await;
+                                drop(slot);
+                            }
+                            .instrument(span),
+                        );
                     }
                     Some(Err(error)) => {
                         tracing::warn!(consumer = %spec.durable, error = %error_chain(&*error), "pull failed; re-subscribing");
@@ -332,6 +370,62 @@ pub async fn consume<F, Fut>(
     {
         tracing::warn!(consumer = %spec.durable, in_flight = tracker.len(), "drain timeout: leaving messages in flight to be redelivered");
     }
+}
+
+/// The span a handler runs in: `process <subject>`, a child of the context the message carries.
+fn consumer_span(message: &Message, durable: &str) -> tracing::Span {
+    let delivered = message.info().map(|info| info.delivered).unwrap_or(1);
+    let message_id = message
+        .headers
+        .as_ref()
+        .and_then(|headers| headers.get(subjects::HEADER_MSG_ID))
+        .map(|id| id.as_str().to_owned())
+        .unwrap_or_default();
+    let span = tracing::info_span!(
+        "process",
+        otel.name = %format_args!("process {}", message.subject),
+        otel.kind = "consumer",
+        otel.status_code = tracing::field::Empty,
+        messaging.system = "nats",
+        messaging.operation.type = "process",
+        messaging.operation.name = "process",
+        messaging.destination.name = %message.subject,
+        messaging.consumer.group.name = %durable,
+        messaging.message.id = %message_id,
+        messaging.message.body.size = message.payload.len(),
+        messaging.nats.delivered = delivered,
+        messaging.nats.settle = tracing::field::Empty,
+    );
+    crate::propagation::set_parent(
+        &span,
+        crate::propagation::extract_nats(message.headers.as_ref()),
+    );
+    span
+}
+
+/// The span an internal request (core NATS request/reply) is answered in: `process <subject>`, a
+/// child of the requester's context.
+pub fn request_span(message: &async_nats::Message) -> tracing::Span {
+    let span = tracing::info_span!(
+        "request",
+        otel.name = %format_args!("process {}", message.subject),
+        otel.kind = "consumer",
+        messaging.system = "nats",
+        messaging.operation.type = "process",
+        messaging.destination.name = %message.subject,
+    );
+    crate::propagation::set_parent(
+        &span,
+        crate::propagation::extract_nats(message.headers.as_ref()),
+    );
+    span
+}
+
+/// Trace context headers for a core NATS request made in the current span.
+pub fn request_headers() -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    crate::propagation::inject_nats(&tracing::Span::current(), &mut headers);
+    headers
 }
 
 /// Empty pulls in a row (each up to [`PULL_EXPIRY`]) after which the consumer is checked for a

@@ -1,7 +1,22 @@
-//! Logs: readable in development, JSON in production (`TASKFACTORY_LOG_FORMAT=json`), filtered
-//! by `RUST_LOG` (default `info`). Ids are fields (`run.id`, `task.id`), never baked into messages.
+//! Logs and traces.
+//!
+//! - Logs: readable in development, JSON in production (`TASKFACTORY_LOG_FORMAT=json`), filtered
+//!   by `RUST_LOG` (default `info`). Ids are fields (`run.id`, `task.id`), never baked into
+//!   messages; in JSON each line also carries the fields of the spans it happened in.
+//! - Traces: OpenTelemetry over OTLP/gRPC, on when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+//!   `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set and `OTEL_SDK_DISABLED` is not `true`. The
+//!   standard variables configure it (`OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
+//!   `OTEL_TRACES_SAMPLER[_ARG]`, `OTEL_BSP_*`, `OTEL_EXPORTER_OTLP_*`). Spans are `tracing` spans
+//!   of our crates at `info` and above (`TASKFACTORY_TRACE_FILTER` changes that), exported in
+//!   batches from a thread of their own: a slow or absent collector never blocks a service, and a
+//!   failed export is logged (target `opentelemetry`). [`Telemetry::shutdown`] flushes what is
+//!   buffered. How context crosses NATS, HTTP and gRPC is in [`crate::propagation`].
 
-use tracing_subscriber::EnvFilter;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -17,15 +32,140 @@ pub struct LogArgs {
     pub format: LogFormat,
 }
 
-/// Installs the global subscriber; a second call (tests running several services in one process)
-/// is a no-op.
-pub fn init_logging(args: &LogArgs) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    let _ = match args.format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Pretty => builder.compact().try_init(),
+/// Which spans go to the trace exporter unless `TASKFACTORY_TRACE_FILTER` says otherwise: ours at
+/// `info` (fires, runs, tasks, attempts, messages), everything else only when it warns.
+const DEFAULT_TRACE_FILTER: &str = "warn,taskfactory_runtime=info,taskfactory_trigger=info,taskfactory_orchestrator=info,taskfactory_executor=info";
+
+/// The process's telemetry; keep it until the service has stopped, then [`Telemetry::shutdown`].
+#[must_use = "traces buffered at exit are lost unless `shutdown` is called"]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Whether traces are exported.
+    pub fn tracing_enabled(&self) -> bool {
+        self.provider.is_some()
+    }
+
+    /// Exports what is buffered (bounded by `OTEL_BSP_EXPORT_TIMEOUT`) and stops the exporter.
+    pub async fn shutdown(self) {
+        let Some(provider) = self.provider else {
+            return;
+        };
+        // The SDK blocks while it flushes; the exporter's connection needs the runtime meanwhile.
+        let flushed = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+        match flushed {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(error = %error, "could not flush traces at shutdown"),
+            Err(error) => tracing::warn!(error = %error, "could not flush traces at shutdown"),
+        }
+    }
+}
+
+/// Installs logging and, when configured, trace export for `service` (the default
+/// `service.name`; `OTEL_SERVICE_NAME` wins). Call it inside the tokio runtime. A second call in
+/// one process (tests running several services in-process) installs nothing and exports nothing.
+pub fn init(args: &LogArgs, service: &'static str) -> Telemetry {
+    let provider = trace_export_configured().then(|| tracer_provider(service));
+    let provider = match provider {
+        Some(Ok(provider)) => Some(provider),
+        Some(Err(error)) => {
+            eprintln!("taskfactory: traces are off: cannot set up the OTLP exporter: {error}");
+            None
+        }
+        None => None,
     };
+    let log_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let colours = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let logs = log_layer(args.format, std::io::stdout, colours).with_filter(log_filter);
+    let traces = provider.as_ref().map(|provider| {
+        let filter = std::env::var("TASKFACTORY_TRACE_FILTER")
+            .ok()
+            .and_then(|directives| EnvFilter::try_new(directives).ok())
+            .unwrap_or_else(|| EnvFilter::new(DEFAULT_TRACE_FILTER));
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer(service))
+            .with_tracked_inactivity(false)
+            .with_filter(filter)
+    });
+    let installed = tracing_subscriber::registry()
+        .with(logs)
+        .with(traces)
+        .try_init()
+        .is_ok();
+    if !installed {
+        if let Some(provider) = provider {
+            let _ = provider.shutdown();
+        }
+        return Telemetry { provider: None };
+    }
+    if provider.is_some() {
+        opentelemetry::global::set_text_map_propagator(
+            opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+        );
+        tracing::info!(service, "exporting traces over OTLP");
+    }
+    Telemetry { provider }
+}
+
+/// The log lines: compact text, or one JSON object per line with the event's fields at the top
+/// level, the innermost span's fields under `span` and every enclosing span under `spans` (so a
+/// line logged while publishing a task still names its run and activity). Text is coloured only
+/// for a terminal.
+fn log_layer<S, W>(
+    format: LogFormat,
+    writer: W,
+    colours: bool,
+) -> Box<dyn tracing_subscriber::Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    match format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(true)
+            .with_writer(writer)
+            .boxed(),
+        LogFormat::Pretty => tracing_subscriber::fmt::layer()
+            .compact()
+            .with_ansi(colours)
+            .with_writer(writer)
+            .boxed(),
+    }
+}
+
+/// Whether the environment asks for trace export.
+fn trace_export_configured() -> bool {
+    let set = |name: &str| std::env::var(name).is_ok_and(|value| !value.trim().is_empty());
+    let disabled = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"))
+        || std::env::var("OTEL_TRACES_EXPORTER").is_ok_and(|v| v.eq_ignore_ascii_case("none"));
+    !disabled && (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+}
+
+fn tracer_provider(
+    service: &'static str,
+) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .build()?;
+    let mut resource = opentelemetry_sdk::Resource::builder();
+    if std::env::var("OTEL_SERVICE_NAME").is_err() {
+        resource = resource.with_service_name(service);
+    }
+    let resource = resource
+        .with_attribute(opentelemetry::KeyValue::new(
+            "service.version",
+            env!("CARGO_PKG_VERSION"),
+        ))
+        .build();
+    Ok(SdkTracerProvider::builder()
+        .with_resource(resource)
+        .with_batch_exporter(exporter)
+        .build())
 }
 
 /// An error and its sources on one line (`outer: inner: root`), for log fields. Errors keep their
@@ -42,4 +182,76 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
         source = inner.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// Log output captured in memory.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .expect("captured logs")
+                .extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'w> tracing_subscriber::fmt::MakeWriter<'w> for Captured {
+        type Writer = Captured;
+        fn make_writer(&'w self) -> Self::Writer {
+            self.clone()
+        }
+    }
+
+    #[test]
+    fn json_lines_carry_the_ids_of_the_event_and_its_spans() {
+        let captured = Captured::default();
+        let subscriber = tracing_subscriber::registry().with(log_layer(
+            LogFormat::Json,
+            captured.clone(),
+            false,
+        ));
+        tracing::subscriber::with_default(subscriber, || {
+            let run = tracing::info_span!("run", run.id = "r-1", activity.name = "billing");
+            let _run = run.enter();
+            let publish = tracing::info_span!("publish", messaging.destination.name = "tasks.log");
+            let _publish = publish.enter();
+            tracing::warn!(task.id = "t-1", "task published");
+        });
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let line: serde_json::Value = serde_json::from_str(text.trim()).expect(&text);
+        assert_eq!(line["level"], "WARN");
+        assert_eq!(line["message"], "task published");
+        assert_eq!(line["task.id"], "t-1");
+        assert_eq!(line["span"]["messaging.destination.name"], "tasks.log");
+        assert_eq!(line["spans"][0]["run.id"], "r-1");
+        assert_eq!(line["spans"][0]["activity.name"], "billing");
+    }
+
+    #[test]
+    fn pretty_lines_are_text() {
+        let captured = Captured::default();
+        let subscriber = tracing_subscriber::registry().with(log_layer(
+            LogFormat::Pretty,
+            captured.clone(),
+            false,
+        ));
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(run.id = "r-1", "run started");
+        });
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        assert!(text.contains("run started"), "{text}");
+        assert!(text.contains("run.id=\"r-1\""), "{text}");
+        assert!(serde_json::from_str::<serde_json::Value>(text.trim()).is_err());
+    }
 }

@@ -154,6 +154,7 @@ impl Admin {
             self.nats.send_request(
                 taskfactory_model::subjects::RUN_COMMANDS,
                 async_nats::Request::new()
+                    .headers(taskfactory_runtime::messaging::request_headers())
                     .payload(serde_json::to_vec(&body).unwrap_or_default().into())
                     .timeout(Some(COMMAND_TIMEOUT)),
             ),
@@ -666,6 +667,7 @@ impl AdminService for Admin {
             self.nats.send_request(
                 taskfactory_model::subjects::PREVIEW_REQUESTS,
                 async_nats::Request::new()
+                    .headers(taskfactory_runtime::messaging::request_headers())
                     .payload(serde_json::to_vec(&body).unwrap_or_default().into())
                     .timeout(Some(PREVIEW_TIMEOUT)),
             ),

@@ -9,6 +9,10 @@
 //!
 //! A repeated fire (same dedupe key) is recognised at step 1 and reported as a duplicate; the
 //! run id is derived from the same key, so callers can name the run either way.
+//!
+//! Each fire is a span, `fire <activity>`: the root of the run's trace for schedules, a child of
+//! the event's or the admin call's span otherwise. Its context travels with the TriggerEvent and
+//! is stored with the fire, so a republished fire stays in the same trace.
 
 use std::time::Duration;
 use taskfactory_runtime::telemetry::error_chain;
@@ -23,6 +27,8 @@ use taskfactory_model::{subjects, values};
 use taskfactory_proto::v1::{OverlapPolicy, TriggerEvent, TriggerSource};
 use taskfactory_runtime::messaging;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::store::{self, NewFire, ScheduleWrite, StoreError};
 
@@ -64,6 +70,50 @@ pub async fn fire(
     request: FireRequest,
     schedule: Option<ScheduleWrite<'_>>,
 ) -> Result<Fired, StoreError> {
+    let span = tracing::info_span!(
+        "fire",
+        otel.name = %format_args!("fire {}", request.activity_name),
+        otel.status_code = tracing::field::Empty,
+        activity.name = %request.activity_name,
+        activity.id = %request.activity_id,
+        activity.version = request.activity_version,
+        fire.source = source_name(request.source),
+        fire.dedupe_key = %request.dedupe_key,
+        fire.duplicate = tracing::field::Empty,
+        run.id = tracing::field::Empty,
+    );
+    if let Some(scheduled_for) = request.scheduled_for {
+        let lateness = (request.fired_at - scheduled_for).num_milliseconds();
+        span.set_attribute(
+            "fire.scheduled_for",
+            scheduled_for.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        );
+        span.set_attribute("fire.lateness_ms", lateness);
+    }
+    if let Some(note) = &request.dst_note {
+        span.set_attribute("fire.dst_note", note.clone());
+    }
+    let fired = fire_in_span(pool, js, request, schedule)
+        .instrument(span.clone())
+        .await;
+    match &fired {
+        Ok(fired) => {
+            span.record("fire.duplicate", fired.duplicate);
+            span.record("run.id", tracing::field::display(fired.run_id));
+        }
+        Err(_) => {
+            span.record("otel.status_code", "ERROR");
+        }
+    }
+    fired
+}
+
+async fn fire_in_span(
+    pool: &PgPool,
+    js: &async_nats::jetstream::Context,
+    request: FireRequest,
+    schedule: Option<ScheduleWrite<'_>>,
+) -> Result<Fired, StoreError> {
     let fire_id = FireId::derive(request.activity_id, &request.dedupe_key);
     let run_id = RunId::derive(request.activity_id, &request.dedupe_key);
     let fired_at = request.fired_at;
@@ -94,6 +144,7 @@ pub async fn fire(
         payload: request.payload.clone(),
         event: encoded.clone(),
         dst_note: request.dst_note.clone(),
+        traceparent: taskfactory_runtime::propagation::current_traceparent().unwrap_or_default(),
     };
     let inserted = store::record_fire(pool, &new_fire, schedule).await?;
     if !inserted {
@@ -175,15 +226,26 @@ pub async fn run_reconciler(
             if shutdown.is_cancelled() {
                 return;
             }
-            match publish_fire(
+            let span = tracing::info_span!(
+                "republish fire",
+                otel.name = %format_args!("republish fire {}", fire.activity_name),
+                activity.name = %fire.activity_name,
+                fire.id = %fire.id,
+            );
+            taskfactory_runtime::propagation::set_parent(
+                &span,
+                taskfactory_runtime::propagation::parse_traceparent(&fire.traceparent),
+            );
+            let published = publish_fire(
                 &js,
                 &fire.activity_name,
                 fire.activity_id,
                 &fire.dedupe_key,
                 fire.event,
             )
-            .await
-            {
+            .instrument(span)
+            .await;
+            match published {
                 Ok(()) => {
                     tracing::info!(fire.id = %fire.id, activity.name = %fire.activity_name, "republished fire");
                     if let Err(error) = store::mark_republished(&pool, fire.id).await {

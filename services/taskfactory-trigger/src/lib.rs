@@ -277,6 +277,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     tracing::info!(addr = %config.grpc_addr, "admin gRPC API listening");
     let server_shutdown = shutdown.clone();
     let server = tonic::transport::Server::builder()
+        .trace_fn(taskfactory_runtime::propagation::grpc_server_span)
         .add_service(AdminServiceServer::from_arc(admin))
         .add_service(health_service)
         .add_service(reflection_v1)

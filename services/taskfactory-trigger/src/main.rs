@@ -25,14 +25,16 @@ fn main() -> anyhow::Result<()> {
 
 async fn serve() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    telemetry::init_logging(&cli.log);
-    match cli.command {
+    let telemetry = telemetry::init(&cli.log, "taskfactory-trigger");
+    let outcome = match cli.command {
         Some(Command::Apply(args)) => taskfactory_trigger::apply::run(args).await,
         None => {
             let shutdown = taskfactory_runtime::shutdown::on_signal();
             taskfactory_trigger::run(cli.config, shutdown).await
         }
-    }
+    };
+    telemetry.shutdown().await;
+    outcome
 }
 
 #[cfg(test)]

@@ -285,6 +285,8 @@ pub struct NewFire {
     pub event: Vec<u8>,
     /// Schedules: the DST note of the occurrence.
     pub dst_note: Option<String>,
+    /// The fire's trace context (empty when traces are off), for the reconciler's republish.
+    pub traceparent: String,
 }
 
 /// A scheduling leadership term: the lease bucket's creation time (a recreated bucket is a newer
@@ -340,8 +342,8 @@ pub async fn record_fire(
     }
     let inserted = sqlx::query(
         "INSERT INTO fires (id, activity_id, activity_name, activity_version, source, dedupe_key, \
-             scheduled_for, fired_at, subject, payload, event, dst_note) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+             scheduled_for, fired_at, subject, payload, event, dst_note, traceparent) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
          ON CONFLICT (activity_id, dedupe_key) DO NOTHING",
     )
     .bind(fire.id.0)
@@ -356,6 +358,7 @@ pub async fn record_fire(
     .bind(&fire.payload)
     .bind(&fire.event)
     .bind(&fire.dst_note)
+    .bind(&fire.traceparent)
     .execute(&mut *tx)
     .await?
     .rows_affected()
@@ -527,6 +530,8 @@ pub struct PendingFire {
     pub activity_name: String,
     pub dedupe_key: String,
     pub event: Vec<u8>,
+    /// The trace the fire belongs to (empty when traces were off).
+    pub traceparent: String,
 }
 
 /// How often a published fire without a run is republished before it is given up (about five
@@ -551,10 +556,10 @@ pub async fn fires_to_republish(
     .execute(pool)
     .await?;
     let rows = sqlx::query(
-        "(SELECT f.id, f.activity_id, f.activity_name, f.dedupe_key, f.event FROM fires f \
+        "(SELECT f.id, f.activity_id, f.activity_name, f.dedupe_key, f.event, f.traceparent FROM fires f \
            WHERE f.published_at IS NULL AND f.fired_at < $1 ORDER BY f.fired_at LIMIT $3) \
          UNION ALL \
-         (SELECT f.id, f.activity_id, f.activity_name, f.dedupe_key, f.event FROM fires f \
+         (SELECT f.id, f.activity_id, f.activity_name, f.dedupe_key, f.event, f.traceparent FROM fires f \
            WHERE f.confirmed_at IS NULL AND f.published_at IS NOT NULL \
              AND f.republish_count < $4 \
              AND f.published_at < $2 - make_interval(secs => LEAST(3600, 60 * power(2, LEAST(f.republish_count, 12)))) \
@@ -574,6 +579,7 @@ pub async fn fires_to_republish(
             activity_name: row.try_get("activity_name")?,
             dedupe_key: row.try_get("dedupe_key")?,
             event: row.try_get("event")?,
+            traceparent: row.try_get("traceparent")?,
         });
     }
     Ok(fires)

@@ -50,6 +50,7 @@ use std::net::SocketAddr;
 use std::path::Path as FsPath;
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument as _;
 
 use anyhow::Context as _;
 use async_nats::jetstream::context::PublishErrorKind;
@@ -555,11 +556,39 @@ async fn receive(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let result = receiver.accept(&name, &headers, body).await;
+    // A delivery sent inside the sender's trace continues it (W3C `traceparent`).
+    let span = tracing::info_span!(
+        "webhook",
+        otel.name = "POST /hooks/{name}",
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = "POST",
+        http.route = "/hooks/{name}",
+        http.response.status_code = tracing::field::Empty,
+        webhook.name = %name,
+        webhook.outcome = tracing::field::Empty,
+    );
+    taskfactory_runtime::propagation::set_parent(
+        &span,
+        taskfactory_runtime::propagation::extract_http(&headers),
+    );
+    let result = receiver
+        .accept(&name, &headers, body)
+        .instrument(span.clone())
+        .await;
     let outcome = match &result {
         Ok(_) => "accepted",
         Err(rejection) => rejection.outcome(),
     };
+    span.record("webhook.outcome", outcome);
+    match &result {
+        Ok(_) => span.record("http.response.status_code", StatusCode::ACCEPTED.as_u16()),
+        Err(rejection) => {
+            span.record("otel.status_code", "ERROR");
+            span.record("http.response.status_code", rejection.status().as_u16())
+        }
+    };
+    let _entered = span.enter();
     taskfactory_runtime::metrics::handle();
     metrics::counter!(DELIVERIES, "outcome" => outcome).increment(1);
     match result {
