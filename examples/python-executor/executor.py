@@ -58,6 +58,10 @@ HEADER_ERROR = "Taskfactory-Error"
 HEADER_ATTEMPTS = "Taskfactory-Attempts"
 HEADER_ORIGINAL_SUBJECT = "Taskfactory-Original-Subject"
 HEADER_ORIGINAL_SEQUENCE = "Taskfactory-Original-Sequence"
+# W3C trace context: carried from the task message onto its result, so the result (and the rest of
+# the run) stays in the fire's trace. An executor with OpenTelemetry would start its attempt span as
+# a child of this context and send its own span's context instead.
+TRACE_HEADERS = ("traceparent", "tracestate")
 # KV bucket of cancelled runs (key: run id, value: the reason), written by the orchestrator before
 # CancelRun returns: checked before every attempt, watched to stop attempts in flight.
 CANCELLED_RUNS_BUCKET = "taskfactory_cancelled_runs"
@@ -338,6 +342,11 @@ def backoff(max_backoff: float, initial: float, multiplier: float, attempt: int)
     return min(min(base, max_backoff) * random.uniform(0.8, 1.2), max_backoff)
 
 
+def trace_context(headers) -> dict:
+    """The W3C trace context headers of a message (any case), as they should go out again."""
+    return {name.lower(): value for name, value in (headers or {}).items() if name.lower() in TRACE_HEADERS}
+
+
 def one_line(text: str, limit: int = 2048) -> str:
     """A header value: no control characters, at most `limit` bytes of UTF-8."""
     line = "".join(" " if ord(c) < 32 or 127 <= ord(c) < 160 else c for c in text)
@@ -607,7 +616,10 @@ class Executor:
                 result_subject(task.activity_name, task.run_id),
                 result.SerializeToString(),
                 timeout=self.PUBLISH_TIMEOUT,
-                headers={HEADER_MSG_ID: result_msg_id(task.task_id, attempt, status_name(status))},
+                headers={
+                    HEADER_MSG_ID: result_msg_id(task.task_id, attempt, status_name(status)),
+                    **trace_context(message.headers),
+                },
             )
         except Exception as publish_error:
             log.warning("task %s: cannot report the result (%s); it runs again", task.task_id, publish_error)

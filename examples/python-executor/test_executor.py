@@ -232,6 +232,20 @@ class OneAttempt(unittest.TestCase):
         self.assertLessEqual(result.started_at.ToNanoseconds(), result.finished_at.ToNanoseconds())
         self.assertGreater(result.started_at.seconds, 0)
 
+    def test_the_result_carries_the_tasks_trace_context(self) -> None:
+        events: list = []
+        js = FakeJetStream(events)
+        executor = ex.Executor(js, "python-executor@test", ex.HANDLERS)
+        executor.cancellations.kv = FakeKeyValue()
+        message = FakeMessage(task_bytes({"text": "hello"}), events)
+        traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        message.headers = {"Nats-Msg-Id": "original", "Traceparent": traceparent, "tracestate": "k=v"}
+        _run(executor.process("uppercase", message))
+        self.assertEqual(events[0][0], "publish")
+        self.assertEqual(events[0][2]["traceparent"], traceparent)
+        self.assertEqual(events[0][2]["tracestate"], "k=v")
+        self.assertTrue(events[0][2]["Nats-Msg-Id"].endswith(":1:SUCCEEDED"))
+
     def test_missing_params_is_dead_at_once_with_a_dead_letter(self) -> None:
         data = task_bytes()
         events = self.attempt(data)

@@ -139,13 +139,25 @@ fn parse_named_database(text: &str) -> Result<(String, String), String> {
     Ok((name, dsn.trim().to_owned()))
 }
 
+/// `TASKFACTORY_SQL_*` variables that are settings, not databases.
+const SQL_SETTINGS: [&str; 1] = ["MAX_ROWS"];
+
 impl Config {
     /// The named databases from the flags and from `TASKFACTORY_SQL_<NAME>` variables (names are
     /// case-insensitive; a flag wins over a variable).
     pub fn named_databases(&self) -> Vec<(String, String)> {
+        self.named_databases_from(std::env::vars())
+    }
+
+    fn named_databases_from(
+        &self,
+        vars: impl Iterator<Item = (String, String)>,
+    ) -> Vec<(String, String)> {
         let mut named: Vec<(String, String)> = self.sql_databases.clone();
-        for (key, dsn) in std::env::vars() {
-            if let Some(name) = key.strip_prefix("TASKFACTORY_SQL_") {
+        for (key, dsn) in vars {
+            if let Some(name) = key.strip_prefix("TASKFACTORY_SQL_")
+                && !SQL_SETTINGS.contains(&name)
+            {
                 let name = name.to_ascii_lowercase();
                 if !named.iter().any(|(n, _)| *n == name) {
                     named.push((name, dsn));
@@ -357,4 +369,30 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let _ = tokio::time::timeout(Duration::from_secs(5), client.flush()).await;
     tracing::info!("orchestrator stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sql_databases_come_from_flags_and_variables_but_not_from_settings() {
+        let mut config = Config::local("nats://x", "postgres://x");
+        config.sql_databases = vec![("crm".to_owned(), "postgres://flag/crm".to_owned())];
+        let vars = [
+            ("TASKFACTORY_SQL_CRM", "postgres://env/crm"),
+            ("TASKFACTORY_SQL_BILLING", "postgres://env/billing"),
+            ("TASKFACTORY_SQL_MAX_ROWS", "50"),
+            ("TASKFACTORY_SOURCE_TIMEOUT", "5s"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let named = config.named_databases_from(vars.into_iter());
+        assert_eq!(
+            named,
+            vec![
+                ("crm".to_owned(), "postgres://flag/crm".to_owned()),
+                ("billing".to_owned(), "postgres://env/billing".to_owned()),
+            ]
+        );
+    }
 }

@@ -48,7 +48,7 @@ impl Telemetry {
         self.provider.is_some()
     }
 
-    /// Exports what is buffered (bounded by `OTEL_BSP_EXPORT_TIMEOUT`) and stops the exporter.
+    /// Exports what is buffered and stops the exporter (the SDK waits at most 5 s for it).
     pub async fn shutdown(self) {
         let Some(provider) = self.provider else {
             return;
