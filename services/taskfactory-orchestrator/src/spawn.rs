@@ -241,12 +241,20 @@ impl Spawner {
         match admission {
             Admission::Start => self.start_admitted(run_id).await,
             Admission::Buffered { behind } => {
-                taskfactory_runtime::metrics::count_occurrences("BUFFERED", 1);
+                taskfactory_runtime::metrics::count_occurrences(
+                    &event.activity_name,
+                    "BUFFERED",
+                    1,
+                );
                 tracing::info!(run.id = %run_id, activity.name = %event.activity_name, behind = %behind, policy = policy.as_str_name(), "run buffered until the run before it finishes");
                 Ok(())
             }
             Admission::Skipped { reason } => {
-                taskfactory_runtime::metrics::count_occurrences("SKIPPED_OVERLAP", 1);
+                taskfactory_runtime::metrics::count_occurrences(
+                    &event.activity_name,
+                    "SKIPPED_OVERLAP",
+                    1,
+                );
                 tracing::info!(run.id = %run_id, activity.name = %event.activity_name, %reason, "run skipped");
                 Ok(())
             }
