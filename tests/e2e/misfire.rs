@@ -316,11 +316,15 @@ async fn downtime_with_misfire_latest_fires_the_newest_once() -> anyhow::Result<
     .await
 }
 
-/// A counter's value on a `/metrics` page.
-fn counter(page: &str, series: &str) -> u64 {
-    page.lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0)
+/// Occurrences decided `decision`, over every activity.
+fn decided(page: &crate::support::Scrape, decision: &str) -> f64 {
+    page.matching(
+        taskfactory_runtime::metrics::OCCURRENCES,
+        &[("decision", decision)],
+    )
+    .iter()
+    .map(|sample| sample.value)
+    .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -364,13 +368,9 @@ async fn downtime_with_misfire_all_catches_up_at_most_max_catchup() -> anyhow::R
             .map(|(_, page)| page))
     })
     .await?;
-    let series = |d: &str| format!("taskfactory_schedule_occurrences_total{{decision=\"{d}\"}}");
-    assert_eq!(counter(&page, &series("FIRED")), 5 + 14 + 104, "{page}");
-    assert_eq!(
-        counter(&page, &series("MISSED_CATCHUP_WINDOW")),
-        80,
-        "{page}"
-    );
+    let scrape = crate::support::Scrape::parse(&page)?;
+    assert_eq!(decided(&scrape, "FIRED"), (5 + 14 + 104) as f64, "{page}");
+    assert_eq!(decided(&scrape, "MISSED_CATCHUP_WINDOW"), 80.0, "{page}");
     stop.cancel();
     Ok(())
 }

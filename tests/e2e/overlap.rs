@@ -177,7 +177,9 @@ async fn overlap_skip_drops_fires_while_a_run_is_running() -> anyhow::Result<()>
     // Counted (each test is its own process, so the counter is this test's).
     let page = taskfactory_runtime::metrics::handle().render();
     assert!(
-        page.contains("taskfactory_schedule_occurrences_total{decision=\"SKIPPED_OVERLAP\"} 3"),
+        page.contains(
+            "taskfactory_schedule_occurrences_total{activity=\"slow\",decision=\"SKIPPED_OVERLAP\"} 3"
+        ),
         "{page}"
     );
     Ok(())

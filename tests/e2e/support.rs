@@ -206,3 +206,154 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<
         .unwrap_or_default();
     Ok((status, body))
 }
+
+/// One scrape of a `/metrics` endpoint (Prometheus text format), parsed: samples by name and
+/// label set, and the names that have `# HELP`.
+#[derive(Debug, Default)]
+pub struct Scrape {
+    pub samples: Vec<Sample>,
+    pub help: std::collections::BTreeSet<String>,
+}
+
+/// One sample line: `name{label="value",…} value`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub value: f64,
+}
+
+impl Scrape {
+    /// Parses the text format; a line that does not parse is an error naming it.
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let mut scrape = Scrape::default();
+        for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let name = rest.split_whitespace().next().unwrap_or_default();
+                scrape.help.insert(name.to_owned());
+                continue;
+            }
+            if line.starts_with('#') {
+                continue;
+            }
+            let sample = parse_sample(line).with_context(|| format!("metrics line {line:?}"))?;
+            scrape.samples.push(sample);
+        }
+        Ok(scrape)
+    }
+
+    /// The value of the sample with exactly these labels.
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let wanted: std::collections::BTreeMap<String, String> = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        self.samples
+            .iter()
+            .find(|s| s.name == name && s.labels == wanted)
+            .map(|s| s.value)
+    }
+
+    /// The value of the sample with exactly these labels, or 0 when there is none (a counter
+    /// not counted yet).
+    pub fn count(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.get(name, labels).unwrap_or(0.0)
+    }
+
+    /// Every sample of `name` whose labels include `labels`.
+    pub fn matching<'a>(&'a self, name: &'a str, labels: &'a [(&str, &str)]) -> Vec<&'a Sample> {
+        self.samples
+            .iter()
+            .filter(|s| {
+                s.name == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| s.labels.get(*k).is_some_and(|have| have == v))
+            })
+            .collect()
+    }
+}
+
+fn parse_sample(line: &str) -> anyhow::Result<Sample> {
+    let name_end = line
+        .find(|c: char| c == '{' || c.is_whitespace())
+        .ok_or_else(|| anyhow::anyhow!("no value"))?;
+    let name = line[..name_end].to_owned();
+    let mut rest = &line[name_end..];
+    let mut labels = std::collections::BTreeMap::new();
+    if let Some(inner) = rest.strip_prefix('{') {
+        let mut chars = inner.char_indices();
+        let mut key = String::new();
+        let end = loop {
+            let (i, c) = chars
+                .next()
+                .ok_or_else(|| anyhow::anyhow!("unclosed labels"))?;
+            match c {
+                '}' => break i,
+                ',' | ' ' => {}
+                '=' => {
+                    if chars.next().map(|(_, c)| c) != Some('"') {
+                        anyhow::bail!("label {key} has no quoted value");
+                    }
+                    let mut value = String::new();
+                    loop {
+                        match chars.next().map(|(_, c)| c) {
+                            Some('"') => break,
+                            Some('\\') => match chars.next().map(|(_, c)| c) {
+                                Some('n') => value.push('\n'),
+                                Some(other) => value.push(other),
+                                None => anyhow::bail!("unfinished escape"),
+                            },
+                            Some(other) => value.push(other),
+                            None => anyhow::bail!("unclosed label value"),
+                        }
+                    }
+                    labels.insert(std::mem::take(&mut key), value);
+                }
+                other => key.push(other),
+            }
+        };
+        rest = &inner[end + 1..];
+    }
+    let value = rest
+        .split_whitespace()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("no value"))?;
+    let value: f64 = value
+        .parse()
+        .with_context(|| format!("value {value:?} is not a number"))?;
+    Ok(Sample {
+        name,
+        labels,
+        value,
+    })
+}
+
+/// Scrapes `/metrics` at `addr`.
+pub async fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<Scrape> {
+    let (status, body) = http_get(addr, "/metrics").await?;
+    anyhow::ensure!(status == 200, "/metrics answered {status}: {body}");
+    Scrape::parse(&body)
+}
+
+#[test]
+fn the_metrics_parser_reads_labels_escapes_and_special_values() {
+    let scrape = Scrape::parse(
+        "# HELP a_total Things.\n# TYPE a_total counter\na_total{x=\"1\",y=\"q\\\"uo\\\\te\"} 3\n\
+         b 2.5\nc_bucket{le=\"+Inf\"} 7\n",
+    )
+    .unwrap();
+    assert_eq!(
+        scrape.get("a_total", &[("y", "q\"uo\\te"), ("x", "1")]),
+        Some(3.0)
+    );
+    assert_eq!(scrape.get("b", &[]), Some(2.5));
+    assert_eq!(scrape.get("c_bucket", &[("le", "+Inf")]), Some(7.0));
+    assert_eq!(
+        scrape.count("a_total", &[("x", "1")]),
+        0.0,
+        "exact label sets only"
+    );
+    assert_eq!(scrape.matching("a_total", &[("x", "1")]).len(), 1);
+    assert!(scrape.help.contains("a_total"));
+}

@@ -24,9 +24,11 @@ use async_nats::jetstream::Message;
 use chrono::Utc;
 use prost::Message as _;
 use taskfactory_model::spec::{chrono_to_timestamp, effective_retry, std_duration};
+use taskfactory_model::status::task_outcome;
 use taskfactory_model::{subjects, values};
 use taskfactory_proto::v1::{RetryPolicy, TaskInstance, TaskResult, TaskStatus};
 use taskfactory_runtime::messaging::{self, Disposition};
+use taskfactory_runtime::metrics;
 
 use crate::builtins::{Builtins, TaskFailure};
 
@@ -297,6 +299,8 @@ impl Executor {
                 messaging::one_line(&error).as_str(),
             );
         }
+        let ran = (Utc::now() - started_at).to_std().unwrap_or_default();
+        metrics::record_attempt(&task_type, task_outcome(status), ran);
         let result = TaskResult {
             task_id: task.task_id.clone(),
             run_id: task.run_id.clone(),

@@ -85,6 +85,31 @@ pub fn run_is_terminal(status: RunStatus) -> bool {
     )
 }
 
+/// A task state as metric labels spell it: lowercase (`succeeded`, `dead`, …).
+pub fn task_outcome(status: TaskStatus) -> &'static str {
+    match status {
+        TaskStatus::Unspecified | TaskStatus::Pending => "pending",
+        TaskStatus::Running => "running",
+        TaskStatus::Succeeded => "succeeded",
+        TaskStatus::Failed => "failed",
+        TaskStatus::Dead => "dead",
+        TaskStatus::Cancelled => "cancelled",
+        TaskStatus::Waiting => "waiting",
+    }
+}
+
+/// A run state as metric labels spell it: lowercase (`succeeded`, `skipped`, …).
+pub fn run_outcome(status: RunStatus) -> &'static str {
+    match status {
+        RunStatus::Unspecified | RunStatus::RunPending => "pending",
+        RunStatus::RunRunning => "running",
+        RunStatus::RunSucceeded => "succeeded",
+        RunStatus::RunFailed => "failed",
+        RunStatus::RunSkipped => "skipped",
+        RunStatus::RunCancelled => "cancelled",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,6 +150,31 @@ mod tests {
             RunStatus::RunCancelled,
         ] {
             assert_eq!(run_status_from_db(run_status_db(status)), status);
+        }
+    }
+
+    #[test]
+    fn outcomes_are_the_database_spelling_in_lowercase() {
+        for status in [
+            TaskStatus::Pending,
+            TaskStatus::Running,
+            TaskStatus::Succeeded,
+            TaskStatus::Failed,
+            TaskStatus::Dead,
+            TaskStatus::Cancelled,
+            TaskStatus::Waiting,
+        ] {
+            assert_eq!(task_outcome(status), task_status_db(status).to_lowercase());
+        }
+        for status in [
+            RunStatus::RunPending,
+            RunStatus::RunRunning,
+            RunStatus::RunSucceeded,
+            RunStatus::RunFailed,
+            RunStatus::RunSkipped,
+            RunStatus::RunCancelled,
+        ] {
+            assert_eq!(run_outcome(status), run_status_db(status).to_lowercase());
         }
     }
 }

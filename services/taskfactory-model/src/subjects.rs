@@ -65,6 +65,22 @@ pub const EVENTS_DLQ_SUBJECT: &str = "dlq.events";
 pub const TRIGGERS_DLQ_SUBJECT: &str = "dlq.triggers";
 pub const RESULTS_DLQ_SUBJECT: &str = "dlq.results";
 
+/// The kinds of dead letter, by the token after `dlq.` (`other` for anything else on the stream).
+pub const DLQ_KINDS: [&str; 5] = ["tasks", "events", "triggers", "results", "other"];
+
+/// The kind of a dead-letter subject (one of [`DLQ_KINDS`]): a bounded metric label.
+pub fn dlq_kind(subject: &str) -> &'static str {
+    let kind = subject
+        .strip_prefix("dlq.")
+        .and_then(|rest| rest.split('.').next())
+        .unwrap_or_default();
+    DLQ_KINDS
+        .iter()
+        .find(|known| **known == kind)
+        .copied()
+        .unwrap_or("other")
+}
+
 /// The durable consumer an executor uses for one task type; replicas share it (competing consumers).
 pub fn executor_consumer(task_type: &str) -> String {
     format!("taskfactory-executor-{task_type}")
@@ -140,6 +156,17 @@ mod tests {
         assert!(!subject_matches("events.*", "events.orders.created"));
         assert!(!subject_matches("events.orders", "events.orders.created"));
         assert!(!subject_matches("events.orders.created", "events.orders"));
+    }
+
+    #[test]
+    fn dead_letters_are_grouped_by_the_kind_of_what_died() {
+        assert_eq!(dlq_kind(&task_dlq_subject("http")), "tasks");
+        assert_eq!(dlq_kind(EVENTS_DLQ_SUBJECT), "events");
+        assert_eq!(dlq_kind(TRIGGERS_DLQ_SUBJECT), "triggers");
+        assert_eq!(dlq_kind(RESULTS_DLQ_SUBJECT), "results");
+        assert_eq!(dlq_kind("dlq.someone-else.x"), "other");
+        assert_eq!(dlq_kind("dlq"), "other");
+        assert_eq!(dlq_kind("dlq.other"), "other");
     }
 
     #[test]

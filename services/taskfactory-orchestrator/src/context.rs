@@ -31,8 +31,8 @@ use taskfactory_proto::v1::{
     ActivitySpec, ContextSource, HttpSource, KvSource, OnError, RequestSource, SqlSource,
     TemplateEvaluation, context_source,
 };
-use taskfactory_runtime::egress;
 use taskfactory_runtime::telemetry::error_chain;
+use taskfactory_runtime::{egress, metrics};
 
 /// What resolving the sources needs, built once per orchestrator.
 pub struct Sources {
@@ -117,6 +117,7 @@ impl Sources {
                 .filter(|d| !d.is_zero())
                 .unwrap_or(self.default_timeout);
             let span = source_span(source);
+            let started = std::time::Instant::now();
             let value =
                 match tokio::time::timeout(timeout, self.resolve_one(source, scope, timeout))
                     .instrument(span.clone())
@@ -129,6 +130,12 @@ impl Sources {
                 span.record("otel.status_code", "ERROR");
                 span.record("otel.status_description", error.as_str());
             }
+            let took = started.elapsed();
+            metrics::record_context_source(
+                source_kind(source),
+                source_outcome(&value, took >= timeout),
+                took,
+            );
             (source, value)
         }))
         .await;
@@ -139,6 +146,11 @@ impl Sources {
                     resolved.context.insert(source.name.clone(), value);
                 }
                 Err(error) => {
+                    metrics::record_context_source_error(
+                        &spec.name,
+                        &source.name,
+                        source_kind(source),
+                    );
                     let on_error = OnError::try_from(source.on_error).unwrap_or(OnError::Fail);
                     let (note, value) = match on_error {
                         OnError::UseDefault => (
@@ -434,6 +446,28 @@ impl Sources {
         Ok(serde_json::from_slice(bytes).unwrap_or_else(|_| {
             serde_json::Value::String(String::from_utf8_lossy(bytes).into_owned())
         }))
+    }
+}
+
+/// The kind of a source, as metric labels spell it.
+fn source_kind(source: &ContextSource) -> &'static str {
+    match &source.kind {
+        Some(context_source::Kind::Static(_)) => "static",
+        Some(context_source::Kind::Sql(_)) => "sql",
+        Some(context_source::Kind::Http(_)) => "http",
+        Some(context_source::Kind::Kv(_)) => "kv",
+        Some(context_source::Kind::Request(_)) => "request",
+        None => "none",
+    }
+}
+
+/// How resolving a source ended: `ok`, `error`, or `timeout` when it failed having used up its
+/// time (our timeout, or the database's `statement_timeout` set to the same).
+fn source_outcome(value: &Result<serde_json::Value, String>, out_of_time: bool) -> &'static str {
+    match value {
+        Ok(_) => "ok",
+        Err(_) if out_of_time => "timeout",
+        Err(_) => "error",
     }
 }
 

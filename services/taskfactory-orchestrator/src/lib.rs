@@ -357,6 +357,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         (config.unserved_grace / 4).clamp(Duration::from_secs(1), Duration::from_secs(60)),
         shutdown.clone(),
     ));
+    tracker.spawn(taskfactory_runtime::metrics::run_dlq_sampler(
+        js.clone(),
+        shutdown.clone(),
+    ));
     tracker.spawn(spawn::run_overlap_sweeper(
         overlap_spawner,
         Duration::from_secs(5),

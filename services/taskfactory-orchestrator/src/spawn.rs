@@ -257,13 +257,21 @@ impl Spawner {
             Admission::Start => self.start_admitted(run_id).await,
             Admission::Buffered { behind } => {
                 tracing::Span::current().record("run.admission", "buffered");
-                taskfactory_runtime::metrics::count_occurrences("BUFFERED", 1);
+                taskfactory_runtime::metrics::count_occurrences(
+                    &event.activity_name,
+                    "BUFFERED",
+                    1,
+                );
                 tracing::info!(run.id = %run_id, activity.name = %event.activity_name, behind = %behind, policy = policy.as_str_name(), "run buffered until the run before it finishes");
                 Ok(())
             }
             Admission::Skipped { reason } => {
                 tracing::Span::current().record("run.admission", "skipped");
-                taskfactory_runtime::metrics::count_occurrences("SKIPPED_OVERLAP", 1);
+                taskfactory_runtime::metrics::count_occurrences(
+                    &event.activity_name,
+                    "SKIPPED_OVERLAP",
+                    1,
+                );
                 tracing::info!(run.id = %run_id, activity.name = %event.activity_name, %reason, "run skipped");
                 Ok(())
             }

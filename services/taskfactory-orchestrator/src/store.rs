@@ -6,6 +6,7 @@ use sqlx::{PgPool, Row};
 use taskfactory_model::ids::{ActivityId, RunId, TaskId};
 use taskfactory_model::status;
 use taskfactory_proto::v1::{OverlapPolicy, RunStatus, TaskStatus};
+use taskfactory_runtime::metrics;
 use uuid::Uuid;
 
 /// What the orchestrator knows of a run it may have seen before.
@@ -212,6 +213,7 @@ pub async fn insert_run(
     }
     insert_tasks(&mut tx, run, tasks).await?;
     tx.commit().await?;
+    record_run_finished(&run.activity_name, run.status);
     Ok(true)
 }
 
@@ -287,6 +289,7 @@ pub async fn admit_run(
         .collect();
     let policy_name = policy.as_str_name();
     let mut cancelled = Vec::new();
+    let mut finished = Finished::default();
     let admission = match policy {
         OverlapPolicy::Skip => match running.first().or(waiting.first()) {
             Some(other) => Admission::Skipped {
@@ -310,7 +313,7 @@ pub async fn admit_run(
         OverlapPolicy::CancelOther => {
             cancelled = active.iter().map(|(id, _)| *id).collect();
             let reason = format!("cancelled by overlap CANCEL_OTHER: run {} started", run.id);
-            cancel_runs(&mut tx, &cancelled, &reason).await?;
+            finished = cancel_runs(&mut tx, &cancelled, &reason).await?;
             Admission::Start
         }
         OverlapPolicy::AllowAll | OverlapPolicy::OverlapUnspecified => Admission::Start,
@@ -335,19 +338,24 @@ pub async fn admit_run(
         }
         Admission::AlreadyRecorded => {}
     }
-    insert_run_row(&mut tx, &row, 0, extras).await?;
+    let inserted = insert_run_row(&mut tx, &row, 0, extras).await?;
     tx.commit().await?;
+    finished.record();
+    if inserted {
+        record_run_finished(&row.activity_name, row.status);
+    }
     Ok((admission, cancelled))
 }
 
-/// Cancels runs and their unfinished tasks (`CANCELLED`, counted as not succeeded).
+/// Cancels runs and their unfinished tasks (`CANCELLED`, counted as not succeeded). Returns what
+/// it finished, to [`Finished::record`] once the transaction is committed.
 async fn cancel_runs(
     tx: &mut sqlx::PgConnection,
     runs: &[RunId],
     reason: &str,
-) -> Result<(), sqlx::Error> {
+) -> Result<Finished, sqlx::Error> {
     if runs.is_empty() {
-        return Ok(());
+        return Ok(Finished::default());
     }
     let ids: Vec<Uuid> = runs.iter().map(|r| r.0).collect();
     // Runs before tasks, the order every writer locks them in (see `record_result`).
@@ -355,7 +363,15 @@ async fn cancel_runs(
         .bind(&ids)
         .execute(&mut *tx)
         .await?;
-    sqlx::query(
+    // Exact: every writer of these tasks waits for the run locks taken above.
+    let tasks: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT type, count(*) FROM tasks \
+         WHERE run_id = ANY($1) AND status NOT IN ('SUCCEEDED', 'DEAD', 'CANCELLED') GROUP BY type",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    let runs: Vec<(String,)> = sqlx::query_as(
         "WITH cancelled AS ( \
              UPDATE tasks SET status = 'CANCELLED', finished_at = now(), last_error = $2 \
              WHERE run_id = ANY($1) AND status NOT IN ('SUCCEEDED', 'DEAD', 'CANCELLED') \
@@ -365,13 +381,46 @@ async fn cancel_runs(
              error = $2, tasks_failed = r.tasks_failed + COALESCE(c.n, 0), trigger_event = NULL \
          FROM (SELECT unnest($1::uuid[]) AS id) AS target \
          LEFT JOIN counts c ON c.run_id = target.id \
-         WHERE r.id = target.id AND r.status IN ('PENDING', 'RUNNING')",
+         WHERE r.id = target.id AND r.status IN ('PENDING', 'RUNNING') \
+         RETURNING r.activity_name",
     )
     .bind(&ids)
     .bind(reason)
-    .execute(&mut *tx)
+    .fetch_all(&mut *tx)
     .await?;
-    Ok(())
+    Ok(Finished {
+        runs: runs.into_iter().map(|(activity,)| activity).collect(),
+        tasks,
+    })
+}
+
+/// Runs and tasks a cancellation moved to `CANCELLED`, counted once its transaction committed.
+#[derive(Debug, Default)]
+struct Finished {
+    /// The activity of each run cancelled.
+    runs: Vec<String>,
+    /// Tasks cancelled, per type.
+    tasks: Vec<(String, i64)>,
+}
+
+impl Finished {
+    fn record(&self) {
+        for activity in &self.runs {
+            record_run_finished(activity, RunStatus::RunCancelled);
+        }
+        for (task_type, count) in &self.tasks {
+            let count = u64::try_from(*count).unwrap_or(0);
+            metrics::record_tasks_finished(task_type, "cancelled", count);
+        }
+    }
+}
+
+/// Counts a run that reached its final state: called once, after the commit of the write that
+/// moved it there (a write guarded so that a repeat changes nothing and is not counted).
+fn record_run_finished(activity: &str, status: RunStatus) {
+    if status::run_is_terminal(status) {
+        metrics::record_runs_finished(activity, status::run_outcome(status), 1);
+    }
 }
 
 /// The TriggerEvent of a run admitted to start but not started yet (status PENDING, not waiting),
@@ -418,6 +467,7 @@ pub async fn fill_run(pool: &PgPool, run: &NewRun, tasks: &[NewTask]) -> Result<
     }
     insert_tasks(&mut tx, run, tasks).await?;
     tx.commit().await?;
+    record_run_finished(&run.activity_name, run.status);
     Ok(true)
 }
 
@@ -560,12 +610,12 @@ pub async fn record_result(pool: &PgPool, result: &ResultRecord) -> Result<Recor
             .execute(&mut *tx)
             .await?;
     }
-    let task: Option<(Uuid, String)> =
-        sqlx::query_as("SELECT run_id, status FROM tasks WHERE id = $1 FOR UPDATE")
+    let task: Option<(Uuid, String, String)> =
+        sqlx::query_as("SELECT run_id, status, type FROM tasks WHERE id = $1 FOR UPDATE")
             .bind(result.task_id.0)
             .fetch_optional(&mut *tx)
             .await?;
-    let Some((run_id, current)) = task else {
+    let Some((run_id, current, task_type)) = task else {
         tx.rollback().await?;
         return Ok(Recorded::UnknownTask);
     };
@@ -604,10 +654,13 @@ pub async fn record_result(pool: &PgPool, result: &ResultRecord) -> Result<Recor
     .execute(&mut *tx)
     .await?;
     let mut completed = None;
+    let mut run_finished = None;
     if terminal {
         let succeeded = result.status == TaskStatus::Succeeded;
+        // `before` reads the run as it was before this statement (one snapshot for both).
         let row = sqlx::query(
-            "UPDATE runs SET \
+            "WITH before AS (SELECT status FROM runs WHERE id = $1) \
+             UPDATE runs SET \
                  tasks_succeeded = tasks_succeeded + $2, \
                  tasks_failed = tasks_failed + $3, \
                  status = CASE WHEN status = 'RUNNING' \
@@ -619,7 +672,8 @@ pub async fn record_result(pool: &PgPool, result: &ResultRecord) -> Result<Recor
                      THEN now() ELSE finished_at END \
              WHERE id = $1 \
              RETURNING id, activity_id, activity_name, status, tasks_spawned, tasks_succeeded, \
-                 tasks_failed, finished_at, announced_at",
+                 tasks_failed, finished_at, announced_at, \
+                 (SELECT status FROM before) AS status_before",
         )
         .bind(run_id)
         .bind(i32::from(succeeded))
@@ -627,9 +681,29 @@ pub async fn record_result(pool: &PgPool, result: &ResultRecord) -> Result<Recor
         .fetch_one(&mut *tx)
         .await?;
         completed = completed_from_row(&row)?;
+        run_finished = run_finished_now(&row)?;
     }
     tx.commit().await?;
+    if terminal {
+        metrics::record_tasks_finished(&task_type, status::task_outcome(result.status), 1);
+    }
+    if let Some((activity, status)) = run_finished {
+        record_run_finished(&activity, status);
+    }
     Ok(Recorded::Applied(completed))
+}
+
+/// The run's activity and final state when the update that returned `row` (with `status_before`)
+/// is the one that finished it.
+fn run_finished_now(
+    row: &sqlx::postgres::PgRow,
+) -> Result<Option<(String, RunStatus)>, sqlx::Error> {
+    let before = status::run_status_from_db(&row.try_get::<String, _>("status_before")?);
+    let after = status::run_status_from_db(&row.try_get::<String, _>("status")?);
+    if status::run_is_terminal(before) || !status::run_is_terminal(after) {
+        return Ok(None);
+    }
+    Ok(Some((row.try_get("activity_name")?, after)))
 }
 
 /// Runs that finished before `before` and were never announced (the announcing orchestrator died
@@ -721,8 +795,9 @@ pub async fn cancel_run(pool: &PgPool, run: RunId, reason: &str) -> Result<Cance
         tx.rollback().await?;
         return Ok(Cancelled::AlreadyFinished(status));
     }
-    cancel_runs(&mut tx, &[run], reason).await?;
+    let finished = cancel_runs(&mut tx, &[run], reason).await?;
     tx.commit().await?;
+    finished.record();
     Ok(Cancelled::Now(activity))
 }
 

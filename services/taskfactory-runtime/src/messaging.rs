@@ -255,6 +255,12 @@ pub async fn consume<F, Fut>(
     let handler = Arc::new(handler);
     let tracker = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(spec.concurrency.max(1)));
+    tracker.spawn(sample_consumer(
+        js.clone(),
+        spec.stream,
+        spec.durable.clone(),
+        shutdown.clone(),
+    ));
     let mut backoff = Duration::from_millis(100);
     'reconnect: while !shutdown.is_cancelled() {
         let mut consumer = match ensure_consumer(&js, &spec).await {
@@ -318,6 +324,10 @@ pub async fn consume<F, Fut>(
                             settle(&message, Disposition::Retry(Duration::ZERO)).await;
                             continue;
                         };
+                        crate::metrics::record_delivery(
+                            &spec.durable,
+                            message.info().map_or(1, |info| info.delivered),
+                        );
                         let handler = handler.clone();
                         let span = consumer_span(&message, &spec.durable);
                         tracker.spawn(
@@ -426,6 +436,41 @@ pub fn request_headers() -> HeaderMap {
     let mut headers = HeaderMap::new();
     crate::propagation::inject_nats(&tracing::Span::current(), &mut headers);
     headers
+}
+
+/// Samples the durable consumer's state into the consumer gauges every
+/// [`SAMPLE_EVERY`](crate::metrics::SAMPLE_EVERY) until shutdown, apart from the pull loop so it
+/// never slows it. The consumer is looked up by name, so a recreated one is read the same way; a
+/// failed read is logged at debug and skipped (the pull loop deals with a lost consumer).
+async fn sample_consumer(
+    js: jetstream::Context,
+    stream: &'static str,
+    durable: String,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(crate::metrics::SAMPLE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let info = async {
+            let stream = js.get_stream_no_info(stream).await?;
+            Ok::<_, async_nats::Error>(stream.consumer_info(&durable).await?)
+        };
+        match info.await {
+            Ok(info) => crate::metrics::set_consumer_state(
+                &durable,
+                info.num_pending,
+                info.num_ack_pending,
+                info.num_redelivered,
+            ),
+            Err(error) => {
+                tracing::debug!(consumer = %durable, error = %error_chain(&*error), "cannot read the consumer's state")
+            }
+        }
+    }
 }
 
 /// Empty pulls in a row (each up to [`PULL_EXPIRY`]) after which the consumer is checked for a

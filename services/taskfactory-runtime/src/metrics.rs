@@ -1,48 +1,182 @@
 //! Prometheus metrics: one recorder per process (the `metrics` facade), rendered on `/metrics`.
 //!
-//! Services count with `metrics::counter!` and friends wherever the thing happens; labels carry
-//! bounded values only (a decision, a task type), never an id. [`serve`] answers `/metrics`,
-//! `/healthz` and `/readyz` on the address given with `--metrics-addr`.
+//! Every metric name is a constant here, described once in [`handle`], and recorded through one
+//! small function here, so a service counts in one line wherever the thing happens. Labels carry
+//! bounded values only (a decision, an outcome, an activity or task type named by a definition, a
+//! durable consumer), never an id. [`serve`] answers `/metrics`, `/healthz` and `/readyz` on the
+//! address given with `--metrics-addr`.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use anyhow::Context as _;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use futures::TryStreamExt as _;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use taskfactory_model::subjects;
 use tokio_util::sync::CancellationToken;
 
-/// Occurrences of schedules by decision (`FIRED`, `COALESCED`, `SKIPPED_OVERLAP`, …).
+/// Trigger: occurrences of schedules by activity and decision (`FIRED`, `COALESCED`,
+/// `SKIPPED_OVERLAP`, …; the orchestrator counts `BUFFERED` and `SKIPPED_OVERLAP`).
 pub const OCCURRENCES: &str = "taskfactory_schedule_occurrences_total";
 
-/// Events taken in, per activity they matched, by outcome (`fired`, `deduped`, `filtered`,
-/// `filter_error`, `dedupe_key_error`), and events `rejected` before matching.
+/// Trigger: events taken in by outcome (`fired`, `deduped`, `filtered`, `filter_error`,
+/// `dedupe_key_error` per activity they matched; `rejected` before matching).
 pub const EVENTS: &str = "taskfactory_events_total";
+
+/// Trigger: every fire decision by activity, source (`schedule`, `event`, `manual`, …) and
+/// decision (`fired`, `duplicate`).
+pub const FIRES: &str = "taskfactory_fires_total";
+
+/// Trigger: how long after its scheduled time a scheduled occurrence fired, by activity.
+pub const FIRE_LATENESS: &str = "taskfactory_fire_lateness_seconds";
+
+/// Trigger: webhook deliveries by outcome (`accepted`, `unauthorized`, `stale`, `replayed`,
+/// `too_large`, `bad_request`, `unknown_hook`, `unavailable`).
+pub const WEBHOOK_DELIVERIES: &str = "taskfactory_webhook_deliveries_total";
+
+/// Orchestrator: runs that reached their final state, by activity and outcome (`succeeded`,
+/// `failed`, `cancelled`, `skipped`).
+pub const RUNS: &str = "taskfactory_runs_total";
+
+/// Orchestrator: tasks that reached their final state, by type and outcome (`succeeded`, `dead`,
+/// `cancelled`).
+pub const TASKS: &str = "taskfactory_tasks_total";
+
+/// Executor: task attempts by type and outcome (`succeeded`, `failed` with another attempt to
+/// follow, `dead`, `cancelled`).
+pub const TASK_ATTEMPTS: &str = "taskfactory_task_attempts_total";
+
+/// Executor: how long each attempt ran, by type and outcome.
+pub const TASK_DURATION: &str = "taskfactory_task_duration_seconds";
+
+/// Orchestrator: messages in the dead-letter stream, by `subject_kind` (`tasks`, `events`,
+/// `triggers`, `results`, `other`).
+pub const DLQ_MESSAGES: &str = "taskfactory_dlq_messages";
+
+/// Every consumer loop: messages not yet delivered to the durable consumer.
+pub const CONSUMER_PENDING: &str = "taskfactory_consumer_pending";
+
+/// Every consumer loop: messages delivered and not yet acknowledged.
+pub const CONSUMER_ACK_PENDING: &str = "taskfactory_consumer_ack_pending";
+
+/// Every consumer loop: messages the server is redelivering (as it reports them).
+pub const CONSUMER_REDELIVERED: &str = "taskfactory_consumer_redelivered";
+
+/// Every consumer loop: messages handed to a handler that had been delivered before.
+pub const REDELIVERIES: &str = "taskfactory_redeliveries_total";
+
+/// Every consumer loop: consumers re-subscribed after they failed, went silent or disappeared.
+pub const CONSUMER_RECREATIONS: &str = "taskfactory_consumer_recreations_total";
+
+/// Orchestrator: how long resolving a context source took, by kind (`sql`, `http`, `kv`,
+/// `request`, `static`) and outcome (`ok`, `error`, `timeout`).
+pub const CONTEXT_SOURCE_DURATION: &str = "taskfactory_context_source_duration_seconds";
+
+/// Orchestrator: context sources that failed, by activity, source name and kind.
+pub const CONTEXT_SOURCE_ERRORS: &str = "taskfactory_context_source_errors_total";
+
+/// Histogram buckets of every duration in seconds: 5 ms to 10 min.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
+/// How often gauges read from the server (consumer state, dead letters) are sampled.
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(5);
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// The process's recorder (installed on first use; services sharing a process share it).
 pub fn handle() -> &'static PrometheusHandle {
     HANDLE.get_or_init(|| {
-        let recorder = PrometheusBuilder::new().build_recorder();
+        let mut builder = PrometheusBuilder::new();
+        // Without buckets the exporter renders histograms as summaries.
+        for histogram in [FIRE_LATENESS, TASK_DURATION, CONTEXT_SOURCE_DURATION] {
+            builder = builder
+                .set_buckets_for_metric(Matcher::Full(histogram.to_owned()), SECONDS_BUCKETS)
+                .expect("the buckets are not empty");
+        }
+        let recorder = builder.build_recorder();
         let handle = recorder.handle();
         if metrics::set_global_recorder(recorder).is_err() {
             tracing::warn!("a metrics recorder was already installed; /metrics shows only ours");
         }
-        metrics::describe_counter!(
-            OCCURRENCES,
-            "Schedule occurrences by the decision taken about them"
-        );
-        metrics::describe_counter!(EVENTS, "Events taken in, by outcome per matching activity");
+        describe();
         handle
     })
 }
 
-/// Counts occurrences decided one way.
-pub fn count_occurrences(decision: &'static str, n: u64) {
+/// The help text of every metric.
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        OCCURRENCES,
+        "Schedule occurrences by activity and the decision taken about them"
+    );
+    describe_counter!(EVENTS, "Events taken in, by outcome per matching activity");
+    describe_counter!(
+        FIRES,
+        "Fire decisions by activity, source and decision (fired or duplicate)"
+    );
+    describe_histogram!(
+        FIRE_LATENESS,
+        "Seconds from a scheduled occurrence's time to its fire, by activity"
+    );
+    describe_counter!(WEBHOOK_DELIVERIES, "Webhook deliveries by outcome");
+    describe_counter!(
+        RUNS,
+        "Runs that reached their final state, by activity and outcome"
+    );
+    describe_counter!(
+        TASKS,
+        "Tasks that reached their final state, by type and outcome"
+    );
+    describe_counter!(TASK_ATTEMPTS, "Task attempts by type and outcome");
+    describe_histogram!(
+        TASK_DURATION,
+        "Seconds each task attempt ran, by type and outcome"
+    );
+    describe_gauge!(
+        DLQ_MESSAGES,
+        "Messages in the dead-letter stream, by kind of subject"
+    );
+    describe_gauge!(
+        CONSUMER_PENDING,
+        "Messages not yet delivered to the durable consumer"
+    );
+    describe_gauge!(
+        CONSUMER_ACK_PENDING,
+        "Messages delivered to the durable consumer and not yet acknowledged"
+    );
+    describe_gauge!(
+        CONSUMER_REDELIVERED,
+        "Messages the server is redelivering to the durable consumer"
+    );
+    describe_counter!(
+        REDELIVERIES,
+        "Messages handed to a handler that had been delivered before"
+    );
+    describe_counter!(
+        CONSUMER_RECREATIONS,
+        "Consumers re-subscribed after they failed, went silent or disappeared"
+    );
+    describe_histogram!(
+        CONTEXT_SOURCE_DURATION,
+        "Seconds resolving a context source took, by kind and outcome"
+    );
+    describe_counter!(
+        CONTEXT_SOURCE_ERRORS,
+        "Context sources that failed, by activity, source name and kind"
+    );
+}
+
+/// Counts schedule occurrences of `activity` decided one way.
+pub fn count_occurrences(activity: &str, decision: &'static str, n: u64) {
     handle();
-    metrics::counter!(OCCURRENCES, "decision" => decision).increment(n);
+    metrics::counter!(OCCURRENCES, "activity" => activity.to_owned(), "decision" => decision)
+        .increment(n);
 }
 
 /// Counts an event outcome.
@@ -51,12 +185,131 @@ pub fn count_events(outcome: &'static str) {
     metrics::counter!(EVENTS, "outcome" => outcome).increment(1);
 }
 
+/// Counts a fire decision (`fired` or `duplicate`) of `activity` from `source`.
+pub fn record_fire(activity: &str, source: &'static str, decision: &'static str) {
+    handle();
+    metrics::counter!(FIRES, "activity" => activity.to_owned(), "source" => source, "decision" => decision)
+        .increment(1);
+}
+
+/// Records how late a scheduled occurrence fired (early counts as on time).
+pub fn record_fire_lateness(activity: &str, lateness: chrono::TimeDelta) {
+    handle();
+    let seconds = lateness.to_std().unwrap_or_default().as_secs_f64();
+    metrics::histogram!(FIRE_LATENESS, "activity" => activity.to_owned()).record(seconds);
+}
+
+/// Counts a webhook delivery by outcome.
+pub fn record_webhook_delivery(outcome: &'static str) {
+    handle();
+    metrics::counter!(WEBHOOK_DELIVERIES, "outcome" => outcome).increment(1);
+}
+
+/// Counts `n` runs of `activity` that reached their final state `outcome`.
+pub fn record_runs_finished(activity: &str, outcome: &'static str, n: u64) {
+    handle();
+    metrics::counter!(RUNS, "activity" => activity.to_owned(), "outcome" => outcome).increment(n);
+}
+
+/// Counts `n` tasks of `task_type` that reached their final state `outcome`.
+pub fn record_tasks_finished(task_type: &str, outcome: &'static str, n: u64) {
+    handle();
+    metrics::counter!(TASKS, "type" => task_type.to_owned(), "outcome" => outcome).increment(n);
+}
+
+/// Counts one task attempt and records how long it ran.
+pub fn record_attempt(task_type: &str, outcome: &'static str, duration: Duration) {
+    handle();
+    metrics::counter!(TASK_ATTEMPTS, "type" => task_type.to_owned(), "outcome" => outcome)
+        .increment(1);
+    metrics::histogram!(TASK_DURATION, "type" => task_type.to_owned(), "outcome" => outcome)
+        .record(duration.as_secs_f64());
+}
+
+/// Sets the dead letters of one kind of subject.
+pub fn set_dlq_messages(subject_kind: &'static str, messages: u64) {
+    handle();
+    metrics::gauge!(DLQ_MESSAGES, "subject_kind" => subject_kind).set(messages as f64);
+}
+
+/// Sets a durable consumer's sampled state.
+pub fn set_consumer_state(consumer: &str, pending: u64, ack_pending: usize, redelivered: usize) {
+    handle();
+    let consumer = consumer.to_owned();
+    metrics::gauge!(CONSUMER_PENDING, "consumer" => consumer.clone()).set(pending as f64);
+    metrics::gauge!(CONSUMER_ACK_PENDING, "consumer" => consumer.clone()).set(ack_pending as f64);
+    metrics::gauge!(CONSUMER_REDELIVERED, "consumer" => consumer).set(redelivered as f64);
+}
+
+/// Counts a message handed to a handler of `consumer` as a redelivery when it was delivered
+/// before (`delivered` is the server's delivery count, 1 the first time).
+pub fn record_delivery(consumer: &str, delivered: i64) {
+    if delivered > 1 {
+        handle();
+        metrics::counter!(REDELIVERIES, "consumer" => consumer.to_owned()).increment(1);
+    }
+}
+
 /// Counts a consumer re-subscribed after it failed, went silent or disappeared. Consumer names
 /// are a bounded set.
 pub fn count_consumer_recreated(consumer: &str) {
     handle();
-    metrics::counter!("taskfactory_consumer_recreations_total", "consumer" => consumer.to_owned())
+    metrics::counter!(CONSUMER_RECREATIONS, "consumer" => consumer.to_owned()).increment(1);
+}
+
+/// Records how long resolving a context source of `kind` took and how it ended.
+pub fn record_context_source(kind: &'static str, outcome: &'static str, duration: Duration) {
+    handle();
+    metrics::histogram!(CONTEXT_SOURCE_DURATION, "kind" => kind, "outcome" => outcome)
+        .record(duration.as_secs_f64());
+}
+
+/// Counts a context source of `activity` that failed.
+pub fn record_context_source_error(activity: &str, source: &str, kind: &'static str) {
+    handle();
+    metrics::counter!(CONTEXT_SOURCE_ERRORS, "activity" => activity.to_owned(), "source" => source.to_owned(), "kind" => kind)
         .increment(1);
+}
+
+/// Samples the messages in the dead-letter stream into [`DLQ_MESSAGES`] every [`SAMPLE_EVERY`]
+/// until shutdown. A failed read is logged at debug and skipped: the gauge keeps its last value.
+pub async fn run_dlq_sampler(js: async_nats::jetstream::Context, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(SAMPLE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match dlq_counts(&js).await {
+            Ok(counts) => {
+                for (kind, messages) in counts {
+                    set_dlq_messages(kind, messages);
+                }
+            }
+            Err(error) => {
+                tracing::debug!(error = %crate::telemetry::error_chain(&*error), "cannot read the dead-letter stream")
+            }
+        }
+    }
+}
+
+/// Dead letters per kind of subject, every kind included (a drained kind reads 0). The stream
+/// reports counts per subject; there are few subjects (one per task type, plus three).
+async fn dlq_counts(
+    js: &async_nats::jetstream::Context,
+) -> Result<Vec<(&'static str, u64)>, async_nats::Error> {
+    let mut counts: Vec<(&'static str, u64)> =
+        subjects::DLQ_KINDS.iter().map(|kind| (*kind, 0)).collect();
+    let stream = js.get_stream_no_info(subjects::DLQ_STREAM).await?;
+    let mut per_subject = stream.info_with_subjects(subjects::DLQ_SUBJECTS).await?;
+    while let Some((subject, messages)) = per_subject.try_next().await? {
+        let kind = subjects::dlq_kind(&subject);
+        if let Some(entry) = counts.iter_mut().find(|(k, _)| *k == kind) {
+            entry.1 += messages as u64;
+        }
+    }
+    Ok(counts)
 }
 
 /// What `/readyz` asks: `Ok(details)` when the service can do its work, `Err(why not)`.

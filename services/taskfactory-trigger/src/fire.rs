@@ -25,7 +25,7 @@ use taskfactory_model::spec::chrono_to_timestamp;
 use taskfactory_model::status::source_name;
 use taskfactory_model::{subjects, values};
 use taskfactory_proto::v1::{OverlapPolicy, TriggerEvent, TriggerSource};
-use taskfactory_runtime::messaging;
+use taskfactory_runtime::{messaging, metrics};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
@@ -149,6 +149,11 @@ async fn fire_in_span(
     let inserted = store::record_fire(pool, &new_fire, schedule).await?;
     if !inserted {
         tracing::debug!(activity.id = %request.activity_id, dedupe_key = %request.dedupe_key, "duplicate fire");
+        metrics::record_fire(
+            &request.activity_name,
+            source_name(request.source),
+            "duplicate",
+        );
         return Ok(Fired {
             fire_id,
             run_id,
@@ -174,6 +179,11 @@ async fn fire_in_span(
         }
     }
     tracing::info!(activity.name = %request.activity_name, fire.id = %fire_id, run.id = %run_id, source = source_name(request.source), scheduled_for = ?request.scheduled_for, "fired");
+    metrics::record_fire(&request.activity_name, source_name(request.source), "fired");
+    if let (TriggerSource::Schedule, Some(scheduled_for)) = (request.source, request.scheduled_for)
+    {
+        metrics::record_fire_lateness(&request.activity_name, fired_at - scheduled_for);
+    }
     Ok(Fired {
         fire_id,
         run_id,

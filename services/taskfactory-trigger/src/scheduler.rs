@@ -574,7 +574,7 @@ impl Writer {
         };
         let rows = self.rows(pending, None, trigger, now);
         store::record_decisions(&self.pool, self.activity.id, self.term, &rows, watermark).await?;
-        count_decisions(&rows);
+        count_decisions(&self.activity.name, &rows);
         self.watermark = Some(watermark);
         Ok(())
     }
@@ -719,11 +719,11 @@ impl Writer {
             decisions,
         };
         let fired = fire::fire(&self.pool, &self.js, request, Some(write)).await?;
-        count_decisions(decisions);
+        count_decisions(&self.activity.name, decisions);
         if fired.duplicate {
-            metrics::count_occurrences("DEDUPED", 1);
+            metrics::count_occurrences(&self.activity.name, "DEDUPED", 1);
         } else {
-            metrics::count_occurrences("FIRED", 1);
+            metrics::count_occurrences(&self.activity.name, "FIRED", 1);
             self.fires += 1;
         }
         self.watermark = Some(occurrence.at);
@@ -731,10 +731,10 @@ impl Writer {
     }
 }
 
-/// Counts recorded decisions in the occurrences metric.
-fn count_decisions(rows: &[DecisionRow]) {
+/// Counts recorded decisions of `activity` in the occurrences metric.
+fn count_decisions(activity: &str, rows: &[DecisionRow]) {
     for row in rows {
-        metrics::count_occurrences(row.decision, row.occurrences.unwrap_or(1));
+        metrics::count_occurrences(activity, row.decision, row.occurrences.unwrap_or(1));
     }
 }
 

@@ -30,7 +30,7 @@
 //!
 //! The replay check comes after the signature so that nobody without the secret can use up
 //! delivery ids. Every rejection answers `{"error": "..."}`, is logged and is counted in
-//! [`DELIVERIES`] by outcome.
+//! [`WEBHOOK_DELIVERIES`](taskfactory_runtime::metrics::WEBHOOK_DELIVERIES) by outcome.
 //!
 //! # Exactly once in effect
 //!
@@ -77,10 +77,6 @@ pub const HEADER_SOURCE: &str = "Taskfactory-Source";
 pub const HEADER_HOOK: &str = "Taskfactory-Hook";
 /// The value of [`HEADER_SOURCE`] on events published by the gateway.
 pub const SOURCE_WEBHOOK: &str = "webhook";
-
-/// Deliveries by outcome: `accepted`, `unauthorized`, `stale`, `replayed`, `too_large`,
-/// `bad_request`, `unknown_hook`, `unavailable`.
-pub const DELIVERIES: &str = "taskfactory_webhook_deliveries_total";
 
 /// How far a delivery's timestamp may be from our clock, into the past or the future.
 pub const TIMESTAMP_TOLERANCE: Duration = Duration::from_secs(5 * 60);
@@ -439,8 +435,6 @@ impl Gateway {
         js: async_nats::jetstream::Context,
         shutdown: CancellationToken,
     ) {
-        taskfactory_runtime::metrics::handle();
-        metrics::describe_counter!(DELIVERIES, "Webhook deliveries by outcome");
         let names: Vec<&str> = self.hooks.iter().map(|h| h.name.as_str()).collect();
         tracing::info!(addr = %self.addr, hooks = ?names, "webhook gateway listening on /hooks/{{name}}");
         let state = Arc::new(Receiver {
@@ -589,8 +583,7 @@ async fn receive(
         }
     };
     let _entered = span.enter();
-    taskfactory_runtime::metrics::handle();
-    metrics::counter!(DELIVERIES, "outcome" => outcome).increment(1);
+    taskfactory_runtime::metrics::record_webhook_delivery(outcome);
     match result {
         Ok(accepted) => {
             tracing::info!(webhook.name = %name, webhook.delivery = %accepted.delivery, subject = %accepted.subject, stream.sequence = accepted.sequence, duplicate = accepted.duplicate, "webhook delivery accepted");
