@@ -34,6 +34,32 @@ async fn readyz_follows_nats_and_says_whether_the_trigger_leads() -> anyhow::Res
     })
     .await?;
     assert!(body.contains("nats: connected"), "{body}");
+    assert!(body.contains("streams: declared"), "{body}");
+
+    // A stream deleted under the services: not ready, naming it; declared again: ready.
+    let js = env.js().await?;
+    js.delete_stream("FACTORY_DLQ").await?;
+    let body = wait_for(
+        "the executor to notice the missing stream",
+        Duration::from_secs(30),
+        || async {
+            Ok(http_get(executor_addr, "/readyz")
+                .await
+                .ok()
+                .filter(|(status, _)| *status == 503)
+                .map(|(_, body)| body))
+        },
+    )
+    .await?;
+    assert!(body.contains("streams: FACTORY_DLQ missing"), "{body}");
+    taskfactory_runtime::nats::declare_streams(&js, 1).await?;
+    wait_for(
+        "the executor to be ready again",
+        Duration::from_secs(30),
+        || ready(executor_addr),
+    )
+    .await?;
+
     let body = wait_for("the trigger to lead", Duration::from_secs(30), || async {
         Ok(ready(trigger_addr)
             .await?

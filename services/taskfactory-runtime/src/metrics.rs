@@ -331,7 +331,24 @@ pub fn readiness(
             let mut details = Vec::new();
             match nats.connection_state() {
                 async_nats::connection::State::Connected => {
-                    details.push("nats: connected".to_owned())
+                    details.push("nats: connected".to_owned());
+                    match tokio::time::timeout(
+                        std::time::Duration::from_secs(1),
+                        missing_streams(&nats),
+                    )
+                    .await
+                    {
+                        Ok(missing) if missing.is_empty() => {
+                            details.push("streams: declared".to_owned())
+                        }
+                        Ok(missing) => problems.push(format!(
+                            "streams: {} missing (restart the service to declare them)",
+                            missing.join(", ")
+                        )),
+                        Err(_) => {
+                            problems.push("nats: no answer about the streams within 1s".to_owned())
+                        }
+                    }
                 }
                 other => problems.push(format!("nats: {other}")),
             }
@@ -363,6 +380,25 @@ pub fn readiness(
             }
         })
     })
+}
+
+/// The streams the services work with that the server does not have (looked up concurrently).
+async fn missing_streams(nats: &async_nats::Client) -> Vec<String> {
+    let js = async_nats::jetstream::new(nats.clone());
+    let names: Vec<String> = crate::nats::stream_configs(1)
+        .into_iter()
+        .map(|config| config.name)
+        .collect();
+    let lookups = names.iter().map(|name| {
+        let js = js.clone();
+        async move { (name, js.get_stream(name).await.is_err()) }
+    });
+    futures::future::join_all(lookups)
+        .await
+        .into_iter()
+        .filter(|(_, missing)| *missing)
+        .map(|(name, _)| name.clone())
+        .collect()
 }
 
 /// Serves `/metrics` (Prometheus text), `/healthz` (alive) and `/readyz` (able to work; 503 with
