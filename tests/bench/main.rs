@@ -84,6 +84,10 @@ struct Args {
     /// Print one JSON document instead of the table.
     #[arg(long)]
     json: bool,
+    /// Export every span over OTLP/gRPC to an in-process receiver (what tracing costs; the
+    /// report counts the spans received).
+    #[arg(long)]
+    traces: bool,
 }
 
 #[tokio::main]
@@ -93,13 +97,22 @@ async fn main() -> anyhow::Result<()> {
         bail!("--events and --fan-out must be at least 1");
     }
     // Service logs: warnings and errors only, to stderr, so stdout is the report alone. Installed
-    // before the harness's, which then stays out of the way.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    // before the harness's, which then stays out of the way. With --traces, every span goes to a
+    // receiver in this process, as a collector would take them.
+    let receiver = if args.traces {
+        Some(taskfactory_tests::otlp::OtlpReceiver::start_counting().await?)
+    } else {
+        None
+    };
+    let telemetry =
+        taskfactory_runtime::telemetry::install(taskfactory_runtime::telemetry::Settings {
+            service: "taskfactory-bench",
+            format: taskfactory_runtime::telemetry::LogFormat::Pretty,
+            default_log_filter: "warn",
+            logs_to_stderr: true,
+            traces: receiver.is_some(),
+            otlp_endpoint: receiver.as_ref().map(|r| r.endpoint()),
+        });
 
     let machine = Machine::read();
     progress(&format!(
@@ -128,6 +141,13 @@ async fn main() -> anyhow::Result<()> {
         baseline,
         taskfactory,
     };
+    telemetry.shutdown().await;
+    if let Some(receiver) = &receiver {
+        progress(&format!(
+            "traces: {} spans received over OTLP",
+            receiver.received()
+        ));
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report.json())?);
     } else {

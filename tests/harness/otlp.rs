@@ -46,6 +46,10 @@ impl ReceivedSpan {
 #[derive(Clone, Default)]
 struct Collector {
     spans: Arc<Mutex<Vec<ReceivedSpan>>>,
+    /// Only count (benchmarks: keeping hundreds of thousands of spans would cost more than the
+    /// services spend making them).
+    count_only: bool,
+    received: Arc<std::sync::atomic::AtomicU64>,
 }
 
 #[tonic::async_trait]
@@ -54,8 +58,20 @@ impl TraceService for Collector {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let request = request.into_inner();
+        if self.count_only {
+            let spans: usize = request
+                .resource_spans
+                .iter()
+                .flat_map(|r| &r.scope_spans)
+                .map(|s| s.spans.len())
+                .sum();
+            self.received
+                .fetch_add(spans as u64, std::sync::atomic::Ordering::Relaxed);
+            return Ok(tonic::Response::new(ExportTraceServiceResponse::default()));
+        }
         let mut received = Vec::new();
-        for resource_spans in request.into_inner().resource_spans {
+        for resource_spans in request.resource_spans {
             let service = resource_spans
                 .resource
                 .as_ref()
@@ -104,6 +120,8 @@ impl TraceService for Collector {
                 }
             }
         }
+        self.received
+            .fetch_add(received.len() as u64, std::sync::atomic::Ordering::Relaxed);
         self.spans
             .lock()
             .expect("the span list is never poisoned")
@@ -141,9 +159,21 @@ pub struct OtlpReceiver {
 impl OtlpReceiver {
     /// Listens on a free loopback port.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(false).await
+    }
+
+    /// Listens on a free loopback port and only counts what it receives.
+    pub async fn start_counting() -> anyhow::Result<Self> {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(count_only: bool) -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let collector = Collector::default();
+        let collector = Collector {
+            count_only,
+            ..Collector::default()
+        };
         let stop = CancellationToken::new();
         let service = TraceServiceServer::new(collector.clone());
         let token = stop.clone();
@@ -166,6 +196,13 @@ impl OtlpReceiver {
     /// The value for `OTEL_EXPORTER_OTLP_ENDPOINT`.
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// How many spans arrived (kept or only counted).
+    pub fn received(&self) -> u64 {
+        self.collector
+            .received
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Every span received so far.

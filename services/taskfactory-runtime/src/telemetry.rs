@@ -67,7 +67,37 @@ impl Telemetry {
 /// `service.name`; `OTEL_SERVICE_NAME` wins). Call it inside the tokio runtime. A second call in
 /// one process (tests running several services in-process) installs nothing and exports nothing.
 pub fn init(args: &LogArgs, service: &'static str) -> Telemetry {
-    let provider = trace_export_configured().then(|| tracer_provider(service));
+    install(Settings {
+        service,
+        format: args.format,
+        default_log_filter: "info",
+        logs_to_stderr: false,
+        traces: trace_export_configured(),
+        otlp_endpoint: None,
+    })
+}
+
+/// How [`install`] sets things up; [`init`] is what the services use.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// The default `service.name` of exported spans.
+    pub service: &'static str,
+    pub format: LogFormat,
+    /// Which logs are written unless `RUST_LOG` says otherwise.
+    pub default_log_filter: &'static str,
+    /// Logs to stderr rather than stdout (tools whose stdout is their output).
+    pub logs_to_stderr: bool,
+    /// Export traces.
+    pub traces: bool,
+    /// Where to (else the `OTEL_EXPORTER_OTLP_*` variables, else the OTLP default).
+    pub otlp_endpoint: Option<String>,
+}
+
+/// Installs logging and trace export as `settings` say (see [`init`]).
+pub fn install(settings: Settings) -> Telemetry {
+    let provider = settings
+        .traces
+        .then(|| tracer_provider(settings.service, settings.otlp_endpoint.clone()));
     let provider = match provider {
         Some(Ok(provider)) => Some(provider),
         Some(Err(error)) => {
@@ -76,16 +106,23 @@ pub fn init(args: &LogArgs, service: &'static str) -> Telemetry {
         }
         None => None,
     };
-    let log_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let colours = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let logs = log_layer(args.format, std::io::stdout, colours).with_filter(log_filter);
+    let log_filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(settings.default_log_filter));
+    let logs = if settings.logs_to_stderr {
+        let colours = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        log_layer(settings.format, std::io::stderr, colours)
+    } else {
+        let colours = std::io::IsTerminal::is_terminal(&std::io::stdout());
+        log_layer(settings.format, std::io::stdout, colours)
+    }
+    .with_filter(log_filter);
     let traces = provider.as_ref().map(|provider| {
         let filter = std::env::var("TASKFACTORY_TRACE_FILTER")
             .ok()
             .and_then(|directives| EnvFilter::try_new(directives).ok())
             .unwrap_or_else(|| EnvFilter::new(DEFAULT_TRACE_FILTER));
         tracing_opentelemetry::layer()
-            .with_tracer(provider.tracer(service))
+            .with_tracer(provider.tracer(settings.service))
             .with_tracked_inactivity(false)
             .with_filter(filter)
     });
@@ -104,7 +141,7 @@ pub fn init(args: &LogArgs, service: &'static str) -> Telemetry {
         opentelemetry::global::set_text_map_propagator(
             opentelemetry_sdk::propagation::TraceContextPropagator::new(),
         );
-        tracing::info!(service, "exporting traces over OTLP");
+        tracing::info!(service = settings.service, "exporting traces over OTLP");
     }
     Telemetry { provider }
 }
@@ -148,10 +185,14 @@ fn trace_export_configured() -> bool {
 
 fn tracer_provider(
     service: &'static str,
+    endpoint: Option<String>,
 ) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_tonic()
-        .build()?;
+    use opentelemetry_otlp::WithExportConfig as _;
+    let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+    if let Some(endpoint) = endpoint {
+        exporter = exporter.with_endpoint(endpoint);
+    }
+    let exporter = exporter.build()?;
     let mut resource = opentelemetry_sdk::Resource::builder();
     if std::env::var("OTEL_SERVICE_NAME").is_err() {
         resource = resource.with_service_name(service);
