@@ -391,3 +391,102 @@ tasks:
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_webhook_delivery_with_a_traceparent_continues_the_senders_trace() -> anyhow::Result<()> {
+    const SECRET: &str = "a-webhook-secret-of-enough-bytes";
+    let receiver = OtlpReceiver::start().await?;
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let dir = tempfile::tempdir()?;
+    let hooks = dir.path().join("hooks.yaml");
+    std::fs::write(
+        &hooks,
+        "hooks:\n  - name: shop\n    subject: events.shop.orders\n    secretEnv: SHOP_SECRET\n",
+    )?;
+    let hooks = hooks.display().to_string();
+    let _services = start_traced(&env, &receiver.endpoint(), |service| match service {
+        Service::Trigger => vec![
+            ("TASKFACTORY_WEBHOOKS", hooks.clone()),
+            ("SHOP_SECRET", SECRET.to_owned()),
+        ],
+        _ => Vec::new(),
+    })
+    .await?;
+    let mut admin = env.admin().await?;
+    create(
+        &mut admin,
+        "name: shop-order\ntrigger: {event: {subject: events.shop.orders}}\n\
+         tasks: [{name: ship, type: noop}]\n",
+    )
+    .await?;
+
+    let (trace_id, sender_span) = caller_context();
+    let body = br#"{"order": "o-9"}"#.to_vec();
+    let timestamp = chrono::Utc::now().timestamp().to_string();
+    let signature = taskfactory_trigger::webhook::sign(SECRET.as_bytes(), &timestamp, "d-1", &body);
+    let url = format!("http://{}/hooks/shop", env.http_addr);
+    // reqwest is built without a default TLS provider; plain HTTP still asks for one.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let answer = wait_for("the webhook gateway", Duration::from_secs(30), || {
+        let (url, body, timestamp, signature) = (
+            url.clone(),
+            body.clone(),
+            timestamp.clone(),
+            signature.clone(),
+        );
+        let traceparent = format!("00-{trace_id}-{sender_span}-01");
+        async move {
+            let sent = reqwest::Client::new()
+                .post(url)
+                .header("content-type", "application/json")
+                .header(taskfactory_trigger::webhook::HEADER_DELIVERY, "d-1")
+                .header(taskfactory_trigger::webhook::HEADER_TIMESTAMP, timestamp)
+                .header(
+                    taskfactory_trigger::webhook::HEADER_SIGNATURE,
+                    format!("v1={signature}"),
+                )
+                .header("traceparent", traceparent)
+                .body(body)
+                .send()
+                .await;
+            Ok(sent.ok().map(|response| response.status().as_u16()))
+        }
+    })
+    .await?;
+    assert_eq!(answer, 202);
+
+    let run = wait_for("the run", Duration::from_secs(20), || {
+        let mut admin = admin.clone();
+        async move { Ok(runs(&mut admin, "shop-order").await?.into_iter().next()) }
+    })
+    .await?;
+    let run = finished_run(&admin, &run.id, Duration::from_secs(30)).await?;
+    assert_eq!(run.status(), RunStatus::RunSucceeded);
+    assert_eq!(run.trace_id, trace_id);
+
+    let spans = receiver
+        .wait_until("the delivery's spans", Duration::from_secs(20), |spans| {
+            spans
+                .iter()
+                .any(|s| s.trace_id == trace_id && s.name == "fire shop-order")
+        })
+        .await?;
+    let trace = Trace::new(
+        spans
+            .into_iter()
+            .filter(|s| s.trace_id == trace_id)
+            .collect(),
+    );
+    let roots = trace.children(&sender_span);
+    assert_eq!(roots.len(), 1, "{roots:?}");
+    let delivery = roots[0];
+    assert_eq!(delivery.name, "POST /hooks/{name}");
+    assert_eq!(delivery.kind, "server");
+    assert_eq!(delivery.attribute("webhook.name"), Some("shop"));
+    assert_eq!(delivery.attribute("http.response.status_code"), Some("202"));
+    let published = trace.child(delivery, TRIGGER, "publish events.shop.orders")?;
+    let consumed = trace.child(published, TRIGGER, "process events.shop.orders")?;
+    let fire = trace.child(consumed, TRIGGER, "fire shop-order")?;
+    assert_eq!(fire.attribute("fire.source"), Some("webhook"));
+    Ok(())
+}
