@@ -275,7 +275,11 @@ async fn metrics_expose_fires_runs_tasks_attempts_dead_letters_consumers_and_sou
     assert_eq!(fires("doomed", "manual", "duplicate"), 1.0);
     assert_eq!(fires("sourced", "manual", "fired"), 1.0);
     assert!(fires("tick", "schedule", "fired") >= 1.0);
-    let (count, sum, infinite) = histogram(&trigger, m::FIRE_LATENESS, &[("activity", "tick")]);
+    let (count, sum, infinite) = histogram(
+        &trigger,
+        m::FIRE_LATENESS,
+        &[("activity", "tick"), ("source", "schedule")],
+    );
     assert!(count >= 1.0, "a lateness per scheduled fire");
     assert_eq!(infinite, count, "rendered as a histogram with buckets");
     assert!(

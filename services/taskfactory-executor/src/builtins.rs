@@ -147,7 +147,6 @@ impl Builtins {
         // The attempt's trace continues at the receiver (`traceparent`); a task's own headers win.
         let mut trace_headers = reqwest::header::HeaderMap::new();
         taskfactory_runtime::propagation::inject_http(&mut trace_headers);
-        request = request.headers(trace_headers);
         if let Some(headers) = params.get("headers") {
             let headers = headers.as_object().ok_or_else(|| {
                 TaskFailure::permanent("params.headers must be an object of strings")
@@ -156,9 +155,11 @@ impl Builtins {
                 let value = value.as_str().ok_or_else(|| {
                     TaskFailure::permanent(format!("params.headers.{name} must be a string"))
                 })?;
+                trace_headers.remove(name.to_ascii_lowercase().as_str());
                 request = request.header(name.as_str(), value);
             }
         }
+        request = request.headers(trace_headers);
         if let Some(body) = params.get("body") {
             request = request.json(body);
         }

@@ -140,6 +140,25 @@ pub fn subject_error(subject: &str, wildcards: bool) -> Option<String> {
     None
 }
 
+/// A subject as span names show it (`publish <template>`): bounded, as the OpenTelemetry messaging
+/// conventions ask. Task, trigger and dead-letter subjects are bounded by definitions and stay as
+/// they are; a result subject loses its run id (`results.<activity>.{run_id}`); user event subjects
+/// (which may hold ids) become `events`; any other subject its first token. The subject itself is
+/// always in the span's `messaging.destination.name`.
+pub fn destination_template(subject: &str) -> std::borrow::Cow<'_, str> {
+    use std::borrow::Cow;
+    let first = subject.split('.').next().unwrap_or(subject);
+    match first {
+        "tasks" | "triggers" | "dlq" => Cow::Borrowed(subject),
+        "results" => match subject.split('.').nth(1) {
+            Some(activity) => Cow::Owned(format!("results.{activity}.{{run_id}}")),
+            None => Cow::Borrowed(subject),
+        },
+        "events" if subject == RUN_COMPLETED_EVENT => Cow::Borrowed(subject),
+        _ => Cow::Borrowed(first),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,5 +213,24 @@ mod tests {
                 .unwrap()
                 .contains("wildcards")
         );
+    }
+
+    #[test]
+    fn span_destinations_are_bounded() {
+        for (subject, template) in [
+            ("tasks.http", "tasks.http"),
+            ("triggers.billing", "triggers.billing"),
+            ("dlq.tasks.http", "dlq.tasks.http"),
+            (
+                "results.billing.8ad6c2bd-68cd-5266-a087-4d2b9eeda36d",
+                "results.billing.{run_id}",
+            ),
+            ("events.orders.o-1234", "events"),
+            ("events", "events"),
+            (RUN_COMPLETED_EVENT, RUN_COMPLETED_EVENT),
+            ("audit.orders.o-1234", "audit"),
+        ] {
+            assert_eq!(destination_template(subject), template, "{subject}");
+        }
     }
 }

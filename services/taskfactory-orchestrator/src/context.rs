@@ -107,8 +107,14 @@ impl Sources {
     }
 
     /// Resolves every source of `spec` concurrently. `scope` holds `event`, `trigger` and
-    /// `activity`.
-    pub async fn resolve(&self, spec: &ActivitySpec, scope: &serde_json::Value) -> Resolved {
+    /// `activity`. Only real runs are `counted` in the metrics (a preview's draft names would be
+    /// label values nobody bounds, and its dry runs no production latency).
+    pub async fn resolve(
+        &self,
+        spec: &ActivitySpec,
+        scope: &serde_json::Value,
+        counted: bool,
+    ) -> Resolved {
         let outcomes = join_all(spec.context.iter().map(|source| async move {
             let timeout = source
                 .timeout
@@ -131,11 +137,13 @@ impl Sources {
                 span.record("otel.status_description", error.as_str());
             }
             let took = started.elapsed();
-            metrics::record_context_source(
-                source_kind(source),
-                source_outcome(&value, took >= timeout),
-                took,
-            );
+            if counted {
+                metrics::record_context_source(
+                    source_kind(source),
+                    source_outcome(&value, took >= timeout),
+                    took,
+                );
+            }
             (source, value)
         }))
         .await;
@@ -146,11 +154,13 @@ impl Sources {
                     resolved.context.insert(source.name.clone(), value);
                 }
                 Err(error) => {
-                    metrics::record_context_source_error(
-                        &spec.name,
-                        &source.name,
-                        source_kind(source),
-                    );
+                    if counted {
+                        metrics::record_context_source_error(
+                            &spec.name,
+                            &source.name,
+                            source_kind(source),
+                        );
+                    }
                     let on_error = OnError::try_from(source.on_error).unwrap_or(OnError::Fail);
                     let (note, value) = match on_error {
                         OnError::UseDefault => (
@@ -356,19 +366,21 @@ impl Sources {
             "POST" => reqwest::Method::POST,
             other => return Err(format!("method {other:?} is not GET or POST")),
         };
+        // The run's trace continues at the source (`traceparent`); the source's own headers win.
         let mut trace_headers = reqwest::header::HeaderMap::new();
         taskfactory_runtime::propagation::inject_http(&mut trace_headers);
         let mut request = self
             .http
             .request(method.clone(), url.clone())
-            .headers(trace_headers)
             .header(reqwest::header::ACCEPT, "application/json");
         for (name, value) in &http.headers {
+            trace_headers.remove(name.to_ascii_lowercase().as_str());
             request = request.header(
                 name.as_str(),
                 self.render(&format!("headers.{name}"), value, scope)?,
             );
         }
+        request = request.headers(trace_headers);
         if let Some(body) = body {
             request = request.json(&body);
         }

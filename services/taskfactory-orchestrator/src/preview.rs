@@ -19,7 +19,7 @@ use taskfactory_proto::v1::{
 use taskfactory_runtime::telemetry::error_chain;
 use tokio_util::sync::CancellationToken;
 
-use crate::spawn::Spawner;
+use crate::spawn::{Purpose, Spawner};
 
 /// Answers preview requests until shutdown.
 pub async fn serve(nats: async_nats::Client, spawner: Arc<Spawner>, shutdown: CancellationToken) {
@@ -79,7 +79,7 @@ async fn preview(spawner: &Spawner, body: &[u8]) -> Result<PreviewRunResponse, S
         .map_err(|_| "preview request event has no valid activity id".to_owned())?;
     let run_id = RunId::derive(activity_id, &event.dedupe_key);
     let (run, tasks) = spawner
-        .evaluate_spec(&spec, &event, activity_id, run_id)
+        .evaluate_spec(&spec, &event, activity_id, run_id, Purpose::Preview)
         .await;
     let tasks = tasks
         .iter()

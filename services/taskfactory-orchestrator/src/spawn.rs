@@ -158,7 +158,7 @@ impl Spawner {
                 // Admitted by its overlap policy but not started (a crash in between): start it
                 // now. A waiting run is started when the run before it finishes.
                 if !state.waiting {
-                    self.start_admitted(run_id).await?;
+                    self.start_admitted_here(run_id).await?;
                 }
                 return Ok(());
             }
@@ -254,7 +254,7 @@ impl Spawner {
             completion::announce_if_finished(&self.pool, &self.js, run).await?;
         }
         match admission {
-            Admission::Start => self.start_admitted(run_id).await,
+            Admission::Start => self.start_admitted_here(run_id).await,
             Admission::Buffered { behind } => {
                 tracing::Span::current().record("run.admission", "buffered");
                 taskfactory_runtime::metrics::count_occurrences(
@@ -281,7 +281,7 @@ impl Spawner {
                     .await?
                     .is_some()
                 {
-                    self.start_admitted(run_id).await?;
+                    self.start_admitted_here(run_id).await?;
                 }
                 Ok(())
             }
@@ -305,6 +305,16 @@ impl Spawner {
         self.start_admitted_event(run_id, event)
             .instrument(span)
             .await
+    }
+
+    /// [`Self::start_admitted`] from inside the run's own span (the trigger being processed).
+    async fn start_admitted_here(&self, run_id: RunId) -> Result<(), SpawnError> {
+        let Some((encoded, _)) = store::admitted_trigger_event(&self.pool, run_id).await? else {
+            return Ok(());
+        };
+        let event = TriggerEvent::decode(encoded.as_slice()).map_err(SpawnError::Decode)?;
+        tracing::Span::current().record("run.admission", "started");
+        self.start_admitted_event(run_id, event).await
     }
 
     async fn start_admitted_event(
@@ -405,7 +415,9 @@ impl Spawner {
             // reset separately): there is nothing to record a run against.
             Err(reason) => return Err(SpawnError::UnknownActivity(reason)),
         };
-        Ok(self.evaluate_spec(&spec, event, activity_id, run_id).await)
+        Ok(self
+            .evaluate_spec(&spec, event, activity_id, run_id, Purpose::Run)
+            .await)
     }
 
     /// Resolves the context and evaluates the templates of `spec` for `event` — the one path both
@@ -416,6 +428,7 @@ impl Spawner {
         event: &TriggerEvent,
         activity_id: ActivityId,
         run_id: RunId,
+        purpose: Purpose,
     ) -> (NewRun, Vec<NewTask>) {
         let payload = event.payload.as_ref().map(values::value_to_json);
         let mut run = run_header(event, activity_id, run_id);
@@ -434,7 +447,10 @@ impl Spawner {
             "trigger": scope.trigger,
             "activity": scope.activity,
         });
-        let resolved = self.sources.resolve(spec, &sources_scope).await;
+        let resolved = self
+            .sources
+            .resolve(spec, &sources_scope, purpose == Purpose::Run)
+            .await;
         let context = serde_json::Value::Object(resolved.context);
         let source_notes: Vec<serde_json::Value> = resolved
             .notes
@@ -589,6 +605,15 @@ impl Spawner {
         }
         Ok(())
     }
+}
+
+/// Why a spec is evaluated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// A real run: recorded, published, counted in the metrics.
+    Run,
+    /// `PreviewRun`: nothing is written, published or counted.
+    Preview,
 }
 
 /// The task type served by people through `CompleteTask`, not by executors.

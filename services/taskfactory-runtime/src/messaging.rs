@@ -42,12 +42,13 @@ pub async fn publish(
 ) -> Result<PublishAckFuture, PublishError> {
     let span = tracing::info_span!(
         "publish",
-        otel.name = %format_args!("publish {subject}"),
+        otel.name = %format_args!("publish {}", subjects::destination_template(&subject)),
         otel.kind = "producer",
         messaging.system = "nats",
         messaging.operation.type = "send",
         messaging.operation.name = "publish",
         messaging.destination.name = %subject,
+        messaging.destination.template = %subjects::destination_template(&subject),
         messaging.message.id = %msg_id,
         messaging.message.body.size = payload.len(),
     );
@@ -255,7 +256,8 @@ pub async fn consume<F, Fut>(
     let handler = Arc::new(handler);
     let tracker = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(spec.concurrency.max(1)));
-    tracker.spawn(sample_consumer(
+    // Its own task, stopped (mid-request if need be) when the loop ends.
+    let sampler = tokio::spawn(sample_consumer(
         js.clone(),
         spec.stream,
         spec.durable.clone(),
@@ -373,6 +375,7 @@ pub async fn consume<F, Fut>(
             }
         }
     }
+    sampler.abort();
     tracker.close();
     if tokio::time::timeout(spec.drain_timeout, tracker.wait())
         .await
@@ -393,9 +396,10 @@ fn consumer_span(message: &Message, durable: &str) -> tracing::Span {
         .unwrap_or_default();
     let span = tracing::info_span!(
         "process",
-        otel.name = %format_args!("process {}", message.subject),
+        otel.name = %format_args!("process {}", subjects::destination_template(&message.subject)),
         otel.kind = "consumer",
         otel.status_code = tracing::field::Empty,
+        messaging.destination.template = %subjects::destination_template(&message.subject),
         messaging.system = "nats",
         messaging.operation.type = "process",
         messaging.operation.name = "process",

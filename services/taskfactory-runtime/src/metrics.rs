@@ -122,7 +122,7 @@ fn describe() {
     );
     describe_histogram!(
         FIRE_LATENESS,
-        "Seconds from a scheduled occurrence's time to its fire, by activity"
+        "Seconds from a scheduled occurrence's time to its fire, by activity and source (schedule, catchup)"
     );
     describe_counter!(WEBHOOK_DELIVERIES, "Webhook deliveries by outcome");
     describe_counter!(
@@ -193,10 +193,11 @@ pub fn record_fire(activity: &str, source: &'static str, decision: &'static str)
 }
 
 /// Records how late a scheduled occurrence fired (early counts as on time).
-pub fn record_fire_lateness(activity: &str, lateness: chrono::TimeDelta) {
+pub fn record_fire_lateness(activity: &str, source: &'static str, lateness: chrono::TimeDelta) {
     handle();
     let seconds = lateness.to_std().unwrap_or_default().as_secs_f64();
-    metrics::histogram!(FIRE_LATENESS, "activity" => activity.to_owned()).record(seconds);
+    metrics::histogram!(FIRE_LATENESS, "activity" => activity.to_owned(), "source" => source)
+        .record(seconds);
 }
 
 /// Counts a webhook delivery by outcome.
@@ -332,22 +333,26 @@ pub fn readiness(
             match nats.connection_state() {
                 async_nats::connection::State::Connected => {
                     details.push("nats: connected".to_owned());
+                    // Only a stream the server says it does not have makes the service unready;
+                    // a lookup that fails otherwise (a leader election, a slow server) is noted.
                     match tokio::time::timeout(
                         std::time::Duration::from_secs(1),
-                        missing_streams(&nats),
+                        check_streams(&nats),
                     )
                     .await
                     {
-                        Ok(missing) if missing.is_empty() => {
+                        Ok(check) if !check.missing.is_empty() => problems.push(format!(
+                            "streams: {} missing (restart the service to declare them)",
+                            check.missing.join(", ")
+                        )),
+                        Ok(check) if check.unknown.is_empty() => {
                             details.push("streams: declared".to_owned())
                         }
-                        Ok(missing) => problems.push(format!(
-                            "streams: {} missing (restart the service to declare them)",
-                            missing.join(", ")
+                        Ok(check) => details.push(format!(
+                            "streams: could not check {}",
+                            check.unknown.join(", ")
                         )),
-                        Err(_) => {
-                            problems.push("nats: no answer about the streams within 1s".to_owned())
-                        }
+                        Err(_) => details.push("streams: no answer within 1s".to_owned()),
                     }
                 }
                 other => problems.push(format!("nats: {other}")),
@@ -382,8 +387,18 @@ pub fn readiness(
     })
 }
 
-/// The streams the services work with that the server does not have (looked up concurrently).
-async fn missing_streams(nats: &async_nats::Client) -> Vec<String> {
+/// What the server says of the streams the services work with (looked up concurrently).
+#[derive(Debug, Default)]
+struct StreamCheck {
+    /// Streams the server does not have.
+    missing: Vec<String>,
+    /// Streams it could not say anything about (a timeout, a leader election, permissions).
+    unknown: Vec<String>,
+}
+
+async fn check_streams(nats: &async_nats::Client) -> StreamCheck {
+    use async_nats::jetstream::ErrorCode;
+    use async_nats::jetstream::context::GetStreamErrorKind;
     let js = async_nats::jetstream::new(nats.clone());
     let names: Vec<String> = crate::nats::stream_configs(1)
         .into_iter()
@@ -391,14 +406,22 @@ async fn missing_streams(nats: &async_nats::Client) -> Vec<String> {
         .collect();
     let lookups = names.iter().map(|name| {
         let js = js.clone();
-        async move { (name, js.get_stream(name).await.is_err()) }
+        async move { (name, js.get_stream(name).await) }
     });
-    futures::future::join_all(lookups)
-        .await
-        .into_iter()
-        .filter(|(_, missing)| *missing)
-        .map(|(name, _)| name.clone())
-        .collect()
+    let mut check = StreamCheck::default();
+    for (name, found) in futures::future::join_all(lookups).await {
+        if let Err(error) = found {
+            match error.kind() {
+                GetStreamErrorKind::JetStream(error)
+                    if error.error_code() == ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    check.missing.push(name.clone())
+                }
+                _ => check.unknown.push(name.clone()),
+            }
+        }
+    }
+    check
 }
 
 /// Serves `/metrics` (Prometheus text), `/healthz` (alive) and `/readyz` (able to work; 503 with

@@ -87,9 +87,10 @@ fn span_context(span: &tracing::Span) -> Option<Context> {
     context.span().span_context().is_valid().then_some(context)
 }
 
-/// Writes `span`'s trace context into NATS headers (nothing when it has none).
+/// Writes `span`'s trace context into NATS headers — the current span's when `span` is not traced
+/// (filtered out), nothing when neither is.
 pub fn inject_nats(span: &tracing::Span, headers: &mut async_nats::HeaderMap) {
-    if let Some(context) = span_context(span) {
+    if let Some(context) = span_context(span).or_else(|| span_context(&tracing::Span::current())) {
         propagator().inject_context(&context, &mut NatsHeaders(headers));
     }
 }
@@ -139,27 +140,74 @@ pub fn parse_traceparent(traceparent: &str) -> Option<Context> {
     context.span().span_context().is_valid().then_some(context)
 }
 
-/// The current trace's id (32 hex digits), if the current span is traced.
+/// The current trace's id (32 hex digits), if the current span is traced and sampled (an id whose
+/// spans are not exported would lead nowhere).
 pub fn current_trace_id() -> Option<String> {
     let context = span_context(&tracing::Span::current())?;
-    Some(context.span().span_context().trace_id().to_string())
+    let span = context.span();
+    let span_context = span.span_context();
+    span_context
+        .is_sampled()
+        .then(|| span_context.trace_id().to_string())
 }
+
+/// The gRPC services the trigger serves.
+const KNOWN_GRPC_SERVICES: [&str; 4] = [
+    "taskfactory.v1.AdminService",
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
 
 /// The server span of one admin API call (tonic's `trace_fn`): a child of the caller's context
 /// when its metadata carries one, named `package.Service/Method` as the RPC conventions say.
 pub fn grpc_server_span(request: &http::Request<()>) -> tracing::Span {
     let path = request.uri().path().trim_start_matches('/');
     let (service, method) = path.split_once('/').unwrap_or((path, ""));
+    // A path nobody serves is named as one, not after what the caller made up.
+    let known = KNOWN_GRPC_SERVICES.contains(&service)
+        && !method.is_empty()
+        && method.len() <= 64
+        && method.chars().all(|c| c.is_ascii_alphanumeric());
+    let (path, service, method) = if known {
+        (path, service, method)
+    } else {
+        ("unknown gRPC method", "unknown", "unknown")
+    };
     let span = tracing::info_span!(
         "grpc",
         otel.name = %path,
         otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
         rpc.system = "grpc",
         rpc.service = %service,
         rpc.method = %method,
+        rpc.grpc.status_code = tracing::field::Empty,
     );
     set_parent(&span, extract_http(request.headers()));
     span
+}
+
+/// Records an admin API call's gRPC status on its server span: a response mapper for
+/// `Server::builder().layer(tower::util::MapResponseLayer::new(record_grpc_status))`, which runs
+/// inside the span [`grpc_server_span`] made. A failed call answers with its status in the
+/// headers (a trailers-only response); a successful unary call has none there (`OK`, 0). As the RPC
+/// conventions say, only failures on the server's side make the span an error, not a caller's
+/// invalid argument or a missing object.
+pub fn record_grpc_status<B>(response: http::Response<B>) -> http::Response<B> {
+    let code = response
+        .headers()
+        .get("grpc-status")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<i64>().ok())
+        .unwrap_or(0);
+    let span = tracing::Span::current();
+    span.record("rpc.grpc.status_code", code);
+    // UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS.
+    if matches!(code, 2 | 4 | 12 | 13 | 14 | 15) {
+        span.record("otel.status_code", "ERROR");
+    }
+    response
 }
 
 /// A tonic client interceptor that sends the current trace context in the call's metadata:

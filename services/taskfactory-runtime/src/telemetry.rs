@@ -119,7 +119,7 @@ pub fn install(settings: Settings) -> Telemetry {
     let traces = provider.as_ref().map(|provider| {
         let filter = std::env::var("TASKFACTORY_TRACE_FILTER")
             .ok()
-            .and_then(|directives| EnvFilter::try_new(directives).ok())
+            .and_then(|directives| EnvFilter::try_new(trace_directives(&directives)).ok())
             .unwrap_or_else(|| EnvFilter::new(DEFAULT_TRACE_FILTER));
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer(settings.service))
@@ -175,6 +175,16 @@ where
     }
 }
 
+/// A trace filter as given, plus the message spans unless it names them: the publish and consume
+/// spans carry the context from service to service, so without them every hop is a new trace.
+fn trace_directives(directives: &str) -> String {
+    if directives.contains("taskfactory_runtime") {
+        directives.to_owned()
+    } else {
+        format!("{directives},taskfactory_runtime=info")
+    }
+}
+
 /// Whether the environment asks for trace export.
 fn trace_export_configured() -> bool {
     let set = |name: &str| std::env::var(name).is_ok_and(|value| !value.trim().is_empty());
@@ -193,16 +203,24 @@ fn tracer_provider(
         exporter = exporter.with_endpoint(endpoint);
     }
     let exporter = exporter.build()?;
+    // Defaults only: `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES` win.
+    let given = std::env::var("OTEL_RESOURCE_ATTRIBUTES").unwrap_or_default();
+    let given = |key: &str| {
+        given
+            .split(',')
+            .any(|pair| pair.split('=').next().map(str::trim) == Some(key))
+    };
     let mut resource = opentelemetry_sdk::Resource::builder();
-    if std::env::var("OTEL_SERVICE_NAME").is_err() {
+    if std::env::var("OTEL_SERVICE_NAME").is_err() && !given("service.name") {
         resource = resource.with_service_name(service);
     }
-    let resource = resource
-        .with_attribute(opentelemetry::KeyValue::new(
+    if !given("service.version") {
+        resource = resource.with_attribute(opentelemetry::KeyValue::new(
             "service.version",
             env!("CARGO_PKG_VERSION"),
-        ))
-        .build();
+        ));
+    }
+    let resource = resource.build();
     Ok(SdkTracerProvider::builder()
         .with_resource(resource)
         .with_batch_exporter(exporter)
@@ -277,6 +295,18 @@ mod tests {
         assert_eq!(line["span"]["messaging.destination.name"], "tasks.log");
         assert_eq!(line["spans"][0]["run.id"], "r-1");
         assert_eq!(line["spans"][0]["activity.name"], "billing");
+    }
+
+    #[test]
+    fn a_trace_filter_always_keeps_the_message_spans() {
+        assert_eq!(
+            trace_directives("taskfactory_orchestrator=info"),
+            "taskfactory_orchestrator=info,taskfactory_runtime=info"
+        );
+        assert_eq!(
+            trace_directives("info,taskfactory_runtime=debug"),
+            "info,taskfactory_runtime=debug"
+        );
     }
 
     #[test]

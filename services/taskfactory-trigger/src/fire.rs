@@ -180,9 +180,15 @@ async fn fire_in_span(
     }
     tracing::info!(activity.name = %request.activity_name, fire.id = %fire_id, run.id = %run_id, source = source_name(request.source), scheduled_for = ?request.scheduled_for, "fired");
     metrics::record_fire(&request.activity_name, source_name(request.source), "fired");
-    if let (TriggerSource::Schedule, Some(scheduled_for)) = (request.source, request.scheduled_for)
+    // Catch-up fires are the late ones an alert wants to see; backfills are late by request.
+    if let (TriggerSource::Schedule | TriggerSource::Catchup, Some(scheduled_for)) =
+        (request.source, request.scheduled_for)
     {
-        metrics::record_fire_lateness(&request.activity_name, fired_at - scheduled_for);
+        metrics::record_fire_lateness(
+            &request.activity_name,
+            source_name(request.source),
+            fired_at - scheduled_for,
+        );
     }
     Ok(Fired {
         fire_id,

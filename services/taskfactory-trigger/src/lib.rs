@@ -278,6 +278,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let server_shutdown = shutdown.clone();
     let server = tonic::transport::Server::builder()
         .trace_fn(taskfactory_runtime::propagation::grpc_server_span)
+        .layer(tower::util::MapResponseLayer::new(
+            taskfactory_runtime::propagation::record_grpc_status,
+        ))
         .add_service(AdminServiceServer::from_arc(admin))
         .add_service(health_service)
         .add_service(reflection_v1)

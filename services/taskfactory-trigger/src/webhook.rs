@@ -578,7 +578,10 @@ async fn receive(
     match &result {
         Ok(_) => span.record("http.response.status_code", StatusCode::ACCEPTED.as_u16()),
         Err(rejection) => {
-            span.record("otel.status_code", "ERROR");
+            // HTTP server conventions: a refusal of the sender's request (4xx) is not our error.
+            if rejection.status().is_server_error() {
+                span.record("otel.status_code", "ERROR");
+            }
             span.record("http.response.status_code", rejection.status().as_u16())
         }
     };
