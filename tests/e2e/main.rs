@@ -11,6 +11,7 @@ mod hostile;
 mod leadership;
 mod lifecycle;
 mod misfire;
+mod nats_tls;
 mod observability;
 mod overlap;
 mod preview;

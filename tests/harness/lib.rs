@@ -9,6 +9,7 @@
 //! - [`wait_for`]: poll with a deadline; tests never sleep to wait.
 
 pub mod otlp;
+pub mod tls;
 
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
@@ -79,6 +80,7 @@ pub struct NatsServer {
     child: Option<Child>,
     pub port: u16,
     config: PathBuf,
+    tls: bool,
     _dir: tempfile::TempDir,
 }
 
@@ -91,6 +93,15 @@ impl NatsServer {
     }
 
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(None)
+    }
+
+    /// A server that speaks only TLS and verifies its clients' certificates.
+    pub fn start_tls(tls: &tls::TlsFiles) -> anyhow::Result<Self> {
+        Self::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<&tls::TlsFiles>) -> anyhow::Result<Self> {
         let binary = Self::binary();
         if !binary.exists() {
             bail!(
@@ -104,14 +115,16 @@ impl NatsServer {
         std::fs::write(
             &config,
             format!(
-                "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{\n  store_dir: \"{}\"\n}}\n",
-                dir.path().join("store").display()
+                "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{\n  store_dir: \"{}\"\n}}\n{}",
+                dir.path().join("store").display(),
+                tls.map(tls::TlsFiles::server_config).unwrap_or_default()
             ),
         )?;
         let mut server = Self {
             child: None,
             port,
             config,
+            tls: tls.is_some(),
             _dir: dir,
         };
         server.spawn()?;
@@ -138,7 +151,8 @@ impl NatsServer {
     }
 
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "tls" } else { "nats" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     pub fn kill(&mut self) {
@@ -332,6 +346,8 @@ pub struct EnvOptions {
     pub unserved_grace: Duration,
     /// Trigger (in-process): webhooks; with any, the gateway listens on [`TestEnv::http_addr`].
     pub webhooks: Vec<taskfactory_trigger::webhook::Hook>,
+    /// NATS speaks only TLS and verifies clients; services and test clients get certificates.
+    pub nats_tls: bool,
 }
 
 impl Default for EnvOptions {
@@ -346,6 +362,7 @@ impl Default for EnvOptions {
             sql_databases: Vec::new(),
             unserved_grace: Duration::from_secs(600),
             webhooks: Vec::new(),
+            nats_tls: false,
         }
     }
 }
@@ -358,13 +375,23 @@ pub struct TestEnv {
     /// Where the trigger's webhook gateway listens (only when hooks are configured).
     pub http_addr: SocketAddr,
     pub options: EnvOptions,
+    /// With `nats_tls`: the CA and certificates.
+    pub tls: Option<tls::TlsFiles>,
 }
 
 impl TestEnv {
     /// Fresh NATS and database; no services yet.
     pub async fn new(options: EnvOptions) -> anyhow::Result<Self> {
         init_logs();
-        let nats = NatsServer::start()?;
+        let tls = if options.nats_tls {
+            Some(tls::TlsFiles::generate()?)
+        } else {
+            None
+        };
+        let nats = match &tls {
+            Some(tls) => NatsServer::start_tls(tls)?,
+            None => NatsServer::start()?,
+        };
         let db = TestDb::create().await?;
         let grpc_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let http_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
@@ -374,6 +401,7 @@ impl TestEnv {
             grpc_addr,
             http_addr,
             options,
+            tls,
         })
     }
 
@@ -383,10 +411,18 @@ impl TestEnv {
         let token = shutdown.clone();
         let nats = self.nats.url();
         let database = self.db.url();
+        let with_tls = |args: &mut taskfactory_runtime::config::NatsArgs| {
+            if let Some(tls) = &self.tls {
+                args.ca = Some(tls.ca.clone());
+                args.cert = Some(tls.client_cert.clone());
+                args.key = Some(tls.client_key.clone());
+            }
+        };
         let task = match service {
             Service::Trigger => {
                 let mut config =
                     taskfactory_trigger::Config::local(&nats, &database, self.grpc_addr);
+                with_tls(&mut config.nats);
                 config.max_event_bytes = self.options.max_event_bytes;
                 config.reconcile_interval = Duration::from_secs(2);
                 config.clock = self.options.clock.clone();
@@ -397,6 +433,7 @@ impl TestEnv {
             }
             Service::Orchestrator => {
                 let mut config = taskfactory_orchestrator::Config::local(&nats, &database);
+                with_tls(&mut config.nats);
                 config.ack_wait = self.options.orchestrator_ack_wait;
                 config.sql_databases = self.options.sql_databases.clone();
                 config.unserved_grace = self.options.unserved_grace;
@@ -405,6 +442,7 @@ impl TestEnv {
             }
             Service::Executor => {
                 let mut config = taskfactory_executor::Config::local(&nats);
+                with_tls(&mut config.nats);
                 config.egress_allow = self.options.egress_allow.clone();
                 config.ack_wait = self.options.executor_ack_wait;
                 tokio::spawn(taskfactory_executor::run(config, token))
@@ -458,6 +496,11 @@ impl TestEnv {
                 format!("TASKFACTORY_SQL_{}", name.to_ascii_uppercase()),
                 dsn,
             );
+        }
+        if let Some(tls) = &self.tls {
+            for (key, value) in tls.client_env() {
+                command.env(key, value);
+            }
         }
         for (key, value) in extra_env {
             command.env(key, value);
@@ -514,7 +557,11 @@ impl TestEnv {
     }
 
     pub async fn nats_client(&self) -> anyhow::Result<async_nats::Client> {
-        Ok(async_nats::connect(self.nats.url()).await?)
+        let options = match &self.tls {
+            Some(tls) => tls.connect_options(),
+            None => async_nats::ConnectOptions::new(),
+        };
+        Ok(options.connect(self.nats.url()).await?)
     }
 
     pub async fn js(&self) -> anyhow::Result<async_nats::jetstream::Context> {

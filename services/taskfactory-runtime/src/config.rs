@@ -25,6 +25,19 @@ pub struct NatsArgs {
     /// NATS token.
     #[arg(long = "nats-token", env = "NATS_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// TLS: a PEM file of the CA(s) that signed the server's certificate (else the system's web
+    /// roots). `tls://` URLs and servers that require TLS use TLS; this also turns it on.
+    #[arg(long = "nats-ca", env = "NATS_CA")]
+    pub ca: Option<std::path::PathBuf>,
+    /// TLS: this service's client certificate (PEM), for servers that verify clients.
+    #[arg(long = "nats-cert", env = "NATS_CERT")]
+    pub cert: Option<std::path::PathBuf>,
+    /// TLS: the client certificate's private key (PEM, PKCS#8).
+    #[arg(long = "nats-key", env = "NATS_KEY")]
+    pub key: Option<std::path::PathBuf>,
+    /// Refuse to talk to NATS without TLS.
+    #[arg(long = "nats-tls", env = "NATS_TLS", default_value_t = false)]
+    pub tls: bool,
     /// Replicas of each stream this service declares (3 on a production cluster).
     #[arg(
         long = "stream-replicas",
@@ -42,6 +55,10 @@ impl NatsArgs {
             user: None,
             password: None,
             token: None,
+            ca: None,
+            cert: None,
+            key: None,
+            tls: false,
             stream_replicas: 1,
         }
     }

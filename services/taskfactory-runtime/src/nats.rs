@@ -26,6 +26,8 @@ pub enum NatsError {
     },
     #[error("could not read NATS credentials file")]
     Credentials(#[source] std::io::Error),
+    #[error("NATS TLS: {0}")]
+    Tls(String),
     #[error("could not declare stream {stream}")]
     Stream {
         stream: String,
@@ -55,6 +57,7 @@ pub async fn connect(
         if let Some(token) = &args.token {
             options = options.token(token.clone());
         }
+        options = tls_options(args, options)?;
         options = options
             .name(client_name)
             .connection_timeout(Duration::from_secs(5))
@@ -76,6 +79,47 @@ pub async fn connect(
             }
         }
     }
+}
+
+/// The TLS settings, checked before the first attempt so that a wrong path or half a key pair is
+/// an error that names it, not a connection failure retried until patience runs out.
+fn tls_options(
+    args: &NatsArgs,
+    mut options: async_nats::ConnectOptions,
+) -> Result<async_nats::ConnectOptions, NatsError> {
+    let readable = |flag: &str, path: &std::path::Path| {
+        std::fs::File::open(path)
+            .map(drop)
+            .map_err(|e| NatsError::Tls(format!("{flag} {}: {e}", path.display())))
+    };
+    if let Some(ca) = &args.ca {
+        readable("NATS_CA", ca)?;
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    match (&args.cert, &args.key) {
+        (Some(cert), Some(key)) => {
+            readable("NATS_CERT", cert)?;
+            readable("NATS_KEY", key)?;
+            options = options
+                .add_client_certificate(cert.clone(), key.clone())
+                .require_tls(true);
+        }
+        (Some(_), None) => {
+            return Err(NatsError::Tls(
+                "NATS_CERT is set but NATS_KEY is not: a client certificate needs its key".into(),
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(NatsError::Tls(
+                "NATS_KEY is set but NATS_CERT is not: a key needs its client certificate".into(),
+            ));
+        }
+        (None, None) => {}
+    }
+    if args.tls {
+        options = options.require_tls(true);
+    }
+    Ok(options)
 }
 
 /// Connects and declares every stream: what each service does first.
