@@ -323,6 +323,39 @@ async fn tasks_that_fail_twice_succeed_on_the_third_attempt() -> anyhow::Result<
             .into_inner();
         assert_eq!(got.status(), TaskStatus::Succeeded, "GetTask: {got:?}");
         assert_eq!(got.attempts, 3, "GetTask: {got:?}");
+        // Why it took three: each attempt as its executor reported it.
+        assert!(task.attempt_history.is_empty(), "ListTasks leaves it out");
+        let history: Vec<(u32, TaskStatus)> = got
+            .attempt_history
+            .iter()
+            .map(|a| (a.attempt, a.status()))
+            .collect();
+        assert_eq!(
+            history,
+            vec![
+                (1, TaskStatus::Failed),
+                (2, TaskStatus::Failed),
+                (3, TaskStatus::Succeeded)
+            ],
+            "GetTask: {got:?}"
+        );
+        for attempt in &got.attempt_history {
+            assert!(!attempt.executor.is_empty(), "{attempt:?}");
+            let (started, finished) = (
+                attempt.started_at.as_ref().expect("started"),
+                attempt.finished_at.as_ref().expect("finished"),
+            );
+            assert!(
+                (started.seconds, started.nanos) <= (finished.seconds, finished.nanos),
+                "{attempt:?}"
+            );
+            if attempt.status() == TaskStatus::Failed {
+                assert!(attempt.error.contains("500"), "{attempt:?}");
+                assert!(attempt.output.is_none());
+            } else {
+                assert!(attempt.error.is_empty() && attempt.output.is_some());
+            }
+        }
         assert_eq!(
             taskfactory_model::values::value_to_json(got.output.as_ref().unwrap()),
             serde_json::json!({"call": 3}),

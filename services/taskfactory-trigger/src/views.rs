@@ -6,7 +6,7 @@ use sqlx::{PgPool, Row};
 use taskfactory_model::spec::chrono_to_timestamp;
 use taskfactory_model::status;
 use taskfactory_model::values;
-use taskfactory_proto::v1::{Run, RunStatus, Task, TaskStatus, TemplateEvaluation};
+use taskfactory_proto::v1::{Run, RunStatus, Task, TaskAttempt, TaskStatus, TemplateEvaluation};
 use uuid::Uuid;
 
 /// A page position: `(created_at, id)` of the last row shown, newest first.
@@ -163,16 +163,59 @@ fn task_from_row(row: &sqlx::postgres::PgRow) -> Result<Task, sqlx::Error> {
             .map(chrono_to_timestamp),
         item_index: u32::try_from(row.try_get::<i32, _>("item_index")?).unwrap_or(0),
         activity_name: row.try_get("activity_name")?,
+        attempt_history: Vec::new(),
     })
 }
 
+/// A task with its attempt history (the most recent [`MAX_ATTEMPTS_SHOWN`] results).
 pub async fn get_task(pool: &PgPool, id: Uuid) -> Result<Option<Task>, sqlx::Error> {
     let query = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1");
     let row = sqlx::query(sqlx::AssertSqlSafe(query))
         .bind(id)
         .fetch_optional(pool)
         .await?;
-    row.as_ref().map(task_from_row).transpose()
+    let Some(mut task) = row.as_ref().map(task_from_row).transpose()? else {
+        return Ok(None);
+    };
+    let rows = sqlx::query(
+        "SELECT * FROM ( \
+             SELECT attempt, status, error, executor, started_at, finished_at, recorded_at, output \
+             FROM task_attempts WHERE task_id = $1 \
+             ORDER BY attempt DESC, recorded_at DESC LIMIT $2) AS latest \
+         ORDER BY attempt, recorded_at",
+    )
+    .bind(id)
+    .bind(MAX_ATTEMPTS_SHOWN)
+    .fetch_all(pool)
+    .await?;
+    task.attempt_history = rows
+        .iter()
+        .map(attempt_from_row)
+        .collect::<Result<_, _>>()?;
+    Ok(Some(task))
+}
+
+/// Attempts `GetTask` shows at most (the newest ones).
+const MAX_ATTEMPTS_SHOWN: i64 = 1000;
+
+fn attempt_from_row(row: &sqlx::postgres::PgRow) -> Result<TaskAttempt, sqlx::Error> {
+    let status_text: String = row.try_get("status")?;
+    let output: Option<serde_json::Value> = row.try_get("output")?;
+    let time = |column: &str| -> Result<_, sqlx::Error> {
+        Ok(row
+            .try_get::<Option<DateTime<Utc>>, _>(column)?
+            .map(chrono_to_timestamp))
+    };
+    Ok(TaskAttempt {
+        attempt: u32::try_from(row.try_get::<i32, _>("attempt")?).unwrap_or(0),
+        status: status::task_status_from_db(&status_text) as i32,
+        error: row.try_get("error")?,
+        executor: row.try_get("executor")?,
+        started_at: time("started_at")?,
+        finished_at: time("finished_at")?,
+        recorded_at: time("recorded_at")?,
+        output: output.as_ref().map(values::json_to_value),
+    })
 }
 
 /// Tasks of a run in template and item order, or of an activity (or all) newest first.
