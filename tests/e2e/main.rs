@@ -2,6 +2,7 @@
 //! One binary; each test gets its own NATS server and database.
 
 mod apply;
+mod cluster;
 mod context;
 mod events;
 mod examples;

@@ -102,6 +102,49 @@ impl NatsServer {
     }
 
     fn start_with(tls: Option<&tls::TlsFiles>) -> anyhow::Result<Self> {
+        Self::start_node(tls, free_port(), "")
+    }
+
+    /// A JetStream cluster of `size` servers on loopback (routes between all of them); the first
+    /// one answers once the cluster has elected its JetStream meta leader.
+    pub async fn start_cluster(size: usize) -> anyhow::Result<Vec<Self>> {
+        let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
+        let mut nodes = Vec::with_capacity(size);
+        for (i, (client, cluster)) in ports.iter().enumerate() {
+            let routes: Vec<String> = ports
+                .iter()
+                .filter(|(_, other)| other != cluster)
+                .map(|(_, other)| format!("\"nats-route://127.0.0.1:{other}\""))
+                .collect();
+            let extra = format!(
+                "server_name: n{i}\ncluster {{\n  name: taskfactory-test\n  listen: 127.0.0.1:{cluster}\n  routes: [{}]\n}}\n",
+                routes.join(", ")
+            );
+            nodes.push(Self::start_node(None, *client, &extra)?);
+        }
+        let url = nodes[0].url();
+        wait_for(
+            "the NATS cluster's JetStream",
+            Duration::from_secs(30),
+            || {
+                let url = url.clone();
+                async move {
+                    let Ok(client) = async_nats::connect(url).await else {
+                        return Ok(None);
+                    };
+                    let ready = async_nats::jetstream::new(client)
+                        .query_account()
+                        .await
+                        .is_ok();
+                    Ok(ready.then_some(()))
+                }
+            },
+        )
+        .await?;
+        Ok(nodes)
+    }
+
+    fn start_node(tls: Option<&tls::TlsFiles>, port: u16, extra: &str) -> anyhow::Result<Self> {
         let binary = Self::binary();
         if !binary.exists() {
             bail!(
@@ -110,12 +153,11 @@ impl NatsServer {
             );
         }
         let dir = tempfile::tempdir()?;
-        let port = free_port();
         let config = dir.path().join("nats.conf");
         std::fs::write(
             &config,
             format!(
-                "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{\n  store_dir: \"{}\"\n}}\n{}",
+                "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{\n  store_dir: \"{}\"\n}}\n{}{extra}",
                 dir.path().join("store").display(),
                 tls.map(tls::TlsFiles::server_config).unwrap_or_default()
             ),
@@ -348,6 +390,10 @@ pub struct EnvOptions {
     pub webhooks: Vec<taskfactory_trigger::webhook::Hook>,
     /// NATS speaks only TLS and verifies clients; services and test clients get certificates.
     pub nats_tls: bool,
+    /// NATS servers: 1, or a JetStream cluster of this many ([`TestEnv::nats_peers`]).
+    pub nats_servers: usize,
+    /// Replicas of the streams and KV buckets the services declare.
+    pub stream_replicas: usize,
 }
 
 impl Default for EnvOptions {
@@ -363,6 +409,8 @@ impl Default for EnvOptions {
             unserved_grace: Duration::from_secs(600),
             webhooks: Vec::new(),
             nats_tls: false,
+            nats_servers: 1,
+            stream_replicas: 1,
         }
     }
 }
@@ -377,6 +425,8 @@ pub struct TestEnv {
     pub options: EnvOptions,
     /// With `nats_tls`: the CA and certificates.
     pub tls: Option<tls::TlsFiles>,
+    /// With `nats_servers` > 1: the cluster's other servers (`nats` is the first).
+    pub nats_peers: Vec<NatsServer>,
 }
 
 impl TestEnv {
@@ -388,9 +438,14 @@ impl TestEnv {
         } else {
             None
         };
-        let nats = match &tls {
-            Some(tls) => NatsServer::start_tls(tls)?,
-            None => NatsServer::start()?,
+        let (nats, nats_peers) = match &tls {
+            Some(tls) => (NatsServer::start_tls(tls)?, Vec::new()),
+            None if options.nats_servers > 1 => {
+                let mut nodes = NatsServer::start_cluster(options.nats_servers).await?;
+                let first = nodes.remove(0);
+                (first, nodes)
+            }
+            None => (NatsServer::start()?, Vec::new()),
         };
         let db = TestDb::create().await?;
         let grpc_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
@@ -402,6 +457,7 @@ impl TestEnv {
             http_addr,
             options,
             tls,
+            nats_peers,
         })
     }
 
@@ -409,9 +465,10 @@ impl TestEnv {
     pub fn start(&self, service: Service) -> Running {
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
-        let nats = self.nats.url();
+        let nats = self.nats_urls();
         let database = self.db.url();
         let with_tls = |args: &mut taskfactory_runtime::config::NatsArgs| {
+            args.stream_replicas = self.options.stream_replicas;
             if let Some(tls) = &self.tls {
                 args.ca = Some(tls.ca.clone());
                 args.cert = Some(tls.client_cert.clone());
@@ -469,7 +526,11 @@ impl TestEnv {
         }
         let mut command = Command::new(binary);
         command
-            .env("NATS_URL", self.nats.url())
+            .env("NATS_URL", self.nats_urls())
+            .env(
+                "TASKFACTORY_STREAM_REPLICAS",
+                self.options.stream_replicas.to_string(),
+            )
             .env("DATABASE_URL", self.db.url())
             .env("TASKFACTORY_GRPC_ADDR", self.grpc_addr.to_string())
             .env("TASKFACTORY_HTTP_ADDR", self.http_addr.to_string())
@@ -561,7 +622,18 @@ impl TestEnv {
             Some(tls) => tls.connect_options(),
             None => async_nats::ConnectOptions::new(),
         };
-        Ok(options.connect(self.nats.url()).await?)
+        Ok(options
+            .connect(taskfactory_runtime::nats::server_urls(&self.nats_urls()))
+            .await?)
+    }
+
+    /// Every NATS server's URL, comma-separated (as `NATS_URL` takes them).
+    pub fn nats_urls(&self) -> String {
+        std::iter::once(&self.nats)
+            .chain(&self.nats_peers)
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     pub async fn js(&self) -> anyhow::Result<async_nats::jetstream::Context> {

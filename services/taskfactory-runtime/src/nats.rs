@@ -28,6 +28,8 @@ pub enum NatsError {
     Credentials(#[source] std::io::Error),
     #[error("NATS TLS: {0}")]
     Tls(String),
+    #[error("could not declare stream {0}: JetStream did not answer for a minute")]
+    StreamUnavailable(String),
     #[error("could not declare stream {stream}")]
     Stream {
         stream: String,
@@ -62,7 +64,7 @@ pub async fn connect(
             .name(client_name)
             .connection_timeout(Duration::from_secs(5))
             .request_timeout(Some(Duration::from_secs(10)));
-        match options.connect(args.url.as_str()).await {
+        match options.connect(server_urls(&args.url)).await {
             Ok(client) => return Ok(client),
             Err(source) => {
                 let waited = started.elapsed();
@@ -79,6 +81,16 @@ pub async fn connect(
             }
         }
     }
+}
+
+/// The servers of a `NATS_URL`: one URL, or several separated by commas (the client connects to
+/// one and fails over to the others, and to those the cluster announces).
+pub fn server_urls(url: &str) -> Vec<String> {
+    url.split(',')
+        .map(str::trim)
+        .filter(|part| !part.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 /// The TLS settings, checked before the first attempt so that a wrong path or half a key pair is
@@ -174,22 +186,146 @@ pub fn stream_configs(replicas: usize) -> Vec<stream::Config> {
 
 /// Declares every stream: creates it, or updates it to this configuration. A stream whose
 /// existing configuration cannot be changed that way (an operator's choice) is kept as it is.
+///
+/// Several services (and replicas) declare the same streams at once, and a clustered JetStream
+/// may answer slowly while it places a replicated stream or elects its leader: a stream that
+/// already has our configuration is left alone (no update, no Raft proposal), and a declaration
+/// that times out or finds JetStream briefly unavailable is retried for up to a minute.
 pub async fn declare_streams(js: &jetstream::Context, replicas: usize) -> Result<(), NatsError> {
     for config in stream_configs(replicas) {
-        let name = config.name.clone();
-        match js.create_or_update_stream(config).await {
-            Ok(_) => {}
-            Err(source) => {
-                if js.get_stream(&name).await.is_ok() {
-                    tracing::warn!(stream = %name, error = %error_chain(&source), "stream exists with a configuration that cannot be updated; keeping it");
-                } else {
-                    return Err(NatsError::Stream {
-                        stream: name,
-                        source,
-                    });
+        declare_stream(js, config).await?;
+    }
+    Ok(())
+}
+
+async fn declare_stream(js: &jetstream::Context, config: stream::Config) -> Result<(), NatsError> {
+    use jetstream::context::{CreateStreamErrorKind, GetStreamErrorKind};
+    let name = config.name.clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let transient = match js.get_stream(&name).await {
+            Ok(mut stream) => {
+                let current = match stream.info().await {
+                    Ok(info) => info.config.clone(),
+                    Err(error) => {
+                        tracing::debug!(stream = %name, error = %error, "stream info failed; retrying");
+                        continue_after(&mut delay, deadline, &name).await?;
+                        continue;
+                    }
+                };
+                if same_settings(&current, &config) {
+                    return Ok(());
+                }
+                match js.update_stream(config.clone()).await {
+                    Ok(_) => return Ok(()),
+                    Err(error) if is_transient(error.kind()) => error,
+                    Err(error) => {
+                        tracing::warn!(stream = %name, error = %error_chain(&error), "stream exists with a configuration that cannot be updated; keeping it");
+                        return Ok(());
+                    }
                 }
             }
+            Err(error)
+                if matches!(error.kind(), GetStreamErrorKind::JetStream(e)
+                    if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                match js.create_stream(config.clone()).await {
+                    Ok(_) => return Ok(()),
+                    // Another service created it meanwhile: compare with what it made.
+                    Err(error)
+                        if matches!(error.kind(), CreateStreamErrorKind::JetStream(e)
+                            if e.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST) =>
+                    {
+                        continue_after(&mut delay, deadline, &name).await?;
+                        continue;
+                    }
+                    Err(error) if is_transient(error.kind()) => error,
+                    Err(source) => {
+                        return Err(NatsError::Stream {
+                            stream: name,
+                            source,
+                        });
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::debug!(stream = %name, error = %error, "stream lookup failed; retrying");
+                continue_after(&mut delay, deadline, &name).await?;
+                continue;
+            }
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(NatsError::Stream {
+                stream: name,
+                source: transient,
+            });
         }
+        tracing::warn!(stream = %name, error = %error_chain(&transient), "declaring the stream failed for now; retrying");
+        continue_after(&mut delay, deadline, &name).await?;
+    }
+}
+
+/// Waits before the next try, or gives up at the deadline.
+async fn continue_after(
+    delay: &mut Duration,
+    deadline: tokio::time::Instant,
+    stream: &str,
+) -> Result<(), NatsError> {
+    if tokio::time::Instant::now() >= deadline {
+        return Err(NatsError::StreamUnavailable(stream.to_owned()));
+    }
+    tokio::time::sleep(*delay).await;
+    *delay = (*delay * 2).min(Duration::from_secs(3));
+    Ok(())
+}
+
+/// Failures worth another try: the cluster was busy or electing, not a refusal.
+fn is_transient(kind: jetstream::context::CreateStreamErrorKind) -> bool {
+    use jetstream::context::CreateStreamErrorKind;
+    match kind {
+        CreateStreamErrorKind::TimedOut | CreateStreamErrorKind::JetStreamUnavailable => true,
+        CreateStreamErrorKind::JetStream(error) => {
+            error.error_code() == jetstream::ErrorCode::CLUSTER_NOT_AVAILABLE
+        }
+        _ => false,
+    }
+}
+
+/// Whether an existing stream already has every setting we declare (the server fills in the
+/// others).
+fn same_settings(current: &stream::Config, wanted: &stream::Config) -> bool {
+    current.subjects == wanted.subjects
+        && current.retention == wanted.retention
+        && current.storage == wanted.storage
+        && current.num_replicas == wanted.num_replicas
+        && current.duplicate_window == wanted.duplicate_window
+        && current.max_age == wanted.max_age
+        && current.description == wanted.description
+}
+
+/// Brings an existing KV bucket to `replicas`: a deployment that grew from one NATS server to a
+/// cluster, or whose `TASKFACTORY_STREAM_REPLICAS` changed, gets its buckets replicated like its
+/// streams (a bucket is the stream `KV_<bucket>`; the server moves it).
+pub async fn ensure_bucket_replicas(
+    js: &jetstream::Context,
+    bucket: &str,
+    replicas: usize,
+) -> Result<(), async_nats::Error> {
+    let replicas = replicas.max(1);
+    let mut stream = js.get_stream(format!("KV_{bucket}")).await?;
+    let config = stream.info().await?.config.clone();
+    if config.num_replicas != replicas {
+        let from = config.num_replicas;
+        js.update_stream(stream::Config {
+            num_replicas: replicas,
+            ..config
+        })
+        .await
+        .map_err(|e| {
+            format!("changing the replicas of KV bucket {bucket} from {from} to {replicas}: {e}")
+        })?;
+        tracing::info!(bucket, from, to = replicas, "KV bucket replicas changed");
     }
     Ok(())
 }
@@ -202,7 +338,10 @@ pub async fn cancelled_runs(
 ) -> Result<jetstream::kv::Store, async_nats::Error> {
     let bucket = taskfactory_model::subjects::CANCELLED_RUNS_BUCKET;
     match js.get_key_value(bucket).await {
-        Ok(store) => Ok(store),
+        Ok(store) => {
+            ensure_bucket_replicas(js, bucket, replicas).await?;
+            Ok(store)
+        }
         Err(_) => Ok(js
             .create_key_value(jetstream::kv::Config {
                 bucket: bucket.to_owned(),
@@ -214,5 +353,19 @@ pub async fn cancelled_runs(
                 ..Default::default()
             })
             .await?),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nats_url_may_list_several_servers() {
+        assert_eq!(server_urls("nats://a:4222"), vec!["nats://a:4222"]);
+        assert_eq!(
+            server_urls("nats://a:4222, tls://b:4223,,c"),
+            vec!["nats://a:4222", "tls://b:4223", "c"]
+        );
     }
 }

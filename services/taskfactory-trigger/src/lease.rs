@@ -70,7 +70,16 @@ impl Lease {
         config: LeaseConfig,
     ) -> anyhow::Result<Self> {
         let kv = match js.get_key_value(&config.bucket).await {
-            Ok(kv) => kv,
+            Ok(kv) => {
+                taskfactory_runtime::nats::ensure_bucket_replicas(
+                    js,
+                    &config.bucket,
+                    config.replicas,
+                )
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+                kv
+            }
             Err(_) => {
                 js.create_key_value(kv::Config {
                     bucket: config.bucket.clone(),
