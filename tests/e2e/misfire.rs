@@ -423,8 +423,15 @@ async fn a_paused_schedule_records_why_it_did_not_fire_and_resumes() -> anyhow::
         .await?
         .into_inner();
     assert!(!resumed.paused);
-    assert!(resumed.next_fire_at.is_some());
     let resumed_at = clock.now();
+    assert_eq!(
+        resumed
+            .next_fire_at
+            .as_ref()
+            .and_then(taskfactory_model::spec::timestamp_to_chrono),
+        Some(next_minute(resumed_at)),
+        "the next fire by the scheduler's clock"
+    );
     decided_through(&pool, &activity.id, minute_of(resumed_at)).await?;
     let next = next_minute(resumed_at);
     clock.set(next);
@@ -586,6 +593,21 @@ async fn max_runs_start_at_and_end_at_bound_a_schedule_across_restarts() -> anyh
         Some(utc("2026-06-01T12:02:00Z")),
         "nothing is decided after the last run"
     );
+    // The API agrees: a schedule that used up its runs, or is past endAt, fires no more.
+    let get = |name: &str| taskfactory_proto::v1::GetActivityRequest {
+        id: name.to_owned(),
+        version: 0,
+    };
+    let twice = admin.get_activity(get("twice")).await?.into_inner();
+    assert_eq!(twice.next_fire_at, None, "maxRuns used up");
+    let listed = admin
+        .list_activities(taskfactory_proto::v1::ListActivitiesRequest::default())
+        .await?
+        .into_inner();
+    let listed_twice = listed.activities.iter().find(|a| a.id == twice.id).unwrap();
+    assert_eq!(listed_twice.next_fire_at, None, "ListActivities too");
+    let window = admin.get_activity(get("window")).await?.into_inner();
+    assert_eq!(window.next_fire_at, None, "past endAt");
     Ok(())
 }
 

@@ -141,10 +141,15 @@ impl Admin {
         tracing::info!(activity.id = %id, note, "{}", if paused { "activity paused" } else { "activity resumed" });
         self.definitions_changed().await;
         let record = self.load(id, None).await?;
-        Ok(Response::new(activity_message_at(
-            &record,
-            self.clock.now(),
-        )?))
+        Ok(Response::new(self.activity_view(&record).await?))
+    }
+
+    /// A stored record as the contract's `Activity`, with its schedule's progress.
+    async fn activity_view(&self, record: &ActivityRecord) -> Result<Activity, Status> {
+        let schedule = store::schedule_state(&self.pool, record.id)
+            .await
+            .map_err(AdminError::from)?;
+        Ok(activity_message_with(record, self.clock.now(), schedule)?)
     }
 
     /// Asks an orchestrator to carry out a command on runs or tasks (it owns them).
@@ -244,24 +249,33 @@ fn stored_spec(record: &ActivityRecord) -> Result<ActivitySpec, AdminError> {
         .map_err(|e| AdminError::Internal(anyhow::anyhow!("stored spec does not parse: {e}")))
 }
 
-/// A stored record as the contract's `Activity`.
-pub fn activity_message(record: &ActivityRecord) -> Result<Activity, AdminError> {
-    activity_message_at(record, Utc::now())
-}
-
-fn activity_message_at(
+/// The contract's `Activity`; `schedule` is the schedule's progress (`watermark`, fires so far)
+/// when known: a schedule that has used up its `maxRuns` has no next fire, and one whose
+/// watermark is ahead of `now` fires next after it.
+fn activity_message_with(
     record: &ActivityRecord,
     now: chrono::DateTime<Utc>,
+    schedule: Option<(chrono::DateTime<Utc>, u64)>,
 ) -> Result<Activity, AdminError> {
     let spec = stored_spec(record)?;
-    let next_fire_at =
-        if record.enabled && !record.paused && record.version == record.current_version {
-            LiveActivity::from_record(record)
-                .and_then(|live| live.schedule.as_ref()?.next_after(now))
-                .map(|o| chrono_to_timestamp(o.at))
-        } else {
-            None
-        };
+    let max_runs = match spec.trigger.as_ref().and_then(|t| t.kind.as_ref()) {
+        Some(trigger::Kind::Schedule(schedule)) => schedule.max_runs,
+        _ => 0,
+    };
+    let (watermark, fires) = schedule.map_or((None, 0), |(w, n)| (Some(w), n));
+    let exhausted = max_runs > 0 && fires >= max_runs;
+    let after = watermark.map_or(now, |w| w.max(now));
+    let next_fire_at = if record.enabled
+        && !record.paused
+        && !exhausted
+        && record.version == record.current_version
+    {
+        LiveActivity::from_record(record)
+            .and_then(|live| live.schedule.as_ref()?.next_after(after))
+            .map(|o| chrono_to_timestamp(o.at))
+    } else {
+        None
+    };
     Ok(Activity {
         id: record.id.to_string(),
         version: record.version,
@@ -333,7 +347,7 @@ impl AdminService for Admin {
         .map_err(AdminError::from)?;
         tracing::info!(activity.id = %record.id, activity.name = %record.name, "activity created");
         self.definitions_changed().await;
-        Ok(Response::new(activity_message(&record)?))
+        Ok(Response::new(self.activity_view(&record).await?))
     }
 
     async fn update_activity(
@@ -374,7 +388,7 @@ impl AdminService for Admin {
             tracing::info!(activity.id = %record.id, activity.name = %record.name, version = record.version, "activity updated");
             self.definitions_changed().await;
         }
-        Ok(Response::new(activity_message(&record)?))
+        Ok(Response::new(self.activity_view(&record).await?))
     }
 
     async fn get_activity(
@@ -385,7 +399,7 @@ impl AdminService for Admin {
         let id = self.resolve(&request.id).await?;
         let version = (request.version != 0).then_some(request.version);
         let record = self.load(id, version).await?;
-        Ok(Response::new(activity_message(&record)?))
+        Ok(Response::new(self.activity_view(&record).await?))
     }
 
     async fn list_activity_versions(
@@ -424,9 +438,17 @@ impl AdminService for Admin {
         } else {
             String::new()
         };
+        let states: std::collections::HashMap<ActivityId, (chrono::DateTime<Utc>, u64)> =
+            store::schedule_states(&self.pool)
+                .await
+                .map_err(AdminError::from)?
+                .into_iter()
+                .map(|(id, watermark, fires)| (id, (watermark, fires)))
+                .collect();
+        let now = self.clock.now();
         let activities = records
             .iter()
-            .map(activity_message)
+            .map(|record| activity_message_with(record, now, states.get(&record.id).copied()))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Response::new(ListActivitiesResponse {
             activities,
