@@ -38,6 +38,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -757,6 +758,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def tls_context(environ=os.environ) -> ssl.SSLContext | None:
+    """TLS as the services take it: NATS_CA (PEM of the CA that signed the server), NATS_CERT and
+    NATS_KEY (a client certificate, for servers that verify clients), NATS_TLS=true; None when
+    none is set (a tls:// URL still asks nats-py for TLS with the system's roots)."""
+    ca, cert, key = environ.get("NATS_CA"), environ.get("NATS_CERT"), environ.get("NATS_KEY")
+    if not (ca or cert or key or environ.get("NATS_TLS", "").lower() == "true"):
+        return None
+    if bool(cert) != bool(key):
+        raise SystemExit("NATS_CERT and NATS_KEY go together: a client certificate needs its key")
+    context = ssl.create_default_context(cafile=ca) if ca else ssl.create_default_context()
+    if cert:
+        context.load_cert_chain(cert, key)
+    return context
+
+
 async def connect(args: argparse.Namespace, stop: asyncio.Event) -> Any:
     """Connects (waiting for NATS up to --startup-patience, or until stopped); None if stopped."""
     import nats
@@ -779,6 +795,9 @@ async def connect(args: argparse.Namespace, stop: asyncio.Event) -> Any:
         options["password"] = os.environ.get("NATS_PASSWORD", "")
     elif os.environ.get("NATS_TOKEN"):
         options["token"] = os.environ["NATS_TOKEN"]
+    context = tls_context()
+    if context is not None:
+        options["tls"] = context
     connecting = asyncio.ensure_future(
         nats.connect(
             servers=[s.strip() for s in args.nats_url.split(",") if s.strip()],

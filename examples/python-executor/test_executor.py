@@ -232,6 +232,13 @@ class OneAttempt(unittest.TestCase):
         self.assertLessEqual(result.started_at.ToNanoseconds(), result.finished_at.ToNanoseconds())
         self.assertGreater(result.started_at.seconds, 0)
 
+    def test_tls_settings(self) -> None:
+        self.assertIsNone(ex.tls_context({}))
+        self.assertIsNotNone(ex.tls_context({"NATS_TLS": "true"}))
+        with self.assertRaises(SystemExit) as refused:
+            ex.tls_context({"NATS_CERT": "/some/client.pem"})
+        self.assertIn("NATS_KEY", str(refused.exception))
+
     def test_the_result_carries_the_tasks_trace_context(self) -> None:
         events: list = []
         js = FakeJetStream(events)

@@ -88,6 +88,10 @@ struct Args {
     /// report counts the spans received).
     #[arg(long)]
     traces: bool,
+    /// Service logs at `info` in this format on stderr, as in production (what logging costs;
+    /// send stderr to /dev/null). Without it only warnings are logged.
+    #[arg(long, value_enum)]
+    logs: Option<taskfactory_runtime::telemetry::LogFormat>,
 }
 
 #[tokio::main]
@@ -107,8 +111,8 @@ async fn main() -> anyhow::Result<()> {
     let telemetry =
         taskfactory_runtime::telemetry::install(taskfactory_runtime::telemetry::Settings {
             service: "taskfactory-bench",
-            format: taskfactory_runtime::telemetry::LogFormat::Pretty,
-            default_log_filter: "warn",
+            format: args.logs.unwrap_or_default(),
+            default_log_filter: if args.logs.is_some() { "info" } else { "warn" },
             logs_to_stderr: true,
             traces: receiver.is_some(),
             otlp_endpoint: receiver.as_ref().map(|r| r.endpoint()),

@@ -155,6 +155,47 @@ async fn a_python_executor_serves_its_own_task_type_end_to_end() -> anyhow::Resu
     })
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_python_executor_works_over_mutual_tls() -> anyhow::Result<()> {
+    python_tools()?;
+    let env = TestEnv::new(EnvOptions {
+        nats_tls: true,
+        ..EnvOptions::default()
+    })
+    .await?;
+    let _services = env.start_all().await?;
+    let tls = env.tls.as_ref().expect("a TLS environment");
+    let (ca, cert, key) = (
+        tls.ca.display().to_string(),
+        tls.client_cert.display().to_string(),
+        tls.client_key.display().to_string(),
+    );
+    let mut python = PythonExecutor::start(
+        &env.nats.url(),
+        &[("NATS_CA", &ca), ("NATS_CERT", &cert), ("NATS_KEY", &key)],
+    )?;
+    let outcome = async {
+        python.wait_ready(&env.js().await?).await?;
+        let mut admin = env.admin().await?;
+        create(&mut admin, SHOUT).await?;
+        let run_id = fire(
+            &mut admin,
+            serde_json::json!({"items": [{"text": "over tls"}]}),
+        )
+        .await?;
+        let run = finished_run(&admin, &run_id, Duration::from_secs(60)).await?;
+        ensure!(run.status() == RunStatus::RunSucceeded, "{run:?}");
+        Ok(())
+    }
+    .await;
+    outcome.map_err(|error: anyhow::Error| {
+        anyhow::anyhow!(
+            "{error:#}\n--- Python executor output ---\n{}",
+            python.log()
+        )
+    })
+}
+
 async fn scenario(env: &TestEnv, python: &mut PythonExecutor) -> anyhow::Result<()> {
     let started = Instant::now();
     let js = env.js().await?;
