@@ -997,3 +997,170 @@ async fn a_consumer_deleted_under_a_running_executor_is_recreated() -> anyhow::R
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_long_attempt_shows_running_and_a_quick_one_never_does() -> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    let slow =
+        ScriptedServer::start(Arc::new(|_, _| (StatusCode::OK, Duration::from_secs(3)))).await?;
+    let quick = ScriptedServer::start(Arc::new(|_, _| (StatusCode::OK, Duration::ZERO))).await?;
+    create(&mut admin, &http_fan_out("slow", &slow.url, 1, "")).await?;
+    let run_id = fire(&mut admin, "slow").await?;
+    let task_id = wait_for("the task", Duration::from_secs(20), || {
+        let mut admin = admin.clone();
+        let run_id = run_id.clone();
+        async move {
+            Ok(tasks(&mut admin, &run_id)
+                .await?
+                .first()
+                .map(|t| t.id.clone()))
+        }
+    })
+    .await?;
+    let get = |admin: &mut Admin| {
+        let mut admin = admin.clone();
+        let id = task_id.clone();
+        async move { anyhow::Ok(admin.get_task(GetTaskRequest { id }).await?.into_inner()) }
+    };
+    // After a second of running (the executor's default), the task says so, and who runs it.
+    let running = wait_for("the task to show RUNNING", Duration::from_secs(10), || {
+        let fetch = get(&mut admin);
+        async move {
+            let task = fetch.await?;
+            Ok((task.status() == TaskStatus::Running).then_some(task))
+        }
+    })
+    .await?;
+    assert_eq!(running.attempts, 1);
+    assert_eq!(running.attempt_history.len(), 1, "{running:?}");
+    let report = &running.attempt_history[0];
+    assert_eq!((report.attempt, report.status()), (1, TaskStatus::Running));
+    assert!(!report.executor.is_empty() && report.started_at.is_some());
+
+    let run = finished_run(&admin, &run_id, Duration::from_secs(30)).await?;
+    assert_eq!(run.status(), RunStatus::RunSucceeded);
+    let done = get(&mut admin).await?;
+    assert_eq!(done.status(), TaskStatus::Succeeded);
+    let history: Vec<(u32, TaskStatus)> = done
+        .attempt_history
+        .iter()
+        .map(|a| (a.attempt, a.status()))
+        .collect();
+    assert_eq!(
+        history,
+        vec![(1, TaskStatus::Running), (1, TaskStatus::Succeeded)]
+    );
+
+    // A quick task is never reported running: no extra message, no extra write.
+    create(&mut admin, &http_fan_out("quick", &quick.url, 1, "")).await?;
+    let run_id = fire(&mut admin, "quick").await?;
+    finished_run(&admin, &run_id, Duration::from_secs(30)).await?;
+    let quick = tasks(&mut admin, &run_id).await?;
+    let quick = admin
+        .get_task(GetTaskRequest {
+            id: quick[0].id.clone(),
+        })
+        .await?
+        .into_inner();
+    let history: Vec<TaskStatus> = quick.attempt_history.iter().map(|a| a.status()).collect();
+    assert_eq!(history, vec![TaskStatus::Succeeded]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn late_and_out_of_order_reports_never_move_a_task_backwards() -> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    // No executor: the test plays it, sending reports in the orders concurrency can produce.
+    let _services = [
+        env.start(Service::Trigger),
+        env.start(Service::Orchestrator),
+    ];
+    env.wait_ready(&[Service::Trigger, Service::Orchestrator])
+        .await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    create(
+        &mut admin,
+        "name: played\ntrigger: {manual: {}}\ntasks: [{name: t, type: played, forEach: 'range(2)'}]\n",
+    )
+    .await?;
+    let run_id = fire(&mut admin, "played").await?;
+    let listed = wait_for("the tasks", Duration::from_secs(20), || {
+        let mut admin = admin.clone();
+        let run_id = run_id.clone();
+        async move { Ok(Some(tasks(&mut admin, &run_id).await?).filter(|t| t.len() == 2)) }
+    })
+    .await?;
+    let report = |task: usize, attempt: u32, status: TaskStatus| {
+        let result = taskfactory_proto::v1::TaskResult {
+            task_id: listed[task].id.clone(),
+            run_id: run_id.clone(),
+            activity_id: listed[task].activity_id.clone(),
+            attempt,
+            status: status as i32,
+            error: format!("attempt {attempt}"),
+            executor: "played-by-the-test".to_owned(),
+            r#type: "played".to_owned(),
+            ..Default::default()
+        };
+        let js = js.clone();
+        let subject = subjects::result_subject("played", &run_id);
+        let msg_id = subjects::result_msg_id(&listed[task].id, attempt, status.as_str_name());
+        async move {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", msg_id.as_str());
+            js.publish_with_headers(subject, headers, result.encode_to_vec().into())
+                .await?
+                .await?;
+            anyhow::Ok(())
+        }
+    };
+    let state = |task: usize| {
+        let mut admin = admin.clone();
+        let id = listed[task].id.clone();
+        async move {
+            let task = admin.get_task(GetTaskRequest { id }).await?.into_inner();
+            anyhow::Ok((task.status(), task.attempts, task.attempt_history.len()))
+        }
+    };
+    let settle = |task: usize, history: usize| {
+        wait_for(
+            "the report to be recorded",
+            Duration::from_secs(10),
+            move || {
+                let state = state(task);
+                async move { Ok(Some(state.await?).filter(|s| s.2 == history)) }
+            },
+        )
+    };
+
+    // Task 0: attempt 2 is running when attempt 1's failure arrives late; it stays running.
+    report(0, 2, TaskStatus::Running).await?;
+    assert_eq!(settle(0, 1).await?, (TaskStatus::Running, 2, 1));
+    report(0, 1, TaskStatus::Failed).await?;
+    assert_eq!(
+        settle(0, 2).await?,
+        (TaskStatus::Running, 2, 2),
+        "late failure kept in history only"
+    );
+    report(0, 3, TaskStatus::Succeeded).await?;
+    assert_eq!(settle(0, 3).await?, (TaskStatus::Succeeded, 3, 3));
+    // After the end, a running report changes nothing but the history.
+    report(0, 4, TaskStatus::Running).await?;
+    assert_eq!(settle(0, 4).await?, (TaskStatus::Succeeded, 3, 4));
+
+    // Task 1: attempt 1 failed before its own running report was handled: it stays failed.
+    report(1, 1, TaskStatus::Failed).await?;
+    assert_eq!(settle(1, 1).await?, (TaskStatus::Failed, 1, 1));
+    report(1, 1, TaskStatus::Running).await?;
+    assert_eq!(settle(1, 2).await?, (TaskStatus::Failed, 1, 2));
+    report(1, 2, TaskStatus::Dead).await?;
+    assert_eq!(settle(1, 3).await?, (TaskStatus::Dead, 2, 3));
+
+    let run = finished_run(&admin, &run_id, Duration::from_secs(20)).await?;
+    assert_eq!(run.status(), RunStatus::RunFailed);
+    assert_eq!((run.tasks_succeeded, run.tasks_failed), (1, 1));
+    Ok(())
+}

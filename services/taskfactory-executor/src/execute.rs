@@ -37,6 +37,8 @@ pub struct Executor {
     pub name: String,
     pub ack_wait: Duration,
     pub cancellations: Arc<Cancellations>,
+    /// An attempt still running after this long is reported `RUNNING`.
+    pub running_after: Duration,
 }
 
 /// Cancelled runs: checked before each attempt, and watched to stop attempts in flight.
@@ -240,6 +242,7 @@ impl Executor {
             Some(reason) => Err(Stopped::Cancelled(reason)),
             None => {
                 let heartbeat = messaging::heartbeat(message, self.ack_wait / 3);
+                let _running = self.report_running_later(&task, attempt, started_at);
                 let outcome = tokio::select! {
                     outcome = tokio::time::timeout(
                         timeout,
@@ -347,6 +350,47 @@ impl Executor {
         disposition
     }
 
+    /// Reports the attempt `RUNNING` once it has run for `running_after`, unless it ends first
+    /// (the returned guard cancels the report). Informational: a report that fails is only
+    /// logged, and a late one is ignored by the orchestrator.
+    fn report_running_later(
+        &self,
+        task: &TaskInstance,
+        attempt: u32,
+        started_at: chrono::DateTime<Utc>,
+    ) -> RunningReport {
+        let report = TaskResult {
+            task_id: task.task_id.clone(),
+            run_id: task.run_id.clone(),
+            activity_id: task.activity_id.clone(),
+            attempt,
+            status: TaskStatus::Running as i32,
+            executor: self.name.clone(),
+            started_at: Some(chrono_to_timestamp(started_at)),
+            r#type: task.r#type.clone(),
+            ..TaskResult::default()
+        };
+        let subject = subjects::result_subject(&task.activity_name, &task.run_id);
+        let msg_id =
+            subjects::result_msg_id(&task.task_id, attempt, TaskStatus::Running.as_str_name());
+        let (js, after) = (self.builtins.js.clone(), self.running_after);
+        let report = async move {
+            tokio::time::sleep(after).await;
+            if let Err(error) = messaging::publish_confirmed(
+                &js,
+                subject,
+                &msg_id,
+                None,
+                report.encode_to_vec().into(),
+            )
+            .await
+            {
+                tracing::debug!(error = %error_chain(&error), "could not report the attempt running");
+            }
+        };
+        RunningReport(tokio::spawn(report.instrument(tracing::Span::current())))
+    }
+
     async fn reject(&self, message: &Message, task_type: &str, error: &str) -> Disposition {
         tracing::error!(subject = %message.subject, %error, "undecodable task; dead-lettered");
         match messaging::dead_letter(
@@ -368,6 +412,15 @@ impl Executor {
 
 /// Exponential backoff from the policy, with ±20% jitter derived from the task and attempt.
 /// Why an attempt did not succeed.
+/// Cancels a pending `RUNNING` report when the attempt ends.
+struct RunningReport(tokio::task::JoinHandle<()>);
+
+impl Drop for RunningReport {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 enum Stopped {
     Failed(TaskFailure),
     Cancelled(String),

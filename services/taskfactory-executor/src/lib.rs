@@ -66,6 +66,10 @@ pub struct Config {
     /// This executor's name in results (default: host name and process id).
     #[arg(long = "executor-name", env = "TASKFACTORY_EXECUTOR_NAME")]
     pub name: Option<String>,
+    /// An attempt still running after this long is reported `RUNNING` (quick tasks never are, so
+    /// they cost nothing extra).
+    #[arg(long = "running-after", env = "TASKFACTORY_RUNNING_AFTER", default_value = "1s", value_parser = parse_duration)]
+    pub running_after: Duration,
     #[command(flatten)]
     pub lifecycle: LifecycleArgs,
 }
@@ -107,6 +111,7 @@ impl Config {
             ack_wait: Duration::from_secs(30),
             egress_allow: String::new(),
             name: None,
+            running_after: Duration::from_secs(1),
             lifecycle: LifecycleArgs::default(),
         }
     }
@@ -153,6 +158,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         name: config.name.clone().unwrap_or_else(default_name),
         ack_wait: config.ack_wait,
         cancellations: cancellations.clone(),
+        running_after: config.running_after,
     });
     let tracker = TaskTracker::new();
     tracker.spawn(cancellations.watch(shutdown.clone()));

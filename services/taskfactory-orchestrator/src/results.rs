@@ -91,7 +91,12 @@ impl ResultSink {
             started_at: result.started_at.as_ref().and_then(timestamp_to_chrono),
             finished_at: result.finished_at.as_ref().and_then(timestamp_to_chrono),
         };
-        match store::record_result(&self.pool, &record).await {
+        let recorded = if status == TaskStatus::Running {
+            store::record_running(&self.pool, &record).await
+        } else {
+            store::record_result(&self.pool, &record).await
+        };
+        match recorded {
             Ok(Recorded::UnknownTask) => {
                 tracing::warn!(task.id = %task_id, "result for an unknown task ignored");
                 Disposition::Ack

@@ -597,6 +597,43 @@ pub enum Recorded {
 
 /// Records a result: the attempt row, the task's state (forward only; the first terminal result
 /// wins), and the run's counters and completion, in one transaction.
+/// An attempt its executor reports still running: the task shows `RUNNING` (with the attempt's
+/// number) unless it is final, or a result of this attempt or a later one is already recorded
+/// (reports are handled concurrently); the report joins the attempt history either way. One row
+/// lock, no run lock: the run's counters do not change.
+pub async fn record_running(pool: &PgPool, result: &ResultRecord) -> Result<Recorded, sqlx::Error> {
+    let attempt = i32::try_from(result.attempt).unwrap_or(i32::MAX);
+    let mut tx = pool.begin().await?;
+    let known: Option<(String,)> = sqlx::query_as(
+        "UPDATE tasks SET \
+             status = CASE WHEN status IN ('PENDING', 'FAILED') AND attempts < $2 \
+                 THEN 'RUNNING' ELSE status END, \
+             attempts = CASE WHEN status IN ('PENDING', 'FAILED') AND attempts < $2 \
+                 THEN $2 ELSE attempts END \
+         WHERE id = $1 RETURNING status",
+    )
+    .bind(result.task_id.0)
+    .bind(attempt)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if known.is_none() {
+        tx.rollback().await?;
+        return Ok(Recorded::UnknownTask);
+    }
+    sqlx::query(
+        "INSERT INTO task_attempts (task_id, attempt, status, executor, started_at) \
+         VALUES ($1, $2, 'RUNNING', $3, $4) ON CONFLICT DO NOTHING",
+    )
+    .bind(result.task_id.0)
+    .bind(attempt)
+    .bind(&result.executor)
+    .bind(result.started_at)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Recorded::Applied(None))
+}
+
 pub async fn record_result(pool: &PgPool, result: &ResultRecord) -> Result<Recorded, sqlx::Error> {
     let mut tx = pool.begin().await?;
     // Lock order, everywhere: the run, then its tasks (a cancel takes them in that order too).
@@ -639,8 +676,13 @@ pub async fn record_result(pool: &PgPool, result: &ResultRecord) -> Result<Recor
         return Ok(Recorded::AlreadyFinal);
     }
     let terminal = status::task_is_terminal(result.status);
+    // A failed attempt older than what the task already shows (a later attempt reported running
+    // or failed first: results are handled concurrently) is kept in the history only.
     sqlx::query(
-        "UPDATE tasks SET status = $2, attempts = GREATEST(attempts, $3), last_error = $4, \
+        "UPDATE tasks SET \
+             status = CASE WHEN $6 OR $3 >= attempts THEN $2 ELSE status END, \
+             last_error = CASE WHEN $6 OR $3 >= attempts THEN $4 ELSE last_error END, \
+             attempts = GREATEST(attempts, $3), \
              output = COALESCE($5, output), finished_at = CASE WHEN $6 THEN COALESCE($7, now()) END \
          WHERE id = $1",
     )
