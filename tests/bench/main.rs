@@ -928,7 +928,7 @@ async fn postgres_view(
         "SELECT r.dedupe_key, r.status, f.fired_at, f.published_at, r.created_at, r.finished_at, \
              count(DISTINCT t.id) AS tasks, \
              count(DISTINCT t.id) FILTER (WHERE t.status = 'SUCCEEDED') AS tasks_succeeded, \
-             count(a.task_id) AS attempts, \
+             count(a.task_id) FILTER (WHERE a.status <> 'RUNNING') AS attempts, \
              min(a.started_at) AS first_started, max(a.finished_at) AS last_finished \
          FROM runs r \
          JOIN fires f ON f.activity_id = r.activity_id AND f.dedupe_key = r.dedupe_key \
