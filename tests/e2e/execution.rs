@@ -1151,11 +1151,14 @@ async fn late_and_out_of_order_reports_never_move_a_task_backwards() -> anyhow::
         (TaskStatus::Running, 2, 2),
         "late failure kept in history only"
     );
+    // Attempt 2's executor died; attempt 3 runs: the task shows the newer one.
+    report(0, 3, TaskStatus::Running).await?;
+    assert_eq!(settle(0, 3).await?, (TaskStatus::Running, 3, 3));
     report(0, 3, TaskStatus::Succeeded).await?;
-    assert_eq!(settle(0, 3).await?, (TaskStatus::Succeeded, 3, 3));
+    assert_eq!(settle(0, 4).await?, (TaskStatus::Succeeded, 3, 4));
     // After the end, a running report changes nothing but the history.
     report(0, 4, TaskStatus::Running).await?;
-    assert_eq!(settle(0, 4).await?, (TaskStatus::Succeeded, 3, 4));
+    assert_eq!(settle(0, 5).await?, (TaskStatus::Succeeded, 3, 5));
 
     // Task 1: attempt 1 failed before its own running report was handled: it stays failed.
     report(1, 1, TaskStatus::Failed).await?;

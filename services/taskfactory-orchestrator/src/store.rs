@@ -606,9 +606,9 @@ pub async fn record_running(pool: &PgPool, result: &ResultRecord) -> Result<Reco
     let mut tx = pool.begin().await?;
     let known: Option<(String,)> = sqlx::query_as(
         "UPDATE tasks SET \
-             status = CASE WHEN status IN ('PENDING', 'FAILED') AND attempts < $2 \
+             status = CASE WHEN status IN ('PENDING', 'RUNNING', 'FAILED') AND attempts < $2 \
                  THEN 'RUNNING' ELSE status END, \
-             attempts = CASE WHEN status IN ('PENDING', 'FAILED') AND attempts < $2 \
+             attempts = CASE WHEN status IN ('PENDING', 'RUNNING', 'FAILED') AND attempts < $2 \
                  THEN $2 ELSE attempts END \
          WHERE id = $1 RETURNING status",
     )

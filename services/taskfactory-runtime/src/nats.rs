@@ -28,8 +28,10 @@ pub enum NatsError {
     Credentials(#[source] std::io::Error),
     #[error("NATS TLS: {0}")]
     Tls(String),
-    #[error("could not declare stream {0}: JetStream did not answer for a minute")]
-    StreamUnavailable(String),
+    #[error("could not declare stream {stream} within a minute: {reason}")]
+    StreamUnavailable { stream: String, reason: String },
+    #[error("cannot use stream {stream}: {reason}")]
+    Unusable { stream: String, reason: String },
     #[error("could not declare stream {stream}")]
     Stream {
         stream: String,
@@ -201,133 +203,179 @@ pub async fn declare_streams(js: &jetstream::Context, replicas: usize) -> Result
 async fn declare_stream(js: &jetstream::Context, config: stream::Config) -> Result<(), NatsError> {
     use jetstream::context::{CreateStreamErrorKind, GetStreamErrorKind};
     let name = config.name.clone();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let mut delay = Duration::from_millis(200);
+    let mut retry = Retry::new(&name);
     loop {
-        let transient = match js.get_stream(&name).await {
-            Ok(mut stream) => {
-                let current = match stream.info().await {
-                    Ok(info) => info.config.clone(),
-                    Err(error) => {
-                        tracing::debug!(stream = %name, error = %error, "stream info failed; retrying");
-                        continue_after(&mut delay, deadline, &name).await?;
-                        continue;
-                    }
-                };
-                if same_settings(&current, &config) {
-                    return Ok(());
+        let stream = match js.get_stream(&name).await {
+            Ok(stream) => Some(stream),
+            Err(error) => match error.kind() {
+                GetStreamErrorKind::JetStream(e)
+                    if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    None
                 }
-                match js.update_stream(config.clone()).await {
-                    Ok(_) => return Ok(()),
-                    Err(error) if is_transient(error.kind()) => error,
-                    Err(error) => {
-                        tracing::warn!(stream = %name, error = %error_chain(&error), "stream exists with a configuration that cannot be updated; keeping it");
-                        return Ok(());
-                    }
+                GetStreamErrorKind::JetStream(e) if !transient_code(e.error_code()) => {
+                    return Err(NatsError::Unusable {
+                        stream: name,
+                        reason: error.to_string(),
+                    });
                 }
-            }
-            Err(error)
-                if matches!(error.kind(), GetStreamErrorKind::JetStream(e)
-                    if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
-            {
-                match js.create_stream(config.clone()).await {
-                    Ok(_) => return Ok(()),
-                    // Another service created it meanwhile: compare with what it made.
-                    Err(error)
-                        if matches!(error.kind(), CreateStreamErrorKind::JetStream(e)
-                            if e.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST) =>
-                    {
-                        continue_after(&mut delay, deadline, &name).await?;
-                        continue;
-                    }
-                    Err(error) if is_transient(error.kind()) => error,
-                    Err(source) => {
-                        return Err(NatsError::Stream {
-                            stream: name,
-                            source,
-                        });
-                    }
+                _ => {
+                    retry.wait(error.to_string()).await?;
+                    continue;
+                }
+            },
+        };
+        let Some(mut stream) = stream else {
+            match js.create_stream(config.clone()).await {
+                Ok(_) => return Ok(()),
+                // Another service created it meanwhile: compare with what it made.
+                Err(error)
+                    if matches!(error.kind(), CreateStreamErrorKind::JetStream(e)
+                        if e.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST) =>
+                {
+                    retry.wait(error.to_string()).await?;
+                }
+                Err(error) if is_transient(error.kind()) => retry.wait(error_chain(&error)).await?,
+                Err(source) => {
+                    return Err(NatsError::Stream {
+                        stream: name,
+                        source,
+                    });
                 }
             }
+            continue;
+        };
+        let current = match stream.info().await {
+            Ok(info) => info.config.clone(),
             Err(error) => {
-                tracing::debug!(stream = %name, error = %error, "stream lookup failed; retrying");
-                continue_after(&mut delay, deadline, &name).await?;
+                retry.wait(error.to_string()).await?;
                 continue;
             }
         };
-        if tokio::time::Instant::now() >= deadline {
-            return Err(NatsError::Stream {
-                stream: name,
-                source: transient,
+        // Our settings over whatever else the stream has (an operator's `max_bytes` stays).
+        let wanted = stream::Config {
+            subjects: config.subjects.clone(),
+            retention: config.retention,
+            storage: config.storage,
+            num_replicas: config.num_replicas,
+            duplicate_window: config.duplicate_window,
+            max_age: config.max_age,
+            description: config.description.clone(),
+            ..current.clone()
+        };
+        if wanted == current {
+            return Ok(());
+        }
+        match js.update_stream(wanted).await {
+            Ok(_) => return Ok(()),
+            // Deleted in between: declare it again.
+            Err(error) if matches!(error.kind(), CreateStreamErrorKind::NotFound) => {
+                retry.wait(error.to_string()).await?
+            }
+            Err(error) if is_transient(error.kind()) => retry.wait(error_chain(&error)).await?,
+            Err(error) => {
+                tracing::warn!(stream = %name, error = %error_chain(&error), "stream exists with a configuration that cannot be updated; keeping it");
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Waits between tries of a declaration with a growing delay, up to a minute in all; then fails
+/// with the last reason.
+struct Retry<'a> {
+    what: &'a str,
+    deadline: tokio::time::Instant,
+    delay: Duration,
+}
+
+impl<'a> Retry<'a> {
+    fn new(what: &'a str) -> Self {
+        Self {
+            what,
+            deadline: tokio::time::Instant::now() + Duration::from_secs(60),
+            delay: Duration::from_millis(200),
+        }
+    }
+
+    async fn wait(&mut self, reason: String) -> Result<(), NatsError> {
+        if tokio::time::Instant::now() >= self.deadline {
+            return Err(NatsError::StreamUnavailable {
+                stream: self.what.to_owned(),
+                reason,
             });
         }
-        tracing::warn!(stream = %name, error = %error_chain(&transient), "declaring the stream failed for now; retrying");
-        continue_after(&mut delay, deadline, &name).await?;
+        tracing::warn!(stream = %self.what, %reason, retry_in = ?self.delay, "JetStream cannot declare this yet; retrying");
+        tokio::time::sleep(self.delay).await;
+        self.delay = (self.delay * 2).min(Duration::from_secs(3));
+        Ok(())
     }
 }
 
-/// Waits before the next try, or gives up at the deadline.
-async fn continue_after(
-    delay: &mut Duration,
-    deadline: tokio::time::Instant,
-    stream: &str,
-) -> Result<(), NatsError> {
-    if tokio::time::Instant::now() >= deadline {
-        return Err(NatsError::StreamUnavailable(stream.to_owned()));
-    }
-    tokio::time::sleep(*delay).await;
-    *delay = (*delay * 2).min(Duration::from_secs(3));
-    Ok(())
-}
-
-/// Failures worth another try: the cluster was busy or electing, not a refusal.
+/// Failures worth another try: the cluster was busy, electing, or missing a peer for the
+/// replicas (a node restarting), not a refusal.
 fn is_transient(kind: jetstream::context::CreateStreamErrorKind) -> bool {
     use jetstream::context::CreateStreamErrorKind;
     match kind {
-        CreateStreamErrorKind::TimedOut | CreateStreamErrorKind::JetStreamUnavailable => true,
-        CreateStreamErrorKind::JetStream(error) => {
-            error.error_code() == jetstream::ErrorCode::CLUSTER_NOT_AVAILABLE
-        }
+        CreateStreamErrorKind::TimedOut
+        | CreateStreamErrorKind::JetStreamUnavailable
+        | CreateStreamErrorKind::Response => true,
+        CreateStreamErrorKind::JetStream(error) => transient_code(error.error_code()),
         _ => false,
     }
 }
 
-/// Whether an existing stream already has every setting we declare (the server fills in the
-/// others).
-fn same_settings(current: &stream::Config, wanted: &stream::Config) -> bool {
-    current.subjects == wanted.subjects
-        && current.retention == wanted.retention
-        && current.storage == wanted.storage
-        && current.num_replicas == wanted.num_replicas
-        && current.duplicate_window == wanted.duplicate_window
-        && current.max_age == wanted.max_age
-        && current.description == wanted.description
+fn transient_code(code: jetstream::ErrorCode) -> bool {
+    use jetstream::ErrorCode;
+    [
+        ErrorCode::CLUSTER_NOT_AVAILABLE,
+        ErrorCode::CLUSTER_NO_PEERS,
+        ErrorCode::INSUFFICIENT_RESOURCES,
+        ErrorCode::CLUSTER_NOT_LEADER,
+    ]
+    .contains(&code)
 }
 
 /// Brings an existing KV bucket to `replicas`: a deployment that grew from one NATS server to a
 /// cluster, or whose `TASKFACTORY_STREAM_REPLICAS` changed, gets its buckets replicated like its
-/// streams (a bucket is the stream `KV_<bucket>`; the server moves it).
+/// streams (a bucket is the stream `KV_<bucket>`; the server moves it). A busy cluster is retried
+/// as stream declarations are.
 pub async fn ensure_bucket_replicas(
     js: &jetstream::Context,
     bucket: &str,
     replicas: usize,
 ) -> Result<(), async_nats::Error> {
     let replicas = replicas.max(1);
-    let mut stream = js.get_stream(format!("KV_{bucket}")).await?;
-    let config = stream.info().await?.config.clone();
-    if config.num_replicas != replicas {
+    let name = format!("KV_{bucket}");
+    let mut retry = Retry::new(&name);
+    loop {
+        let mut stream = js.get_stream(&name).await?;
+        let config = stream.info().await?.config.clone();
+        if config.num_replicas == replicas {
+            return Ok(());
+        }
         let from = config.num_replicas;
-        js.update_stream(stream::Config {
-            num_replicas: replicas,
-            ..config
-        })
-        .await
-        .map_err(|e| {
-            format!("changing the replicas of KV bucket {bucket} from {from} to {replicas}: {e}")
-        })?;
-        tracing::info!(bucket, from, to = replicas, "KV bucket replicas changed");
+        match js
+            .update_stream(stream::Config {
+                num_replicas: replicas,
+                ..config
+            })
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(bucket, from, to = replicas, "KV bucket replicas changed");
+                return Ok(());
+            }
+            Err(error) if is_transient(error.kind()) => retry.wait(error_chain(&error)).await?,
+            Err(error) => {
+                return Err(format!(
+                    "changing the replicas of KV bucket {bucket} from {from} to {replicas}: {}",
+                    error_chain(&error)
+                )
+                .into());
+            }
+        }
     }
-    Ok(())
 }
 
 /// The KV bucket of cancelled runs (created if absent): the orchestrator writes a run's id there

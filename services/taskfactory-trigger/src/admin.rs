@@ -145,10 +145,16 @@ impl Admin {
     }
 
     /// A stored record as the contract's `Activity`, with its schedule's progress.
+    /// The change (if any) is already committed: a failed read of the schedule's progress only
+    /// leaves `nextFireAt` as the schedule alone says.
     async fn activity_view(&self, record: &ActivityRecord) -> Result<Activity, Status> {
-        let schedule = store::schedule_state(&self.pool, record.id)
-            .await
-            .map_err(AdminError::from)?;
+        let schedule = match store::schedule_state(&self.pool, record.id).await {
+            Ok(schedule) => schedule,
+            Err(error) => {
+                tracing::warn!(activity.id = %record.id, error = %taskfactory_runtime::telemetry::error_chain(&error), "cannot read the schedule's progress");
+                None
+            }
+        };
         Ok(activity_message_with(record, self.clock.now(), schedule)?)
     }
 
@@ -439,12 +445,15 @@ impl AdminService for Admin {
             String::new()
         };
         let states: std::collections::HashMap<ActivityId, (chrono::DateTime<Utc>, u64)> =
-            store::schedule_states(&self.pool)
-                .await
-                .map_err(AdminError::from)?
-                .into_iter()
-                .map(|(id, watermark, fires)| (id, (watermark, fires)))
-                .collect();
+            store::schedule_states_of(
+                &self.pool,
+                &records.iter().map(|r| r.id).collect::<Vec<_>>(),
+            )
+            .await
+            .map_err(AdminError::from)?
+            .into_iter()
+            .map(|(id, watermark, fires)| (id, (watermark, fires)))
+            .collect();
         let now = self.clock.now();
         let activities = records
             .iter()

@@ -515,6 +515,24 @@ pub async fn schedule_states(
         .collect())
 }
 
+/// The schedule progress of these activities (those that have any).
+pub async fn schedule_states_of(
+    pool: &PgPool,
+    activities: &[ActivityId],
+) -> Result<Vec<(ActivityId, DateTime<Utc>, u64)>, StoreError> {
+    let ids: Vec<Uuid> = activities.iter().map(|a| a.0).collect();
+    let rows: Vec<(Uuid, DateTime<Utc>, i64)> = sqlx::query_as(
+        "SELECT activity_id, watermark, fires FROM schedule_state WHERE activity_id = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, w, n)| (ActivityId(id), w, u64::try_from(n).unwrap_or(0)))
+        .collect())
+}
+
 pub async fn mark_published(pool: &PgPool, fire: FireId) -> Result<(), StoreError> {
     sqlx::query("UPDATE fires SET published_at = now() WHERE id = $1 AND published_at IS NULL")
         .bind(fire.0)

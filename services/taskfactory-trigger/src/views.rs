@@ -169,10 +169,15 @@ fn task_from_row(row: &sqlx::postgres::PgRow) -> Result<Task, sqlx::Error> {
 
 /// A task with its attempt history (the most recent [`MAX_ATTEMPTS_SHOWN`] results).
 pub async fn get_task(pool: &PgPool, id: Uuid) -> Result<Option<Task>, sqlx::Error> {
+    // One snapshot for the task and its history, so they never disagree.
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await?;
     let query = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1");
     let row = sqlx::query(sqlx::AssertSqlSafe(query))
         .bind(id)
-        .fetch_optional(pool)
+        .fetch_optional(&mut *tx)
         .await?;
     let Some(mut task) = row.as_ref().map(task_from_row).transpose()? else {
         return Ok(None);
@@ -182,12 +187,13 @@ pub async fn get_task(pool: &PgPool, id: Uuid) -> Result<Option<Task>, sqlx::Err
              SELECT attempt, status, error, executor, started_at, finished_at, recorded_at, output \
              FROM task_attempts WHERE task_id = $1 \
              ORDER BY attempt DESC, recorded_at DESC LIMIT $2) AS latest \
-         ORDER BY attempt, recorded_at",
+         ORDER BY attempt, status = 'RUNNING' DESC, recorded_at",
     )
     .bind(id)
     .bind(MAX_ATTEMPTS_SHOWN)
-    .fetch_all(pool)
+    .fetch_all(&mut *tx)
     .await?;
+    tx.commit().await?;
     task.attempt_history = rows
         .iter()
         .map(attempt_from_row)
