@@ -10,9 +10,7 @@
 //! answer, none of the run's tasks starts.
 
 use std::sync::Arc;
-use tracing::Instrument as _;
 
-use futures::StreamExt as _;
 use prost::Message as _;
 use serde_json::json;
 use taskfactory_model::ids::{RunId, TaskId};
@@ -53,44 +51,23 @@ impl From<sqlx::Error> for Refusal {
 
 /// Answers commands until shutdown.
 pub async fn serve(nats: async_nats::Client, commands: Arc<Commands>, shutdown: CancellationToken) {
-    let mut requests = match nats
-        .queue_subscribe(subjects::RUN_COMMANDS, subjects::PREVIEW_QUEUE.to_owned())
-        .await
-    {
-        Ok(subscription) => subscription,
-        Err(error) => {
-            tracing::error!(error = %error_chain(&error), "cannot subscribe to admin commands; CancelRun, CompleteTask and RetryTask will not work");
-            return;
-        }
-    };
-    loop {
-        let request = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            request = requests.next() => match request {
-                Some(request) => request,
-                None => break,
-            },
-        };
-        let Some(reply) = request.reply.clone() else {
-            continue;
-        };
-        let (nats, commands) = (nats.clone(), commands.clone());
-        let span = taskfactory_runtime::messaging::request_span(&request);
-        tokio::spawn(
+    messaging::answer_requests(
+        nats,
+        subjects::RUN_COMMANDS,
+        subjects::PREVIEW_QUEUE,
+        "CancelRun, CompleteTask and RetryTask",
+        shutdown,
+        move |payload| {
+            let commands = commands.clone();
             async move {
-                let answer = match commands.carry_out(&request.payload).await {
+                match commands.carry_out(&payload).await {
                     Ok(()) => json!({"ok": true}),
                     Err(refusal) => json!({"error": refusal.message, "code": refusal.code}),
-                };
-                let body = serde_json::to_vec(&answer).unwrap_or_default();
-                if let Err(error) = nats.publish(reply, body.into()).await {
-                    tracing::warn!(error = %error_chain(&error), "cannot answer an admin command");
                 }
             }
-            .instrument(span),
-        );
-    }
-    let _ = requests.unsubscribe().await;
+        },
+    )
+    .await;
 }
 
 impl Commands {

@@ -197,18 +197,6 @@ impl Sources {
         resolved
     }
 
-    /// The source's kind as specs spell it.
-    fn kind_name(source: &ContextSource) -> &'static str {
-        match &source.kind {
-            Some(context_source::Kind::Static(_)) => "static",
-            Some(context_source::Kind::Sql(_)) => "sql",
-            Some(context_source::Kind::Http(_)) => "http",
-            Some(context_source::Kind::Kv(_)) => "kv",
-            Some(context_source::Kind::Request(_)) => "request",
-            None => "none",
-        }
-    }
-
     async fn resolve_one(
         &self,
         source: &ContextSource,
@@ -461,7 +449,7 @@ impl Sources {
     }
 }
 
-/// The kind of a source, as metric labels spell it.
+/// The kind of a source as specs spell it (metric labels, span attributes).
 fn source_kind(source: &ContextSource) -> &'static str {
     match &source.kind {
         Some(context_source::Kind::Static(_)) => "static",
@@ -498,7 +486,7 @@ fn humane(d: Duration) -> String {
 
 /// The span of one source's resolution: `context <name>`, with its kind.
 fn source_span(source: &ContextSource) -> tracing::Span {
-    let kind = Sources::kind_name(source);
+    let kind = source_kind(source);
     tracing::info_span!(
         "context source",
         otel.name = %format_args!("context {}", source.name),

@@ -7,63 +7,36 @@
 //! answer a `PreviewRunResponse`, or `{"error": "..."}`.
 
 use std::sync::Arc;
-use tracing::Instrument as _;
 
-use futures::StreamExt as _;
 use prost::Message as _;
 use taskfactory_model::ids::{ActivityId, RunId};
 use taskfactory_model::subjects;
 use taskfactory_proto::v1::{
     ActivitySpec, PreviewRunResponse, TaskInstance, TemplateEvaluation, TriggerEvent,
 };
-use taskfactory_runtime::telemetry::error_chain;
 use tokio_util::sync::CancellationToken;
 
 use crate::spawn::{Purpose, Spawner};
 
 /// Answers preview requests until shutdown.
 pub async fn serve(nats: async_nats::Client, spawner: Arc<Spawner>, shutdown: CancellationToken) {
-    let mut requests = match nats
-        .queue_subscribe(
-            subjects::PREVIEW_REQUESTS,
-            subjects::PREVIEW_QUEUE.to_owned(),
-        )
-        .await
-    {
-        Ok(subscription) => subscription,
-        Err(error) => {
-            tracing::error!(error = %error_chain(&error), "cannot subscribe to preview requests; PreviewRun will not work");
-            return;
-        }
-    };
-    loop {
-        let request = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            request = requests.next() => match request {
-                Some(request) => request,
-                None => break,
-            },
-        };
-        let Some(reply) = request.reply.clone() else {
-            continue;
-        };
-        let (nats, spawner) = (nats.clone(), spawner.clone());
-        let span = taskfactory_runtime::messaging::request_span(&request);
-        tokio::spawn(
+    taskfactory_runtime::messaging::answer_requests(
+        nats,
+        subjects::PREVIEW_REQUESTS,
+        subjects::PREVIEW_QUEUE,
+        "PreviewRun",
+        shutdown,
+        move |payload| {
+            let spawner = spawner.clone();
             async move {
-                let answer = match preview(&spawner, &request.payload).await {
+                match preview(&spawner, &payload).await {
                     Ok(response) => taskfactory_proto::to_json(&response),
                     Err(error) => serde_json::json!({ "error": error }),
-                };
-                let body = serde_json::to_vec(&answer).unwrap_or_default();
-                if let Err(error) = nats.publish(reply, body.into()).await {
-                    tracing::warn!(error = %error_chain(&error), "cannot answer a preview request");
                 }
             }
-            .instrument(span),
-        );
-    }
-    let _ = requests.unsubscribe().await;
+        },
+    )
+    .await;
 }
 
 async fn preview(spawner: &Spawner, body: &[u8]) -> Result<PreviewRunResponse, String> {

@@ -417,9 +417,58 @@ fn consumer_span(message: &Message, durable: &str) -> tracing::Span {
     span
 }
 
+/// Answers core NATS requests on `subject` (in a queue group, so one replica answers each) until
+/// shutdown: each in its own task and span, continuing the requester's trace, with the handler's
+/// JSON as the reply. `what` says in the log what stops working if the subscription fails.
+pub async fn answer_requests<F, Fut>(
+    nats: async_nats::Client,
+    subject: &'static str,
+    queue: &'static str,
+    what: &'static str,
+    shutdown: CancellationToken,
+    handler: F,
+) where
+    F: Fn(Bytes) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = serde_json::Value> + Send + 'static,
+{
+    let mut requests = match nats.queue_subscribe(subject, queue.to_owned()).await {
+        Ok(subscription) => subscription,
+        Err(error) => {
+            tracing::error!(%subject, error = %error_chain(&error), "cannot subscribe; {what} will not work");
+            return;
+        }
+    };
+    let handler = Arc::new(handler);
+    loop {
+        let request = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            request = requests.next() => match request {
+                Some(request) => request,
+                None => break,
+            },
+        };
+        let Some(reply) = request.reply.clone() else {
+            continue;
+        };
+        let (nats, handler) = (nats.clone(), handler.clone());
+        let span = request_span(&request);
+        tokio::spawn(
+            async move {
+                let answer = handler(request.payload).await;
+                let body = serde_json::to_vec(&answer).unwrap_or_default();
+                if let Err(error) = nats.publish(reply, body.into()).await {
+                    tracing::warn!(%subject, error = %error_chain(&error), "cannot answer a request");
+                }
+            }
+            .instrument(span),
+        );
+    }
+    let _ = requests.unsubscribe().await;
+}
+
 /// The span an internal request (core NATS request/reply) is answered in: `process <subject>`, a
 /// child of the requester's context.
-pub fn request_span(message: &async_nats::Message) -> tracing::Span {
+fn request_span(message: &async_nats::Message) -> tracing::Span {
     let span = tracing::info_span!(
         "request",
         otel.name = %format_args!("process {}", message.subject),
