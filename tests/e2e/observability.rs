@@ -22,13 +22,15 @@ async fn readyz_follows_nats_and_says_whether_the_trigger_leads() -> anyhow::Res
         Service::Trigger,
         &[("TASKFACTORY_METRICS_ADDR", &trigger_addr.to_string())],
     )?;
-    let ready = |addr| async move {
+    // The `/readyz` body when it answers `status`.
+    let readyz = |addr, status: u16| async move {
         Ok(http_get(addr, "/readyz")
             .await
             .ok()
-            .filter(|(status, _)| *status == 200)
+            .filter(|(answered, _)| *answered == status)
             .map(|(_, body)| body))
     };
+    let ready = |addr| readyz(addr, 200);
     let body = wait_for("the executor to be ready", Duration::from_secs(30), || {
         ready(executor_addr)
     })
@@ -42,13 +44,7 @@ async fn readyz_follows_nats_and_says_whether_the_trigger_leads() -> anyhow::Res
     let body = wait_for(
         "the executor to notice the missing stream",
         Duration::from_secs(30),
-        || async {
-            Ok(http_get(executor_addr, "/readyz")
-                .await
-                .ok()
-                .filter(|(status, _)| *status == 503)
-                .map(|(_, body)| body))
-        },
+        || readyz(executor_addr, 503),
     )
     .await?;
     assert!(body.contains("streams: FACTORY_DLQ missing"), "{body}");
@@ -73,13 +69,7 @@ async fn readyz_follows_nats_and_says_whether_the_trigger_leads() -> anyhow::Res
     let body = wait_for(
         "the executor to turn unready",
         Duration::from_secs(30),
-        || async {
-            Ok(http_get(executor_addr, "/readyz")
-                .await
-                .ok()
-                .filter(|(status, _)| *status == 503)
-                .map(|(_, body)| body))
-        },
+        || readyz(executor_addr, 503),
     )
     .await?;
     assert!(body.contains("nats:"), "says why: {body}");

@@ -70,6 +70,28 @@ impl Trace {
         }
     }
 
+    /// The spans of `trace_id` received once one named `name` is among them.
+    async fn when_it_has(
+        receiver: &OtlpReceiver,
+        trace_id: &str,
+        name: &str,
+        what: &str,
+    ) -> anyhow::Result<Self> {
+        let spans = receiver
+            .wait_until(what, Duration::from_secs(20), |spans| {
+                spans
+                    .iter()
+                    .any(|s| s.trace_id == trace_id && s.name == name)
+            })
+            .await?;
+        Ok(Self::new(
+            spans
+                .into_iter()
+                .filter(|s| s.trace_id == trace_id)
+                .collect(),
+        ))
+    }
+
     fn children<'a>(&'a self, parent: &str) -> Vec<&'a ReceivedSpan> {
         let mut children: Vec<&ReceivedSpan> = self
             .spans
@@ -365,19 +387,13 @@ tasks:
         .into_inner();
     assert_eq!(again.trace_id, trace_id);
 
-    let spans = receiver
-        .wait_until("the admin call's spans", Duration::from_secs(20), |spans| {
-            spans
-                .iter()
-                .any(|s| s.trace_id == trace_id && s.name == "fire traced-manual")
-        })
-        .await?;
-    let trace = Trace::new(
-        spans
-            .into_iter()
-            .filter(|s| s.trace_id == trace_id)
-            .collect(),
-    );
+    let trace = Trace::when_it_has(
+        &receiver,
+        &trace_id,
+        "fire traced-manual",
+        "the admin call's spans",
+    )
+    .await?;
     let server = trace
         .children(&caller_span)
         .into_iter()
@@ -501,19 +517,13 @@ async fn a_webhook_delivery_with_a_traceparent_continues_the_senders_trace() -> 
     assert_eq!(run.status(), RunStatus::RunSucceeded);
     assert_eq!(run.trace_id, trace_id);
 
-    let spans = receiver
-        .wait_until("the delivery's spans", Duration::from_secs(20), |spans| {
-            spans
-                .iter()
-                .any(|s| s.trace_id == trace_id && s.name == "fire shop-order")
-        })
-        .await?;
-    let trace = Trace::new(
-        spans
-            .into_iter()
-            .filter(|s| s.trace_id == trace_id)
-            .collect(),
-    );
+    let trace = Trace::when_it_has(
+        &receiver,
+        &trace_id,
+        "fire shop-order",
+        "the delivery's spans",
+    )
+    .await?;
     let roots = trace.children(&sender_span);
     assert_eq!(roots.len(), 1, "{roots:?}");
     let delivery = roots[0];
