@@ -142,11 +142,17 @@ impl Registry {
         let previous = self.current();
         let mut activities = HashMap::with_capacity(records.len());
         for record in &records {
-            // Keep the built schedule when the version did not change.
+            // Keep the built schedule when nothing the scheduler reads changed. A pause and resume
+            // that both happened since the last reload leave `paused` as it was but move the
+            // activation: the scheduler must see that the schedule was off in between.
             if let Some(old) = previous.activities.get(&record.id)
                 && old.version == record.current_version
                 && old.enabled == record.enabled
                 && old.paused == record.paused
+                && old.activated_at == record.activated_at
+                && old.paused_at == record.paused_at
+                && old.resumed_at == record.resumed_at
+                && old.pause_note == record.pause_note
             {
                 activities.insert(record.id, old.clone());
                 continue;

@@ -118,7 +118,10 @@ impl Scheduler {
                 .filter_map(|e| e.next.map(|(_, due)| due))
                 .min();
             let until = due.unwrap_or_else(|| self.clock.now() + chrono::Duration::hours(1));
+            // A definition change first: a schedule paused a moment before its time comes does
+            // not fire.
             tokio::select! {
+                biased;
                 _ = self.shutdown.cancelled() => break,
                 changed = snapshots.changed() => {
                     if changed.is_err() {
@@ -142,7 +145,7 @@ impl Scheduler {
     async fn sync(&mut self, activities: &HashMap<ActivityId, Arc<LiveActivity>>) {
         // Schedules replaced by a new version while staying active were running here a moment ago:
         // their new writer treats recent occurrences as on time, not as missed.
-        let mut replaced = std::collections::HashSet::new();
+        let mut replaced = HashMap::new();
         let retired: Vec<ActivityId> = self
             .entries
             .iter()
@@ -155,10 +158,8 @@ impl Scheduler {
             .collect();
         let mut stopping = Vec::new();
         for id in retired {
-            if activities.get(&id).is_some_and(|a| a.is_active()) {
-                replaced.insert(id);
-            }
             if let Some(entry) = self.entries.remove(&id) {
+                replaced.insert(id, entry.activity.activated_at);
                 drop(entry.retire); // cancels the writer
                 stopping.push(entry.writer);
             }
@@ -192,13 +193,7 @@ impl Scheduler {
                 watermark: state.map(|(w, _)| w),
                 fires: state.map_or(0, |(_, n)| n),
             };
-            let mode = if !self.synced_once {
-                StartMode::Restarted
-            } else if replaced.contains(&activity.id) {
-                StartMode::Replaced
-            } else {
-                StartMode::Activated
-            };
+            let mode = start_mode(self.synced_once, replaced.get(&activity.id), activity);
             let writer = self.tracker.spawn(writer.run(signal, mode));
             let mut entry = Entry {
                 activity: activity.clone(),
@@ -247,6 +242,27 @@ impl Scheduler {
                 now - chrono::Duration::from_std(MISFIRE_THRESHOLD).unwrap_or_default();
             schedule_next(entry, occurrence.max(late_limit));
         }
+    }
+}
+
+/// Why a schedule's writer starts. `previous_activation` is the activation of the version whose
+/// writer this one replaces, if one ran here a moment ago.
+///
+/// A schedule only counts as replaced when it stayed active throughout: a pause and resume (or a
+/// disable and enable) can both land between two looks at the registry, and then the new
+/// activation, not the writer still running, says the schedule was off — what it missed in
+/// between goes to the misfire policy, as for any resume.
+fn start_mode(
+    synced_once: bool,
+    previous_activation: Option<&Option<DateTime<Utc>>>,
+    activity: &LiveActivity,
+) -> StartMode {
+    if !synced_once {
+        return StartMode::Restarted;
+    }
+    match previous_activation {
+        Some(activated_at) if *activated_at == activity.activated_at => StartMode::Replaced,
+        _ => StartMode::Activated,
     }
 }
 
@@ -741,4 +757,44 @@ fn count_decisions(activity: &str, rows: &[DecisionRow]) {
 /// The dedupe key of a scheduled occurrence: its instant in RFC 3339 UTC.
 pub fn schedule_dedupe_key(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn activity(activated_at: &str) -> LiveActivity {
+        LiveActivity {
+            id: ActivityId(uuid::Uuid::nil()),
+            name: "a".to_owned(),
+            version: 2,
+            enabled: true,
+            paused: false,
+            pause_note: String::new(),
+            paused_at: None,
+            resumed_at: None,
+            activated_at: Some(activated_at.parse().unwrap()),
+            spec: Default::default(),
+            schedule: None,
+        }
+    }
+
+    #[test]
+    fn a_schedule_counts_as_replaced_only_when_it_stayed_active() {
+        let now = activity("2026-07-01T08:03:30Z");
+        let before: Option<DateTime<Utc>> = Some("2026-07-01T08:00:30Z".parse().unwrap());
+        // First sync after a start: whatever was there before, scheduling restarted here.
+        assert_eq!(start_mode(false, None, &now), StartMode::Restarted);
+        assert_eq!(start_mode(false, Some(&before), &now), StartMode::Restarted);
+        // A new version of a schedule that ran here and never went off.
+        assert_eq!(
+            start_mode(true, Some(&now.activated_at), &now),
+            StartMode::Replaced
+        );
+        // Paused and resumed (or disabled and enabled) between two looks at the registry: the
+        // writer still ran, but the schedule was off in between.
+        assert_eq!(start_mode(true, Some(&before), &now), StartMode::Activated);
+        // Created, resumed or enabled while no writer ran here.
+        assert_eq!(start_mode(true, None, &now), StartMode::Activated);
+    }
 }
