@@ -285,6 +285,37 @@ async fn tasks_of_a_type_nobody_serves_die_after_the_grace_period() -> anyhow::R
     .await?;
     let _services = env.start_all().await?;
     let mut admin = env.admin().await?;
+    // Two executors that are not pulling right now: one consumer with a wildcard filter (it serves
+    // `vision.ocr`), one with several filters (it serves neither `translate` nor `vision.ocr`).
+    let js = env.js().await?;
+    let tasks_stream = js.get_stream("FACTORY_TASKS").await?;
+    for (durable, filters) in [
+        ("vision-executor", vec!["tasks.vision.*".to_owned()]),
+        (
+            "greek-executor",
+            vec!["tasks.alpha".to_owned(), "tasks.beta".to_owned()],
+        ),
+    ] {
+        tasks_stream
+            .create_consumer(async_nats::jetstream::consumer::pull::Config {
+                durable_name: Some(durable.to_owned()),
+                filter_subjects: filters,
+                ..Default::default()
+            })
+            .await?;
+    }
+    create(
+        &mut admin,
+        "name: ocr\ntrigger: {manual: {}}\ntasks: [{name: t, type: vision.ocr}]\n",
+    )
+    .await?;
+    let waiting = admin
+        .trigger_activity(TriggerActivityRequest {
+            id: "ocr".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
     create(
         &mut admin,
         "name: orphan\ntrigger: {manual: {}}\ntasks: [{name: t, type: translate, forEach: 'range(3)'}]\n",
@@ -303,9 +334,18 @@ async fn tasks_of_a_type_nobody_serves_die_after_the_grace_period() -> anyhow::R
             task.last_error
         );
     }
-    // And they left the queue.
-    let stream = env.js().await?.get_stream("FACTORY_TASKS").await?;
-    assert_eq!(stream.cached_info().state.messages, 0);
+    // And they left the queue; the task a consumer covers waits in it for its executor.
+    let mut stream = js.get_stream("FACTORY_TASKS").await?;
+    assert_eq!(stream.info().await?.state.messages, 1);
+    let waiting = tasks(&mut admin, &waiting.run_id).await?;
+    assert_eq!(waiting.len(), 1);
+    assert_eq!(waiting[0].status(), TaskStatus::Pending, "{:?}", waiting[0]);
+    assert!(
+        stream
+            .get_last_raw_message_by_subject("tasks.vision.ocr")
+            .await
+            .is_ok()
+    );
     Ok(())
 }
 

@@ -54,12 +54,15 @@ async fn sweep(
         return Ok(());
     }
     let stream = js.get_stream(subjects::TASKS_STREAM).await?;
-    let served: HashSet<String> = stream
+    let filters: HashSet<String> = stream
         .consumers()
         .map_ok(|info| {
-            let mut filters = info.config.filter_subjects.clone();
-            filters.push(info.config.filter_subject.clone());
-            filters
+            // One filter, several, or none (`""`: the whole stream).
+            if info.config.filter_subjects.is_empty() {
+                vec![info.config.filter_subject.clone()]
+            } else {
+                info.config.filter_subjects.clone()
+            }
         })
         .try_collect::<Vec<_>>()
         .await?
@@ -68,7 +71,7 @@ async fn sweep(
         .collect();
     for (task_type,) in types {
         let subject = subjects::task_subject(&task_type);
-        if served.contains(&subject) || served.contains("tasks.>") || served.contains("") {
+        if is_served(&filters, &subject) {
             continue;
         }
         let stale: Vec<(Uuid, i32)> = sqlx::query_as(
@@ -105,4 +108,42 @@ async fn sweep(
         }
     }
     Ok(())
+}
+
+/// Whether a consumer with one of these filters takes messages on `subject`: an exact filter, a
+/// wildcard one (`tasks.*`, `tasks.image.>`), or none at all (the whole stream).
+fn is_served(filters: &HashSet<String>, subject: &str) -> bool {
+    filters
+        .iter()
+        .any(|filter| filter.is_empty() || subjects::subject_matches(filter, subject))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filters(list: &[&str]) -> HashSet<String> {
+        list.iter().map(|f| (*f).to_owned()).collect()
+    }
+
+    #[test]
+    fn a_type_is_served_by_any_consumer_whose_filter_covers_it() {
+        let subject = subjects::task_subject("image.resize");
+        assert!(is_served(&filters(&["tasks.image.resize"]), &subject));
+        assert!(is_served(&filters(&["tasks.image.*"]), &subject));
+        assert!(is_served(&filters(&["tasks.>"]), &subject));
+        assert!(is_served(&filters(&["tasks.*.resize"]), &subject));
+        assert!(
+            is_served(&filters(&["", "tasks.log"]), &subject),
+            "no filter: the whole stream"
+        );
+        assert!(
+            !is_served(&filters(&["tasks.*"]), &subject),
+            "one token only"
+        );
+        assert!(!is_served(&filters(&["tasks.image"]), &subject));
+        assert!(!is_served(&filters(&["tasks.image.resize.big"]), &subject));
+        assert!(!is_served(&filters(&["tasks.log", "tasks.http"]), &subject));
+        assert!(!is_served(&filters(&[]), &subject));
+    }
 }
