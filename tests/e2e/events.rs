@@ -382,3 +382,94 @@ async fn run_completions_chain_activities_but_never_their_own() -> anyhow::Resul
     assert_eq!(runs(&mut admin, "watch").await?.len(), 1);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nul_characters_from_outside_are_stored_as_replacement_characters() -> anyhow::Result<()> {
+    // Postgres stores no NUL (`\u0000`) in text or jsonb; events, payloads and sources may carry
+    // them. Each path fires and finishes, with U+FFFD in their place.
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    let app = axum::Router::new().route(
+        "/nul",
+        axum::routing::get(|| async {
+            (
+                [("content-type", "application/json")],
+                r#"{"name": "nul\u0000source"}"#,
+            )
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/nul", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    create(
+        &mut admin,
+        &format!(
+            r#"
+name: nul-event
+trigger: {{event: {{subject: "events.nul.*"}}}}
+context: [{{name: remote, http: {{url: "{url}"}}}}]
+tasks:
+  - {{name: t, type: log, params: {{text: "{{{{ event.text }}}}", remote: "{{{{ context.remote.name }}}}"}}}}
+"#
+        ),
+    )
+    .await?;
+    create(
+        &mut admin,
+        "name: nul-manual\ntrigger: {manual: {}}\ntasks: [{name: t, type: log, params: {text: '{{ event.text }}'}}]\n",
+    )
+    .await?;
+    publish_event(
+        &js,
+        "events.nul.created",
+        br#"{"text": "a\u0000b", "k\u0000ey": 1}"#.to_vec(),
+        None,
+    )
+    .await?;
+    let fired = admin
+        .trigger_activity(taskfactory_proto::v1::TriggerActivityRequest {
+            id: "nul-manual".to_owned(),
+            payload: Some(taskfactory_model::values::json_to_value(
+                &serde_json::json!({"text": "c\u{0}d"}),
+            )),
+            idempotency_key: "key\u{0}with a nul".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+
+    let event_run = wait_for("the event's run", Duration::from_secs(20), || {
+        let mut admin = admin.clone();
+        async move { Ok(runs(&mut admin, "nul-event").await?.into_iter().next()) }
+    })
+    .await?;
+    for (run_id, expected) in [
+        (
+            event_run.id.clone(),
+            serde_json::json!({"text": "a\u{fffd}b", "remote": "nul\u{fffd}source"}),
+        ),
+        (
+            fired.run_id.clone(),
+            serde_json::json!({"text": "c\u{fffd}d"}),
+        ),
+    ] {
+        let run = finished_run(&admin, &run_id, Duration::from_secs(30)).await?;
+        assert_eq!(run.status(), RunStatus::RunSucceeded, "{run:?}");
+        let run_tasks = tasks(&mut admin, &run.id).await?;
+        assert_eq!(
+            struct_to_json(run_tasks[0].params.as_ref().unwrap()),
+            expected
+        );
+    }
+    let event_run = finished_run(&admin, &event_run.id, Duration::from_secs(5)).await?;
+    assert_eq!(
+        event_run
+            .payload
+            .as_ref()
+            .map(taskfactory_model::values::value_to_json),
+        Some(serde_json::json!({"text": "a\u{fffd}b", "k\u{fffd}ey": 1}))
+    );
+    Ok(())
+}

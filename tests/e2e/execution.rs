@@ -1075,11 +1075,59 @@ async fn a_long_attempt_shows_running_and_a_quick_one_never_does() -> anyhow::Re
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn late_and_out_of_order_reports_never_move_a_task_backwards() -> anyhow::Result<()> {
+/// A result for `task` as an executor played by the test reports it.
+fn played_result(
+    task: &taskfactory_proto::v1::Task,
+    attempt: u32,
+    status: TaskStatus,
+) -> taskfactory_proto::v1::TaskResult {
+    taskfactory_proto::v1::TaskResult {
+        task_id: task.id.clone(),
+        run_id: task.run_id.clone(),
+        activity_id: task.activity_id.clone(),
+        attempt,
+        status: status as i32,
+        error: format!("attempt {attempt}"),
+        executor: "played-by-the-test".to_owned(),
+        r#type: task.r#type.clone(),
+        ..Default::default()
+    }
+}
+
+/// Publishes a result the way executors do (to its run's subject, with its message id).
+async fn publish_result(
+    js: &jetstream::Context,
+    result: taskfactory_proto::v1::TaskResult,
+) -> anyhow::Result<()> {
+    let subject = subjects::result_subject("played", &result.run_id);
+    let msg_id = subjects::result_msg_id(
+        &result.task_id,
+        result.attempt,
+        result.status().as_str_name(),
+    );
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", msg_id.as_str());
+    js.publish_with_headers(subject, headers, result.encode_to_vec().into())
+        .await?
+        .await?;
+    Ok(())
+}
+
+/// The trigger and the orchestrator, no executor (the test plays it), and one run of an activity
+/// `played` with tasks of type `played`.
+struct Played {
+    // Fields drop in order: the services stop before their NATS and database go.
+    _services: [taskfactory_tests::Running; 2],
+    _env: TestEnv,
+    admin: Admin,
+    js: jetstream::Context,
+    run_id: String,
+    tasks: Vec<taskfactory_proto::v1::Task>,
+}
+
+async fn played_run(count: usize) -> anyhow::Result<Played> {
     let env = TestEnv::new(EnvOptions::default()).await?;
-    // No executor: the test plays it, sending reports in the orders concurrency can produce.
-    let _services = [
+    let services = [
         env.start(Service::Trigger),
         env.start(Service::Orchestrator),
     ];
@@ -1089,39 +1137,89 @@ async fn late_and_out_of_order_reports_never_move_a_task_backwards() -> anyhow::
     let js = env.js().await?;
     create(
         &mut admin,
-        "name: played\ntrigger: {manual: {}}\ntasks: [{name: t, type: played, forEach: 'range(2)'}]\n",
+        &format!("name: played\ntrigger: {{manual: {{}}}}\ntasks: [{{name: t, type: played, forEach: 'range({count})'}}]\n"),
     )
     .await?;
     let run_id = fire(&mut admin, "played").await?;
     let listed = wait_for("the tasks", Duration::from_secs(20), || {
         let mut admin = admin.clone();
         let run_id = run_id.clone();
-        async move { Ok(Some(tasks(&mut admin, &run_id).await?).filter(|t| t.len() == 2)) }
+        async move { Ok(Some(tasks(&mut admin, &run_id).await?).filter(|t| t.len() == count)) }
     })
     .await?;
+    Ok(Played {
+        _services: services,
+        _env: env,
+        admin,
+        js,
+        run_id,
+        tasks: listed,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn results_carrying_what_postgres_cannot_store_are_recorded_not_stuck() -> anyhow::Result<()>
+{
+    let Played {
+        mut admin,
+        js,
+        run_id,
+        tasks: listed,
+        _services,
+        _env,
+    } = played_run(2).await?;
+    // NUL characters: Postgres text and jsonb refuse them, an executor may well send them.
+    let mut failed = played_result(&listed[0], 1, TaskStatus::Dead);
+    failed.error = "bad\0byte".to_owned();
+    failed.executor = "nul\0executor".to_owned();
+    publish_result(&js, failed).await?;
+    let mut succeeded = played_result(&listed[1], 1, TaskStatus::Succeeded);
+    succeeded.output = Some(taskfactory_model::values::json_to_value(
+        &serde_json::json!({"te\u{0}xt": "a\u{0}b", "list": ["\u{0}"]}),
+    ));
+    publish_result(&js, succeeded).await?;
+
+    let run = finished_run(&admin, &run_id, Duration::from_secs(20)).await?;
+    assert_eq!((run.tasks_succeeded, run.tasks_failed), (1, 1));
+    let dead = admin
+        .get_task(GetTaskRequest {
+            id: listed[0].id.clone(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(dead.status(), TaskStatus::Dead);
+    assert_eq!(dead.last_error, "bad\u{fffd}byte");
+    assert_eq!(dead.attempt_history[0].executor, "nul\u{fffd}executor");
+    let done = admin
+        .get_task(GetTaskRequest {
+            id: listed[1].id.clone(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(done.status(), TaskStatus::Succeeded);
+    assert_eq!(
+        done.output
+            .as_ref()
+            .map(taskfactory_model::values::value_to_json),
+        Some(serde_json::json!({"te\u{fffd}xt": "a\u{fffd}b", "list": ["\u{fffd}"]}))
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn late_and_out_of_order_reports_never_move_a_task_backwards() -> anyhow::Result<()> {
+    // The test plays the executor, sending reports in the orders concurrency can produce.
+    let Played {
+        admin,
+        js,
+        run_id,
+        tasks: listed,
+        _services,
+        _env,
+    } = played_run(2).await?;
     let report = |task: usize, attempt: u32, status: TaskStatus| {
-        let result = taskfactory_proto::v1::TaskResult {
-            task_id: listed[task].id.clone(),
-            run_id: run_id.clone(),
-            activity_id: listed[task].activity_id.clone(),
-            attempt,
-            status: status as i32,
-            error: format!("attempt {attempt}"),
-            executor: "played-by-the-test".to_owned(),
-            r#type: "played".to_owned(),
-            ..Default::default()
-        };
-        let js = js.clone();
-        let subject = subjects::result_subject("played", &run_id);
-        let msg_id = subjects::result_msg_id(&listed[task].id, attempt, status.as_str_name());
-        async move {
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert("Nats-Msg-Id", msg_id.as_str());
-            js.publish_with_headers(subject, headers, result.encode_to_vec().into())
-                .await?
-                .await?;
-            anyhow::Ok(())
-        }
+        let result = played_result(&listed[task], attempt, status);
+        publish_result(&js, result)
     };
     let state = |task: usize| {
         let mut admin = admin.clone();

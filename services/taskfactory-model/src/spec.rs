@@ -298,10 +298,55 @@ pub fn validate(spec: &ActivitySpec, now: DateTime<Utc>) -> Result<(), SpecError
         }
     }
 
+    // Postgres stores no NUL character: say where it is rather than fail to store the spec.
+    let mut nul_fields = Vec::new();
+    nul_paths(
+        &taskfactory_proto::to_json(spec),
+        String::new(),
+        &mut nul_fields,
+    );
+    for path in nul_fields {
+        err(
+            path,
+            "contains a NUL character (\\u0000), which cannot be stored".to_owned(),
+        );
+    }
+
     if errors.is_empty() {
         Ok(())
     } else {
         Err(SpecErrors(errors))
+    }
+}
+
+/// Where a JSON document holds NUL characters (in a string or a key), as `a.b[2].c` paths; at most
+/// a few, the first in document order.
+fn nul_paths(value: &serde_json::Value, path: String, found: &mut Vec<String>) {
+    const MAX: usize = 5;
+    if found.len() >= MAX {
+        return;
+    }
+    match value {
+        serde_json::Value::String(s) if s.contains('\0') => found.push(path),
+        serde_json::Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                nul_paths(item, format!("{path}[{i}]"), found);
+            }
+        }
+        serde_json::Value::Object(map) => {
+            for (key, item) in map {
+                let inner = if path.is_empty() {
+                    key.replace('\0', "\\u0000")
+                } else {
+                    format!("{path}.{}", key.replace('\0', "\\u0000"))
+                };
+                if key.contains('\0') && found.len() < MAX {
+                    found.push(inner.clone());
+                }
+                nul_paths(item, inner, found);
+            }
+        }
+        _ => {}
     }
 }
 
@@ -671,6 +716,19 @@ tasks:
     #[test]
     fn a_good_spec_validates() {
         assert_eq!(errors_of(GOOD), vec![]);
+    }
+
+    #[test]
+    fn nul_characters_are_named_where_they_are() {
+        let yaml = "name: nul\ntrigger: {manual: {}}\ntasks: [{name: t, type: log, params: {text: \"a\\0b\", \"k\\0\": 1}}]\n";
+        let fields: Vec<String> = errors_of(yaml).into_iter().map(|e| e.field).collect();
+        assert_eq!(fields, ["tasks[0].params.k\\u0000", "tasks[0].params.text"]);
+        let errors = errors_of(yaml);
+        assert!(
+            errors[0].message.contains("NUL character"),
+            "{}",
+            errors[0].message
+        );
     }
 
     #[test]

@@ -79,6 +79,37 @@ fn number_to_json(n: f64) -> serde_json::Value {
     }
 }
 
+/// Postgres stores no NUL character, in `text` or in `jsonb` (`\u0000`), and anything from outside
+/// (events, payloads, executors' results, context sources) may carry one. What we store has each
+/// replaced with U+FFFD, the replacement character, so the data is kept and marked rather than
+/// refused over and over.
+pub fn make_storable_text(text: &mut String) {
+    if text.contains('\0') {
+        *text = text.replace('\0', "\u{fffd}");
+    }
+}
+
+/// [`make_storable_text`] for every string and key in a JSON document.
+pub fn make_storable_json(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::String(s) => make_storable_text(s),
+        serde_json::Value::Array(items) => items.iter_mut().for_each(make_storable_json),
+        serde_json::Value::Object(map) => {
+            if map.keys().any(|k| k.contains('\0')) {
+                let entries = std::mem::take(map);
+                for (mut key, mut item) in entries {
+                    make_storable_text(&mut key);
+                    make_storable_json(&mut item);
+                    map.insert(key, item);
+                }
+            } else {
+                map.values_mut().for_each(make_storable_json);
+            }
+        }
+        serde_json::Value::Null | serde_json::Value::Bool(_) | serde_json::Value::Number(_) => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,5 +128,24 @@ mod tests {
             struct_to_json(&json_to_struct(&json!(5))),
             json!({"value": 5})
         );
+    }
+
+    #[test]
+    fn nul_characters_are_replaced_everywhere_in_a_document() {
+        let mut doc = serde_json::json!({
+            "a\u{0}b": ["x\u{0}", {"k": "\u{0}\u{0}"}, 1, null, true],
+            "plain": "ok",
+        });
+        make_storable_json(&mut doc);
+        assert_eq!(
+            doc,
+            serde_json::json!({
+                "a\u{fffd}b": ["x\u{fffd}", {"k": "\u{fffd}\u{fffd}"}, 1, null, true],
+                "plain": "ok",
+            })
+        );
+        let mut text = "no nul".to_owned();
+        make_storable_text(&mut text);
+        assert_eq!(text, "no nul");
     }
 }

@@ -181,7 +181,8 @@ impl Commands {
     }
 
     /// Records a result the way the results consumer does, and announces a finished run.
-    async fn record(&self, record: ResultRecord) -> Result<(), Refusal> {
+    async fn record(&self, mut record: ResultRecord) -> Result<(), Refusal> {
+        record.make_storable();
         match store::record_result(&self.spawner.pool, &record).await? {
             Recorded::UnknownTask => Err(refuse("not_found", "no such task")),
             Recorded::AlreadyFinal => {

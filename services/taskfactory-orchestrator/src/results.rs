@@ -81,7 +81,7 @@ impl ResultSink {
 
     /// Records a decoded result; announces the run when it was the last.
     async fn record(&self, result: TaskResult, task_id: TaskId, status: TaskStatus) -> Disposition {
-        let record = ResultRecord {
+        let mut record = ResultRecord {
             task_id,
             attempt: result.attempt,
             status,
@@ -91,6 +91,7 @@ impl ResultSink {
             started_at: result.started_at.as_ref().and_then(timestamp_to_chrono),
             finished_at: result.finished_at.as_ref().and_then(timestamp_to_chrono),
         };
+        record.make_storable();
         let recorded = if status == TaskStatus::Running {
             store::record_running(&self.pool, &record).await
         } else {

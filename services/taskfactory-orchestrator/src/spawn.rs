@@ -430,6 +430,28 @@ impl Spawner {
         run_id: RunId,
         purpose: Purpose,
     ) -> (NewRun, Vec<NewTask>) {
+        let (mut run, tasks) = self
+            .evaluate_raw(spec, event, activity_id, run_id, purpose)
+            .await;
+        // What came from outside (a foreign trigger's payload, a source's error) is stored too.
+        if let Some(payload) = run.payload.as_mut() {
+            values::make_storable_json(payload);
+        }
+        values::make_storable_json(&mut run.evaluation);
+        values::make_storable_text(&mut run.error);
+        values::make_storable_text(&mut run.dedupe_key);
+        values::make_storable_text(&mut run.subject);
+        (run, tasks)
+    }
+
+    async fn evaluate_raw(
+        &self,
+        spec: &ActivitySpec,
+        event: &TriggerEvent,
+        activity_id: ActivityId,
+        run_id: RunId,
+        purpose: Purpose,
+    ) -> (NewRun, Vec<NewTask>) {
         let payload = event.payload.as_ref().map(values::value_to_json);
         let mut run = run_header(event, activity_id, run_id);
         let mut scope = Scope {
@@ -451,7 +473,9 @@ impl Spawner {
             .sources
             .resolve(spec, &sources_scope, purpose == Purpose::Run)
             .await;
-        let context = serde_json::Value::Object(resolved.context);
+        // Templates see the context as it is stored.
+        let mut context = serde_json::Value::Object(resolved.context);
+        values::make_storable_json(&mut context);
         let source_notes: Vec<serde_json::Value> = resolved
             .notes
             .iter()
@@ -514,7 +538,9 @@ impl Spawner {
         }
         let created_at = Utc::now();
         let mut tasks = Vec::with_capacity(plan.tasks.len());
-        for planned in plan.tasks {
+        for mut planned in plan.tasks {
+            // Published as stored.
+            values::make_storable_json(&mut planned.params);
             let id = TaskId::derive(run_id, &planned.template, planned.item_index);
             let instance = TaskInstance {
                 task_id: id.to_string(),

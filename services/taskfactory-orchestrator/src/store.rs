@@ -5,6 +5,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row};
 use taskfactory_model::ids::{ActivityId, RunId, TaskId};
 use taskfactory_model::status;
+use taskfactory_model::values;
 use taskfactory_proto::v1::{OverlapPolicy, RunStatus, TaskStatus};
 use taskfactory_runtime::metrics;
 use uuid::Uuid;
@@ -569,6 +570,18 @@ pub struct ResultRecord {
     pub executor: String,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl ResultRecord {
+    /// Replaces the NUL characters an executor or an admin may send (Postgres stores none), so
+    /// the result is recorded instead of refused on every redelivery.
+    pub fn make_storable(&mut self) {
+        values::make_storable_text(&mut self.error);
+        values::make_storable_text(&mut self.executor);
+        if let Some(output) = self.output.as_mut() {
+            values::make_storable_json(output);
+        }
+    }
 }
 
 /// A finished run that has not been announced yet.

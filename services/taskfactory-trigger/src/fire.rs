@@ -70,6 +70,14 @@ pub async fn fire(
     request: FireRequest,
     schedule: Option<ScheduleWrite<'_>>,
 ) -> Result<Fired, StoreError> {
+    // Stored as it is published: Postgres takes no NUL character (the key is scrubbed before any
+    // id is derived from it, so a repeat still dedupes).
+    let mut request = request;
+    values::make_storable_text(&mut request.dedupe_key);
+    values::make_storable_text(&mut request.subject);
+    if let Some(payload) = request.payload.as_mut() {
+        values::make_storable_json(payload);
+    }
     let span = tracing::info_span!(
         "fire",
         otel.name = %format_args!("fire {}", request.activity_name),
