@@ -1271,3 +1271,158 @@ async fn late_and_out_of_order_reports_never_move_a_task_backwards() -> anyhow::
     assert_eq!((run.tasks_succeeded, run.tasks_failed), (1, 1));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_of_results_ends_as_recording_them_one_by_one_would() -> anyhow::Result<()> {
+    use taskfactory_orchestrator::store::{self, Recorded, ResultRecord};
+    let Played {
+        mut admin,
+        tasks: batched,
+        _services,
+        _env,
+        ..
+    } = played_run(4).await?;
+    let pool = _env.db.pool().await?;
+    // A second run of the same activity: its results are recorded one at a time.
+    let run_id = fire(&mut admin, "played").await?;
+    let single = wait_for("the second run's tasks", Duration::from_secs(20), || {
+        let mut admin = admin.clone();
+        let run_id = run_id.clone();
+        async move { Ok(Some(tasks(&mut admin, &run_id).await?).filter(|t| t.len() == 4)) }
+    })
+    .await?;
+    let result =
+        |task: &taskfactory_proto::v1::Task, attempt: u32, status: TaskStatus| ResultRecord {
+            task_id: task.id.parse().unwrap(),
+            attempt,
+            status,
+            error: format!("attempt {attempt} {}", status.as_str_name()),
+            output: (status == TaskStatus::Succeeded)
+                .then(|| serde_json::json!({"attempt": attempt})),
+            executor: "played-by-the-test".to_owned(),
+            started_at: None,
+            finished_at: None,
+        };
+    // What concurrency and redelivery can produce, in one batch: a repeat, a late older failure,
+    // a result after the task's end, a task nobody made.
+    let first = |t: &[taskfactory_proto::v1::Task]| {
+        let mut unknown = result(&t[0], 1, TaskStatus::Dead);
+        unknown.task_id = taskfactory_model::ids::TaskId(uuid::Uuid::new_v4());
+        vec![
+            result(&t[0], 1, TaskStatus::Failed),
+            result(&t[0], 1, TaskStatus::Failed),
+            result(&t[1], 2, TaskStatus::Failed),
+            result(&t[1], 1, TaskStatus::Failed),
+            result(&t[0], 2, TaskStatus::Succeeded),
+            result(&t[0], 3, TaskStatus::Dead),
+            unknown,
+            result(&t[2], 1, TaskStatus::Dead),
+        ]
+    };
+    // The run's last two tasks end in one batch.
+    let second = |t: &[taskfactory_proto::v1::Task]| {
+        vec![
+            result(&t[1], 3, TaskStatus::Succeeded),
+            result(&t[2], 2, TaskStatus::Succeeded),
+            result(&t[3], 1, TaskStatus::Succeeded),
+        ]
+    };
+    let kind = |r: &Recorded| match r {
+        Recorded::UnknownTask => "unknown".to_owned(),
+        Recorded::AlreadyFinal => "already final".to_owned(),
+        Recorded::Applied(None) => "applied".to_owned(),
+        Recorded::Applied(Some(run)) => format!("applied, run {}", run.status.as_str_name()),
+    };
+    let mut outcomes = Vec::new();
+    type Step<'a> = &'a dyn Fn(&[taskfactory_proto::v1::Task]) -> Vec<ResultRecord>;
+    let steps: [Step<'_>; 2] = [&first, &second];
+    for step in steps {
+        let batch: Vec<String> = store::record_results(&pool, &step(&batched))
+            .await?
+            .iter()
+            .map(kind)
+            .collect();
+        let mut one_by_one = Vec::new();
+        for record in step(&single) {
+            one_by_one.push(kind(&store::record_result(&pool, &record).await?));
+        }
+        assert_eq!(batch, one_by_one);
+        outcomes.push(batch);
+    }
+    assert_eq!(
+        outcomes,
+        [
+            vec![
+                "applied",
+                "applied",
+                "applied",
+                "applied",
+                "applied",
+                "already final",
+                "unknown",
+                "applied"
+            ],
+            vec!["applied", "already final", "applied, run RUN_FAILED"],
+        ]
+    );
+
+    // Tasks, attempt histories and runs are the same both ways.
+    type TaskRow = (i32, String, i32, String, Option<serde_json::Value>, bool);
+    type AttemptRow = (i32, i32, String, String, Option<serde_json::Value>);
+    let state = |run: String| {
+        let pool = pool.clone();
+        async move {
+            let run = uuid::Uuid::parse_str(&run)?;
+            let tasks: Vec<TaskRow> = sqlx::query_as(
+                "SELECT item_index, status, attempts, last_error, output, finished_at IS NOT NULL \
+                 FROM tasks WHERE run_id = $1 ORDER BY item_index",
+            )
+            .bind(run)
+            .fetch_all(&pool)
+            .await?;
+            let attempts: Vec<AttemptRow> = sqlx::query_as(
+                "SELECT t.item_index, a.attempt, a.status, a.error, a.output FROM task_attempts a \
+                 JOIN tasks t ON t.id = a.task_id WHERE t.run_id = $1 \
+                 ORDER BY t.item_index, a.attempt, a.status",
+            )
+            .bind(run)
+            .fetch_all(&pool)
+            .await?;
+            let counters: (String, i32, i32, bool) = sqlx::query_as(
+                "SELECT status, tasks_succeeded, tasks_failed, finished_at IS NOT NULL FROM runs WHERE id = $1",
+            )
+            .bind(run)
+            .fetch_one(&pool)
+            .await?;
+            anyhow::Ok((tasks, attempts, counters))
+        }
+    };
+    let (tasks_batched, attempts_batched, run_batched) = state(batched[0].run_id.clone()).await?;
+    assert_eq!(
+        (
+            tasks_batched.clone(),
+            attempts_batched.len(),
+            run_batched.clone()
+        ),
+        {
+            let (t, a, r) = state(run_id.clone()).await?;
+            (t, a.len(), r)
+        }
+    );
+    assert_eq!(attempts_batched, state(run_id).await?.1);
+    assert_eq!(run_batched, ("FAILED".to_owned(), 3, 1, true));
+    let shown: Vec<(String, i32, String)> = tasks_batched
+        .iter()
+        .map(|t| (t.1.clone(), t.2, t.3.clone()))
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            ("SUCCEEDED".to_owned(), 2, "attempt 2 SUCCEEDED".to_owned()),
+            ("SUCCEEDED".to_owned(), 3, "attempt 3 SUCCEEDED".to_owned()),
+            ("DEAD".to_owned(), 1, "attempt 1 DEAD".to_owned()),
+            ("SUCCEEDED".to_owned(), 1, "attempt 1 SUCCEEDED".to_owned()),
+        ]
+    );
+    Ok(())
+}

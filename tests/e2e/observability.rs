@@ -360,9 +360,20 @@ async fn metrics_expose_fires_runs_tasks_attempts_dead_letters_consumers_and_sou
         &[("kind", "static"), ("outcome", "ok")],
     );
     assert!(count >= 1.0);
+    // Every result went through a batch: at least as many results as tasks finished.
+    let (batches, results, in_buckets) = histogram(&orchestrator, m::RESULT_BATCH_SIZE, &[]);
+    assert!(
+        batches >= 1.0 && in_buckets == batches,
+        "{batches} {in_buckets}"
+    );
+    assert!(
+        results >= 9.0 && results >= batches,
+        "{results} results in {batches} batches"
+    );
     assert_described(
         &orchestrator,
         &[
+            m::RESULT_BATCH_SIZE,
             m::RUNS,
             m::TASKS,
             m::DLQ_MESSAGES,

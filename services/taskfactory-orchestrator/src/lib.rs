@@ -62,6 +62,13 @@ pub struct Config {
         default_value_t = 32
     )]
     pub result_concurrency: usize,
+    /// Transactions recording results at once (each records one run's waiting results).
+    #[arg(
+        long = "result-transactions",
+        env = "TASKFACTORY_RESULT_TRANSACTIONS",
+        default_value_t = 4
+    )]
+    pub result_transactions: usize,
     /// How long a trigger may be in hand without a progress ack before it is redelivered.
     #[arg(long = "ack-wait", env = "TASKFACTORY_ACK_WAIT", default_value = "30s", value_parser = parse_duration)]
     pub ack_wait: Duration,
@@ -173,6 +180,7 @@ impl Config {
             database: DatabaseArgs::new(database_url),
             trigger_concurrency: 8,
             result_concurrency: 32,
+            result_transactions: 4,
             ack_wait: Duration::from_secs(30),
             publish_window: 256,
             max_tasks_per_run: 10_000,
@@ -285,10 +293,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             .context("context sources")?,
         ),
     });
+    let tracker = TaskTracker::new();
     let sink = Arc::new(results::ResultSink {
         pool: pool.clone(),
         js: js.clone(),
         spawner: spawner.clone(),
+        batcher: results::Batcher::start(pool.clone(), config.result_transactions, &tracker),
     });
     let overlap_spawner = spawner.clone();
     let preview_spawner = spawner.clone();
@@ -296,7 +306,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         spawner: spawner.clone(),
         cancelled_runs: cancelled_runs.clone(),
     });
-    let tracker = TaskTracker::new();
     taskfactory_runtime::metrics::spawn_endpoint(
         &tracker,
         config.lifecycle.metrics_addr,

@@ -2,8 +2,12 @@
 //! later ones are kept as attempts), counts toward its run, and finishes and announces the run
 //! when its last task is done.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use async_nats::jetstream::Message;
@@ -24,6 +28,101 @@ pub struct ResultSink {
     pub js: async_nats::jetstream::Context,
     /// Starts the next buffered run of an activity when one of its runs finishes.
     pub spawner: Arc<crate::spawn::Spawner>,
+    /// Records results in batches per run.
+    pub batcher: Batcher,
+}
+
+/// One result waiting to be recorded, and who waits for the outcome.
+struct Queued {
+    /// The run the result names (the batch transaction finds the real one; this only groups).
+    run: String,
+    record: ResultRecord,
+    reply: oneshot::Sender<Result<Recorded, sqlx::Error>>,
+}
+
+/// Records results in batches: whatever results are waiting when a batch starts are grouped by
+/// run and each group is recorded in one transaction ([`store::record_results`]), so the results
+/// of a fan-out that arrive together take one run lock and one commit, not one each. Nothing waits
+/// to fill a batch: a lone result is recorded at once; batches form while earlier ones commit.
+#[derive(Clone)]
+pub struct Batcher {
+    queue: mpsc::Sender<Queued>,
+}
+
+/// Results in one batch, at most.
+const MAX_BATCH: usize = 256;
+
+impl Batcher {
+    /// Starts the batching task; `transactions` bounds the group transactions at once.
+    pub fn start(pool: PgPool, transactions: usize, tracker: &TaskTracker) -> Self {
+        let (queue, receiver) = mpsc::channel(MAX_BATCH);
+        tracker.spawn(run_batches(pool, receiver, transactions.max(1)));
+        Self { queue }
+    }
+
+    /// Records one result as part of the next batch.
+    pub async fn record(&self, run: String, record: ResultRecord) -> Result<Recorded, sqlx::Error> {
+        let (reply, outcome) = oneshot::channel();
+        let gone = || sqlx::Error::PoolClosed;
+        self.queue
+            .send(Queued { run, record, reply })
+            .await
+            .map_err(|_| gone())?;
+        outcome.await.map_err(|_| gone())?
+    }
+}
+
+async fn run_batches(pool: PgPool, mut receiver: mpsc::Receiver<Queued>, transactions: usize) {
+    let permits = Arc::new(Semaphore::new(transactions));
+    let groups = TaskTracker::new();
+    while let Some(first) = receiver.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match receiver.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let mut by_run: HashMap<String, Vec<Queued>> = HashMap::new();
+        for queued in batch {
+            by_run.entry(queued.run.clone()).or_default().push(queued);
+        }
+        for (_, group) in by_run {
+            // While every transaction is busy, results gather for the next batch.
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return;
+            };
+            groups.spawn(record_group(pool.clone(), group, permit));
+        }
+    }
+    groups.close();
+    groups.wait().await;
+}
+
+/// Records one run's results in one transaction. If that fails, each is recorded on its own, so
+/// one result the database refuses cannot hold back the others.
+async fn record_group(pool: PgPool, group: Vec<Queued>, _permit: OwnedSemaphorePermit) {
+    let (records, replies): (Vec<ResultRecord>, Vec<_>) =
+        group.into_iter().map(|q| (q.record, q.reply)).unzip();
+    taskfactory_runtime::metrics::record_result_batch(records.len());
+    let outcomes: Vec<Result<Recorded, sqlx::Error>> = if records.len() == 1 {
+        vec![store::record_result(&pool, &records[0]).await]
+    } else {
+        match store::record_results(&pool, &records).await {
+            Ok(recorded) => recorded.into_iter().map(Ok).collect(),
+            Err(error) => {
+                tracing::debug!(results = records.len(), error = %error_chain(&error), "batch not recorded; recording its results one by one");
+                let mut one_by_one = Vec::with_capacity(records.len());
+                for record in &records {
+                    one_by_one.push(store::record_result(&pool, record).await);
+                }
+                one_by_one
+            }
+        }
+    };
+    for (reply, outcome) in replies.into_iter().zip(outcomes) {
+        let _ = reply.send(outcome);
+    }
 }
 
 impl ResultSink {
@@ -95,7 +194,7 @@ impl ResultSink {
         let recorded = if status == TaskStatus::Running {
             store::record_running(&self.pool, &record).await
         } else {
-            store::record_result(&self.pool, &record).await
+            self.batcher.record(result.run_id.clone(), record).await
         };
         match recorded {
             Ok(Recorded::UnknownTask) => {

@@ -608,8 +608,6 @@ pub enum Recorded {
     Applied(Option<CompletedRun>),
 }
 
-/// Records a result: the attempt row, the task's state (forward only; the first terminal result
-/// wins), and the run's counters and completion, in one transaction.
 /// An attempt its executor reports still running: the task shows `RUNNING` (with the attempt's
 /// number) unless it is final, or a result of this attempt or a later one is already recorded
 /// (reports are handled concurrently); the report joins the attempt history either way. One row
@@ -647,71 +645,190 @@ pub async fn record_running(pool: &PgPool, result: &ResultRecord) -> Result<Reco
     Ok(Recorded::Applied(None))
 }
 
+/// Records a result: the attempt row, the task's state (forward only; the first terminal result
+/// wins), and the run's counters and completion, in one transaction.
 pub async fn record_result(pool: &PgPool, result: &ResultRecord) -> Result<Recorded, sqlx::Error> {
+    let mut recorded = record_results(pool, std::slice::from_ref(result)).await?;
+    Ok(recorded.pop().unwrap_or(Recorded::UnknownTask))
+}
+
+/// A task as a batch of results found it, and what the batch makes of it.
+struct TaskInBatch {
+    run_id: Uuid,
+    task_type: String,
+    status: TaskStatus,
+    attempts: i32,
+    /// Set when a result changed the task.
+    changed: bool,
+    /// The error the task shows, when a result replaced it.
+    last_error: Option<String>,
+    /// The newest output a result brought (the task keeps its own otherwise).
+    output: Option<serde_json::Value>,
+    finished_at: Option<DateTime<Utc>>,
+}
+
+/// Records results (not running reports), in order, in one transaction, with the same outcome as
+/// recording them one by one: the attempt rows, each task's state (forward only; the first
+/// terminal result wins), and each run's counters and completion. One lock of each run (taken in
+/// id order, before its tasks, as everywhere), one statement for the attempts, one for the tasks
+/// and one per run, however many results: a fan-out's results cost one commit, not one each.
+/// Returns what happened to each result, in order; a run finished by the batch is reported with
+/// its last terminal result.
+pub async fn record_results(
+    pool: &PgPool,
+    results: &[ResultRecord],
+) -> Result<Vec<Recorded>, sqlx::Error> {
+    if results.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut task_ids: Vec<Uuid> = results.iter().map(|r| r.task_id.0).collect();
+    task_ids.sort_unstable();
+    task_ids.dedup();
     let mut tx = pool.begin().await?;
-    // Lock order, everywhere: the run, then its tasks (a cancel takes them in that order too).
-    let run: Option<(Uuid,)> = sqlx::query_as("SELECT run_id FROM tasks WHERE id = $1")
-        .bind(result.task_id.0)
-        .fetch_optional(&mut *tx)
+    // Lock order, everywhere: the run, then its tasks (a cancel takes them in that order too);
+    // several runs in id order.
+    sqlx::query(
+        "SELECT 1 FROM runs WHERE id IN (SELECT run_id FROM tasks WHERE id = ANY($1)) \
+         ORDER BY id FOR UPDATE",
+    )
+    .bind(&task_ids)
+    .execute(&mut *tx)
+    .await?;
+    let rows: Vec<(Uuid, Uuid, String, String, i32)> = sqlx::query_as(
+        "SELECT id, run_id, status, type, attempts FROM tasks WHERE id = ANY($1) \
+         ORDER BY id FOR UPDATE",
+    )
+    .bind(&task_ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut tasks: std::collections::HashMap<Uuid, TaskInBatch> = rows
+        .into_iter()
+        .map(|(id, run_id, status, task_type, attempts)| {
+            let task = TaskInBatch {
+                run_id,
+                task_type,
+                status: status::task_status_from_db(&status),
+                attempts,
+                changed: false,
+                last_error: None,
+                output: None,
+                finished_at: None,
+            };
+            (id, task)
+        })
+        .collect();
+
+    // The same rules as one result at a time, applied in order in memory.
+    let now = Utc::now();
+    let mut recorded = Vec::with_capacity(results.len());
+    let mut attempts: Vec<&ResultRecord> = Vec::with_capacity(results.len());
+    // Per run: (succeeded, failed, index of its last terminal result).
+    let mut runs: std::collections::BTreeMap<Uuid, (i32, i32, usize)> = Default::default();
+    let mut finished_tasks: Vec<(String, TaskStatus)> = Vec::new();
+    for (index, result) in results.iter().enumerate() {
+        let Some(task) = tasks.get_mut(&result.task_id.0) else {
+            recorded.push(Recorded::UnknownTask);
+            continue;
+        };
+        attempts.push(result);
+        if status::task_is_terminal(task.status) {
+            recorded.push(Recorded::AlreadyFinal);
+            continue;
+        }
+        let attempt = i32::try_from(result.attempt).unwrap_or(i32::MAX);
+        let terminal = status::task_is_terminal(result.status);
+        // A failed attempt older than what the task already shows (a later attempt reported
+        // running or failed first: results are handled concurrently) is kept in the history only.
+        if terminal || attempt >= task.attempts {
+            task.status = result.status;
+            task.last_error = Some(result.error.clone());
+        }
+        task.attempts = task.attempts.max(attempt);
+        if result.output.is_some() {
+            task.output.clone_from(&result.output);
+        }
+        task.finished_at = terminal.then(|| result.finished_at.unwrap_or(now));
+        task.changed = true;
+        if terminal {
+            let run = runs.entry(task.run_id).or_default();
+            if result.status == TaskStatus::Succeeded {
+                run.0 += 1;
+            } else {
+                run.1 += 1;
+            }
+            run.2 = index;
+            finished_tasks.push((task.task_type.clone(), result.status));
+        }
+        recorded.push(Recorded::Applied(None));
+    }
+
+    if !attempts.is_empty() {
+        let column = |f: fn(&ResultRecord) -> Option<String>| -> Vec<Option<String>> {
+            attempts.iter().map(|r| f(r)).collect()
+        };
+        sqlx::query(
+            "INSERT INTO task_attempts (task_id, attempt, status, error, output, executor, \
+                 started_at, finished_at) \
+             SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::jsonb[], \
+                 $6::text[], $7::timestamptz[], $8::timestamptz[]) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(attempts.iter().map(|r| r.task_id.0).collect::<Vec<_>>())
+        .bind(
+            attempts
+                .iter()
+                .map(|r| i32::try_from(r.attempt).unwrap_or(i32::MAX))
+                .collect::<Vec<_>>(),
+        )
+        .bind(column(|r| {
+            Some(status::task_status_db(r.status).to_owned())
+        }))
+        .bind(column(|r| Some(r.error.clone())))
+        .bind(
+            attempts
+                .iter()
+                .map(|r| r.output.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(column(|r| Some(r.executor.clone())))
+        .bind(attempts.iter().map(|r| r.started_at).collect::<Vec<_>>())
+        .bind(attempts.iter().map(|r| r.finished_at).collect::<Vec<_>>())
+        .execute(&mut *tx)
         .await?;
-    if let Some((run,)) = run {
-        sqlx::query("SELECT 1 FROM runs WHERE id = $1 FOR UPDATE")
-            .bind(run)
-            .execute(&mut *tx)
-            .await?;
     }
-    let task: Option<(Uuid, String, String)> =
-        sqlx::query_as("SELECT run_id, status, type FROM tasks WHERE id = $1 FOR UPDATE")
-            .bind(result.task_id.0)
-            .fetch_optional(&mut *tx)
-            .await?;
-    let Some((run_id, current, task_type)) = task else {
-        tx.rollback().await?;
-        return Ok(Recorded::UnknownTask);
-    };
-    let status_text = status::task_status_db(result.status);
-    sqlx::query(
-        "INSERT INTO task_attempts (task_id, attempt, status, error, output, executor, started_at, finished_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
-    )
-    .bind(result.task_id.0)
-    .bind(i32::try_from(result.attempt).unwrap_or(i32::MAX))
-    .bind(status_text)
-    .bind(&result.error)
-    .bind(&result.output)
-    .bind(&result.executor)
-    .bind(result.started_at)
-    .bind(result.finished_at)
-    .execute(&mut *tx)
-    .await?;
-    if status::task_is_terminal(status::task_status_from_db(&current)) {
-        tx.commit().await?;
-        return Ok(Recorded::AlreadyFinal);
+
+    let changed: Vec<(&Uuid, &TaskInBatch)> = tasks.iter().filter(|(_, t)| t.changed).collect();
+    if !changed.is_empty() {
+        sqlx::query(
+            "UPDATE tasks t SET status = u.status, last_error = COALESCE(u.last_error, t.last_error), \
+                 attempts = u.attempts, output = COALESCE(u.output, t.output), \
+                 finished_at = u.finished_at \
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::jsonb[], \
+                 $6::timestamptz[]) AS u(id, status, last_error, attempts, output, finished_at) \
+             WHERE t.id = u.id",
+        )
+        .bind(changed.iter().map(|(id, _)| **id).collect::<Vec<_>>())
+        .bind(
+            changed
+                .iter()
+                .map(|(_, t)| status::task_status_db(t.status))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            changed
+                .iter()
+                .map(|(_, t)| t.last_error.clone())
+                .collect::<Vec<_>>(),
+        )
+        .bind(changed.iter().map(|(_, t)| t.attempts).collect::<Vec<_>>())
+        .bind(changed.iter().map(|(_, t)| t.output.clone()).collect::<Vec<_>>())
+        .bind(changed.iter().map(|(_, t)| t.finished_at).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
     }
-    let terminal = status::task_is_terminal(result.status);
-    // A failed attempt older than what the task already shows (a later attempt reported running
-    // or failed first: results are handled concurrently) is kept in the history only.
-    sqlx::query(
-        "UPDATE tasks SET \
-             status = CASE WHEN $6 OR $3 >= attempts THEN $2 ELSE status END, \
-             last_error = CASE WHEN $6 OR $3 >= attempts THEN $4 ELSE last_error END, \
-             attempts = GREATEST(attempts, $3), \
-             output = COALESCE($5, output), finished_at = CASE WHEN $6 THEN COALESCE($7, now()) END \
-         WHERE id = $1",
-    )
-    .bind(result.task_id.0)
-    .bind(status_text)
-    .bind(i32::try_from(result.attempt).unwrap_or(i32::MAX))
-    .bind(&result.error)
-    .bind(&result.output)
-    .bind(terminal)
-    .bind(result.finished_at)
-    .execute(&mut *tx)
-    .await?;
-    let mut completed = None;
-    let mut run_finished = None;
-    if terminal {
-        let succeeded = result.status == TaskStatus::Succeeded;
+
+    let mut runs_finished = Vec::new();
+    for (run_id, (succeeded, failed, last)) in runs {
         // `before` reads the run as it was before this statement (one snapshot for both).
         let row = sqlx::query(
             "WITH before AS (SELECT status FROM runs WHERE id = $1) \
@@ -731,21 +848,23 @@ pub async fn record_result(pool: &PgPool, result: &ResultRecord) -> Result<Recor
                  (SELECT status FROM before) AS status_before",
         )
         .bind(run_id)
-        .bind(i32::from(succeeded))
-        .bind(i32::from(!succeeded))
+        .bind(succeeded)
+        .bind(failed)
         .fetch_one(&mut *tx)
         .await?;
-        completed = completed_from_row(&row)?;
-        run_finished = run_finished_now(&row)?;
+        recorded[last] = Recorded::Applied(completed_from_row(&row)?);
+        if let Some(finished) = run_finished_now(&row)? {
+            runs_finished.push(finished);
+        }
     }
     tx.commit().await?;
-    if terminal {
-        metrics::record_tasks_finished(&task_type, status::task_outcome(result.status), 1);
+    for (task_type, outcome) in finished_tasks {
+        metrics::record_tasks_finished(&task_type, status::task_outcome(outcome), 1);
     }
-    if let Some((activity, status)) = run_finished {
+    for (activity, status) in runs_finished {
         record_run_finished(&activity, status);
     }
-    Ok(Recorded::Applied(completed))
+    Ok(recorded)
 }
 
 /// The run's activity and final state when the update that returned `row` (with `status_before`)

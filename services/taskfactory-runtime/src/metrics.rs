@@ -78,6 +78,13 @@ pub const CONTEXT_SOURCE_DURATION: &str = "taskfactory_context_source_duration_s
 /// Orchestrator: context sources that failed, by activity, source name and kind.
 pub const CONTEXT_SOURCE_ERRORS: &str = "taskfactory_context_source_errors_total";
 
+/// Orchestrator: how many results each transaction recorded (the results of one run that were
+/// waiting together).
+pub const RESULT_BATCH_SIZE: &str = "taskfactory_result_batch_size";
+
+/// Buckets of the result batch sizes.
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
 /// Histogram buckets of every duration in seconds: 5 ms to 10 min.
 const SECONDS_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
@@ -98,6 +105,9 @@ pub fn handle() -> &'static PrometheusHandle {
                 .set_buckets_for_metric(Matcher::Full(histogram.to_owned()), SECONDS_BUCKETS)
                 .expect("the buckets are not empty");
         }
+        builder = builder
+            .set_buckets_for_metric(Matcher::Full(RESULT_BATCH_SIZE.to_owned()), BATCH_BUCKETS)
+            .expect("the buckets are not empty");
         let recorder = builder.build_recorder();
         let handle = recorder.handle();
         if metrics::set_global_recorder(recorder).is_err() {
@@ -170,6 +180,16 @@ fn describe() {
         CONTEXT_SOURCE_ERRORS,
         "Context sources that failed, by activity, source name and kind"
     );
+    describe_histogram!(
+        RESULT_BATCH_SIZE,
+        "Results recorded per transaction (one run's results waiting together)"
+    );
+}
+
+/// Notes how many results one transaction recorded.
+pub fn record_result_batch(size: usize) {
+    handle();
+    metrics::histogram!(RESULT_BATCH_SIZE).record(size as f64);
 }
 
 /// Counts schedule occurrences of `activity` decided one way.
