@@ -72,27 +72,62 @@ impl Batcher {
     }
 }
 
+/// Groups what is waiting by run and records each group; while a run's group is being recorded,
+/// that run's next results wait and go together as its next group (so no two transactions of one
+/// run queue on its lock, and a fan-out's results gather into few transactions).
 async fn run_batches(pool: PgPool, mut receiver: mpsc::Receiver<Queued>, transactions: usize) {
     let permits = Arc::new(Semaphore::new(transactions));
     let groups = TaskTracker::new();
-    while let Some(first) = receiver.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match receiver.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
+    let (done, mut finished) = mpsc::unbounded_channel::<String>();
+    // Runs with a group being recorded, and their results waiting for it to finish.
+    let mut busy: HashMap<String, Vec<Queued>> = HashMap::new();
+    let mut open = true;
+    while open || !busy.is_empty() {
+        let mut ready: Vec<(String, Vec<Queued>)> = Vec::new();
+        tokio::select! {
+            biased;
+            Some(run) = finished.recv() => {
+                if let Some(waiting) = busy.remove(&run)
+                    && !waiting.is_empty()
+                {
+                    ready.push((run, waiting));
+                }
+            }
+            next = receiver.recv(), if open => {
+                let Some(first) = next else {
+                    open = false;
+                    continue;
+                };
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match receiver.try_recv() {
+                        Ok(next) => batch.push(next),
+                        Err(_) => break,
+                    }
+                }
+                let mut by_run: HashMap<String, Vec<Queued>> = HashMap::new();
+                for queued in batch {
+                    by_run.entry(queued.run.clone()).or_default().push(queued);
+                }
+                for (run, group) in by_run {
+                    match busy.get_mut(&run) {
+                        Some(waiting) => waiting.extend(group),
+                        None => ready.push((run, group)),
+                    }
+                }
             }
         }
-        let mut by_run: HashMap<String, Vec<Queued>> = HashMap::new();
-        for queued in batch {
-            by_run.entry(queued.run.clone()).or_default().push(queued);
-        }
-        for (_, group) in by_run {
+        for (run, group) in ready {
+            busy.insert(run.clone(), Vec::new());
             // While every transaction is busy, results gather for the next batch.
             let Ok(permit) = permits.clone().acquire_owned().await else {
                 return;
             };
-            groups.spawn(record_group(pool.clone(), group, permit));
+            let (pool, done) = (pool.clone(), done.clone());
+            groups.spawn(async move {
+                record_group(pool, group, permit).await;
+                let _ = done.send(run);
+            });
         }
     }
     groups.close();
