@@ -566,11 +566,14 @@ pub async fn fires_to_republish(
     now: DateTime<Utc>,
     limit: i64,
 ) -> Result<Vec<PendingFire>, StoreError> {
+    // Planned on each use: a plan cached while `runs` was small hashes the whole table on every
+    // pass (seen with auto_explain during a burst); a fresh one looks up the few fires' runs.
     sqlx::query(
         "UPDATE fires f SET confirmed_at = now() FROM runs r \
          WHERE f.confirmed_at IS NULL AND f.published_at IS NOT NULL \
            AND r.activity_id = f.activity_id AND r.dedupe_key = f.dedupe_key",
     )
+    .persistent(false)
     .execute(pool)
     .await?;
     let rows = sqlx::query(
