@@ -123,20 +123,35 @@ async fn run_batches(pool: PgPool, mut receiver: mpsc::Receiver<Queued>, transac
             let Ok(permit) = permits.clone().acquire_owned().await else {
                 return;
             };
-            let (pool, done) = (pool.clone(), done.clone());
-            groups.spawn(async move {
-                record_group(pool, group, permit).await;
-                let _ = done.send(run);
-            });
+            // Said when the group is over however it ends, so the run's next results never wait
+            // for a group that is gone.
+            let finished = Finished(Some((run, done.clone())));
+            groups.spawn(record_group(pool.clone(), group, permit, finished));
         }
     }
     groups.close();
     groups.wait().await;
 }
 
+/// Tells the batcher, when dropped, that a run's group is over.
+struct Finished(Option<(String, mpsc::UnboundedSender<String>)>);
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        if let Some((run, done)) = self.0.take() {
+            let _ = done.send(run);
+        }
+    }
+}
+
 /// Records one run's results in one transaction. If that fails, each is recorded on its own, so
 /// one result the database refuses cannot hold back the others.
-async fn record_group(pool: PgPool, group: Vec<Queued>, _permit: OwnedSemaphorePermit) {
+async fn record_group(
+    pool: PgPool,
+    group: Vec<Queued>,
+    _permit: OwnedSemaphorePermit,
+    _finished: Finished,
+) {
     let (records, replies): (Vec<ResultRecord>, Vec<_>) =
         group.into_iter().map(|q| (q.record, q.reply)).unzip();
     taskfactory_runtime::metrics::record_result_batch(records.len());

@@ -646,10 +646,108 @@ pub async fn record_running(pool: &PgPool, result: &ResultRecord) -> Result<Reco
 }
 
 /// Records a result: the attempt row, the task's state (forward only; the first terminal result
-/// wins), and the run's counters and completion, in one transaction.
+/// wins), and the run's counters and completion, in one transaction. [`record_results`] does the
+/// same for several at once; this one, for a result that comes alone, keeps to single-row
+/// statements with cached plans (the array statements are planned on each use).
 pub async fn record_result(pool: &PgPool, result: &ResultRecord) -> Result<Recorded, sqlx::Error> {
-    let mut recorded = record_results(pool, std::slice::from_ref(result)).await?;
-    Ok(recorded.pop().unwrap_or(Recorded::UnknownTask))
+    let mut tx = pool.begin().await?;
+    // Lock order, everywhere: the run, then its tasks (a cancel takes them in that order too).
+    let run: Option<(Uuid,)> = sqlx::query_as("SELECT run_id FROM tasks WHERE id = $1")
+        .bind(result.task_id.0)
+        .fetch_optional(&mut *tx)
+        .await?;
+    if let Some((run,)) = run {
+        sqlx::query("SELECT 1 FROM runs WHERE id = $1 FOR UPDATE")
+            .bind(run)
+            .execute(&mut *tx)
+            .await?;
+    }
+    let task: Option<(Uuid, String, String)> =
+        sqlx::query_as("SELECT run_id, status, type FROM tasks WHERE id = $1 FOR UPDATE")
+            .bind(result.task_id.0)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some((run_id, current, task_type)) = task else {
+        tx.rollback().await?;
+        return Ok(Recorded::UnknownTask);
+    };
+    let status_text = status::task_status_db(result.status);
+    sqlx::query(
+        "INSERT INTO task_attempts (task_id, attempt, status, error, output, executor, started_at, finished_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
+    )
+    .bind(result.task_id.0)
+    .bind(i32::try_from(result.attempt).unwrap_or(i32::MAX))
+    .bind(status_text)
+    .bind(&result.error)
+    .bind(&result.output)
+    .bind(&result.executor)
+    .bind(result.started_at)
+    .bind(result.finished_at)
+    .execute(&mut *tx)
+    .await?;
+    if status::task_is_terminal(status::task_status_from_db(&current)) {
+        tx.commit().await?;
+        return Ok(Recorded::AlreadyFinal);
+    }
+    let terminal = status::task_is_terminal(result.status);
+    // A failed attempt older than what the task already shows (a later attempt reported running
+    // or failed first: results are handled concurrently) is kept in the history only.
+    sqlx::query(
+        "UPDATE tasks SET \
+             status = CASE WHEN $6 OR $3 >= attempts THEN $2 ELSE status END, \
+             last_error = CASE WHEN $6 OR $3 >= attempts THEN $4 ELSE last_error END, \
+             attempts = GREATEST(attempts, $3), \
+             output = COALESCE($5, output), finished_at = CASE WHEN $6 THEN COALESCE($7, now()) END \
+         WHERE id = $1",
+    )
+    .bind(result.task_id.0)
+    .bind(status_text)
+    .bind(i32::try_from(result.attempt).unwrap_or(i32::MAX))
+    .bind(&result.error)
+    .bind(&result.output)
+    .bind(terminal)
+    .bind(result.finished_at)
+    .execute(&mut *tx)
+    .await?;
+    let mut completed = None;
+    let mut run_finished = None;
+    if terminal {
+        let succeeded = result.status == TaskStatus::Succeeded;
+        // `before` reads the run as it was before this statement (one snapshot for both).
+        let row = sqlx::query(
+            "WITH before AS (SELECT status FROM runs WHERE id = $1) \
+             UPDATE runs SET \
+                 tasks_succeeded = tasks_succeeded + $2, \
+                 tasks_failed = tasks_failed + $3, \
+                 status = CASE WHEN status = 'RUNNING' \
+                     AND tasks_succeeded + $2 + tasks_failed + $3 >= tasks_spawned \
+                     THEN CASE WHEN tasks_failed + $3 > 0 THEN 'FAILED' ELSE 'SUCCEEDED' END \
+                     ELSE status END, \
+                 finished_at = CASE WHEN status = 'RUNNING' \
+                     AND tasks_succeeded + $2 + tasks_failed + $3 >= tasks_spawned \
+                     THEN now() ELSE finished_at END \
+             WHERE id = $1 \
+             RETURNING id, activity_id, activity_name, status, tasks_spawned, tasks_succeeded, \
+                 tasks_failed, finished_at, announced_at, \
+                 (SELECT status FROM before) AS status_before",
+        )
+        .bind(run_id)
+        .bind(i32::from(succeeded))
+        .bind(i32::from(!succeeded))
+        .fetch_one(&mut *tx)
+        .await?;
+        completed = completed_from_row(&row)?;
+        run_finished = run_finished_now(&row)?;
+    }
+    tx.commit().await?;
+    if terminal {
+        metrics::record_tasks_finished(&task_type, status::task_outcome(result.status), 1);
+    }
+    if let Some((activity, status)) = run_finished {
+        record_run_finished(&activity, status);
+    }
+    Ok(Recorded::Applied(completed))
 }
 
 /// A task as a batch of results found it, and what the batch makes of it.
