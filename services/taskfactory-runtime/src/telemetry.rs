@@ -169,9 +169,53 @@ where
             .boxed(),
         LogFormat::Pretty => tracing_subscriber::fmt::layer()
             .compact()
+            .fmt_fields(ReadableFields)
             .with_ansi(colours)
             .with_writer(writer)
             .boxed(),
+    }
+}
+
+/// Text log fields without the tracing attributes (`messaging.*`, `otel.*`): the message spans
+/// carry a dozen of them for the trace, which would bury every line a service logs while handling
+/// a message. The span names stay (`process:run:`), and JSON logs keep every field.
+struct ReadableFields;
+
+impl<'writer> tracing_subscriber::fmt::FormatFields<'writer> for ReadableFields {
+    fn format_fields<R: tracing_subscriber::field::RecordFields>(
+        &self,
+        writer: tracing_subscriber::fmt::format::Writer<'writer>,
+        fields: R,
+    ) -> std::fmt::Result {
+        let mut visitor = ReadableVisitor {
+            writer,
+            first: true,
+            result: Ok(()),
+        };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+struct ReadableVisitor<'writer> {
+    writer: tracing_subscriber::fmt::format::Writer<'writer>,
+    first: bool,
+    result: std::fmt::Result,
+}
+
+impl tracing::field::Visit for ReadableVisitor<'_> {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        let name = field.name();
+        if self.result.is_err() || name.starts_with("messaging.") || name.starts_with("otel.") {
+            return;
+        }
+        let separator = if self.first { "" } else { " " };
+        self.first = false;
+        self.result = if name == "message" {
+            write!(self.writer, "{separator}{value:?}")
+        } else {
+            write!(self.writer, "{separator}{name}={value:?}")
+        };
     }
 }
 
@@ -318,11 +362,21 @@ mod tests {
             false,
         ));
         tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!(
+                "process",
+                otel.name = "process tasks.log",
+                messaging.destination.name = "tasks.log",
+                task.id = "t-1",
+            );
+            let _entered = span.enter();
             tracing::info!(run.id = "r-1", "run started");
         });
         let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
-        assert!(text.contains("run started"), "{text}");
-        assert!(text.contains("run.id=\"r-1\""), "{text}");
+        assert!(text.contains("process: "), "the span is named: {text}");
+        assert!(text.contains("run started run.id=\"r-1\""), "{text}");
+        assert!(text.contains("task.id=\"t-1\""), "{text}");
+        assert!(!text.contains("messaging."), "{text}");
+        assert!(!text.contains("otel."), "{text}");
         assert!(serde_json::from_str::<serde_json::Value>(text.trim()).is_err());
     }
 }
