@@ -440,6 +440,53 @@ tasks:
         .await?
         .into_inner();
 
+    // A foreign publisher on `triggers.>`: NULs in the key, subject and payload, on the plain
+    // path and on the overlap (admission) path. The run id comes from the key as stored.
+    let manual_id = admin
+        .get_activity(taskfactory_proto::v1::GetActivityRequest {
+            id: "nul-manual".to_owned(),
+            version: 0,
+        })
+        .await?
+        .into_inner()
+        .id;
+    let mut foreign_runs = Vec::new();
+    for (key, overlap) in [
+        (
+            "foreign\u{0}plain",
+            taskfactory_proto::v1::OverlapPolicy::OverlapUnspecified,
+        ),
+        (
+            "foreign\u{0}admitted",
+            taskfactory_proto::v1::OverlapPolicy::BufferAll,
+        ),
+    ] {
+        let trigger = taskfactory_proto::v1::TriggerEvent {
+            event_id: uuid::Uuid::new_v4().to_string(),
+            activity_id: manual_id.clone(),
+            activity_version: 1,
+            source: taskfactory_proto::v1::TriggerSource::Manual as i32,
+            dedupe_key: key.to_owned(),
+            payload: Some(taskfactory_model::values::json_to_value(
+                &serde_json::json!({"text": "e\u{0}f"}),
+            )),
+            subject: "nul\u{0}subject".to_owned(),
+            activity_name: "nul-manual".to_owned(),
+            overlap: overlap as i32,
+            ..Default::default()
+        };
+        js.publish(
+            "triggers.nul-manual",
+            prost::Message::encode_to_vec(&trigger).into(),
+        )
+        .await?
+        .await?;
+        let stored_key = key.replace('\0', "\u{fffd}");
+        foreign_runs.push(
+            taskfactory_model::ids::RunId::derive(manual_id.parse()?, &stored_key).to_string(),
+        );
+    }
+
     let event_run = wait_for("the event's run", Duration::from_secs(20), || {
         let mut admin = admin.clone();
         async move { Ok(runs(&mut admin, "nul-event").await?.into_iter().next()) }
@@ -454,6 +501,14 @@ tasks:
             fired.run_id.clone(),
             serde_json::json!({"text": "c\u{fffd}d"}),
         ),
+        (
+            foreign_runs[0].clone(),
+            serde_json::json!({"text": "e\u{fffd}f"}),
+        ),
+        (
+            foreign_runs[1].clone(),
+            serde_json::json!({"text": "e\u{fffd}f"}),
+        ),
     ] {
         let run = finished_run(&admin, &run_id, Duration::from_secs(30)).await?;
         assert_eq!(run.status(), RunStatus::RunSucceeded, "{run:?}");
@@ -463,6 +518,23 @@ tasks:
             expected
         );
     }
+    // Admin calls with a NUL: a note is stored with U+FFFD, a name with one is simply not found.
+    let paused = admin
+        .pause_activity(taskfactory_proto::v1::PauseActivityRequest {
+            id: "nul-manual".to_owned(),
+            note: "maintenance\u{0}window".to_owned(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(paused.pause_note, "maintenance\u{fffd}window");
+    let missing = admin
+        .get_activity(taskfactory_proto::v1::GetActivityRequest {
+            id: "nul\u{0}manual".to_owned(),
+            version: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
     let event_run = finished_run(&admin, &event_run.id, Duration::from_secs(5)).await?;
     assert_eq!(
         event_run

@@ -1172,6 +1172,11 @@ async fn results_carrying_what_postgres_cannot_store_are_recorded_not_stuck() ->
     let mut failed = played_result(&listed[0], 1, TaskStatus::Dead);
     failed.error = "bad\0byte".to_owned();
     failed.executor = "nul\0executor".to_owned();
+    // And a time before anything Postgres can store: kept as unknown.
+    failed.started_at = Some(prost_types::Timestamp {
+        seconds: -1_000_000_000_000,
+        nanos: 0,
+    });
     publish_result(&js, failed).await?;
     let mut succeeded = played_result(&listed[1], 1, TaskStatus::Succeeded);
     succeeded.output = Some(taskfactory_model::values::json_to_value(

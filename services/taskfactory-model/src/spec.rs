@@ -129,7 +129,14 @@ pub fn std_duration(d: &prost_types::Duration) -> Option<Duration> {
     Some(Duration::new(d.seconds as u64, d.nanos as u32))
 }
 
+/// A protobuf timestamp as a time we can compute with and store: `None` when it is not a valid
+/// timestamp or lies before what Postgres stores (4713 BC; we stop at 4700 BC), so such a value
+/// from outside is treated as absent instead of failing every write that carries it.
 pub fn timestamp_to_chrono(t: &prost_types::Timestamp) -> Option<DateTime<Utc>> {
+    const EARLIEST_SECONDS: i64 = -210_470_000_000; // about 4700 BC
+    if t.seconds < EARLIEST_SECONDS {
+        return None;
+    }
     DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).ok()?)
 }
 
@@ -716,6 +723,22 @@ tasks:
     #[test]
     fn a_good_spec_validates() {
         assert_eq!(errors_of(GOOD), vec![]);
+    }
+
+    #[test]
+    fn timestamps_postgres_cannot_store_are_absent() {
+        let at = |seconds| timestamp_to_chrono(&prost_types::Timestamp { seconds, nanos: 0 });
+        assert!(at(0).is_some());
+        assert!(at(-62_135_596_800).is_some(), "year 1");
+        assert!(at(-1_000_000_000_000).is_none(), "about 29,700 BC");
+        assert!(at(i64::MIN).is_none());
+        assert!(
+            timestamp_to_chrono(&prost_types::Timestamp {
+                seconds: 0,
+                nanos: -1
+            })
+            .is_none()
+        );
     }
 
     #[test]

@@ -89,6 +89,30 @@ pub fn make_storable_text(text: &mut String) {
     }
 }
 
+/// [`make_storable_text`] for every string and key in a protobuf `Value`.
+pub fn make_storable_value(value: &mut Value) {
+    match &mut value.kind {
+        Some(Kind::StringValue(s)) => make_storable_text(s),
+        Some(Kind::ListValue(list)) => list.values.iter_mut().for_each(make_storable_value),
+        Some(Kind::StructValue(s)) => make_storable_struct(s),
+        None | Some(Kind::NullValue(_) | Kind::BoolValue(_) | Kind::NumberValue(_)) => {}
+    }
+}
+
+/// [`make_storable_text`] for every field name and string in a protobuf `Struct`.
+pub fn make_storable_struct(s: &mut Struct) {
+    if s.fields.keys().any(|k| k.contains('\0')) {
+        let fields = std::mem::take(&mut s.fields);
+        for (mut key, mut item) in fields {
+            make_storable_text(&mut key);
+            make_storable_value(&mut item);
+            s.fields.insert(key, item);
+        }
+    } else {
+        s.fields.values_mut().for_each(make_storable_value);
+    }
+}
+
 /// [`make_storable_text`] for every string and key in a JSON document.
 pub fn make_storable_json(value: &mut serde_json::Value) {
     match value {
@@ -143,6 +167,12 @@ mod tests {
                 "a\u{fffd}b": ["x\u{fffd}", {"k": "\u{fffd}\u{fffd}"}, 1, null, true],
                 "plain": "ok",
             })
+        );
+        let mut value = json_to_value(&serde_json::json!({"a\u{0}": ["\u{0}", {"b": "c\u{0}"}]}));
+        make_storable_value(&mut value);
+        assert_eq!(
+            value_to_json(&value),
+            serde_json::json!({"a\u{fffd}": ["\u{fffd}", {"b": "c\u{fffd}"}]})
         );
         let mut text = "no nul".to_owned();
         make_storable_text(&mut text);

@@ -101,11 +101,12 @@ impl Commands {
     }
 
     async fn cancel(&self, run: RunId, reason: &str) -> Result<(), Refusal> {
-        let reason = if reason.trim().is_empty() {
+        let mut reason = if reason.trim().is_empty() {
             "cancelled through the admin API".to_owned()
         } else {
             format!("cancelled: {reason}")
         };
+        taskfactory_model::values::make_storable_text(&mut reason);
         // Postgres first (the record, and what a late result is checked against), then the
         // executors: once the caller has the answer, none of the run's tasks starts.
         match store::cancel_run(&self.spawner.pool, run, &reason).await? {

@@ -294,11 +294,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         ),
     });
     let tracker = TaskTracker::new();
+    let (batcher, batches) = results::Batcher::start(pool.clone(), config.result_transactions);
     let sink = Arc::new(results::ResultSink {
         pool: pool.clone(),
         js: js.clone(),
         spawner: spawner.clone(),
-        batcher: results::Batcher::start(pool.clone(), config.result_transactions, &tracker),
+        batcher,
     });
     let overlap_spawner = spawner.clone();
     let preview_spawner = spawner.clone();
@@ -378,6 +379,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     tracing::info!("orchestrator running");
     tracker.close();
     tracker.wait().await;
+    // Results still queued are recorded, within the drain time: handlers the consumer stopped
+    // waiting for still hold the queue open, and their messages come back if we leave them.
+    if tokio::time::timeout(config.lifecycle.drain_timeout, batches)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "results still being recorded at exit; their messages will be delivered again"
+        );
+    }
     // Bounded: a server that is already gone must not hold up the exit.
     let _ = tokio::time::timeout(Duration::from_secs(5), client.flush()).await;
     tracing::info!("orchestrator stopped");

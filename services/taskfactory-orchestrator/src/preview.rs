@@ -44,8 +44,9 @@ async fn preview(spawner: &Spawner, body: &[u8]) -> Result<PreviewRunResponse, S
         serde_json::from_slice(body).map_err(|e| format!("preview request is not JSON: {e}"))?;
     let spec: ActivitySpec = taskfactory_proto::from_json(&request["spec"])
         .map_err(|e| format!("preview request spec: {e}"))?;
-    let event: TriggerEvent = taskfactory_proto::from_json(&request["event"])
+    let mut event: TriggerEvent = taskfactory_proto::from_json(&request["event"])
         .map_err(|e| format!("preview request event: {e}"))?;
+    crate::spawn::make_storable_trigger(&mut event);
     let activity_id: ActivityId = event
         .activity_id
         .parse()

@@ -53,11 +53,12 @@ pub struct Batcher {
 const MAX_BATCH: usize = 256;
 
 impl Batcher {
-    /// Starts the batching task; `transactions` bounds the group transactions at once.
-    pub fn start(pool: PgPool, transactions: usize, tracker: &TaskTracker) -> Self {
+    /// Starts the batching task; `transactions` bounds the group transactions at once. The task
+    /// ends once every `Batcher` is dropped and what was queued is recorded.
+    pub fn start(pool: PgPool, transactions: usize) -> (Self, tokio::task::JoinHandle<()>) {
         let (queue, receiver) = mpsc::channel(MAX_BATCH);
-        tracker.spawn(run_batches(pool, receiver, transactions.max(1)));
-        Self { queue }
+        let task = tokio::spawn(run_batches(pool, receiver, transactions.max(1)));
+        (Self { queue }, task)
     }
 
     /// Records one result as part of the next batch.

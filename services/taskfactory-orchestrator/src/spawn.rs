@@ -64,6 +64,8 @@ pub enum SpawnError {
     Missing(&'static str),
     #[error("{0}")]
     UnknownActivity(String),
+    #[error("{0}")]
+    Conflict(String),
     #[error("database error")]
     Database(#[from] sqlx::Error),
     #[error("failed to announce the finished run")]
@@ -80,9 +82,10 @@ impl SpawnError {
     /// The one place a spawn error picks its ack.
     fn disposition(&self) -> Disposition {
         match self {
-            SpawnError::Decode(_) | SpawnError::Missing(_) | SpawnError::UnknownActivity(_) => {
-                Disposition::Term
-            }
+            SpawnError::Decode(_)
+            | SpawnError::Missing(_)
+            | SpawnError::UnknownActivity(_)
+            | SpawnError::Conflict(_) => Disposition::Term,
             SpawnError::Database(_) | SpawnError::Announce(_) | SpawnError::Publish { .. } => {
                 Disposition::Retry(Duration::from_secs(2))
             }
@@ -125,7 +128,7 @@ impl Spawner {
     }
 
     async fn process(&self, message: &Message) -> Result<(), SpawnError> {
-        let event = TriggerEvent::decode(message.payload.as_ref()).map_err(SpawnError::Decode)?;
+        let event = decode_trigger(message.payload.as_ref()).map_err(SpawnError::Decode)?;
         let activity_id: ActivityId = event
             .activity_id
             .parse()
@@ -188,7 +191,14 @@ impl Spawner {
         record_run_outcome(&new_run, tasks.len());
         let instances = publishable(&tasks);
         if !store::insert_run(&self.pool, &new_run, &tasks).await? {
-            // Another delivery recorded it first; continue from what it recorded.
+            // Another delivery recorded it first; continue from what it recorded (once: a run that
+            // still is not there means the key belongs to some other run).
+            if store::run_state(&self.pool, run_id).await?.is_none() {
+                return Err(SpawnError::Conflict(format!(
+                    "activity {activity_id} already has a run for dedupe key {:?}, and it is not run {run_id}",
+                    event.dedupe_key
+                )));
+            }
             return Box::pin(self.process_run(message, event, activity_id, run_id)).await;
         }
         tracing::info!(run.id = %run_id, activity.name = %new_run.activity_name, tasks = tasks.len(), status = ?status, "run recorded");
@@ -297,7 +307,7 @@ impl Spawner {
         else {
             return Ok(()); // started elsewhere meanwhile, or cancelled
         };
-        let event = TriggerEvent::decode(encoded.as_slice()).map_err(SpawnError::Decode)?;
+        let event = decode_trigger(encoded.as_slice()).map_err(SpawnError::Decode)?;
         // The run continues the trace of its fire, whoever starts it and whenever.
         let span = run_span(&event, run_id);
         span.record("run.admission", "started");
@@ -312,7 +322,7 @@ impl Spawner {
         let Some((encoded, _)) = store::admitted_trigger_event(&self.pool, run_id).await? else {
             return Ok(());
         };
-        let event = TriggerEvent::decode(encoded.as_slice()).map_err(SpawnError::Decode)?;
+        let event = decode_trigger(encoded.as_slice()).map_err(SpawnError::Decode)?;
         tracing::Span::current().record("run.admission", "started");
         self.start_admitted_event(run_id, event).await
     }
@@ -655,6 +665,24 @@ fn publishable(tasks: &[NewTask]) -> Vec<(TaskId, String, Vec<u8>)> {
 }
 
 /// The run a fire makes, before evaluation (status RUNNING, nothing resolved yet).
+/// A trigger as the orchestrator works with it: decoded, and with NUL characters replaced in
+/// whatever it stores (a foreign publisher on `triggers.>` may send them; the trigger service
+/// never does), before any id is derived from its dedupe key.
+fn decode_trigger(bytes: &[u8]) -> Result<TriggerEvent, prost::DecodeError> {
+    let mut event = TriggerEvent::decode(bytes)?;
+    make_storable_trigger(&mut event);
+    Ok(event)
+}
+
+pub fn make_storable_trigger(event: &mut TriggerEvent) {
+    values::make_storable_text(&mut event.dedupe_key);
+    values::make_storable_text(&mut event.subject);
+    values::make_storable_text(&mut event.activity_name);
+    if let Some(payload) = event.payload.as_mut() {
+        values::make_storable_value(payload);
+    }
+}
+
 fn run_header(event: &TriggerEvent, activity_id: ActivityId, run_id: RunId) -> NewRun {
     NewRun {
         id: run_id,

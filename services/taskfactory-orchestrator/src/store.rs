@@ -339,12 +339,15 @@ pub async fn admit_run(
         }
         Admission::AlreadyRecorded => {}
     }
-    let inserted = insert_run_row(&mut tx, &row, 0, extras).await?;
+    if !insert_run_row(&mut tx, &row, 0, extras).await? {
+        // Its dedupe key belongs to another run (it has not this id): nothing is cancelled or
+        // recorded for a trigger that is not this run's.
+        tx.rollback().await?;
+        return Ok((Admission::AlreadyRecorded, Vec::new()));
+    }
     tx.commit().await?;
     finished.record();
-    if inserted {
-        record_run_finished(&row.activity_name, row.status);
-    }
+    record_run_finished(&row.activity_name, row.status);
     Ok((admission, cancelled))
 }
 
@@ -1122,17 +1125,30 @@ pub async fn task_state(pool: &PgPool, task: TaskId) -> Result<Option<TaskState>
 /// death had finished it. False when the task is not dead (or its run was cancelled).
 pub async fn redrive_task(pool: &PgPool, task: TaskId) -> Result<bool, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let row: Option<(Uuid, String)> = sqlx::query_as(
-        "SELECT t.run_id, r.status FROM tasks t JOIN runs r ON r.id = t.run_id \
-         WHERE t.id = $1 AND t.status = 'DEAD' FOR UPDATE OF t, r",
-    )
-    .bind(task.0)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some((run, run_status)) = row else {
+    // The run, then the task: the order every writer takes them in (a join locking both takes the
+    // task first, and deadlocks against a late result of the task).
+    let run: Option<(Uuid,)> = sqlx::query_as("SELECT run_id FROM tasks WHERE id = $1")
+        .bind(task.0)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let Some((run,)) = run else {
         tx.rollback().await?;
         return Ok(false);
     };
+    let (run_status,): (String,) =
+        sqlx::query_as("SELECT status FROM runs WHERE id = $1 FOR UPDATE")
+            .bind(run)
+            .fetch_one(&mut *tx)
+            .await?;
+    let dead: Option<(Uuid,)> =
+        sqlx::query_as("SELECT id FROM tasks WHERE id = $1 AND status = 'DEAD' FOR UPDATE")
+            .bind(task.0)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if dead.is_none() {
+        tx.rollback().await?;
+        return Ok(false);
+    }
     if run_status == "CANCELLED" || run_status == "SKIPPED" {
         tx.rollback().await?;
         return Ok(false);

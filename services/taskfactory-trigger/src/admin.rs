@@ -128,7 +128,9 @@ impl Admin {
         note: &str,
     ) -> Result<Response<Activity>, Status> {
         let id = self.resolve(id_or_name).await?;
-        let found = store::set_paused(&self.pool, id, paused, note, self.clock.now())
+        let mut note = note.to_owned();
+        values::make_storable_text(&mut note);
+        let found = store::set_paused(&self.pool, id, paused, &note, self.clock.now())
             .await
             .map_err(AdminError::from)?;
         if !found {

@@ -179,6 +179,9 @@ pub async fn find_activity_id(
     pool: &PgPool,
     id_or_name: &str,
 ) -> Result<Option<ActivityId>, StoreError> {
+    if id_or_name.contains('\0') {
+        return Ok(None); // no name has one (Postgres could not even compare it)
+    }
     let row: Option<(Uuid,)> = if let Ok(id) = Uuid::parse_str(id_or_name) {
         sqlx::query_as("SELECT id FROM activities WHERE id = $1 AND deleted_at IS NULL")
             .bind(id)
