@@ -209,6 +209,7 @@ SUCCEEDED = _STATUS.values_by_name["SUCCEEDED"].number
 FAILED = _STATUS.values_by_name["FAILED"].number
 DEAD = _STATUS.values_by_name["DEAD"].number
 CANCELLED = _STATUS.values_by_name["CANCELLED"].number
+RUNNING = _STATUS.values_by_name["RUNNING"].number
 
 
 def status_name(status: int) -> str:
@@ -443,11 +444,13 @@ class Executor:
         concurrency: int = 4,
         max_ack_pending: int = 256,
         drain_timeout: float = 30.0,
+        running_after: float = 1.0,
     ) -> None:
         self.js = js
         self.name = name
         self.handlers = handlers
         self.ack_wait = ack_wait
+        self.running_after = running_after
         self.concurrency = max(1, concurrency)
         self.max_ack_pending = max_ack_pending
         self.drain_timeout = drain_timeout
@@ -577,12 +580,14 @@ class Executor:
             status, error_text = CANCELLED, cancelled
         else:
             heartbeat = asyncio.create_task(_heartbeat(message, self.ack_wait / 3))
+            running = asyncio.create_task(self.report_running(task, attempt, started_at, message.headers))
             work = asyncio.create_task(self.run_handler(handler, task, attempt, timeout))
             cancel_wait = asyncio.create_task(cancel.wait())
             try:
                 await asyncio.wait({work, cancel_wait}, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 heartbeat.cancel()
+                running.cancel()
                 cancel_wait.cancel()
                 if not work.done():
                     work.cancel()  # the run was cancelled (or this executor is being torn down)
@@ -667,6 +672,38 @@ class Executor:
                 log.info("task %s succeeded (attempt %d)", task.task_id, attempt)
             await message.ack()
 
+    async def report_running(self, task: Any, attempt: int, started_at: datetime, headers: Any) -> None:
+        """Optional in the contract: an attempt still running after `running_after` seconds is
+        reported RUNNING (the task shows it, with this executor); a quick one never is. Cancelled
+        when the attempt ends; a report that cannot be sent is only logged."""
+        if self.running_after <= 0:
+            return
+        await asyncio.sleep(self.running_after)
+        report = TaskResult(
+            task_id=task.task_id,
+            run_id=task.run_id,
+            activity_id=task.activity_id,
+            attempt=attempt,
+            status=RUNNING,
+            executor=self.name,
+            type=task.type,
+        )
+        report.started_at.FromDatetime(started_at)
+        try:
+            await self.js.publish(
+                result_subject(task.activity_name, task.run_id),
+                report.SerializeToString(),
+                timeout=self.PUBLISH_TIMEOUT,
+                headers={
+                    HEADER_MSG_ID: result_msg_id(task.task_id, attempt, "RUNNING"),
+                    **trace_context(headers),
+                },
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            log.info("task %s: could not report it running (%s)", task.task_id, error)
+
     async def run_handler(self, handler: Handler | None, task: Any, attempt: int, timeout: float) -> tuple:
         """Runs the handler under the task's timeout: (status, error, output Value or None)."""
         try:
@@ -746,6 +783,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="seconds without a heartbeat before a task is redelivered (env PYTHON_EXECUTOR_ACK_WAIT)")
     parser.add_argument("--max-ack-pending", type=int, default=int(env("PYTHON_EXECUTOR_MAX_ACK_PENDING", "256")),
                         help="messages in hand over all replicas (env PYTHON_EXECUTOR_MAX_ACK_PENDING)")
+    parser.add_argument("--running-after", type=float, default=float(env("PYTHON_EXECUTOR_RUNNING_AFTER", "1")),
+                        help="seconds an attempt runs before it is reported RUNNING; 0: never (env PYTHON_EXECUTOR_RUNNING_AFTER)")
     parser.add_argument("--drain-timeout", type=float, default=float(env("PYTHON_EXECUTOR_DRAIN_TIMEOUT", "30")),
                         help="at shutdown, seconds for the tasks in hand (env PYTHON_EXECUTOR_DRAIN_TIMEOUT)")
     parser.add_argument("--startup-patience", type=float, default=60.0,
@@ -848,6 +887,7 @@ async def main(argv: list[str]) -> int:
         concurrency=args.concurrency,
         max_ack_pending=args.max_ack_pending,
         drain_timeout=args.drain_timeout,
+        running_after=args.running_after,
     )
     log.info("%s connected to %s", args.name, args.nats_url)
     await asyncio.gather(

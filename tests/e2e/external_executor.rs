@@ -266,7 +266,9 @@ async fn scenario(env: &TestEnv, python: &mut PythonExecutor) -> anyhow::Result<
     let expected: [&[(i32, &str)]; 4] = [
         &[(1, "SUCCEEDED")],
         &[(1, "FAILED"), (2, "SUCCEEDED")],
-        &[(1, "SUCCEEDED")], // one attempt: heartbeats kept the 2.5 s task past the 1 s ack_wait
+        // One attempt: heartbeats kept the 2.5 s task past the 1 s ack_wait; after a second it
+        // was reported running.
+        &[(1, "RUNNING"), (1, "SUCCEEDED")],
         &[(1, "DEAD")],
     ];
     for (task, expected) in by_item.iter().zip(expected) {
@@ -411,6 +413,25 @@ async fn cancel_scenario(env: &TestEnv, python: &mut PythonExecutor) -> anyhow::
         },
     )
     .await?;
+    // After a second the task shows RUNNING, with the executor running it.
+    let slow_task = tasks(&mut admin, &slow).await?.remove(0);
+    let running = wait_for("the task to show RUNNING", Duration::from_secs(20), || {
+        let mut admin = admin.clone();
+        let id = slow_task.id.clone();
+        async move {
+            let task = get_task(&mut admin, &id).await?;
+            Ok((task.status() == TaskStatus::Running).then_some(task))
+        }
+    })
+    .await?;
+    ensure!(
+        running.attempts == 1
+            && running.attempt_history.len() == 1
+            && running.attempt_history[0]
+                .executor
+                .starts_with("python-executor@"),
+        "{running:?}"
+    );
     let cancelled_at = Instant::now();
     let cancelled = admin
         .cancel_run(CancelRunRequest {
@@ -434,16 +455,16 @@ async fn cancel_scenario(env: &TestEnv, python: &mut PythonExecutor) -> anyhow::
             let id = slow_task.id.clone();
             async move {
                 let rows = attempts(&pool, &id).await?;
-                Ok((!rows.is_empty()).then_some(rows))
+                Ok((rows.len() == 2).then_some(rows))
             }
         },
     )
     .await?;
     ensure!(
-        rows.len() == 1
-            && rows[0].1 == "CANCELLED"
-            && rows[0].2.contains("cancelled while the task ran")
-            && rows[0].3.starts_with("python-executor@"),
+        rows[0].1 == "RUNNING"
+            && rows[1].1 == "CANCELLED"
+            && rows[1].2.contains("cancelled while the task ran")
+            && rows.iter().all(|r| r.3.starts_with("python-executor@")),
         "{rows:?}"
     );
     let stopped_after = cancelled_at.elapsed();
