@@ -275,6 +275,7 @@ fn tracer_provider(
 /// source out of their own message, so this is where the chain is spelled out.
 pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
+    let mut no_responders = is_no_stream(error);
     let mut source = error.source();
     while let Some(inner) = source {
         let inner_text = inner.to_string();
@@ -282,9 +283,25 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
             text.push_str(": ");
             text.push_str(&inner_text);
         }
+        no_responders |= is_no_stream(inner);
         source = inner.source();
     }
+    if no_responders {
+        // async-nats reports a publish nobody answered as "no stream found"; during a failover
+        // that reads as if the stream were gone.
+        text.push_str(
+            " (no JetStream server answered: the stream is missing, or has no leader right now, \
+             as during a server restart or failover)",
+        );
+    }
     text
+}
+
+fn is_no_stream(error: &(dyn std::error::Error + 'static)) -> bool {
+    use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+    error
+        .downcast_ref::<PublishError>()
+        .is_some_and(|e| e.kind() == PublishErrorKind::StreamNotFound)
 }
 
 #[cfg(test)]
@@ -351,6 +368,19 @@ mod tests {
             trace_directives("info,taskfactory_runtime=debug"),
             "info,taskfactory_runtime=debug"
         );
+    }
+
+    #[test]
+    fn a_publish_nobody_answered_says_what_that_can_mean() {
+        use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+        let text = error_chain(&PublishError::new(PublishErrorKind::StreamNotFound));
+        assert!(text.starts_with("no stream found for given subject"), "{text}");
+        assert!(text.contains("has no leader right now"), "{text}");
+        let wrapped = anyhow::Error::new(PublishError::new(PublishErrorKind::StreamNotFound))
+            .context("publish task");
+        assert!(error_chain(wrapped.as_ref()).contains("failover"));
+        let other = error_chain(&PublishError::new(PublishErrorKind::TimedOut));
+        assert!(!other.contains("failover"), "{other}");
     }
 
     #[test]
