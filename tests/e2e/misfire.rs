@@ -676,3 +676,50 @@ async fn a_time_already_backfilled_is_deduped_when_the_schedule_reaches_it() -> 
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pause_and_resume_between_two_reloads_reach_the_scheduler_as_a_reactivation()
+-> anyhow::Result<()> {
+    // A replica that reloads definitions after both a pause and a resume happened sees an active
+    // schedule either way: only the moved activation tells its scheduler the schedule was off
+    // (else it would take the change for a new version and skip what was missed, unrecorded).
+    use taskfactory_trigger::{registry::Registry, store};
+    let db = taskfactory_tests::TestDb::create().await?;
+    let pool = taskfactory_runtime::db::connect_and_migrate(
+        &taskfactory_runtime::config::DatabaseArgs::new(db.url()),
+        Duration::from_secs(10),
+    )
+    .await?;
+    let spec = taskfactory_model::spec::spec_from_yaml(&minutely("coalesced", "MISFIRE_ALL"))?;
+    let id = taskfactory_model::ids::ActivityId(uuid::Uuid::new_v4());
+    store::create_activity(
+        &pool,
+        id,
+        "coalesced",
+        true,
+        "schedule",
+        &taskfactory_proto::to_json(&spec),
+        utc("2026-07-01T08:00:00Z"),
+    )
+    .await?;
+    let registry = Registry::new();
+    registry.reload(&pool).await?;
+    let before = registry.current().activities[&id].clone();
+    assert!(registry.reload(&pool).await.is_ok());
+    assert!(
+        std::sync::Arc::ptr_eq(&before, &registry.current().activities[&id]),
+        "nothing changed: the built schedule is kept"
+    );
+
+    store::set_paused(&pool, id, true, "maintenance", utc("2026-07-01T08:01:00Z")).await?;
+    store::set_paused(&pool, id, false, "", utc("2026-07-01T08:05:00Z")).await?;
+    registry.reload(&pool).await?;
+    let after = registry.current().activities[&id].clone();
+    assert!(!std::sync::Arc::ptr_eq(&before, &after), "rebuilt");
+    assert!(after.is_active());
+    assert_eq!(after.activated_at, Some(utc("2026-07-01T08:05:00Z")));
+    assert_eq!(after.paused_at, Some(utc("2026-07-01T08:01:00Z")));
+    assert_eq!(after.pause_note, "maintenance");
+    assert_ne!(before.activated_at, after.activated_at);
+    Ok(())
+}

@@ -374,7 +374,10 @@ mod tests {
     fn a_publish_nobody_answered_says_what_that_can_mean() {
         use async_nats::jetstream::context::{PublishError, PublishErrorKind};
         let text = error_chain(&PublishError::new(PublishErrorKind::StreamNotFound));
-        assert!(text.starts_with("no stream found for given subject"), "{text}");
+        assert!(
+            text.starts_with("no stream found for given subject"),
+            "{text}"
+        );
         assert!(text.contains("has no leader right now"), "{text}");
         let wrapped = anyhow::Error::new(PublishError::new(PublishErrorKind::StreamNotFound))
             .context("publish task");
