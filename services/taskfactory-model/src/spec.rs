@@ -367,6 +367,17 @@ fn field(field: impl Into<String>, message: impl Into<String>) -> FieldError {
 fn validate_schedule(schedule: &ScheduleTrigger, now: DateTime<Utc>) -> Vec<FieldError> {
     let mut errors = Vec::new();
     let prefix = "trigger.schedule";
+    for (name, at) in [("startAt", &schedule.start_at), ("endAt", &schedule.end_at)] {
+        if at
+            .as_ref()
+            .is_some_and(|t| timestamp_to_chrono(t).is_none())
+        {
+            errors.push(field(
+                format!("{prefix}.{name}"),
+                "is not a valid timestamp (or lies before 4700 BC)",
+            ));
+        }
+    }
     let dst = schedule.dst.unwrap_or(DstPolicy { gap: 0, repeat: 0 });
     if dst_policy::Gap::try_from(dst.gap).is_err() {
         errors.push(field(
@@ -723,6 +734,21 @@ tasks:
     #[test]
     fn a_good_spec_validates() {
         assert_eq!(errors_of(GOOD), vec![]);
+    }
+
+    #[test]
+    fn schedule_bounds_before_what_can_be_stored_are_refused() {
+        let mut spec = spec_from_yaml(GOOD).unwrap();
+        if let Some(trigger::Kind::Schedule(schedule)) =
+            spec.trigger.as_mut().and_then(|t| t.kind.as_mut())
+        {
+            schedule.end_at = Some(prost_types::Timestamp {
+                seconds: -1_000_000_000_000,
+                nanos: 0,
+            });
+        }
+        let errors = validate(&spec, now()).unwrap_err().0;
+        assert_eq!(errors[0].field, "trigger.schedule.endAt", "{errors:?}");
     }
 
     #[test]

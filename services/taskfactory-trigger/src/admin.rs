@@ -314,8 +314,8 @@ fn timestamp(
 ) -> Result<Option<chrono::DateTime<Utc>>, AdminError> {
     value
         .map(|t| {
-            chrono::DateTime::from_timestamp(t.seconds, u32::try_from(t.nanos).unwrap_or(u32::MAX))
-                .ok_or_else(|| invalid(field, "is not a valid timestamp"))
+            spec::timestamp_to_chrono(t)
+                .ok_or_else(|| invalid(field, "is not a valid timestamp (or lies before 4700 BC)"))
         })
         .transpose()
 }
