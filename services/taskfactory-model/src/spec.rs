@@ -179,8 +179,19 @@ pub fn build_schedule(trigger: &ScheduleTrigger) -> Result<Schedule, Vec<FieldEr
             }),
         }
     }
-    let start = trigger.start_at.as_ref().and_then(timestamp_to_chrono);
-    let end = trigger.end_at.as_ref().and_then(timestamp_to_chrono);
+    let mut bound = |name: &str, at: Option<&prost_types::Timestamp>| {
+        let at = at?;
+        let converted = timestamp_to_chrono(at);
+        if converted.is_none() {
+            errors.push(FieldError {
+                field: format!("trigger.schedule.{name}"),
+                message: "is not a valid timestamp (or lies before 4700 BC)".to_owned(),
+            });
+        }
+        converted
+    };
+    let start = bound("startAt", trigger.start_at.as_ref());
+    let end = bound("endAt", trigger.end_at.as_ref());
     if let (Some(s), Some(e)) = (start, end)
         && e <= s
     {
@@ -367,17 +378,6 @@ fn field(field: impl Into<String>, message: impl Into<String>) -> FieldError {
 fn validate_schedule(schedule: &ScheduleTrigger, now: DateTime<Utc>) -> Vec<FieldError> {
     let mut errors = Vec::new();
     let prefix = "trigger.schedule";
-    for (name, at) in [("startAt", &schedule.start_at), ("endAt", &schedule.end_at)] {
-        if at
-            .as_ref()
-            .is_some_and(|t| timestamp_to_chrono(t).is_none())
-        {
-            errors.push(field(
-                format!("{prefix}.{name}"),
-                "is not a valid timestamp (or lies before 4700 BC)",
-            ));
-        }
-    }
     let dst = schedule.dst.unwrap_or(DstPolicy { gap: 0, repeat: 0 });
     if dst_policy::Gap::try_from(dst.gap).is_err() {
         errors.push(field(

@@ -218,19 +218,20 @@ impl Commands {
                 ),
             ));
         }
-        if !store::redrive_task(&self.spawner.pool, task).await? {
+        // The numbers come from the redrive itself: two retries racing each get their own.
+        let Some(redriven) = store::redrive_task(&self.spawner.pool, task).await? else {
             return Err(refuse(
                 "failed_precondition",
                 format!(
                     "task {task} cannot be retried: it is no longer dead, or its run was cancelled"
                 ),
             ));
-        }
+        };
         // A new attempt series: attempts continue from where the last one ended.
         let mut instance = TaskInstance::decode(state.instance.as_slice())
             .map_err(|e| refuse("internal", format!("stored task does not decode: {e}")))?;
-        instance.attempt_base = state.attempts;
-        let series = state.redrives + 1;
+        instance.attempt_base = redriven.attempts;
+        let series = redriven.series;
         messaging::publish_confirmed(
             &self.spawner.js,
             subjects::task_subject(&state.task_type),

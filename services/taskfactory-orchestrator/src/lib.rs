@@ -379,9 +379,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     tracing::info!("orchestrator running");
     tracker.close();
     tracker.wait().await;
-    // Results still queued are recorded, within the drain time: handlers the consumer stopped
-    // waiting for still hold the queue open, and their messages come back if we leave them.
-    if tokio::time::timeout(config.lifecycle.drain_timeout, batches)
+    // Results still queued get a few more seconds (the consumer already waited its drain time;
+    // handlers it stopped waiting for hold the queue open). Leaving them is safe: a result is
+    // acked only after it is committed, so what is left is delivered again.
+    if tokio::time::timeout(Duration::from_secs(5), batches)
         .await
         .is_err()
     {

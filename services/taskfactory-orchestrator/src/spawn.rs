@@ -292,6 +292,11 @@ impl Spawner {
                     .is_some()
                 {
                     self.start_admitted_here(run_id).await?;
+                } else if store::run_state(&self.pool, run_id).await?.is_none() {
+                    return Err(SpawnError::Conflict(format!(
+                        "activity {activity_id} already has a run for dedupe key {:?}, and it is not run {run_id}",
+                        event.dedupe_key
+                    )));
                 }
                 Ok(())
             }

@@ -1121,9 +1121,17 @@ pub async fn task_state(pool: &PgPool, task: TaskId) -> Result<Option<TaskState>
     }))
 }
 
+/// A dead task put back for a new attempt series: the attempts so far and the series number, as
+/// of the redrive itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Redriven {
+    pub attempts: u32,
+    pub series: u32,
+}
+
 /// Puts a dead task back to `PENDING` for a new attempt series, and reopens its run if the task's
-/// death had finished it. False when the task is not dead (or its run was cancelled).
-pub async fn redrive_task(pool: &PgPool, task: TaskId) -> Result<bool, sqlx::Error> {
+/// death had finished it. `None` when the task is not dead (or its run was cancelled).
+pub async fn redrive_task(pool: &PgPool, task: TaskId) -> Result<Option<Redriven>, sqlx::Error> {
     let mut tx = pool.begin().await?;
     // The run, then the task: the order every writer takes them in (a join locking both takes the
     // task first, and deadlocks against a late result of the task).
@@ -1133,7 +1141,7 @@ pub async fn redrive_task(pool: &PgPool, task: TaskId) -> Result<bool, sqlx::Err
         .await?;
     let Some((run,)) = run else {
         tx.rollback().await?;
-        return Ok(false);
+        return Ok(None);
     };
     let (run_status,): (String,) =
         sqlx::query_as("SELECT status FROM runs WHERE id = $1 FOR UPDATE")
@@ -1147,18 +1155,18 @@ pub async fn redrive_task(pool: &PgPool, task: TaskId) -> Result<bool, sqlx::Err
             .await?;
     if dead.is_none() {
         tx.rollback().await?;
-        return Ok(false);
+        return Ok(None);
     }
     if run_status == "CANCELLED" || run_status == "SKIPPED" {
         tx.rollback().await?;
-        return Ok(false);
+        return Ok(None);
     }
-    sqlx::query(
+    let (attempts, series): (i32, i32) = sqlx::query_as(
         "UPDATE tasks SET status = 'PENDING', redrives = redrives + 1, finished_at = NULL \
-         WHERE id = $1",
+         WHERE id = $1 RETURNING attempts, redrives",
     )
     .bind(task.0)
-    .execute(&mut *tx)
+    .fetch_one(&mut *tx)
     .await?;
     sqlx::query(
         "UPDATE runs SET tasks_failed = GREATEST(tasks_failed - 1, 0), status = 'RUNNING', \
@@ -1169,7 +1177,10 @@ pub async fn redrive_task(pool: &PgPool, task: TaskId) -> Result<bool, sqlx::Err
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(true)
+    Ok(Some(Redriven {
+        attempts: u32::try_from(attempts).unwrap_or(0),
+        series: u32::try_from(series).unwrap_or(0),
+    }))
 }
 
 /// Human tasks whose deadline passed.

@@ -187,35 +187,64 @@ impl<'writer> tracing_subscriber::fmt::FormatFields<'writer> for ReadableFields 
         writer: tracing_subscriber::fmt::format::Writer<'writer>,
         fields: R,
     ) -> std::fmt::Result {
-        let mut visitor = ReadableVisitor {
-            writer,
-            first: true,
-            result: Ok(()),
-        };
+        use tracing_subscriber::field::VisitOutput as _;
+        let mut visitor = Readable(tracing_subscriber::fmt::format::DefaultVisitor::new(
+            writer, true,
+        ));
         fields.record(&mut visitor);
-        visitor.result
+        visitor.0.finish()
+    }
+
+    /// Fields recorded on a span later: a separating space only when something is written.
+    fn add_fields(
+        &self,
+        current: &'writer mut tracing_subscriber::fmt::FormattedFields<Self>,
+        fields: &tracing::span::Record<'_>,
+    ) -> std::fmt::Result {
+        let mut added = String::new();
+        self.format_fields(
+            tracing_subscriber::fmt::format::Writer::new(&mut added),
+            fields,
+        )?;
+        if !added.is_empty() {
+            if !current.fields.is_empty() {
+                current.fields.push(' ');
+            }
+            current.fields.push_str(&added);
+        }
+        Ok(())
     }
 }
 
-struct ReadableVisitor<'writer> {
-    writer: tracing_subscriber::fmt::format::Writer<'writer>,
-    first: bool,
-    result: std::fmt::Result,
+/// The default field formatting (escaping, error sources, `log.*` left out), minus the tracing
+/// attributes.
+struct Readable<V>(V);
+
+fn is_trace_attribute(field: &tracing::field::Field) -> bool {
+    field.name().starts_with("messaging.") || field.name().starts_with("otel.")
 }
 
-impl tracing::field::Visit for ReadableVisitor<'_> {
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        let name = field.name();
-        if self.result.is_err() || name.starts_with("messaging.") || name.starts_with("otel.") {
-            return;
+impl<V: tracing::field::Visit> tracing::field::Visit for Readable<V> {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if !is_trace_attribute(field) {
+            self.0.record_str(field, value);
         }
-        let separator = if self.first { "" } else { " " };
-        self.first = false;
-        self.result = if name == "message" {
-            write!(self.writer, "{separator}{value:?}")
-        } else {
-            write!(self.writer, "{separator}{name}={value:?}")
-        };
+    }
+
+    fn record_error(
+        &mut self,
+        field: &tracing::field::Field,
+        value: &(dyn std::error::Error + 'static),
+    ) {
+        if !is_trace_attribute(field) {
+            self.0.record_error(field, value);
+        }
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if !is_trace_attribute(field) {
+            self.0.record_debug(field, value);
+        }
     }
 }
 
@@ -399,15 +428,26 @@ mod tests {
                 "process",
                 otel.name = "process tasks.log",
                 messaging.destination.name = "tasks.log",
+                otel.status_code = tracing::field::Empty,
                 task.id = "t-1",
+                task.status = tracing::field::Empty,
             );
+            // Recorded later: a left-out attribute adds nothing, a kept field one space.
+            span.record("otel.status_code", "ERROR");
+            span.record("task.status", "DEAD");
             let _entered = span.enter();
             tracing::info!(run.id = "r-1", "run started");
         });
         let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
         assert!(text.contains("process: "), "the span is named: {text}");
         assert!(text.contains("run started run.id=\"r-1\""), "{text}");
-        assert!(text.contains("task.id=\"t-1\""), "{text}");
+        assert!(
+            text.contains("process{task.id=\"t-1\" task.status=\"DEAD\"}")
+                || text.contains("task.id=\"t-1\" task.status=\"DEAD\""),
+            "{text}"
+        );
+        let after_level = text.split(" INFO ").nth(1).unwrap_or_default();
+        assert!(!after_level.contains("  "), "no double spaces: {text:?}");
         assert!(!text.contains("messaging."), "{text}");
         assert!(!text.contains("otel."), "{text}");
         assert!(serde_json::from_str::<serde_json::Value>(text.trim()).is_err());
