@@ -717,29 +717,9 @@ pub async fn record_result(pool: &PgPool, result: &ResultRecord) -> Result<Recor
     let mut run_finished = None;
     if terminal {
         let succeeded = result.status == TaskStatus::Succeeded;
-        // `before` reads the run as it was before this statement (one snapshot for both).
-        let row = sqlx::query(
-            "WITH before AS (SELECT status FROM runs WHERE id = $1) \
-             UPDATE runs SET \
-                 tasks_succeeded = tasks_succeeded + $2, \
-                 tasks_failed = tasks_failed + $3, \
-                 status = CASE WHEN status = 'RUNNING' \
-                     AND tasks_succeeded + $2 + tasks_failed + $3 >= tasks_spawned \
-                     THEN CASE WHEN tasks_failed + $3 > 0 THEN 'FAILED' ELSE 'SUCCEEDED' END \
-                     ELSE status END, \
-                 finished_at = CASE WHEN status = 'RUNNING' \
-                     AND tasks_succeeded + $2 + tasks_failed + $3 >= tasks_spawned \
-                     THEN now() ELSE finished_at END \
-             WHERE id = $1 \
-             RETURNING id, activity_id, activity_name, status, tasks_spawned, tasks_succeeded, \
-                 tasks_failed, finished_at, announced_at, \
-                 (SELECT status FROM before) AS status_before",
-        )
-        .bind(run_id)
-        .bind(i32::from(succeeded))
-        .bind(i32::from(!succeeded))
-        .fetch_one(&mut *tx)
-        .await?;
+        let row =
+            count_finished_tasks(&mut tx, run_id, i32::from(succeeded), i32::from(!succeeded))
+                .await?;
         completed = completed_from_row(&row)?;
         run_finished = run_finished_now(&row)?;
     }
@@ -942,29 +922,7 @@ pub async fn record_results(
 
     let mut runs_finished = Vec::new();
     for (run_id, (succeeded, failed, last)) in runs {
-        // `before` reads the run as it was before this statement (one snapshot for both).
-        let row = sqlx::query(
-            "WITH before AS (SELECT status FROM runs WHERE id = $1) \
-             UPDATE runs SET \
-                 tasks_succeeded = tasks_succeeded + $2, \
-                 tasks_failed = tasks_failed + $3, \
-                 status = CASE WHEN status = 'RUNNING' \
-                     AND tasks_succeeded + $2 + tasks_failed + $3 >= tasks_spawned \
-                     THEN CASE WHEN tasks_failed + $3 > 0 THEN 'FAILED' ELSE 'SUCCEEDED' END \
-                     ELSE status END, \
-                 finished_at = CASE WHEN status = 'RUNNING' \
-                     AND tasks_succeeded + $2 + tasks_failed + $3 >= tasks_spawned \
-                     THEN now() ELSE finished_at END \
-             WHERE id = $1 \
-             RETURNING id, activity_id, activity_name, status, tasks_spawned, tasks_succeeded, \
-                 tasks_failed, finished_at, announced_at, \
-                 (SELECT status FROM before) AS status_before",
-        )
-        .bind(run_id)
-        .bind(succeeded)
-        .bind(failed)
-        .fetch_one(&mut *tx)
-        .await?;
+        let row = count_finished_tasks(&mut tx, run_id, succeeded, failed).await?;
         recorded[last] = Recorded::Applied(completed_from_row(&row)?);
         if let Some(finished) = run_finished_now(&row)? {
             runs_finished.push(finished);
@@ -978,6 +936,40 @@ pub async fn record_results(
         record_run_finished(&activity, status);
     }
     Ok(recorded)
+}
+
+/// Counts finished tasks toward their run and finishes the run when none is left. Returns the
+/// run as updated, with `status_before` (the status this statement found), for
+/// [`completed_from_row`] and [`run_finished_now`].
+async fn count_finished_tasks(
+    tx: &mut sqlx::PgConnection,
+    run_id: Uuid,
+    succeeded: i32,
+    failed: i32,
+) -> Result<sqlx::postgres::PgRow, sqlx::Error> {
+    // `before` reads the run as it was before this statement (one snapshot for both).
+    sqlx::query(
+        "WITH before AS (SELECT status FROM runs WHERE id = $1) \
+         UPDATE runs SET \
+             tasks_succeeded = tasks_succeeded + $2, \
+             tasks_failed = tasks_failed + $3, \
+             status = CASE WHEN status = 'RUNNING' \
+                 AND tasks_succeeded + $2 + tasks_failed + $3 >= tasks_spawned \
+                 THEN CASE WHEN tasks_failed + $3 > 0 THEN 'FAILED' ELSE 'SUCCEEDED' END \
+                 ELSE status END, \
+             finished_at = CASE WHEN status = 'RUNNING' \
+                 AND tasks_succeeded + $2 + tasks_failed + $3 >= tasks_spawned \
+                 THEN now() ELSE finished_at END \
+         WHERE id = $1 \
+         RETURNING id, activity_id, activity_name, status, tasks_spawned, tasks_succeeded, \
+             tasks_failed, finished_at, announced_at, \
+             (SELECT status FROM before) AS status_before",
+    )
+    .bind(run_id)
+    .bind(succeeded)
+    .bind(failed)
+    .fetch_one(tx)
+    .await
 }
 
 /// The run's activity and final state when the update that returned `row` (with `status_before`)
