@@ -59,7 +59,15 @@ json_messages!(
     Run,
     Task,
     PreviewRunResponse,
+    AuditEvent,
 );
+
+/// The method names of `taskfactory.v1.AdminService` (`CreateActivity`, …), from the contract.
+pub fn admin_methods() -> Vec<String> {
+    POOL.get_service_by_name("taskfactory.v1.AdminService")
+        .map(|service| service.methods().map(|m| m.name().to_owned()).collect())
+        .unwrap_or_default()
+}
 
 /// Why a JSON document is not a valid message of the contract.
 #[derive(Debug, thiserror::Error)]

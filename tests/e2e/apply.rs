@@ -14,6 +14,10 @@ fn apply(env: &TestEnv, otlp: &str, paths: &[&std::path::Path]) -> (bool, String
         .arg("--admin-url")
         .arg(format!("http://{}", env.grpc_addr))
         .args(paths)
+        .env(
+            "TASKFACTORY_TOKEN",
+            env.tokens.as_ref().map(|t| t.editor.as_str()).unwrap_or(""),
+        )
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", otlp)
         .env("OTEL_SERVICE_NAME", "taskfactory-apply")
         .env("RUST_LOG", "warn")

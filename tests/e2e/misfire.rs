@@ -696,9 +696,12 @@ async fn a_pause_and_resume_between_two_reloads_reach_the_scheduler_as_a_reactiv
         &pool,
         id,
         "coalesced",
-        true,
-        "schedule",
-        &taskfactory_proto::to_json(&spec),
+        store::NewVersion {
+            spec: &taskfactory_proto::to_json(&spec),
+            enabled: true,
+            trigger_kind: "schedule",
+            created_by: "test",
+        },
         utc("2026-07-01T08:00:00Z"),
     )
     .await?;

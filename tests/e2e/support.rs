@@ -6,15 +6,13 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use taskfactory_model::spec::spec_from_yaml;
-use taskfactory_proto::v1::admin_service_client::AdminServiceClient;
 use taskfactory_proto::v1::{
     Activity, CreateActivityRequest, GetRunRequest, ListRunsRequest, ListTasksRequest, Run,
     RunStatus, Task,
 };
 use taskfactory_tests::wait_for;
-use tonic::transport::Channel;
 
-pub type Admin = AdminServiceClient<Channel>;
+pub type Admin = taskfactory_trigger::auth::client::AdminClient;
 
 pub async fn create(admin: &mut Admin, yaml: &str) -> anyhow::Result<Activity> {
     let spec = spec_from_yaml(yaml)?;

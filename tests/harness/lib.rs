@@ -7,7 +7,10 @@
 //! - [`TestEnv`]: both, plus the three services — in-process (`run(config, shutdown)`) or as real
 //!   processes when a test must kill or signal them.
 //! - [`wait_for`]: poll with a deadline; tests never sleep to wait.
+//! - [`auth`]: the admin API's tokens; every environment requires them unless a test turns
+//!   [`EnvOptions::admin_auth`] off, and [`TestEnv::admin`] is an admin.
 
+pub mod auth;
 pub mod otlp;
 pub mod tls;
 
@@ -18,8 +21,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use taskfactory_proto::v1::admin_service_client::AdminServiceClient;
 use taskfactory_runtime::clock::ClockHandle;
+use taskfactory_trigger::auth::client::{AdminClient, Credentials};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -394,6 +397,9 @@ pub struct EnvOptions {
     pub nats_servers: usize,
     /// Replicas of the streams and KV buckets the services declare.
     pub stream_replicas: usize,
+    /// The admin API requires a token ([`TestEnv::tokens`]); off, it serves loopback without
+    /// authentication.
+    pub admin_auth: bool,
 }
 
 impl Default for EnvOptions {
@@ -411,6 +417,7 @@ impl Default for EnvOptions {
             nats_tls: false,
             nats_servers: 1,
             stream_replicas: 1,
+            admin_auth: true,
         }
     }
 }
@@ -427,6 +434,8 @@ pub struct TestEnv {
     pub tls: Option<tls::TlsFiles>,
     /// With `nats_servers` > 1: the cluster's other servers (`nats` is the first).
     pub nats_peers: Vec<NatsServer>,
+    /// With `admin_auth`: the admin API's tokens and auth file.
+    pub tokens: Option<auth::AdminTokens>,
 }
 
 impl TestEnv {
@@ -450,7 +459,13 @@ impl TestEnv {
         let db = TestDb::create().await?;
         let grpc_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let http_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+        let tokens = if options.admin_auth {
+            Some(auth::AdminTokens::generate()?)
+        } else {
+            None
+        };
         Ok(Self {
+            tokens,
             nats,
             db,
             grpc_addr,
@@ -486,6 +501,7 @@ impl TestEnv {
                 config.lease_ttl = self.options.lease_ttl;
                 config.http_addr = self.http_addr;
                 config.hooks = self.options.webhooks.clone();
+                config.auth.auth_file = self.tokens.as_ref().map(|t| t.file.clone());
                 tokio::spawn(taskfactory_trigger::run(config, token))
             }
             Service::Orchestrator => {
@@ -552,6 +568,9 @@ impl TestEnv {
         if std::env::var("RUST_LOG").is_err() {
             command.stdout(Stdio::null()).stderr(Stdio::null());
         }
+        if let Some(tokens) = &self.tokens {
+            command.env("TASKFACTORY_AUTH_FILE", &tokens.file);
+        }
         for (name, dsn) in &self.options.sql_databases {
             command.env(
                 format!("TASKFACTORY_SQL_{}", name.to_ascii_uppercase()),
@@ -613,8 +632,24 @@ impl TestEnv {
         Ok(())
     }
 
-    pub async fn admin(&self) -> anyhow::Result<AdminServiceClient<tonic::transport::Channel>> {
-        Ok(AdminServiceClient::connect(format!("http://{}", self.grpc_addr)).await?)
+    /// An admin API client with the admin's token (none when `admin_auth` is off).
+    pub async fn admin(&self) -> anyhow::Result<AdminClient> {
+        self.admin_as(self.tokens.as_ref().map(|t| t.admin.as_str()))
+            .await
+    }
+
+    /// An admin API client with this token (or none).
+    pub async fn admin_as(&self, token: Option<&str>) -> anyhow::Result<AdminClient> {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{}", self.grpc_addr))?
+            .connect()
+            .await?;
+        let credentials = Credentials::from_token(token).map_err(anyhow::Error::msg)?;
+        Ok(
+            taskfactory_proto::v1::admin_service_client::AdminServiceClient::with_interceptor(
+                channel,
+                credentials,
+            ),
+        )
     }
 
     pub async fn nats_client(&self) -> anyhow::Result<async_nats::Client> {

@@ -4,21 +4,25 @@
 //! # Layout
 //!
 //! - [`ids`]: typed ids; run, fire and task ids are derived (UUIDv5) from what identifies them.
+//! - [`access`]: roles, grants scoped to activities, and the role each admin RPC needs.
 //! - [`spec`]: loading activity specs (YAML / proto3 JSON), defaults, validation with field paths.
 //! - [`schedule`]: the cron engine — POSIX cron on local wall time, mapped to UTC under DST policies.
 //! - [`misfire`]: what a schedule does about occurrences it missed (policy, window, cap).
 //! - [`plan`]: evaluating task templates into tasks, with a per-template evaluation.
 //! - [`expr`]: the sandboxed expression and template engine (`forEach`, `when`, `params`, filters).
+//! - [`redact`]: what callers below admin do not see (values shaped or named like credentials).
 //! - [`status`]: run and task states, their database spelling and their transitions.
 //! - [`egress`]: which hosts and addresses outbound HTTP may reach.
 //! - [`subjects`]: stream, subject, consumer and header names.
 //! - [`values`]: protobuf `Value`/`Struct` ↔ JSON.
 
+pub mod access;
 pub mod egress;
 pub mod expr;
 pub mod ids;
 pub mod misfire;
 pub mod plan;
+pub mod redact;
 pub mod schedule;
 pub mod spec;
 pub mod status;

@@ -264,6 +264,13 @@ pub fn validate(spec: &ActivitySpec, now: DateTime<Utc>) -> Result<(), SpecError
     if let Some(message) = name_error(&spec.name) {
         err("name".to_owned(), message);
     }
+    let mut labels: Vec<_> = spec.labels.iter().collect();
+    labels.sort();
+    for (key, value) in labels {
+        if let Some(message) = crate::access::label_error(key, value) {
+            err(format!("labels.{key}"), message);
+        }
+    }
     let engine = Engine::new(Limits::default());
 
     match spec.trigger.as_ref().and_then(|t| t.kind.as_ref()) {
@@ -734,6 +741,13 @@ tasks:
     #[test]
     fn a_good_spec_validates() {
         assert_eq!(errors_of(GOOD), vec![]);
+    }
+
+    #[test]
+    fn labels_are_validated_naming_the_key() {
+        let yaml = "name: l\nlabels: {team: billing, Bad: x, tier: \"a b\"}\ntrigger: {manual: {}}\ntasks: [{name: t, type: log}]\n";
+        let fields: Vec<String> = errors_of(yaml).into_iter().map(|e| e.field).collect();
+        assert_eq!(fields, vec!["labels.Bad", "labels.tier"]);
     }
 
     #[test]

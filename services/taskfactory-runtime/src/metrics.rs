@@ -82,6 +82,13 @@ pub const CONTEXT_SOURCE_ERRORS: &str = "taskfactory_context_source_errors_total
 /// waiting together).
 pub const RESULT_BATCH_SIZE: &str = "taskfactory_result_batch_size";
 
+/// Trigger: admin API calls refused before reaching their handler, by RPC and reason
+/// (`missing`, `not_bearer`, `unknown_token`, `expired`, `jwt`, `permission_denied`).
+pub const ADMIN_REFUSALS: &str = "taskfactory_admin_refusals_total";
+
+/// Trigger: audit rows the database did not take (the call itself was carried out).
+pub const AUDIT_WRITE_FAILURES: &str = "taskfactory_audit_write_failures_total";
+
 /// Buckets of the result batch sizes.
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 
@@ -184,6 +191,26 @@ fn describe() {
         RESULT_BATCH_SIZE,
         "Results recorded per transaction (one run's results waiting together)"
     );
+    describe_counter!(
+        ADMIN_REFUSALS,
+        "Admin API calls refused before their handler, by RPC and reason"
+    );
+    describe_counter!(
+        AUDIT_WRITE_FAILURES,
+        "Audit rows the database did not take (the call itself was carried out)"
+    );
+}
+
+/// Counts an admin call refused before its handler: not authenticated, or no role for the RPC.
+pub fn record_admin_refusal(rpc: &'static str, reason: &'static str) {
+    handle();
+    metrics::counter!(ADMIN_REFUSALS, "rpc" => rpc, "reason" => reason).increment(1);
+}
+
+/// Counts an audit row that could not be written.
+pub fn count_audit_write_failure() {
+    handle();
+    metrics::counter!(AUDIT_WRITE_FAILURES).increment(1);
 }
 
 /// Notes how many results one transaction recorded.

@@ -6,18 +6,15 @@ use tracing::Instrument as _;
 
 use anyhow::{Context as _, bail};
 use taskfactory_model::spec;
-use taskfactory_proto::v1::admin_service_client::AdminServiceClient;
 use taskfactory_proto::v1::{CreateActivityRequest, GetActivityRequest, UpdateActivityRequest};
+
+use crate::auth::client::{AdminClient, ClientArgs};
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct ApplyArgs {
-    /// The admin API to apply to.
-    #[arg(
-        long = "admin-url",
-        env = "TASKFACTORY_ADMIN_URL",
-        default_value = "http://127.0.0.1:50051"
-    )]
-    pub admin_url: String,
+    /// The admin API to apply to, and the credentials to use (an editor's).
+    #[command(flatten)]
+    pub client: ClientArgs,
     /// Spec files (.yaml, .yml, .json) or directories of them.
     #[arg(required = true)]
     pub paths: Vec<PathBuf>,
@@ -46,26 +43,14 @@ fn spec_files(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// The admin API client `apply` uses: its calls carry the trace context of the span they are
-/// made in (one span per file), so with traces on an apply shows up in Jaeger with what it did.
-type Client = AdminServiceClient<
-    tonic::service::interceptor::InterceptedService<
-        tonic::transport::Channel,
-        taskfactory_runtime::propagation::GrpcClientTrace,
-    >,
->;
+/// The admin API client `apply` uses: its calls carry the credentials and the trace context of
+/// the span they are made in (one span per file), so with traces on an apply shows up in Jaeger
+/// with what it did.
+type Client = AdminClient;
 
 pub async fn run(args: ApplyArgs) -> anyhow::Result<()> {
     let files = spec_files(&args.paths)?;
-    let channel = tonic::transport::Endpoint::from_shared(args.admin_url.clone())
-        .with_context(|| format!("admin URL {:?}", args.admin_url))?
-        .connect()
-        .await
-        .with_context(|| format!("connecting to the admin API at {}", args.admin_url))?;
-    let mut client = AdminServiceClient::with_interceptor(
-        channel,
-        taskfactory_runtime::propagation::GrpcClientTrace,
-    );
+    let mut client = args.client.connect().await?;
     let mut failures = 0;
     for file in &files {
         let span = tracing::info_span!("apply", file = %file.display());

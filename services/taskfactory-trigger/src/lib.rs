@@ -7,6 +7,8 @@
 //! # Layout
 //!
 //! - [`admin`]: the gRPC `AdminService` (definitions, manual fires, runs and tasks).
+//! - [`auth`]: who calls the admin API (tokens, OIDC, client certificates) and whether its roles
+//!   reach the RPC; [`audit`]: the audit log of every call that changes something.
 //! - [`registry`]: the in-memory snapshot of live activities, reloaded on change.
 //! - [`lease`]: scheduling leadership (one replica schedules; NATS KV lease, Postgres fence).
 //! - [`scheduler`]: fires schedules on time; misfire policy after downtime; the decision ledger.
@@ -18,6 +20,8 @@
 
 pub mod admin;
 pub mod apply;
+pub mod audit;
+pub mod auth;
 pub mod events;
 pub mod fire;
 pub mod lease;
@@ -50,13 +54,16 @@ pub struct Config {
     pub nats: NatsArgs,
     #[command(flatten)]
     pub database: DatabaseArgs,
-    /// Address of the admin gRPC API.
+    /// Address of the admin gRPC API. Without authentication (`--auth-file`, OIDC or a client
+    /// CA) only a loopback address is allowed, unless `--insecure-no-auth`.
     #[arg(
         long = "grpc-addr",
         env = "TASKFACTORY_GRPC_ADDR",
         default_value = "127.0.0.1:50051"
     )]
     pub grpc_addr: SocketAddr,
+    #[command(flatten)]
+    pub auth: auth::AuthArgs,
     /// Largest event body taken in; larger events are rejected (recorded, dead-lettered).
     #[arg(long = "max-event-bytes", env = "TASKFACTORY_MAX_EVENT_BYTES", default_value_t = 1024 * 1024)]
     pub max_event_bytes: usize,
@@ -115,6 +122,7 @@ impl Config {
             nats: NatsArgs::local(nats_url),
             database: DatabaseArgs::new(database_url),
             grpc_addr,
+            auth: auth::AuthArgs::default(),
             max_event_bytes: 1024 * 1024,
             event_concurrency: 32,
             reconcile_interval: Duration::from_secs(5),
@@ -140,8 +148,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         config.lease_ttl,
         lease::MIN_TTL
     );
-    // Hooks are checked, and their port taken, before anything else: a bad file fails at once.
+    // Hooks and the admin API's TLS are checked, and the hooks' port taken, before anything
+    // else: a bad file fails at once.
     let webhooks = webhook::Gateway::bind(&config).await.context("webhooks")?;
+    let server_tls = config.auth.server_tls().context("admin API")?;
     let pool = db::connect_and_migrate(&config.database, config.lifecycle.startup_patience)
         .await
         .context("postgres")?;
@@ -162,6 +172,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let tracker = TaskTracker::new();
     // Background work stops on `work_shutdown`; the gRPC server keeps answering until it is done.
     let work_shutdown = shutdown.child_token();
+    let authenticator = auth::Authenticator::start(
+        &config.auth,
+        config.grpc_addr,
+        &tracker,
+        work_shutdown.clone(),
+    )
+    .await
+    .context("admin API authentication")?;
     let (roles, _) = tokio::sync::watch::channel(lease::Role::Starting);
     let role = roles.subscribe();
     taskfactory_runtime::metrics::spawn_endpoint(
@@ -274,13 +292,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let listener = tokio::net::TcpListener::bind(config.grpc_addr)
         .await
         .with_context(|| format!("binding the admin API to {}", config.grpc_addr))?;
-    tracing::info!(addr = %config.grpc_addr, "admin gRPC API listening");
+    tracing::info!(addr = %config.grpc_addr, tls = server_tls.is_some(), authentication = !authenticator.is_open(), "admin gRPC API listening");
     let server_shutdown = shutdown.clone();
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = server_tls {
+        builder = builder.tls_config(tls).context("admin API TLS")?;
+    }
+    let server = builder
         .trace_fn(taskfactory_runtime::propagation::grpc_server_span)
         .layer(tower::util::MapResponseLayer::new(
             taskfactory_runtime::propagation::record_grpc_status,
         ))
+        .layer(auth::layer::AuthLayer::new(authenticator, pool.clone()))
         .add_service(AdminServiceServer::from_arc(admin))
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -24,6 +24,8 @@ pub struct ActivityRecord {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub spec: serde_json::Value,
+    /// Who made this version (the principal of the admin call).
+    pub created_by: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,11 +74,22 @@ fn activity_from_row(row: &sqlx::postgres::PgRow) -> Result<ActivityRecord, sqlx
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         spec: row.try_get("spec")?,
+        created_by: row.try_get("created_by")?,
     })
 }
 
 const ACTIVITY_COLUMNS: &str = "a.id, a.name, v.version, a.current_version, a.enabled, a.paused, \
-     a.pause_note, a.paused_at, a.resumed_at, a.activated_at, a.created_at, a.updated_at, v.spec";
+     a.pause_note, a.paused_at, a.resumed_at, a.activated_at, a.created_at, a.updated_at, v.spec, \
+     v.created_by";
+
+/// A version to store: its spec (canonical JSON), what the activity row keeps of it, and who made
+/// it.
+pub struct NewVersion<'a> {
+    pub spec: &'a serde_json::Value,
+    pub enabled: bool,
+    pub trigger_kind: &'a str,
+    pub created_by: &'a str,
+}
 
 /// Creates an activity at version 1. An enabled schedule starts deciding its occurrences from
 /// `now` (its watermark is written with it, so none between creation and the scheduler noticing it
@@ -85,11 +98,15 @@ pub async fn create_activity(
     pool: &PgPool,
     id: ActivityId,
     name: &str,
-    enabled: bool,
-    trigger_kind: &str,
-    spec: &serde_json::Value,
+    version: NewVersion<'_>,
     now: DateTime<Utc>,
 ) -> Result<ActivityRecord, StoreError> {
+    let NewVersion {
+        spec,
+        enabled,
+        trigger_kind,
+        created_by,
+    } = version;
     let mut tx = pool.begin().await?;
     sqlx::query(
         "INSERT INTO activities (id, name, current_version, enabled, trigger_kind, activated_at) \
@@ -103,11 +120,14 @@ pub async fn create_activity(
     .execute(&mut *tx)
     .await
     .map_err(|e| classify(e, name))?;
-    sqlx::query("INSERT INTO activity_versions (activity_id, version, spec) VALUES ($1, 1, $2)")
-        .bind(id.0)
-        .bind(spec)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "INSERT INTO activity_versions (activity_id, version, spec, created_by) VALUES ($1, 1, $2, $3)",
+    )
+    .bind(id.0)
+    .bind(spec)
+    .bind(created_by)
+    .execute(&mut *tx)
+    .await?;
     if enabled && trigger_kind == "schedule" {
         advance_watermark(&mut tx, id, now, false).await?;
     }
@@ -125,11 +145,15 @@ pub async fn create_activity(
 pub async fn update_activity(
     pool: &PgPool,
     id: ActivityId,
-    enabled: bool,
-    trigger_kind: &str,
-    spec: &serde_json::Value,
+    version: NewVersion<'_>,
     now: DateTime<Utc>,
 ) -> Result<(ActivityRecord, bool), StoreError> {
+    let NewVersion {
+        spec,
+        enabled,
+        trigger_kind,
+        created_by,
+    } = version;
     let mut tx = pool.begin().await?;
     let current: (i32, serde_json::Value) = sqlx::query_as(
         "SELECT a.current_version, v.spec FROM activities a \
@@ -144,11 +168,13 @@ pub async fn update_activity(
     if changed {
         let version = current.0 + 1;
         sqlx::query(
-            "INSERT INTO activity_versions (activity_id, version, spec) VALUES ($1, $2, $3)",
+            "INSERT INTO activity_versions (activity_id, version, spec, created_by) \
+             VALUES ($1, $2, $3, $4)",
         )
         .bind(id.0)
         .bind(version)
         .bind(spec)
+        .bind(created_by)
         .execute(&mut *tx)
         .await?;
         sqlx::query(
@@ -216,21 +242,24 @@ pub async fn get_activity(
     Ok(row.as_ref().map(activity_from_row).transpose()?)
 }
 
-/// Live activities by name, after `after_name`.
+/// Live activities by name, after `after_name`; only those of `only` when given.
 pub async fn list_activities(
     pool: &PgPool,
     after_name: Option<&str>,
     limit: i64,
+    only: Option<&[Uuid]>,
 ) -> Result<Vec<ActivityRecord>, StoreError> {
     let query = format!(
         "SELECT {ACTIVITY_COLUMNS} FROM activities a \
          JOIN activity_versions v ON v.activity_id = a.id AND v.version = a.current_version \
          WHERE a.deleted_at IS NULL AND ($1::text IS NULL OR a.name > $1) \
+           AND ($3::uuid[] IS NULL OR a.id = ANY($3)) \
          ORDER BY a.name LIMIT $2"
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(query))
         .bind(after_name)
         .bind(limit)
+        .bind(only)
         .fetch_all(pool)
         .await?;
     Ok(rows
@@ -241,7 +270,7 @@ pub async fn list_activities(
 
 /// Every live activity at its current version (the registry's view).
 pub async fn load_live_activities(pool: &PgPool) -> Result<Vec<ActivityRecord>, StoreError> {
-    list_activities(pool, None, i64::MAX).await
+    list_activities(pool, None, i64::MAX, None).await
 }
 
 /// Soft-deletes; history (versions, fires, runs) stays.
@@ -697,19 +726,20 @@ pub async fn schedule_state(
     Ok(row.map(|(w, n)| (w, u64::try_from(n).unwrap_or(0))))
 }
 
-/// Every version of an activity, newest first: `(version, created_at)`.
+/// Every version of an activity, newest first: `(version, created_at, created_by)`.
 pub async fn activity_versions(
     pool: &PgPool,
     id: ActivityId,
-) -> Result<Vec<(u32, DateTime<Utc>)>, StoreError> {
-    let rows: Vec<(i32, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT version, created_at FROM activity_versions WHERE activity_id = $1 ORDER BY version DESC",
+) -> Result<Vec<(u32, DateTime<Utc>, String)>, StoreError> {
+    let rows: Vec<(i32, DateTime<Utc>, String)> = sqlx::query_as(
+        "SELECT version, created_at, created_by FROM activity_versions WHERE activity_id = $1 \
+         ORDER BY version DESC",
     )
     .bind(id.0)
     .fetch_all(pool)
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(v, at)| (u32::try_from(v).unwrap_or(0), at))
+        .map(|(v, at, by)| (u32::try_from(v).unwrap_or(0), at, by))
         .collect())
 }

@@ -100,12 +100,14 @@ pub async fn list_runs(
     status: Option<RunStatus>,
     after: Option<Cursor>,
     limit: i64,
+    only: Option<&[Uuid]>,
 ) -> Result<(Vec<Run>, Option<Cursor>), sqlx::Error> {
     let query = format!(
         "SELECT {RUN_COLUMNS} FROM runs \
          WHERE ($1::uuid IS NULL OR activity_id = $1) \
            AND ($2::text IS NULL OR status = $2) \
            AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4)) \
+           AND ($6::uuid[] IS NULL OR activity_id = ANY($6)) \
          ORDER BY created_at DESC, id DESC LIMIT $5"
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(query))
@@ -114,6 +116,7 @@ pub async fn list_runs(
         .bind(after.map(|c| c.created_at))
         .bind(after.map(|c| c.id))
         .bind(limit + 1)
+        .bind(only)
         .fetch_all(pool)
         .await?;
     page(rows, limit, |r| run_from_row(r, false))
@@ -232,6 +235,7 @@ pub async fn list_tasks(
     status: Option<TaskStatus>,
     page_token: Option<&str>,
     limit: i64,
+    only: Option<&[Uuid]>,
 ) -> Result<(Vec<Task>, Option<String>), sqlx::Error> {
     let status = status.map(status::task_status_db);
     if let Some(run_id) = run_id {
@@ -262,6 +266,7 @@ pub async fn list_tasks(
         "SELECT {TASK_COLUMNS} FROM tasks \
          WHERE ($1::uuid IS NULL OR activity_id = $1) AND ($2::text IS NULL OR status = $2) \
            AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4)) \
+           AND ($6::uuid[] IS NULL OR activity_id = ANY($6)) \
          ORDER BY created_at DESC, id DESC LIMIT $5"
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(query))
@@ -270,10 +275,82 @@ pub async fn list_tasks(
         .bind(after.map(|c| c.created_at))
         .bind(after.map(|c| c.id))
         .bind(limit + 1)
+        .bind(only)
         .fetch_all(pool)
         .await?;
     let (tasks, cursor) = page(rows, limit, task_from_row)?;
     Ok((tasks, cursor.map(|c| c.encode())))
+}
+
+/// What access scopes are checked against: an activity's name and the labels of its current
+/// version (deleted activities included: their runs stay readable).
+#[derive(Clone, Debug, Default)]
+pub struct ActivityLabels {
+    pub name: String,
+    pub labels: std::collections::HashMap<String, String>,
+}
+
+fn labels_from_row(row: &sqlx::postgres::PgRow) -> Result<(Uuid, ActivityLabels), sqlx::Error> {
+    let labels: Option<serde_json::Value> = row.try_get("labels")?;
+    let labels = labels
+        .and_then(|l| serde_json::from_value(l).ok())
+        .unwrap_or_default();
+    Ok((
+        row.try_get("id")?,
+        ActivityLabels {
+            name: row.try_get("name")?,
+            labels,
+        },
+    ))
+}
+
+const LABELS_QUERY: &str = "SELECT a.id, a.name, v.spec -> 'labels' AS labels FROM activities a \
+     JOIN activity_versions v ON v.activity_id = a.id AND v.version = a.current_version";
+
+/// The name and labels of one activity, live or deleted.
+pub async fn activity_labels(
+    pool: &PgPool,
+    id: Uuid,
+) -> Result<Option<ActivityLabels>, sqlx::Error> {
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "{LABELS_QUERY} WHERE a.id = $1"
+    )))
+    .bind(id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row
+        .as_ref()
+        .map(labels_from_row)
+        .transpose()?
+        .map(|(_, labels)| labels))
+}
+
+/// The name and labels of every activity, live or deleted (for a scoped caller's list filters).
+pub async fn all_activity_labels(
+    pool: &PgPool,
+) -> Result<Vec<(Uuid, ActivityLabels)>, sqlx::Error> {
+    let rows = sqlx::query(LABELS_QUERY).fetch_all(pool).await?;
+    rows.iter().map(labels_from_row).collect()
+}
+
+/// The activity of a run or a task, if it exists.
+pub async fn activity_of(
+    pool: &PgPool,
+    table: RunOrTask,
+    id: Uuid,
+) -> Result<Option<Uuid>, sqlx::Error> {
+    let query = match table {
+        RunOrTask::Run => "SELECT activity_id FROM runs WHERE id = $1",
+        RunOrTask::Task => "SELECT activity_id FROM tasks WHERE id = $1",
+    };
+    let row: Option<(Uuid,)> = sqlx::query_as(query).bind(id).fetch_optional(pool).await?;
+    Ok(row.map(|(id,)| id))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunOrTask {
+    Run,
+    Task,
 }
 
 #[cfg(test)]

@@ -1,0 +1,438 @@
+//! What callers below `admin` do not see: values that look like credentials.
+//!
+//! Specs should hold no secret (they name secrets instead), but nothing stops a user from writing
+//! a bearer token into a header, and events, context answers and task outputs are other people's
+//! data. So everything the admin API shows a non-admin passes through [`redact_json`]:
+//!
+//! - the value of any object key that names a credential (`password`, `token`, `apiKey`,
+//!   `Authorization`, `secret`, `cookie`, …; compared without case, `-` or `_`);
+//! - every value in a `headers` object except a few harmless headers (`Content-Type`, `Accept`, …);
+//! - any string that looks like a credential by its shape: `Bearer …`/`Basic …`, a JWT, a PEM
+//!   private key, well-known key prefixes (`sk_live_`, `ghp_`, `xoxb-`, `AKIA…`, our own `tf_`);
+//! - the password of a URL with user information (`postgres://u:pw@h/db` → `postgres://u:[redacted]@h/db`).
+//!
+//! Each becomes the string [`REDACTED`]. Structure (keys, list lengths, types of the rest) stays,
+//! so a viewer can still see why a run made the tasks it made.
+
+use prost_types::{Struct, Value as ProtoValue};
+use serde_json::Value;
+use taskfactory_proto::v1::{
+    Activity, ActivitySpec, PreviewRunResponse, Run, Task, TaskInstance, context_source,
+};
+
+use crate::values;
+
+/// What a hidden value is replaced with.
+pub const REDACTED: &str = "[redacted]";
+
+/// Key fragments that name a credential (lowercase, without `-` and `_`).
+const SENSITIVE_KEY_PARTS: &[&str] = &[
+    "password",
+    "passwd",
+    "passphrase",
+    "secret",
+    "token",
+    "apikey",
+    "accesskey",
+    "privatekey",
+    "authorization",
+    "credential",
+    "cookie",
+    "sessionid",
+    "signature",
+    "dsn",
+    "connectionstring",
+];
+
+/// Headers whose values are shown in a `headers` object.
+const HARMLESS_HEADERS: &[&str] = &[
+    "accept",
+    "acceptencoding",
+    "acceptlanguage",
+    "cachecontrol",
+    "contentencoding",
+    "contentlength",
+    "contenttype",
+    "useragent",
+    "idempotencykey",
+];
+
+fn normalized(key: &str) -> String {
+    key.chars()
+        .filter(|c| *c != '-' && *c != '_')
+        .flat_map(char::to_lowercase)
+        .collect()
+}
+
+/// Whether an object key names a credential.
+pub fn is_sensitive_key(key: &str) -> bool {
+    let key = normalized(key);
+    SENSITIVE_KEY_PARTS.iter().any(|part| key.contains(part))
+}
+
+/// Whether a string looks like a credential by its shape alone.
+pub fn looks_secret(text: &str) -> bool {
+    let trimmed = text.trim();
+    let lower = trimmed.to_ascii_lowercase();
+    for scheme in ["bearer ", "basic ", "token ", "digest "] {
+        if lower.starts_with(scheme) && trimmed.len() > scheme.len() {
+            return true;
+        }
+    }
+    if lower.contains("-----begin") && lower.contains("private key") {
+        return true;
+    }
+    for prefix in [
+        "sk_live_",
+        "sk_test_",
+        "rk_live_",
+        "ghp_",
+        "gho_",
+        "ghs_",
+        "github_pat_",
+        "glpat-",
+        "xoxb-",
+        "xoxp-",
+        "xapp-",
+        "tf_",
+    ] {
+        if trimmed.starts_with(prefix) && trimmed.len() >= prefix.len() + 8 {
+            return true;
+        }
+    }
+    is_aws_access_key(trimmed) || is_jwt(trimmed)
+}
+
+fn is_aws_access_key(text: &str) -> bool {
+    (text.starts_with("AKIA") || text.starts_with("ASIA"))
+        && text.len() == 20
+        && text
+            .chars()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
+}
+
+fn is_jwt(text: &str) -> bool {
+    let parts: Vec<&str> = text.split('.').collect();
+    parts.len() == 3
+        && parts[0].starts_with("eyJ")
+        && parts[..2].iter().all(|p| p.len() >= 4)
+        && parts.iter().all(|p| {
+            p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '=')
+        })
+}
+
+/// A URL's password replaced, if it has one: `scheme://user:pw@host` → `scheme://user:[redacted]@host`.
+fn without_url_password(text: &str) -> Option<String> {
+    let scheme_end = text.find("://")?;
+    let rest = &text[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let at = authority.rfind('@')?;
+    let userinfo = &authority[..at];
+    let colon = userinfo.find(':')?;
+    let password = &userinfo[colon + 1..];
+    if password.is_empty() || password == REDACTED {
+        return None;
+    }
+    Some(format!(
+        "{}{}:{REDACTED}{}",
+        &text[..scheme_end + 3],
+        &userinfo[..colon],
+        &rest[at..]
+    ))
+}
+
+/// Hides credentials in `value`, in place; returns how many values were hidden.
+pub fn redact_json(value: &mut Value) -> usize {
+    match value {
+        Value::Object(map) => {
+            let mut hidden = 0;
+            for (key, inner) in map.iter_mut() {
+                if is_sensitive_key(key) {
+                    hidden += hide(inner);
+                } else if normalized(key) == "headers" {
+                    hidden += redact_headers(inner);
+                } else {
+                    hidden += redact_json(inner);
+                }
+            }
+            hidden
+        }
+        Value::Array(items) => items.iter_mut().map(redact_json).sum(),
+        Value::String(text) => {
+            if looks_secret(text) {
+                *text = REDACTED.to_owned();
+                1
+            } else if let Some(safe) = without_url_password(text) {
+                *text = safe;
+                1
+            } else {
+                0
+            }
+        }
+        _ => 0,
+    }
+}
+
+fn redact_headers(headers: &mut Value) -> usize {
+    let Value::Object(map) = headers else {
+        return redact_json(headers);
+    };
+    let mut hidden = 0;
+    for (name, value) in map.iter_mut() {
+        if HARMLESS_HEADERS.contains(&normalized(name).as_str()) && !is_sensitive_key(name) {
+            hidden += redact_json(value);
+        } else {
+            hidden += hide(value);
+        }
+    }
+    hidden
+}
+
+/// Replaces a value with the marker, unless there is nothing to hide (null, empty, a bool).
+fn hide(value: &mut Value) -> usize {
+    match value {
+        Value::Null | Value::Bool(_) => 0,
+        Value::String(text) if text.is_empty() || text == REDACTED => 0,
+        Value::Object(map) if map.is_empty() => 0,
+        Value::Array(items) if items.is_empty() => 0,
+        _ => {
+            *value = Value::String(REDACTED.to_owned());
+            1
+        }
+    }
+}
+
+fn redact_value(value: &mut ProtoValue) {
+    let mut json = values::value_to_json(value);
+    if redact_json(&mut json) > 0 {
+        *value = values::json_to_value(&json);
+    }
+}
+
+fn redact_struct(value: &mut Struct) {
+    let mut json = values::struct_to_json(value);
+    if redact_json(&mut json) > 0 {
+        *value = values::json_to_struct(&json);
+    }
+}
+
+/// A spec as a non-admin sees it: static values, defaults, HTTP URLs, headers and bodies, request
+/// payloads and task params go through [`redact_json`]; names, queries, expressions and the rest
+/// stay as written.
+pub fn redact_spec(spec: &mut ActivitySpec) {
+    for source in &mut spec.context {
+        if let Some(default) = source.default.as_mut() {
+            redact_value(default);
+        }
+        match source.kind.as_mut() {
+            Some(context_source::Kind::Static(value)) => redact_value(value),
+            Some(context_source::Kind::Http(http)) => {
+                if let Some(safe) = without_url_password(&http.url) {
+                    http.url = safe;
+                } else if looks_secret(&http.url) {
+                    http.url = REDACTED.to_owned();
+                }
+                for (name, value) in http.headers.iter_mut() {
+                    let harmless = HARMLESS_HEADERS.contains(&normalized(name).as_str());
+                    if !harmless && !value.is_empty() {
+                        *value = REDACTED.to_owned();
+                    }
+                }
+                if let Some(body) = http.body.as_mut() {
+                    redact_value(body);
+                }
+            }
+            Some(context_source::Kind::Request(request)) => {
+                if let Some(payload) = request.payload.as_mut() {
+                    redact_value(payload);
+                }
+            }
+            _ => {}
+        }
+    }
+    for template in &mut spec.tasks {
+        if let Some(params) = template.params.as_mut() {
+            redact_struct(params);
+        }
+    }
+}
+
+pub fn redact_activity(activity: &mut Activity) {
+    if let Some(spec) = activity.spec.as_mut() {
+        redact_spec(spec);
+    }
+}
+
+/// A run as a non-admin sees it: its context snapshot and its trigger's payload redacted.
+pub fn redact_run(run: &mut Run) {
+    if let Some(context) = run.context.as_mut() {
+        redact_struct(context);
+    }
+    if let Some(payload) = run.payload.as_mut() {
+        redact_value(payload);
+    }
+}
+
+/// A task as a non-admin sees it: its params, its output and every attempt's output redacted.
+pub fn redact_task(task: &mut Task) {
+    if let Some(params) = task.params.as_mut() {
+        redact_struct(params);
+    }
+    if let Some(output) = task.output.as_mut() {
+        redact_value(output);
+    }
+    for attempt in &mut task.attempt_history {
+        if let Some(output) = attempt.output.as_mut() {
+            redact_value(output);
+        }
+    }
+}
+
+pub fn redact_task_instance(task: &mut TaskInstance) {
+    if let Some(params) = task.params.as_mut() {
+        redact_struct(params);
+    }
+}
+
+/// A preview as a non-admin sees it: the resolved context and the tasks' params redacted.
+pub fn redact_preview(preview: &mut PreviewRunResponse) {
+    if let Some(context) = preview.context.as_mut() {
+        redact_struct(context);
+    }
+    for task in &mut preview.tasks {
+        redact_task_instance(task);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_spec_keeps_its_shape_and_loses_its_credentials() {
+        let mut spec: ActivitySpec = crate::spec::spec_from_yaml(
+            r#"
+name: leaky
+trigger: {manual: {}}
+context:
+  - name: prices
+    http:
+      url: "https://user:pw@prices.example.com/v1"
+      headers: {Authorization: "Bearer live-key-123", Accept: application/json}
+  - name: creds
+    static: {apiKey: k-1, region: eu}
+tasks:
+  - name: call
+    type: http
+    params: {url: "https://example.com", headers: {X-Api-Key: abc}, body: {n: 1}}
+"#,
+        )
+        .unwrap();
+        redact_spec(&mut spec);
+        let json = taskfactory_proto::to_json(&spec);
+        assert_eq!(
+            json["context"][0]["http"]["url"],
+            "https://user:[redacted]@prices.example.com/v1"
+        );
+        assert_eq!(
+            json["context"][0]["http"]["headers"]["Authorization"],
+            REDACTED
+        );
+        assert_eq!(
+            json["context"][0]["http"]["headers"]["Accept"],
+            "application/json"
+        );
+        assert_eq!(
+            json["context"][1]["static"],
+            json!({"apiKey": REDACTED, "region": "eu"})
+        );
+        assert_eq!(json["tasks"][0]["params"]["headers"]["X-Api-Key"], REDACTED);
+        assert_eq!(json["tasks"][0]["params"]["body"], json!({"n": 1}));
+        assert_eq!(json["name"], "leaky");
+        // Still a valid spec.
+        let again: ActivitySpec = taskfactory_proto::from_json(&json).unwrap();
+        assert_eq!(again, spec);
+    }
+
+    #[test]
+    fn credential_keys_are_hidden_whatever_their_spelling() {
+        let mut value = json!({
+            "api_key": "k-123", "X-Api-Key": "k-456", "password": "hunter2", "clientSecret": {"a": 1},
+            "refresh_token": "r", "nested": [{"Authorization": "x"}], "count": 3, "name": "ada",
+            "token": null, "enabled": true
+        });
+        let hidden = redact_json(&mut value);
+        assert_eq!(
+            value,
+            json!({
+                "api_key": REDACTED, "X-Api-Key": REDACTED, "password": REDACTED, "clientSecret": REDACTED,
+                "refresh_token": REDACTED, "nested": [{"Authorization": REDACTED}], "count": 3, "name": "ada",
+                "token": null, "enabled": true
+            })
+        );
+        assert_eq!(hidden, 6);
+    }
+
+    #[test]
+    fn headers_show_only_harmless_ones() {
+        let mut value = json!({"headers": {"Content-Type": "application/json", "X-Custom": "abc", "accept": "*/*"}});
+        redact_json(&mut value);
+        assert_eq!(
+            value,
+            json!({"headers": {"Content-Type": "application/json", "X-Custom": REDACTED, "accept": "*/*"}})
+        );
+    }
+
+    #[test]
+    fn strings_shaped_like_credentials_are_hidden_anywhere() {
+        let jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJl";
+        let mut value = json!([
+            "Bearer abc.def",
+            "basic dXNlcjpwdw==",
+            jwt,
+            "sk_live_0123456789abcdef",
+            "AKIAIOSFODNN7EXAMPLE",
+            "-----BEGIN PRIVATE KEY-----\nMII...",
+            "tf_0123456789abcdef0123",
+            "hello",
+            "Bearer",
+            "eyJ.not",
+            "ghp_",
+            "AKIA-short"
+        ]);
+        redact_json(&mut value);
+        let shown: Vec<&str> = value
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(&shown[..7], &[REDACTED; 7]);
+        assert_eq!(
+            &shown[7..],
+            &["hello", "Bearer", "eyJ.not", "ghp_", "AKIA-short"]
+        );
+    }
+
+    #[test]
+    fn url_passwords_are_hidden_and_the_rest_kept() {
+        let mut value = json!({"url": "postgres://app:s3cret@db:5432/x?sslmode=require", "plain": "https://example.com/a@b", "user_only": "https://ada@example.com/"});
+        redact_json(&mut value);
+        assert_eq!(
+            value,
+            json!({"url": "postgres://app:[redacted]@db:5432/x?sslmode=require", "plain": "https://example.com/a@b", "user_only": "https://ada@example.com/"})
+        );
+    }
+
+    #[test]
+    fn redacting_twice_changes_nothing_more() {
+        let mut value = json!({"token": "abc", "headers": {"Authorization": "Bearer x"}, "u": "https://a:b@h/"});
+        redact_json(&mut value);
+        let once = value.clone();
+        assert_eq!(redact_json(&mut value), 0);
+        assert_eq!(value, once);
+    }
+}
