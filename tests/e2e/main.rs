@@ -1,6 +1,7 @@
 //! End-to-end tests: the three services against a real `nats-server` and Postgres.
 //! One binary; each test gets its own NATS server and database.
 
+mod access;
 mod apply;
 mod cluster;
 mod context;

@@ -400,6 +400,9 @@ pub struct EnvOptions {
     /// The admin API requires a token ([`TestEnv::tokens`]); off, it serves loopback without
     /// authentication.
     pub admin_auth: bool,
+    /// Trigger (in-process): the admin API's authentication settings (OIDC, TLS); the tokens
+    /// file of `admin_auth` is added to them.
+    pub auth: taskfactory_trigger::auth::AuthArgs,
 }
 
 impl Default for EnvOptions {
@@ -418,6 +421,7 @@ impl Default for EnvOptions {
             nats_servers: 1,
             stream_replicas: 1,
             admin_auth: true,
+            auth: taskfactory_trigger::auth::AuthArgs::default(),
         }
     }
 }
@@ -501,7 +505,10 @@ impl TestEnv {
                 config.lease_ttl = self.options.lease_ttl;
                 config.http_addr = self.http_addr;
                 config.hooks = self.options.webhooks.clone();
-                config.auth.auth_file = self.tokens.as_ref().map(|t| t.file.clone());
+                config.auth = self.options.auth.clone();
+                if let Some(tokens) = &self.tokens {
+                    config.auth.auth_file = Some(tokens.file.clone());
+                }
                 tokio::spawn(taskfactory_trigger::run(config, token))
             }
             Service::Orchestrator => {

@@ -32,6 +32,8 @@ pub struct AuditEntry {
     /// `OK`, or the gRPC code the call ended with.
     pub outcome: String,
     pub error: String,
+    /// The trace the call belongs to: the exported one, else the caller's own (`traceparent`).
+    pub trace_id: String,
     pub details: serde_json::Map<String, serde_json::Value>,
 }
 
@@ -42,7 +44,29 @@ impl AuditEntry {
             auth_method: principal.method.name(),
             grants: principal.grant_names(),
             rpc,
+            trace_id: taskfactory_runtime::propagation::current_trace_id().unwrap_or_default(),
             ..Self::default()
+        }
+    }
+
+    /// Takes the caller's trace id from its `traceparent` when no exported trace has one.
+    pub fn caller_trace(&mut self, traceparent: Option<&str>) {
+        if !self.trace_id.is_empty() {
+            return;
+        }
+        let Some(traceparent) = traceparent else {
+            return;
+        };
+        // version-traceid-spanid-flags; only a well-formed, non-zero id is kept.
+        let parts: Vec<&str> = traceparent.trim().split('-').collect();
+        if let [_, trace, _, _] = parts.as_slice()
+            && trace.len() == 32
+            && trace
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+            && trace.chars().any(|c| c != '0')
+        {
+            self.trace_id = (*trace).to_owned();
         }
     }
 
@@ -107,7 +131,6 @@ fn storable(mut text: String) -> String {
 
 /// Writes the row (retrying a failed write a few times: the call is already carried out).
 pub async fn record(pool: &PgPool, entry: AuditEntry) {
-    let trace_id = taskfactory_runtime::propagation::current_trace_id().unwrap_or_default();
     let mut details = serde_json::Value::Object(entry.details.clone());
     values::make_storable_json(&mut details);
     let mut delay = std::time::Duration::from_millis(50);
@@ -131,7 +154,7 @@ pub async fn record(pool: &PgPool, entry: AuditEntry) {
         .bind(storable(entry.idempotency_key.clone()))
         .bind(&entry.outcome)
         .bind(storable(entry.error.clone()))
-        .bind(&trace_id)
+        .bind(&entry.trace_id)
         .bind(&details)
         .execute(pool)
         .await;

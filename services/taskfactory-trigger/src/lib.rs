@@ -152,6 +152,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     // else: a bad file fails at once.
     let webhooks = webhook::Gateway::bind(&config).await.context("webhooks")?;
     let server_tls = config.auth.server_tls().context("admin API")?;
+    auth::check_exposure(&config.auth, config.grpc_addr)?;
     let pool = db::connect_and_migrate(&config.database, config.lifecycle.startup_patience)
         .await
         .context("postgres")?;

@@ -13,20 +13,41 @@ use tonic::{Request, Status};
 use uuid::Uuid;
 
 use super::{Admin, AdminError};
+use crate::audit::AuditEntry;
 use crate::store::ActivityRecord;
 use crate::views::{self, ActivityLabels, RunOrTask};
 
-/// The caller the auth layer found, and the request.
-pub(super) fn caller<T>(request: Request<T>) -> Result<(Principal, T), Status> {
-    let principal = request
+fn principal_of<T>(request: &Request<T>) -> Result<Principal, Status> {
+    request
         .extensions()
         .get::<Principal>()
         .cloned()
         .ok_or_else(|| {
             tracing::error!("an admin call reached its handler without a principal");
             Status::internal("internal error; see the trigger service's log")
-        })?;
+        })
+}
+
+/// The caller the auth layer found, and the request.
+pub(super) fn caller<T>(request: Request<T>) -> Result<(Principal, T), Status> {
+    let principal = principal_of(&request)?;
     Ok((principal, request.into_inner()))
+}
+
+/// The caller, its audit row in the making (with the caller's trace), and the request.
+pub(super) fn audited_caller<T>(
+    request: Request<T>,
+    rpc: &'static str,
+) -> Result<(Principal, AuditEntry, T), Status> {
+    let principal = principal_of(&request)?;
+    let mut audit = AuditEntry::new(&principal, rpc);
+    audit.caller_trace(
+        request
+            .metadata()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok()),
+    );
+    Ok((principal, audit, request.into_inner()))
 }
 
 /// Whose values a caller sees unredacted.

@@ -41,7 +41,7 @@ use taskfactory_runtime::telemetry::error_chain;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use self::guard::caller;
+use self::guard::{audited_caller, caller};
 use crate::audit::{self, AuditEntry};
 use crate::registry::{self, Registry};
 use crate::store::{self, ActivityRecord, StoreError};
@@ -229,8 +229,7 @@ impl AdminService for Admin {
         &self,
         request: Request<CreateActivityRequest>,
     ) -> Result<Response<Activity>, Status> {
-        let (caller, request) = caller(request)?;
-        let mut audit = AuditEntry::new(&caller, "CreateActivity");
+        let (caller, mut audit, request) = audited_caller(request, "CreateActivity")?;
         let result = self.create_activity_for(&caller, request, &mut audit).await;
         self.audited(audit, result).await
     }
@@ -239,8 +238,7 @@ impl AdminService for Admin {
         &self,
         request: Request<UpdateActivityRequest>,
     ) -> Result<Response<Activity>, Status> {
-        let (caller, request) = caller(request)?;
-        let mut audit = AuditEntry::new(&caller, "UpdateActivity");
+        let (caller, mut audit, request) = audited_caller(request, "UpdateActivity")?;
         let result = self.update_activity_for(&caller, request, &mut audit).await;
         self.audited(audit, result).await
     }
@@ -273,8 +271,7 @@ impl AdminService for Admin {
         &self,
         request: Request<DeleteActivityRequest>,
     ) -> Result<Response<DeleteActivityResponse>, Status> {
-        let (caller, request) = caller(request)?;
-        let mut audit = AuditEntry::new(&caller, "DeleteActivity");
+        let (caller, mut audit, request) = audited_caller(request, "DeleteActivity")?;
         let result = self.delete_activity_for(&caller, request, &mut audit).await;
         self.audited(audit, result).await
     }
@@ -283,8 +280,7 @@ impl AdminService for Admin {
         &self,
         request: Request<TriggerActivityRequest>,
     ) -> Result<Response<TriggerActivityResponse>, Status> {
-        let (caller, request) = caller(request)?;
-        let mut audit = AuditEntry::new(&caller, "TriggerActivity");
+        let (caller, mut audit, request) = audited_caller(request, "TriggerActivity")?;
         let result = self
             .trigger_activity_for(&caller, request, &mut audit)
             .await;
@@ -295,8 +291,7 @@ impl AdminService for Admin {
         &self,
         request: Request<PauseActivityRequest>,
     ) -> Result<Response<Activity>, Status> {
-        let (caller, request) = caller(request)?;
-        let mut audit = AuditEntry::new(&caller, "PauseActivity");
+        let (caller, mut audit, request) = audited_caller(request, "PauseActivity")?;
         let result = self
             .set_paused_for(&caller, &request.id, true, &request.note, &mut audit)
             .await;
@@ -307,8 +302,7 @@ impl AdminService for Admin {
         &self,
         request: Request<ResumeActivityRequest>,
     ) -> Result<Response<Activity>, Status> {
-        let (caller, request) = caller(request)?;
-        let mut audit = AuditEntry::new(&caller, "ResumeActivity");
+        let (caller, mut audit, request) = audited_caller(request, "ResumeActivity")?;
         let result = self
             .set_paused_for(&caller, &request.id, false, &request.note, &mut audit)
             .await;
@@ -319,8 +313,7 @@ impl AdminService for Admin {
         &self,
         request: Request<BackfillRequest>,
     ) -> Result<Response<BackfillResponse>, Status> {
-        let (caller, request) = caller(request)?;
-        let mut audit = AuditEntry::new(&caller, "Backfill");
+        let (caller, mut audit, request) = audited_caller(request, "Backfill")?;
         let result = self.backfill_for(&caller, request, &mut audit).await;
         self.audited(audit, result).await
     }
@@ -329,8 +322,7 @@ impl AdminService for Admin {
         &self,
         request: Request<PreviewRunRequest>,
     ) -> Result<Response<PreviewRunResponse>, Status> {
-        let (caller, request) = caller(request)?;
-        let mut audit = AuditEntry::new(&caller, "PreviewRun");
+        let (caller, mut audit, request) = audited_caller(request, "PreviewRun")?;
         let result = self.preview_run_for(&caller, request, &mut audit).await;
         self.audited(audit, result).await
     }
@@ -368,8 +360,7 @@ impl AdminService for Admin {
         &self,
         request: Request<CancelRunRequest>,
     ) -> Result<Response<Run>, Status> {
-        let (caller, request) = caller(request)?;
-        let mut audit = AuditEntry::new(&caller, "CancelRun");
+        let (caller, mut audit, request) = audited_caller(request, "CancelRun")?;
         let result = self.cancel_run_for(&caller, request, &mut audit).await;
         self.audited(audit, result).await
     }
@@ -378,8 +369,7 @@ impl AdminService for Admin {
         &self,
         request: Request<CompleteTaskRequest>,
     ) -> Result<Response<Task>, Status> {
-        let (caller, request) = caller(request)?;
-        let mut audit = AuditEntry::new(&caller, "CompleteTask");
+        let (caller, mut audit, request) = audited_caller(request, "CompleteTask")?;
         let result = self.complete_task_for(&caller, request, &mut audit).await;
         self.audited(audit, result).await
     }
@@ -388,8 +378,7 @@ impl AdminService for Admin {
         &self,
         request: Request<RetryTaskRequest>,
     ) -> Result<Response<Task>, Status> {
-        let (caller, request) = caller(request)?;
-        let mut audit = AuditEntry::new(&caller, "RetryTask");
+        let (caller, mut audit, request) = audited_caller(request, "RetryTask")?;
         let result = self.retry_task_for(&caller, request, &mut audit).await;
         self.audited(audit, result).await
     }

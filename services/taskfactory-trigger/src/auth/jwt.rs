@@ -33,6 +33,18 @@ impl JwksSource {
     pub fn parse(text: &str) -> Result<Self, String> {
         if text.starts_with("https://") || text.starts_with("http://") {
             let url = reqwest::Url::parse(text).map_err(|e| format!("{text:?}: {e}"))?;
+            // Keys fetched in clear could be anyone's: plain HTTP only from this machine.
+            let loopback = match url.host() {
+                Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+                Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+                Some(url::Host::Domain(name)) => name == "localhost",
+                None => false,
+            };
+            if url.scheme() == "http" && !loopback {
+                return Err(format!(
+                    "{text:?}: signing keys must be fetched over https (plain http only from loopback)"
+                ));
+            }
             Ok(JwksSource::Url(url))
         } else {
             Ok(JwksSource::File(PathBuf::from(text)))
@@ -51,6 +63,8 @@ pub struct OidcSettings {
     pub subject_claim: String,
     pub clock_skew: Duration,
     pub refresh: Duration,
+    /// The soonest a token naming a key the set lacks makes us fetch the keys again.
+    pub unknown_key_refetch: Duration,
 }
 
 /// Why a JWT was not taken (shown to the caller: it says what to fix, nothing secret).
@@ -114,8 +128,6 @@ const ACCEPTED: &[Algorithm] = &[
     Algorithm::ES384,
     Algorithm::EdDSA,
 ];
-/// The soonest an unknown `kid` makes us fetch the keys again.
-const UNKNOWN_KID_REFETCH: Duration = Duration::from_secs(30);
 
 /// Parses a JWKS document, keeping the keys we can verify with (asymmetric ones).
 pub fn parse_jwks(text: &[u8]) -> Result<Vec<(Jwk, DecodingKey)>, String> {
@@ -329,7 +341,7 @@ impl Verifier {
             .read()
             .await
             .as_ref()
-            .is_some_and(|set| set.loaded_at.elapsed() < UNKNOWN_KID_REFETCH);
+            .is_some_and(|set| set.loaded_at.elapsed() < self.settings.unknown_key_refetch);
         if recent {
             return;
         }

@@ -120,6 +120,12 @@ impl State {
             tracing::warn!(rpc = rule.method, principal = %principal.subject, "admin call refused: {message}");
             if rule.mutating {
                 let mut entry = AuditEntry::new(&principal, rule.method);
+                entry.caller_trace(
+                    request
+                        .headers()
+                        .get("traceparent")
+                        .and_then(|v| v.to_str().ok()),
+                );
                 entry.outcome = "PERMISSION_DENIED".to_owned();
                 entry.error = message.clone();
                 audit::record(&self.pool, entry).await;

@@ -78,6 +78,10 @@ pub struct AuthArgs {
     /// OIDC: how often keys from a URL are fetched again.
     #[arg(long = "oidc-jwks-refresh", env = "TASKFACTORY_OIDC_JWKS_REFRESH", default_value = "5m", value_parser = parse_duration)]
     pub oidc_jwks_refresh: Duration,
+    /// OIDC: the soonest a token naming an unknown key makes the keys be fetched again (tests
+    /// shorten it).
+    #[arg(skip = Duration::from_secs(30))]
+    pub oidc_unknown_key_refetch: Duration,
     /// TLS for the admin API: the server's certificate chain (PEM).
     #[arg(long = "grpc-tls-cert", env = "TASKFACTORY_GRPC_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
@@ -107,6 +111,7 @@ impl Default for AuthArgs {
             oidc_subject_claim: "sub".to_owned(),
             oidc_clock_skew: Duration::from_secs(60),
             oidc_jwks_refresh: Duration::from_secs(300),
+            oidc_unknown_key_refetch: Duration::from_secs(30),
             tls_cert: None,
             tls_key: None,
             client_ca: None,
@@ -140,6 +145,7 @@ impl AuthArgs {
             subject_claim: self.oidc_subject_claim.clone(),
             clock_skew: self.oidc_clock_skew,
             refresh: self.oidc_jwks_refresh.max(Duration::from_secs(30)),
+            unknown_key_refetch: self.oidc_unknown_key_refetch,
         }))
     }
 
@@ -181,6 +187,17 @@ impl AuthArgs {
         }
         Ok(Some(tls))
     }
+}
+
+/// The address rule, checked before anything else starts: without authentication the admin API
+/// listens only on loopback, unless `--insecure-no-auth` says otherwise.
+pub fn check_exposure(args: &AuthArgs, addr: SocketAddr) -> anyhow::Result<()> {
+    if args.configured() || addr.ip().is_loopback() || args.insecure_no_auth {
+        return Ok(());
+    }
+    bail!(
+        "the admin API would listen on {addr} without authentication: configure --auth-file, --oidc-issuer/--oidc-audience/--oidc-jwks or --grpc-client-ca (TASKFACTORY_AUTH_FILE, …), bind it to loopback, or pass --insecure-no-auth"
+    )
 }
 
 /// Why a caller is not authenticated (its message goes back in `UNAUTHENTICATED`).
@@ -304,15 +321,12 @@ impl Authenticator {
         tracker: &TaskTracker,
         shutdown: CancellationToken,
     ) -> anyhow::Result<Arc<Self>> {
+        check_exposure(args, addr)?;
         if !args.configured() {
             if addr.ip().is_loopback() {
                 tracing::info!(%addr, "admin API without authentication: loopback only, every caller is admin");
-            } else if args.insecure_no_auth {
-                tracing::warn!(%addr, "admin API WITHOUT AUTHENTICATION on a non-loopback address (--insecure-no-auth): anyone who reaches it is admin");
             } else {
-                bail!(
-                    "the admin API would listen on {addr} without authentication: configure --auth-file, --oidc-issuer/--oidc-audience/--oidc-jwks or --grpc-client-ca (TASKFACTORY_AUTH_FILE, …), bind it to loopback, or pass --insecure-no-auth"
-                );
+                tracing::warn!(%addr, "admin API WITHOUT AUTHENTICATION on a non-loopback address (--insecure-no-auth): anyone who reaches it is admin");
             }
             return Ok(Arc::new(Self::open()));
         }
