@@ -3,6 +3,7 @@
 
 mod access;
 mod apply;
+mod authentication;
 mod cluster;
 mod context;
 mod events;
