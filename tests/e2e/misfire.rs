@@ -335,7 +335,10 @@ async fn downtime_with_misfire_all_catches_up_at_most_max_catchup() -> anyhow::R
     let stop = tokio_util::sync::CancellationToken::new();
     tokio::spawn(taskfactory_runtime::metrics::serve(
         addr,
-        None,
+        taskfactory_runtime::metrics::Routes {
+            metrics: true,
+            probes: None,
+        },
         stop.clone(),
     ));
     downtime_under(

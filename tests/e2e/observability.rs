@@ -88,6 +88,33 @@ async fn readyz_follows_nats_and_says_whether_the_trigger_leads() -> anyhow::Res
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn probes_can_be_served_apart_from_the_metrics() -> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    let probes: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    let _executor = env.spawn_process(
+        Service::Executor,
+        &[
+            ("TASKFACTORY_METRICS_ADDR", &metrics.to_string()),
+            ("TASKFACTORY_PROBE_ADDR", &probes.to_string()),
+        ],
+    )?;
+    wait_for("the probes", Duration::from_secs(30), || async {
+        Ok(http_get(probes, "/readyz")
+            .await
+            .ok()
+            .filter(|(status, _)| *status == 200))
+    })
+    .await?;
+    assert_eq!(http_get(probes, "/healthz").await?.0, 200);
+    assert_eq!(http_get(probes, "/metrics").await?.0, 404);
+    assert_eq!(http_get(metrics, "/metrics").await?.0, 200);
+    assert_eq!(http_get(metrics, "/readyz").await?.0, 404);
+    assert_eq!(http_get(metrics, "/healthz").await?.0, 404);
+    Ok(())
+}
+
 /// A local HTTP server that answers 500 to everything: tasks against it fail (retryably), and
 /// context sources reading it fail.
 async fn broken_server() -> anyhow::Result<String> {

@@ -164,7 +164,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     tracker.spawn(cancellations.watch(shutdown.clone()));
     taskfactory_runtime::metrics::spawn_endpoint(
         &tracker,
-        config.lifecycle.metrics_addr,
+        &config.lifecycle,
         taskfactory_runtime::metrics::readiness(client.clone(), None, None),
         shutdown.clone(),
     );

@@ -309,7 +309,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     });
     taskfactory_runtime::metrics::spawn_endpoint(
         &tracker,
-        config.lifecycle.metrics_addr,
+        &config.lifecycle,
         taskfactory_runtime::metrics::readiness(client.clone(), Some(pool.clone()), None),
         shutdown.clone(),
     );

@@ -101,9 +101,13 @@ pub struct LifecycleArgs {
     /// At shutdown, how long work in hand may take to finish before it is left for redelivery.
     #[arg(long = "drain-timeout", env = "TASKFACTORY_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
-    /// Where to serve `/metrics` (Prometheus) and `/healthz`, e.g. `0.0.0.0:9464`; off if unset.
+    /// Where to serve `/metrics` (Prometheus), and `/healthz` and `/readyz` unless
+    /// `--probe-addr` is set, e.g. `0.0.0.0:9464`; off if unset.
     #[arg(long = "metrics-addr", env = "TASKFACTORY_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Where to serve `/healthz` and `/readyz` apart from the metrics, e.g. `0.0.0.0:9465`.
+    #[arg(long = "probe-addr", env = "TASKFACTORY_PROBE_ADDR")]
+    pub probe_addr: Option<std::net::SocketAddr>,
 }
 
 impl Default for LifecycleArgs {
@@ -112,6 +116,7 @@ impl Default for LifecycleArgs {
             startup_patience: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(30),
             metrics_addr: None,
+            probe_addr: None,
         }
     }
 }

@@ -471,59 +471,106 @@ async fn check_streams(nats: &async_nats::Client) -> StreamCheck {
     check
 }
 
-/// Serves `/metrics` (Prometheus text), `/healthz` (alive) and `/readyz` (able to work; 503 with
-/// the reasons when not) until shutdown.
-pub async fn serve(
-    addr: SocketAddr,
-    readiness: Option<Readiness>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let handle = handle();
-    let app = axum::Router::new()
-        .route(
+/// What one HTTP endpoint serves.
+#[derive(Clone)]
+pub struct Routes {
+    /// `/metrics` (Prometheus text).
+    pub metrics: bool,
+    /// `/healthz` (alive) and `/readyz` (able to work; 503 with the reasons when not).
+    pub probes: Option<Readiness>,
+}
+
+/// Serves `routes` on `addr` until shutdown.
+pub async fn serve(addr: SocketAddr, routes: Routes, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let mut app = axum::Router::new();
+    if routes.metrics {
+        let handle = handle();
+        app = app.route(
             "/metrics",
             axum::routing::get(move || async move { handle.render() }),
-        )
-        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
-        .route(
-            "/readyz",
-            axum::routing::get(move || {
-                let readiness = readiness.clone();
-                async move {
-                    let Some(readiness) = readiness else {
-                        return (axum::http::StatusCode::OK, "ready\n".to_owned());
-                    };
-                    match readiness().await {
-                        Ok(details) => (axum::http::StatusCode::OK, format!("ready\n{details}\n")),
-                        Err(problems) => (
-                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                            format!("not ready\n{problems}\n"),
-                        ),
-                    }
-                }
-            }),
         );
+    }
+    if let Some(readiness) = routes.probes.clone() {
+        app = app
+            .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+            .route(
+                "/readyz",
+                axum::routing::get(move || {
+                    let readiness = readiness.clone();
+                    async move {
+                        match readiness().await {
+                            Ok(details) => {
+                                (axum::http::StatusCode::OK, format!("ready\n{details}\n"))
+                            }
+                            Err(problems) => (
+                                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                                format!("not ready\n{problems}\n"),
+                            ),
+                        }
+                    }
+                }),
+            );
+    }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the metrics endpoint to {addr}"))?;
-    tracing::info!(%addr, "metrics on /metrics");
+    tracing::info!(%addr, metrics = routes.metrics, probes = routes.probes.is_some(), "metrics and probes endpoint listening");
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
         .context("metrics endpoint")
 }
 
-/// Serves the endpoint in the background when an address is configured; a failure to bind is
-/// logged, never fatal (metrics are not worth an outage).
+/// Serves `/metrics` and the probes in the background, where the lifecycle flags say: both on
+/// `--metrics-addr`, or the probes on `--probe-addr` when that is set (so a network policy can
+/// open one and not the other). A failure to bind is logged, never fatal (metrics are not worth an
+/// outage).
 pub fn spawn_endpoint(
     tracker: &tokio_util::task::TaskTracker,
-    addr: Option<SocketAddr>,
+    lifecycle: &crate::config::LifecycleArgs,
     readiness: Readiness,
     shutdown: CancellationToken,
 ) {
-    if let Some(addr) = addr {
+    let mut endpoints = Vec::new();
+    match (lifecycle.metrics_addr, lifecycle.probe_addr) {
+        (Some(metrics), Some(probes)) if metrics == probes => endpoints.push((
+            metrics,
+            Routes {
+                metrics: true,
+                probes: Some(readiness),
+            },
+        )),
+        (metrics, Some(probes)) => {
+            if let Some(metrics) = metrics {
+                endpoints.push((
+                    metrics,
+                    Routes {
+                        metrics: true,
+                        probes: None,
+                    },
+                ));
+            }
+            endpoints.push((
+                probes,
+                Routes {
+                    metrics: false,
+                    probes: Some(readiness),
+                },
+            ));
+        }
+        (Some(metrics), None) => endpoints.push((
+            metrics,
+            Routes {
+                metrics: true,
+                probes: Some(readiness),
+            },
+        )),
+        (None, None) => {}
+    }
+    for (addr, routes) in endpoints {
+        let shutdown = shutdown.clone();
         tracker.spawn(async move {
-            if let Err(error) = serve(addr, Some(readiness), shutdown).await {
+            if let Err(error) = serve(addr, routes, shutdown).await {
                 tracing::error!(error = %crate::telemetry::error_chain(error.as_ref()), "metrics endpoint failed");
             }
         });

@@ -185,7 +185,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let role = roles.subscribe();
     taskfactory_runtime::metrics::spawn_endpoint(
         &tracker,
-        config.lifecycle.metrics_addr,
+        &config.lifecycle,
         taskfactory_runtime::metrics::readiness(
             client.clone(),
             Some(pool.clone()),
