@@ -9,6 +9,8 @@
 # 3. Builds and starts trigger, orchestrator and executor (they create the database, migrate and
 #    declare their streams), applies the activities in examples/, and follows their logs.
 #    Ctrl-C stops everything gracefully.
+# 4. The admin API requires a token: a local admin token is made once (.state/admin-token, its
+#    hash in .state/auth.yaml) and printed.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -114,14 +116,29 @@ fi
 say "building"
 cargo build --workspace --bins
 export TASKFACTORY_GRPC_ADDR="${TASKFACTORY_GRPC_ADDR:-127.0.0.1:50051}"
+
+# A local admin credential: the token in .state/admin-token (only you may read it), its SHA-256 in
+# the auth file the trigger reads. Delete both to make a new one.
+if ! [ -s "$state/admin-token" ] || ! [ -s "$state/auth.yaml" ]; then
+  (
+    umask 077
+    made=$(target/debug/taskfactory-trigger token --subject dev-admin --role admin)
+    head -n 1 <<<"$made" >"$state/admin-token"
+    tail -n +2 <<<"$made" >"$state/auth.yaml"
+  )
+  say "made a local admin token (.state/admin-token)"
+fi
+admin_token=$(cat "$state/admin-token")
 export TASKFACTORY_EGRESS_ALLOW="${TASKFACTORY_EGRESS_ALLOW:-127.0.0.1,localhost}"
 followers=()
 declare -A metrics_port=([trigger]=9464 [orchestrator]=9465 [executor]=9466)
 for service in trigger orchestrator executor; do
   # Each in its own session: Ctrl-C reaches only this script, which then stops them once, gracefully.
   : >"$state/logs/$service.log"
+  auth_file=()
+  if [ "$service" = trigger ]; then auth_file=(env TASKFACTORY_AUTH_FILE="$state/auth.yaml"); fi
   TASKFACTORY_METRICS_ADDR="127.0.0.1:${metrics_port[$service]}" \
-    setsid target/debug/taskfactory-$service >"$state/logs/$service.log" 2>&1 &
+    setsid "${auth_file[@]}" target/debug/taskfactory-$service >"$state/logs/$service.log" 2>&1 &
   pids+=($!)
   tail -F -n +1 "$state/logs/$service.log" 2>/dev/null | sed -u "s/^/[$service] /" &
   followers+=($!)
@@ -130,12 +147,15 @@ done
 read -r grpc_host grpc_port < <(host_port "$TASKFACTORY_GRPC_ADDR")
 for _ in $(seq 600); do reachable "$grpc_host" "$grpc_port" && break; sleep 0.1; done
 if [ -d examples ]; then
-  target/debug/taskfactory-trigger apply --admin-url "http://$TASKFACTORY_GRPC_ADDR" examples/
+  TASKFACTORY_TOKEN="$admin_token" \
+    target/debug/taskfactory-trigger apply --admin-url "http://$TASKFACTORY_GRPC_ADDR" examples/
 fi
 cat >&2 <<EOF
 
 taskfactory is running:
-  admin API   grpcurl -plaintext $TASKFACTORY_GRPC_ADDR list
+  admin token $admin_token
+              (in .state/admin-token; TASKFACTORY_TOKEN=\$(cat .state/admin-token) for apply)
+  admin API   grpcurl -plaintext -H "authorization: Bearer \$(cat .state/admin-token)" $TASKFACTORY_GRPC_ADDR list
   metrics     http://127.0.0.1:9464/metrics (trigger), :9465 (orchestrator), :9466 (executor)
   NATS        $NATS_URL
   Postgres    $DATABASE_URL
