@@ -34,9 +34,10 @@ lint:
 # What CI checks, and more
 verify: lint test
 
-# Apply activity specs (files or directories) to a running admin API
+# Apply activity specs (files or directories) to a running admin API (with TASKFACTORY_TOKEN, else just dev's token)
 apply +paths:
-    cargo run -q --bin taskfactory-trigger -- apply {{paths}}
+    TASKFACTORY_TOKEN="${TASKFACTORY_TOKEN:-$(cat .state/admin-token 2>/dev/null || true)}" \
+        cargo run -q --bin taskfactory-trigger -- apply {{paths}}
 
 # Throughput and latency of a fan-out beside a raw JetStream baseline (BENCHMARKS.md); e.g. just bench --events 200 --fan-out 10
 bench *args:
