@@ -481,7 +481,11 @@ pub struct Routes {
 }
 
 /// Serves `routes` on `addr` until shutdown.
-pub async fn serve(addr: SocketAddr, routes: Routes, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn serve(
+    addr: SocketAddr,
+    routes: Routes,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let mut app = axum::Router::new();
     if routes.metrics {
         let handle = handle();
