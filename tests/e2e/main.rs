@@ -4,6 +4,7 @@
 mod apply;
 mod cluster;
 mod context;
+mod depth;
 mod events;
 mod examples;
 mod execution;
