@@ -37,6 +37,62 @@ pub async fn run_state(pool: &PgPool, run: RunId) -> Result<Option<RunState>, sq
     )
 }
 
+/// What the fire ledger (`fires`, written by the trigger service before it publishes a fire)
+/// says about a trigger message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ledger {
+    /// The message is, byte for byte, a fire the ledger holds (first publish or a republish).
+    Recorded,
+    /// The ledger holds a fire of this activity and dedupe key, but not this message.
+    Differs,
+    /// The ledger holds no fire of this activity and dedupe key.
+    Missing,
+}
+
+/// Looks a trigger message up in the fire ledger, with the state of the run it names: one round
+/// trip, on the ledger's unique key and the run's primary key. The message is compared whole
+/// (the trigger publishes exactly the bytes it recorded), so an id, version, payload or overlap
+/// policy of someone else's is as refused as an unknown key.
+pub async fn trigger_state(
+    pool: &PgPool,
+    activity: ActivityId,
+    dedupe_key: &str,
+    run: RunId,
+    message: &[u8],
+) -> Result<(Ledger, Option<RunState>), sqlx::Error> {
+    let row: (
+        Option<bool>,
+        Option<String>,
+        Option<bool>,
+        Option<DateTime<Utc>>,
+        Option<bool>,
+    ) = sqlx::query_as(
+        "SELECT f.event = $3, r.status, r.spawn_complete, r.announced_at, r.waiting \
+         FROM (SELECT 1) AS one \
+         LEFT JOIN fires f ON f.activity_id = $1 AND f.dedupe_key = $2 \
+         LEFT JOIN runs r ON r.id = $4",
+    )
+    .bind(activity.0)
+    .bind(dedupe_key)
+    .bind(message)
+    .bind(run.0)
+    .fetch_one(pool)
+    .await?;
+    let (same, status, spawn_complete, announced, waiting) = row;
+    let ledger = match same {
+        Some(true) => Ledger::Recorded,
+        Some(false) => Ledger::Differs,
+        None => Ledger::Missing,
+    };
+    let run = status.map(|status| RunState {
+        status: status::run_status_from_db(&status),
+        spawn_complete: spawn_complete.unwrap_or(false),
+        announced: announced.is_some(),
+        waiting: waiting.unwrap_or(false),
+    });
+    Ok((ledger, run))
+}
+
 /// The spec of an activity at a version, in its proto3 JSON form.
 pub async fn activity_spec(
     pool: &PgPool,
