@@ -375,8 +375,15 @@ async fn results_are_taken_only_for_the_tasks_type_run_and_attempts_handed_out()
             "attempt 4294967295",
         ),
     ];
-    for (result, says) in &refused {
-        let sequence = report(&js, "played", result).await?;
+    // Each with a message id of its own (a forger picks any), so none is deduplicated.
+    for (n, (result, says)) in refused.iter().enumerate() {
+        let sequence = publish(
+            &js,
+            subjects::result_subject("played", &result.run_id),
+            &format!("forged-{n}"),
+            result.encode_to_vec(),
+        )
+        .await?;
         let error = dead_letter(
             &js,
             subjects::RESULTS_DLQ_SUBJECT,
@@ -424,7 +431,8 @@ async fn results_are_taken_only_for_the_tasks_type_run_and_attempts_handed_out()
         RunStatus::RunFailed
     );
 
-    // RetryTask starts a new series (attempts 3 to 5): a late result of the first series only
+    // RetryTask starts a new series (attempts 3 to 5, and as many more as redeliveries may add):
+    // a late result of the first series only
     // joins the history, even a final one; the new series' attempts are taken.
     admin
         .retry_task(RetryTaskRequest {
@@ -433,7 +441,13 @@ async fn results_are_taken_only_for_the_tasks_type_run_and_attempts_handed_out()
         .await?;
     report(&js, "played", &result_for(&task, 2, TaskStatus::Succeeded)).await?;
     assert_eq!(state(3).await?, (TaskStatus::Pending, 2));
-    let sequence = report(&js, "played", &result_for(&task, 9, TaskStatus::Running)).await?;
+    let beyond = 2 + 3 + taskfactory_model::results::REDELIVERY_ALLOWANCE + 1;
+    let sequence = report(
+        &js,
+        "played",
+        &result_for(&task, beyond, TaskStatus::Running),
+    )
+    .await?;
     let error = dead_letter(
         &js,
         subjects::RESULTS_DLQ_SUBJECT,
@@ -441,7 +455,14 @@ async fn results_are_taken_only_for_the_tasks_type_run_and_attempts_handed_out()
         sequence,
     )
     .await?;
-    assert!(error.contains("attempt 9"), "{error}");
+    assert!(
+        error.contains(&format!("attempt {beyond} was never handed out")),
+        "{error}"
+    );
+    assert!(
+        error.contains(&format!("attempts 3 to {}", beyond - 1)),
+        "{error}"
+    );
     report(&js, "played", &result_for(&task, 3, TaskStatus::Running)).await?;
     assert_eq!(state(4).await?, (TaskStatus::Running, 3));
     report(&js, "played", &result_for(&task, 3, TaskStatus::Succeeded)).await?;

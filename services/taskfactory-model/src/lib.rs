@@ -10,6 +10,7 @@
 //! - [`plan`]: evaluating task templates into tasks, with a per-template evaluation.
 //! - [`expr`]: the sandboxed expression and template engine (`forEach`, `when`, `params`, filters).
 //! - [`status`]: run and task states, their database spelling and their transitions.
+//! - [`results`]: what one result does to its task (refused, history only, or a move forward).
 //! - [`egress`]: which hosts and addresses outbound HTTP may reach.
 //! - [`subjects`]: stream, subject, consumer and header names.
 //! - [`values`]: protobuf `Value`/`Struct` ↔ JSON.
@@ -19,6 +20,7 @@ pub mod expr;
 pub mod ids;
 pub mod misfire;
 pub mod plan;
+pub mod results;
 pub mod schedule;
 pub mod spec;
 pub mod status;

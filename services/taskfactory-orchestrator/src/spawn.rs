@@ -664,6 +664,7 @@ impl Spawner {
                     TaskStatus::Pending
                 },
                 deadline,
+                max_attempts: planned.retry.max_attempts,
             });
         }
         (run, tasks)
@@ -722,8 +723,7 @@ pub enum Purpose {
     Preview,
 }
 
-/// The task type served by people through `CompleteTask`, not by executors.
-pub const HUMAN_TASK_TYPE: &str = "human";
+pub use taskfactory_model::results::HUMAN_TASK_TYPE;
 
 /// The tasks that go to executors (all but human tasks), as `(id, type, TaskInstance bytes)`.
 fn publishable(tasks: &[NewTask]) -> Vec<(TaskId, String, Vec<u8>)> {
