@@ -440,8 +440,9 @@ tasks:
         .await?
         .into_inner();
 
-    // A foreign publisher on `triggers.>`: NULs in the key, subject and payload, on the plain
-    // path and on the overlap (admission) path. The run id comes from the key as stored.
+    // A forged trigger on `triggers.>` with NULs in its key, subject and payload, on the plain
+    // path and on the overlap (admission) path: refused (it is no fire of the ledger), once,
+    // with its reason, rather than failing on every redelivery; no run.
     let manual_id = admin
         .get_activity(taskfactory_proto::v1::GetActivityRequest {
             id: "nul-manual".to_owned(),
@@ -450,14 +451,14 @@ tasks:
         .await?
         .into_inner()
         .id;
-    let mut foreign_runs = Vec::new();
+    let mut forged = Vec::new();
     for (key, overlap) in [
         (
-            "foreign\u{0}plain",
+            "forged\u{0}plain",
             taskfactory_proto::v1::OverlapPolicy::OverlapUnspecified,
         ),
         (
-            "foreign\u{0}admitted",
+            "forged\u{0}admitted",
             taskfactory_proto::v1::OverlapPolicy::BufferAll,
         ),
     ] {
@@ -475,16 +476,33 @@ tasks:
             overlap: overlap as i32,
             ..Default::default()
         };
-        js.publish(
-            "triggers.nul-manual",
-            prost::Message::encode_to_vec(&trigger).into(),
-        )
-        .await?
-        .await?;
+        let ack = js
+            .publish(
+                "triggers.nul-manual",
+                prost::Message::encode_to_vec(&trigger).into(),
+            )
+            .await?
+            .await?;
         let stored_key = key.replace('\0', "\u{fffd}");
-        foreign_runs.push(
+        forged.push((
+            ack.sequence,
             taskfactory_model::ids::RunId::derive(manual_id.parse()?, &stored_key).to_string(),
-        );
+        ));
+    }
+    for (sequence, run_id) in &forged {
+        let error = crate::support::dead_letter(
+            &js,
+            taskfactory_model::subjects::TRIGGERS_DLQ_SUBJECT,
+            taskfactory_model::subjects::TRIGGERS_STREAM,
+            *sequence,
+        )
+        .await?;
+        assert!(error.contains("fire ledger"), "{error}");
+        let missing = admin
+            .get_run(taskfactory_proto::v1::GetRunRequest { id: run_id.clone() })
+            .await
+            .unwrap_err();
+        assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
     }
 
     let event_run = wait_for("the event's run", Duration::from_secs(20), || {
@@ -500,14 +518,6 @@ tasks:
         (
             fired.run_id.clone(),
             serde_json::json!({"text": "c\u{fffd}d"}),
-        ),
-        (
-            foreign_runs[0].clone(),
-            serde_json::json!({"text": "e\u{fffd}f"}),
-        ),
-        (
-            foreign_runs[1].clone(),
-            serde_json::json!({"text": "e\u{fffd}f"}),
         ),
     ] {
         let run = finished_run(&admin, &run_id, Duration::from_secs(30)).await?;

@@ -1307,12 +1307,21 @@ async fn a_batch_of_results_ends_as_recording_them_one_by_one_would() -> anyhow:
             executor: "played-by-the-test".to_owned(),
             started_at: None,
             finished_at: None,
+            claim: Some(taskfactory_model::results::Claim {
+                task_type: task.r#type.clone(),
+                run_id: task.run_id.clone(),
+                activity_id: task.activity_id.clone(),
+            }),
         };
     // What concurrency and redelivery can produce, in one batch: a repeat, a late older failure,
-    // a result after the task's end, a task nobody made.
+    // a result after the task's end, a task nobody made; and a result claiming another type.
     let first = |t: &[taskfactory_proto::v1::Task]| {
         let mut unknown = result(&t[0], 1, TaskStatus::Dead);
         unknown.task_id = taskfactory_model::ids::TaskId(uuid::Uuid::new_v4());
+        let mut other_type = result(&t[3], 1, TaskStatus::Succeeded);
+        if let Some(claim) = other_type.claim.as_mut() {
+            claim.task_type = "http".to_owned();
+        }
         vec![
             result(&t[0], 1, TaskStatus::Failed),
             result(&t[0], 1, TaskStatus::Failed),
@@ -1321,6 +1330,7 @@ async fn a_batch_of_results_ends_as_recording_them_one_by_one_would() -> anyhow:
             result(&t[0], 2, TaskStatus::Succeeded),
             result(&t[0], 3, TaskStatus::Dead),
             unknown,
+            other_type,
             result(&t[2], 1, TaskStatus::Dead),
         ]
     };
@@ -1334,6 +1344,7 @@ async fn a_batch_of_results_ends_as_recording_them_one_by_one_would() -> anyhow:
     };
     let kind = |r: &Recorded| match r {
         Recorded::UnknownTask => "unknown".to_owned(),
+        Recorded::Refused(refusal) => format!("refused: {}", refusal.reason()),
         Recorded::AlreadyFinal => "already final".to_owned(),
         Recorded::Applied(None) => "applied".to_owned(),
         Recorded::Applied(Some(run)) => format!("applied, run {}", run.status.as_str_name()),
@@ -1365,6 +1376,7 @@ async fn a_batch_of_results_ends_as_recording_them_one_by_one_would() -> anyhow:
                 "applied",
                 "already final",
                 "unknown",
+                "refused: wrong_task",
                 "applied"
             ],
             vec!["applied", "already final", "applied, run RUN_FAILED"],

@@ -6,6 +6,7 @@ mod apply;
 mod authentication;
 mod cluster;
 mod context;
+mod depth;
 mod events;
 mod examples;
 mod execution;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use taskfactory_model::spec::spec_from_yaml;
+use taskfactory_model::subjects;
 use taskfactory_proto::v1::{
     Activity, CreateActivityRequest, GetRunRequest, ListRunsRequest, ListTasksRequest, Run,
     RunStatus, Task,
@@ -106,6 +107,106 @@ pub async fn publish_event(
         .publish_with_headers(subject.to_owned(), headers, body.into())
         .await?
         .await?)
+}
+
+/// The dead letter of the message stored at `sequence` of `stream`, once it is there: its error.
+pub async fn dead_letter(
+    js: &async_nats::jetstream::Context,
+    dlq_subject: &str,
+    stream: &str,
+    sequence: u64,
+) -> anyhow::Result<String> {
+    let dlq_subject = dlq_subject.to_owned();
+    let stream = stream.to_owned();
+    wait_for(
+        &format!("the dead letter of {stream} #{sequence}"),
+        Duration::from_secs(20),
+        || {
+            let (dlq_subject, stream) = (dlq_subject.clone(), stream.clone());
+            async move {
+                let letters = dead_letters(js, &dlq_subject).await?;
+                Ok(letters
+                    .into_iter()
+                    .find(|l| l.stream == stream && l.sequence == sequence)
+                    .map(|l| l.error))
+            }
+        },
+    )
+    .await
+}
+
+/// A dead letter: the stream and sequence of the message it copies, and the error it was refused
+/// with.
+pub struct Letter {
+    pub stream: String,
+    pub sequence: u64,
+    pub error: String,
+}
+
+/// Every dead letter on `dlq_subject`.
+pub async fn dead_letters(
+    js: &async_nats::jetstream::Context,
+    dlq_subject: &str,
+) -> anyhow::Result<Vec<Letter>> {
+    let mut dlq = js.get_stream(subjects::DLQ_STREAM).await?;
+    let last = dlq.info().await?.state.last_sequence;
+    let mut letters = Vec::new();
+    for seq in 1..=last {
+        let Ok(message) = dlq.get_raw_message(seq).await else {
+            continue;
+        };
+        if message.subject.as_str() != dlq_subject {
+            continue;
+        }
+        let header = |name: &str| {
+            message
+                .headers
+                .get(name)
+                .map(|v| v.as_str().to_owned())
+                .unwrap_or_default()
+        };
+        let msg_id = header(subjects::HEADER_MSG_ID);
+        let stream = msg_id
+            .strip_prefix("dlq:")
+            .and_then(|rest| rest.rsplit_once(':'))
+            .map(|(stream, _)| stream.to_owned())
+            .unwrap_or_default();
+        letters.push(Letter {
+            stream,
+            sequence: header(subjects::HEADER_ORIGINAL_SEQUENCE)
+                .parse()
+                .unwrap_or(0),
+            error: header(subjects::HEADER_ERROR),
+        });
+    }
+    Ok(letters)
+}
+
+/// Waits until the durable consumer has settled everything it was given, and returns how many
+/// deliveries that took and how many messages the stream holds: equal when nothing was delivered
+/// twice.
+pub async fn settled(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    durable: &str,
+) -> anyhow::Result<(u64, u64)> {
+    wait_for(
+        &format!("{durable} to settle"),
+        Duration::from_secs(20),
+        || async {
+            let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
+                .get_stream(stream)
+                .await?
+                .get_consumer(durable)
+                .await
+                .map_err(|e| anyhow::anyhow!("consumer {durable}: {e}"))?;
+            let info = consumer.info().await?.clone();
+            let messages = js.get_stream(stream).await?.info().await?.state.messages;
+            Ok((info.num_pending == 0 && info.num_ack_pending == 0)
+                .then_some((info.delivered.consumer_sequence, messages)))
+        },
+    )
+    .await
 }
 
 /// One call a [`RecordingServer`] received.

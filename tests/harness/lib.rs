@@ -347,6 +347,14 @@ impl Running {
         }
     }
 
+    /// The process id (processes only).
+    pub fn pid(&self) -> Option<u32> {
+        match self {
+            Running::Process(guard) => guard.0.as_ref().map(Child::id),
+            Running::InProcess { .. } => None,
+        }
+    }
+
     /// SIGKILL (processes only).
     pub fn kill(self) {
         if let Running::Process(guard) = self {

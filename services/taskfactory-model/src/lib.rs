@@ -12,6 +12,7 @@
 //! - [`expr`]: the sandboxed expression and template engine (`forEach`, `when`, `params`, filters).
 //! - [`redact`]: what callers below admin do not see (values shaped or named like credentials).
 //! - [`status`]: run and task states, their database spelling and their transitions.
+//! - [`results`]: what one result does to its task (refused, history only, or a move forward).
 //! - [`egress`]: which hosts and addresses outbound HTTP may reach.
 //! - [`subjects`]: stream, subject, consumer and header names.
 //! - [`values`]: protobuf `Value`/`Struct` ↔ JSON.
@@ -23,6 +24,7 @@ pub mod ids;
 pub mod misfire;
 pub mod plan;
 pub mod redact;
+pub mod results;
 pub mod schedule;
 pub mod spec;
 pub mod status;

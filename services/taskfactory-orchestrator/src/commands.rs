@@ -177,6 +177,7 @@ impl Commands {
             executor: "admin-api".to_owned(),
             started_at: None,
             finished_at: Some(chrono::Utc::now()),
+            claim: None,
         };
         self.record(record).await
     }
@@ -186,6 +187,9 @@ impl Commands {
         record.make_storable();
         match store::record_result(&self.spawner.pool, &record).await? {
             Recorded::UnknownTask => Err(refuse("not_found", "no such task")),
+            // The orchestrator's own results name no task of their own: only a status that is
+            // no result status is refused, and none is sent.
+            Recorded::Refused(refusal) => Err(refuse("internal", refusal.to_string())),
             Recorded::AlreadyFinal => {
                 Err(refuse("failed_precondition", "the task finished meanwhile"))
             }
@@ -265,6 +269,7 @@ impl Commands {
                 executor: "orchestrator".to_owned(),
                 started_at: None,
                 finished_at: Some(chrono::Utc::now()),
+                claim: None,
             };
             if let Err(refusal) = self.record(record).await {
                 tracing::debug!(task.id = %task, error = %refusal.message, "expired human task not recorded");

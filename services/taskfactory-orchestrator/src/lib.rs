@@ -6,10 +6,12 @@
 //!
 //! # Layout
 //!
-//! - [`spawn`]: one TriggerEvent → one run (recorded once) → its tasks published.
+//! - [`spawn`]: one TriggerEvent (a fire of the ledger; anything else is refused) → one run
+//!   (recorded once) → its tasks published.
 //! - [`context`]: resolving context sources (static, sql, http, kv, request).
 //! - [`preview`]: answering `PreviewRun` (the same evaluation, nothing recorded).
-//! - [`results`]: one TaskResult → task state, run counters, run completion.
+//! - [`results`]: one TaskResult (checked against its task; refused when it does not fit) → task
+//!   state, run counters, run completion.
 //! - [`completion`]: announcing finished runs exactly once in effect.
 //! - [`commands`]: CancelRun, CompleteTask (human tasks) and RetryTask, for the admin API.
 //! - [`unserved`]: tasks of a type no executor serves die after a grace period.

@@ -1,6 +1,12 @@
 //! Consuming `results.>`: each TaskResult moves its task forward (the first terminal result wins;
 //! later ones are kept as attempts), counts toward its run, and finishes and announces the run
 //! when its last task is done.
+//!
+//! Anyone who can publish on `results.>` can send a result, so each is checked against its task
+//! ([`taskfactory_model::results::judge`]): a result for a human task (only `CompleteTask`
+//! completes one), one naming another task type, run or activity, or an attempt its series never
+//! handed out is refused — dead-lettered once to `dlq.results` with the reason, logged, counted
+//! (`taskfactory_refused_messages_total{kind="result"}`), and nothing about the task changes.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,6 +20,7 @@ use async_nats::jetstream::Message;
 use prost::Message as _;
 use sqlx::PgPool;
 use taskfactory_model::ids::TaskId;
+use taskfactory_model::results::{Claim, Refusal, is_result_status};
 use taskfactory_model::spec::timestamp_to_chrono;
 use taskfactory_model::{subjects, values};
 use taskfactory_proto::v1::{TaskResult, TaskStatus};
@@ -200,7 +207,7 @@ impl ResultSink {
                 .await;
         };
         let status = result.status();
-        if status == TaskStatus::Unspecified || status == TaskStatus::Pending {
+        if !is_result_status(status) {
             return self
                 .reject(
                     message,
@@ -220,7 +227,7 @@ impl ResultSink {
             executor.name = %result.executor,
         );
         let disposition = self
-            .record(result, task_id, status)
+            .record(message, result, task_id, status)
             .instrument(span.clone())
             .await;
         if disposition != Disposition::Ack {
@@ -230,7 +237,13 @@ impl ResultSink {
     }
 
     /// Records a decoded result; announces the run when it was the last.
-    async fn record(&self, result: TaskResult, task_id: TaskId, status: TaskStatus) -> Disposition {
+    async fn record(
+        &self,
+        message: &Message,
+        result: TaskResult,
+        task_id: TaskId,
+        status: TaskStatus,
+    ) -> Disposition {
         let mut record = ResultRecord {
             task_id,
             attempt: result.attempt,
@@ -240,6 +253,11 @@ impl ResultSink {
             executor: result.executor.clone(),
             started_at: result.started_at.as_ref().and_then(timestamp_to_chrono),
             finished_at: result.finished_at.as_ref().and_then(timestamp_to_chrono),
+            claim: Some(Claim {
+                task_type: result.r#type.clone(),
+                run_id: result.run_id.clone(),
+                activity_id: result.activity_id.clone(),
+            }),
         };
         record.make_storable();
         let recorded = if status == TaskStatus::Running {
@@ -252,6 +270,7 @@ impl ResultSink {
                 tracing::warn!(task.id = %task_id, "result for an unknown task ignored");
                 Disposition::Ack
             }
+            Ok(Recorded::Refused(refusal)) => self.refuse(message, task_id, &refusal).await,
             Ok(Recorded::AlreadyFinal) => {
                 tracing::debug!(task.id = %task_id, attempt = result.attempt, "late result kept as an attempt");
                 // A redelivery after the run finished but before it was announced lands here.
@@ -296,8 +315,25 @@ impl ResultSink {
         }
     }
 
+    /// A result its task refuses (see the module docs): dead-lettered once, counted, never
+    /// recorded.
+    async fn refuse(&self, message: &Message, task_id: TaskId, refusal: &Refusal) -> Disposition {
+        let error = format!("result for task {task_id} refused: {refusal}");
+        tracing::error!(subject = %message.subject, task.id = %task_id, reason = refusal.reason(), %error, "result refused; dead-lettered");
+        let disposition = self.dead_letter(message, &error).await;
+        if disposition == Disposition::Term {
+            taskfactory_runtime::metrics::record_refused("result", refusal.reason());
+        }
+        disposition
+    }
+
     async fn reject(&self, message: &Message, error: &str) -> Disposition {
         tracing::error!(subject = %message.subject, %error, "undecodable result; dead-lettered");
+        self.dead_letter(message, error).await
+    }
+
+    /// Copies the message to `dlq.results` with `error`; terminates it once that is stored.
+    async fn dead_letter(&self, message: &Message, error: &str) -> Disposition {
         match messaging::dead_letter(
             &self.js,
             subjects::RESULTS_DLQ_SUBJECT.to_owned(),

@@ -13,6 +13,14 @@
 //!
 //! Evaluation problems (bad data, a template that runs away) fail the run with the reason
 //! recorded; they are not retried. Infrastructure problems (database, NATS) retry the trigger.
+//!
+//! Before any of that, the trigger must be a fire of the ledger: the trigger service records
+//! every fire in `fires` before it publishes it (and the reconciler republishes only what is
+//! recorded), so a message on `triggers.>` that is not, byte for byte, a recorded fire did not
+//! come from it. Such a trigger is refused: dead-lettered once with the reason, counted
+//! (`taskfactory_refused_messages_total{kind="trigger"}`), never a run, never retried. There is
+//! no legitimate way for a trigger to arrive before its fire is committed, so a missing fire is
+//! refused at once rather than waited for.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,7 +47,7 @@ use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::completion;
-use crate::store::{self, Admission, NewRun, NewTask};
+use crate::store::{self, Admission, Ledger, NewRun, NewTask, RunState};
 
 pub struct Spawner {
     pub pool: PgPool,
@@ -66,6 +74,20 @@ pub enum SpawnError {
     UnknownActivity(String),
     #[error("{0}")]
     Conflict(String),
+    #[error(
+        "trigger refused: the fire ledger has no fire of activity {activity} with dedupe key {dedupe_key:?}, so the trigger service did not publish it"
+    )]
+    NotInLedger {
+        activity: ActivityId,
+        dedupe_key: String,
+    },
+    #[error(
+        "trigger refused: it is not the fire of activity {activity} with dedupe key {dedupe_key:?} that the fire ledger holds"
+    )]
+    DiffersFromLedger {
+        activity: ActivityId,
+        dedupe_key: String,
+    },
     #[error("database error")]
     Database(#[from] sqlx::Error),
     #[error("failed to announce the finished run")]
@@ -85,10 +107,21 @@ impl SpawnError {
             SpawnError::Decode(_)
             | SpawnError::Missing(_)
             | SpawnError::UnknownActivity(_)
-            | SpawnError::Conflict(_) => Disposition::Term,
+            | SpawnError::Conflict(_)
+            | SpawnError::NotInLedger { .. }
+            | SpawnError::DiffersFromLedger { .. } => Disposition::Term,
             SpawnError::Database(_) | SpawnError::Announce(_) | SpawnError::Publish { .. } => {
                 Disposition::Retry(Duration::from_secs(2))
             }
+        }
+    }
+
+    /// Why the trigger was refused as not the trigger service's (a metric label), if it was.
+    fn refusal(&self) -> Option<&'static str> {
+        match self {
+            SpawnError::NotInLedger { .. } => Some("not_in_ledger"),
+            SpawnError::DiffersFromLedger { .. } => Some("differs_from_ledger"),
+            _ => None,
         }
     }
 }
@@ -104,7 +137,11 @@ impl Spawner {
             Err(error) => {
                 let disposition = error.disposition();
                 if disposition == Disposition::Term {
-                    tracing::error!(subject = %message.subject, error = %error_chain(&error), "trigger cannot be processed; dead-lettered");
+                    if error.refusal().is_some() {
+                        tracing::error!(subject = %message.subject, error = %error_chain(&error), "trigger not in the fire ledger refused; dead-lettered");
+                    } else {
+                        tracing::error!(subject = %message.subject, error = %error_chain(&error), "trigger cannot be processed; dead-lettered");
+                    }
                     if let Err(e) = messaging::dead_letter(
                         &self.js,
                         subjects::TRIGGERS_DLQ_SUBJECT.to_owned(),
@@ -117,6 +154,9 @@ impl Spawner {
                         messaging::settle(&message, Disposition::Retry(Duration::from_secs(5)))
                             .await;
                         return;
+                    }
+                    if let Some(reason) = error.refusal() {
+                        taskfactory_runtime::metrics::record_refused("trigger", reason);
                     }
                 } else {
                     tracing::warn!(subject = %message.subject, error = %error_chain(&error), "trigger not processed; will retry");
@@ -137,9 +177,32 @@ impl Spawner {
             return Err(SpawnError::Missing("a dedupe_key"));
         }
         let run_id = RunId::derive(activity_id, &event.dedupe_key);
+        let (ledger, state) = store::trigger_state(
+            &self.pool,
+            activity_id,
+            &event.dedupe_key,
+            run_id,
+            message.payload.as_ref(),
+        )
+        .await?;
+        match ledger {
+            Ledger::Recorded => {}
+            Ledger::Missing => {
+                return Err(SpawnError::NotInLedger {
+                    activity: activity_id,
+                    dedupe_key: event.dedupe_key,
+                });
+            }
+            Ledger::Differs => {
+                return Err(SpawnError::DiffersFromLedger {
+                    activity: activity_id,
+                    dedupe_key: event.dedupe_key,
+                });
+            }
+        }
         let span = run_span(&event, run_id);
         let processed = self
-            .process_run(message, &event, activity_id, run_id)
+            .process_run(message, &event, activity_id, run_id, state)
             .instrument(span.clone())
             .await;
         if processed.is_err() {
@@ -148,15 +211,16 @@ impl Spawner {
         processed
     }
 
-    /// The run of one trigger, in the run's span.
+    /// The run of one trigger (of the ledger), in the run's span; `state` is its run as recorded.
     async fn process_run(
         &self,
         message: &Message,
         event: &TriggerEvent,
         activity_id: ActivityId,
         run_id: RunId,
+        state: Option<RunState>,
     ) -> Result<(), SpawnError> {
-        if let Some(state) = store::run_state(&self.pool, run_id).await? {
+        if let Some(state) = state {
             if state.status == RunStatus::RunPending {
                 // Admitted by its overlap policy but not started (a crash in between): start it
                 // now. A waiting run is started when the run before it finishes.
@@ -193,13 +257,14 @@ impl Spawner {
         if !store::insert_run(&self.pool, &new_run, &tasks).await? {
             // Another delivery recorded it first; continue from what it recorded (once: a run that
             // still is not there means the key belongs to some other run).
-            if store::run_state(&self.pool, run_id).await?.is_none() {
+            let Some(state) = store::run_state(&self.pool, run_id).await? else {
                 return Err(SpawnError::Conflict(format!(
                     "activity {activity_id} already has a run for dedupe key {:?}, and it is not run {run_id}",
                     event.dedupe_key
                 )));
-            }
-            return Box::pin(self.process_run(message, event, activity_id, run_id)).await;
+            };
+            return Box::pin(self.process_run(message, event, activity_id, run_id, Some(state)))
+                .await;
         }
         tracing::info!(run.id = %run_id, activity.name = %new_run.activity_name, tasks = tasks.len(), status = ?status, "run recorded");
         if status == RunStatus::RunRunning {
@@ -448,7 +513,7 @@ impl Spawner {
         let (mut run, tasks) = self
             .evaluate_raw(spec, event, activity_id, run_id, purpose)
             .await;
-        // What came from outside (a foreign trigger's payload, a source's error) is stored too.
+        // What came from outside (an event's payload, a source's error) is stored too.
         if let Some(payload) = run.payload.as_mut() {
             values::make_storable_json(payload);
         }
@@ -599,6 +664,7 @@ impl Spawner {
                     TaskStatus::Pending
                 },
                 deadline,
+                max_attempts: planned.retry.max_attempts,
             });
         }
         (run, tasks)
@@ -657,8 +723,7 @@ pub enum Purpose {
     Preview,
 }
 
-/// The task type served by people through `CompleteTask`, not by executors.
-pub const HUMAN_TASK_TYPE: &str = "human";
+pub use taskfactory_model::results::HUMAN_TASK_TYPE;
 
 /// The tasks that go to executors (all but human tasks), as `(id, type, TaskInstance bytes)`.
 fn publishable(tasks: &[NewTask]) -> Vec<(TaskId, String, Vec<u8>)> {
@@ -669,10 +734,10 @@ fn publishable(tasks: &[NewTask]) -> Vec<(TaskId, String, Vec<u8>)> {
         .collect()
 }
 
-/// The run a fire makes, before evaluation (status RUNNING, nothing resolved yet).
 /// A trigger as the orchestrator works with it: decoded, and with NUL characters replaced in
-/// whatever it stores (a foreign publisher on `triggers.>` may send them; the trigger service
-/// never does), before any id is derived from its dedupe key.
+/// whatever it stores (a forged trigger may carry them; the trigger service never does), before
+/// any id is derived from its dedupe key or the key is looked up in the ledger (Postgres takes no
+/// NUL in a parameter either).
 fn decode_trigger(bytes: &[u8]) -> Result<TriggerEvent, prost::DecodeError> {
     let mut event = TriggerEvent::decode(bytes)?;
     make_storable_trigger(&mut event);
@@ -688,6 +753,7 @@ pub fn make_storable_trigger(event: &mut TriggerEvent) {
     }
 }
 
+/// The run a fire makes, before evaluation (status RUNNING, nothing resolved yet).
 fn run_header(event: &TriggerEvent, activity_id: ActivityId, run_id: RunId) -> NewRun {
     NewRun {
         id: run_id,

@@ -5,10 +5,13 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row};
 use taskfactory_model::ids::{ActivityId, RunId, TaskId};
 use taskfactory_model::status;
-use taskfactory_model::values;
 use taskfactory_proto::v1::{OverlapPolicy, RunStatus, TaskStatus};
 use taskfactory_runtime::metrics;
 use uuid::Uuid;
+
+mod results;
+
+pub use results::{Recorded, ResultRecord, record_result, record_results, record_running};
 
 /// What the orchestrator knows of a run it may have seen before.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,6 +38,66 @@ pub async fn run_state(pool: &PgPool, run: RunId) -> Result<Option<RunState>, sq
             waiting,
         }),
     )
+}
+
+/// What the fire ledger (`fires`, written by the trigger service before it publishes a fire)
+/// says about a trigger message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ledger {
+    /// The message is, byte for byte, a fire the ledger holds (first publish or a republish).
+    Recorded,
+    /// The ledger holds a fire of this activity and dedupe key, but not this message.
+    Differs,
+    /// The ledger holds no fire of this activity and dedupe key.
+    Missing,
+}
+
+/// Whether the message is the ledger's fire (NULL: no fire), and the run's state columns (NULL:
+/// no run).
+type TriggerStateRow = (
+    Option<bool>,
+    Option<String>,
+    Option<bool>,
+    Option<DateTime<Utc>>,
+    Option<bool>,
+);
+
+/// Looks a trigger message up in the fire ledger, with the state of the run it names: one round
+/// trip, on the ledger's unique key and the run's primary key. The message is compared whole
+/// (the trigger publishes exactly the bytes it recorded), so an id, version, payload or overlap
+/// policy of someone else's is as refused as an unknown key.
+pub async fn trigger_state(
+    pool: &PgPool,
+    activity: ActivityId,
+    dedupe_key: &str,
+    run: RunId,
+    message: &[u8],
+) -> Result<(Ledger, Option<RunState>), sqlx::Error> {
+    let row: TriggerStateRow = sqlx::query_as(
+        "SELECT f.event = $3, r.status, r.spawn_complete, r.announced_at, r.waiting \
+         FROM (SELECT 1) AS one \
+         LEFT JOIN fires f ON f.activity_id = $1 AND f.dedupe_key = $2 \
+         LEFT JOIN runs r ON r.id = $4",
+    )
+    .bind(activity.0)
+    .bind(dedupe_key)
+    .bind(message)
+    .bind(run.0)
+    .fetch_one(pool)
+    .await?;
+    let (same, status, spawn_complete, announced, waiting) = row;
+    let ledger = match same {
+        Some(true) => Ledger::Recorded,
+        Some(false) => Ledger::Differs,
+        None => Ledger::Missing,
+    };
+    let run = status.map(|status| RunState {
+        status: status::run_status_from_db(&status),
+        spawn_complete: spawn_complete.unwrap_or(false),
+        announced: announced.is_some(),
+        waiting: waiting.unwrap_or(false),
+    });
+    Ok((ledger, run))
 }
 
 /// The spec of an activity at a version, in its proto3 JSON form.
@@ -90,6 +153,9 @@ pub struct NewTask {
     pub status: TaskStatus,
     /// A human task's deadline.
     pub deadline: Option<DateTime<Utc>>,
+    /// The effective `retry.maxAttempts`: results claiming attempts past it (and the redelivery
+    /// allowance) are refused.
+    pub max_attempts: u32,
 }
 
 /// How a run row is written besides its `NewRun` fields.
@@ -172,14 +238,19 @@ async fn insert_tasks(
             .map(|t| status::task_status_db(t.status))
             .collect();
         let deadlines: Vec<Option<DateTime<Utc>>> = chunk.iter().map(|t| t.deadline).collect();
+        let max_attempts: Vec<i32> = chunk
+            .iter()
+            .map(|t| i32::try_from(t.max_attempts).unwrap_or(i32::MAX))
+            .collect();
         sqlx::query(
             "INSERT INTO tasks (id, run_id, activity_id, activity_name, template, item_index, type, \
-                 params, instance, status, created_at, deadline) \
+                 params, instance, status, created_at, deadline, max_attempts) \
              SELECT u.id, $1, $2, $3, u.template, u.item_index, u.type, u.params, u.instance, \
-                 u.status, u.created_at, u.deadline \
+                 u.status, u.created_at, u.deadline, u.max_attempts \
              FROM UNNEST($4::uuid[], $5::text[], $6::int4[], $7::text[], $8::jsonb[], $9::bytea[], \
-                 $10::timestamptz[], $11::text[], $12::timestamptz[]) \
-                 AS u(id, template, item_index, type, params, instance, created_at, status, deadline) \
+                 $10::timestamptz[], $11::text[], $12::timestamptz[], $13::int4[]) \
+                 AS u(id, template, item_index, type, params, instance, created_at, status, deadline, \
+                     max_attempts) \
              ON CONFLICT (id) DO NOTHING",
         )
         .bind(run.id.0)
@@ -194,6 +265,7 @@ async fn insert_tasks(
         .bind(&created)
         .bind(&statuses)
         .bind(&deadlines)
+        .bind(&max_attempts)
         .execute(&mut *tx)
         .await?;
     }
@@ -421,7 +493,7 @@ impl Finished {
 
 /// Counts a run that reached its final state: called once, after the commit of the write that
 /// moved it there (a write guarded so that a repeat changes nothing and is not counted).
-fn record_run_finished(activity: &str, status: RunStatus) {
+pub(crate) fn record_run_finished(activity: &str, status: RunStatus) {
     if status::run_is_terminal(status) {
         metrics::record_runs_finished(activity, status::run_outcome(status), 1);
     }
@@ -563,30 +635,6 @@ pub async fn mark_announced(pool: &PgPool, run: RunId) -> Result<(), sqlx::Error
     Ok(())
 }
 
-/// One executor result to record.
-pub struct ResultRecord {
-    pub task_id: TaskId,
-    pub attempt: u32,
-    pub status: TaskStatus,
-    pub error: String,
-    pub output: Option<serde_json::Value>,
-    pub executor: String,
-    pub started_at: Option<DateTime<Utc>>,
-    pub finished_at: Option<DateTime<Utc>>,
-}
-
-impl ResultRecord {
-    /// Replaces the NUL characters an executor or an admin may send (Postgres stores none), so
-    /// the result is recorded instead of refused on every redelivery.
-    pub fn make_storable(&mut self) {
-        values::make_storable_text(&mut self.error);
-        values::make_storable_text(&mut self.executor);
-        if let Some(output) = self.output.as_mut() {
-            values::make_storable_json(output);
-        }
-    }
-}
-
 /// A finished run that has not been announced yet.
 #[derive(Clone, Debug)]
 pub struct CompletedRun {
@@ -598,391 +646,6 @@ pub struct CompletedRun {
     pub tasks_succeeded: u32,
     pub tasks_failed: u32,
     pub finished_at: Option<DateTime<Utc>>,
-}
-
-/// What recording a result did.
-#[derive(Debug)]
-pub enum Recorded {
-    /// No such task (a result for something this system did not make).
-    UnknownTask,
-    /// The task was already terminal: the result is kept as an extra attempt only.
-    AlreadyFinal,
-    /// The task moved; when its run is finished and not yet announced, that run.
-    Applied(Option<CompletedRun>),
-}
-
-/// An attempt its executor reports still running: the task shows `RUNNING` (with the attempt's
-/// number) unless it is final, or a result of this attempt or a later one is already recorded
-/// (reports are handled concurrently); the report joins the attempt history either way. One row
-/// lock, no run lock: the run's counters do not change.
-pub async fn record_running(pool: &PgPool, result: &ResultRecord) -> Result<Recorded, sqlx::Error> {
-    let attempt = i32::try_from(result.attempt).unwrap_or(i32::MAX);
-    let mut tx = pool.begin().await?;
-    let known: Option<(String,)> = sqlx::query_as(
-        "UPDATE tasks SET \
-             status = CASE WHEN status IN ('PENDING', 'RUNNING', 'FAILED') AND attempts < $2 \
-                 THEN 'RUNNING' ELSE status END, \
-             attempts = CASE WHEN status IN ('PENDING', 'RUNNING', 'FAILED') AND attempts < $2 \
-                 THEN $2 ELSE attempts END \
-         WHERE id = $1 RETURNING status",
-    )
-    .bind(result.task_id.0)
-    .bind(attempt)
-    .fetch_optional(&mut *tx)
-    .await?;
-    if known.is_none() {
-        tx.rollback().await?;
-        return Ok(Recorded::UnknownTask);
-    }
-    sqlx::query(
-        "INSERT INTO task_attempts (task_id, attempt, status, executor, started_at) \
-         VALUES ($1, $2, 'RUNNING', $3, $4) ON CONFLICT DO NOTHING",
-    )
-    .bind(result.task_id.0)
-    .bind(attempt)
-    .bind(&result.executor)
-    .bind(result.started_at)
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(Recorded::Applied(None))
-}
-
-/// Records a result: the attempt row, the task's state (forward only; the first terminal result
-/// wins), and the run's counters and completion, in one transaction. [`record_results`] does the
-/// same for several at once; this one, for a result that comes alone, keeps to single-row
-/// statements with cached plans (the array statements are planned on each use).
-pub async fn record_result(pool: &PgPool, result: &ResultRecord) -> Result<Recorded, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    // Lock order, everywhere: the run, then its tasks (a cancel takes them in that order too).
-    let run: Option<(Uuid,)> = sqlx::query_as("SELECT run_id FROM tasks WHERE id = $1")
-        .bind(result.task_id.0)
-        .fetch_optional(&mut *tx)
-        .await?;
-    if let Some((run,)) = run {
-        sqlx::query("SELECT 1 FROM runs WHERE id = $1 FOR UPDATE")
-            .bind(run)
-            .execute(&mut *tx)
-            .await?;
-    }
-    let task: Option<(Uuid, String, String)> =
-        sqlx::query_as("SELECT run_id, status, type FROM tasks WHERE id = $1 FOR UPDATE")
-            .bind(result.task_id.0)
-            .fetch_optional(&mut *tx)
-            .await?;
-    let Some((run_id, current, task_type)) = task else {
-        tx.rollback().await?;
-        return Ok(Recorded::UnknownTask);
-    };
-    let status_text = status::task_status_db(result.status);
-    sqlx::query(
-        "INSERT INTO task_attempts (task_id, attempt, status, error, output, executor, started_at, finished_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
-    )
-    .bind(result.task_id.0)
-    .bind(i32::try_from(result.attempt).unwrap_or(i32::MAX))
-    .bind(status_text)
-    .bind(&result.error)
-    .bind(&result.output)
-    .bind(&result.executor)
-    .bind(result.started_at)
-    .bind(result.finished_at)
-    .execute(&mut *tx)
-    .await?;
-    if status::task_is_terminal(status::task_status_from_db(&current)) {
-        tx.commit().await?;
-        return Ok(Recorded::AlreadyFinal);
-    }
-    let terminal = status::task_is_terminal(result.status);
-    // A failed attempt older than what the task already shows (a later attempt reported running
-    // or failed first: results are handled concurrently) is kept in the history only.
-    sqlx::query(
-        "UPDATE tasks SET \
-             status = CASE WHEN $6 OR $3 >= attempts THEN $2 ELSE status END, \
-             last_error = CASE WHEN $6 OR $3 >= attempts THEN $4 ELSE last_error END, \
-             attempts = GREATEST(attempts, $3), \
-             output = COALESCE($5, output), finished_at = CASE WHEN $6 THEN COALESCE($7, now()) END \
-         WHERE id = $1",
-    )
-    .bind(result.task_id.0)
-    .bind(status_text)
-    .bind(i32::try_from(result.attempt).unwrap_or(i32::MAX))
-    .bind(&result.error)
-    .bind(&result.output)
-    .bind(terminal)
-    .bind(result.finished_at)
-    .execute(&mut *tx)
-    .await?;
-    let mut completed = None;
-    let mut run_finished = None;
-    if terminal {
-        let succeeded = result.status == TaskStatus::Succeeded;
-        let row =
-            count_finished_tasks(&mut tx, run_id, i32::from(succeeded), i32::from(!succeeded))
-                .await?;
-        completed = completed_from_row(&row)?;
-        run_finished = run_finished_now(&row)?;
-    }
-    tx.commit().await?;
-    if terminal {
-        metrics::record_tasks_finished(&task_type, status::task_outcome(result.status), 1);
-    }
-    if let Some((activity, status)) = run_finished {
-        record_run_finished(&activity, status);
-    }
-    Ok(Recorded::Applied(completed))
-}
-
-/// A task as a batch of results found it, and what the batch makes of it.
-struct TaskInBatch {
-    run_id: Uuid,
-    task_type: String,
-    status: TaskStatus,
-    attempts: i32,
-    /// Set when a result changed the task.
-    changed: bool,
-    /// The error the task shows, when a result replaced it.
-    last_error: Option<String>,
-    /// The newest output a result brought (the task keeps its own otherwise).
-    output: Option<serde_json::Value>,
-    finished_at: Option<DateTime<Utc>>,
-}
-
-/// Records results (not running reports), in order, in one transaction, with the same outcome as
-/// recording them one by one: the attempt rows, each task's state (forward only; the first
-/// terminal result wins), and each run's counters and completion. One lock of each run (taken in
-/// id order, before its tasks, as everywhere), one statement for the attempts, one for the tasks
-/// and one per run, however many results: a fan-out's results cost one commit, not one each.
-/// Returns what happened to each result, in order; a run finished by the batch is reported with
-/// its last terminal result.
-pub async fn record_results(
-    pool: &PgPool,
-    results: &[ResultRecord],
-) -> Result<Vec<Recorded>, sqlx::Error> {
-    if results.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut task_ids: Vec<Uuid> = results.iter().map(|r| r.task_id.0).collect();
-    task_ids.sort_unstable();
-    task_ids.dedup();
-    let mut tx = pool.begin().await?;
-    // Lock order, everywhere: the run, then its tasks (a cancel takes them in that order too);
-    // several runs in id order.
-    // The statements over arrays are planned on each use (`persistent(false)`): a plan cached
-    // while the tables were nearly empty scans them whole once they are not (measured: a
-    // sequential scan of `tasks` per batch). Two index lookups here, not one join.
-    let mut run_ids: Vec<(Uuid,)> = sqlx::query_as("SELECT run_id FROM tasks WHERE id = ANY($1)")
-        .persistent(false)
-        .bind(&task_ids)
-        .fetch_all(&mut *tx)
-        .await?;
-    run_ids.sort_unstable();
-    run_ids.dedup();
-    let run_ids: Vec<Uuid> = run_ids.into_iter().map(|(id,)| id).collect();
-    sqlx::query("SELECT 1 FROM runs WHERE id = ANY($1) ORDER BY id FOR UPDATE")
-        .persistent(false)
-        .bind(&run_ids)
-        .execute(&mut *tx)
-        .await?;
-    let rows: Vec<(Uuid, Uuid, String, String, i32)> = sqlx::query_as(
-        "SELECT id, run_id, status, type, attempts FROM tasks WHERE id = ANY($1) \
-         ORDER BY id FOR UPDATE",
-    )
-    .persistent(false)
-    .bind(&task_ids)
-    .fetch_all(&mut *tx)
-    .await?;
-    let mut tasks: std::collections::HashMap<Uuid, TaskInBatch> = rows
-        .into_iter()
-        .map(|(id, run_id, status, task_type, attempts)| {
-            let task = TaskInBatch {
-                run_id,
-                task_type,
-                status: status::task_status_from_db(&status),
-                attempts,
-                changed: false,
-                last_error: None,
-                output: None,
-                finished_at: None,
-            };
-            (id, task)
-        })
-        .collect();
-
-    // The same rules as one result at a time, applied in order in memory.
-    let now = Utc::now();
-    let mut recorded = Vec::with_capacity(results.len());
-    let mut attempts: Vec<&ResultRecord> = Vec::with_capacity(results.len());
-    // Per run: (succeeded, failed, index of its last terminal result).
-    let mut runs: std::collections::BTreeMap<Uuid, (i32, i32, usize)> = Default::default();
-    let mut finished_tasks: Vec<(String, TaskStatus)> = Vec::new();
-    for (index, result) in results.iter().enumerate() {
-        let Some(task) = tasks.get_mut(&result.task_id.0) else {
-            recorded.push(Recorded::UnknownTask);
-            continue;
-        };
-        attempts.push(result);
-        if status::task_is_terminal(task.status) {
-            recorded.push(Recorded::AlreadyFinal);
-            continue;
-        }
-        let attempt = i32::try_from(result.attempt).unwrap_or(i32::MAX);
-        let terminal = status::task_is_terminal(result.status);
-        // A failed attempt older than what the task already shows (a later attempt reported
-        // running or failed first: results are handled concurrently) is kept in the history only.
-        if terminal || attempt >= task.attempts {
-            task.status = result.status;
-            task.last_error = Some(result.error.clone());
-        }
-        task.attempts = task.attempts.max(attempt);
-        if result.output.is_some() {
-            task.output.clone_from(&result.output);
-        }
-        task.finished_at = terminal.then(|| result.finished_at.unwrap_or(now));
-        task.changed = true;
-        if terminal {
-            let run = runs.entry(task.run_id).or_default();
-            if result.status == TaskStatus::Succeeded {
-                run.0 += 1;
-            } else {
-                run.1 += 1;
-            }
-            run.2 = index;
-            finished_tasks.push((task.task_type.clone(), result.status));
-        }
-        recorded.push(Recorded::Applied(None));
-    }
-
-    if !attempts.is_empty() {
-        let column = |f: fn(&ResultRecord) -> Option<String>| -> Vec<Option<String>> {
-            attempts.iter().map(|r| f(r)).collect()
-        };
-        sqlx::query(
-            "INSERT INTO task_attempts (task_id, attempt, status, error, output, executor, \
-                 started_at, finished_at) \
-             SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::jsonb[], \
-                 $6::text[], $7::timestamptz[], $8::timestamptz[]) \
-             ON CONFLICT DO NOTHING",
-        )
-        .persistent(false)
-        .bind(attempts.iter().map(|r| r.task_id.0).collect::<Vec<_>>())
-        .bind(
-            attempts
-                .iter()
-                .map(|r| i32::try_from(r.attempt).unwrap_or(i32::MAX))
-                .collect::<Vec<_>>(),
-        )
-        .bind(column(|r| {
-            Some(status::task_status_db(r.status).to_owned())
-        }))
-        .bind(column(|r| Some(r.error.clone())))
-        .bind(
-            attempts
-                .iter()
-                .map(|r| r.output.clone())
-                .collect::<Vec<_>>(),
-        )
-        .bind(column(|r| Some(r.executor.clone())))
-        .bind(attempts.iter().map(|r| r.started_at).collect::<Vec<_>>())
-        .bind(attempts.iter().map(|r| r.finished_at).collect::<Vec<_>>())
-        .execute(&mut *tx)
-        .await?;
-    }
-
-    let changed: Vec<(&Uuid, &TaskInBatch)> = tasks.iter().filter(|(_, t)| t.changed).collect();
-    if !changed.is_empty() {
-        sqlx::query(
-            "UPDATE tasks t SET status = u.status, last_error = COALESCE(u.last_error, t.last_error), \
-                 attempts = u.attempts, output = COALESCE(u.output, t.output), \
-                 finished_at = u.finished_at \
-             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::jsonb[], \
-                 $6::timestamptz[]) AS u(id, status, last_error, attempts, output, finished_at) \
-             WHERE t.id = u.id AND t.id = ANY($1)",
-        )
-        .persistent(false)
-        .bind(changed.iter().map(|(id, _)| **id).collect::<Vec<_>>())
-        .bind(
-            changed
-                .iter()
-                .map(|(_, t)| status::task_status_db(t.status))
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            changed
-                .iter()
-                .map(|(_, t)| t.last_error.clone())
-                .collect::<Vec<_>>(),
-        )
-        .bind(changed.iter().map(|(_, t)| t.attempts).collect::<Vec<_>>())
-        .bind(changed.iter().map(|(_, t)| t.output.clone()).collect::<Vec<_>>())
-        .bind(changed.iter().map(|(_, t)| t.finished_at).collect::<Vec<_>>())
-        .execute(&mut *tx)
-        .await?;
-    }
-
-    let mut runs_finished = Vec::new();
-    for (run_id, (succeeded, failed, last)) in runs {
-        let row = count_finished_tasks(&mut tx, run_id, succeeded, failed).await?;
-        recorded[last] = Recorded::Applied(completed_from_row(&row)?);
-        if let Some(finished) = run_finished_now(&row)? {
-            runs_finished.push(finished);
-        }
-    }
-    tx.commit().await?;
-    for (task_type, outcome) in finished_tasks {
-        metrics::record_tasks_finished(&task_type, status::task_outcome(outcome), 1);
-    }
-    for (activity, status) in runs_finished {
-        record_run_finished(&activity, status);
-    }
-    Ok(recorded)
-}
-
-/// Counts finished tasks toward their run and finishes the run when none is left. Returns the
-/// run as updated, with `status_before` (the status this statement found), for
-/// [`completed_from_row`] and [`run_finished_now`].
-async fn count_finished_tasks(
-    tx: &mut sqlx::PgConnection,
-    run_id: Uuid,
-    succeeded: i32,
-    failed: i32,
-) -> Result<sqlx::postgres::PgRow, sqlx::Error> {
-    // `before` reads the run as it was before this statement (one snapshot for both).
-    sqlx::query(
-        "WITH before AS (SELECT status FROM runs WHERE id = $1) \
-         UPDATE runs SET \
-             tasks_succeeded = tasks_succeeded + $2, \
-             tasks_failed = tasks_failed + $3, \
-             status = CASE WHEN status = 'RUNNING' \
-                 AND tasks_succeeded + $2 + tasks_failed + $3 >= tasks_spawned \
-                 THEN CASE WHEN tasks_failed + $3 > 0 THEN 'FAILED' ELSE 'SUCCEEDED' END \
-                 ELSE status END, \
-             finished_at = CASE WHEN status = 'RUNNING' \
-                 AND tasks_succeeded + $2 + tasks_failed + $3 >= tasks_spawned \
-                 THEN now() ELSE finished_at END \
-         WHERE id = $1 \
-         RETURNING id, activity_id, activity_name, status, tasks_spawned, tasks_succeeded, \
-             tasks_failed, finished_at, announced_at, \
-             (SELECT status FROM before) AS status_before",
-    )
-    .bind(run_id)
-    .bind(succeeded)
-    .bind(failed)
-    .fetch_one(tx)
-    .await
-}
-
-/// The run's activity and final state when the update that returned `row` (with `status_before`)
-/// is the one that finished it.
-fn run_finished_now(
-    row: &sqlx::postgres::PgRow,
-) -> Result<Option<(String, RunStatus)>, sqlx::Error> {
-    let before = status::run_status_from_db(&row.try_get::<String, _>("status_before")?);
-    let after = status::run_status_from_db(&row.try_get::<String, _>("status")?);
-    if status::run_is_terminal(before) || !status::run_is_terminal(after) {
-        return Ok(None);
-    }
-    Ok(Some((row.try_get("activity_name")?, after)))
 }
 
 /// Runs that finished before `before` and were never announced (the announcing orchestrator died
@@ -1021,7 +684,9 @@ pub async fn unannounced_completion(
     }
 }
 
-fn completed_from_row(row: &sqlx::postgres::PgRow) -> Result<Option<CompletedRun>, sqlx::Error> {
+pub(crate) fn completed_from_row(
+    row: &sqlx::postgres::PgRow,
+) -> Result<Option<CompletedRun>, sqlx::Error> {
     let status = status::run_status_from_db(&row.try_get::<String, _>("status")?);
     let announced: Option<DateTime<Utc>> = row.try_get("announced_at")?;
     if !status::run_is_terminal(status) || announced.is_some() {
@@ -1154,7 +819,8 @@ pub async fn redrive_task(pool: &PgPool, task: TaskId) -> Result<Option<Redriven
         return Ok(None);
     }
     let (attempts, series): (i32, i32) = sqlx::query_as(
-        "UPDATE tasks SET status = 'PENDING', redrives = redrives + 1, finished_at = NULL \
+        "UPDATE tasks SET status = 'PENDING', redrives = redrives + 1, finished_at = NULL, \
+             attempt_base = attempts \
          WHERE id = $1 RETURNING attempts, redrives",
     )
     .bind(task.0)

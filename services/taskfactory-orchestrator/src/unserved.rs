@@ -95,6 +95,7 @@ async fn sweep(
                 executor: "orchestrator".to_owned(),
                 started_at: None,
                 finished_at: Some(chrono::Utc::now()),
+                claim: None,
             };
             if let Recorded::Applied(Some(run)) = store::record_result(pool, &record).await?
                 && let Err(error) = crate::completion::announce(pool, js, &run).await

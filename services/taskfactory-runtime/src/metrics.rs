@@ -88,6 +88,20 @@ pub const ADMIN_REFUSALS: &str = "taskfactory_admin_refusals_total";
 
 /// Trigger: audit rows the database did not take (the call itself was carried out).
 pub const AUDIT_WRITE_FAILURES: &str = "taskfactory_audit_write_failures_total";
+/// Orchestrator: messages refused as forgeries or out of place (dead-lettered once, never carried
+/// out), by `kind` (`trigger`, `result`) and `reason` (a bounded set, see the README).
+pub const REFUSED_MESSAGES: &str = "taskfactory_refused_messages_total";
+
+/// Trigger: reloads of the live definitions by outcome (`changed`, `unchanged`, `failed`).
+pub const DEFINITION_RELOADS: &str = "taskfactory_definition_reloads_total";
+
+/// Trigger: `taskfactory.internal.definitions-changed` signals received (far more than reloads
+/// means someone is flooding the subject).
+pub const DEFINITIONS_SIGNALS: &str = "taskfactory_definitions_signals_total";
+
+/// Trigger: the definitions generation this replica has loaded (compare replicas, or with
+/// Postgres, to see one lagging behind).
+pub const DEFINITIONS_GENERATION: &str = "taskfactory_definitions_generation";
 
 /// Buckets of the result batch sizes.
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
@@ -199,6 +213,22 @@ fn describe() {
         AUDIT_WRITE_FAILURES,
         "Audit rows the database did not take (the call itself was carried out)"
     );
+    describe_counter!(
+        REFUSED_MESSAGES,
+        "Messages refused (dead-lettered, not carried out), by kind and reason"
+    );
+    describe_counter!(
+        DEFINITION_RELOADS,
+        "Reloads of the live definitions, by outcome (changed, unchanged, failed)"
+    );
+    describe_counter!(
+        DEFINITIONS_SIGNALS,
+        "Definitions-changed signals received (each coalesced into at most one reload)"
+    );
+    describe_gauge!(
+        DEFINITIONS_GENERATION,
+        "The definitions generation this replica has loaded"
+    );
 }
 
 /// Counts an admin call refused before its handler: not authenticated, or no role for the RPC.
@@ -211,6 +241,28 @@ pub fn record_admin_refusal(rpc: &'static str, reason: &'static str) {
 pub fn count_audit_write_failure() {
     handle();
     metrics::counter!(AUDIT_WRITE_FAILURES).increment(1);
+}
+
+/// Counts a message refused as a forgery or out of place: `kind` `trigger` or `result`, `reason`
+/// from a bounded set.
+pub fn record_refused(kind: &'static str, reason: &'static str) {
+    handle();
+    metrics::counter!(REFUSED_MESSAGES, "kind" => kind, "reason" => reason).increment(1);
+}
+
+/// Counts `n` definitions-changed signals received.
+pub fn record_definitions_signals(n: u64) {
+    handle();
+    metrics::counter!(DEFINITIONS_SIGNALS).increment(n);
+}
+
+/// Counts a reload of the live definitions by outcome; a reload that loaded `generation` sets it.
+pub fn record_definitions_reload(outcome: &'static str, generation: Option<i64>) {
+    handle();
+    metrics::counter!(DEFINITION_RELOADS, "outcome" => outcome).increment(1);
+    if let Some(generation) = generation {
+        metrics::gauge!(DEFINITIONS_GENERATION).set(generation as f64);
+    }
 }
 
 /// Notes how many results one transaction recorded.

@@ -4,13 +4,18 @@
 //! API changes a definition (at once), when another replica announces a change on
 //! `taskfactory.internal.definitions-changed`, and when the definitions generation in Postgres
 //! moves (polled, so a lost announcement only delays a change, never drops it).
+//!
+//! Anyone who can publish on NATS can send the announcement, so it is cheap by construction: the
+//! signals waiting are answered by one reload, at most one reload runs at a time with at most one
+//! more pending, and signalled reloads are at least [`SIGNALLED_RELOAD_GAP`] apart. A flood of
+//! signals costs a few reloads a second, and a reload that finds nothing changed wakes nobody.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use taskfactory_runtime::telemetry::error_chain;
 
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt as _};
 use sqlx::PgPool;
 use taskfactory_model::ids::ActivityId;
 use taskfactory_model::schedule::Schedule;
@@ -21,6 +26,14 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::store::{self, ActivityRecord};
+
+/// The least time between two reloads asked for by signals (announcements of other replicas):
+/// however many signals come, they cost at most one reload per gap. Local changes and polling are
+/// not held back by it.
+pub const SIGNALLED_RELOAD_GAP: Duration = Duration::from_millis(250);
+
+/// Signals taken off the subscription at once before the loop looks at its other work.
+const SIGNALS_AT_ONCE: u64 = 4096;
 
 /// One live activity at its current version.
 #[derive(Debug)]
@@ -135,8 +148,22 @@ impl Registry {
         self.changed.notify_one();
     }
 
-    /// Loads every live activity from Postgres and publishes the new snapshot.
+    /// Loads every live activity from Postgres and publishes the new snapshot (subscribers are
+    /// woken only when something changed).
     pub async fn reload(&self, pool: &PgPool) -> Result<(), store::StoreError> {
+        let reloaded = self.load(pool).await;
+        match &reloaded {
+            Ok((generation, changed)) => taskfactory_runtime::metrics::record_definitions_reload(
+                if *changed { "changed" } else { "unchanged" },
+                Some(*generation),
+            ),
+            Err(_) => taskfactory_runtime::metrics::record_definitions_reload("failed", None),
+        }
+        reloaded.map(|_| ())
+    }
+
+    /// Loads the snapshot; returns its generation and whether it differs from the one before.
+    async fn load(&self, pool: &PgPool) -> Result<(i64, bool), store::StoreError> {
         let generation = store::definitions_generation(pool).await?;
         let records = store::load_live_activities(pool).await?;
         let previous = self.current();
@@ -161,15 +188,28 @@ impl Registry {
                 activities.insert(record.id, Arc::new(live));
             }
         }
-        self.sender.send_replace(Arc::new(Snapshot {
-            generation,
-            activities,
-        }));
-        Ok(())
+        // Unchanged entries are the very same `Arc`s as before.
+        let changed = generation != previous.generation
+            || activities.len() != previous.activities.len()
+            || activities.iter().any(|(id, live)| {
+                !previous
+                    .activities
+                    .get(id)
+                    .is_some_and(|old| Arc::ptr_eq(old, live))
+            });
+        if changed {
+            self.sender.send_replace(Arc::new(Snapshot {
+                generation,
+                activities,
+            }));
+        }
+        Ok((generation, changed))
     }
 
-    /// Keeps the snapshot current until shutdown: reloads on a local request, on an announcement
-    /// from another replica, and when the polled generation moves.
+    /// Keeps the snapshot current until shutdown: reloads on a local request (at once), on
+    /// announcements from other replicas (coalesced, at most one reload per
+    /// [`SIGNALLED_RELOAD_GAP`]), and when the polled generation moves. Reloads run one at a
+    /// time, in this loop: signals that come meanwhile wait as one pending reload.
     pub async fn run_reloader(
         self,
         pool: PgPool,
@@ -186,7 +226,13 @@ impl Registry {
         };
         let mut poll = tokio::time::interval(poll_every);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A signal came that no reload started since has answered.
+        let mut signalled = false;
+        let mut last_reload: Option<tokio::time::Instant> = None;
         loop {
+            let signalled_reload_at = last_reload.map_or_else(tokio::time::Instant::now, |last| {
+                last + SIGNALLED_RELOAD_GAP
+            });
             let force = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = self.changed.notified() => true,
@@ -195,7 +241,21 @@ impl Registry {
                         Some(s) => s.next().await,
                         None => std::future::pending().await,
                     }
-                } => true,
+                } => {
+                    // The signals waiting now are all answered by the same reload.
+                    let mut received = 1;
+                    if let Some(subscription) = announcements.as_mut() {
+                        while received < SIGNALS_AT_ONCE
+                            && let Some(Some(_)) = subscription.next().now_or_never()
+                        {
+                            received += 1;
+                        }
+                    }
+                    taskfactory_runtime::metrics::record_definitions_signals(received);
+                    signalled = true;
+                    continue;
+                }
+                _ = tokio::time::sleep_until(signalled_reload_at), if signalled => true,
                 _ = poll.tick() => false,
             };
             if !force {
@@ -208,6 +268,9 @@ impl Registry {
                     }
                 }
             }
+            // Whatever the cause, a reload that starts now answers every signal before it.
+            signalled = false;
+            last_reload = Some(tokio::time::Instant::now());
             if let Err(error) = self.reload(&pool).await {
                 tracing::warn!(error = %error_chain(&error), "cannot reload definitions; will retry");
             }

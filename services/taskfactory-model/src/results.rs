@@ -1,0 +1,556 @@
+//! What one result does to its task: the rule the orchestrator carries out for every result, one
+//! at a time or in a batch (the same function for both, so they cannot drift).
+//!
+//! A result comes from an executor, over `results.>` (where anyone who can publish can send one),
+//! or from the orchestrator itself: `CompleteTask`, a human task's deadline, a type nobody serves.
+//! [`judge`] decides, in this order:
+//!
+//! 1. **Refused** — nothing is recorded and the task does not change: a status no result has
+//!    (`PENDING`, `WAITING`, unspecified); and, from an executor, a result for a human task (only
+//!    `CompleteTask` completes one), a result naming another task type, run or activity than the
+//!    task's, or an attempt number the task's current series never handed out.
+//! 2. **The task is final** → the result joins the attempt history only (the first final result
+//!    won).
+//! 3. **An attempt of an earlier series** (before the last `RetryTask`) → history only.
+//! 4. Otherwise the result joins the history and moves the task forward: a final result
+//!    (`SUCCEEDED`, `DEAD`, `CANCELLED`) decides it; `FAILED` is shown unless a later attempt
+//!    already is; `RUNNING` moves only a `PENDING`, `RUNNING` or `FAILED` task that shows an
+//!    older attempt.
+//!
+//! Attempts are numbered by series: the first series hands out 1, 2, …; `RetryTask` starts a new
+//! one after the attempts so far (`attempt_base`). Executors number an attempt
+//! `attempt_base + deliveries`, and JetStream also counts deliveries that ran nothing (an executor
+//! that crashed, or handed a message back at shutdown), so a series may go
+//! [`REDELIVERY_ALLOWANCE`] past its `retry.maxAttempts`; beyond that, no number was handed out.
+
+use taskfactory_proto::v1::TaskStatus;
+use uuid::Uuid;
+
+use crate::ids::{ActivityId, RunId};
+use crate::status::task_is_terminal;
+
+/// The task type served by people through `CompleteTask`, never by executors.
+pub const HUMAN_TASK_TYPE: &str = "human";
+
+/// Attempt numbers a series may use past its `retry.maxAttempts`: deliveries that were no attempt
+/// of their own (a crash, a hand-back at shutdown) still count. Generous, because refusing a real
+/// result would strand its task; what it bounds is a forged number of millions.
+pub const REDELIVERY_ALLOWANCE: u32 = 20;
+
+/// What a task is, as far as results are concerned; none of it changes with a result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TaskFacts<'a> {
+    pub task_type: &'a str,
+    pub run: RunId,
+    pub activity: ActivityId,
+    /// Attempts before the current series: 0, or the attempts at the last `RetryTask`.
+    pub attempt_base: u32,
+    /// The task's effective `retry.maxAttempts`; `None` for a task recorded before it was kept
+    /// (its attempt numbers are not bounded).
+    pub max_attempts: Option<u32>,
+}
+
+/// What a task shows: its state, and the highest attempt number it has taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TaskState {
+    pub status: TaskStatus,
+    pub attempts: u32,
+}
+
+/// What an executor's result says about the task it ran (copied from the `TaskInstance`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Claim {
+    pub task_type: String,
+    pub run_id: String,
+    pub activity_id: String,
+}
+
+/// One result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Report<'a> {
+    pub status: TaskStatus,
+    pub attempt: u32,
+    /// From an executor: what it claims. `None`: the orchestrator's own.
+    pub claim: Option<&'a Claim>,
+}
+
+/// Why a result is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("status {} is not a result status", .0.as_str_name())]
+    NotAResultStatus(TaskStatus),
+    #[error(
+        "the task is a human task: only CompleteTask completes it, an executor's result for it is refused"
+    )]
+    HumanTask,
+    #[error("it names task type {claimed:?}, but the task is of type {actual:?}")]
+    WrongType { claimed: String, actual: String },
+    #[error("it names run {claimed:?}, but the task belongs to run {actual}")]
+    WrongRun { claimed: String, actual: RunId },
+    #[error("it names activity {claimed:?}, but the task belongs to activity {actual}")]
+    WrongActivity { claimed: String, actual: ActivityId },
+    #[error(
+        "attempt {attempt} was never handed out: the task's current series numbers its attempts {first} to {last}"
+    )]
+    AttemptNotHandedOut { attempt: u32, first: u32, last: u32 },
+    #[error("attempt 0 was never handed out: attempts are numbered from 1")]
+    AttemptZero,
+}
+
+impl Refusal {
+    /// A bounded label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::NotAResultStatus(_) => "not_a_result_status",
+            Refusal::HumanTask => "human_task",
+            Refusal::WrongType { .. }
+            | Refusal::WrongRun { .. }
+            | Refusal::WrongActivity { .. } => "wrong_task",
+            Refusal::AttemptNotHandedOut { .. } | Refusal::AttemptZero => "attempt_not_handed_out",
+        }
+    }
+}
+
+/// What a result does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Not recorded at all; the task does not change.
+    Refused(Refusal),
+    /// The task is final: the result joins its attempt history only.
+    TaskFinal,
+    /// The result joins the attempt history, and changes the task as said (`None`: not at all —
+    /// an older attempt, or an attempt of an earlier series).
+    Recorded(Option<Change>),
+}
+
+/// How a recorded result changes its task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Change {
+    pub status: TaskStatus,
+    pub attempts: u32,
+    /// The task takes the result's error (and its output, when it has one).
+    pub takes_result: bool,
+    /// The task ends with this result (its time is the task's end): count it toward its run.
+    pub finishes: bool,
+}
+
+impl Change {
+    /// The task as it is after the change.
+    pub fn state(&self) -> TaskState {
+        TaskState {
+            status: self.status,
+            attempts: self.attempts,
+        }
+    }
+}
+
+/// Whether an executor may report this status.
+pub fn is_result_status(status: TaskStatus) -> bool {
+    matches!(
+        status,
+        TaskStatus::Running
+            | TaskStatus::Failed
+            | TaskStatus::Succeeded
+            | TaskStatus::Dead
+            | TaskStatus::Cancelled
+    )
+}
+
+/// What `report` does to a task that is `facts` and shows `now` (see the module docs).
+pub fn judge(facts: &TaskFacts<'_>, now: TaskState, report: &Report<'_>) -> Verdict {
+    if !is_result_status(report.status) {
+        return Verdict::Refused(Refusal::NotAResultStatus(report.status));
+    }
+    if let Some(claim) = report.claim
+        && let Err(refusal) = check_claim(facts, claim, report.attempt)
+    {
+        return Verdict::Refused(refusal);
+    }
+    if task_is_terminal(now.status) {
+        return Verdict::TaskFinal;
+    }
+    if report.attempt <= facts.attempt_base {
+        return Verdict::Recorded(None);
+    }
+    let attempts = now.attempts.max(report.attempt);
+    let change = match report.status {
+        status if task_is_terminal(status) => Some(Change {
+            status,
+            attempts,
+            takes_result: true,
+            finishes: true,
+        }),
+        TaskStatus::Failed if report.attempt >= now.attempts => Some(Change {
+            status: TaskStatus::Failed,
+            attempts,
+            takes_result: true,
+            finishes: false,
+        }),
+        TaskStatus::Running
+            if report.attempt > now.attempts
+                && matches!(
+                    now.status,
+                    TaskStatus::Pending | TaskStatus::Running | TaskStatus::Failed
+                ) =>
+        {
+            Some(Change {
+                status: TaskStatus::Running,
+                attempts,
+                takes_result: false,
+                finishes: false,
+            })
+        }
+        _ => None,
+    };
+    Verdict::Recorded(change)
+}
+
+/// An executor's result must be for an executor's task, name the task it is for, and carry an
+/// attempt number that was handed out.
+fn check_claim(facts: &TaskFacts<'_>, claim: &Claim, attempt: u32) -> Result<(), Refusal> {
+    if facts.task_type == HUMAN_TASK_TYPE {
+        return Err(Refusal::HumanTask);
+    }
+    if claim.task_type != facts.task_type {
+        return Err(Refusal::WrongType {
+            claimed: claim.task_type.clone(),
+            actual: facts.task_type.to_owned(),
+        });
+    }
+    if Uuid::parse_str(&claim.run_id).ok() != Some(facts.run.0) {
+        return Err(Refusal::WrongRun {
+            claimed: claim.run_id.clone(),
+            actual: facts.run,
+        });
+    }
+    if Uuid::parse_str(&claim.activity_id).ok() != Some(facts.activity.0) {
+        return Err(Refusal::WrongActivity {
+            claimed: claim.activity_id.clone(),
+            actual: facts.activity,
+        });
+    }
+    if attempt == 0 {
+        return Err(Refusal::AttemptZero);
+    }
+    if let Some(max_attempts) = facts.max_attempts {
+        let first = facts.attempt_base.saturating_add(1);
+        let last = facts
+            .attempt_base
+            .saturating_add(max_attempts)
+            .saturating_add(REDELIVERY_ALLOWANCE);
+        if attempt > last {
+            return Err(Refusal::AttemptNotHandedOut {
+                attempt,
+                first,
+                last,
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const RUN: RunId = RunId(Uuid::from_u128(1));
+    const ACTIVITY: ActivityId = ActivityId(Uuid::from_u128(2));
+
+    fn facts(task_type: &str, attempt_base: u32) -> TaskFacts<'_> {
+        TaskFacts {
+            task_type,
+            run: RUN,
+            activity: ACTIVITY,
+            attempt_base,
+            max_attempts: Some(3),
+        }
+    }
+
+    fn claim(task_type: &str) -> Claim {
+        Claim {
+            task_type: task_type.to_owned(),
+            run_id: RUN.to_string(),
+            activity_id: ACTIVITY.to_string(),
+        }
+    }
+
+    fn state(status: TaskStatus, attempts: u32) -> TaskState {
+        TaskState { status, attempts }
+    }
+
+    fn from_executor(claim: &Claim, attempt: u32, status: TaskStatus) -> Report<'_> {
+        Report {
+            status,
+            attempt,
+            claim: Some(claim),
+        }
+    }
+
+    fn shown(verdict: &Verdict) -> Option<(TaskStatus, u32)> {
+        match verdict {
+            Verdict::Recorded(Some(change)) => Some((change.status, change.attempts)),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn an_executors_result_for_a_human_task_is_refused_and_complete_task_is_taken() {
+        let human = facts(HUMAN_TASK_TYPE, 0);
+        let waiting = state(TaskStatus::Waiting, 0);
+        let claimed = claim(HUMAN_TASK_TYPE);
+        for status in [TaskStatus::Succeeded, TaskStatus::Running, TaskStatus::Dead] {
+            assert_eq!(
+                judge(&human, waiting, &from_executor(&claimed, 1, status)),
+                Verdict::Refused(Refusal::HumanTask)
+            );
+        }
+        let completed = Report {
+            status: TaskStatus::Succeeded,
+            attempt: 1,
+            claim: None,
+        };
+        assert_eq!(
+            shown(&judge(&human, waiting, &completed)),
+            Some((TaskStatus::Succeeded, 1))
+        );
+    }
+
+    #[test]
+    fn a_result_naming_another_type_run_or_activity_is_refused() {
+        let task = facts("http", 0);
+        let pending = state(TaskStatus::Pending, 0);
+        let mut other_type = claim("publish");
+        let mut no_type = claim("");
+        let mut other_run = claim("http");
+        other_run.run_id = Uuid::from_u128(9).to_string();
+        let mut garbage_run = claim("http");
+        garbage_run.run_id = "not a uuid".to_owned();
+        let mut other_activity = claim("http");
+        other_activity.activity_id = String::new();
+        for (claimed, reason) in [
+            (&mut other_type, "wrong_task"),
+            (&mut no_type, "wrong_task"),
+            (&mut other_run, "wrong_task"),
+            (&mut garbage_run, "wrong_task"),
+            (&mut other_activity, "wrong_task"),
+        ] {
+            match judge(
+                &task,
+                pending,
+                &from_executor(claimed, 1, TaskStatus::Succeeded),
+            ) {
+                Verdict::Refused(refusal) => assert_eq!(refusal.reason(), reason),
+                other => panic!("{claimed:?}: {other:?}"),
+            }
+        }
+        // The same run id in capitals is the same run.
+        let mut upper = claim("http");
+        upper.run_id = RUN.to_string().to_uppercase();
+        assert_eq!(
+            shown(&judge(
+                &task,
+                pending,
+                &from_executor(&upper, 1, TaskStatus::Succeeded)
+            )),
+            Some((TaskStatus::Succeeded, 1))
+        );
+    }
+
+    #[test]
+    fn attempts_are_taken_only_within_the_current_series() {
+        let claimed = claim("http");
+        // First series: 1 to 3 attempts, plus the redelivery allowance.
+        let first = facts("http", 0);
+        let pending = state(TaskStatus::Pending, 0);
+        let last = 3 + REDELIVERY_ALLOWANCE;
+        assert_eq!(
+            judge(
+                &first,
+                pending,
+                &from_executor(&claimed, 0, TaskStatus::Failed)
+            ),
+            Verdict::Refused(Refusal::AttemptZero)
+        );
+        assert_eq!(
+            shown(&judge(
+                &first,
+                pending,
+                &from_executor(&claimed, last, TaskStatus::Running)
+            )),
+            Some((TaskStatus::Running, last))
+        );
+        assert_eq!(
+            judge(
+                &first,
+                pending,
+                &from_executor(&claimed, last + 1, TaskStatus::Running)
+            ),
+            Verdict::Refused(Refusal::AttemptNotHandedOut {
+                attempt: last + 1,
+                first: 1,
+                last
+            })
+        );
+        assert!(matches!(
+            judge(
+                &first,
+                pending,
+                &from_executor(&claimed, u32::MAX, TaskStatus::Dead)
+            ),
+            Verdict::Refused(Refusal::AttemptNotHandedOut { .. })
+        ));
+        // After RetryTask at attempt 2: the old series' results only join the history, even a
+        // final one; the new series is 3 to 5 (+ allowance).
+        let second = facts("http", 2);
+        let redriven = state(TaskStatus::Pending, 2);
+        assert_eq!(
+            judge(
+                &second,
+                redriven,
+                &from_executor(&claimed, 2, TaskStatus::Succeeded)
+            ),
+            Verdict::Recorded(None)
+        );
+        assert_eq!(
+            shown(&judge(
+                &second,
+                redriven,
+                &from_executor(&claimed, 3, TaskStatus::Succeeded)
+            )),
+            Some((TaskStatus::Succeeded, 3))
+        );
+        assert!(matches!(
+            judge(
+                &second,
+                redriven,
+                &from_executor(&claimed, 2 + last + 1, TaskStatus::Running)
+            ),
+            Verdict::Refused(Refusal::AttemptNotHandedOut { first: 3, .. })
+        ));
+        // A task recorded before `maxAttempts` was kept: no upper bound.
+        let legacy = TaskFacts {
+            max_attempts: None,
+            ..first
+        };
+        assert_eq!(
+            shown(&judge(
+                &legacy,
+                pending,
+                &from_executor(&claimed, 1000, TaskStatus::Running)
+            )),
+            Some((TaskStatus::Running, 1000))
+        );
+    }
+
+    #[test]
+    fn late_and_out_of_order_results_never_move_a_task_backwards() {
+        let task = facts("http", 0);
+        let claimed = claim("http");
+        let at = |status, attempts| state(status, attempts);
+        let report = |attempt, status| from_executor(&claimed, attempt, status);
+        // A late failure of attempt 1 while attempt 2 runs: history only.
+        assert_eq!(
+            judge(
+                &task,
+                at(TaskStatus::Running, 2),
+                &report(1, TaskStatus::Failed)
+            ),
+            Verdict::Recorded(None)
+        );
+        // A failure of the attempt shown replaces its running report.
+        assert_eq!(
+            shown(&judge(
+                &task,
+                at(TaskStatus::Running, 2),
+                &report(2, TaskStatus::Failed)
+            )),
+            Some((TaskStatus::Failed, 2))
+        );
+        // A running report after its own attempt's failure: history only.
+        assert_eq!(
+            judge(
+                &task,
+                at(TaskStatus::Failed, 1),
+                &report(1, TaskStatus::Running)
+            ),
+            Verdict::Recorded(None)
+        );
+        // A final result of an older attempt still decides (the first final result wins).
+        let decided = judge(
+            &task,
+            at(TaskStatus::Running, 3),
+            &report(2, TaskStatus::Dead),
+        );
+        assert_eq!(shown(&decided), Some((TaskStatus::Dead, 3)));
+        // Nothing changes a final task.
+        for status in [
+            TaskStatus::Succeeded,
+            TaskStatus::Running,
+            TaskStatus::Cancelled,
+        ] {
+            assert_eq!(
+                judge(&task, at(TaskStatus::Dead, 3), &report(3, status)),
+                Verdict::TaskFinal
+            );
+        }
+        // Statuses no result has.
+        for status in [
+            TaskStatus::Pending,
+            TaskStatus::Waiting,
+            TaskStatus::Unspecified,
+        ] {
+            assert_eq!(
+                judge(&task, at(TaskStatus::Pending, 0), &report(1, status)),
+                Verdict::Refused(Refusal::NotAResultStatus(status))
+            );
+        }
+    }
+
+    fn any_status() -> impl Strategy<Value = TaskStatus> {
+        prop_oneof![
+            Just(TaskStatus::Running),
+            Just(TaskStatus::Failed),
+            Just(TaskStatus::Succeeded),
+            Just(TaskStatus::Dead),
+            Just(TaskStatus::Cancelled),
+            Just(TaskStatus::Pending),
+            Just(TaskStatus::Waiting),
+        ]
+    }
+
+    proptest! {
+        /// Whatever executors send, in whatever order: a final task stays as it is, the attempts
+        /// shown never go down nor past what the series handed out, and a refused or unchanging
+        /// result leaves the task exactly as it was.
+        #[test]
+        fn no_sequence_of_results_moves_a_task_backwards_or_past_its_series(
+            base in 0u32..10,
+            reports in proptest::collection::vec((0u32..60, any_status(), any::<bool>()), 0..40),
+        ) {
+            let task = facts("http", base);
+            let good = claim("http");
+            let bad = claim("log");
+            let mut now = state(TaskStatus::Pending, base);
+            for (attempt, status, honest) in reports {
+                let claimed = if honest { &good } else { &bad };
+                let before = now;
+                let verdict = judge(&task, now, &from_executor(claimed, attempt, status));
+                if let Verdict::Recorded(Some(change)) = &verdict {
+                    now = change.state();
+                }
+                if task_is_terminal(before.status) {
+                    prop_assert_eq!(now, before);
+                }
+                prop_assert!(now.attempts >= before.attempts);
+                prop_assert!(now.attempts <= base + 3 + REDELIVERY_ALLOWANCE);
+                if !matches!(verdict, Verdict::Recorded(Some(_))) {
+                    prop_assert_eq!(now, before);
+                }
+                if !honest {
+                    prop_assert!(matches!(verdict, Verdict::Refused(_)));
+                }
+            }
+        }
+    }
+}

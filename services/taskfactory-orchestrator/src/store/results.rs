@@ -1,0 +1,533 @@
+//! Recording results: the attempt history, the task's state and the run's counters. What each
+//! result does is decided by [`taskfactory_model::results::judge`], the one rule for all three
+//! ways in (a running report, a result alone, a batch of one run's results); this module only
+//! reads the task, asks, and writes what the answer says.
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgPool, Row};
+use taskfactory_model::ids::{ActivityId, RunId, TaskId};
+use taskfactory_model::results::{self, Claim, Refusal, Report, TaskFacts, TaskState, Verdict};
+use taskfactory_model::status;
+use taskfactory_model::values;
+use taskfactory_proto::v1::{RunStatus, TaskStatus};
+use taskfactory_runtime::metrics;
+use uuid::Uuid;
+
+use super::{CompletedRun, completed_from_row, record_run_finished};
+
+/// One result to record.
+pub struct ResultRecord {
+    pub task_id: TaskId,
+    pub attempt: u32,
+    pub status: TaskStatus,
+    pub error: String,
+    pub output: Option<serde_json::Value>,
+    pub executor: String,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    /// From an executor: what its result says about the task (checked against it). `None`: the
+    /// orchestrator's own (CompleteTask, a deadline, a type nobody serves).
+    pub claim: Option<Claim>,
+}
+
+impl ResultRecord {
+    /// Replaces the NUL characters an executor or an admin may send (Postgres stores none), so
+    /// the result is recorded instead of refused on every redelivery.
+    pub fn make_storable(&mut self) {
+        values::make_storable_text(&mut self.error);
+        values::make_storable_text(&mut self.executor);
+        if let Some(output) = self.output.as_mut() {
+            values::make_storable_json(output);
+        }
+    }
+
+    fn report(&self) -> Report<'_> {
+        Report {
+            status: self.status,
+            attempt: self.attempt,
+            claim: self.claim.as_ref(),
+        }
+    }
+}
+
+/// What recording a result did.
+#[derive(Debug)]
+pub enum Recorded {
+    /// No such task (a result for something this system did not make).
+    UnknownTask,
+    /// Refused: nothing was recorded (see [`results::judge`]).
+    Refused(Refusal),
+    /// The task was already terminal: the result is kept as an extra attempt only.
+    AlreadyFinal,
+    /// Recorded (the task moved, or the result only joined its history); when its run is
+    /// finished and not yet announced, that run.
+    Applied(Option<CompletedRun>),
+}
+
+/// A task as results see it, read under its row lock.
+#[derive(sqlx::FromRow)]
+struct TaskRow {
+    id: Uuid,
+    run_id: Uuid,
+    activity_id: Uuid,
+    #[sqlx(rename = "type")]
+    task_type: String,
+    status: String,
+    attempts: i32,
+    attempt_base: i32,
+    max_attempts: Option<i32>,
+}
+
+/// The columns of a [`TaskRow`].
+const TASK_ROW: &str =
+    "id, run_id, activity_id, type, status, attempts, attempt_base, max_attempts";
+
+impl TaskRow {
+    fn facts(&self) -> TaskFacts<'_> {
+        TaskFacts {
+            task_type: &self.task_type,
+            run: RunId(self.run_id),
+            activity: ActivityId(self.activity_id),
+            attempt_base: count(self.attempt_base),
+            max_attempts: self.max_attempts.map(count),
+        }
+    }
+
+    fn state(&self) -> TaskState {
+        TaskState {
+            status: status::task_status_from_db(&self.status),
+            attempts: count(self.attempts),
+        }
+    }
+}
+
+fn count(value: i32) -> u32 {
+    u32::try_from(value).unwrap_or(0)
+}
+
+fn int(value: u32) -> i32 {
+    i32::try_from(value).unwrap_or(i32::MAX)
+}
+
+/// An attempt its executor reports still running: the task shows `RUNNING` (with the attempt's
+/// number) when [`results::judge`] says so, and the report joins the attempt history unless it is
+/// refused. One row lock, no run lock: the run's counters do not change.
+pub async fn record_running(pool: &PgPool, result: &ResultRecord) -> Result<Recorded, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let task: Option<TaskRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {TASK_ROW} FROM tasks WHERE id = $1 FOR UPDATE"
+    )))
+    .bind(result.task_id.0)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(task) = task else {
+        tx.rollback().await?;
+        return Ok(Recorded::UnknownTask);
+    };
+    let verdict = results::judge(&task.facts(), task.state(), &result.report());
+    if let Verdict::Refused(refusal) = verdict {
+        tx.rollback().await?;
+        return Ok(Recorded::Refused(refusal));
+    }
+    if let Verdict::Recorded(Some(change)) = verdict {
+        sqlx::query("UPDATE tasks SET status = $2, attempts = $3 WHERE id = $1")
+            .bind(task.id)
+            .bind(status::task_status_db(change.status))
+            .bind(int(change.attempts))
+            .execute(&mut *tx)
+            .await?;
+    }
+    sqlx::query(
+        "INSERT INTO task_attempts (task_id, attempt, status, executor, started_at) \
+         VALUES ($1, $2, 'RUNNING', $3, $4) ON CONFLICT DO NOTHING",
+    )
+    .bind(result.task_id.0)
+    .bind(int(result.attempt))
+    .bind(&result.executor)
+    .bind(result.started_at)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    // A running report never finishes anything, whatever the task's state.
+    Ok(Recorded::Applied(None))
+}
+
+/// Records a result: the attempt row, the task's state as [`results::judge`] decides, and the
+/// run's counters and completion, in one transaction. [`record_results`] does the same for
+/// several at once; this one, for a result that comes alone, keeps to single-row statements with
+/// cached plans (the array statements are planned on each use).
+pub async fn record_result(pool: &PgPool, result: &ResultRecord) -> Result<Recorded, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    // Lock order, everywhere: the run, then its tasks (a cancel takes them in that order too).
+    let run: Option<(Uuid,)> = sqlx::query_as("SELECT run_id FROM tasks WHERE id = $1")
+        .bind(result.task_id.0)
+        .fetch_optional(&mut *tx)
+        .await?;
+    if let Some((run,)) = run {
+        sqlx::query("SELECT 1 FROM runs WHERE id = $1 FOR UPDATE")
+            .bind(run)
+            .execute(&mut *tx)
+            .await?;
+    }
+    let task: Option<TaskRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {TASK_ROW} FROM tasks WHERE id = $1 FOR UPDATE"
+    )))
+    .bind(result.task_id.0)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(task) = task else {
+        tx.rollback().await?;
+        return Ok(Recorded::UnknownTask);
+    };
+    let change = match results::judge(&task.facts(), task.state(), &result.report()) {
+        Verdict::Refused(refusal) => {
+            tx.rollback().await?;
+            return Ok(Recorded::Refused(refusal));
+        }
+        Verdict::TaskFinal => {
+            insert_attempt(&mut tx, result).await?;
+            tx.commit().await?;
+            return Ok(Recorded::AlreadyFinal);
+        }
+        Verdict::Recorded(None) => {
+            insert_attempt(&mut tx, result).await?;
+            tx.commit().await?;
+            return Ok(Recorded::Applied(None));
+        }
+        Verdict::Recorded(Some(change)) => change,
+    };
+    insert_attempt(&mut tx, result).await?;
+    sqlx::query(
+        "UPDATE tasks SET status = $2, attempts = $3, \
+             last_error = CASE WHEN $4 THEN $5 ELSE last_error END, \
+             output = CASE WHEN $4 THEN COALESCE($6, output) ELSE output END, \
+             finished_at = CASE WHEN $7 THEN COALESCE($8, now()) ELSE finished_at END \
+         WHERE id = $1",
+    )
+    .bind(task.id)
+    .bind(status::task_status_db(change.status))
+    .bind(int(change.attempts))
+    .bind(change.takes_result)
+    .bind(&result.error)
+    .bind(&result.output)
+    .bind(change.finishes)
+    .bind(result.finished_at)
+    .execute(&mut *tx)
+    .await?;
+    let mut completed = None;
+    let mut run_finished = None;
+    if change.finishes {
+        let succeeded = change.status == TaskStatus::Succeeded;
+        let row = count_finished_tasks(
+            &mut tx,
+            task.run_id,
+            i32::from(succeeded),
+            i32::from(!succeeded),
+        )
+        .await?;
+        completed = completed_from_row(&row)?;
+        run_finished = run_finished_now(&row)?;
+    }
+    tx.commit().await?;
+    if change.finishes {
+        metrics::record_tasks_finished(&task.task_type, status::task_outcome(change.status), 1);
+    }
+    if let Some((activity, status)) = run_finished {
+        record_run_finished(&activity, status);
+    }
+    Ok(Recorded::Applied(completed))
+}
+
+async fn insert_attempt(
+    tx: &mut sqlx::PgConnection,
+    result: &ResultRecord,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO task_attempts (task_id, attempt, status, error, output, executor, started_at, finished_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
+    )
+    .bind(result.task_id.0)
+    .bind(int(result.attempt))
+    .bind(status::task_status_db(result.status))
+    .bind(&result.error)
+    .bind(&result.output)
+    .bind(&result.executor)
+    .bind(result.started_at)
+    .bind(result.finished_at)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+/// A task as a batch of results found it, and what the batch makes of it.
+struct TaskInBatch {
+    row: TaskRow,
+    state: TaskState,
+    /// Set when a result changed the task.
+    changed: bool,
+    /// The error the task shows, when a result replaced it.
+    last_error: Option<String>,
+    /// The newest output a result brought (the task keeps its own otherwise).
+    output: Option<serde_json::Value>,
+    finished_at: Option<DateTime<Utc>>,
+}
+
+/// Records results (not running reports), in order, in one transaction, with the same outcome as
+/// recording them one by one: the same [`results::judge`] applied to each in turn, in memory. One
+/// lock of each run (taken in id order, before its tasks, as everywhere), one statement for the
+/// attempts, one for the tasks and one per run, however many results: a fan-out's results cost
+/// one commit, not one each. Returns what happened to each result, in order; a run finished by
+/// the batch is reported with its last terminal result.
+pub async fn record_results(
+    pool: &PgPool,
+    results: &[ResultRecord],
+) -> Result<Vec<Recorded>, sqlx::Error> {
+    if results.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut task_ids: Vec<Uuid> = results.iter().map(|r| r.task_id.0).collect();
+    task_ids.sort_unstable();
+    task_ids.dedup();
+    let mut tx = pool.begin().await?;
+    // Lock order, everywhere: the run, then its tasks (a cancel takes them in that order too);
+    // several runs in id order.
+    // The statements over arrays are planned on each use (`persistent(false)`): a plan cached
+    // while the tables were nearly empty scans them whole once they are not (measured: a
+    // sequential scan of `tasks` per batch). Two index lookups here, not one join.
+    let mut run_ids: Vec<(Uuid,)> = sqlx::query_as("SELECT run_id FROM tasks WHERE id = ANY($1)")
+        .persistent(false)
+        .bind(&task_ids)
+        .fetch_all(&mut *tx)
+        .await?;
+    run_ids.sort_unstable();
+    run_ids.dedup();
+    let run_ids: Vec<Uuid> = run_ids.into_iter().map(|(id,)| id).collect();
+    sqlx::query("SELECT 1 FROM runs WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+        .persistent(false)
+        .bind(&run_ids)
+        .execute(&mut *tx)
+        .await?;
+    let rows: Vec<TaskRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {TASK_ROW} FROM tasks WHERE id = ANY($1) ORDER BY id FOR UPDATE"
+    )))
+    .persistent(false)
+    .bind(&task_ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut tasks: std::collections::HashMap<Uuid, TaskInBatch> = rows
+        .into_iter()
+        .map(|row| {
+            let task = TaskInBatch {
+                state: row.state(),
+                row,
+                changed: false,
+                last_error: None,
+                output: None,
+                finished_at: None,
+            };
+            (task.row.id, task)
+        })
+        .collect();
+
+    // The same rule as one result at a time, applied in order in memory.
+    let now = Utc::now();
+    let mut recorded = Vec::with_capacity(results.len());
+    let mut attempts: Vec<&ResultRecord> = Vec::with_capacity(results.len());
+    // Per run: (succeeded, failed, index of its last terminal result).
+    let mut runs: std::collections::BTreeMap<Uuid, (i32, i32, usize)> = Default::default();
+    let mut finished_tasks: Vec<(String, TaskStatus)> = Vec::new();
+    for (index, result) in results.iter().enumerate() {
+        let Some(task) = tasks.get_mut(&result.task_id.0) else {
+            recorded.push(Recorded::UnknownTask);
+            continue;
+        };
+        let change = match results::judge(&task.row.facts(), task.state, &result.report()) {
+            Verdict::Refused(refusal) => {
+                recorded.push(Recorded::Refused(refusal));
+                continue;
+            }
+            Verdict::TaskFinal => {
+                attempts.push(result);
+                recorded.push(Recorded::AlreadyFinal);
+                continue;
+            }
+            Verdict::Recorded(None) => {
+                attempts.push(result);
+                recorded.push(Recorded::Applied(None));
+                continue;
+            }
+            Verdict::Recorded(Some(change)) => change,
+        };
+        attempts.push(result);
+        task.state = change.state();
+        task.changed = true;
+        if change.takes_result {
+            task.last_error = Some(result.error.clone());
+            if result.output.is_some() {
+                task.output.clone_from(&result.output);
+            }
+        }
+        if change.finishes {
+            task.finished_at = Some(result.finished_at.unwrap_or(now));
+            let run = runs.entry(task.row.run_id).or_default();
+            if change.status == TaskStatus::Succeeded {
+                run.0 += 1;
+            } else {
+                run.1 += 1;
+            }
+            run.2 = index;
+            finished_tasks.push((task.row.task_type.clone(), change.status));
+        }
+        recorded.push(Recorded::Applied(None));
+    }
+
+    insert_attempts(&mut tx, &attempts).await?;
+    let changed: Vec<&TaskInBatch> = tasks.values().filter(|t| t.changed).collect();
+    update_tasks(&mut tx, &changed).await?;
+
+    let mut runs_finished = Vec::new();
+    for (run_id, (succeeded, failed, last)) in runs {
+        let row = count_finished_tasks(&mut tx, run_id, succeeded, failed).await?;
+        recorded[last] = Recorded::Applied(completed_from_row(&row)?);
+        if let Some(finished) = run_finished_now(&row)? {
+            runs_finished.push(finished);
+        }
+    }
+    tx.commit().await?;
+    for (task_type, outcome) in finished_tasks {
+        metrics::record_tasks_finished(&task_type, status::task_outcome(outcome), 1);
+    }
+    for (activity, status) in runs_finished {
+        record_run_finished(&activity, status);
+    }
+    Ok(recorded)
+}
+
+/// The attempt rows of a batch, in one statement.
+async fn insert_attempts(
+    tx: &mut sqlx::PgConnection,
+    attempts: &[&ResultRecord],
+) -> Result<(), sqlx::Error> {
+    if attempts.is_empty() {
+        return Ok(());
+    }
+    let column = |f: fn(&ResultRecord) -> Option<String>| -> Vec<Option<String>> {
+        attempts.iter().map(|r| f(r)).collect()
+    };
+    sqlx::query(
+        "INSERT INTO task_attempts (task_id, attempt, status, error, output, executor, \
+             started_at, finished_at) \
+         SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::jsonb[], \
+             $6::text[], $7::timestamptz[], $8::timestamptz[]) \
+         ON CONFLICT DO NOTHING",
+    )
+    .persistent(false)
+    .bind(attempts.iter().map(|r| r.task_id.0).collect::<Vec<_>>())
+    .bind(attempts.iter().map(|r| int(r.attempt)).collect::<Vec<_>>())
+    .bind(column(|r| {
+        Some(status::task_status_db(r.status).to_owned())
+    }))
+    .bind(column(|r| Some(r.error.clone())))
+    .bind(
+        attempts
+            .iter()
+            .map(|r| r.output.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(column(|r| Some(r.executor.clone())))
+    .bind(attempts.iter().map(|r| r.started_at).collect::<Vec<_>>())
+    .bind(attempts.iter().map(|r| r.finished_at).collect::<Vec<_>>())
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+/// The tasks a batch changed, in one statement.
+async fn update_tasks(
+    tx: &mut sqlx::PgConnection,
+    changed: &[&TaskInBatch],
+) -> Result<(), sqlx::Error> {
+    if changed.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "UPDATE tasks t SET status = u.status, last_error = COALESCE(u.last_error, t.last_error), \
+             attempts = u.attempts, output = COALESCE(u.output, t.output), \
+             finished_at = COALESCE(u.finished_at, t.finished_at) \
+         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::jsonb[], \
+             $6::timestamptz[]) AS u(id, status, last_error, attempts, output, finished_at) \
+         WHERE t.id = u.id AND t.id = ANY($1)",
+    )
+    .persistent(false)
+    .bind(changed.iter().map(|t| t.row.id).collect::<Vec<_>>())
+    .bind(
+        changed
+            .iter()
+            .map(|t| status::task_status_db(t.state.status))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        changed
+            .iter()
+            .map(|t| t.last_error.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        changed
+            .iter()
+            .map(|t| int(t.state.attempts))
+            .collect::<Vec<_>>(),
+    )
+    .bind(changed.iter().map(|t| t.output.clone()).collect::<Vec<_>>())
+    .bind(changed.iter().map(|t| t.finished_at).collect::<Vec<_>>())
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+/// Counts finished tasks toward their run and finishes the run when none is left. Returns the
+/// run as updated, with `status_before` (the status this statement found), for
+/// [`completed_from_row`] and [`run_finished_now`].
+async fn count_finished_tasks(
+    tx: &mut sqlx::PgConnection,
+    run_id: Uuid,
+    succeeded: i32,
+    failed: i32,
+) -> Result<sqlx::postgres::PgRow, sqlx::Error> {
+    // `before` reads the run as it was before this statement (one snapshot for both).
+    sqlx::query(
+        "WITH before AS (SELECT status FROM runs WHERE id = $1) \
+         UPDATE runs SET \
+             tasks_succeeded = tasks_succeeded + $2, \
+             tasks_failed = tasks_failed + $3, \
+             status = CASE WHEN status = 'RUNNING' \
+                 AND tasks_succeeded + $2 + tasks_failed + $3 >= tasks_spawned \
+                 THEN CASE WHEN tasks_failed + $3 > 0 THEN 'FAILED' ELSE 'SUCCEEDED' END \
+                 ELSE status END, \
+             finished_at = CASE WHEN status = 'RUNNING' \
+                 AND tasks_succeeded + $2 + tasks_failed + $3 >= tasks_spawned \
+                 THEN now() ELSE finished_at END \
+         WHERE id = $1 \
+         RETURNING id, activity_id, activity_name, status, tasks_spawned, tasks_succeeded, \
+             tasks_failed, finished_at, announced_at, \
+             (SELECT status FROM before) AS status_before",
+    )
+    .bind(run_id)
+    .bind(succeeded)
+    .bind(failed)
+    .fetch_one(tx)
+    .await
+}
+
+/// The run's activity and final state when the update that returned `row` (with `status_before`)
+/// is the one that finished it.
+fn run_finished_now(
+    row: &sqlx::postgres::PgRow,
+) -> Result<Option<(String, RunStatus)>, sqlx::Error> {
+    let before = status::run_status_from_db(&row.try_get::<String, _>("status_before")?);
+    let after = status::run_status_from_db(&row.try_get::<String, _>("status")?);
+    if status::run_is_terminal(before) || !status::run_is_terminal(after) {
+        return Ok(None);
+    }
+    Ok(Some((row.try_get("activity_name")?, after)))
+}
