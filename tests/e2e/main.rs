@@ -18,6 +18,7 @@ mod overlap;
 mod preview;
 mod resilience;
 mod schedules;
+mod sources;
 mod ssrf;
 mod support;
 mod tracing;

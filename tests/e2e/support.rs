@@ -357,3 +357,13 @@ fn the_metrics_parser_reads_labels_escapes_and_special_values() {
     assert_eq!(scrape.matching("a_total", &[("x", "1")]).len(), 1);
     assert!(scrape.help.contains("a_total"));
 }
+
+/// Waits until KV bucket `bucket` exists (a service makes it at start).
+pub async fn wait_bucket(js: &async_nats::jetstream::Context, bucket: &str) -> anyhow::Result<()> {
+    wait_for(
+        &format!("KV bucket {bucket}"),
+        Duration::from_secs(30),
+        || async { Ok(js.get_key_value(bucket).await.ok().map(|_| ())) },
+    )
+    .await
+}

@@ -11,6 +11,8 @@
 //! - [`expr`]: the sandboxed expression and template engine (`forEach`, `when`, `params`, filters).
 //! - [`status`]: run and task states, their database spelling and their transitions.
 //! - [`egress`]: which hosts and addresses outbound HTTP may reach.
+//! - [`sources`]: what `request` and `kv` context sources may reach (never the control plane).
+//! - [`sql_role`]: whether a database role is fit for `sql` sources; what must not outlive a query.
 //! - [`subjects`]: stream, subject, consumer and header names.
 //! - [`values`]: protobuf `Value`/`Struct` ↔ JSON.
 
@@ -21,6 +23,8 @@ pub mod misfire;
 pub mod plan;
 pub mod schedule;
 pub mod spec;
+pub mod sources;
+pub mod sql_role;
 pub mod status;
 pub mod subjects;
 pub mod values;

@@ -15,7 +15,7 @@ use taskfactory_proto::v1::{
 
 use crate::expr::{Engine, Limits};
 use crate::schedule::{GapPolicy, RepeatPolicy, Schedule};
-use crate::subjects;
+use crate::{sources, subjects};
 
 /// One problem in a spec.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -567,20 +567,22 @@ fn validate_context_source(
         Some(context_source::Kind::Kv(kv)) => {
             if kv.bucket.is_empty() {
                 errors.push(field(format!("{prefix}.kv.bucket"), "is required"));
+            } else if let Some(refused) = sources::literal_bucket_problem(&kv.bucket) {
+                errors.push(field(format!("{prefix}.kv.bucket"), refused.to_string()));
             }
             if kv.key.is_empty() {
                 errors.push(field(format!("{prefix}.kv.key"), "is required"));
+            } else if let Some(refused) = sources::literal_key_problem(&kv.key) {
+                errors.push(field(format!("{prefix}.kv.key"), refused.to_string()));
             }
         }
         Some(context_source::Kind::Request(request)) => {
             if request.subject.is_empty() {
                 errors.push(field(format!("{prefix}.request.subject"), "is required"));
-            } else if !request.subject.contains("{{")
-                && let Some(problem) = crate::subjects::subject_error(&request.subject, false)
-            {
+            } else if let Some(refused) = sources::literal_subject_problem(&request.subject) {
                 errors.push(field(
                     format!("{prefix}.request.subject"),
-                    problem.to_string(),
+                    refused.to_string(),
                 ));
             }
         }
