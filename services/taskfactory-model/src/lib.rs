@@ -7,6 +7,7 @@
 //! - [`spec`]: loading activity specs (YAML / proto3 JSON), defaults, validation with field paths.
 //! - [`schedule`]: the cron engine — POSIX cron on local wall time, mapped to UTC under DST policies.
 //! - [`misfire`]: what a schedule does about occurrences it missed (policy, window, cap).
+//! - [`secrets`]: secret names, the hosts each may be sent to, what a sensitive source leaves.
 //! - [`plan`]: evaluating task templates into tasks, with a per-template evaluation.
 //! - [`expr`]: the sandboxed expression and template engine (`forEach`, `when`, `params`, filters).
 //! - [`status`]: run and task states, their database spelling and their transitions.
@@ -22,6 +23,7 @@ pub mod ids;
 pub mod misfire;
 pub mod plan;
 pub mod schedule;
+pub mod secrets;
 pub mod spec;
 pub mod sources;
 pub mod sql_role;
