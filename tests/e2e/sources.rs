@@ -107,7 +107,13 @@ const ATTACKS: &[(&str, &str)] = &[
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn request_and_kv_sources_cannot_reach_the_control_plane() -> anyhow::Result<()> {
-    let env = TestEnv::new(EnvOptions::default()).await?;
+    // An operator who allows everything still allows none of the control plane.
+    let env = TestEnv::new(EnvOptions {
+        sources_allow_subjects: ">".to_owned(),
+        sources_allow_buckets: "*".to_owned(),
+        ..EnvOptions::default()
+    })
+    .await?;
     let _services = env.start_all().await?;
     let mut admin = env.admin().await?;
     let js = env.js().await?;

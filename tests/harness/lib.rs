@@ -384,6 +384,10 @@ pub struct EnvOptions {
     pub lease_ttl: Duration,
     /// Orchestrator: databases `sql` context sources may query, `(name, dsn)`.
     pub sql_databases: Vec<(String, String)>,
+    /// Orchestrator: what `request` and `kv` sources may reach (none by default, as in
+    /// production).
+    pub sources_allow_subjects: String,
+    pub sources_allow_buckets: String,
     /// Orchestrator: how long tasks of a type nobody serves may wait before they die.
     pub unserved_grace: Duration,
     /// Trigger (in-process): webhooks; with any, the gateway listens on [`TestEnv::http_addr`].
@@ -406,6 +410,8 @@ impl Default for EnvOptions {
             clock: ClockHandle::system(),
             lease_ttl: Duration::from_secs(5),
             sql_databases: Vec::new(),
+            sources_allow_subjects: String::new(),
+            sources_allow_buckets: String::new(),
             unserved_grace: Duration::from_secs(600),
             webhooks: Vec::new(),
             nats_tls: false,
@@ -493,6 +499,8 @@ impl TestEnv {
                 with_tls(&mut config.nats);
                 config.ack_wait = self.options.orchestrator_ack_wait;
                 config.sql_databases = self.options.sql_databases.clone();
+                config.sources_allow_subjects = self.options.sources_allow_subjects.clone();
+                config.sources_allow_buckets = self.options.sources_allow_buckets.clone();
                 config.unserved_grace = self.options.unserved_grace;
                 config.egress_allow = self.options.egress_allow.clone();
                 tokio::spawn(taskfactory_orchestrator::run(config, token))
@@ -539,6 +547,14 @@ impl TestEnv {
                 format!("{}ms", self.options.orchestrator_ack_wait.as_millis()),
             )
             .env("TASKFACTORY_EGRESS_ALLOW", &self.options.egress_allow)
+            .env(
+                "TASKFACTORY_SOURCES_ALLOW_SUBJECTS",
+                &self.options.sources_allow_subjects,
+            )
+            .env(
+                "TASKFACTORY_SOURCES_ALLOW_BUCKETS",
+                &self.options.sources_allow_buckets,
+            )
             .env("TASKFACTORY_RECONCILE_INTERVAL", "2s")
             .env(
                 "TASKFACTORY_LEASE_TTL",
