@@ -4,47 +4,14 @@
 //! operator allow-listed.
 
 
-use taskfactory_model::spec::spec_from_yaml;
-use taskfactory_model::values::{json_to_value, struct_to_json};
-use taskfactory_proto::v1::{PreviewRunRequest, PreviewRunResponse, RunStatus};
+use std::time::Duration;
+
+use taskfactory_model::values::struct_to_json;
+use taskfactory_proto::v1::RunStatus;
 use taskfactory_tests::{EnvOptions, TestEnv};
 
 use crate::context::fire;
-use crate::support::{Admin, create};
-
-/// A manual activity with one source (given as YAML flow) and a log task.
-fn with_source(name: &str, source: &str) -> String {
-    format!(
-        "name: {name}\ntrigger: {{manual: {{}}}}\ncontext: [{source}]\ntasks: [{{name: t, type: log}}]\n"
-    )
-}
-
-/// Previews an unsaved spec with `payload`; the answer, or the gRPC error.
-async fn preview(
-    admin: &mut Admin,
-    yaml: &str,
-    payload: serde_json::Value,
-) -> Result<PreviewRunResponse, tonic::Status> {
-    let spec = spec_from_yaml(yaml).expect("the test's YAML parses");
-    admin
-        .preview_run(PreviewRunRequest {
-            spec: Some(spec),
-            payload: Some(json_to_value(&payload)),
-            ..Default::default()
-        })
-        .await
-        .map(tonic::Response::into_inner)
-}
-
-/// The error the preview reports for source `name` (empty when it resolved).
-fn source_error(preview: &PreviewRunResponse, name: &str) -> String {
-    preview
-        .evaluation
-        .iter()
-        .find(|e| e.template == format!("context.{name}"))
-        .map(|e| e.error.clone())
-        .unwrap_or_default()
-}
+use crate::support::{create, preview, source_error, with_source};
 
 /// What must still be there after every attack: the streams, the DLQ's message, the executor's
 /// consumer, the lease bucket.
@@ -229,5 +196,127 @@ async fn request_and_kv_sources_cannot_reach_the_control_plane() -> anyhow::Resu
         run.error
     );
     assert_control_plane_intact(&env).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fresh_install_refuses_request_and_kv_sources_naming_the_flag() -> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    let answer = preview(
+        &mut admin,
+        &with_source(
+            "stock",
+            "{name: stock, request: {subject: inventory.query}}",
+        ),
+        serde_json::json!({}),
+    )
+    .await?;
+    let error = source_error(&answer, "stock");
+    assert!(
+        error.contains("not on the operator's allow-list")
+            && error.contains("--sources-allow-subjects")
+            && error.contains("TASKFACTORY_SOURCES_ALLOW_SUBJECTS"),
+        "{error}"
+    );
+    let answer = preview(
+        &mut admin,
+        &with_source("flags", "{name: flags, kv: {bucket: config, key: flags}}"),
+        serde_json::json!({}),
+    )
+    .await?;
+    let error = source_error(&answer, "flags");
+    assert!(error.contains("--sources-allow-buckets"), "{error}");
+    Ok(())
+}
+
+/// Users of a server where only `sources` may publish on `inventory.query`.
+const TWO_IDENTITIES: &str = r#"
+authorization {
+  users = [
+    {user: service, password: service-pw, permissions: {publish: {deny: ["inventory.>"]}}},
+    {user: sources, password: sources-pw, permissions: {
+      publish: {allow: ["inventory.query"]},
+      subscribe: {allow: ["_INBOX.>"]}
+    }},
+    {user: responder, password: responder-pw}
+  ]
+}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn request_sources_use_their_own_nats_identity_when_given() -> anyhow::Result<()> {
+    use futures::StreamExt as _;
+    taskfactory_tests::init_logs();
+    let nats = taskfactory_tests::NatsServer::start_with_config(TWO_IDENTITIES)?;
+    let db = taskfactory_tests::TestDb::create().await?;
+    let grpc: std::net::SocketAddr =
+        format!("127.0.0.1:{}", taskfactory_tests::free_port()).parse()?;
+    let as_service = |args: &mut taskfactory_runtime::config::NatsArgs| {
+        args.user = Some("service".to_owned());
+        args.password = Some("service-pw".to_owned());
+    };
+    let mut trigger = taskfactory_trigger::Config::local(&nats.url(), &db.url(), grpc);
+    as_service(&mut trigger.nats);
+    let mut orchestrator = taskfactory_orchestrator::Config::local(&nats.url(), &db.url());
+    as_service(&mut orchestrator.nats);
+    orchestrator.sources_allow_subjects = "inventory.>".to_owned();
+    orchestrator.sources_nats.user = Some("sources".to_owned());
+    orchestrator.sources_nats.password = Some("sources-pw".to_owned());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let _trigger = tokio::spawn(taskfactory_trigger::run(trigger, shutdown.child_token()));
+    let _orchestrator = tokio::spawn(taskfactory_orchestrator::run(
+        orchestrator,
+        shutdown.child_token(),
+    ));
+    let _stop = shutdown.drop_guard();
+
+    let responder = async_nats::ConnectOptions::with_user_and_password(
+        "responder".to_owned(),
+        "responder-pw".to_owned(),
+    )
+    .connect(nats.url())
+    .await?;
+    let mut asked = responder.subscribe("inventory.query").await?;
+    let replies = responder.clone();
+    tokio::spawn(async move {
+        while let Some(message) = asked.next().await {
+            if let Some(reply) = message.reply {
+                let _ = replies.publish(reply, r#"{"stock": 7}"#.into()).await;
+            }
+        }
+    });
+    responder.flush().await?;
+
+    let admin = taskfactory_tests::wait_for("the admin API", Duration::from_secs(30), || {
+        async move {
+            Ok(taskfactory_proto::v1::admin_service_client::AdminServiceClient::connect(
+                format!("http://{grpc}"),
+            )
+            .await
+            .ok())
+        }
+    })
+    .await?;
+    // The orchestrator's own user may not publish there: only the sources' connection can.
+    let spec = with_source(
+        "stock",
+        "{name: stock, request: {subject: inventory.query}, timeout: 3s}",
+    );
+    let answer = taskfactory_tests::wait_for(
+        "an orchestrator to answer the preview",
+        Duration::from_secs(30),
+        || {
+            let (mut admin, spec) = (admin.clone(), spec.clone());
+            async move { Ok(preview(&mut admin, &spec, serde_json::json!({})).await.ok()) }
+        },
+    )
+    .await?;
+    assert_eq!(source_error(&answer, "stock"), "");
+    assert_eq!(
+        struct_to_json(answer.context.as_ref().unwrap())["stock"],
+        serde_json::json!({"stock": 7})
+    );
     Ok(())
 }

@@ -455,3 +455,37 @@ impl Drop for SourceRole {
         .join();
     }
 }
+
+/// A manual activity with one source (given as YAML flow) and a log task.
+pub fn with_source(name: &str, source: &str) -> String {
+    format!(
+        "name: {name}\ntrigger: {{manual: {{}}}}\ncontext: [{source}]\ntasks: [{{name: t, type: log}}]\n"
+    )
+}
+
+/// Previews an unsaved spec with `payload`; the answer, or the gRPC error.
+pub async fn preview(
+    admin: &mut Admin,
+    yaml: &str,
+    payload: serde_json::Value,
+) -> Result<taskfactory_proto::v1::PreviewRunResponse, tonic::Status> {
+    let spec = spec_from_yaml(yaml).expect("the test's YAML parses");
+    admin
+        .preview_run(taskfactory_proto::v1::PreviewRunRequest {
+            spec: Some(spec),
+            payload: Some(taskfactory_model::values::json_to_value(&payload)),
+            ..Default::default()
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// The error the preview reports for source `name` (empty when it resolved).
+pub fn source_error(preview: &taskfactory_proto::v1::PreviewRunResponse, name: &str) -> String {
+    preview
+        .evaluation
+        .iter()
+        .find(|e| e.template == format!("context.{name}"))
+        .map(|e| e.error.clone())
+        .unwrap_or_default()
+}

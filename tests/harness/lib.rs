@@ -101,6 +101,11 @@ impl NatsServer {
         Self::start_with(Some(tls))
     }
 
+    /// A server with more configuration (users and permissions, say) after the defaults.
+    pub fn start_with_config(extra: &str) -> anyhow::Result<Self> {
+        Self::start_node(None, free_port(), extra)
+    }
+
     fn start_with(tls: Option<&tls::TlsFiles>) -> anyhow::Result<Self> {
         Self::start_node(tls, free_port(), "")
     }
