@@ -19,6 +19,7 @@ mod preview;
 mod resilience;
 mod schedules;
 mod sources;
+mod sql_sources;
 mod ssrf;
 mod support;
 mod tracing;

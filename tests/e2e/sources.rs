@@ -3,7 +3,6 @@
 //! through a preview or a real run, literally or through a template — and use only what the
 //! operator allow-listed.
 
-
 use std::time::Duration;
 
 use taskfactory_model::values::struct_to_json;
@@ -29,7 +28,11 @@ async fn assert_control_plane_intact(env: &TestEnv) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("stream {stream} is gone: {e}"))?;
     }
     let mut dlq = js.get_stream("FACTORY_DLQ").await?;
-    assert_eq!(dlq.info().await?.state.messages, 1, "FACTORY_DLQ was purged");
+    assert_eq!(
+        dlq.info().await?.state.messages,
+        1,
+        "FACTORY_DLQ was purged"
+    );
     js.get_stream("FACTORY_TASKS")
         .await?
         .get_consumer::<async_nats::jetstream::consumer::pull::Config>("taskfactory-executor-log")
@@ -96,9 +99,13 @@ async fn request_and_kv_sources_cannot_reach_the_control_plane() -> anyhow::Resu
         "{name: evil, request: {subject: '{{ event.subject }}', payload: {}}}",
     );
     for (subject, reason) in ATTACKS {
-        let answer = preview(&mut admin, &templated, serde_json::json!({"subject": subject}))
-            .await
-            .map_err(|status| anyhow::anyhow!("{subject}: {status}"))?;
+        let answer = preview(
+            &mut admin,
+            &templated,
+            serde_json::json!({"subject": subject}),
+        )
+        .await
+        .map_err(|status| anyhow::anyhow!("{subject}: {status}"))?;
         let error = source_error(&answer, "evil");
         assert!(
             error.contains("refused") && error.contains(reason),
@@ -289,16 +296,17 @@ async fn request_sources_use_their_own_nats_identity_when_given() -> anyhow::Res
     });
     responder.flush().await?;
 
-    let admin = taskfactory_tests::wait_for("the admin API", Duration::from_secs(30), || {
-        async move {
-            Ok(taskfactory_proto::v1::admin_service_client::AdminServiceClient::connect(
-                format!("http://{grpc}"),
+    let admin =
+        taskfactory_tests::wait_for("the admin API", Duration::from_secs(30), || async move {
+            Ok(
+                taskfactory_proto::v1::admin_service_client::AdminServiceClient::connect(format!(
+                    "http://{grpc}"
+                ))
+                .await
+                .ok(),
             )
-            .await
-            .ok())
-        }
-    })
-    .await?;
+        })
+        .await?;
     // The orchestrator's own user may not publish there: only the sources' connection can.
     let spec = with_source(
         "stock",

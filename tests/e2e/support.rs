@@ -444,11 +444,9 @@ impl Drop for SourceRole {
                     .bind(&name)
                     .execute(&pool)
                     .await;
-                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                        "DROP ROLE IF EXISTS {name}"
-                    )))
-                    .execute(&pool)
-                    .await;
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP ROLE IF EXISTS {name}")))
+                        .execute(&pool)
+                        .await;
                 }
             });
         })

@@ -158,13 +158,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             .map_err(|e| anyhow::anyhow!("the cancelled-runs bucket: {e}"))?,
     ));
     let executor = Arc::new(execute::Executor {
-        builtins: builtins::Builtins::new(
-            egress,
-            secrets,
-            js.clone(),
-            client.clone(),
-        )
-        .context("http client")?,
+        builtins: builtins::Builtins::new(egress, secrets, js.clone(), client.clone())
+            .context("http client")?,
         name: config.name.clone().unwrap_or_else(default_name),
         ack_wait: config.ack_wait,
         cancellations: cancellations.clone(),

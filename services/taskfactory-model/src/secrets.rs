@@ -146,9 +146,9 @@ impl SecretBindings {
     pub fn parse(text: &str) -> Result<Self, String> {
         let mut bindings: Vec<(String, Vec<HostRule>)> = Vec::new();
         for entry in text.split(';').map(str::trim).filter(|e| !e.is_empty()) {
-            let (name, hosts) = entry.split_once('=').ok_or_else(|| {
-                format!("{HOSTS_FLAG}: entry {entry:?} is not NAME=host[,host…]")
-            })?;
+            let (name, hosts) = entry
+                .split_once('=')
+                .ok_or_else(|| format!("{HOSTS_FLAG}: entry {entry:?} is not NAME=host[,host…]"))?;
             let name = name.trim();
             if let Some(problem) = name_error(name) {
                 return Err(format!("{HOSTS_FLAG}: {problem}"));
@@ -210,7 +210,9 @@ fn parse_host_rule(entry: &str) -> Result<HostRule, String> {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':'));
     if !ok {
-        return Err(format!("{entry:?} is not a host, *.suffix, host:port or IP"));
+        return Err(format!(
+            "{entry:?} is not a host, *.suffix, host:port or IP"
+        ));
     }
     Ok(HostRule {
         pattern: host.to_ascii_lowercase(),
@@ -277,17 +279,34 @@ mod tests {
         .unwrap();
         assert!(bindings.check("STRIPE_KEY", "api.stripe.com", 443).is_ok());
         assert!(bindings.check("STRIPE_KEY", "API.Stripe.com.", 443).is_ok());
-        assert!(bindings.check("STRIPE_KEY", "files.stripe.com", 443).is_ok());
+        assert!(
+            bindings
+                .check("STRIPE_KEY", "files.stripe.com", 443)
+                .is_ok()
+        );
         assert!(bindings.check("GITHUB", "api.github.com", 443).is_ok());
         assert!(bindings.check("GITHUB", "127.0.0.1", 8080).is_ok());
         let refused = bindings.check("GITHUB", "127.0.0.1", 9090).unwrap_err();
-        assert!(refused.contains("bound to *.github.com, 127.0.0.1:8080"), "{refused}");
+        assert!(
+            refused.contains("bound to *.github.com, 127.0.0.1:8080"),
+            "{refused}"
+        );
         assert!(bindings.check("GITHUB", "github.com", 443).is_err());
-        assert!(bindings.check("STRIPE_KEY", "api.stripe.com.evil.com", 443).is_err());
+        assert!(
+            bindings
+                .check("STRIPE_KEY", "api.stripe.com.evil.com", 443)
+                .is_err()
+        );
         let unbound = bindings.check("OTHER", "api.stripe.com", 443).unwrap_err();
         assert!(unbound.contains("TASKFACTORY_SECRETS_HOSTS"), "{unbound}");
         assert!(SecretBindings::default().check("A", "x", 1).is_err());
-        for bad in ["STRIPE_KEY", "stripe=api", "A=", "A=http://x/", "A=host:port"] {
+        for bad in [
+            "STRIPE_KEY",
+            "stripe=api",
+            "A=",
+            "A=http://x/",
+            "A=host:port",
+        ] {
             assert!(SecretBindings::parse(bad).is_err(), "{bad}");
         }
     }

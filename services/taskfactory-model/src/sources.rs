@@ -42,7 +42,14 @@ pub const MAX_BUCKET_LEN: usize = 64;
 pub const MAX_KEY_LEN: usize = 512;
 
 /// First tokens of our own subjects: streams and internal requests.
-const OUR_FIRST_TOKENS: [&str; 6] = ["taskfactory", "events", "triggers", "tasks", "results", "dlq"];
+const OUR_FIRST_TOKENS: [&str; 6] = [
+    "taskfactory",
+    "events",
+    "triggers",
+    "tasks",
+    "results",
+    "dlq",
+];
 
 /// The prefix of our KV buckets.
 const OUR_BUCKET_PREFIX: &str = "taskfactory";
@@ -472,7 +479,11 @@ mod tests {
         assert!(BucketAllowList::parse("**").is_err());
         let any = BucketAllowList::parse("*").unwrap();
         assert!(check_kv("anything", "k", &any).is_ok());
-        for bucket in ["taskfactory_leases", "taskfactory_cancelled_runs", "TaskFactory-x"] {
+        for bucket in [
+            "taskfactory_leases",
+            "taskfactory_cancelled_runs",
+            "TaskFactory-x",
+        ] {
             assert_eq!(
                 check_kv(bucket, "k", &any).unwrap_err().reason,
                 Reason::OurBucket

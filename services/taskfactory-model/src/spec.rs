@@ -554,7 +554,10 @@ fn validate_context_source(
             }
             let plain: Vec<&str> = http.headers.keys().map(String::as_str).collect();
             for (path, message) in secrets::secret_headers_problems(&http.secret_headers, &plain) {
-                errors.push(field(format!("{prefix}.http.secretHeaders.{path}"), message));
+                errors.push(field(
+                    format!("{prefix}.http.secretHeaders.{path}"),
+                    message,
+                ));
             }
             if http.url.trim().is_empty() {
                 errors.push(field(format!("{prefix}.http.url"), "is required"));
@@ -984,7 +987,10 @@ tasks:
         for (body, field) in cases {
             let yaml = format!("name: a\ntrigger: {{manual: {{}}}}\n{body}");
             let errors = errors_of(&yaml);
-            assert!(errors.iter().any(|e| e.field == field), "{body}: {errors:?}");
+            assert!(
+                errors.iter().any(|e| e.field == field),
+                "{body}: {errors:?}"
+            );
         }
     }
 

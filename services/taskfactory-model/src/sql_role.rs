@@ -180,10 +180,7 @@ pub fn leftover_problem(state: &SessionState) -> Option<String> {
         parts.push(format!("{} temporary relation(s)", state.temp_relations));
     }
     if state.listening_channels > 0 {
-        parts.push(format!(
-            "{} LISTEN channel(s)",
-            state.listening_channels
-        ));
+        parts.push(format!("{} LISTEN channel(s)", state.listening_channels));
     }
     (!parts.is_empty()).then(|| {
         format!(
@@ -243,7 +240,10 @@ mod tests {
             ..SessionState::default()
         })
         .unwrap();
-        assert!(problem.contains("1 session-level advisory lock(s)"), "{problem}");
+        assert!(
+            problem.contains("1 session-level advisory lock(s)"),
+            "{problem}"
+        );
         assert!(problem.contains("connection was closed"), "{problem}");
     }
 

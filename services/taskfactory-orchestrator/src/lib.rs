@@ -346,7 +346,12 @@ async fn context_sources(
     )
     .context("context sources")?;
     sources
-        .verify_databases(config.lifecycle.startup_patience.min(Duration::from_secs(10)))
+        .verify_databases(
+            config
+                .lifecycle
+                .startup_patience
+                .min(Duration::from_secs(10)),
+        )
         .await
         .context("context sources")?;
     Ok(sources)
@@ -517,7 +522,10 @@ mod tests {
         ]
         .map(|(k, v)| (k.to_owned(), v.to_owned()));
         let no_files = |path: &str| -> std::io::Result<String> {
-            Err(std::io::Error::new(std::io::ErrorKind::NotFound, path.to_owned()))
+            Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                path.to_owned(),
+            ))
         };
         let named = config
             .named_databases_from(vars.clone().into_iter(), no_files)
@@ -531,17 +539,29 @@ mod tests {
         );
         // A DSN in a file (its password then lives in no variable); a missing file is named.
         let with_file = vars.into_iter().chain([
-            ("TASKFACTORY_SQL_WAREHOUSE_FILE".to_owned(), "/run/dsn".to_owned()),
-            ("TASKFACTORY_SQL_ALLOW_PRIVILEGED_ROLE".to_owned(), "crm".to_owned()),
+            (
+                "TASKFACTORY_SQL_WAREHOUSE_FILE".to_owned(),
+                "/run/dsn".to_owned(),
+            ),
+            (
+                "TASKFACTORY_SQL_ALLOW_PRIVILEGED_ROLE".to_owned(),
+                "crm".to_owned(),
+            ),
         ]);
         let named = config
             .named_databases_from(with_file.clone(), |_| Ok("postgres://file/w\n".to_owned()))
             .unwrap();
-        assert_eq!(named[2], ("warehouse".to_owned(), "postgres://file/w".to_owned()));
+        assert_eq!(
+            named[2],
+            ("warehouse".to_owned(), "postgres://file/w".to_owned())
+        );
         assert_eq!(named.len(), 3);
         let error = config
             .named_databases_from(with_file, no_files)
             .unwrap_err();
-        assert!(format!("{error:#}").contains("TASKFACTORY_SQL_WAREHOUSE_FILE"), "{error:#}");
+        assert!(
+            format!("{error:#}").contains("TASKFACTORY_SQL_WAREHOUSE_FILE"),
+            "{error:#}"
+        );
     }
 }

@@ -55,7 +55,9 @@ pub enum SecretError {
     },
     #[error("secret {name:?}: its file {path} is larger than {MAX_SECRET_BYTES} bytes")]
     TooLarge { name: String, path: PathBuf },
-    #[error("secret {name:?} is not a valid header value (it holds a line break or a control character)")]
+    #[error(
+        "secret {name:?} is not a valid header value (it holds a line break or a control character)"
+    )]
     NotAHeaderValue { name: String },
     #[error("{0}")]
     NotBound(String),
@@ -206,13 +208,23 @@ mod tests {
 
         let elsewhere = reqwest::Url::parse("https://evil.example.net/").unwrap();
         let error = secrets.headers([(&header, &r)], &elsewhere).unwrap_err();
-        assert!(error.to_string().contains("may not be sent to evil.example.net"));
+        assert!(
+            error
+                .to_string()
+                .contains("may not be sent to evil.example.net")
+        );
         let (header, r) = reference("MISSING", "");
         let error = secrets.headers([(&header, &r)], &url).unwrap_err();
-        assert!(error.to_string().contains("\"MISSING\" is not set"), "{error}");
+        assert!(
+            error.to_string().contains("\"MISSING\" is not set"),
+            "{error}"
+        );
         let (header, r) = reference("BROKEN", "");
         let error = secrets.headers([(&header, &r)], &url).unwrap_err();
-        assert!(error.to_string().contains("not a valid header value"), "{error}");
+        assert!(
+            error.to_string().contains("not a valid header value"),
+            "{error}"
+        );
         assert!(!error.to_string().contains("a\nb"));
         let (header, r) = reference("../API_KEY", "");
         assert!(secrets.headers([(&header, &r)], &url).is_err());

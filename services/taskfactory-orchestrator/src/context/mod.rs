@@ -248,7 +248,12 @@ impl Sources {
     }
 
     /// Renders one template string against the scope (a literal stays as it is).
-    pub(crate) fn render(&self, what: &str, text: &str, scope: &serde_json::Value) -> Result<String, String> {
+    pub(crate) fn render(
+        &self,
+        what: &str,
+        text: &str,
+        scope: &serde_json::Value,
+    ) -> Result<String, String> {
         let engine = Engine::new(self.limits);
         let template = engine.template(text).map_err(|e| format!("{what}: {e}"))?;
         template

@@ -119,8 +119,7 @@ impl Sources {
         scope: &serde_json::Value,
     ) -> Result<serde_json::Value, String> {
         let subject = self.render("subject", &request.subject, scope)?;
-        sources::check_request_subject(&subject, &self.nats.subjects)
-            .map_err(|e| e.to_string())?;
+        sources::check_request_subject(&subject, &self.nats.subjects).map_err(|e| e.to_string())?;
         let payload = request
             .payload
             .as_ref()
@@ -146,7 +145,7 @@ mod tests {
 
     #[test]
     fn sources_get_their_own_connection_only_when_configured_and_never_the_orchestrators_identity()
-     {
+    {
         let mut main = NatsArgs::local("nats://a:4222");
         main.user = Some("orchestrator".to_owned());
         main.password = Some("p".to_owned());
@@ -164,7 +163,10 @@ mod tests {
         assert_eq!(own.url, "nats://a:4222");
         assert_eq!(own.user.as_deref(), Some("sources"));
         assert_eq!(own.ca, main.ca, "the server is the same: so is its CA");
-        assert_eq!(own.cert, None, "the orchestrator's certificate is its identity");
+        assert_eq!(
+            own.cert, None,
+            "the orchestrator's certificate is its identity"
+        );
         assert_eq!(own.key, None);
     }
 }

@@ -60,7 +60,10 @@ impl Databases {
         let mut by_name = HashMap::new();
         for name in allow_privileged {
             let name = name.to_ascii_lowercase();
-            if !configured.iter().any(|(n, _)| n.eq_ignore_ascii_case(&name)) {
+            if !configured
+                .iter()
+                .any(|(n, _)| n.eq_ignore_ascii_case(&name))
+            {
                 anyhow::bail!(
                     "{ALLOW_PRIVILEGED_FLAG} names {name:?}, which is not a configured sql database"
                 );
