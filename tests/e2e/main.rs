@@ -18,6 +18,7 @@ mod overlap;
 mod preview;
 mod resilience;
 mod schedules;
+mod secrets;
 mod sources;
 mod sql_sources;
 mod ssrf;

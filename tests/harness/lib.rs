@@ -528,6 +528,29 @@ impl TestEnv {
         service: Service,
         extra_env: &[(&str, &str)],
     ) -> anyhow::Result<Running> {
+        let mut command = self.process_command(service, extra_env)?;
+        Ok(Running::Process(ChildGuard(Some(command.spawn()?))))
+    }
+
+    /// [`TestEnv::spawn_process`], with the process's stdout and stderr written to `log` (for
+    /// tests that read what a service logged).
+    pub fn spawn_process_logged(
+        &self,
+        service: Service,
+        extra_env: &[(&str, &str)],
+        log: &std::path::Path,
+    ) -> anyhow::Result<Running> {
+        let mut command = self.process_command(service, extra_env)?;
+        let file = std::fs::File::create(log)?;
+        command.stdout(file.try_clone()?).stderr(file);
+        Ok(Running::Process(ChildGuard(Some(command.spawn()?))))
+    }
+
+    fn process_command(
+        &self,
+        service: Service,
+        extra_env: &[(&str, &str)],
+    ) -> anyhow::Result<Command> {
         let binary = workspace_root()
             .join("target/debug")
             .join(service.binary_name());
@@ -587,7 +610,7 @@ impl TestEnv {
         for (key, value) in extra_env {
             command.env(key, value);
         }
-        Ok(Running::Process(ChildGuard(Some(command.spawn()?))))
+        Ok(command)
     }
 
     /// Starts all three services in-process and waits until they are ready.

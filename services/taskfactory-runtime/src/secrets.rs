@@ -26,12 +26,17 @@ const MAX_SECRET_BYTES: u64 = 64 * 1024;
 pub struct SecretArgs {
     /// A directory of secret files, one per secret, named as the secret (e.g. a mounted
     /// Kubernetes Secret); a `TASKFACTORY_SECRET_<NAME>` variable wins over a file.
-    #[arg(long = "secrets-dir", env = "TASKFACTORY_SECRETS_DIR")]
+    #[arg(
+        id = "secrets_dir",
+        long = "secrets-dir",
+        env = "TASKFACTORY_SECRETS_DIR"
+    )]
     pub dir: Option<PathBuf>,
     /// The hosts each secret may be sent to: `NAME=host[,host…]`, entries separated by `;`
     /// (hosts as in the egress allow-list: `api.example.com`, `*.example.com`, `host:port`). A
     /// secret bound to no host is sent nowhere.
     #[arg(
+        id = "secrets_hosts",
         long = "secrets-hosts",
         env = "TASKFACTORY_SECRETS_HOSTS",
         default_value = ""

@@ -21,16 +21,29 @@ use super::Sources;
 pub struct SourcesNatsArgs {
     /// NATS server(s) for sources (default: NATS_URL) — setting any `--sources-nats-*` flag gives
     /// `kv` and `request` sources a connection of their own, under their own identity.
-    #[arg(long = "sources-nats-url", env = "TASKFACTORY_SOURCES_NATS_URL")]
+    #[arg(
+        id = "sources_nats_url",
+        long = "sources-nats-url",
+        env = "TASKFACTORY_SOURCES_NATS_URL"
+    )]
     pub url: Option<String>,
     /// The sources' NATS credentials file (JWT + NKey).
-    #[arg(long = "sources-nats-creds", env = "TASKFACTORY_SOURCES_NATS_CREDS")]
+    #[arg(
+        id = "sources_nats_creds",
+        long = "sources-nats-creds",
+        env = "TASKFACTORY_SOURCES_NATS_CREDS"
+    )]
     pub creds: Option<PathBuf>,
     /// The sources' NATS user (with --sources-nats-password).
-    #[arg(long = "sources-nats-user", env = "TASKFACTORY_SOURCES_NATS_USER")]
+    #[arg(
+        id = "sources_nats_user",
+        long = "sources-nats-user",
+        env = "TASKFACTORY_SOURCES_NATS_USER"
+    )]
     pub user: Option<String>,
     /// The sources' NATS password.
     #[arg(
+        id = "sources_nats_password",
         long = "sources-nats-password",
         env = "TASKFACTORY_SOURCES_NATS_PASSWORD",
         hide_env_values = true
@@ -38,19 +51,32 @@ pub struct SourcesNatsArgs {
     pub password: Option<String>,
     /// The sources' NATS token.
     #[arg(
+        id = "sources_nats_token",
         long = "sources-nats-token",
         env = "TASKFACTORY_SOURCES_NATS_TOKEN",
         hide_env_values = true
     )]
     pub token: Option<String>,
     /// TLS: the CA(s) of the sources' server (default: NATS_CA).
-    #[arg(long = "sources-nats-ca", env = "TASKFACTORY_SOURCES_NATS_CA")]
+    #[arg(
+        id = "sources_nats_ca",
+        long = "sources-nats-ca",
+        env = "TASKFACTORY_SOURCES_NATS_CA"
+    )]
     pub ca: Option<PathBuf>,
     /// TLS: the sources' client certificate (never the orchestrator's own: that is its identity).
-    #[arg(long = "sources-nats-cert", env = "TASKFACTORY_SOURCES_NATS_CERT")]
+    #[arg(
+        id = "sources_nats_cert",
+        long = "sources-nats-cert",
+        env = "TASKFACTORY_SOURCES_NATS_CERT"
+    )]
     pub cert: Option<PathBuf>,
     /// TLS: the sources' client certificate key.
-    #[arg(long = "sources-nats-key", env = "TASKFACTORY_SOURCES_NATS_KEY")]
+    #[arg(
+        id = "sources_nats_key",
+        long = "sources-nats-key",
+        env = "TASKFACTORY_SOURCES_NATS_KEY"
+    )]
     pub key: Option<PathBuf>,
 }
 
