@@ -244,10 +244,19 @@ async fn session_state(conn: &mut PgConnection) -> Result<SessionState, sqlx::Er
 }
 
 /// The pool's `after_release` check: a connection goes back only if nothing outlived its
-/// transaction (else it is closed, which releases it all).
+/// transaction (else it is closed, which releases it all). A check that fails closes it too —
+/// gracefully (`Ok(false)`: the server is told to end the session), because a connection given
+/// back mid-query (a source that timed out) answers the check with the query's own error, and
+/// sqlx's hard close on `Err` can leave the session, and its locks, alive.
 async fn release_if_clean(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
-    let state = session_state(conn).await?;
-    match sql_role::leftover_problem(&state) {
+    let problem = match session_state(conn).await {
+        Ok(state) => sql_role::leftover_problem(&state),
+        Err(error) => Some(format!(
+            "cannot check the connection ({}); it was closed",
+            error_chain(&error)
+        )),
+    };
+    match problem {
         None => Ok(true),
         Some(problem) => {
             tracing::warn!(%problem, "sql source connection closed instead of reused");
