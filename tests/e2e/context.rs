@@ -8,7 +8,7 @@ use taskfactory_model::values::{json_to_value, struct_to_json};
 use taskfactory_proto::v1::{Run, RunStatus, TriggerActivityRequest};
 use taskfactory_tests::{EnvOptions, TestEnv};
 
-use crate::support::{Admin, create, finished_run, tasks};
+use crate::support::{Admin, SourceRole, create, finished_run, tasks};
 
 /// Fires a manual activity with `payload` and waits for its run to finish.
 pub async fn fire(
@@ -51,8 +51,17 @@ async fn sql_sources_read_bound_parameters_and_refuse_to_write() -> anyhow::Resu
     sqlx::query("CREATE SEQUENCE tickets")
         .execute(&pool)
         .await?;
+    // The role the README recommends: SELECT on what the activities read, nothing else.
+    let role = SourceRole::create(&crm, &["customers"]).await?;
+    // More than it needs, to show the read-only transaction still holds: nextval is refused.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "GRANT USAGE ON SEQUENCE tickets TO {}",
+        role.name
+    )))
+    .execute(&pool)
+    .await?;
     let env = TestEnv::new(EnvOptions {
-        sql_databases: vec![("crm".to_owned(), crm.url())],
+        sql_databases: vec![("crm".to_owned(), role.dsn())],
         ..EnvOptions::default()
     })
     .await?;
@@ -255,7 +264,12 @@ pub async fn json_api() -> anyhow::Result<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn http_kv_and_request_sources_resolve_concurrently() -> anyhow::Result<()> {
-    let env = TestEnv::new(EnvOptions::default()).await?;
+    let env = TestEnv::new(EnvOptions {
+        sources_allow_subjects: "inventory.>".to_owned(),
+        sources_allow_buckets: "config".to_owned(),
+        ..EnvOptions::default()
+    })
+    .await?;
     let _services = env.start_all().await?;
     let mut admin = env.admin().await?;
     let base = json_api().await?;
@@ -352,7 +366,12 @@ tasks:
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn failing_sources_fail_use_the_default_or_are_omitted_and_slow_ones_time_out()
 -> anyhow::Result<()> {
-    let env = TestEnv::new(EnvOptions::default()).await?;
+    let env = TestEnv::new(EnvOptions {
+        sources_allow_subjects: "nobody.>".to_owned(),
+        sources_allow_buckets: "config".to_owned(),
+        ..EnvOptions::default()
+    })
+    .await?;
     let _services = env.start_all().await?;
     let mut admin = env.admin().await?;
     let base = json_api().await?;

@@ -456,3 +456,133 @@ fn the_metrics_parser_reads_labels_escapes_and_special_values() {
     assert_eq!(scrape.matching("a_total", &[("x", "1")]).len(), 1);
     assert!(scrape.help.contains("a_total"));
 }
+
+/// Waits until KV bucket `bucket` exists (a service makes it at start).
+pub async fn wait_bucket(js: &async_nats::jetstream::Context, bucket: &str) -> anyhow::Result<()> {
+    wait_for(
+        &format!("KV bucket {bucket}"),
+        Duration::from_secs(30),
+        || async { Ok(js.get_key_value(bucket).await.ok().map(|_| ())) },
+    )
+    .await
+}
+
+/// A login role of the kind the README recommends for `sql` sources (LOGIN, SELECT on the tables
+/// named, nothing else), with a unique name; dropped, with its grants, afterwards.
+pub struct SourceRole {
+    pub name: String,
+    pub password: String,
+    db: String,
+    server: String,
+}
+
+impl SourceRole {
+    /// Creates the role and grants it SELECT on `tables` of `db`.
+    pub async fn create(db: &taskfactory_tests::TestDb, tables: &[&str]) -> anyhow::Result<Self> {
+        let name = format!("tf_sources_{}", uuid::Uuid::new_v4().simple());
+        let password = uuid::Uuid::new_v4().simple().to_string();
+        let pool = db.pool().await?;
+        for statement in [format!("CREATE ROLE {name} LOGIN PASSWORD '{password}'")]
+            .into_iter()
+            .chain(
+                tables
+                    .iter()
+                    .map(|table| format!("GRANT SELECT ON {table} TO {name}")),
+            )
+        {
+            sqlx::query(sqlx::AssertSqlSafe(statement))
+                .execute(&pool)
+                .await?;
+        }
+        pool.close().await;
+        let url = db.url();
+        let (server, db_name) = url.rsplit_once('/').expect("a database URL");
+        Ok(Self {
+            name,
+            password,
+            db: db_name.to_owned(),
+            server: server.to_owned(),
+        })
+    }
+
+    /// The DSN logging in as this role.
+    pub fn dsn(&self) -> String {
+        let host = self
+            .server
+            .rsplit_once('@')
+            .map(|(_, host)| host)
+            .unwrap_or("127.0.0.1:5432");
+        format!(
+            "postgres://{}:{}@{host}/{}",
+            self.name, self.password, self.db
+        )
+    }
+}
+
+impl Drop for SourceRole {
+    fn drop(&mut self) {
+        let (name, db, server) = (self.name.clone(), self.db.clone(), self.server.clone());
+        let _ = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async {
+                if let Ok(pool) = sqlx::PgPool::connect(&format!("{server}/{db}")).await {
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP OWNED BY {name}")))
+                        .execute(&pool)
+                        .await;
+                    pool.close().await;
+                }
+                if let Ok(pool) = sqlx::PgPool::connect(&format!("{server}/postgres")).await {
+                    let _ = sqlx::query(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1",
+                    )
+                    .bind(&name)
+                    .execute(&pool)
+                    .await;
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP ROLE IF EXISTS {name}")))
+                        .execute(&pool)
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A manual activity with one source (given as YAML flow) and a log task.
+pub fn with_source(name: &str, source: &str) -> String {
+    format!(
+        "name: {name}\ntrigger: {{manual: {{}}}}\ncontext: [{source}]\ntasks: [{{name: t, type: log}}]\n"
+    )
+}
+
+/// Previews an unsaved spec with `payload`; the answer, or the gRPC error.
+pub async fn preview(
+    admin: &mut Admin,
+    yaml: &str,
+    payload: serde_json::Value,
+) -> Result<taskfactory_proto::v1::PreviewRunResponse, tonic::Status> {
+    let spec = spec_from_yaml(yaml).expect("the test's YAML parses");
+    admin
+        .preview_run(taskfactory_proto::v1::PreviewRunRequest {
+            spec: Some(spec),
+            payload: Some(taskfactory_model::values::json_to_value(&payload)),
+            ..Default::default()
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// The error the preview reports for source `name` (empty when it resolved).
+pub fn source_error(preview: &taskfactory_proto::v1::PreviewRunResponse, name: &str) -> String {
+    preview
+        .evaluation
+        .iter()
+        .find(|e| e.template == format!("context.{name}"))
+        .map(|e| e.error.clone())
+        .unwrap_or_default()
+}

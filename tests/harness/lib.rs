@@ -104,6 +104,11 @@ impl NatsServer {
         Self::start_with(Some(tls))
     }
 
+    /// A server with more configuration (users and permissions, say) after the defaults.
+    pub fn start_with_config(extra: &str) -> anyhow::Result<Self> {
+        Self::start_node(None, free_port(), extra)
+    }
+
     fn start_with(tls: Option<&tls::TlsFiles>) -> anyhow::Result<Self> {
         Self::start_node(tls, free_port(), "")
     }
@@ -395,6 +400,10 @@ pub struct EnvOptions {
     pub lease_ttl: Duration,
     /// Orchestrator: databases `sql` context sources may query, `(name, dsn)`.
     pub sql_databases: Vec<(String, String)>,
+    /// Orchestrator: what `request` and `kv` sources may reach (none by default, as in
+    /// production).
+    pub sources_allow_subjects: String,
+    pub sources_allow_buckets: String,
     /// Orchestrator: how long tasks of a type nobody serves may wait before they die.
     pub unserved_grace: Duration,
     /// Trigger (in-process): webhooks; with any, the gateway listens on [`TestEnv::http_addr`].
@@ -423,6 +432,8 @@ impl Default for EnvOptions {
             clock: ClockHandle::system(),
             lease_ttl: Duration::from_secs(5),
             sql_databases: Vec::new(),
+            sources_allow_subjects: String::new(),
+            sources_allow_buckets: String::new(),
             unserved_grace: Duration::from_secs(600),
             webhooks: Vec::new(),
             nats_tls: false,
@@ -524,6 +535,8 @@ impl TestEnv {
                 with_tls(&mut config.nats);
                 config.ack_wait = self.options.orchestrator_ack_wait;
                 config.sql_databases = self.options.sql_databases.clone();
+                config.sources_allow_subjects = self.options.sources_allow_subjects.clone();
+                config.sources_allow_buckets = self.options.sources_allow_buckets.clone();
                 config.unserved_grace = self.options.unserved_grace;
                 config.egress_allow = self.options.egress_allow.clone();
                 tokio::spawn(taskfactory_orchestrator::run(config, token))
@@ -546,6 +559,29 @@ impl TestEnv {
         service: Service,
         extra_env: &[(&str, &str)],
     ) -> anyhow::Result<Running> {
+        let mut command = self.process_command(service, extra_env)?;
+        Ok(Running::Process(ChildGuard(Some(command.spawn()?))))
+    }
+
+    /// [`TestEnv::spawn_process`], with the process's stdout and stderr written to `log` (for
+    /// tests that read what a service logged).
+    pub fn spawn_process_logged(
+        &self,
+        service: Service,
+        extra_env: &[(&str, &str)],
+        log: &std::path::Path,
+    ) -> anyhow::Result<Running> {
+        let mut command = self.process_command(service, extra_env)?;
+        let file = std::fs::File::create(log)?;
+        command.stdout(file.try_clone()?).stderr(file);
+        Ok(Running::Process(ChildGuard(Some(command.spawn()?))))
+    }
+
+    fn process_command(
+        &self,
+        service: Service,
+        extra_env: &[(&str, &str)],
+    ) -> anyhow::Result<Command> {
         let binary = workspace_root()
             .join("target/debug")
             .join(service.binary_name());
@@ -570,6 +606,14 @@ impl TestEnv {
                 format!("{}ms", self.options.orchestrator_ack_wait.as_millis()),
             )
             .env("TASKFACTORY_EGRESS_ALLOW", &self.options.egress_allow)
+            .env(
+                "TASKFACTORY_SOURCES_ALLOW_SUBJECTS",
+                &self.options.sources_allow_subjects,
+            )
+            .env(
+                "TASKFACTORY_SOURCES_ALLOW_BUCKETS",
+                &self.options.sources_allow_buckets,
+            )
             .env("TASKFACTORY_RECONCILE_INTERVAL", "2s")
             .env(
                 "TASKFACTORY_LEASE_TTL",
@@ -600,7 +644,7 @@ impl TestEnv {
         for (key, value) in extra_env {
             command.env(key, value);
         }
-        Ok(Running::Process(ChildGuard(Some(command.spawn()?))))
+        Ok(command)
     }
 
     /// Starts all three services in-process and waits until they are ready.

@@ -35,6 +35,8 @@ pub struct ReceivedSpan {
     pub end_unix_nanos: u64,
     /// Names of the span's events (logs recorded inside it).
     pub events: Vec<String>,
+    /// The attributes of each event, in the same order.
+    pub event_attributes: Vec<HashMap<String, String>>,
 }
 
 impl ReceivedSpan {
@@ -116,6 +118,11 @@ impl TraceService for Collector {
                         start_unix_nanos: span.start_time_unix_nano,
                         end_unix_nanos: span.end_time_unix_nano,
                         events: span.events.iter().map(|e| e.name.clone()).collect(),
+                        event_attributes: span
+                            .events
+                            .iter()
+                            .map(|e| attributes(&e.attributes))
+                            .collect(),
                     });
                 }
             }

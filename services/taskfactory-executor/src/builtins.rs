@@ -5,15 +5,21 @@
 //! - `http` {`url`, `method` (default POST), `headers`, `body` (JSON)}: sends the task id as
 //!   `Idempotency-Key`; 2xx succeeds with the response JSON (or text) as output; 5xx, 429 and
 //!   connection failures are retryable, other statuses are permanent. Egress follows the policy
-//!   ([`taskfactory_model::egress`]), checked on resolved addresses and on every redirect.
+//!   ([`taskfactory_model::egress`]), checked on resolved addresses and on every redirect. The
+//!   task's `secretHeaders` are resolved here, from this executor's own secrets
+//!   ([`taskfactory_runtime::secrets`]), only for the hosts each is bound to, over a client that
+//!   follows no redirect to another origin; the orchestrator never sees their values.
 //! - `publish` {`subject`, `payload`}: publishes the payload as JSON — through JetStream with
 //!   `Nats-Msg-Id` = task id when a stream covers the subject (so a retried task does not publish
 //!   twice), else as a core NATS message. This is how activities chain.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use taskfactory_model::egress::EgressPolicy;
 use taskfactory_model::subjects;
+use taskfactory_proto::v1::SecretRef;
+use taskfactory_runtime::secrets::Secrets;
 use taskfactory_runtime::telemetry::error_chain;
 use taskfactory_runtime::{egress, messaging};
 
@@ -71,6 +77,9 @@ pub const BUILTIN_TYPES: [&str; 4] = ["log", "http", "publish", "noop"];
 /// What the built-ins need.
 pub struct Builtins {
     pub http: reqwest::Client,
+    /// For requests that carry secrets: follows no redirect to another origin.
+    pub http_with_secrets: reqwest::Client,
+    pub secrets: Secrets,
     pub egress: Arc<EgressPolicy>,
     pub js: async_nats::jetstream::Context,
     pub nats: async_nats::Client,
@@ -80,16 +89,18 @@ pub struct Builtins {
 impl Builtins {
     pub fn new(
         egress: EgressPolicy,
+        secrets: Secrets,
         js: async_nats::jetstream::Context,
         nats: async_nats::Client,
     ) -> Result<Self, reqwest::Error> {
         let egress = Arc::new(egress);
-        let http = egress::guarded_client(
-            egress.clone(),
-            concat!("taskfactory-executor/", env!("CARGO_PKG_VERSION")),
-        )?;
+        let user_agent = concat!("taskfactory-executor/", env!("CARGO_PKG_VERSION"));
+        let http = egress::guarded_client(egress.clone(), user_agent)?;
+        let http_with_secrets = egress::guarded_client_for_secrets(egress.clone(), user_agent)?;
         Ok(Self {
             http,
+            http_with_secrets,
+            secrets,
             egress,
             js,
             nats,
@@ -97,12 +108,14 @@ impl Builtins {
         })
     }
 
-    /// Runs one built-in task. The caller enforces the timeout.
+    /// Runs one built-in task (`secret_headers` are the task's, for `http`). The caller enforces
+    /// the timeout.
     pub async fn run(
         &self,
         task_type: &str,
         task_id: &str,
         params: &serde_json::Value,
+        secret_headers: &HashMap<String, SecretRef>,
     ) -> Result<serde_json::Value, TaskFailure> {
         match task_type {
             "log" => {
@@ -111,7 +124,7 @@ impl Builtins {
             }
             // Does nothing: for benchmarks, and for activities that only need a run.
             "noop" => Ok(serde_json::Value::Null),
-            "http" => self.http(task_id, params).await,
+            "http" => self.http(task_id, params, secret_headers).await,
             "publish" => self.publish(task_id, params).await,
             other => Err(TaskFailure::permanent(format!(
                 "task type {other:?} is not a built-in type of this executor"
@@ -123,6 +136,7 @@ impl Builtins {
         &self,
         task_id: &str,
         params: &serde_json::Value,
+        secret_headers: &HashMap<String, SecretRef>,
     ) -> Result<serde_json::Value, TaskFailure> {
         let url = params
             .get("url")
@@ -140,8 +154,17 @@ impl Builtins {
             reqwest::Method::from_bytes(method.to_ascii_uppercase().as_bytes()).map_err(|_| {
                 TaskFailure::permanent(format!("params.method {method:?} is not an HTTP method"))
             })?;
-        let mut request = self
-            .http
+        // A secret that is unknown or not bound to this host will not be by the next attempt.
+        let secret_headers = self
+            .secrets
+            .headers(secret_headers, &url)
+            .map_err(|e| TaskFailure::permanent(e.to_string()))?;
+        let client = if secret_headers.is_empty() {
+            &self.http
+        } else {
+            &self.http_with_secrets
+        };
+        let mut request = client
             .request(method.clone(), url.clone())
             .header("Idempotency-Key", task_id);
         // The attempt's trace continues at the receiver (`traceparent`); a task's own headers win.
@@ -159,7 +182,10 @@ impl Builtins {
                 request = request.header(name.as_str(), value);
             }
         }
-        request = request.headers(trace_headers);
+        for name in secret_headers.keys() {
+            trace_headers.remove(name);
+        }
+        request = request.headers(trace_headers).headers(secret_headers);
         if let Some(body) = params.get("body") {
             request = request.json(body);
         }

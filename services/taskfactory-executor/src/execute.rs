@@ -246,7 +246,7 @@ impl Executor {
                 let outcome = tokio::select! {
                     outcome = tokio::time::timeout(
                         timeout,
-                        self.builtins.run(&task.r#type, &task.task_id, &params),
+                        self.builtins.run(&task.r#type, &task.task_id, &params, &task.secret_headers),
                     ) => match outcome {
                         Ok(outcome) => outcome.map_err(Stopped::Failed),
                         Err(_) => Err(Stopped::Failed(TaskFailure::retryable(format!(

@@ -63,6 +63,8 @@ pub struct Config {
         default_value = ""
     )]
     pub egress_allow: String,
+    #[command(flatten)]
+    pub secrets: taskfactory_runtime::secrets::SecretArgs,
     /// This executor's name in results (default: host name and process id).
     #[arg(long = "executor-name", env = "TASKFACTORY_EXECUTOR_NAME")]
     pub name: Option<String>,
@@ -110,6 +112,7 @@ impl Config {
             type_concurrency: Vec::new(),
             ack_wait: Duration::from_secs(30),
             egress_allow: String::new(),
+            secrets: taskfactory_runtime::secrets::SecretArgs::default(),
             name: None,
             running_after: Duration::from_secs(1),
             lifecycle: LifecycleArgs::default(),
@@ -132,6 +135,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let egress = EgressPolicy::parse(&config.egress_allow)
         .map_err(anyhow::Error::msg)
         .context("TASKFACTORY_EGRESS_ALLOW")?;
+    let secrets =
+        taskfactory_runtime::secrets::Secrets::new(&config.secrets).map_err(anyhow::Error::msg)?;
     for task_type in &config.task_types {
         if !builtins::BUILTIN_TYPES.contains(&task_type.as_str()) {
             anyhow::bail!(
@@ -153,7 +158,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             .map_err(|e| anyhow::anyhow!("the cancelled-runs bucket: {e}"))?,
     ));
     let executor = Arc::new(execute::Executor {
-        builtins: builtins::Builtins::new(egress, js.clone(), client.clone())
+        builtins: builtins::Builtins::new(egress, secrets, js.clone(), client.clone())
             .context("http client")?,
         name: config.name.clone().unwrap_or_else(default_name),
         ack_wait: config.ack_wait,

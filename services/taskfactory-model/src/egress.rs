@@ -148,7 +148,7 @@ impl EgressPolicy {
     }
 }
 
-fn matches_host(pattern: &str, host: &str) -> bool {
+pub(crate) fn matches_host(pattern: &str, host: &str) -> bool {
     match pattern.strip_prefix("*.") {
         Some(suffix) => {
             host.len() > suffix.len()

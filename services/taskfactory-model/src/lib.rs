@@ -8,12 +8,15 @@
 //! - [`spec`]: loading activity specs (YAML / proto3 JSON), defaults, validation with field paths.
 //! - [`schedule`]: the cron engine — POSIX cron on local wall time, mapped to UTC under DST policies.
 //! - [`misfire`]: what a schedule does about occurrences it missed (policy, window, cap).
+//! - [`secrets`]: secret names, the hosts each may be sent to, what a sensitive source leaves.
 //! - [`plan`]: evaluating task templates into tasks, with a per-template evaluation.
 //! - [`expr`]: the sandboxed expression and template engine (`forEach`, `when`, `params`, filters).
 //! - [`redact`]: what callers below admin do not see (values shaped or named like credentials).
 //! - [`status`]: run and task states, their database spelling and their transitions.
 //! - [`results`]: what one result does to its task (refused, history only, or a move forward).
 //! - [`egress`]: which hosts and addresses outbound HTTP may reach.
+//! - [`sources`]: what `request` and `kv` context sources may reach (never the control plane).
+//! - [`sql_role`]: whether a database role is fit for `sql` sources; what must not outlive a query.
 //! - [`subjects`]: stream, subject, consumer and header names.
 //! - [`values`]: protobuf `Value`/`Struct` ↔ JSON.
 
@@ -26,7 +29,10 @@ pub mod plan;
 pub mod redact;
 pub mod results;
 pub mod schedule;
+pub mod secrets;
+pub mod sources;
 pub mod spec;
+pub mod sql_role;
 pub mod status;
 pub mod subjects;
 pub mod values;

@@ -15,7 +15,7 @@ use taskfactory_proto::v1::{
 
 use crate::expr::{Engine, Limits};
 use crate::schedule::{GapPolicy, RepeatPolicy, Schedule};
-use crate::subjects;
+use crate::{secrets, sources, subjects};
 
 /// One problem in a spec.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -559,8 +559,19 @@ fn validate_context_source(
                     format!("{:?} is not GET or POST", http.method),
                 ));
             }
+            let plain: Vec<&str> = http.headers.keys().map(String::as_str).collect();
+            for (path, message) in secrets::secret_headers_problems(&http.secret_headers, &plain) {
+                errors.push(field(
+                    format!("{prefix}.http.secretHeaders.{path}"),
+                    message,
+                ));
+            }
             if http.url.trim().is_empty() {
                 errors.push(field(format!("{prefix}.http.url"), "is required"));
+            } else if !http.secret_headers.is_empty()
+                && let Some(problem) = secrets::literal_origin_problem(&http.url)
+            {
+                errors.push(field(format!("{prefix}.http.url"), problem));
             } else if !http.url.contains("{{") && !http.url.contains("{%") {
                 match url_scheme(&http.url) {
                     Some("http" | "https") => {}
@@ -574,20 +585,22 @@ fn validate_context_source(
         Some(context_source::Kind::Kv(kv)) => {
             if kv.bucket.is_empty() {
                 errors.push(field(format!("{prefix}.kv.bucket"), "is required"));
+            } else if let Some(refused) = sources::literal_bucket_problem(&kv.bucket) {
+                errors.push(field(format!("{prefix}.kv.bucket"), refused.to_string()));
             }
             if kv.key.is_empty() {
                 errors.push(field(format!("{prefix}.kv.key"), "is required"));
+            } else if let Some(refused) = sources::literal_key_problem(&kv.key) {
+                errors.push(field(format!("{prefix}.kv.key"), refused.to_string()));
             }
         }
         Some(context_source::Kind::Request(request)) => {
             if request.subject.is_empty() {
                 errors.push(field(format!("{prefix}.request.subject"), "is required"));
-            } else if !request.subject.contains("{{")
-                && let Some(problem) = crate::subjects::subject_error(&request.subject, false)
-            {
+            } else if let Some(refused) = sources::literal_subject_problem(&request.subject) {
                 errors.push(field(
                     format!("{prefix}.request.subject"),
-                    problem.to_string(),
+                    refused.to_string(),
                 ));
             }
         }
@@ -648,6 +661,7 @@ fn validate_template(template: &TaskTemplate, i: usize, engine: &Engine<'_>) -> 
             errors.push(field(format!("{prefix}.params.{path}"), e.message));
         }
     }
+    errors.extend(validate_task_secrets(template, &prefix));
     if let Some(retry) = &template.retry {
         if retry.max_attempts > MAX_ATTEMPTS_LIMIT {
             errors.push(field(
@@ -694,6 +708,54 @@ fn validate_template(template: &TaskTemplate, i: usize, engine: &Engine<'_>) -> 
             format!("{prefix}.timeout"),
             "must be a positive duration",
         ));
+    }
+    errors
+}
+
+/// Built-in task types that send no request, so have no header to put a secret in.
+const TYPES_WITHOUT_HEADERS: [&str; 4] = ["log", "noop", "publish", "human"];
+
+/// A template's `secretHeaders`: well-formed, on a type that sends them, and for `http` a
+/// `params.url` that spells its origin literally.
+fn validate_task_secrets(template: &TaskTemplate, prefix: &str) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    if template.secret_headers.is_empty() {
+        return errors;
+    }
+    let params = template
+        .params
+        .as_ref()
+        .map(crate::values::struct_to_json)
+        .unwrap_or_default();
+    let plain: Vec<&str> = params
+        .get("headers")
+        .and_then(|h| h.as_object())
+        .map(|h| h.keys().map(String::as_str).collect())
+        .unwrap_or_default();
+    for (path, message) in secrets::secret_headers_problems(&template.secret_headers, &plain) {
+        errors.push(field(format!("{prefix}.secretHeaders.{path}"), message));
+    }
+    if TYPES_WITHOUT_HEADERS.contains(&template.r#type.as_str()) {
+        errors.push(field(
+            format!("{prefix}.secretHeaders"),
+            format!(
+                "task type {:?} sends no request: secretHeaders are for http tasks (or an external executor's type)",
+                template.r#type
+            ),
+        ));
+    }
+    if template.r#type == "http" {
+        match params.get("url").and_then(|u| u.as_str()) {
+            None => errors.push(field(
+                format!("{prefix}.params.url"),
+                "is required (a string) when the task has secretHeaders",
+            )),
+            Some(url) => {
+                if let Some(problem) = secrets::literal_origin_problem(url) {
+                    errors.push(field(format!("{prefix}.params.url"), problem));
+                }
+            }
+        }
     }
     errors
 }
@@ -898,6 +960,50 @@ tasks:
             assert!(
                 errors.iter().any(|e| e.field == field),
                 "{source}: {errors:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn secret_references_are_checked_and_name_the_field() {
+        let good = "name: a\ntrigger: {manual: {}}\ncontext:\n  - {name: price, sensitive: true, http: {url: 'https://api.example.com/p/{{ event.sku }}', secretHeaders: {Authorization: {secret: PRICING_KEY, prefix: 'Bearer '}}}}\ntasks:\n  - {name: t, type: http, params: {url: 'https://api.example.com/charge/{{ event.id }}', body: {}}, secretHeaders: {X-Api-Key: {secret: PAYMENTS_KEY}}}\n  - {name: u, type: my.external, secretHeaders: {X-Key: {secret: OTHER}}}";
+        assert!(validate(&spec_from_yaml(good).unwrap(), Utc::now()).is_ok());
+        let cases = [
+            (
+                "context: [{name: p, http: {url: 'https://x/y', secretHeaders: {A: {secret: lower}}}}]\ntasks: [{name: t, type: log}]",
+                "context[0].http.secretHeaders.A.secret",
+            ),
+            (
+                "context: [{name: p, http: {url: '{{ event.url }}', secretHeaders: {A: {secret: K}}}}]\ntasks: [{name: t, type: log}]",
+                "context[0].http.url",
+            ),
+            (
+                "context: [{name: p, http: {url: 'https://x/', headers: {a: b}, secretHeaders: {A: {secret: K}}}}]\ntasks: [{name: t, type: log}]",
+                "context[0].http.secretHeaders.A",
+            ),
+            (
+                "tasks: [{name: t, type: http, params: {url: 'https://{{ event.host }}/x'}, secretHeaders: {A: {secret: K}}}]",
+                "tasks[0].params.url",
+            ),
+            (
+                "tasks: [{name: t, type: http, secretHeaders: {A: {secret: K}}}]",
+                "tasks[0].params.url",
+            ),
+            (
+                "tasks: [{name: t, type: log, secretHeaders: {A: {secret: K}}}]",
+                "tasks[0].secretHeaders",
+            ),
+            (
+                "tasks: [{name: t, type: http, params: {url: 'https://x/'}, secretHeaders: {A: {secret: '{{ event.name }}'}}}]",
+                "tasks[0].secretHeaders.A.secret",
+            ),
+        ];
+        for (body, field) in cases {
+            let yaml = format!("name: a\ntrigger: {{manual: {{}}}}\n{body}");
+            let errors = errors_of(&yaml);
+            assert!(
+                errors.iter().any(|e| e.field == field),
+                "{body}: {errors:?}"
             );
         }
     }

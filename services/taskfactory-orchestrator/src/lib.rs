@@ -102,9 +102,38 @@ pub struct Config {
     #[arg(long = "evaluation-timeout", env = "TASKFACTORY_EVALUATION_TIMEOUT", default_value = "800ms", value_parser = parse_duration)]
     pub evaluation_timeout: Duration,
     /// Databases `sql` context sources may query, by name: `NAME=DSN`, repeatable; also every
-    /// `TASKFACTORY_SQL_<NAME>` environment variable. Use a role that may only SELECT.
+    /// `TASKFACTORY_SQL_<NAME>` environment variable, and `TASKFACTORY_SQL_<NAME>_FILE` (a file
+    /// holding the DSN). Use a role that may only SELECT: a privileged one is refused at start.
     #[arg(long = "sql-database", value_parser = parse_named_database)]
     pub sql_databases: Vec<(String, String)>,
+    /// Accept a privileged role (superuser, file access, signalling backends…) for these `sql`
+    /// source databases anyway, with a warning at start and on `/readyz`.
+    #[arg(
+        long = "sql-allow-privileged-role",
+        env = "TASKFACTORY_SQL_ALLOW_PRIVILEGED_ROLE",
+        value_delimiter = ','
+    )]
+    pub sql_allow_privileged: Vec<String>,
+    /// Subjects `request` sources may ask (NATS filters, comma-separated, e.g.
+    /// `inventory.>`); none by default. Control-plane subjects are refused whatever this says.
+    #[arg(
+        long = "sources-allow-subjects",
+        env = "TASKFACTORY_SOURCES_ALLOW_SUBJECTS",
+        default_value = ""
+    )]
+    pub sources_allow_subjects: String,
+    /// KV buckets `kv` sources may read (names or `prefix*`, comma-separated); none by default.
+    /// Buckets named `taskfactory…` are refused whatever this says.
+    #[arg(
+        long = "sources-allow-buckets",
+        env = "TASKFACTORY_SOURCES_ALLOW_BUCKETS",
+        default_value = ""
+    )]
+    pub sources_allow_buckets: String,
+    #[command(flatten)]
+    pub sources_nats: context::nats::SourcesNatsArgs,
+    #[command(flatten)]
+    pub secrets: taskfactory_runtime::secrets::SecretArgs,
     /// Hosts `http` context sources may reach besides public addresses (hosts, `*.suffix`,
     /// `host:port`, IPs, CIDRs).
     #[arg(
@@ -149,31 +178,53 @@ fn parse_named_database(text: &str) -> Result<(String, String), String> {
 }
 
 /// `TASKFACTORY_SQL_*` variables that are settings, not databases.
-const SQL_SETTINGS: [&str; 1] = ["MAX_ROWS"];
+const SQL_SETTINGS: [&str; 2] = ["MAX_ROWS", "ALLOW_PRIVILEGED_ROLE"];
 
 impl Config {
-    /// The named databases from the flags and from `TASKFACTORY_SQL_<NAME>` variables (names are
-    /// case-insensitive; a flag wins over a variable).
-    pub fn named_databases(&self) -> Vec<(String, String)> {
-        self.named_databases_from(std::env::vars())
+    /// The named databases from the flags, from `TASKFACTORY_SQL_<NAME>` variables and from the
+    /// files `TASKFACTORY_SQL_<NAME>_FILE` names (names are case-insensitive; a flag wins over a
+    /// variable, a variable over a file). A file that cannot be read is an error naming it.
+    pub fn named_databases(&self) -> anyhow::Result<Vec<(String, String)>> {
+        self.named_databases_from(std::env::vars(), |path| std::fs::read_to_string(path))
     }
 
     fn named_databases_from(
         &self,
         vars: impl Iterator<Item = (String, String)>,
-    ) -> Vec<(String, String)> {
+        read: impl Fn(&str) -> std::io::Result<String>,
+    ) -> anyhow::Result<Vec<(String, String)>> {
         let mut named: Vec<(String, String)> = self.sql_databases.clone();
-        for (key, dsn) in vars {
-            if let Some(name) = key.strip_prefix("TASKFACTORY_SQL_")
-                && !SQL_SETTINGS.contains(&name)
-            {
-                let name = name.to_ascii_lowercase();
-                if !named.iter().any(|(n, _)| *n == name) {
-                    named.push((name, dsn));
+        let mut files = Vec::new();
+        for (key, value) in vars {
+            let Some(name) = key.strip_prefix("TASKFACTORY_SQL_") else {
+                continue;
+            };
+            if SQL_SETTINGS.contains(&name) {
+                continue;
+            }
+            match name.strip_suffix("_FILE") {
+                Some(name) => files.push((name.to_ascii_lowercase(), value)),
+                None => {
+                    let name = name.to_ascii_lowercase();
+                    if !named.iter().any(|(n, _)| *n == name) {
+                        named.push((name, value));
+                    }
                 }
             }
         }
-        named
+        for (name, path) in files {
+            if named.iter().any(|(n, _)| *n == name) {
+                continue;
+            }
+            let dsn = read(&path).with_context(|| {
+                format!(
+                    "reading the DSN of sql database {name:?} from {path} (TASKFACTORY_SQL_{}_FILE)",
+                    name.to_ascii_uppercase()
+                )
+            })?;
+            named.push((name, dsn.trim().to_owned()));
+        }
+        Ok(named)
     }
 
     pub fn local(nats_url: &str, database_url: &str) -> Self {
@@ -190,6 +241,11 @@ impl Config {
             evaluation_timeout: Duration::from_millis(800),
             unserved_grace: Duration::from_secs(600),
             sql_databases: Vec::new(),
+            sql_allow_privileged: Vec::new(),
+            sources_allow_subjects: String::new(),
+            sources_allow_buckets: String::new(),
+            sources_nats: context::nats::SourcesNatsArgs::default(),
+            secrets: taskfactory_runtime::secrets::SecretArgs::default(),
             egress_allow: String::new(),
             source_timeout: Duration::from_secs(10),
             sql_max_rows: 1000,
@@ -244,6 +300,65 @@ impl SpecCache {
     }
 }
 
+/// The context sources: their own NATS connection when one is configured, the allow-lists,
+/// secrets, and the SQL databases with their roles checked (a privileged one stops the start).
+async fn context_sources(
+    config: &Config,
+    pool: &PgPool,
+    client: &async_nats::Client,
+    js: &async_nats::jetstream::Context,
+) -> anyhow::Result<context::Sources> {
+    let (sources_client, sources_js) = match config.sources_nats.nats_args(&config.nats) {
+        Some(args) => {
+            let own = nats::connect(
+                &args,
+                "taskfactory-orchestrator-sources",
+                config.lifecycle.startup_patience,
+            )
+            .await
+            .context("the context sources' NATS connection (--sources-nats-*)")?;
+            tracing::info!("kv and request sources use their own NATS connection");
+            let own_js = async_nats::jetstream::new(own.clone());
+            (own, own_js)
+        }
+        None => (client.clone(), js.clone()),
+    };
+    let own_role = context::sql::current_role(pool)
+        .await
+        .context("reading the orchestrator's own database role")?;
+    let sources = context::Sources::new(
+        context::SourcesConfig {
+            databases: config.named_databases()?,
+            allow_privileged: config.sql_allow_privileged.clone(),
+            own_role,
+            egress_allow: config.egress_allow.clone(),
+            allow_subjects: config.sources_allow_subjects.clone(),
+            allow_buckets: config.sources_allow_buckets.clone(),
+            secrets: config.secrets.clone(),
+            default_timeout: config.source_timeout,
+            max_rows: config.sql_max_rows,
+            max_bytes: config.max_source_bytes,
+            limits: Limits {
+                fuel: config.template_fuel,
+                ..Limits::default()
+            },
+        },
+        sources_client,
+        sources_js,
+    )
+    .context("context sources")?;
+    sources
+        .verify_databases(
+            config
+                .lifecycle
+                .startup_patience
+                .min(Duration::from_secs(10)),
+        )
+        .await
+        .context("context sources")?;
+    Ok(sources)
+}
+
 /// Runs the orchestrator until `shutdown`, then stops pulling and finishes what it holds.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let pool = db::connect_and_migrate(&config.database, config.lifecycle.startup_patience)
@@ -260,6 +375,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let cancelled_runs = nats::cancelled_runs(&js, config.nats.stream_replicas)
         .await
         .map_err(|e| anyhow::anyhow!("the cancelled-runs bucket: {e}"))?;
+    let sources = Arc::new(context_sources(&config, &pool, &client, &js).await?);
     let spawner = Arc::new(spawn::Spawner {
         cancelled_runs: cancelled_runs.clone(),
         pool: pool.clone(),
@@ -276,24 +392,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         ack_wait: config.ack_wait,
         publish_window: config.publish_window.max(1),
         specs: SpecCache::default(),
-        sources: Arc::new(
-            context::Sources::new(
-                context::SourcesConfig {
-                    databases: config.named_databases(),
-                    egress_allow: config.egress_allow.clone(),
-                    default_timeout: config.source_timeout,
-                    max_rows: config.sql_max_rows,
-                    max_bytes: config.max_source_bytes,
-                    limits: Limits {
-                        fuel: config.template_fuel,
-                        ..Limits::default()
-                    },
-                },
-                client.clone(),
-                js.clone(),
-            )
-            .context("context sources")?,
-        ),
+        sources: sources.clone(),
     });
     let tracker = TaskTracker::new();
     let (batcher, batches) = results::Batcher::start(pool.clone(), config.result_transactions);
@@ -312,7 +411,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     taskfactory_runtime::metrics::spawn_endpoint(
         &tracker,
         &config.lifecycle,
-        taskfactory_runtime::metrics::readiness(client.clone(), Some(pool.clone()), None),
+        taskfactory_runtime::metrics::readiness(
+            client.clone(),
+            Some(pool.clone()),
+            Some(Arc::new(move || {
+                let warnings = sources.warnings();
+                Ok(if warnings.is_empty() {
+                    "context sources: ok".to_owned()
+                } else {
+                    warnings.join("\n")
+                })
+            })),
+        ),
         shutdown.clone(),
     );
     tracker.spawn(messaging::consume(
@@ -413,13 +523,47 @@ mod tests {
             ("TASKFACTORY_SOURCE_TIMEOUT", "5s"),
         ]
         .map(|(k, v)| (k.to_owned(), v.to_owned()));
-        let named = config.named_databases_from(vars.into_iter());
+        let no_files = |path: &str| -> std::io::Result<String> {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                path.to_owned(),
+            ))
+        };
+        let named = config
+            .named_databases_from(vars.clone().into_iter(), no_files)
+            .unwrap();
         assert_eq!(
             named,
             vec![
                 ("crm".to_owned(), "postgres://flag/crm".to_owned()),
                 ("billing".to_owned(), "postgres://env/billing".to_owned()),
             ]
+        );
+        // A DSN in a file (its password then lives in no variable); a missing file is named.
+        let with_file = vars.into_iter().chain([
+            (
+                "TASKFACTORY_SQL_WAREHOUSE_FILE".to_owned(),
+                "/run/dsn".to_owned(),
+            ),
+            (
+                "TASKFACTORY_SQL_ALLOW_PRIVILEGED_ROLE".to_owned(),
+                "crm".to_owned(),
+            ),
+        ]);
+        let named = config
+            .named_databases_from(with_file.clone(), |_| Ok("postgres://file/w\n".to_owned()))
+            .unwrap();
+        assert_eq!(
+            named[2],
+            ("warehouse".to_owned(), "postgres://file/w".to_owned())
+        );
+        assert_eq!(named.len(), 3);
+        let error = config
+            .named_databases_from(with_file, no_files)
+            .unwrap_err();
+        assert!(
+            format!("{error:#}").contains("TASKFACTORY_SQL_WAREHOUSE_FILE"),
+            "{error:#}"
         );
     }
 }

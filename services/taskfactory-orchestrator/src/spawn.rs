@@ -553,9 +553,11 @@ impl Spawner {
             .sources
             .resolve(spec, &sources_scope, purpose == Purpose::Run)
             .await;
-        // Templates see the context as it is stored.
+        // Templates see the context as it is stored, sensitive values included; the run keeps
+        // only markers for those.
         let mut context = serde_json::Value::Object(resolved.context);
         values::make_storable_json(&mut context);
+        let stored_context = crate::context::stored_form(&context, &resolved.sensitive);
         let source_notes: Vec<serde_json::Value> = resolved
             .notes
             .iter()
@@ -564,11 +566,11 @@ impl Spawner {
         if let Some(error) = resolved.error {
             run.status = RunStatus::RunFailed;
             run.error = error;
-            run.context = context;
+            run.context = stored_context;
             run.evaluation = serde_json::Value::Array(source_notes);
             return (run, Vec::new());
         }
-        scope.context = context.clone();
+        scope.context = context;
         // CPU work bounded by fuel and a deadline, off the async workers.
         let (owned_spec, limits) = (spec.clone(), self.limits);
         let evaluation = tracing::info_span!(
@@ -601,7 +603,7 @@ impl Spawner {
             evaluation.record("otel.status_description", error.as_str());
         }
         drop(evaluation);
-        run.context = context;
+        run.context = stored_context;
         run.evaluation = serde_json::Value::Array(
             source_notes
                 .into_iter()
@@ -636,6 +638,13 @@ impl Spawner {
                 activity_name: event.activity_name.clone(),
                 item_index: planned.item_index,
                 attempt_base: 0,
+                // As written in the spec, never rendered: the executor resolves them.
+                secret_headers: spec
+                    .tasks
+                    .iter()
+                    .find(|t| t.name == planned.template)
+                    .map(|t| t.secret_headers.clone())
+                    .unwrap_or_default(),
             };
             // Human tasks wait for CompleteTask; an explicit `timeout` is their deadline.
             let human = planned.task_type == HUMAN_TASK_TYPE;

@@ -22,6 +22,23 @@ pub fn guarded_client(
     egress: Arc<EgressPolicy>,
     user_agent: &str,
 ) -> Result<reqwest::Client, reqwest::Error> {
+    build_guarded(egress, user_agent, false)
+}
+
+/// The guarded client for requests that carry secrets: it also follows no redirect to another
+/// origin (reqwest would carry custom headers, such as an `X-Api-Key`, along).
+pub fn guarded_client_for_secrets(
+    egress: Arc<EgressPolicy>,
+    user_agent: &str,
+) -> Result<reqwest::Client, reqwest::Error> {
+    build_guarded(egress, user_agent, true)
+}
+
+fn build_guarded(
+    egress: Arc<EgressPolicy>,
+    user_agent: &str,
+    same_origin_only: bool,
+) -> Result<reqwest::Client, reqwest::Error> {
     // One TLS stack (ring) for the process, whoever builds the first client.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let redirect_egress = egress.clone();
@@ -34,6 +51,17 @@ pub fn guarded_client(
                 return attempt.error("more than 5 redirects");
             }
             let url = attempt.url().clone();
+            if same_origin_only
+                && attempt
+                    .previous()
+                    .first()
+                    .is_some_and(|first| first.origin() != url.origin())
+            {
+                return attempt.error(format!(
+                    "redirect to {} refused: the request carries secrets, which go to their origin only",
+                    url.origin().ascii_serialization()
+                ));
+            }
             match check_url(&redirect_egress, &url) {
                 Ok(()) => attempt.follow(),
                 Err(reason) => attempt.error(format!("redirect to {url} refused: {reason}")),

@@ -11,6 +11,7 @@
 //! - [`messaging`]: the one publish helper and the one consume loop (acks, concurrency, DLQ).
 //! - [`metrics`]: the Prometheus recorder and the `/metrics` endpoint.
 //! - [`propagation`]: W3C trace context in NATS headers, HTTP headers and gRPC metadata.
+//! - [`secrets`]: named secrets resolved where a request is sent (env, files), bound to hosts.
 //! - [`shutdown`]: SIGTERM/SIGINT → a `CancellationToken`; a second signal exits at once.
 //! - [`telemetry`]: structured logs (pretty for development, JSON for production) and OTLP traces.
 
@@ -22,6 +23,7 @@ pub mod messaging;
 pub mod metrics;
 pub mod nats;
 pub mod propagation;
+pub mod secrets;
 pub mod shutdown;
 pub mod telemetry;
 

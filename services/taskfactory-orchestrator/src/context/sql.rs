@@ -1,0 +1,417 @@
+//! `sql` sources: named databases, their roles checked before first use, one read-only query per
+//! resolution, and connections that come back clean or not at all.
+//!
+//! - **The role.** Before a database serves its first query (at start when it answers then, else
+//!   at first use) the orchestrator reads its role's privileges
+//!   ([`taskfactory_model::sql_role`]): a superuser, a role with CREATEROLE, REPLICATION,
+//!   BYPASSRLS or CREATEDB, a member of a predefined role that reads files, signals backends or
+//!   reads everything, a role that may execute `pg_read_file`-class functions, or the role the
+//!   orchestrator itself uses is refused: the orchestrator does not start, naming the database and
+//!   the privilege. `--sql-allow-privileged-role NAME` accepts such a role for database `NAME`,
+//!   with a loud warning at start and on `/readyz`.
+//! - **The query** runs in a `READ ONLY` transaction with `statement_timeout` and `lock_timeout`,
+//!   parameters bound (never interpolated), as a subquery (so only a query that reads fits), with
+//!   a row cap; the rows become a list of objects.
+//! - **The session.** After each query, success or failure, the connection is checked for what
+//!   outlives a transaction (session advisory locks, temporary relations, LISTEN channels); a
+//!   connection holding any is closed, never reused, and the source fails. The same check runs
+//!   when a connection returns to the pool in any other way (a source that timed out mid-query).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sqlx::Connection as _;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use taskfactory_model::sql_role::{self, RoleFacts, SessionState};
+use taskfactory_proto::v1::SqlSource;
+use taskfactory_runtime::telemetry::error_chain;
+
+use super::Sources;
+
+/// The flag that accepts a privileged role, as messages name it.
+pub const ALLOW_PRIVILEGED_FLAG: &str =
+    "--sql-allow-privileged-role (TASKFACTORY_SQL_ALLOW_PRIVILEGED_ROLE)";
+
+/// The configured databases, by lowercase name.
+pub struct Databases {
+    by_name: HashMap<String, Arc<Database>>,
+    /// The role the orchestrator's own `DATABASE_URL` uses.
+    own_role: String,
+    /// Warnings about privileged roles the operator allowed (shown on `/readyz`).
+    warnings: Arc<Mutex<Vec<String>>>,
+}
+
+struct Database {
+    name: String,
+    pool: PgPool,
+    allow_privileged: bool,
+    /// The role check's verdict, once made (a database that did not answer is checked again).
+    verdict: tokio::sync::OnceCell<Result<(), String>>,
+}
+
+impl Databases {
+    /// Pools connect lazily; nothing is checked yet ([`Databases::verify_all`]).
+    pub fn new(
+        configured: Vec<(String, String)>,
+        allow_privileged: &[String],
+        own_role: String,
+    ) -> anyhow::Result<Self> {
+        let mut by_name = HashMap::new();
+        for name in allow_privileged {
+            let name = name.to_ascii_lowercase();
+            if !configured
+                .iter()
+                .any(|(n, _)| n.eq_ignore_ascii_case(&name))
+            {
+                anyhow::bail!(
+                    "{ALLOW_PRIVILEGED_FLAG} names {name:?}, which is not a configured sql database"
+                );
+            }
+        }
+        for (name, dsn) in configured {
+            let name = name.to_ascii_lowercase();
+            // Never the DSN in the message: it may hold a password.
+            let options: PgConnectOptions = dsn.parse().map_err(|_| {
+                anyhow::anyhow!(
+                    "the DSN of sql database {name:?} is not a postgres:// URL or key=value string"
+                )
+            })?;
+            let pool = PgPoolOptions::new()
+                .max_connections(4)
+                .acquire_timeout(Duration::from_secs(5))
+                .after_release(|conn, _| Box::pin(async move { release_if_clean(conn).await }))
+                .connect_lazy_with(options.application_name("taskfactory-context"));
+            let allow = allow_privileged
+                .iter()
+                .any(|n| n.eq_ignore_ascii_case(&name));
+            by_name.insert(
+                name.clone(),
+                Arc::new(Database {
+                    name,
+                    pool,
+                    allow_privileged: allow,
+                    verdict: tokio::sync::OnceCell::new(),
+                }),
+            );
+        }
+        Ok(Self {
+            by_name,
+            own_role,
+            warnings: Arc::default(),
+        })
+    }
+
+    /// At start: checks every database's role, concurrently, each for at most `patience`. A
+    /// refused role is an error (the orchestrator does not start); a database that does not
+    /// answer is logged and checked before its first query instead.
+    pub async fn verify_all(&self, patience: Duration) -> anyhow::Result<()> {
+        let checks = self.by_name.values().map(|database| async move {
+            let verdict = tokio::time::timeout(patience, self.verdict(database)).await;
+            (database, verdict)
+        });
+        let mut refusals = Vec::new();
+        for (database, verdict) in futures::future::join_all(checks).await {
+            match verdict {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) if database.verdict.initialized() => refusals.push(error),
+                Ok(Err(error)) => {
+                    tracing::warn!(database = %database.name, %error, "cannot check the sql source role at start; it is checked before its first query")
+                }
+                Err(_) => {
+                    tracing::warn!(database = %database.name, "sql source database did not answer at start; its role is checked before its first query")
+                }
+            }
+        }
+        if refusals.is_empty() {
+            Ok(())
+        } else {
+            anyhow::bail!("{}", refusals.join("; "))
+        }
+    }
+
+    /// What `/readyz` shows: one warning per privileged role allowed.
+    pub fn warnings(&self) -> Vec<String> {
+        self.warnings.lock().expect("warnings lock").clone()
+    }
+
+    /// The role check's verdict for `database`: made once, unless the database could not be
+    /// reached (then `Err` now, and checked again next time).
+    async fn verdict(&self, database: &Database) -> Result<(), String> {
+        database
+            .verdict
+            .get_or_try_init(|| async {
+                let facts = role_facts(&database.pool, &self.own_role)
+                    .await
+                    .map_err(|e| {
+                        format!(
+                            "cannot check the role of sql database {:?}: {}",
+                            database.name,
+                            error_chain(&e)
+                        )
+                    })?;
+                Ok::<_, String>(self.judge(database, &facts))
+            })
+            .await
+            .and_then(|verdict| verdict.clone())
+    }
+
+    /// The decision on a role's privileges, carried out: refused, or allowed with a warning.
+    fn judge(&self, database: &Database, facts: &RoleFacts) -> Result<(), String> {
+        let problems = sql_role::role_problems(facts);
+        if problems.is_empty() {
+            tracing::info!(database = %database.name, role = %facts.role, "sql source role checked: it holds no dangerous privilege");
+            return Ok(());
+        }
+        let described = sql_role::describe(&problems);
+        if database.allow_privileged {
+            let warning = format!(
+                "warning: sql database {:?} uses role {:?}, which {described}; allowed by {ALLOW_PRIVILEGED_FLAG}",
+                database.name, facts.role
+            );
+            tracing::error!(database = %database.name, role = %facts.role, privileges = %described, "SQL SOURCES RUN WITH A PRIVILEGED ROLE: any activity author can use these privileges; allowed by --sql-allow-privileged-role");
+            self.warnings.lock().expect("warnings lock").push(warning);
+            return Ok(());
+        }
+        Err(format!(
+            "sql database {:?}: role {:?} {described}; give sql sources a role that may only SELECT what activities need (README: Context sources and the control plane), or accept it with {ALLOW_PRIVILEGED_FLAG} {}",
+            database.name, facts.role, database.name
+        ))
+    }
+}
+
+/// Reads what [`sql_role::role_problems`] judges about the current role.
+async fn role_facts(pool: &PgPool, own_role: &str) -> Result<RoleFacts, sqlx::Error> {
+    let roles: Vec<String> = sql_role::DANGEROUS_ROLES
+        .iter()
+        .map(|r| (*r).to_owned())
+        .collect();
+    let functions: Vec<String> = sql_role::DANGEROUS_FUNCTIONS
+        .iter()
+        .map(|f| (*f).to_owned())
+        .collect();
+    let row: (String, bool, bool, bool, bool, bool, Vec<String>, Vec<String>, bool) =
+        sqlx::query_as(
+            "SELECT r.rolname::text, r.rolsuper, r.rolcreaterole, r.rolcreatedb, r.rolreplication, r.rolbypassrls, \
+                ARRAY(SELECT p.rolname::text FROM pg_roles p \
+                      WHERE p.rolname = ANY($1) AND pg_has_role(r.oid, p.oid, 'MEMBER') ORDER BY 1), \
+                ARRAY(SELECT f FROM unnest($2::text[]) AS f \
+                      WHERE to_regprocedure(f) IS NOT NULL \
+                        AND has_function_privilege(r.oid, to_regprocedure(f), 'EXECUTE')), \
+                (r.rolname = $3 OR EXISTS (SELECT 1 FROM pg_roles o \
+                      WHERE o.rolname = $3 AND pg_has_role(r.oid, o.oid, 'MEMBER'))) \
+             FROM pg_roles r WHERE r.rolname = current_user",
+        )
+        .bind(&roles)
+        .bind(&functions)
+        .bind(own_role)
+        .fetch_one(pool)
+        .await?;
+    Ok(RoleFacts {
+        role: row.0,
+        superuser: row.1,
+        create_role: row.2,
+        create_db: row.3,
+        replication: row.4,
+        bypass_rls: row.5,
+        member_of: row.6,
+        executable: row.7,
+        is_product_role: row.8,
+    })
+}
+
+/// The role `pool` logs in as.
+pub async fn current_role(pool: &PgPool) -> Result<String, sqlx::Error> {
+    sqlx::query_scalar("SELECT current_user::text")
+        .fetch_one(pool)
+        .await
+}
+
+/// What a connection holds that outlives a transaction.
+async fn session_state(conn: &mut PgConnection) -> Result<SessionState, sqlx::Error> {
+    let (advisory_locks, temp_relations, listening_channels): (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()), \
+                (SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema()), \
+                (SELECT count(*) FROM pg_listening_channels())",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(SessionState {
+        advisory_locks,
+        temp_relations,
+        listening_channels,
+    })
+}
+
+/// The pool's `after_release` check: a connection goes back only if nothing outlived its
+/// transaction (else it is closed, which releases it all). A check that fails closes it too —
+/// gracefully (`Ok(false)`: the server is told to end the session), because a connection given
+/// back mid-query (a source that timed out) answers the check with the query's own error, and
+/// sqlx's hard close on `Err` can leave the session, and its locks, alive.
+async fn release_if_clean(conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
+    let problem = match session_state(conn).await {
+        Ok(state) => sql_role::leftover_problem(&state),
+        Err(error) => Some(format!(
+            "cannot check the connection ({}); it was closed",
+            error_chain(&error)
+        )),
+    };
+    match problem {
+        None => Ok(true),
+        Some(problem) => {
+            tracing::warn!(%problem, "sql source connection closed instead of reused");
+            Ok(false)
+        }
+    }
+}
+
+impl Sources {
+    pub(super) async fn sql(
+        &self,
+        sql: &SqlSource,
+        scope: &serde_json::Value,
+        timeout: Duration,
+    ) -> Result<serde_json::Value, String> {
+        let name = sql.database.to_ascii_lowercase();
+        let database = self.databases.by_name.get(&name).ok_or_else(|| {
+            format!(
+                "database {:?} is not configured on this orchestrator (set TASKFACTORY_SQL_{})",
+                sql.database,
+                name.to_ascii_uppercase()
+            )
+        })?;
+        self.databases.verdict(database).await?;
+        let mut params = Vec::with_capacity(sql.params.len());
+        for (i, param) in sql.params.iter().enumerate() {
+            let value = serde_json::Value::String(param.clone());
+            params.push(self.render_json(&format!("params[{i}]"), &value, scope)?);
+        }
+        let max_rows = if sql.max_rows == 0 {
+            self.max_rows
+        } else {
+            sql.max_rows.min(self.max_rows)
+        };
+        let query = sql.query.trim().trim_end_matches(';').trim_end();
+        let first_word = query
+            .split(|c: char| !c.is_ascii_alphabetic())
+            .next()
+            .unwrap_or_default()
+            .to_ascii_uppercase();
+        if !matches!(first_word.as_str(), "SELECT" | "WITH" | "VALUES" | "TABLE") {
+            return Err(format!(
+                "only queries that read are allowed (SELECT, WITH, VALUES, TABLE), not {first_word}: sql sources run in a read-only transaction"
+            ));
+        }
+        // The user's query as a subquery: only a SELECT (or VALUES, or a read-only WITH) fits
+        // there, and each row comes back as one JSON object.
+        let wrapped = format!(
+            "SELECT to_jsonb(q) FROM ({query}\n) AS q LIMIT {}",
+            u64::from(max_rows) + 1
+        );
+        let mut conn = database.pool.acquire().await.map_err(|e| {
+            format!(
+                "connecting to database {:?}: {}",
+                sql.database,
+                error_chain(&e)
+            )
+        })?;
+        let rows = read_only_query(&mut conn, &wrapped, &params, timeout).await;
+        // Whatever the query did, nothing of it may stay on the connection.
+        match session_state(&mut conn).await {
+            Ok(state) => {
+                if let Some(problem) = sql_role::leftover_problem(&state) {
+                    tracing::warn!(database = %sql.database, %problem, "sql source left session state; connection closed");
+                    let _ = conn.close().await;
+                    return Err(format!("database {:?}: {problem}", sql.database));
+                }
+            }
+            Err(error) => {
+                let _ = conn.close().await;
+                return Err(format!(
+                    "database {:?}: cannot check the connection after the query: {}",
+                    sql.database,
+                    error_chain(&error)
+                ));
+            }
+        }
+        drop(conn);
+        let rows = rows.map_err(|e| match e {
+            QueryError::Setup(e) => format!("database {:?}: {}", sql.database, error_chain(&e)),
+            QueryError::Query(e) => {
+                format!("query on database {:?}: {}", sql.database, db_error(&e))
+            }
+        })?;
+        if rows.len() > max_rows as usize {
+            return Err(format!(
+                "the query returned more than {max_rows} rows; narrow it (or raise maxRows)"
+            ));
+        }
+        let size = serde_json::to_vec(&rows)
+            .map(|b| b.len())
+            .unwrap_or(usize::MAX);
+        if size > self.max_bytes {
+            return Err(format!(
+                "the rows take {size} bytes, more than the {} allowed",
+                self.max_bytes
+            ));
+        }
+        Ok(serde_json::Value::Array(rows))
+    }
+}
+
+enum QueryError {
+    /// Beginning the transaction or setting it up.
+    Setup(sqlx::Error),
+    /// The user's query.
+    Query(sqlx::Error),
+}
+
+/// Runs `wrapped` with `params` bound in a read-only transaction, rolled back either way.
+async fn read_only_query(
+    conn: &mut PgConnection,
+    wrapped: &str,
+    params: &[serde_json::Value],
+    timeout: Duration,
+) -> Result<Vec<serde_json::Value>, QueryError> {
+    let timeout_ms = timeout.as_millis();
+    let mut tx = conn.begin().await.map_err(QueryError::Setup)?;
+    for setting in [
+        "SET TRANSACTION READ ONLY".to_owned(),
+        format!("SET LOCAL statement_timeout = {timeout_ms}"),
+        format!("SET LOCAL lock_timeout = {timeout_ms}"),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(setting))
+            .execute(&mut *tx)
+            .await
+            .map_err(QueryError::Setup)?;
+    }
+    let mut query = sqlx::query_scalar::<_, sqlx::types::Json<serde_json::Value>>(
+        sqlx::AssertSqlSafe(wrapped.to_owned()),
+    );
+    for param in params {
+        query = match param {
+            serde_json::Value::Null => query.bind(None::<String>),
+            serde_json::Value::Bool(b) => query.bind(*b),
+            serde_json::Value::Number(n) => match n.as_i64() {
+                Some(i) => query.bind(i),
+                None => query.bind(n.as_f64().unwrap_or(f64::NAN)),
+            },
+            serde_json::Value::String(s) => query.bind(s.clone()),
+            other => query.bind(sqlx::types::Json(other.clone())),
+        };
+    }
+    let rows = query.fetch_all(&mut *tx).await;
+    // Read-only either way: end the transaction now.
+    let _ = tx.rollback().await;
+    rows.map(|rows| rows.into_iter().map(|row| row.0).collect())
+        .map_err(QueryError::Query)
+}
+
+/// A database error as the server said it (its message names the problem: a read-only
+/// transaction, a syntax error, a timeout, a permission).
+fn db_error(error: &sqlx::Error) -> String {
+    match error {
+        sqlx::Error::Database(db) => db.message().to_owned(),
+        other => error_chain(other).to_string(),
+    }
+}

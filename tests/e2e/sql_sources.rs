@@ -1,0 +1,290 @@
+//! `sql` sources and the database's control plane: a privileged role stops the orchestrator
+//! (unless allowed, then `/readyz` warns); the recommended role reads no server file, no
+//! `pg_authid`, signals none of the product's connections; nothing a query does outlives it.
+
+use std::time::Duration;
+
+use taskfactory_tests::{EnvOptions, TestDb, TestEnv, free_port, wait_for};
+
+use crate::support::{SourceRole, http_get, preview, source_error, with_source};
+
+/// Starts an orchestrator in this process with `crm` = `dsn`; returns how its start ended if it
+/// ended within 30 s (`None`: it is running).
+async fn start_orchestrator(
+    env: &TestEnv,
+    dsn: &str,
+    allow_privileged: bool,
+    metrics: Option<std::net::SocketAddr>,
+) -> (tokio_util::sync::DropGuard, Option<anyhow::Result<()>>) {
+    let mut config = taskfactory_orchestrator::Config::local(&env.nats_urls(), &env.db.url());
+    config.sql_databases = vec![("crm".to_owned(), dsn.to_owned())];
+    if allow_privileged {
+        config.sql_allow_privileged = vec!["crm".to_owned()];
+    }
+    config.lifecycle.metrics_addr = metrics;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let mut task = tokio::spawn(taskfactory_orchestrator::run(
+        config,
+        shutdown.child_token(),
+    ));
+    let ended = match tokio::time::timeout(
+        Duration::from_secs(if metrics.is_some() { 3 } else { 30 }),
+        &mut task,
+    )
+    .await
+    {
+        Ok(joined) => Some(joined.expect("the orchestrator does not panic")),
+        Err(_) => None,
+    };
+    (shutdown.drop_guard(), ended)
+}
+
+/// Runs `statements` as the server's superuser in `db`.
+async fn as_superuser(db: &TestDb, statements: &[String]) -> anyhow::Result<()> {
+    let pool = db.pool().await?;
+    for statement in statements {
+        sqlx::query(sqlx::AssertSqlSafe(statement.clone()))
+            .execute(&pool)
+            .await?;
+    }
+    pool.close().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_privileged_sql_source_role_stops_the_orchestrator_unless_allowed() -> anyhow::Result<()>
+{
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let crm = TestDb::create().await?;
+    as_superuser(&crm, &["CREATE TABLE customers (id int)".to_owned()]).await?;
+
+    // The server's superuser — also the role the orchestrator itself uses.
+    let (_running, ended) = start_orchestrator(&env, &crm.url(), false, None).await;
+    let error = format!("{:#}", ended.expect("it refuses to start").unwrap_err());
+    for expected in [
+        "sql database \"crm\"",
+        "role \"postgres\" is a superuser",
+        "the role taskfactory's own DATABASE_URL uses",
+        "--sql-allow-privileged-role",
+    ] {
+        assert!(error.contains(expected), "{expected}: {error}");
+    }
+
+    // Roles that are no superuser but hold one dangerous privilege each.
+    for (grant, named) in [
+        (
+            "GRANT pg_signal_backend TO {role}",
+            "is a member of pg_signal_backend",
+        ),
+        (
+            "GRANT pg_read_server_files TO {role}",
+            "is a member of pg_read_server_files",
+        ),
+        (
+            "GRANT pg_read_all_data TO {role}",
+            "is a member of pg_read_all_data",
+        ),
+        (
+            "GRANT EXECUTE ON FUNCTION pg_read_file(text) TO {role}",
+            "may execute pg_read_file(text)",
+        ),
+        (
+            "GRANT EXECUTE ON FUNCTION pg_reload_conf() TO {role}",
+            "may execute pg_reload_conf()",
+        ),
+        (
+            "ALTER ROLE {role} CREATEROLE",
+            "may create roles (CREATEROLE)",
+        ),
+        ("ALTER ROLE {role} BYPASSRLS", "bypasses row-level security"),
+        (
+            "GRANT postgres TO {role}",
+            "the role taskfactory's own DATABASE_URL uses",
+        ),
+    ] {
+        let role = SourceRole::create(&crm, &["customers"]).await?;
+        as_superuser(&crm, &[grant.replace("{role}", &role.name)]).await?;
+        let (_running, ended) = start_orchestrator(&env, &role.dsn(), false, None).await;
+        let error = format!("{:#}", ended.expect(grant).unwrap_err());
+        assert!(
+            error.contains(&format!("role \"{}\"", role.name)) && error.contains(named),
+            "{grant}: {error}"
+        );
+    }
+
+    // Allowed by the operator: it starts, says so loudly, and `/readyz` shows it.
+    let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    let (_running, ended) = start_orchestrator(&env, &crm.url(), true, Some(metrics)).await;
+    assert!(ended.is_none(), "it starts: {ended:?}");
+    let body = wait_for("/readyz", Duration::from_secs(30), || async move {
+        Ok(http_get(metrics, "/readyz")
+            .await
+            .ok()
+            .filter(|(status, _)| *status == 200)
+            .map(|(_, body)| body))
+    })
+    .await?;
+    assert!(
+        body.contains("warning: sql database \"crm\" uses role \"postgres\", which is a superuser")
+            && body.contains("--sql-allow-privileged-role"),
+        "{body}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_recommended_sql_role_reads_no_files_signals_no_backend_and_keeps_no_lock()
+-> anyhow::Result<()> {
+    let crm = TestDb::create().await?;
+    as_superuser(
+        &crm,
+        &[
+            "CREATE TABLE customers (id int, name text)".to_owned(),
+            "INSERT INTO customers VALUES (1, 'Ada')".to_owned(),
+        ],
+    )
+    .await?;
+    let role = SourceRole::create(&crm, &["customers"]).await?;
+    let env = TestEnv::new(EnvOptions {
+        sql_databases: vec![("crm".to_owned(), role.dsn())],
+        ..EnvOptions::default()
+    })
+    .await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    let sql = |name: &str, query: &str, extra: &str| {
+        with_source(
+            name,
+            &format!(
+                "{{name: q, sql: {{database: crm, query: \"{query}\", params: ['{{{{ event.db }}}}']}}{extra}}}"
+            ),
+        )
+    };
+    let event = serde_json::json!({"db": env.db.name});
+
+    // What the product's own connections are, to see they survive.
+    let product = env.db.pool().await?;
+    let backends = || async {
+        let pids: Vec<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND usename = 'postgres' AND pid <> pg_backend_pid() ORDER BY pid",
+        )
+        .fetch_all(&product)
+        .await?;
+        anyhow::Ok(pids)
+    };
+    let before = backends().await?;
+    assert!(!before.is_empty());
+
+    for (name, query, refusal) in [
+        (
+            "read-file",
+            "SELECT pg_read_file('/etc/hostname') AS f, $1::text AS d",
+            "permission denied for function pg_read_file",
+        ),
+        (
+            "authid",
+            "SELECT rolname, rolpassword FROM pg_authid WHERE $1::text IS NOT NULL",
+            "permission denied for table pg_authid",
+        ),
+        (
+            "terminate",
+            "SELECT pg_terminate_backend(pid) AS t FROM pg_stat_activity WHERE datname = $1",
+            "terminate",
+        ),
+        (
+            "reload",
+            "SELECT pg_reload_conf() AS r, $1::text AS d",
+            "permission denied for function pg_reload_conf",
+        ),
+        (
+            "lo-import",
+            "SELECT lo_import('/etc/hostname') AS o, $1::text AS d",
+            "permission denied for function lo_import",
+        ),
+    ] {
+        let answer = preview(&mut admin, &sql(name, query, ""), event.clone()).await?;
+        let error = source_error(&answer, "q");
+        assert!(error.contains(refusal), "{name}: {error}");
+    }
+    let after = backends().await?;
+    assert!(
+        before.iter().all(|pid| after.contains(pid)),
+        "the product's connections survive: {before:?} → {after:?}"
+    );
+
+    // A session-level advisory lock: the source fails, and no lock is left (its connection was
+    // closed, not reused) — also when the query is cut off by the source's timeout.
+    let crm_pool = crm.pool().await?;
+    for (key, query, extra) in [
+        (
+            424_242_i64,
+            "SELECT pg_advisory_lock(424242) AS l, $1::text AS d",
+            "",
+        ),
+        (
+            424_243,
+            "SELECT pg_advisory_lock(424243) AS l, pg_sleep(3) AS s, $1::text AS d",
+            ", timeout: 500ms",
+        ),
+        (
+            424_244,
+            "SELECT pg_advisory_lock_shared(424244) AS l, $1::text AS d",
+            "",
+        ),
+    ] {
+        let answer = preview(&mut admin, &sql("lock", query, extra), event.clone()).await?;
+        let error = source_error(&answer, "q");
+        assert!(
+            error.contains("advisory lock")
+                || error.contains("timed out")
+                || error.contains("timeout"),
+            "{key}: {error}"
+        );
+        wait_for(
+            &format!("advisory lock {key} to be released"),
+            Duration::from_secs(10),
+            || {
+                let crm_pool = crm_pool.clone();
+                async move {
+                    let held: i64 = sqlx::query_scalar(
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = $1",
+                    )
+                    .bind(key as i32)
+                    .fetch_one(&crm_pool)
+                    .await?;
+                    Ok((held == 0).then_some(()))
+                }
+            },
+        )
+        .await?;
+    }
+    let answer = preview(
+        &mut admin,
+        &sql(
+            "lock",
+            "SELECT pg_advisory_lock(424242) AS l, $1::text AS d",
+            "",
+        ),
+        event.clone(),
+    )
+    .await?;
+    assert!(
+        source_error(&answer, "q").contains("session-level advisory lock"),
+        "{}",
+        source_error(&answer, "q")
+    );
+
+    // And the pool still serves: an honest query reads.
+    let answer = preview(
+        &mut admin,
+        &sql(
+            "honest",
+            "SELECT id, name FROM customers WHERE $1::text IS NOT NULL",
+            "",
+        ),
+        event,
+    )
+    .await?;
+    assert_eq!(source_error(&answer, "q"), "");
+    Ok(())
+}
