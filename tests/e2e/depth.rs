@@ -626,3 +626,123 @@ async fn a_flood_of_definitions_changed_signals_costs_a_few_reloads() -> anyhow:
     drop(flooded);
     Ok(())
 }
+
+/// Sends a request on an internal subject as any NATS client could, and returns the answer.
+async fn internal_request(
+    nats: &async_nats::Client,
+    subject: &'static str,
+    headers: async_nats::HeaderMap,
+    body: serde_json::Value,
+) -> anyhow::Result<serde_json::Value> {
+    let answer = nats
+        .send_request(
+            subject,
+            async_nats::Request::new()
+                .headers(headers)
+                .payload(serde_json::to_vec(&body)?.into())
+                .timeout(Some(Duration::from_secs(10))),
+        )
+        .await?;
+    Ok(serde_json::from_slice(&answer.payload)?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn commands_and_previews_on_internal_subjects_are_carried_out_only_for_the_admin_api()
+-> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    let nats = env.nats_client().await?;
+    create(
+        &mut admin,
+        "name: approval\ntrigger: {manual: {}}\ntasks: [{name: approve, type: human}]\n",
+    )
+    .await?;
+    let run_id = fire(&mut admin, "approval", "order-1").await?;
+    let task = wait_for("the human task", Duration::from_secs(20), || {
+        let mut admin = admin.clone();
+        let run_id = run_id.clone();
+        async move { Ok(tasks(&mut admin, &run_id).await?.into_iter().next()) }
+    })
+    .await?;
+
+    // A forged CompleteTask, without and with a made-up request id; a forged preview.
+    let complete =
+        json!({"op": "complete", "task": task.id, "output": {"approved": true, "by": "mallory"}});
+    let mut made_up = async_nats::HeaderMap::new();
+    made_up.insert(
+        subjects::HEADER_ADMIN_REQUEST,
+        uuid::Uuid::new_v4().to_string().as_str(),
+    );
+    for headers in [async_nats::HeaderMap::new(), made_up] {
+        let answer =
+            internal_request(&nats, subjects::RUN_COMMANDS, headers, complete.clone()).await?;
+        assert_eq!(answer["code"], "permission_denied", "{answer}");
+    }
+    let preview = json!({"spec": {"name": "x"}, "event": {}});
+    let answer = internal_request(
+        &nats,
+        subjects::PREVIEW_REQUESTS,
+        async_nats::HeaderMap::new(),
+        preview,
+    )
+    .await?;
+    assert_eq!(answer["code"], "permission_denied", "{answer}");
+    assert_eq!(
+        get_task(&mut admin, &task.id).await?.status(),
+        TaskStatus::Waiting
+    );
+
+    // A real command, overheard and sent again, is not carried out twice.
+    let mut overheard = nats.subscribe(subjects::RUN_COMMANDS).await?;
+    nats.flush().await?;
+    admin
+        .complete_task(CompleteTaskRequest {
+            id: task.id.clone(),
+            failed: true,
+            error: "rejected".to_owned(),
+            ..Default::default()
+        })
+        .await?;
+    let heard = tokio::time::timeout(
+        Duration::from_secs(10),
+        futures::StreamExt::next(&mut overheard),
+    )
+    .await?
+    .expect("the command");
+    let answer = internal_request(
+        &nats,
+        subjects::RUN_COMMANDS,
+        heard.headers.clone().expect("headers"),
+        serde_json::from_slice(&heard.payload)?,
+    )
+    .await?;
+    assert_eq!(answer["code"], "permission_denied", "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("already carried out"),
+        "{answer}"
+    );
+    assert_eq!(
+        get_task(&mut admin, &task.id).await?.status(),
+        TaskStatus::Dead
+    );
+    let metrics = local_metrics()?;
+    for (kind, reason, count) in [
+        ("command", "not_recorded", 2.0),
+        ("preview", "not_recorded", 1.0),
+        ("command", "replayed", 1.0),
+    ] {
+        assert_eq!(
+            metrics.count(
+                taskfactory_runtime::metrics::REFUSED_MESSAGES,
+                &[("kind", kind), ("reason", reason)]
+            ),
+            count,
+            "{kind} {reason}"
+        );
+    }
+    Ok(())
+}

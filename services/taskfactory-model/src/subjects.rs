@@ -43,6 +43,8 @@ pub const HEADER_ERROR: &str = "Taskfactory-Error";
 pub const HEADER_ORIGINAL_SUBJECT: &str = "Taskfactory-Original-Subject";
 pub const HEADER_ORIGINAL_SEQUENCE: &str = "Taskfactory-Original-Sequence";
 pub const HEADER_ATTEMPTS: &str = "Taskfactory-Attempts";
+/// On requests the admin API sends an orchestrator: the id of their row in `admin_requests`.
+pub const HEADER_ADMIN_REQUEST: &str = "Taskfactory-Admin-Request";
 
 pub fn trigger_subject(activity_name: &str) -> String {
     format!("triggers.{activity_name}")

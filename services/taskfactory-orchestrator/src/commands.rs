@@ -57,9 +57,19 @@ pub async fn serve(nats: async_nats::Client, commands: Arc<Commands>, shutdown: 
         subjects::PREVIEW_QUEUE,
         "CancelRun, CompleteTask and RetryTask",
         shutdown,
-        move |payload| {
+        move |headers, payload| {
             let commands = commands.clone();
             async move {
+                if let Err(refusal) = crate::admin_requests::admit(
+                    &commands.spawner.pool,
+                    "command",
+                    headers.as_ref(),
+                    &payload,
+                )
+                .await
+                {
+                    return json!({"error": refusal.message, "code": "permission_denied"});
+                }
                 match commands.carry_out(&payload).await {
                     Ok(()) => json!({"ok": true}),
                     Err(refusal) => json!({"error": refusal.message, "code": refusal.code}),

@@ -14,9 +14,12 @@
 //!   state, run counters, run completion.
 //! - [`completion`]: announcing finished runs exactly once in effect.
 //! - [`commands`]: CancelRun, CompleteTask (human tasks) and RetryTask, for the admin API.
+//! - [`admin_requests`]: commands and previews are carried out only when the admin API recorded
+//!   them (once, fresh).
 //! - [`unserved`]: tasks of a type no executor serves die after a grace period.
 //! - [`store`]: Postgres access.
 
+pub mod admin_requests;
 pub mod commands;
 pub mod completion;
 pub mod context;

@@ -26,9 +26,19 @@ pub async fn serve(nats: async_nats::Client, spawner: Arc<Spawner>, shutdown: Ca
         subjects::PREVIEW_QUEUE,
         "PreviewRun",
         shutdown,
-        move |payload| {
+        move |headers, payload| {
             let spawner = spawner.clone();
             async move {
+                if let Err(refusal) = crate::admin_requests::admit(
+                    &spawner.pool,
+                    "preview",
+                    headers.as_ref(),
+                    &payload,
+                )
+                .await
+                {
+                    return serde_json::json!({ "error": refusal.message, "code": "permission_denied" });
+                }
                 match preview(&spawner, &payload).await {
                     Ok(response) => taskfactory_proto::to_json(&response),
                     Err(error) => serde_json::json!({ "error": error }),

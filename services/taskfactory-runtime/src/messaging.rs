@@ -428,7 +428,7 @@ pub async fn answer_requests<F, Fut>(
     shutdown: CancellationToken,
     handler: F,
 ) where
-    F: Fn(Bytes) -> Fut + Send + Sync + 'static,
+    F: Fn(Option<HeaderMap>, Bytes) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = serde_json::Value> + Send + 'static,
 {
     let mut requests = match nats.queue_subscribe(subject, queue.to_owned()).await {
@@ -454,7 +454,7 @@ pub async fn answer_requests<F, Fut>(
         let span = request_span(&request);
         tokio::spawn(
             async move {
-                let answer = handler(request.payload).await;
+                let answer = handler(request.headers, request.payload).await;
                 let body = serde_json::to_vec(&answer).unwrap_or_default();
                 if let Err(error) = nats.publish(reply, body.into()).await {
                     tracing::warn!(%subject, error = %error_chain(&error), "cannot answer a request");

@@ -14,6 +14,7 @@
 //! - [`scheduler`]: fires schedules on time; misfire policy after downtime; the decision ledger.
 //! - [`events`]: event ingress — matching, filters, dedupe keys, rejecting malformed events.
 //! - [`webhook`]: the HTTP webhook gateway — signed deliveries become events on `events.>`.
+//! - [`internal`]: requests to an orchestrator (commands, previews), recorded before they are sent.
 //! - [`fire`]: recording and publishing a fire (outbox), and the reconciler.
 //! - [`store`] / [`views`]: Postgres access.
 //! - [`apply`]: the `apply` command (create or update activities from YAML/JSON files).
@@ -24,6 +25,7 @@ pub mod audit;
 pub mod auth;
 pub mod events;
 pub mod fire;
+pub mod internal;
 pub mod lease;
 pub mod ledger;
 pub mod registry;

@@ -252,7 +252,7 @@ impl Admin {
             "spec": taskfactory_proto::to_json(&spec),
             "event": taskfactory_proto::to_json(&event),
         });
-        let mut response = self.ask_preview(&body).await?;
+        let mut response = self.ask_preview(caller, &body).await?;
         let admin = caller.may(
             Role::Admin,
             &ActivityRef {
@@ -269,30 +269,20 @@ impl Admin {
 
     async fn ask_preview(
         &self,
+        caller: &Principal,
         body: &serde_json::Value,
     ) -> Result<PreviewRunResponse, AdminError> {
-        let reply = tokio::time::timeout(
+        let reply = crate::internal::send(
+            &self.pool,
+            &self.nats,
+            taskfactory_model::subjects::PREVIEW_REQUESTS,
+            "preview",
+            &caller.subject,
+            serde_json::to_vec(body).unwrap_or_default(),
             PREVIEW_TIMEOUT,
-            self.nats.send_request(
-                taskfactory_model::subjects::PREVIEW_REQUESTS,
-                async_nats::Request::new()
-                    .headers(taskfactory_runtime::messaging::request_headers())
-                    .payload(serde_json::to_vec(body).unwrap_or_default().into())
-                    .timeout(Some(PREVIEW_TIMEOUT)),
-            ),
         )
         .await
-        .map_err(|_| {
-            AdminError::Status(tonic::Status::deadline_exceeded(format!(
-                "no orchestrator answered the preview within {}s",
-                PREVIEW_TIMEOUT.as_secs()
-            )))
-        })?
-        .map_err(|e| {
-            AdminError::Status(tonic::Status::unavailable(format!(
-                "no orchestrator is available to resolve the context ({e}); start one and retry"
-            )))
-        })?;
+        .map_err(super::runs::internal_error)?;
         let answer: serde_json::Value = serde_json::from_slice(&reply.payload)
             .map_err(|e| AdminError::Internal(anyhow::anyhow!("preview answer: {e}")))?;
         if let Some(error) = answer.get("error").and_then(|e| e.as_str()) {

@@ -17,30 +17,35 @@ use crate::views::{self, RunOrTask};
 /// How long a command (cancel, complete, retry) waits for an orchestrator.
 const COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// What the caller is told when an orchestrator request did not get through.
+pub(super) fn internal_error(error: crate::internal::RequestError) -> AdminError {
+    use crate::internal::RequestError as E;
+    match error {
+        E::Record(source) => AdminError::Internal(anyhow::Error::new(source)),
+        E::Timeout(_) => {
+            AdminError::Status(tonic::Status::deadline_exceeded(format!("{error}; retry")))
+        }
+        E::Unavailable(_) => AdminError::Status(tonic::Status::unavailable(format!(
+            "{error}; start one and retry"
+        ))),
+    }
+}
+
 impl Admin {
     /// Asks an orchestrator to carry out a command on runs or tasks (it owns them).
-    async fn command(&self, body: serde_json::Value) -> Result<(), AdminError> {
-        let reply = tokio::time::timeout(
+    async fn command(&self, caller: &Principal, body: serde_json::Value) -> Result<(), AdminError> {
+        let op = body["op"].as_str().unwrap_or_default().to_owned();
+        let reply = crate::internal::send(
+            &self.pool,
+            &self.nats,
+            taskfactory_model::subjects::RUN_COMMANDS,
+            &op,
+            &caller.subject,
+            serde_json::to_vec(&body).unwrap_or_default(),
             COMMAND_TIMEOUT,
-            self.nats.send_request(
-                taskfactory_model::subjects::RUN_COMMANDS,
-                async_nats::Request::new()
-                    .headers(taskfactory_runtime::messaging::request_headers())
-                    .payload(serde_json::to_vec(&body).unwrap_or_default().into())
-                    .timeout(Some(COMMAND_TIMEOUT)),
-            ),
         )
         .await
-        .map_err(|_| {
-            AdminError::Status(tonic::Status::deadline_exceeded(
-                "no orchestrator answered in time; retry",
-            ))
-        })?
-        .map_err(|e| {
-            AdminError::Status(tonic::Status::unavailable(format!(
-                "no orchestrator is available to carry this out ({e}); start one and retry"
-            )))
-        })?;
+        .map_err(internal_error)?;
         let answer: serde_json::Value = serde_json::from_slice(&reply.payload)
             .map_err(|e| AdminError::Internal(anyhow::anyhow!("command answer: {e}")))?;
         if answer["ok"].as_bool() == Some(true) {
@@ -50,6 +55,7 @@ impl Admin {
         Err(match answer["code"].as_str() {
             Some("not_found") => AdminError::Status(tonic::Status::not_found(message)),
             Some("failed_precondition") => AdminError::FailedPrecondition(message),
+            Some("permission_denied") => AdminError::PermissionDenied(message),
             _ => AdminError::Internal(anyhow::anyhow!(message)),
         })
     }
@@ -186,6 +192,7 @@ impl Admin {
             .await?;
         audit.detail("reason", request.reason.as_str());
         self.command(
+            caller,
             serde_json::json!({"op": "cancel", "run": id.to_string(), "reason": request.reason}),
         )
         .await?;
@@ -206,13 +213,16 @@ impl Admin {
         if request.failed {
             audit.detail("error", request.error.as_str());
         }
-        self.command(serde_json::json!({
-            "op": "complete",
-            "task": id.to_string(),
-            "failed": request.failed,
-            "error": request.error,
-            "output": request.output.as_ref().map(values::value_to_json),
-        }))
+        self.command(
+            caller,
+            serde_json::json!({
+                "op": "complete",
+                "task": id.to_string(),
+                "failed": request.failed,
+                "error": request.error,
+                "output": request.output.as_ref().map(values::value_to_json),
+            }),
+        )
         .await?;
         self.task_view(id, &request.id, redacted).await
     }
@@ -227,8 +237,11 @@ impl Admin {
         let redacted = self
             .audited_target(caller, RunOrTask::Task, id, audit)
             .await?;
-        self.command(serde_json::json!({"op": "retry", "task": id.to_string()}))
-            .await?;
+        self.command(
+            caller,
+            serde_json::json!({"op": "retry", "task": id.to_string()}),
+        )
+        .await?;
         self.task_view(id, &request.id, redacted).await
     }
 
