@@ -1,15 +1,20 @@
 //! The end-to-end test harness: real infrastructure, nothing mocked.
 //!
 //! - [`NatsServer`]: a fresh pinned `nats-server` (installed by `scripts/tools.sh nats`) on a free
-//!   loopback port with its own store directory; killed on `Drop`, restartable.
+//!   loopback port with its own store directory; killed on `Drop`, restartable. By default with
+//!   the shipped users and permissions ([`NatsUsers`]): each service connects as its own user,
+//!   test clients as `admin`.
 //! - [`TestDb`]: a fresh Postgres database on the machine's server (`TEST_DATABASE_URL`, default
 //!   `postgres://postgres@127.0.0.1:5432`), dropped afterwards.
 //! - [`TestEnv`]: both, plus the three services — in-process (`run(config, shutdown)`) or as real
 //!   processes when a test must kill or signal them.
 //! - [`wait_for`]: poll with a deadline; tests never sleep to wait.
 
+pub mod nats_users;
 pub mod otlp;
 pub mod tls;
+
+pub use nats_users::NatsUsers;
 
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
@@ -81,6 +86,7 @@ pub struct NatsServer {
     pub port: u16,
     config: PathBuf,
     tls: bool,
+    users: Option<NatsUsers>,
     _dir: tempfile::TempDir,
 }
 
@@ -93,21 +99,24 @@ impl NatsServer {
     }
 
     pub fn start() -> anyhow::Result<Self> {
-        Self::start_with(None)
+        Self::start_with(None, None)
     }
 
-    /// A server that speaks only TLS and verifies its clients' certificates.
-    pub fn start_tls(tls: &tls::TlsFiles) -> anyhow::Result<Self> {
-        Self::start_with(Some(tls))
-    }
-
-    fn start_with(tls: Option<&tls::TlsFiles>) -> anyhow::Result<Self> {
-        Self::start_node(tls, free_port(), "")
+    /// A server that speaks only TLS (when `tls` is given) and verifies its clients'
+    /// certificates, with the shipped users and permissions (when `users` is given).
+    pub fn start_with(
+        tls: Option<&tls::TlsFiles>,
+        users: Option<&NatsUsers>,
+    ) -> anyhow::Result<Self> {
+        Self::start_node(tls, users, free_port(), "")
     }
 
     /// A JetStream cluster of `size` servers on loopback (routes between all of them); the first
     /// one answers once the cluster has elected its JetStream meta leader.
-    pub async fn start_cluster(size: usize) -> anyhow::Result<Vec<Self>> {
+    pub async fn start_cluster(
+        size: usize,
+        users: Option<&NatsUsers>,
+    ) -> anyhow::Result<Vec<Self>> {
         let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
         let mut nodes = Vec::with_capacity(size);
         for (i, (client, cluster)) in ports.iter().enumerate() {
@@ -120,7 +129,7 @@ impl NatsServer {
                 "server_name: n{i}\ncluster {{\n  name: taskfactory-test\n  listen: 127.0.0.1:{cluster}\n  routes: [{}]\n}}\n",
                 routes.join(", ")
             );
-            nodes.push(Self::start_node(None, *client, &extra)?);
+            nodes.push(Self::start_node(None, users, *client, &extra)?);
         }
         let url = nodes[0].url();
         wait_for(
@@ -128,8 +137,14 @@ impl NatsServer {
             Duration::from_secs(30),
             || {
                 let url = url.clone();
+                let options = match users {
+                    Some(users) => {
+                        users.connect_options("admin", async_nats::ConnectOptions::new())
+                    }
+                    None => async_nats::ConnectOptions::new(),
+                };
                 async move {
-                    let Ok(client) = async_nats::connect(url).await else {
+                    let Ok(client) = options.connect(url).await else {
                         return Ok(None);
                     };
                     let ready = async_nats::jetstream::new(client)
@@ -144,7 +159,12 @@ impl NatsServer {
         Ok(nodes)
     }
 
-    fn start_node(tls: Option<&tls::TlsFiles>, port: u16, extra: &str) -> anyhow::Result<Self> {
+    fn start_node(
+        tls: Option<&tls::TlsFiles>,
+        users: Option<&NatsUsers>,
+        port: u16,
+        extra: &str,
+    ) -> anyhow::Result<Self> {
         let binary = Self::binary();
         if !binary.exists() {
             bail!(
@@ -154,10 +174,14 @@ impl NatsServer {
         }
         let dir = tempfile::tempdir()?;
         let config = dir.path().join("nats.conf");
+        let authorization = match users {
+            Some(users) => users.install(dir.path())?,
+            None => String::new(),
+        };
         std::fs::write(
             &config,
             format!(
-                "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{\n  store_dir: \"{}\"\n}}\n{}{extra}",
+                "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{\n  store_dir: \"{}\"\n}}\n{}{authorization}{extra}",
                 dir.path().join("store").display(),
                 tls.map(tls::TlsFiles::server_config).unwrap_or_default()
             ),
@@ -167,6 +191,7 @@ impl NatsServer {
             port,
             config,
             tls: tls.is_some(),
+            users: users.cloned(),
             _dir: dir,
         };
         server.spawn()?;
@@ -174,9 +199,11 @@ impl NatsServer {
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
+        let passwords = self.users.iter().flat_map(NatsUsers::server_env);
         let child = Command::new(Self::binary())
             .arg("-c")
             .arg(&self.config)
+            .envs(passwords)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -283,6 +310,15 @@ pub enum Service {
 }
 
 impl Service {
+    /// Its user in the shipped NATS permissions.
+    pub fn nats_user(self) -> &'static str {
+        match self {
+            Service::Trigger => "trigger",
+            Service::Orchestrator => "orchestrator",
+            Service::Executor => "executor",
+        }
+    }
+
     pub fn binary_name(self) -> &'static str {
         match self {
             Service::Trigger => "taskfactory-trigger",
@@ -394,6 +430,9 @@ pub struct EnvOptions {
     pub nats_servers: usize,
     /// Replicas of the streams and KV buckets the services declare.
     pub stream_replicas: usize,
+    /// NATS with the shipped users and permissions (`k8s/config/nats-permissions.conf`): each
+    /// service connects as its own user, [`TestEnv::nats_client`] as `admin`.
+    pub nats_users: bool,
 }
 
 impl Default for EnvOptions {
@@ -411,6 +450,7 @@ impl Default for EnvOptions {
             nats_tls: false,
             nats_servers: 1,
             stream_replicas: 1,
+            nats_users: true,
         }
     }
 }
@@ -427,6 +467,8 @@ pub struct TestEnv {
     pub tls: Option<tls::TlsFiles>,
     /// With `nats_servers` > 1: the cluster's other servers (`nats` is the first).
     pub nats_peers: Vec<NatsServer>,
+    /// With `nats_users`: the users and their passwords.
+    pub nats_users: Option<NatsUsers>,
 }
 
 impl TestEnv {
@@ -438,14 +480,22 @@ impl TestEnv {
         } else {
             None
         };
+        let users = match options.nats_users {
+            true => Some(NatsUsers::generate()?),
+            false => None,
+        };
         let (nats, nats_peers) = match &tls {
-            Some(tls) => (NatsServer::start_tls(tls)?, Vec::new()),
+            Some(tls) => (
+                NatsServer::start_with(Some(tls), users.as_ref())?,
+                Vec::new(),
+            ),
             None if options.nats_servers > 1 => {
-                let mut nodes = NatsServer::start_cluster(options.nats_servers).await?;
+                let mut nodes =
+                    NatsServer::start_cluster(options.nats_servers, users.as_ref()).await?;
                 let first = nodes.remove(0);
                 (first, nodes)
             }
-            None => (NatsServer::start()?, Vec::new()),
+            None => (NatsServer::start_with(None, users.as_ref())?, Vec::new()),
         };
         let db = TestDb::create().await?;
         let grpc_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
@@ -458,6 +508,7 @@ impl TestEnv {
             options,
             tls,
             nats_peers,
+            nats_users: users,
         })
     }
 
@@ -467,19 +518,11 @@ impl TestEnv {
         let token = shutdown.clone();
         let nats = self.nats_urls();
         let database = self.db.url();
-        let with_tls = |args: &mut taskfactory_runtime::config::NatsArgs| {
-            args.stream_replicas = self.options.stream_replicas;
-            if let Some(tls) = &self.tls {
-                args.ca = Some(tls.ca.clone());
-                args.cert = Some(tls.client_cert.clone());
-                args.key = Some(tls.client_key.clone());
-            }
-        };
         let task = match service {
             Service::Trigger => {
                 let mut config =
                     taskfactory_trigger::Config::local(&nats, &database, self.grpc_addr);
-                with_tls(&mut config.nats);
+                config.nats = self.nats_args(service.nats_user());
                 config.max_event_bytes = self.options.max_event_bytes;
                 config.reconcile_interval = Duration::from_secs(2);
                 config.clock = self.options.clock.clone();
@@ -490,7 +533,7 @@ impl TestEnv {
             }
             Service::Orchestrator => {
                 let mut config = taskfactory_orchestrator::Config::local(&nats, &database);
-                with_tls(&mut config.nats);
+                config.nats = self.nats_args(service.nats_user());
                 config.ack_wait = self.options.orchestrator_ack_wait;
                 config.sql_databases = self.options.sql_databases.clone();
                 config.unserved_grace = self.options.unserved_grace;
@@ -499,7 +542,7 @@ impl TestEnv {
             }
             Service::Executor => {
                 let mut config = taskfactory_executor::Config::local(&nats);
-                with_tls(&mut config.nats);
+                config.nats = self.nats_args(service.nats_user());
                 config.egress_allow = self.options.egress_allow.clone();
                 config.ack_wait = self.options.executor_ack_wait;
                 tokio::spawn(taskfactory_executor::run(config, token))
@@ -563,6 +606,7 @@ impl TestEnv {
                 command.env(key, value);
             }
         }
+        command.envs(self.nats_env(service.nats_user()));
         for (key, value) in extra_env {
             command.env(key, value);
         }
@@ -617,14 +661,47 @@ impl TestEnv {
         Ok(AdminServiceClient::connect(format!("http://{}", self.grpc_addr)).await?)
     }
 
+    /// A client that may do anything (the `admin` user when NATS has users).
     pub async fn nats_client(&self) -> anyhow::Result<async_nats::Client> {
-        let options = match &self.tls {
+        self.nats_client_as("admin").await
+    }
+
+    /// A client connected as `user` of the shipped permissions (without users: anonymous).
+    pub async fn nats_client_as(&self, user: &str) -> anyhow::Result<async_nats::Client> {
+        let mut options = match &self.tls {
             Some(tls) => tls.connect_options(),
             None => async_nats::ConnectOptions::new(),
         };
+        if let Some(users) = &self.nats_users {
+            options = users.connect_options(user, options);
+        }
         Ok(options
             .connect(taskfactory_runtime::nats::server_urls(&self.nats_urls()))
             .await?)
+    }
+
+    /// A service's NATS flags connecting as `user`: the servers, TLS, the user's password and
+    /// inbox prefix, the stream replicas.
+    pub fn nats_args(&self, user: &str) -> taskfactory_runtime::config::NatsArgs {
+        let mut args = taskfactory_runtime::config::NatsArgs::local(self.nats_urls());
+        args.stream_replicas = self.options.stream_replicas;
+        if let Some(tls) = &self.tls {
+            args.ca = Some(tls.ca.clone());
+            args.cert = Some(tls.client_cert.clone());
+            args.key = Some(tls.client_key.clone());
+        }
+        if let Some(users) = &self.nats_users {
+            users.apply(user, &mut args);
+        }
+        args
+    }
+
+    /// A process's environment connecting as `user` (nothing without users).
+    pub fn nats_env(&self, user: &str) -> Vec<(&'static str, String)> {
+        self.nats_users
+            .as_ref()
+            .map(|users| users.env(user))
+            .unwrap_or_default()
     }
 
     /// Every NATS server's URL, comma-separated (as `NATS_URL` takes them).
