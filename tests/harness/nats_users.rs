@@ -100,6 +100,48 @@ impl NatsUsers {
     }
 }
 
+/// How tests and services connect as users (beside [`crate::TestEnv::nats_client`], which is
+/// `admin`).
+impl crate::TestEnv {
+    /// A client connected as `user` of the shipped permissions (without users: anonymous).
+    pub async fn nats_client_as(&self, user: &str) -> anyhow::Result<async_nats::Client> {
+        let mut options = match &self.tls {
+            Some(tls) => tls.connect_options(),
+            None => async_nats::ConnectOptions::new(),
+        };
+        if let Some(users) = &self.nats_users {
+            options = users.connect_options(user, options);
+        }
+        Ok(options
+            .connect(taskfactory_runtime::nats::server_urls(&self.nats_urls()))
+            .await?)
+    }
+
+    /// A service's NATS flags connecting as `user`: the servers, TLS, the user's password and
+    /// inbox prefix, the stream replicas.
+    pub fn nats_args(&self, user: &str) -> taskfactory_runtime::config::NatsArgs {
+        let mut args = taskfactory_runtime::config::NatsArgs::local(self.nats_urls());
+        args.stream_replicas = self.options.stream_replicas;
+        if let Some(tls) = &self.tls {
+            args.ca = Some(tls.ca.clone());
+            args.cert = Some(tls.client_cert.clone());
+            args.key = Some(tls.client_key.clone());
+        }
+        if let Some(users) = &self.nats_users {
+            users.apply(user, &mut args);
+        }
+        args
+    }
+
+    /// A process's environment connecting as `user` (nothing without users).
+    pub fn nats_env(&self, user: &str) -> Vec<(&'static str, String)> {
+        self.nats_users
+            .as_ref()
+            .map(|users| users.env(user))
+            .unwrap_or_default()
+    }
+}
+
 /// `(user, password variable)` for each `user = …` followed by `password = $…` in the file.
 fn users_and_password_variables(text: &str) -> anyhow::Result<Vec<(String, String)>> {
     let mut pairs = Vec::new();
