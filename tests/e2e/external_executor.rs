@@ -57,7 +57,9 @@ struct PythonExecutor {
 }
 
 impl PythonExecutor {
-    fn start(nats_url: &str, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+    /// Connects as the `admin` NATS user when the server has users: the shipped permissions have
+    /// no user for the example's task type (their external executor template is for `vision`).
+    fn start(test_env: &TestEnv, env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let tools = python_tools()?;
         let dir = tempfile::tempdir()?;
         let log = dir.path().join("python-executor.log");
@@ -67,7 +69,8 @@ impl PythonExecutor {
             .env("PYTHONPATH", &tools)
             .env("PYTHONUNBUFFERED", "1")
             .env("PYTHONDONTWRITEBYTECODE", "1")
-            .env("NATS_URL", nats_url)
+            .env("NATS_URL", test_env.nats.url())
+            .envs(test_env.nats_env("admin"))
             .env_remove("TASKFACTORY_EXECUTOR_NAME")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
@@ -145,7 +148,7 @@ async fn a_python_executor_serves_its_own_task_type_end_to_end() -> anyhow::Resu
     let env = TestEnv::new(EnvOptions::default()).await?;
     let _services = env.start_all().await?;
     // A short ack_wait: a task that outlives it without heartbeats would be delivered twice.
-    let mut python = PythonExecutor::start(&env.nats.url(), &[("PYTHON_EXECUTOR_ACK_WAIT", "1")])?;
+    let mut python = PythonExecutor::start(&env, &[("PYTHON_EXECUTOR_ACK_WAIT", "1")])?;
     let outcome = scenario(&env, &mut python).await;
     outcome.map_err(|error| {
         anyhow::anyhow!(
@@ -171,7 +174,7 @@ async fn a_python_executor_works_over_mutual_tls() -> anyhow::Result<()> {
         tls.client_key.display().to_string(),
     );
     let mut python = PythonExecutor::start(
-        &env.nats.url(),
+        &env,
         &[("NATS_CA", &ca), ("NATS_CERT", &cert), ("NATS_KEY", &key)],
     )?;
     let outcome = async {
@@ -382,7 +385,7 @@ async fn a_python_executor_stops_an_attempt_when_its_run_is_cancelled() -> anyho
     python_tools()?;
     let env = TestEnv::new(EnvOptions::default()).await?;
     let _services = env.start_all().await?;
-    let mut python = PythonExecutor::start(&env.nats.url(), &[])?;
+    let mut python = PythonExecutor::start(&env, &[])?;
     let outcome = cancel_scenario(&env, &mut python).await;
     outcome.map_err(|error| {
         anyhow::anyhow!(

@@ -15,6 +15,7 @@ mod hostile;
 mod leadership;
 mod lifecycle;
 mod misfire;
+mod nats_permissions;
 mod nats_tls;
 mod observability;
 mod overlap;

@@ -122,6 +122,7 @@ async fn a_service_without_what_tls_needs_says_what_is_missing() -> anyhow::Resu
         .env("NATS_CA", &ca)
         .env("NATS_CERT", &cert)
         .env("NATS_KEY", &key)
+        .envs(env.nats_env("executor"))
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

@@ -1,7 +1,9 @@
 //! The end-to-end test harness: real infrastructure, nothing mocked.
 //!
 //! - [`NatsServer`]: a fresh pinned `nats-server` (installed by `scripts/tools.sh nats`) on a free
-//!   loopback port with its own store directory; killed on `Drop`, restartable.
+//!   loopback port with its own store directory; killed on `Drop`, restartable. By default with
+//!   the shipped users and permissions ([`NatsUsers`]): each service connects as its own user,
+//!   test clients as `admin`.
 //! - [`TestDb`]: a fresh Postgres database on the machine's server (`TEST_DATABASE_URL`, default
 //!   `postgres://postgres@127.0.0.1:5432`), dropped afterwards.
 //! - [`TestEnv`]: both, plus the three services — in-process (`run(config, shutdown)`) or as real
@@ -11,8 +13,11 @@
 //!   [`EnvOptions::admin_auth`] off, and [`TestEnv::admin`] is an admin.
 
 pub mod auth;
+pub mod nats_users;
 pub mod otlp;
 pub mod tls;
+
+pub use nats_users::NatsUsers;
 
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
@@ -84,6 +89,7 @@ pub struct NatsServer {
     pub port: u16,
     config: PathBuf,
     tls: bool,
+    users: Option<NatsUsers>,
     _dir: tempfile::TempDir,
 }
 
@@ -96,26 +102,34 @@ impl NatsServer {
     }
 
     pub fn start() -> anyhow::Result<Self> {
-        Self::start_with(None)
+        Self::start_with(None, None)
     }
 
     /// A server that speaks only TLS and verifies its clients' certificates.
     pub fn start_tls(tls: &tls::TlsFiles) -> anyhow::Result<Self> {
-        Self::start_with(Some(tls))
+        Self::start_with(Some(tls), None)
     }
 
     /// A server with more configuration (users and permissions, say) after the defaults.
     pub fn start_with_config(extra: &str) -> anyhow::Result<Self> {
-        Self::start_node(None, free_port(), extra)
+        Self::start_node(None, None, free_port(), extra)
     }
 
-    fn start_with(tls: Option<&tls::TlsFiles>) -> anyhow::Result<Self> {
-        Self::start_node(tls, free_port(), "")
+    /// A server that speaks only TLS (when `tls` is given) and verifies its clients'
+    /// certificates, with the shipped users and permissions (when `users` is given).
+    pub fn start_with(
+        tls: Option<&tls::TlsFiles>,
+        users: Option<&NatsUsers>,
+    ) -> anyhow::Result<Self> {
+        Self::start_node(tls, users, free_port(), "")
     }
 
     /// A JetStream cluster of `size` servers on loopback (routes between all of them); the first
     /// one answers once the cluster has elected its JetStream meta leader.
-    pub async fn start_cluster(size: usize) -> anyhow::Result<Vec<Self>> {
+    pub async fn start_cluster(
+        size: usize,
+        users: Option<&NatsUsers>,
+    ) -> anyhow::Result<Vec<Self>> {
         let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
         let mut nodes = Vec::with_capacity(size);
         for (i, (client, cluster)) in ports.iter().enumerate() {
@@ -128,7 +142,7 @@ impl NatsServer {
                 "server_name: n{i}\ncluster {{\n  name: taskfactory-test\n  listen: 127.0.0.1:{cluster}\n  routes: [{}]\n}}\n",
                 routes.join(", ")
             );
-            nodes.push(Self::start_node(None, *client, &extra)?);
+            nodes.push(Self::start_node(None, users, *client, &extra)?);
         }
         let url = nodes[0].url();
         wait_for(
@@ -136,8 +150,14 @@ impl NatsServer {
             Duration::from_secs(30),
             || {
                 let url = url.clone();
+                let options = match users {
+                    Some(users) => {
+                        users.connect_options("admin", async_nats::ConnectOptions::new())
+                    }
+                    None => async_nats::ConnectOptions::new(),
+                };
                 async move {
-                    let Ok(client) = async_nats::connect(url).await else {
+                    let Ok(client) = options.connect(url).await else {
                         return Ok(None);
                     };
                     let ready = async_nats::jetstream::new(client)
@@ -152,7 +172,12 @@ impl NatsServer {
         Ok(nodes)
     }
 
-    fn start_node(tls: Option<&tls::TlsFiles>, port: u16, extra: &str) -> anyhow::Result<Self> {
+    fn start_node(
+        tls: Option<&tls::TlsFiles>,
+        users: Option<&NatsUsers>,
+        port: u16,
+        extra: &str,
+    ) -> anyhow::Result<Self> {
         let binary = Self::binary();
         if !binary.exists() {
             bail!(
@@ -162,10 +187,14 @@ impl NatsServer {
         }
         let dir = tempfile::tempdir()?;
         let config = dir.path().join("nats.conf");
+        let authorization = match users {
+            Some(users) => users.install(dir.path())?,
+            None => String::new(),
+        };
         std::fs::write(
             &config,
             format!(
-                "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{\n  store_dir: \"{}\"\n}}\n{}{extra}",
+                "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{\n  store_dir: \"{}\"\n}}\n{}{authorization}{extra}",
                 dir.path().join("store").display(),
                 tls.map(tls::TlsFiles::server_config).unwrap_or_default()
             ),
@@ -175,6 +204,7 @@ impl NatsServer {
             port,
             config,
             tls: tls.is_some(),
+            users: users.cloned(),
             _dir: dir,
         };
         server.spawn()?;
@@ -182,9 +212,11 @@ impl NatsServer {
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
+        let passwords = self.users.iter().flat_map(NatsUsers::server_env);
         let child = Command::new(Self::binary())
             .arg("-c")
             .arg(&self.config)
+            .envs(passwords)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -291,6 +323,15 @@ pub enum Service {
 }
 
 impl Service {
+    /// Its user in the shipped NATS permissions.
+    pub fn nats_user(self) -> &'static str {
+        match self {
+            Service::Trigger => "trigger",
+            Service::Orchestrator => "orchestrator",
+            Service::Executor => "executor",
+        }
+    }
+
     pub fn binary_name(self) -> &'static str {
         match self {
             Service::Trigger => "taskfactory-trigger",
@@ -420,6 +461,9 @@ pub struct EnvOptions {
     /// Trigger (in-process): the admin API's authentication settings (OIDC, TLS); the tokens
     /// file of `admin_auth` is added to them.
     pub auth: taskfactory_trigger::auth::AuthArgs,
+    /// NATS with the shipped users and permissions (`k8s/config/nats-permissions.conf`): each
+    /// service connects as its own user, [`TestEnv::nats_client`] as `admin`.
+    pub nats_users: bool,
 }
 
 impl Default for EnvOptions {
@@ -441,6 +485,7 @@ impl Default for EnvOptions {
             stream_replicas: 1,
             admin_auth: true,
             auth: taskfactory_trigger::auth::AuthArgs::default(),
+            nats_users: true,
         }
     }
 }
@@ -459,6 +504,8 @@ pub struct TestEnv {
     pub nats_peers: Vec<NatsServer>,
     /// With `admin_auth`: the admin API's tokens and auth file.
     pub tokens: Option<auth::AdminTokens>,
+    /// With `nats_users`: the users and their passwords.
+    pub nats_users: Option<NatsUsers>,
 }
 
 impl TestEnv {
@@ -470,14 +517,22 @@ impl TestEnv {
         } else {
             None
         };
+        let users = match options.nats_users {
+            true => Some(NatsUsers::generate()?),
+            false => None,
+        };
         let (nats, nats_peers) = match &tls {
-            Some(tls) => (NatsServer::start_tls(tls)?, Vec::new()),
+            Some(tls) => (
+                NatsServer::start_with(Some(tls), users.as_ref())?,
+                Vec::new(),
+            ),
             None if options.nats_servers > 1 => {
-                let mut nodes = NatsServer::start_cluster(options.nats_servers).await?;
+                let mut nodes =
+                    NatsServer::start_cluster(options.nats_servers, users.as_ref()).await?;
                 let first = nodes.remove(0);
                 (first, nodes)
             }
-            None => (NatsServer::start()?, Vec::new()),
+            None => (NatsServer::start_with(None, users.as_ref())?, Vec::new()),
         };
         let db = TestDb::create().await?;
         let grpc_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
@@ -496,6 +551,7 @@ impl TestEnv {
             options,
             tls,
             nats_peers,
+            nats_users: users,
         })
     }
 
@@ -505,19 +561,11 @@ impl TestEnv {
         let token = shutdown.clone();
         let nats = self.nats_urls();
         let database = self.db.url();
-        let with_tls = |args: &mut taskfactory_runtime::config::NatsArgs| {
-            args.stream_replicas = self.options.stream_replicas;
-            if let Some(tls) = &self.tls {
-                args.ca = Some(tls.ca.clone());
-                args.cert = Some(tls.client_cert.clone());
-                args.key = Some(tls.client_key.clone());
-            }
-        };
         let task = match service {
             Service::Trigger => {
                 let mut config =
                     taskfactory_trigger::Config::local(&nats, &database, self.grpc_addr);
-                with_tls(&mut config.nats);
+                config.nats = self.nats_args(service.nats_user());
                 config.max_event_bytes = self.options.max_event_bytes;
                 config.reconcile_interval = Duration::from_secs(2);
                 config.clock = self.options.clock.clone();
@@ -532,7 +580,7 @@ impl TestEnv {
             }
             Service::Orchestrator => {
                 let mut config = taskfactory_orchestrator::Config::local(&nats, &database);
-                with_tls(&mut config.nats);
+                config.nats = self.nats_args(service.nats_user());
                 config.ack_wait = self.options.orchestrator_ack_wait;
                 config.sql_databases = self.options.sql_databases.clone();
                 config.sources_allow_subjects = self.options.sources_allow_subjects.clone();
@@ -543,7 +591,7 @@ impl TestEnv {
             }
             Service::Executor => {
                 let mut config = taskfactory_executor::Config::local(&nats);
-                with_tls(&mut config.nats);
+                config.nats = self.nats_args(service.nats_user());
                 config.egress_allow = self.options.egress_allow.clone();
                 config.ack_wait = self.options.executor_ack_wait;
                 tokio::spawn(taskfactory_executor::run(config, token))
@@ -641,6 +689,7 @@ impl TestEnv {
                 command.env(key, value);
             }
         }
+        command.envs(self.nats_env(service.nats_user()));
         for (key, value) in extra_env {
             command.env(key, value);
         }
@@ -711,14 +760,9 @@ impl TestEnv {
         )
     }
 
+    /// A client that may do anything (the `admin` user when NATS has users).
     pub async fn nats_client(&self) -> anyhow::Result<async_nats::Client> {
-        let options = match &self.tls {
-            Some(tls) => tls.connect_options(),
-            None => async_nats::ConnectOptions::new(),
-        };
-        Ok(options
-            .connect(taskfactory_runtime::nats::server_urls(&self.nats_urls()))
-            .await?)
+        self.nats_client_as("admin").await
     }
 
     /// Every NATS server's URL, comma-separated (as `NATS_URL` takes them).

@@ -25,6 +25,15 @@ pub struct NatsArgs {
     /// NATS token.
     #[arg(long = "nats-token", env = "NATS_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// The first token of this connection's reply subjects (`<prefix>.<id>`). Give each NATS
+    /// user its own (`_INBOX_trigger`) and allow it to subscribe to that alone, so that no user
+    /// can read another's replies through `_INBOX.>`.
+    #[arg(
+        long = "nats-inbox-prefix",
+        env = "NATS_INBOX_PREFIX",
+        default_value = "_INBOX"
+    )]
+    pub inbox_prefix: String,
     /// TLS: a PEM file of the CA(s) that signed the server's certificate (else the system's web
     /// roots). `tls://` URLs and servers that require TLS use TLS; this also turns it on.
     #[arg(long = "nats-ca", env = "NATS_CA")]
@@ -55,6 +64,7 @@ impl NatsArgs {
             user: None,
             password: None,
             token: None,
+            inbox_prefix: "_INBOX".to_owned(),
             ca: None,
             cert: None,
             key: None,

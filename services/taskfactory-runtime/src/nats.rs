@@ -28,6 +28,8 @@ pub enum NatsError {
     Credentials(#[source] std::io::Error),
     #[error("NATS TLS: {0}")]
     Tls(String),
+    #[error("NATS_INBOX_PREFIX {0}")]
+    InboxPrefix(String),
     #[error("could not declare stream {stream} within a minute: {reason}")]
     StreamUnavailable { stream: String, reason: String },
     #[error("cannot use stream {stream}: {reason}")]
@@ -46,6 +48,9 @@ pub async fn connect(
     client_name: &str,
     patience: Duration,
 ) -> Result<async_nats::Client, NatsError> {
+    if let Some(problem) = inbox_prefix_error(&args.inbox_prefix) {
+        return Err(NatsError::InboxPrefix(problem));
+    }
     let started = tokio::time::Instant::now();
     let mut delay = Duration::from_millis(100);
     loop {
@@ -63,6 +68,8 @@ pub async fn connect(
         }
         options = tls_options(args, options)?;
         options = options
+            .custom_inbox_prefix(args.inbox_prefix.as_str())
+            .event_callback(log_server_error)
             .name(client_name)
             .connection_timeout(Duration::from_secs(5))
             .request_timeout(Some(Duration::from_secs(10)));
@@ -85,6 +92,14 @@ pub async fn connect(
     }
 }
 
+/// Logs what the server refuses: without it a denied publish or subscribe is silent, and a denied
+/// request only times out. "permissions violation for publish to …" names what the user lacks.
+async fn log_server_error(event: async_nats::Event) {
+    if let async_nats::Event::ServerError(error) = event {
+        tracing::warn!(%error, "the nats server refused something");
+    }
+}
+
 /// The servers of a `NATS_URL`: one URL, or several separated by commas (the client connects to
 /// one and fails over to the others, and to those the cluster announces).
 pub fn server_urls(url: &str) -> Vec<String> {
@@ -93,6 +108,13 @@ pub fn server_urls(url: &str) -> Vec<String> {
         .filter(|part| !part.is_empty())
         .map(str::to_owned)
         .collect()
+}
+
+/// Why `prefix` cannot start reply subjects: it must be a subject without wildcards (the client
+/// adds `.<id>` to it).
+fn inbox_prefix_error(prefix: &str) -> Option<String> {
+    taskfactory_model::subjects::subject_error(prefix, false)
+        .map(|problem| format!("{prefix:?}: {problem}"))
 }
 
 /// The TLS settings, checked before the first attempt so that a wrong path or half a key pair is
@@ -407,6 +429,16 @@ pub async fn cancelled_runs(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_inbox_prefix_must_be_a_plain_subject() {
+        assert_eq!(inbox_prefix_error("_INBOX"), None);
+        assert_eq!(inbox_prefix_error("_INBOX_trigger"), None);
+        assert_eq!(inbox_prefix_error("_INBOX.trigger"), None);
+        for bad in ["", "_INBOX.>", "_INBOX.*", "_INBOX.", "in box"] {
+            assert!(inbox_prefix_error(bad).is_some(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn nats_url_may_list_several_servers() {

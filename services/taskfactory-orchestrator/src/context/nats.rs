@@ -17,7 +17,7 @@ use super::Sources;
 
 /// NATS settings of the connection `kv` and `request` sources use. With none of them set,
 /// sources share the orchestrator's connection; with any, they get their own.
-#[derive(Clone, Debug, Default, clap::Args)]
+#[derive(Clone, Debug, clap::Args)]
 pub struct SourcesNatsArgs {
     /// NATS server(s) for sources (default: NATS_URL) — setting any `--sources-nats-*` flag gives
     /// `kv` and `request` sources a connection of their own, under their own identity.
@@ -78,6 +78,32 @@ pub struct SourcesNatsArgs {
         env = "TASKFACTORY_SOURCES_NATS_KEY"
     )]
     pub key: Option<PathBuf>,
+    /// The prefix of the sources' reply subjects (the shipped permissions let the `sources` user
+    /// read replies under `_INBOX_sources` only).
+    #[arg(
+        id = "sources_nats_inbox_prefix",
+        long = "sources-nats-inbox-prefix",
+        env = "TASKFACTORY_SOURCES_NATS_INBOX_PREFIX",
+        default_value = "_INBOX_sources"
+    )]
+    pub inbox_prefix: String,
+}
+
+impl Default for SourcesNatsArgs {
+    /// None set: sources share the orchestrator's connection.
+    fn default() -> Self {
+        Self {
+            url: None,
+            creds: None,
+            user: None,
+            password: None,
+            token: None,
+            ca: None,
+            cert: None,
+            key: None,
+            inbox_prefix: "_INBOX_sources".to_owned(),
+        }
+    }
 }
 
 impl SourcesNatsArgs {
@@ -104,6 +130,7 @@ impl SourcesNatsArgs {
             key: self.key.clone(),
             tls: main.tls,
             stream_replicas: main.stream_replicas,
+            inbox_prefix: self.inbox_prefix.clone(),
         })
     }
 }
