@@ -245,7 +245,7 @@ authorization {
     {user: service, password: service-pw, permissions: {publish: {deny: ["inventory.>"]}}},
     {user: sources, password: sources-pw, permissions: {
       publish: {allow: ["inventory.query"]},
-      subscribe: {allow: ["_INBOX.>"]}
+      subscribe: {allow: ["_INBOX_sources.>"]}
     }},
     {user: responder, password: responder-pw}
   ]

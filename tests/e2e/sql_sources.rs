@@ -17,6 +17,7 @@ async fn start_orchestrator(
     metrics: Option<std::net::SocketAddr>,
 ) -> (tokio_util::sync::DropGuard, Option<anyhow::Result<()>>) {
     let mut config = taskfactory_orchestrator::Config::local(&env.nats_urls(), &env.db.url());
+    config.nats = env.nats_args("orchestrator");
     config.sql_databases = vec![("crm".to_owned(), dsn.to_owned())];
     if allow_privileged {
         config.sql_allow_privileged = vec!["crm".to_owned()];
