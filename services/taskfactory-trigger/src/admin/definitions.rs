@@ -141,10 +141,8 @@ impl Admin {
         audit: &mut AuditEntry,
     ) -> Result<Activity, AdminError> {
         let current = self
-            .activity_for(caller, &request.id, None, Role::Editor)
+            .audited_activity(caller, &request.id, Role::Editor, audit)
             .await?;
-        audit.activity(current.id, &current.name);
-        audit.version_before = Some(current.current_version);
         let mut spec = request.spec;
         if let Some(spec) = spec.as_mut()
             && spec.name.is_empty()
@@ -264,10 +262,8 @@ impl Admin {
         audit: &mut AuditEntry,
     ) -> Result<DeleteActivityResponse, AdminError> {
         let record = self
-            .activity_for(caller, &request.id, None, Role::Editor)
+            .audited_activity(caller, &request.id, Role::Editor, audit)
             .await?;
-        audit.activity(record.id, &record.name);
-        audit.version_before = Some(record.current_version);
         store::delete_activity(&self.pool, record.id).await?;
         tracing::info!(activity.id = %record.id, principal = %caller.subject, "activity deleted");
         self.definitions_changed().await;
@@ -284,9 +280,8 @@ impl Admin {
         audit: &mut AuditEntry,
     ) -> Result<Activity, AdminError> {
         let record = self
-            .activity_for(caller, id_or_name, None, Role::Operator)
+            .audited_activity(caller, id_or_name, Role::Operator, audit)
             .await?;
-        audit.activity(record.id, &record.name);
         audit.detail("note", note);
         let mut note = note.to_owned();
         values::make_storable_text(&mut note);

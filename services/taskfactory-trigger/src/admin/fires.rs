@@ -32,10 +32,8 @@ impl Admin {
         audit: &mut AuditEntry,
     ) -> Result<TriggerActivityResponse, AdminError> {
         let record = self
-            .activity_for(caller, &request.id, None, Role::Operator)
+            .audited_activity(caller, &request.id, Role::Operator, audit)
             .await?;
-        audit.activity(record.id, &record.name);
-        audit.version_before = Some(record.current_version);
         audit.idempotency_key = request.idempotency_key.clone();
         if !record.enabled {
             return Err(AdminError::FailedPrecondition(format!(
@@ -89,10 +87,8 @@ impl Admin {
     ) -> Result<BackfillResponse, AdminError> {
         let overlap = overlap_override(request.overlap)?;
         let record = self
-            .activity_for(caller, &request.id, None, Role::Operator)
+            .audited_activity(caller, &request.id, Role::Operator, audit)
             .await?;
-        audit.activity(record.id, &record.name);
-        audit.version_before = Some(record.current_version);
         if !record.enabled {
             return Err(AdminError::FailedPrecondition(format!(
                 "activity {:?} is disabled; enable it before backfilling",
@@ -186,10 +182,8 @@ impl Admin {
         let (id, version, spec) = match (request.id.is_empty(), request.spec) {
             (false, None) => {
                 let record = self
-                    .activity_for(caller, &request.id, None, Role::Editor)
+                    .audited_activity(caller, &request.id, Role::Editor, audit)
                     .await?;
-                audit.activity(record.id, &record.name);
-                audit.version_before = Some(record.current_version);
                 let spec = stored_spec(&record)?;
                 (record.id, record.current_version, spec)
             }
@@ -203,9 +197,8 @@ impl Admin {
                 let id = match crate::store::find_activity_id(&self.pool, &spec.name).await? {
                     Some(_) => {
                         let record = self
-                            .activity_for(caller, &spec.name, None, Role::Editor)
+                            .audited_activity(caller, &spec.name, Role::Editor, audit)
                             .await?;
-                        audit.activity(record.id, &record.name);
                         record.id
                     }
                     None => ActivityId(Uuid::new_v5(

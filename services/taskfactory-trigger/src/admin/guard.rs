@@ -109,8 +109,37 @@ impl Admin {
         version: Option<u32>,
         role: Role,
     ) -> Result<ActivityRecord, AdminError> {
+        self.checked_activity(caller, id_or_name, version, role, None)
+            .await
+    }
+
+    /// [`Admin::activity_for`] for a call that changes it: the audit row names the activity and
+    /// its current version before the check, so a refusal says what it refused.
+    pub(super) async fn audited_activity(
+        &self,
+        caller: &Principal,
+        id_or_name: &str,
+        role: Role,
+        audit: &mut AuditEntry,
+    ) -> Result<ActivityRecord, AdminError> {
+        self.checked_activity(caller, id_or_name, None, role, Some(audit))
+            .await
+    }
+
+    async fn checked_activity(
+        &self,
+        caller: &Principal,
+        id_or_name: &str,
+        version: Option<u32>,
+        role: Role,
+        audit: Option<&mut AuditEntry>,
+    ) -> Result<ActivityRecord, AdminError> {
         let id = self.resolve(id_or_name).await?;
         let current = self.load(id, None).await?;
+        if let Some(audit) = audit {
+            audit.activity(current.id, &current.name);
+            audit.version_before = Some(current.current_version);
+        }
         let spec = super::definitions::stored_spec(&current)?;
         let activity = ActivityRef {
             name: &current.name,
