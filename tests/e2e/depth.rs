@@ -746,3 +746,80 @@ async fn commands_and_previews_on_internal_subjects_are_carried_out_only_for_the
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_publish_task_cannot_reach_the_jetstream_api_or_our_subjects() -> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+
+    // Spelled out in the spec: refused at validation, naming the field.
+    let refused = create(
+        &mut admin,
+        "name: sealer\ntrigger: {manual: {}}\ntasks: [{name: seal, type: publish, params: {subject: '$JS.API.STREAM.UPDATE.FACTORY_EVENTS', payload: {}}}]\n",
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        format!("{refused:#}").contains("tasks[0].params.subject"),
+        "{refused:#}"
+    );
+
+    // Rendered from the event: the task dies, the stream is untouched.
+    create(
+        &mut admin,
+        "name: relay\ntrigger: {manual: {}}\ntasks: [{name: relay, type: publish, retry: {maxAttempts: 1}, params: {subject: '{{ event.subject }}', payload: '{{ event.payload }}'}}]\n",
+    )
+    .await?;
+    let before = js
+        .get_stream("FACTORY_EVENTS")
+        .await?
+        .info()
+        .await?
+        .config
+        .clone();
+    let sealing = json!({
+        "name": "FACTORY_EVENTS", "subjects": ["events.>"], "retention": "limits",
+        "storage": "file", "num_replicas": 1, "sealed": true, "max_msg_size": 1,
+    });
+    for subject in [
+        "$JS.API.STREAM.UPDATE.FACTORY_EVENTS",
+        "$JS.API.STREAM.PURGE.FACTORY_DLQ",
+        "tasks.http",
+        "events.taskfactory.run.completed",
+    ] {
+        let run_id = admin
+            .trigger_activity(TriggerActivityRequest {
+                id: "relay".to_owned(),
+                payload: Some(json_to_value(
+                    &json!({"subject": subject, "payload": sealing}),
+                )),
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .run_id;
+        let run = finished_run(&admin, &run_id, Duration::from_secs(30)).await?;
+        assert_eq!(run.status(), RunStatus::RunFailed, "{subject}");
+        let task = tasks(&mut admin, &run_id).await?.remove(0);
+        assert!(
+            task.last_error.contains("never published by a task")
+                || task.last_error.contains("never publishes there"),
+            "{subject}: {}",
+            task.last_error
+        );
+    }
+    let after = js
+        .get_stream("FACTORY_EVENTS")
+        .await?
+        .info()
+        .await?
+        .config
+        .clone();
+    assert!(!after.sealed);
+    assert_eq!(after.max_message_size, before.max_message_size);
+    // Events still flow.
+    js.publish("events.still.open", "{}".into()).await?.await?;
+    Ok(())
+}

@@ -248,6 +248,13 @@ impl Builtins {
         if let Some(problem) = subjects::subject_error(subject, false) {
             return Err(TaskFailure::permanent(format!("params.subject {problem}")));
         }
+        // Whatever the spec or the event made of it: never JetStream's API, an inbox, or our own
+        // streams and internal subjects (a task is not the control plane).
+        if let Some(problem) = taskfactory_model::sources::publish_subject_refusal(subject) {
+            return Err(TaskFailure::permanent(format!(
+                "params.subject {subject:?}: {problem}"
+            )));
+        }
         let payload = params
             .get("payload")
             .cloned()

@@ -325,6 +325,64 @@ pub fn check_kv(bucket: &str, key: &str, allow: &BucketAllowList) -> Result<(), 
     Ok(())
 }
 
+/// The first tokens a `publish` task may never publish under: JetStream's and the system's API
+/// (`$…`), reply inboxes (`_…`), and taskfactory's own streams and internal subjects. Events
+/// (`events.>`) are what a publish task is for, but not `events.taskfactory.>`, where runs are
+/// announced.
+const PUBLISH_REFUSED: [&str; 5] = ["taskfactory", "triggers", "tasks", "results", "dlq"];
+
+/// Why a `publish` task may not publish on `subject` (the rendered one, at run time), if so.
+pub fn publish_subject_refusal(subject: &str) -> Option<String> {
+    if let Some(problem) = plain_subject_problem(subject) {
+        return Some(problem);
+    }
+    publish_prefix_refusal(subject)
+}
+
+/// The refusal by the subject's first tokens alone (also applies to a template's literal start).
+fn publish_prefix_refusal(subject: &str) -> Option<String> {
+    let mut tokens = subject.split('.');
+    let first = tokens.next().unwrap_or_default();
+    if first.starts_with('$') {
+        return Some(
+            "JetStream, KV and system subjects ($…) are never published by a task".to_owned(),
+        );
+    }
+    if first.starts_with('_') {
+        return Some("reply inboxes (_…) are never published by a task".to_owned());
+    }
+    let lower = first.to_ascii_lowercase();
+    if PUBLISH_REFUSED.contains(&lower.as_str()) {
+        return Some(format!(
+            "taskfactory's own subjects ({lower}.>) are never published by a task"
+        ));
+    }
+    let second = tokens.next();
+    if lower == "events" && second.is_some_and(|t| t.eq_ignore_ascii_case("taskfactory")) {
+        return Some(
+            "events.taskfactory.> is where taskfactory announces runs; a task never publishes there"
+                .to_owned(),
+        );
+    }
+    None
+}
+
+/// At validation: what is wrong with a `publish` task's subject as the spec spells it — a
+/// literal one completely, a template by the literal tokens before its first tag.
+pub fn literal_publish_subject_problem(subject: &str) -> Option<String> {
+    if !is_template(subject) {
+        return publish_subject_refusal(subject);
+    }
+    let prefix = literal_prefix(subject);
+    // Only whole tokens count: `$JS.API.{{ x }}` is refused, `{{ x }}.y` is checked when it renders.
+    let whole = match prefix.rfind('.') {
+        Some(at) => &prefix[..at],
+        None if prefix.starts_with(['$', '_']) => prefix,
+        None => return None,
+    };
+    publish_prefix_refusal(whole)
+}
+
 /// Whether a spec string is a template (else it is used as written).
 pub fn is_template(text: &str) -> bool {
     text.contains("{{") || text.contains("{%") || text.contains("{#")
@@ -588,5 +646,49 @@ mod tests {
             let bucket = format!("{cased}{rest}");
             prop_assert!(check_kv(&bucket, "k", &BucketAllowList::parse("*").unwrap()).is_err());
         }
+    }
+
+    #[test]
+    fn publish_tasks_keep_to_events() {
+        for allowed in [
+            "events.orders.created",
+            "orders.created",
+            "events.TaskFactoryX.y",
+            "billing",
+        ] {
+            assert_eq!(publish_subject_refusal(allowed), None, "{allowed}");
+        }
+        for refused in [
+            "$JS.API.STREAM.UPDATE.FACTORY_EVENTS",
+            "$JS.ACK.FACTORY_TASKS.x.1.1.1.1.1",
+            "$KV.taskfactory_leases.x",
+            "$SYS.REQ.SERVER.PING",
+            "_INBOX.abc",
+            "_INBOX_trigger.x",
+            "taskfactory.internal.commands",
+            "TaskFactory.internal.commands",
+            "triggers.a",
+            "tasks.http",
+            "results.a.b",
+            "dlq.tasks.http",
+            "events.taskfactory.run.completed",
+            "events.TASKFACTORY.run.completed",
+            "events.>",
+            "events..x",
+            "",
+        ] {
+            assert!(publish_subject_refusal(refused).is_some(), "{refused}");
+        }
+        assert!(literal_publish_subject_problem("$JS.API.{{ x }}").is_some());
+        assert!(literal_publish_subject_problem("$JS{{ x }}").is_some());
+        assert!(literal_publish_subject_problem("events.taskfactory.{{ x }}").is_some());
+        assert!(literal_publish_subject_problem("tasks.{{ x }}").is_some());
+        assert_eq!(literal_publish_subject_problem("events.{{ x }}"), None);
+        assert_eq!(literal_publish_subject_problem("{{ event.subject }}"), None);
+        assert_eq!(
+            literal_publish_subject_problem("tas{{ x }}"),
+            None,
+            "checked when it renders"
+        );
     }
 }

@@ -662,6 +662,22 @@ fn validate_template(template: &TaskTemplate, i: usize, engine: &Engine<'_>) -> 
         }
     }
     errors.extend(validate_task_secrets(template, &prefix));
+    if template.r#type == "publish"
+        && let Some(subject) = template
+            .params
+            .as_ref()
+            .and_then(|p| p.fields.get("subject"))
+            .and_then(|v| match &v.kind {
+                Some(prost_types::value::Kind::StringValue(text)) => Some(text.as_str()),
+                _ => None,
+            })
+        && let Some(problem) = crate::sources::literal_publish_subject_problem(subject)
+    {
+        errors.push(field(
+            format!("{prefix}.params.subject"),
+            format!("{subject:?}: {problem}"),
+        ));
+    }
     if let Some(retry) = &template.retry {
         if retry.max_attempts > MAX_ATTEMPTS_LIMIT {
             errors.push(field(
