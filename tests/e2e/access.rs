@@ -530,3 +530,61 @@ async fn every_change_is_in_the_append_only_audit_log_with_who_what_and_versions
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_caller_that_gives_up_does_not_keep_its_change_out_of_the_audit_log() -> anyhow::Result<()>
+{
+    // A context source that answers slowly: the preview outlives the caller's deadline.
+    let app = axum::Router::new().route(
+        "/slow",
+        axum::routing::get(|| async {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            axum::Json(serde_json::json!({"ok": true}))
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/slow", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    create(
+        &mut admin,
+        &format!(
+            "name: slow\ntrigger: {{manual: {{}}}}\ncontext: [{{name: s, http: {{url: '{url}'}}, timeout: 5s}}]\ntasks: [{{name: t, type: log}}]\n"
+        ),
+    )
+    .await?;
+    let mut hasty = tonic::Request::new(PreviewRunRequest {
+        id: "slow".to_owned(),
+        ..Default::default()
+    });
+    hasty.set_timeout(Duration::from_millis(300));
+    let status = admin.preview_run(hasty).await.unwrap_err();
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+    let recorded = wait_for("the preview's audit row", Duration::from_secs(15), || {
+        let mut admin = admin.clone();
+        async move {
+            let events = audit_events(
+                &mut admin,
+                ListAuditEventsRequest {
+                    rpc: "PreviewRun".to_owned(),
+                    ..Default::default()
+                },
+            )
+            .await?;
+            Ok(events.into_iter().next())
+        }
+    })
+    .await?;
+    assert_eq!(
+        recorded.outcome, "OK",
+        "the preview ran to its end: {recorded:?}"
+    );
+    assert_eq!(recorded.activity_name, "slow");
+    Ok(())
+}

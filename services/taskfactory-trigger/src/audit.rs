@@ -129,8 +129,9 @@ fn storable(mut text: String) -> String {
     text
 }
 
-/// Writes the row (retrying a failed write a few times: the call is already carried out).
-pub async fn record(pool: &PgPool, entry: AuditEntry) {
+/// Writes the row (retrying a failed write a few times: the call is already carried out). Owns
+/// its arguments so that it can run in a task of its own.
+pub async fn record(pool: PgPool, entry: AuditEntry) {
     let mut details = serde_json::Value::Object(entry.details.clone());
     values::make_storable_json(&mut details);
     let mut delay = std::time::Duration::from_millis(50);
@@ -156,7 +157,7 @@ pub async fn record(pool: &PgPool, entry: AuditEntry) {
         .bind(storable(entry.error.clone()))
         .bind(&entry.trace_id)
         .bind(&details)
-        .execute(pool)
+        .execute(&pool)
         .await;
         match written {
             Ok(_) => return,

@@ -21,7 +21,10 @@ mod fires;
 mod guard;
 mod runs;
 
+use std::future::Future;
+
 use sqlx::PgPool;
+use taskfactory_model::access::Principal;
 use taskfactory_model::ids::ActivityId;
 use taskfactory_model::spec::{self, SpecErrors};
 use taskfactory_proto::v1::admin_service_server::AdminService;
@@ -39,6 +42,7 @@ use taskfactory_proto::v1::{
 use taskfactory_runtime::clock::ClockHandle;
 use taskfactory_runtime::telemetry::error_chain;
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use self::guard::{audited_caller, caller};
@@ -117,6 +121,8 @@ fn invalid(field: &str, message: impl Into<String>) -> AdminError {
     }
 }
 
+/// Cheap to clone: every field is a handle.
+#[derive(Clone)]
 pub struct Admin {
     pub pool: PgPool,
     pub js: async_nats::jetstream::Context,
@@ -206,16 +212,36 @@ fn parse_uuid(field: &str, text: &str) -> Result<Uuid, AdminError> {
 }
 
 impl Admin {
-    /// Records the call's audit row with its outcome, and answers.
-    async fn audited<T>(
+    /// Carries out a call that changes something, then records its audit row with the outcome,
+    /// and answers. Both run in a task of their own: a caller that goes away (a `grpc-timeout`,
+    /// a reset stream) stops neither the change nor its record, so no change goes unrecorded.
+    async fn audited<T, F, Fut>(
         &self,
-        mut audit: AuditEntry,
-        result: Result<T, AdminError>,
-    ) -> Result<Response<T>, Status> {
-        let result = result.map_err(Status::from);
-        audit.outcome(&result);
-        audit::record(&self.pool, audit).await;
-        result.map(Response::new)
+        caller: Principal,
+        audit: AuditEntry,
+        work: F,
+    ) -> Result<Response<T>, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(Admin, Principal, AuditEntry) -> Fut + Send + 'static,
+        Fut: Future<Output = (AuditEntry, Result<T, AdminError>)> + Send + 'static,
+    {
+        let admin = self.clone();
+        let pool = self.pool.clone();
+        let call = async move {
+            let (mut audit, result) = work(admin, caller, audit).await;
+            let result = result.map_err(Status::from);
+            audit.outcome(&result);
+            audit::record(pool, audit).await;
+            result
+        };
+        tokio::spawn(call.instrument(tracing::Span::current()))
+            .await
+            .map_err(|error| {
+                tracing::error!(%error, "an admin call's task failed");
+                Status::internal("internal error; see the trigger service's log")
+            })?
+            .map(Response::new)
     }
 }
 
@@ -229,18 +255,28 @@ impl AdminService for Admin {
         &self,
         request: Request<CreateActivityRequest>,
     ) -> Result<Response<Activity>, Status> {
-        let (caller, mut audit, request) = audited_caller(request, "CreateActivity")?;
-        let result = self.create_activity_for(&caller, request, &mut audit).await;
-        self.audited(audit, result).await
+        let (caller, audit, request) = audited_caller(request, "CreateActivity")?;
+        self.audited(caller, audit, move |admin, caller, mut audit| async move {
+            let result = admin
+                .create_activity_for(&caller, request, &mut audit)
+                .await;
+            (audit, result)
+        })
+        .await
     }
 
     async fn update_activity(
         &self,
         request: Request<UpdateActivityRequest>,
     ) -> Result<Response<Activity>, Status> {
-        let (caller, mut audit, request) = audited_caller(request, "UpdateActivity")?;
-        let result = self.update_activity_for(&caller, request, &mut audit).await;
-        self.audited(audit, result).await
+        let (caller, audit, request) = audited_caller(request, "UpdateActivity")?;
+        self.audited(caller, audit, move |admin, caller, mut audit| async move {
+            let result = admin
+                .update_activity_for(&caller, request, &mut audit)
+                .await;
+            (audit, result)
+        })
+        .await
     }
 
     async fn get_activity(
@@ -271,60 +307,80 @@ impl AdminService for Admin {
         &self,
         request: Request<DeleteActivityRequest>,
     ) -> Result<Response<DeleteActivityResponse>, Status> {
-        let (caller, mut audit, request) = audited_caller(request, "DeleteActivity")?;
-        let result = self.delete_activity_for(&caller, request, &mut audit).await;
-        self.audited(audit, result).await
+        let (caller, audit, request) = audited_caller(request, "DeleteActivity")?;
+        self.audited(caller, audit, move |admin, caller, mut audit| async move {
+            let result = admin
+                .delete_activity_for(&caller, request, &mut audit)
+                .await;
+            (audit, result)
+        })
+        .await
     }
 
     async fn trigger_activity(
         &self,
         request: Request<TriggerActivityRequest>,
     ) -> Result<Response<TriggerActivityResponse>, Status> {
-        let (caller, mut audit, request) = audited_caller(request, "TriggerActivity")?;
-        let result = self
-            .trigger_activity_for(&caller, request, &mut audit)
-            .await;
-        self.audited(audit, result).await
+        let (caller, audit, request) = audited_caller(request, "TriggerActivity")?;
+        self.audited(caller, audit, move |admin, caller, mut audit| async move {
+            let result = admin
+                .trigger_activity_for(&caller, request, &mut audit)
+                .await;
+            (audit, result)
+        })
+        .await
     }
 
     async fn pause_activity(
         &self,
         request: Request<PauseActivityRequest>,
     ) -> Result<Response<Activity>, Status> {
-        let (caller, mut audit, request) = audited_caller(request, "PauseActivity")?;
-        let result = self
-            .set_paused_for(&caller, &request.id, true, &request.note, &mut audit)
-            .await;
-        self.audited(audit, result).await
+        let (caller, audit, request) = audited_caller(request, "PauseActivity")?;
+        self.audited(caller, audit, move |admin, caller, mut audit| async move {
+            let result = admin
+                .set_paused_for(&caller, &request.id, true, &request.note, &mut audit)
+                .await;
+            (audit, result)
+        })
+        .await
     }
 
     async fn resume_activity(
         &self,
         request: Request<ResumeActivityRequest>,
     ) -> Result<Response<Activity>, Status> {
-        let (caller, mut audit, request) = audited_caller(request, "ResumeActivity")?;
-        let result = self
-            .set_paused_for(&caller, &request.id, false, &request.note, &mut audit)
-            .await;
-        self.audited(audit, result).await
+        let (caller, audit, request) = audited_caller(request, "ResumeActivity")?;
+        self.audited(caller, audit, move |admin, caller, mut audit| async move {
+            let result = admin
+                .set_paused_for(&caller, &request.id, false, &request.note, &mut audit)
+                .await;
+            (audit, result)
+        })
+        .await
     }
 
     async fn backfill(
         &self,
         request: Request<BackfillRequest>,
     ) -> Result<Response<BackfillResponse>, Status> {
-        let (caller, mut audit, request) = audited_caller(request, "Backfill")?;
-        let result = self.backfill_for(&caller, request, &mut audit).await;
-        self.audited(audit, result).await
+        let (caller, audit, request) = audited_caller(request, "Backfill")?;
+        self.audited(caller, audit, move |admin, caller, mut audit| async move {
+            let result = admin.backfill_for(&caller, request, &mut audit).await;
+            (audit, result)
+        })
+        .await
     }
 
     async fn preview_run(
         &self,
         request: Request<PreviewRunRequest>,
     ) -> Result<Response<PreviewRunResponse>, Status> {
-        let (caller, mut audit, request) = audited_caller(request, "PreviewRun")?;
-        let result = self.preview_run_for(&caller, request, &mut audit).await;
-        self.audited(audit, result).await
+        let (caller, audit, request) = audited_caller(request, "PreviewRun")?;
+        self.audited(caller, audit, move |admin, caller, mut audit| async move {
+            let result = admin.preview_run_for(&caller, request, &mut audit).await;
+            (audit, result)
+        })
+        .await
     }
 
     async fn list_schedule_times(
@@ -360,27 +416,36 @@ impl AdminService for Admin {
         &self,
         request: Request<CancelRunRequest>,
     ) -> Result<Response<Run>, Status> {
-        let (caller, mut audit, request) = audited_caller(request, "CancelRun")?;
-        let result = self.cancel_run_for(&caller, request, &mut audit).await;
-        self.audited(audit, result).await
+        let (caller, audit, request) = audited_caller(request, "CancelRun")?;
+        self.audited(caller, audit, move |admin, caller, mut audit| async move {
+            let result = admin.cancel_run_for(&caller, request, &mut audit).await;
+            (audit, result)
+        })
+        .await
     }
 
     async fn complete_task(
         &self,
         request: Request<CompleteTaskRequest>,
     ) -> Result<Response<Task>, Status> {
-        let (caller, mut audit, request) = audited_caller(request, "CompleteTask")?;
-        let result = self.complete_task_for(&caller, request, &mut audit).await;
-        self.audited(audit, result).await
+        let (caller, audit, request) = audited_caller(request, "CompleteTask")?;
+        self.audited(caller, audit, move |admin, caller, mut audit| async move {
+            let result = admin.complete_task_for(&caller, request, &mut audit).await;
+            (audit, result)
+        })
+        .await
     }
 
     async fn retry_task(
         &self,
         request: Request<RetryTaskRequest>,
     ) -> Result<Response<Task>, Status> {
-        let (caller, mut audit, request) = audited_caller(request, "RetryTask")?;
-        let result = self.retry_task_for(&caller, request, &mut audit).await;
-        self.audited(audit, result).await
+        let (caller, audit, request) = audited_caller(request, "RetryTask")?;
+        self.audited(caller, audit, move |admin, caller, mut audit| async move {
+            let result = admin.retry_task_for(&caller, request, &mut audit).await;
+            (audit, result)
+        })
+        .await
     }
 
     async fn list_tasks(

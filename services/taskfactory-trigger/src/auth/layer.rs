@@ -128,7 +128,8 @@ impl State {
                 );
                 entry.outcome = "PERMISSION_DENIED".to_owned();
                 entry.error = message.clone();
-                audit::record(&self.pool, entry).await;
+                // In a task of its own: a caller that goes away does not keep it unrecorded.
+                let _ = tokio::spawn(audit::record(self.pool.clone(), entry)).await;
             }
             return Err(Status::permission_denied(message));
         }
