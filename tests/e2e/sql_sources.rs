@@ -113,6 +113,25 @@ async fn a_privileged_sql_source_role_stops_the_orchestrator_unless_allowed() ->
         );
     }
 
+    // No superuser itself, but a (NOINHERIT) member of one: one SET ROLE away.
+    let role = SourceRole::create(&crm, &["customers"]).await?;
+    let dba = SourceRole::create(&crm, &[]).await?;
+    as_superuser(
+        &crm,
+        &[
+            format!("ALTER ROLE {} SUPERUSER", dba.name),
+            format!("ALTER ROLE {} NOINHERIT", role.name),
+            format!("GRANT {} TO {}", dba.name, role.name),
+        ],
+    )
+    .await?;
+    let (_running, ended) = start_orchestrator(&env, &role.dsn(), false, None).await;
+    let error = format!("{:#}", ended.expect("refused").unwrap_err());
+    assert!(
+        error.contains("may become one with SET ROLE"),
+        "a member of a superuser role: {error}"
+    );
+
     // Allowed by the operator: it starts, says so loudly, and `/readyz` shows it.
     let metrics: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
     let (_running, ended) = start_orchestrator(&env, &crm.url(), true, Some(metrics)).await;

@@ -108,7 +108,7 @@ pub enum Privilege {
 impl fmt::Display for Privilege {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Privilege::Superuser => f.write_str("is a superuser"),
+            Privilege::Superuser => f.write_str("is a superuser (or may become one with SET ROLE)"),
             Privilege::CreateRole => f.write_str("may create roles (CREATEROLE)"),
             Privilege::CreateDb => f.write_str("may create databases (CREATEDB)"),
             Privilege::Replication => f.write_str("may start replication (REPLICATION)"),
@@ -227,7 +227,9 @@ mod tests {
             ]
         );
         let text = describe(&problems);
-        assert!(text.starts_with("is a superuser, is (or is a member of) the role"));
+        assert!(text.starts_with(
+            "is a superuser (or may become one with SET ROLE), is (or is a member of) the role"
+        ));
         assert!(text.contains("is a member of pg_signal_backend"));
         assert!(text.contains("may execute pg_read_file(text)"));
     }

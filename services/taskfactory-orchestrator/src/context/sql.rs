@@ -192,15 +192,20 @@ async fn role_facts(pool: &PgPool, own_role: &str) -> Result<RoleFacts, sqlx::Er
         .collect();
     let row: (String, bool, bool, bool, bool, bool, Vec<String>, Vec<String>, bool) =
         sqlx::query_as(
-            "SELECT r.rolname::text, r.rolsuper, r.rolcreaterole, r.rolcreatedb, r.rolreplication, r.rolbypassrls, \
+            // Every role the source role may SET ROLE to counts as its own (a NOINHERIT member of
+            // a superuser role is one `set_config('role', …)` away from being superuser).
+            "SELECT current_user::text, bool_or(x.rolsuper), bool_or(x.rolcreaterole), \
+                bool_or(x.rolcreatedb), bool_or(x.rolreplication), bool_or(x.rolbypassrls), \
                 ARRAY(SELECT p.rolname::text FROM pg_roles p \
-                      WHERE p.rolname = ANY($1) AND pg_has_role(r.oid, p.oid, 'MEMBER') ORDER BY 1), \
+                      WHERE p.rolname = ANY($1) AND pg_has_role(current_user, p.oid, 'MEMBER') ORDER BY 1), \
                 ARRAY(SELECT f FROM unnest($2::text[]) AS f \
                       WHERE to_regprocedure(f) IS NOT NULL \
-                        AND has_function_privilege(r.oid, to_regprocedure(f), 'EXECUTE')), \
-                (r.rolname = $3 OR EXISTS (SELECT 1 FROM pg_roles o \
-                      WHERE o.rolname = $3 AND pg_has_role(r.oid, o.oid, 'MEMBER'))) \
-             FROM pg_roles r WHERE r.rolname = current_user",
+                        AND EXISTS (SELECT 1 FROM pg_roles y \
+                                    WHERE pg_has_role(current_user, y.oid, 'MEMBER') \
+                                      AND has_function_privilege(y.oid, to_regprocedure(f), 'EXECUTE'))), \
+                EXISTS (SELECT 1 FROM pg_roles o \
+                        WHERE o.rolname = $3 AND pg_has_role(current_user, o.oid, 'MEMBER')) \
+             FROM pg_roles x WHERE pg_has_role(current_user, x.oid, 'MEMBER')",
         )
         .bind(&roles)
         .bind(&functions)
