@@ -488,3 +488,82 @@ async fn metrics_expose_fires_runs_tasks_attempts_dead_letters_consumers_and_sou
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tampered_stream_is_repaired_at_start_and_a_sealed_one_makes_the_service_unready()
+-> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let js = env.js().await?; // the operator's user
+    taskfactory_runtime::nats::declare_streams(&js, 1).await?;
+    let mut tampered = js
+        .get_stream("FACTORY_EVENTS")
+        .await?
+        .info()
+        .await?
+        .config
+        .clone();
+    tampered.max_message_size = 1;
+    tampered.max_messages = 5;
+    tampered.discard = async_nats::jetstream::stream::DiscardPolicy::New;
+    js.update_stream(tampered).await?;
+
+    // What every service does at start.
+    taskfactory_runtime::nats::declare_streams(&js, 1).await?;
+    let repaired = js
+        .get_stream("FACTORY_EVENTS")
+        .await?
+        .info()
+        .await?
+        .config
+        .clone();
+    assert!(repaired.max_message_size <= 0, "{repaired:?}");
+    assert!(repaired.max_messages <= 0, "{repaired:?}");
+    assert_eq!(
+        repaired.discard,
+        async_nats::jetstream::stream::DiscardPolicy::Old
+    );
+    js.publish("events.after.repair", "{}".into())
+        .await?
+        .await?;
+
+    // A sealed stream cannot be repaired: the service says so instead of looking ready.
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    let _executor = env.spawn_process(
+        Service::Executor,
+        &[("TASKFACTORY_METRICS_ADDR", &metrics.to_string())],
+    )?;
+    wait_for(
+        "the executor to be ready",
+        Duration::from_secs(30),
+        || async {
+            Ok(http_get(metrics, "/readyz")
+                .await
+                .ok()
+                .filter(|(status, _)| *status == 200))
+        },
+    )
+    .await?;
+    let mut sealed = js
+        .get_stream("FACTORY_DLQ")
+        .await?
+        .info()
+        .await?
+        .config
+        .clone();
+    sealed.sealed = true;
+    js.update_stream(sealed).await?;
+    let body = wait_for(
+        "the executor to turn unready",
+        Duration::from_secs(30),
+        || async {
+            Ok(http_get(metrics, "/readyz")
+                .await
+                .ok()
+                .filter(|(status, _)| *status == 503)
+                .map(|(_, body)| body))
+        },
+    )
+    .await?;
+    assert!(body.contains("FACTORY_DLQ is sealed"), "{body}");
+    Ok(())
+}

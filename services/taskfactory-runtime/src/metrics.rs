@@ -444,6 +444,10 @@ pub fn readiness(
                             "streams: {} missing (restart the service to declare them)",
                             check.missing.join(", ")
                         )),
+                        Ok(check) if !check.unusable.is_empty() => problems.push(format!(
+                            "streams: {} (an operator must repair them)",
+                            check.unusable.join("; ")
+                        )),
                         Ok(check) if check.unknown.is_empty() => {
                             details.push("streams: declared".to_owned())
                         }
@@ -493,6 +497,8 @@ struct StreamCheck {
     missing: Vec<String>,
     /// Streams it could not say anything about (a timeout, a leader election, permissions).
     unknown: Vec<String>,
+    /// Streams that take no messages as configured, and why (sealed, a tiny message size).
+    unusable: Vec<String>,
 }
 
 async fn check_streams(nats: &async_nats::Client) -> StreamCheck {
@@ -509,6 +515,11 @@ async fn check_streams(nats: &async_nats::Client) -> StreamCheck {
     });
     let mut check = StreamCheck::default();
     for (name, found) in futures::future::join_all(lookups).await {
+        if let Ok(stream) = &found
+            && let Some(problem) = crate::nats::unusable(&stream.cached_info().config)
+        {
+            check.unusable.push(format!("{name} {problem}"));
+        }
         if let Err(error) = found {
             match error.kind() {
                 GetStreamErrorKind::JetStream(error)

@@ -274,7 +274,10 @@ async fn declare_stream(js: &jetstream::Context, config: stream::Config) -> Resu
                 continue;
             }
         };
-        // Our settings over whatever else the stream has (an operator's `max_bytes` stays).
+        // Our settings over whatever else the stream has (an operator's `max_bytes`, placement
+        // or compression stay), including every setting that would make it refuse or lose our
+        // messages: a stream tampered with is repaired by the next start (but a sealed one
+        // cannot be unsealed: `/readyz` says so).
         let wanted = stream::Config {
             subjects: config.subjects.clone(),
             retention: config.retention,
@@ -283,6 +286,19 @@ async fn declare_stream(js: &jetstream::Context, config: stream::Config) -> Resu
             duplicate_window: config.duplicate_window,
             max_age: config.max_age,
             description: config.description.clone(),
+            max_message_size: if (1..MIN_MESSAGE_SIZE).contains(&current.max_message_size) {
+                -1
+            } else {
+                current.max_message_size
+            },
+            // A message-count limit drops (or, with discard new, refuses) work not yet done.
+            max_messages: current.max_messages.min(0),
+            max_messages_per_subject: current.max_messages_per_subject.min(0),
+            discard: config.discard,
+            discard_new_per_subject: config.discard_new_per_subject,
+            no_ack: config.no_ack,
+            republish: config.republish.clone(),
+            subject_transform: config.subject_transform.clone(),
             ..current.clone()
         };
         if wanted == current {
@@ -301,6 +317,25 @@ async fn declare_stream(js: &jetstream::Context, config: stream::Config) -> Resu
             }
         }
     }
+}
+
+/// The smallest per-message limit an operator may set on our streams (a smaller one is lifted).
+const MIN_MESSAGE_SIZE: i32 = 1024 * 1024;
+
+/// Why a stream of ours takes no messages as configured, if it does not.
+pub fn unusable(config: &stream::Config) -> Option<String> {
+    if config.sealed {
+        return Some(
+            "is sealed: it takes no message and cannot be unsealed; recreate it".to_owned(),
+        );
+    }
+    if (1..MIN_MESSAGE_SIZE).contains(&config.max_message_size) {
+        return Some(format!(
+            "takes messages of at most {} bytes",
+            config.max_message_size
+        ));
+    }
+    None
 }
 
 /// Waits between tries of a declaration with a growing delay, up to a minute in all; then fails
