@@ -112,6 +112,7 @@ CONTRACT_MESSAGES: dict[str, list[tuple[str, str, int]]] = {
         ("string", "activity_name", 11),
         ("uint32", "item_index", 12),
         ("uint32", "attempt_base", 13),
+        ("string", "result_token", 15),
     ],
     "TaskResult": [
         ("string", "task_id", 1),
@@ -126,6 +127,7 @@ CONTRACT_MESSAGES: dict[str, list[tuple[str, str, int]]] = {
         ("google.protobuf.Timestamp", "started_at", 10),
         ("string", "type", 11),
         ("bool", "retryable", 12),
+        ("string", "result_token", 13),
     ],
 }
 CONTRACT_ENUMS: dict[str, list[tuple[str, int]]] = {
@@ -609,6 +611,7 @@ class Executor:
             executor=self.name,
             type=task.type,
             retryable=status == FAILED,
+            result_token=task.result_token,
         )
         result.started_at.FromDatetime(started_at)
         result.finished_at.FromDatetime(datetime.now(timezone.utc))
@@ -687,6 +690,7 @@ class Executor:
             status=RUNNING,
             executor=self.name,
             type=task.type,
+            result_token=task.result_token,
         )
         report.started_at.FromDatetime(started_at)
         try:

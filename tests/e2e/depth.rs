@@ -211,9 +211,13 @@ async fn a_forged_trigger_makes_no_run_and_is_dead_lettered_once() -> anyhow::Re
 // ---------------------------------------------------------------------------------------------
 // Forged results.
 
-/// A result for `task` the way an executor reports it.
-fn result_for(task: &Task, attempt: u32, status: TaskStatus) -> TaskResult {
+/// A result for `task` the way an executor reports it (with the token it was handed).
+fn result_for(key: &[u8], task: &Task, attempt: u32, status: TaskStatus) -> TaskResult {
     TaskResult {
+        result_token: taskfactory_model::results::result_token(
+            key,
+            task.id.parse().expect("a task id"),
+        ),
         task_id: task.id.clone(),
         run_id: task.run_id.clone(),
         activity_id: task.activity_id.clone(),
@@ -256,6 +260,8 @@ async fn get_task(admin: &mut Admin, id: &str) -> anyhow::Result<Task> {
 async fn a_forged_result_cannot_complete_a_human_task() -> anyhow::Result<()> {
     let env = TestEnv::new(EnvOptions::default()).await?;
     let _services = env.start_all().await?;
+    // Even with the task's token (say, from the approval screen's executor): refused.
+    let key = crate::support::result_key(&env).await?;
     let mut admin = env.admin().await?;
     let js = env.js().await?;
     create(
@@ -272,9 +278,9 @@ async fn a_forged_result_cannot_complete_a_human_task() -> anyhow::Result<()> {
     .await?;
     assert_eq!(task.status(), TaskStatus::Waiting);
 
-    let mut approved = result_for(&task, 1, TaskStatus::Succeeded);
+    let mut approved = result_for(&key, &task, 1, TaskStatus::Succeeded);
     approved.output = Some(json_to_value(&json!({"approved": true, "by": "mallory"})));
-    let running = result_for(&task, 1, TaskStatus::Running);
+    let running = result_for(&key, &task, 1, TaskStatus::Running);
     for forged in [approved, running] {
         let sequence = report(&js, "approval", &forged).await?;
         let error = dead_letter(
@@ -339,6 +345,7 @@ async fn results_are_taken_only_for_the_tasks_type_run_and_attempts_handed_out()
     ];
     env.wait_ready(&[Service::Trigger, Service::Orchestrator])
         .await?;
+    let key = crate::support::result_key(&env).await?;
     let mut admin = env.admin().await?;
     let js = env.js().await?;
     create(
@@ -355,23 +362,37 @@ async fn results_are_taken_only_for_the_tasks_type_run_and_attempts_handed_out()
     .await?;
 
     // Refused: another type (or none), another run or activity, attempts never handed out.
-    let mut other_type = result_for(&task, 1, TaskStatus::Succeeded);
+    let mut other_type = result_for(&key, &task, 1, TaskStatus::Succeeded);
     other_type.r#type = "http".to_owned();
-    let mut no_type = result_for(&task, 1, TaskStatus::Succeeded);
+    let mut no_type = result_for(&key, &task, 1, TaskStatus::Succeeded);
     no_type.r#type = String::new();
-    let mut other_run = result_for(&task, 1, TaskStatus::Succeeded);
+    let mut other_run = result_for(&key, &task, 1, TaskStatus::Succeeded);
     other_run.run_id = uuid::Uuid::new_v4().to_string();
-    let mut other_activity = result_for(&task, 1, TaskStatus::Succeeded);
+    let mut other_activity = result_for(&key, &task, 1, TaskStatus::Succeeded);
     other_activity.activity_id = uuid::Uuid::new_v4().to_string();
+    // Right in every field but without the token the task's executor was handed: what another
+    // executor (of another type, say) could make up from a derived task id.
+    let mut tokenless = result_for(&key, &task, 1, TaskStatus::Succeeded);
+    tokenless.result_token = String::new();
+    let mut guessed = result_for(&key, &task, 1, TaskStatus::Succeeded);
+    guessed.result_token = "0".repeat(32);
+    let mut borrowed = result_for(&key, &task, 1, TaskStatus::Succeeded);
+    borrowed.result_token = taskfactory_model::results::result_token(&key, uuid::Uuid::new_v4());
     let refused = [
+        (tokenless, "result token"),
+        (guessed, "result token"),
+        (borrowed, "result token"),
         (other_type, "type"),
         (no_type, "type"),
         (other_run, "run"),
         (other_activity, "activity"),
-        (result_for(&task, 0, TaskStatus::Failed), "attempt 0"),
-        (result_for(&task, 1000, TaskStatus::Running), "attempt 1000"),
+        (result_for(&key, &task, 0, TaskStatus::Failed), "attempt 0"),
         (
-            result_for(&task, u32::MAX, TaskStatus::Dead),
+            result_for(&key, &task, 1000, TaskStatus::Running),
+            "attempt 1000",
+        ),
+        (
+            result_for(&key, &task, u32::MAX, TaskStatus::Dead),
             "attempt 4294967295",
         ),
     ];
@@ -420,9 +441,14 @@ async fn results_are_taken_only_for_the_tasks_type_run_and_attempts_handed_out()
                 },
             )
         };
-    report(&js, "played", &result_for(&task, 1, TaskStatus::Failed)).await?;
+    report(
+        &js,
+        "played",
+        &result_for(&key, &task, 1, TaskStatus::Failed),
+    )
+    .await?;
     assert_eq!(state(1).await?, (TaskStatus::Failed, 1));
-    report(&js, "played", &result_for(&task, 2, TaskStatus::Dead)).await?;
+    report(&js, "played", &result_for(&key, &task, 2, TaskStatus::Dead)).await?;
     assert_eq!(state(2).await?, (TaskStatus::Dead, 2));
     assert_eq!(
         finished_run(&admin, &run_id, Duration::from_secs(10))
@@ -439,13 +465,18 @@ async fn results_are_taken_only_for_the_tasks_type_run_and_attempts_handed_out()
             id: task.id.clone(),
         })
         .await?;
-    report(&js, "played", &result_for(&task, 2, TaskStatus::Succeeded)).await?;
+    report(
+        &js,
+        "played",
+        &result_for(&key, &task, 2, TaskStatus::Succeeded),
+    )
+    .await?;
     assert_eq!(state(3).await?, (TaskStatus::Pending, 2));
     let beyond = 2 + 3 + taskfactory_model::results::REDELIVERY_ALLOWANCE + 1;
     let sequence = report(
         &js,
         "played",
-        &result_for(&task, beyond, TaskStatus::Running),
+        &result_for(&key, &task, beyond, TaskStatus::Running),
     )
     .await?;
     let error = dead_letter(
@@ -463,9 +494,19 @@ async fn results_are_taken_only_for_the_tasks_type_run_and_attempts_handed_out()
         error.contains(&format!("attempts 3 to {}", beyond - 1)),
         "{error}"
     );
-    report(&js, "played", &result_for(&task, 3, TaskStatus::Running)).await?;
+    report(
+        &js,
+        "played",
+        &result_for(&key, &task, 3, TaskStatus::Running),
+    )
+    .await?;
     assert_eq!(state(4).await?, (TaskStatus::Running, 3));
-    report(&js, "played", &result_for(&task, 3, TaskStatus::Succeeded)).await?;
+    report(
+        &js,
+        "played",
+        &result_for(&key, &task, 3, TaskStatus::Succeeded),
+    )
+    .await?;
     assert_eq!(state(5).await?, (TaskStatus::Succeeded, 3));
     let run = finished_run(&admin, &run_id, Duration::from_secs(10)).await?;
     assert_eq!(run.status(), RunStatus::RunSucceeded);
@@ -486,10 +527,11 @@ async fn results_are_taken_only_for_the_tasks_type_run_and_attempts_handed_out()
     };
     assert_eq!(
         [
+            refused_count("wrong_token"),
             refused_count("wrong_task"),
             refused_count("attempt_not_handed_out")
         ],
-        [4.0, 4.0]
+        [3.0, 4.0, 4.0]
     );
     // The run id the result named is not the task's: nothing about that run was touched.
     let other = RunId::derive(ActivityId(uuid::Uuid::new_v4()), "x").to_string();

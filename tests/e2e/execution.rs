@@ -1078,11 +1078,16 @@ async fn a_long_attempt_shows_running_and_a_quick_one_never_does() -> anyhow::Re
 
 /// A result for `task` as an executor played by the test reports it.
 fn played_result(
+    key: &[u8],
     task: &taskfactory_proto::v1::Task,
     attempt: u32,
     status: TaskStatus,
 ) -> taskfactory_proto::v1::TaskResult {
     taskfactory_proto::v1::TaskResult {
+        result_token: taskfactory_model::results::result_token(
+            key,
+            task.id.parse().expect("a task id"),
+        ),
         task_id: task.id.clone(),
         run_id: task.run_id.clone(),
         activity_id: task.activity_id.clone(),
@@ -1124,6 +1129,8 @@ struct Played {
     js: jetstream::Context,
     run_id: String,
     tasks: Vec<taskfactory_proto::v1::Task>,
+    /// The result-token key, to report as an executor that was handed the tasks.
+    key: Vec<u8>,
 }
 
 async fn played_run(count: usize) -> anyhow::Result<Played> {
@@ -1148,7 +1155,9 @@ async fn played_run(count: usize) -> anyhow::Result<Played> {
         async move { Ok(Some(tasks(&mut admin, &run_id).await?).filter(|t| t.len() == count)) }
     })
     .await?;
+    let key = crate::support::result_key(&env).await?;
     Ok(Played {
+        key,
         _services: services,
         _env: env,
         admin,
@@ -1168,9 +1177,10 @@ async fn results_carrying_what_postgres_cannot_store_are_recorded_not_stuck() ->
         tasks: listed,
         _services,
         _env,
+        key,
     } = played_run(2).await?;
     // NUL characters: Postgres text and jsonb refuse them, an executor may well send them.
-    let mut failed = played_result(&listed[0], 1, TaskStatus::Dead);
+    let mut failed = played_result(&key, &listed[0], 1, TaskStatus::Dead);
     failed.error = "bad\0byte".to_owned();
     failed.executor = "nul\0executor".to_owned();
     // And a time before anything Postgres can store: kept as unknown.
@@ -1179,7 +1189,7 @@ async fn results_carrying_what_postgres_cannot_store_are_recorded_not_stuck() ->
         nanos: 0,
     });
     publish_result(&js, failed).await?;
-    let mut succeeded = played_result(&listed[1], 1, TaskStatus::Succeeded);
+    let mut succeeded = played_result(&key, &listed[1], 1, TaskStatus::Succeeded);
     succeeded.output = Some(taskfactory_model::values::json_to_value(
         &serde_json::json!({"te\u{0}xt": "a\u{0}b", "list": ["\u{0}"]}),
     ));
@@ -1222,9 +1232,10 @@ async fn late_and_out_of_order_reports_never_move_a_task_backwards() -> anyhow::
         tasks: listed,
         _services,
         _env,
+        key,
     } = played_run(2).await?;
     let report = |task: usize, attempt: u32, status: TaskStatus| {
-        let result = played_result(&listed[task], attempt, status);
+        let result = played_result(&key, &listed[task], attempt, status);
         publish_result(&js, result)
     };
     let state = |task: usize| {
@@ -1309,6 +1320,7 @@ async fn a_batch_of_results_ends_as_recording_them_one_by_one_would() -> anyhow:
             started_at: None,
             finished_at: None,
             claim: Some(taskfactory_model::results::Claim {
+                token_valid: true,
                 task_type: task.r#type.clone(),
                 run_id: task.run_id.clone(),
                 activity_id: task.activity_id.clone(),

@@ -586,3 +586,14 @@ pub fn source_error(preview: &taskfactory_proto::v1::PreviewRunResponse, name: &
         .map(|e| e.error.clone())
         .unwrap_or_default()
 }
+
+/// The installation's result-token key (tests that play an executor sign their results with it,
+/// as an executor copies the token from its TaskInstance).
+pub async fn result_key(env: &taskfactory_tests::TestEnv) -> anyhow::Result<Vec<u8>> {
+    let pool = env.db.pool().await?;
+    let key = sqlx::query_scalar("SELECT key FROM result_token_key WHERE id = 1")
+        .fetch_one(&pool)
+        .await?;
+    pool.close().await;
+    Ok(key)
+}

@@ -317,6 +317,7 @@ impl Executor {
             started_at: Some(chrono_to_timestamp(started_at)),
             r#type: task.r#type.clone(),
             retryable: status == TaskStatus::Failed,
+            result_token: task.result_token.clone(),
         };
         if let Err(e) = messaging::publish_confirmed(
             &self.builtins.js,
@@ -368,6 +369,7 @@ impl Executor {
             executor: self.name.clone(),
             started_at: Some(chrono_to_timestamp(started_at)),
             r#type: task.r#type.clone(),
+            result_token: task.result_token.clone(),
             ..TaskResult::default()
         };
         let subject = subjects::result_subject(&task.activity_name, &task.run_id);

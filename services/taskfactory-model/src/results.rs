@@ -40,6 +40,9 @@ pub const REDELIVERY_ALLOWANCE: u32 = 20;
 /// What a task is, as far as results are concerned; none of it changes with a result.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TaskFacts<'a> {
+    /// Whether results must prove they were handed the task (its `result_token`): every task
+    /// but those stored before tokens existed.
+    pub token_required: bool,
     pub task_type: &'a str,
     pub run: RunId,
     pub activity: ActivityId,
@@ -60,6 +63,8 @@ pub struct TaskState {
 /// What an executor's result says about the task it ran (copied from the `TaskInstance`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Claim {
+    /// Whether the result carried the task's token ([`verify_result_token`]).
+    pub token_valid: bool,
     pub task_type: String,
     pub run_id: String,
     pub activity_id: String,
@@ -83,6 +88,10 @@ pub enum Refusal {
         "the task is a human task: only CompleteTask completes it, an executor's result for it is refused"
     )]
     HumanTask,
+    #[error(
+        "it does not carry the task's result token: only whoever was handed the task (its TaskInstance) reports on it"
+    )]
+    WrongToken,
     #[error("it names task type {claimed:?}, but the task is of type {actual:?}")]
     WrongType { claimed: String, actual: String },
     #[error("it names run {claimed:?}, but the task belongs to run {actual}")]
@@ -103,6 +112,7 @@ impl Refusal {
         match self {
             Refusal::NotAResultStatus(_) => "not_a_result_status",
             Refusal::HumanTask => "human_task",
+            Refusal::WrongToken => "wrong_token",
             Refusal::WrongType { .. }
             | Refusal::WrongRun { .. }
             | Refusal::WrongActivity { .. } => "wrong_task",
@@ -145,6 +155,36 @@ impl Change {
 }
 
 /// Whether an executor may report this status.
+/// How long a result token is (hex digits of HMAC-SHA256: 128 bits).
+const TOKEN_HEX_LEN: usize = 32;
+
+/// The result token of a task: an HMAC of its id under the installation's key, so only whoever
+/// received the TaskInstance (or holds the key) can report on the task. Deterministic: the same
+/// task always gets the same token, whoever spawns or redrives it.
+pub fn result_token(key: &[u8], task: Uuid) -> String {
+    use hmac::Mac as _;
+    let mut mac =
+        hmac::Hmac::<sha2::Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(task.as_bytes());
+    let full = hex::encode(mac.finalize().into_bytes());
+    full[..TOKEN_HEX_LEN].to_owned()
+}
+
+/// Whether `token` is the task's result token (compared in constant time).
+pub fn verify_result_token(key: &[u8], task: Uuid, token: &str) -> bool {
+    use hmac::Mac as _;
+    let Ok(claimed) = hex::decode(token) else {
+        return false;
+    };
+    if claimed.len() * 2 != TOKEN_HEX_LEN {
+        return false;
+    }
+    let mut mac =
+        hmac::Hmac::<sha2::Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(task.as_bytes());
+    mac.verify_truncated_left(&claimed).is_ok()
+}
+
 pub fn is_result_status(status: TaskStatus) -> bool {
     matches!(
         status,
@@ -211,6 +251,9 @@ fn check_claim(facts: &TaskFacts<'_>, claim: &Claim, attempt: u32) -> Result<(),
     if facts.task_type == HUMAN_TASK_TYPE {
         return Err(Refusal::HumanTask);
     }
+    if facts.token_required && !claim.token_valid {
+        return Err(Refusal::WrongToken);
+    }
     if claim.task_type != facts.task_type {
         return Err(Refusal::WrongType {
             claimed: claim.task_type.clone(),
@@ -259,6 +302,7 @@ mod tests {
 
     fn facts(task_type: &str, attempt_base: u32) -> TaskFacts<'_> {
         TaskFacts {
+            token_required: true,
             task_type,
             run: RUN,
             activity: ACTIVITY,
@@ -269,6 +313,7 @@ mod tests {
 
     fn claim(task_type: &str) -> Claim {
         Claim {
+            token_valid: true,
             task_type: task_type.to_owned(),
             run_id: RUN.to_string(),
             activity_id: ACTIVITY.to_string(),
@@ -552,5 +597,50 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_result_without_the_tasks_token_is_refused() {
+        let key = b"an installation key of any length";
+        let task = Uuid::from_u128(7);
+        let token = result_token(key, task);
+        assert_eq!(token.len(), 32);
+        assert_eq!(token, result_token(key, task), "deterministic");
+        assert!(verify_result_token(key, task, &token));
+        assert!(!verify_result_token(key, Uuid::from_u128(8), &token));
+        assert!(!verify_result_token(b"another key", task, &token));
+        assert!(!verify_result_token(key, task, ""));
+        assert!(!verify_result_token(key, task, &token[..30]));
+        assert!(!verify_result_token(
+            key,
+            task,
+            "not hex at all, but 32 chars...."
+        ));
+
+        let forged = Claim {
+            token_valid: false,
+            ..claim("http")
+        };
+        assert_eq!(
+            judge(
+                &facts("http", 0),
+                state(TaskStatus::Pending, 0),
+                &from_executor(&forged, 1, TaskStatus::Succeeded)
+            ),
+            Verdict::Refused(Refusal::WrongToken)
+        );
+        // Tasks stored before tokens existed take results without one.
+        let legacy = TaskFacts {
+            token_required: false,
+            ..facts("http", 0)
+        };
+        assert!(matches!(
+            judge(
+                &legacy,
+                state(TaskStatus::Pending, 0),
+                &from_executor(&forged, 1, TaskStatus::Succeeded)
+            ),
+            Verdict::Recorded(Some(_))
+        ));
     }
 }

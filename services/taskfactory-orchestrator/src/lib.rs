@@ -379,7 +379,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .await
         .map_err(|e| anyhow::anyhow!("the cancelled-runs bucket: {e}"))?;
     let sources = Arc::new(context_sources(&config, &pool, &client, &js).await?);
+    let result_key = store::result_token_key(&pool)
+        .await
+        .context("reading the result token key")?;
     let spawner = Arc::new(spawn::Spawner {
+        result_key,
         cancelled_runs: cancelled_runs.clone(),
         pool: pool.clone(),
         js: js.clone(),

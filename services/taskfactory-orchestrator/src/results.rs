@@ -254,6 +254,11 @@ impl ResultSink {
             started_at: result.started_at.as_ref().and_then(timestamp_to_chrono),
             finished_at: result.finished_at.as_ref().and_then(timestamp_to_chrono),
             claim: Some(Claim {
+                token_valid: taskfactory_model::results::verify_result_token(
+                    &self.spawner.result_key,
+                    task_id.0,
+                    &result.result_token,
+                ),
                 task_type: result.r#type.clone(),
                 run_id: result.run_id.clone(),
                 activity_id: result.activity_id.clone(),

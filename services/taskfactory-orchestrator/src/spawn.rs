@@ -61,6 +61,8 @@ pub struct Spawner {
     pub sources: Arc<crate::context::Sources>,
     /// Runs cancelled (by CANCEL_OTHER here): executors skip their tasks.
     pub cancelled_runs: async_nats::jetstream::kv::Store,
+    /// The installation's key of result tokens (`model::results::result_token`).
+    pub result_key: Arc<[u8]>,
 }
 
 /// Why handling a trigger did not finish.
@@ -638,6 +640,7 @@ impl Spawner {
                 activity_name: event.activity_name.clone(),
                 item_index: planned.item_index,
                 attempt_base: 0,
+                result_token: taskfactory_model::results::result_token(&self.result_key, id.0),
                 // As written in the spec, never rendered: the executor resolves them.
                 secret_headers: spec
                     .tasks

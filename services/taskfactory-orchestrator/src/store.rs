@@ -23,6 +23,14 @@ pub struct RunState {
     pub waiting: bool,
 }
 
+/// The installation's key of result tokens (made once by the migrations).
+pub async fn result_token_key(pool: &PgPool) -> Result<std::sync::Arc<[u8]>, sqlx::Error> {
+    let key: Vec<u8> = sqlx::query_scalar("SELECT key FROM result_token_key WHERE id = 1")
+        .fetch_one(pool)
+        .await?;
+    Ok(key.into())
+}
+
 pub async fn run_state(pool: &PgPool, run: RunId) -> Result<Option<RunState>, sqlx::Error> {
     let row: Option<(String, bool, Option<DateTime<Utc>>, bool)> = sqlx::query_as(
         "SELECT status, spawn_complete, announced_at, waiting FROM runs WHERE id = $1",

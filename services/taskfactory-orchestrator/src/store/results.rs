@@ -76,15 +76,16 @@ struct TaskRow {
     attempts: i32,
     attempt_base: i32,
     max_attempts: Option<i32>,
+    result_token_required: bool,
 }
 
 /// The columns of a [`TaskRow`].
-const TASK_ROW: &str =
-    "id, run_id, activity_id, type, status, attempts, attempt_base, max_attempts";
+const TASK_ROW: &str = "id, run_id, activity_id, type, status, attempts, attempt_base, max_attempts, result_token_required";
 
 impl TaskRow {
     fn facts(&self) -> TaskFacts<'_> {
         TaskFacts {
+            token_required: self.result_token_required,
             task_type: &self.task_type,
             run: RunId(self.run_id),
             activity: ActivityId(self.activity_id),
