@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use taskfactory_model::access::{RPCS, Role, rpc_rule};
 use taskfactory_proto::v1::{
-    CancelRunRequest, CompleteTaskRequest, GetActivityRequest, GetRunRequest,
-    ListActivitiesRequest, ListActivityVersionsRequest, ListAuditEventsRequest, ListRunsRequest,
-    PauseActivityRequest, PreviewRunRequest, TaskStatus, TriggerActivityRequest,
+    CancelRunRequest, CompleteTaskRequest, CreateActivityRequest, GetActivityRequest,
+    GetRunRequest, ListActivitiesRequest, ListActivityVersionsRequest, ListAuditEventsRequest,
+    ListRunsRequest, PauseActivityRequest, PreviewRunRequest, TaskStatus, TriggerActivityRequest,
     UpdateActivityRequest,
 };
 use taskfactory_tests::auth::token_entry;
@@ -133,10 +133,16 @@ async fn scoped_roles_reach_only_their_activities() -> anyhow::Result<()> {
     let tokens = env.tokens.as_ref().expect("auth is on by default");
     let team_editor = "tf_team-editor-token-0123456789abcdef";
     let prefix_operator = "tf_prefix-operator-token-0123456789abcd";
+    let prefix_editor = "tf_prefix-editor-token-0123456789abcdef";
     tokens.write(&format!(
-        "{}{}",
+        "{}{}{}",
         token_entry("billing-team", team_editor, &["editor:team=billing"]),
-        token_entry("billing-ops", prefix_operator, &["operator:billing-*"])
+        token_entry("billing-ops", prefix_operator, &["operator:billing-*"]),
+        token_entry(
+            "billing-namer",
+            prefix_editor,
+            &["editor:billing-*", "admin:team=sandbox"]
+        )
     ))?;
     let _services = env.start_all().await?;
     let mut admin = env.admin().await?;
@@ -185,6 +191,61 @@ async fn scoped_roles_reach_only_their_activities() -> anyhow::Result<()> {
         .filter_map(|a| a.spec.as_ref().map(|s| s.name.as_str()))
         .collect();
     assert_eq!(names, vec!["billing-sync"]);
+
+    // An editor by name prefix edits billing-* but gives no labels: a label would move the
+    // activity into the reach of whoever holds grants over it (here, its own admin:team=sandbox).
+    let mut namer = env.admin_as(Some(prefix_editor)).await?;
+    create(
+        &mut namer,
+        "name: billing-plain\ntrigger: {manual: {}}\ntasks: [{name: t, type: log}]\n",
+    )
+    .await?;
+    let mut relabelled = taskfactory_model::spec::spec_from_yaml(BILLING)?;
+    relabelled
+        .labels
+        .insert("team".to_owned(), "sandbox".to_owned());
+    let status = namer
+        .update_activity(UpdateActivityRequest {
+            id: "billing-sync".to_owned(),
+            spec: Some(relabelled.clone()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(
+        status.message().contains("give itself the role admin"),
+        "{status:?}"
+    );
+    // Nor a label of another team, on a new activity or in a preview.
+    relabelled.name = "billing-fresh".to_owned();
+    relabelled
+        .labels
+        .insert("team".to_owned(), "payroll".to_owned());
+    let status = namer
+        .preview_run(PreviewRunRequest {
+            spec: Some(relabelled.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("team=payroll"), "{status:?}");
+    let status = namer
+        .create_activity(CreateActivityRequest {
+            spec: Some(relabelled),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    // Keeping the labels an activity has is fine.
+    namer
+        .update_activity(UpdateActivityRequest {
+            id: "billing-sync".to_owned(),
+            spec: Some(taskfactory_model::spec::spec_from_yaml(
+                &BILLING.replace("tasks:", "description: v2\ntasks:"),
+            )?),
+        })
+        .await?;
 
     // An operator of billing-* triggers and pauses billing-sync, but may not edit it; payroll
     // does not exist for it.

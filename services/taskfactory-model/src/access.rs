@@ -231,6 +231,20 @@ impl Principal {
         self.grants.iter().any(|g| g.role >= role)
     }
 
+    /// May give an activity the label `key=value` with `role`: only a grant over everything or
+    /// over that very label does (a name-scoped editor cannot move an activity into the reach of
+    /// another team's label grants).
+    pub fn may_label(&self, role: Role, key: &str, value: &str) -> bool {
+        self.grants.iter().any(|g| {
+            g.role >= role
+                && match &g.scope {
+                    Scope::All => true,
+                    Scope::Label { key: k, value: v } => k == key && v == value,
+                    Scope::Name(_) | Scope::NamePrefix(_) => false,
+                }
+        })
+    }
+
     /// Holds `role` over everything, including what belongs to no activity.
     pub fn may_everywhere(&self, role: Role) -> bool {
         self.grants
@@ -500,6 +514,18 @@ mod tests {
             Coverage::Only(scopes) => assert_eq!(scopes.len(), 3),
             Coverage::Everything => panic!("operator is scoped"),
         }
+    }
+
+    #[test]
+    fn labels_are_given_only_with_a_grant_over_them() {
+        let p = principal(&["editor:billing-*", "editor:team=ops", "viewer"]);
+        assert!(p.may_label(Role::Editor, "team", "ops"));
+        assert!(
+            !p.may_label(Role::Editor, "team", "payroll"),
+            "a name scope gives no label"
+        );
+        assert!(!p.may_label(Role::Admin, "team", "ops"));
+        assert!(principal(&["editor"]).may_label(Role::Editor, "team", "anything"));
     }
 
     #[test]

@@ -114,6 +114,7 @@ impl Admin {
         let (spec, json) = validated_spec(request.spec)?;
         audit.activity_name = spec.name.clone();
         Self::check_spec(caller, Role::Editor, &spec, "create")?;
+        Self::check_labels(caller, &spec, None)?;
         let record = store::create_activity(
             &self.pool,
             ActivityId::new_random(),
@@ -162,6 +163,7 @@ impl Admin {
         // The new labels must stay within the caller's reach: no moving an activity into
         // another team's scope, or out of one's own.
         Self::check_spec(caller, Role::Editor, &spec, "update")?;
+        Self::check_labels(caller, &spec, Some(&stored_spec(&current)?))?;
         let (record, changed) = store::update_activity(
             &self.pool,
             current.id,
@@ -297,6 +299,48 @@ impl Admin {
         self.definitions_changed().await;
         let record = self.load(record.id, None).await?;
         self.activity_view(caller, &record).await
+    }
+
+    /// Whether `caller` may give the spec the labels it adds or changes (over `current`): only
+    /// with an editor grant over everything or over that label, and never so that the change
+    /// gives the caller a role over an existing activity it does not hold now (say, admin, and
+    /// with it the activity's past runs unredacted).
+    pub(super) fn check_labels(
+        caller: &Principal,
+        spec: &ActivitySpec,
+        current: Option<&ActivitySpec>,
+    ) -> Result<(), AdminError> {
+        let mut labels: Vec<_> = spec.labels.iter().collect();
+        labels.sort();
+        for (key, value) in labels {
+            let unchanged = current.is_some_and(|c| c.labels.get(key) == Some(value));
+            if !unchanged && !caller.may_label(Role::Editor, key, value) {
+                return Err(AdminError::PermissionDenied(format!(
+                    "{} may not label an activity {key}={value}: that takes the role editor over everything or over {key}={value}",
+                    caller.subject
+                )));
+            }
+        }
+        let Some(current) = current else {
+            return Ok(());
+        };
+        let before = ActivityRef {
+            name: &current.name,
+            labels: &current.labels,
+        };
+        let after = ActivityRef {
+            name: &spec.name,
+            labels: &spec.labels,
+        };
+        for role in Role::ALL {
+            if caller.may(role, &after) && !caller.may(role, &before) {
+                return Err(AdminError::PermissionDenied(format!(
+                    "{} may not relabel activity {:?} so: it would give itself the role {role} over it",
+                    caller.subject, spec.name
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Whether `caller` holds `role` over an activity with this spec's name and labels.

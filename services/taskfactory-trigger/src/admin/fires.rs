@@ -194,17 +194,22 @@ impl Admin {
                 Self::check_spec(caller, Role::Editor, &spec, "preview")?;
                 // An unsaved spec for an existing activity previews as that activity would run,
                 // so the caller must be its editor too.
+                // Its labels decide what the caller reads unredacted: only labels it may give.
                 let id = match crate::store::find_activity_id(&self.pool, &spec.name).await? {
                     Some(_) => {
                         let record = self
                             .audited_activity(caller, &spec.name, Role::Editor, audit)
                             .await?;
+                        Self::check_labels(caller, &spec, Some(&stored_spec(&record)?))?;
                         record.id
                     }
-                    None => ActivityId(Uuid::new_v5(
-                        &Uuid::NAMESPACE_URL,
-                        format!("taskfactory:preview:{}", spec.name).as_bytes(),
-                    )),
+                    None => {
+                        Self::check_labels(caller, &spec, None)?;
+                        ActivityId(Uuid::new_v5(
+                            &Uuid::NAMESPACE_URL,
+                            format!("taskfactory:preview:{}", spec.name).as_bytes(),
+                        ))
+                    }
                 };
                 (id, 0, spec)
             }
