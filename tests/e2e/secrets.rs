@@ -131,7 +131,7 @@ async fn canary_secrets_reach_their_server_and_appear_in_no_log_span_metric_or_r
             Service::Orchestrator,
             vec![
                 ("TASKFACTORY_SECRET_SOURCE_KEY", source_key.as_str()),
-                ("TASKFACTORY_SECRETS_HOSTS", "SOURCE_KEY=127.0.0.1"),
+                ("TASKFACTORY_SECRETS_HOSTS", "SOURCE_KEY=http://127.0.0.1"),
                 ("TASKFACTORY_METRICS_ADDR", orchestrator_addr.as_str()),
             ],
         ),
@@ -139,7 +139,7 @@ async fn canary_secrets_reach_their_server_and_appear_in_no_log_span_metric_or_r
             Service::Executor,
             vec![
                 ("TASKFACTORY_SECRETS_DIR", secrets_path.as_str()),
-                ("TASKFACTORY_SECRETS_HOSTS", "TASK_KEY=127.0.0.1"),
+                ("TASKFACTORY_SECRETS_HOSTS", "TASK_KEY=http://127.0.0.1"),
                 ("TASKFACTORY_METRICS_ADDR", executor_addr.as_str()),
             ],
         ),

@@ -130,10 +130,15 @@ struct HostRule {
     /// Lowercase; a leading `*.` matches any subdomain.
     pattern: String,
     port: Option<u16>,
+    /// Written `http://host`: the secret may cross to it in clear (else https only).
+    plain_http: bool,
 }
 
 impl fmt::Display for HostRule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.plain_http {
+            f.write_str("http://")?;
+        }
         match self.port {
             Some(port) => write!(f, "{}:{port}", self.pattern),
             None => f.write_str(&self.pattern),
@@ -168,8 +173,9 @@ impl SecretBindings {
         Ok(Self { bindings })
     }
 
-    /// Whether secret `name` may be sent to `host` on `port`; `Err` says why not.
-    pub fn check(&self, name: &str, host: &str, port: u16) -> Result<(), String> {
+    /// Whether secret `name` may be sent to `host` on `port` over `scheme` (`https`; plain `http`
+    /// only to a host bound as `http://host`); `Err` says why not.
+    pub fn check(&self, name: &str, scheme: &str, host: &str, port: u16) -> Result<(), String> {
         let host = host
             .trim_start_matches('[')
             .trim_end_matches(']')
@@ -180,10 +186,21 @@ impl SecretBindings {
                 "secret {name:?} is bound to no host, so it is sent nowhere; bind it with {HOSTS_FLAG} (e.g. {name}=api.example.com)"
             ));
         };
-        if rules.iter().any(|rule| {
+        let reachable = |rule: &&HostRule| {
             egress::matches_host(&rule.pattern, &host) && rule.port.is_none_or(|p| p == port)
-        }) {
+        };
+        let secure = scheme.eq_ignore_ascii_case("https");
+        if rules
+            .iter()
+            .filter(reachable)
+            .any(|rule| secure || rule.plain_http)
+        {
             return Ok(());
+        }
+        if rules.iter().any(|rule| reachable(&rule)) {
+            return Err(format!(
+                "secret {name:?} goes to {host} over https only, not {scheme}: bind it as http://{host} to allow plain http ({HOSTS_FLAG})"
+            ));
         }
         let bound: Vec<String> = rules.iter().map(ToString::to_string).collect();
         Err(format!(
@@ -194,6 +211,10 @@ impl SecretBindings {
 }
 
 fn parse_host_rule(entry: &str) -> Result<HostRule, String> {
+    let (plain_http, entry) = match entry.strip_prefix("http://") {
+        Some(rest) => (true, rest),
+        None => (false, entry.strip_prefix("https://").unwrap_or(entry)),
+    };
     let (host, port) = match entry.rsplit_once(':') {
         Some((host, port)) if !host.contains(':') || host.ends_with(']') => {
             let port = port
@@ -217,6 +238,7 @@ fn parse_host_rule(entry: &str) -> Result<HostRule, String> {
     Ok(HostRule {
         pattern: host.to_ascii_lowercase(),
         port,
+        plain_http,
     })
 }
 
@@ -277,29 +299,35 @@ mod tests {
             "STRIPE_KEY=api.stripe.com; GITHUB=*.github.com,127.0.0.1:8080;STRIPE_KEY=files.stripe.com",
         )
         .unwrap();
-        assert!(bindings.check("STRIPE_KEY", "api.stripe.com", 443).is_ok());
-        assert!(bindings.check("STRIPE_KEY", "API.Stripe.com.", 443).is_ok());
+        assert!(bindings.check("STRIPE_KEY", "https", "api.stripe.com", 443).is_ok());
+        assert!(bindings.check("STRIPE_KEY", "https", "API.Stripe.com.", 443).is_ok());
         assert!(
             bindings
-                .check("STRIPE_KEY", "files.stripe.com", 443)
+                .check("STRIPE_KEY", "https", "files.stripe.com", 443)
                 .is_ok()
         );
-        assert!(bindings.check("GITHUB", "api.github.com", 443).is_ok());
-        assert!(bindings.check("GITHUB", "127.0.0.1", 8080).is_ok());
-        let refused = bindings.check("GITHUB", "127.0.0.1", 9090).unwrap_err();
+        assert!(bindings.check("GITHUB", "https", "api.github.com", 443).is_ok());
+        assert!(bindings.check("GITHUB", "https", "127.0.0.1", 8080).is_ok());
+        let refused = bindings.check("GITHUB", "https", "127.0.0.1", 9090).unwrap_err();
         assert!(
             refused.contains("bound to *.github.com, 127.0.0.1:8080"),
             "{refused}"
         );
-        assert!(bindings.check("GITHUB", "github.com", 443).is_err());
+        assert!(bindings.check("GITHUB", "https", "github.com", 443).is_err());
         assert!(
             bindings
-                .check("STRIPE_KEY", "api.stripe.com.evil.com", 443)
+                .check("STRIPE_KEY", "https", "api.stripe.com.evil.com", 443)
                 .is_err()
         );
-        let unbound = bindings.check("OTHER", "api.stripe.com", 443).unwrap_err();
+        let unbound = bindings.check("OTHER", "https", "api.stripe.com", 443).unwrap_err();
+        // Plain http only where the binding says so.
+        let clear = bindings.check("STRIPE_KEY", "http", "api.stripe.com", 80).unwrap_err();
+        assert!(clear.contains("over https only"), "{clear}");
+        let local = SecretBindings::parse("LOCAL=http://127.0.0.1:8080").unwrap();
+        assert!(local.check("LOCAL", "http", "127.0.0.1", 8080).is_ok());
+        assert!(local.check("LOCAL", "https", "127.0.0.1", 8080).is_ok());
         assert!(unbound.contains("TASKFACTORY_SECRETS_HOSTS"), "{unbound}");
-        assert!(SecretBindings::default().check("A", "x", 1).is_err());
+        assert!(SecretBindings::default().check("A", "https", "x", 1).is_err());
         for bad in [
             "STRIPE_KEY",
             "stripe=api",

@@ -126,7 +126,7 @@ impl Secrets {
                 return Err(bad(problem));
             }
             self.bindings
-                .check(&reference.secret, host, port)
+                .check(&reference.secret, url.scheme(), host, port)
                 .map_err(SecretError::NotBound)?;
             let value = self.value(&reference.secret)?;
             let mut text = String::with_capacity(reference.prefix.len() + 64);
