@@ -143,6 +143,48 @@ fn without_url_password(text: &str) -> Option<String> {
     ))
 }
 
+/// Query parameters whose values are credentials by their name alone, beyond
+/// [`is_sensitive_key`] (`?key=…`, `?sig=…`).
+const SENSITIVE_QUERY_KEYS: &[&str] = &["key", "sig", "code", "auth", "jwt"];
+
+/// A URL with the values of its credential-named query parameters replaced, if it has any:
+/// `https://h/p?api_key=abc&x=1` → `https://h/p?api_key=[redacted]&x=1`.
+fn without_query_secrets(text: &str) -> Option<String> {
+    if !(text.starts_with("http://") || text.starts_with("https://")) {
+        return None;
+    }
+    let (base, rest) = text.split_once('?')?;
+    let (query, fragment) = match rest.split_once('#') {
+        Some((query, fragment)) => (query, Some(fragment)),
+        None => (rest, None),
+    };
+    let mut hidden = false;
+    let parts: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((name, value))
+                if !value.is_empty()
+                    && value != REDACTED
+                    && (is_sensitive_key(name)
+                        || SENSITIVE_QUERY_KEYS.contains(&normalized(name).as_str())) =>
+            {
+                hidden = true;
+                format!("{name}={REDACTED}")
+            }
+            _ => pair.to_owned(),
+        })
+        .collect();
+    if !hidden {
+        return None;
+    }
+    let mut out = format!("{base}?{}", parts.join("&"));
+    if let Some(fragment) = fragment {
+        out.push('#');
+        out.push_str(fragment);
+    }
+    Some(out)
+}
+
 /// Hides credentials in `value`, in place; returns how many values were hidden.
 pub fn redact_json(value: &mut Value) -> usize {
     match value {
@@ -163,13 +205,18 @@ pub fn redact_json(value: &mut Value) -> usize {
         Value::String(text) => {
             if looks_secret(text) {
                 *text = REDACTED.to_owned();
-                1
-            } else if let Some(safe) = without_url_password(text) {
-                *text = safe;
-                1
-            } else {
-                0
+                return 1;
             }
+            let mut hidden = 0;
+            if let Some(safe) = without_url_password(text) {
+                *text = safe;
+                hidden += 1;
+            }
+            if let Some(safe) = without_query_secrets(text) {
+                *text = safe;
+                hidden += 1;
+            }
+            hidden
         }
         _ => 0,
     }
@@ -229,11 +276,9 @@ pub fn redact_spec(spec: &mut ActivitySpec) {
         match source.kind.as_mut() {
             Some(context_source::Kind::Static(value)) => redact_value(value),
             Some(context_source::Kind::Http(http)) => {
-                if let Some(safe) = without_url_password(&http.url) {
-                    http.url = safe;
-                } else if looks_secret(&http.url) {
-                    http.url = REDACTED.to_owned();
-                }
+                let mut url = serde_json::Value::String(std::mem::take(&mut http.url));
+                redact_json(&mut url);
+                http.url = url.as_str().unwrap_or_default().to_owned();
                 for (name, value) in http.headers.iter_mut() {
                     let harmless = HARMLESS_HEADERS.contains(&normalized(name).as_str());
                     if !harmless && !value.is_empty() {
@@ -424,6 +469,26 @@ tasks:
         assert_eq!(
             value,
             json!({"url": "postgres://app:[redacted]@db:5432/x?sslmode=require", "plain": "https://example.com/a@b", "user_only": "https://ada@example.com/"})
+        );
+    }
+
+    #[test]
+    fn credential_query_parameters_are_hidden() {
+        let mut value = json!([
+            "https://h.example/p?api_key=abc123&page=2",
+            "https://hooks.example/x?sig=deadbeef&v=1#top",
+            "https://h.example/p?page=2",
+            "not a url?token=abc"
+        ]);
+        redact_json(&mut value);
+        assert_eq!(
+            value,
+            json!([
+                "https://h.example/p?api_key=[redacted]&page=2",
+                "https://hooks.example/x?sig=[redacted]&v=1#top",
+                "https://h.example/p?page=2",
+                "not a url?token=abc"
+            ])
         );
     }
 

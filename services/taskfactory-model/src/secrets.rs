@@ -299,35 +299,61 @@ mod tests {
             "STRIPE_KEY=api.stripe.com; GITHUB=*.github.com,127.0.0.1:8080;STRIPE_KEY=files.stripe.com",
         )
         .unwrap();
-        assert!(bindings.check("STRIPE_KEY", "https", "api.stripe.com", 443).is_ok());
-        assert!(bindings.check("STRIPE_KEY", "https", "API.Stripe.com.", 443).is_ok());
+        assert!(
+            bindings
+                .check("STRIPE_KEY", "https", "api.stripe.com", 443)
+                .is_ok()
+        );
+        assert!(
+            bindings
+                .check("STRIPE_KEY", "https", "API.Stripe.com.", 443)
+                .is_ok()
+        );
         assert!(
             bindings
                 .check("STRIPE_KEY", "https", "files.stripe.com", 443)
                 .is_ok()
         );
-        assert!(bindings.check("GITHUB", "https", "api.github.com", 443).is_ok());
+        assert!(
+            bindings
+                .check("GITHUB", "https", "api.github.com", 443)
+                .is_ok()
+        );
         assert!(bindings.check("GITHUB", "https", "127.0.0.1", 8080).is_ok());
-        let refused = bindings.check("GITHUB", "https", "127.0.0.1", 9090).unwrap_err();
+        let refused = bindings
+            .check("GITHUB", "https", "127.0.0.1", 9090)
+            .unwrap_err();
         assert!(
             refused.contains("bound to *.github.com, 127.0.0.1:8080"),
             "{refused}"
         );
-        assert!(bindings.check("GITHUB", "https", "github.com", 443).is_err());
+        assert!(
+            bindings
+                .check("GITHUB", "https", "github.com", 443)
+                .is_err()
+        );
         assert!(
             bindings
                 .check("STRIPE_KEY", "https", "api.stripe.com.evil.com", 443)
                 .is_err()
         );
-        let unbound = bindings.check("OTHER", "https", "api.stripe.com", 443).unwrap_err();
+        let unbound = bindings
+            .check("OTHER", "https", "api.stripe.com", 443)
+            .unwrap_err();
         // Plain http only where the binding says so.
-        let clear = bindings.check("STRIPE_KEY", "http", "api.stripe.com", 80).unwrap_err();
+        let clear = bindings
+            .check("STRIPE_KEY", "http", "api.stripe.com", 80)
+            .unwrap_err();
         assert!(clear.contains("over https only"), "{clear}");
         let local = SecretBindings::parse("LOCAL=http://127.0.0.1:8080").unwrap();
         assert!(local.check("LOCAL", "http", "127.0.0.1", 8080).is_ok());
         assert!(local.check("LOCAL", "https", "127.0.0.1", 8080).is_ok());
         assert!(unbound.contains("TASKFACTORY_SECRETS_HOSTS"), "{unbound}");
-        assert!(SecretBindings::default().check("A", "https", "x", 1).is_err());
+        assert!(
+            SecretBindings::default()
+                .check("A", "https", "x", 1)
+                .is_err()
+        );
         for bad in [
             "STRIPE_KEY",
             "stripe=api",

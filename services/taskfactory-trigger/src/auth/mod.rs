@@ -353,6 +353,11 @@ impl Authenticator {
                         tracing::warn!(%error, "cannot load the OIDC signing keys yet; retrying in the background (JWT callers are refused meanwhile)");
                     }
                 }
+                if verifier.settings().role_prefix.is_empty() {
+                    tracing::warn!(
+                        "OIDC without --oidc-role-prefix: any value viewer, operator, editor or admin in the tokens' roles claim grants that role here, whichever application the identity provider meant it for; prefer a prefix such as taskfactory:"
+                    );
+                }
                 tracker.spawn(jwt::run_refresher(verifier.clone(), shutdown.clone()));
                 Some(verifier)
             }
