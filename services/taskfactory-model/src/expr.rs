@@ -269,23 +269,24 @@ impl CompiledExpr<'_, '_> {
                 Ok(items)
             }
             kind => Err(ExprError::new(format!(
-                "yielded {kind} ({}), not a list",
-                preview(&value)
+                "yielded {kind}{}, not a list",
+                shape(&value)
             ))),
         }
     }
 }
 
-fn preview(value: &Value) -> String {
-    let text = value.to_string();
-    if text.len() > 80 {
-        let cut = (0..=80)
-            .rev()
-            .find(|i| text.is_char_boundary(*i))
-            .unwrap_or(0);
-        format!("{}…", &text[..cut])
-    } else {
-        text
+/// What an error may say of a value: its size, never its content (it may come from a
+/// sensitive context source, and errors are stored and shown to viewers).
+fn shape(value: &Value) -> String {
+    match value.len() {
+        Some(len) if value.kind() == minijinja::value::ValueKind::Map => {
+            format!(" ({len} keys)")
+        }
+        Some(len) if value.kind() == minijinja::value::ValueKind::String => {
+            format!(" ({len} characters)")
+        }
+        _ => String::new(),
     }
 }
 
@@ -454,7 +455,8 @@ mod tests {
     #[test]
     fn for_each_needs_a_list() {
         let engine = Engine::new(Limits::default());
-        let s = scope(json!({"event": {"items": [1, 2, 3], "obj": {"a": 1}}}));
+        let s =
+            scope(json!({"event": {"items": [1, 2, 3], "obj": {"a": 1}, "token": "s3cr3t-value"}}));
         let items = engine
             .expression("event.items")
             .unwrap()
@@ -467,6 +469,15 @@ mod tests {
             .eval_list(&s)
             .unwrap_err();
         assert!(err.message.contains("not a list"), "{err}");
+        assert!(err.message.contains("map (1 keys)"), "{err}");
+        // An error says what a value is, never what it holds (it may be a sensitive source's).
+        let err = engine
+            .expression("event.token")
+            .unwrap()
+            .eval_list(&s)
+            .unwrap_err();
+        assert!(!err.message.contains("s3cr3t"), "{err}");
+        assert!(err.message.contains("(12 characters)"), "{err}");
         let err = engine
             .expression("event.nope")
             .unwrap()
