@@ -87,6 +87,9 @@ pub async fn trigger_state(
          LEFT JOIN fires f ON f.activity_id = $1 AND f.dedupe_key = $2 \
          LEFT JOIN runs r ON r.id = $4",
     )
+    // Planned on each use: a generic plan made while the tables were small (the start of a
+    // burst) can join by scanning them, which grows with the ledger.
+    .persistent(false)
     .bind(activity.0)
     .bind(dedupe_key)
     .bind(message)
