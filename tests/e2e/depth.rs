@@ -19,7 +19,8 @@ use taskfactory_proto::v1::{
 use taskfactory_tests::{EnvOptions, Service, TestEnv, free_port, wait_for};
 
 use crate::support::{
-    Admin, Scrape, create, dead_letter, dead_letters, finished_run, runs, scrape, settled, tasks,
+    Admin, Scrape, create, dead_letter, dead_letters, finished_run, played_result, runs, scrape,
+    settled, tasks,
 };
 
 async fn fire(admin: &mut Admin, activity: &str, key: &str) -> anyhow::Result<String> {
@@ -211,25 +212,6 @@ async fn a_forged_trigger_makes_no_run_and_is_dead_lettered_once() -> anyhow::Re
 // ---------------------------------------------------------------------------------------------
 // Forged results.
 
-/// A result for `task` the way an executor reports it (with the token it was handed).
-fn result_for(key: &[u8], task: &Task, attempt: u32, status: TaskStatus) -> TaskResult {
-    TaskResult {
-        result_token: taskfactory_model::results::result_token(
-            key,
-            task.id.parse().expect("a task id"),
-        ),
-        task_id: task.id.clone(),
-        run_id: task.run_id.clone(),
-        activity_id: task.activity_id.clone(),
-        attempt,
-        status: status as i32,
-        error: format!("attempt {attempt}"),
-        executor: "played-by-the-test".to_owned(),
-        r#type: task.r#type.clone(),
-        ..Default::default()
-    }
-}
-
 /// Publishes a result as executors do; returns its stream sequence.
 async fn report(
     js: &jetstream::Context,
@@ -278,9 +260,9 @@ async fn a_forged_result_cannot_complete_a_human_task() -> anyhow::Result<()> {
     .await?;
     assert_eq!(task.status(), TaskStatus::Waiting);
 
-    let mut approved = result_for(&key, &task, 1, TaskStatus::Succeeded);
+    let mut approved = played_result(&key, &task, 1, TaskStatus::Succeeded);
     approved.output = Some(json_to_value(&json!({"approved": true, "by": "mallory"})));
-    let running = result_for(&key, &task, 1, TaskStatus::Running);
+    let running = played_result(&key, &task, 1, TaskStatus::Running);
     for forged in [approved, running] {
         let sequence = report(&js, "approval", &forged).await?;
         let error = dead_letter(
@@ -362,21 +344,21 @@ async fn results_are_taken_only_for_the_tasks_type_run_and_attempts_handed_out()
     .await?;
 
     // Refused: another type (or none), another run or activity, attempts never handed out.
-    let mut other_type = result_for(&key, &task, 1, TaskStatus::Succeeded);
+    let mut other_type = played_result(&key, &task, 1, TaskStatus::Succeeded);
     other_type.r#type = "http".to_owned();
-    let mut no_type = result_for(&key, &task, 1, TaskStatus::Succeeded);
+    let mut no_type = played_result(&key, &task, 1, TaskStatus::Succeeded);
     no_type.r#type = String::new();
-    let mut other_run = result_for(&key, &task, 1, TaskStatus::Succeeded);
+    let mut other_run = played_result(&key, &task, 1, TaskStatus::Succeeded);
     other_run.run_id = uuid::Uuid::new_v4().to_string();
-    let mut other_activity = result_for(&key, &task, 1, TaskStatus::Succeeded);
+    let mut other_activity = played_result(&key, &task, 1, TaskStatus::Succeeded);
     other_activity.activity_id = uuid::Uuid::new_v4().to_string();
     // Right in every field but without the token the task's executor was handed: what another
     // executor (of another type, say) could make up from a derived task id.
-    let mut tokenless = result_for(&key, &task, 1, TaskStatus::Succeeded);
+    let mut tokenless = played_result(&key, &task, 1, TaskStatus::Succeeded);
     tokenless.result_token = String::new();
-    let mut guessed = result_for(&key, &task, 1, TaskStatus::Succeeded);
+    let mut guessed = played_result(&key, &task, 1, TaskStatus::Succeeded);
     guessed.result_token = "0".repeat(32);
-    let mut borrowed = result_for(&key, &task, 1, TaskStatus::Succeeded);
+    let mut borrowed = played_result(&key, &task, 1, TaskStatus::Succeeded);
     borrowed.result_token = taskfactory_model::results::result_token(&key, uuid::Uuid::new_v4());
     let refused = [
         (tokenless, "result token"),
@@ -386,13 +368,16 @@ async fn results_are_taken_only_for_the_tasks_type_run_and_attempts_handed_out()
         (no_type, "type"),
         (other_run, "run"),
         (other_activity, "activity"),
-        (result_for(&key, &task, 0, TaskStatus::Failed), "attempt 0"),
         (
-            result_for(&key, &task, 1000, TaskStatus::Running),
+            played_result(&key, &task, 0, TaskStatus::Failed),
+            "attempt 0",
+        ),
+        (
+            played_result(&key, &task, 1000, TaskStatus::Running),
             "attempt 1000",
         ),
         (
-            result_for(&key, &task, u32::MAX, TaskStatus::Dead),
+            played_result(&key, &task, u32::MAX, TaskStatus::Dead),
             "attempt 4294967295",
         ),
     ];
@@ -444,11 +429,16 @@ async fn results_are_taken_only_for_the_tasks_type_run_and_attempts_handed_out()
     report(
         &js,
         "played",
-        &result_for(&key, &task, 1, TaskStatus::Failed),
+        &played_result(&key, &task, 1, TaskStatus::Failed),
     )
     .await?;
     assert_eq!(state(1).await?, (TaskStatus::Failed, 1));
-    report(&js, "played", &result_for(&key, &task, 2, TaskStatus::Dead)).await?;
+    report(
+        &js,
+        "played",
+        &played_result(&key, &task, 2, TaskStatus::Dead),
+    )
+    .await?;
     assert_eq!(state(2).await?, (TaskStatus::Dead, 2));
     assert_eq!(
         finished_run(&admin, &run_id, Duration::from_secs(10))
@@ -468,7 +458,7 @@ async fn results_are_taken_only_for_the_tasks_type_run_and_attempts_handed_out()
     report(
         &js,
         "played",
-        &result_for(&key, &task, 2, TaskStatus::Succeeded),
+        &played_result(&key, &task, 2, TaskStatus::Succeeded),
     )
     .await?;
     assert_eq!(state(3).await?, (TaskStatus::Pending, 2));
@@ -476,7 +466,7 @@ async fn results_are_taken_only_for_the_tasks_type_run_and_attempts_handed_out()
     let sequence = report(
         &js,
         "played",
-        &result_for(&key, &task, beyond, TaskStatus::Running),
+        &played_result(&key, &task, beyond, TaskStatus::Running),
     )
     .await?;
     let error = dead_letter(
@@ -497,14 +487,14 @@ async fn results_are_taken_only_for_the_tasks_type_run_and_attempts_handed_out()
     report(
         &js,
         "played",
-        &result_for(&key, &task, 3, TaskStatus::Running),
+        &played_result(&key, &task, 3, TaskStatus::Running),
     )
     .await?;
     assert_eq!(state(4).await?, (TaskStatus::Running, 3));
     report(
         &js,
         "played",
-        &result_for(&key, &task, 3, TaskStatus::Succeeded),
+        &played_result(&key, &task, 3, TaskStatus::Succeeded),
     )
     .await?;
     assert_eq!(state(5).await?, (TaskStatus::Succeeded, 3));

@@ -22,7 +22,7 @@ use taskfactory_proto::v1::{
 use taskfactory_tests::{EnvOptions, Service, TestEnv, wait_for};
 
 use crate::context::fire as fire_and_finish;
-use crate::support::{Admin, create, finished_run, tasks};
+use crate::support::{Admin, create, finished_run, played_result, tasks};
 
 // ---------------------------------------------------------------------------------------------
 // A scripted loopback HTTP endpoint.
@@ -1074,30 +1074,6 @@ async fn a_long_attempt_shows_running_and_a_quick_one_never_does() -> anyhow::Re
     let history: Vec<TaskStatus> = quick.attempt_history.iter().map(|a| a.status()).collect();
     assert_eq!(history, vec![TaskStatus::Succeeded]);
     Ok(())
-}
-
-/// A result for `task` as an executor played by the test reports it.
-fn played_result(
-    key: &[u8],
-    task: &taskfactory_proto::v1::Task,
-    attempt: u32,
-    status: TaskStatus,
-) -> taskfactory_proto::v1::TaskResult {
-    taskfactory_proto::v1::TaskResult {
-        result_token: taskfactory_model::results::result_token(
-            key,
-            task.id.parse().expect("a task id"),
-        ),
-        task_id: task.id.clone(),
-        run_id: task.run_id.clone(),
-        activity_id: task.activity_id.clone(),
-        attempt,
-        status: status as i32,
-        error: format!("attempt {attempt}"),
-        executor: "played-by-the-test".to_owned(),
-        r#type: task.r#type.clone(),
-        ..Default::default()
-    }
 }
 
 /// Publishes a result the way executors do (to its run's subject, with its message id).

@@ -597,3 +597,28 @@ pub async fn result_key(env: &taskfactory_tests::TestEnv) -> anyhow::Result<Vec<
     pool.close().await;
     Ok(key)
 }
+
+/// A result for `task` as an executor (played by the test) reports it, with the token it was
+/// handed ([`result_key`]).
+pub fn played_result(
+    key: &[u8],
+    task: &taskfactory_proto::v1::Task,
+    attempt: u32,
+    status: taskfactory_proto::v1::TaskStatus,
+) -> taskfactory_proto::v1::TaskResult {
+    taskfactory_proto::v1::TaskResult {
+        result_token: taskfactory_model::results::result_token(
+            key,
+            task.id.parse().expect("a task id"),
+        ),
+        task_id: task.id.clone(),
+        run_id: task.run_id.clone(),
+        activity_id: task.activity_id.clone(),
+        attempt,
+        status: status as i32,
+        error: format!("attempt {attempt}"),
+        executor: "played-by-the-test".to_owned(),
+        r#type: task.r#type.clone(),
+        ..Default::default()
+    }
+}
