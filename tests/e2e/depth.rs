@@ -212,6 +212,25 @@ async fn a_forged_trigger_makes_no_run_and_is_dead_lettered_once() -> anyhow::Re
 // ---------------------------------------------------------------------------------------------
 // Forged results.
 
+/// Creates an activity from `yaml`, fires it by hand with `key`, and waits for its run's first
+/// task: the run's id and that task.
+async fn first_task(
+    admin: &mut Admin,
+    yaml: &str,
+    activity: &str,
+    key: &str,
+) -> anyhow::Result<(String, Task)> {
+    create(admin, yaml).await?;
+    let run_id = fire(admin, activity, key).await?;
+    let task = wait_for("the run's first task", Duration::from_secs(20), || {
+        let mut admin = admin.clone();
+        let run_id = run_id.clone();
+        async move { Ok(tasks(&mut admin, &run_id).await?.into_iter().next()) }
+    })
+    .await?;
+    Ok((run_id, task))
+}
+
 /// Publishes a result as executors do; returns its stream sequence.
 async fn report(
     js: &jetstream::Context,
@@ -246,17 +265,12 @@ async fn a_forged_result_cannot_complete_a_human_task() -> anyhow::Result<()> {
     let key = crate::support::result_key(&env).await?;
     let mut admin = env.admin().await?;
     let js = env.js().await?;
-    create(
+    let (run_id, task) = first_task(
         &mut admin,
         "name: approval\ntrigger: {manual: {}}\ntasks: [{name: approve, type: human}]\n",
+        "approval",
+        "order-1",
     )
-    .await?;
-    let run_id = fire(&mut admin, "approval", "order-1").await?;
-    let task = wait_for("the human task", Duration::from_secs(20), || {
-        let mut admin = admin.clone();
-        let run_id = run_id.clone();
-        async move { Ok(tasks(&mut admin, &run_id).await?.into_iter().next()) }
-    })
     .await?;
     assert_eq!(task.status(), TaskStatus::Waiting);
 
@@ -330,18 +344,7 @@ async fn results_are_taken_only_for_the_tasks_type_run_and_attempts_handed_out()
     let key = crate::support::result_key(&env).await?;
     let mut admin = env.admin().await?;
     let js = env.js().await?;
-    create(
-        &mut admin,
-        "name: played\ntrigger: {manual: {}}\ntasks: [{name: t, type: played, retry: {maxAttempts: 3}}]\n",
-    )
-    .await?;
-    let run_id = fire(&mut admin, "played", "one").await?;
-    let task = wait_for("the task", Duration::from_secs(20), || {
-        let mut admin = admin.clone();
-        let run_id = run_id.clone();
-        async move { Ok(tasks(&mut admin, &run_id).await?.into_iter().next()) }
-    })
-    .await?;
+    let (run_id, task) = first_task(&mut admin, "name: played\ntrigger: {manual: {}}\ntasks: [{name: t, type: played, retry: {maxAttempts: 3}}]\n", "played", "one").await?;
 
     // Refused: another type (or none), another run or activity, attempts never handed out.
     let mut other_type = played_result(&key, &task, 1, TaskStatus::Succeeded);
@@ -685,17 +688,12 @@ async fn commands_and_previews_on_internal_subjects_are_carried_out_only_for_the
     let _services = env.start_all().await?;
     let mut admin = env.admin().await?;
     let nats = env.nats_client().await?;
-    create(
+    let (_, task) = first_task(
         &mut admin,
         "name: approval\ntrigger: {manual: {}}\ntasks: [{name: approve, type: human}]\n",
+        "approval",
+        "order-1",
     )
-    .await?;
-    let run_id = fire(&mut admin, "approval", "order-1").await?;
-    let task = wait_for("the human task", Duration::from_secs(20), || {
-        let mut admin = admin.clone();
-        let run_id = run_id.clone();
-        async move { Ok(tasks(&mut admin, &run_id).await?.into_iter().next()) }
-    })
     .await?;
 
     // A forged CompleteTask, without and with a made-up request id; a forged preview.

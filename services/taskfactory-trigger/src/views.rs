@@ -307,24 +307,6 @@ fn labels_from_row(row: &sqlx::postgres::PgRow) -> Result<(Uuid, ActivityLabels)
 const LABELS_QUERY: &str = "SELECT a.id, a.name, v.spec -> 'labels' AS labels FROM activities a \
      JOIN activity_versions v ON v.activity_id = a.id AND v.version = a.current_version";
 
-/// The name and labels of one activity, live or deleted.
-pub async fn activity_labels(
-    pool: &PgPool,
-    id: Uuid,
-) -> Result<Option<ActivityLabels>, sqlx::Error> {
-    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "{LABELS_QUERY} WHERE a.id = $1"
-    )))
-    .bind(id)
-    .fetch_optional(pool)
-    .await?;
-    Ok(row
-        .as_ref()
-        .map(labels_from_row)
-        .transpose()?
-        .map(|(_, labels)| labels))
-}
-
 /// The name and labels of every activity, live or deleted (for a scoped caller's list filters).
 pub async fn all_activity_labels(
     pool: &PgPool,
@@ -333,18 +315,24 @@ pub async fn all_activity_labels(
     rows.iter().map(labels_from_row).collect()
 }
 
-/// The activity of a run or a task, if it exists.
-pub async fn activity_of(
+/// The activity of a run or a task, with its name and labels, if the run or task exists (one
+/// round trip).
+pub async fn owner_of(
     pool: &PgPool,
     table: RunOrTask,
     id: Uuid,
-) -> Result<Option<Uuid>, sqlx::Error> {
-    let query = match table {
-        RunOrTask::Run => "SELECT activity_id FROM runs WHERE id = $1",
-        RunOrTask::Task => "SELECT activity_id FROM tasks WHERE id = $1",
+) -> Result<Option<(Uuid, ActivityLabels)>, sqlx::Error> {
+    let table = match table {
+        RunOrTask::Run => "runs",
+        RunOrTask::Task => "tasks",
     };
-    let row: Option<(Uuid,)> = sqlx::query_as(query).bind(id).fetch_optional(pool).await?;
-    Ok(row.map(|(id,)| id))
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "{LABELS_QUERY} JOIN {table} x ON x.activity_id = a.id WHERE x.id = $1"
+    )))
+    .bind(id)
+    .fetch_optional(pool)
+    .await?;
+    row.as_ref().map(labels_from_row).transpose()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -26,6 +26,20 @@ pub(super) fn validated_spec(
     Ok((spec, json))
 }
 
+/// What a create or an update stores as the new version.
+fn new_version<'a>(
+    spec: &ActivitySpec,
+    json: &'a serde_json::Value,
+    caller: &'a Principal,
+) -> store::NewVersion<'a> {
+    store::NewVersion {
+        spec: json,
+        enabled: spec::is_enabled(spec),
+        trigger_kind: trigger_kind(spec),
+        created_by: &caller.subject,
+    }
+}
+
 fn trigger_kind(spec: &ActivitySpec) -> &'static str {
     match spec.trigger.as_ref().and_then(|t| t.kind.as_ref()) {
         Some(trigger::Kind::Schedule(_)) => "schedule",
@@ -119,12 +133,7 @@ impl Admin {
             &self.pool,
             ActivityId::new_random(),
             &spec.name,
-            store::NewVersion {
-                spec: &json,
-                enabled: spec::is_enabled(&spec),
-                trigger_kind: trigger_kind(&spec),
-                created_by: &caller.subject,
-            },
+            new_version(&spec, &json, caller),
             self.clock.now(),
         )
         .await?;
@@ -167,12 +176,7 @@ impl Admin {
         let (record, changed) = store::update_activity(
             &self.pool,
             current.id,
-            store::NewVersion {
-                spec: &json,
-                enabled: spec::is_enabled(&spec),
-                trigger_kind: trigger_kind(&spec),
-                created_by: &caller.subject,
-            },
+            new_version(&spec, &json, caller),
             self.clock.now(),
         )
         .await?;

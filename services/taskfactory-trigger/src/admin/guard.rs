@@ -6,7 +6,7 @@
 //! may view but not act on is `PERMISSION_DENIED`. Runs and tasks are checked through their
 //! activity. Whatever a caller below `admin` reads is redacted (`model::redact`).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use taskfactory_model::access::{ActivityRef, Coverage, Principal, Role};
 use tonic::{Request, Status};
@@ -99,6 +99,29 @@ fn check(
     )))
 }
 
+/// [`Admin::check_run_or_task`] once the run's or task's activity (`owner`) is known.
+pub(super) fn check_owner(
+    caller: &Principal,
+    role: Role,
+    kind: RunOrTask,
+    id: Uuid,
+    owner: Option<&ActivityLabels>,
+) -> Result<bool, AdminError> {
+    if caller.may_everywhere(Role::Admin) {
+        return Ok(false);
+    }
+    let not_found = || AdminError::NotFound {
+        what: match kind {
+            RunOrTask::Run => "run",
+            RunOrTask::Task => "task",
+        },
+        id: id.to_string(),
+    };
+    let activity = reference(owner.ok_or_else(not_found)?);
+    check(caller, role, &activity, not_found)?;
+    Ok(!caller.may(Role::Admin, &activity))
+}
+
 impl Admin {
     /// The live activity `id_or_name` (at `version`, else current), if `caller` holds `role` over
     /// it.
@@ -140,10 +163,15 @@ impl Admin {
             audit.activity(current.id, &current.name);
             audit.version_before = Some(current.current_version);
         }
-        let spec = super::definitions::stored_spec(&current)?;
+        // Only the labels are needed: read them, rather than the whole spec, from its JSON.
+        let labels: HashMap<String, String> = current
+            .spec
+            .get("labels")
+            .and_then(|l| serde_json::from_value(l.clone()).ok())
+            .unwrap_or_default();
         let activity = ActivityRef {
             name: &current.name,
-            labels: &spec.labels,
+            labels: &labels,
         };
         check(caller, role, &activity, || AdminError::NotFound {
             what: "activity",
@@ -164,25 +192,17 @@ impl Admin {
         kind: RunOrTask,
         id: Uuid,
     ) -> Result<bool, AdminError> {
-        let not_found = || AdminError::NotFound {
-            what: match kind {
-                RunOrTask::Run => "run",
-                RunOrTask::Task => "task",
-            },
-            id: id.to_string(),
-        };
         if caller.may_everywhere(Role::Admin) {
             return Ok(false);
         }
-        let activity = views::activity_of(&self.pool, kind, id)
-            .await?
-            .ok_or_else(not_found)?;
-        let labels = views::activity_labels(&self.pool, activity)
-            .await?
-            .unwrap_or_default();
-        let activity = reference(&labels);
-        check(caller, role, &activity, not_found)?;
-        Ok(!caller.may(Role::Admin, &activity))
+        let owner = views::owner_of(&self.pool, kind, id).await?;
+        check_owner(
+            caller,
+            role,
+            kind,
+            id,
+            owner.as_ref().map(|(_, labels)| labels),
+        )
     }
 
     /// The activities `caller` may view, for list filters: `None` when it may view them all.

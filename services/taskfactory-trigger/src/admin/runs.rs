@@ -103,14 +103,18 @@ impl Admin {
             },
             &id.to_string(),
         );
-        if let Some(activity) = views::activity_of(&self.pool, kind, id).await? {
-            audit.activity_id = Some(taskfactory_model::ids::ActivityId(activity));
-            if let Some(labels) = views::activity_labels(&self.pool, activity).await? {
-                audit.activity_name = labels.name;
-            }
+        let owner = views::owner_of(&self.pool, kind, id).await?;
+        if let Some((activity, labels)) = &owner {
+            audit.activity_id = Some(taskfactory_model::ids::ActivityId(*activity));
+            audit.activity_name = labels.name.clone();
         }
-        self.check_run_or_task(caller, Role::Operator, kind, id)
-            .await
+        super::guard::check_owner(
+            caller,
+            Role::Operator,
+            kind,
+            id,
+            owner.as_ref().map(|(_, labels)| labels),
+        )
     }
 
     pub(super) async fn list_runs_for(
