@@ -12,6 +12,7 @@ CREATE TABLE result_token_key (
 INSERT INTO result_token_key (id, key)
 VALUES (1, decode(replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''), 'hex'));
 
--- Tasks stored before tokens existed take results without one; every later task requires it.
+-- Tasks stored before tokens existed (or by an orchestrator not yet upgraded, during a rolling
+-- upgrade) take results without one; the orchestrator marks each task it makes with a token, and
+-- a RetryTask gives an older task its token.
 ALTER TABLE tasks ADD COLUMN result_token_required boolean NOT NULL DEFAULT false;
-ALTER TABLE tasks ALTER COLUMN result_token_required SET DEFAULT true;

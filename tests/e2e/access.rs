@@ -216,6 +216,23 @@ async fn scoped_roles_reach_only_their_activities() -> anyhow::Result<()> {
         status.message().contains("give itself the role admin"),
         "{status:?}"
     );
+    // Nor remove one: that takes the activity out of the team's reach.
+    let mut unlabelled = taskfactory_model::spec::spec_from_yaml(BILLING)?;
+    unlabelled.labels.clear();
+    let status = namer
+        .update_activity(UpdateActivityRequest {
+            id: "billing-sync".to_owned(),
+            spec: Some(unlabelled),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("may not remove the label team=billing"),
+        "{status:?}"
+    );
     // Nor a label of another team, on a new activity or in a preview.
     relabelled.name = "billing-fresh".to_owned();
     relabelled

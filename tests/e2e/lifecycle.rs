@@ -239,6 +239,21 @@ async fn retry_task_redrives_a_dead_task_and_its_run_finishes_again() -> anyhow:
     assert_eq!(dead.status(), TaskStatus::Dead);
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 
+    // Make it a task stored before result tokens existed: the redrive gives it its token.
+    let pool = env.db.pool().await?;
+    let stored: Vec<u8> = sqlx::query_scalar("SELECT instance FROM tasks WHERE id = $1")
+        .bind(uuid::Uuid::parse_str(&dead.id)?)
+        .fetch_one(&pool)
+        .await?;
+    let mut legacy =
+        <taskfactory_proto::v1::TaskInstance as prost::Message>::decode(stored.as_slice())?;
+    legacy.result_token.clear();
+    sqlx::query("UPDATE tasks SET instance = $2, result_token_required = false WHERE id = $1")
+        .bind(uuid::Uuid::parse_str(&dead.id)?)
+        .bind(prost::Message::encode_to_vec(&legacy))
+        .execute(&pool)
+        .await?;
+
     // The endpoint is fixed; the dead task gets a new series of attempts.
     failing.store(false, Ordering::SeqCst);
     let redriven = admin
@@ -262,6 +277,12 @@ async fn retry_task_redrives_a_dead_task_and_its_run_finishes_again() -> anyhow:
     )
     .await?;
     assert_eq!(task.attempts, 3, "attempts continue across the redrive");
+    let required: bool =
+        sqlx::query_scalar("SELECT result_token_required FROM tasks WHERE id = $1")
+            .bind(uuid::Uuid::parse_str(&dead.id)?)
+            .fetch_one(&pool)
+            .await?;
+    assert!(required, "a redriven task requires its token from then on");
     let run = finished_run(&admin, &run.id, Duration::from_secs(30)).await?;
     assert_eq!(run.status(), RunStatus::RunSucceeded);
     assert_eq!((run.tasks_succeeded, run.tasks_failed), (1, 0));

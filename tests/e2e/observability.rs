@@ -505,6 +505,7 @@ async fn a_tampered_stream_is_repaired_at_start_and_a_sealed_one_makes_the_servi
     tampered.max_message_size = 1;
     tampered.max_messages = 5;
     tampered.discard = async_nats::jetstream::stream::DiscardPolicy::New;
+    tampered.allow_rollup = true;
     js.update_stream(tampered).await?;
 
     // What every service does at start.
@@ -516,7 +517,11 @@ async fn a_tampered_stream_is_repaired_at_start_and_a_sealed_one_makes_the_servi
         .await?
         .config
         .clone();
-    assert!(repaired.max_message_size <= 0, "{repaired:?}");
+    assert!(
+        repaired.max_message_size <= 0 || repaired.max_message_size >= 1024 * 1024,
+        "{repaired:?}"
+    );
+    assert!(!repaired.allow_rollup, "{repaired:?}");
     assert!(repaired.max_messages <= 0, "{repaired:?}");
     assert_eq!(
         repaired.discard,

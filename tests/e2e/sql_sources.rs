@@ -113,6 +113,22 @@ async fn a_privileged_sql_source_role_stops_the_orchestrator_unless_allowed() ->
         );
     }
 
+    // A source on taskfactory's own database that may read its result-token key.
+    taskfactory_runtime::db::connect_and_migrate(
+        &taskfactory_runtime::config::DatabaseArgs::new(env.db.url()),
+        Duration::from_secs(10),
+    )
+    .await?
+    .close()
+    .await;
+    let reader = SourceRole::create(&env.db, &["result_token_key"]).await?;
+    let (_running, ended) = start_orchestrator(&env, &reader.dsn(), false, None).await;
+    let error = format!("{:#}", ended.expect("refused").unwrap_err());
+    assert!(
+        error.contains("may read taskfactory's own tables"),
+        "a reader of the key: {error}"
+    );
+
     // No superuser itself, but a (NOINHERIT) member of one: one SET ROLE away.
     let role = SourceRole::create(&crm, &["customers"]).await?;
     let dba = SourceRole::create(&crm, &[]).await?;

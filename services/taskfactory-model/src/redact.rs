@@ -150,7 +150,13 @@ const SENSITIVE_QUERY_KEYS: &[&str] = &["key", "sig", "code", "auth", "jwt"];
 /// A URL with the values of its credential-named query parameters replaced, if it has any:
 /// `https://h/p?api_key=abc&x=1` → `https://h/p?api_key=[redacted]&x=1`.
 fn without_query_secrets(text: &str) -> Option<String> {
-    if !(text.starts_with("http://") || text.starts_with("https://")) {
+    // Any URL (`scheme://…`, the scheme in any case): http, but also a DSN's `?password=`.
+    let scheme_end = text.find("://")?;
+    if scheme_end == 0
+        || !text[..scheme_end]
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    {
         return None;
     }
     let (base, rest) = text.split_once('?')?;
@@ -183,6 +189,51 @@ fn without_query_secrets(text: &str) -> Option<String> {
         out.push_str(fragment);
     }
     Some(out)
+}
+
+/// Hides credentials in free text (an error message), in place, word by word: a word shaped
+/// like a credential, the word after `Bearer`/`Basic`/`Digest`, and the password and credential
+/// query parameters of any URL in it. Returns how many were hidden.
+pub fn redact_text(text: &mut String) -> usize {
+    let mut hidden = 0;
+    let mut out = String::with_capacity(text.len());
+    let mut after_scheme = false;
+    for piece in text.split_inclusive(char::is_whitespace) {
+        let word = piece.trim_end();
+        let gap = &piece[word.len()..];
+        // Quotes and punctuation around a word are kept as they are.
+        let start = word
+            .find(|c: char| !matches!(c, '"' | '\'' | '(' | '<' | '['))
+            .unwrap_or(word.len());
+        let end = word
+            .rfind(|c: char| !matches!(c, '"' | '\'' | ')' | '>' | ']' | ',' | ';' | ':' | '.'))
+            .map_or(start, |i| {
+                i + word[i..].chars().next().map_or(1, char::len_utf8)
+            });
+        let (lead, core, tail) = if start < end {
+            (&word[..start], &word[start..end], &word[end..])
+        } else {
+            (word, "", "")
+        };
+        let mut value = serde_json::Value::String(core.to_owned());
+        let mut changed = redact_json(&mut value);
+        if after_scheme && !core.is_empty() && changed == 0 {
+            value = serde_json::Value::String(REDACTED.to_owned());
+            changed = 1;
+        }
+        after_scheme = ["bearer", "basic", "digest"]
+            .iter()
+            .any(|scheme| core.eq_ignore_ascii_case(scheme));
+        hidden += changed;
+        out.push_str(lead);
+        out.push_str(value.as_str().unwrap_or(core));
+        out.push_str(tail);
+        out.push_str(gap);
+    }
+    if hidden > 0 {
+        *text = out;
+    }
+    hidden
 }
 
 /// Hides credentials in `value`, in place; returns how many values were hidden.
@@ -318,6 +369,18 @@ pub fn redact_run(run: &mut Run) {
     if let Some(payload) = run.payload.as_mut() {
         redact_value(payload);
     }
+    redact_text(&mut run.error);
+    redact_evaluation(&mut run.evaluation);
+}
+
+/// Errors and notes of an evaluation (they may quote a URL a source or task called).
+fn redact_evaluation(evaluation: &mut [taskfactory_proto::v1::TemplateEvaluation]) {
+    for template in evaluation {
+        redact_text(&mut template.error);
+        for note in &mut template.notes {
+            redact_text(note);
+        }
+    }
 }
 
 /// A task as a non-admin sees it: its params, its output and every attempt's output redacted.
@@ -328,10 +391,12 @@ pub fn redact_task(task: &mut Task) {
     if let Some(output) = task.output.as_mut() {
         redact_value(output);
     }
+    redact_text(&mut task.last_error);
     for attempt in &mut task.attempt_history {
         if let Some(output) = attempt.output.as_mut() {
             redact_value(output);
         }
+        redact_text(&mut attempt.error);
     }
 }
 
@@ -349,6 +414,7 @@ pub fn redact_preview(preview: &mut PreviewRunResponse) {
     for task in &mut preview.tasks {
         redact_task_instance(task);
     }
+    redact_evaluation(&mut preview.evaluation);
 }
 
 #[cfg(test)]
@@ -490,6 +556,23 @@ tasks:
                 "not a url?token=abc"
             ])
         );
+    }
+
+    #[test]
+    fn errors_keep_their_words_and_lose_their_credentials() {
+        let mut text = "GET https://api.x/v1?api_key=abc123&page=2 answered 404: \"Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2ln\" (token sk_live_0123456789abcdef), \
+            from HTTPS://h/p?API_KEY=x and postgres://u@h/db?password=pw."
+            .to_owned();
+        let hidden = redact_text(&mut text);
+        assert_eq!(
+            text,
+            "GET https://api.x/v1?api_key=[redacted]&page=2 answered 404: \"Bearer [redacted]\" (token [redacted]), \
+            from HTTPS://h/p?API_KEY=[redacted] and postgres://u@h/db?password=[redacted]."
+        );
+        assert_eq!(hidden, 5);
+        let mut plain = "connection refused (os error 111)".to_owned();
+        assert_eq!(redact_text(&mut plain), 0);
+        assert_eq!(plain, "connection refused (os error 111)");
     }
 
     #[test]

@@ -88,7 +88,9 @@ pub struct RoleFacts {
     /// Those of [`DANGEROUS_FUNCTIONS`] it may execute.
     pub executable: Vec<String>,
     /// It is, or is a member of, the role the orchestrator itself uses (`DATABASE_URL`): it could
-    /// then signal the product's own connections and read and write its tables.
+    /// then signal the product's own connections and read and write its tables. Also when it may
+    /// read the product's result-token key (a source on the product's own database with a
+    /// blanket `GRANT SELECT`): with it, results could be forged for any task.
     pub is_product_role: bool,
 }
 
@@ -116,7 +118,7 @@ impl fmt::Display for Privilege {
             Privilege::MemberOf(role) => write!(f, "is a member of {role}"),
             Privilege::Executes(function) => write!(f, "may execute {function}"),
             Privilege::ProductRole => {
-                f.write_str("is (or is a member of) the role taskfactory's own DATABASE_URL uses")
+                f.write_str("is (or is a member of) the role taskfactory's own DATABASE_URL uses, or may read taskfactory's own tables")
             }
         }
     }

@@ -245,6 +245,9 @@ impl Commands {
         let mut instance = TaskInstance::decode(state.instance.as_slice())
             .map_err(|e| refuse("internal", format!("stored task does not decode: {e}")))?;
         instance.attempt_base = redriven.attempts;
+        // A task stored before result tokens gets its token now (the redrive requires it).
+        instance.result_token =
+            taskfactory_model::results::result_token(&self.spawner.result_key, task.0);
         let series = redriven.series;
         messaging::publish_confirmed(
             &self.spawner.js,

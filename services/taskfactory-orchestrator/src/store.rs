@@ -255,9 +255,9 @@ async fn insert_tasks(
             .collect();
         sqlx::query(
             "INSERT INTO tasks (id, run_id, activity_id, activity_name, template, item_index, type, \
-                 params, instance, status, created_at, deadline, max_attempts) \
+                 params, instance, status, created_at, deadline, max_attempts, result_token_required) \
              SELECT u.id, $1, $2, $3, u.template, u.item_index, u.type, u.params, u.instance, \
-                 u.status, u.created_at, u.deadline, u.max_attempts \
+                 u.status, u.created_at, u.deadline, u.max_attempts, true \
              FROM UNNEST($4::uuid[], $5::text[], $6::int4[], $7::text[], $8::jsonb[], $9::bytea[], \
                  $10::timestamptz[], $11::text[], $12::timestamptz[], $13::int4[]) \
                  AS u(id, template, item_index, type, params, instance, created_at, status, deadline, \
@@ -831,7 +831,7 @@ pub async fn redrive_task(pool: &PgPool, task: TaskId) -> Result<Option<Redriven
     }
     let (attempts, series): (i32, i32) = sqlx::query_as(
         "UPDATE tasks SET status = 'PENDING', redrives = redrives + 1, finished_at = NULL, \
-             attempt_base = attempts \
+             attempt_base = attempts, result_token_required = true \
          WHERE id = $1 RETURNING attempts, redrives",
     )
     .bind(task.0)

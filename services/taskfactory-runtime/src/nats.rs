@@ -113,8 +113,12 @@ pub fn server_urls(url: &str) -> Vec<String> {
 /// Why `prefix` cannot start reply subjects: it must be a subject without wildcards (the client
 /// adds `.<id>` to it).
 fn inbox_prefix_error(prefix: &str) -> Option<String> {
-    taskfactory_model::subjects::subject_error(prefix, false)
-        .map(|problem| format!("{prefix:?}: {problem}"))
+    if let Some(problem) = taskfactory_model::subjects::subject_error(prefix, false) {
+        return Some(format!("{prefix:?}: {problem}"));
+    }
+    // Replies under `_…` are out of every task's and source's reach (they never publish there).
+    (!prefix.starts_with('_'))
+        .then(|| format!("{prefix:?}: an inbox prefix starts with '_' (as _INBOX_trigger does)"))
 }
 
 /// The TLS settings, checked before the first attempt so that a wrong path or half a key pair is
@@ -287,7 +291,7 @@ async fn declare_stream(js: &jetstream::Context, config: stream::Config) -> Resu
             max_age: config.max_age,
             description: config.description.clone(),
             max_message_size: if (1..MIN_MESSAGE_SIZE).contains(&current.max_message_size) {
-                -1
+                MIN_MESSAGE_SIZE
             } else {
                 current.max_message_size
             },
@@ -299,6 +303,18 @@ async fn declare_stream(js: &jetstream::Context, config: stream::Config) -> Resu
             no_ack: config.no_ack,
             republish: config.republish.clone(),
             subject_transform: config.subject_transform.clone(),
+            // Nothing but our publishers feeds our streams, rolls them up, expires or schedules
+            // their messages, or caps their consumers.
+            sources: None,
+            allow_rollup: false,
+            allow_message_ttl: false,
+            allow_message_schedules: false,
+            allow_message_counter: false,
+            max_consumers: current.max_consumers.min(0),
+            consumer_limits: current
+                .consumer_limits
+                .clone()
+                .filter(|limits| *limits == stream::ConsumerLimits::default()),
             ..current.clone()
         };
         if wanted == current {
@@ -328,6 +344,9 @@ pub fn unusable(config: &stream::Config) -> Option<String> {
         return Some(
             "is sealed: it takes no message and cannot be unsealed; recreate it".to_owned(),
         );
+    }
+    if (1..i64::from(MIN_MESSAGE_SIZE)).contains(&config.max_bytes) {
+        return Some(format!("holds at most {} bytes", config.max_bytes));
     }
     if (1..MIN_MESSAGE_SIZE).contains(&config.max_message_size) {
         return Some(format!(
@@ -470,6 +489,7 @@ mod tests {
         assert_eq!(inbox_prefix_error("_INBOX"), None);
         assert_eq!(inbox_prefix_error("_INBOX_trigger"), None);
         assert_eq!(inbox_prefix_error("_INBOX.trigger"), None);
+        assert!(inbox_prefix_error("replies.trigger").is_some());
         for bad in ["", "_INBOX.>", "_INBOX.*", "_INBOX.", "in box"] {
             assert!(inbox_prefix_error(bad).is_some(), "{bad:?}");
         }

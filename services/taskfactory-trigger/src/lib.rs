@@ -277,6 +277,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         nats: client.clone(),
         registry: registry.clone(),
         clock: config.clock.clone(),
+        tracker: tracker.clone(),
     });
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter

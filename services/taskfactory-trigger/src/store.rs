@@ -34,6 +34,8 @@ pub enum StoreError {
     NameTaken { name: String },
     #[error("the activity was deleted meanwhile")]
     Gone,
+    #[error("the activity changed meanwhile: it is at version {now}, not {expected}")]
+    Moved { expected: u32, now: u32 },
     #[error("this replica is no longer the scheduling leader (its term {term} was superseded)")]
     Deposed { term: Term },
     #[error("database error")]
@@ -140,11 +142,13 @@ pub async fn create_activity(
         .expect("the activity was just created"))
 }
 
-/// Stores a new version when the spec differs from the current one; returns the record and
+/// Stores a new version when the spec differs from the current one, if the current version is
+/// still `expected` (what the caller's checks were made against); returns the record and
 /// whether a version was added. Enabling a disabled activity marks it activated at `now`.
 pub async fn update_activity(
     pool: &PgPool,
     id: ActivityId,
+    expected: u32,
     version: NewVersion<'_>,
     now: DateTime<Utc>,
 ) -> Result<(ActivityRecord, bool), StoreError> {
@@ -164,6 +168,13 @@ pub async fn update_activity(
     .fetch_optional(&mut *tx)
     .await?
     .ok_or(StoreError::Gone)?;
+    let now_at = u32::try_from(current.0).unwrap_or(0);
+    if now_at != expected {
+        return Err(StoreError::Moved {
+            expected,
+            now: now_at,
+        });
+    }
     let changed = &current.1 != spec;
     if changed {
         let version = current.0 + 1;

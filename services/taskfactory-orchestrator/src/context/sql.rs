@@ -205,6 +205,10 @@ async fn role_facts(pool: &PgPool, own_role: &str) -> Result<RoleFacts, sqlx::Er
                                       AND has_function_privilege(y.oid, to_regprocedure(f), 'EXECUTE'))), \
                 EXISTS (SELECT 1 FROM pg_roles o \
                         WHERE o.rolname = $3 AND pg_has_role(current_user, o.oid, 'MEMBER')) \
+                OR (to_regclass('result_token_key') IS NOT NULL \
+                    AND EXISTS (SELECT 1 FROM pg_roles k \
+                                WHERE pg_has_role(current_user, k.oid, 'MEMBER') \
+                                  AND has_table_privilege(k.oid, 'result_token_key', 'SELECT'))) \
              FROM pg_roles x WHERE pg_has_role(current_user, x.oid, 'MEMBER')",
         )
         .bind(&roles)

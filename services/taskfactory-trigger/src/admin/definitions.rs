@@ -176,6 +176,7 @@ impl Admin {
         let (record, changed) = store::update_activity(
             &self.pool,
             current.id,
+            current.current_version,
             new_version(&spec, &json, caller),
             self.clock.now(),
         )
@@ -341,6 +342,21 @@ impl Admin {
                 return Err(AdminError::PermissionDenied(format!(
                     "{} may not relabel activity {:?} so: it would give itself the role {role} over it",
                     caller.subject, spec.name
+                )));
+            }
+        }
+        // Removing a label takes the same: it takes the activity out of that label's scope.
+        let mut removed: Vec<_> = current
+            .labels
+            .iter()
+            .filter(|(key, value)| spec.labels.get(*key) != Some(*value))
+            .collect();
+        removed.sort();
+        for (key, value) in removed {
+            if !caller.may_label(Role::Editor, key, value) {
+                return Err(AdminError::PermissionDenied(format!(
+                    "{} may not remove the label {key}={value}: that takes the role editor over everything or over {key}={value}",
+                    caller.subject
                 )));
             }
         }

@@ -69,6 +69,8 @@ pub enum AdminError {
     FailedPrecondition(String),
     #[error("{0}")]
     PermissionDenied(String),
+    #[error("{0}; read it again and retry")]
+    Aborted(String),
     /// A status decided where it arose (no orchestrator answered, …).
     #[error("{}", .0.message())]
     Status(Status),
@@ -80,6 +82,7 @@ impl From<StoreError> for AdminError {
     fn from(error: StoreError) -> Self {
         match error {
             StoreError::NameTaken { name } => AdminError::AlreadyExists { name },
+            StoreError::Moved { .. } => AdminError::Aborted(error.to_string()),
             StoreError::Gone => AdminError::NotFound {
                 what: "activity",
                 id: "(deleted while being changed)".to_owned(),
@@ -105,6 +108,7 @@ impl From<AdminError> for Status {
             AdminError::AlreadyExists { .. } => Status::already_exists(error.to_string()),
             AdminError::FailedPrecondition(_) => Status::failed_precondition(error.to_string()),
             AdminError::PermissionDenied(_) => Status::permission_denied(error.to_string()),
+            AdminError::Aborted(_) => Status::aborted(error.to_string()),
             AdminError::Status(status) => status.clone(),
             AdminError::Internal(source) => {
                 tracing::error!(error = ?source, "admin request failed");
@@ -130,6 +134,8 @@ pub struct Admin {
     pub registry: Registry,
     /// The scheduler's clock (pauses, previews and occurrence queries default to its "now").
     pub clock: ClockHandle,
+    /// The service's tasks: a change in flight, and its audit row, are waited for at shutdown.
+    pub tracker: tokio_util::task::TaskTracker,
 }
 
 impl Admin {
@@ -226,16 +232,30 @@ impl Admin {
         F: FnOnce(Admin, Principal, AuditEntry) -> Fut + Send + 'static,
         Fut: Future<Output = (AuditEntry, Result<T, AdminError>)> + Send + 'static,
     {
+        use futures::FutureExt as _;
         let admin = self.clone();
         let pool = self.pool.clone();
+        // What is known before the call, recorded should the call panic midway.
+        let started = audit.clone();
         let call = async move {
-            let (mut audit, result) = work(admin, caller, audit).await;
-            let result = result.map_err(Status::from);
+            let done = std::panic::AssertUnwindSafe(work(admin, caller, audit))
+                .catch_unwind()
+                .await;
+            let (mut audit, result) = match done {
+                Ok((audit, result)) => (audit, result.map_err(Status::from)),
+                Err(_) => (
+                    started,
+                    Err(Status::internal(
+                        "internal error; see the trigger service's log",
+                    )),
+                ),
+            };
             audit.outcome(&result);
             audit::record(pool, audit).await;
             result
         };
-        tokio::spawn(call.instrument(tracing::Span::current()))
+        self.tracker
+            .spawn(call.instrument(tracing::Span::current()))
             .await
             .map_err(|error| {
                 tracing::error!(%error, "an admin call's task failed");
