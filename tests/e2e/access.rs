@@ -666,3 +666,54 @@ async fn a_caller_that_gives_up_does_not_keep_its_change_out_of_the_audit_log() 
     assert_eq!(recorded.activity_name, "slow");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_update_checked_against_a_version_that_moved_meanwhile_is_refused() -> anyhow::Result<()>
+{
+    // The scope and label checks of an update look at the version they read; a change that lands
+    // in between (say, an admin removing the label that gave the caller its scope) wins.
+    use taskfactory_trigger::store;
+    let db = taskfactory_tests::TestDb::create().await?;
+    let pool = taskfactory_runtime::db::connect_and_migrate(
+        &taskfactory_runtime::config::DatabaseArgs::new(db.url()),
+        Duration::from_secs(10),
+    )
+    .await?;
+    let spec = taskfactory_model::spec::spec_from_yaml(BILLING)?;
+    let json = taskfactory_proto::to_json(&spec);
+    let version = |json| store::NewVersion {
+        spec: json,
+        enabled: true,
+        trigger_kind: "manual",
+        created_by: "test",
+    };
+    let id = taskfactory_model::ids::ActivityId(uuid::Uuid::new_v4());
+    store::create_activity(
+        &pool,
+        id,
+        "billing-sync",
+        version(&json),
+        chrono::Utc::now(),
+    )
+    .await?;
+    let mut changed = spec.clone();
+    changed.description = "v2".to_owned();
+    let changed = taskfactory_proto::to_json(&changed);
+    let (record, _) =
+        store::update_activity(&pool, id, 1, version(&changed), chrono::Utc::now()).await?;
+    assert_eq!(record.version, 2);
+    let stale = store::update_activity(&pool, id, 1, version(&json), chrono::Utc::now())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            stale,
+            store::StoreError::Moved {
+                expected: 1,
+                now: 2
+            }
+        ),
+        "{stale:?}"
+    );
+    Ok(())
+}
