@@ -59,6 +59,8 @@ HEADER_ERROR = "Taskfactory-Error"
 HEADER_ATTEMPTS = "Taskfactory-Attempts"
 HEADER_ORIGINAL_SUBJECT = "Taskfactory-Original-Subject"
 HEADER_ORIGINAL_SEQUENCE = "Taskfactory-Original-Sequence"
+HEADER_ORIGINAL_STREAM = "Taskfactory-Original-Stream"
+HEADER_DELIVERIES = "Taskfactory-Deliveries"
 # W3C trace context: carried from the task message onto its result, so the result (and the rest of
 # the run) stays in the fire's trace. An executor with OpenTelemetry would start its attempt span as
 # a child of this context and send its own span's context instead.
@@ -639,15 +641,13 @@ class Executor:
         #    do this for external types).
         if status == DEAD:
             try:
+                headers = dead_letter_headers(message, error_text)
+                headers[HEADER_ATTEMPTS] = str(attempt)
                 await self.js.publish(
                     task_dlq_subject(task_type),
                     message.data,
                     timeout=self.PUBLISH_TIMEOUT,
-                    headers={
-                        HEADER_MSG_ID: f"dead:{task.task_id}:{attempt}",
-                        HEADER_ERROR: one_line(error_text),
-                        HEADER_ATTEMPTS: str(attempt),
-                    },
+                    headers=headers,
                 )
             except Exception as publish_error:
                 log.warning("task %s: cannot dead-letter (%s); it runs again", task.task_id, publish_error)
@@ -731,17 +731,7 @@ class Executor:
     async def reject(self, task_type: str, message: Any, error: str) -> None:
         """A message that is no task: straight to the DLQ with its origin, never redelivered."""
         log.error("undecodable message on %s: %s; dead-lettered", message.subject, error)
-        metadata = message.metadata
-        stream, sequence = metadata.stream, metadata.sequence.stream
-        headers = dict(message.headers or {})
-        headers.update(
-            {
-                HEADER_MSG_ID: f"dlq:{stream}:{sequence}",
-                HEADER_ERROR: one_line(error),
-                HEADER_ORIGINAL_SUBJECT: message.subject,
-                HEADER_ORIGINAL_SEQUENCE: str(sequence),
-            }
-        )
+        headers = dead_letter_headers(message, error)
         try:
             await self.js.publish(
                 task_dlq_subject(task_type), message.data, timeout=self.PUBLISH_TIMEOUT, headers=headers
@@ -751,6 +741,26 @@ class Executor:
             await _quietly(message.nak(delay=5.0))
             return
         await message.term()
+
+
+def dead_letter_headers(message: Any, error: str) -> dict:
+    """The one dead-letter format (as the Rust services write it): the message's own headers, the
+    error, where it came from (subject, stream, stream sequence) and how often it was delivered;
+    deduplicated by its stream and sequence."""
+    metadata = message.metadata
+    stream, sequence = metadata.stream, metadata.sequence.stream
+    headers = dict(message.headers or {})
+    headers.update(
+        {
+            HEADER_MSG_ID: f"dlq:{stream}:{sequence}",
+            HEADER_ERROR: one_line(error),
+            HEADER_ORIGINAL_SUBJECT: message.subject,
+            HEADER_ORIGINAL_STREAM: stream,
+            HEADER_ORIGINAL_SEQUENCE: str(sequence),
+            HEADER_DELIVERIES: str(metadata.num_delivered),
+        }
+    )
+    return headers
 
 
 async def _heartbeat(message: Any, every: float) -> None:

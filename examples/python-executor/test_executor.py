@@ -265,7 +265,9 @@ class OneAttempt(unittest.TestCase):
         _, subject, headers, payload = events[1]
         self.assertEqual(subject, "dlq.tasks.uppercase")
         self.assertEqual(payload, data, "the dead letter is the task message as it came")
-        self.assertEqual(headers["Nats-Msg-Id"], "dead:0b6f4a34-0000-4000-8000-000000000001:1")
+        self.assertEqual(headers["Nats-Msg-Id"], "dlq:FACTORY_TASKS:7")
+        self.assertEqual(headers["Taskfactory-Original-Subject"], "tasks.uppercase")
+        self.assertEqual(headers["Taskfactory-Original-Sequence"], "7")
         self.assertEqual(headers["Taskfactory-Attempts"], "1")
         self.assertIn("params.text is required", headers["Taskfactory-Error"])
 

@@ -44,7 +44,7 @@ use taskfactory_model::ids::{ActivityId, RunId};
 use taskfactory_model::spec::spec_from_yaml;
 use taskfactory_model::subjects;
 use taskfactory_proto::v1::CreateActivityRequest;
-use taskfactory_runtime::messaging::{self, ConsumerSpec, Disposition};
+use taskfactory_runtime::messaging::{self, ConsumerSpec, Handler, Then, Unfinished};
 use taskfactory_tests::{EnvOptions, TestEnv};
 use tokio_util::sync::CancellationToken;
 
@@ -559,26 +559,18 @@ async fn baseline_phase(env: &TestEnv, args: &Args) -> anyhow::Result<Phase> {
             concurrency: args.baseline_in_concurrency,
             ack_wait: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(5),
+            max_deliveries: 20,
+            dead_letters: |_| "bench.dlq".to_owned(),
+            kind: "bench",
         },
         shutdown.clone(),
-        move |message: Message| {
-            let js = relay_js.clone();
-            let payload = out_payload.clone();
-            async move {
-                let disposition = match relay_one(&js, &message, fan_out, payload).await {
-                    Ok(()) => Disposition::Ack,
-                    Err(error) => {
-                        eprintln!("baseline relay: {error:#}; retrying");
-                        Disposition::Retry(Duration::from_millis(100))
-                    }
-                };
-                messaging::settle(&message, disposition).await;
-            }
-        },
+        Arc::new(Relay {
+            js: relay_js,
+            payload: out_payload,
+            fan_out,
+        }),
     ));
     // Like the result consumer: a connection of its own, ack and count per input.
-    let counts: Arc<Mutex<Vec<usize>>> = Arc::new(Mutex::new(vec![0; slots]));
-    let sink_tracker = tracker.clone();
     let sink = tokio::spawn(messaging::consume(
         env.js().await?,
         ConsumerSpec {
@@ -588,31 +580,16 @@ async fn baseline_phase(env: &TestEnv, args: &Args) -> anyhow::Result<Phase> {
             concurrency: args.baseline_out_concurrency,
             ack_wait: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(5),
+            max_deliveries: 20,
+            dead_letters: |_| "bench.dlq".to_owned(),
+            kind: "bench",
         },
         shutdown.clone(),
-        move |message: Message| {
-            let tracker = sink_tracker.clone();
-            let counts = counts.clone();
-            async move {
-                messaging::settle(&message, Disposition::Ack).await;
-                let Some(slot) = slot_of(message.subject.as_str(), "bench.out.") else {
-                    return;
-                };
-                let reached = {
-                    let mut counts = counts.lock().expect("counts lock");
-                    match counts.get_mut(slot) {
-                        Some(count) => {
-                            *count += 1;
-                            *count == fan_out
-                        }
-                        None => false,
-                    }
-                };
-                if reached {
-                    tracker.complete(slot);
-                }
-            }
-        },
+        Arc::new(Sink {
+            tracker: tracker.clone(),
+            counts: Mutex::new(vec![0; slots]),
+            fan_out,
+        }),
     ));
 
     let js = env.js().await?;
@@ -1299,5 +1276,72 @@ impl Report {
                 "burst_p99": quantile(&s.burst, 0.99).map(ms),
             })).collect::<Vec<_>>(),
         })
+    }
+}
+
+/// The baseline's relay: takes an input, publishes `fan_out` outputs, awaits their acks.
+struct Relay {
+    js: jetstream::Context,
+    payload: Bytes,
+    fan_out: usize,
+}
+
+/// A relay that could not publish: the input is delivered again.
+#[derive(Debug)]
+struct Again(String);
+
+impl std::fmt::Display for Again {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Unfinished for Again {
+    fn then(&self) -> Then {
+        Then::RetryAfter(Duration::from_millis(100))
+    }
+}
+
+impl Handler for Relay {
+    type Error = Again;
+
+    async fn handle(&self, message: &Message) -> Result<(), Again> {
+        relay_one(&self.js, message, self.fan_out, self.payload.clone())
+            .await
+            .map_err(|error| {
+                eprintln!("baseline relay: {error:#}; retrying");
+                Again(format!("{error:#}"))
+            })
+    }
+}
+
+/// The baseline's sink: counts outputs per input.
+struct Sink {
+    tracker: Arc<Tracker>,
+    counts: Mutex<Vec<usize>>,
+    fan_out: usize,
+}
+
+impl Handler for Sink {
+    type Error = Again;
+
+    async fn handle(&self, message: &Message) -> Result<(), Again> {
+        let Some(slot) = slot_of(message.subject.as_str(), "bench.out.") else {
+            return Ok(());
+        };
+        let reached = {
+            let mut counts = self.counts.lock().expect("counts lock");
+            match counts.get_mut(slot) {
+                Some(count) => {
+                    *count += 1;
+                    *count == self.fan_out
+                }
+                None => false,
+            }
+        };
+        if reached {
+            self.tracker.complete(slot);
+        }
+        Ok(())
     }
 }

@@ -519,9 +519,14 @@ async fn always_failing_tasks_die_after_five_attempts_on_the_backoff_and_are_dea
             "the dead letter carries the last error of {}",
             task.task_id
         );
+        assert!(
+            header(letter, subjects::HEADER_MSG_ID)
+                .is_some_and(|id| id.starts_with("dlq:FACTORY_TASKS:")),
+            "deduplicated by the task message's stream sequence"
+        );
         assert_eq!(
-            header(letter, subjects::HEADER_MSG_ID),
-            Some(format!("dead:{}:5", task.task_id).as_str())
+            header(letter, subjects::HEADER_ORIGINAL_SUBJECT),
+            Some("tasks.http")
         );
         assert!(
             lettered.insert(task.task_id.clone()),

@@ -19,6 +19,7 @@ mod nats_permissions;
 mod nats_tls;
 mod observability;
 mod overlap;
+mod poison;
 mod preview;
 mod resilience;
 mod schedules;

@@ -464,6 +464,8 @@ pub struct EnvOptions {
     /// NATS with the shipped users and permissions (`k8s/config/nats-permissions.conf`): each
     /// service connects as its own user, [`TestEnv::nats_client`] as `admin`.
     pub nats_users: bool,
+    /// Every service: deliveries of a message before it is dead-lettered.
+    pub max_deliveries: u32,
 }
 
 impl Default for EnvOptions {
@@ -486,6 +488,7 @@ impl Default for EnvOptions {
             admin_auth: true,
             auth: taskfactory_trigger::auth::AuthArgs::default(),
             nats_users: true,
+            max_deliveries: 20,
         }
     }
 }
@@ -663,6 +666,10 @@ impl TestEnv {
                 &self.options.sources_allow_buckets,
             )
             .env("TASKFACTORY_RECONCILE_INTERVAL", "2s")
+            .env(
+                "TASKFACTORY_MAX_DELIVERIES",
+                self.options.max_deliveries.to_string(),
+            )
             .env(
                 "TASKFACTORY_LEASE_TTL",
                 format!("{}ms", self.options.lease_ttl.as_millis()),

@@ -122,6 +122,7 @@ impl crate::TestEnv {
     pub fn nats_args(&self, user: &str) -> taskfactory_runtime::config::NatsArgs {
         let mut args = taskfactory_runtime::config::NatsArgs::local(self.nats_urls());
         args.stream_replicas = self.options.stream_replicas;
+        args.max_deliveries = self.options.max_deliveries;
         if let Some(tls) = &self.tls {
             args.ca = Some(tls.ca.clone());
             args.cert = Some(tls.client_cert.clone());

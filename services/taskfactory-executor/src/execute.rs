@@ -7,8 +7,15 @@
 //! - success → `SUCCEEDED`, ack;
 //! - a retryable failure with attempts left → `FAILED`, delayed NAK (exponential backoff with
 //!   jitter, capped);
-//! - otherwise → `DEAD`, a copy to `dlq.tasks.<type>` with the error and attempt count, ack;
-//! - a message that is not a TaskInstance → `dlq.tasks.<type>` at once, terminated.
+//! - otherwise → `DEAD`, a copy to `dlq.tasks.<type>` with the error and attempt count,
+//!   terminated;
+//! - a message that is not a TaskInstance, or whose result could go nowhere (its activity name or
+//!   run id is not one subject token) → `dlq.tasks.<type>` at once, not run, terminated;
+//! - the result could not be reported (NATS) → delivered again after a backoff; after
+//!   `retry.maxAttempts` + `--max-deliveries` deliveries, dead-lettered.
+//!
+//! The orchestrator marks every dead-lettered task `DEAD` (`dead_tasks`), so a task whose result
+//! could never be reported still ends.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,7 +26,6 @@ use taskfactory_runtime::telemetry::error_chain;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use async_nats::HeaderMap;
 use async_nats::jetstream::Message;
 use chrono::Utc;
 use prost::Message as _;
@@ -27,7 +33,7 @@ use taskfactory_model::spec::{chrono_to_timestamp, effective_retry, std_duration
 use taskfactory_model::status::task_outcome;
 use taskfactory_model::{subjects, values};
 use taskfactory_proto::v1::{RetryPolicy, TaskInstance, TaskResult, TaskStatus};
-use taskfactory_runtime::messaging::{self, Disposition};
+use taskfactory_runtime::messaging::{self, Handler, Then, Unfinished};
 use taskfactory_runtime::metrics;
 
 use crate::builtins::{Builtins, TaskFailure};
@@ -37,6 +43,8 @@ pub struct Executor {
     pub name: String,
     pub ack_wait: Duration,
     pub cancellations: Arc<Cancellations>,
+    /// Deliveries a task may have beyond its own attempts while its result cannot be reported.
+    pub max_deliveries: u32,
     /// An attempt still running after this long is reported `RUNNING`.
     pub running_after: Duration,
 }
@@ -153,32 +161,82 @@ impl Drop for InFlight {
     }
 }
 
-impl Executor {
-    pub async fn handle(self: Arc<Self>, message: Message) {
-        let disposition = self.process(&message).await;
-        messaging::settle(&message, disposition).await;
+/// Why a task message was not done with.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    /// Not a task that can be run: dead-lettered without running.
+    #[error("{0}")]
+    Unrunnable(String),
+    /// The attempt failed and the task has attempts left: delivered again after its backoff.
+    #[error("{error}")]
+    Retry { delay: Duration, error: String },
+    /// Out of attempts: reported `DEAD`, then dead-lettered.
+    #[error("{error}")]
+    Dead { error: String, attempt: u32 },
+    /// NATS (the result, the cancelled-runs bucket): delivered again.
+    #[error("{0}")]
+    Transient(String),
+    /// Transient failures until the task's deliveries ran out.
+    #[error("gave up after {deliveries} deliveries: {error}")]
+    GaveUp { deliveries: u32, error: String },
+}
+
+impl Unfinished for TaskError {
+    fn then(&self) -> Then {
+        match self {
+            TaskError::Unrunnable(_) | TaskError::Dead { .. } | TaskError::GaveUp { .. } => {
+                Then::DeadLetter { refused: None }
+            }
+            TaskError::Retry { delay, .. } => Then::RetryAfter(*delay),
+            TaskError::Transient(_) => Then::Backoff,
+        }
     }
 
-    async fn process(&self, message: &Message) -> Disposition {
+    fn dead_letter_headers(&self) -> Vec<(&'static str, String)> {
+        match self {
+            TaskError::Dead { attempt, .. } => {
+                vec![(subjects::HEADER_ATTEMPTS, attempt.to_string())]
+            }
+            _ => Vec::new(),
+        }
+    }
+}
+
+impl Handler for Executor {
+    type Error = TaskError;
+
+    async fn handle(&self, message: &Message) -> Result<(), TaskError> {
+        self.process(message).await
+    }
+}
+
+impl Executor {
+    async fn process(&self, message: &Message) -> Result<(), TaskError> {
+        let task = match TaskInstance::decode(message.payload.as_ref()) {
+            Ok(task) if !task.task_id.is_empty() => task,
+            Ok(_) => {
+                return Err(TaskError::Unrunnable(
+                    "task message has no task_id".to_owned(),
+                ));
+            }
+            Err(error) => {
+                return Err(TaskError::Unrunnable(format!(
+                    "not a TaskInstance: {error}"
+                )));
+            }
+        };
+        if let Some(problem) = subjects::result_subject_error(&task.activity_name, &task.run_id) {
+            return Err(TaskError::Unrunnable(format!(
+                "task {} not run: {problem}, so its result could never be reported",
+                task.task_id
+            )));
+        }
         let task_type = message
             .subject
             .as_str()
             .strip_prefix("tasks.")
             .unwrap_or(message.subject.as_str())
             .to_owned();
-        let task = match TaskInstance::decode(message.payload.as_ref()) {
-            Ok(task) if !task.task_id.is_empty() => task,
-            Ok(_) => {
-                return self
-                    .reject(message, &task_type, "task message has no task_id")
-                    .await;
-            }
-            Err(error) => {
-                return self
-                    .reject(message, &task_type, &format!("not a TaskInstance: {error}"))
-                    .await;
-            }
-        };
         // The attempt within this series (RetryTask starts a new one), and overall.
         let series_attempt = message
             .info()
@@ -200,9 +258,22 @@ impl Executor {
             activity.name = %task.activity_name,
             executor.name = %self.name,
         );
-        self.attempt(message, task_type, task, attempt, series_attempt)
+        let deliveries = effective_retry(task.retry.as_ref())
+            .max_attempts
+            .saturating_add(self.max_deliveries);
+        match self
+            .attempt(message, task_type, task, attempt, series_attempt)
             .instrument(span)
             .await
+        {
+            Err(TaskError::Transient(error)) if series_attempt >= deliveries => {
+                Err(TaskError::GaveUp {
+                    deliveries: series_attempt,
+                    error,
+                })
+            }
+            outcome => outcome,
+        }
     }
 
     /// One attempt of a decoded task, in its span: run it (unless its run was cancelled), report
@@ -214,7 +285,7 @@ impl Executor {
         task: TaskInstance,
         attempt: u32,
         series_attempt: u32,
-    ) -> Disposition {
+    ) -> Result<(), TaskError> {
         let retry = effective_retry(task.retry.as_ref());
         let timeout = task
             .timeout
@@ -234,8 +305,10 @@ impl Executor {
         let cancelled = match self.cancellations.reason(&task.run_id).await {
             Ok(reason) => reason,
             Err(error) => {
-                tracing::warn!(task.id = %task.task_id, %error, "cannot check whether the run was cancelled; retrying the task");
-                return Disposition::Retry(Duration::from_secs(1));
+                return Err(TaskError::Transient(format!(
+                    "cannot check whether the run of task {} was cancelled: {error}",
+                    task.task_id
+                )));
             }
         };
         let outcome = match cancelled {
@@ -263,17 +336,12 @@ impl Executor {
         };
         drop(in_flight);
 
-        let (status, disposition, error, output) = match outcome {
+        let (status, retry_in, error, output) = match outcome {
             Err(Stopped::Cancelled(reason)) => {
                 tracing::info!(task.id = %task.task_id, run.id = %task.run_id, "task of a cancelled run not run");
-                (TaskStatus::Cancelled, Disposition::Ack, reason, None)
+                (TaskStatus::Cancelled, None, reason, None)
             }
-            Ok(output) => (
-                TaskStatus::Succeeded,
-                Disposition::Ack,
-                String::new(),
-                Some(output),
-            ),
+            Ok(output) => (TaskStatus::Succeeded, None, String::new(), Some(output)),
             Err(Stopped::Failed(failure))
                 if failure.retryable && series_attempt < retry.max_attempts =>
             {
@@ -281,16 +349,11 @@ impl Executor {
                 let delay = backoff(&retry, series_attempt, &task.task_id)
                     .max(failure.retry_after.unwrap_or_default());
                 tracing::warn!(task.id = %task.task_id, task.type = %task.r#type, attempt, error = %failure.message, retry_in = ?delay, "task attempt failed");
-                (
-                    TaskStatus::Failed,
-                    Disposition::Retry(delay),
-                    failure.message,
-                    None,
-                )
+                (TaskStatus::Failed, Some(delay), failure.message, None)
             }
             Err(Stopped::Failed(failure)) => {
                 tracing::warn!(task.id = %task.task_id, task.type = %task.r#type, attempt, error = %failure.message, "task dead");
-                (TaskStatus::Dead, Disposition::Ack, failure.message, None)
+                (TaskStatus::Dead, None, failure.message, None)
             }
         };
         let span = tracing::Span::current();
@@ -328,27 +391,17 @@ impl Executor {
         )
         .await
         {
-            tracing::warn!(task.id = %task.task_id, error = %error_chain(&e), "cannot report result; the task will run again");
-            return Disposition::Retry(Duration::from_secs(1));
+            return Err(TaskError::Transient(format!(
+                "cannot report the result of task {} (it will run again): {}",
+                task.task_id,
+                error_chain(&e)
+            )));
         }
-        if status == TaskStatus::Dead {
-            let mut headers = HeaderMap::new();
-            headers.insert(subjects::HEADER_ERROR, messaging::one_line(&error).as_str());
-            headers.insert(subjects::HEADER_ATTEMPTS, attempt.to_string().as_str());
-            if let Err(e) = messaging::publish_confirmed(
-                &self.builtins.js,
-                subjects::task_dlq_subject(&task_type),
-                &format!("dead:{}:{attempt}", task.task_id),
-                Some(headers),
-                message.payload.clone(),
-            )
-            .await
-            {
-                tracing::warn!(task.id = %task.task_id, error = %error_chain(&e), "cannot dead-letter task; will retry the report");
-                return Disposition::Retry(Duration::from_secs(1));
-            }
+        match (status, retry_in) {
+            (TaskStatus::Dead, _) => Err(TaskError::Dead { error, attempt }),
+            (_, Some(delay)) => Err(TaskError::Retry { delay, error }),
+            _ => Ok(()),
         }
-        disposition
     }
 
     /// Reports the attempt `RUNNING` once it has run for `running_after`, unless it ends first
@@ -391,24 +444,6 @@ impl Executor {
             }
         };
         RunningReport(tokio::spawn(report.instrument(tracing::Span::current())))
-    }
-
-    async fn reject(&self, message: &Message, task_type: &str, error: &str) -> Disposition {
-        tracing::error!(subject = %message.subject, %error, "undecodable task; dead-lettered");
-        match messaging::dead_letter(
-            &self.builtins.js,
-            subjects::task_dlq_subject(task_type),
-            message,
-            error,
-        )
-        .await
-        {
-            Ok(()) => Disposition::Term,
-            Err(e) => {
-                tracing::warn!(error = %error_chain(&e), "could not dead-letter task; it will be redelivered");
-                Disposition::Retry(Duration::from_secs(5))
-            }
-        }
     }
 }
 

@@ -164,6 +164,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         ack_wait: config.ack_wait,
         cancellations: cancellations.clone(),
         running_after: config.running_after,
+        max_deliveries: config.nats.max_deliveries,
     });
     let tracker = TaskTracker::new();
     tracker.spawn(cancellations.watch(shutdown.clone()));
@@ -174,7 +175,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         shutdown.clone(),
     );
     for task_type in &config.task_types {
-        let executor = executor.clone();
         tracker.spawn(messaging::consume(
             js.clone(),
             ConsumerSpec {
@@ -184,9 +184,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 concurrency: config.concurrency_of(task_type),
                 ack_wait: config.ack_wait,
                 drain_timeout: config.lifecycle.drain_timeout,
+                // A task's own attempts, then the deliveries its result may fail to be reported.
+                max_deliveries: config
+                    .nats
+                    .max_deliveries
+                    .saturating_add(taskfactory_model::spec::MAX_ATTEMPTS_LIMIT),
+                dead_letters: subjects::task_dlq_subject_of,
+                kind: "task",
             },
             shutdown.clone(),
-            move |message| executor.clone().handle(message),
+            executor.clone(),
         ));
     }
     tracing::info!(types = ?config.task_types, "executor running");

@@ -42,6 +42,9 @@ pub const HEADER_MSG_ID: &str = "Nats-Msg-Id";
 pub const HEADER_ERROR: &str = "Taskfactory-Error";
 pub const HEADER_ORIGINAL_SUBJECT: &str = "Taskfactory-Original-Subject";
 pub const HEADER_ORIGINAL_SEQUENCE: &str = "Taskfactory-Original-Sequence";
+pub const HEADER_ORIGINAL_STREAM: &str = "Taskfactory-Original-Stream";
+/// On dead letters: how many times the message had been delivered.
+pub const HEADER_DELIVERIES: &str = "Taskfactory-Deliveries";
 pub const HEADER_ATTEMPTS: &str = "Taskfactory-Attempts";
 /// On requests the admin API sends an orchestrator: the id of their row in `admin_requests`.
 pub const HEADER_ADMIN_REQUEST: &str = "Taskfactory-Admin-Request";
@@ -58,6 +61,24 @@ pub fn result_subject(activity_name: &str, run_id: &str) -> String {
     format!("results.{activity_name}.{run_id}")
 }
 
+/// Why a task's result subject ([`result_subject`]) would not be a subject the results stream
+/// takes: its activity name and run id must each be one token.
+pub fn result_subject_error(activity_name: &str, run_id: &str) -> Option<String> {
+    let token = |what: &str, value: &str| {
+        let bad = value.is_empty()
+            || value
+                .chars()
+                .any(|c| c == '.' || c == '*' || c == '>' || c.is_whitespace() || c.is_control());
+        bad.then(|| format!("its {what} {value:?} cannot be one token of a result subject"))
+    };
+    token("activity name", activity_name).or_else(|| token("run id", run_id))
+}
+
+/// The dead-letter subject of a task message, from its subject (`tasks.<type>`).
+pub fn task_dlq_subject_of(subject: &str) -> String {
+    task_dlq_subject(subject.strip_prefix("tasks.").unwrap_or(subject))
+}
+
 pub fn task_dlq_subject(task_type: &str) -> String {
     format!("dlq.tasks.{task_type}")
 }
@@ -66,6 +87,10 @@ pub const EVENTS_DLQ_SUBJECT: &str = "dlq.events";
 /// Trigger and result messages that cannot be decoded (only ever from a foreign publisher).
 pub const TRIGGERS_DLQ_SUBJECT: &str = "dlq.triggers";
 pub const RESULTS_DLQ_SUBJECT: &str = "dlq.results";
+/// Every task's dead letters: the orchestrator marks their tasks `DEAD`.
+pub const TASKS_DLQ_SUBJECTS: &str = "dlq.tasks.>";
+/// The orchestrator's consumer of dead-lettered tasks.
+pub const ORCHESTRATOR_DEAD_TASKS_CONSUMER: &str = "taskfactory-orchestrator-dead-tasks";
 
 /// The kinds of dead letter, by the token after `dlq.` (`other` for anything else on the stream).
 pub const DLQ_KINDS: [&str; 5] = ["tasks", "events", "triggers", "results", "other"];

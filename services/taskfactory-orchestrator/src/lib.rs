@@ -23,6 +23,7 @@ pub mod admin_requests;
 pub mod commands;
 pub mod completion;
 pub mod context;
+pub mod dead_tasks;
 pub mod preview;
 pub mod results;
 pub mod spawn;
@@ -441,9 +442,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             concurrency: config.trigger_concurrency,
             ack_wait: config.ack_wait,
             drain_timeout: config.lifecycle.drain_timeout,
+            max_deliveries: config.nats.max_deliveries,
+            dead_letters: |_| subjects::TRIGGERS_DLQ_SUBJECT.to_owned(),
+            kind: "trigger",
         },
         shutdown.clone(),
-        move |message| spawner.clone().handle(message),
+        spawner,
     ));
     tracker.spawn(messaging::consume(
         js.clone(),
@@ -454,9 +458,30 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             concurrency: config.result_concurrency,
             ack_wait: Duration::from_secs(30),
             drain_timeout: config.lifecycle.drain_timeout,
+            max_deliveries: config.nats.max_deliveries,
+            dead_letters: |_| subjects::RESULTS_DLQ_SUBJECT.to_owned(),
+            kind: "result",
         },
         shutdown.clone(),
-        move |message| sink.clone().handle(message),
+        sink.clone(),
+    ));
+    tracker.spawn(messaging::consume(
+        js.clone(),
+        ConsumerSpec {
+            stream: subjects::DLQ_STREAM,
+            durable: subjects::ORCHESTRATOR_DEAD_TASKS_CONSUMER.to_owned(),
+            filter_subject: subjects::TASKS_DLQ_SUBJECTS.to_owned(),
+            concurrency: 4,
+            ack_wait: Duration::from_secs(30),
+            drain_timeout: config.lifecycle.drain_timeout,
+            // Already a dead letter, and its handler fails only on the database: it is retried
+            // (every 30 s at most) until its task is recorded, never dead-lettered again.
+            max_deliveries: u32::MAX,
+            dead_letters: |subject| subject.to_owned(),
+            kind: "dead_task",
+        },
+        shutdown.clone(),
+        Arc::new(dead_tasks::DeadTasks { sink }),
     ));
     tracker.spawn(completion::run_sweeper(
         pool.clone(),

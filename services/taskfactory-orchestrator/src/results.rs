@@ -10,7 +10,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::task::TaskTracker;
@@ -22,9 +21,9 @@ use sqlx::PgPool;
 use taskfactory_model::ids::TaskId;
 use taskfactory_model::results::{Claim, Refusal, is_result_status};
 use taskfactory_model::spec::timestamp_to_chrono;
-use taskfactory_model::{subjects, values};
+use taskfactory_model::values;
 use taskfactory_proto::v1::{TaskResult, TaskStatus};
-use taskfactory_runtime::messaging::{self, Disposition};
+use taskfactory_runtime::messaging::{Handler, Then, Unfinished};
 use taskfactory_runtime::telemetry::error_chain;
 
 use crate::completion;
@@ -183,37 +182,57 @@ async fn record_group(
     }
 }
 
-impl ResultSink {
-    pub async fn handle(self: Arc<Self>, message: Message) {
-        let disposition = self.process(&message).await;
-        messaging::settle(&message, disposition).await;
-    }
+/// Why a result was not recorded.
+#[derive(Debug, thiserror::Error)]
+pub enum ResultError {
+    /// Not a result at all: dead-lettered.
+    #[error("{0}")]
+    Undecodable(String),
+    /// Refused by its task ([`taskfactory_model::results::judge`]): dead-lettered and counted.
+    #[error("result for task {task} refused: {refusal}")]
+    Refused { task: TaskId, refusal: Refusal },
+    /// The database or NATS: delivered again.
+    #[error("{0}")]
+    Transient(String),
+}
 
-    async fn process(&self, message: &Message) -> Disposition {
-        let result = match TaskResult::decode(message.payload.as_ref()) {
-            Ok(result) => result,
-            Err(error) => {
-                return self
-                    .reject(message, &format!("not a TaskResult: {error}"))
-                    .await;
-            }
-        };
+impl Unfinished for ResultError {
+    fn then(&self) -> Then {
+        match self {
+            ResultError::Undecodable(_) => Then::DeadLetter { refused: None },
+            ResultError::Refused { refusal, .. } => Then::DeadLetter {
+                refused: Some(refusal.reason()),
+            },
+            ResultError::Transient(_) => Then::Backoff,
+        }
+    }
+}
+
+impl Handler for ResultSink {
+    type Error = ResultError;
+
+    async fn handle(&self, message: &Message) -> Result<(), ResultError> {
+        let result = TaskResult::decode(message.payload.as_ref())
+            .map_err(|error| ResultError::Undecodable(format!("not a TaskResult: {error}")))?;
+        self.process(result).await
+    }
+}
+
+impl ResultSink {
+    /// Records a decoded result (from `results.>`, or made of a dead-lettered task).
+    pub(crate) async fn process(&self, result: TaskResult) -> Result<(), ResultError> {
         let Ok(task_id) = result.task_id.parse::<TaskId>() else {
-            return self
-                .reject(
-                    message,
-                    &format!("task_id {:?} is not a task id", result.task_id),
-                )
-                .await;
+            return Err(ResultError::Undecodable(format!(
+                "task_id {:?} is not a task id",
+                result.task_id
+            )));
         };
         let status = result.status();
         if !is_result_status(status) {
-            return self
-                .reject(
-                    message,
-                    &format!("status {} is not a result status", status.as_str_name()),
-                )
-                .await;
+            return Err(ResultError::Undecodable(format!(
+                "status {} is not a result status",
+                status.as_str_name()
+            )));
         }
         let span = tracing::info_span!(
             "record result",
@@ -226,24 +245,23 @@ impl ResultSink {
             run.id = %result.run_id,
             executor.name = %result.executor,
         );
-        let disposition = self
-            .record(message, result, task_id, status)
+        let recorded = self
+            .record(result, task_id, status)
             .instrument(span.clone())
             .await;
-        if disposition != Disposition::Ack {
+        if recorded.is_err() {
             span.record("otel.status_code", "ERROR");
         }
-        disposition
+        recorded
     }
 
     /// Records a decoded result; announces the run when it was the last.
     async fn record(
         &self,
-        message: &Message,
         result: TaskResult,
         task_id: TaskId,
         status: TaskStatus,
-    ) -> Disposition {
+    ) -> Result<(), ResultError> {
         let mut record = ResultRecord {
             task_id,
             attempt: result.attempt,
@@ -273,9 +291,12 @@ impl ResultSink {
         match recorded {
             Ok(Recorded::UnknownTask) => {
                 tracing::warn!(task.id = %task_id, "result for an unknown task ignored");
-                Disposition::Ack
+                Ok(())
             }
-            Ok(Recorded::Refused(refusal)) => self.refuse(message, task_id, &refusal).await,
+            Ok(Recorded::Refused(refusal)) => Err(ResultError::Refused {
+                task: task_id,
+                refusal,
+            }),
             Ok(Recorded::AlreadyFinal) => {
                 tracing::debug!(task.id = %task_id, attempt = result.attempt, "late result kept as an attempt");
                 // A redelivery after the run finished but before it was announced lands here.
@@ -293,65 +314,33 @@ impl ResultSink {
                         tracing::warn!(activity.id = %run.activity_id, error = %error_chain(&error), "cannot start the next buffered run yet");
                     }
                 }
-                Disposition::Ack
+                Ok(())
             }
-            Err(error) => {
-                tracing::warn!(task.id = %task_id, error = %error_chain(&error), "cannot record result; will retry");
-                Disposition::Retry(Duration::from_secs(1))
-            }
+            Err(error) => Err(ResultError::Transient(format!(
+                "cannot record the result of task {task_id}: {}",
+                error_chain(&error)
+            ))),
         }
     }
 
-    async fn retry_announcement(&self, result: &TaskResult) -> Disposition {
-        match result.run_id.parse() {
-            Ok(run) => match completion::announce_if_finished(&self.pool, &self.js, run).await {
-                Ok(()) => {
-                    // The run that finished may have buffered runs behind it.
-                    if let Ok(activity) = result.activity_id.parse()
-                        && let Err(error) = self.spawner.start_next(activity).await
-                    {
-                        tracing::warn!(error = %error_chain(&error), "cannot start the next buffered run yet");
-                    }
-                    Disposition::Ack
-                }
-                Err(_) => Disposition::Retry(Duration::from_secs(2)),
-            },
-            Err(_) => Disposition::Ack,
-        }
-    }
-
-    /// A result its task refuses (see the module docs): dead-lettered once, counted, never
-    /// recorded.
-    async fn refuse(&self, message: &Message, task_id: TaskId, refusal: &Refusal) -> Disposition {
-        let error = format!("result for task {task_id} refused: {refusal}");
-        tracing::error!(subject = %message.subject, task.id = %task_id, reason = refusal.reason(), %error, "result refused; dead-lettered");
-        let disposition = self.dead_letter(message, &error).await;
-        if disposition == Disposition::Term {
-            taskfactory_runtime::metrics::record_refused("result", refusal.reason());
-        }
-        disposition
-    }
-
-    async fn reject(&self, message: &Message, error: &str) -> Disposition {
-        tracing::error!(subject = %message.subject, %error, "undecodable result; dead-lettered");
-        self.dead_letter(message, error).await
-    }
-
-    /// Copies the message to `dlq.results` with `error`; terminates it once that is stored.
-    async fn dead_letter(&self, message: &Message, error: &str) -> Disposition {
-        match messaging::dead_letter(
-            &self.js,
-            subjects::RESULTS_DLQ_SUBJECT.to_owned(),
-            message,
-            error,
-        )
-        .await
+    async fn retry_announcement(&self, result: &TaskResult) -> Result<(), ResultError> {
+        let Ok(run) = result.run_id.parse() else {
+            return Ok(());
+        };
+        completion::announce_if_finished(&self.pool, &self.js, run)
+            .await
+            .map_err(|error| {
+                ResultError::Transient(format!(
+                    "cannot announce the finished run {run}: {}",
+                    error_chain(&error)
+                ))
+            })?;
+        // The run that finished may have buffered runs behind it.
+        if let Ok(activity) = result.activity_id.parse()
+            && let Err(error) = self.spawner.start_next(activity).await
         {
-            Ok(()) => Disposition::Term,
-            Err(e) => {
-                tracing::warn!(error = %error_chain(&e), "could not dead-letter result; it will be redelivered");
-                Disposition::Retry(Duration::from_secs(5))
-            }
+            tracing::warn!(error = %error_chain(&error), "cannot start the next buffered run yet");
         }
+        Ok(())
     }
 }

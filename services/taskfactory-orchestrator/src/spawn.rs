@@ -40,7 +40,7 @@ use taskfactory_model::{subjects, values};
 use taskfactory_proto::v1::{
     ActivitySpec, OverlapPolicy, RunStatus, TaskInstance, TaskStatus, TriggerEvent, trigger,
 };
-use taskfactory_runtime::messaging::{self, Disposition};
+use taskfactory_runtime::messaging::{self, Handler, Then, Unfinished};
 use taskfactory_runtime::propagation;
 use taskfactory_runtime::telemetry::error_chain;
 use tracing::Instrument as _;
@@ -102,73 +102,38 @@ pub enum SpawnError {
     },
 }
 
-impl SpawnError {
-    /// The one place a spawn error picks its ack.
-    fn disposition(&self) -> Disposition {
+impl Unfinished for SpawnError {
+    /// The one place a spawn error picks what becomes of its trigger.
+    fn then(&self) -> Then {
         match self {
             SpawnError::Decode(_)
             | SpawnError::Missing(_)
             | SpawnError::UnknownActivity(_)
-            | SpawnError::Conflict(_)
-            | SpawnError::NotInLedger { .. }
-            | SpawnError::DiffersFromLedger { .. } => Disposition::Term,
+            | SpawnError::Conflict(_) => Then::DeadLetter { refused: None },
+            SpawnError::NotInLedger { .. } => Then::DeadLetter {
+                refused: Some("not_in_ledger"),
+            },
+            SpawnError::DiffersFromLedger { .. } => Then::DeadLetter {
+                refused: Some("differs_from_ledger"),
+            },
             SpawnError::Database(_) | SpawnError::Announce(_) | SpawnError::Publish { .. } => {
-                Disposition::Retry(Duration::from_secs(2))
+                Then::Backoff
             }
-        }
-    }
-
-    /// Why the trigger was refused as not the trigger service's (a metric label), if it was.
-    fn refusal(&self) -> Option<&'static str> {
-        match self {
-            SpawnError::NotInLedger { .. } => Some("not_in_ledger"),
-            SpawnError::DiffersFromLedger { .. } => Some("differs_from_ledger"),
-            _ => None,
         }
     }
 }
 
-impl Spawner {
-    pub async fn handle(self: Arc<Self>, message: Message) {
-        // Long spawns keep the message alive so it is not redelivered while in hand.
-        let heartbeat = messaging::heartbeat(&message, self.ack_wait / 3);
-        let outcome = self.process(&message).await;
-        drop(heartbeat);
-        let disposition = match outcome {
-            Ok(()) => Disposition::Ack,
-            Err(error) => {
-                let disposition = error.disposition();
-                if disposition == Disposition::Term {
-                    if error.refusal().is_some() {
-                        tracing::error!(subject = %message.subject, error = %error_chain(&error), "trigger not in the fire ledger refused; dead-lettered");
-                    } else {
-                        tracing::error!(subject = %message.subject, error = %error_chain(&error), "trigger cannot be processed; dead-lettered");
-                    }
-                    if let Err(e) = messaging::dead_letter(
-                        &self.js,
-                        subjects::TRIGGERS_DLQ_SUBJECT.to_owned(),
-                        &message,
-                        &error.to_string(),
-                    )
-                    .await
-                    {
-                        tracing::warn!(error = %error_chain(&e), "could not dead-letter trigger; it will be redelivered");
-                        messaging::settle(&message, Disposition::Retry(Duration::from_secs(5)))
-                            .await;
-                        return;
-                    }
-                    if let Some(reason) = error.refusal() {
-                        taskfactory_runtime::metrics::record_refused("trigger", reason);
-                    }
-                } else {
-                    tracing::warn!(subject = %message.subject, error = %error_chain(&error), "trigger not processed; will retry");
-                }
-                disposition
-            }
-        };
-        messaging::settle(&message, disposition).await;
-    }
+impl Handler for Spawner {
+    type Error = SpawnError;
 
+    async fn handle(&self, message: &Message) -> Result<(), SpawnError> {
+        // Long spawns keep the message alive so it is not redelivered while in hand.
+        let _heartbeat = messaging::heartbeat(message, self.ack_wait / 3);
+        self.process(message).await
+    }
+}
+
+impl Spawner {
     async fn process(&self, message: &Message) -> Result<(), SpawnError> {
         let event = decode_trigger(message.payload.as_ref()).map_err(SpawnError::Decode)?;
         let activity_id: ActivityId = event
@@ -177,6 +142,16 @@ impl Spawner {
             .map_err(|_| SpawnError::Missing("a valid activity_id"))?;
         if event.dedupe_key.is_empty() {
             return Err(SpawnError::Missing("a dedupe_key"));
+        }
+        // Its tasks' results go to `results.<activity name>.<run>`: without a name that is one
+        // token, no result could ever be recorded and the run would never end.
+        if event.activity_name.is_empty() {
+            return Err(SpawnError::Missing("an activity_name"));
+        }
+        if let Some(problem) = subjects::result_subject_error(&event.activity_name, "run") {
+            return Err(SpawnError::UnknownActivity(format!(
+                "trigger refused: {problem}"
+            )));
         }
         let run_id = RunId::derive(activity_id, &event.dedupe_key);
         let (ledger, state) = store::trigger_state(

@@ -54,6 +54,19 @@ pub struct NatsArgs {
         default_value_t = 1
     )]
     pub stream_replicas: usize,
+
+    /// Deliveries of one message a consumer allows before it gives up on it: a message whose
+    /// handler keeps failing (or crashing) is then dead-lettered with its last error, never
+    /// redelivered again. Transient failures back off between deliveries (1 s doubling to 30 s),
+    /// so the default rides out about 8 minutes of a database or NATS outage. Executors add a
+    /// task's own attempts (up to 100) to it.
+    #[arg(
+        long = "max-deliveries",
+        env = "TASKFACTORY_MAX_DELIVERIES",
+        default_value_t = 20,
+        value_parser = clap::value_parser!(u32).range(2..)
+    )]
+    pub max_deliveries: u32,
 }
 
 impl NatsArgs {
@@ -70,6 +83,7 @@ impl NatsArgs {
             key: None,
             tls: false,
             stream_replicas: 1,
+            max_deliveries: 20,
         }
     }
 }

@@ -7,7 +7,14 @@
 //!   handler slots (so nothing waits in a buffer past `ack_wait`), runs the handler for each, and
 //!   on shutdown stops pulling, hands back what was delivered but not started, and lets the
 //!   messages in hand finish. A message in hand is never abandoned halfway.
-//! - Settling: a handler returns a [`Disposition`]; [`settle`] turns it into the JetStream ack.
+//! - Settling: a handler ([`Handler`]) returns `Result<(), E>`, and its error says what becomes
+//!   of the message ([`Unfinished::then`]): delivered again after a backoff, delivered again after
+//!   a delay of its own, or dead-lettered. [`consume`] settles every message, and dead-letters in
+//!   one format for every consumer ([`dead_letter`]). No message is delivered forever: past its
+//!   consumer's delivery limit ([`ConsumerSpec::max_deliveries`]) it is dead-lettered with its
+//!   last error and terminated, and one delivered past the limit without its handler ever
+//!   finishing (the process crashed, or the handler hung past `ack_wait`) is dead-lettered before
+//!   the handler sees it again.
 //! - Tracing: each publish is a producer span whose context goes out in the message headers; each
 //!   handler runs in a consumer span that continues the context the message carries
 //!   ([`crate::propagation`]). Names and attributes follow the OpenTelemetry messaging
@@ -77,7 +84,47 @@ pub async fn publish_confirmed(
     Ok(ack.duplicate)
 }
 
-/// What to do with a consumed message once its handler is done.
+/// What becomes of a message its handler did not finish.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Then {
+    /// A transient failure (the database, NATS): delivered again after a backoff that grows with
+    /// each delivery ([`backoff`]), until the delivery limit.
+    Backoff,
+    /// Delivered again after this delay (a task's own retry policy); counts toward the limit.
+    RetryAfter(Duration),
+    /// Never delivered again: dead-lettered with the error, then terminated. `refused`: the
+    /// message was refused as not ours, and is counted in
+    /// [`REFUSED_MESSAGES`](crate::metrics::REFUSED_MESSAGES) with this reason.
+    DeadLetter { refused: Option<&'static str> },
+}
+
+/// A handler's error: its text is the message's dead-letter error, and it says what becomes of
+/// the message.
+pub trait Unfinished: std::fmt::Display + Send {
+    fn then(&self) -> Then;
+
+    /// Headers added to the message's dead letter, beyond the ones every dead letter has.
+    fn dead_letter_headers(&self) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
+}
+
+/// What a consumer does with each message. `Ok` acks it; an error settles it as the error says
+/// ([`Unfinished::then`]).
+pub trait Handler: Send + Sync + 'static {
+    type Error: Unfinished;
+
+    fn handle(&self, message: &Message) -> impl Future<Output = Result<(), Self::Error>> + Send;
+}
+
+/// The delay before redelivering a message that failed transiently on its `delivered`th
+/// delivery: 1 s, doubling, at most 30 s.
+pub fn backoff(delivered: i64) -> Duration {
+    let doublings = u32::try_from(delivered.saturating_sub(1).clamp(0, 5)).unwrap_or(5);
+    Duration::from_secs(1 << doublings).min(Duration::from_secs(30))
+}
+
+/// How a consumed message was settled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Disposition {
     /// Done: everything it caused is written and published.
@@ -146,25 +193,33 @@ impl Drop for Heartbeat {
     }
 }
 
-/// Sends a message that cannot be processed to a dead-letter subject, with its original subject,
-/// stream sequence and the error in headers. Deduplicated by the original stream sequence.
+/// Sends a message that cannot be processed to a dead-letter subject: its payload and headers,
+/// with the error ([`HEADER_ERROR`](subjects::HEADER_ERROR)), where it came from (original
+/// subject, stream and stream sequence), how many times it was delivered, and `extra` headers.
+/// Deduplicated by the original stream and sequence.
 pub async fn dead_letter(
     js: &jetstream::Context,
     dlq_subject: String,
     message: &Message,
     error: &str,
+    extra: &[(&'static str, String)],
 ) -> Result<(), PublishError> {
     let mut headers = message.headers.clone().unwrap_or_default();
     headers.insert(subjects::HEADER_ERROR, one_line(error).as_str());
     headers.insert(subjects::HEADER_ORIGINAL_SUBJECT, message.subject.as_str());
-    let (stream, sequence) = match message.info() {
-        Ok(info) => (info.stream.to_owned(), info.stream_sequence),
-        Err(_) => (String::new(), 0),
+    let (stream, sequence, delivered) = match message.info() {
+        Ok(info) => (info.stream.to_owned(), info.stream_sequence, info.delivered),
+        Err(_) => (String::new(), 0, 1),
     };
+    headers.insert(subjects::HEADER_ORIGINAL_STREAM, stream.as_str());
     headers.insert(
         subjects::HEADER_ORIGINAL_SEQUENCE,
         sequence.to_string().as_str(),
     );
+    headers.insert(subjects::HEADER_DELIVERIES, delivered.to_string().as_str());
+    for (name, value) in extra {
+        headers.insert(*name, one_line(value).as_str());
+    }
     let msg_id = format!("dlq:{stream}:{sequence}");
     publish_confirmed(
         js,
@@ -204,6 +259,13 @@ pub struct ConsumerSpec {
     /// At shutdown, how long handlers in flight may take to finish; messages of those still
     /// running after it are redelivered (after `ack_wait`) once the process is gone.
     pub drain_timeout: Duration,
+    /// Deliveries of one message before it is given up on and dead-lettered.
+    pub max_deliveries: u32,
+    /// The dead-letter subject of a message, from its subject.
+    pub dead_letters: fn(&str) -> String,
+    /// What the consumer takes in, for logs and the refused-messages metric (`trigger`,
+    /// `result`, `event`, `task`).
+    pub kind: &'static str,
 }
 
 impl ConsumerSpec {
@@ -213,6 +275,8 @@ impl ConsumerSpec {
             filter_subject: self.filter_subject.clone(),
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: self.ack_wait,
+            // The limit is ours (dead-letter, then terminate): the server's would leave the
+            // message in the stream, undelivered and unrecorded.
             max_deliver: -1,
             // Each replica pulls only for its free slots; this only bounds all replicas together.
             max_ack_pending: 10_000,
@@ -244,16 +308,19 @@ pub async fn ensure_consumer(
 /// ever waits in a client buffer while its `ack_wait` runs out — the prefetch pitfall that would
 /// otherwise redeliver, and run twice, messages nobody had started. The consumer is recreated
 /// whenever pulling fails (server restart, consumer deleted).
-pub async fn consume<F, Fut>(
+pub async fn consume<H: Handler>(
     js: jetstream::Context,
     spec: ConsumerSpec,
     shutdown: CancellationToken,
-    handler: F,
-) where
-    F: Fn(Message) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let handler = Arc::new(handler);
+    handler: Arc<H>,
+) {
+    let settler = Arc::new(Settler {
+        js: js.clone(),
+        durable: spec.durable.clone(),
+        max_deliveries: spec.max_deliveries.max(1),
+        dead_letters: spec.dead_letters,
+        kind: spec.kind,
+    });
     let tracker = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(spec.concurrency.max(1)));
     // Its own task, stopped (mid-request if need be) when the loop ends.
@@ -330,11 +397,11 @@ pub async fn consume<F, Fut>(
                             &spec.durable,
                             message.info().map_or(1, |info| info.delivered),
                         );
-                        let handler = handler.clone();
+                        let (handler, settler) = (handler.clone(), settler.clone());
                         let span = consumer_span(&message, &spec.durable);
                         tracker.spawn(
                             async move {
-                                handler(message).await;
+                                settler.run(&*handler, &message).await;
                                 drop(slot);
                             }
                             .instrument(span),
@@ -382,6 +449,92 @@ pub async fn consume<F, Fut>(
         .is_err()
     {
         tracing::warn!(consumer = %spec.durable, in_flight = tracker.len(), "drain timeout: leaving messages in flight to be redelivered");
+    }
+}
+
+/// Settles what handlers return, the same way for every consumer.
+struct Settler {
+    js: jetstream::Context,
+    durable: String,
+    max_deliveries: u32,
+    dead_letters: fn(&str) -> String,
+    kind: &'static str,
+}
+
+impl Settler {
+    /// Runs the handler on a message (unless it is past the delivery limit) and settles it.
+    async fn run<H: Handler>(&self, handler: &H, message: &Message) {
+        let delivered = message.info().map_or(1, |info| info.delivered);
+        let over_limit = u64::try_from(delivered).unwrap_or(0) > u64::from(self.max_deliveries);
+        let disposition = if over_limit {
+            // Every earlier delivery ended without a settlement: its handler crashed the process
+            // or hung past ack_wait. Running it again would do the same.
+            let error = format!(
+                "delivered {delivered} times, over the limit of {}, without its handler ever finishing it (the process stopped, or the handler ran past ack_wait)",
+                self.max_deliveries
+            );
+            self.dead_letter(message, &error, &[], None).await
+        } else {
+            match handler.handle(message).await {
+                Ok(()) => Disposition::Ack,
+                Err(error) => self.unfinished(message, delivered, error).await,
+            }
+        };
+        settle(message, disposition).await;
+    }
+
+    async fn unfinished<E: Unfinished>(
+        &self,
+        message: &Message,
+        delivered: i64,
+        error: E,
+    ) -> Disposition {
+        let then = error.then();
+        let last = u64::try_from(delivered).unwrap_or(0) >= u64::from(self.max_deliveries);
+        match then {
+            Then::DeadLetter { refused } => {
+                let headers = error.dead_letter_headers();
+                self.dead_letter(message, &error.to_string(), &headers, refused)
+                    .await
+            }
+            Then::Backoff | Then::RetryAfter(_) if last => {
+                let text = format!("gave up after {delivered} deliveries (the limit): {error}");
+                let headers = error.dead_letter_headers();
+                self.dead_letter(message, &text, &headers, None).await
+            }
+            Then::Backoff => {
+                let delay = backoff(delivered);
+                tracing::warn!(consumer = %self.durable, subject = %message.subject, delivered, retry_in = ?delay, error = %error, "message not processed; will retry");
+                Disposition::Retry(delay)
+            }
+            Then::RetryAfter(delay) => Disposition::Retry(delay),
+        }
+    }
+
+    /// Dead-letters the message and terminates it; if the dead letter cannot be stored, the
+    /// message is redelivered instead (nothing is dropped unrecorded).
+    async fn dead_letter(
+        &self,
+        message: &Message,
+        error: &str,
+        headers: &[(&'static str, String)],
+        refused: Option<&'static str>,
+    ) -> Disposition {
+        let subject = (self.dead_letters)(&message.subject);
+        match dead_letter(&self.js, subject.clone(), message, error, headers).await {
+            Ok(()) => {
+                tracing::error!(consumer = %self.durable, subject = %message.subject, dead_letters = %subject, %error, "message dead-lettered");
+                crate::metrics::count_dead_lettered(self.kind);
+                if let Some(reason) = refused {
+                    crate::metrics::record_refused(self.kind, reason);
+                }
+                Disposition::Term
+            }
+            Err(e) => {
+                tracing::warn!(consumer = %self.durable, subject = %message.subject, error = %error_chain(&e), "could not dead-letter a message; it will be redelivered");
+                Disposition::Retry(Duration::from_secs(5))
+            }
+        }
     }
 }
 

@@ -92,6 +92,10 @@ pub const AUDIT_WRITE_FAILURES: &str = "taskfactory_audit_write_failures_total";
 /// out), by `kind` (`trigger`, `result`) and `reason` (a bounded set, see the README).
 pub const REFUSED_MESSAGES: &str = "taskfactory_refused_messages_total";
 
+/// Every consumer: messages it dead-lettered (refused, undecodable, or given up on after the
+/// delivery limit), by `kind` (`trigger`, `result`, `event`, `task`, `dead_task`).
+pub const DEAD_LETTERED: &str = "taskfactory_dead_lettered_total";
+
 /// Trigger: reloads of the live definitions by outcome (`changed`, `unchanged`, `failed`).
 pub const DEFINITION_RELOADS: &str = "taskfactory_definition_reloads_total";
 
@@ -218,6 +222,10 @@ fn describe() {
         "Messages refused (dead-lettered, not carried out), by kind and reason"
     );
     describe_counter!(
+        DEAD_LETTERED,
+        "Messages a consumer dead-lettered (refused, undecodable, or past the delivery limit), by kind"
+    );
+    describe_counter!(
         DEFINITION_RELOADS,
         "Reloads of the live definitions, by outcome (changed, unchanged, failed)"
     );
@@ -248,6 +256,12 @@ pub fn count_audit_write_failure() {
 pub fn record_refused(kind: &'static str, reason: &'static str) {
     handle();
     metrics::counter!(REFUSED_MESSAGES, "kind" => kind, "reason" => reason).increment(1);
+}
+
+/// Counts a message a consumer dead-lettered.
+pub fn count_dead_lettered(kind: &'static str) {
+    handle();
+    metrics::counter!(DEAD_LETTERED, "kind" => kind).increment(1);
 }
 
 /// Counts `n` definitions-changed signals received.

@@ -11,8 +11,6 @@
 //! - The event is acked once every fire is recorded; a database failure retries the whole event
 //!   (fires already recorded are recognised as duplicates).
 
-use std::sync::Arc;
-use std::time::Duration;
 use taskfactory_runtime::metrics;
 use taskfactory_runtime::telemetry::error_chain;
 
@@ -21,7 +19,7 @@ use sqlx::PgPool;
 use taskfactory_model::expr::{self, Engine, Limits};
 use taskfactory_model::subjects;
 use taskfactory_proto::v1::TriggerSource;
-use taskfactory_runtime::messaging::{self, Disposition};
+use taskfactory_runtime::messaging::{Handler, Then, Unfinished};
 
 use crate::fire::{self, FireRequest};
 use crate::registry::Registry;
@@ -35,13 +33,36 @@ pub struct EventIngress {
     pub max_event_bytes: usize,
 }
 
-impl EventIngress {
-    pub async fn handle(self: Arc<Self>, message: Message) {
-        let disposition = self.process(&message).await;
-        messaging::settle(&message, disposition).await;
-    }
+/// Why an event was not taken in.
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    /// Recorded in `rejected_events`; dead-lettered.
+    #[error("{0}")]
+    Rejected(String),
+    /// The database: the whole event is retried.
+    #[error("{0}")]
+    Transient(String),
+}
 
-    async fn process(&self, message: &Message) -> Disposition {
+impl Unfinished for EventError {
+    fn then(&self) -> Then {
+        match self {
+            EventError::Rejected(_) => Then::DeadLetter { refused: None },
+            EventError::Transient(_) => Then::Backoff,
+        }
+    }
+}
+
+impl Handler for EventIngress {
+    type Error = EventError;
+
+    async fn handle(&self, message: &Message) -> Result<(), EventError> {
+        self.process(message).await
+    }
+}
+
+impl EventIngress {
+    async fn process(&self, message: &Message) -> Result<(), EventError> {
         let subject = message.subject.as_str();
         let msg_id = message
             .headers
@@ -137,12 +158,15 @@ impl EventIngress {
                     metrics::count_events(if fired.duplicate { "deduped" } else { "fired" })
                 }
                 Err(error) => {
-                    tracing::warn!(activity.name = %activity.name, %subject, error = %error_chain(&error), "cannot record event fire; event will be redelivered");
-                    return Disposition::Retry(Duration::from_secs(1));
+                    return Err(EventError::Transient(format!(
+                        "cannot record the fire of activity {}: {}",
+                        activity.name,
+                        error_chain(&error)
+                    )));
                 }
             }
         }
-        Disposition::Ack
+        Ok(())
     }
 
     async fn reject(
@@ -151,7 +175,7 @@ impl EventIngress {
         sequence: u64,
         msg_id: Option<&str>,
         error: &str,
-    ) -> Disposition {
+    ) -> Result<(), EventError> {
         tracing::warn!(subject = %message.subject, stream.sequence = sequence, %error, "rejected event");
         metrics::count_events("rejected");
         if let Err(e) = store::record_rejected_event(
@@ -164,21 +188,12 @@ impl EventIngress {
         )
         .await
         {
-            tracing::warn!(error = %error_chain(&e), "cannot record rejected event; will retry");
-            return Disposition::Retry(Duration::from_secs(1));
+            return Err(EventError::Transient(format!(
+                "cannot record the rejected event: {}",
+                error_chain(&e)
+            )));
         }
-        if let Err(e) = messaging::dead_letter(
-            &self.js,
-            subjects::EVENTS_DLQ_SUBJECT.to_owned(),
-            message,
-            error,
-        )
-        .await
-        {
-            // Recorded in Postgres already; the DLQ copy is a convenience.
-            tracing::warn!(error = %error_chain(&e), "cannot copy rejected event to the dead-letter stream");
-        }
-        Disposition::Term
+        Err(EventError::Rejected(error.to_owned()))
     }
 }
 

@@ -263,9 +263,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             concurrency: config.event_concurrency,
             ack_wait: Duration::from_secs(30),
             drain_timeout: config.lifecycle.drain_timeout,
+            max_deliveries: config.nats.max_deliveries,
+            dead_letters: |_| subjects::EVENTS_DLQ_SUBJECT.to_owned(),
+            kind: "event",
         },
         work_shutdown.clone(),
-        move |message| ingress.clone().handle(message),
+        ingress,
     ));
     if let Some(webhooks) = webhooks {
         webhooks.spawn(&tracker, pool.clone(), js.clone(), work_shutdown.clone());

@@ -130,6 +130,7 @@ impl SourcesNatsArgs {
             key: self.key.clone(),
             tls: main.tls,
             stream_replicas: main.stream_replicas,
+            max_deliveries: main.max_deliveries,
             inbox_prefix: self.inbox_prefix.clone(),
         })
     }

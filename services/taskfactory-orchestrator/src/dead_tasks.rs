@@ -1,0 +1,111 @@
+//! Consuming `dlq.tasks.>`: a task an executor dead-lettered ends `DEAD` with the dead letter's
+//! error, whatever happened to its result.
+//!
+//! An executor dead-letters a task when it is out of attempts (after reporting it `DEAD`), when
+//! its message cannot be run at all, and when it gave up after the delivery limit because its
+//! result could not be reported (a result subject nothing stores, NATS refusing it). In the last
+//! two cases no result reaches `results.>`, and without this the task, and its run, would wait
+//! forever. The dead letter carries the `TaskInstance` it was handed, so the `DEAD` recorded here
+//! is judged like any executor's result (`model::results::judge`): it needs the task's result
+//! token, names the task's type, run and activity, and changes nothing about a task already final.
+//! A dead letter that is not a task, or that its task refuses, is only logged and counted: it is a
+//! dead letter already.
+
+use async_nats::jetstream::Message;
+use prost::Message as _;
+use std::sync::Arc;
+use taskfactory_model::results::REDELIVERY_ALLOWANCE;
+use taskfactory_model::spec::{MAX_ATTEMPTS_LIMIT, chrono_to_timestamp, effective_retry};
+use taskfactory_model::subjects;
+use taskfactory_proto::v1::{TaskInstance, TaskResult, TaskStatus};
+use taskfactory_runtime::messaging::{Handler, Then, Unfinished};
+
+use crate::results::{ResultError, ResultSink};
+
+pub struct DeadTasks {
+    pub sink: Arc<ResultSink>,
+}
+
+/// Why a dead-lettered task was not recorded `DEAD` yet: only the database or NATS, retried.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct DeadTaskError(String);
+
+impl Unfinished for DeadTaskError {
+    fn then(&self) -> Then {
+        Then::Backoff
+    }
+}
+
+impl Handler for DeadTasks {
+    type Error = DeadTaskError;
+
+    async fn handle(&self, message: &Message) -> Result<(), DeadTaskError> {
+        let Some(result) = dead_result(message) else {
+            tracing::warn!(subject = %message.subject, "a dead letter on dlq.tasks that is not a task; left as it is");
+            taskfactory_runtime::metrics::record_refused("dead_task", "not_a_task");
+            return Ok(());
+        };
+        match self.sink.process(result).await {
+            Ok(()) => Ok(()),
+            Err(ResultError::Transient(error)) => Err(DeadTaskError(error)),
+            Err(ResultError::Refused { task, refusal }) => {
+                tracing::error!(task.id = %task, %refusal, "a dead-lettered task its task refuses; not recorded");
+                taskfactory_runtime::metrics::record_refused("dead_task", refusal.reason());
+                Ok(())
+            }
+            Err(ResultError::Undecodable(error)) => {
+                tracing::warn!(%error, "a dead-lettered task that names no task; not recorded");
+                taskfactory_runtime::metrics::record_refused("dead_task", "not_a_task");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The `DEAD` result a dead-lettered task stands for, if the dead letter holds a task.
+fn dead_result(message: &Message) -> Option<TaskResult> {
+    let task = TaskInstance::decode(message.payload.as_ref()).ok()?;
+    if task.task_id.is_empty() {
+        return None;
+    }
+    let header = |name: &str| {
+        message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get(name))
+            .map(|value| value.as_str().to_owned())
+    };
+    let error = header(subjects::HEADER_ERROR)
+        .filter(|error| !error.is_empty())
+        .unwrap_or_else(|| "dead-lettered by its executor".to_owned());
+    // The attempt the executor counted, else the delivery it was dead-lettered on, kept within
+    // the numbers the series handed out.
+    let series = header(subjects::HEADER_ATTEMPTS)
+        .and_then(|attempts| attempts.parse::<u32>().ok())
+        .map(|attempts| attempts.saturating_sub(task.attempt_base))
+        .or_else(|| header(subjects::HEADER_DELIVERIES).and_then(|d| d.parse::<u32>().ok()))
+        .unwrap_or(1)
+        .clamp(1, MAX_ATTEMPTS_LIMIT + REDELIVERY_ALLOWANCE);
+    let max_attempts = effective_retry(task.retry.as_ref())
+        .max_attempts
+        .min(MAX_ATTEMPTS_LIMIT);
+    let attempt = task
+        .attempt_base
+        .saturating_add(series.min(max_attempts + REDELIVERY_ALLOWANCE));
+    let now = chrono_to_timestamp(chrono::Utc::now());
+    Some(TaskResult {
+        task_id: task.task_id,
+        run_id: task.run_id,
+        activity_id: task.activity_id,
+        attempt,
+        status: TaskStatus::Dead as i32,
+        error: format!("dead-lettered: {error}"),
+        executor: "dead letter".to_owned(),
+        started_at: Some(now),
+        finished_at: Some(now),
+        r#type: task.r#type,
+        result_token: task.result_token,
+        ..TaskResult::default()
+    })
+}

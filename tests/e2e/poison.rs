@@ -1,0 +1,250 @@
+//! Poison messages: nothing is delivered forever. A message its handler refuses is dead-lettered
+//! once; one its handler keeps failing on is dead-lettered after the delivery limit; and whatever
+//! it belonged to ends in a state a user sees (a task `DEAD` with the reason, its run finished).
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use prost::Message as _;
+use serde_json::json;
+use taskfactory_model::subjects;
+use taskfactory_model::values::json_to_value;
+use taskfactory_proto::v1::{
+    RunStatus, TaskInstance, TaskStatus, TriggerActivityRequest, TriggerEvent, TriggerSource,
+};
+use taskfactory_tests::{EnvOptions, TestEnv, wait_for};
+
+use crate::support::{
+    Admin, RecordingServer, create, dead_letter, dead_letters, finished_run, settled, tasks,
+};
+
+async fn fire(admin: &mut Admin, activity: &str) -> anyhow::Result<String> {
+    Ok(admin
+        .trigger_activity(TriggerActivityRequest {
+            id: activity.to_owned(),
+            idempotency_key: "once".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .run_id)
+}
+
+/// Publishes through JetStream and returns the stored message's sequence.
+async fn publish(
+    js: &jetstream::Context,
+    subject: String,
+    msg_id: &str,
+    body: Vec<u8>,
+) -> anyhow::Result<u64> {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", msg_id);
+    Ok(js
+        .publish_with_headers(subject, headers, body.into())
+        .await?
+        .await?
+        .sequence)
+}
+
+async fn run_count(env: &TestEnv) -> anyhow::Result<i64> {
+    let pool = env.db.pool().await?;
+    Ok(sqlx::query_scalar("SELECT count(*) FROM runs")
+        .fetch_one(&pool)
+        .await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_trigger_naming_no_activity_or_an_unknown_one_is_dead_lettered_once() -> anyhow::Result<()>
+{
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _services = env.start_all().await?;
+    let js = env.js().await?;
+    let trigger = |activity_id: String, name: &str| TriggerEvent {
+        event_id: uuid::Uuid::new_v4().to_string(),
+        activity_id,
+        activity_version: 1,
+        source: TriggerSource::Manual as i32,
+        dedupe_key: "k".to_owned(),
+        payload: Some(json_to_value(&json!({}))),
+        activity_name: name.to_owned(),
+        ..Default::default()
+    };
+    let unknown = uuid::Uuid::new_v4().to_string();
+    let cases = [
+        // No activity at all: its results could go nowhere.
+        (trigger(unknown.clone(), ""), "activity_name"),
+        // A name that is no subject token.
+        (trigger(unknown.clone(), "a.b"), "one token"),
+        // An activity nobody created.
+        (trigger(unknown, "ghost"), "fire ledger"),
+    ];
+    let mut sequences = Vec::new();
+    for (n, (trigger, _)) in cases.iter().enumerate() {
+        sequences.push(
+            publish(
+                &js,
+                "triggers.forged".to_owned(),
+                &format!("forged-{n}"),
+                trigger.encode_to_vec(),
+            )
+            .await?,
+        );
+    }
+    for ((_, expected), sequence) in cases.iter().zip(&sequences) {
+        let error = dead_letter(
+            &js,
+            subjects::TRIGGERS_DLQ_SUBJECT,
+            subjects::TRIGGERS_STREAM,
+            *sequence,
+        )
+        .await?;
+        assert!(error.contains(expected), "{expected:?} in {error:?}");
+    }
+    let (deliveries, messages) = settled(
+        &js,
+        subjects::TRIGGERS_STREAM,
+        subjects::ORCHESTRATOR_TRIGGERS_CONSUMER,
+    )
+    .await?;
+    assert_eq!(
+        deliveries, messages,
+        "a refused trigger was delivered again"
+    );
+    assert_eq!(
+        dead_letters(&js, subjects::TRIGGERS_DLQ_SUBJECT)
+            .await?
+            .len(),
+        3,
+        "each dead-lettered once"
+    );
+    assert_eq!(run_count(&env).await?, 0, "no run was made");
+    Ok(())
+}
+
+/// The message of the one task queued on `subject`.
+async fn queued_task(js: &jetstream::Context, subject: &str) -> anyhow::Result<TaskInstance> {
+    let stream = js.get_stream(subjects::TASKS_STREAM).await?;
+    let message = wait_for("the queued task", Duration::from_secs(20), || async {
+        Ok(stream.get_last_raw_message_by_subject(subject).await.ok())
+    })
+    .await?;
+    Ok(TaskInstance::decode(message.payload.as_ref())?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_task_whose_result_could_go_nowhere_is_not_run_and_ends_dead() -> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    // Its task waits on `tasks.vision`, which no executor here serves.
+    create(
+        &mut admin,
+        "name: seen\ntrigger: {manual: {}}\ntasks: [{name: look, type: vision}]\n",
+    )
+    .await?;
+    let run_id = fire(&mut admin, "seen").await?;
+    let mut task = queued_task(&js, "tasks.vision").await?;
+    // The same task, handed to the noop executor with no activity name: its result subject
+    // would be `results..<run>`, which no stream stores.
+    task.activity_name = String::new();
+    let sequence = publish(
+        &js,
+        "tasks.noop".to_owned(),
+        "nameless",
+        task.encode_to_vec(),
+    )
+    .await?;
+
+    let error = dead_letter(
+        &js,
+        &subjects::task_dlq_subject("noop"),
+        subjects::TASKS_STREAM,
+        sequence,
+    )
+    .await?;
+    assert!(error.contains("could never be reported"), "{error}");
+    let run = finished_run(&admin, &run_id, Duration::from_secs(30)).await?;
+    assert_eq!(run.status(), RunStatus::RunFailed);
+    let listed = tasks(&mut admin, &run_id).await?;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].status(), TaskStatus::Dead);
+    assert!(
+        listed[0].last_error.contains("could never be reported"),
+        "the task says why: {}",
+        listed[0].last_error
+    );
+    // Delivered once, never run: no attempt but the dead letter's.
+    let (deliveries, _) = settled(
+        &js,
+        subjects::TASKS_STREAM,
+        &subjects::executor_consumer("noop"),
+    )
+    .await?;
+    assert_eq!(deliveries, 1);
+    let pool = env.db.pool().await?;
+    let statuses: Vec<String> = sqlx::query_scalar(
+        "SELECT status FROM task_attempts WHERE task_id = $1::uuid ORDER BY recorded_at",
+    )
+    .bind(&listed[0].id)
+    .fetch_all(&pool)
+    .await?;
+    assert_eq!(statuses, ["DEAD"]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_task_whose_result_cannot_be_stored_ends_dead_after_the_delivery_limit()
+-> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions {
+        max_deliveries: 3,
+        ..EnvOptions::default()
+    })
+    .await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    let server = RecordingServer::start(Duration::ZERO).await?;
+    create(
+        &mut admin,
+        &format!(
+            "name: unheard\ntrigger: {{manual: {{}}}}\ntasks: [{{name: call, type: http, params: {{url: '{}'}}, retry: {{maxAttempts: 1}}}}]\n",
+            server.url
+        ),
+    )
+    .await?;
+    // The results stream no longer takes this activity's results: every report fails.
+    let mut config = js
+        .get_stream(subjects::RESULTS_STREAM)
+        .await?
+        .info()
+        .await?
+        .config
+        .clone();
+    config.subjects = vec!["results.someone-else.>".to_owned()];
+    js.update_stream(config).await?;
+
+    let run_id = fire(&mut admin, "unheard").await?;
+    let run = finished_run(&admin, &run_id, Duration::from_secs(60)).await?;
+    assert_eq!(run.status(), RunStatus::RunFailed);
+    let listed = tasks(&mut admin, &run_id).await?;
+    assert_eq!(listed[0].status(), TaskStatus::Dead);
+    assert!(
+        listed[0].last_error.contains("gave up after 4 deliveries")
+            && listed[0].last_error.contains("cannot report the result"),
+        "the task says why: {}",
+        listed[0].last_error
+    );
+    // Its one attempt, then the limit's three more deliveries: bounded, and never again.
+    let (deliveries, _) = settled(
+        &js,
+        subjects::TASKS_STREAM,
+        &subjects::executor_consumer("http"),
+    )
+    .await?;
+    assert_eq!(deliveries, 4);
+    assert!(server.calls().len() <= 4, "{} calls", server.calls().len());
+    let letters = dead_letters(&js, &subjects::task_dlq_subject("http")).await?;
+    assert_eq!(letters.len(), 1);
+    Ok(())
+}
