@@ -198,6 +198,8 @@ async fn a_task_whose_result_cannot_be_stored_ends_dead_after_the_delivery_limit
 -> anyhow::Result<()> {
     let env = TestEnv::new(EnvOptions {
         max_deliveries: 3,
+        // The stream tampered with below stays so for the test (else it is repaired at once).
+        declare_every: Duration::from_secs(3600),
         ..EnvOptions::default()
     })
     .await?;

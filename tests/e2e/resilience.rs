@@ -213,3 +213,83 @@ async fn a_fire_recorded_while_nats_is_down_is_published_when_it_returns() -> an
     assert_eq!(runs(&mut admin, "outbox").await?.len(), 1);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn streams_and_buckets_deleted_at_runtime_are_declared_again_and_nothing_acked_is_lost()
+-> anyhow::Result<()> {
+    use crate::support::publish_event;
+    use taskfactory_model::subjects;
+
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    create(
+        &mut admin,
+        "name: orders\ntrigger: {event: {subject: 'events.orders.*'}}\ntasks: [{name: t, type: noop}]\n",
+    )
+    .await?;
+    publish_event(&js, "events.orders.before", b"{}".to_vec(), Some("before")).await?;
+    wait_for("the first run", Duration::from_secs(30), || async {
+        let done = runs(&mut env.admin().await?, "orders").await?;
+        Ok((done.len() == 1 && done[0].status() == RunStatus::RunSucceeded).then_some(()))
+    })
+    .await?;
+
+    // An operator (or an accident) deletes the event and task streams and the cancelled-runs
+    // bucket while everything runs.
+    for stream in [
+        subjects::EVENTS_STREAM,
+        subjects::TASKS_STREAM,
+        &format!("KV_{}", subjects::CANCELLED_RUNS_BUCKET),
+    ] {
+        assert!(js.delete_stream(stream).await?.success, "{stream} deleted");
+    }
+    // Declared again within seconds, by the services themselves.
+    for stream in [
+        subjects::EVENTS_STREAM.to_owned(),
+        subjects::TASKS_STREAM.to_owned(),
+        format!("KV_{}", subjects::CANCELLED_RUNS_BUCKET),
+    ] {
+        wait_for(
+            &format!("{stream} declared again"),
+            Duration::from_secs(20),
+            || {
+                let (js, stream) = (js.clone(), stream.clone());
+                async move { Ok(js.get_stream(&stream).await.ok().map(drop)) }
+            },
+        )
+        .await?;
+    }
+    // A publisher retries until its event is acked; every acked event makes its run.
+    let events = 20;
+    for n in 0..events {
+        let id = format!("after-{n}");
+        wait_for("an acked publish", Duration::from_secs(20), || {
+            let (js, id) = (js.clone(), id.clone());
+            async move {
+                Ok(
+                    publish_event(&js, "events.orders.after", b"{}".to_vec(), Some(&id))
+                        .await
+                        .ok()
+                        .map(drop),
+                )
+            }
+        })
+        .await?;
+    }
+    wait_for(
+        "a run of every acked event",
+        Duration::from_secs(60),
+        || async {
+            let done = runs(&mut env.admin().await?, "orders").await?;
+            let succeeded = done
+                .iter()
+                .filter(|run| run.status() == RunStatus::RunSucceeded)
+                .count();
+            Ok((succeeded == events + 1).then_some(()))
+        },
+    )
+    .await?;
+    Ok(())
+}

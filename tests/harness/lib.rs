@@ -466,6 +466,8 @@ pub struct EnvOptions {
     pub nats_users: bool,
     /// Every service: deliveries of a message before it is dead-lettered.
     pub max_deliveries: u32,
+    /// Every service: how often it declares again streams and buckets deleted or changed.
+    pub declare_every: Duration,
 }
 
 impl Default for EnvOptions {
@@ -489,6 +491,7 @@ impl Default for EnvOptions {
             auth: taskfactory_trigger::auth::AuthArgs::default(),
             nats_users: true,
             max_deliveries: 20,
+            declare_every: Duration::from_secs(1),
         }
     }
 }
@@ -669,6 +672,10 @@ impl TestEnv {
             .env(
                 "TASKFACTORY_MAX_DELIVERIES",
                 self.options.max_deliveries.to_string(),
+            )
+            .env(
+                "TASKFACTORY_DECLARE_EVERY",
+                format!("{}ms", self.options.declare_every.as_millis()),
             )
             .env(
                 "TASKFACTORY_LEASE_TTL",

@@ -123,6 +123,7 @@ impl crate::TestEnv {
         let mut args = taskfactory_runtime::config::NatsArgs::local(self.nats_urls());
         args.stream_replicas = self.options.stream_replicas;
         args.max_deliveries = self.options.max_deliveries;
+        args.declare_every = self.options.declare_every;
         if let Some(tls) = &self.tls {
             args.ca = Some(tls.ca.clone());
             args.cert = Some(tls.client_cert.clone());

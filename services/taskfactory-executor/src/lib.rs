@@ -168,10 +168,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     });
     let tracker = TaskTracker::new();
     tracker.spawn(cancellations.watch(shutdown.clone()));
+    let kept = Arc::new(nats::Kept::default());
+    tracker.spawn(nats::keep_declared(
+        js.clone(),
+        config.nats.stream_replicas,
+        vec![nats::cancelled_runs_config(config.nats.stream_replicas)],
+        config.nats.declare_every,
+        kept.clone(),
+        shutdown.clone(),
+    ));
     taskfactory_runtime::metrics::spawn_endpoint(
         &tracker,
         &config.lifecycle,
-        taskfactory_runtime::metrics::readiness(client.clone(), None, None),
+        taskfactory_runtime::metrics::readiness(client.clone(), None, None, kept),
         shutdown.clone(),
     );
     for task_type in &config.task_types {

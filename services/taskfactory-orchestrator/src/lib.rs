@@ -416,6 +416,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         spawner: spawner.clone(),
         cancelled_runs: cancelled_runs.clone(),
     });
+    let kept = Arc::new(nats::Kept::default());
+    tracker.spawn(nats::keep_declared(
+        js.clone(),
+        config.nats.stream_replicas,
+        vec![nats::cancelled_runs_config(config.nats.stream_replicas)],
+        config.nats.declare_every,
+        kept.clone(),
+        shutdown.clone(),
+    ));
     taskfactory_runtime::metrics::spawn_endpoint(
         &tracker,
         &config.lifecycle,
@@ -430,6 +439,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     warnings.join("\n")
                 })
             })),
+            kept,
         ),
         shutdown.clone(),
     );

@@ -67,6 +67,11 @@ pub struct NatsArgs {
         value_parser = clap::value_parser!(u32).range(2..)
     )]
     pub max_deliveries: u32,
+
+    /// How often each service looks at the streams and KV buckets it needs and declares again
+    /// any that were deleted or changed.
+    #[arg(long = "declare-every", env = "TASKFACTORY_DECLARE_EVERY", default_value = "5s", value_parser = parse_duration)]
+    pub declare_every: Duration,
 }
 
 impl NatsArgs {
@@ -84,6 +89,7 @@ impl NatsArgs {
             tls: false,
             stream_replicas: 1,
             max_deliveries: 20,
+            declare_every: Duration::from_secs(5),
         }
     }
 }

@@ -437,12 +437,17 @@ pub fn readiness(
     nats: async_nats::Client,
     pool: Option<sqlx::PgPool>,
     extra: Option<Arc<dyn Fn() -> Result<String, String> + Send + Sync>>,
-) -> Readiness {
-    Arc::new(move || {
-        let (nats, pool, extra) = (nats.clone(), pool.clone(), extra.clone());
+    kept: Arc<crate::nats::Kept>,
+) -> Probes {
+    let liveness = kept.clone();
+    let ready: Readiness = Arc::new(move || {
+        let (nats, pool, extra, kept) = (nats.clone(), pool.clone(), extra.clone(), kept.clone());
         Box::pin(async move {
             let mut problems = Vec::new();
             let mut details = Vec::new();
+            for problem in kept.problems() {
+                problems.push(format!("jetstream: {problem}"));
+            }
             match nats.connection_state() {
                 async_nats::connection::State::Connected => {
                     details.push("nats: connected".to_owned());
@@ -455,7 +460,7 @@ pub fn readiness(
                     .await
                     {
                         Ok(check) if !check.missing.is_empty() => problems.push(format!(
-                            "streams: {} missing (restart the service to declare them)",
+                            "streams: {} missing (being declared again)",
                             check.missing.join(", ")
                         )),
                         Ok(check) if !check.unusable.is_empty() => problems.push(format!(
@@ -501,7 +506,20 @@ pub fn readiness(
                 Err(problems.join("\n"))
             }
         })
-    })
+    });
+    Probes {
+        ready,
+        kept: liveness,
+    }
+}
+
+/// A service's probes: `/readyz` asks `ready`; `/healthz` fails once the service has been unable
+/// to put its JetStream state back for [`UNRECOVERABLE_AFTER`](crate::nats::UNRECOVERABLE_AFTER),
+/// so that the platform restarts it.
+#[derive(Clone)]
+pub struct Probes {
+    pub ready: Readiness,
+    pub kept: Arc<crate::nats::Kept>,
 }
 
 /// What the server says of the streams the services work with (looked up concurrently).
@@ -554,7 +572,7 @@ pub struct Routes {
     /// `/metrics` (Prometheus text).
     pub metrics: bool,
     /// `/healthz` (alive) and `/readyz` (able to work; 503 with the reasons when not).
-    pub probes: Option<Readiness>,
+    pub probes: Option<Probes>,
 }
 
 /// Serves `routes` on `addr` until shutdown.
@@ -571,9 +589,24 @@ pub async fn serve(
             axum::routing::get(move || async move { handle.render() }),
         );
     }
-    if let Some(readiness) = routes.probes.clone() {
+    if let Some(probes) = routes.probes.clone() {
+        let (readiness, kept) = (probes.ready, probes.kept);
         app = app
-            .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+            .route(
+                "/healthz",
+                axum::routing::get(move || {
+                    let kept = kept.clone();
+                    async move {
+                        match kept.unrecoverable(crate::nats::UNRECOVERABLE_AFTER) {
+                            None => (axum::http::StatusCode::OK, "ok\n".to_owned()),
+                            Some(reason) => (
+                                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                                format!("cannot recover\n{reason}\n"),
+                            ),
+                        }
+                    }
+                }),
+            )
             .route(
                 "/readyz",
                 axum::routing::get(move || {
@@ -609,7 +642,7 @@ pub async fn serve(
 pub fn spawn_endpoint(
     tracker: &tokio_util::task::TaskTracker,
     lifecycle: &crate::config::LifecycleArgs,
-    readiness: Readiness,
+    readiness: Probes,
     shutdown: CancellationToken,
 ) {
     let mut endpoints = Vec::new();

@@ -454,29 +454,149 @@ pub async fn ensure_bucket_replicas(
     }
 }
 
-/// The KV bucket of cancelled runs (created if absent): the orchestrator writes a run's id there
-/// before it acknowledges a cancel; executors read it before each attempt and watch it.
+/// The KV bucket of cancelled runs: the orchestrator writes a run's id there before it
+/// acknowledges a cancel; executors read it before each attempt and watch it.
+pub fn cancelled_runs_config(replicas: usize) -> jetstream::kv::Config {
+    jetstream::kv::Config {
+        bucket: taskfactory_model::subjects::CANCELLED_RUNS_BUCKET.to_owned(),
+        description: "taskfactory: cancelled runs (executors skip their tasks)".to_owned(),
+        history: 1,
+        // Long enough for any task message still queued to be skipped.
+        max_age: std::time::Duration::from_secs(14 * 24 * 3600),
+        num_replicas: replicas.max(1),
+        ..Default::default()
+    }
+}
+
+/// The KV bucket of cancelled runs, created if absent ([`cancelled_runs_config`]).
 pub async fn cancelled_runs(
     js: &jetstream::Context,
     replicas: usize,
 ) -> Result<jetstream::kv::Store, async_nats::Error> {
-    let bucket = taskfactory_model::subjects::CANCELLED_RUNS_BUCKET;
-    match js.get_key_value(bucket).await {
+    ensure_bucket(js, cancelled_runs_config(replicas)).await
+}
+
+/// A KV bucket with this configuration: created if absent, its replicas brought to the
+/// configuration's if present.
+pub async fn ensure_bucket(
+    js: &jetstream::Context,
+    config: jetstream::kv::Config,
+) -> Result<jetstream::kv::Store, async_nats::Error> {
+    match js.get_key_value(&config.bucket).await {
         Ok(store) => {
-            ensure_bucket_replicas(js, bucket, replicas).await?;
+            ensure_bucket_replicas(js, &config.bucket, config.num_replicas).await?;
             Ok(store)
         }
-        Err(_) => Ok(js
-            .create_key_value(jetstream::kv::Config {
-                bucket: bucket.to_owned(),
-                description: "taskfactory: cancelled runs (executors skip their tasks)".to_owned(),
-                history: 1,
-                // Long enough for any task message still queued to be skipped.
-                max_age: std::time::Duration::from_secs(14 * 24 * 3600),
-                num_replicas: replicas.max(1),
-                ..Default::default()
-            })
-            .await?),
+        Err(_) => Ok(js.create_key_value(config).await?),
+    }
+}
+
+/// Keeps the JetStream state a service needs in place while it runs: every
+/// [`KEEP_EVERY`] (or `every`), each stream is declared again ([`declare_streams`]: created if it
+/// was deleted, its settings repaired if they were changed) and each of `buckets` is created if
+/// it was deleted. Consumers recreate themselves ([`crate::messaging::consume`]). What it finds
+/// is in [`Kept`]: `/readyz` is unready while something is missing, and `/healthz` fails once
+/// the service has been unable to put it back for [`UNRECOVERABLE_AFTER`] while NATS answered,
+/// so the platform restarts it.
+pub async fn keep_declared(
+    js: jetstream::Context,
+    replicas: usize,
+    buckets: Vec<jetstream::kv::Config>,
+    every: Duration,
+    kept: std::sync::Arc<Kept>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let mut problems = Vec::new();
+        if let Err(error) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            declared = declare_streams(&js, replicas) => declared,
+        } {
+            problems.push(error_chain(&error));
+        }
+        for config in &buckets {
+            let bucket = config.bucket.clone();
+            let missing = matches!(
+                js.get_stream(format!("KV_{bucket}")).await,
+                Err(error) if matches!(error.kind(), jetstream::context::GetStreamErrorKind::JetStream(e)
+                    if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
+            );
+            if !missing {
+                continue;
+            }
+            match js.create_key_value(config.clone()).await {
+                Ok(_) => tracing::warn!(%bucket, "KV bucket was missing; declared it again"),
+                Err(error) => problems.push(format!(
+                    "KV bucket {bucket} is missing and cannot be declared: {}",
+                    error_chain(&error)
+                )),
+            }
+        }
+        kept.record(problems);
+    }
+}
+
+/// How often [`keep_declared`] looks by default.
+pub const KEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// How long [`keep_declared`] may fail to put JetStream state back before `/healthz` fails.
+pub const UNRECOVERABLE_AFTER: Duration = Duration::from_secs(120);
+
+/// What [`keep_declared`] found on its last look.
+#[derive(Default)]
+pub struct Kept {
+    state: std::sync::Mutex<KeptState>,
+}
+
+#[derive(Default)]
+struct KeptState {
+    problems: Vec<String>,
+    failing_since: Option<std::time::Instant>,
+}
+
+impl Kept {
+    fn record(&self, problems: Vec<String>) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if problems.is_empty() {
+            state.failing_since = None;
+        } else {
+            for problem in &problems {
+                tracing::error!(%problem, "cannot put JetStream state back");
+            }
+            state
+                .failing_since
+                .get_or_insert_with(std::time::Instant::now);
+        }
+        state.problems = problems;
+    }
+
+    /// What is wrong right now, if anything.
+    pub fn problems(&self) -> Vec<String> {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .problems
+            .clone()
+    }
+
+    /// Why the service cannot recover by itself, once it has failed for `after`.
+    pub fn unrecoverable(&self, after: Duration) -> Option<String> {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let since = state.failing_since?;
+        (since.elapsed() >= after).then(|| {
+            format!(
+                "JetStream state could not be put back for {}s: {}",
+                since.elapsed().as_secs(),
+                state.problems.join("; ")
+            )
+        })
     }
 }
 
@@ -493,6 +613,25 @@ mod tests {
         for bad in ["", "_INBOX.>", "_INBOX.*", "_INBOX.", "in box"] {
             assert!(inbox_prefix_error(bad).is_some(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_service_is_unrecoverable_only_after_failing_for_the_whole_period() {
+        let kept = Kept::default();
+        assert_eq!(kept.unrecoverable(Duration::ZERO), None);
+        kept.record(vec!["FACTORY_TASKS: refused".to_owned()]);
+        assert_eq!(kept.problems(), ["FACTORY_TASKS: refused"]);
+        assert!(
+            kept.unrecoverable(Duration::ZERO)
+                .is_some_and(|why| why.contains("FACTORY_TASKS: refused"))
+        );
+        assert_eq!(kept.unrecoverable(Duration::from_secs(3600)), None);
+        // A later failure keeps the first one's start; a success clears it.
+        kept.record(vec!["again".to_owned()]);
+        assert!(kept.unrecoverable(Duration::ZERO).is_some());
+        kept.record(Vec::new());
+        assert_eq!(kept.unrecoverable(Duration::ZERO), None);
+        assert!(kept.problems().is_empty());
     }
 
     #[test]

@@ -185,6 +185,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     .context("admin API authentication")?;
     let (roles, _) = tokio::sync::watch::channel(lease::Role::Starting);
     let role = roles.subscribe();
+    // The lease bucket is not among them: the lease's fencing epoch is the bucket's creation
+    // time, read at start (a trigger whose bucket was deleted loses the lease and stands by).
+    let kept = Arc::new(nats::Kept::default());
+    tracker.spawn(nats::keep_declared(
+        js.clone(),
+        config.nats.stream_replicas,
+        Vec::new(),
+        config.nats.declare_every,
+        kept.clone(),
+        work_shutdown.clone(),
+    ));
     taskfactory_runtime::metrics::spawn_endpoint(
         &tracker,
         &config.lifecycle,
@@ -198,6 +209,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     Err("scheduling: not connected to the lease yet".to_owned())
                 }
             })),
+            kept,
         ),
         work_shutdown.clone(),
     );

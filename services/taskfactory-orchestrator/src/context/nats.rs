@@ -131,6 +131,7 @@ impl SourcesNatsArgs {
             tls: main.tls,
             stream_replicas: main.stream_replicas,
             max_deliveries: main.max_deliveries,
+            declare_every: main.declare_every,
             inbox_prefix: self.inbox_prefix.clone(),
         })
     }
