@@ -1,14 +1,28 @@
 //! The egress policy for outbound HTTP (the `http` task type, and `http` context sources): which
 //! hosts and addresses may be reached.
 //!
-//! By default only public addresses are reachable: loopback, private, link-local (including the
-//! cloud metadata address 169.254.169.254), carrier-grade NAT, unique-local, multicast and
-//! unspecified addresses are refused. `TASKFACTORY_EGRESS_ALLOW` opens more, as a comma-separated
-//! list of hostnames (`api.internal`, `*.internal`), `host:port`, IP addresses and CIDRs
-//! (`10.0.0.0/8`). The check applies to the *resolved* address, so a public name that resolves to
-//! a private address is refused too.
+//! By default only public addresses are reachable: every block of the IANA special-purpose address
+//! registries is refused — loopback, private, link-local (including the cloud metadata address
+//! 169.254.169.254), carrier-grade NAT, unique-local, documentation, benchmarking, multicast,
+//! unspecified, the IETF protocol assignments (192.0.0.0/24, 2001::/23) and the rest — and so is
+//! every IPv6 form that carries an IPv4 address (mapped, compatible, translated, NAT64, 6to4,
+//! Teredo, ISATAP), whatever it carries ([`special`] lists them and says why).
+//!
+//! `TASKFACTORY_EGRESS_ALLOW` opens more, as a comma-separated list of hostnames (`api.internal`,
+//! `*.internal`), `host:port`, IP addresses and CIDRs (`10.0.0.0/8`). An address or CIDR opens the
+//! addresses it holds, in its own family only: `127.0.0.1` opens 127.0.0.1, not `::ffff:127.0.0.1`
+//! nor `2002:7f00:1::`. Opening an IPv6 form that carries an IPv4 address (`64:ff9b::/96` for a
+//! DNS64 network) opens the way, not what is at the end of it: the carried IPv4 address is then
+//! judged as one, so `64:ff9b::a00:1` also needs `10.0.0.1` allowed.
+//!
+//! The check applies to the *resolved* address, so a public name that resolves to a private
+//! address is refused too.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
+
+mod special;
+
+use special::Special;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EgressPolicy {
@@ -119,32 +133,58 @@ impl EgressPolicy {
         Ok(())
     }
 
-    /// Whether a resolved address may be connected to.
+    /// Whether a resolved address may be connected to: `Err` says what the address is (which
+    /// block, which form and what it carries) and what to allow to reach it.
     pub fn check_ip(&self, ip: IpAddr) -> Result<(), String> {
-        let ip = canonical(ip);
-        if self
-            .networks
-            .iter()
-            .any(|(net, bits)| in_network(ip, canonical(*net), *bits))
-        {
+        const ALLOW: &str = "in TASKFACTORY_EGRESS_ALLOW to reach it";
+        if self.opens(ip) {
+            // Opening an address that carries an IPv4 address opens the way to that address, not
+            // the address itself: it is judged as any IPv4 address is.
+            let IpAddr::V6(v6) = ip else {
+                return Ok(());
+            };
+            for (form, v4) in special::carried(v6) {
+                if let Some(block) = self.refused_ipv4(v4) {
+                    return Err(format!(
+                        "{ip} is allowed, but it is {form} carrying {v4}, {block}; allow that address too {ALLOW}"
+                    ));
+                }
+            }
             return Ok(());
         }
+        match special::special(ip) {
+            None => Ok(()),
+            Some(Special::Block(block)) => Err(format!("{ip} is {block}; allow it {ALLOW}")),
+            Some(Special::Carries(form, v4)) => Err(match self.refused_ipv4(v4) {
+                None => format!("{ip} is {form} carrying {v4}; allow it {ALLOW}"),
+                Some(block) => {
+                    format!("{ip} is {form} carrying {v4}, {block}; allow both {ALLOW}")
+                }
+            }),
+        }
+    }
+
+    /// Whether the allow list names the address: a network holding it (in its own family), or
+    /// the address with no port.
+    fn opens(&self, ip: IpAddr) -> bool {
         // An address listed with a port (`127.0.0.1:8080`) is allowed on that port only, which
         // `check_url_target` enforces; a bare address check (a resolved name, port unknown) does
         // not open it.
-        if self
-            .hosts
+        self.networks
             .iter()
-            .any(|rule| rule.port.is_none() && rule.pattern == ip.to_string())
-        {
-            return Ok(());
+            .any(|(net, bits)| in_network(ip, *net, *bits))
+            || self
+                .hosts
+                .iter()
+                .any(|rule| rule.port.is_none() && rule.pattern == ip.to_string())
+    }
+
+    /// The block of an IPv4 address the policy refuses, if it does.
+    fn refused_ipv4(&self, v4: Ipv4Addr) -> Option<&'static special::Block> {
+        if self.opens(IpAddr::V4(v4)) {
+            return None;
         }
-        match non_public_reason(ip) {
-            None => Ok(()),
-            Some(reason) => Err(format!(
-                "{ip} is a {reason} address; allow it in TASKFACTORY_EGRESS_ALLOW to reach it"
-            )),
-        }
+        special::ipv4_block(v4)
     }
 }
 
@@ -159,98 +199,23 @@ pub(crate) fn matches_host(pattern: &str, host: &str) -> bool {
     }
 }
 
-/// IPv4-mapped IPv6 addresses are judged as the IPv4 address they carry.
-/// IPv6 addresses that carry an IPv4 address — mapped (`::ffff:a.b.c.d`), compatible
-/// (`::a.b.c.d`, deprecated but routable on some stacks) and NAT64 (`64:ff9b::a.b.c.d`, which a
-/// NAT64 gateway forwards to the IPv4 address) — are judged as that IPv4 address.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return IpAddr::V4(v4);
-            }
-            let s = v6.segments();
-            let embedded = || {
-                std::net::Ipv4Addr::new(
-                    (s[6] >> 8) as u8,
-                    s[6] as u8,
-                    (s[7] >> 8) as u8,
-                    s[7] as u8,
-                )
-            };
-            let compatible = s[..6].iter().all(|x| *x == 0) && (s[6] != 0 || s[7] > 1);
-            let nat64 = s[0] == 0x64 && s[1] == 0xff9b && s[2..6].iter().all(|x| *x == 0);
-            if compatible || nat64 {
-                IpAddr::V4(embedded())
-            } else {
-                IpAddr::V6(v6)
-            }
-        }
-        v4 => v4,
-    }
-}
-
+/// Whether `ip` is in `net/bits`; never across families, and a prefix longer than the family's
+/// counts as the whole address.
 fn in_network(ip: IpAddr, net: IpAddr, bits: u8) -> bool {
     match (ip, net) {
         (IpAddr::V4(a), IpAddr::V4(b)) => {
-            let mask = if bits == 0 {
-                0
-            } else {
-                u32::MAX << (32 - u32::from(bits))
-            };
+            let mask = u32::MAX
+                .checked_shl(32_u32.saturating_sub(bits.into()))
+                .unwrap_or(0);
             (u32::from(a) & mask) == (u32::from(b) & mask)
         }
         (IpAddr::V6(a), IpAddr::V6(b)) => {
-            let mask = if bits == 0 {
-                0
-            } else {
-                u128::MAX << (128 - u32::from(bits))
-            };
+            let mask = u128::MAX
+                .checked_shl(128_u32.saturating_sub(bits.into()))
+                .unwrap_or(0);
             (u128::from(a) & mask) == (u128::from(b) & mask)
         }
         _ => false,
-    }
-}
-
-/// Why an address is not a public one, if it is not.
-fn non_public_reason(ip: IpAddr) -> Option<&'static str> {
-    match ip {
-        IpAddr::V4(v4) => {
-            let o = v4.octets();
-            if v4.is_loopback() {
-                Some("loopback")
-            } else if v4.is_private() {
-                Some("private")
-            } else if v4.is_link_local() {
-                Some("link-local (cloud metadata lives here)")
-            } else if v4.is_unspecified() || o[0] == 0 {
-                Some("unspecified")
-            } else if v4.is_broadcast() || v4.is_multicast() || o[0] >= 240 {
-                Some("broadcast, multicast or reserved")
-            } else if o[0] == 100 && (o[1] & 0xc0) == 64 {
-                Some("carrier-grade NAT")
-            } else if v4.is_documentation() || (o[0] == 198 && (o[1] & 0xfe) == 18) {
-                Some("documentation or benchmarking")
-            } else {
-                None
-            }
-        }
-        IpAddr::V6(v6) => {
-            let first = v6.segments()[0];
-            if v6.is_loopback() {
-                Some("loopback")
-            } else if v6.is_unspecified() {
-                Some("unspecified")
-            } else if (first & 0xfe00) == 0xfc00 {
-                Some("unique-local")
-            } else if (first & 0xffc0) == 0xfe80 {
-                Some("link-local")
-            } else if v6.is_multicast() {
-                Some("multicast")
-            } else {
-                None
-            }
-        }
     }
 }
 
@@ -314,21 +279,66 @@ mod tests {
         assert!(one_port.check_url_target("127.0.0.1", 8080).is_ok());
         assert!(one_port.check_url_target("127.0.0.1", 8081).is_err());
         assert!(one_port.check_ip(ip("127.0.0.1")).is_err());
-        // IPv4 carried in IPv6 is judged as the IPv4 address.
+        // IPv4 carried in IPv6 is refused, and allowing the IPv4 address does not open it.
         for hidden in [
             "::127.0.0.1",
             "64:ff9b::a9fe:a9fe",
             "64:ff9b::7f00:1",
             "::ffff:10.0.0.1",
+            "2002:a00:1::",
         ] {
             assert!(
                 EgressPolicy::default().check_ip(ip(hidden)).is_err(),
                 "{hidden}"
             );
+            assert!(policy.check_ip(ip(hidden)).is_err(), "{hidden}");
         }
         assert!(policy.check_ip(ip("127.0.0.1")).is_ok());
         assert!(policy.check_ip(ip("10.9.8.7")).is_ok());
         assert!(policy.check_ip(ip("192.168.0.1")).is_err());
+    }
+
+    #[test]
+    fn refusals_name_the_block_the_form_and_what_it_carries() {
+        let refusal = |allow: &str, addr: &str| {
+            EgressPolicy::parse(allow)
+                .unwrap()
+                .check_ip(ip(addr))
+                .unwrap_err()
+        };
+        assert_eq!(
+            refusal("", "127.0.0.1"),
+            "127.0.0.1 is a loopback address (127.0.0.0/8, RFC 1122); \
+             allow it in TASKFACTORY_EGRESS_ALLOW to reach it"
+        );
+        assert_eq!(
+            refusal("", "192.0.0.77"),
+            "192.0.0.77 is an IETF protocol assignment address (192.0.0.0/24, RFC 6890); \
+             allow it in TASKFACTORY_EGRESS_ALLOW to reach it"
+        );
+        assert_eq!(
+            refusal("", "2002:7f00:1::"),
+            "2002:7f00:1:: is a 6to4 address (2002::/16, RFC 3056) carrying 127.0.0.1, \
+             a loopback address (127.0.0.0/8, RFC 1122); \
+             allow both in TASKFACTORY_EGRESS_ALLOW to reach it"
+        );
+        assert_eq!(
+            refusal("", "64:ff9b::808:808"),
+            "64:ff9b::808:808 is a NAT64 address (64:ff9b::/96, RFC 6052) carrying 8.8.8.8; \
+             allow it in TASKFACTORY_EGRESS_ALLOW to reach it"
+        );
+        assert_eq!(
+            refusal("64:ff9b::/96", "64:ff9b::a9fe:a9fe"),
+            "64:ff9b::a9fe:a9fe is allowed, but it is a NAT64 address (64:ff9b::/96, RFC 6052) \
+             carrying 169.254.169.254, a link-local address (cloud metadata lives here) \
+             (169.254.0.0/16, RFC 3927); allow that address too in TASKFACTORY_EGRESS_ALLOW to \
+             reach it"
+        );
+        assert_eq!(
+            refusal("", "4000::1"),
+            "4000::1 is reserved by the IETF: outside the global unicast space (2000::/3, RFC 4291); \
+             allow it in TASKFACTORY_EGRESS_ALLOW to reach it"
+        );
     }
 
     #[test]
