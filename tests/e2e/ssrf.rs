@@ -261,16 +261,85 @@ const CORPUS: &[(&str, Expect)] = &[
     ("ws://127.0.0.1:{P}/", Expect::Refused),
     ("data:text/plain,hello", Expect::Refused),
     ("unix:///var/run/docker.sock", Expect::Refused),
-    // IPv4 embedded in IPv6 other than the ::ffff:0:0/96 mapped form: IPv4-compatible (::/96,
-    // deprecated) and NAT64 (64:ff9b::/96, which a NAT64 gateway turns into the IPv4 address).
-    // FINDING (services/taskfactory-model/src/egress.rs, `canonical`/`non_public_reason`): only
-    // the mapped form is judged as its IPv4 address; these pass as "public".
+    // The rest of the IANA IPv4 Special-Purpose Address Registry, in several spellings.
+    // FINDING (services/taskfactory-model/src/egress.rs, `non_public_reason`): 192.0.0.0/24 (an
+    // address in it answered inside the sandbox), the AS112, AMT and 6to4-relay blocks, and
+    // TEST-NET-2 and -3 passed as public.
+    ("http://192.0.0.1:{P}/", Expect::Refused),
+    ("http://192.0.0.8/", Expect::Refused),
+    ("http://192.0.0.9/", Expect::Refused),
+    ("http://192.0.0.10/", Expect::Refused),
+    ("http://192.0.0.170/", Expect::Refused),
+    ("http://192.0.0.255/", Expect::Refused),
+    ("http://3221225473/", Expect::Refused),
+    ("http://0300.0.0.010/", Expect::Refused),
+    ("http://0xc0000008/", Expect::Refused),
+    ("http://0xc0.0.0x0.1/", Expect::Refused),
+    ("http://192.0.1/", Expect::Refused),
+    ("http://192.31.196.1/", Expect::Refused),
+    ("http://192.52.193.1/", Expect::Refused),
+    ("http://192.88.99.1/", Expect::Refused),
+    ("http://192.175.48.6/", Expect::Refused),
+    ("http://198.51.100.1/", Expect::Refused),
+    ("http://203.0.113.1/", Expect::Refused),
+    ("http://0.1.2.3/", Expect::Refused),
+    // IPv6 special-purpose blocks that passed as public (same FINDING).
+    ("http://[100::1]/", Expect::Refused),
+    ("http://[100:0:0:1::1]/", Expect::Refused),
+    ("http://[2001:2::1]/", Expect::Refused),
+    ("http://[2001:10::1]/", Expect::Refused),
+    ("http://[2001:4:112::1]/", Expect::Refused),
+    ("http://[2001:db8::1]/", Expect::Refused),
+    ("http://[2620:4f:8000::6]/", Expect::Refused),
+    ("http://[3fff::1]/", Expect::Refused),
+    ("http://[5f00::1]/", Expect::Refused),
+    ("http://[fec0::1]/", Expect::Refused),
+    ("http://[::2:1]/", Expect::Refused),
+    // IPv4 carried in IPv6. Every such form is refused as a whole, whatever IPv4 address it
+    // carries: mapped (::ffff:0:0/96), IPv4-compatible (::/96, deprecated), IPv4-translated
+    // (::ffff:0:0:0/96), NAT64 (64:ff9b::/96 and the local-use 64:ff9b:1::/48), 6to4 (2002::/16),
+    // Teredo (2001::/32, the client's address inverted) and ISATAP interface ids (…:0:5efe:a.b.c.d).
+    // FINDING (services/taskfactory-model/src/egress.rs, `canonical`): only mapped, compatible and
+    // NAT64 /96 were judged as their IPv4 address; 6to4, translated, local-use NAT64, Teredo and
+    // ISATAP forms of loopback and metadata passed as public.
     ("http://[::127.0.0.1]:{P6}/", Expect::Refused),
+    ("http://[::7f00:1]:{P6}/", Expect::Refused),
     (
         "http://[64:ff9b::a9fe:a9fe]/latest/meta-data/",
         Expect::Refused,
     ),
     ("http://[64:ff9b::7f00:1]:{P}/", Expect::Refused),
+    ("http://[64:ff9b::127.0.0.1]:{P}/", Expect::Refused),
+    ("http://[64:ff9b:1::7f00:1]:{P}/", Expect::Refused),
+    ("http://[64:ff9b::808:808]/", Expect::Refused),
+    ("http://[2002:7f00:1::]:{P}/", Expect::Refused),
+    ("http://[2002:7f00:0001::1]:{P}/", Expect::Refused),
+    ("http://[2002:7f00:1:0:0:0:0:0]:{P6}/", Expect::Refused),
+    (
+        "http://[2002:a9fe:a9fe::]/latest/meta-data/",
+        Expect::Refused,
+    ),
+    ("http://[2002:a00:1::1]/", Expect::Refused),
+    ("http://[::ffff:0:7f00:1]:{P}/", Expect::Refused),
+    ("http://[::ffff:0:127.0.0.1]:{P}/", Expect::Refused),
+    (
+        "http://[::ffff:0:a9fe:a9fe]/latest/meta-data/",
+        Expect::Refused,
+    ),
+    ("http://[::ffff:8.8.8.8]/", Expect::Refused),
+    (
+        "http://[2001:0:4136:e378:8000:63bf:80ff:fffe]:{P}/",
+        Expect::Refused,
+    ),
+    ("http://[2001:db8::5efe:7f00:1]:{P}/", Expect::Refused),
+    (
+        "http://[2606:4700::200:5efe:a9fe:a9fe]/latest/meta-data/",
+        Expect::Refused,
+    ),
+    (
+        "http://[fe80::5efe:169.254.169.254]/latest/meta-data/",
+        Expect::Refused,
+    ),
 ];
 
 /// How one URL fared.
@@ -476,6 +545,9 @@ const REDIRECTS: &[&str] = &[
     "http://169.254.169.254/latest/meta-data/",
     "http://[fd00:ec2::254]/latest/meta-data/",
     "http://10.0.0.1/",
+    "http://192.0.0.1:{P}/",
+    "http://[2002:7f00:1::]:{P}/",
+    "http://[::ffff:0:7f00:1]:{P}/",
     "http://user:pass@127.0.0.1:{P}/",
     "file:///etc/passwd",
     "gopher://127.0.0.1:{P}/",
@@ -567,6 +639,52 @@ async fn allowlisting_one_port_does_not_open_the_others() -> anyhow::Result<()> 
         fate.describe()
     );
     assert_eq!(other.accepted(), 0);
+    Ok(())
+}
+
+/// Allowing an IPv4 address opens that address, not the IPv6 forms that carry it: those go through
+/// a tunnel, relay or translator (or, for the mapped form, an IPv6 socket) and are opened only by
+/// naming them.
+///
+/// FINDING (services/taskfactory-model/src/egress.rs, `canonical`): IPv6 forms were judged as the
+/// IPv4 address they carry, so allowing `127.0.0.1` opened `[::ffff:127.0.0.1]`, `[::127.0.0.1]`
+/// and `[64:ff9b::7f00:1]` too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowing_an_ipv4_address_opens_none_of_its_ipv6_forms() -> anyhow::Result<()> {
+    let targets = Targets::start().await?;
+    let policy = Arc::new(EgressPolicy::parse("127.0.0.1").map_err(anyhow::Error::msg)?);
+    let http = client(&policy);
+    let mut problems = Vec::new();
+    for url in [
+        "http://[::ffff:127.0.0.1]:{P}/",
+        "http://[::ffff:7f00:1]:{P}/",
+        "http://[::127.0.0.1]:{P}/",
+        "http://[::ffff:0:127.0.0.1]:{P}/",
+        "http://[64:ff9b::7f00:1]:{P}/",
+        "http://[64:ff9b:1::7f00:1]:{P}/",
+        "http://[2002:7f00:1::]:{P}/",
+        "http://[2001:0:4136:e378:8000:63bf:80ff:fffe]:{P}/",
+        "http://[2001:db8::5efe:7f00:1]:{P}/",
+    ] {
+        let url = targets.aim(url);
+        let before = targets.accepted();
+        let fate = fetch(&policy, &http, &url).await;
+        let connected = targets.accepted() - before;
+        if !fate.is_refusal() || connected > 0 {
+            problems.push(format!(
+                "{url}: {} ({connected} connections accepted)",
+                fate.describe()
+            ));
+        }
+    }
+    assert_eq!(problems, Vec::<String>::new());
+    // The address itself is open.
+    let reached = fetch(&policy, &http, &targets.aim("http://127.0.0.1:{P}/")).await;
+    assert!(
+        matches!(reached, Fate::Reached(s) if s.is_success()),
+        "{}",
+        reached.describe()
+    );
     Ok(())
 }
 
