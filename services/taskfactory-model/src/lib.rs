@@ -16,6 +16,8 @@
 //! - [`results`]: what one result does to its task (refused, history only, or a move forward).
 //! - [`egress`]: which hosts and addresses outbound HTTP may reach.
 //! - [`sources`]: what `request` and `kv` context sources may reach (never the control plane).
+//! - [`sql_params`]: the type each `sql` source parameter is bound as; the statement text that
+//!   keeps prepared statements apart by those types.
 //! - [`sql_role`]: whether a database role is fit for `sql` sources; what must not outlive a query.
 //! - [`subjects`]: stream, subject, consumer and header names.
 //! - [`values`]: protobuf `Value`/`Struct` ↔ JSON.
@@ -32,6 +34,7 @@ pub mod schedule;
 pub mod secrets;
 pub mod sources;
 pub mod spec;
+pub mod sql_params;
 pub mod sql_role;
 pub mod status;
 pub mod subjects;
