@@ -25,6 +25,7 @@ mod resilience;
 mod schedules;
 mod secrets;
 mod sources;
+mod sql_parameters;
 mod sql_sources;
 mod ssrf;
 mod support;

@@ -12,6 +12,10 @@
 //! - **The query** runs in a `READ ONLY` transaction with `statement_timeout` and `lock_timeout`,
 //!   parameters bound (never interpolated), as a subquery (so only a query that reads fits), with
 //!   a row cap; the rows become a list of objects.
+//! - **The parameters** are each bound with a type chosen from the JSON value alone, and the
+//!   statement is prepared under a text naming those types, so a connection that cached it for
+//!   other types never reuses it ([`taskfactory_model::sql_params`]): the same value gets the
+//!   same answer on every connection.
 //! - **The session.** After each query, success or failure, the connection is checked for what
 //!   outlives a transaction (session advisory locks, temporary relations, LISTEN channels); a
 //!   connection holding any is closed, never reused, and the source fails. The same check runs
@@ -22,7 +26,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sqlx::Connection as _;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::postgres::types::Oid;
+use sqlx::postgres::{
+    PgArgumentBuffer, PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgTypeInfo, Postgres,
+};
+use taskfactory_model::sql_params::{self, SqlParam};
 use taskfactory_model::sql_role::{self, RoleFacts, SessionState};
 use taskfactory_proto::v1::SqlSource;
 use taskfactory_runtime::telemetry::error_chain;
@@ -290,11 +298,16 @@ impl Sources {
             )
         })?;
         self.databases.verdict(database).await?;
-        let mut params = Vec::with_capacity(sql.params.len());
+        let mut values = Vec::with_capacity(sql.params.len());
         for (i, param) in sql.params.iter().enumerate() {
             let value = serde_json::Value::String(param.clone());
-            params.push(self.render_json(&format!("params[{i}]"), &value, scope)?);
+            values.push(self.render_json(&format!("params[{i}]"), &value, scope)?);
         }
+        let params = values
+            .iter()
+            .enumerate()
+            .map(|(i, value)| SqlParam::from_json(value).map_err(|e| format!("params[{i}]: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
         let max_rows = if sql.max_rows == 0 {
             self.max_rows
         } else {
@@ -347,7 +360,11 @@ impl Sources {
         let rows = rows.map_err(|e| match e {
             QueryError::Setup(e) => format!("database {:?}: {}", sql.database, error_chain(&e)),
             QueryError::Query(e) => {
-                format!("query on database {:?}: {}", sql.database, db_error(&e))
+                format!(
+                    "query on database {:?}: {}",
+                    sql.database,
+                    db_error(&e, &params)
+                )
             }
         })?;
         if rows.len() > max_rows as usize {
@@ -375,11 +392,13 @@ enum QueryError {
     Query(sqlx::Error),
 }
 
-/// Runs `wrapped` with `params` bound in a read-only transaction, rolled back either way.
+/// Runs `wrapped` with `params` bound in a read-only transaction, rolled back either way. The
+/// statement is prepared (and cached by sqlx) under [`sql_params::statement_text`], which names
+/// the types the same `params` are bound with.
 async fn read_only_query(
     conn: &mut PgConnection,
     wrapped: &str,
-    params: &[serde_json::Value],
+    params: &[SqlParam<'_>],
     timeout: Duration,
 ) -> Result<Vec<serde_json::Value>, QueryError> {
     let timeout_ms = timeout.as_millis();
@@ -395,19 +414,10 @@ async fn read_only_query(
             .map_err(QueryError::Setup)?;
     }
     let mut query = sqlx::query_scalar::<_, sqlx::types::Json<serde_json::Value>>(
-        sqlx::AssertSqlSafe(wrapped.to_owned()),
+        sqlx::AssertSqlSafe(sql_params::statement_text(wrapped, params)),
     );
     for param in params {
-        query = match param {
-            serde_json::Value::Null => query.bind(None::<String>),
-            serde_json::Value::Bool(b) => query.bind(*b),
-            serde_json::Value::Number(n) => match n.as_i64() {
-                Some(i) => query.bind(i),
-                None => query.bind(n.as_f64().unwrap_or(f64::NAN)),
-            },
-            serde_json::Value::String(s) => query.bind(s.clone()),
-            other => query.bind(sqlx::types::Json(other.clone())),
-        };
+        query = query.bind(Bound(param));
     }
     let rows = query.fetch_all(&mut *tx).await;
     // Read-only either way: end the transaction now.
@@ -417,10 +427,64 @@ async fn read_only_query(
 }
 
 /// A database error as the server said it (its message names the problem: a read-only
-/// transaction, a syntax error, a timeout, a permission).
-fn db_error(error: &sqlx::Error) -> String {
+/// transaction, a syntax error, a timeout, a permission), and, when it may come from a
+/// parameter's type, what each parameter was bound as.
+fn db_error(error: &sqlx::Error, params: &[SqlParam<'_>]) -> String {
     match error {
-        sqlx::Error::Database(db) => db.message().to_owned(),
+        sqlx::Error::Database(db) => {
+            let type_error = db
+                .code()
+                .is_some_and(|code| sql_params::is_type_error(&code));
+            if type_error && !params.is_empty() {
+                format!("{} ({})", db.message(), sql_params::describe(params))
+            } else {
+                db.message().to_owned()
+            }
+        }
         other => error_chain(other).to_string(),
+    }
+}
+
+/// One parameter as sqlx binds it: declared at prepare time with the type [`SqlParam`] chose
+/// (`produces`), encoded for exactly that type.
+struct Bound<'p, 'v>(&'p SqlParam<'v>);
+
+impl sqlx::Type<Postgres> for Bound<'_, '_> {
+    /// Never asked: `produces` always answers.
+    fn type_info() -> PgTypeInfo {
+        <&str as sqlx::Type<Postgres>>::type_info()
+    }
+}
+
+impl sqlx::Encode<'_, Postgres> for Bound<'_, '_> {
+    fn produces(&self) -> Option<PgTypeInfo> {
+        /// `numeric`'s OID (sqlx names it only with a decimal crate's feature).
+        const NUMERIC: Oid = Oid(1700);
+        Some(match self.0 {
+            SqlParam::Text(_) | SqlParam::Null => <&str as sqlx::Type<Postgres>>::type_info(),
+            SqlParam::Int8(_) => <i64 as sqlx::Type<Postgres>>::type_info(),
+            SqlParam::Numeric(_) => PgTypeInfo::with_oid(NUMERIC),
+            SqlParam::Bool(_) => <bool as sqlx::Type<Postgres>>::type_info(),
+            SqlParam::Jsonb(_) => {
+                <sqlx::types::Json<&serde_json::Value> as sqlx::Type<Postgres>>::type_info()
+            }
+        })
+    }
+
+    fn encode_by_ref(
+        &self,
+        buf: &mut PgArgumentBuffer,
+    ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+        match self.0 {
+            SqlParam::Text(s) => <&str as sqlx::Encode<Postgres>>::encode_by_ref(s, buf),
+            SqlParam::Int8(i) => i.encode_by_ref(buf),
+            SqlParam::Numeric(n) => {
+                buf.extend_from_slice(&n.to_binary());
+                Ok(sqlx::encode::IsNull::No)
+            }
+            SqlParam::Bool(b) => b.encode_by_ref(buf),
+            SqlParam::Jsonb(v) => sqlx::types::Json(*v).encode_by_ref(buf),
+            SqlParam::Null => Ok(sqlx::encode::IsNull::Yes),
+        }
     }
 }
