@@ -73,8 +73,11 @@ async fn a_trigger_naming_no_activity_or_an_unknown_one_is_dead_lettered_once() 
     let cases = [
         // No activity at all: its results could go nowhere.
         (trigger(unknown.clone(), ""), "activity_name"),
-        // A name that is no subject token.
-        (trigger(unknown.clone(), "a.b"), "one token"),
+        // A name that cannot be part of a subject.
+        (
+            trigger(unknown.clone(), "a..b"),
+            "cannot be part of a result subject",
+        ),
         // An activity nobody created.
         (trigger(unknown, "ghost"), "fire ledger"),
     ];
@@ -248,5 +251,39 @@ async fn a_task_whose_result_cannot_be_stored_ends_dead_after_the_delivery_limit
     assert!(server.calls().len() <= 4, "{} calls", server.calls().len());
     let letters = dead_letters(&js, &subjects::task_dlq_subject("http")).await?;
     assert_eq!(letters.len(), 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_malformed_event_published_with_an_expected_stream_is_dead_lettered_once()
+-> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _services = env.start_all().await?;
+    let js = env.js().await?;
+    // A publisher that says which stream it expects (nats.py `stream=`, Go `ExpectStream`): the
+    // dead letter must not carry that expectation to the DLQ stream, or it is refused forever.
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "not-json");
+    headers.insert("Nats-Expected-Stream", subjects::EVENTS_STREAM);
+    let sequence = js
+        .publish_with_headers("events.orders.bad", headers, "not json".into())
+        .await?
+        .await?
+        .sequence;
+    let error = dead_letter(
+        &js,
+        subjects::EVENTS_DLQ_SUBJECT,
+        subjects::EVENTS_STREAM,
+        sequence,
+    )
+    .await?;
+    assert!(!error.is_empty());
+    let (deliveries, messages) = settled(
+        &js,
+        subjects::EVENTS_STREAM,
+        subjects::TRIGGER_EVENTS_CONSUMER,
+    )
+    .await?;
+    assert_eq!(deliveries, messages, "delivered once");
     Ok(())
 }

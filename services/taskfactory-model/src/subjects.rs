@@ -62,16 +62,43 @@ pub fn result_subject(activity_name: &str, run_id: &str) -> String {
 }
 
 /// Why a task's result subject ([`result_subject`]) would not be a subject the results stream
-/// takes: its activity name and run id must each be one token.
+/// takes: the activity name must be tokens (names may hold dots: `billing.daily`), the run id one
+/// token, and neither may be empty or hold wildcards or whitespace.
 pub fn result_subject_error(activity_name: &str, run_id: &str) -> Option<String> {
-    let token = |what: &str, value: &str| {
-        let bad = value.is_empty()
-            || value
-                .chars()
-                .any(|c| c == '.' || c == '*' || c == '>' || c.is_whitespace() || c.is_control());
-        bad.then(|| format!("its {what} {value:?} cannot be one token of a result subject"))
+    let bad_char = |c: char| c == '*' || c == '>' || c.is_whitespace() || c.is_control();
+    let tokens_ok = |value: &str| {
+        !value
+            .split('.')
+            .any(|t| t.is_empty() || t.chars().any(bad_char))
     };
-    token("activity name", activity_name).or_else(|| token("run id", run_id))
+    if !tokens_ok(activity_name) {
+        return Some(format!(
+            "its activity name {activity_name:?} cannot be part of a result subject"
+        ));
+    }
+    if run_id.contains('.') || !tokens_ok(run_id) {
+        return Some(format!(
+            "its run id {run_id:?} cannot be one token of a result subject"
+        ));
+    }
+    None
+}
+
+#[cfg(test)]
+mod result_subject_tests {
+    use super::result_subject_error;
+
+    #[test]
+    fn a_result_subject_needs_a_name_of_tokens_and_a_run_of_one() {
+        assert_eq!(result_subject_error("daily", "run"), None);
+        assert_eq!(result_subject_error("billing.daily", "run"), None);
+        for name in ["", ".", "a..b", "a.", ".a", "a*", "a.>", "a b"] {
+            assert!(result_subject_error(name, "run").is_some(), "{name:?}");
+        }
+        for run in ["", "a.b", "*", "r n"] {
+            assert!(result_subject_error("daily", run).is_some(), "{run:?}");
+        }
+    }
 }
 
 /// The dead-letter subject of a task message, from its subject (`tasks.<type>`).

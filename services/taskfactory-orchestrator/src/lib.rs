@@ -468,7 +468,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             concurrency: config.result_concurrency,
             ack_wait: Duration::from_secs(30),
             drain_timeout: config.lifecycle.drain_timeout,
-            max_deliveries: config.nats.max_deliveries,
+            // A result dead-lettered would be lost (its task message is acked), and its handler
+            // fails only on the database: retried (every 30 s at most) for as long as that lasts.
+            max_deliveries: u32::MAX,
             dead_letters: |_| subjects::RESULTS_DLQ_SUBJECT.to_owned(),
             kind: "result",
         },

@@ -204,7 +204,19 @@ pub async fn dead_letter(
     error: &str,
     extra: &[(&'static str, String)],
 ) -> Result<(), PublishError> {
-    let mut headers = message.headers.clone().unwrap_or_default();
+    // The message's own headers, but none the server would act on again when storing the letter
+    // (an expected stream or sequence would refuse it; a TTL, rollup or schedule would change it).
+    let mut headers = HeaderMap::new();
+    if let Some(original) = &message.headers {
+        for (name, values) in original.iter() {
+            if is_server_directive(name.as_ref()) {
+                continue;
+            }
+            for value in values {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+    }
     headers.insert(subjects::HEADER_ERROR, one_line(error).as_str());
     headers.insert(subjects::HEADER_ORIGINAL_SUBJECT, message.subject.as_str());
     let (stream, sequence, delivered) = match message.info() {
@@ -230,6 +242,20 @@ pub async fn dead_letter(
     )
     .await?;
     Ok(())
+}
+
+/// Whether a header asks the server to do something when the message is stored.
+fn is_server_directive(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    [
+        "nats-expected-",
+        "nats-batch-",
+        "nats-schedule",
+        "nats-counter",
+    ]
+    .iter()
+    .any(|prefix| name.starts_with(prefix))
+        || ["nats-ttl", "nats-rollup", "nats-incr"].contains(&name.as_str())
 }
 
 /// A header value: one line, at most 2 KiB.

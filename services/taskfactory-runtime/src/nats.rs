@@ -539,7 +539,10 @@ pub async fn keep_declared(
                 )),
             }
         }
-        kept.record(problems);
+        // A server that does not answer is the connection's problem (`/readyz` says so), not
+        // one a restart of this service would solve.
+        let connected = js.client().connection_state() == async_nats::connection::State::Connected;
+        kept.record(problems, connected);
     }
 }
 
@@ -562,9 +565,9 @@ struct KeptState {
 }
 
 impl Kept {
-    fn record(&self, problems: Vec<String>) {
+    fn record(&self, problems: Vec<String>, connected: bool) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if problems.is_empty() {
+        if problems.is_empty() || !connected {
             state.failing_since = None;
         } else {
             for problem in &problems {
@@ -619,7 +622,7 @@ mod tests {
     fn a_service_is_unrecoverable_only_after_failing_for_the_whole_period() {
         let kept = Kept::default();
         assert_eq!(kept.unrecoverable(Duration::ZERO), None);
-        kept.record(vec!["FACTORY_TASKS: refused".to_owned()]);
+        kept.record(vec!["FACTORY_TASKS: refused".to_owned()], true);
         assert_eq!(kept.problems(), ["FACTORY_TASKS: refused"]);
         assert!(
             kept.unrecoverable(Duration::ZERO)
@@ -627,9 +630,15 @@ mod tests {
         );
         assert_eq!(kept.unrecoverable(Duration::from_secs(3600)), None);
         // A later failure keeps the first one's start; a success clears it.
-        kept.record(vec!["again".to_owned()]);
+        kept.record(vec!["again".to_owned()], true);
         assert!(kept.unrecoverable(Duration::ZERO).is_some());
-        kept.record(Vec::new());
+        kept.record(vec!["nats down".to_owned()], false);
+        assert_eq!(
+            kept.unrecoverable(Duration::ZERO),
+            None,
+            "not while disconnected"
+        );
+        kept.record(Vec::new(), true);
         assert_eq!(kept.unrecoverable(Duration::ZERO), None);
         assert!(kept.problems().is_empty());
     }

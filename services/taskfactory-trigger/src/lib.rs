@@ -275,7 +275,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             concurrency: config.event_concurrency,
             ack_wait: Duration::from_secs(30),
             drain_timeout: config.lifecycle.drain_timeout,
-            max_deliveries: config.nats.max_deliveries,
+            // An event dead-lettered would be lost (nothing sends it again), and its handler
+            // fails only on the database: retried (every 30 s at most) for as long as that lasts.
+            max_deliveries: u32::MAX,
             dead_letters: |_| subjects::EVENTS_DLQ_SUBJECT.to_owned(),
             kind: "event",
         },
