@@ -1,11 +1,11 @@
 //! Consuming `dlq.tasks.>`: a task an executor dead-lettered ends `DEAD` with the dead letter's
 //! error, whatever happened to its result.
 //!
-//! An executor dead-letters a task when it is out of attempts (after reporting it `DEAD`), when
-//! its message cannot be run at all, and when it gave up after the delivery limit because its
-//! result could not be reported (a result subject nothing stores, NATS refusing it). In the last
-//! two cases no result reaches `results.>`, and without this the task, and its run, would wait
-//! forever. The dead letter carries the `TaskInstance` it was handed, so the `DEAD` recorded here
+//! An executor dead-letters a task when it is out of attempts (after reporting it `DEAD`: such a
+//! letter carries `Taskfactory-Attempts` and is left to that result), when its message cannot be
+//! run at all, and when it gave up after the delivery limit because its result could not be
+//! reported (a result subject nothing stores, NATS refusing it). In the last two cases no result
+//! reaches `results.>`, and without this the task, and its run, would wait forever. The dead letter carries the `TaskInstance` it was handed, so the `DEAD` recorded here
 //! is judged like any executor's result (`model::results::judge`): it needs the task's result
 //! token, names the task's type, run and activity, and changes nothing about a task already final.
 //! A dead letter that is not a task, or that its task refuses, is only logged and counted: it is a
@@ -41,6 +41,15 @@ impl Handler for DeadTasks {
     type Error = DeadTaskError;
 
     async fn handle(&self, message: &Message) -> Result<(), DeadTaskError> {
+        // A letter with an attempt count follows a DEAD result its executor reported (and the
+        // results stream acknowledged) first: that result decides the task, with its own error.
+        let reported = message
+            .headers
+            .as_ref()
+            .is_some_and(|headers| headers.get(subjects::HEADER_ATTEMPTS).is_some());
+        if reported {
+            return Ok(());
+        }
         let Some(result) = dead_result(message) else {
             tracing::warn!(subject = %message.subject, "a dead letter on dlq.tasks that is not a task; left as it is");
             taskfactory_runtime::metrics::record_refused("dead_task", "not_a_task");
