@@ -14,6 +14,7 @@ mod external_executor;
 mod hostile;
 mod leadership;
 mod lifecycle;
+mod limits;
 mod misfire;
 mod nats_permissions;
 mod nats_tls;

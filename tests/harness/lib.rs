@@ -449,6 +449,8 @@ pub struct EnvOptions {
     pub unserved_grace: Duration,
     /// Trigger (in-process): webhooks; with any, the gateway listens on [`TestEnv::http_addr`].
     pub webhooks: Vec<taskfactory_trigger::webhook::Hook>,
+    /// Trigger (in-process): the webhook gateway's bounds on connections and requests.
+    pub http_limits: taskfactory_trigger::webhook::HttpLimits,
     /// NATS speaks only TLS and verifies clients; services and test clients get certificates.
     pub nats_tls: bool,
     /// NATS servers: 1, or a JetStream cluster of this many ([`TestEnv::nats_peers`]).
@@ -484,6 +486,7 @@ impl Default for EnvOptions {
             sources_allow_buckets: String::new(),
             unserved_grace: Duration::from_secs(600),
             webhooks: Vec::new(),
+            http_limits: taskfactory_trigger::webhook::HttpLimits::default(),
             nats_tls: false,
             nats_servers: 1,
             stream_replicas: 1,
@@ -578,6 +581,7 @@ impl TestEnv {
                 config.lease_ttl = self.options.lease_ttl;
                 config.http_addr = self.http_addr;
                 config.hooks = self.options.webhooks.clone();
+                config.http_limits = self.options.http_limits.clone();
                 config.auth = self.options.auth.clone();
                 if let Some(tokens) = &self.tokens {
                     config.auth.auth_file = Some(tokens.file.clone());

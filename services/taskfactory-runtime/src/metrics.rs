@@ -37,6 +37,9 @@ pub const FIRE_LATENESS: &str = "taskfactory_fire_lateness_seconds";
 /// `too_large`, `bad_request`, `unknown_hook`, `unavailable`).
 pub const WEBHOOK_DELIVERIES: &str = "taskfactory_webhook_deliveries_total";
 
+/// Trigger: connections the webhook gateway has open (at most `--http-max-connections`).
+pub const WEBHOOK_CONNECTIONS: &str = "taskfactory_webhook_connections";
+
 /// Orchestrator: runs that reached their final state, by activity and outcome (`succeeded`,
 /// `failed`, `cancelled`, `skipped`).
 pub const RUNS: &str = "taskfactory_runs_total";
@@ -160,6 +163,10 @@ fn describe() {
         "Seconds from a scheduled occurrence's time to its fire, by activity and source (schedule, catchup)"
     );
     describe_counter!(WEBHOOK_DELIVERIES, "Webhook deliveries by outcome");
+    describe_gauge!(
+        WEBHOOK_CONNECTIONS,
+        "Connections the webhook gateway has open"
+    );
     describe_counter!(
         RUNS,
         "Runs that reached their final state, by activity and outcome"
@@ -317,6 +324,12 @@ pub fn record_fire_lateness(activity: &str, source: &'static str, lateness: chro
 pub fn record_webhook_delivery(outcome: &'static str) {
     handle();
     metrics::counter!(WEBHOOK_DELIVERIES, "outcome" => outcome).increment(1);
+}
+
+/// A webhook connection opened (`1.0`) or closed (`-1.0`).
+pub fn count_webhook_connection(change: f64) {
+    handle();
+    metrics::gauge!(WEBHOOK_CONNECTIONS).increment(change);
 }
 
 /// Counts `n` runs of `activity` that reached their final state `outcome`.

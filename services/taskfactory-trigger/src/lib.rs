@@ -107,6 +107,9 @@ pub struct Config {
     /// A YAML or JSON file of webhooks: `hooks: [{name, subject, secretEnv}]` (see the README).
     #[arg(long = "webhooks", env = "TASKFACTORY_WEBHOOKS")]
     pub webhooks: Option<PathBuf>,
+    /// The webhook gateway's bounds on connections and requests.
+    #[command(flatten)]
+    pub http_limits: webhook::HttpLimits,
     /// Webhooks given in code (tests), in addition to the file's.
     #[arg(skip)]
     pub hooks: Vec<webhook::Hook>,
@@ -134,6 +137,7 @@ impl Config {
             instance_id: None,
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             webhooks: None,
+            http_limits: webhook::HttpLimits::default(),
             hooks: Vec::new(),
             lifecycle: LifecycleArgs::default(),
             clock: ClockHandle::system(),

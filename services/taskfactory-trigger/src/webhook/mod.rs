@@ -21,9 +21,13 @@
 //! 2. the three headers are present and well-formed (else 401), and the timestamp is within
 //!    [`TIMESTAMP_TOLERANCE`] of our clock, either way (else 401);
 //! 3. the body fits the hook's cap: a declared `Content-Length` over it is refused before anything
-//!    is read, and reading stops at the cap (413);
+//!    is read, and reading stops at the cap (413); there is room for it among the bodies the
+//!    gateway holds at once (`--http-body-bytes-in-flight`: the declared length, else the cap, is
+//!    set aside before reading; no room within the body timeout is 503), and it arrives within
+//!    the body timeout (400);
 //! 4. the signature (401, the same answer whatever was wrong with it; compared in constant time);
-//! 5. the body is JSON (400) — only now, so an unauthenticated caller learns nothing;
+//! 5. the body is JSON (400) — only now, so an unauthenticated caller learns nothing; checked
+//!    without building it (a tree of small JSON values takes tens of times the body's bytes);
 //! 6. the delivery id is new for this hook (401 "replayed"), then the event is published (a body
 //!    that with its headers is over the NATS server's `max_payload` is 413, not 503: a retry
 //!    could never succeed).
@@ -43,6 +47,16 @@
 //! the sender's retry publishes the same `Nats-Msg-Id`, which JetStream drops inside its duplicate
 //! window and event ingress dedupes by after it (the id is the default dedupe key of the fire).
 //! Rows are pruned after [`DELIVERY_RETENTION`]: by then the signed timestamp rejects the delivery.
+//!
+//! # Bounds
+//!
+//! Connections, their timeouts and the size of a request's head are [`connections`]'; with the
+//! bytes of bodies in flight they bound what the gateway can be made to hold by anyone who can
+//! reach it, before any signature is checked.
+
+mod connections;
+
+pub use connections::{HttpLimits, MAX_HEAD_BYTES};
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -65,6 +79,7 @@ use sqlx::PgPool;
 use taskfactory_model::subjects;
 use taskfactory_runtime::messaging;
 use taskfactory_runtime::telemetry::error_chain;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -86,8 +101,6 @@ pub const DELIVERY_RETENTION: Duration = Duration::from_secs(15 * 60);
 /// The shortest secret taken.
 pub const MIN_SECRET_BYTES: usize = 16;
 const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
-/// A body not received within this long is refused (a client trickling bytes holds a connection).
-const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long to wait for the stream's ack before answering 503 (senders time out too).
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bounds the work one request can ask for.
@@ -402,12 +415,15 @@ pub struct Gateway {
     addr: SocketAddr,
     hooks: Vec<Hook>,
     default_max_body: usize,
+    limits: HttpLimits,
+    drain_timeout: Duration,
 }
 
 impl Gateway {
     /// Loads and checks the hooks of `config` and binds `--http-addr`; `None` when no hook is
     /// configured (then nothing listens, so replicas and tests without hooks need no port).
     pub async fn bind(config: &crate::Config) -> anyhow::Result<Option<Self>> {
+        config.http_limits.check(config.max_event_bytes)?;
         let hooks = load_hooks(
             config.webhooks.as_deref(),
             &config.hooks,
@@ -424,6 +440,8 @@ impl Gateway {
             addr: config.http_addr,
             hooks,
             default_max_body: config.max_event_bytes,
+            limits: config.http_limits.clone(),
+            drain_timeout: config.lifecycle.drain_timeout,
         }))
     }
 
@@ -444,22 +462,23 @@ impl Gateway {
                 .map(|hook| (hook.name.clone(), hook))
                 .collect(),
             default_max_body: self.default_max_body,
+            body_timeout: self.limits.body_timeout,
+            bodies: Arc::new(Semaphore::new(
+                self.limits.body_bytes_in_flight.min(Semaphore::MAX_PERMITS),
+            )),
             pool: pool.clone(),
             js,
         });
         let app = axum::Router::new()
             .route("/hooks/{name}", axum::routing::post(receive))
             .with_state(state);
-        let listener = self.listener;
-        let stop = shutdown.clone();
-        tracker.spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
-            if let Err(error) = served {
-                tracing::error!(error = %error_chain(&error), "webhook gateway failed");
-            }
-        });
+        tracker.spawn(connections::serve(
+            self.listener,
+            app,
+            self.limits,
+            shutdown.clone(),
+            self.drain_timeout,
+        ));
         tracker.spawn(prune_deliveries(pool, shutdown));
     }
 }
@@ -468,6 +487,10 @@ impl Gateway {
 struct Receiver {
     hooks: HashMap<String, Hook>,
     default_max_body: usize,
+    /// From the end of the head to the last byte of the body, waiting for room included.
+    body_timeout: Duration,
+    /// Bytes of bodies held at once (`--http-body-bytes-in-flight`).
+    bodies: Arc<Semaphore>,
     pool: PgPool,
     js: async_nats::jetstream::Context,
 }
@@ -493,6 +516,10 @@ enum Rejection {
     OverMaxPayload { max_payload: usize },
     #[error("could not read the request body")]
     Unreadable,
+    #[error("the body did not arrive within {0:?}")]
+    SlowBody(Duration),
+    #[error("the gateway holds as many bodies as it may; send the same delivery again later")]
+    Busy,
     #[error("signature does not match")]
     BadSignature,
     #[error("{0}")]
@@ -515,8 +542,10 @@ impl Rejection {
             Rejection::TooLarge { .. } | Rejection::OverMaxPayload { .. } => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
-            Rejection::Unreadable | Rejection::NotJson(_) => StatusCode::BAD_REQUEST,
-            Rejection::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Rejection::Unreadable | Rejection::SlowBody(_) | Rejection::NotJson(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            Rejection::Unavailable(_) | Rejection::Busy => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -530,8 +559,9 @@ impl Rejection {
             Rejection::Stale => "stale",
             Rejection::Replayed(_) => "replayed",
             Rejection::TooLarge { .. } | Rejection::OverMaxPayload { .. } => "too_large",
-            Rejection::Unreadable | Rejection::NotJson(_) => "bad_request",
+            Rejection::Unreadable | Rejection::SlowBody(_) | Rejection::NotJson(_) => "bad_request",
             Rejection::Unavailable(_) => "unavailable",
+            Rejection::Busy => "busy",
         }
     }
 }
@@ -609,6 +639,10 @@ async fn receive(
                 tracing::warn!(webhook.name = ?name, webhook.delivery = %delivery, error = %error_chain(source.as_ref()), "webhook delivery not stored; the sender may retry");
                 return (status, [(header::RETRY_AFTER, "5")], body).into_response();
             }
+            if let Rejection::Busy = &rejection {
+                tracing::warn!(webhook.name = ?name, webhook.delivery = %delivery, "webhook delivery turned away: no room for its body in time");
+                return (status, [(header::RETRY_AFTER, "5")], body).into_response();
+            }
             tracing::warn!(webhook.name = ?name, webhook.delivery = %delivery, outcome, reason = %rejection, "webhook delivery rejected");
             (status, body).into_response()
         }
@@ -656,12 +690,13 @@ impl Receiver {
         if declared.is_some_and(|length| length > limit as u64) {
             return Err(Rejection::TooLarge { limit });
         }
-        let body = read_body(body, limit).await?;
+        // Held until the body is published and dropped.
+        let (body, _room) = self.read_body(body, declared, limit).await?;
 
         if !verify(&hook.secrets, timestamp_text, delivery, &body, &signatures) {
             return Err(Rejection::BadSignature);
         }
-        crate::events::parse_event(&body, limit).map_err(Rejection::NotJson)?;
+        crate::events::check_event(&body, limit).map_err(Rejection::NotJson)?;
         self.record_and_publish(hook, delivery, body).await
     }
 
@@ -746,24 +781,47 @@ fn required_header<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<&'a
     })
 }
 
-/// Reads the body, refusing it as soon as it grows over `limit`.
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, Rejection> {
-    let mut chunks = body.into_data_stream();
-    let mut buffer = Vec::new();
-    let read = async {
-        while let Some(chunk) = chunks.next().await {
-            let chunk = chunk.map_err(|_| Rejection::Unreadable)?;
-            if buffer.len() + chunk.len() > limit {
-                return Err(Rejection::TooLarge { limit });
+impl Receiver {
+    /// Sets aside room for the body among those held at once (`declared` bytes, else `limit`)
+    /// and reads it, refusing it as soon as it grows over `limit`; both within the body timeout.
+    /// The room is given back when the returned permit is dropped.
+    async fn read_body(
+        &self,
+        body: Body,
+        declared: Option<u64>,
+        limit: usize,
+    ) -> Result<(Bytes, OwnedSemaphorePermit), Rejection> {
+        let deadline = tokio::time::Instant::now() + self.body_timeout;
+        let room = declared.map_or(limit, |length| usize::try_from(length).unwrap_or(limit));
+        let permits = u32::try_from(room.min(Semaphore::MAX_PERMITS)).unwrap_or(u32::MAX);
+        let permit =
+            tokio::time::timeout_at(deadline, self.bodies.clone().acquire_many_owned(permits))
+                .await
+                .map_err(|_| Rejection::Busy)?
+                .expect("the semaphore is never closed");
+        let mut chunks = body.into_data_stream();
+        // Never more than was set aside: no doubling past it.
+        let mut buffer = Vec::with_capacity(if declared.is_some() { room } else { 0 });
+        let read = async {
+            while let Some(chunk) = chunks.next().await {
+                let chunk = chunk.map_err(|_| Rejection::Unreadable)?;
+                let needed = buffer.len() + chunk.len();
+                if needed > limit {
+                    return Err(Rejection::TooLarge { limit });
+                }
+                if needed > buffer.capacity() {
+                    let target = needed.max(buffer.capacity() * 2).min(room.max(needed));
+                    buffer.reserve_exact(target - buffer.len());
+                }
+                buffer.extend_from_slice(&chunk);
             }
-            buffer.extend_from_slice(&chunk);
+            Ok(())
+        };
+        match tokio::time::timeout_at(deadline, read).await {
+            Ok(Ok(())) => Ok((Bytes::from(buffer), permit)),
+            Ok(Err(rejection)) => Err(rejection),
+            Err(_) => Err(Rejection::SlowBody(self.body_timeout)),
         }
-        Ok(())
-    };
-    match tokio::time::timeout(BODY_READ_TIMEOUT, read).await {
-        Ok(Ok(())) => Ok(Bytes::from(buffer)),
-        Ok(Err(rejection)) => Err(rejection),
-        Err(_) => Err(Rejection::Unreadable),
     }
 }
 
