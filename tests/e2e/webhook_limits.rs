@@ -1,5 +1,5 @@
-//! Bounds on what strangers and users can make the trigger hold: the webhook gateway's
-//! connections, their timeouts and the bodies in flight.
+//! Bounds on what strangers can make the trigger hold through the webhook gateway: connections,
+//! their timeouts, and the bodies in flight.
 //!
 //! Requests are written by hand over TCP, so a test controls exactly what a sender does (half a
 //! header line, nothing at all, a kept-alive connection left idle).
