@@ -25,6 +25,7 @@ mod resilience;
 mod schedules;
 mod secrets;
 mod sources;
+mod spec_limits;
 mod sql_parameters;
 mod sql_sources;
 mod ssrf;

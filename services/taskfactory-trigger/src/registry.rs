@@ -1,4 +1,5 @@
-//! The in-memory view of live activities that the scheduler and the event matcher work from.
+//! The in-memory view of live activities that the scheduler and the event matcher work from: of
+//! each, its state and its trigger (never its tasks or context, which only orchestrators read).
 //!
 //! A snapshot is immutable and replaced whole on reload. Reloads happen when this replica's admin
 //! API changes a definition (at once), when another replica announces a change on
@@ -51,6 +52,8 @@ pub struct LiveActivity {
     pub resumed_at: Option<chrono::DateTime<chrono::Utc>>,
     /// When it last became active (created, resumed, enabled).
     pub activated_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// In the registry, the spec without its tasks, context, description and labels (see
+    /// `store::load_live_activities`); whole when built from a whole record.
     pub spec: ActivitySpec,
     /// Built once per version for schedule triggers.
     pub schedule: Option<Arc<Schedule>>,
@@ -163,29 +166,36 @@ impl Registry {
     }
 
     /// Loads the snapshot; returns its generation and whether it differs from the one before.
+    /// Specs are loaded only for the activities that are new or changed.
     async fn load(&self, pool: &PgPool) -> Result<(i64, bool), store::StoreError> {
         let generation = store::definitions_generation(pool).await?;
-        let records = store::load_live_activities(pool).await?;
+        let heads = store::live_activity_heads(pool).await?;
         let previous = self.current();
-        let mut activities = HashMap::with_capacity(records.len());
-        for record in &records {
+        let mut activities = HashMap::with_capacity(heads.len());
+        let mut to_load = Vec::new();
+        for head in &heads {
             // Keep the built schedule when nothing the scheduler reads changed. A pause and resume
             // that both happened since the last reload leave `paused` as it was but move the
             // activation: the scheduler must see that the schedule was off in between.
-            if let Some(old) = previous.activities.get(&record.id)
-                && old.version == record.current_version
-                && old.enabled == record.enabled
-                && old.paused == record.paused
-                && old.activated_at == record.activated_at
-                && old.paused_at == record.paused_at
-                && old.resumed_at == record.resumed_at
-                && old.pause_note == record.pause_note
+            if let Some(old) = previous.activities.get(&head.id)
+                && old.version == head.current_version
+                && old.enabled == head.enabled
+                && old.paused == head.paused
+                && old.activated_at == head.activated_at
+                && old.paused_at == head.paused_at
+                && old.resumed_at == head.resumed_at
+                && old.pause_note == head.pause_note
             {
-                activities.insert(record.id, old.clone());
-                continue;
+                activities.insert(head.id, old.clone());
+            } else {
+                to_load.push(head.id.0);
             }
-            if let Some(live) = LiveActivity::from_record(record) {
-                activities.insert(record.id, Arc::new(live));
+        }
+        if !to_load.is_empty() {
+            for record in store::load_live_activities(pool, &to_load).await? {
+                if let Some(live) = LiveActivity::from_record(&record) {
+                    activities.insert(record.id, Arc::new(live));
+                }
             }
         }
         // Unchanged entries are the very same `Arc`s as before.

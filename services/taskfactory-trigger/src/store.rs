@@ -279,9 +279,46 @@ pub async fn list_activities(
         .collect::<Result<_, _>>()?)
 }
 
-/// Every live activity at its current version (the registry's view).
-pub async fn load_live_activities(pool: &PgPool) -> Result<Vec<ActivityRecord>, StoreError> {
-    list_activities(pool, None, i64::MAX, None).await
+/// Every live activity at its current version, without its spec (`null`): what the registry
+/// compares with what it holds, to load the specs of only the activities that changed.
+pub async fn live_activity_heads(pool: &PgPool) -> Result<Vec<ActivityRecord>, StoreError> {
+    live_activities(pool, "'null'::jsonb AS spec,", None).await
+}
+
+/// These live activities at their current version, for the registry: the spec without what the
+/// scheduler and the event matcher never read (tasks, context, description, labels), so that
+/// what the registry loads and keeps is their triggers, however large their tasks.
+pub async fn load_live_activities(
+    pool: &PgPool,
+    ids: &[Uuid],
+) -> Result<Vec<ActivityRecord>, StoreError> {
+    live_activities(
+        pool,
+        "v.spec - ARRAY['tasks', 'context', 'description', 'labels'] AS spec,",
+        Some(ids),
+    )
+    .await
+}
+
+async fn live_activities(
+    pool: &PgPool,
+    spec_column: &str,
+    only: Option<&[Uuid]>,
+) -> Result<Vec<ActivityRecord>, StoreError> {
+    let columns = ACTIVITY_COLUMNS.replacen("v.spec,", spec_column, 1);
+    let query = format!(
+        "SELECT {columns} FROM activities a \
+         JOIN activity_versions v ON v.activity_id = a.id AND v.version = a.current_version \
+         WHERE a.deleted_at IS NULL AND ($1::uuid[] IS NULL OR a.id = ANY($1))"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(query))
+        .bind(only)
+        .fetch_all(pool)
+        .await?;
+    Ok(rows
+        .iter()
+        .map(activity_from_row)
+        .collect::<Result<_, _>>()?)
 }
 
 /// Soft-deletes; history (versions, fires, runs) stays.
