@@ -683,6 +683,8 @@ async fn an_update_checked_against_a_version_that_moved_meanwhile_is_refused() -
     let json = taskfactory_proto::to_json(&spec);
     let version = |json| store::NewVersion {
         spec: json,
+        spec_bytes: taskfactory_model::sizes::json_bytes(json),
+        limits: taskfactory_trigger::admin::SpecLimits::default().totals(),
         enabled: true,
         trigger_kind: "manual",
         created_by: "test",

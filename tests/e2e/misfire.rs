@@ -695,12 +695,15 @@ async fn a_pause_and_resume_between_two_reloads_reach_the_scheduler_as_a_reactiv
     .await?;
     let spec = taskfactory_model::spec::spec_from_yaml(&minutely("coalesced", "MISFIRE_ALL"))?;
     let id = taskfactory_model::ids::ActivityId(uuid::Uuid::new_v4());
+    let json = taskfactory_proto::to_json(&spec);
     store::create_activity(
         &pool,
         id,
         "coalesced",
         store::NewVersion {
-            spec: &taskfactory_proto::to_json(&spec),
+            spec: &json,
+            spec_bytes: taskfactory_model::sizes::json_bytes(&json),
+            limits: taskfactory_trigger::admin::SpecLimits::default().totals(),
             enabled: true,
             trigger_kind: "schedule",
             created_by: "test",

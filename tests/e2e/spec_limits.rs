@@ -2,10 +2,22 @@
 
 use anyhow::Context as _;
 use taskfactory_model::spec::spec_from_yaml;
-use taskfactory_proto::v1::{ActivitySpec, CreateActivityRequest};
+use taskfactory_proto::v1::{
+    ActivitySpec, CreateActivityRequest, DeleteActivityRequest, PreviewRunRequest,
+    UpdateActivityRequest,
+};
 use taskfactory_tests::{EnvOptions, Service, TestEnv};
+use taskfactory_trigger::admin::SpecLimits;
 
 use crate::support::{Admin, proc_status_kib};
+
+/// A manual activity whose one task carries `pad` bytes of text, so its JSON is a little over.
+fn padded(name: &str, pad: usize) -> anyhow::Result<ActivitySpec> {
+    Ok(spec_from_yaml(&format!(
+        "name: {name}\ntrigger: {{manual: {{}}}}\ntasks:\n  - name: t\n    type: log\n    params:\n      pad: {}\n",
+        "a".repeat(pad)
+    ))?)
+}
 
 /// A manual activity of `tasks` small task templates (about 60 bytes of JSON each): what costs
 /// the most memory for its size.
@@ -25,6 +37,171 @@ async fn create(admin: &mut Admin, spec: ActivitySpec) -> Result<(), tonic::Stat
         .create_activity(CreateActivityRequest { spec: Some(spec) })
         .await
         .map(|_| ())
+}
+
+async fn update(admin: &mut Admin, spec: ActivitySpec) -> Result<(), tonic::Status> {
+    admin
+        .update_activity(UpdateActivityRequest {
+            id: spec.name.clone(),
+            spec: Some(spec),
+        })
+        .await
+        .map(|_| ())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_spec_over_the_size_limit_is_refused_with_its_size_and_the_limit() -> anyhow::Result<()> {
+    // The default limit: 1 MiB.
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _trigger = env.start(Service::Trigger);
+    env.wait_ready(&[Service::Trigger]).await?;
+    let mut admin = env.admin().await?;
+
+    // 3.9 MB: under the 4 MiB gRPC messages took before, so it reaches the check.
+    let big = padded("big", 3_900_000)?;
+    let refused = create(&mut admin, big.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().contains("is 3900")
+            && refused
+                .message()
+                .contains("over the limit of 1048576 bytes (--max-spec-bytes)"),
+        "{}",
+        refused.message()
+    );
+    let listed = admin
+        .list_activities(taskfactory_proto::v1::ListActivitiesRequest::default())
+        .await?
+        .into_inner();
+    assert!(listed.activities.is_empty(), "nothing was stored");
+
+    // Just under the limit is taken; the same activity updated to 3.9 MB is not, nor previewed.
+    create(&mut admin, padded("big", 1_000_000)?)
+        .await
+        .context("a spec just under the limit")?;
+    let refused = update(&mut admin, big.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().contains("--max-spec-bytes"),
+        "{refused:?}"
+    );
+    let refused = admin
+        .preview_run(PreviewRunRequest {
+            spec: Some(big),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().contains("--max-spec-bytes"),
+        "{refused:?}"
+    );
+
+    // A message over what the API decodes (6 MiB here) is refused before it is decoded.
+    let huge = padded("huge", 7_000_000)?;
+    let refused = create(&mut admin, huge).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::OutOfRange, "{refused:?}");
+    assert!(
+        refused.message().contains("found 70")
+            && refused.message().contains("the limit is: 6291456 bytes"),
+        "{}",
+        refused.message()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_live_activities_together_stay_within_their_limits() -> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions {
+        spec_limits: SpecLimits {
+            max_definitions_bytes: 10_000,
+            max_activities: 6,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await?;
+    let _trigger = env.start(Service::Trigger);
+    env.wait_ready(&[Service::Trigger]).await?;
+    let mut admin = env.admin().await?;
+
+    // Specs of about 2 KB: four fit in 10 000 bytes, a fifth does not.
+    for i in 0..4 {
+        create(&mut admin, padded(&format!("a{i}"), 2_000)?)
+            .await
+            .with_context(|| format!("spec {i}"))?;
+    }
+    let refused = create(&mut admin, padded("a4", 2_000)?).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(
+        refused
+            .message()
+            .contains("over the limit of 10000 bytes (--max-definitions-bytes)"),
+        "{}",
+        refused.message()
+    );
+    // Growing one is refused, shrinking one is taken, and a deleted one frees its room.
+    let refused = update(&mut admin, padded("a0", 4_000)?).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    update(&mut admin, padded("a0", 100)?).await?;
+    admin
+        .delete_activity(DeleteActivityRequest {
+            id: "a1".to_owned(),
+        })
+        .await?;
+    create(&mut admin, padded("a4", 2_000)?).await?;
+
+    // Eight creates at once where two fit (about 3 500 bytes are left): exactly two are taken.
+    let room_for_two = padded("b", 1_300)?;
+    let mut calls = Vec::new();
+    for i in 0..8 {
+        let mut admin = admin.clone();
+        let mut spec = room_for_two.clone();
+        spec.name = format!("b{i}");
+        calls.push(tokio::spawn(async move { create(&mut admin, spec).await }));
+    }
+    let mut taken = 0;
+    for call in calls {
+        match call.await? {
+            Ok(()) => taken += 1,
+            Err(status) => assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}"),
+        }
+    }
+    let pool = env.db.pool().await?;
+    let total: i64 = sqlx::query_scalar(
+        "SELECT sum(v.spec_bytes)::bigint FROM activities a \
+         JOIN activity_versions v ON v.activity_id = a.id AND v.version = a.current_version \
+         WHERE a.deleted_at IS NULL",
+    )
+    .fetch_one(&pool)
+    .await?;
+    assert!(total <= 10_000, "the live specs take {total} bytes");
+    assert_eq!(taken, 2, "the live specs take {total} bytes");
+
+    // Six live activities: a seventh is refused however small.
+    let refused = create(&mut admin, padded("c", 1)?).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(
+        refused
+            .message()
+            .contains("there are 6 live activities already, the limit (--max-activities)"),
+        "{}",
+        refused.message()
+    );
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -85,6 +262,53 @@ async fn large_specs_do_not_grow_the_triggers_memory_with_their_number() -> anyh
     assert!(
         growth < 48 * 1024,
         "{growth} KiB more for 12 more activities ({rss:?})"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_page_of_large_specs_holds_about_one_specs_worth() -> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions {
+        spec_limits: SpecLimits {
+            max_spec_bytes: 10_000,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await?;
+    let _trigger = env.start(Service::Trigger);
+    env.wait_ready(&[Service::Trigger]).await?;
+    let mut admin = env.admin().await?;
+    for i in 0..5 {
+        create(&mut admin, padded(&format!("p{i}"), 4_000)?).await?;
+    }
+
+    // Specs of about 4 KB and pages of 10 000 bytes: two a page, then the last one.
+    let mut pages = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = admin
+            .list_activities(taskfactory_proto::v1::ListActivitiesRequest {
+                page_size: 10,
+                page_token: token.clone(),
+            })
+            .await?
+            .into_inner();
+        pages.push(
+            page.activities
+                .iter()
+                .map(|a| a.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default())
+                .collect::<Vec<_>>(),
+        );
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(
+        pages,
+        [vec!["p0", "p1"], vec!["p2", "p3"], vec!["p4"]],
+        "{pages:?}"
     );
     Ok(())
 }

@@ -451,6 +451,8 @@ pub struct EnvOptions {
     pub webhooks: Vec<taskfactory_trigger::webhook::Hook>,
     /// Trigger (in-process): the webhook gateway's bounds on connections and requests.
     pub http_limits: taskfactory_trigger::webhook::HttpLimits,
+    /// Trigger (in-process): how large a spec may be, and all live specs together.
+    pub spec_limits: taskfactory_trigger::admin::SpecLimits,
     /// NATS speaks only TLS and verifies clients; services and test clients get certificates.
     pub nats_tls: bool,
     /// NATS servers: 1, or a JetStream cluster of this many ([`TestEnv::nats_peers`]).
@@ -487,6 +489,7 @@ impl Default for EnvOptions {
             unserved_grace: Duration::from_secs(600),
             webhooks: Vec::new(),
             http_limits: taskfactory_trigger::webhook::HttpLimits::default(),
+            spec_limits: taskfactory_trigger::admin::SpecLimits::default(),
             nats_tls: false,
             nats_servers: 1,
             stream_replicas: 1,
@@ -582,6 +585,7 @@ impl TestEnv {
                 config.http_addr = self.http_addr;
                 config.hooks = self.options.webhooks.clone();
                 config.http_limits = self.options.http_limits.clone();
+                config.spec_limits = self.options.spec_limits;
                 config.auth = self.options.auth.clone();
                 if let Some(tokens) = &self.tokens {
                     config.auth.auth_file = Some(tokens.file.clone());

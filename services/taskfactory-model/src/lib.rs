@@ -16,6 +16,7 @@
 //! - [`results`]: what one result does to its task (refused, history only, or a move forward).
 //! - [`egress`]: which hosts and addresses outbound HTTP may reach.
 //! - [`sources`]: what `request` and `kv` context sources may reach (never the control plane).
+//! - [`sizes`]: how large a spec may be, and all live specs together.
 //! - [`sql_params`]: the type each `sql` source parameter is bound as; the statement text that
 //!   keeps prepared statements apart by those types.
 //! - [`sql_role`]: whether a database role is fit for `sql` sources; what must not outlive a query.
@@ -32,6 +33,7 @@ pub mod redact;
 pub mod results;
 pub mod schedule;
 pub mod secrets;
+pub mod sizes;
 pub mod sources;
 pub mod spec;
 pub mod sql_params;

@@ -66,6 +66,8 @@ pub struct Config {
     pub grpc_addr: SocketAddr,
     #[command(flatten)]
     pub auth: auth::AuthArgs,
+    #[command(flatten)]
+    pub spec_limits: admin::SpecLimits,
     /// Largest event body taken in; larger events are rejected (recorded, dead-lettered).
     #[arg(long = "max-event-bytes", env = "TASKFACTORY_MAX_EVENT_BYTES", default_value_t = 1024 * 1024)]
     pub max_event_bytes: usize,
@@ -128,6 +130,7 @@ impl Config {
             database: DatabaseArgs::new(database_url),
             grpc_addr,
             auth: auth::AuthArgs::default(),
+            spec_limits: admin::SpecLimits::default(),
             max_event_bytes: 1024 * 1024,
             event_concurrency: 32,
             reconcile_interval: Duration::from_secs(5),
@@ -299,6 +302,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         registry: registry.clone(),
         clock: config.clock.clone(),
         tracker: tracker.clone(),
+        limits: config.spec_limits,
     });
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -329,7 +333,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             taskfactory_runtime::propagation::record_grpc_status,
         ))
         .layer(auth::layer::AuthLayer::new(authenticator, pool.clone()))
-        .add_service(AdminServiceServer::from_arc(admin))
+        .add_service(
+            AdminServiceServer::from_arc(admin)
+                .max_decoding_message_size(config.spec_limits.max_message_bytes()),
+        )
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -5,6 +5,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row};
 use taskfactory_model::ids::{ActivityId, FireId};
+use taskfactory_model::sizes::{self, SizeError};
 use uuid::Uuid;
 
 /// A stored activity at one version.
@@ -38,6 +39,8 @@ pub enum StoreError {
     Moved { expected: u32, now: u32 },
     #[error("this replica is no longer the scheduling leader (its term {term} was superseded)")]
     Deposed { term: Term },
+    #[error(transparent)]
+    TooLarge(#[from] SizeError),
     #[error("database error")]
     Database(#[source] sqlx::Error),
 }
@@ -84,10 +87,14 @@ const ACTIVITY_COLUMNS: &str = "a.id, a.name, v.version, a.current_version, a.en
      a.pause_note, a.paused_at, a.resumed_at, a.activated_at, a.created_at, a.updated_at, v.spec, \
      v.created_by";
 
-/// A version to store: its spec (canonical JSON), what the activity row keeps of it, and who made
-/// it.
+/// A version to store: its spec (canonical JSON) and its size, what the activity row keeps of it,
+/// and who made it; and the limit on the live specs' total it must stay within.
 pub struct NewVersion<'a> {
     pub spec: &'a serde_json::Value,
+    /// [`sizes::json_bytes`] of `spec`.
+    pub spec_bytes: u64,
+    /// `--max-activities` and `--max-definitions-bytes`.
+    pub limits: sizes::TotalLimits,
     pub enabled: bool,
     pub trigger_kind: &'a str,
     pub created_by: &'a str,
@@ -105,11 +112,14 @@ pub async fn create_activity(
 ) -> Result<ActivityRecord, StoreError> {
     let NewVersion {
         spec,
+        spec_bytes,
+        limits,
         enabled,
         trigger_kind,
         created_by,
     } = version;
     let mut tx = pool.begin().await?;
+    admit_to_total(&mut tx, None, None, spec_bytes, limits).await?;
     sqlx::query(
         "INSERT INTO activities (id, name, current_version, enabled, trigger_kind, activated_at) \
          VALUES ($1, $2, 1, $3, $4, $5)",
@@ -123,10 +133,12 @@ pub async fn create_activity(
     .await
     .map_err(|e| classify(e, name))?;
     sqlx::query(
-        "INSERT INTO activity_versions (activity_id, version, spec, created_by) VALUES ($1, 1, $2, $3)",
+        "INSERT INTO activity_versions (activity_id, version, spec, spec_bytes, created_by) \
+         VALUES ($1, 1, $2, $3, $4)",
     )
     .bind(id.0)
     .bind(spec)
+    .bind(i64::try_from(spec_bytes).unwrap_or(i64::MAX))
     .bind(created_by)
     .execute(&mut *tx)
     .await?;
@@ -154,13 +166,17 @@ pub async fn update_activity(
 ) -> Result<(ActivityRecord, bool), StoreError> {
     let NewVersion {
         spec,
+        spec_bytes,
+        limits,
         enabled,
         trigger_kind,
         created_by,
     } = version;
     let mut tx = pool.begin().await?;
-    let current: (i32, serde_json::Value) = sqlx::query_as(
-        "SELECT a.current_version, v.spec FROM activities a \
+    // Before the row: every change that adds to the total takes the two locks in this order.
+    lock_definitions_total(&mut tx).await?;
+    let current: (i32, serde_json::Value, i64) = sqlx::query_as(
+        "SELECT a.current_version, v.spec, v.spec_bytes FROM activities a \
          JOIN activity_versions v ON v.activity_id = a.id AND v.version = a.current_version \
          WHERE a.id = $1 AND a.deleted_at IS NULL FOR UPDATE OF a",
     )
@@ -177,14 +193,17 @@ pub async fn update_activity(
     }
     let changed = &current.1 != spec;
     if changed {
+        let before = u64::try_from(current.2).unwrap_or(0);
+        admit_to_total(&mut tx, Some(id), Some(before), spec_bytes, limits).await?;
         let version = current.0 + 1;
         sqlx::query(
-            "INSERT INTO activity_versions (activity_id, version, spec, created_by) \
-             VALUES ($1, $2, $3, $4)",
+            "INSERT INTO activity_versions (activity_id, version, spec, spec_bytes, created_by) \
+             VALUES ($1, $2, $3, $4, $5)",
         )
         .bind(id.0)
         .bind(version)
         .bind(spec)
+        .bind(i64::try_from(spec_bytes).unwrap_or(i64::MAX))
         .bind(created_by)
         .execute(&mut *tx)
         .await?;
@@ -209,6 +228,45 @@ pub async fn update_activity(
         .await?
         .ok_or(StoreError::Gone)?;
     Ok((record, changed))
+}
+
+/// Serializes the changes that add to the live specs' total (creates and updates) until the end
+/// of the transaction, so that two at once cannot both pass `--max-definitions-bytes`. Deletes
+/// only lower the total and do not wait.
+async fn lock_definitions_total(tx: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock(hashtextextended('taskfactory-definitions-total', 0))",
+    )
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+/// Whether activity `changing` (none: a new one) may go from a spec of `before` bytes (none: a
+/// new one) to `after`, the other live activities counted as they are now (`model::sizes`).
+/// Takes the totals' lock first (a no-op when it is held).
+async fn admit_to_total(
+    tx: &mut sqlx::PgConnection,
+    changing: Option<ActivityId>,
+    before: Option<u64>,
+    after: u64,
+    limits: sizes::TotalLimits,
+) -> Result<(), StoreError> {
+    lock_definitions_total(tx).await?;
+    let (activities, bytes): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), COALESCE(sum(v.spec_bytes), 0)::bigint FROM activities a \
+         JOIN activity_versions v ON v.activity_id = a.id AND v.version = a.current_version \
+         WHERE a.deleted_at IS NULL AND a.id IS DISTINCT FROM $1",
+    )
+    .bind(changing.map(|id| id.0))
+    .fetch_one(tx)
+    .await?;
+    let others = sizes::Others {
+        activities: u64::try_from(activities).unwrap_or(0),
+        bytes: u64::try_from(bytes).unwrap_or(0),
+    };
+    sizes::admit_definitions(others, before, after, limits)?;
+    Ok(())
 }
 
 /// Finds a live activity by id or by name.
@@ -253,30 +311,52 @@ pub async fn get_activity(
     Ok(row.as_ref().map(activity_from_row).transpose()?)
 }
 
-/// Live activities by name, after `after_name`; only those of `only` when given.
+/// Live activities by name, after `after_name` (only those of `only` when given): at most
+/// `limit`, and specs of no more than `budget` bytes together, but at least one — a page of large
+/// specs is shorter. With the name to list after for the next page, if more follow.
 pub async fn list_activities(
     pool: &PgPool,
     after_name: Option<&str>,
-    limit: i64,
+    limit: usize,
+    budget: u64,
     only: Option<&[Uuid]>,
-) -> Result<Vec<ActivityRecord>, StoreError> {
-    let query = format!(
-        "SELECT {ACTIVITY_COLUMNS} FROM activities a \
+) -> Result<(Vec<ActivityRecord>, Option<String>), StoreError> {
+    // Sizes first, so that no spec is loaded that the page has no room for.
+    let candidates: Vec<(Uuid, String, i64)> = sqlx::query_as(
+        "SELECT a.id, a.name, v.spec_bytes FROM activities a \
          JOIN activity_versions v ON v.activity_id = a.id AND v.version = a.current_version \
          WHERE a.deleted_at IS NULL AND ($1::text IS NULL OR a.name > $1) \
            AND ($3::uuid[] IS NULL OR a.id = ANY($3)) \
-         ORDER BY a.name LIMIT $2"
+         ORDER BY a.name LIMIT $2",
+    )
+    .bind(after_name)
+    .bind(i64::try_from(limit).unwrap_or(i64::MAX).saturating_add(1))
+    .bind(only)
+    .fetch_all(pool)
+    .await?;
+    let sizes: Vec<u64> = candidates
+        .iter()
+        .map(|(_, _, bytes)| u64::try_from(*bytes).unwrap_or(0))
+        .collect();
+    let taken = sizes::page_within(&sizes, limit, budget);
+    let next_after = (candidates.len() > taken)
+        .then(|| candidates[..taken].last().map(|(_, name, _)| name.clone()))
+        .flatten();
+    let ids: Vec<Uuid> = candidates[..taken].iter().map(|(id, _, _)| *id).collect();
+    let query = format!(
+        "SELECT {ACTIVITY_COLUMNS} FROM activities a \
+         JOIN activity_versions v ON v.activity_id = a.id AND v.version = a.current_version \
+         WHERE a.deleted_at IS NULL AND a.id = ANY($1) ORDER BY a.name"
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(query))
-        .bind(after_name)
-        .bind(limit)
-        .bind(only)
+        .bind(&ids)
         .fetch_all(pool)
         .await?;
-    Ok(rows
+    let records = rows
         .iter()
         .map(activity_from_row)
-        .collect::<Result<_, _>>()?)
+        .collect::<Result<_, _>>()?;
+    Ok((records, next_after))
 }
 
 /// Every live activity at its current version, without its spec (`null`): what the registry

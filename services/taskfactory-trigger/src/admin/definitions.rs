@@ -4,36 +4,50 @@ use chrono::Utc;
 use taskfactory_model::access::{ActivityRef, Principal, Role};
 use taskfactory_model::ids::ActivityId;
 use taskfactory_model::spec::{self, chrono_to_timestamp};
-use taskfactory_model::{redact, values};
+use taskfactory_model::{redact, sizes, values};
 use taskfactory_proto::v1::{
     self, Activity, ActivitySpec, CreateActivityRequest, DeleteActivityRequest,
     DeleteActivityResponse, GetActivityRequest, ListActivitiesRequest, ListActivitiesResponse,
     ListActivityVersionsRequest, ListActivityVersionsResponse, UpdateActivityRequest, trigger,
 };
 
-use super::{Admin, AdminError, invalid, page_size};
+use super::{Admin, AdminError, SpecLimits, invalid, page_size};
 use crate::audit::AuditEntry;
-use crate::registry::LiveActivity;
 use crate::store::{self, ActivityRecord};
 
+/// A spec that entered through the API (create, update, preview), checked: valid, and within
+/// `--max-spec-bytes`. With its canonical JSON and that JSON's size.
 pub(super) fn validated_spec(
     spec: Option<ActivitySpec>,
-) -> Result<(ActivitySpec, serde_json::Value), AdminError> {
+    limits: &SpecLimits,
+) -> Result<ValidSpec, AdminError> {
     let spec = spec.ok_or_else(|| invalid("spec", "is required"))?;
     spec::validate(&spec, Utc::now()).map_err(AdminError::InvalidSpec)?;
     let json = taskfactory_proto::try_to_json(&spec)
         .map_err(|e| invalid("spec", format!("has a value out of range: {e}")))?;
-    Ok((spec, json))
+    let bytes = sizes::json_bytes(&json);
+    sizes::admit_spec(bytes, limits.max_spec_bytes)
+        .map_err(|error| invalid("spec", error.to_string()))?;
+    Ok(ValidSpec { spec, json, bytes })
+}
+
+pub(super) struct ValidSpec {
+    pub spec: ActivitySpec,
+    pub json: serde_json::Value,
+    pub bytes: u64,
 }
 
 /// What a create or an update stores as the new version.
 fn new_version<'a>(
-    spec: &ActivitySpec,
-    json: &'a serde_json::Value,
+    valid: &'a ValidSpec,
     caller: &'a Principal,
+    limits: &SpecLimits,
 ) -> store::NewVersion<'a> {
+    let spec = &valid.spec;
     store::NewVersion {
-        spec: json,
+        spec: &valid.json,
+        spec_bytes: valid.bytes,
+        limits: limits.totals(),
         enabled: spec::is_enabled(spec),
         trigger_kind: trigger_kind(spec),
         created_by: &caller.subject,
@@ -63,10 +77,11 @@ fn activity_message_with(
     schedule: Option<(chrono::DateTime<Utc>, u64)>,
 ) -> Result<Activity, AdminError> {
     let spec = stored_spec(record)?;
-    let max_runs = match spec.trigger.as_ref().and_then(|t| t.kind.as_ref()) {
-        Some(trigger::Kind::Schedule(schedule)) => schedule.max_runs,
-        _ => 0,
+    let schedule_trigger = match spec.trigger.as_ref().and_then(|t| t.kind.as_ref()) {
+        Some(trigger::Kind::Schedule(schedule)) => Some(schedule),
+        _ => None,
     };
+    let max_runs = schedule_trigger.map_or(0, |schedule| schedule.max_runs);
     let (watermark, fires) = schedule.map_or((None, 0), |(w, n)| (Some(w), n));
     let exhausted = max_runs > 0 && fires >= max_runs;
     let after = watermark.map_or(now, |w| w.max(now));
@@ -75,8 +90,10 @@ fn activity_message_with(
         && !exhausted
         && record.version == record.current_version
     {
-        LiveActivity::from_record(record)
-            .and_then(|live| live.schedule.as_ref()?.next_after(after))
+        // From the spec already parsed (the stored one passed validation).
+        schedule_trigger
+            .and_then(|trigger| spec::build_schedule(trigger).ok())
+            .and_then(|schedule| schedule.next_after(after))
             .map(|o| chrono_to_timestamp(o.at))
     } else {
         None
@@ -125,15 +142,16 @@ impl Admin {
         request: CreateActivityRequest,
         audit: &mut AuditEntry,
     ) -> Result<Activity, AdminError> {
-        let (spec, json) = validated_spec(request.spec)?;
+        let valid = validated_spec(request.spec, &self.limits)?;
+        let spec = &valid.spec;
         audit.activity_name = spec.name.clone();
-        Self::check_spec(caller, Role::Editor, &spec, "create")?;
-        Self::check_labels(caller, &spec, None)?;
+        Self::check_spec(caller, Role::Editor, spec, "create")?;
+        Self::check_labels(caller, spec, None)?;
         let record = store::create_activity(
             &self.pool,
             ActivityId::new_random(),
             &spec.name,
-            new_version(&spec, &json, caller),
+            new_version(&valid, caller, &self.limits),
             self.clock.now(),
         )
         .await?;
@@ -159,7 +177,8 @@ impl Admin {
         {
             spec.name = current.name.clone();
         }
-        let (spec, json) = validated_spec(spec)?;
+        let valid = validated_spec(spec, &self.limits)?;
+        let spec = &valid.spec;
         if spec.name != current.name {
             return Err(invalid(
                 "spec.name",
@@ -171,13 +190,13 @@ impl Admin {
         }
         // The new labels must stay within the caller's reach: no moving an activity into
         // another team's scope, or out of one's own.
-        Self::check_spec(caller, Role::Editor, &spec, "update")?;
-        Self::check_labels(caller, &spec, Some(&stored_spec(&current)?))?;
+        Self::check_spec(caller, Role::Editor, spec, "update")?;
+        Self::check_labels(caller, spec, Some(&stored_spec(&current)?))?;
         let (record, changed) = store::update_activity(
             &self.pool,
             current.id,
             current.current_version,
-            new_version(&spec, &json, caller),
+            new_version(&valid, caller, &self.limits),
             self.clock.now(),
         )
         .await?;
@@ -231,15 +250,16 @@ impl Admin {
         let limit = page_size(request.page_size);
         let after = (!request.page_token.is_empty()).then_some(request.page_token.as_str());
         let visible = self.visible_activities(caller).await?;
-        let mut records =
-            store::list_activities(&self.pool, after, limit + 1, visible.as_deref()).await?;
-        let more = records.len() as i64 > limit;
-        records.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
-        let next_page_token = if more {
-            records.last().map(|r| r.name.clone()).unwrap_or_default()
-        } else {
-            String::new()
-        };
+        // A page of large specs is shorter: it costs no more than about one spec call.
+        let (records, next_after) = store::list_activities(
+            &self.pool,
+            after,
+            usize::try_from(limit).unwrap_or(usize::MAX),
+            self.limits.max_spec_bytes,
+            visible.as_deref(),
+        )
+        .await?;
+        let next_page_token = next_after.unwrap_or_default();
         let states: std::collections::HashMap<ActivityId, (chrono::DateTime<Utc>, u64)> =
             store::schedule_states_of(
                 &self.pool,

@@ -188,7 +188,7 @@ impl Admin {
                 (record.id, record.current_version, spec)
             }
             (true, Some(spec)) => {
-                let (spec, _) = validated_spec(Some(spec))?;
+                let spec = validated_spec(Some(spec), &self.limits)?.spec;
                 audit.activity_name = spec.name.clone();
                 audit.detail("unsavedSpec", true);
                 Self::check_spec(caller, Role::Editor, &spec, "preview")?;

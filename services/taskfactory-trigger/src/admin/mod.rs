@@ -52,6 +52,68 @@ use crate::store::{self, ActivityRecord, StoreError};
 
 const DEFAULT_PAGE_SIZE: u32 = 50;
 const MAX_PAGE_SIZE: u32 = 1000;
+/// The admin API takes gRPC messages of at least tonic's default size.
+const MIN_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// How much users may store (`model::sizes`), and so how much memory definitions take: the
+/// trigger keeps of each live activity its state and trigger (measured: about 9 KB an activity,
+/// plus up to about nine times the bytes of its trigger, for schedules with long `excludeDates`);
+/// one call with a spec takes up to about a hundred times the spec's size, for a spec of many
+/// small tasks. The defaults keep both within a few hundred MB.
+#[derive(Clone, Copy, Debug, clap::Args)]
+pub struct SpecLimits {
+    /// Largest spec the admin API takes (create, update, preview), as compact canonical JSON.
+    #[arg(
+        long = "max-spec-bytes",
+        env = "TASKFACTORY_MAX_SPEC_BYTES",
+        default_value_t = 1024 * 1024
+    )]
+    pub max_spec_bytes: u64,
+    /// Most live activities; a create past it is refused.
+    #[arg(
+        long = "max-activities",
+        env = "TASKFACTORY_MAX_ACTIVITIES",
+        default_value_t = 10_000
+    )]
+    pub max_activities: u64,
+    /// Largest total of the live activities' specs; a create or update that would pass it is
+    /// refused.
+    #[arg(
+        long = "max-definitions-bytes",
+        env = "TASKFACTORY_MAX_DEFINITIONS_BYTES",
+        default_value_t = 32 * 1024 * 1024
+    )]
+    pub max_definitions_bytes: u64,
+}
+
+impl Default for SpecLimits {
+    fn default() -> Self {
+        Self {
+            max_spec_bytes: 1024 * 1024,
+            max_activities: 10_000,
+            max_definitions_bytes: 32 * 1024 * 1024,
+        }
+    }
+}
+
+impl SpecLimits {
+    pub fn totals(&self) -> taskfactory_model::sizes::TotalLimits {
+        taskfactory_model::sizes::TotalLimits {
+            max_activities: self.max_activities,
+            max_bytes: self.max_definitions_bytes,
+        }
+    }
+
+    /// The largest gRPC message the admin API decodes: room for any spec within the limit (a
+    /// spec's protobuf form is most often smaller than its JSON, but a list of small numbers
+    /// takes up to 5½ times more), and at least tonic's default (4 MiB). A larger message is
+    /// refused before it is decoded (OUT_OF_RANGE, naming its size and this limit).
+    pub fn max_message_bytes(&self) -> usize {
+        usize::try_from(self.max_spec_bytes.saturating_mul(6))
+            .unwrap_or(usize::MAX)
+            .max(MIN_MESSAGE_BYTES)
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -71,6 +133,8 @@ pub enum AdminError {
     PermissionDenied(String),
     #[error("{0}; read it again and retry")]
     Aborted(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// A status decided where it arose (no orchestrator answered, …).
     #[error("{}", .0.message())]
     Status(Status),
@@ -83,6 +147,7 @@ impl From<StoreError> for AdminError {
         match error {
             StoreError::NameTaken { name } => AdminError::AlreadyExists { name },
             StoreError::Moved { .. } => AdminError::Aborted(error.to_string()),
+            StoreError::TooLarge(_) => AdminError::ResourceExhausted(error.to_string()),
             StoreError::Gone => AdminError::NotFound {
                 what: "activity",
                 id: "(deleted while being changed)".to_owned(),
@@ -109,6 +174,7 @@ impl From<AdminError> for Status {
             AdminError::FailedPrecondition(_) => Status::failed_precondition(error.to_string()),
             AdminError::PermissionDenied(_) => Status::permission_denied(error.to_string()),
             AdminError::Aborted(_) => Status::aborted(error.to_string()),
+            AdminError::ResourceExhausted(_) => Status::resource_exhausted(error.to_string()),
             AdminError::Status(status) => status.clone(),
             AdminError::Internal(source) => {
                 tracing::error!(error = ?source, "admin request failed");
@@ -136,6 +202,7 @@ pub struct Admin {
     pub clock: ClockHandle,
     /// The service's tasks: a change in flight, and its audit row, are waited for at shutdown.
     pub tracker: tokio_util::task::TaskTracker,
+    pub limits: SpecLimits,
 }
 
 impl Admin {
