@@ -1,5 +1,7 @@
 //! What storing definitions can cost the trigger, and the bounds on it.
 
+use std::time::Duration;
+
 use anyhow::Context as _;
 use taskfactory_model::spec::spec_from_yaml;
 use taskfactory_proto::v1::{
@@ -9,7 +11,7 @@ use taskfactory_proto::v1::{
 use taskfactory_tests::{EnvOptions, Service, TestEnv};
 use taskfactory_trigger::admin::SpecLimits;
 
-use crate::support::{Admin, proc_status_kib};
+use crate::support::{Admin, preview, proc_status_kib, with_source};
 
 /// A manual activity whose one task carries `pad` bytes of text, so its JSON is a little over.
 fn padded(name: &str, pad: usize) -> anyhow::Result<ActivitySpec> {
@@ -310,5 +312,64 @@ async fn a_page_of_large_specs_holds_about_one_specs_worth() -> anyhow::Result<(
         [vec!["p0", "p1"], vec!["p2", "p3"], vec!["p4"]],
         "{pages:?}"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn calls_with_specs_beyond_the_slots_wait_for_one() -> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions {
+        spec_limits: SpecLimits {
+            spec_calls_at_once: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await?;
+    let _trigger = env.start(Service::Trigger);
+    let _orchestrator = env.start(Service::Orchestrator);
+    env.wait_ready(&[Service::Trigger, Service::Orchestrator])
+        .await?;
+    let mut admin = env.admin().await?;
+    create(&mut admin, padded("small", 10)?).await?;
+
+    // A preview whose source's server takes the connection and says nothing holds the one slot.
+    let server = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let spec = with_source(
+        "slow",
+        &format!(
+            "{{name: slow, http: {{url: \"http://{}/slow\"}}, onError: USE_DEFAULT, default: 0}}",
+            server.local_addr()?
+        ),
+    );
+    let previewing = {
+        let mut admin = admin.clone();
+        tokio::spawn(async move { preview(&mut admin, &spec, serde_json::json!({})).await })
+    };
+    let (held, _) = tokio::time::timeout(Duration::from_secs(20), server.accept())
+        .await
+        .context("the preview's source never called")??;
+
+    // Another call with a spec waits for the slot: still unanswered a second later.
+    let mut getting = {
+        let mut admin = admin.clone();
+        tokio::spawn(async move {
+            admin
+                .get_activity(taskfactory_proto::v1::GetActivityRequest {
+                    id: "small".to_owned(),
+                    version: 0,
+                })
+                .await
+        })
+    };
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), &mut getting)
+            .await
+            .is_err(),
+        "GetActivity was answered while the preview held the only slot"
+    );
+    // Once the preview is done, it is answered.
+    drop(held);
+    previewing.await??;
+    tokio::time::timeout(Duration::from_secs(10), getting).await???;
     Ok(())
 }

@@ -333,6 +333,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             taskfactory_runtime::propagation::record_grpc_status,
         ))
         .layer(auth::layer::AuthLayer::new(authenticator, pool.clone()))
+        .layer(admin::SpecCallsLayer::new(
+            config.spec_limits.spec_calls_at_once,
+        ))
         .add_service(
             AdminServiceServer::from_arc(admin)
                 .max_decoding_message_size(config.spec_limits.max_message_bytes()),

@@ -14,12 +14,17 @@
 //! - [`guard`]: scope checks against activities, runs and tasks; what is redacted for whom;
 //! - [`definitions`]: create, update, read, list, delete, pause, resume;
 //! - [`fires`]: TriggerActivity, Backfill, PreviewRun, ListScheduleTimes, ListOccurrences;
-//! - [`runs`]: runs, tasks, the commands on them, and the audit log.
+//! - [`runs`]: runs, tasks, the commands on them, and the audit log;
+//! - [`spec_calls`]: how many calls that carry a spec are handled at once.
 
 mod definitions;
 mod fires;
 mod guard;
 mod runs;
+mod spec_calls;
+
+use spec_calls::SpecCallSlot;
+pub use spec_calls::SpecCallsLayer;
 
 use std::future::Future;
 
@@ -84,6 +89,14 @@ pub struct SpecLimits {
         default_value_t = 32 * 1024 * 1024
     )]
     pub max_definitions_bytes: u64,
+    /// Calls that carry or read whole specs (CreateActivity, UpdateActivity, PreviewRun,
+    /// GetActivity, ListActivities) handled at once; more wait before their message is decoded.
+    #[arg(
+        long = "spec-calls-at-once",
+        env = "TASKFACTORY_SPEC_CALLS_AT_ONCE",
+        default_value_t = 2
+    )]
+    pub spec_calls_at_once: usize,
 }
 
 impl Default for SpecLimits {
@@ -92,6 +105,7 @@ impl Default for SpecLimits {
             max_spec_bytes: 1024 * 1024,
             max_activities: 10_000,
             max_definitions_bytes: 32 * 1024 * 1024,
+            spec_calls_at_once: 2,
         }
     }
 }
@@ -342,8 +356,10 @@ impl AdminService for Admin {
         &self,
         request: Request<CreateActivityRequest>,
     ) -> Result<Response<Activity>, Status> {
+        let slot = SpecCallSlot::of(&request);
         let (caller, audit, request) = audited_caller(request, "CreateActivity")?;
         self.audited(caller, audit, move |admin, caller, mut audit| async move {
+            let _slot = slot;
             let result = admin
                 .create_activity_for(&caller, request, &mut audit)
                 .await;
@@ -356,8 +372,10 @@ impl AdminService for Admin {
         &self,
         request: Request<UpdateActivityRequest>,
     ) -> Result<Response<Activity>, Status> {
+        let slot = SpecCallSlot::of(&request);
         let (caller, audit, request) = audited_caller(request, "UpdateActivity")?;
         self.audited(caller, audit, move |admin, caller, mut audit| async move {
+            let _slot = slot;
             let result = admin
                 .update_activity_for(&caller, request, &mut audit)
                 .await;
@@ -462,8 +480,10 @@ impl AdminService for Admin {
         &self,
         request: Request<PreviewRunRequest>,
     ) -> Result<Response<PreviewRunResponse>, Status> {
+        let slot = SpecCallSlot::of(&request);
         let (caller, audit, request) = audited_caller(request, "PreviewRun")?;
         self.audited(caller, audit, move |admin, caller, mut audit| async move {
+            let _slot = slot;
             let result = admin.preview_run_for(&caller, request, &mut audit).await;
             (audit, result)
         })
