@@ -7,6 +7,7 @@ mod authentication;
 mod cluster;
 mod context;
 mod depth;
+mod event_limits;
 mod events;
 mod examples;
 mod execution;

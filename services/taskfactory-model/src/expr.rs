@@ -393,6 +393,12 @@ pub fn to_value(json: &serde_json::Value) -> Value {
     Value::from(Serde(json))
 }
 
+/// What an event's `filter` and `dedupeKey` see: `event` and `subject`. The event goes straight
+/// into the engine's form, not through another JSON document first.
+pub fn event_scope(event: &serde_json::Value, subject: &str) -> Value {
+    minijinja::context! { event => to_value(event), subject => subject }
+}
+
 /// Engine value → JSON.
 pub fn from_value(value: &Value) -> serde_json::Value {
     serde_json::to_value(value).unwrap_or(serde_json::Value::Null)
@@ -405,6 +411,29 @@ mod tests {
 
     fn scope(json: serde_json::Value) -> Value {
         to_value(&json)
+    }
+
+    #[test]
+    fn an_event_scope_reads_as_the_json_document_it_replaces() {
+        let event = json!({"kind": "x", "items": [{"n": 1}, {"n": 2}], "z": null});
+        let direct = event_scope(&event, "events.a");
+        let through_json = to_value(&json!({"event": event, "subject": "events.a"}));
+        let engine = Engine::new(Limits::default());
+        for source in [
+            "event.kind == 'x' and subject == 'events.a'",
+            "event.items | length",
+            "event.items[1].n",
+            "event.z is none",
+            "event | tojson",
+            "event.missing is defined",
+        ] {
+            let expression = engine.expression(source).unwrap();
+            assert_eq!(
+                expression.eval(&direct).map(|v| from_value(&v)),
+                expression.eval(&through_json).map(|v| from_value(&v)),
+                "{source}"
+            );
+        }
     }
 
     #[test]

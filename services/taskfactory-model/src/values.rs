@@ -113,6 +113,19 @@ pub fn make_storable_struct(s: &mut Struct) {
     }
 }
 
+/// Whether [`make_storable_json`] would leave the document as it is (no string or key holds a
+/// NUL): then a shared document need not be copied to be stored.
+pub fn is_storable_json(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::String(s) => !s.contains('\0'),
+        serde_json::Value::Array(items) => items.iter().all(is_storable_json),
+        serde_json::Value::Object(map) => map
+            .iter()
+            .all(|(key, item)| !key.contains('\0') && is_storable_json(item)),
+        serde_json::Value::Null | serde_json::Value::Bool(_) | serde_json::Value::Number(_) => true,
+    }
+}
+
 /// [`make_storable_text`] for every string and key in a JSON document.
 pub fn make_storable_json(value: &mut serde_json::Value) {
     match value {
@@ -177,5 +190,20 @@ mod tests {
         let mut text = "no nul".to_owned();
         make_storable_text(&mut text);
         assert_eq!(text, "no nul");
+    }
+
+    #[test]
+    fn a_document_is_storable_exactly_when_making_it_storable_changes_nothing() {
+        for doc in [
+            serde_json::json!({"a": ["x", {"k": "v"}, 1, null, true]}),
+            serde_json::json!({"a\u{0}": 1}),
+            serde_json::json!({"a": [1, {"k": "v\u{0}"}]}),
+            serde_json::json!("\u{0}"),
+            serde_json::json!(null),
+        ] {
+            let mut stored = doc.clone();
+            make_storable_json(&mut stored);
+            assert_eq!(is_storable_json(&doc), stored == doc, "{doc}");
+        }
     }
 }

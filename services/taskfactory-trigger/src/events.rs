@@ -10,27 +10,47 @@
 //!   with a warning; it does not reject the event for the others.
 //! - The event is acked once every fire is recorded; a database failure retries the whole event
 //!   (fires already recorded are recognised as duplicates).
+//!
+//! # Memory
+//!
+//! An event's JSON tree takes up to tens of times its bytes (a body of many small values), so:
+//! - an event is handled only with room for its bytes among those in hand
+//!   (`--event-bytes-in-flight`; the wait says "in progress" to JetStream, so the message is not
+//!   redelivered meanwhile);
+//! - an event no activity listens to is checked without building its tree;
+//! - the tree the expressions read (a second copy) is built only for a filter or a `dedupeKey`
+//!   template, and dropped before anything is fired; the fires of one event share its payload.
 
+use std::sync::Arc;
+use std::time::Duration;
 use taskfactory_runtime::metrics;
 use taskfactory_runtime::telemetry::error_chain;
 
+use async_nats::jetstream::AckKind;
 use async_nats::jetstream::Message;
 use sqlx::PgPool;
 use taskfactory_model::expr::{self, Engine, Limits};
 use taskfactory_model::subjects;
 use taskfactory_proto::v1::TriggerSource;
 use taskfactory_runtime::messaging::{Handler, Then, Unfinished};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::fire::{self, FireRequest};
-use crate::registry::Registry;
+use crate::registry::{LiveActivity, Registry};
 use crate::store;
 use crate::webhook;
+
+/// How often a message waiting for room is reported in progress (well within its ack wait).
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
 pub struct EventIngress {
     pub pool: PgPool,
     pub js: async_nats::jetstream::Context,
     pub registry: Registry,
     pub max_event_bytes: usize,
+    /// Bytes of events in hand at most (`--event-bytes-in-flight`).
+    bytes_in_flight: usize,
+    in_flight: Arc<Semaphore>,
 }
 
 /// Why an event was not taken in.
@@ -61,8 +81,33 @@ impl Handler for EventIngress {
     }
 }
 
+/// One activity the event fires, and the fire's dedupe key.
+struct Decided<'a> {
+    activity: &'a LiveActivity,
+    dedupe_key: String,
+}
+
 impl EventIngress {
+    pub fn new(
+        pool: PgPool,
+        js: async_nats::jetstream::Context,
+        registry: Registry,
+        max_event_bytes: usize,
+        bytes_in_flight: usize,
+    ) -> Self {
+        let bytes_in_flight = bytes_in_flight.clamp(1, Semaphore::MAX_PERMITS);
+        Self {
+            pool,
+            js,
+            registry,
+            max_event_bytes,
+            bytes_in_flight,
+            in_flight: Arc::new(Semaphore::new(bytes_in_flight)),
+        }
+    }
+
     async fn process(&self, message: &Message) -> Result<(), EventError> {
+        let _room = self.room_for(message).await;
         let subject = message.subject.as_str();
         let msg_id = message
             .headers
@@ -74,6 +119,28 @@ impl EventIngress {
             Ok(info) => (info.stream_sequence, info.published.unix_timestamp_nanos()),
             Err(_) => (0, 0),
         };
+        let snapshot = self.registry.current();
+        let listening: Vec<&LiveActivity> = snapshot
+            .activities
+            .values()
+            .map(Arc::as_ref)
+            .filter(|activity| {
+                activity.is_active()
+                    && activity
+                        .event_trigger()
+                        .is_some_and(|trigger| subjects::subject_matches(&trigger.subject, subject))
+            })
+            .collect();
+        if listening.is_empty() {
+            // Nothing to fire: checked as it would be parsed, without building it.
+            return match check_event(&message.payload, self.max_event_bytes) {
+                Ok(()) => Ok(()),
+                Err(error) => {
+                    self.reject(message, sequence, msg_id.as_deref(), &error)
+                        .await
+                }
+            };
+        }
         let payload = match parse_event(&message.payload, self.max_event_bytes) {
             Ok(payload) => payload,
             Err(error) => {
@@ -82,64 +149,17 @@ impl EventIngress {
                     .await;
             }
         };
-
-        let snapshot = self.registry.current();
-        let scope = expr::to_value(&serde_json::json!({ "event": payload, "subject": subject }));
-        let engine = Engine::new(Limits::default());
-        for activity in snapshot.activities.values() {
-            if !activity.is_active() {
-                continue;
-            }
-            let Some(trigger) = activity.event_trigger() else {
-                continue;
-            };
-            if !subjects::subject_matches(&trigger.subject, subject) {
-                continue;
-            }
-            if is_own_completion(subject, &payload, &activity.id.to_string()) {
-                // An activity never fires on the completion of its own runs: that would loop.
-                continue;
-            }
-            if !trigger.filter.trim().is_empty() {
-                let passes = engine
-                    .expression(&trigger.filter)
-                    .and_then(|f| f.eval_bool(&scope));
-                match passes {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        metrics::count_events("filtered");
-                        continue;
-                    }
-                    Err(error) => {
-                        metrics::count_events("filter_error");
-                        tracing::warn!(activity.name = %activity.name, %subject, error = %error_chain(&error), "event filter failed on this event; activity not fired");
-                        continue;
-                    }
-                }
-            }
-            let dedupe_key = if trigger.dedupe_key.is_empty() {
-                match &msg_id {
-                    Some(id) => id.clone(),
-                    None => format!("seq:{sequence}:{published}"),
-                }
-            } else {
-                match engine
-                    .template(&trigger.dedupe_key)
-                    .and_then(|t| t.render_string(&scope))
-                {
-                    Ok(key) if !key.is_empty() => key,
-                    Ok(_) => {
-                        metrics::count_events("dedupe_key_error");
-                        tracing::warn!(activity.name = %activity.name, %subject, "dedupeKey rendered empty on this event; activity not fired");
-                        continue;
-                    }
-                    Err(error) => {
-                        metrics::count_events("dedupe_key_error");
-                        tracing::warn!(activity.name = %activity.name, %subject, error = %error_chain(&error), "dedupeKey failed on this event; activity not fired");
-                        continue;
-                    }
-                }
-            };
+        let default_key = || match &msg_id {
+            Some(id) => id.clone(),
+            None => format!("seq:{sequence}:{published}"),
+        };
+        let decided = decide(&listening, subject, &payload, default_key);
+        let payload = Arc::new(payload);
+        for Decided {
+            activity,
+            dedupe_key,
+        } in decided
+        {
             let request = FireRequest {
                 activity_id: activity.id,
                 activity_name: activity.name.clone(),
@@ -169,6 +189,27 @@ impl EventIngress {
         Ok(())
     }
 
+    /// Waits for room for the message's bytes among the events in hand (all of the budget for
+    /// one larger than it), reporting the message in progress meanwhile.
+    async fn room_for(&self, message: &Message) -> OwnedSemaphorePermit {
+        let bytes = message.payload.len().clamp(1, Semaphore::MAX_PERMITS);
+        let permits = u32::try_from(bytes)
+            .unwrap_or(u32::MAX)
+            .min(u32::try_from(self.bytes_in_flight).unwrap_or(u32::MAX));
+        let room = self.in_flight.clone().acquire_many_owned(permits);
+        tokio::pin!(room);
+        loop {
+            tokio::select! {
+                room = &mut room => return room.expect("the semaphore is never closed"),
+                _ = tokio::time::sleep(PROGRESS_EVERY) => {
+                    if let Err(error) = message.ack_with(AckKind::Progress).await {
+                        tracing::debug!(error = %error_chain(&*error), "cannot report an event in progress");
+                    }
+                }
+            }
+        }
+    }
+
     async fn reject(
         &self,
         message: &Message,
@@ -195,6 +236,73 @@ impl EventIngress {
         }
         Err(EventError::Rejected(error.to_owned()))
     }
+}
+
+/// Which of the `listening` activities the event fires, and with which dedupe key. The
+/// expressions' copy of the event is built only if a filter or a key template needs it, and is
+/// gone when this returns.
+fn decide<'a>(
+    listening: &[&'a LiveActivity],
+    subject: &str,
+    payload: &serde_json::Value,
+    default_key: impl Fn() -> String,
+) -> Vec<Decided<'a>> {
+    let engine = Engine::new(Limits::default());
+    let mut scope = None;
+    let mut decided = Vec::new();
+    for &activity in listening {
+        let Some(trigger) = activity.event_trigger() else {
+            continue;
+        };
+        if is_own_completion(subject, payload, &activity.id.to_string()) {
+            // An activity never fires on the completion of its own runs: that would loop.
+            continue;
+        }
+        if !trigger.filter.trim().is_empty() {
+            let scope = scope.get_or_insert_with(|| expr::event_scope(payload, subject));
+            let passes = engine
+                .expression(&trigger.filter)
+                .and_then(|f| f.eval_bool(scope));
+            match passes {
+                Ok(true) => {}
+                Ok(false) => {
+                    metrics::count_events("filtered");
+                    continue;
+                }
+                Err(error) => {
+                    metrics::count_events("filter_error");
+                    tracing::warn!(activity.name = %activity.name, %subject, error = %error_chain(&error), "event filter failed on this event; activity not fired");
+                    continue;
+                }
+            }
+        }
+        let dedupe_key = if trigger.dedupe_key.is_empty() {
+            default_key()
+        } else {
+            let scope = scope.get_or_insert_with(|| expr::event_scope(payload, subject));
+            match engine
+                .template(&trigger.dedupe_key)
+                .and_then(|t| t.render_string(scope))
+            {
+                Ok(key) if !key.is_empty() => key,
+                Ok(_) => {
+                    metrics::count_events("dedupe_key_error");
+                    tracing::warn!(activity.name = %activity.name, %subject, "dedupeKey rendered empty on this event; activity not fired");
+                    continue;
+                }
+                Err(error) => {
+                    metrics::count_events("dedupe_key_error");
+                    tracing::warn!(activity.name = %activity.name, %subject, error = %error_chain(&error), "dedupeKey failed on this event; activity not fired");
+                    continue;
+                }
+            }
+        };
+        decided.push(Decided {
+            activity,
+            dedupe_key,
+        });
+    }
+    decided
 }
 
 /// Whether the event announces the completion of a run of `activity_id` itself.

@@ -14,6 +14,7 @@
 //! the event's or the admin call's span otherwise. Its context travels with the TriggerEvent and
 //! is stored with the fire, so a republished fire stays in the same trace.
 
+use std::sync::Arc;
 use std::time::Duration;
 use taskfactory_runtime::telemetry::error_chain;
 
@@ -41,7 +42,8 @@ pub struct FireRequest {
     pub source: TriggerSource,
     pub dedupe_key: String,
     pub scheduled_for: Option<DateTime<Utc>>,
-    pub payload: Option<serde_json::Value>,
+    /// Shared, not copied, by the fires of one event.
+    pub payload: Option<Arc<serde_json::Value>>,
     /// For events: the subject the event arrived on.
     pub subject: String,
     /// When it fires (the scheduler's clock; the system clock elsewhere).
@@ -75,8 +77,10 @@ pub async fn fire(
     let mut request = request;
     values::make_storable_text(&mut request.dedupe_key);
     values::make_storable_text(&mut request.subject);
-    if let Some(payload) = request.payload.as_mut() {
-        values::make_storable_json(payload);
+    if let Some(payload) = request.payload.as_mut()
+        && !values::is_storable_json(payload)
+    {
+        values::make_storable_json(Arc::make_mut(payload));
     }
     let span = tracing::info_span!(
         "fire",
@@ -119,13 +123,14 @@ pub async fn fire(
 async fn fire_in_span(
     pool: &PgPool,
     js: &async_nats::jetstream::Context,
-    request: FireRequest,
+    mut request: FireRequest,
     schedule: Option<ScheduleWrite<'_>>,
 ) -> Result<Fired, StoreError> {
     let fire_id = FireId::derive(request.activity_id, &request.dedupe_key);
     let run_id = RunId::derive(request.activity_id, &request.dedupe_key);
     let fired_at = request.fired_at;
-    let event = TriggerEvent {
+    // Encoded at once: its `Struct` copy of the payload lives no longer than that.
+    let encoded = TriggerEvent {
         event_id: fire_id.to_string(),
         activity_id: request.activity_id.to_string(),
         activity_version: request.activity_version,
@@ -133,12 +138,12 @@ async fn fire_in_span(
         scheduled_for: request.scheduled_for.map(chrono_to_timestamp),
         fired_at: Some(chrono_to_timestamp(fired_at)),
         dedupe_key: request.dedupe_key.clone(),
-        payload: request.payload.as_ref().map(values::json_to_value),
+        payload: request.payload.as_deref().map(values::json_to_value),
         subject: request.subject.clone(),
         activity_name: request.activity_name.clone(),
         overlap: request.overlap as i32,
-    };
-    let encoded = event.encode_to_vec();
+    }
+    .encode_to_vec();
     let new_fire = NewFire {
         id: fire_id,
         activity_id: request.activity_id,
@@ -149,7 +154,7 @@ async fn fire_in_span(
         scheduled_for: request.scheduled_for,
         fired_at,
         subject: request.subject.clone(),
-        payload: request.payload.clone(),
+        payload: request.payload.take(),
         event: encoded.clone(),
         dst_note: request.dst_note.clone(),
         traceparent: taskfactory_runtime::propagation::current_traceparent().unwrap_or_default(),

@@ -78,6 +78,14 @@ pub struct Config {
         default_value_t = 32
     )]
     pub event_concurrency: usize,
+    /// Bytes of events handled at once (an event's JSON tree takes up to tens of times its
+    /// bytes); an event waits for room, one larger than this for all of it.
+    #[arg(
+        long = "event-bytes-in-flight",
+        env = "TASKFACTORY_EVENT_BYTES_IN_FLIGHT",
+        default_value_t = 4 * 1024 * 1024
+    )]
+    pub event_bytes_in_flight: usize,
     /// How often to republish fires that did not reach JetStream.
     #[arg(long = "reconcile-interval", env = "TASKFACTORY_RECONCILE_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     pub reconcile_interval: Duration,
@@ -133,6 +141,7 @@ impl Config {
             spec_limits: admin::SpecLimits::default(),
             max_event_bytes: 1024 * 1024,
             event_concurrency: 32,
+            event_bytes_in_flight: 4 * 1024 * 1024,
             reconcile_interval: Duration::from_secs(5),
             reload_interval: Duration::from_secs(5),
             lease_ttl: Duration::from_secs(5),
@@ -267,12 +276,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         work_shutdown.clone(),
         lead,
     ));
-    let ingress = Arc::new(events::EventIngress {
-        pool: pool.clone(),
-        js: js.clone(),
-        registry: registry.clone(),
-        max_event_bytes: config.max_event_bytes,
-    });
+    let ingress = Arc::new(events::EventIngress::new(
+        pool.clone(),
+        js.clone(),
+        registry.clone(),
+        config.max_event_bytes,
+        config.event_bytes_in_flight,
+    ));
     tracker.spawn(messaging::consume(
         js.clone(),
         ConsumerSpec {

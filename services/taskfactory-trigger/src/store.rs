@@ -440,7 +440,7 @@ pub struct NewFire {
     pub scheduled_for: Option<DateTime<Utc>>,
     pub fired_at: DateTime<Utc>,
     pub subject: String,
-    pub payload: Option<serde_json::Value>,
+    pub payload: Option<std::sync::Arc<serde_json::Value>>,
     /// The encoded TriggerEvent.
     pub event: Vec<u8>,
     /// Schedules: the DST note of the occurrence.
@@ -515,7 +515,7 @@ pub async fn record_fire(
     .bind(fire.scheduled_for)
     .bind(fire.fired_at)
     .bind(&fire.subject)
-    .bind(&fire.payload)
+    .bind(fire.payload.as_deref())
     .bind(&fire.event)
     .bind(&fire.dst_note)
     .bind(&fire.traceparent)

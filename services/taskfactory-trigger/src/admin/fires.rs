@@ -61,7 +61,7 @@ impl Admin {
                 source: TriggerSource::Manual,
                 dedupe_key,
                 scheduled_for: None,
-                payload,
+                payload: payload.map(std::sync::Arc::new),
                 subject: String::new(),
                 fired_at: Utc::now(),
                 dst_note: None,
