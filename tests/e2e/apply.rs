@@ -117,5 +117,22 @@ async fn apply_creates_then_keeps_then_updates_and_names_what_it_refused() -> an
             .filter(|s| s.parent_span_id == apply_span.span_id)
             .all(|s| s.trace_id == apply_span.trace_id && s.service == "taskfactory-trigger")
     );
+
+    // A spec over the admin API's size limit is named, with its size and the limit.
+    let big = tempfile::tempdir()?;
+    std::fs::write(
+        big.path().join("big.yaml"),
+        format!(
+            "name: applied-big\ntrigger: {{manual: {{}}}}\ntasks: [{{name: a, type: log, params: {{pad: {}}}}}]\n",
+            "a".repeat(1_100_000)
+        ),
+    )?;
+    let (ok, out, err) = apply(&env, &receiver.endpoint(), &[big.path()]);
+    assert!(!ok, "{out}\n{err}");
+    assert!(
+        err.contains("big.yaml")
+            && err.contains("over the limit of 1048576 bytes (--max-spec-bytes)"),
+        "{err}"
+    );
     Ok(())
 }
