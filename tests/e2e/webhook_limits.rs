@@ -276,7 +276,7 @@ async fn the_webhook_gateway_serves_at_most_its_connection_cap_at_once() -> anyh
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn webhook_bodies_wait_for_room_among_those_in_flight() -> anyhow::Result<()> {
-    let body_timeout = Duration::from_secs(2);
+    let body_timeout = Duration::from_secs(10);
     let env = TestEnv::new(EnvOptions {
         max_event_bytes: 1024,
         ..gateway(HttpLimits {
@@ -291,7 +291,6 @@ async fn webhook_bodies_wait_for_room_among_those_in_flight() -> anyhow::Result<
 
     // A sender that declares a body at the cap takes all the room, and sends nothing; its
     // `100 Continue` says the gateway set the room aside and waits for the body.
-    let started = Instant::now();
     let mut holder = TcpStream::connect(env.http_addr).await?;
     holder
         .write_all(&signed_head("held", b"", 1024, "Expect: 100-continue\r\n"))
@@ -303,24 +302,24 @@ async fn webhook_bodies_wait_for_room_among_those_in_flight() -> anyhow::Result<
     let interim = String::from_utf8_lossy(&buffer[..n]).into_owned();
     assert!(interim.starts_with("HTTP/1.1 100"), "{interim:?}");
 
-    // A small delivery waits for that room, and is taken once the holder's body timeout frees it.
+    // A small delivery waits for that room: still unanswered a second later.
     let body = br#"{"order": "o-1"}"#;
-    let mut sender = TcpStream::connect(env.http_addr).await?;
     let mut request = signed_head("small", body, body.len(), "");
     request.extend_from_slice(body);
+    let mut sender = TcpStream::connect(env.http_addr).await?;
     sender.write_all(&request).await?;
-    let (answer, answered) = read_until_closed(&mut sender, body_timeout + MARGIN).await?;
+    let mut answer =
+        tokio::spawn(async move { read_until_closed(&mut sender, body_timeout + MARGIN).await });
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), &mut answer)
+            .await
+            .is_err(),
+        "the delivery was answered while another body held all the room"
+    );
+    // The holder goes away: its room is given back, and the delivery is taken.
+    drop(holder);
+    let (answer, _) = answer.await??;
     assert_eq!(status(&answer), Some(202), "{answer}");
-    assert!(
-        answered - started >= body_timeout,
-        "taken after {:?}, while the room was held",
-        answered - started
-    );
-    let (answer, _) = read_until_closed(&mut holder, MARGIN).await?;
-    assert!(
-        answer.contains(" 400 ") && answer.contains("did not arrive within 2s"),
-        "{answer}"
-    );
     Ok(())
 }
 
