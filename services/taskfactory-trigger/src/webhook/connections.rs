@@ -113,7 +113,9 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
         .max_buf_size(MAX_HEAD_BYTES);
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let slots = Arc::new(Semaphore::new(
+        limits.max_connections.min(Semaphore::MAX_PERMITS),
+    ));
     let graceful = GracefulShutdown::new();
     let mut warned_at: Option<Instant> = None;
     loop {
@@ -167,7 +169,9 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!(
-            open = limits.max_connections - slots.available_permits(),
+            open = limits
+                .max_connections
+                .saturating_sub(slots.available_permits()),
             "webhook connections still open after the drain timeout; leaving them to their own timeouts"
         );
     }
