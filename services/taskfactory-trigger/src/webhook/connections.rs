@@ -4,8 +4,10 @@
 //!
 //! - **At most `--http-max-connections` at once.** At the cap the gateway stops accepting: new
 //!   connections wait in the kernel's accept queue and are taken as others close (what nginx,
-//!   HAProxy and Go's `LimitListener` do). A burst is slowed down rather than refused, a sender
-//!   that cannot wait times out and retries, and file descriptors and memory stay bounded.
+//!   HAProxy and Go's `LimitListener` do; the queue is 128 deep, tokio's default, and beyond it
+//!   the kernel drops connection attempts, which clients retry). A burst is slowed down rather
+//!   than refused, a sender that cannot wait times out and retries, and file descriptors and
+//!   memory stay bounded.
 //!   Reaching the cap is logged, and the open connections are the gauge
 //!   [`WEBHOOK_CONNECTIONS`](taskfactory_runtime::metrics::WEBHOOK_CONNECTIONS).
 //! - **A request's head within `--http-header-timeout`,** counted from when the connection opens,
