@@ -743,16 +743,26 @@ class Executor:
         await message.term()
 
 
+def _nanos(stamp: Any) -> int:
+    """A message's storage time in unix nanoseconds (0 when unknown)."""
+    try:
+        return int(stamp.timestamp()) * 1_000_000_000 + stamp.microsecond * 1_000
+    except (AttributeError, TypeError, ValueError, OverflowError):
+        return 0
+
+
 def dead_letter_headers(message: Any, error: str) -> dict:
     """The one dead-letter format (as the Rust services write it): the message's own headers, the
     error, where it came from (subject, stream, stream sequence) and how often it was delivered;
     deduplicated by its stream and sequence."""
     metadata = message.metadata
     stream, sequence = metadata.stream, metadata.sequence.stream
+    stored = _nanos(getattr(metadata, "timestamp", None))
     headers = dict(message.headers or {})
     headers.update(
         {
-            HEADER_MSG_ID: f"dlq:{stream}:{sequence}",
+            # The time it was stored too: a stream declared again numbers from 1 again.
+            HEADER_MSG_ID: f"dlq:{stream}:{sequence}:{stored}",
             HEADER_ERROR: one_line(error),
             HEADER_ORIGINAL_SUBJECT: message.subject,
             HEADER_ORIGINAL_STREAM: stream,

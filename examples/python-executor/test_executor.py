@@ -265,7 +265,7 @@ class OneAttempt(unittest.TestCase):
         _, subject, headers, payload = events[1]
         self.assertEqual(subject, "dlq.tasks.uppercase")
         self.assertEqual(payload, data, "the dead letter is the task message as it came")
-        self.assertEqual(headers["Nats-Msg-Id"], "dlq:FACTORY_TASKS:7")
+        self.assertEqual(headers["Nats-Msg-Id"], "dlq:FACTORY_TASKS:7:0")
         self.assertEqual(headers["Taskfactory-Original-Subject"], "tasks.uppercase")
         self.assertEqual(headers["Taskfactory-Original-Sequence"], "7")
         self.assertEqual(headers["Taskfactory-Attempts"], "1")
@@ -313,7 +313,7 @@ class OneAttempt(unittest.TestCase):
         self.assertEqual([e[0] for e in events], ["publish", "term"])
         _, subject, headers, payload = events[0]
         self.assertEqual((subject, payload), ("dlq.tasks.uppercase", b"not protobuf"))
-        self.assertEqual(headers["Nats-Msg-Id"], "dlq:FACTORY_TASKS:7")
+        self.assertEqual(headers["Nats-Msg-Id"], "dlq:FACTORY_TASKS:7:0")
         self.assertEqual(headers["Taskfactory-Original-Subject"], "tasks.uppercase")
         self.assertEqual(headers["Taskfactory-Original-Sequence"], "7")
         self.assertIn("not a TaskInstance", headers["Taskfactory-Error"])

@@ -522,7 +522,7 @@ async fn always_failing_tasks_die_after_five_attempts_on_the_backoff_and_are_dea
         assert!(
             header(letter, subjects::HEADER_MSG_ID)
                 .is_some_and(|id| id.starts_with("dlq:FACTORY_TASKS:")),
-            "deduplicated by the task message's stream sequence"
+            "deduplicated by the task message's stream, sequence and time"
         );
         assert_eq!(
             header(letter, subjects::HEADER_ORIGINAL_SUBJECT),

@@ -293,3 +293,77 @@ async fn streams_and_buckets_deleted_at_runtime_are_declared_again_and_nothing_a
     .await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_finished_tasks_message_that_comes_back_is_never_run_again() -> anyhow::Result<()> {
+    use crate::support::settled;
+    use futures::StreamExt as _;
+    use taskfactory_model::subjects;
+
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    let server = RecordingServer::start(Duration::ZERO).await?;
+    create(
+        &mut admin,
+        &format!(
+            "name: once\ntrigger: {{manual: {{}}}}\ntasks: [{{name: call, type: http, forEach: 'range(5)', params: {{url: '{}'}}}}]\n",
+            server.url
+        ),
+    )
+    .await?;
+    // A copy of every task message as it is published.
+    let mut copies = env.nats_client().await?.subscribe("tasks.http").await?;
+    let run_id = admin
+        .trigger_activity(TriggerActivityRequest {
+            id: "once".to_owned(),
+            idempotency_key: "k".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .run_id;
+    let run = finished_run(&admin, &run_id, Duration::from_secs(30)).await?;
+    assert_eq!(run.status(), RunStatus::RunSucceeded);
+    assert_eq!(server.calls().len(), 5);
+    let mut messages = Vec::new();
+    while messages.len() < 5 {
+        let message = tokio::time::timeout(Duration::from_secs(5), copies.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no copy"))?;
+        messages.push(message.payload);
+    }
+    let pool = env.db.pool().await?;
+    let history = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM task_attempts")
+            .fetch_one(&pool)
+            .await
+    };
+    let attempts_before = history().await?;
+
+    // The messages of the finished tasks come back into the work queue (as a server that lost
+    // its record of their removal brings them back), and the executor's consumer is recreated.
+    let stream = js.get_stream(subjects::TASKS_STREAM).await?;
+    stream
+        .delete_consumer(&subjects::executor_consumer("http"))
+        .await?;
+    for (n, payload) in messages.into_iter().enumerate() {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", format!("back-{n}").as_str());
+        js.publish_with_headers("tasks.http", headers, payload)
+            .await?
+            .await?;
+    }
+    settled(
+        &js,
+        subjects::TASKS_STREAM,
+        &subjects::executor_consumer("http"),
+    )
+    .await?;
+    assert_eq!(server.calls().len(), 5, "a finished task ran again");
+    assert_eq!(history().await?, attempts_before, "no attempt was made");
+    let listed = tasks(&mut admin, &run_id).await?;
+    assert!(listed.iter().all(|t| t.status() == TaskStatus::Succeeded));
+    Ok(())
+}

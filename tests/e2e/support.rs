@@ -165,14 +165,8 @@ pub async fn dead_letters(
                 .map(|v| v.as_str().to_owned())
                 .unwrap_or_default()
         };
-        let msg_id = header(subjects::HEADER_MSG_ID);
-        let stream = msg_id
-            .strip_prefix("dlq:")
-            .and_then(|rest| rest.rsplit_once(':'))
-            .map(|(stream, _)| stream.to_owned())
-            .unwrap_or_default();
         letters.push(Letter {
-            stream,
+            stream: header(subjects::HEADER_ORIGINAL_STREAM),
             sequence: header(subjects::HEADER_ORIGINAL_SEQUENCE)
                 .parse()
                 .unwrap_or(0),

@@ -29,6 +29,7 @@ use tracing::Instrument as _;
 use async_nats::jetstream::Message;
 use chrono::Utc;
 use prost::Message as _;
+use taskfactory_model::results::{REDELIVERY_ALLOWANCE, already_finished};
 use taskfactory_model::spec::{chrono_to_timestamp, effective_retry, std_duration};
 use taskfactory_model::status::task_outcome;
 use taskfactory_model::{subjects, values};
@@ -45,6 +46,8 @@ pub struct Executor {
     pub cancellations: Arc<Cancellations>,
     /// Deliveries a task may have beyond its own attempts while its result cannot be reported.
     pub max_deliveries: u32,
+    /// Finished tasks (read before each attempt: a finished task never runs again).
+    pub finished_tasks: async_nats::jetstream::kv::Store,
     /// An attempt still running after this long is reported `RUNNING`.
     pub running_after: Duration,
 }
@@ -211,6 +214,17 @@ impl Handler for Executor {
 }
 
 impl Executor {
+    /// The attempt that decided the task, if it is finished (the finished-tasks bucket).
+    async fn finished_by(&self, task_id: &str) -> Result<Option<u32>, String> {
+        match self.finished_tasks.get(task_id).await {
+            Ok(Some(value)) => Ok(std::str::from_utf8(&value)
+                .ok()
+                .and_then(|text| text.trim().parse().ok())),
+            Ok(None) => Ok(None),
+            Err(error) => Err(error.to_string()),
+        }
+    }
+
     async fn process(&self, message: &Message) -> Result<(), TaskError> {
         let task = match TaskInstance::decode(message.payload.as_ref()) {
             Ok(task) if !task.task_id.is_empty() => task,
@@ -258,9 +272,16 @@ impl Executor {
             activity.name = %task.activity_name,
             executor.name = %self.name,
         );
-        let deliveries = effective_retry(task.retry.as_ref())
-            .max_attempts
-            .saturating_add(self.max_deliveries);
+        // Deliveries past the task's attempts: at most the limit, and never more than the attempt
+        // numbers the orchestrator accepts past them (a later result would be refused).
+        let max_attempts = effective_retry(task.retry.as_ref()).max_attempts;
+        let deliveries = max_attempts.saturating_add(self.max_deliveries.min(REDELIVERY_ALLOWANCE));
+        if series_attempt > max_attempts.saturating_add(REDELIVERY_ALLOWANCE) {
+            return Err(TaskError::Unrunnable(format!(
+                "task {} not run: delivered {series_attempt} times, past its {max_attempts} attempts and the {REDELIVERY_ALLOWANCE} deliveries allowed beyond them (earlier deliveries crashed or could not report)",
+                task.task_id
+            )));
+        }
         match self
             .attempt(message, task_type, task, attempt, series_attempt)
             .instrument(span)
@@ -302,15 +323,31 @@ impl Executor {
         let started_at = Utc::now();
         // Registered before the check, so a cancel landing in between is still seen.
         let in_flight = self.cancellations.register(&task.run_id);
-        let cancelled = match self.cancellations.reason(&task.run_id).await {
-            Ok(reason) => reason,
-            Err(error) => {
-                return Err(TaskError::Transient(format!(
-                    "cannot check whether the run of task {} was cancelled: {error}",
-                    task.task_id
-                )));
-            }
-        };
+        let (cancelled, finished_by) = tokio::join!(
+            self.cancellations.reason(&task.run_id),
+            self.finished_by(&task.task_id)
+        );
+        let cancelled = cancelled.map_err(|error| {
+            TaskError::Transient(format!(
+                "cannot check whether the run of task {} was cancelled: {error}",
+                task.task_id
+            ))
+        })?;
+        let finished_by = finished_by.map_err(|error| {
+            TaskError::Transient(format!(
+                "cannot check whether task {} is finished: {error}",
+                task.task_id
+            ))
+        })?;
+        if let Some(by) = finished_by
+            && already_finished(by, task.attempt_base)
+        {
+            // Its message came back after the task ended (a consumer recreated over messages a
+            // server failed to remove): never run it again.
+            tracing::warn!(task.id = %task.task_id, finished_by = by, attempt, "task already finished; not run again");
+            metrics::record_attempt(&task_type, "already_finished", Duration::ZERO);
+            return Ok(());
+        }
         let outcome = match cancelled {
             Some(reason) => Err(Stopped::Cancelled(reason)),
             None => {

@@ -165,6 +165,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         cancellations: cancellations.clone(),
         running_after: config.running_after,
         max_deliveries: config.nats.max_deliveries,
+        finished_tasks: nats::ensure_bucket(
+            &js,
+            nats::finished_tasks_config(config.nats.stream_replicas),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("the finished-tasks bucket: {e}"))?,
     });
     let tracker = TaskTracker::new();
     tracker.spawn(cancellations.watch(shutdown.clone()));
@@ -172,7 +178,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     tracker.spawn(nats::keep_declared(
         js.clone(),
         config.nats.stream_replicas,
-        vec![nats::cancelled_runs_config(config.nats.stream_replicas)],
+        vec![
+            nats::cancelled_runs_config(config.nats.stream_replicas),
+            nats::finished_tasks_config(config.nats.stream_replicas),
+        ],
         config.nats.declare_every,
         kept.clone(),
         shutdown.clone(),
@@ -193,11 +202,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 concurrency: config.concurrency_of(task_type),
                 ack_wait: config.ack_wait,
                 drain_timeout: config.lifecycle.drain_timeout,
-                // A task's own attempts, then the deliveries its result may fail to be reported.
-                max_deliveries: config
-                    .nats
-                    .max_deliveries
-                    .saturating_add(taskfactory_model::spec::MAX_ATTEMPTS_LIMIT),
+                // A task's own attempts, then the deliveries the orchestrator still accepts results
+                // of (the executor gives up on each task sooner: its own attempts and the limit).
+                max_deliveries: taskfactory_model::spec::MAX_ATTEMPTS_LIMIT
+                    .saturating_add(taskfactory_model::results::REDELIVERY_ALLOWANCE)
+                    .saturating_add(1),
                 dead_letters: subjects::task_dlq_subject_of,
                 kind: "task",
             },

@@ -32,6 +32,14 @@ use crate::status::task_is_terminal;
 /// The task type served by people through `CompleteTask`, never by executors.
 pub const HUMAN_TASK_TYPE: &str = "human";
 
+/// Whether a task message of the series after `attempt_base` was already decided by the attempt
+/// `finished_by` (from the finished-tasks bucket): it was if that attempt is of this series or a
+/// later one. A `RetryTask` redrive starts a series after every attempt so far, so its message
+/// runs.
+pub fn already_finished(finished_by: u32, attempt_base: u32) -> bool {
+    finished_by > attempt_base
+}
+
 /// Attempt numbers a series may use past its `retry.maxAttempts`: deliveries that were no attempt
 /// of their own (a crash, a hand-back at shutdown) still count. Generous, because refusing a real
 /// result would strand its task; what it bounds is a forged number of millions.
@@ -295,6 +303,15 @@ fn check_claim(facts: &TaskFacts<'_>, claim: &Claim, attempt: u32) -> Result<(),
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_finished_task_is_finished_for_its_series_not_for_a_redrive() {
+        assert!(already_finished(1, 0));
+        assert!(already_finished(3, 0));
+        assert!(!already_finished(3, 3), "RetryTask after attempt 3");
+        assert!(already_finished(4, 3));
+        assert!(!already_finished(0, 0));
+    }
     use proptest::prelude::*;
 
     const RUN: RunId = RunId(Uuid::from_u128(1));

@@ -27,6 +27,9 @@ pub const RUN_COMMANDS: &str = "taskfactory.internal.commands";
 /// The KV bucket of cancelled runs (key = run id): executors check it before each attempt and watch
 /// it to stop attempts in flight.
 pub const CANCELLED_RUNS_BUCKET: &str = "taskfactory_cancelled_runs";
+/// Tasks that reached a final state: key the task id, value the attempt that decided it. The
+/// orchestrator writes it; executors read it before each attempt and never run a finished task.
+pub const FINISHED_TASKS_BUCKET: &str = "taskfactory_finished_tasks";
 /// The queue group orchestrators answer previews in (one answers each).
 pub const PREVIEW_QUEUE: &str = "taskfactory-orchestrator";
 /// Published by the orchestrator when a run reaches a terminal state; activities can chain on it.

@@ -50,11 +50,23 @@ impl Handler for DeadTasks {
         if reported {
             return Ok(());
         }
-        let Some(result) = dead_result(message) else {
+        let Some((result, series_base)) = dead_result(message) else {
             tracing::warn!(subject = %message.subject, "a dead letter on dlq.tasks that is not a task; left as it is");
             taskfactory_runtime::metrics::record_refused("dead_task", "not_a_task");
             return Ok(());
         };
+        // A letter of an earlier series (the task was redriven by RetryTask since) decides
+        // nothing about the series running now.
+        let current_base: Option<i32> =
+            sqlx::query_scalar("SELECT attempt_base FROM tasks WHERE id = $1::uuid")
+                .bind(&result.task_id)
+                .fetch_optional(&self.sink.pool)
+                .await
+                .map_err(|error| DeadTaskError(format!("cannot read the task: {error}")))?;
+        if current_base.is_some_and(|base| i64::from(base) > i64::from(series_base)) {
+            tracing::info!(task.id = %result.task_id, "a dead letter of an earlier attempt series; the task was redriven since");
+            return Ok(());
+        }
         match self.sink.process(result).await {
             Ok(()) => Ok(()),
             Err(ResultError::Transient(error)) => Err(DeadTaskError(error)),
@@ -72,8 +84,9 @@ impl Handler for DeadTasks {
     }
 }
 
-/// The `DEAD` result a dead-lettered task stands for, if the dead letter holds a task.
-fn dead_result(message: &Message) -> Option<TaskResult> {
+/// The `DEAD` result a dead-lettered task stands for, and the `attempt_base` of its series, if
+/// the dead letter holds a task.
+fn dead_result(message: &Message) -> Option<(TaskResult, u32)> {
     let task = TaskInstance::decode(message.payload.as_ref()).ok()?;
     if task.task_id.is_empty() {
         return None;
@@ -103,7 +116,8 @@ fn dead_result(message: &Message) -> Option<TaskResult> {
         .attempt_base
         .saturating_add(series.min(max_attempts + REDELIVERY_ALLOWANCE));
     let now = chrono_to_timestamp(chrono::Utc::now());
-    Some(TaskResult {
+    let series_base = task.attempt_base;
+    let result = TaskResult {
         task_id: task.task_id,
         run_id: task.run_id,
         activity_id: task.activity_id,
@@ -116,5 +130,6 @@ fn dead_result(message: &Message) -> Option<TaskResult> {
         r#type: task.r#type,
         result_token: task.result_token,
         ..TaskResult::default()
-    })
+    };
+    Some((result, series_base))
 }

@@ -404,7 +404,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     });
     let tracker = TaskTracker::new();
     let (batcher, batches) = results::Batcher::start(pool.clone(), config.result_transactions);
+    let finished_tasks = nats::ensure_bucket(
+        &js,
+        nats::finished_tasks_config(config.nats.stream_replicas),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("the finished-tasks bucket: {e}"))?;
     let sink = Arc::new(results::ResultSink {
+        finished_tasks,
         pool: pool.clone(),
         js: js.clone(),
         spawner: spawner.clone(),
@@ -420,7 +427,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     tracker.spawn(nats::keep_declared(
         js.clone(),
         config.nats.stream_replicas,
-        vec![nats::cancelled_runs_config(config.nats.stream_replicas)],
+        vec![
+            nats::cancelled_runs_config(config.nats.stream_replicas),
+            nats::finished_tasks_config(config.nats.stream_replicas),
+        ],
         config.nats.declare_every,
         kept.clone(),
         shutdown.clone(),

@@ -36,6 +36,8 @@ pub struct ResultSink {
     pub spawner: Arc<crate::spawn::Spawner>,
     /// Records results in batches per run.
     pub batcher: Batcher,
+    /// Finished tasks, for executors: written when a result decides a task.
+    pub finished_tasks: async_nats::jetstream::kv::Store,
 }
 
 /// One result waiting to be recorded, and who waits for the outcome.
@@ -303,6 +305,12 @@ impl ResultSink {
                 self.retry_announcement(&result).await
             }
             Ok(Recorded::Applied(completed)) => {
+                if matches!(
+                    status,
+                    TaskStatus::Succeeded | TaskStatus::Dead | TaskStatus::Cancelled
+                ) {
+                    self.remember_finished(task_id, result.attempt);
+                }
                 if let Some(run) = completed {
                     if let Err(error) = completion::announce(&self.pool, &self.js, &run).await {
                         tracing::warn!(run.id = %run.id, error = %error_chain(&error), "run finished but not announced; will retry");
@@ -321,6 +329,21 @@ impl ResultSink {
                 error_chain(&error)
             ))),
         }
+    }
+
+    /// Tells executors the task is finished (the finished-tasks bucket), in the background: a
+    /// message of the task that comes back is then never run again. Best effort: the result is
+    /// recorded either way, and the first terminal result decides the task whatever runs later.
+    fn remember_finished(&self, task_id: TaskId, attempt: u32) {
+        let kv = self.finished_tasks.clone();
+        tokio::spawn(async move {
+            if let Err(error) = kv
+                .put(task_id.to_string(), attempt.to_string().into())
+                .await
+            {
+                tracing::debug!(task.id = %task_id, error = %error_chain(&error), "cannot mark the task finished for executors");
+            }
+        });
     }
 
     async fn retry_announcement(&self, result: &TaskResult) -> Result<(), ResultError> {

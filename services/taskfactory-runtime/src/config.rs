@@ -58,8 +58,9 @@ pub struct NatsArgs {
     /// Deliveries of one message a consumer allows before it gives up on it: a message whose
     /// handler keeps failing (or crashing) is then dead-lettered with its last error, never
     /// redelivered again. Transient failures back off between deliveries (1 s doubling to 30 s),
-    /// so the default rides out about 8 minutes of a database or NATS outage. Executors add a
-    /// task's own attempts (up to 100) to it.
+    /// so the default rides out about 8 minutes of a database or NATS outage. Executors allow a
+    /// task's own attempts plus this many, at most 20 (the attempt numbers the orchestrator
+    /// accepts past a task's attempts). Results and events are never given up on.
     #[arg(
         long = "max-deliveries",
         env = "TASKFACTORY_MAX_DELIVERIES",

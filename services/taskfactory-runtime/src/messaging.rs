@@ -196,7 +196,7 @@ impl Drop for Heartbeat {
 /// Sends a message that cannot be processed to a dead-letter subject: its payload and headers,
 /// with the error ([`HEADER_ERROR`](subjects::HEADER_ERROR)), where it came from (original
 /// subject, stream and stream sequence), how many times it was delivered, and `extra` headers.
-/// Deduplicated by the original stream and sequence.
+/// Deduplicated by the original stream, sequence and time it was stored.
 pub async fn dead_letter(
     js: &jetstream::Context,
     dlq_subject: String,
@@ -219,9 +219,14 @@ pub async fn dead_letter(
     }
     headers.insert(subjects::HEADER_ERROR, one_line(error).as_str());
     headers.insert(subjects::HEADER_ORIGINAL_SUBJECT, message.subject.as_str());
-    let (stream, sequence, delivered) = match message.info() {
-        Ok(info) => (info.stream.to_owned(), info.stream_sequence, info.delivered),
-        Err(_) => (String::new(), 0, 1),
+    let (stream, sequence, delivered, published) = match message.info() {
+        Ok(info) => (
+            info.stream.to_owned(),
+            info.stream_sequence,
+            info.delivered,
+            info.published.unix_timestamp_nanos(),
+        ),
+        Err(_) => (String::new(), 0, 1, 0),
     };
     headers.insert(subjects::HEADER_ORIGINAL_STREAM, stream.as_str());
     headers.insert(
@@ -232,7 +237,8 @@ pub async fn dead_letter(
     for (name, value) in extra {
         headers.insert(*name, one_line(value).as_str());
     }
-    let msg_id = format!("dlq:{stream}:{sequence}");
+    // The time it was stored too: a stream deleted and declared again numbers from 1 again.
+    let msg_id = format!("dlq:{stream}:{sequence}:{published}");
     publish_confirmed(
         js,
         dlq_subject,

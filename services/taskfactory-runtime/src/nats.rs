@@ -221,12 +221,26 @@ pub fn stream_configs(replicas: usize) -> Vec<stream::Config> {
 /// that times out or finds JetStream briefly unavailable is retried for up to a minute.
 pub async fn declare_streams(js: &jetstream::Context, replicas: usize) -> Result<(), NatsError> {
     for config in stream_configs(replicas) {
-        declare_stream(js, config).await?;
+        declare_stream(js, config, false).await?;
     }
     Ok(())
 }
 
-async fn declare_stream(js: &jetstream::Context, config: stream::Config) -> Result<(), NatsError> {
+/// [`declare_streams`] while running: the same, except that a stream's replicas are only ever
+/// raised (replicas of a rolling upgrade that disagree on `TASKFACTORY_STREAM_REPLICAS` would
+/// otherwise move the streams back and forth; a lower setting takes effect at start).
+pub async fn redeclare_streams(js: &jetstream::Context, replicas: usize) -> Result<(), NatsError> {
+    for config in stream_configs(replicas) {
+        declare_stream(js, config, true).await?;
+    }
+    Ok(())
+}
+
+async fn declare_stream(
+    js: &jetstream::Context,
+    config: stream::Config,
+    only_raise_replicas: bool,
+) -> Result<(), NatsError> {
     use jetstream::context::{CreateStreamErrorKind, GetStreamErrorKind};
     let name = config.name.clone();
     let mut retry = Retry::new(&name);
@@ -286,7 +300,11 @@ async fn declare_stream(js: &jetstream::Context, config: stream::Config) -> Resu
             subjects: config.subjects.clone(),
             retention: config.retention,
             storage: config.storage,
-            num_replicas: config.num_replicas,
+            num_replicas: if only_raise_replicas {
+                config.num_replicas.max(current.num_replicas)
+            } else {
+                config.num_replicas
+            },
             duplicate_window: config.duplicate_window,
             max_age: config.max_age,
             description: config.description.clone(),
@@ -468,6 +486,20 @@ pub fn cancelled_runs_config(replicas: usize) -> jetstream::kv::Config {
     }
 }
 
+/// The KV bucket of finished tasks
+/// ([`FINISHED_TASKS_BUCKET`](taskfactory_model::subjects::FINISHED_TASKS_BUCKET)): kept as long as
+/// a task message may stay queued.
+pub fn finished_tasks_config(replicas: usize) -> jetstream::kv::Config {
+    jetstream::kv::Config {
+        bucket: taskfactory_model::subjects::FINISHED_TASKS_BUCKET.to_owned(),
+        description: "taskfactory: finished tasks (executors never run them again)".to_owned(),
+        history: 1,
+        max_age: std::time::Duration::from_secs(14 * 24 * 3600),
+        num_replicas: replicas.max(1),
+        ..Default::default()
+    }
+}
+
 /// The KV bucket of cancelled runs, created if absent ([`cancelled_runs_config`]).
 pub async fn cancelled_runs(
     js: &jetstream::Context,
@@ -517,7 +549,7 @@ pub async fn keep_declared(
         let mut problems = Vec::new();
         if let Err(error) = tokio::select! {
             _ = shutdown.cancelled() => return,
-            declared = declare_streams(&js, replicas) => declared,
+            declared = redeclare_streams(&js, replicas) => declared,
         } {
             problems.push(error_chain(&error));
         }
