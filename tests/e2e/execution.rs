@@ -1011,7 +1011,7 @@ async fn a_consumer_deleted_under_a_running_executor_is_recreated() -> anyhow::R
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_long_attempt_shows_running_and_a_quick_one_never_does() -> anyhow::Result<()> {
+async fn every_attempt_records_its_start_and_a_long_one_shows_running() -> anyhow::Result<()> {
     let env = TestEnv::new(EnvOptions::default()).await?;
     let _services = env.start_all().await?;
     let mut admin = env.admin().await?;
@@ -1065,7 +1065,7 @@ async fn a_long_attempt_shows_running_and_a_quick_one_never_does() -> anyhow::Re
         vec![(1, TaskStatus::Running), (1, TaskStatus::Succeeded)]
     );
 
-    // A quick task is never reported running: no extra message, no extra write.
+    // A quick task's start is on record too, before it ran, with the id of its execution.
     create(&mut admin, &http_fan_out("quick", &quick.url, 1, "")).await?;
     let run_id = fire(&mut admin, "quick").await?;
     finished_run(&admin, &run_id, Duration::from_secs(30)).await?;
@@ -1077,7 +1077,8 @@ async fn a_long_attempt_shows_running_and_a_quick_one_never_does() -> anyhow::Re
         .await?
         .into_inner();
     let history: Vec<TaskStatus> = quick.attempt_history.iter().map(|a| a.status()).collect();
-    assert_eq!(history, vec![TaskStatus::Succeeded]);
+    assert_eq!(history, vec![TaskStatus::Running, TaskStatus::Succeeded]);
+    assert!(!quick.attempt_history[0].execution.is_empty());
     Ok(())
 }
 
@@ -1291,6 +1292,7 @@ async fn a_batch_of_results_ends_as_recording_them_one_by_one_would() -> anyhow:
     .await?;
     let result =
         |task: &taskfactory_proto::v1::Task, attempt: u32, status: TaskStatus| ResultRecord {
+            execution: String::new(),
             task_id: task.id.parse().unwrap(),
             attempt,
             status,

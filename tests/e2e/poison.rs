@@ -236,7 +236,7 @@ async fn a_task_whose_result_cannot_be_stored_ends_dead_after_the_delivery_limit
     assert_eq!(listed[0].status(), TaskStatus::Dead);
     assert!(
         listed[0].last_error.contains("gave up after 4 deliveries")
-            && listed[0].last_error.contains("cannot report the result"),
+            && listed[0].last_error.contains("cannot report task"),
         "the task says why: {}",
         listed[0].last_error
     );
@@ -248,7 +248,8 @@ async fn a_task_whose_result_cannot_be_stored_ends_dead_after_the_delivery_limit
     )
     .await?;
     assert_eq!(deliveries, 4);
-    assert!(server.calls().len() <= 4, "{} calls", server.calls().len());
+    // Its start could not be recorded, so it never ran.
+    assert_eq!(server.calls().len(), 0);
     let letters = dead_letters(&js, &subjects::task_dlq_subject("http")).await?;
     assert_eq!(letters.len(), 1);
     Ok(())

@@ -367,3 +367,82 @@ async fn a_finished_tasks_message_that_comes_back_is_never_run_again() -> anyhow
     assert!(listed.iter().all(|t| t.status() == TaskStatus::Succeeded));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_execution_whose_result_a_sigkill_lost_is_in_the_attempt_history() -> anyhow::Result<()>
+{
+    use taskfactory_proto::v1::GetTaskRequest;
+
+    let env = TestEnv::new(EnvOptions {
+        executor_ack_wait: Duration::from_secs(3),
+        orchestrator_ack_wait: Duration::from_secs(3),
+        ..EnvOptions::default()
+    })
+    .await?;
+    let _trigger = env.start(Service::Trigger);
+    let _orchestrator = env.start(Service::Orchestrator);
+    let executor = env.spawn_process(Service::Executor, &[])?;
+    env.wait_ready(&[Service::Trigger, Service::Orchestrator, Service::Executor])
+        .await?;
+    let mut admin = env.admin().await?;
+    let server = RecordingServer::start(Duration::from_secs(2)).await?;
+    create(&mut admin, &fan_out_spec("slow", &server.url, 1)).await?;
+    let run_id = admin
+        .trigger_activity(TriggerActivityRequest {
+            id: "slow".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .run_id;
+    // The first execution has started (its start is on record) when the executor is killed.
+    let task_id = wait_for("the first start", Duration::from_secs(30), || {
+        let mut admin = admin.clone();
+        let run_id = run_id.clone();
+        async move {
+            let listed = tasks(&mut admin, &run_id).await?;
+            Ok(listed
+                .first()
+                .filter(|task| task.status() == TaskStatus::Running)
+                .map(|task| task.id.clone()))
+        }
+    })
+    .await?;
+    executor.kill();
+    let _executor = env.start(Service::Executor);
+    let run = finished_run(&admin, &run_id, Duration::from_secs(60)).await?;
+    assert_eq!(run.status(), RunStatus::RunSucceeded);
+
+    let task = admin
+        .get_task(GetTaskRequest { id: task_id })
+        .await?
+        .into_inner();
+    let starts: Vec<_> = task
+        .attempt_history
+        .iter()
+        .filter(|a| a.status() == TaskStatus::Running)
+        .collect();
+    assert_eq!(starts.len(), 2, "both executions are on record: {task:?}");
+    assert_ne!(starts[0].execution, starts[1].execution);
+    let outcomes: Vec<_> = task
+        .attempt_history
+        .iter()
+        .filter(|a| a.status() != TaskStatus::Running)
+        .map(|a| (a.attempt, a.status()))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [(starts[1].attempt, TaskStatus::Succeeded)],
+        "the first execution's outcome was lost with it"
+    );
+    let metrics = crate::support::Scrape::parse(&taskfactory_runtime::metrics::handle().render())?;
+    assert_eq!(
+        metrics.count(
+            taskfactory_runtime::metrics::REPEATED_EXECUTIONS,
+            &[("type", "http")]
+        ),
+        1.0,
+        "the second execution is counted as a repetition"
+    );
+    Ok(())
+}

@@ -48,8 +48,6 @@ pub struct Executor {
     pub max_deliveries: u32,
     /// Finished tasks (read before each attempt: a finished task never runs again).
     pub finished_tasks: async_nats::jetstream::kv::Store,
-    /// An attempt still running after this long is reported `RUNNING`.
-    pub running_after: Duration,
 }
 
 /// Cancelled runs: checked before each attempt, and watched to stop attempts in flight.
@@ -348,11 +346,23 @@ impl Executor {
             metrics::record_attempt(&task_type, "already_finished", Duration::ZERO);
             return Ok(());
         }
+        if cancelled.is_none() {
+            // Every start is on record before anything runs: a start whose result a crash loses
+            // still shows in the attempt history, and a task whose report can go nowhere never runs.
+            self.report_started(&task, attempt, started_at)
+                .await
+                .map_err(|error| {
+                    TaskError::Transient(format!(
+                        "cannot report task {} started (it is not run until that is recorded): {}",
+                        task.task_id,
+                        error_chain(&error)
+                    ))
+                })?;
+        }
         let outcome = match cancelled {
             Some(reason) => Err(Stopped::Cancelled(reason)),
             None => {
                 let heartbeat = messaging::heartbeat(message, self.ack_wait / 3);
-                let _running = self.report_running_later(&task, attempt, started_at);
                 let outcome = tokio::select! {
                     outcome = tokio::time::timeout(
                         timeout,
@@ -418,6 +428,8 @@ impl Executor {
             r#type: task.r#type.clone(),
             retryable: status == TaskStatus::Failed,
             result_token: task.result_token.clone(),
+            // Its start report names the execution; the outcome is the attempt's.
+            execution: String::new(),
         };
         if let Err(e) = messaging::publish_confirmed(
             &self.builtins.js,
@@ -441,15 +453,15 @@ impl Executor {
         }
     }
 
-    /// Reports the attempt `RUNNING` once it has run for `running_after`, unless it ends first
-    /// (the returned guard cancels the report). Informational: a report that fails is only
-    /// logged, and a late one is ignored by the orchestrator.
-    fn report_running_later(
+    /// Reports this execution of the attempt started (`RUNNING`, with an id of its own), and
+    /// waits until the results stream has it.
+    async fn report_started(
         &self,
         task: &TaskInstance,
         attempt: u32,
         started_at: chrono::DateTime<Utc>,
-    ) -> RunningReport {
+    ) -> Result<(), async_nats::jetstream::context::PublishError> {
+        let execution = uuid::Uuid::new_v4().to_string();
         let report = TaskResult {
             task_id: task.task_id.clone(),
             run_id: task.run_id.clone(),
@@ -460,41 +472,27 @@ impl Executor {
             started_at: Some(chrono_to_timestamp(started_at)),
             r#type: task.r#type.clone(),
             result_token: task.result_token.clone(),
+            execution: execution.clone(),
             ..TaskResult::default()
         };
-        let subject = subjects::result_subject(&task.activity_name, &task.run_id);
-        let msg_id =
-            subjects::result_msg_id(&task.task_id, attempt, TaskStatus::Running.as_str_name());
-        let (js, after) = (self.builtins.js.clone(), self.running_after);
-        let report = async move {
-            tokio::time::sleep(after).await;
-            if let Err(error) = messaging::publish_confirmed(
-                &js,
-                subject,
-                &msg_id,
-                None,
-                report.encode_to_vec().into(),
-            )
-            .await
-            {
-                tracing::debug!(error = %error_chain(&error), "could not report the attempt running");
-            }
-        };
-        RunningReport(tokio::spawn(report.instrument(tracing::Span::current())))
+        let msg_id = format!(
+            "{}:{execution}",
+            subjects::result_msg_id(&task.task_id, attempt, TaskStatus::Running.as_str_name())
+        );
+        messaging::publish_confirmed(
+            &self.builtins.js,
+            subjects::result_subject(&task.activity_name, &task.run_id),
+            &msg_id,
+            None,
+            report.encode_to_vec().into(),
+        )
+        .await
+        .map(drop)
     }
 }
 
 /// Exponential backoff from the policy, with ±20% jitter derived from the task and attempt.
 /// Why an attempt did not succeed.
-/// Cancels a pending `RUNNING` report when the attempt ends.
-struct RunningReport(tokio::task::JoinHandle<()>);
-
-impl Drop for RunningReport {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 enum Stopped {
     Failed(TaskFailure),
     Cancelled(String),

@@ -68,10 +68,6 @@ pub struct Config {
     /// This executor's name in results (default: host name and process id).
     #[arg(long = "executor-name", env = "TASKFACTORY_EXECUTOR_NAME")]
     pub name: Option<String>,
-    /// An attempt still running after this long is reported `RUNNING` (quick tasks never are, so
-    /// they cost nothing extra).
-    #[arg(long = "running-after", env = "TASKFACTORY_RUNNING_AFTER", default_value = "1s", value_parser = parse_duration)]
-    pub running_after: Duration,
     #[command(flatten)]
     pub lifecycle: LifecycleArgs,
 }
@@ -114,7 +110,6 @@ impl Config {
             egress_allow: String::new(),
             secrets: taskfactory_runtime::secrets::SecretArgs::default(),
             name: None,
-            running_after: Duration::from_secs(1),
             lifecycle: LifecycleArgs::default(),
         }
     }
@@ -163,7 +158,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         name: config.name.clone().unwrap_or_else(default_name),
         ack_wait: config.ack_wait,
         cancellations: cancellations.clone(),
-        running_after: config.running_after,
         max_deliveries: config.nats.max_deliveries,
         finished_tasks: nats::ensure_bucket(
             &js,

@@ -171,6 +171,7 @@ impl Commands {
             ));
         }
         let record = ResultRecord {
+            execution: String::new(),
             task_id: task,
             attempt: state.attempts + 1,
             status: if failed {
@@ -274,6 +275,7 @@ impl Commands {
         };
         for (task, attempts) in expired {
             let record = ResultRecord {
+                execution: String::new(),
                 task_id: task,
                 attempt: attempts + 1,
                 status: TaskStatus::Dead,

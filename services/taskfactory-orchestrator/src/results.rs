@@ -265,6 +265,7 @@ impl ResultSink {
         status: TaskStatus,
     ) -> Result<(), ResultError> {
         let mut record = ResultRecord {
+            execution: result.execution.clone(),
             task_id,
             attempt: result.attempt,
             status,

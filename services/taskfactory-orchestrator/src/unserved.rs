@@ -84,6 +84,7 @@ async fn sweep(
         tracing::warn!(task.type = %task_type, tasks = stale.len(), "no executor serves this task type; its waiting tasks die");
         for (id, attempts) in stale {
             let record = ResultRecord {
+                execution: String::new(),
                 task_id: TaskId(id),
                 attempt: u32::try_from(attempts).unwrap_or(0) + 1,
                 status: TaskStatus::Dead,

@@ -95,6 +95,10 @@ pub const AUDIT_WRITE_FAILURES: &str = "taskfactory_audit_write_failures_total";
 /// out), by `kind` (`trigger`, `result`) and `reason` (a bounded set, see the README).
 pub const REFUSED_MESSAGES: &str = "taskfactory_refused_messages_total";
 
+/// Orchestrator: task executions started again (another execution of the same attempt had
+/// started, or the task had ended), by task `type`.
+pub const REPEATED_EXECUTIONS: &str = "taskfactory_repeated_executions_total";
+
 /// Every consumer: messages it dead-lettered (refused, undecodable, or given up on after the
 /// delivery limit), by `kind` (`trigger`, `result`, `event`, `task`, `dead_task`).
 pub const DEAD_LETTERED: &str = "taskfactory_dead_lettered_total";
@@ -229,6 +233,10 @@ fn describe() {
         "Messages refused (dead-lettered, not carried out), by kind and reason"
     );
     describe_counter!(
+        REPEATED_EXECUTIONS,
+        "Task executions started again: another execution of the same attempt had started, or the task had ended"
+    );
+    describe_counter!(
         DEAD_LETTERED,
         "Messages a consumer dead-lettered (refused, undecodable, or past the delivery limit), by kind"
     );
@@ -263,6 +271,12 @@ pub fn count_audit_write_failure() {
 pub fn record_refused(kind: &'static str, reason: &'static str) {
     handle();
     metrics::counter!(REFUSED_MESSAGES, "kind" => kind, "reason" => reason).increment(1);
+}
+
+/// Counts an execution of a task started again.
+pub fn count_repeated_execution(task_type: &str) {
+    handle();
+    metrics::counter!(REPEATED_EXECUTIONS, "type" => task_type.to_owned()).increment(1);
 }
 
 /// Counts a message a consumer dead-lettered.

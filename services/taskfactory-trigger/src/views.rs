@@ -187,7 +187,8 @@ pub async fn get_task(pool: &PgPool, id: Uuid) -> Result<Option<Task>, sqlx::Err
     };
     let rows = sqlx::query(
         "SELECT * FROM ( \
-             SELECT attempt, status, error, executor, started_at, finished_at, recorded_at, output \
+             SELECT attempt, status, error, executor, started_at, finished_at, recorded_at, output, \
+                 execution \
              FROM task_attempts WHERE task_id = $1 \
              ORDER BY attempt DESC, recorded_at DESC LIMIT $2) AS latest \
          ORDER BY attempt, status = 'RUNNING' DESC, recorded_at",
@@ -224,6 +225,7 @@ fn attempt_from_row(row: &sqlx::postgres::PgRow) -> Result<TaskAttempt, sqlx::Er
         finished_at: time("finished_at")?,
         recorded_at: time("recorded_at")?,
         output: output.as_ref().map(values::json_to_value),
+        execution: row.try_get("execution")?,
     })
 }
 

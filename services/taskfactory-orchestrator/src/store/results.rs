@@ -25,6 +25,8 @@ pub struct ResultRecord {
     pub executor: String,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// A `RUNNING` start report's execution id (empty otherwise, and from older executors).
+    pub execution: String,
     /// From an executor: what its result says about the task (checked against it). `None`: the
     /// orchestrator's own (CompleteTask, a deadline, a type nobody serves).
     pub claim: Option<Claim>,
@@ -36,6 +38,7 @@ impl ResultRecord {
     pub fn make_storable(&mut self) {
         values::make_storable_text(&mut self.error);
         values::make_storable_text(&mut self.executor);
+        values::make_storable_text(&mut self.execution);
         if let Some(output) = self.output.as_mut() {
             values::make_storable_json(output);
         }
@@ -138,17 +141,47 @@ pub async fn record_running(pool: &PgPool, result: &ResultRecord) -> Result<Reco
             .execute(&mut *tx)
             .await?;
     }
-    sqlx::query(
-        "INSERT INTO task_attempts (task_id, attempt, status, executor, started_at) \
-         VALUES ($1, $2, 'RUNNING', $3, $4) ON CONFLICT DO NOTHING",
+    // A start is a repetition when another execution started this attempt before (a consumer
+    // recreated counts from 1 again; two deliveries at once), or started an earlier one whose
+    // outcome never came (a crash lost it: the task ran, and runs again), or the task had ended
+    // (with no outcome of this attempt that could be its own, arrived first). An outcome still on
+    // its way when the next attempt starts is counted too: rare, since a retry waits its backoff.
+    let repeated: bool = if result.execution.is_empty() {
+        false
+    } else {
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM task_attempts s WHERE s.task_id = $1 \
+                 AND s.status = 'RUNNING' AND s.execution <> '' AND s.execution <> $3 \
+                 AND (s.attempt = $2 OR NOT EXISTS (SELECT 1 FROM task_attempts r \
+                     WHERE r.task_id = $1 AND r.attempt = s.attempt AND r.status <> 'RUNNING'))) \
+             OR ($4 AND NOT EXISTS (SELECT 1 FROM task_attempts WHERE task_id = $1 \
+                 AND attempt = $2 AND status <> 'RUNNING'))",
+        )
+        .persistent(false)
+        .bind(result.task_id.0)
+        .bind(int(result.attempt))
+        .bind(&result.execution)
+        .bind(status::task_is_terminal(task.state().status))
+        .fetch_one(&mut *tx)
+        .await?
+    };
+    let inserted = sqlx::query(
+        "INSERT INTO task_attempts (task_id, attempt, status, executor, started_at, execution) \
+         VALUES ($1, $2, 'RUNNING', $3, $4, $5) ON CONFLICT DO NOTHING",
     )
     .bind(result.task_id.0)
     .bind(int(result.attempt))
     .bind(&result.executor)
     .bind(result.started_at)
+    .bind(&result.execution)
     .execute(&mut *tx)
-    .await?;
+    .await?
+    .rows_affected();
     tx.commit().await?;
+    if repeated && inserted > 0 {
+        tracing::warn!(task.id = %result.task_id, attempt = result.attempt, execution = %result.execution, "a task was started again: another execution of this attempt started before, or the task had ended");
+        taskfactory_runtime::metrics::count_repeated_execution(&task.task_type);
+    }
     // A running report never finishes anything, whatever the task's state.
     Ok(Recorded::Applied(None))
 }
