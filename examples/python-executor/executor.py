@@ -40,6 +40,7 @@ import signal
 import socket
 import ssl
 import sys
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable
@@ -130,6 +131,7 @@ CONTRACT_MESSAGES: dict[str, list[tuple[str, str, int]]] = {
         ("string", "type", 11),
         ("bool", "retryable", 12),
         ("string", "result_token", 13),
+        ("string", "execution", 14),
     ],
 }
 CONTRACT_ENUMS: dict[str, list[tuple[str, int]]] = {
@@ -682,6 +684,7 @@ class Executor:
         if self.running_after <= 0:
             return
         await asyncio.sleep(self.running_after)
+        execution = str(uuid.uuid4())
         report = TaskResult(
             task_id=task.task_id,
             run_id=task.run_id,
@@ -691,6 +694,7 @@ class Executor:
             executor=self.name,
             type=task.type,
             result_token=task.result_token,
+            execution=execution,
         )
         report.started_at.FromDatetime(started_at)
         try:
@@ -699,7 +703,7 @@ class Executor:
                 report.SerializeToString(),
                 timeout=self.PUBLISH_TIMEOUT,
                 headers={
-                    HEADER_MSG_ID: result_msg_id(task.task_id, attempt, "RUNNING"),
+                    HEADER_MSG_ID: f'{result_msg_id(task.task_id, attempt, "RUNNING")}:{execution}',
                     **trace_context(headers),
                 },
             )

@@ -23,6 +23,7 @@ mod overlap;
 mod poison;
 mod preview;
 mod resilience;
+mod run_limits;
 mod schedules;
 mod secrets;
 mod sources;

@@ -188,8 +188,8 @@ async fn an_event_triggered_run_is_one_trace_across_the_three_services() -> anyh
     assert_eq!(run.tasks_spawned, 3);
     assert_eq!(run.trace_id, trace_id, "GetRun returns the run's trace id");
 
-    // Trigger and orchestrator export within moments; all three result records mean the
-    // orchestrator saw every attempt.
+    // Trigger and orchestrator export within moments; six result records (each task's start and
+    // its outcome) mean the orchestrator saw every attempt.
     receiver
         .wait_until(
             "the trigger's and orchestrator's spans",
@@ -199,7 +199,7 @@ async fn an_event_triggered_run_is_one_trace_across_the_three_services() -> anyh
                     .iter()
                     .filter(|s| s.trace_id == trace_id && s.name == "record result log")
                     .count()
-                    == 3
+                    == 6
             },
         )
         .await?;
@@ -314,18 +314,34 @@ async fn an_event_triggered_run_is_one_trace_across_the_three_services() -> anyh
         assert_eq!(attempt.attribute("task.id"), Some(task_id.as_str()));
         assert_eq!(attempt.attribute("task.attempt"), Some("1"));
         assert_eq!(attempt.attribute("task.status"), Some("SUCCEEDED"));
-        let reported = trace.child(attempt, EXECUTOR, "publish results.traced-order.{run_id}")?;
-        assert_eq!(
-            reported.attribute("messaging.destination.name"),
-            Some(format!("results.traced-order.{}", run.id).as_str())
-        );
-        let received = trace
-            .children(&reported.span_id)
+        // Two reports, each recorded under its own publish: the start, then the outcome.
+        let reports: Vec<_> = trace
+            .children(&attempt.span_id)
             .into_iter()
-            .find(|s| s.service == ORCHESTRATOR)
-            .ok_or_else(|| anyhow::anyhow!("no orchestrator span under {task_id}'s result"))?;
-        let recorded = trace.child(received, ORCHESTRATOR, "record result log")?;
-        assert_eq!(recorded.attribute("task.status"), Some("SUCCEEDED"));
+            .filter(|s| s.service == EXECUTOR && s.name == "publish results.traced-order.{run_id}")
+            .collect();
+        assert_eq!(reports.len(), 2, "{task_id}: {reports:?}");
+        let mut statuses = Vec::new();
+        for reported in reports {
+            assert_eq!(
+                reported.attribute("messaging.destination.name"),
+                Some(format!("results.traced-order.{}", run.id).as_str())
+            );
+            let received = trace
+                .children(&reported.span_id)
+                .into_iter()
+                .find(|s| s.service == ORCHESTRATOR)
+                .ok_or_else(|| anyhow::anyhow!("no orchestrator span under {task_id}'s report"))?;
+            let recorded = trace.child(received, ORCHESTRATOR, "record result log")?;
+            statuses.push(
+                recorded
+                    .attribute("task.status")
+                    .unwrap_or_default()
+                    .to_owned(),
+            );
+        }
+        statuses.sort();
+        assert_eq!(statuses, ["RUNNING", "SUCCEEDED"]);
     }
     task_ids.sort();
     task_ids.dedup();

@@ -65,6 +65,8 @@ pub struct Plan {
     pub evaluation: Vec<TemplateEvaluation>,
     /// Set when the run must fail: which template, and why.
     pub error: Option<String>,
+    /// Bytes of rendered params the tasks carry (what `max_run_bytes` bounds).
+    pub bytes: usize,
 }
 
 /// Evaluates every template of `spec` against `scope`.
@@ -118,6 +120,8 @@ pub fn plan_tasks(spec: &ActivitySpec, scope: &Scope, limits: &PlanLimits) -> Pl
     }
     if plan.error.is_some() {
         plan.tasks.clear();
+    } else {
+        plan.bytes = budget.max_bytes.saturating_sub(budget.bytes_left);
     }
     plan
 }

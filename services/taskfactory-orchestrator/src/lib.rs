@@ -92,6 +92,23 @@ pub struct Config {
         default_value_t = 10_000
     )]
     pub max_tasks_per_run: usize,
+    /// Bytes of rendered task params one run may carry (a run over it fails, naming it).
+    #[arg(
+        long = "max-run-bytes",
+        env = "TASKFACTORY_MAX_RUN_BYTES",
+        default_value_t = 64 * 1024 * 1024
+    )]
+    pub max_run_bytes: usize,
+    /// Bytes of task params all runs being spawned may hold at once: a run waits for room for
+    /// the largest run (`--max-run-bytes`) before it is evaluated, then keeps room for what its
+    /// tasks really carry until they are recorded and published. Runs queue rather than
+    /// overcommit; memory peaks at a few times this (JSON trees, messages, statements).
+    #[arg(
+        long = "evaluation-bytes-in-flight",
+        env = "TASKFACTORY_EVALUATION_BYTES_IN_FLIGHT",
+        default_value_t = 128 * 1024 * 1024
+    )]
+    pub evaluation_bytes_in_flight: usize,
     /// Instruction fuel per expression or template evaluation.
     #[arg(
         long = "template-fuel",
@@ -241,6 +258,8 @@ impl Config {
             ack_wait: Duration::from_secs(30),
             publish_window: 256,
             max_tasks_per_run: 10_000,
+            max_run_bytes: 64 * 1024 * 1024,
+            evaluation_bytes_in_flight: 128 * 1024 * 1024,
             template_fuel: 50_000,
             evaluation_timeout: Duration::from_millis(800),
             unserved_grace: Duration::from_secs(600),
@@ -383,7 +402,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let result_key = store::result_token_key(&pool)
         .await
         .context("reading the result token key")?;
+    let evaluation_bytes = config
+        .evaluation_bytes_in_flight
+        .clamp(1, u32::MAX as usize);
     let spawner = Arc::new(spawn::Spawner {
+        evaluation_room: Arc::new(tokio::sync::Semaphore::new(evaluation_bytes)),
+        evaluation_bytes,
         result_key,
         cancelled_runs: cancelled_runs.clone(),
         pool: pool.clone(),
@@ -395,6 +419,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             },
             max_tasks_per_run: config.max_tasks_per_run,
             max_duration: config.evaluation_timeout,
+            max_run_bytes: config.max_run_bytes.max(1),
             ..PlanLimits::default()
         },
         ack_wait: config.ack_wait,

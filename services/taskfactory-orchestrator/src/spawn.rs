@@ -63,6 +63,19 @@ pub struct Spawner {
     pub cancelled_runs: async_nats::jetstream::kv::Store,
     /// The installation's key of result tokens (`model::results::result_token`).
     pub result_key: Arc<[u8]>,
+    /// Bytes of task params the runs being spawned may hold together
+    /// (`--evaluation-bytes-in-flight`): one permit per byte.
+    pub evaluation_room: Arc<tokio::sync::Semaphore>,
+    /// Its size in bytes.
+    pub evaluation_bytes: usize,
+}
+
+/// Holds a run's room for just the bytes its tasks carry (at least one), giving back the rest.
+fn keep_room(room: &mut tokio::sync::OwnedSemaphorePermit, bytes: usize) {
+    let keep = bytes.max(1);
+    if room.num_permits() > keep {
+        drop(room.split(room.num_permits() - keep));
+    }
 }
 
 /// Why handling a trigger did not finish.
@@ -134,6 +147,18 @@ impl Handler for Spawner {
 }
 
 impl Spawner {
+    /// Waits for room for the largest run the limits allow (`max_run_bytes`, or the whole room
+    /// when that is smaller).
+    async fn room_for_a_run(&self) -> tokio::sync::OwnedSemaphorePermit {
+        let want = u32::try_from(self.limits.max_run_bytes.clamp(1, self.evaluation_bytes))
+            .unwrap_or(u32::MAX);
+        self.evaluation_room
+            .clone()
+            .acquire_many_owned(want)
+            .await
+            .expect("the evaluation room is never closed")
+    }
+
     async fn process(&self, message: &Message) -> Result<(), SpawnError> {
         let event = decode_trigger(message.payload.as_ref()).map_err(SpawnError::Decode)?;
         let activity_id: ActivityId = event
@@ -227,7 +252,11 @@ impl Spawner {
                 .await;
         }
 
-        let (new_run, tasks) = self.evaluate(event, activity_id, run_id).await?;
+        // Room for the run's worst case while it is evaluated, then for what it really carries
+        // until its tasks are recorded and published: runs queue rather than overcommit.
+        let mut room = self.room_for_a_run().await;
+        let (new_run, tasks, bytes) = self.evaluate(event, activity_id, run_id).await?;
+        keep_room(&mut room, bytes);
         let status = new_run.status;
         record_run_outcome(&new_run, tasks.len());
         let instances = publishable(&tasks);
@@ -383,8 +412,12 @@ impl Spawner {
             .activity_id
             .parse()
             .map_err(|_| SpawnError::Missing("a valid activity_id"))?;
+        let mut room = self.room_for_a_run().await;
         let (run, tasks) = match self.evaluate(&event, activity_id, run_id).await {
-            Ok(evaluated) => evaluated,
+            Ok((run, tasks, bytes)) => {
+                keep_room(&mut room, bytes);
+                (run, tasks)
+            }
             Err(SpawnError::UnknownActivity(reason)) => {
                 let mut run = run_header(&event, activity_id, run_id);
                 run.status = RunStatus::RunFailed;
@@ -406,6 +439,8 @@ impl Spawner {
             self.publish_tasks(&publishable(&tasks)).await?;
             store::mark_spawn_complete(&self.pool, run_id).await?;
         } else {
+            // The next run needs room of its own: never wait for it while holding this one's.
+            drop(room);
             completion::announce_if_finished(&self.pool, &self.js, run_id).await?;
             Box::pin(self.start_next(activity_id)).await?;
         }
@@ -461,7 +496,7 @@ impl Spawner {
         event: &TriggerEvent,
         activity_id: ActivityId,
         run_id: RunId,
-    ) -> Result<(NewRun, Vec<NewTask>), SpawnError> {
+    ) -> Result<(NewRun, Vec<NewTask>, usize), SpawnError> {
         let spec = match self
             .specs
             .get(&self.pool, activity_id, event.activity_version)
@@ -473,7 +508,7 @@ impl Spawner {
             Err(reason) => return Err(SpawnError::UnknownActivity(reason)),
         };
         Ok(self
-            .evaluate_spec(&spec, event, activity_id, run_id, Purpose::Run)
+            .evaluate_sized(&spec, event, activity_id, run_id, Purpose::Run)
             .await)
     }
 
@@ -487,7 +522,22 @@ impl Spawner {
         run_id: RunId,
         purpose: Purpose,
     ) -> (NewRun, Vec<NewTask>) {
-        let (mut run, tasks) = self
+        let (run, tasks, _) = self
+            .evaluate_sized(spec, event, activity_id, run_id, purpose)
+            .await;
+        (run, tasks)
+    }
+
+    /// [`Spawner::evaluate_spec`], and the bytes of params its tasks carry.
+    async fn evaluate_sized(
+        &self,
+        spec: &ActivitySpec,
+        event: &TriggerEvent,
+        activity_id: ActivityId,
+        run_id: RunId,
+        purpose: Purpose,
+    ) -> (NewRun, Vec<NewTask>, usize) {
+        let (mut run, tasks, bytes) = self
             .evaluate_raw(spec, event, activity_id, run_id, purpose)
             .await;
         // What came from outside (an event's payload, a source's error) is stored too.
@@ -498,7 +548,7 @@ impl Spawner {
         values::make_storable_text(&mut run.error);
         values::make_storable_text(&mut run.dedupe_key);
         values::make_storable_text(&mut run.subject);
-        (run, tasks)
+        (run, tasks, bytes)
     }
 
     async fn evaluate_raw(
@@ -508,7 +558,7 @@ impl Spawner {
         activity_id: ActivityId,
         run_id: RunId,
         purpose: Purpose,
-    ) -> (NewRun, Vec<NewTask>) {
+    ) -> (NewRun, Vec<NewTask>, usize) {
         let payload = event.payload.as_ref().map(values::value_to_json);
         let mut run = run_header(event, activity_id, run_id);
         let mut scope = Scope {
@@ -545,7 +595,7 @@ impl Spawner {
             run.error = error;
             run.context = stored_context;
             run.evaluation = serde_json::Value::Array(source_notes);
-            return (run, Vec::new());
+            return (run, Vec::new(), 0);
         }
         scope.context = context;
         // CPU work bounded by fuel and a deadline, off the async workers.
@@ -590,11 +640,12 @@ impl Spawner {
         if let Some(error) = plan.error {
             run.status = RunStatus::RunFailed;
             run.error = error;
-            return (run, Vec::new());
+            return (run, Vec::new(), 0);
         }
         if plan.tasks.is_empty() {
             run.status = RunStatus::RunSucceeded;
         }
+        let bytes = plan.bytes;
         let created_at = Utc::now();
         let mut tasks = Vec::with_capacity(plan.tasks.len());
         for mut planned in plan.tasks {
@@ -654,7 +705,7 @@ impl Spawner {
                 max_attempts: planned.retry.max_attempts,
             });
         }
-        (run, tasks)
+        (run, tasks, bytes)
     }
 
     async fn publish_pending(&self, run_id: RunId) -> Result<(), SpawnError> {

@@ -1,0 +1,78 @@
+//! The orchestrator's memory: runs being spawned hold at most `--evaluation-bytes-in-flight` of
+//! task params together; more runs queue for room instead of overcommitting.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use taskfactory_proto::v1::TriggerActivityRequest;
+use taskfactory_tests::{EnvOptions, Service, TestEnv, wait_for};
+
+use crate::support::{create, proc_status_kib};
+
+/// Fires `runs` runs of an activity of 1,500 tasks carrying 4 KB of params each (6 MB a run), all
+/// at once, against an orchestrator process with `room` bytes for runs in flight; returns how
+/// much its peak memory grew (KiB).
+async fn peak_growth_kib(room: &str, runs: usize) -> anyhow::Result<u64> {
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _trigger = env.start(Service::Trigger);
+    let orchestrator = env.spawn_process(
+        Service::Orchestrator,
+        &[("TASKFACTORY_EVALUATION_BYTES_IN_FLIGHT", room)],
+    )?;
+    let pid = orchestrator.pid().context("a process")?;
+    env.wait_ready(&[Service::Trigger, Service::Orchestrator])
+        .await?;
+    let mut admin = env.admin().await?;
+    let blob = "x".repeat(4000);
+    // `vision`: nobody serves it, so the tasks are only recorded and queued.
+    create(
+        &mut admin,
+        &format!(
+            "name: wide\ntrigger: {{manual: {{}}}}\ntasks: [{{name: t, type: vision, forEach: 'range(1500)', params: {{blob: '{blob}', n: '{{{{ item }}}}'}}}}]\n"
+        ),
+    )
+    .await?;
+    let before = proc_status_kib(pid, "VmRSS");
+    let mut fired = Vec::new();
+    for n in 0..runs {
+        let mut admin = admin.clone();
+        fired.push(tokio::spawn(async move {
+            admin
+                .trigger_activity(TriggerActivityRequest {
+                    id: "wide".to_owned(),
+                    idempotency_key: format!("run-{n}"),
+                    ..Default::default()
+                })
+                .await
+        }));
+    }
+    for fire in fired {
+        fire.await??;
+    }
+    let pool = env.db.pool().await?;
+    let expected = i64::try_from(runs * 1500)?;
+    wait_for("every run's tasks", Duration::from_secs(120), || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks")
+            .fetch_one(&pool)
+            .await?;
+        let spawned: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE spawn_complete")
+            .fetch_one(&pool)
+            .await?;
+        Ok((n == expected && spawned == i64::try_from(runs)?).then_some(()))
+    })
+    .await?;
+    Ok(proc_status_kib(pid, "VmHWM").saturating_sub(before))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn large_runs_queue_for_room_instead_of_overcommitting() -> anyhow::Result<()> {
+    // Room for every run at once, then for one (its params are 6 MB; 8 MiB of room).
+    let unbounded = peak_growth_kib("1073741824", 6).await?;
+    let bounded = peak_growth_kib("8388608", 6).await?;
+    eprintln!("orchestrator peak growth: room for all {unbounded} KiB, room for one {bounded} KiB");
+    assert!(
+        bounded * 2 < unbounded,
+        "with room for one run the orchestrator grew {bounded} KiB, with room for all {unbounded} KiB"
+    );
+    Ok(())
+}
