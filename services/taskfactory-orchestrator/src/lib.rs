@@ -420,7 +420,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             max_tasks_per_run: config.max_tasks_per_run,
             max_duration: config.evaluation_timeout,
             max_run_bytes: config.max_run_bytes.max(1),
-            ..PlanLimits::default()
         },
         ack_wait: config.ack_wait,
         publish_window: config.publish_window.max(1),
