@@ -1036,7 +1036,7 @@ async fn every_attempt_records_its_start_and_a_long_one_shows_running() -> anyho
         let id = task_id.clone();
         async move { anyhow::Ok(admin.get_task(GetTaskRequest { id }).await?.into_inner()) }
     };
-    // After a second of running (the executor's default), the task says so, and who runs it.
+    // While it runs (its start was reported before it ran), the task says so, and who runs it.
     let running = wait_for("the task to show RUNNING", Duration::from_secs(10), || {
         let fetch = get(&mut admin);
         async move {

@@ -346,6 +346,8 @@ impl Executor {
             metrics::record_attempt(&task_type, "already_finished", Duration::ZERO);
             return Ok(());
         }
+        // Alive from here: the start report's ack may take a while too.
+        let heartbeat = messaging::heartbeat(message, self.ack_wait / 3);
         if cancelled.is_none() {
             // Every start is on record before anything runs: a start whose result a crash loses
             // still shows in the attempt history, and a task whose report can go nowhere never runs.
@@ -362,7 +364,6 @@ impl Executor {
         let outcome = match cancelled {
             Some(reason) => Err(Stopped::Cancelled(reason)),
             None => {
-                let heartbeat = messaging::heartbeat(message, self.ack_wait / 3);
                 let outcome = tokio::select! {
                     outcome = tokio::time::timeout(
                         timeout,
@@ -377,10 +378,10 @@ impl Executor {
                         "the run was cancelled while the task ran".to_owned(),
                     )),
                 };
-                drop(heartbeat);
                 outcome
             }
         };
+        drop(heartbeat);
         drop(in_flight);
 
         let (status, retry_in, error, output) = match outcome {

@@ -57,9 +57,14 @@ impl Handler for DeadTasks {
         };
         // A letter of an earlier series (the task was redriven by RetryTask since) decides
         // nothing about the series running now.
+        let Ok(task_id) = result.task_id.parse::<uuid::Uuid>() else {
+            tracing::warn!(task.id = %result.task_id, "a dead letter naming no task id; left as it is");
+            taskfactory_runtime::metrics::record_refused("dead_task", "not_a_task");
+            return Ok(());
+        };
         let current_base: Option<i32> =
-            sqlx::query_scalar("SELECT attempt_base FROM tasks WHERE id = $1::uuid")
-                .bind(&result.task_id)
+            sqlx::query_scalar("SELECT attempt_base FROM tasks WHERE id = $1")
+                .bind(task_id)
                 .fetch_optional(&self.sink.pool)
                 .await
                 .map_err(|error| DeadTaskError(format!("cannot read the task: {error}")))?;

@@ -333,16 +333,43 @@ impl ResultSink {
     }
 
     /// Tells executors the task is finished (the finished-tasks bucket), in the background: a
-    /// message of the task that comes back is then never run again. Best effort: the result is
-    /// recorded either way, and the first terminal result decides the task whatever runs later.
+    /// message of the task that comes back is then never run again. The value only ever grows
+    /// (compare-and-set on the entry's revision): a late result of an earlier series cannot
+    /// lower it. Best effort: the result is recorded either way, and the first terminal result
+    /// decides the task whatever runs later.
     fn remember_finished(&self, task_id: TaskId, attempt: u32) {
         let kv = self.finished_tasks.clone();
         tokio::spawn(async move {
-            if let Err(error) = kv
-                .put(task_id.to_string(), attempt.to_string().into())
-                .await
-            {
-                tracing::debug!(task.id = %task_id, error = %error_chain(&error), "cannot mark the task finished for executors");
+            let key = task_id.to_string();
+            for _ in 0..3 {
+                let written = match kv.entry(key.as_str()).await {
+                    Ok(Some(entry)) => {
+                        let held = std::str::from_utf8(&entry.value)
+                            .ok()
+                            .and_then(|text| text.trim().parse::<u32>().ok());
+                        if held.is_some_and(|held| held >= attempt)
+                            && entry.operation == async_nats::jetstream::kv::Operation::Put
+                        {
+                            return;
+                        }
+                        kv.update(key.as_str(), attempt.to_string().into(), entry.revision)
+                            .await
+                            .map(drop)
+                            .map_err(|e| e.to_string())
+                    }
+                    Ok(None) => kv
+                        .create(key.as_str(), attempt.to_string().into())
+                        .await
+                        .map(drop)
+                        .map_err(|e| e.to_string()),
+                    Err(error) => Err(error.to_string()),
+                };
+                match written {
+                    Ok(()) => return,
+                    Err(error) => {
+                        tracing::debug!(task.id = %task_id, %error, "cannot mark the task finished for executors yet")
+                    }
+                }
             }
         });
     }

@@ -252,11 +252,9 @@ impl Spawner {
                 .await;
         }
 
-        // Room for the run's worst case while it is evaluated, then for what it really carries
-        // until its tasks are recorded and published: runs queue rather than overcommit.
-        let mut room = self.room_for_a_run().await;
-        let (new_run, tasks, bytes) = self.evaluate(event, activity_id, run_id).await?;
-        keep_room(&mut room, bytes);
+        // `room`: for what its tasks carry, until they are recorded and published (taken in the
+        // evaluation, after the context sources).
+        let (new_run, tasks, room) = self.evaluate(event, activity_id, run_id).await?;
         let status = new_run.status;
         record_run_outcome(&new_run, tasks.len());
         let instances = publishable(&tasks);
@@ -269,6 +267,7 @@ impl Spawner {
                     event.dedupe_key
                 )));
             };
+            drop((room, tasks, instances));
             return Box::pin(self.process_run(message, event, activity_id, run_id, Some(state)))
                 .await;
         }
@@ -412,17 +411,13 @@ impl Spawner {
             .activity_id
             .parse()
             .map_err(|_| SpawnError::Missing("a valid activity_id"))?;
-        let mut room = self.room_for_a_run().await;
-        let (run, tasks) = match self.evaluate(&event, activity_id, run_id).await {
-            Ok((run, tasks, bytes)) => {
-                keep_room(&mut room, bytes);
-                (run, tasks)
-            }
+        let (run, tasks, room) = match self.evaluate(&event, activity_id, run_id).await {
+            Ok(evaluated) => evaluated,
             Err(SpawnError::UnknownActivity(reason)) => {
                 let mut run = run_header(&event, activity_id, run_id);
                 run.status = RunStatus::RunFailed;
                 run.error = reason;
-                (run, Vec::new())
+                (run, Vec::new(), None)
             }
             Err(other) => return Err(other),
         };
@@ -496,7 +491,14 @@ impl Spawner {
         event: &TriggerEvent,
         activity_id: ActivityId,
         run_id: RunId,
-    ) -> Result<(NewRun, Vec<NewTask>, usize), SpawnError> {
+    ) -> Result<
+        (
+            NewRun,
+            Vec<NewTask>,
+            Option<tokio::sync::OwnedSemaphorePermit>,
+        ),
+        SpawnError,
+    > {
         let spec = match self
             .specs
             .get(&self.pool, activity_id, event.activity_version)
@@ -528,7 +530,8 @@ impl Spawner {
         (run, tasks)
     }
 
-    /// [`Spawner::evaluate_spec`], and the bytes of params its tasks carry.
+    /// [`Spawner::evaluate_spec`]; for a run, also its room in the evaluation budget, held for
+    /// the bytes of params its tasks carry.
     async fn evaluate_sized(
         &self,
         spec: &ActivitySpec,
@@ -536,8 +539,12 @@ impl Spawner {
         activity_id: ActivityId,
         run_id: RunId,
         purpose: Purpose,
-    ) -> (NewRun, Vec<NewTask>, usize) {
-        let (mut run, tasks, bytes) = self
+    ) -> (
+        NewRun,
+        Vec<NewTask>,
+        Option<tokio::sync::OwnedSemaphorePermit>,
+    ) {
+        let (mut run, tasks, room) = self
             .evaluate_raw(spec, event, activity_id, run_id, purpose)
             .await;
         // What came from outside (an event's payload, a source's error) is stored too.
@@ -548,7 +555,7 @@ impl Spawner {
         values::make_storable_text(&mut run.error);
         values::make_storable_text(&mut run.dedupe_key);
         values::make_storable_text(&mut run.subject);
-        (run, tasks, bytes)
+        (run, tasks, room)
     }
 
     async fn evaluate_raw(
@@ -558,7 +565,11 @@ impl Spawner {
         activity_id: ActivityId,
         run_id: RunId,
         purpose: Purpose,
-    ) -> (NewRun, Vec<NewTask>, usize) {
+    ) -> (
+        NewRun,
+        Vec<NewTask>,
+        Option<tokio::sync::OwnedSemaphorePermit>,
+    ) {
         let payload = event.payload.as_ref().map(values::value_to_json);
         let mut run = run_header(event, activity_id, run_id);
         let mut scope = Scope {
@@ -595,7 +606,7 @@ impl Spawner {
             run.error = error;
             run.context = stored_context;
             run.evaluation = serde_json::Value::Array(source_notes);
-            return (run, Vec::new(), 0);
+            return (run, Vec::new(), None);
         }
         scope.context = context;
         // CPU work bounded by fuel and a deadline, off the async workers.
@@ -609,6 +620,12 @@ impl Spawner {
             evaluation.tasks = tracing::field::Empty,
         );
         let in_evaluation = evaluation.clone();
+        // Room for the largest run while it is evaluated (after the sources: a slow source holds
+        // none), then for what its tasks really carry: runs queue rather than overcommit.
+        let mut room = match purpose {
+            Purpose::Run => Some(self.room_for_a_run().await),
+            _ => None,
+        };
         let plan = tokio::task::spawn_blocking(move || {
             in_evaluation.in_scope(|| plan::plan_tasks(&owned_spec, &scope, &limits))
         })
@@ -640,12 +657,14 @@ impl Spawner {
         if let Some(error) = plan.error {
             run.status = RunStatus::RunFailed;
             run.error = error;
-            return (run, Vec::new(), 0);
+            return (run, Vec::new(), None);
         }
         if plan.tasks.is_empty() {
             run.status = RunStatus::RunSucceeded;
         }
-        let bytes = plan.bytes;
+        if let Some(room) = room.as_mut() {
+            keep_room(room, plan.bytes);
+        }
         let created_at = Utc::now();
         let mut tasks = Vec::with_capacity(plan.tasks.len());
         for mut planned in plan.tasks {
@@ -705,7 +724,7 @@ impl Spawner {
                 max_attempts: planned.retry.max_attempts,
             });
         }
-        (run, tasks, bytes)
+        (run, tasks, room)
     }
 
     async fn publish_pending(&self, run_id: RunId) -> Result<(), SpawnError> {

@@ -144,14 +144,17 @@ pub async fn record_running(pool: &PgPool, result: &ResultRecord) -> Result<Reco
     // A start is a repetition when another execution started this attempt before (a consumer
     // recreated counts from 1 again; two deliveries at once), or started an earlier one whose
     // outcome never came (a crash lost it: the task ran, and runs again), or the task had ended
-    // (with no outcome of this attempt that could be its own, arrived first). An outcome still on
-    // its way when the next attempt starts is counted too: rare, since a retry waits its backoff.
+    // (with no outcome of this attempt that could be its own, arrived first; a cancel is no
+    // repetition). Only starts of the current series count (a RetryTask starts a new one). An
+    // outcome still on its way when the next attempt starts is counted too: rare, since a retry
+    // waits its backoff.
     let repeated: bool = if result.execution.is_empty() {
         false
     } else {
         sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM task_attempts s WHERE s.task_id = $1 \
                  AND s.status = 'RUNNING' AND s.execution <> '' AND s.execution <> $3 \
+                 AND s.attempt > $5 AND s.attempt <= $2 \
                  AND (s.attempt = $2 OR NOT EXISTS (SELECT 1 FROM task_attempts r \
                      WHERE r.task_id = $1 AND r.attempt = s.attempt AND r.status <> 'RUNNING'))) \
              OR ($4 AND NOT EXISTS (SELECT 1 FROM task_attempts WHERE task_id = $1 \
@@ -161,7 +164,11 @@ pub async fn record_running(pool: &PgPool, result: &ResultRecord) -> Result<Reco
         .bind(result.task_id.0)
         .bind(int(result.attempt))
         .bind(&result.execution)
-        .bind(status::task_is_terminal(task.state().status))
+        .bind(
+            status::task_is_terminal(task.state().status)
+                && task.state().status != TaskStatus::Cancelled,
+        )
+        .bind(task.attempt_base)
         .fetch_one(&mut *tx)
         .await?
     };
