@@ -19,21 +19,9 @@ use taskfactory_proto::v1::{
 use taskfactory_tests::{EnvOptions, Service, TestEnv, free_port, wait_for};
 
 use crate::support::{
-    Admin, Scrape, create, dead_letter, dead_letters, finished_run, played_result, runs, scrape,
-    settled, tasks,
+    Admin, Scrape, create, dead_letter, dead_letters, finished_run, fire, played_result, publish,
+    runs, scrape, settled, tasks,
 };
-
-async fn fire(admin: &mut Admin, activity: &str, key: &str) -> anyhow::Result<String> {
-    Ok(admin
-        .trigger_activity(TriggerActivityRequest {
-            id: activity.to_owned(),
-            idempotency_key: key.to_owned(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .run_id)
-}
 
 async fn activity_id(admin: &mut Admin, name: &str) -> anyhow::Result<String> {
     Ok(admin
@@ -44,22 +32,6 @@ async fn activity_id(admin: &mut Admin, name: &str) -> anyhow::Result<String> {
         .await?
         .into_inner()
         .id)
-}
-
-/// Publishes through JetStream and returns the stored message's sequence.
-async fn publish(
-    js: &jetstream::Context,
-    subject: String,
-    msg_id: &str,
-    body: Vec<u8>,
-) -> anyhow::Result<u64> {
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Nats-Msg-Id", msg_id);
-    Ok(js
-        .publish_with_headers(subject, headers, body.into())
-        .await?
-        .await?
-        .sequence)
 }
 
 /// This process's metrics (the services run in it).

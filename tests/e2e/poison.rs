@@ -9,42 +9,12 @@ use prost::Message as _;
 use serde_json::json;
 use taskfactory_model::subjects;
 use taskfactory_model::values::json_to_value;
-use taskfactory_proto::v1::{
-    RunStatus, TaskInstance, TaskStatus, TriggerActivityRequest, TriggerEvent, TriggerSource,
-};
+use taskfactory_proto::v1::{RunStatus, TaskInstance, TaskStatus, TriggerEvent, TriggerSource};
 use taskfactory_tests::{EnvOptions, TestEnv, wait_for};
 
 use crate::support::{
-    Admin, RecordingServer, create, dead_letter, dead_letters, finished_run, settled, tasks,
+    RecordingServer, create, dead_letter, dead_letters, finished_run, fire, publish, settled, tasks,
 };
-
-async fn fire(admin: &mut Admin, activity: &str) -> anyhow::Result<String> {
-    Ok(admin
-        .trigger_activity(TriggerActivityRequest {
-            id: activity.to_owned(),
-            idempotency_key: "once".to_owned(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .run_id)
-}
-
-/// Publishes through JetStream and returns the stored message's sequence.
-async fn publish(
-    js: &jetstream::Context,
-    subject: String,
-    msg_id: &str,
-    body: Vec<u8>,
-) -> anyhow::Result<u64> {
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Nats-Msg-Id", msg_id);
-    Ok(js
-        .publish_with_headers(subject, headers, body.into())
-        .await?
-        .await?
-        .sequence)
-}
 
 async fn run_count(env: &TestEnv) -> anyhow::Result<i64> {
     let pool = env.db.pool().await?;
@@ -146,7 +116,7 @@ async fn a_task_whose_result_could_go_nowhere_is_not_run_and_ends_dead() -> anyh
         "name: seen\ntrigger: {manual: {}}\ntasks: [{name: look, type: vision}]\n",
     )
     .await?;
-    let run_id = fire(&mut admin, "seen").await?;
+    let run_id = fire(&mut admin, "seen", "once").await?;
     let mut task = queued_task(&js, "tasks.vision").await?;
     // The same task, handed to the noop executor with no activity name: its result subject
     // would be `results..<run>`, which no stream stores.
@@ -229,7 +199,7 @@ async fn a_task_whose_result_cannot_be_stored_ends_dead_after_the_delivery_limit
     config.subjects = vec!["results.someone-else.>".to_owned()];
     js.update_stream(config).await?;
 
-    let run_id = fire(&mut admin, "unheard").await?;
+    let run_id = fire(&mut admin, "unheard", "once").await?;
     let run = finished_run(&admin, &run_id, Duration::from_secs(60)).await?;
     assert_eq!(run.status(), RunStatus::RunFailed);
     let listed = tasks(&mut admin, &run_id).await?;

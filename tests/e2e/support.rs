@@ -633,3 +633,32 @@ pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
 pub fn open_fds(pid: u32) -> anyhow::Result<usize> {
     Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
 }
+
+/// Fires an activity by hand with an idempotency key; its run id.
+pub async fn fire(admin: &mut Admin, activity: &str, key: &str) -> anyhow::Result<String> {
+    Ok(admin
+        .trigger_activity(taskfactory_proto::v1::TriggerActivityRequest {
+            id: activity.to_owned(),
+            idempotency_key: key.to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .run_id)
+}
+
+/// Publishes through JetStream with a `Nats-Msg-Id` and returns the stored message's sequence.
+pub async fn publish(
+    js: &async_nats::jetstream::Context,
+    subject: String,
+    msg_id: &str,
+    body: Vec<u8>,
+) -> anyhow::Result<u64> {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", msg_id);
+    Ok(js
+        .publish_with_headers(subject, headers, body.into())
+        .await?
+        .await?
+        .sequence)
+}

@@ -70,6 +70,13 @@ pub struct Spawner {
     pub evaluation_bytes: usize,
 }
 
+/// A run as evaluated: its row, its tasks, and (for a real run) its room in the evaluation budget.
+type Evaluated = (
+    NewRun,
+    Vec<NewTask>,
+    Option<tokio::sync::OwnedSemaphorePermit>,
+);
+
 /// Holds a run's room for just the bytes its tasks carry (at least one), giving back the rest.
 fn keep_room(room: &mut tokio::sync::OwnedSemaphorePermit, bytes: usize) {
     let keep = bytes.max(1);
@@ -539,11 +546,7 @@ impl Spawner {
         activity_id: ActivityId,
         run_id: RunId,
         purpose: Purpose,
-    ) -> (
-        NewRun,
-        Vec<NewTask>,
-        Option<tokio::sync::OwnedSemaphorePermit>,
-    ) {
+    ) -> Evaluated {
         let (mut run, tasks, room) = self
             .evaluate_raw(spec, event, activity_id, run_id, purpose)
             .await;
@@ -565,11 +568,7 @@ impl Spawner {
         activity_id: ActivityId,
         run_id: RunId,
         purpose: Purpose,
-    ) -> (
-        NewRun,
-        Vec<NewTask>,
-        Option<tokio::sync::OwnedSemaphorePermit>,
-    ) {
+    ) -> Evaluated {
         let payload = event.payload.as_ref().map(values::value_to_json);
         let mut run = run_header(event, activity_id, run_id);
         let mut scope = Scope {
