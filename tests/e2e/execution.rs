@@ -1309,8 +1309,17 @@ async fn a_batch_of_results_ends_as_recording_them_one_by_one_would() -> anyhow:
                 activity_id: task.activity_id.clone(),
             }),
         };
+    // An execution's start report.
+    let start = |task: &taskfactory_proto::v1::Task, attempt: u32, execution: &str| {
+        let mut start = result(task, attempt, TaskStatus::Running);
+        start.execution = execution.to_owned();
+        start.error = String::new();
+        start
+    };
     // What concurrency and redelivery can produce, in one batch: a repeat, a late older failure,
     // a result after the task's end, a task nobody made; and a result claiming another type.
+    // Starts among them: a retry's (no repetition), a second execution of one attempt and a start
+    // after the task's end (repetitions, counted once each), a start redelivered (not again).
     let first = |t: &[taskfactory_proto::v1::Task]| {
         let mut unknown = result(&t[0], 1, TaskStatus::Dead);
         unknown.task_id = taskfactory_model::ids::TaskId(uuid::Uuid::new_v4());
@@ -1319,8 +1328,12 @@ async fn a_batch_of_results_ends_as_recording_them_one_by_one_would() -> anyhow:
             claim.task_type = "http".to_owned();
         }
         vec![
+            start(&t[0], 1, "a"),
             result(&t[0], 1, TaskStatus::Failed),
             result(&t[0], 1, TaskStatus::Failed),
+            start(&t[0], 2, "b"),
+            start(&t[0], 2, "c"),
+            start(&t[0], 2, "c"),
             result(&t[1], 2, TaskStatus::Failed),
             result(&t[1], 1, TaskStatus::Failed),
             result(&t[0], 2, TaskStatus::Succeeded),
@@ -1328,6 +1341,7 @@ async fn a_batch_of_results_ends_as_recording_them_one_by_one_would() -> anyhow:
             unknown,
             other_type,
             result(&t[2], 1, TaskStatus::Dead),
+            start(&t[2], 2, "d"),
         ]
     };
     // The run's last two tasks end in one batch.
@@ -1345,22 +1359,45 @@ async fn a_batch_of_results_ends_as_recording_them_one_by_one_would() -> anyhow:
         Recorded::Applied(None) => "applied".to_owned(),
         Recorded::Applied(Some(run)) => format!("applied, run {}", run.status.as_str_name()),
     };
+    let repeated = || {
+        let scrape =
+            crate::support::Scrape::parse(&taskfactory_runtime::metrics::handle().render())
+                .unwrap();
+        scrape.count(
+            taskfactory_runtime::metrics::REPEATED_EXECUTIONS,
+            &[("type", batched[0].r#type.as_str())],
+        )
+    };
     let mut outcomes = Vec::new();
+    let mut repetitions = Vec::new();
     type Step<'a> = &'a dyn Fn(&[taskfactory_proto::v1::Task]) -> Vec<ResultRecord>;
     let steps: [Step<'_>; 2] = [&first, &second];
     for step in steps {
+        let before = repeated();
         let batch: Vec<String> = store::record_results(&pool, &step(&batched))
             .await?
             .iter()
             .map(kind)
             .collect();
+        let after_batch = repeated();
         let mut one_by_one = Vec::new();
         for record in step(&single) {
-            one_by_one.push(kind(&store::record_result(&pool, &record).await?));
+            let recorded = if record.status == TaskStatus::Running {
+                store::record_running(&pool, &record).await?
+            } else {
+                store::record_result(&pool, &record).await?
+            };
+            one_by_one.push(kind(&recorded));
         }
         assert_eq!(batch, one_by_one);
         outcomes.push(batch);
+        repetitions.push((after_batch - before, repeated() - after_batch));
     }
+    assert_eq!(
+        repetitions,
+        [(2.0, 2.0), (0.0, 0.0)],
+        "the same starts count as repetitions both ways"
+    );
     assert_eq!(
         outcomes,
         [
@@ -1370,9 +1407,14 @@ async fn a_batch_of_results_ends_as_recording_them_one_by_one_would() -> anyhow:
                 "applied",
                 "applied",
                 "applied",
+                "applied",
+                "applied",
+                "applied",
+                "applied",
                 "already final",
                 "unknown",
                 "refused: wrong_task",
+                "applied",
                 "applied"
             ],
             vec!["applied", "already final", "applied, run RUN_FAILED"],
@@ -1381,7 +1423,7 @@ async fn a_batch_of_results_ends_as_recording_them_one_by_one_would() -> anyhow:
 
     // Tasks, attempt histories and runs are the same both ways.
     type TaskRow = (i32, String, i32, String, Option<serde_json::Value>, bool);
-    type AttemptRow = (i32, i32, String, String, Option<serde_json::Value>);
+    type AttemptRow = (i32, i32, String, String, Option<serde_json::Value>, String);
     let state = |run: String| {
         let pool = pool.clone();
         async move {
@@ -1394,9 +1436,9 @@ async fn a_batch_of_results_ends_as_recording_them_one_by_one_would() -> anyhow:
             .fetch_all(&pool)
             .await?;
             let attempts: Vec<AttemptRow> = sqlx::query_as(
-                "SELECT t.item_index, a.attempt, a.status, a.error, a.output FROM task_attempts a \
-                 JOIN tasks t ON t.id = a.task_id WHERE t.run_id = $1 \
-                 ORDER BY t.item_index, a.attempt, a.status",
+                "SELECT t.item_index, a.attempt, a.status, a.error, a.output, a.execution \
+                 FROM task_attempts a JOIN tasks t ON t.id = a.task_id WHERE t.run_id = $1 \
+                 ORDER BY t.item_index, a.attempt, a.status, a.execution",
             )
             .bind(run)
             .fetch_all(&pool)

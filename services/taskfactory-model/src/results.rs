@@ -253,6 +253,49 @@ pub fn judge(facts: &TaskFacts<'_>, now: TaskState, report: &Report<'_>) -> Verd
     Verdict::Recorded(change)
 }
 
+/// One row of a task's attempt history, as far as repeated starts are concerned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Seen {
+    pub attempt: u32,
+    pub status: TaskStatus,
+    /// The execution a start report named (empty for outcomes, and starts of older executors).
+    pub execution: String,
+}
+
+/// Whether the start of `execution` for `attempt` repeats a run of the task, given its history
+/// (`seen`, before this start), its series (`attempt_base`) and what it shows (`now`). It does
+/// when another execution started this attempt before (a consumer recreated counts from 1 again;
+/// two deliveries at once), or started an earlier attempt of the series whose outcome never came
+/// (a crash lost it: the task ran, and runs again), or the task had ended (with no outcome of
+/// this attempt that could be its own, arrived first; a cancel is no repetition). A start of an
+/// older executor (no execution id) never counts. An outcome still on its way when the next
+/// attempt starts is counted too: rare, since a retry waits its backoff.
+pub fn repeated_start(
+    seen: &[Seen],
+    attempt: u32,
+    execution: &str,
+    attempt_base: u32,
+    now: TaskStatus,
+) -> bool {
+    if execution.is_empty() {
+        return false;
+    }
+    let has_outcome = |attempt: u32| {
+        seen.iter()
+            .any(|row| row.attempt == attempt && row.status != TaskStatus::Running)
+    };
+    let another_start = seen.iter().any(|row| {
+        row.status == TaskStatus::Running
+            && !row.execution.is_empty()
+            && row.execution != execution
+            && row.attempt > attempt_base
+            && row.attempt <= attempt
+            && (row.attempt == attempt || !has_outcome(row.attempt))
+    });
+    another_start
+        || (task_is_terminal(now) && now != TaskStatus::Cancelled && !has_outcome(attempt))
+}
+
 /// An executor's result must be for an executor's task, name the task it is for, and carry an
 /// attempt number that was handed out.
 fn check_claim(facts: &TaskFacts<'_>, claim: &Claim, attempt: u32) -> Result<(), Refusal> {
@@ -312,6 +355,59 @@ mod tests {
         assert!(already_finished(4, 3));
         assert!(!already_finished(0, 0));
     }
+
+    #[test]
+    fn a_start_repeats_a_run_when_another_ran_without_an_outcome_or_the_task_had_ended() {
+        let seen = |attempt, status, execution: &str| Seen {
+            attempt,
+            status,
+            execution: execution.to_owned(),
+        };
+        use TaskStatus::{Cancelled, Failed, Pending, Running, Succeeded};
+        let started = [seen(1, Running, "a")];
+        assert!(!repeated_start(&[], 1, "a", 0, Pending), "the first start");
+        assert!(
+            !repeated_start(&started, 1, "a", 0, Running),
+            "its redelivery"
+        );
+        assert!(
+            repeated_start(&started, 1, "b", 0, Running),
+            "a second execution of one attempt"
+        );
+        assert!(
+            repeated_start(&started, 2, "b", 0, Running),
+            "attempt 1's outcome was lost"
+        );
+        let failed = [seen(1, Running, "a"), seen(1, Failed, "")];
+        assert!(!repeated_start(&failed, 2, "b", 0, Failed), "a retry");
+        assert!(
+            repeated_start(&failed, 1, "b", 0, Failed),
+            "attempt 1 again"
+        );
+        assert!(
+            !repeated_start(&started, 2, "b", 1, Running),
+            "a start of an earlier series"
+        );
+        assert!(
+            !repeated_start(&started, 1, "", 0, Running),
+            "an older executor's start"
+        );
+        let ended = [seen(1, Running, "a"), seen(1, Succeeded, "")];
+        assert!(
+            repeated_start(&ended, 2, "b", 0, Succeeded),
+            "after the end"
+        );
+        assert!(
+            !repeated_start(&ended, 2, "b", 0, Cancelled),
+            "a cancel is no repetition"
+        );
+        let outcome_first = [seen(1, Succeeded, "")];
+        assert!(
+            !repeated_start(&outcome_first, 1, "a", 0, Succeeded),
+            "its own outcome arrived before its start"
+        );
+    }
+
     use proptest::prelude::*;
 
     const RUN: RunId = RunId(Uuid::from_u128(1));

@@ -48,7 +48,7 @@ struct Queued {
     reply: oneshot::Sender<Result<Recorded, sqlx::Error>>,
 }
 
-/// Records results in batches: whatever results are waiting when a batch starts are grouped by
+/// Records results (and running reports: an executor's start record) in batches: whatever results are waiting when a batch starts are grouped by
 /// run and each group is recorded in one transaction ([`store::record_results`]), so the results
 /// of a fan-out that arrive together take one run lock and one commit, not one each. Nothing waits
 /// to fill a batch: a lone result is recorded at once; batches form while earlier ones commit.
@@ -165,7 +165,7 @@ async fn record_group(
         group.into_iter().map(|q| (q.record, q.reply)).unzip();
     taskfactory_runtime::metrics::record_result_batch(records.len());
     let outcomes: Vec<Result<Recorded, sqlx::Error>> = if records.len() == 1 {
-        vec![store::record_result(&pool, &records[0]).await]
+        vec![record_one(&pool, &records[0]).await]
     } else {
         match store::record_results(&pool, &records).await {
             Ok(recorded) => recorded.into_iter().map(Ok).collect(),
@@ -173,7 +173,7 @@ async fn record_group(
                 tracing::debug!(results = records.len(), error = %error_chain(&error), "batch not recorded; recording its results one by one");
                 let mut one_by_one = Vec::with_capacity(records.len());
                 for record in &records {
-                    one_by_one.push(store::record_result(&pool, record).await);
+                    one_by_one.push(record_one(&pool, record).await);
                 }
                 one_by_one
             }
@@ -181,6 +181,15 @@ async fn record_group(
     };
     for (reply, outcome) in replies.into_iter().zip(outcomes) {
         let _ = reply.send(outcome);
+    }
+}
+
+/// Records a result or a running report that is alone.
+async fn record_one(pool: &PgPool, record: &ResultRecord) -> Result<Recorded, sqlx::Error> {
+    if record.status == TaskStatus::Running {
+        store::record_running(pool, record).await
+    } else {
+        store::record_result(pool, record).await
     }
 }
 
@@ -286,11 +295,7 @@ impl ResultSink {
             }),
         };
         record.make_storable();
-        let recorded = if status == TaskStatus::Running {
-            store::record_running(&self.pool, &record).await
-        } else {
-            self.batcher.record(result.run_id.clone(), record).await
-        };
+        let recorded = self.batcher.record(result.run_id.clone(), record).await;
         match recorded {
             Ok(Recorded::UnknownTask) => {
                 tracing::warn!(task.id = %task_id, "result for an unknown task ignored");

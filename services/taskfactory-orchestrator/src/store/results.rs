@@ -141,37 +141,22 @@ pub async fn record_running(pool: &PgPool, result: &ResultRecord) -> Result<Reco
             .execute(&mut *tx)
             .await?;
     }
-    // A start is a repetition when another execution started this attempt before (a consumer
-    // recreated counts from 1 again; two deliveries at once), or started an earlier one whose
-    // outcome never came (a crash lost it: the task ran, and runs again), or the task had ended
-    // (with no outcome of this attempt that could be its own, arrived first; a cancel is no
-    // repetition). Only starts of the current series count (a RetryTask starts a new one). An
-    // outcome still on its way when the next attempt starts is counted too: rare, since a retry
-    // waits its backoff.
-    let repeated: bool = if result.execution.is_empty() {
-        false
+    let history = if result.execution.is_empty() {
+        Vec::new()
     } else {
-        sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM task_attempts s WHERE s.task_id = $1 \
-                 AND s.status = 'RUNNING' AND s.execution <> '' AND s.execution <> $3 \
-                 AND s.attempt > $5 AND s.attempt <= $2 \
-                 AND (s.attempt = $2 OR NOT EXISTS (SELECT 1 FROM task_attempts r \
-                     WHERE r.task_id = $1 AND r.attempt = s.attempt AND r.status <> 'RUNNING'))) \
-             OR ($4 AND NOT EXISTS (SELECT 1 FROM task_attempts WHERE task_id = $1 \
-                 AND attempt = $2 AND status <> 'RUNNING'))",
-        )
-        .persistent(false)
-        .bind(result.task_id.0)
-        .bind(int(result.attempt))
-        .bind(&result.execution)
-        .bind(
-            status::task_is_terminal(task.state().status)
-                && task.state().status != TaskStatus::Cancelled,
-        )
-        .bind(task.attempt_base)
-        .fetch_one(&mut *tx)
-        .await?
+        attempt_history(&mut tx, &[task.id])
+            .await?
+            .into_iter()
+            .map(|(_, seen)| seen)
+            .collect()
     };
+    let repeated = results::repeated_start(
+        &history,
+        result.attempt,
+        &result.execution,
+        count(task.attempt_base),
+        task.state().status,
+    );
     let inserted = sqlx::query(
         "INSERT INTO task_attempts (task_id, attempt, status, executor, started_at, execution) \
          VALUES ($1, $2, 'RUNNING', $3, $4, $5) ON CONFLICT DO NOTHING",
@@ -186,11 +171,40 @@ pub async fn record_running(pool: &PgPool, result: &ResultRecord) -> Result<Reco
     .rows_affected();
     tx.commit().await?;
     if repeated && inserted > 0 {
-        tracing::warn!(task.id = %result.task_id, attempt = result.attempt, execution = %result.execution, "a task was started again: another execution of this attempt started before, or the task had ended");
-        taskfactory_runtime::metrics::count_repeated_execution(&task.task_type);
+        count_repeated(result, &task.task_type);
     }
     // A running report never finishes anything, whatever the task's state.
     Ok(Recorded::Applied(None))
+}
+
+/// The attempt history of `tasks` that tells repeated starts ([`results::repeated_start`]).
+async fn attempt_history(
+    tx: &mut sqlx::PgConnection,
+    tasks: &[Uuid],
+) -> Result<Vec<(Uuid, results::Seen)>, sqlx::Error> {
+    let rows: Vec<(Uuid, i32, String, String)> = sqlx::query_as(
+        "SELECT task_id, attempt, status, execution FROM task_attempts WHERE task_id = ANY($1)",
+    )
+    .persistent(false)
+    .bind(tasks)
+    .fetch_all(tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(task, attempt, status, execution)| {
+            let seen = results::Seen {
+                attempt: count(attempt),
+                status: status::task_status_from_db(&status),
+                execution,
+            };
+            (task, seen)
+        })
+        .collect())
+}
+
+fn count_repeated(result: &ResultRecord, task_type: &str) {
+    tracing::warn!(task.id = %result.task_id, attempt = result.attempt, execution = %result.execution, "a task was started again: another execution of this attempt started before, or the task had ended");
+    metrics::count_repeated_execution(task_type);
 }
 
 /// Records a result: the attempt row, the task's state as [`results::judge`] decides, and the
@@ -313,7 +327,7 @@ struct TaskInBatch {
     finished_at: Option<DateTime<Utc>>,
 }
 
-/// Records results (not running reports), in order, in one transaction, with the same outcome as
+/// Records results and running reports, in order, in one transaction, with the same outcome as
 /// recording them one by one: the same [`results::judge`] applied to each in turn, in memory. One
 /// lock of each run (taken in id order, before its tasks, as everywhere), one statement for the
 /// attempts, one for the tasks and one per run, however many results: a fan-out's results cost
@@ -370,6 +384,23 @@ pub async fn record_results(
         })
         .collect();
 
+    // What tells repeated starts, for the tasks this batch starts.
+    let mut started: Vec<Uuid> = results
+        .iter()
+        .filter(|r| r.status == TaskStatus::Running && !r.execution.is_empty())
+        .map(|r| r.task_id.0)
+        .collect();
+    started.sort_unstable();
+    started.dedup();
+    let mut histories: std::collections::HashMap<Uuid, Vec<results::Seen>> =
+        started.iter().map(|task| (*task, Vec::new())).collect();
+    if !started.is_empty() {
+        for (task, seen) in attempt_history(&mut tx, &started).await? {
+            histories.entry(task).or_default().push(seen);
+        }
+    }
+    let mut repeated: Vec<(&ResultRecord, String)> = Vec::new();
+
     // The same rule as one result at a time, applied in order in memory.
     let now = Utc::now();
     let mut recorded = Vec::with_capacity(results.len());
@@ -382,9 +413,48 @@ pub async fn record_results(
             recorded.push(Recorded::UnknownTask);
             continue;
         };
-        let change = match results::judge(&task.row.facts(), task.state, &result.report()) {
+        let verdict = results::judge(&task.row.facts(), task.state, &result.report());
+        if !matches!(verdict, Verdict::Refused(_))
+            && let Some(history) = histories.get_mut(&result.task_id.0)
+        {
+            let running = result.status == TaskStatus::Running;
+            let execution = if running {
+                result.execution.as_str()
+            } else {
+                ""
+            };
+            let new_row = !history.iter().any(|row| {
+                row.attempt == result.attempt
+                    && row.status == result.status
+                    && row.execution == execution
+            });
+            if running
+                && new_row
+                && results::repeated_start(
+                    history,
+                    result.attempt,
+                    execution,
+                    count(task.row.attempt_base),
+                    task.state.status,
+                )
+            {
+                repeated.push((result, task.row.task_type.clone()));
+            }
+            history.push(results::Seen {
+                attempt: result.attempt,
+                status: result.status,
+                execution: execution.to_owned(),
+            });
+        }
+        let change = match verdict {
             Verdict::Refused(refusal) => {
                 recorded.push(Recorded::Refused(refusal));
+                continue;
+            }
+            // A running report never finishes anything, whatever the task's state.
+            Verdict::TaskFinal if result.status == TaskStatus::Running => {
+                attempts.push(result);
+                recorded.push(Recorded::Applied(None));
                 continue;
             }
             Verdict::TaskFinal => {
@@ -435,6 +505,9 @@ pub async fn record_results(
         }
     }
     tx.commit().await?;
+    for (result, task_type) in repeated {
+        count_repeated(result, &task_type);
+    }
     for (task_type, outcome) in finished_tasks {
         metrics::record_tasks_finished(&task_type, status::task_outcome(outcome), 1);
     }
@@ -457,9 +530,9 @@ async fn insert_attempts(
     };
     sqlx::query(
         "INSERT INTO task_attempts (task_id, attempt, status, error, output, executor, \
-             started_at, finished_at) \
+             started_at, finished_at, execution) \
          SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::jsonb[], \
-             $6::text[], $7::timestamptz[], $8::timestamptz[]) \
+             $6::text[], $7::timestamptz[], $8::timestamptz[], $9::text[]) \
          ON CONFLICT DO NOTHING",
     )
     .persistent(false)
@@ -478,6 +551,13 @@ async fn insert_attempts(
     .bind(column(|r| Some(r.executor.clone())))
     .bind(attempts.iter().map(|r| r.started_at).collect::<Vec<_>>())
     .bind(attempts.iter().map(|r| r.finished_at).collect::<Vec<_>>())
+    .bind(column(|r| {
+        Some(if r.status == TaskStatus::Running {
+            r.execution.clone()
+        } else {
+            String::new()
+        })
+    }))
     .execute(tx)
     .await?;
     Ok(())
