@@ -160,3 +160,67 @@ async fn two_triggers_lose_and_double_nothing_while_the_leader_is_killed_again_a
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lease_bucket_deleted_at_runtime_is_taken_again_and_schedules_keep_firing()
+-> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions {
+        lease_ttl: Duration::from_secs(2),
+        ..EnvOptions::default()
+    })
+    .await?;
+    let pool = env.db.pool().await?;
+    let _services = env.start_all().await?;
+    let js = env.js().await?;
+    let mut admin = env.admin().await?;
+    create(&mut admin, &every_second("kept")).await?;
+    let fires = || async {
+        let fires: i64 = sqlx::query_scalar("SELECT count(*) FROM fires")
+            .fetch_one(&pool)
+            .await?;
+        anyhow::Ok(fires)
+    };
+    wait_for("the schedule to fire", Duration::from_secs(20), || async {
+        Ok((fires().await? >= 2).then_some(()))
+    })
+    .await?;
+    let epoch = || async {
+        let epoch: Option<DateTime<Utc>> =
+            sqlx::query_scalar("SELECT epoch FROM scheduler_fence WHERE singleton")
+                .fetch_optional(&pool)
+                .await?;
+        anyhow::Ok(epoch)
+    };
+    let first_epoch = epoch().await?.expect("a leader");
+
+    // An operator (or an accident) deletes the lease bucket while the leader holds the lease.
+    assert!(js.delete_stream("KV_taskfactory_leases").await?.success);
+    // The trigger declares it again and leads in a new term (the recreated bucket is a newer
+    // epoch), and the schedule goes on firing; nobody restarted anything.
+    wait_for("a term of a new epoch", Duration::from_secs(20), || async {
+        Ok(epoch().await?.filter(|e| *e > first_epoch))
+    })
+    .await?;
+    assert!(js.get_stream("KV_taskfactory_leases").await.is_ok());
+    let before = fires().await?;
+    wait_for(
+        "fires after the new term",
+        Duration::from_secs(20),
+        || async { Ok((fires().await? >= before + 3).then_some(())) },
+    )
+    .await?;
+    // Every second fired once, the outage included (caught up: MISFIRE_ALL).
+    let times: Vec<DateTime<Utc>> =
+        sqlx::query_scalar("SELECT scheduled_for FROM fires ORDER BY scheduled_for")
+            .fetch_all(&pool)
+            .await?;
+    let distinct: BTreeSet<_> = times.iter().collect();
+    assert_eq!(distinct.len(), times.len(), "no second fire of a second");
+    let (first, last) = (times[0], times[times.len() - 1]);
+    assert_eq!(
+        times.len() as i64,
+        (last - first).num_seconds() + 1,
+        "no second lost"
+    );
+    Ok(())
+}

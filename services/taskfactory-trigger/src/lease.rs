@@ -231,12 +231,16 @@ pub async fn run<F, Fut>(
                     Ok(None) => {}
                     Err(error) => {
                         tracing::warn!(error = %error_chain(error.as_ref()), "cannot reach the scheduling lease");
+                        if let Some(reopened) = replaced(&js, &config, &lease).await {
+                            lease = reopened;
+                        }
                     }
                 }
             }
             Some(current) => {
                 let sent = Instant::now();
                 let left = current.valid_until.saturating_duration_since(sent);
+                let mut reopened = None;
                 let renewed = match tokio::time::timeout(left, lease.renew(current.revision)).await
                 {
                     Ok(Ok(Some(revision))) => {
@@ -250,7 +254,9 @@ pub async fn run<F, Fut>(
                     }
                     Ok(Err(error)) => {
                         tracing::warn!(error = %error_chain(error.as_ref()), "cannot renew the scheduling lease");
-                        Instant::now() < current.valid_until
+                        reopened = replaced(&js, &config, &lease).await;
+                        // A lease in a bucket that is gone is over.
+                        reopened.is_none() && Instant::now() < current.valid_until
                     }
                     Err(_elapsed) => {
                         tracing::warn!("could not renew the scheduling lease in time");
@@ -260,6 +266,9 @@ pub async fn run<F, Fut>(
                 if !renewed && let Some(lost) = held.take() {
                     lost.stop().await;
                     roles.send_replace(Role::Standby);
+                }
+                if let Some(reopened) = reopened {
+                    lease = reopened;
                 }
             }
         }
@@ -316,6 +325,27 @@ pub async fn run<F, Fut>(
         tracing::info!(holder = %config.holder, "gave up the scheduling lease");
     }
     roles.send_replace(Role::Starting);
+}
+
+/// After a lease call failed: the bucket opened again if it is gone (declared again, so
+/// scheduling does not stop for good) or was recreated meanwhile. Either way it is a newer epoch:
+/// a lease held in the old bucket is over, and terms taken in the new one fence it.
+async fn replaced(
+    js: &async_nats::jetstream::Context,
+    config: &LeaseConfig,
+    lease: &Lease,
+) -> Option<Lease> {
+    match Lease::open(js, config.clone()).await {
+        Ok(reopened) if reopened.epoch != lease.epoch => {
+            tracing::warn!(bucket = %config.bucket, "the scheduling lease bucket was deleted or recreated: declared again; leadership starts over in a new epoch");
+            Some(reopened)
+        }
+        Ok(_) => None,
+        Err(error) => {
+            tracing::debug!(bucket = %config.bucket, error = %error_chain(error.as_ref()), "cannot open the scheduling lease bucket");
+            None
+        }
+    }
 }
 
 /// Opens the lease bucket, retrying until it works or shutdown.

@@ -201,8 +201,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     .context("admin API authentication")?;
     let (roles, _) = tokio::sync::watch::channel(lease::Role::Starting);
     let role = roles.subscribe();
-    // The lease bucket is not among them: the lease's fencing epoch is the bucket's creation
-    // time, read at start (a trigger whose bucket was deleted loses the lease and stands by).
+    // The lease bucket is not among them: the lease keeps its own (a lease call that fails on a
+    // bucket deleted or recreated declares it again and starts leadership over in a new epoch,
+    // the bucket's creation time; see `lease`).
     let kept = Arc::new(nats::Kept::default());
     tracker.spawn(nats::keep_declared(
         js.clone(),
