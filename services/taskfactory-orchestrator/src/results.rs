@@ -346,6 +346,16 @@ impl ResultSink {
         let kv = self.finished_tasks.clone();
         tokio::spawn(async move {
             let key = task_id.to_string();
+            // Most tasks finish once: one request when the key is new.
+            match kv.create(key.as_str(), attempt.to_string().into()).await {
+                Ok(_) => return,
+                Err(error)
+                    if error.kind()
+                        == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {}
+                Err(error) => {
+                    tracing::debug!(task.id = %task_id, error = %error, "cannot mark the task finished for executors yet")
+                }
+            }
             for _ in 0..3 {
                 let written = match kv.entry(key.as_str()).await {
                     Ok(Some(entry)) => {

@@ -97,6 +97,14 @@ impl TaskRow {
         }
     }
 
+    /// Whether the attempt history may hold anything that makes a start a repetition
+    /// ([`results::repeated_start`]): an attempt of the current series on record (every one
+    /// raised `attempts` past `attempt_base` when it was recorded), or an end. A task's first
+    /// start, the common case, needs no read of its history.
+    fn may_have_started(&self) -> bool {
+        self.attempts > self.attempt_base || status::task_is_terminal(self.state().status)
+    }
+
     fn state(&self) -> TaskState {
         TaskState {
             status: status::task_status_from_db(&self.status),
@@ -141,7 +149,7 @@ pub async fn record_running(pool: &PgPool, result: &ResultRecord) -> Result<Reco
             .execute(&mut *tx)
             .await?;
     }
-    let history = if result.execution.is_empty() {
+    let history = if result.execution.is_empty() || !task.may_have_started() {
         Vec::new()
     } else {
         attempt_history(&mut tx, &[task.id])
@@ -394,8 +402,13 @@ pub async fn record_results(
     started.dedup();
     let mut histories: std::collections::HashMap<Uuid, Vec<results::Seen>> =
         started.iter().map(|task| (*task, Vec::new())).collect();
-    if !started.is_empty() {
-        for (task, seen) in attempt_history(&mut tx, &started).await? {
+    let read: Vec<Uuid> = started
+        .iter()
+        .copied()
+        .filter(|id| tasks.get(id).is_some_and(|t| t.row.may_have_started()))
+        .collect();
+    if !read.is_empty() {
+        for (task, seen) in attempt_history(&mut tx, &read).await? {
             histories.entry(task).or_default().push(seen);
         }
     }
