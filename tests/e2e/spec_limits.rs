@@ -188,6 +188,10 @@ async fn the_live_activities_together_stay_within_their_limits() -> anyhow::Resu
     .await?;
     assert!(total <= 10_000, "the live specs take {total} bytes");
     assert_eq!(taken, 2, "the live specs take {total} bytes");
+    let kept: i64 = sqlx::query_scalar("SELECT bytes FROM definitions_totals")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(kept, total, "the kept total is the live specs'");
 
     // Six live activities: a seventh is refused however small.
     let refused = create(&mut admin, padded("c", 1)?).await.unwrap_err();
@@ -371,5 +375,73 @@ async fn calls_with_specs_beyond_the_slots_wait_for_one() -> anyhow::Result<()> 
     drop(held);
     previewing.await??;
     tokio::time::timeout(Duration::from_secs(10), getting).await???;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reload_reads_only_the_activities_that_changed() -> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _trigger = env.start(Service::Trigger);
+    env.wait_ready(&[Service::Trigger]).await?;
+    let mut admin = env.admin().await?;
+    let activities = 40;
+    for i in 0..activities {
+        create(&mut admin, padded(&format!("a{i:02}"), 10)?).await?;
+    }
+    let pool = env.db.pool().await?;
+    let registry = taskfactory_trigger::registry::Registry::new();
+    assert_eq!(
+        registry.reload(&pool).await?,
+        activities,
+        "the first load reads all"
+    );
+    assert!(
+        registry.reload(&pool).await? <= 1,
+        "nothing changed: nothing to read"
+    );
+
+    // One created, one changed, one deleted: three read, not the 41 live ones.
+    create(&mut admin, padded("new", 10)?).await?;
+    update(&mut admin, padded("a07", 20)?).await?;
+    admin
+        .delete_activity(DeleteActivityRequest {
+            id: "a09".to_owned(),
+        })
+        .await?;
+    let read = registry.reload(&pool).await?;
+    assert!((3..=5).contains(&read), "read {read} activities");
+    let snapshot = registry.current();
+    let names: std::collections::BTreeSet<&str> = snapshot
+        .activities
+        .values()
+        .map(|a| a.name.as_str())
+        .collect();
+    assert_eq!(names.len(), activities, "{names:?}");
+    assert!(names.contains("new") && !names.contains("a09"), "{names:?}");
+    let changed = snapshot
+        .activities
+        .values()
+        .find(|a| a.name == "a07")
+        .context("a07 is live")?;
+    assert_eq!(changed.version, 2);
+    assert_eq!(
+        snapshot.changed.as_ref().map(Vec::len),
+        Some(3),
+        "the snapshot says which activities changed"
+    );
+
+    // The totals the limits are checked against are the live activities'.
+    let (count, bytes): (i64, i64) =
+        sqlx::query_as("SELECT activities, bytes FROM definitions_totals")
+            .fetch_one(&pool)
+            .await?;
+    let (real_count, real_bytes): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), sum(v.spec_bytes)::bigint FROM activities a \
+         JOIN activity_versions v ON v.activity_id = a.id AND v.version = a.current_version \
+         WHERE a.deleted_at IS NULL",
+    )
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!((count, bytes), (real_count, real_bytes));
     Ok(())
 }

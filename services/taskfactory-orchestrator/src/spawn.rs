@@ -264,7 +264,6 @@ impl Spawner {
         let (new_run, tasks, room) = self.evaluate(event, activity_id, run_id).await?;
         let status = new_run.status;
         record_run_outcome(&new_run, tasks.len());
-        let instances = publishable(&tasks);
         if !store::insert_run(&self.pool, &new_run, &tasks).await? {
             // Another delivery recorded it first; continue from what it recorded (once: a run that
             // still is not there means the key belongs to some other run).
@@ -274,13 +273,13 @@ impl Spawner {
                     event.dedupe_key
                 )));
             };
-            drop((room, tasks, instances));
+            drop((room, tasks));
             return Box::pin(self.process_run(message, event, activity_id, run_id, Some(state)))
                 .await;
         }
         tracing::info!(run.id = %run_id, activity.name = %new_run.activity_name, tasks = tasks.len(), status = ?status, "run recorded");
         if status == RunStatus::RunRunning {
-            self.publish_tasks(&instances).await?;
+            self.publish_tasks(&publishable(tasks)).await?;
             store::mark_spawn_complete(&self.pool, run_id).await?;
         } else {
             completion::announce_if_finished(&self.pool, &self.js, run_id).await?;
@@ -438,7 +437,7 @@ impl Spawner {
             .await?
             .is_some_and(|state| state.status == RunStatus::RunCancelled);
         if run.status == RunStatus::RunRunning && !cancelled {
-            self.publish_tasks(&publishable(&tasks)).await?;
+            self.publish_tasks(&publishable(tasks)).await?;
             store::mark_spawn_complete(&self.pool, run_id).await?;
         } else {
             // The next run needs room of its own: never wait for it while holding this one's.
@@ -726,9 +725,23 @@ impl Spawner {
         (run, tasks, room)
     }
 
+    /// Publishes the run's tasks still `PENDING` (a spawn interrupted), a page at a time: a run
+    /// of any size is resumed in bounded memory.
     async fn publish_pending(&self, run_id: RunId) -> Result<(), SpawnError> {
-        let pending = store::pending_instances(&self.pool, run_id).await?;
-        self.publish_tasks(&pending).await
+        let mut after = None;
+        loop {
+            let page = store::pending_instances(&self.pool, run_id, after, PENDING_PAGE).await?;
+            let Some((_, last)) = page.last() else {
+                return Ok(());
+            };
+            after = Some(last.clone());
+            let full = page.len() >= PENDING_PAGE;
+            let page: Vec<_> = page.into_iter().map(|(task, _)| task).collect();
+            self.publish_tasks(&page).await?;
+            if !full {
+                return Ok(());
+            }
+        }
     }
 
     /// Publishes tasks concurrently (in bounded windows) and waits for every ack.
@@ -781,12 +794,16 @@ pub enum Purpose {
 
 pub use taskfactory_model::results::HUMAN_TASK_TYPE;
 
-/// The tasks that go to executors (all but human tasks), as `(id, type, TaskInstance bytes)`.
-fn publishable(tasks: &[NewTask]) -> Vec<(TaskId, String, Vec<u8>)> {
+/// Tasks of an interrupted spawn read from the database at once, at most.
+const PENDING_PAGE: usize = 500;
+
+/// The tasks that go to executors (all but human tasks), as `(id, type, TaskInstance bytes)`,
+/// once they are recorded: what they carry is moved, not copied, and their params are dropped.
+fn publishable(tasks: Vec<NewTask>) -> Vec<(TaskId, String, Vec<u8>)> {
     tasks
-        .iter()
+        .into_iter()
         .filter(|t| t.status == TaskStatus::Pending)
-        .map(|t| (t.id, t.task_type.clone(), t.instance.clone()))
+        .map(|t| (t.id, t.task_type, t.instance))
         .collect()
 }
 

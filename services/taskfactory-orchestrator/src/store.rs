@@ -612,21 +612,34 @@ pub async fn stalled_overlap_work(
     ))
 }
 
-/// Tasks of a run not yet reported on, to publish (again) when a spawn is resumed.
+/// A task to publish, `(id, type, TaskInstance bytes)`, and where it stands in its run
+/// (`(template, item_index)`: the key to read on from).
+pub type PendingInstance = ((TaskId, String, Vec<u8>), (String, i32));
+
+/// Tasks of a run not yet reported on, to publish (again) when a spawn is resumed: at most
+/// `limit`, in order, after the task at `after` (from the first when `None`).
 pub async fn pending_instances(
     pool: &PgPool,
     run: RunId,
-) -> Result<Vec<(TaskId, String, Vec<u8>)>, sqlx::Error> {
-    let rows: Vec<(Uuid, String, Vec<u8>)> = sqlx::query_as(
-        "SELECT id, type, instance FROM tasks WHERE run_id = $1 AND status = 'PENDING' \
-         ORDER BY template, item_index",
+    after: Option<(String, i32)>,
+    limit: usize,
+) -> Result<Vec<PendingInstance>, sqlx::Error> {
+    // Before every task: item indexes start at 0.
+    let (template, index) = after.unwrap_or((String::new(), -1));
+    let rows: Vec<(Uuid, String, Vec<u8>, String, i32)> = sqlx::query_as(
+        "SELECT id, type, instance, template, item_index FROM tasks \
+         WHERE run_id = $1 AND status = 'PENDING' AND (template, item_index) > ($2, $3) \
+         ORDER BY template, item_index LIMIT $4",
     )
     .bind(run.0)
+    .bind(template)
+    .bind(index)
+    .bind(i64::try_from(limit).unwrap_or(i64::MAX))
     .fetch_all(pool)
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(id, t, instance)| (TaskId(id), t, instance))
+        .map(|(id, t, instance, template, index)| ((TaskId(id), t, instance), (template, index)))
         .collect())
 }
 

@@ -114,6 +114,10 @@ pub const DEFINITIONS_SIGNALS: &str = "taskfactory_definitions_signals_total";
 /// Postgres, to see one lagging behind).
 pub const DEFINITIONS_GENERATION: &str = "taskfactory_definitions_generation";
 
+/// Trigger: activities read by definition reloads (a reload reads only what changed since the
+/// one before; this growing with every reload by the number of activities means it does not).
+pub const DEFINITIONS_READ: &str = "taskfactory_definitions_read_total";
+
 /// Buckets of the result batch sizes.
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 
@@ -252,6 +256,10 @@ fn describe() {
         DEFINITIONS_GENERATION,
         "The definitions generation this replica has loaded"
     );
+    describe_counter!(
+        DEFINITIONS_READ,
+        "Activities read by definition reloads (only those changed since the reload before)"
+    );
 }
 
 /// Counts an admin call refused before its handler: not authenticated, or no role for the RPC.
@@ -298,6 +306,12 @@ pub fn record_definitions_reload(outcome: &'static str, generation: Option<i64>)
     if let Some(generation) = generation {
         metrics::gauge!(DEFINITIONS_GENERATION).set(generation as f64);
     }
+}
+
+/// Counts activities a definitions reload read.
+pub fn count_definitions_read(n: usize) {
+    handle();
+    metrics::counter!(DEFINITIONS_READ).increment(n as u64);
 }
 
 /// Notes how many results one transaction recorded.

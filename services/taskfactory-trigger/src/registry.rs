@@ -3,8 +3,10 @@
 //!
 //! A snapshot is immutable and replaced whole on reload. Reloads happen when this replica's admin
 //! API changes a definition (at once), when another replica announces a change on
-//! `taskfactory.internal.definitions-changed`, and when the definitions generation in Postgres
-//! moves (polled, so a lost announcement only delays a change, never drops it).
+//! `taskfactory.internal.definitions-changed`, and every reload interval (polled, so a lost
+//! announcement only delays a change, never drops it). A reload reads only the activities changed
+//! since the one before (by transactions not finished at its snapshot), so its cost does not grow
+//! with the number of activities; building the snapshot copies a map of pointers.
 //!
 //! Anyone who can publish on NATS can send the announcement, so it is cheap by construction: the
 //! signals waiting are answered by one reload, at most one reload runs at a time with at most one
@@ -119,6 +121,11 @@ impl LiveActivity {
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub generation: i64,
+    /// Counts the snapshots this registry published.
+    pub serial: u64,
+    /// The activities that differ from snapshot `serial - 1` (added, changed or gone); `None`:
+    /// not known (a full load), compare everything.
+    pub changed: Option<Vec<ActivityId>>,
     pub activities: HashMap<ActivityId, Arc<LiveActivity>>,
 }
 
@@ -127,6 +134,9 @@ pub struct Snapshot {
 pub struct Registry {
     sender: Arc<watch::Sender<Arc<Snapshot>>>,
     changed: Arc<Notify>,
+    /// Where the next load reads changes from (`store::Heads::horizon`; `None`: read all),
+    /// held by the load in progress: loads build on the snapshot before them, one at a time.
+    horizon: Arc<tokio::sync::Mutex<Option<i64>>>,
 }
 
 impl Registry {
@@ -135,6 +145,7 @@ impl Registry {
         Self {
             sender: Arc::new(sender),
             changed: Arc::new(Notify::new()),
+            horizon: Arc::new(tokio::sync::Mutex::new(None)),
         }
     }
 
@@ -153,27 +164,60 @@ impl Registry {
 
     /// Loads every live activity from Postgres and publishes the new snapshot (subscribers are
     /// woken only when something changed).
-    pub async fn reload(&self, pool: &PgPool) -> Result<(), store::StoreError> {
+    /// Returns how many activities it read (those changed since the reload before, or all
+    /// of them the first time).
+    pub async fn reload(&self, pool: &PgPool) -> Result<usize, store::StoreError> {
         let reloaded = self.load(pool).await;
         match &reloaded {
-            Ok((generation, changed)) => taskfactory_runtime::metrics::record_definitions_reload(
-                if *changed { "changed" } else { "unchanged" },
-                Some(*generation),
-            ),
+            Ok((generation, changed, _)) => {
+                taskfactory_runtime::metrics::record_definitions_reload(
+                    if *changed { "changed" } else { "unchanged" },
+                    Some(*generation),
+                )
+            }
             Err(_) => taskfactory_runtime::metrics::record_definitions_reload("failed", None),
         }
-        reloaded.map(|_| ())
+        reloaded.map(|(_, _, read)| read)
     }
 
-    /// Loads the snapshot; returns its generation and whether it differs from the one before.
-    /// Specs are loaded only for the activities that are new or changed.
-    async fn load(&self, pool: &PgPool) -> Result<(i64, bool), store::StoreError> {
-        let generation = store::definitions_generation(pool).await?;
-        let heads = store::live_activity_heads(pool).await?;
+    /// Loads the snapshot; returns its generation, whether it differs from the one before, and
+    /// how many activities it read.
+    /// Only what changed since the last load is read (the activities changed by transactions not
+    /// finished at its snapshot, see `store::activity_heads_since`), and specs only of the
+    /// activities that are new or changed: a change costs the same however many activities there
+    /// are. Loads run one at a time.
+    async fn load(&self, pool: &PgPool) -> Result<(i64, bool, usize), store::StoreError> {
+        let mut horizon = self.horizon.lock().await;
         let previous = self.current();
-        let mut activities = HashMap::with_capacity(heads.len());
+        let generation = store::definitions_generation(pool).await?;
+        let mut read = store::activity_heads_since(pool, *horizon).await?;
+        let mut full = horizon.is_none();
+        if horizon.is_some_and(|horizon| read.horizon < horizon) {
+            // Transaction ids went back (another database?): read everything again.
+            read = store::activity_heads_since(pool, None).await?;
+            full = true;
+        }
+        let count = read.heads.len() + read.gone.len();
+        taskfactory_runtime::metrics::count_definitions_read(count);
+        if !full && read.heads.is_empty() && read.gone.is_empty() {
+            // Nothing changed (a poll, mostly).
+            *horizon = Some(read.horizon);
+            return Ok((previous.generation, false, count));
+        }
+        let mut activities = if full {
+            HashMap::with_capacity(read.heads.len())
+        } else {
+            previous.activities.clone()
+        };
+        // What differs from the snapshot before (in an incremental load).
+        let mut touched = Vec::new();
+        for id in &read.gone {
+            if activities.remove(id).is_some() {
+                touched.push(*id);
+            }
+        }
         let mut to_load = Vec::new();
-        for head in &heads {
+        for head in &read.heads {
             // Keep the built schedule when nothing the scheduler reads changed. A pause and resume
             // that both happened since the last reload leave `paused` as it was but move the
             // activation: the scheduler must see that the schedule was off in between.
@@ -188,6 +232,9 @@ impl Registry {
             {
                 activities.insert(head.id, old.clone());
             } else {
+                // Gone until its new version is built (a spec that no longer builds stays out).
+                activities.remove(&head.id);
+                touched.push(head.id);
                 to_load.push(head.id.0);
             }
         }
@@ -200,25 +247,32 @@ impl Registry {
         }
         // Unchanged entries are the very same `Arc`s as before.
         let changed = generation != previous.generation
-            || activities.len() != previous.activities.len()
-            || activities.iter().any(|(id, live)| {
-                !previous
-                    .activities
-                    .get(id)
-                    .is_some_and(|old| Arc::ptr_eq(old, live))
-            });
+            || if full {
+                activities.len() != previous.activities.len()
+                    || activities.iter().any(|(id, live)| {
+                        !previous
+                            .activities
+                            .get(id)
+                            .is_some_and(|old| Arc::ptr_eq(old, live))
+                    })
+            } else {
+                !touched.is_empty()
+            };
         if changed {
             self.sender.send_replace(Arc::new(Snapshot {
                 generation,
+                serial: previous.serial + 1,
+                changed: (!full).then_some(touched),
                 activities,
             }));
         }
-        Ok((generation, changed))
+        *horizon = Some(read.horizon);
+        Ok((generation, changed, count))
     }
 
     /// Keeps the snapshot current until shutdown: reloads on a local request (at once), on
     /// announcements from other replicas (coalesced, at most one reload per
-    /// [`SIGNALLED_RELOAD_GAP`]), and when the polled generation moves. Reloads run one at a
+    /// [`SIGNALLED_RELOAD_GAP`]), and every `poll_every`. Reloads run one at a
     /// time, in this loop: signals that come meanwhile wait as one pending reload.
     pub async fn run_reloader(
         self,
@@ -243,9 +297,9 @@ impl Registry {
             let signalled_reload_at = last_reload.map_or_else(tokio::time::Instant::now, |last| {
                 last + SIGNALLED_RELOAD_GAP
             });
-            let force = tokio::select! {
+            tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = self.changed.notified() => true,
+                _ = self.changed.notified() => {}
                 Some(_) = async {
                     match announcements.as_mut() {
                         Some(s) => s.next().await,
@@ -265,19 +319,12 @@ impl Registry {
                     signalled = true;
                     continue;
                 }
-                _ = tokio::time::sleep_until(signalled_reload_at), if signalled => true,
-                _ = poll.tick() => false,
-            };
-            if !force {
-                match store::definitions_generation(&pool).await {
-                    Ok(generation) if generation == self.current().generation => continue,
-                    Ok(_) => {}
-                    Err(error) => {
-                        tracing::warn!(error = %error_chain(&error), "cannot poll definitions generation");
-                        continue;
-                    }
-                }
+                _ = tokio::time::sleep_until(signalled_reload_at), if signalled => {}
+                _ = poll.tick() => {}
             }
+            // A poll reloads too: it reads only what changed (nothing, mostly), and it finds a
+            // change whose generation moved before its transaction committed (the sequence is
+            // not transactional), which comparing generations alone would miss.
             // Whatever the cause, a reload that starts now answers every signal before it.
             signalled = false;
             last_reload = Some(tokio::time::Instant::now());

@@ -110,7 +110,8 @@ impl Scheduler {
     pub async fn run(mut self) {
         let mut snapshots = self.registry.subscribe();
         let initial = snapshots.borrow_and_update().clone();
-        self.sync(&initial.activities).await;
+        self.sync(&initial.activities, None).await;
+        let mut synced = initial.serial;
         loop {
             let due = self
                 .entries
@@ -128,7 +129,13 @@ impl Scheduler {
                         break;
                     }
                     let snapshot = snapshots.borrow_and_update().clone();
-                    self.sync(&snapshot.activities).await;
+                    // Only what changed, when this follows the snapshot synced last.
+                    let only = snapshot
+                        .changed
+                        .as_deref()
+                        .filter(|_| snapshot.serial == synced + 1);
+                    self.sync(&snapshot.activities, only).await;
+                    synced = snapshot.serial;
                     continue;
                 }
                 _ = self.clock.sleep_until(until) => {}
@@ -142,20 +149,34 @@ impl Scheduler {
     }
 
     /// Brings the entries in line with the registry: new or changed schedules get a writer.
-    async fn sync(&mut self, activities: &HashMap<ActivityId, Arc<LiveActivity>>) {
+    /// `only`: the activities that changed since the last sync (the others are left as they are);
+    /// `None`: look at every one.
+    async fn sync(
+        &mut self,
+        activities: &HashMap<ActivityId, Arc<LiveActivity>>,
+        only: Option<&[ActivityId]>,
+    ) {
         // Schedules replaced by a new version while staying active were running here a moment ago:
         // their new writer treats recent occurrences as on time, not as missed.
         let mut replaced = HashMap::new();
-        let retired: Vec<ActivityId> = self
-            .entries
-            .iter()
-            .filter(|(id, entry)| {
-                !activities.get(id).is_some_and(|a| {
-                    a.is_active() && a.schedule.is_some() && Arc::ptr_eq(a, &entry.activity)
-                })
+        let stays = |id: &ActivityId, entry: &Entry| {
+            activities.get(id).is_some_and(|a| {
+                a.is_active() && a.schedule.is_some() && Arc::ptr_eq(a, &entry.activity)
             })
-            .map(|(id, _)| *id)
-            .collect();
+        };
+        let retired: Vec<ActivityId> = match only {
+            Some(ids) => ids
+                .iter()
+                .filter(|id| self.entries.get(id).is_some_and(|e| !stays(id, e)))
+                .copied()
+                .collect(),
+            None => self
+                .entries
+                .iter()
+                .filter(|(id, entry)| !stays(id, entry))
+                .map(|(id, _)| *id)
+                .collect(),
+        };
         let mut stopping = Vec::new();
         for id in retired {
             if let Some(entry) = self.entries.remove(&id) {
@@ -169,18 +190,28 @@ impl Scheduler {
             let _ = writer.await;
         }
         let now = self.clock.now();
-        let mut stored: Option<HashMap<ActivityId, (DateTime<Utc>, u64)>> = None;
-        for activity in activities.values() {
-            if !activity.is_active()
-                || activity.schedule.is_none()
-                || self.entries.contains_key(&activity.id)
-            {
-                continue;
-            }
-            if stored.is_none() {
-                stored = Some(self.load_state().await);
-            }
-            let state = stored.as_ref().and_then(|s| s.get(&activity.id)).copied();
+        let starts = |activity: &&Arc<LiveActivity>| {
+            activity.is_active()
+                && activity.schedule.is_some()
+                && !self.entries.contains_key(&activity.id)
+        };
+        let starting: Vec<&Arc<LiveActivity>> = match only {
+            Some(ids) => ids
+                .iter()
+                .filter_map(|id| activities.get(id))
+                .filter(starts)
+                .collect(),
+            None => activities.values().filter(starts).collect(),
+        };
+        // The progress of these schedules only: a change costs the same however many there are.
+        let stored = if starting.is_empty() {
+            HashMap::new()
+        } else {
+            let ids: Vec<ActivityId> = starting.iter().map(|activity| activity.id).collect();
+            self.load_state(&ids).await
+        };
+        for activity in starting {
+            let state = stored.get(&activity.id).copied();
             let (due, signal) = watch::channel(None);
             let retire = self.shutdown.child_token();
             let writer = Writer {
@@ -208,9 +239,9 @@ impl Scheduler {
         self.synced_once = true;
     }
 
-    async fn load_state(&self) -> HashMap<ActivityId, (DateTime<Utc>, u64)> {
+    async fn load_state(&self, ids: &[ActivityId]) -> HashMap<ActivityId, (DateTime<Utc>, u64)> {
         loop {
-            match store::schedule_states(&self.pool).await {
+            match store::schedule_states_of(&self.pool, ids).await {
                 Ok(states) => {
                     return states.into_iter().map(|(id, w, n)| (id, (w, n))).collect();
                 }

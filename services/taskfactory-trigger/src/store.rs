@@ -253,19 +253,41 @@ async fn admit_to_total(
     limits: sizes::TotalLimits,
 ) -> Result<(), StoreError> {
     lock_definitions_total(tx).await?;
-    let (activities, bytes): (i64, i64) = sqlx::query_as(
-        "SELECT count(*), COALESCE(sum(v.spec_bytes), 0)::bigint FROM activities a \
-         JOIN activity_versions v ON v.activity_id = a.id AND v.version = a.current_version \
-         WHERE a.deleted_at IS NULL AND a.id IS DISTINCT FROM $1",
-    )
-    .bind(changing.map(|id| id.0))
-    .fetch_one(tx)
-    .await?;
-    let others = sizes::Others {
-        activities: u64::try_from(activities).unwrap_or(0),
-        bytes: u64::try_from(bytes).unwrap_or(0),
+    let (activities, bytes): (i64, i64) =
+        sqlx::query_as("SELECT activities, bytes FROM definitions_totals")
+            .fetch_one(&mut *tx)
+            .await?;
+    let (activities, bytes) = (
+        u64::try_from(activities).unwrap_or(0),
+        u64::try_from(bytes).unwrap_or(0),
+    );
+    let others = match (changing, before) {
+        (Some(_), Some(before)) => sizes::Others {
+            activities: activities.saturating_sub(1),
+            bytes: bytes.saturating_sub(before),
+        },
+        _ => sizes::Others { activities, bytes },
     };
     sizes::admit_definitions(others, before, after, limits)?;
+    let new = i64::from(before.is_none());
+    let grown = i64::try_from(after).unwrap_or(i64::MAX)
+        - i64::try_from(before.unwrap_or(0)).unwrap_or(i64::MAX);
+    add_to_totals(tx, new, grown).await?;
+    Ok(())
+}
+
+/// Moves the live activities' totals (`definitions_totals`) by what a change adds, in its
+/// transaction.
+async fn add_to_totals(
+    tx: &mut sqlx::PgConnection,
+    activities: i64,
+    bytes: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE definitions_totals SET activities = activities + $1, bytes = bytes + $2")
+        .bind(activities)
+        .bind(bytes)
+        .execute(tx)
+        .await?;
     Ok(())
 }
 
@@ -362,7 +384,65 @@ pub async fn list_activities(
 /// Every live activity at its current version, without its spec (`null`): what the registry
 /// compares with what it holds, to load the specs of only the activities that changed.
 pub async fn live_activity_heads(pool: &PgPool) -> Result<Vec<ActivityRecord>, StoreError> {
-    live_activities(pool, "'null'::jsonb AS spec,", None).await
+    Ok(activity_heads_since(pool, None).await?.heads)
+}
+
+/// Live activities' heads (no spec) changed since a reload's horizon, and the activities deleted
+/// since: what a reload needs to bring its snapshot up to date.
+#[derive(Debug)]
+pub struct Heads {
+    /// The oldest transaction still running when these were read: every change by an older one
+    /// is in them; changes by this one or later may not be. The next reload reads from here.
+    pub horizon: i64,
+    pub heads: Vec<ActivityRecord>,
+    /// Activities deleted since `since` (empty for a full read).
+    pub gone: Vec<ActivityId>,
+}
+
+/// Reads [`Heads`]: every live activity when `since` is `None`, else only those changed by
+/// transactions from the horizon `since` on, in one snapshot.
+pub async fn activity_heads_since(pool: &PgPool, since: Option<i64>) -> Result<Heads, StoreError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    let horizon: i64 =
+        sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+            .fetch_one(&mut *tx)
+            .await?;
+    let columns = ACTIVITY_COLUMNS.replacen("v.spec,", "'null'::jsonb AS spec,", 1);
+    let query = format!(
+        "SELECT {columns} FROM activities a \
+         JOIN activity_versions v ON v.activity_id = a.id AND v.version = a.current_version \
+         WHERE a.deleted_at IS NULL \
+           AND ($1::bigint IS NULL OR a.changed_xid >= $1::bigint::text::xid8)"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(query))
+        .bind(since)
+        .fetch_all(&mut *tx)
+        .await?;
+    let heads = rows
+        .iter()
+        .map(activity_from_row)
+        .collect::<Result<_, _>>()?;
+    let gone: Vec<(Uuid,)> = match since {
+        None => Vec::new(),
+        Some(since) => {
+            sqlx::query_as(
+                "SELECT id FROM activities \
+                 WHERE deleted_at IS NOT NULL AND changed_xid >= $1::bigint::text::xid8",
+            )
+            .bind(since)
+            .fetch_all(&mut *tx)
+            .await?
+        }
+    };
+    tx.commit().await?;
+    Ok(Heads {
+        horizon,
+        heads,
+        gone: gone.into_iter().map(|(id,)| ActivityId(id)).collect(),
+    })
 }
 
 /// These live activities at their current version, for the registry: the spec without what the
@@ -372,27 +452,18 @@ pub async fn load_live_activities(
     pool: &PgPool,
     ids: &[Uuid],
 ) -> Result<Vec<ActivityRecord>, StoreError> {
-    live_activities(
-        pool,
+    let columns = ACTIVITY_COLUMNS.replacen(
+        "v.spec,",
         "v.spec - ARRAY['tasks', 'context', 'description', 'labels'] AS spec,",
-        Some(ids),
-    )
-    .await
-}
-
-async fn live_activities(
-    pool: &PgPool,
-    spec_column: &str,
-    only: Option<&[Uuid]>,
-) -> Result<Vec<ActivityRecord>, StoreError> {
-    let columns = ACTIVITY_COLUMNS.replacen("v.spec,", spec_column, 1);
+        1,
+    );
     let query = format!(
         "SELECT {columns} FROM activities a \
          JOIN activity_versions v ON v.activity_id = a.id AND v.version = a.current_version \
-         WHERE a.deleted_at IS NULL AND ($1::uuid[] IS NULL OR a.id = ANY($1))"
+         WHERE a.deleted_at IS NULL AND a.id = ANY($1)"
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(query))
-        .bind(only)
+        .bind(ids)
         .fetch_all(pool)
         .await?;
     Ok(rows
@@ -404,14 +475,20 @@ async fn live_activities(
 /// Soft-deletes; history (versions, fires, runs) stays.
 pub async fn delete_activity(pool: &PgPool, id: ActivityId) -> Result<bool, StoreError> {
     let mut tx = pool.begin().await?;
-    let deleted = sqlx::query(
-        "UPDATE activities SET deleted_at = now(), updated_at = now() WHERE id = $1 AND deleted_at IS NULL",
+    let spec_bytes: Option<i64> = sqlx::query_scalar(
+        "UPDATE activities a SET deleted_at = now(), updated_at = now() \
+         FROM activity_versions v \
+         WHERE a.id = $1 AND a.deleted_at IS NULL \
+           AND v.activity_id = a.id AND v.version = a.current_version \
+         RETURNING v.spec_bytes",
     )
     .bind(id.0)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected()
-        == 1;
+    .fetch_optional(&mut *tx)
+    .await?;
+    let deleted = spec_bytes.is_some();
+    if let Some(bytes) = spec_bytes {
+        add_to_totals(&mut tx, -1, -bytes).await?;
+    }
     sqlx::query("SELECT nextval('definitions_generation')")
         .execute(&mut *tx)
         .await?;
@@ -661,21 +738,8 @@ async fn advance_watermark(
     Ok(())
 }
 
-/// Each schedule's newest decided occurrence and how many times it fired.
-pub async fn schedule_states(
-    pool: &PgPool,
-) -> Result<Vec<(ActivityId, DateTime<Utc>, u64)>, StoreError> {
-    let rows: Vec<(Uuid, DateTime<Utc>, i64)> =
-        sqlx::query_as("SELECT activity_id, watermark, fires FROM schedule_state")
-            .fetch_all(pool)
-            .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(id, w, n)| (ActivityId(id), w, u64::try_from(n).unwrap_or(0)))
-        .collect())
-}
-
-/// The schedule progress of these activities (those that have any).
+/// The schedule progress of these activities (those that have any): each one's newest decided
+/// occurrence and how many times it fired.
 pub async fn schedule_states_of(
     pool: &PgPool,
     activities: &[ActivityId],
