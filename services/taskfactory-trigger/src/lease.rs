@@ -254,7 +254,14 @@ pub async fn run<F, Fut>(
                     }
                     Ok(Err(error)) => {
                         tracing::warn!(error = %error_chain(error.as_ref()), "cannot renew the scheduling lease");
-                        reopened = replaced(&js, &config, &lease).await;
+                        // Within the lease's life: a leader never leads past it.
+                        let left = current
+                            .valid_until
+                            .saturating_duration_since(Instant::now());
+                        reopened = tokio::time::timeout(left, replaced(&js, &config, &lease))
+                            .await
+                            .ok()
+                            .flatten();
                         // A lease in a bucket that is gone is over.
                         reopened.is_none() && Instant::now() < current.valid_until
                     }

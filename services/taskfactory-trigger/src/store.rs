@@ -268,26 +268,8 @@ async fn admit_to_total(
         },
         _ => sizes::Others { activities, bytes },
     };
+    // The change itself moves the totals (database triggers on the tables it writes).
     sizes::admit_definitions(others, before, after, limits)?;
-    let new = i64::from(before.is_none());
-    let grown = i64::try_from(after).unwrap_or(i64::MAX)
-        - i64::try_from(before.unwrap_or(0)).unwrap_or(i64::MAX);
-    add_to_totals(tx, new, grown).await?;
-    Ok(())
-}
-
-/// Moves the live activities' totals (`definitions_totals`) by what a change adds, in its
-/// transaction.
-async fn add_to_totals(
-    tx: &mut sqlx::PgConnection,
-    activities: i64,
-    bytes: i64,
-) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE definitions_totals SET activities = activities + $1, bytes = bytes + $2")
-        .bind(activities)
-        .bind(bytes)
-        .execute(tx)
-        .await?;
     Ok(())
 }
 
@@ -475,20 +457,15 @@ pub async fn load_live_activities(
 /// Soft-deletes; history (versions, fires, runs) stays.
 pub async fn delete_activity(pool: &PgPool, id: ActivityId) -> Result<bool, StoreError> {
     let mut tx = pool.begin().await?;
-    let spec_bytes: Option<i64> = sqlx::query_scalar(
-        "UPDATE activities a SET deleted_at = now(), updated_at = now() \
-         FROM activity_versions v \
-         WHERE a.id = $1 AND a.deleted_at IS NULL \
-           AND v.activity_id = a.id AND v.version = a.current_version \
-         RETURNING v.spec_bytes",
+    // The totals move with it (a database trigger).
+    let deleted = sqlx::query(
+        "UPDATE activities SET deleted_at = now(), updated_at = now() WHERE id = $1 AND deleted_at IS NULL",
     )
     .bind(id.0)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let deleted = spec_bytes.is_some();
-    if let Some(bytes) = spec_bytes {
-        add_to_totals(&mut tx, -1, -bytes).await?;
-    }
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
     sqlx::query("SELECT nextval('definitions_generation')")
         .execute(&mut *tx)
         .await?;
