@@ -13,6 +13,17 @@ use taskfactory_trigger::admin::SpecLimits;
 
 use crate::support::{Admin, preview, proc_status_kib, with_source};
 
+/// How many live activities there are and their current specs' bytes, counted from the tables.
+async fn live_specs(pool: &sqlx::PgPool) -> anyhow::Result<(i64, i64)> {
+    Ok(sqlx::query_as(
+        "SELECT count(*), COALESCE(sum(v.spec_bytes), 0)::bigint FROM activities a \
+         JOIN activity_versions v ON v.activity_id = a.id AND v.version = a.current_version \
+         WHERE a.deleted_at IS NULL",
+    )
+    .fetch_one(pool)
+    .await?)
+}
+
 /// A manual activity whose one task carries `pad` bytes of text, so its JSON is a little over.
 fn padded(name: &str, pad: usize) -> anyhow::Result<ActivitySpec> {
     Ok(spec_from_yaml(&format!(
@@ -179,13 +190,7 @@ async fn the_live_activities_together_stay_within_their_limits() -> anyhow::Resu
         }
     }
     let pool = env.db.pool().await?;
-    let total: i64 = sqlx::query_scalar(
-        "SELECT sum(v.spec_bytes)::bigint FROM activities a \
-         JOIN activity_versions v ON v.activity_id = a.id AND v.version = a.current_version \
-         WHERE a.deleted_at IS NULL",
-    )
-    .fetch_one(&pool)
-    .await?;
+    let (_, total) = live_specs(&pool).await?;
     assert!(total <= 10_000, "the live specs take {total} bytes");
     assert_eq!(taken, 2, "the live specs take {total} bytes");
     let kept: i64 = sqlx::query_scalar("SELECT bytes FROM definitions_totals")
@@ -435,13 +440,6 @@ async fn a_reload_reads_only_the_activities_that_changed() -> anyhow::Result<()>
         sqlx::query_as("SELECT activities, bytes FROM definitions_totals")
             .fetch_one(&pool)
             .await?;
-    let (real_count, real_bytes): (i64, i64) = sqlx::query_as(
-        "SELECT count(*), sum(v.spec_bytes)::bigint FROM activities a \
-         JOIN activity_versions v ON v.activity_id = a.id AND v.version = a.current_version \
-         WHERE a.deleted_at IS NULL",
-    )
-    .fetch_one(&pool)
-    .await?;
-    assert_eq!((count, bytes), (real_count, real_bytes));
+    assert_eq!((count, bytes), live_specs(&pool).await?);
     Ok(())
 }

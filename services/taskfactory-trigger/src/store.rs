@@ -119,7 +119,7 @@ pub async fn create_activity(
         created_by,
     } = version;
     let mut tx = pool.begin().await?;
-    admit_to_total(&mut tx, None, None, spec_bytes, limits).await?;
+    admit_to_total(&mut tx, None, spec_bytes, limits).await?;
     sqlx::query(
         "INSERT INTO activities (id, name, current_version, enabled, trigger_kind, activated_at) \
          VALUES ($1, $2, 1, $3, $4, $5)",
@@ -194,7 +194,7 @@ pub async fn update_activity(
     let changed = &current.1 != spec;
     if changed {
         let before = u64::try_from(current.2).unwrap_or(0);
-        admit_to_total(&mut tx, Some(id), Some(before), spec_bytes, limits).await?;
+        admit_to_total(&mut tx, Some(before), spec_bytes, limits).await?;
         let version = current.0 + 1;
         sqlx::query(
             "INSERT INTO activity_versions (activity_id, version, spec, spec_bytes, created_by) \
@@ -242,12 +242,11 @@ async fn lock_definitions_total(tx: &mut sqlx::PgConnection) -> Result<(), sqlx:
     Ok(())
 }
 
-/// Whether activity `changing` (none: a new one) may go from a spec of `before` bytes (none: a
-/// new one) to `after`, the other live activities counted as they are now (`model::sizes`).
-/// Takes the totals' lock first (a no-op when it is held).
+/// Whether an activity may go from a spec of `before` bytes (none: a new one) to `after`, the
+/// other live activities counted as they are now (`model::sizes`). Takes the totals' lock first
+/// (a no-op when it is held).
 async fn admit_to_total(
     tx: &mut sqlx::PgConnection,
-    changing: Option<ActivityId>,
     before: Option<u64>,
     after: u64,
     limits: sizes::TotalLimits,
@@ -261,12 +260,12 @@ async fn admit_to_total(
         u64::try_from(activities).unwrap_or(0),
         u64::try_from(bytes).unwrap_or(0),
     );
-    let others = match (changing, before) {
-        (Some(_), Some(before)) => sizes::Others {
+    let others = match before {
+        Some(before) => sizes::Others {
             activities: activities.saturating_sub(1),
             bytes: bytes.saturating_sub(before),
         },
-        _ => sizes::Others { activities, bytes },
+        None => sizes::Others { activities, bytes },
     };
     // The change itself moves the totals (database triggers on the tables it writes).
     sizes::admit_definitions(others, before, after, limits)?;
@@ -363,12 +362,6 @@ pub async fn list_activities(
     Ok((records, next_after))
 }
 
-/// Every live activity at its current version, without its spec (`null`): what the registry
-/// compares with what it holds, to load the specs of only the activities that changed.
-pub async fn live_activity_heads(pool: &PgPool) -> Result<Vec<ActivityRecord>, StoreError> {
-    Ok(activity_heads_since(pool, None).await?.heads)
-}
-
 /// Live activities' heads (no spec) changed since a reload's horizon, and the activities deleted
 /// since: what a reload needs to bring its snapshot up to date.
 #[derive(Debug)]
@@ -392,21 +385,7 @@ pub async fn activity_heads_since(pool: &PgPool, since: Option<i64>) -> Result<H
         sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
             .fetch_one(&mut *tx)
             .await?;
-    let columns = ACTIVITY_COLUMNS.replacen("v.spec,", "'null'::jsonb AS spec,", 1);
-    let query = format!(
-        "SELECT {columns} FROM activities a \
-         JOIN activity_versions v ON v.activity_id = a.id AND v.version = a.current_version \
-         WHERE a.deleted_at IS NULL \
-           AND ($1::bigint IS NULL OR a.changed_xid >= $1::bigint::text::xid8)"
-    );
-    let rows = sqlx::query(sqlx::AssertSqlSafe(query))
-        .bind(since)
-        .fetch_all(&mut *tx)
-        .await?;
-    let heads = rows
-        .iter()
-        .map(activity_from_row)
-        .collect::<Result<_, _>>()?;
+    let heads = live_activities(&mut tx, "'null'::jsonb AS spec,", None, since).await?;
     let gone: Vec<(Uuid,)> = match since {
         None => Vec::new(),
         Some(since) => {
@@ -434,19 +413,34 @@ pub async fn load_live_activities(
     pool: &PgPool,
     ids: &[Uuid],
 ) -> Result<Vec<ActivityRecord>, StoreError> {
-    let columns = ACTIVITY_COLUMNS.replacen(
-        "v.spec,",
+    live_activities(
+        &mut *pool.acquire().await?,
         "v.spec - ARRAY['tasks', 'context', 'description', 'labels'] AS spec,",
-        1,
-    );
+        Some(ids),
+        None,
+    )
+    .await
+}
+
+/// Live activities at their current version with `spec_column` for their spec: only those of
+/// `only`, and only those changed by transactions from the horizon `since` on, when given.
+async fn live_activities(
+    connection: &mut sqlx::PgConnection,
+    spec_column: &str,
+    only: Option<&[Uuid]>,
+    since: Option<i64>,
+) -> Result<Vec<ActivityRecord>, StoreError> {
+    let columns = ACTIVITY_COLUMNS.replacen("v.spec,", spec_column, 1);
     let query = format!(
         "SELECT {columns} FROM activities a \
          JOIN activity_versions v ON v.activity_id = a.id AND v.version = a.current_version \
-         WHERE a.deleted_at IS NULL AND a.id = ANY($1)"
+         WHERE a.deleted_at IS NULL AND ($1::uuid[] IS NULL OR a.id = ANY($1)) \
+           AND ($2::bigint IS NULL OR a.changed_xid >= $2::bigint::text::xid8)"
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(query))
-        .bind(ids)
-        .fetch_all(pool)
+        .bind(only)
+        .bind(since)
+        .fetch_all(connection)
         .await?;
     Ok(rows
         .iter()

@@ -44,6 +44,15 @@ impl ResultRecord {
         }
     }
 
+    /// The execution its attempt row names: a start's own; outcomes name none.
+    fn row_execution(&self) -> &str {
+        if self.status == TaskStatus::Running {
+            &self.execution
+        } else {
+            ""
+        }
+    }
+
     fn report(&self) -> Report<'_> {
         Report {
             status: self.status,
@@ -431,11 +440,7 @@ pub async fn record_results(
             && let Some(history) = histories.get_mut(&result.task_id.0)
         {
             let running = result.status == TaskStatus::Running;
-            let execution = if running {
-                result.execution.as_str()
-            } else {
-                ""
-            };
+            let execution = result.row_execution();
             let new_row = !history.iter().any(|row| {
                 row.attempt == result.attempt
                     && row.status == result.status
@@ -564,13 +569,7 @@ async fn insert_attempts(
     .bind(column(|r| Some(r.executor.clone())))
     .bind(attempts.iter().map(|r| r.started_at).collect::<Vec<_>>())
     .bind(attempts.iter().map(|r| r.finished_at).collect::<Vec<_>>())
-    .bind(column(|r| {
-        Some(if r.status == TaskStatus::Running {
-            r.execution.clone()
-        } else {
-            String::new()
-        })
-    }))
+    .bind(column(|r| Some(r.row_execution().to_owned())))
     .execute(tx)
     .await?;
     Ok(())
