@@ -17,7 +17,12 @@ async fn peak_growth_kib(room: &str, runs: usize) -> anyhow::Result<u64> {
     let _trigger = env.start(Service::Trigger);
     let orchestrator = env.spawn_process(
         Service::Orchestrator,
-        &[("TASKFACTORY_EVALUATION_BYTES_IN_FLIGHT", room)],
+        &[
+            ("TASKFACTORY_EVALUATION_BYTES_IN_FLIGHT", room),
+            // Memory is measured here, not time: eight 1,000-item evaluations at once in a debug
+            // build on a loaded 2-core CI machine can pass the 800 ms default and fail a run.
+            ("TASKFACTORY_EVALUATION_TIMEOUT", "60s"),
+        ],
     )?;
     let pid = orchestrator.pid().context("a process")?;
     env.wait_ready(&[Service::Trigger, Service::Orchestrator])
@@ -58,6 +63,13 @@ async fn peak_growth_kib(room: &str, runs: usize) -> anyhow::Result<u64> {
         let spawned: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE spawn_complete")
             .fetch_one(&pool)
             .await?;
+        let failed: Option<String> =
+            sqlx::query_scalar("SELECT error FROM runs WHERE status = 'FAILED' LIMIT 1")
+                .fetch_optional(&pool)
+                .await?;
+        if let Some(error) = failed {
+            anyhow::bail!("a run failed instead of queueing: {error}");
+        }
         anyhow::ensure!(
             n == expected && spawned == i64::try_from(runs)?,
             "{n} of {expected} tasks, {spawned} of {runs} runs spawned (room {room})"
