@@ -43,3 +43,9 @@ apply +paths:
 bench *args:
     scripts/tools.sh nats >/dev/null
     cargo run --release -p taskfactory-tests --bin taskfactory-bench -- {{args}}
+
+# Each service's peak memory under issue 12's attacks, release binaries as processes (BENCHMARKS.md); e.g. just bench-memory --only events
+bench-memory *args:
+    scripts/tools.sh nats >/dev/null
+    cargo build --release --workspace --bins
+    cargo run --release -p taskfactory-tests --bin taskfactory-membench -- {{args}}

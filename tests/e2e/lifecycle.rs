@@ -298,6 +298,75 @@ async fn retry_task_redrives_a_dead_task_and_its_run_finishes_again() -> anyhow:
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redriven_series_starts_past_every_attempt_in_the_history() -> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    let (url, _calls, failing) = switchable().await?;
+    failing.store(true, Ordering::SeqCst);
+    create(
+        &mut admin,
+        &format!(
+            "name: fragile\ntrigger: {{manual: {{}}}}\ntasks: [{{name: call, type: http, params: {{url: '{url}'}}, retry: {{maxAttempts: 2, initialBackoff: 0.1s}}}}]\n"
+        ),
+    )
+    .await?;
+    let run = fire(&mut admin, "fragile", serde_json::json!({})).await?;
+    let dead = tasks(&mut admin, &run.id).await?.remove(0);
+    assert_eq!((dead.status(), dead.attempts), (TaskStatus::Dead, 2));
+
+    // A third execution (a redelivery whose first copy was still running) ended after the task
+    // had died: the history holds attempt 3, the task's count stays at 2.
+    let pool = env.db.pool().await?;
+    let task_id = uuid::Uuid::parse_str(&dead.id)?;
+    sqlx::query(
+        "INSERT INTO task_attempts (task_id, attempt, status, executor, execution) \
+         VALUES ($1, 3, 'SUCCEEDED', 'a late duplicate', '')",
+    )
+    .bind(task_id)
+    .execute(&pool)
+    .await?;
+
+    failing.store(false, Ordering::SeqCst);
+    admin
+        .retry_task(RetryTaskRequest {
+            id: dead.id.clone(),
+        })
+        .await?;
+    let task = wait_for(
+        "the redriven task to succeed",
+        Duration::from_secs(30),
+        || {
+            let mut admin = admin.clone();
+            let id = dead.id.clone();
+            async move {
+                let task = admin.get_task(GetTaskRequest { id }).await?.into_inner();
+                Ok((task.status() == TaskStatus::Succeeded).then_some(task))
+            }
+        },
+    )
+    .await?;
+    // The new series is attempt 4: its start and its end are rows of their own, beside the late
+    // one (with the series at 3, its success merged into the late row and the history showed one
+    // success where two executions succeeded).
+    assert_eq!(task.attempts, 4);
+    let rows: Vec<(i32, String, String)> = sqlx::query_as(
+        "SELECT attempt, status, executor FROM task_attempts \
+         WHERE task_id = $1 AND attempt >= 3 ORDER BY attempt, status",
+    )
+    .bind(task_id)
+    .fetch_all(&pool)
+    .await?;
+    let shape: Vec<(i32, &str)> = rows.iter().map(|(a, s, _)| (*a, s.as_str())).collect();
+    assert_eq!(
+        shape,
+        [(3, "SUCCEEDED"), (4, "RUNNING"), (4, "SUCCEEDED")],
+        "{rows:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tasks_of_a_type_nobody_serves_die_after_the_grace_period() -> anyhow::Result<()> {
     let env = TestEnv::new(EnvOptions {
         unserved_grace: Duration::from_secs(2),

@@ -472,6 +472,9 @@ pub struct EnvOptions {
     pub max_deliveries: u32,
     /// Every service: how often it declares again streams and buckets deleted or changed.
     pub declare_every: Duration,
+    /// Where [`TestEnv::spawn_process`] finds the service binaries: `target/debug` (what
+    /// `cargo build --bins` makes), or `target/release` for measurements.
+    pub binaries: PathBuf,
 }
 
 impl Default for EnvOptions {
@@ -498,6 +501,7 @@ impl Default for EnvOptions {
             nats_users: true,
             max_deliveries: 20,
             declare_every: Duration::from_secs(1),
+            binaries: workspace_root().join("target/debug"),
         }
     }
 }
@@ -644,12 +648,11 @@ impl TestEnv {
         service: Service,
         extra_env: &[(&str, &str)],
     ) -> anyhow::Result<Command> {
-        let binary = workspace_root()
-            .join("target/debug")
-            .join(service.binary_name());
+        let binary = self.options.binaries.join(service.binary_name());
         if !binary.exists() {
             bail!(
-                "{} not found: run `cargo build --bins` first (just test does)",
+                "{} not found: run `cargo build --bins` first (just test does; add --release for \
+                 measurements)",
                 binary.display()
             );
         }

@@ -802,8 +802,8 @@ pub async fn task_state(pool: &PgPool, task: TaskId) -> Result<Option<TaskState>
     }))
 }
 
-/// A dead task put back for a new attempt series: the attempts so far and the series number, as
-/// of the redrive itself.
+/// A dead task put back for a new attempt series: the attempts before it (its `attempt_base`) and
+/// the series number, as of the redrive itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Redriven {
     pub attempts: u32,
@@ -842,10 +842,17 @@ pub async fn redrive_task(pool: &PgPool, task: TaskId) -> Result<Option<Redriven
         tx.rollback().await?;
         return Ok(None);
     }
+    // The new series starts past every attempt number already used: the task's own count, and
+    // any in its history (an execution that started or ended after the task died adds a number
+    // the task's count never took). Reusing one would merge the new series' rows into the old.
     let (attempts, series): (i32, i32) = sqlx::query_as(
         "UPDATE tasks SET status = 'PENDING', redrives = redrives + 1, finished_at = NULL, \
-             attempt_base = attempts, result_token_required = true \
-         WHERE id = $1 RETURNING attempts, redrives",
+             attempts = GREATEST(attempts, (SELECT COALESCE(max(attempt), 0) \
+                                            FROM task_attempts WHERE task_id = $1)), \
+             attempt_base = GREATEST(attempts, (SELECT COALESCE(max(attempt), 0) \
+                                                FROM task_attempts WHERE task_id = $1)), \
+             result_token_required = true \
+         WHERE id = $1 RETURNING attempt_base, redrives",
     )
     .bind(task.0)
     .fetch_one(&mut *tx)
