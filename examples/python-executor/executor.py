@@ -13,9 +13,11 @@ for S seconds (the message is kept alive with progress acks meanwhile).
 The contract it implements is the README's "Writing an external executor"; in short, per task
 message on `tasks.<type>` (stream FACTORY_TASKS, durable pull consumer `python-executor-<type>`):
 
-  decode TaskInstance → run the handler (timeout, heartbeats) → publish one TaskResult to
-  `results.<activity name>.<run id>` with `Nats-Msg-Id: <task id>:<attempt>:<STATUS>` and wait for
-  the stream's ack → (DEAD only) publish the task to `dlq.tasks.<type>` → ack, or NAK with a delay.
+  decode TaskInstance → read the cancelled-runs and finished-tasks buckets (a finished task: ack,
+  nothing else) → report the start (`RUNNING`) and wait for the stream's ack → run the handler
+  (timeout, heartbeats) → publish one TaskResult to `results.<activity name>.<run id>` with
+  `Nats-Msg-Id: <task id>:<attempt>:<STATUS>` and wait for the stream's ack → (DEAD only) publish
+  the task to `dlq.tasks.<type>` → ack, or NAK with a delay.
 
 Add a task type: write `async def handler(attempt: Attempt) -> JSON value`, raise
 `PermanentError` for what no retry can fix and `RetryableError` (or any other exception) for what
@@ -69,6 +71,10 @@ TRACE_HEADERS = ("traceparent", "tracestate")
 # KV bucket of cancelled runs (key: run id, value: the reason), written by the orchestrator before
 # CancelRun returns: checked before every attempt, watched to stop attempts in flight.
 CANCELLED_RUNS_BUCKET = "taskfactory_cancelled_runs"
+# KV bucket of finished tasks (key: task id, value: the highest attempt number whose final result
+# was recorded, in decimal; never lowered), written by the orchestrator: read before every attempt,
+# so that a finished task's message that comes back never runs again.
+FINISHED_TASKS_BUCKET = "taskfactory_finished_tasks"
 
 
 def task_subject(task_type: str) -> str:
@@ -368,6 +374,31 @@ def _seconds(duration: duration_pb2.Duration) -> float:
     return duration.seconds + duration.nanos / 1e9
 
 
+def already_finished(finished_by: int, attempt_base: int) -> bool:
+    """Whether a task message of the series after `attempt_base` was already decided by the attempt
+    `finished_by` (from the finished-tasks bucket): it was if that attempt is of this series or a
+    later one. A RetryTask redrive starts a series after every attempt so far, so its message runs.
+    (services/taskfactory-model/src/results.rs, `already_finished`.)"""
+    return finished_by > attempt_base
+
+
+MAX_ATTEMPT = 2**32 - 1  # attempt numbers are uint32
+
+
+def parse_finished_by(value: bytes | None) -> int | None:
+    """A finished-tasks value as the built-in executor reads it: decimal text, surrounding
+    whitespace ignored; None for anything else (such a value finishes nothing)."""
+    try:
+        text = (value or b"").decode().strip()
+    except UnicodeDecodeError:
+        return None
+    digits = text[1:] if text.startswith("+") else text
+    if not (digits.isascii() and digits.isdigit()):
+        return None
+    number = int(digits)
+    return number if number <= MAX_ATTEMPT else None
+
+
 class Cancellations:
     """Cancelled runs: the KV bucket checked before each attempt, and watched to stop attempts in
     flight (each registers an event that is set when its run is cancelled)."""
@@ -433,6 +464,34 @@ class Cancellations:
                     await _quietly(watcher.stop())
 
 
+class FinishedTasks:
+    """Finished tasks: the KV bucket read before each attempt (the attempt number that decided the
+    task, if it is finished)."""
+
+    def __init__(self, js: Any) -> None:
+        self.js = js
+        self.kv: Any = None
+
+    async def bucket(self) -> Any:
+        if self.kv is None:  # the services create it; until they have, this raises
+            self.kv = await self.js.key_value(FINISHED_TASKS_BUCKET)
+        return self.kv
+
+    async def finished_by(self, task_id: str) -> int | None:
+        """The attempt that decided the task, or None if it is not finished; raises when that
+        cannot be known."""
+        from nats.js.errors import InvalidKeyError, KeyNotFoundError
+
+        kv = await self.bucket()
+        try:
+            entry = await kv.get(task_id)
+        except KeyNotFoundError:  # also a deleted key
+            return None
+        except InvalidKeyError:  # no task of the orchestrator's has such an id (they are UUIDs)
+            return None
+        return parse_finished_by(entry.value)
+
+
 class Executor:
     """Runs task messages of the types in `handlers`; one durable pull consumer per type."""
 
@@ -450,17 +509,16 @@ class Executor:
         concurrency: int = 4,
         max_ack_pending: int = 256,
         drain_timeout: float = 30.0,
-        running_after: float = 1.0,
     ) -> None:
         self.js = js
         self.name = name
         self.handlers = handlers
         self.ack_wait = ack_wait
-        self.running_after = running_after
         self.concurrency = max(1, concurrency)
         self.max_ack_pending = max_ack_pending
         self.drain_timeout = drain_timeout
         self.cancellations = Cancellations(js)
+        self.finished = FinishedTasks(js)
 
     # -------------------------------------------------------------------------- consuming
 
@@ -572,36 +630,15 @@ class Executor:
         handler = self.handlers.get(task.type) or self.handlers.get(task_type)
 
         started_at = datetime.now(timezone.utc)
-        output = None
-        # Registered before the check, so a cancel that lands in between is still seen.
+        # Registered before the checks, so a cancel that lands in between is still seen.
         cancel = self.cancellations.register(task.run_id)
         try:
-            cancelled = await self.cancellations.reason(task.run_id)
-        except Exception as error:
+            outcome = await self.start_and_run(message, task, handler, attempt, timeout, started_at, cancel)
+        finally:
             self.cancellations.unregister(task.run_id, cancel)
-            log.warning("task %s: cannot check whether its run was cancelled (%s); retrying", task.task_id, error)
-            await _quietly(message.nak(delay=self.SETTLE_RETRY))
-            return
-        if cancelled is not None:
-            status, error_text = CANCELLED, cancelled
-        else:
-            heartbeat = asyncio.create_task(_heartbeat(message, self.ack_wait / 3))
-            running = asyncio.create_task(self.report_running(task, attempt, started_at, message.headers))
-            work = asyncio.create_task(self.run_handler(handler, task, attempt, timeout))
-            cancel_wait = asyncio.create_task(cancel.wait())
-            try:
-                await asyncio.wait({work, cancel_wait}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                heartbeat.cancel()
-                running.cancel()
-                cancel_wait.cancel()
-                if not work.done():
-                    work.cancel()  # the run was cancelled (or this executor is being torn down)
-            if work.done() and not work.cancelled():
-                status, error_text, output = work.result()
-            else:
-                status, error_text = CANCELLED, "the run was cancelled while the task ran"
-        self.cancellations.unregister(task.run_id, cancel)
+        if outcome is None:
+            return  # settled already: a finished task (acked), or one that could not start (NAKed)
+        status, error_text, output = outcome
         if status == FAILED and delivered >= max_attempts:
             status = DEAD  # that was the last attempt
 
@@ -677,14 +714,63 @@ class Executor:
                 log.info("task %s succeeded (attempt %d)", task.task_id, attempt)
             await message.ack()
 
-    async def report_running(self, task: Any, attempt: int, started_at: datetime, headers: Any) -> None:
-        """Recommended in the contract (the built-in executor reports every start before running;
-        this example keeps it cheap): an attempt still running after `running_after` seconds is
-        reported RUNNING with an execution id (the task shows it, with this executor); a quick one
-        is not. Cancelled when the attempt ends; a report that cannot be sent is only logged."""
-        if self.running_after <= 0:
-            return
-        await asyncio.sleep(self.running_after)
+    async def start_and_run(
+        self, message: Any, task: Any, handler: Handler | None, attempt: int, timeout: float,
+        started_at: datetime, cancel: asyncio.Event,
+    ) -> tuple | None:
+        """The checks, the start report, then the handler (stopped if the run is cancelled meanwhile):
+        (status, error, output Value or None) to report; None when the message was settled here
+        (its task is finished: acked; a check or the start report failed: NAKed, not run)."""
+        # Both buckets at once: was the run cancelled, is the task finished?
+        checks = await asyncio.gather(
+            self.cancellations.reason(task.run_id),
+            self.finished.finished_by(task.task_id),
+            return_exceptions=True,
+        )
+        for what, outcome in zip(("whether its run was cancelled", "whether it is finished"), checks):
+            if isinstance(outcome, BaseException):
+                log.warning("task %s: cannot check %s (%s); retrying", task.task_id, what, outcome)
+                await _quietly(message.nak(delay=self.SETTLE_RETRY))
+                return None
+        cancelled, finished_by = checks
+        if finished_by is not None and already_finished(finished_by, task.attempt_base):
+            # Its message came back after the task ended (a consumer recreated over messages a
+            # server failed to remove, a copy published again): never run it again, report nothing.
+            log.warning("task %s already finished (by attempt %d); not run again", task.task_id, finished_by)
+            await message.ack()
+            return None
+        if cancelled is not None:
+            return CANCELLED, cancelled, None
+
+        # Alive from here: the start report's ack may take a while too.
+        heartbeat = asyncio.create_task(_heartbeat(message, self.ack_wait / 3))
+        try:
+            # Every start is on record before anything runs: a start whose result a crash loses
+            # still shows in the attempt history, and a task whose reports can go nowhere never runs.
+            try:
+                await self.report_started(task, attempt, started_at, message.headers)
+            except Exception as error:
+                log.warning("task %s: cannot report it started (%s); not run, retrying", task.task_id, error)
+                await _quietly(message.nak(delay=self.SETTLE_RETRY))
+                return None
+            work = asyncio.create_task(self.run_handler(handler, task, attempt, timeout))
+            cancel_wait = asyncio.create_task(cancel.wait())
+            try:
+                await asyncio.wait({work, cancel_wait}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                cancel_wait.cancel()
+                if not work.done():
+                    work.cancel()  # the run was cancelled (or this executor is being torn down)
+        finally:
+            heartbeat.cancel()
+        if work.done() and not work.cancelled():
+            return work.result()
+        return CANCELLED, "the run was cancelled while the task ran", None
+
+    async def report_started(self, task: Any, attempt: int, started_at: datetime, headers: Any) -> None:
+        """Reports this execution of the attempt started (`RUNNING`, with an execution id of its
+        own: an attempt can run more than once, and each start is a row of the task's attempt
+        history) and waits for the stream's ack; raises when it could not be sent."""
         execution = str(uuid.uuid4())
         report = TaskResult(
             task_id=task.task_id,
@@ -698,20 +784,15 @@ class Executor:
             execution=execution,
         )
         report.started_at.FromDatetime(started_at)
-        try:
-            await self.js.publish(
-                result_subject(task.activity_name, task.run_id),
-                report.SerializeToString(),
-                timeout=self.PUBLISH_TIMEOUT,
-                headers={
-                    HEADER_MSG_ID: f'{result_msg_id(task.task_id, attempt, "RUNNING")}:{execution}',
-                    **trace_context(headers),
-                },
-            )
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:
-            log.info("task %s: could not report it running (%s)", task.task_id, error)
+        await self.js.publish(
+            result_subject(task.activity_name, task.run_id),
+            report.SerializeToString(),
+            timeout=self.PUBLISH_TIMEOUT,
+            headers={
+                HEADER_MSG_ID: f'{result_msg_id(task.task_id, attempt, "RUNNING")}:{execution}',
+                **trace_context(headers),
+            },
+        )
 
     async def run_handler(self, handler: Handler | None, task: Any, attempt: int, timeout: float) -> tuple:
         """Runs the handler under the task's timeout: (status, error, output Value or None)."""
@@ -812,8 +893,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="seconds without a heartbeat before a task is redelivered (env PYTHON_EXECUTOR_ACK_WAIT)")
     parser.add_argument("--max-ack-pending", type=int, default=int(env("PYTHON_EXECUTOR_MAX_ACK_PENDING", "256")),
                         help="messages in hand over all replicas (env PYTHON_EXECUTOR_MAX_ACK_PENDING)")
-    parser.add_argument("--running-after", type=float, default=float(env("PYTHON_EXECUTOR_RUNNING_AFTER", "1")),
-                        help="seconds an attempt runs before it is reported RUNNING; 0: never (env PYTHON_EXECUTOR_RUNNING_AFTER)")
     parser.add_argument("--drain-timeout", type=float, default=float(env("PYTHON_EXECUTOR_DRAIN_TIMEOUT", "30")),
                         help="at shutdown, seconds for the tasks in hand (env PYTHON_EXECUTOR_DRAIN_TIMEOUT)")
     parser.add_argument("--startup-patience", type=float, default=60.0,
@@ -918,7 +997,6 @@ async def main(argv: list[str]) -> int:
         concurrency=args.concurrency,
         max_ack_pending=args.max_ack_pending,
         drain_timeout=args.drain_timeout,
-        running_after=args.running_after,
     )
     log.info("%s connected to %s", args.name, args.nats_url)
     await asyncio.gather(

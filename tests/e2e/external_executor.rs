@@ -1,13 +1,15 @@
 //! An executor in another language: the Python example (`examples/python-executor/executor.py`)
 //! serves the task type `uppercase` next to the three services, through nothing but the contract
 //! (the FACTORY_TASKS stream, TaskInstance and TaskResult, `dlq.tasks.<type>`, the cancelled-runs
-//! bucket). It needs `scripts/tools.sh python` (nats-py and protobuf in `.tools/python`).
+//! and finished-tasks buckets). It needs `scripts/tools.sh python` (nats-py and protobuf in
+//! `.tools/python`).
 
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
+use futures::StreamExt as _;
 use prost::Message as _;
 use taskfactory_model::values::{json_to_value, value_to_json};
 use taskfactory_proto::v1::{
@@ -16,7 +18,7 @@ use taskfactory_proto::v1::{
 };
 use taskfactory_tests::{EnvOptions, TestEnv, signal, wait_for, workspace_root};
 
-use crate::support::{Admin, create, finished_run, tasks};
+use crate::support::{Admin, create, finished_run, settled, tasks};
 
 const SCRIPT: &str = "examples/python-executor/executor.py";
 const CONSUMER: &str = "python-executor-uppercase";
@@ -206,6 +208,10 @@ async fn scenario(env: &TestEnv, python: &mut PythonExecutor) -> anyhow::Result<
     let mut admin = env.admin().await?;
     let pool = env.db.pool().await?;
     create(&mut admin, SHOUT).await?;
+    // A copy of every task message as it is published (one is published again below).
+    let watcher = env.nats_client().await?;
+    let mut copies = watcher.subscribe("tasks.uppercase").await?;
+    watcher.flush().await?;
 
     // Three good items (one fails its first attempt, one outlives ack_wait) and one without text.
     let run_id = fire(
@@ -265,14 +271,19 @@ async fn scenario(env: &TestEnv, python: &mut PythonExecutor) -> anyhow::Result<
         "a permanent failure dies at once with the executor's error: {dead:?}"
     );
 
-    // Every attempt, as the orchestrator recorded it, names the Python executor.
+    // Every attempt, as the orchestrator recorded it, names the Python executor; every start was
+    // reported (RUNNING) before its attempt ran, however quick.
     let expected: [&[(i32, &str)]; 4] = [
-        &[(1, "SUCCEEDED")],
-        &[(1, "FAILED"), (2, "SUCCEEDED")],
-        // One attempt: heartbeats kept the 2.5 s task past the 1 s ack_wait; after a second it
-        // was reported running.
         &[(1, "RUNNING"), (1, "SUCCEEDED")],
-        &[(1, "DEAD")],
+        &[
+            (1, "RUNNING"),
+            (1, "FAILED"),
+            (2, "RUNNING"),
+            (2, "SUCCEEDED"),
+        ],
+        // One attempt: heartbeats kept the 2.5 s task past the 1 s ack_wait.
+        &[(1, "RUNNING"), (1, "SUCCEEDED")],
+        &[(1, "RUNNING"), (1, "DEAD")],
     ];
     for (task, expected) in by_item.iter().zip(expected) {
         let rows = attempts(&pool, &task.id).await?;
@@ -292,10 +303,23 @@ async fn scenario(env: &TestEnv, python: &mut PythonExecutor) -> anyhow::Result<
     }
     let beta = attempts(&pool, &by_item[1].id).await?;
     ensure!(
-        beta[0]
+        beta[1]
             .2
             .contains("simulated transient failure on attempt 1"),
         "{beta:?}"
+    );
+    // Each start names an execution of its own.
+    let executions: Vec<String> = sqlx::query_scalar(
+        "SELECT a.execution FROM task_attempts a JOIN tasks t ON t.id = a.task_id \
+         WHERE t.run_id::text = $1 AND a.status = 'RUNNING'",
+    )
+    .bind(&run_id)
+    .fetch_all(&pool)
+    .await?;
+    let distinct: std::collections::BTreeSet<&String> = executions.iter().collect();
+    ensure!(
+        executions.len() == 5 && distinct.len() == 5 && !distinct.contains(&String::new()),
+        "executions of the starts: {executions:?}"
     );
 
     // The dead task went to dlq.tasks.uppercase, as the task message it was, with the error.
@@ -361,6 +385,53 @@ async fn scenario(env: &TestEnv, python: &mut PythonExecutor) -> anyhow::Result<
         letter.headers
     );
 
+    // A finished task's message that comes back (as a copy published again) is acked without
+    // running: no start, no result, and the task stays as it was.
+    let alpha = &by_item[0];
+    let mut alpha_message = None;
+    while alpha_message.is_none() {
+        let copy = tokio::time::timeout(Duration::from_secs(5), copies.next())
+            .await
+            .context("the copy of the first task's message")?
+            .context("the copies ended")?;
+        if TaskInstance::decode(copy.payload.as_ref())?.task_id == alpha.id {
+            alpha_message = Some(copy.payload);
+        }
+    }
+    let results = js.get_stream("FACTORY_RESULTS").await?;
+    let results_before = results.get_info().await?.state.last_sequence;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "alpha-again");
+    js.publish_with_headers(
+        "tasks.uppercase",
+        headers,
+        alpha_message.expect("found above"),
+    )
+    .await?
+    .await?;
+    settled(&js, "FACTORY_TASKS", CONSUMER).await?;
+    let results_after = results.get_info().await?.state.last_sequence;
+    ensure!(
+        results_after == results_before,
+        "the finished task was reported again: FACTORY_RESULTS went from {results_before} to {results_after}"
+    );
+    ensure!(
+        python
+            .log()
+            .contains(&format!("task {} already finished", alpha.id)),
+        "the Python executor did not skip the finished task"
+    );
+    let rows = attempts(&pool, &alpha.id).await?;
+    ensure!(
+        rows.iter().map(|r| r.1.as_str()).collect::<Vec<_>>() == ["RUNNING", "SUCCEEDED"],
+        "{rows:?}"
+    );
+    let alpha_now = get_task(&mut admin, &alpha.id).await?;
+    ensure!(
+        alpha_now.status() == TaskStatus::Succeeded && alpha_now.attempts == 1,
+        "{alpha_now:?}"
+    );
+
     // SIGTERM: it stops pulling, finishes what it holds (nothing now) and exits 0.
     let status = python.terminate(Duration::from_secs(15)).await?;
     ensure!(status.success(), "exit status after SIGTERM: {status}");
@@ -416,7 +487,7 @@ async fn cancel_scenario(env: &TestEnv, python: &mut PythonExecutor) -> anyhow::
         },
     )
     .await?;
-    // After a second the task shows RUNNING, with the executor running it.
+    // The task shows RUNNING (its start is reported before it runs), with the executor running it.
     let slow_task = tasks(&mut admin, &slow).await?.remove(0);
     let running = wait_for("the task to show RUNNING", Duration::from_secs(20), || {
         let mut admin = admin.clone();
@@ -503,14 +574,15 @@ async fn get_task(admin: &mut Admin, id: &str) -> anyhow::Result<Task> {
         .into_inner())
 }
 
-/// `(attempt, status, error, executor)` of every attempt of a task, in order.
+/// `(attempt, status, error, executor)` of every attempt of a task, in order: by attempt, a start
+/// (`RUNNING`) before its outcome (both may be recorded in one batch, at one `recorded_at`).
 async fn attempts(
     pool: &sqlx::PgPool,
     task_id: &str,
 ) -> anyhow::Result<Vec<(i32, String, String, String)>> {
     Ok(sqlx::query_as(
         "SELECT attempt, status, error, executor FROM task_attempts WHERE task_id = $1 \
-         ORDER BY attempt, recorded_at",
+         ORDER BY attempt, status <> 'RUNNING', recorded_at",
     )
     .bind(uuid::Uuid::parse_str(task_id)?)
     .fetch_all(pool)

@@ -451,7 +451,7 @@ async fn what_a_user_may_not_do_is_refused_by_the_server_and_changes_nothing() -
 }
 
 /// The vision executor's own work is allowed: its consumer of tasks.vision, pulling and acking a
-/// task, a result, and reading the cancelled-runs bucket.
+/// task, a result, and reading the cancelled-runs and finished-tasks buckets.
 async fn vision_does_its_own_work(env: &TestEnv, admin: &jetstream::Context) -> anyhow::Result<()> {
     let vision = jetstream::new(env.nats_client_as("executor-vision").await?);
     let stream = vision.get_stream("FACTORY_TASKS").await?;
@@ -486,6 +486,8 @@ async fn vision_does_its_own_work(env: &TestEnv, admin: &jetstream::Context) -> 
     task.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
     let bucket = vision.get_key_value("taskfactory_cancelled_runs").await?;
     assert!(bucket.get("no-such-run").await?.is_none());
+    let finished = vision.get_key_value("taskfactory_finished_tasks").await?;
+    assert!(finished.get("no-such-task").await?.is_none());
     wait_for("the vision task acked", Duration::from_secs(10), || {
         let stream = stream.clone();
         async move {
