@@ -262,7 +262,15 @@ async fn retry_task_redrives_a_dead_task_and_its_run_finishes_again() -> anyhow:
         })
         .await?
         .into_inner();
-    assert_eq!(redriven.status(), TaskStatus::Pending);
+    // Put back to PENDING; an executor may already have started it by the time it is read.
+    assert!(
+        matches!(
+            redriven.status(),
+            TaskStatus::Pending | TaskStatus::Running | TaskStatus::Succeeded
+        ),
+        "{:?}",
+        redriven.status()
+    );
     let task = wait_for(
         "the redriven task to succeed",
         Duration::from_secs(30),

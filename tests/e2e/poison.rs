@@ -13,7 +13,8 @@ use taskfactory_proto::v1::{RunStatus, TaskInstance, TaskStatus, TriggerEvent, T
 use taskfactory_tests::{EnvOptions, TestEnv, wait_for};
 
 use crate::support::{
-    RecordingServer, create, dead_letter, dead_letters, finished_run, fire, publish, settled, tasks,
+    RecordingServer, create, dead_letter, dead_letters, finished_run, fire, publish, publish_event,
+    settled, tasks,
 };
 
 async fn run_count(env: &TestEnv) -> anyhow::Result<i64> {
@@ -256,5 +257,153 @@ async fn a_malformed_event_published_with_an_expected_stream_is_dead_lettered_on
     )
     .await?;
     assert_eq!(deliveries, messages, "delivered once");
+    Ok(())
+}
+
+/// Dedupe keys come from outside (a `dedupeKey` template over the payload, a `Nats-Msg-Id`) and
+/// are unique keys in Postgres, whose index rows hold about 2.7 KB: a key of a few KiB failed the
+/// fire's insert on every delivery, and the events consumer (no delivery limit: it fails only on
+/// the database) took it again for ever. A long key is stored as its digest: the event fires once,
+/// and dedupes as any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_event_whose_dedupe_key_is_too_long_to_index_fires_once_and_dedupes()
+-> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions {
+        max_deliveries: 2,
+        ..EnvOptions::default()
+    })
+    .await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    create(
+        &mut admin,
+        "name: keyed\ntrigger: {event: {subject: 'events.keyed.*', dedupeKey: '{{ event.id }}'}}\ntasks: [{name: t, type: noop}]\n",
+    )
+    .await?;
+    create(
+        &mut admin,
+        "name: by-id\ntrigger: {event: {subject: 'events.by-id.*'}}\ntasks: [{name: t, type: noop}]\n",
+    )
+    .await?;
+    let long = |tail: &str| format!("{}{tail}", "0123456789abcdef".repeat(1024));
+    // The same 16 KiB key twice (under two message ids), then another.
+    for (msg_id, id) in [("a", long("x")), ("b", long("x")), ("c", long("y"))] {
+        publish_event(
+            &js,
+            "events.keyed.x",
+            serde_json::to_vec(&json!({ "id": id }))?,
+            Some(msg_id),
+        )
+        .await?;
+    }
+    // A 16 KiB Nats-Msg-Id, the default dedupe key.
+    publish_event(&js, "events.by-id.x", b"{}".to_vec(), Some(&long("z"))).await?;
+    let (deliveries, messages) = settled(
+        &js,
+        subjects::EVENTS_STREAM,
+        subjects::TRIGGER_EVENTS_CONSUMER,
+    )
+    .await?;
+    assert_eq!(deliveries, messages, "an event was delivered twice");
+    assert!(
+        dead_letters(&js, subjects::EVENTS_DLQ_SUBJECT)
+            .await?
+            .is_empty()
+    );
+    let pool = env.db.pool().await?;
+    let keys: Vec<(String, String)> = wait_for("the runs", Duration::from_secs(30), || async {
+        let keys: Vec<(String, String)> = sqlx::query_as(
+            "SELECT a.name, r.dedupe_key FROM runs r JOIN activities a ON a.id = r.activity_id \
+             ORDER BY a.name, r.dedupe_key",
+        )
+        .fetch_all(&pool)
+        .await?;
+        Ok((keys.len() >= 3).then_some(keys))
+    })
+    .await?;
+    assert_eq!(keys.len(), 3, "{keys:?}");
+    for (activity, key) in &keys {
+        assert!(
+            key.starts_with("sha256:") && key.len() == 71,
+            "{activity}: {key}"
+        );
+    }
+    assert_ne!(keys[1].1, keys[2].1, "two keys, two digests");
+    Ok(())
+}
+
+/// A start report's execution id is part of the attempt history's key: one of a few KiB failed the
+/// insert on every delivery, and the results consumer (no delivery limit) took it again for ever.
+/// It is refused and dead-lettered once, naming why; the task goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_start_report_with_an_execution_id_too_long_to_store_is_dead_lettered_once()
+-> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions {
+        max_deliveries: 2,
+        ..EnvOptions::default()
+    })
+    .await?;
+    let _services = env.start_all().await?;
+    let key = crate::support::result_key(&env).await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    // `external`: nobody serves it, so the task waits for the reports played below.
+    create(
+        &mut admin,
+        "name: ext\ntrigger: {manual: {}}\ntasks: [{name: t, type: external}]\n",
+    )
+    .await?;
+    let run_id = fire(&mut admin, "ext", "once").await?;
+    let task = wait_for("the task", Duration::from_secs(30), || {
+        let (mut admin, run_id) = (admin.clone(), run_id.clone());
+        async move { Ok(tasks(&mut admin, &run_id).await?.into_iter().next()) }
+    })
+    .await?;
+    let mut running = crate::support::played_result(&key, &task, 1, TaskStatus::Running);
+    running.execution = "e".repeat(8192);
+    publish(
+        &js,
+        subjects::result_subject("ext", &run_id),
+        "long-execution",
+        running.encode_to_vec(),
+    )
+    .await?;
+    let (deliveries, messages) = settled(
+        &js,
+        subjects::RESULTS_STREAM,
+        subjects::ORCHESTRATOR_RESULTS_CONSUMER,
+    )
+    .await?;
+    assert_eq!(deliveries, messages, "the report was delivered again");
+    let letters = dead_letters(&js, subjects::RESULTS_DLQ_SUBJECT).await?;
+    assert_eq!(letters.len(), 1);
+    assert!(
+        letters[0].error.contains("execution id is 8192 bytes"),
+        "{}",
+        letters[0].error
+    );
+    // The task goes on: a start with a proper id is recorded.
+    let mut proper = crate::support::played_result(&key, &task, 1, TaskStatus::Running);
+    proper.execution = uuid::Uuid::new_v4().to_string();
+    publish(
+        &js,
+        subjects::result_subject("ext", &run_id),
+        "proper-execution",
+        proper.encode_to_vec(),
+    )
+    .await?;
+    wait_for(
+        "the task to show its start",
+        Duration::from_secs(20),
+        || {
+            let (mut admin, run_id) = (admin.clone(), run_id.clone());
+            async move {
+                let task = tasks(&mut admin, &run_id).await?.remove(0);
+                Ok((task.status() == TaskStatus::Running).then_some(()))
+            }
+        },
+    )
+    .await?;
     Ok(())
 }

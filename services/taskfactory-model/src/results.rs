@@ -83,6 +83,8 @@ pub struct Claim {
 pub struct Report<'a> {
     pub status: TaskStatus,
     pub attempt: u32,
+    /// A start report's execution id (empty for outcomes).
+    pub execution: &'a str,
     /// From an executor: what it claims. `None`: the orchestrator's own.
     pub claim: Option<&'a Claim>,
 }
@@ -112,7 +114,16 @@ pub enum Refusal {
     AttemptNotHandedOut { attempt: u32, first: u32, last: u32 },
     #[error("attempt 0 was never handed out: attempts are numbered from 1")]
     AttemptZero,
+    #[error(
+        "its execution id is {bytes} bytes, over the limit of {MAX_EXECUTION_BYTES} (a UUID is 36)"
+    )]
+    ExecutionTooLong { bytes: usize },
 }
+
+/// The longest execution id a start report may carry: a UUID's text is 36 bytes. It is part of
+/// the attempt history's key, and an index row has room for about 2.7 KB: a longer id would fail
+/// every insert, and the report would come back for ever.
+pub const MAX_EXECUTION_BYTES: usize = 128;
 
 impl Refusal {
     /// A bounded label for metrics.
@@ -125,6 +136,7 @@ impl Refusal {
             | Refusal::WrongRun { .. }
             | Refusal::WrongActivity { .. } => "wrong_task",
             Refusal::AttemptNotHandedOut { .. } | Refusal::AttemptZero => "attempt_not_handed_out",
+            Refusal::ExecutionTooLong { .. } => "execution_too_long",
         }
     }
 }
@@ -208,6 +220,11 @@ pub fn is_result_status(status: TaskStatus) -> bool {
 pub fn judge(facts: &TaskFacts<'_>, now: TaskState, report: &Report<'_>) -> Verdict {
     if !is_result_status(report.status) {
         return Verdict::Refused(Refusal::NotAResultStatus(report.status));
+    }
+    if report.execution.len() > MAX_EXECUTION_BYTES {
+        return Verdict::Refused(Refusal::ExecutionTooLong {
+            bytes: report.execution.len(),
+        });
     }
     if let Some(claim) = report.claim
         && let Err(refusal) = check_claim(facts, claim, report.attempt)
@@ -441,6 +458,7 @@ mod tests {
         Report {
             status,
             attempt,
+            execution: "",
             claim: Some(claim),
         }
     }
@@ -466,11 +484,35 @@ mod tests {
         let completed = Report {
             status: TaskStatus::Succeeded,
             attempt: 1,
+            execution: "",
             claim: None,
         };
         assert_eq!(
             shown(&judge(&human, waiting, &completed)),
             Some((TaskStatus::Succeeded, 1))
+        );
+    }
+
+    #[test]
+    fn a_start_with_an_execution_id_too_long_to_store_is_refused() {
+        let task = facts("http", 0);
+        let pending = state(TaskStatus::Pending, 0);
+        let claimed = claim("http");
+        let uuid = "0b7c6c1e-5d6a-4d55-9a43-1b8f1f2f0a11";
+        let long = "x".repeat(MAX_EXECUTION_BYTES + 1);
+        let start = |execution| Report {
+            execution,
+            ..from_executor(&claimed, 1, TaskStatus::Running)
+        };
+        assert_eq!(
+            shown(&judge(&task, pending, &start(uuid))),
+            Some((TaskStatus::Running, 1))
+        );
+        assert_eq!(
+            judge(&task, pending, &start(&long)),
+            Verdict::Refused(Refusal::ExecutionTooLong {
+                bytes: MAX_EXECUTION_BYTES + 1
+            })
         );
     }
 

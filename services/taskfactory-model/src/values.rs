@@ -89,6 +89,26 @@ pub fn make_storable_text(text: &mut String) {
     }
 }
 
+/// The longest dedupe key stored as it is. Dedupe keys are unique keys in Postgres (an index
+/// row has room for about 2.7 KB), and come from outside: an event's `Nats-Msg-Id`, a
+/// `dedupeKey` template over its payload, an idempotency key.
+pub const MAX_DEDUPE_KEY_BYTES: usize = 512;
+
+/// A dedupe key as it is stored, published and derived from: [`make_storable_text`], and a key
+/// longer than [`MAX_DEDUPE_KEY_BYTES`] replaced by `sha256:` and its digest in hex. Equal keys
+/// stay equal and different ones different, so a long key dedupes exactly as a short one would;
+/// it never fails the insert that would make it loop.
+pub fn make_storable_key(key: &mut String) {
+    make_storable_text(key);
+    if key.len() > MAX_DEDUPE_KEY_BYTES {
+        use sha2::Digest as _;
+        *key = format!(
+            "sha256:{}",
+            hex::encode(sha2::Sha256::digest(key.as_bytes()))
+        );
+    }
+}
+
 /// [`make_storable_text`] for every string and key in a protobuf `Value`.
 pub fn make_storable_value(value: &mut Value) {
     match &mut value.kind {
@@ -149,6 +169,29 @@ pub fn make_storable_json(value: &mut serde_json::Value) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_long_dedupe_key_is_stored_as_its_digest_and_still_tells_keys_apart() {
+        let mut short = "order-1\0".to_owned();
+        super::make_storable_key(&mut short);
+        assert_eq!(short, "order-1\u{fffd}");
+        let mut exact = "k".repeat(super::MAX_DEDUPE_KEY_BYTES);
+        super::make_storable_key(&mut exact);
+        assert_eq!(exact.len(), super::MAX_DEDUPE_KEY_BYTES);
+        let long = |tail: &str| {
+            let mut key = "k".repeat(10_000) + tail;
+            super::make_storable_key(&mut key);
+            key
+        };
+        assert_eq!(long("a"), long("a"));
+        assert_ne!(long("a"), long("b"));
+        assert!(long("a").starts_with("sha256:"), "{}", long("a"));
+        assert_eq!(long("a").len(), "sha256:".len() + 64);
+        // Idempotent: a stored key stored again is itself (both services store it).
+        let mut again = long("a");
+        super::make_storable_key(&mut again);
+        assert_eq!(again, long("a"));
+    }
+
     use super::*;
     use serde_json::json;
 

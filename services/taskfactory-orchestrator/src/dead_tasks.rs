@@ -80,6 +80,11 @@ impl Handler for DeadTasks {
                 taskfactory_runtime::metrics::record_refused("dead_task", refusal.reason());
                 Ok(())
             }
+            Err(ResultError::Unstorable(error)) => {
+                tracing::error!(%error, "a dead-lettered task whose DEAD result the database refuses; not recorded");
+                taskfactory_runtime::metrics::record_refused("dead_task", "unstorable");
+                Ok(())
+            }
             Err(ResultError::Undecodable(error)) => {
                 tracing::warn!(%error, "a dead-lettered task that names no task; not recorded");
                 taskfactory_runtime::metrics::record_refused("dead_task", "not_a_task");

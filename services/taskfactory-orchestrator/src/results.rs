@@ -23,6 +23,7 @@ use taskfactory_model::results::{Claim, Refusal, is_result_status};
 use taskfactory_model::spec::timestamp_to_chrono;
 use taskfactory_model::values;
 use taskfactory_proto::v1::{TaskResult, TaskStatus};
+use taskfactory_runtime::db;
 use taskfactory_runtime::messaging::{Handler, Then, Unfinished};
 use taskfactory_runtime::telemetry::error_chain;
 
@@ -202,6 +203,9 @@ pub enum ResultError {
     /// Refused by its task ([`taskfactory_model::results::judge`]): dead-lettered and counted.
     #[error("result for task {task} refused: {refusal}")]
     Refused { task: TaskId, refusal: Refusal },
+    /// The database refuses its data, and would every time: dead-lettered.
+    #[error("{0}")]
+    Unstorable(String),
     /// The database or NATS: delivered again.
     #[error("{0}")]
     Transient(String),
@@ -213,6 +217,9 @@ impl Unfinished for ResultError {
             ResultError::Undecodable(_) => Then::DeadLetter { refused: None },
             ResultError::Refused { refusal, .. } => Then::DeadLetter {
                 refused: Some(refusal.reason()),
+            },
+            ResultError::Unstorable(_) => Then::DeadLetter {
+                refused: Some("unstorable"),
             },
             ResultError::Transient(_) => Then::Backoff,
         }
@@ -330,10 +337,20 @@ impl ResultSink {
                 }
                 Ok(())
             }
-            Err(error) => Err(ResultError::Transient(format!(
-                "cannot record the result of task {task_id}: {}",
-                error_chain(&error)
-            ))),
+            Err(error) => {
+                let why = format!(
+                    "cannot record the result of task {task_id}: {}",
+                    error_chain(&error)
+                );
+                // Recorded on its own (a batch that fails is recorded one by one), so this is
+                // this result's data, refused every time.
+                match db::input_refused_by_database(&error) {
+                    Some(code) => Err(ResultError::Unstorable(format!(
+                        "{why} (SQLSTATE {code}: refused for this result's data)"
+                    ))),
+                    None => Err(ResultError::Transient(why)),
+                }
+            }
         }
     }
 

@@ -555,7 +555,7 @@ impl Spawner {
         }
         values::make_storable_json(&mut run.evaluation);
         values::make_storable_text(&mut run.error);
-        values::make_storable_text(&mut run.dedupe_key);
+        values::make_storable_key(&mut run.dedupe_key);
         values::make_storable_text(&mut run.subject);
         (run, tasks, room)
     }
@@ -818,7 +818,7 @@ fn decode_trigger(bytes: &[u8]) -> Result<TriggerEvent, prost::DecodeError> {
 }
 
 pub fn make_storable_trigger(event: &mut TriggerEvent) {
-    values::make_storable_text(&mut event.dedupe_key);
+    values::make_storable_key(&mut event.dedupe_key);
     values::make_storable_text(&mut event.subject);
     values::make_storable_text(&mut event.activity_name);
     if let Some(payload) = event.payload.as_mut() {

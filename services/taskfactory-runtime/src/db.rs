@@ -122,3 +122,26 @@ async fn create_database(options: &PgConnectOptions, database: &str) -> Result<(
         }),
     }
 }
+
+/// The SQLSTATE of a database error in `error`'s chain that the same input would meet on every
+/// try: a data exception (class 22: a value out of range, an invalid encoding), a program limit
+/// (class 54: an index row or a value too large), a NOT NULL or CHECK violation (23502, 23514).
+/// A handler that would otherwise retry for as long as the database is down dead-letters such
+/// input instead of looping. Unique and foreign-key violations are left out: a race between
+/// replicas produces them, and a retry sees the winner's row.
+pub fn input_refused_by_database(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        if let Some(sqlx::Error::Database(db)) = error.downcast_ref::<sqlx::Error>()
+            && let Some(code) = db.code()
+            && (code.starts_with("22")
+                || code.starts_with("54")
+                || code == "23502"
+                || code == "23514")
+        {
+            return Some(code.into_owned());
+        }
+        current = error.source();
+    }
+    None
+}

@@ -23,6 +23,7 @@
 
 use std::sync::Arc;
 use std::time::Duration;
+use taskfactory_runtime::db;
 use taskfactory_runtime::metrics;
 use taskfactory_runtime::telemetry::error_chain;
 
@@ -178,11 +179,19 @@ impl EventIngress {
                     metrics::count_events(if fired.duplicate { "deduped" } else { "fired" })
                 }
                 Err(error) => {
-                    return Err(EventError::Transient(format!(
+                    let why = format!(
                         "cannot record the fire of activity {}: {}",
                         activity.name,
                         error_chain(&error)
-                    )));
+                    );
+                    // What the database refuses for this event's data, it refuses every time.
+                    if let Some(code) = db::input_refused_by_database(&error) {
+                        let why = format!("{why} (SQLSTATE {code}: refused for this event's data)");
+                        return self
+                            .reject(message, sequence, msg_id.as_deref(), &why)
+                            .await;
+                    }
+                    return Err(EventError::Transient(why));
                 }
             }
         }

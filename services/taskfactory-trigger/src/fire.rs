@@ -72,10 +72,11 @@ pub async fn fire(
     request: FireRequest,
     schedule: Option<ScheduleWrite<'_>>,
 ) -> Result<Fired, StoreError> {
-    // Stored as it is published: Postgres takes no NUL character (the key is scrubbed before any
-    // id is derived from it, so a repeat still dedupes).
+    // Stored as it is published: Postgres takes no NUL character, and a unique key has a length
+    // limit (the key is scrubbed, and a long one digested, before any id is derived from it, so a
+    // repeat still dedupes).
     let mut request = request;
-    values::make_storable_text(&mut request.dedupe_key);
+    values::make_storable_key(&mut request.dedupe_key);
     values::make_storable_text(&mut request.subject);
     if let Some(payload) = request.payload.as_mut()
         && !values::is_storable_json(payload)

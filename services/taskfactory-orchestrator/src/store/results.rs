@@ -57,6 +57,7 @@ impl ResultRecord {
         Report {
             status: self.status,
             attempt: self.attempt,
+            execution: &self.execution,
             claim: self.claim.as_ref(),
         }
     }
