@@ -38,9 +38,7 @@ use clap::Parser;
 use futures::StreamExt as _;
 use futures::stream::FuturesUnordered;
 use taskfactory_model::spec::spec_from_yaml;
-use taskfactory_proto::v1::{
-    CreateActivityRequest, ListActivitiesRequest, TriggerActivityRequest,
-};
+use taskfactory_proto::v1::{CreateActivityRequest, ListActivitiesRequest, TriggerActivityRequest};
 use taskfactory_tests::{EnvOptions, Running, Service, TestEnv, wait_for, workspace_root};
 use taskfactory_trigger::webhook;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -183,10 +181,7 @@ async fn finish(
     settle: Duration,
     notes: Vec<String>,
 ) -> anyhow::Result<Outcome> {
-    let peaks: Vec<u64> = watched
-        .iter()
-        .map(|w| status_kib(w.pid, "VmHWM"))
-        .collect();
+    let peaks: Vec<u64> = watched.iter().map(|w| status_kib(w.pid, "VmHWM")).collect();
     progress(&format!("{scenario}: settling for {settle:?}"));
     tokio::time::sleep(settle).await;
     let mut rows = Vec::new();
@@ -197,7 +192,10 @@ async fn finish(
             peak_kib,
             after_kib: status_kib(w.pid, "VmRSS"),
         });
-        w.running.stop().await.context("a service did not stop cleanly")?;
+        w.running
+            .stop()
+            .await
+            .context("a service did not stop cleanly")?;
     }
     Ok(Outcome {
         scenario,
@@ -249,7 +247,9 @@ async fn runs_ended(env: &TestEnv, runs: i64, timeout: Duration) -> anyhow::Resu
         )
         .fetch_one(pool)
         .await?;
-        let mut last = last_report.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        let mut last = last_report
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?;
         if last.elapsed() > Duration::from_secs(15) {
             progress(&format!(
                 "  {ended} of {runs} runs ended, {tasks_done} tasks succeeded ({:.0?})",
@@ -324,7 +324,10 @@ fn many_tasks(name: &str, bytes: usize) -> String {
     let mut yaml = format!("name: {name}\ntrigger: {{manual: {{}}}}\ntasks:\n");
     let mut i = 0;
     while yaml.len() < bytes {
-        let _ = writeln!(yaml, "  - {{name: t{i}, type: log, params: {{a: x, b: y}}}}");
+        let _ = writeln!(
+            yaml,
+            "  - {{name: t{i}, type: log, params: {{a: x, b: y}}}}"
+        );
         i += 1;
     }
     yaml
@@ -377,7 +380,7 @@ async fn specs_scenario(args: &Args) -> anyhow::Result<Outcome> {
     let stop = loop {
         let mut calls = FuturesUnordered::new();
         for i in 0..4 {
-            let yaml = many_tasks(&format!("wide-{batch}-{i}"), 1_000_000);
+            let yaml = many_tasks(&format!("wide-{batch}-{i}"), 900_000);
             let env = &env;
             calls.push(async move { create(env, &yaml).await });
         }
@@ -419,7 +422,9 @@ async fn specs_scenario(args: &Args) -> anyhow::Result<Outcome> {
         }
         token = page.next_page_token;
     }
-    notes.push(format!("ListActivities: {listed} activities over every page"));
+    notes.push(format!(
+        "ListActivities: {listed} activities over every page"
+    ));
     finish(
         "specs",
         "31 specs of 3.9 MB, then about 1 MiB specs of small templates up to the definitions total"
@@ -465,7 +470,12 @@ async fn post_webhook(addr: SocketAddr, delivery: &str, body: &[u8]) -> anyhow::
     text.split_whitespace()
         .nth(1)
         .and_then(|code| code.parse().ok())
-        .with_context(|| format!("no status in {:?}", text.chars().take(200).collect::<String>()))
+        .with_context(|| {
+            format!(
+                "no status in {:?}",
+                text.chars().take(200).collect::<String>()
+            )
+        })
 }
 
 fn hooks_file(dir: &tempfile::TempDir) -> anyhow::Result<PathBuf> {
@@ -598,14 +608,13 @@ async fn connections_scenario(args: &Args) -> anyhow::Result<Outcome> {
     ));
     let started = Instant::now();
     let connect = |i: usize| async move {
-        let stream =
-            tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(addr)).await;
+        let stream = tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(addr)).await;
         (i, stream)
     };
     // Slow senders first, so they are among those served: one byte of a head a second.
     let mut held = Vec::new();
-    let mut attempts = futures::stream::iter((0..args.connections + slow).map(connect))
-        .buffer_unordered(512);
+    let mut attempts =
+        futures::stream::iter((0..args.connections + slow).map(connect)).buffer_unordered(512);
     let mut slow_streams = Vec::new();
     let mut failed = 0usize;
     while let Some((i, stream)) = attempts.next().await {
@@ -709,7 +718,10 @@ async fn main() -> anyhow::Result<()> {
     let _ = writeln!(
         report,
         "taskfactory-membench, release binaries, load average at start: {}\n",
-        load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     if wanted("runs") {
         report.push_str(&runs_scenario(&args).await.context("runs")?.table());

@@ -109,6 +109,15 @@ pub struct Config {
         default_value_t = 128 * 1024 * 1024
     )]
     pub evaluation_bytes_in_flight: usize,
+    /// Bytes of trigger messages (most of it their events' payloads) in hand at once: a trigger
+    /// waits for room before it is decoded (one larger than this takes all of it). An event's
+    /// JSON tree, its copies for expressions and the run's record take tens of times its bytes.
+    #[arg(
+        long = "trigger-bytes-in-flight",
+        env = "TASKFACTORY_TRIGGER_BYTES_IN_FLIGHT",
+        default_value_t = 4 * 1024 * 1024
+    )]
+    pub trigger_bytes_in_flight: usize,
     /// Instruction fuel per expression or template evaluation.
     #[arg(
         long = "template-fuel",
@@ -260,6 +269,7 @@ impl Config {
             max_tasks_per_run: 10_000,
             max_run_bytes: 64 * 1024 * 1024,
             evaluation_bytes_in_flight: 128 * 1024 * 1024,
+            trigger_bytes_in_flight: 4 * 1024 * 1024,
             template_fuel: 50_000,
             evaluation_timeout: Duration::from_millis(800),
             unserved_grace: Duration::from_secs(600),
@@ -408,6 +418,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let spawner = Arc::new(spawn::Spawner {
         evaluation_room: Arc::new(tokio::sync::Semaphore::new(evaluation_bytes)),
         evaluation_bytes,
+        trigger_room: messaging::ByteBudget::new(config.trigger_bytes_in_flight),
         result_key,
         cancelled_runs: cancelled_runs.clone(),
         pool: pool.clone(),

@@ -68,6 +68,10 @@ pub struct Spawner {
     pub evaluation_room: Arc<tokio::sync::Semaphore>,
     /// Its size in bytes.
     pub evaluation_bytes: usize,
+    /// Bytes of trigger messages in hand at once (`--trigger-bytes-in-flight`): a trigger waits
+    /// for room for its bytes before it is decoded, so large events queue instead of each
+    /// holding its trees at once.
+    pub trigger_room: messaging::ByteBudget,
 }
 
 /// A run as evaluated: its row, its tasks, and (for a real run) its room in the evaluation budget.
@@ -149,6 +153,7 @@ impl Handler for Spawner {
     async fn handle(&self, message: &Message) -> Result<(), SpawnError> {
         // Long spawns keep the message alive so it is not redelivered while in hand.
         let _heartbeat = messaging::heartbeat(message, self.ack_wait / 3);
+        let _room = self.trigger_room.room_for(message.payload.len()).await;
         self.process(message).await
     }
 }

@@ -171,6 +171,39 @@ pub async fn keep_alive(message: &Message) {
     }
 }
 
+/// Bytes of messages in hand at once, shared by a consumer's handlers: one permit per byte of a
+/// message's payload. A message larger than the whole budget takes all of it, so it is handled
+/// alone rather than never. What a message costs in memory is a multiple of its bytes (a JSON
+/// tree of small objects takes tens of times its text), so this bounds that too.
+#[derive(Clone)]
+pub struct ByteBudget {
+    room: Arc<Semaphore>,
+    bytes: u32,
+}
+
+impl ByteBudget {
+    pub fn new(bytes: usize) -> Self {
+        let bytes = u32::try_from(bytes.clamp(1, Semaphore::MAX_PERMITS)).unwrap_or(u32::MAX);
+        Self {
+            room: Arc::new(Semaphore::new(bytes as usize)),
+            bytes,
+        }
+    }
+
+    /// Waits for room for `bytes` (all of the budget for more than it); the room is given back
+    /// when the permit is dropped.
+    pub async fn room_for(&self, bytes: usize) -> tokio::sync::OwnedSemaphorePermit {
+        let permits = u32::try_from(bytes.max(1))
+            .unwrap_or(u32::MAX)
+            .min(self.bytes);
+        self.room
+            .clone()
+            .acquire_many_owned(permits)
+            .await
+            .expect("a byte budget is never closed")
+    }
+}
+
 /// Keeps a message in hand alive: a progress ack every `every` until the returned guard is
 /// dropped (on every path, a panic included).
 pub fn heartbeat(message: &Message, every: Duration) -> Heartbeat {

@@ -33,8 +33,8 @@ use sqlx::PgPool;
 use taskfactory_model::expr::{self, Engine, Limits};
 use taskfactory_model::subjects;
 use taskfactory_proto::v1::TriggerSource;
-use taskfactory_runtime::messaging::{Handler, Then, Unfinished};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use taskfactory_runtime::messaging::{ByteBudget, Handler, Then, Unfinished};
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::fire::{self, FireRequest};
 use crate::registry::{LiveActivity, Registry};
@@ -50,8 +50,7 @@ pub struct EventIngress {
     pub registry: Registry,
     pub max_event_bytes: usize,
     /// Bytes of events in hand at most (`--event-bytes-in-flight`).
-    bytes_in_flight: usize,
-    in_flight: Arc<Semaphore>,
+    in_flight: ByteBudget,
 }
 
 /// Why an event was not taken in.
@@ -96,14 +95,12 @@ impl EventIngress {
         max_event_bytes: usize,
         bytes_in_flight: usize,
     ) -> Self {
-        let bytes_in_flight = bytes_in_flight.clamp(1, Semaphore::MAX_PERMITS);
         Self {
             pool,
             js,
             registry,
             max_event_bytes,
-            bytes_in_flight,
-            in_flight: Arc::new(Semaphore::new(bytes_in_flight)),
+            in_flight: ByteBudget::new(bytes_in_flight),
         }
     }
 
@@ -201,15 +198,11 @@ impl EventIngress {
     /// Waits for room for the message's bytes among the events in hand (all of the budget for
     /// one larger than it), reporting the message in progress meanwhile.
     async fn room_for(&self, message: &Message) -> OwnedSemaphorePermit {
-        let bytes = message.payload.len().clamp(1, Semaphore::MAX_PERMITS);
-        let permits = u32::try_from(bytes)
-            .unwrap_or(u32::MAX)
-            .min(u32::try_from(self.bytes_in_flight).unwrap_or(u32::MAX));
-        let room = self.in_flight.clone().acquire_many_owned(permits);
+        let room = self.in_flight.room_for(message.payload.len());
         tokio::pin!(room);
         loop {
             tokio::select! {
-                room = &mut room => return room.expect("the semaphore is never closed"),
+                room = &mut room => return room,
                 _ = tokio::time::sleep(PROGRESS_EVERY) => {
                     if let Err(error) = message.ack_with(AckKind::Progress).await {
                         tracing::debug!(error = %error_chain(&*error), "cannot report an event in progress");
