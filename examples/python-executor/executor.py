@@ -14,10 +14,11 @@ The contract it implements is the README's "Writing an external executor"; in sh
 message on `tasks.<type>` (stream FACTORY_TASKS, durable pull consumer `python-executor-<type>`):
 
   decode TaskInstance → read the cancelled-runs and finished-tasks buckets (a finished task: ack,
-  nothing else) → report the start (`RUNNING`) and wait for the stream's ack → run the handler
-  (timeout, heartbeats) → publish one TaskResult to `results.<activity name>.<run id>` with
-  `Nats-Msg-Id: <task id>:<attempt>:<STATUS>` and wait for the stream's ack → (DEAD only) publish
-  the task to `dlq.tasks.<type>` → ack, or NAK with a delay.
+  nothing else; a bucket not complete: NAK, not run) → report the start (`RUNNING`) and wait for
+  the stream's ack → run the handler (timeout, heartbeats) → publish one TaskResult to
+  `results.<activity name>.<run id>` with `Nats-Msg-Id: <task id>:<attempt>:<STATUS>` and wait for
+  the stream's ack → (DEAD only) publish the task to `dlq.tasks.<type>` → (a final result) mark
+  the task finished → ack, or NAK with a delay.
 
 Add a task type: write `async def handler(attempt: Attempt) -> JSON value`, raise
 `PermanentError` for what no retry can fix and `RetryableError` (or any other exception) for what
@@ -72,9 +73,13 @@ TRACE_HEADERS = ("traceparent", "tracestate")
 # CancelRun returns: checked before every attempt, watched to stop attempts in flight.
 CANCELLED_RUNS_BUCKET = "taskfactory_cancelled_runs"
 # KV bucket of finished tasks (key: task id, value: the highest attempt number whose final result
-# was recorded, in decimal; never lowered), written by the orchestrator: read before every attempt,
-# so that a finished task's message that comes back never runs again.
+# is known, in decimal; never lowered): read before every attempt, so that a finished task's
+# message that comes back never runs again; written by this executor once the stream has a final
+# result of its own (and by the orchestrator when it records one).
 FINISHED_TASKS_BUCKET = "taskfactory_finished_tasks"
+# Its key that says the bucket is complete (the orchestrator writes it once it refilled a bucket
+# that was recreated empty): without it, no entry proves a task unfinished.
+FINISHED_TASKS_COMPLETE_KEY = "complete"
 
 
 def task_subject(task_type: str) -> str:
@@ -491,6 +496,46 @@ class FinishedTasks:
             return None
         return parse_finished_by(entry.value)
 
+    async def complete(self) -> bool:
+        """Whether the bucket is complete (FINISHED_TASKS_COMPLETE_KEY is there); raises when that
+        cannot be known."""
+        from nats.js.errors import KeyNotFoundError
+
+        kv = await self.bucket()
+        try:
+            await kv.get(FINISHED_TASKS_COMPLETE_KEY)
+        except KeyNotFoundError:
+            return False
+        return True
+
+    async def mark(self, task_id: str, attempt: int) -> None:
+        """Raises the task's entry to `attempt`: created if absent, else compare-and-set, and only
+        upwards (services/taskfactory-runtime/src/finished_tasks.rs, `raise`). Raises when it
+        cannot be written."""
+        from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+
+        kv = await self.bucket()
+        value = str(attempt).encode()
+        for _ in range(5):  # another writer in between: look again
+            try:
+                await kv.create(task_id, value)
+                return
+            except KeyWrongLastSequenceError:
+                pass
+            try:
+                entry = await kv.get(task_id)
+            except KeyNotFoundError:
+                continue
+            held = parse_finished_by(entry.value)
+            if held is not None and held >= attempt:
+                return
+            try:
+                await kv.update(task_id, value, last=entry.revision)
+                return
+            except KeyWrongLastSequenceError:
+                continue
+        raise RuntimeError(f"conflicting writes to the entry of task {task_id}")
+
 
 class Executor:
     """Runs task messages of the types in `handlers`; one durable pull consumer per type."""
@@ -498,6 +543,7 @@ class Executor:
     FETCH_EXPIRY = 2.0  # seconds a pull waits for messages; also the longest SIGTERM → stop delay
     PUBLISH_TIMEOUT = 5.0
     SETTLE_RETRY = 1.0  # seconds before a message whose outcome could not be reported runs again
+    UNPROVEN_RETRY = 5.0  # seconds before a task not proven unfinished (a refill) is looked at again
 
     def __init__(
         self,
@@ -693,7 +739,16 @@ class Executor:
                 await _quietly(message.nak(delay=self.SETTLE_RETRY))
                 return
 
-        # 3. Settle: done (SUCCEEDED, DEAD, CANCELLED) or another attempt after the backoff (FAILED).
+        # 3. A final result is on the stream: mark the task finished before settling, so a copy of
+        #    its message that comes back never runs again, even before the orchestrator records
+        #    the result. Best effort: the orchestrator writes it too when it does.
+        if status != FAILED:
+            try:
+                await self.finished.mark(task.task_id, attempt)
+            except Exception as error:
+                log.warning("task %s: cannot mark it finished (%s); the orchestrator will", task.task_id, error)
+
+        # 4. Settle: done (SUCCEEDED, DEAD, CANCELLED) or another attempt after the backoff (FAILED).
         if status == FAILED:
             delay = backoff(
                 _seconds(retry.max_backoff) if retry.HasField("max_backoff") else DEFAULT_MAX_BACKOFF,
@@ -721,23 +776,32 @@ class Executor:
         """The checks, the start report, then the handler (stopped if the run is cancelled meanwhile):
         (status, error, output Value or None) to report; None when the message was settled here
         (its task is finished: acked; a check or the start report failed: NAKed, not run)."""
-        # Both buckets at once: was the run cancelled, is the task finished?
+        # Both buckets at once: was the run cancelled, is the task finished (and is the
+        # finished-tasks bucket complete, so that no entry means not finished)?
         checks = await asyncio.gather(
             self.cancellations.reason(task.run_id),
             self.finished.finished_by(task.task_id),
+            self.finished.complete(),
             return_exceptions=True,
         )
-        for what, outcome in zip(("whether its run was cancelled", "whether it is finished"), checks):
+        whats = ("whether its run was cancelled", "whether it is finished", "whether it is finished")
+        for what, outcome in zip(whats, checks):
             if isinstance(outcome, BaseException):
                 log.warning("task %s: cannot check %s (%s); retrying", task.task_id, what, outcome)
                 await _quietly(message.nak(delay=self.SETTLE_RETRY))
                 return None
-        cancelled, finished_by = checks
+        cancelled, finished_by, complete = checks
         if finished_by is not None and already_finished(finished_by, task.attempt_base):
             # Its message came back after the task ended (a consumer recreated over messages a
             # server failed to remove, a copy published again): never run it again, report nothing.
             log.warning("task %s already finished (by attempt %d); not run again", task.task_id, finished_by)
             await message.ack()
+            return None
+        if not complete:
+            # The bucket was recreated and the orchestrator has not refilled it yet: the task may
+            # be finished. Not run; back after a while (each delivery counts toward the limit).
+            log.warning("task %s: the finished-tasks bucket is being refilled; retrying", task.task_id)
+            await _quietly(message.nak(delay=self.UNPROVEN_RETRY))
             return None
         if cancelled is not None:
             return CANCELLED, cancelled, None

@@ -224,7 +224,38 @@ class FakeKeyValue:
             raise ConnectionError("timeout")
         if key not in self.entries:
             raise KeyNotFoundError
-        return SimpleNamespace(key=key, value=self.entries[key].encode(), operation=None)
+        return SimpleNamespace(key=key, value=self.entries[key].encode(), operation=None,
+                               revision=self.revisions.get(key, 1))
+
+    @property
+    def revisions(self) -> dict:
+        return self.__dict__.setdefault("_revisions", {})
+
+    async def create(self, key, value):
+        from nats.js.errors import KeyWrongLastSequenceError
+
+        if self.broken:
+            raise ConnectionError("timeout")
+        if key in self.entries:
+            raise KeyWrongLastSequenceError
+        return await self.update(key, value, last=None)
+
+    async def update(self, key, value, last=None):
+        from nats.js.errors import KeyWrongLastSequenceError
+
+        if last is not None and self.revisions.get(key, 1) != last:
+            raise KeyWrongLastSequenceError
+        self.entries[key] = value.decode()
+        self.revisions[key] = self.revisions.get(key, 1) + 1
+        return self.revisions[key]
+
+
+def finished_bucket(entries=None, complete=True, **options) -> FakeKeyValue:
+    """The finished-tasks bucket: complete (refilled) unless told otherwise."""
+    entries = dict(entries or {})
+    if complete:
+        entries[ex.FINISHED_TASKS_COMPLETE_KEY] = "2026-12-06T00:00:00Z"
+    return FakeKeyValue(entries, **options)
 
 
 class Rendezvous:
@@ -248,7 +279,7 @@ def make_executor(events: list, handlers=None, *, fail=False, ack_delay=0.0, ack
     executor = ex.Executor(FakeJetStream(events, fail, ack_delay), "python-executor@test",
                            ex.HANDLERS if handlers is None else handlers, ack_wait=ack_wait)
     executor.cancellations.kv = cancelled or FakeKeyValue()
-    executor.finished.kv = finished or FakeKeyValue()
+    executor.finished.kv = finished or finished_bucket()
     return executor
 
 
@@ -472,7 +503,7 @@ class OneAttempt(unittest.TestCase):
     def test_a_finished_task_is_acked_without_running_or_reporting(self) -> None:
         for value in ("1", "3", " 2\n"):
             events: list = []
-            executor = make_executor(events, recording(events), finished=FakeKeyValue({TASK_ID: value}))
+            executor = make_executor(events, recording(events), finished=finished_bucket({TASK_ID: value}))
             _run(executor.process("uppercase", FakeMessage(task_bytes({"text": "x"}), events, delivered=2)))
             self.assertEqual(events, [("ack",)], f"finished by attempt {value!r}")
             self.assertEqual(executor.cancellations.in_flight, {})
@@ -481,27 +512,27 @@ class OneAttempt(unittest.TestCase):
         events = self.attempt(
             task_bytes({"text": "x"}),
             cancelled=FakeKeyValue({"run-1": "cancelled"}),
-            finished=FakeKeyValue({TASK_ID: "1"}),
+            finished=finished_bucket({TASK_ID: "1"}),
         )
         self.assertEqual(events, [("ack",)])
 
     def test_a_redrive_after_the_finishing_attempt_runs(self) -> None:
         # RetryTask after attempt 3 decided the task: the new series starts at attempt_base 3.
-        events = self.attempt(task_bytes({"text": "x"}, attempt_base=3), finished=FakeKeyValue({TASK_ID: "3"}))
+        events = self.attempt(task_bytes({"text": "x"}, attempt_base=3), finished=finished_bucket({TASK_ID: "3"}))
         self.assertEqual(self.kinds(events), ["RUNNING", "SUCCEEDED", "ack"])
         self.assertEqual(self.result(events[1]).attempt, 4)
         # ...but a message of that series, once it was decided in turn, does not.
-        events = self.attempt(task_bytes({"text": "x"}, attempt_base=3), finished=FakeKeyValue({TASK_ID: "4"}))
+        events = self.attempt(task_bytes({"text": "x"}, attempt_base=3), finished=finished_bucket({TASK_ID: "4"}))
         self.assertEqual(events, [("ack",)])
 
     def test_a_finished_value_that_is_no_attempt_number_finishes_nothing(self) -> None:
         for value in ("", "done", "-1", "1.0", "4294967296"):
-            events = self.attempt(task_bytes({"text": "x"}), finished=FakeKeyValue({TASK_ID: value}))
+            events = self.attempt(task_bytes({"text": "x"}), finished=finished_bucket({TASK_ID: value}))
             self.assertEqual(self.kinds(events), ["RUNNING", "SUCCEEDED", "ack"], repr(value))
 
     def test_when_finished_tasks_cannot_be_read_the_task_waits(self) -> None:
         events: list = []
-        executor = make_executor(events, recording(events), finished=FakeKeyValue(broken=True))
+        executor = make_executor(events, recording(events), finished=finished_bucket(broken=True))
         _run(executor.process("uppercase", FakeMessage(task_bytes({"text": "x"}), events)))
         self.assertEqual(events, [("nak", ex.Executor.SETTLE_RETRY)])
         self.assertEqual(executor.cancellations.in_flight, {})
@@ -512,9 +543,32 @@ class OneAttempt(unittest.TestCase):
         events = self.attempt(
             task_bytes({"text": "x"}),
             cancelled=FakeKeyValue(rendezvous=rendezvous),
-            finished=FakeKeyValue(rendezvous=rendezvous),
+            finished=finished_bucket(rendezvous=rendezvous),
         )
         self.assertEqual(self.kinds(events), ["RUNNING", "SUCCEEDED", "ack"])
+
+    def test_a_final_result_marks_the_task_finished_before_the_ack(self) -> None:
+        finished = finished_bucket()
+        events = self.attempt(task_bytes({"text": "x"}), delivered=2, finished=finished)
+        self.assertEqual(self.kinds(events), ["RUNNING", "SUCCEEDED", "ack"])
+        self.assertEqual(finished.entries[TASK_ID], "2")
+        finished = finished_bucket()
+        events = self.attempt(task_bytes({}), finished=finished)
+        self.assertEqual(self.kinds(events), ["RUNNING", "DEAD", "dlq", "ack"])
+        self.assertEqual(finished.entries[TASK_ID], "1")
+
+    def test_a_failed_attempt_marks_nothing(self) -> None:
+        finished = finished_bucket()
+        events = self.attempt(task_bytes({"text": "x", "failAttempts": 1}), finished=finished)
+        self.assertEqual(self.kinds(events), ["RUNNING", "FAILED", "nak"])
+        self.assertNotIn(TASK_ID, finished.entries)
+
+    def test_a_task_is_not_run_while_the_finished_tasks_bucket_is_refilled(self) -> None:
+        events = self.attempt(task_bytes({"text": "x"}), finished=finished_bucket(complete=False))
+        self.assertEqual(events, [("nak", ex.Executor.UNPROVEN_RETRY)])
+        # ...but a task its entry finishes is acked as ever.
+        events = self.attempt(task_bytes({"text": "x"}), finished=finished_bucket({TASK_ID: "1"}, complete=False))
+        self.assertEqual(events, [("ack",)])
 
     def test_output_that_is_not_json_is_dead(self) -> None:
         async def bad(attempt):
@@ -543,6 +597,16 @@ class FinishedTasks(unittest.TestCase):
             (b"4294967296", None), ("٣".encode(), None), (b"\xff", None),
         ]:
             self.assertEqual(ex.parse_finished_by(value), expected, repr(value))
+
+    def test_marking_creates_the_entry_and_only_ever_raises_it(self) -> None:
+        finished = ex.FinishedTasks(js=None)
+        finished.kv = FakeKeyValue()
+        _run(finished.mark("t1", 2))
+        self.assertEqual(finished.kv.entries["t1"], "2")
+        _run(finished.mark("t1", 1))
+        self.assertEqual(finished.kv.entries["t1"], "2", "never lowered")
+        _run(finished.mark("t1", 5))
+        self.assertEqual(finished.kv.entries["t1"], "5")
 
     def test_a_key_no_task_can_have_is_not_finished(self) -> None:
         from nats.js.errors import InvalidKeyError

@@ -10,6 +10,7 @@ use anyhow::{Context as _, bail};
 use async_nats::jetstream;
 use bytes::Bytes;
 use futures::{FutureExt as _, StreamExt as _};
+use taskfactory_model::subjects;
 use taskfactory_proto::v1::{
     CancelRunRequest, GetTaskRequest, PreviewRunRequest, RunStatus, TaskStatus,
     TriggerActivityRequest,
@@ -316,6 +317,21 @@ async fn what_a_user_may_not_do_is_refused_by_the_server_and_changes_nothing() -
             .await?;
     }
     sources.publish_refused("events.orders.created").await?;
+    // Executors write their tasks' finished entries, never the key that says the bucket is
+    // complete (only the orchestrator's refill does); nobody else writes there at all.
+    let complete = format!(
+        "$KV.{}.{}",
+        subjects::FINISHED_TASKS_BUCKET,
+        subjects::FINISHED_TASKS_COMPLETE_KEY
+    );
+    executor.publish_refused(&complete).await?;
+    for user in [&mut sources, &mut publisher, &mut trigger] {
+        user.publish_refused(&format!(
+            "$KV.{}.some-task",
+            subjects::FINISHED_TASKS_BUCKET
+        ))
+        .await?;
+    }
     assert_eq!(
         last_sequence(&js, "FACTORY_TRIGGERS").await?,
         triggers_before
@@ -339,6 +355,7 @@ async fn what_a_user_may_not_do_is_refused_by_the_server_and_changes_nothing() -
     ] {
         vision.publish_refused(subject).await?;
     }
+    vision.publish_refused(&complete).await?;
     js.publish("tasks.http", Bytes::from_static(b"queued too"))
         .await?
         .await?;
@@ -488,6 +505,14 @@ async fn vision_does_its_own_work(env: &TestEnv, admin: &jetstream::Context) -> 
     assert!(bucket.get("no-such-run").await?.is_none());
     let finished = vision.get_key_value("taskfactory_finished_tasks").await?;
     assert!(finished.get("no-such-task").await?.is_none());
+    // It marks its finished tasks (create, then raise by compare-and-set), as the contract
+    // recommends.
+    let revision = finished.create("vision-task", "1".into()).await?;
+    finished.update("vision-task", "2".into(), revision).await?;
+    assert_eq!(
+        finished.get("vision-task").await?.as_deref(),
+        Some(&b"2"[..])
+    );
     wait_for("the vision task acked", Duration::from_secs(10), || {
         let stream = stream.clone();
         async move {

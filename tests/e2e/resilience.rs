@@ -7,7 +7,7 @@ use taskfactory_model::spec::timestamp_to_chrono;
 use taskfactory_proto::v1::{RunStatus, TaskStatus, TriggerActivityRequest};
 use taskfactory_tests::{EnvOptions, Service, TestEnv, wait_for};
 
-use crate::support::{RecordingServer, create, finished_run, runs, tasks};
+use crate::support::{RecordingServer, create, finished_run, runs, settled, tasks};
 
 fn fan_out_spec(name: &str, url: &str, count: u32) -> String {
     format!(
@@ -298,7 +298,6 @@ async fn streams_and_buckets_deleted_at_runtime_are_declared_again_and_nothing_a
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_finished_tasks_message_that_comes_back_is_never_run_again() -> anyhow::Result<()> {
-    use crate::support::settled;
     use futures::StreamExt as _;
     use taskfactory_model::subjects;
 
@@ -445,6 +444,188 @@ async fn an_execution_whose_result_a_sigkill_lost_is_in_the_attempt_history() ->
         ),
         1.0,
         "the second execution is counted as a repetition"
+    );
+    Ok(())
+}
+
+/// Issue 12, "Executors never run a finished task" and "a KV bucket deleted at runtime: the
+/// services recover". The finished-tasks bucket, deleted, is declared again empty; the
+/// orchestrator refills it from Postgres, and until it has, executors run no task they cannot
+/// prove unfinished: finished tasks' messages that come back never run again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_finished_task_never_runs_again_after_the_finished_tasks_bucket_is_recreated()
+-> anyhow::Result<()> {
+    use futures::StreamExt as _;
+    use taskfactory_model::subjects;
+
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    let server = RecordingServer::start(Duration::ZERO).await?;
+    create(
+        &mut admin,
+        &format!(
+            "name: once\ntrigger: {{manual: {{}}}}\ntasks: [{{name: call, type: http, forEach: 'range(3)', params: {{url: '{}'}}}}]\n",
+            server.url
+        ),
+    )
+    .await?;
+    let mut copies = env.nats_client().await?.subscribe("tasks.http").await?;
+    let run_id = admin
+        .trigger_activity(TriggerActivityRequest {
+            id: "once".to_owned(),
+            idempotency_key: "k".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .run_id;
+    let run = finished_run(&admin, &run_id, Duration::from_secs(30)).await?;
+    assert_eq!(run.status(), RunStatus::RunSucceeded);
+    assert_eq!(server.calls().len(), 3);
+    let mut messages = Vec::new();
+    while messages.len() < 3 {
+        let message = tokio::time::timeout(Duration::from_secs(5), copies.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no copy"))?;
+        messages.push(message.payload);
+    }
+    // Every task is marked finished (by its executor, and by the orchestrator before it acked).
+    let kv = js.get_key_value(subjects::FINISHED_TASKS_BUCKET).await?;
+    let listed = tasks(&mut admin, &run_id).await?;
+    wait_for("finished markers", Duration::from_secs(10), || {
+        let (kv, listed) = (kv.clone(), listed.clone());
+        async move {
+            for task in &listed {
+                if kv.get(&task.id).await?.is_none() {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
+        }
+    })
+    .await?;
+
+    // The finished-tasks bucket is deleted at runtime (the fault the issue lists) and declared
+    // again by the services' keeper.
+    assert!(
+        js.delete_stream(format!("KV_{}", subjects::FINISHED_TASKS_BUCKET))
+            .await?
+            .success
+    );
+    wait_for("bucket declared again", Duration::from_secs(20), || {
+        let js = js.clone();
+        async move {
+            Ok(js
+                .get_stream(format!("KV_{}", subjects::FINISHED_TASKS_BUCKET))
+                .await
+                .ok()
+                .map(drop))
+        }
+    })
+    .await?;
+
+    // Then the finished tasks' messages come back, as in
+    // `a_finished_tasks_message_that_comes_back_is_never_run_again`.
+    let stream = js.get_stream(subjects::TASKS_STREAM).await?;
+    stream
+        .delete_consumer(&subjects::executor_consumer("http"))
+        .await?;
+    for (n, payload) in messages.into_iter().enumerate() {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", format!("back-{n}").as_str());
+        js.publish_with_headers("tasks.http", headers, payload)
+            .await?
+            .await?;
+    }
+    settled(
+        &js,
+        subjects::TASKS_STREAM,
+        &subjects::executor_consumer("http"),
+    )
+    .await?;
+    assert_eq!(
+        server.calls().len(),
+        3,
+        "a finished task ran again after the finished-tasks bucket was declared again"
+    );
+    Ok(())
+}
+
+/// Issue 12, "Executors never run a finished task", while the orchestrator is down or behind (as
+/// after the very outage that brings acked messages back): the executor marks a task finished
+/// once the results stream has its final result, before it acks the task's message, so a copy
+/// of a task that SUCCEEDED never runs again even before the orchestrator records it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_finished_task_never_runs_again_while_its_result_waits_for_the_orchestrator()
+-> anyhow::Result<()> {
+    use futures::StreamExt as _;
+    use taskfactory_model::subjects;
+
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _trigger = env.start(Service::Trigger);
+    let orchestrator = env.start(Service::Orchestrator);
+    let _executor = env.start(Service::Executor);
+    env.wait_ready(&[Service::Trigger, Service::Orchestrator, Service::Executor])
+        .await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    let server = RecordingServer::start(Duration::from_secs(2)).await?;
+    create(
+        &mut admin,
+        &format!(
+            "name: lag\ntrigger: {{manual: {{}}}}\ntasks: [{{name: call, type: http, forEach: 'range(3)', params: {{url: '{}'}}}}]\n",
+            server.url
+        ),
+    )
+    .await?;
+    let mut copies = env.nats_client().await?.subscribe("tasks.http").await?;
+    let run_id = admin
+        .trigger_activity(TriggerActivityRequest {
+            id: "lag".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .run_id;
+    let mut messages = Vec::new();
+    while messages.len() < 3 {
+        let message = tokio::time::timeout(Duration::from_secs(10), copies.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no copy"))?;
+        messages.push(message.payload);
+    }
+    // The orchestrator stops while the tasks run; their SUCCEEDED results wait in the stream.
+    orchestrator.kill();
+    wait_for("the three calls", Duration::from_secs(20), || async {
+        Ok((server.calls().len() == 3).then_some(()))
+    })
+    .await?;
+    wait_for("the work queue empty", Duration::from_secs(20), || {
+        let js = js.clone();
+        async move {
+            let mut stream = js.get_stream(subjects::TASKS_STREAM).await?;
+            Ok((stream.info().await?.state.messages == 0).then_some(()))
+        }
+    })
+    .await?;
+    // The finished tasks' messages come back (as in the project's own test of this).
+    for (n, payload) in messages.into_iter().enumerate() {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", format!("back-{n}").as_str());
+        js.publish_with_headers("tasks.http", headers, payload)
+            .await?
+            .await?;
+    }
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let _orchestrator = env.start(Service::Orchestrator);
+    let run = finished_run(&admin, &run_id, Duration::from_secs(30)).await?;
+    assert_eq!(
+        server.calls().len(),
+        3,
+        "tasks that had already SUCCEEDED ran again (run {:?})",
+        run.status()
     );
     Ok(())
 }

@@ -29,13 +29,13 @@ use tracing::Instrument as _;
 use async_nats::jetstream::Message;
 use chrono::Utc;
 use prost::Message as _;
-use taskfactory_model::results::{REDELIVERY_ALLOWANCE, already_finished};
+use taskfactory_model::results::{FinishedCheck, REDELIVERY_ALLOWANCE};
 use taskfactory_model::spec::{chrono_to_timestamp, effective_retry, std_duration};
-use taskfactory_model::status::task_outcome;
+use taskfactory_model::status::{task_is_terminal, task_outcome};
 use taskfactory_model::{subjects, values};
 use taskfactory_proto::v1::{RetryPolicy, TaskInstance, TaskResult, TaskStatus};
 use taskfactory_runtime::messaging::{self, Handler, Then, Unfinished};
-use taskfactory_runtime::metrics;
+use taskfactory_runtime::{finished_tasks, metrics};
 
 use crate::builtins::{Builtins, TaskFailure};
 
@@ -46,7 +46,8 @@ pub struct Executor {
     pub cancellations: Arc<Cancellations>,
     /// Deliveries a task may have beyond its own attempts while its result cannot be reported.
     pub max_deliveries: u32,
-    /// Finished tasks (read before each attempt: a finished task never runs again).
+    /// Finished tasks: read before each attempt (a finished task never runs again), written once
+    /// the stream has a final result of ours.
     pub finished_tasks: async_nats::jetstream::kv::Store,
 }
 
@@ -212,17 +213,6 @@ impl Handler for Executor {
 }
 
 impl Executor {
-    /// The attempt that decided the task, if it is finished (the finished-tasks bucket).
-    async fn finished_by(&self, task_id: &str) -> Result<Option<u32>, String> {
-        match self.finished_tasks.get(task_id).await {
-            Ok(Some(value)) => Ok(std::str::from_utf8(&value)
-                .ok()
-                .and_then(|text| text.trim().parse().ok())),
-            Ok(None) => Ok(None),
-            Err(error) => Err(error.to_string()),
-        }
-    }
-
     async fn process(&self, message: &Message) -> Result<(), TaskError> {
         let task = match TaskInstance::decode(message.payload.as_ref()) {
             Ok(task) if !task.task_id.is_empty() => task,
@@ -321,9 +311,9 @@ impl Executor {
         let started_at = Utc::now();
         // Registered before the check, so a cancel landing in between is still seen.
         let in_flight = self.cancellations.register(&task.run_id);
-        let (cancelled, finished_by) = tokio::join!(
+        let (cancelled, finished) = tokio::join!(
             self.cancellations.reason(&task.run_id),
-            self.finished_by(&task.task_id)
+            finished_tasks::check(&self.finished_tasks, &task.task_id, task.attempt_base)
         );
         let cancelled = cancelled.map_err(|error| {
             TaskError::Transient(format!(
@@ -331,20 +321,31 @@ impl Executor {
                 task.task_id
             ))
         })?;
-        let finished_by = finished_by.map_err(|error| {
+        let finished = finished.map_err(|error| {
             TaskError::Transient(format!(
                 "cannot check whether task {} is finished: {error}",
                 task.task_id
             ))
         })?;
-        if let Some(by) = finished_by
-            && already_finished(by, task.attempt_base)
-        {
-            // Its message came back after the task ended (a consumer recreated over messages a
-            // server failed to remove): never run it again.
-            tracing::warn!(task.id = %task.task_id, finished_by = by, attempt, "task already finished; not run again");
-            metrics::record_attempt(&task_type, "already_finished", Duration::ZERO);
-            return Ok(());
+        match finished {
+            FinishedCheck::Finished(by) => {
+                // Its message came back after the task ended (a consumer recreated over messages
+                // a server failed to remove, a copy published again): never run it again.
+                tracing::warn!(task.id = %task.task_id, finished_by = by, attempt, "task already finished; not run again");
+                metrics::record_attempt(&task_type, "already_finished", Duration::ZERO);
+                return Ok(());
+            }
+            FinishedCheck::Unproven => {
+                // The bucket was recreated and the orchestrator has not refilled it from Postgres
+                // yet: the task may be finished. Delivered again with the transient backoff (1 s
+                // doubling to 30 s), which gives a refill minutes before the task's deliveries
+                // run out.
+                return Err(TaskError::Transient(format!(
+                    "cannot tell whether task {} is finished: the finished-tasks bucket is being refilled",
+                    task.task_id
+                )));
+            }
+            FinishedCheck::ToRun => {}
         }
         // Alive from here: the start report's ack may take a while too.
         let heartbeat = messaging::heartbeat(message, self.ack_wait / 3);
@@ -446,6 +447,17 @@ impl Executor {
                 task.task_id,
                 error_chain(&e)
             )));
+        }
+        if task_is_terminal(status) {
+            // The stream has the final result: tell every executor before the message is
+            // settled, so a copy of it that comes back is never run again, even before the
+            // orchestrator records the result. If this fails, the orchestrator writes it when it
+            // records the result; not worth running the task again for.
+            if let Err(error) =
+                finished_tasks::raise(&self.finished_tasks, &task.task_id, attempt, true).await
+            {
+                tracing::warn!(task.id = %task.task_id, attempt, %error, "task finished but not marked finished yet (the orchestrator will)");
+            }
         }
         match (status, retry_in) {
             (TaskStatus::Dead, _) => Err(TaskError::Dead { error, attempt }),

@@ -40,6 +40,40 @@ pub fn already_finished(finished_by: u32, attempt_base: u32) -> bool {
     finished_by > attempt_base
 }
 
+/// A finished-tasks value: the attempt number as decimal text (surrounding whitespace ignored).
+/// Anything else finishes nothing.
+pub fn finished_marker(value: &[u8]) -> Option<u32> {
+    std::str::from_utf8(value).ok()?.trim().parse().ok()
+}
+
+/// What an executor does with a task message, from the finished-tasks bucket: the task's entry
+/// (`held`, [`finished_marker`]) and whether the bucket is complete (its
+/// [`FINISHED_TASKS_COMPLETE_KEY`](crate::subjects::FINISHED_TASKS_COMPLETE_KEY) is there).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishedCheck {
+    /// Finished by this attempt: ack, never run.
+    Finished(u32),
+    /// No entry, but the bucket is not complete (recreated empty, its refill from Postgres not
+    /// done): the task may be finished all the same. Delivered again later, not run.
+    Unproven,
+    /// Not finished: run it.
+    ToRun,
+}
+
+pub fn check_finished(held: Option<u32>, complete: bool, attempt_base: u32) -> FinishedCheck {
+    match held {
+        Some(by) if already_finished(by, attempt_base) => FinishedCheck::Finished(by),
+        _ if !complete => FinishedCheck::Unproven,
+        _ => FinishedCheck::ToRun,
+    }
+}
+
+/// Whether a finished-tasks entry holding `held` is raised by writing `attempt`: values only
+/// ever grow, so a late result of an earlier series never lowers it.
+pub fn raises_marker(held: Option<u32>, attempt: u32) -> bool {
+    held.is_none_or(|held| held < attempt)
+}
+
 /// Attempt numbers a series may use past its `retry.maxAttempts`: deliveries that were no attempt
 /// of their own (a crash, a hand-back at shutdown) still count. Generous, because refusing a real
 /// result would strand its task; what it bounds is a forged number of millions.
@@ -363,6 +397,29 @@ fn check_claim(facts: &TaskFacts<'_>, claim: &Claim, attempt: u32) -> Result<(),
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_task_runs_only_when_the_complete_bucket_has_no_entry_finishing_its_series() {
+        use FinishedCheck::{Finished, ToRun, Unproven};
+        assert_eq!(check_finished(Some(2), true, 0), Finished(2));
+        assert_eq!(
+            check_finished(Some(2), false, 0),
+            Finished(2),
+            "an entry proves it"
+        );
+        assert_eq!(check_finished(None, true, 0), ToRun);
+        assert_eq!(check_finished(None, false, 0), Unproven, "being refilled");
+        assert_eq!(check_finished(Some(3), true, 3), ToRun, "a redrive");
+        assert_eq!(check_finished(Some(3), false, 3), Unproven);
+        assert_eq!(finished_marker(b" 7\n"), Some(7));
+        for bad in [&b""[..], b"x", b"-1", b"1.5", b"\xff"] {
+            assert_eq!(finished_marker(bad), None, "{bad:?}");
+        }
+        assert!(raises_marker(None, 1));
+        assert!(raises_marker(Some(1), 2));
+        assert!(!raises_marker(Some(2), 2));
+        assert!(!raises_marker(Some(3), 2), "never lowered");
+    }
 
     #[test]
     fn a_finished_task_is_finished_for_its_series_not_for_a_redrive() {

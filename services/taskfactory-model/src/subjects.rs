@@ -27,9 +27,17 @@ pub const RUN_COMMANDS: &str = "taskfactory.internal.commands";
 /// The KV bucket of cancelled runs (key = run id): executors check it before each attempt and watch
 /// it to stop attempts in flight.
 pub const CANCELLED_RUNS_BUCKET: &str = "taskfactory_cancelled_runs";
-/// Tasks that reached a final state: key the task id, value the attempt that decided it. The
-/// orchestrator writes it; executors read it before each attempt and never run a finished task.
+/// Tasks that reached a final state: key the task id, value the highest attempt number whose
+/// final result is known (decimal text, never lowered). Executors write it once the results
+/// stream has a final result of theirs, the orchestrator when it records one (and refills the
+/// bucket from Postgres when it was recreated); executors read it before each attempt and never
+/// run a finished task.
 pub const FINISHED_TASKS_BUCKET: &str = "taskfactory_finished_tasks";
+/// The key of [`FINISHED_TASKS_BUCKET`] that says the bucket is complete: every task that was
+/// final when the bucket was created is in it. The orchestrator writes it (its value: the
+/// bucket's creation time) once its refill from Postgres is done; a bucket without it (recreated
+/// empty) proves no task unfinished. No task id looks like it.
+pub const FINISHED_TASKS_COMPLETE_KEY: &str = "complete";
 /// The queue group orchestrators answer previews in (one answers each).
 pub const PREVIEW_QUEUE: &str = "taskfactory-orchestrator";
 /// Published by the orchestrator when a run reaches a terminal state; activities can chain on it.

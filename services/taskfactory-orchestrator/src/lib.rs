@@ -17,6 +17,7 @@
 //! - [`admin_requests`]: commands and previews are carried out only when the admin API recorded
 //!   them (once, fresh).
 //! - [`unserved`]: tasks of a type no executor serves die after a grace period.
+//! - [`refill`]: the finished-tasks bucket, refilled from Postgres when it was recreated.
 //! - [`store`]: Postgres access.
 
 pub mod admin_requests;
@@ -25,6 +26,7 @@ pub mod completion;
 pub mod context;
 pub mod dead_tasks;
 pub mod preview;
+pub mod refill;
 pub mod results;
 pub mod spawn;
 pub mod store;
@@ -445,6 +447,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     )
     .await
     .map_err(|e| anyhow::anyhow!("the finished-tasks bucket: {e}"))?;
+    tracker.spawn(refill::keep_complete(
+        pool.clone(),
+        js.clone(),
+        finished_tasks.clone(),
+        config.nats.declare_every,
+        shutdown.clone(),
+    ));
     let sink = Arc::new(results::ResultSink {
         finished_tasks,
         pool: pool.clone(),

@@ -24,6 +24,7 @@ use taskfactory_model::spec::timestamp_to_chrono;
 use taskfactory_model::values;
 use taskfactory_proto::v1::{TaskResult, TaskStatus};
 use taskfactory_runtime::db;
+use taskfactory_runtime::finished_tasks;
 use taskfactory_runtime::messaging::{Handler, Then, Unfinished};
 use taskfactory_runtime::telemetry::error_chain;
 
@@ -37,7 +38,7 @@ pub struct ResultSink {
     pub spawner: Arc<crate::spawn::Spawner>,
     /// Records results in batches per run.
     pub batcher: Batcher,
-    /// Finished tasks, for executors: written when a result decides a task.
+    /// Finished tasks, for executors: written before a final result is acked.
     pub finished_tasks: async_nats::jetstream::kv::Store,
 }
 
@@ -314,16 +315,16 @@ impl ResultSink {
             }),
             Ok(Recorded::AlreadyFinal) => {
                 tracing::debug!(task.id = %task_id, attempt = result.attempt, "late result kept as an attempt");
+                // Possibly the redelivery of the result that decided the task, whose entry was not
+                // written the first time.
+                self.remember_finished(task_id, status, result.attempt)
+                    .await?;
                 // A redelivery after the run finished but before it was announced lands here.
                 self.retry_announcement(&result).await
             }
             Ok(Recorded::Applied(completed)) => {
-                if matches!(
-                    status,
-                    TaskStatus::Succeeded | TaskStatus::Dead | TaskStatus::Cancelled
-                ) {
-                    self.remember_finished(task_id, result.attempt);
-                }
+                self.remember_finished(task_id, status, result.attempt)
+                    .await?;
                 if let Some(run) = completed {
                     if let Err(error) = completion::announce(&self.pool, &self.js, &run).await {
                         tracing::warn!(run.id = %run.id, error = %error_chain(&error), "run finished but not announced; will retry");
@@ -354,56 +355,31 @@ impl ResultSink {
         }
     }
 
-    /// Tells executors the task is finished (the finished-tasks bucket), in the background: a
-    /// message of the task that comes back is then never run again. The value only ever grows
-    /// (compare-and-set on the entry's revision): a late result of an earlier series cannot
-    /// lower it. Best effort: the result is recorded either way, and the first terminal result
-    /// decides the task whatever runs later.
-    fn remember_finished(&self, task_id: TaskId, attempt: u32) {
-        let kv = self.finished_tasks.clone();
-        tokio::spawn(async move {
-            let key = task_id.to_string();
-            // Most tasks finish once: one request when the key is new.
-            match kv.create(key.as_str(), attempt.to_string().into()).await {
-                Ok(_) => return,
-                Err(error)
-                    if error.kind()
-                        == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists => {}
-                Err(error) => {
-                    tracing::debug!(task.id = %task_id, error = %error, "cannot mark the task finished for executors yet")
-                }
-            }
-            for _ in 0..3 {
-                let written = match kv.entry(key.as_str()).await {
-                    Ok(Some(entry)) => {
-                        let held = std::str::from_utf8(&entry.value)
-                            .ok()
-                            .and_then(|text| text.trim().parse::<u32>().ok());
-                        if held.is_some_and(|held| held >= attempt)
-                            && entry.operation == async_nats::jetstream::kv::Operation::Put
-                        {
-                            return;
-                        }
-                        kv.update(key.as_str(), attempt.to_string().into(), entry.revision)
-                            .await
-                            .map(drop)
-                            .map_err(|e| e.to_string())
-                    }
-                    Ok(None) => kv
-                        .create(key.as_str(), attempt.to_string().into())
-                        .await
-                        .map(drop)
-                        .map_err(|e| e.to_string()),
-                    Err(error) => Err(error.to_string()),
-                };
-                match written {
-                    Ok(()) => return,
-                    Err(error) => {
-                        tracing::debug!(task.id = %task_id, %error, "cannot mark the task finished for executors yet")
-                    }
-                }
-            }
-        });
+    /// Tells executors the task is finished (the finished-tasks bucket): a message of the task
+    /// that comes back is then never run again. Awaited before the result is acked, so neither
+    /// a crash nor a NATS failure loses it: the result is delivered again (it is then
+    /// [`Recorded::AlreadyFinal`], which writes it too). The value only ever grows.
+    ///
+    /// The executor that reported the result wrote the entry already, before settling its task
+    /// message ([`taskfactory_runtime::finished_tasks`]), so this usually reads it and writes
+    /// nothing. It stays as the repair: an executor that crashed between its result and the
+    /// entry, an external executor that does not write it, a dead letter made into a result.
+    async fn remember_finished(
+        &self,
+        task_id: TaskId,
+        status: TaskStatus,
+        attempt: u32,
+    ) -> Result<(), ResultError> {
+        if !taskfactory_model::status::task_is_terminal(status) {
+            return Ok(());
+        }
+        finished_tasks::raise(&self.finished_tasks, &task_id.to_string(), attempt, false)
+            .await
+            .map_err(|error| {
+                ResultError::Transient(format!(
+                    "task {task_id} is recorded finished but executors cannot be told yet: {error}"
+                ))
+            })
     }
 
     async fn retry_announcement(&self, result: &TaskResult) -> Result<(), ResultError> {

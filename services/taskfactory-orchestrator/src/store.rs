@@ -9,8 +9,10 @@ use taskfactory_proto::v1::{OverlapPolicy, RunStatus, TaskStatus};
 use taskfactory_runtime::metrics;
 use uuid::Uuid;
 
+mod finished_tasks;
 mod results;
 
+pub use finished_tasks::final_tasks_page;
 pub use results::{Recorded, ResultRecord, record_result, record_results, record_running};
 
 /// What the orchestrator knows of a run it may have seen before.

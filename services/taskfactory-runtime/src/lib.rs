@@ -7,6 +7,7 @@
 //! - [`config`]: flags with environment fallbacks common to the services.
 //! - [`nats`]: connecting, and declaring the streams (idempotently, at every start).
 //! - [`egress`]: outbound HTTP guarded by the egress policy (tasks and context sources).
+//! - [`finished_tasks`]: the finished-tasks bucket: raising a task's entry, an executor's check.
 //! - [`db`]: creating the database if absent, the pool, and the embedded migrations.
 //! - [`messaging`]: the one publish helper and the one consume loop (acks, concurrency, DLQ).
 //! - [`metrics`]: the Prometheus recorder and the `/metrics` endpoint.
@@ -19,6 +20,7 @@ pub mod clock;
 pub mod config;
 pub mod db;
 pub mod egress;
+pub mod finished_tasks;
 pub mod messaging;
 pub mod metrics;
 pub mod nats;

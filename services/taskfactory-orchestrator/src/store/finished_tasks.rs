@@ -1,0 +1,30 @@
+//! What refills the finished-tasks bucket: the tasks that are final.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// A page of final tasks (`SUCCEEDED`, `DEAD`, `CANCELLED`) with an attempt of their current
+/// series, finished at or after `since` (all of them when `None`), in id order after `after`:
+/// each with its highest attempt number. Keyset paging by the primary key: the whole refill is
+/// one pass over the tasks, with no index of its own.
+pub async fn final_tasks_page(
+    pool: &PgPool,
+    after: Option<Uuid>,
+    since: Option<DateTime<Utc>>,
+    limit: i64,
+) -> Result<Vec<(Uuid, i32)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, attempts FROM tasks \
+         WHERE ($1::uuid IS NULL OR id > $1) \
+           AND status IN ('SUCCEEDED', 'DEAD', 'CANCELLED') \
+           AND attempts > attempt_base \
+           AND ($2::timestamptz IS NULL OR COALESCE(finished_at, created_at) >= $2) \
+         ORDER BY id LIMIT $3",
+    )
+    .bind(after)
+    .bind(since)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}

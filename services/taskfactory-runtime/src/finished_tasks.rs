@@ -1,0 +1,95 @@
+//! The finished-tasks bucket ([`FINISHED_TASKS_BUCKET`]), as executors and the orchestrator use
+//! it: raising a task's entry, and reading what an executor checks before each attempt.
+//!
+//! Who writes an entry, and when:
+//! - an executor, once the results stream acked a final result of its own (`SUCCEEDED`, `DEAD`,
+//!   `CANCELLED`) and before it settles the task message: the task's message, should it come
+//!   back, is then never run again, even while the orchestrator is down or behind;
+//! - the orchestrator, before it acks a final result it recorded (also one recorded before: a
+//!   redelivery), as the repair of an executor that crashed in between or does not write it
+//!   (an external one); usually the entry is there and this costs one read;
+//! - the orchestrator, refilling a recreated bucket from Postgres, after which it writes
+//!   [`FINISHED_TASKS_COMPLETE_KEY`].
+//!
+//! The value is the attempt number as decimal text and only ever grows
+//! ([`taskfactory_model::results::raises_marker`]), by compare-and-set on the entry's revision.
+
+use async_nats::jetstream::kv;
+use taskfactory_model::results::{FinishedCheck, check_finished, finished_marker, raises_marker};
+use taskfactory_model::subjects::{FINISHED_TASKS_BUCKET, FINISHED_TASKS_COMPLETE_KEY};
+
+/// Compare-and-set conflicts (another writer in between) tried again, at most.
+const CONFLICTS: usize = 5;
+
+/// Raises the entry of `task_id` to `attempt` (creates it if absent; never lowers it). `likely_new`
+/// tries the create first (an executor: most tasks finish once), else reads first (the
+/// orchestrator: an executor usually wrote it already, and then nothing is written).
+pub async fn raise(
+    kv: &kv::Store,
+    task_id: &str,
+    attempt: u32,
+    likely_new: bool,
+) -> Result<(), String> {
+    let value = || bytes::Bytes::from(attempt.to_string());
+    if likely_new {
+        match kv.create(task_id, value()).await {
+            Ok(_) => return Ok(()),
+            Err(error) if error.kind() == kv::CreateErrorKind::AlreadyExists => {}
+            Err(error) => return Err(format!("cannot write {FINISHED_TASKS_BUCKET}: {error}")),
+        }
+    }
+    let mut last = String::new();
+    for _ in 0..CONFLICTS {
+        let written = match kv.entry(task_id).await {
+            Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
+                if !raises_marker(finished_marker(&entry.value), attempt) {
+                    return Ok(());
+                }
+                kv.update(task_id, value(), entry.revision)
+                    .await
+                    .map(drop)
+                    .map_err(|e| {
+                        (
+                            e.kind() == kv::UpdateErrorKind::WrongLastRevision,
+                            e.to_string(),
+                        )
+                    })
+            }
+            // Absent, or deleted (`create` writes over a delete marker).
+            Ok(_) => kv.create(task_id, value()).await.map(drop).map_err(|e| {
+                (
+                    e.kind() == kv::CreateErrorKind::AlreadyExists,
+                    e.to_string(),
+                )
+            }),
+            Err(error) => return Err(format!("cannot read {FINISHED_TASKS_BUCKET}: {error}")),
+        };
+        match written {
+            Ok(()) => return Ok(()),
+            Err((true, conflict)) => last = conflict,
+            Err((false, error)) => {
+                return Err(format!("cannot write {FINISHED_TASKS_BUCKET}: {error}"));
+            }
+        }
+    }
+    Err(format!(
+        "cannot write {FINISHED_TASKS_BUCKET}: {CONFLICTS} conflicting writes in a row: {last}"
+    ))
+}
+
+/// What an executor does with a message of `task_id` of the series after `attempt_base`: reads
+/// the task's entry and the bucket's completeness at once (two reads, in parallel).
+pub async fn check(
+    kv: &kv::Store,
+    task_id: &str,
+    attempt_base: u32,
+) -> Result<FinishedCheck, String> {
+    let (held, complete) = tokio::join!(kv.get(task_id), kv.get(FINISHED_TASKS_COMPLETE_KEY));
+    let held = held.map_err(|e| e.to_string())?;
+    let complete = complete.map_err(|e| e.to_string())?.is_some();
+    Ok(check_finished(
+        held.as_deref().and_then(finished_marker),
+        complete,
+        attempt_base,
+    ))
+}
