@@ -473,13 +473,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     warnings.join("\n")
                 })
             })),
-            kept,
+            kept.clone(),
         ),
         shutdown.clone(),
     );
     tracker.spawn(messaging::consume(
         js.clone(),
-        ConsumerSpec {
+        kept.keep_consumer(ConsumerSpec {
             stream: subjects::TRIGGERS_STREAM,
             durable: subjects::ORCHESTRATOR_TRIGGERS_CONSUMER.to_owned(),
             filter_subject: subjects::TRIGGERS_SUBJECTS.to_owned(),
@@ -489,13 +489,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             max_deliveries: config.nats.max_deliveries,
             dead_letters: |_| subjects::TRIGGERS_DLQ_SUBJECT.to_owned(),
             kind: "trigger",
-        },
+        }),
         shutdown.clone(),
         spawner,
     ));
     tracker.spawn(messaging::consume(
         js.clone(),
-        ConsumerSpec {
+        kept.keep_consumer(ConsumerSpec {
             stream: subjects::RESULTS_STREAM,
             durable: subjects::ORCHESTRATOR_RESULTS_CONSUMER.to_owned(),
             filter_subject: subjects::RESULTS_SUBJECTS.to_owned(),
@@ -507,13 +507,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             max_deliveries: u32::MAX,
             dead_letters: |_| subjects::RESULTS_DLQ_SUBJECT.to_owned(),
             kind: "result",
-        },
+        }),
         shutdown.clone(),
         sink.clone(),
     ));
     tracker.spawn(messaging::consume(
         js.clone(),
-        ConsumerSpec {
+        kept.keep_consumer(ConsumerSpec {
             stream: subjects::DLQ_STREAM,
             durable: subjects::ORCHESTRATOR_DEAD_TASKS_CONSUMER.to_owned(),
             filter_subject: subjects::TASKS_DLQ_SUBJECTS.to_owned(),
@@ -525,7 +525,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             max_deliveries: u32::MAX,
             dead_letters: |subject| subject.to_owned(),
             kind: "dead_task",
-        },
+        }),
         shutdown.clone(),
         Arc::new(dead_tasks::DeadTasks { sink }),
     ));
