@@ -605,3 +605,131 @@ async fn a_tasks_stream_recreated_with_limits_retention_makes_the_services_unrea
     .await?;
     Ok(())
 }
+
+/// Tasks queued in `FACTORY_TASKS` when it is deleted go with it; once it is declared again, the
+/// orchestrator publishes the tasks still to be run into the new stream (it sees the stream's
+/// creation time change), so their run ends without anyone's `RetryTask`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tasks_queued_in_a_deleted_tasks_stream_are_published_again_and_their_run_ends()
+-> anyhow::Result<()> {
+    use taskfactory_model::subjects;
+
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _trigger = env.start(Service::Trigger);
+    let _orchestrator = env.start(Service::Orchestrator);
+    let executor = env.start(Service::Executor);
+    env.wait_ready(&[Service::Trigger, Service::Orchestrator, Service::Executor])
+        .await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    create(
+        &mut admin,
+        "name: queued\ntrigger: {manual: {}}\ntasks: [{name: t, type: noop, forEach: 'range(3)'}]\n",
+    )
+    .await?;
+    // The executor is down for a moment (a rollout); its durable consumer stays.
+    executor.kill();
+    let run_id = admin
+        .trigger_activity(TriggerActivityRequest {
+            id: "queued".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .run_id;
+    wait_for("the tasks queued", Duration::from_secs(30), || {
+        let js = js.clone();
+        async move { Ok((stream_messages(&js, subjects::TASKS_STREAM).await? == 3).then_some(())) }
+    })
+    .await?;
+    // FACTORY_TASKS is deleted while running, and declared again by the services.
+    assert!(js.delete_stream(subjects::TASKS_STREAM).await?.success);
+    wait_for(
+        "FACTORY_TASKS declared again",
+        Duration::from_secs(20),
+        || {
+            let js = js.clone();
+            async move { Ok(js.get_stream(subjects::TASKS_STREAM).await.ok().map(drop)) }
+        },
+    )
+    .await?;
+    let _executor = env.start(Service::Executor);
+    let outcome = finished_run(&admin, &run_id, Duration::from_secs(60)).await;
+    let listed = tasks(&mut admin, &run_id).await?;
+    let states: Vec<_> = listed.iter().map(|t| t.status()).collect();
+    assert!(
+        outcome.is_ok(),
+        "the run never ended; its tasks: {states:?}"
+    );
+    assert_eq!(outcome?.status(), RunStatus::RunSucceeded, "{states:?}");
+    assert_eq!(states, [TaskStatus::Succeeded; 3]);
+    Ok(())
+}
+
+/// A task waiting in the deleted `FACTORY_TASKS` for its next attempt (its message held back by
+/// its backoff) gets it from the stream declared again, numbered after the attempts it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_task_waiting_for_its_next_attempt_in_a_deleted_tasks_stream_gets_it()
+-> anyhow::Result<()> {
+    use taskfactory_model::subjects;
+    use taskfactory_proto::v1::GetTaskRequest;
+
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    create(
+        &mut admin,
+        "name: later\ntrigger: {manual: {}}\ntasks: [{name: c, type: http, params: {url: 'http://127.0.0.1:1/x'}, retry: {maxAttempts: 3, initialBackoff: 600s, maxBackoff: 600s}}]\n",
+    )
+    .await?;
+    let run_id = admin
+        .trigger_activity(TriggerActivityRequest {
+            id: "later".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .run_id;
+    // Its first attempt failed; the next one is ten minutes away.
+    let attempts = |admin: &crate::support::Admin, run_id: String| {
+        let mut admin = admin.clone();
+        async move {
+            let listed = tasks(&mut admin, &run_id).await?;
+            let Some(task) = listed.into_iter().next() else {
+                return Ok(Vec::new());
+            };
+            let task = admin
+                .get_task(GetTaskRequest { id: task.id })
+                .await?
+                .into_inner();
+            Ok::<_, anyhow::Error>(
+                task.attempt_history
+                    .iter()
+                    .filter(|a| a.status() == TaskStatus::Failed)
+                    .map(|a| a.attempt)
+                    .collect::<Vec<_>>(),
+            )
+        }
+    };
+    wait_for("the first attempt failed", Duration::from_secs(30), || {
+        let run_id = run_id.clone();
+        let attempts = attempts(&admin, run_id);
+        async move { Ok((attempts.await? == [1]).then_some(())) }
+    })
+    .await?;
+    assert_eq!(stream_messages(&js, subjects::TASKS_STREAM).await?, 1);
+
+    assert!(js.delete_stream(subjects::TASKS_STREAM).await?.success);
+    wait_for(
+        "the second attempt, from the new stream",
+        Duration::from_secs(30),
+        || {
+            let run_id = run_id.clone();
+            let attempts = attempts(&admin, run_id);
+            async move { Ok((attempts.await? == [1, 2]).then_some(())) }
+        },
+    )
+    .await?;
+    Ok(())
+}

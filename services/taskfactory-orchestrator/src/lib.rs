@@ -17,6 +17,8 @@
 //! - [`admin_requests`]: commands and previews are carried out only when the admin API recorded
 //!   them (once, fresh).
 //! - [`unserved`]: tasks of a type no executor serves die after a grace period.
+//! - [`requeue`]: tasks still to be run are published again into a `FACTORY_TASKS` that was
+//!   deleted and declared again.
 //! - [`store`]: Postgres access.
 
 pub mod admin_requests;
@@ -25,6 +27,7 @@ pub mod completion;
 pub mod context;
 pub mod dead_tasks;
 pub mod preview;
+pub mod requeue;
 pub mod results;
 pub mod spawn;
 pub mod store;
@@ -528,6 +531,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }),
         shutdown.clone(),
         Arc::new(dead_tasks::DeadTasks { sink }),
+    ));
+    tracker.spawn(requeue::run(
+        pool.clone(),
+        js.clone(),
+        config.nats.declare_every,
+        shutdown.clone(),
     ));
     tracker.spawn(completion::run_sweeper(
         pool.clone(),
