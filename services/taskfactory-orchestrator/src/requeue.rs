@@ -203,3 +203,69 @@ async fn tasks_to_run(pool: &PgPool, after: Uuid, limit: i64) -> Result<Vec<ToRu
         )
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(max_attempts: u32) -> Vec<u8> {
+        TaskInstance {
+            retry: Some(RetryPolicy {
+                max_attempts,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn a_pending_task_goes_out_as_spawned() {
+        let task = ToRun {
+            id: TaskId(Uuid::from_u128(7)),
+            task_type: "noop".to_owned(),
+            instance: instance(3),
+            failed: false,
+            attempts: 0,
+            attempt_base: 0,
+        };
+        let (msg_id, bytes) = task.message().unwrap();
+        assert_eq!(msg_id, task.id.to_string());
+        assert_eq!(bytes, task.instance);
+    }
+
+    #[test]
+    fn a_failed_task_continues_with_the_attempts_it_has_left() {
+        // A RetryTask series that began after 4 attempts, 5 allowed, 2 of them used.
+        let task = ToRun {
+            id: TaskId(Uuid::from_u128(7)),
+            task_type: "http".to_owned(),
+            instance: instance(5),
+            failed: true,
+            attempts: 6,
+            attempt_base: 4,
+        };
+        let (msg_id, bytes) = task.message().unwrap();
+        assert_eq!(msg_id, format!("{}:requeued:6", task.id));
+        let sent = TaskInstance::decode(bytes.as_slice()).unwrap();
+        assert_eq!(sent.attempt_base, 6);
+        assert_eq!(sent.retry.unwrap().max_attempts, 3);
+        // Never fewer than one: the task is not final, so it has one more coming.
+        let spent = ToRun {
+            attempts: 9,
+            ..task
+        };
+        let (_, bytes) = spent.message().unwrap();
+        let sent = TaskInstance::decode(bytes.as_slice()).unwrap();
+        assert_eq!(sent.retry.unwrap().max_attempts, 1);
+    }
+
+    #[test]
+    fn an_epoch_is_kept_to_the_microsecond() {
+        let nanos = 1_765_000_000_123_456_789_i128;
+        assert_eq!(
+            epoch(nanos).timestamp_nanos_opt(),
+            Some(1_765_000_000_123_456_000)
+        );
+    }
+}

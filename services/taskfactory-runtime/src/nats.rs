@@ -861,6 +861,62 @@ mod tests {
     }
 
     #[test]
+    fn a_stream_of_ours_with_another_retention_or_storage_is_unusable_and_says_what_to_do() {
+        let ours = stream_configs(1);
+        for config in &ours {
+            assert_eq!(unusable(config), None, "{}", config.name);
+        }
+        let tasks = ours
+            .iter()
+            .find(|c| c.name == subjects::TASKS_STREAM)
+            .cloned()
+            .unwrap();
+        let limits = stream::Config {
+            retention: stream::RetentionPolicy::Limits,
+            ..tasks.clone()
+        };
+        let why = unusable(&limits).unwrap();
+        assert!(why.contains("retention Limits (ours: WorkQueue)"), "{why}");
+        assert!(why.contains("nats stream rm FACTORY_TASKS"), "{why}");
+        let memory = stream::Config {
+            storage: stream::StorageType::Memory,
+            ..tasks
+        };
+        assert!(unusable(&memory).unwrap().contains("storage Memory"));
+        // Not ours: nothing to compare with.
+        let other = stream::Config {
+            name: "SOMEONE_ELSES".to_owned(),
+            retention: stream::RetentionPolicy::Interest,
+            ..Default::default()
+        };
+        assert_eq!(unusable(&other), None);
+    }
+
+    #[test]
+    fn a_bucket_put_back_gets_our_settings_and_keeps_the_operators_others() {
+        let config = finished_tasks_config(1);
+        let changed = stream::Config {
+            name: format!("KV_{}", config.bucket),
+            subjects: vec![format!("$KV.{}.>", config.bucket)],
+            max_age: Duration::from_secs(1),
+            duplicate_window: Duration::from_secs(1),
+            max_messages_per_subject: 5,
+            max_bytes: 1 << 30,
+            num_replicas: 3,
+            discard: stream::DiscardPolicy::Old,
+            ..Default::default()
+        };
+        let wanted = bucket_settings(&changed, &config);
+        assert_eq!(wanted.max_age, config.max_age);
+        assert_eq!(wanted.duplicate_window, DUPLICATE_WINDOW);
+        assert_eq!(wanted.max_messages_per_subject, 1);
+        assert_eq!(wanted.discard, stream::DiscardPolicy::New);
+        assert_eq!(wanted.max_bytes, 1 << 30, "the operator's");
+        assert_eq!(wanted.num_replicas, 3, "replicas are only raised");
+        assert_eq!(bucket_settings(&wanted, &config), wanted, "stable");
+    }
+
+    #[test]
     fn nats_url_may_list_several_servers() {
         assert_eq!(server_urls("nats://a:4222"), vec!["nats://a:4222"]);
         assert_eq!(
