@@ -629,3 +629,288 @@ async fn a_finished_task_never_runs_again_while_its_result_waits_for_the_orchest
     );
     Ok(())
 }
+
+/// A durable consumer or a KV bucket changed under the services (an operator's script, a stale
+/// tool) is put back by its owners' keeper, as streams are: here a server-side delivery limit of
+/// 1 on an executor's consumer (a task NAKed for a retry would never be delivered again, nor
+/// dead-lettered) and a finished-tasks bucket that forgets its entries after a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_changed_consumer_and_a_changed_bucket_are_put_back_within_seconds() -> anyhow::Result<()>
+{
+    use taskfactory_model::subjects;
+
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _services = env.start_all().await?;
+    let js = env.js().await?;
+    let tasks_stream = js.get_stream(subjects::TASKS_STREAM).await?;
+    let durable = subjects::executor_consumer("noop");
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = tasks_stream
+        .get_consumer(&durable)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let config = consumer.info().await?.config.clone();
+    tasks_stream
+        .update_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: config.durable_name.clone(),
+            filter_subject: config.filter_subject.clone(),
+            ack_policy: config.ack_policy,
+            ack_wait: config.ack_wait,
+            max_deliver: 1,
+            max_ack_pending: config.max_ack_pending,
+            deliver_policy: config.deliver_policy,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert_eq!(consumer.info().await?.config.max_deliver, 1);
+    let kv_stream = format!("KV_{}", subjects::FINISHED_TASKS_BUCKET);
+    let mut kv = js.get_stream(&kv_stream).await?;
+    let mut kv_config = kv.info().await?.config.clone();
+    let original = kv_config.clone();
+    kv_config.max_age = Duration::from_secs(1);
+    kv_config.duplicate_window = Duration::from_secs(1);
+    js.update_stream(kv_config).await?;
+
+    // TASKFACTORY_DECLARE_EVERY is 1 s in the tests.
+    wait_for(
+        "the consumer and the bucket put back",
+        Duration::from_secs(15),
+        || {
+            let (mut consumer, mut kv) = (consumer.clone(), kv.clone());
+            async move {
+                let deliver = consumer.info().await?.config.max_deliver;
+                let age = kv.info().await?.config.max_age;
+                Ok((deliver == -1 && age > Duration::from_secs(3600)).then_some(()))
+            }
+        },
+    )
+    .await?;
+    assert_eq!(
+        kv.info().await?.config,
+        original,
+        "the bucket is as the services declared it"
+    );
+    Ok(())
+}
+
+/// `FACTORY_TASKS` recreated by someone else with `limits` retention (say `nats stream add` with
+/// its defaults) cannot be updated back to a work queue: acked tasks would stay in it and every
+/// consumer created again would replay them. The services do not keep it silently: `/readyz`
+/// names it and says what to do (and `/healthz` fails if it stays so, see `nats::Kept`); once
+/// the operator deletes it, they declare it again as a work queue and work goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tasks_stream_recreated_with_limits_retention_makes_the_services_unready_until_replaced()
+-> anyhow::Result<()> {
+    use crate::support::http_get;
+    use async_nats::jetstream::stream;
+    use taskfactory_model::subjects;
+
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _trigger = env.start(Service::Trigger);
+    let _orchestrator = env.start(Service::Orchestrator);
+    let probes: std::net::SocketAddr =
+        format!("127.0.0.1:{}", taskfactory_tests::free_port()).parse()?;
+    let _executor = env.spawn_process(
+        Service::Executor,
+        &[("TASKFACTORY_METRICS_ADDR", &probes.to_string())],
+    )?;
+    env.wait_ready(&[Service::Trigger, Service::Orchestrator, Service::Executor])
+        .await?;
+    let readyz = |status: u16| async move {
+        Ok(http_get(probes, "/readyz")
+            .await
+            .ok()
+            .filter(|(answered, _)| *answered == status)
+            .map(|(_, body)| body))
+    };
+    wait_for("the executor ready", Duration::from_secs(30), || {
+        readyz(200)
+    })
+    .await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    assert!(js.delete_stream(subjects::TASKS_STREAM).await?.success);
+    js.create_stream(stream::Config {
+        name: subjects::TASKS_STREAM.to_owned(),
+        subjects: vec![subjects::TASKS_SUBJECTS.to_owned()],
+        retention: stream::RetentionPolicy::Limits,
+        ..Default::default()
+    })
+    .await?;
+
+    let body = wait_for("the executor unready", Duration::from_secs(15), || {
+        readyz(503)
+    })
+    .await?;
+    assert!(
+        body.contains("FACTORY_TASKS was created with retention Limits")
+            && body.contains("nats stream rm FACTORY_TASKS"),
+        "names the stream and what to do: {body}"
+    );
+    assert_eq!(
+        http_get(probes, "/healthz").await?.0,
+        200,
+        "alive within the grace"
+    );
+
+    // The operator does what it says.
+    assert!(js.delete_stream(subjects::TASKS_STREAM).await?.success);
+    wait_for("the executor ready again", Duration::from_secs(30), || {
+        readyz(200)
+    })
+    .await?;
+    let mut tasks_stream = js.get_stream(subjects::TASKS_STREAM).await?;
+    assert_eq!(
+        tasks_stream.info().await?.config.retention,
+        stream::RetentionPolicy::WorkQueue
+    );
+    create(
+        &mut admin,
+        "name: after\ntrigger: {manual: {}}\ntasks: [{name: t, type: noop, forEach: 'range(3)'}]\n",
+    )
+    .await?;
+    let run_id = admin
+        .trigger_activity(TriggerActivityRequest {
+            id: "after".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .run_id;
+    let run = finished_run(&admin, &run_id, Duration::from_secs(30)).await?;
+    assert_eq!(run.status(), RunStatus::RunSucceeded);
+    wait_for("the work queue empty", Duration::from_secs(10), || {
+        let js = js.clone();
+        async move { Ok((stream_messages(&js, subjects::TASKS_STREAM).await? == 0).then_some(())) }
+    })
+    .await?;
+    Ok(())
+}
+
+/// Tasks queued in `FACTORY_TASKS` when it is deleted go with it; once it is declared again, the
+/// orchestrator publishes the tasks still to be run into the new stream (it sees the stream's
+/// creation time change), so their run ends without anyone's `RetryTask`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tasks_queued_in_a_deleted_tasks_stream_are_published_again_and_their_run_ends()
+-> anyhow::Result<()> {
+    use taskfactory_model::subjects;
+
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _trigger = env.start(Service::Trigger);
+    let _orchestrator = env.start(Service::Orchestrator);
+    let executor = env.start(Service::Executor);
+    env.wait_ready(&[Service::Trigger, Service::Orchestrator, Service::Executor])
+        .await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    create(
+        &mut admin,
+        "name: queued\ntrigger: {manual: {}}\ntasks: [{name: t, type: noop, forEach: 'range(3)'}]\n",
+    )
+    .await?;
+    // The executor is down for a moment (a rollout); its durable consumer stays.
+    executor.kill();
+    let run_id = admin
+        .trigger_activity(TriggerActivityRequest {
+            id: "queued".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .run_id;
+    wait_for("the tasks queued", Duration::from_secs(30), || {
+        let js = js.clone();
+        async move { Ok((stream_messages(&js, subjects::TASKS_STREAM).await? == 3).then_some(())) }
+    })
+    .await?;
+    // FACTORY_TASKS is deleted while running, and declared again by the services.
+    assert!(js.delete_stream(subjects::TASKS_STREAM).await?.success);
+    wait_for(
+        "FACTORY_TASKS declared again",
+        Duration::from_secs(20),
+        || {
+            let js = js.clone();
+            async move { Ok(js.get_stream(subjects::TASKS_STREAM).await.ok().map(drop)) }
+        },
+    )
+    .await?;
+    let _executor = env.start(Service::Executor);
+    let outcome = finished_run(&admin, &run_id, Duration::from_secs(60)).await;
+    let listed = tasks(&mut admin, &run_id).await?;
+    let states: Vec<_> = listed.iter().map(|t| t.status()).collect();
+    assert!(
+        outcome.is_ok(),
+        "the run never ended; its tasks: {states:?}"
+    );
+    assert_eq!(outcome?.status(), RunStatus::RunSucceeded, "{states:?}");
+    assert_eq!(states, [TaskStatus::Succeeded; 3]);
+    Ok(())
+}
+
+/// A task waiting in the deleted `FACTORY_TASKS` for its next attempt (its message held back by
+/// its backoff) gets it from the stream declared again, numbered after the attempts it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_task_waiting_for_its_next_attempt_in_a_deleted_tasks_stream_gets_it()
+-> anyhow::Result<()> {
+    use taskfactory_model::subjects;
+    use taskfactory_proto::v1::GetTaskRequest;
+
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    create(
+        &mut admin,
+        "name: later\ntrigger: {manual: {}}\ntasks: [{name: c, type: http, params: {url: 'http://127.0.0.1:1/x'}, retry: {maxAttempts: 3, initialBackoff: 600s, maxBackoff: 600s}}]\n",
+    )
+    .await?;
+    let run_id = admin
+        .trigger_activity(TriggerActivityRequest {
+            id: "later".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .run_id;
+    // Its first attempt failed; the next one is ten minutes away.
+    let attempts = |admin: &crate::support::Admin, run_id: String| {
+        let mut admin = admin.clone();
+        async move {
+            let listed = tasks(&mut admin, &run_id).await?;
+            let Some(task) = listed.into_iter().next() else {
+                return Ok(Vec::new());
+            };
+            let task = admin
+                .get_task(GetTaskRequest { id: task.id })
+                .await?
+                .into_inner();
+            Ok::<_, anyhow::Error>(
+                task.attempt_history
+                    .iter()
+                    .filter(|a| a.status() == TaskStatus::Failed)
+                    .map(|a| a.attempt)
+                    .collect::<Vec<_>>(),
+            )
+        }
+    };
+    wait_for("the first attempt failed", Duration::from_secs(30), || {
+        let run_id = run_id.clone();
+        let attempts = attempts(&admin, run_id);
+        async move { Ok((attempts.await? == [1]).then_some(())) }
+    })
+    .await?;
+    assert_eq!(stream_messages(&js, subjects::TASKS_STREAM).await?, 1);
+
+    assert!(js.delete_stream(subjects::TASKS_STREAM).await?.success);
+    wait_for(
+        "the second attempt, from the new stream",
+        Duration::from_secs(30),
+        || {
+            let run_id = run_id.clone();
+            let attempts = attempts(&admin, run_id);
+            async move { Ok((attempts.await? == [1, 2]).then_some(())) }
+        },
+    )
+    .await?;
+    Ok(())
+}

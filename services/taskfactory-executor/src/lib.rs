@@ -183,13 +183,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     taskfactory_runtime::metrics::spawn_endpoint(
         &tracker,
         &config.lifecycle,
-        taskfactory_runtime::metrics::readiness(client.clone(), None, None, kept),
+        taskfactory_runtime::metrics::readiness(client.clone(), None, None, kept.clone()),
         shutdown.clone(),
     );
     for task_type in &config.task_types {
         tracker.spawn(messaging::consume(
             js.clone(),
-            ConsumerSpec {
+            kept.keep_consumer(ConsumerSpec {
                 stream: subjects::TASKS_STREAM,
                 durable: subjects::executor_consumer(task_type),
                 filter_subject: subjects::task_subject(task_type),
@@ -203,7 +203,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     .saturating_add(1),
                 dead_letters: subjects::task_dlq_subject_of,
                 kind: "task",
-            },
+            }),
             shutdown.clone(),
             executor.clone(),
         ));

@@ -18,6 +18,8 @@
 //!   them (once, fresh).
 //! - [`unserved`]: tasks of a type no executor serves die after a grace period.
 //! - [`refill`]: the finished-tasks bucket, refilled from Postgres when it was recreated.
+//! - [`requeue`]: tasks still to be run are published again into a `FACTORY_TASKS` that was
+//!   deleted and declared again.
 //! - [`store`]: Postgres access.
 
 pub mod admin_requests;
@@ -27,6 +29,7 @@ pub mod context;
 pub mod dead_tasks;
 pub mod preview;
 pub mod refill;
+pub mod requeue;
 pub mod results;
 pub mod spawn;
 pub mod store;
@@ -493,13 +496,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     warnings.join("\n")
                 })
             })),
-            kept,
+            kept.clone(),
         ),
         shutdown.clone(),
     );
     tracker.spawn(messaging::consume(
         js.clone(),
-        ConsumerSpec {
+        kept.keep_consumer(ConsumerSpec {
             stream: subjects::TRIGGERS_STREAM,
             durable: subjects::ORCHESTRATOR_TRIGGERS_CONSUMER.to_owned(),
             filter_subject: subjects::TRIGGERS_SUBJECTS.to_owned(),
@@ -509,13 +512,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             max_deliveries: config.nats.max_deliveries,
             dead_letters: |_| subjects::TRIGGERS_DLQ_SUBJECT.to_owned(),
             kind: "trigger",
-        },
+        }),
         shutdown.clone(),
         spawner,
     ));
     tracker.spawn(messaging::consume(
         js.clone(),
-        ConsumerSpec {
+        kept.keep_consumer(ConsumerSpec {
             stream: subjects::RESULTS_STREAM,
             durable: subjects::ORCHESTRATOR_RESULTS_CONSUMER.to_owned(),
             filter_subject: subjects::RESULTS_SUBJECTS.to_owned(),
@@ -527,13 +530,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             max_deliveries: u32::MAX,
             dead_letters: |_| subjects::RESULTS_DLQ_SUBJECT.to_owned(),
             kind: "result",
-        },
+        }),
         shutdown.clone(),
         sink.clone(),
     ));
     tracker.spawn(messaging::consume(
         js.clone(),
-        ConsumerSpec {
+        kept.keep_consumer(ConsumerSpec {
             stream: subjects::DLQ_STREAM,
             durable: subjects::ORCHESTRATOR_DEAD_TASKS_CONSUMER.to_owned(),
             filter_subject: subjects::TASKS_DLQ_SUBJECTS.to_owned(),
@@ -545,9 +548,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             max_deliveries: u32::MAX,
             dead_letters: |subject| subject.to_owned(),
             kind: "dead_task",
-        },
+        }),
         shutdown.clone(),
         Arc::new(dead_tasks::DeadTasks { sink }),
+    ));
+    tracker.spawn(requeue::run(
+        pool.clone(),
+        js.clone(),
+        config.nats.declare_every,
+        shutdown.clone(),
     ));
     tracker.spawn(completion::run_sweeper(
         pool.clone(),

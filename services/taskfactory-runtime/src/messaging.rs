@@ -334,7 +334,8 @@ pub struct ConsumerSpec {
 }
 
 impl ConsumerSpec {
-    fn config(&self) -> consumer::pull::Config {
+    /// The durable consumer's configuration, as [`ensure_consumer`] declares it.
+    pub fn config(&self) -> consumer::pull::Config {
         consumer::pull::Config {
             durable_name: Some(self.durable.clone()),
             filter_subject: self.filter_subject.clone(),
@@ -364,6 +365,70 @@ pub async fn ensure_consumer(
         )
     })?;
     Ok(consumer)
+}
+
+/// Puts a durable consumer back as `ours` declares it (`ours` as [`ConsumerSpec::config`] makes
+/// it), for the keeper ([`crate::nats::keep_declared`]): created if it was deleted; if any
+/// setting we choose was changed, or one that would keep it from delivering what we pull
+/// (headers only, a cap on a pull's batch, bytes or expiry), those are put back and the others
+/// kept. `Err` says what cannot be put back (a setting the server does not update, such as the
+/// ack or deliver policy) and what to do.
+pub async fn put_back_consumer(
+    js: &jetstream::Context,
+    stream: &str,
+    ours: &consumer::pull::Config,
+) -> Result<(), String> {
+    use async_nats::jetstream::context::ConsumerInfoErrorKind;
+    let durable = ours.durable_name.clone().unwrap_or_default();
+    let handle = match js.get_stream_no_info(stream).await {
+        Ok(handle) => handle,
+        // The stream itself is missing or unreachable: the keeper's stream declaration says so.
+        Err(_) => return Ok(()),
+    };
+    let current = match handle.consumer_info(&durable).await {
+        Ok(info) => Some(info.config),
+        Err(error) if error.kind() == ConsumerInfoErrorKind::NotFound => None,
+        Err(error) => {
+            tracing::debug!(consumer = %durable, error = %error_chain(&error), "cannot look at the consumer");
+            return Ok(());
+        }
+    };
+    let ours_full = consumer::IntoConsumerConfig::into_consumer_config(ours.clone());
+    let wanted = match &current {
+        None => ours_full,
+        Some(current) => consumer::Config {
+            durable_name: ours_full.durable_name,
+            filter_subject: ours_full.filter_subject,
+            filter_subjects: Vec::new(),
+            ack_policy: ours_full.ack_policy,
+            ack_wait: ours_full.ack_wait,
+            max_deliver: ours_full.max_deliver,
+            max_ack_pending: ours_full.max_ack_pending,
+            deliver_policy: ours_full.deliver_policy,
+            headers_only: false,
+            max_batch: current.max_batch.min(0),
+            max_bytes: current.max_bytes.min(0),
+            max_expires: Duration::ZERO,
+            ..current.clone()
+        },
+    };
+    if current.as_ref() == Some(&wanted) {
+        return Ok(());
+    }
+    match js.create_consumer_on_stream(wanted, stream).await {
+        Ok(_) if current.is_none() => {
+            tracing::warn!(consumer = %durable, %stream, "consumer was missing; declared it again");
+            Ok(())
+        }
+        Ok(_) => {
+            tracing::warn!(consumer = %durable, %stream, "consumer settings were changed; put them back");
+            Ok(())
+        }
+        Err(error) => Err(format!(
+            "consumer {durable} on {stream} cannot be put back ({}); delete it (nats consumer rm {stream} {durable}) and the service declares it again within TASKFACTORY_DECLARE_EVERY",
+            error_chain(&error)
+        )),
+    }
 }
 
 /// Pulls messages and runs `handler` on each, at most `spec.concurrency` at a time, until

@@ -213,7 +213,9 @@ pub fn stream_configs(replicas: usize) -> Vec<stream::Config> {
 }
 
 /// Declares every stream: creates it, or updates it to this configuration. A stream whose
-/// existing configuration cannot be changed that way (an operator's choice) is kept as it is.
+/// existing configuration cannot be changed that way (its retention, storage or mirror differ
+/// from ours, or the server refuses the update) is an error that says what an operator must do
+/// ([`unusable`]): at start the service exits with it, while running the keeper reports it.
 ///
 /// Several services (and replicas) declare the same streams at once, and a clustered JetStream
 /// may answer slowly while it places a replicated stream or elects its leader: a stream that
@@ -228,12 +230,17 @@ pub async fn declare_streams(js: &jetstream::Context, replicas: usize) -> Result
 
 /// [`declare_streams`] while running: the same, except that a stream's replicas are only ever
 /// raised (replicas of a rolling upgrade that disagree on `TASKFACTORY_STREAM_REPLICAS` would
-/// otherwise move the streams back and forth; a lower setting takes effect at start).
-pub async fn redeclare_streams(js: &jetstream::Context, replicas: usize) -> Result<(), NatsError> {
+/// otherwise move the streams back and forth; a lower setting takes effect at start), and that a
+/// stream that cannot be declared does not keep the others from being declared: every failure is
+/// returned.
+pub async fn redeclare_streams(js: &jetstream::Context, replicas: usize) -> Vec<NatsError> {
+    let mut failures = Vec::new();
     for config in stream_configs(replicas) {
-        declare_stream(js, config, true).await?;
+        if let Err(error) = declare_stream(js, config, true).await {
+            failures.push(error);
+        }
     }
-    Ok(())
+    failures
 }
 
 async fn declare_stream(
@@ -292,6 +299,13 @@ async fn declare_stream(
                 continue;
             }
         };
+        // Settings no update changes: an operator must recreate the stream.
+        if let Some(reason) = fixed_difference(&current, &config) {
+            return Err(NatsError::Unusable {
+                stream: name,
+                reason,
+            });
+        }
         // Our settings over whatever else the stream has (an operator's `max_bytes`, placement
         // or compression stay), including every setting that would make it refuse or lose our
         // messages: a stream tampered with is repaired by the next start (but a sealed one
@@ -345,19 +359,75 @@ async fn declare_stream(
                 retry.wait(error.to_string()).await?
             }
             Err(error) if is_transient(error.kind()) => retry.wait(error_chain(&error)).await?,
+            // Kept as it is, but not silently: `/readyz` names it, and `/healthz` fails if it
+            // stays so.
             Err(error) => {
-                tracing::warn!(stream = %name, error = %error_chain(&error), "stream exists with a configuration that cannot be updated; keeping it");
-                return Ok(());
+                return Err(NatsError::Unusable {
+                    stream: name.clone(),
+                    reason: format!(
+                        "cannot be updated to our settings ({}); {}",
+                        error_chain(&error),
+                        recreate_advice(&name)
+                    ),
+                });
             }
         }
     }
 }
 
+/// How a stream of ours that differs from us in a setting no update changes differs, if it does:
+/// its retention (`FACTORY_TASKS` must be a work queue, or acked tasks stay in it and every
+/// consumer created again replays them), its storage, or a mirror in place of its subjects.
+fn fixed_difference(current: &stream::Config, ours: &stream::Config) -> Option<String> {
+    let mut differences = Vec::new();
+    if current.retention != ours.retention {
+        differences.push(format!(
+            "retention {:?} (ours: {:?})",
+            current.retention, ours.retention
+        ));
+    }
+    if current.storage != ours.storage {
+        differences.push(format!(
+            "storage {:?} (ours: {:?})",
+            current.storage, ours.storage
+        ));
+    }
+    if current.mirror.is_some() {
+        differences.push("a mirror (ours takes its own subjects)".to_owned());
+    }
+    if differences.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "was created with {}, which no update changes; {}",
+        differences.join(" and "),
+        recreate_advice(&current.name)
+    ))
+}
+
+/// What an operator does about a stream of ours that cannot be repaired in place.
+fn recreate_advice(stream: &str) -> String {
+    let held = if stream == subjects::TASKS_STREAM {
+        "the orchestrator publishes the tasks still to be run again from Postgres"
+    } else {
+        "the messages it holds are lost with it"
+    };
+    format!(
+        "delete it (nats stream rm {stream}) and the services declare it again within TASKFACTORY_DECLARE_EVERY ({held})"
+    )
+}
+
 /// The smallest per-message limit an operator may set on our streams (a smaller one is lifted).
 const MIN_MESSAGE_SIZE: i32 = 1024 * 1024;
 
-/// Why a stream of ours takes no messages as configured, if it does not.
+/// Why a stream of ours takes no messages as configured, or cannot be declared as ours, if so.
 pub fn unusable(config: &stream::Config) -> Option<String> {
+    let ours = stream_configs(1)
+        .into_iter()
+        .find(|ours| ours.name == config.name);
+    if let Some(difference) = ours.and_then(|ours| fixed_difference(config, &ours)) {
+        return Some(difference);
+    }
     if config.sealed {
         return Some(
             "is sealed: it takes no message and cannot be unsealed; recreate it".to_owned(),
@@ -524,12 +594,14 @@ pub async fn ensure_bucket(
 }
 
 /// Keeps the JetStream state a service needs in place while it runs: every
-/// [`KEEP_EVERY`] (or `every`), each stream is declared again ([`declare_streams`]: created if it
-/// was deleted, its settings repaired if they were changed) and each of `buckets` is created if
-/// it was deleted. Consumers recreate themselves ([`crate::messaging::consume`]). What it finds
-/// is in [`Kept`]: `/readyz` is unready while something is missing, and `/healthz` fails once
-/// the service has been unable to put it back for [`UNRECOVERABLE_AFTER`] while NATS answered,
-/// so the platform restarts it.
+/// [`KEEP_EVERY`] (or `every`), each stream is declared again ([`redeclare_streams`]: created if it
+/// was deleted, its settings repaired if they were changed), each of `buckets` is created if it
+/// was deleted and its settings put back if they were changed ([`keep_bucket`]), and so is each
+/// durable consumer the service consumes from ([`Kept::keep_consumer`],
+/// [`crate::messaging::put_back_consumer`]). What it finds is in [`Kept`]: `/readyz` is unready
+/// while something is missing or cannot be put back, and `/healthz` fails once the service has
+/// been unable to put it back for [`UNRECOVERABLE_AFTER`] while NATS answered, so the platform
+/// restarts it.
 pub async fn keep_declared(
     js: jetstream::Context,
     replicas: usize,
@@ -546,35 +618,126 @@ pub async fn keep_declared(
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let mut problems = Vec::new();
-        if let Err(error) = tokio::select! {
+        let problems = tokio::select! {
             _ = shutdown.cancelled() => return,
-            declared = redeclare_streams(&js, replicas) => declared,
-        } {
-            problems.push(error_chain(&error));
-        }
-        for config in &buckets {
-            let bucket = config.bucket.clone();
-            let missing = matches!(
-                js.get_stream(format!("KV_{bucket}")).await,
-                Err(error) if matches!(error.kind(), jetstream::context::GetStreamErrorKind::JetStream(e)
-                    if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
-            );
-            if !missing {
-                continue;
-            }
-            match js.create_key_value(config.clone()).await {
-                Ok(_) => tracing::warn!(%bucket, "KV bucket was missing; declared it again"),
-                Err(error) => problems.push(format!(
-                    "KV bucket {bucket} is missing and cannot be declared: {}",
-                    error_chain(&error)
-                )),
-            }
-        }
+            problems = keep_once(&js, replicas, &buckets, &kept) => problems,
+        };
         // A server that does not answer is the connection's problem (`/readyz` says so), not
         // one a restart of this service would solve.
         let connected = js.client().connection_state() == async_nats::connection::State::Connected;
         kept.record(problems, connected);
+    }
+}
+
+/// One look of [`keep_declared`]: streams first (buckets and consumers live in them), then
+/// buckets, then consumers. Returns what could not be put back.
+async fn keep_once(
+    js: &jetstream::Context,
+    replicas: usize,
+    buckets: &[jetstream::kv::Config],
+    kept: &Kept,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    for error in redeclare_streams(js, replicas).await {
+        problems.push(error_chain(&error));
+    }
+    for config in buckets {
+        if let Err(problem) = keep_bucket(js, config).await {
+            problems.push(problem);
+        }
+    }
+    for (stream, config) in kept.consumers() {
+        if let Err(problem) = crate::messaging::put_back_consumer(js, stream, &config).await {
+            problems.push(problem);
+        }
+    }
+    problems
+}
+
+/// Puts a KV bucket back as `config` declares it: created if it was deleted; its stream's settings
+/// that `config` sets (and those that would make it refuse or lose entries) put back if they
+/// were changed, its replicas only ever raised.
+async fn keep_bucket(
+    js: &jetstream::Context,
+    config: &jetstream::kv::Config,
+) -> Result<(), String> {
+    use jetstream::context::GetStreamErrorKind;
+    let bucket = &config.bucket;
+    let name = format!("KV_{bucket}");
+    let stream = match js.get_stream(&name).await {
+        Ok(stream) => stream,
+        Err(error)
+            if matches!(error.kind(), GetStreamErrorKind::JetStream(e)
+                if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            return match js.create_key_value(config.clone()).await {
+                Ok(_) => {
+                    tracing::warn!(%bucket, "KV bucket was missing; declared it again");
+                    Ok(())
+                }
+                Err(error) => Err(format!(
+                    "KV bucket {bucket} is missing and cannot be declared: {}",
+                    error_chain(&error)
+                )),
+            };
+        }
+        // Not answered now (an election, a slow server): the next look tries again.
+        Err(error) => {
+            tracing::debug!(%bucket, error = %error_chain(&error), "cannot look at the KV bucket");
+            return Ok(());
+        }
+    };
+    let current = stream.cached_info().config.clone();
+    let wanted = bucket_settings(&current, config);
+    if wanted == current {
+        return Ok(());
+    }
+    match js.update_stream(wanted).await {
+        Ok(_) => {
+            tracing::warn!(%bucket, "KV bucket settings were changed; put them back");
+            Ok(())
+        }
+        Err(error) if is_transient(error.kind()) => Ok(()),
+        Err(error) => Err(format!(
+            "KV bucket {bucket} was changed and cannot be put back ({}); delete it (nats stream rm KV_{bucket}) and the services declare it again within TASKFACTORY_DECLARE_EVERY",
+            error_chain(&error)
+        )),
+    }
+}
+
+/// The settings of a bucket's stream `current` once put back to `config`: what
+/// `create_key_value` sets from it (history, age, the KV flags), over whatever else it has (an
+/// operator's `max_bytes`, placement, compression stay), and nothing that would refuse, drop or
+/// copy entries elsewhere.
+fn bucket_settings(current: &stream::Config, config: &jetstream::kv::Config) -> stream::Config {
+    stream::Config {
+        subjects: vec![format!("$KV.{}.>", config.bucket)],
+        description: Some(config.description.clone()),
+        max_messages_per_subject: config.history.max(1),
+        max_age: config.max_age,
+        // What the server chooses for a bucket created without one.
+        duplicate_window: if config.max_age.is_zero() {
+            DUPLICATE_WINDOW
+        } else {
+            config.max_age.min(DUPLICATE_WINDOW)
+        },
+        num_replicas: config.num_replicas.max(1).max(current.num_replicas),
+        max_message_size: if (1..MIN_MESSAGE_SIZE).contains(&current.max_message_size) {
+            MIN_MESSAGE_SIZE
+        } else {
+            current.max_message_size
+        },
+        max_messages: current.max_messages.min(0),
+        discard: stream::DiscardPolicy::New,
+        allow_rollup: true,
+        deny_delete: true,
+        deny_purge: false,
+        allow_direct: true,
+        no_ack: false,
+        republish: None,
+        subject_transform: None,
+        sources: None,
+        ..current.clone()
     }
 }
 
@@ -594,9 +757,31 @@ pub struct Kept {
 struct KeptState {
     problems: Vec<String>,
     failing_since: Option<std::time::Instant>,
+    /// The durable consumers the service consumes from: (stream, our configuration).
+    consumers: Vec<(&'static str, jetstream::consumer::pull::Config)>,
 }
 
 impl Kept {
+    /// Has [`keep_declared`] put this consumer back too when it is deleted or changed; returns
+    /// the spec, for [`crate::messaging::consume`] (pass every consumer the service consumes
+    /// from through it).
+    pub fn keep_consumer(
+        &self,
+        spec: crate::messaging::ConsumerSpec,
+    ) -> crate::messaging::ConsumerSpec {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.consumers.push((spec.stream, spec.config()));
+        spec
+    }
+
+    fn consumers(&self) -> Vec<(&'static str, jetstream::consumer::pull::Config)> {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .consumers
+            .clone()
+    }
+
     fn record(&self, problems: Vec<String>, connected: bool) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if problems.is_empty() || !connected {
@@ -673,6 +858,62 @@ mod tests {
         kept.record(Vec::new(), true);
         assert_eq!(kept.unrecoverable(Duration::ZERO), None);
         assert!(kept.problems().is_empty());
+    }
+
+    #[test]
+    fn a_stream_of_ours_with_another_retention_or_storage_is_unusable_and_says_what_to_do() {
+        let ours = stream_configs(1);
+        for config in &ours {
+            assert_eq!(unusable(config), None, "{}", config.name);
+        }
+        let tasks = ours
+            .iter()
+            .find(|c| c.name == subjects::TASKS_STREAM)
+            .cloned()
+            .unwrap();
+        let limits = stream::Config {
+            retention: stream::RetentionPolicy::Limits,
+            ..tasks.clone()
+        };
+        let why = unusable(&limits).unwrap();
+        assert!(why.contains("retention Limits (ours: WorkQueue)"), "{why}");
+        assert!(why.contains("nats stream rm FACTORY_TASKS"), "{why}");
+        let memory = stream::Config {
+            storage: stream::StorageType::Memory,
+            ..tasks
+        };
+        assert!(unusable(&memory).unwrap().contains("storage Memory"));
+        // Not ours: nothing to compare with.
+        let other = stream::Config {
+            name: "SOMEONE_ELSES".to_owned(),
+            retention: stream::RetentionPolicy::Interest,
+            ..Default::default()
+        };
+        assert_eq!(unusable(&other), None);
+    }
+
+    #[test]
+    fn a_bucket_put_back_gets_our_settings_and_keeps_the_operators_others() {
+        let config = finished_tasks_config(1);
+        let changed = stream::Config {
+            name: format!("KV_{}", config.bucket),
+            subjects: vec![format!("$KV.{}.>", config.bucket)],
+            max_age: Duration::from_secs(1),
+            duplicate_window: Duration::from_secs(1),
+            max_messages_per_subject: 5,
+            max_bytes: 1 << 30,
+            num_replicas: 3,
+            discard: stream::DiscardPolicy::Old,
+            ..Default::default()
+        };
+        let wanted = bucket_settings(&changed, &config);
+        assert_eq!(wanted.max_age, config.max_age);
+        assert_eq!(wanted.duplicate_window, DUPLICATE_WINDOW);
+        assert_eq!(wanted.max_messages_per_subject, 1);
+        assert_eq!(wanted.discard, stream::DiscardPolicy::New);
+        assert_eq!(wanted.max_bytes, 1 << 30, "the operator's");
+        assert_eq!(wanted.num_replicas, 3, "replicas are only raised");
+        assert_eq!(bucket_settings(&wanted, &config), wanted, "stable");
     }
 
     #[test]

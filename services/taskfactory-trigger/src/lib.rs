@@ -226,7 +226,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     Err("scheduling: not connected to the lease yet".to_owned())
                 }
             })),
-            kept,
+            kept.clone(),
         ),
         work_shutdown.clone(),
     );
@@ -286,7 +286,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     ));
     tracker.spawn(messaging::consume(
         js.clone(),
-        ConsumerSpec {
+        kept.keep_consumer(ConsumerSpec {
             stream: subjects::EVENTS_STREAM,
             durable: subjects::TRIGGER_EVENTS_CONSUMER.to_owned(),
             filter_subject: subjects::EVENTS_SUBJECTS.to_owned(),
@@ -298,7 +298,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             max_deliveries: u32::MAX,
             dead_letters: |_| subjects::EVENTS_DLQ_SUBJECT.to_owned(),
             kind: "event",
-        },
+        }),
         work_shutdown.clone(),
         ingress,
     ));

@@ -1,0 +1,271 @@
+//! Tasks whose messages were lost with `FACTORY_TASKS`: when the stream is deleted and declared
+//! again (by any service's keeper, see `runtime::nats::keep_declared`), the tasks still to be run
+//! are published into the new one.
+//!
+//! The stream's creation time is its epoch: each look compares it with the one recorded in
+//! Postgres (`task_stream_epochs`), and a newer one means a new stream, whose queue starts empty.
+//! The tasks of `RUNNING` runs that are `PENDING` (never started) or `FAILED` (waiting for their
+//! next attempt) are then published again, page by page across runs, before the new epoch is
+//! recorded (an orchestrator that stops midway leaves the old epoch, and the next one publishes
+//! them all again). Publishing twice is harmless: a `PENDING` task keeps its id as message id
+//! (a run's own spawn publishing it at the same time is dropped as a duplicate), and executors
+//! skip finished tasks (`taskfactory_finished_tasks`), so several replicas may do it at once.
+//!
+//! A `FAILED` task continues its attempt numbering: its message starts a series after its
+//! attempts so far (`attempt_base`), with the attempts it has left as its `maxAttempts`, so it
+//! gets no more attempts in all than its policy allows.
+//!
+//! Not republished: `RUNNING` tasks (an executor has it in hand and reports its result; one that
+//! fails after the stream was replaced waits for `RetryTask`), and tasks of runs that are not
+//! `RUNNING`.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::future::join_all;
+use prost::Message as _;
+use sqlx::PgPool;
+use taskfactory_model::ids::TaskId;
+use taskfactory_model::subjects;
+use taskfactory_proto::v1::{RetryPolicy, TaskInstance};
+use taskfactory_runtime::messaging;
+use taskfactory_runtime::telemetry::error_chain;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Tasks read and published at a time.
+const PAGE: i64 = 500;
+
+/// Every `every`, looks at `FACTORY_TASKS`'s creation time and publishes the tasks still to be
+/// run again when it is a new stream, until shutdown.
+pub async fn run(
+    pool: PgPool,
+    js: async_nats::jetstream::Context,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let looked = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            looked = look(&pool, &js) => looked,
+        };
+        if let Err(error) = looked {
+            tracing::warn!(error = %error_chain(error.as_ref()), "cannot check whether FACTORY_TASKS was replaced");
+        }
+    }
+}
+
+/// One look: republishes when the stream is newer than the epoch recorded.
+async fn look(
+    pool: &PgPool,
+    js: &async_nats::jetstream::Context,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let stream = match js.get_stream(subjects::TASKS_STREAM).await {
+        Ok(stream) => stream,
+        // Missing (being declared again) or not answering: the next look sees the new one.
+        Err(_) => return Ok(()),
+    };
+    let created = epoch(stream.cached_info().created.unix_timestamp_nanos());
+    let recorded: Option<(DateTime<Utc>,)> =
+        sqlx::query_as("SELECT created FROM task_stream_epochs WHERE stream = $1")
+            .bind(subjects::TASKS_STREAM)
+            .fetch_optional(pool)
+            .await?;
+    match recorded {
+        // The first look ever: the stream holds its tasks.
+        None => {}
+        Some((recorded,)) if recorded == created => return Ok(()),
+        Some((recorded,)) => {
+            tracing::warn!(%recorded, %created, "FACTORY_TASKS was deleted and declared again; publishing the tasks still to be run again");
+            let published = republish(pool, js).await?;
+            tracing::warn!(
+                published,
+                "tasks still to be run published into the new FACTORY_TASKS"
+            );
+        }
+    }
+    sqlx::query(
+        "INSERT INTO task_stream_epochs (stream, created) VALUES ($1, $2) \
+         ON CONFLICT (stream) DO UPDATE SET created = EXCLUDED.created",
+    )
+    .bind(subjects::TASKS_STREAM)
+    .bind(created)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// A stream's creation time (nanoseconds since the epoch) as Postgres keeps it (microseconds).
+fn epoch(created_nanos: i128) -> DateTime<Utc> {
+    let micros = i64::try_from(created_nanos / 1000).unwrap_or(i64::MAX);
+    DateTime::from_timestamp_micros(micros).unwrap_or_default()
+}
+
+/// Publishes every task still to be run, a page at a time; returns how many.
+async fn republish(
+    pool: &PgPool,
+    js: &async_nats::jetstream::Context,
+) -> Result<usize, Box<dyn std::error::Error + Send + Sync>> {
+    let mut after = Uuid::nil();
+    let mut published = 0;
+    loop {
+        let page = tasks_to_run(pool, after, PAGE).await?;
+        let Some(last) = page.last() else {
+            return Ok(published);
+        };
+        after = last.id.0;
+        let full = page.len() >= usize::try_from(PAGE).unwrap_or(usize::MAX);
+        let mut acks = Vec::with_capacity(page.len());
+        for task in &page {
+            let (msg_id, instance) = task.message()?;
+            let ack = messaging::publish(
+                js,
+                subjects::task_subject(&task.task_type),
+                &msg_id,
+                None,
+                instance.into(),
+            )
+            .await?;
+            acks.push(ack);
+        }
+        for ack in join_all(acks.into_iter().map(std::future::IntoFuture::into_future)).await {
+            ack?;
+        }
+        published += page.len();
+        if !full {
+            return Ok(published);
+        }
+    }
+}
+
+/// A task still to be run, as stored.
+struct ToRun {
+    id: TaskId,
+    task_type: String,
+    instance: Vec<u8>,
+    failed: bool,
+    attempts: i32,
+    attempt_base: i32,
+}
+
+impl ToRun {
+    /// Its message id and TaskInstance: as spawned for a `PENDING` task; for a `FAILED` one, a
+    /// series after its attempts so far with the attempts it has left.
+    fn message(&self) -> Result<(String, Vec<u8>), prost::DecodeError> {
+        if !self.failed {
+            return Ok((self.id.to_string(), self.instance.clone()));
+        }
+        let mut instance = TaskInstance::decode(self.instance.as_slice())?;
+        let attempts = u32::try_from(self.attempts).unwrap_or(0);
+        let used = u32::try_from(self.attempts.saturating_sub(self.attempt_base)).unwrap_or(0);
+        let retry = taskfactory_model::spec::effective_retry(instance.retry.as_ref());
+        instance.retry = Some(RetryPolicy {
+            max_attempts: retry.max_attempts.saturating_sub(used).max(1),
+            ..retry
+        });
+        instance.attempt_base = attempts;
+        Ok((
+            format!("{}:requeued:{attempts}", self.id),
+            instance.encode_to_vec(),
+        ))
+    }
+}
+
+/// Tasks of `RUNNING` runs that are `PENDING` or `FAILED`, in id order after `after`.
+async fn tasks_to_run(pool: &PgPool, after: Uuid, limit: i64) -> Result<Vec<ToRun>, sqlx::Error> {
+    let rows: Vec<(Uuid, String, Vec<u8>, String, i32, i32)> = sqlx::query_as(
+        "SELECT t.id, t.type, t.instance, t.status, t.attempts, t.attempt_base \
+         FROM tasks t JOIN runs r ON r.id = t.run_id \
+         WHERE t.status IN ('PENDING', 'FAILED') AND r.status = 'RUNNING' AND t.id > $1 \
+         ORDER BY t.id LIMIT $2",
+    )
+    .bind(after)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(id, task_type, instance, status, attempts, attempt_base)| ToRun {
+                id: TaskId(id),
+                task_type,
+                instance,
+                failed: status == "FAILED",
+                attempts,
+                attempt_base,
+            },
+        )
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(max_attempts: u32) -> Vec<u8> {
+        TaskInstance {
+            retry: Some(RetryPolicy {
+                max_attempts,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn a_pending_task_goes_out_as_spawned() {
+        let task = ToRun {
+            id: TaskId(Uuid::from_u128(7)),
+            task_type: "noop".to_owned(),
+            instance: instance(3),
+            failed: false,
+            attempts: 0,
+            attempt_base: 0,
+        };
+        let (msg_id, bytes) = task.message().unwrap();
+        assert_eq!(msg_id, task.id.to_string());
+        assert_eq!(bytes, task.instance);
+    }
+
+    #[test]
+    fn a_failed_task_continues_with_the_attempts_it_has_left() {
+        // A RetryTask series that began after 4 attempts, 5 allowed, 2 of them used.
+        let task = ToRun {
+            id: TaskId(Uuid::from_u128(7)),
+            task_type: "http".to_owned(),
+            instance: instance(5),
+            failed: true,
+            attempts: 6,
+            attempt_base: 4,
+        };
+        let (msg_id, bytes) = task.message().unwrap();
+        assert_eq!(msg_id, format!("{}:requeued:6", task.id));
+        let sent = TaskInstance::decode(bytes.as_slice()).unwrap();
+        assert_eq!(sent.attempt_base, 6);
+        assert_eq!(sent.retry.unwrap().max_attempts, 3);
+        // Never fewer than one: the task is not final, so it has one more coming.
+        let spent = ToRun {
+            attempts: 9,
+            ..task
+        };
+        let (_, bytes) = spent.message().unwrap();
+        let sent = TaskInstance::decode(bytes.as_slice()).unwrap();
+        assert_eq!(sent.retry.unwrap().max_attempts, 1);
+    }
+
+    #[test]
+    fn an_epoch_is_kept_to_the_microsecond() {
+        let nanos = 1_765_000_000_123_456_789_i128;
+        assert_eq!(
+            epoch(nanos).timestamp_nanos_opt(),
+            Some(1_765_000_000_123_456_000)
+        );
+    }
+}
