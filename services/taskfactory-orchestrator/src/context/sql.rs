@@ -35,6 +35,7 @@ use sqlx::postgres::{
     PgArgumentBuffer, PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgTypeInfo, Postgres,
 };
 use taskfactory_model::sql_params::{self, SqlParam};
+use taskfactory_model::sizes;
 use taskfactory_model::sql_role::{self, RoleFacts, SessionState};
 use taskfactory_proto::v1::SqlSource;
 use taskfactory_runtime::telemetry::error_chain;
@@ -427,25 +428,6 @@ fn bounded_query(query: &str, bounds: RowBounds) -> String {
     )
 }
 
-/// Bytes of `value` as compact JSON, counted without writing them anywhere.
-fn compact_json_bytes(value: &serde_json::Value) -> usize {
-    struct Counter(usize);
-    impl std::io::Write for Counter {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0 += buf.len();
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut counter = Counter(0);
-    match serde_json::to_writer(&mut counter, value) {
-        Ok(()) => counter.0,
-        Err(_) => usize::MAX,
-    }
-}
-
 enum QueryError {
     /// Beginning the transaction or setting it up.
     Setup(sqlx::Error),
@@ -506,7 +488,7 @@ async fn read_only_query(
             let row: serde_json::Value = serde_json::from_str(&text).map_err(QueryError::Decode)?;
             drop(text);
             bytes = bytes
-                .saturating_add(compact_json_bytes(&row))
+                .saturating_add(usize::try_from(sizes::json_bytes(&row)).unwrap_or(usize::MAX))
                 .saturating_add(usize::from(!rows.is_empty()));
             if bytes > bounds.max_bytes {
                 return Err(QueryError::TooLarge);
