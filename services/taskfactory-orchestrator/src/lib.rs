@@ -17,6 +17,7 @@
 //! - [`admin_requests`]: commands and previews are carried out only when the admin API recorded
 //!   them (once, fresh).
 //! - [`unserved`]: tasks of a type no executor serves die after a grace period.
+//! - [`spec_cache`]: the activity versions runs use, parsed once, bounded in bytes.
 //! - [`store`]: Postgres access.
 
 pub mod admin_requests;
@@ -27,20 +28,20 @@ pub mod dead_tasks;
 pub mod preview;
 pub mod results;
 pub mod spawn;
+pub mod spec_cache;
 pub mod store;
 pub mod unserved;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+pub use spec_cache::SpecCache;
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use sqlx::PgPool;
 use taskfactory_model::expr::Limits;
-use taskfactory_model::ids::ActivityId;
 use taskfactory_model::plan::PlanLimits;
 use taskfactory_model::subjects;
-use taskfactory_proto::v1::ActivitySpec;
 use taskfactory_runtime::config::{DatabaseArgs, LifecycleArgs, NatsArgs, parse_duration};
 use taskfactory_runtime::messaging::{self, ConsumerSpec};
 use taskfactory_runtime::{db, nats};
@@ -109,6 +110,15 @@ pub struct Config {
         default_value_t = 128 * 1024 * 1024
     )]
     pub evaluation_bytes_in_flight: usize,
+    /// Bytes of activity versions kept parsed for the runs that use them (as compact JSON; the
+    /// parsed form takes a few times that): past it, the versions loaded longest ago are dropped
+    /// and read again when needed.
+    #[arg(
+        long = "spec-cache-bytes",
+        env = "TASKFACTORY_SPEC_CACHE_BYTES",
+        default_value_t = 32 * 1024 * 1024
+    )]
+    pub spec_cache_bytes: usize,
     /// Instruction fuel per expression or template evaluation.
     #[arg(
         long = "template-fuel",
@@ -260,6 +270,7 @@ impl Config {
             max_tasks_per_run: 10_000,
             max_run_bytes: 64 * 1024 * 1024,
             evaluation_bytes_in_flight: 128 * 1024 * 1024,
+            spec_cache_bytes: 32 * 1024 * 1024,
             template_fuel: 50_000,
             evaluation_timeout: Duration::from_millis(800),
             unserved_grace: Duration::from_secs(600),
@@ -275,51 +286,6 @@ impl Config {
             max_source_bytes: 1024 * 1024,
             lifecycle: LifecycleArgs::default(),
         }
-    }
-}
-
-type SpecsByVersion = HashMap<(ActivityId, u32), Arc<ActivitySpec>>;
-
-/// Immutable activity versions, loaded once each.
-#[derive(Clone, Default)]
-pub struct SpecCache {
-    specs: Arc<Mutex<SpecsByVersion>>,
-}
-
-impl SpecCache {
-    /// The spec of `activity` at `version`; the inner error says why a run cannot use it.
-    pub async fn get(
-        &self,
-        pool: &PgPool,
-        activity: ActivityId,
-        version: u32,
-    ) -> Result<Result<Arc<ActivitySpec>, String>, sqlx::Error> {
-        if let Some(spec) = self
-            .specs
-            .lock()
-            .expect("spec cache lock")
-            .get(&(activity, version))
-        {
-            return Ok(Ok(spec.clone()));
-        }
-        let Some(json) = store::activity_spec(pool, activity, version).await? else {
-            return Ok(Err(format!("activity {activity} has no version {version}")));
-        };
-        let spec: ActivitySpec = match taskfactory_proto::from_json(&json) {
-            Ok(spec) => spec,
-            Err(error) => {
-                return Ok(Err(format!(
-                    "stored spec of version {version} does not parse: {error}"
-                )));
-            }
-        };
-        let spec = Arc::new(spec);
-        let mut specs = self.specs.lock().expect("spec cache lock");
-        if specs.len() > 10_000 {
-            specs.clear();
-        }
-        specs.insert((activity, version), spec.clone());
-        Ok(Ok(spec))
     }
 }
 
@@ -423,7 +389,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         },
         ack_wait: config.ack_wait,
         publish_window: config.publish_window.max(1),
-        specs: SpecCache::default(),
+        specs: SpecCache::new(config.spec_cache_bytes),
         sources: sources.clone(),
     });
     let tracker = TaskTracker::new();
