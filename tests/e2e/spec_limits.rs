@@ -149,7 +149,11 @@ async fn a_spec_with_more_context_sources_than_the_limit_is_refused_naming_the_f
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
-    assert!(refused.message().contains(&expected), "{}", refused.message());
+    assert!(
+        refused.message().contains(&expected),
+        "{}",
+        refused.message()
+    );
 
     create(&mut admin, with_sources("many", limit)?)
         .await
@@ -158,7 +162,11 @@ async fn a_spec_with_more_context_sources_than_the_limit_is_refused_naming_the_f
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
-    assert!(refused.message().contains(&expected), "{}", refused.message());
+    assert!(
+        refused.message().contains(&expected),
+        "{}",
+        refused.message()
+    );
     let refused = admin
         .preview_run(PreviewRunRequest {
             spec: Some(with_sources("draft", 40)?),
@@ -167,7 +175,11 @@ async fn a_spec_with_more_context_sources_than_the_limit_is_refused_naming_the_f
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
-    assert!(refused.message().contains(&expected), "{}", refused.message());
+    assert!(
+        refused.message().contains(&expected),
+        "{}",
+        refused.message()
+    );
     Ok(())
 }
 

@@ -382,7 +382,11 @@ async fn a_sql_source_holds_no_more_than_max_source_bytes_of_its_rows() -> anyho
     let run = finished_run(&admin, &run_id, Duration::from_secs(120)).await?;
     let peak = proc_status_kib(pid, "VmHWM");
     let grew_mib = peak.saturating_sub(before) / 1024;
-    eprintln!("orchestrator: {} MiB before the run, peak {} MiB", before / 1024, peak / 1024);
+    eprintln!(
+        "orchestrator: {} MiB before the run, peak {} MiB",
+        before / 1024,
+        peak / 1024
+    );
     assert!(
         grew_mib < 64,
         "with --max-source-bytes 1 MiB (and 128 MiB of evaluation budget), one run's sources took the \
@@ -405,8 +409,14 @@ async fn a_sql_source_holds_no_more_than_max_source_bytes_of_its_rows() -> anyho
             note.error
         );
     }
-    let context = taskfactory_model::values::struct_to_json(&run.context.clone().unwrap_or_default());
-    assert_eq!(context["fits"].as_array().map(Vec::len), Some(500), "{}", run.error);
+    let context =
+        taskfactory_model::values::struct_to_json(&run.context.clone().unwrap_or_default());
+    assert_eq!(
+        context["fits"].as_array().map(Vec::len),
+        Some(500),
+        "{}",
+        run.error
+    );
     assert_eq!(context["fits"][499]["n"], 500);
     assert!(context.get("many").is_none());
     Ok(())

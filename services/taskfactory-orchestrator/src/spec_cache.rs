@@ -65,10 +65,11 @@ impl SpecCache {
         };
         drop(json);
         let spec = Arc::new(spec);
-        self.cached
-            .lock()
-            .expect("spec cache lock")
-            .insert((activity, version), spec.clone(), bytes);
+        self.cached.lock().expect("spec cache lock").insert(
+            (activity, version),
+            spec.clone(),
+            bytes,
+        );
         Ok(Ok(spec))
     }
 }
@@ -101,7 +102,9 @@ impl Cached {
     /// Keeps `spec` (of `bytes`), dropping the versions loaded longest ago until it fits; a spec
     /// larger than the whole cache is not kept.
     fn insert(&mut self, version: Version, spec: Arc<ActivitySpec>, bytes: usize) {
-        if bytes > self.max_bytes || self.max_versions == 0 || self.by_version.contains_key(&version)
+        if bytes > self.max_bytes
+            || self.max_versions == 0
+            || self.by_version.contains_key(&version)
         {
             return;
         }

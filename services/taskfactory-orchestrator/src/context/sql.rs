@@ -34,8 +34,8 @@ use sqlx::postgres::types::Oid;
 use sqlx::postgres::{
     PgArgumentBuffer, PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgTypeInfo, Postgres,
 };
-use taskfactory_model::sql_params::{self, SqlParam};
 use taskfactory_model::sizes;
+use taskfactory_model::sql_params::{self, SqlParam};
 use taskfactory_model::sql_role::{self, RoleFacts, SessionState};
 use taskfactory_proto::v1::SqlSource;
 use taskfactory_runtime::telemetry::error_chain;
