@@ -100,10 +100,11 @@ pub struct Config {
         default_value_t = 64 * 1024 * 1024
     )]
     pub max_run_bytes: usize,
-    /// Bytes of task params all runs being spawned may hold at once: a run waits for room for
-    /// the largest run (`--max-run-bytes`) before it is evaluated, then keeps room for what its
-    /// tasks really carry until they are recorded and published. Runs queue rather than
-    /// overcommit; memory peaks at a few times this (JSON trees, messages, statements).
+    /// Bytes all runs being spawned may hold at once: before its context sources are resolved a
+    /// run waits for room for what they may hold (`--max-source-bytes` each) and for the largest
+    /// run (`--max-run-bytes`), then keeps room for its context and what its tasks really carry
+    /// until they are recorded and published. Runs queue rather than overcommit; memory peaks at
+    /// a few times this (JSON trees, messages, statements).
     #[arg(
         long = "evaluation-bytes-in-flight",
         env = "TASKFACTORY_EVALUATION_BYTES_IN_FLIGHT",
@@ -183,7 +184,9 @@ pub struct Config {
         default_value_t = 1000
     )]
     pub sql_max_rows: u32,
-    /// Bytes a context source's value may have at most (an `http` body, all rows of a query).
+    /// Bytes a context source's value may have at most (an `http` body, all rows of a query as
+    /// compact JSON); what a source may hold while it is resolved, too, and what each source of a
+    /// run takes of `--evaluation-bytes-in-flight` meanwhile.
     #[arg(
         long = "max-source-bytes",
         env = "TASKFACTORY_MAX_SOURCE_BYTES",
