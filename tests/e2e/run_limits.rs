@@ -92,3 +92,80 @@ async fn large_runs_queue_for_room_instead_of_overcommitting() -> anyhow::Result
     );
     Ok(())
 }
+
+/// A run takes its room before its context sources are resolved, for what they may hold
+/// (`--max-source-bytes` each): with room for one run's sources, runs fired together resolve
+/// theirs one run at a time. (They were resolved before any room was taken: every run's sources
+/// at once, however many runs.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn runs_take_room_for_their_sources_before_resolving_them() -> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _trigger = env.start(Service::Trigger);
+    // Room for one run: 1 MiB for its tasks and 1 MiB for each of its two sources.
+    let _orchestrator = env.spawn_process(
+        Service::Orchestrator,
+        &[
+            ("TASKFACTORY_EVALUATION_BYTES_IN_FLIGHT", "3145728"),
+            ("TASKFACTORY_MAX_RUN_BYTES", "1048576"),
+            ("TASKFACTORY_MAX_SOURCE_BYTES", "1048576"),
+        ],
+    )?;
+    env.wait_ready(&[Service::Trigger, Service::Orchestrator])
+        .await?;
+    let server = crate::support::RecordingServer::start(Duration::from_millis(300)).await?;
+    let mut admin = env.admin().await?;
+    let source = |name: &str| {
+        format!(
+            "{{name: {name}, http: {{url: '{}', method: POST, body: {{run: '{{{{ trigger.dedupe_key }}}}'}}}}}}",
+            server.url
+        )
+    };
+    // `vision`: nobody serves it, so the tasks are only recorded and queued.
+    create(
+        &mut admin,
+        &format!(
+            "name: sourced\ntrigger: {{manual: {{}}}}\ncontext: [{}, {}]\ntasks: [{{name: t, type: vision}}]\n",
+            source("a"),
+            source("b")
+        ),
+    )
+    .await?;
+    let runs = 4;
+    let mut fired = Vec::new();
+    for n in 0..runs {
+        let mut admin = admin.clone();
+        fired.push(tokio::spawn(async move {
+            admin
+                .trigger_activity(TriggerActivityRequest {
+                    id: "sourced".to_owned(),
+                    idempotency_key: format!("run-{n}"),
+                    ..Default::default()
+                })
+                .await
+        }));
+    }
+    for fire in fired {
+        fire.await??;
+    }
+    wait_for("every run's sources", Duration::from_secs(60), || async {
+        Ok((server.timed_calls().len() >= runs * 2).then_some(()))
+    })
+    .await?;
+    let calls = server.timed_calls();
+    let run_of = |call: &crate::support::Call| call.body["run"].as_str().unwrap_or("").to_owned();
+    for one in &calls {
+        for other in &calls {
+            if run_of(one) == run_of(other) {
+                continue;
+            }
+            let overlap = one.started < other.finished && other.started < one.finished;
+            assert!(
+                !overlap,
+                "the sources of runs {:?} and {:?} were resolved at the same time, with room for one",
+                run_of(one),
+                run_of(other)
+            );
+        }
+    }
+    Ok(())
+}

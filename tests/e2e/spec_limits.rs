@@ -124,6 +124,65 @@ async fn a_spec_over_the_size_limit_is_refused_with_its_size_and_the_limit() -> 
     Ok(())
 }
 
+/// A manual activity with `sources` static context sources.
+fn with_sources(name: &str, sources: usize) -> anyhow::Result<ActivitySpec> {
+    let listed: Vec<String> = (0..sources)
+        .map(|i| format!("{{name: s{i}, static: {i}}}"))
+        .collect();
+    Ok(spec_from_yaml(&format!(
+        "name: {name}\ntrigger: {{manual: {{}}}}\ncontext: [{}]\ntasks: [{{name: t, type: log}}]\n",
+        listed.join(", ")
+    ))?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_spec_with_more_context_sources_than_the_limit_is_refused_naming_the_field()
+-> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _trigger = env.start(Service::Trigger);
+    env.wait_ready(&[Service::Trigger]).await?;
+    let mut admin = env.admin().await?;
+    let limit = taskfactory_model::spec::MAX_CONTEXT_SOURCES;
+    let expected = format!("context: 40 sources, over the limit of {limit}");
+
+    let refused = create(&mut admin, with_sources("many", 40)?)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().contains(&expected),
+        "{}",
+        refused.message()
+    );
+
+    create(&mut admin, with_sources("many", limit)?)
+        .await
+        .context("a spec with as many sources as the limit")?;
+    let refused = update(&mut admin, with_sources("many", 40)?)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().contains(&expected),
+        "{}",
+        refused.message()
+    );
+    let refused = admin
+        .preview_run(PreviewRunRequest {
+            spec: Some(with_sources("draft", 40)?),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().contains(&expected),
+        "{}",
+        refused.message()
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_live_activities_together_stay_within_their_limits() -> anyhow::Result<()> {
     let env = TestEnv::new(EnvOptions {

@@ -324,3 +324,100 @@ async fn the_recommended_sql_role_reads_no_files_signals_no_backend_and_keeps_no
     assert_eq!(source_error(&answer, "q"), "");
     Ok(())
 }
+
+/// `--max-source-bytes` bounds what a `sql` source holds of its result, not only what it keeps:
+/// a single 100 MB value (one message from Postgres) and rows that pass the limit together both
+/// fail the source naming the limit, and the orchestrator's memory hardly moves. (It read every
+/// row whole before checking: three sources of one 100 MB value took it to 720 MiB.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sql_source_holds_no_more_than_max_source_bytes_of_its_rows() -> anyhow::Result<()> {
+    use taskfactory_proto::v1::TriggerActivityRequest;
+    use taskfactory_tests::Service;
+
+    use crate::support::{create, finished_run, proc_status_kib};
+
+    let crm = TestDb::create().await?;
+    let role = SourceRole::create(&crm, &[]).await?;
+    let env = TestEnv::new(EnvOptions {
+        sql_databases: vec![("crm".to_owned(), role.dsn())],
+        ..EnvOptions::default()
+    })
+    .await?;
+    let _trigger = env.start(Service::Trigger);
+    let _executor = env.start(Service::Executor);
+    // Its own process, so its memory is its own; the defaults: 1 MiB a source, 128 MiB budget.
+    let orchestrator = env.spawn_process(Service::Orchestrator, &[])?;
+    let pid = orchestrator
+        .pid()
+        .ok_or_else(|| anyhow::anyhow!("a process"))?;
+    env.wait_ready(&[Service::Trigger, Service::Executor, Service::Orchestrator])
+        .await?;
+    let mut admin = env.admin().await?;
+    let mut sources: Vec<String> = (0..3)
+        .map(|i| {
+            format!("{{name: huge{i}, onError: OMIT, sql: {{database: crm, query: \"SELECT repeat('x', 100000000) AS v\"}}}}")
+        })
+        .collect();
+    // 999 rows of 5 KB: within the rows allowed, 5 MB together.
+    sources.push("{name: many, onError: OMIT, sql: {database: crm, query: \"SELECT n, repeat('y', 5000) AS v FROM generate_series(1, 999) AS n\"}}".to_owned());
+    // Within the limit: read as before.
+    sources.push("{name: fits, sql: {database: crm, query: \"SELECT n, repeat('z', 1000) AS v FROM generate_series(1, 500) AS n ORDER BY n\"}}".to_owned());
+    create(
+        &mut admin,
+        &format!(
+            "name: big\ntrigger: {{manual: {{}}}}\ncontext: [{}]\ntasks: [{{name: t, type: log}}]\n",
+            sources.join(", ")
+        ),
+    )
+    .await?;
+    let before = proc_status_kib(pid, "VmRSS");
+    let run_id = admin
+        .trigger_activity(TriggerActivityRequest {
+            id: "big".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .run_id;
+    let run = finished_run(&admin, &run_id, Duration::from_secs(120)).await?;
+    let peak = proc_status_kib(pid, "VmHWM");
+    let grew_mib = peak.saturating_sub(before) / 1024;
+    eprintln!(
+        "orchestrator: {} MiB before the run, peak {} MiB",
+        before / 1024,
+        peak / 1024
+    );
+    assert!(
+        grew_mib < 64,
+        "with --max-source-bytes 1 MiB (and 128 MiB of evaluation budget), one run's sources took the \
+         orchestrator from {} MiB to a peak of {} MiB (+{grew_mib} MiB); run {:?}: {}",
+        before / 1024,
+        peak / 1024,
+        run.status(),
+        run.error
+    );
+    for name in ["huge0", "huge1", "huge2", "many"] {
+        let note = run
+            .evaluation
+            .iter()
+            .find(|e| e.template == format!("context.{name}"))
+            .ok_or_else(|| anyhow::anyhow!("no note for {name}: {:?}", run.evaluation))?;
+        assert!(
+            note.error
+                .contains("more than the 1048576 bytes a source may have (--max-source-bytes)"),
+            "{name}: {}",
+            note.error
+        );
+    }
+    let context =
+        taskfactory_model::values::struct_to_json(&run.context.clone().unwrap_or_default());
+    assert_eq!(
+        context["fits"].as_array().map(Vec::len),
+        Some(500),
+        "{}",
+        run.error
+    );
+    assert_eq!(context["fits"][499]["n"], 500);
+    assert!(context.get("many").is_none());
+    Ok(())
+}

@@ -79,6 +79,10 @@ pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(60);
 pub const DEFAULT_BACKOFF_MULTIPLIER: f64 = 2.0;
 pub const DEFAULT_TASK_TIMEOUT: Duration = Duration::from_secs(60);
 pub const MAX_ATTEMPTS_LIMIT: u32 = 100;
+/// Context sources one spec may have. A run's sources are resolved at once and each may hold up
+/// to the orchestrator's `--max-source-bytes` while it does, so their number bounds what one run
+/// asks of the evaluation budget (`--evaluation-bytes-in-flight`) before it is evaluated.
+pub const MAX_CONTEXT_SOURCES: usize = 32;
 
 /// The retry policy with defaults filled in.
 pub fn effective_retry(retry: Option<&RetryPolicy>) -> RetryPolicy {
@@ -291,6 +295,15 @@ pub fn validate(spec: &ActivitySpec, now: DateTime<Utc>) -> Result<(), SpecError
         Some(trigger::Kind::Manual(_)) => {}
     }
 
+    if spec.context.len() > MAX_CONTEXT_SOURCES {
+        err(
+            "context".to_owned(),
+            format!(
+                "{} sources, over the limit of {MAX_CONTEXT_SOURCES}",
+                spec.context.len()
+            ),
+        );
+    }
     let mut context_names = HashSet::new();
     for (i, source) in spec.context.iter().enumerate() {
         for e in validate_context_source(source, i, &engine) {
@@ -978,6 +991,28 @@ tasks:
                 "{source}: {errors:?}"
             );
         }
+    }
+
+    #[test]
+    fn more_context_sources_than_the_limit_are_refused_naming_the_count() {
+        let spec_with = |n: usize| {
+            let sources: Vec<String> = (0..n)
+                .map(|i| format!("{{name: s{i}, static: {i}}}"))
+                .collect();
+            format!(
+                "name: a\ntrigger: {{manual: {{}}}}\ncontext: [{}]\ntasks: [{{name: t, type: log}}]",
+                sources.join(", ")
+            )
+        };
+        assert_eq!(errors_of(&spec_with(MAX_CONTEXT_SOURCES)), vec![]);
+        let over = MAX_CONTEXT_SOURCES + 8;
+        assert_eq!(
+            errors_of(&spec_with(over)),
+            vec![field(
+                "context",
+                format!("{over} sources, over the limit of {MAX_CONTEXT_SOURCES}")
+            )]
+        );
     }
 
     #[test]

@@ -20,6 +20,7 @@
 //! - [`refill`]: the finished-tasks bucket, refilled from Postgres when it was recreated.
 //! - [`requeue`]: tasks still to be run are published again into a `FACTORY_TASKS` that was
 //!   deleted and declared again.
+//! - [`spec_cache`]: the activity versions runs use, parsed once, bounded in bytes.
 //! - [`store`]: Postgres access.
 
 pub mod admin_requests;
@@ -32,20 +33,20 @@ pub mod refill;
 pub mod requeue;
 pub mod results;
 pub mod spawn;
+pub mod spec_cache;
 pub mod store;
 pub mod unserved;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+pub use spec_cache::SpecCache;
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use sqlx::PgPool;
 use taskfactory_model::expr::Limits;
-use taskfactory_model::ids::ActivityId;
 use taskfactory_model::plan::PlanLimits;
 use taskfactory_model::subjects;
-use taskfactory_proto::v1::ActivitySpec;
 use taskfactory_runtime::config::{DatabaseArgs, LifecycleArgs, NatsArgs, parse_duration};
 use taskfactory_runtime::messaging::{self, ConsumerSpec};
 use taskfactory_runtime::{db, nats};
@@ -104,10 +105,11 @@ pub struct Config {
         default_value_t = 64 * 1024 * 1024
     )]
     pub max_run_bytes: usize,
-    /// Bytes of task params all runs being spawned may hold at once: a run waits for room for
-    /// the largest run (`--max-run-bytes`) before it is evaluated, then keeps room for what its
-    /// tasks really carry until they are recorded and published. Runs queue rather than
-    /// overcommit; memory peaks at a few times this (JSON trees, messages, statements).
+    /// Bytes all runs being spawned may hold at once: before its context sources are resolved a
+    /// run waits for room for what they may hold (`--max-source-bytes` each) and for the largest
+    /// run (`--max-run-bytes`), then keeps room for its context and what its tasks really carry
+    /// until they are recorded and published. Runs queue rather than overcommit; memory peaks at
+    /// a few times this (JSON trees, messages, statements).
     #[arg(
         long = "evaluation-bytes-in-flight",
         env = "TASKFACTORY_EVALUATION_BYTES_IN_FLIGHT",
@@ -123,6 +125,15 @@ pub struct Config {
         default_value_t = 4 * 1024 * 1024
     )]
     pub trigger_bytes_in_flight: usize,
+    /// Bytes of activity versions kept parsed for the runs that use them (as compact JSON; the
+    /// parsed form takes a few times that): past it, the versions loaded longest ago are dropped
+    /// and read again when needed.
+    #[arg(
+        long = "spec-cache-bytes",
+        env = "TASKFACTORY_SPEC_CACHE_BYTES",
+        default_value_t = 32 * 1024 * 1024
+    )]
+    pub spec_cache_bytes: usize,
     /// Instruction fuel per expression or template evaluation.
     #[arg(
         long = "template-fuel",
@@ -187,7 +198,9 @@ pub struct Config {
         default_value_t = 1000
     )]
     pub sql_max_rows: u32,
-    /// Bytes a context source's value may have at most (an `http` body, all rows of a query).
+    /// Bytes a context source's value may have at most (an `http` body, all rows of a query as
+    /// compact JSON); what a source may hold while it is resolved, too, and what each source of a
+    /// run takes of `--evaluation-bytes-in-flight` meanwhile.
     #[arg(
         long = "max-source-bytes",
         env = "TASKFACTORY_MAX_SOURCE_BYTES",
@@ -275,6 +288,7 @@ impl Config {
             max_run_bytes: 64 * 1024 * 1024,
             evaluation_bytes_in_flight: 128 * 1024 * 1024,
             trigger_bytes_in_flight: 4 * 1024 * 1024,
+            spec_cache_bytes: 32 * 1024 * 1024,
             template_fuel: 50_000,
             evaluation_timeout: Duration::from_millis(800),
             unserved_grace: Duration::from_secs(600),
@@ -290,51 +304,6 @@ impl Config {
             max_source_bytes: 1024 * 1024,
             lifecycle: LifecycleArgs::default(),
         }
-    }
-}
-
-type SpecsByVersion = HashMap<(ActivityId, u32), Arc<ActivitySpec>>;
-
-/// Immutable activity versions, loaded once each.
-#[derive(Clone, Default)]
-pub struct SpecCache {
-    specs: Arc<Mutex<SpecsByVersion>>,
-}
-
-impl SpecCache {
-    /// The spec of `activity` at `version`; the inner error says why a run cannot use it.
-    pub async fn get(
-        &self,
-        pool: &PgPool,
-        activity: ActivityId,
-        version: u32,
-    ) -> Result<Result<Arc<ActivitySpec>, String>, sqlx::Error> {
-        if let Some(spec) = self
-            .specs
-            .lock()
-            .expect("spec cache lock")
-            .get(&(activity, version))
-        {
-            return Ok(Ok(spec.clone()));
-        }
-        let Some(json) = store::activity_spec(pool, activity, version).await? else {
-            return Ok(Err(format!("activity {activity} has no version {version}")));
-        };
-        let spec: ActivitySpec = match taskfactory_proto::from_json(&json) {
-            Ok(spec) => spec,
-            Err(error) => {
-                return Ok(Err(format!(
-                    "stored spec of version {version} does not parse: {error}"
-                )));
-            }
-        };
-        let spec = Arc::new(spec);
-        let mut specs = self.specs.lock().expect("spec cache lock");
-        if specs.len() > 10_000 {
-            specs.clear();
-        }
-        specs.insert((activity, version), spec.clone());
-        Ok(Ok(spec))
     }
 }
 
@@ -439,7 +408,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         },
         ack_wait: config.ack_wait,
         publish_window: config.publish_window.max(1),
-        specs: SpecCache::default(),
+        specs: SpecCache::new(config.spec_cache_bytes),
         sources: sources.clone(),
     });
     let tracker = TaskTracker::new();

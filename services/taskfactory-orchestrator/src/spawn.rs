@@ -36,7 +36,7 @@ use taskfactory_model::spec::{
     chrono_to_timestamp, proto_duration, std_duration, timestamp_to_chrono,
 };
 use taskfactory_model::status::source_name;
-use taskfactory_model::{subjects, values};
+use taskfactory_model::{sizes, subjects, values};
 use taskfactory_proto::v1::{
     ActivitySpec, OverlapPolicy, RunStatus, TaskInstance, TaskStatus, TriggerEvent, trigger,
 };
@@ -81,7 +81,7 @@ type Evaluated = (
     Option<tokio::sync::OwnedSemaphorePermit>,
 );
 
-/// Holds a run's room for just the bytes its tasks carry (at least one), giving back the rest.
+/// Holds a run's room for just `bytes` (at least one), giving back the rest; never takes more.
 fn keep_room(room: &mut tokio::sync::OwnedSemaphorePermit, bytes: usize) {
     let keep = bytes.max(1);
     if room.num_permits() > keep {
@@ -159,11 +159,12 @@ impl Handler for Spawner {
 }
 
 impl Spawner {
-    /// Waits for room for the largest run the limits allow (`max_run_bytes`, or the whole room
-    /// when that is smaller).
-    async fn room_for_a_run(&self) -> tokio::sync::OwnedSemaphorePermit {
-        let want = u32::try_from(self.limits.max_run_bytes.clamp(1, self.evaluation_bytes))
-            .unwrap_or(u32::MAX);
+    /// Waits for room for what resolving a run's sources may hold (`sources` bytes) and for the
+    /// largest run the limits allow (`max_run_bytes`), or the whole room when that is smaller:
+    /// taken at once, so that no run holds part of its room while it waits for the rest.
+    async fn room_for_a_run(&self, sources: usize) -> tokio::sync::OwnedSemaphorePermit {
+        let want = self.limits.max_run_bytes.saturating_add(sources);
+        let want = u32::try_from(want.clamp(1, self.evaluation_bytes)).unwrap_or(u32::MAX);
         self.evaluation_room
             .clone()
             .acquire_many_owned(want)
@@ -264,8 +265,8 @@ impl Spawner {
                 .await;
         }
 
-        // `room`: for what its tasks carry, until they are recorded and published (taken in the
-        // evaluation, after the context sources).
+        // `room`: for what its tasks carry and its context, until they are recorded and published
+        // (taken in the evaluation, before the context sources are resolved).
         let (new_run, tasks, room) = self.evaluate(event, activity_id, run_id).await?;
         let status = new_run.status;
         record_run_outcome(&new_run, tasks.len());
@@ -590,6 +591,17 @@ impl Spawner {
             "trigger": scope.trigger,
             "activity": scope.activity,
         });
+        // Room for what the sources may hold while they are resolved and for the largest run
+        // while it is evaluated, taken before anything is fetched; then only for what the run
+        // really holds: runs queue rather than overcommit. (A slow source holds its room while
+        // it answers: `timeout` bounds that.)
+        let mut room = match purpose {
+            Purpose::Run => Some(
+                self.room_for_a_run(self.sources.bytes_to_resolve(spec))
+                    .await,
+            ),
+            _ => None,
+        };
         let resolved = self
             .sources
             .resolve(spec, &sources_scope, purpose == Purpose::Run)
@@ -599,6 +611,17 @@ impl Spawner {
         let mut context = serde_json::Value::Object(resolved.context);
         values::make_storable_json(&mut context);
         let stored_context = crate::context::stored_form(&context, &resolved.sensitive);
+        // Held from here on: the context twice while the templates are evaluated (theirs and the
+        // stored form), the stored form until the run is recorded.
+        let context_bytes = usize::try_from(sizes::json_bytes(&context)).unwrap_or(usize::MAX);
+        if let Some(room) = room.as_mut() {
+            keep_room(
+                room,
+                self.limits
+                    .max_run_bytes
+                    .saturating_add(context_bytes.saturating_mul(2)),
+            );
+        }
         let source_notes: Vec<serde_json::Value> = resolved
             .notes
             .iter()
@@ -623,12 +646,6 @@ impl Spawner {
             evaluation.tasks = tracing::field::Empty,
         );
         let in_evaluation = evaluation.clone();
-        // Room for the largest run while it is evaluated (after the sources: a slow source holds
-        // none), then for what its tasks really carry: runs queue rather than overcommit.
-        let mut room = match purpose {
-            Purpose::Run => Some(self.room_for_a_run().await),
-            _ => None,
-        };
         let plan = tokio::task::spawn_blocking(move || {
             in_evaluation.in_scope(|| plan::plan_tasks(&owned_spec, &scope, &limits))
         })
@@ -666,7 +683,7 @@ impl Spawner {
             run.status = RunStatus::RunSucceeded;
         }
         if let Some(room) = room.as_mut() {
-            keep_room(room, plan.bytes);
+            keep_room(room, plan.bytes.saturating_add(context_bytes));
         }
         let created_at = Utc::now();
         let mut tasks = Vec::with_capacity(plan.tasks.len());

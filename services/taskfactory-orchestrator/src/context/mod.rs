@@ -1,7 +1,9 @@
 //! Resolving an activity's context: the current situation the templates look at.
 //!
 //! Every source of a spec is resolved concurrently, each under its own timeout; its parameters are
-//! templates over `event`, `trigger` and `activity` (never over other sources). Kinds:
+//! templates over `event`, `trigger` and `activity` (never over other sources). A spec has at
+//! most `model::spec::MAX_CONTEXT_SOURCES` of them, and a run takes room in the evaluation budget
+//! for what they may hold ([`Sources::bytes_to_resolve`]) before they are resolved. Kinds:
 //!
 //! - `static`: the value as written.
 //! - `sql` ([`sql`]): a read-only query against a database *named* in the orchestrator's
@@ -133,6 +135,30 @@ impl Sources {
     /// Warnings for `/readyz` (privileged roles the operator allowed).
     pub fn warnings(&self) -> Vec<String> {
         self.databases.warnings()
+    }
+
+    /// Bytes that resolving `spec`'s sources may hold at once, at most: what a run takes of the
+    /// evaluation budget before they are resolved, so that runs with sources queue rather than
+    /// overcommit. A `sql` or `http` source holds about `--max-source-bytes` of its answer at
+    /// most; a `kv` or `request` source receives its NATS message whole before it is judged, so
+    /// as much as the server's largest message when that is more; a `static` source's value is
+    /// in the spec already.
+    pub fn bytes_to_resolve(&self, spec: &ActivitySpec) -> usize {
+        let nats_message = self.nats.client.server_info().max_payload;
+        let mut bytes = 0usize;
+        for source in &spec.context {
+            let most = match &source.kind {
+                Some(context_source::Kind::Sql(_) | context_source::Kind::Http(_)) => {
+                    self.max_bytes
+                }
+                Some(context_source::Kind::Kv(_) | context_source::Kind::Request(_)) => {
+                    self.max_bytes.max(nats_message)
+                }
+                Some(context_source::Kind::Static(_)) | None => 0,
+            };
+            bytes = bytes.saturating_add(most);
+        }
+        bytes
     }
 
     /// Resolves every source of `spec` concurrently. `scope` holds `event`, `trigger` and

@@ -12,6 +12,10 @@
 //! - **The query** runs in a `READ ONLY` transaction with `statement_timeout` and `lock_timeout`,
 //!   parameters bound (never interpolated), as a subquery (so only a query that reads fits), with
 //!   a row cap; the rows become a list of objects.
+//! - **Its size.** The server stops sending rows once their text passes about twice
+//!   `--max-source-bytes` (a single huge value too: it never leaves the server), and the rows are
+//!   read one at a time, the source failing as soon as their compact JSON passes the limit
+//!   ([`bounded_query`]): a source never holds much more than the limit of its result.
 //! - **The parameters** are each bound with a type chosen from the JSON value alone, and the
 //!   statement is prepared under a text naming those types, so a connection that cached it for
 //!   other types never reuses it ([`taskfactory_model::sql_params`]): the same value gets the
@@ -30,6 +34,7 @@ use sqlx::postgres::types::Oid;
 use sqlx::postgres::{
     PgArgumentBuffer, PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgTypeInfo, Postgres,
 };
+use taskfactory_model::sizes;
 use taskfactory_model::sql_params::{self, SqlParam};
 use taskfactory_model::sql_role::{self, RoleFacts, SessionState};
 use taskfactory_proto::v1::SqlSource;
@@ -324,12 +329,11 @@ impl Sources {
                 "only queries that read are allowed (SELECT, WITH, VALUES, TABLE), not {first_word}: sql sources run in a read-only transaction"
             ));
         }
-        // The user's query as a subquery: only a SELECT (or VALUES, or a read-only WITH) fits
-        // there, and each row comes back as one JSON object.
-        let wrapped = format!(
-            "SELECT to_jsonb(q) FROM ({query}\n) AS q LIMIT {}",
-            u64::from(max_rows) + 1
-        );
+        let bounds = RowBounds {
+            max_rows,
+            max_bytes: self.max_bytes,
+        };
+        let wrapped = bounded_query(query, bounds);
         let mut conn = database.pool.acquire().await.map_err(|e| {
             format!(
                 "connecting to database {:?}: {}",
@@ -337,7 +341,7 @@ impl Sources {
                 error_chain(&e)
             )
         })?;
-        let rows = read_only_query(&mut conn, &wrapped, &params, timeout).await;
+        let rows = read_only_query(&mut conn, &wrapped, &params, timeout, bounds).await;
         // Whatever the query did, nothing of it may stay on the connection.
         match session_state(&mut conn).await {
             Ok(state) => {
@@ -366,23 +370,62 @@ impl Sources {
                     db_error(&e, &params)
                 )
             }
-        })?;
-        if rows.len() > max_rows as usize {
-            return Err(format!(
+            QueryError::TooManyRows => format!(
                 "the query returned more than {max_rows} rows; narrow it (or raise maxRows)"
-            ));
-        }
-        let size = serde_json::to_vec(&rows)
-            .map(|b| b.len())
-            .unwrap_or(usize::MAX);
-        if size > self.max_bytes {
-            return Err(format!(
-                "the rows take {size} bytes, more than the {} allowed",
+            ),
+            QueryError::TooLarge => format!(
+                "the rows take more than the {} bytes a source may have (--max-source-bytes); narrow the query",
                 self.max_bytes
-            ));
-        }
+            ),
+            QueryError::Decode(e) => {
+                format!("query on database {:?}: a row is not JSON: {e}", sql.database)
+            }
+        })?;
         Ok(serde_json::Value::Array(rows))
     }
+}
+
+/// How much of a query's result a source may hold: its rows, and their bytes as compact JSON
+/// (`--max-source-bytes`).
+#[derive(Clone, Copy, Debug)]
+struct RowBounds {
+    max_rows: u32,
+    max_bytes: usize,
+}
+
+impl RowBounds {
+    /// What the server may send of the rows' text, in bytes: twice the limit. Postgres writes
+    /// jsonb with a space after each `:` and `,`, so its text of rows whose compact JSON fits
+    /// is at most about 1.5 times as long; the exact limit is checked on the compact form.
+    fn wire_bytes(self) -> u64 {
+        (self.max_bytes as u64).saturating_mul(2)
+    }
+}
+
+/// The user's query, bounded where its rows are made, so that this process never receives more
+/// than the bounds allow.
+///
+/// - The user's query is a subquery: only a SELECT (or VALUES, or a read-only WITH) fits there,
+///   and each row becomes one JSON object's text (`to_jsonb(q)::text`), at most `max_rows + 1`
+///   of them (one more than allowed says "too many").
+/// - The server counts those texts' bytes as it goes (a running sum) and sends a row's text only
+///   while the running total is within [`RowBounds::wire_bytes`]: the row that passes it comes as
+///   NULL, and none after it. Postgres sends each row as one message (a 100 MB value is one
+///   100 MB `DataRow`, read whole by the client before anyone could look at it), so counting in
+///   this process after the fact would be too late; here the server keeps it (it spills to disk
+///   past `work_mem`, and `statement_timeout` bounds the time).
+fn bounded_query(query: &str, bounds: RowBounds) -> String {
+    let wire = bounds.wire_bytes();
+    format!(
+        "SELECT CASE WHEN s.total <= {wire} THEN s.j END, s.total \
+         FROM (SELECT r.j, r.len, sum(r.len) OVER (ROWS UNBOUNDED PRECEDING) AS total \
+               FROM (SELECT t.j, octet_length(t.j) AS len \
+                     FROM (SELECT to_jsonb(q)::text AS j FROM ({query}\n) AS q LIMIT {limit}) AS t \
+                    ) AS r \
+              ) AS s \
+         WHERE s.total - s.len <= {wire}",
+        limit = u64::from(bounds.max_rows) + 1
+    )
 }
 
 enum QueryError {
@@ -390,17 +433,28 @@ enum QueryError {
     Setup(sqlx::Error),
     /// The user's query.
     Query(sqlx::Error),
+    /// More rows than `max_rows`.
+    TooManyRows,
+    /// The rows passed `max_bytes` (as compact JSON) or the server stopped sending them.
+    TooLarge,
+    /// A row's text was not JSON (never, from `to_jsonb`).
+    Decode(serde_json::Error),
 }
 
-/// Runs `wrapped` with `params` bound in a read-only transaction, rolled back either way. The
-/// statement is prepared (and cached by sqlx) under [`sql_params::statement_text`], which names
-/// the types the same `params` are bound with.
+/// Runs `wrapped` ([`bounded_query`]) with `params` bound in a read-only transaction, rolled back
+/// either way, reading its rows one at a time as they arrive and stopping at the first that
+/// passes `bounds`: what this holds is the rows within the bounds, and one row's text of at most
+/// [`RowBounds::wire_bytes`]. The statement is prepared (and cached by sqlx) under
+/// [`sql_params::statement_text`], which names the types the same `params` are bound with.
 async fn read_only_query(
     conn: &mut PgConnection,
     wrapped: &str,
     params: &[SqlParam<'_>],
     timeout: Duration,
+    bounds: RowBounds,
 ) -> Result<Vec<serde_json::Value>, QueryError> {
+    use futures::TryStreamExt as _;
+
     let timeout_ms = timeout.as_millis();
     let mut tx = conn.begin().await.map_err(QueryError::Setup)?;
     for setting in [
@@ -413,17 +467,41 @@ async fn read_only_query(
             .await
             .map_err(QueryError::Setup)?;
     }
-    let mut query = sqlx::query_scalar::<_, sqlx::types::Json<serde_json::Value>>(
-        sqlx::AssertSqlSafe(sql_params::statement_text(wrapped, params)),
-    );
+    let mut query = sqlx::query_as::<_, (Option<String>, i64)>(sqlx::AssertSqlSafe(
+        sql_params::statement_text(wrapped, params),
+    ));
     for param in params {
         query = query.bind(Bound(param));
     }
-    let rows = query.fetch_all(&mut *tx).await;
-    // Read-only either way: end the transaction now.
+    let rows = async {
+        let mut rows = Vec::new();
+        // `[` and `]`, then each row and the comma before it.
+        let mut bytes = 2usize;
+        let mut stream = query.fetch(&mut *tx);
+        while let Some((text, _total)) = stream.try_next().await.map_err(QueryError::Query)? {
+            if rows.len() >= bounds.max_rows as usize {
+                return Err(QueryError::TooManyRows);
+            }
+            let Some(text) = text else {
+                return Err(QueryError::TooLarge);
+            };
+            let row: serde_json::Value = serde_json::from_str(&text).map_err(QueryError::Decode)?;
+            drop(text);
+            bytes = bytes
+                .saturating_add(usize::try_from(sizes::json_bytes(&row)).unwrap_or(usize::MAX))
+                .saturating_add(usize::from(!rows.is_empty()));
+            if bytes > bounds.max_bytes {
+                return Err(QueryError::TooLarge);
+            }
+            rows.push(row);
+        }
+        Ok(rows)
+    }
+    .await;
+    // Read-only either way: end the transaction now (what the server still sends of a query
+    // left early is read and dropped first: at most `max_rows` short rows).
     let _ = tx.rollback().await;
-    rows.map(|rows| rows.into_iter().map(|row| row.0).collect())
-        .map_err(QueryError::Query)
+    rows
 }
 
 /// A database error as the server said it (its message names the problem: a read-only
