@@ -93,18 +93,19 @@ async fn large_runs_queue_for_room_instead_of_overcommitting() -> anyhow::Result
     Ok(())
 }
 
-/// A run takes its room before its context sources are resolved, for what they may hold
-/// (`--max-source-bytes` each): with room for one run's sources, runs fired together resolve
-/// theirs one run at a time. (They were resolved before any room was taken: every run's sources
-/// at once, however many runs.)
+/// A run takes room before its context sources are resolved, for what they may hold
+/// (`--max-source-bytes` each, out of `--source-bytes-in-flight`): with room for one run's
+/// sources, runs fired together resolve theirs one run at a time. (They were resolved before any
+/// room was taken: every run's sources at once, however many runs.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn runs_take_room_for_their_sources_before_resolving_them() -> anyhow::Result<()> {
     let env = TestEnv::new(EnvOptions::default()).await?;
     let _trigger = env.start(Service::Trigger);
-    // Room for one run: 1 MiB for its tasks and 1 MiB for each of its two sources.
+    // Room for one run's sources (1 MiB for each of its two), and for runs to be evaluated.
     let _orchestrator = env.spawn_process(
         Service::Orchestrator,
         &[
+            ("TASKFACTORY_SOURCE_BYTES_IN_FLIGHT", "2097152"),
             ("TASKFACTORY_EVALUATION_BYTES_IN_FLIGHT", "3145728"),
             ("TASKFACTORY_MAX_RUN_BYTES", "1048576"),
             ("TASKFACTORY_MAX_SOURCE_BYTES", "1048576"),

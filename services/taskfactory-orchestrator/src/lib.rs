@@ -105,11 +105,11 @@ pub struct Config {
         default_value_t = 64 * 1024 * 1024
     )]
     pub max_run_bytes: usize,
-    /// Bytes all runs being spawned may hold at once: before its context sources are resolved a
-    /// run waits for room for what they may hold (`--max-source-bytes` each) and for the largest
-    /// run (`--max-run-bytes`), then keeps room for its context and what its tasks really carry
-    /// until they are recorded and published. Runs queue rather than overcommit; memory peaks at
-    /// a few times this (JSON trees, messages, statements).
+    /// Bytes all runs being evaluated may hold at once: once its context sources are resolved
+    /// (in `--source-bytes-in-flight`) a run waits for room for the largest run
+    /// (`--max-run-bytes`) and twice its context, then keeps room for its context and what its
+    /// tasks really carry until they are recorded and published. Runs queue rather than
+    /// overcommit; memory peaks at a few times this (JSON trees, messages, statements).
     #[arg(
         long = "evaluation-bytes-in-flight",
         env = "TASKFACTORY_EVALUATION_BYTES_IN_FLIGHT",
@@ -125,6 +125,16 @@ pub struct Config {
         default_value_t = 4 * 1024 * 1024
     )]
     pub trigger_bytes_in_flight: usize,
+    /// Bytes the context sources of the runs being spawned may hold together while they are
+    /// resolved: a run waits for room for what its sources may hold (`--max-source-bytes` each;
+    /// a `kv` or `request` source the NATS server's largest message if that is more) before it
+    /// resolves them, then moves their context into the evaluation room.
+    #[arg(
+        long = "source-bytes-in-flight",
+        env = "TASKFACTORY_SOURCE_BYTES_IN_FLIGHT",
+        default_value_t = 64 * 1024 * 1024
+    )]
+    pub source_bytes_in_flight: usize,
     /// Bytes of activity versions kept parsed for the runs that use them (as compact JSON; the
     /// parsed form takes a few times that): past it, the versions loaded longest ago are dropped
     /// and read again when needed.
@@ -288,6 +298,7 @@ impl Config {
             max_run_bytes: 64 * 1024 * 1024,
             evaluation_bytes_in_flight: 128 * 1024 * 1024,
             trigger_bytes_in_flight: 4 * 1024 * 1024,
+            source_bytes_in_flight: 64 * 1024 * 1024,
             spec_cache_bytes: 32 * 1024 * 1024,
             template_fuel: 50_000,
             evaluation_timeout: Duration::from_millis(800),
@@ -393,6 +404,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         evaluation_room: Arc::new(tokio::sync::Semaphore::new(evaluation_bytes)),
         evaluation_bytes,
         trigger_room: messaging::ByteBudget::new(config.trigger_bytes_in_flight),
+        source_room: messaging::ByteBudget::new(config.source_bytes_in_flight),
         result_key,
         cancelled_runs: cancelled_runs.clone(),
         pool: pool.clone(),

@@ -72,6 +72,10 @@ pub struct Spawner {
     /// for room for its bytes before it is decoded, so large events queue instead of each
     /// holding its trees at once.
     pub trigger_room: messaging::ByteBudget,
+    /// Bytes the context sources being resolved may hold together (`--source-bytes-in-flight`):
+    /// a run takes room for what its sources may hold before it resolves them. Taken before the
+    /// evaluation room, never while holding it, so the two cannot wait on each other.
+    pub source_room: messaging::ByteBudget,
 }
 
 /// A run as evaluated: its row, its tasks, and (for a real run) its room in the evaluation budget.
@@ -159,11 +163,11 @@ impl Handler for Spawner {
 }
 
 impl Spawner {
-    /// Waits for room for what resolving a run's sources may hold (`sources` bytes) and for the
-    /// largest run the limits allow (`max_run_bytes`), or the whole room when that is smaller:
-    /// taken at once, so that no run holds part of its room while it waits for the rest.
-    async fn room_for_a_run(&self, sources: usize) -> tokio::sync::OwnedSemaphorePermit {
-        let want = self.limits.max_run_bytes.saturating_add(sources);
+    /// Waits for room for the largest run the limits allow (`max_run_bytes`) and the `context`
+    /// bytes its resolved sources hold, or the whole room when that is smaller: taken at once, so
+    /// that no run holds part of its room while it waits for the rest.
+    async fn room_for_a_run(&self, context: usize) -> tokio::sync::OwnedSemaphorePermit {
+        let want = self.limits.max_run_bytes.saturating_add(context);
         let want = u32::try_from(want.clamp(1, self.evaluation_bytes)).unwrap_or(u32::MAX);
         self.evaluation_room
             .clone()
@@ -591,13 +595,15 @@ impl Spawner {
             "trigger": scope.trigger,
             "activity": scope.activity,
         });
-        // Room for what the sources may hold while they are resolved and for the largest run
-        // while it is evaluated, taken before anything is fetched; then only for what the run
-        // really holds: runs queue rather than overcommit. (A slow source holds its room while
-        // it answers: `timeout` bounds that.)
-        let mut room = match purpose {
+        // Room for what the sources may hold while they are resolved, taken before anything is
+        // fetched (a slow source holds it while it answers: `timeout` bounds that); then room for
+        // the largest run and the context while it is evaluated; then only for what the run
+        // really holds. Runs queue rather than overcommit, and runs with sources still resolve
+        // them side by side while others are evaluated.
+        let sources_room = match purpose {
             Purpose::Run => Some(
-                self.room_for_a_run(self.sources.bytes_to_resolve(spec))
+                self.source_room
+                    .room_for(self.sources.bytes_to_resolve(spec))
                     .await,
             ),
             _ => None,
@@ -614,14 +620,15 @@ impl Spawner {
         // Held from here on: the context twice while the templates are evaluated (theirs and the
         // stored form), the stored form until the run is recorded.
         let context_bytes = usize::try_from(sizes::json_bytes(&context)).unwrap_or(usize::MAX);
-        if let Some(room) = room.as_mut() {
-            keep_room(
-                room,
-                self.limits
-                    .max_run_bytes
-                    .saturating_add(context_bytes.saturating_mul(2)),
-            );
-        }
+        let mut room = match sources_room {
+            Some(sources_room) => {
+                let room = self.room_for_a_run(context_bytes.saturating_mul(2)).await;
+                // The context is counted in the evaluation room from here on.
+                drop(sources_room);
+                Some(room)
+            }
+            None => None,
+        };
         let source_notes: Vec<serde_json::Value> = resolved
             .notes
             .iter()
