@@ -112,6 +112,29 @@ pub fn effective_retry(retry: Option<&RetryPolicy>) -> RetryPolicy {
 }
 
 /// The task timeout with the default filled in.
+/// The longest a task's attempts may take from its first delivery to its last answer: what
+/// [`longest_task_life`] may reach. Half the tasks stream's 14-day age, so a task that waited in
+/// the queue before its first delivery still ends before the stream drops its message.
+pub const MAX_TASK_LIFE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The longest a task of `template` may take from its first delivery to its last answer: every
+/// attempt running to its timeout, and every backoff at its longest (the executors' jitter adds
+/// up to 20%, within `maxBackoff`). `None` if a duration in it is not valid.
+pub fn longest_task_life(template: &TaskTemplate) -> Option<Duration> {
+    let retry = effective_retry(template.retry.as_ref());
+    let timeout = std_duration(&effective_timeout(template))?;
+    let initial = std_duration(retry.initial_backoff.as_ref()?)?.as_secs_f64();
+    let max = std_duration(retry.max_backoff.as_ref()?)?.as_secs_f64();
+    let attempts = retry.max_attempts.min(MAX_ATTEMPTS_LIMIT);
+    let mut total = timeout.as_secs_f64() * f64::from(attempts);
+    let mut backoff = initial;
+    for _ in 1..attempts {
+        total += (backoff * 1.2).min(max);
+        backoff *= retry.multiplier;
+    }
+    Some(Duration::from_secs_f64(total.min(1e15)))
+}
+
 pub fn effective_timeout(template: &TaskTemplate) -> prost_types::Duration {
     template
         .timeout
@@ -738,6 +761,20 @@ fn validate_template(template: &TaskTemplate, i: usize, engine: &Engine<'_>) -> 
             "must be a positive duration",
         ));
     }
+    if errors.is_empty()
+        && template.r#type != crate::results::HUMAN_TASK_TYPE
+        && let Some(needed) = longest_task_life(template)
+        && needed > MAX_TASK_LIFE
+    {
+        errors.push(field(
+            format!("{prefix}.retry"),
+            format!(
+                "with its attempts, backoffs and timeout a task may need {} in the tasks stream, over the limit of {} (the stream drops messages older than 14 days; a task past that would never be delivered again)",
+                humantime::format_duration(needed),
+                humantime::format_duration(MAX_TASK_LIFE)
+            ),
+        ));
+    }
     errors
 }
 
@@ -828,6 +865,44 @@ tasks:
     retry: {maxAttempts: 5, initialBackoff: 1s, maxBackoff: 5m}
     timeout: 30s
 "#;
+
+    #[test]
+    fn retries_that_could_outlive_the_tasks_stream_are_refused_naming_the_field() {
+        let with = |task: &str| {
+            format!(
+                "name: long\ntrigger: {{manual: {{}}}}\ntasks: [{{name: t, type: http, params: {{url: 'https://x.example'}}, {task}}}]\n"
+            )
+        };
+        // 20-day backoffs: the message would be gone before the second attempt.
+        let errors = errors_of(&with(
+            "retry: {maxAttempts: 2, initialBackoff: 20d, maxBackoff: 20d}",
+        ));
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].field, "tasks[0].retry");
+        assert!(
+            errors[0].message.contains("over the limit of 7days"),
+            "{}",
+            errors[0].message
+        );
+        // 100 attempts of a 3-hour timeout: 12.5 days.
+        let errors = errors_of(&with("retry: {maxAttempts: 100}, timeout: 3h"));
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        // A day of backoffs over 8 attempts, or the defaults: taken.
+        assert!(
+            errors_of(&with(
+                "retry: {maxAttempts: 8, initialBackoff: 1h, maxBackoff: 1d}"
+            ))
+            .is_empty()
+        );
+        assert!(errors_of(&with("timeout: 1h")).is_empty());
+        // A human task's timeout is its deadline, kept by the orchestrator, not the stream.
+        assert!(
+            errors_of(
+                "name: ok\ntrigger: {manual: {}}\ntasks: [{name: t, type: human, timeout: 30d}]\n"
+            )
+            .is_empty()
+        );
+    }
 
     #[test]
     fn a_good_spec_validates() {

@@ -431,6 +431,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     )
     .await
     .map_err(|e| anyhow::anyhow!("the finished-tasks bucket: {e}"))?;
+    // A bucket found incomplete at start (a new installation, or one deleted while this was
+    // down) is made complete before any trigger is taken in, so that executors do not hand back
+    // the first tasks while it is; a long refill goes on in the background.
+    match tokio::time::timeout(
+        Duration::from_secs(60),
+        refill::check(&pool, &js, &finished_tasks),
+    )
+    .await
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "cannot make the finished-tasks bucket complete yet; will try again")
+        }
+        Err(_) => tracing::warn!(
+            "the finished-tasks bucket is still being refilled after 60 s; going on in the background"
+        ),
+    }
     tracker.spawn(refill::keep_complete(
         pool.clone(),
         js.clone(),

@@ -75,7 +75,7 @@ pub async fn keep_complete(
 }
 
 /// One look: refills the bucket if it is not complete.
-async fn check(pool: &PgPool, js: &jetstream::Context, kv: &kv::Store) -> Result<(), String> {
+pub async fn check(pool: &PgPool, js: &jetstream::Context, kv: &kv::Store) -> Result<(), String> {
     match kv.entry(FINISHED_TASKS_COMPLETE_KEY).await {
         Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
             let age = chrono::Utc::now().timestamp() - entry.created.unix_timestamp();
