@@ -502,3 +502,49 @@ async fn a_reload_reads_only_the_activities_that_changed() -> anyhow::Result<()>
     assert_eq!((count, bytes), live_specs(&pool).await?);
     Ok(())
 }
+
+/// A reload reads the activities changed by transactions its previous snapshot could not see.
+/// It read those changed since that snapshot's oldest running transaction: one long write
+/// transaction anywhere on the Postgres server (a backup, a bulk load in another database) made
+/// each reload read again everything changed since it began, and creating N activities read
+/// N(N+1)/2 of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_long_transaction_elsewhere_does_not_make_reloads_read_everything_again()
+-> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _trigger = env.start(Service::Trigger);
+    env.wait_ready(&[Service::Trigger]).await?;
+    let mut admin = env.admin().await?;
+    let pool = env.db.pool().await?;
+    let registry = taskfactory_trigger::registry::Registry::new();
+    registry.reload(&pool).await?;
+
+    // Someone else's long write transaction, in a database of its own on the same server.
+    let other = taskfactory_tests::TestDb::create().await?;
+    let other_pool = other.pool().await?;
+    let mut long = other_pool.begin().await?;
+    sqlx::query("CREATE TABLE bulk (n int)")
+        .execute(&mut *long)
+        .await?;
+
+    let activities = 40;
+    let mut read = 0;
+    for i in 0..activities {
+        crate::support::create(
+            &mut admin,
+            &format!(
+                "name: q{i:03}\ntrigger: {{manual: {{}}}}\ntasks: [{{name: t, type: noop}}]\n"
+            ),
+        )
+        .await?;
+        read += registry.reload(&pool).await?;
+    }
+    long.rollback().await?;
+    // One read per create (give or take one whose commit a reload's snapshot saw still running).
+    assert!(
+        read <= 2 * activities,
+        "{activities} activities created one at a time cost reads of {read} (all of them each time: {})",
+        activities * (activities + 1) / 2
+    );
+    Ok(())
+}

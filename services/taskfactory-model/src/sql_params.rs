@@ -22,7 +22,8 @@
 //! Why not leave the type to PostgreSQL, as for an untyped literal? sqlx sends every value in
 //! binary, and binary means something only under the type it was encoded for (a float8's eight
 //! bytes read as text are `ABCDEFGH`). Numbers other than integers are `numeric`, not `float8`:
-//! the decimal stays exact (`0.1 * 3` is `0.3`), an integer beyond int8 keeps its digits, and a
+//! the decimal stays exact (`0.1 * 3` is `0.3`), an integer beyond int8 keeps the digits it has (an
+//! event's numbers reach the orchestrator as doubles, exact to 2^53: `values`), and a
 //! `numeric` column still compares exactly (with its index). A null is `text` rather than
 //! untyped: an untyped parameter fails `$1 IS NULL` ("could not determine data type"), the
 //! commonest thing done with a value that may be null; with `text`, `$1 IS NULL OR tier = $1`

@@ -136,7 +136,7 @@ pub struct Registry {
     changed: Arc<Notify>,
     /// Where the next load reads changes from (`store::Heads::horizon`; `None`: read all),
     /// held by the load in progress: loads build on the snapshot before them, one at a time.
-    horizon: Arc<tokio::sync::Mutex<Option<i64>>>,
+    horizon: Arc<tokio::sync::Mutex<Option<store::Horizon>>>,
 }
 
 impl Registry {
@@ -190,9 +190,12 @@ impl Registry {
         let mut horizon = self.horizon.lock().await;
         let previous = self.current();
         let generation = store::definitions_generation(pool).await?;
-        let mut read = store::activity_heads_since(pool, *horizon).await?;
+        let mut read = store::activity_heads_since(pool, horizon.as_ref()).await?;
         let mut full = horizon.is_none();
-        if horizon.is_some_and(|horizon| read.horizon < horizon) {
+        if horizon
+            .as_ref()
+            .is_some_and(|horizon| read.horizon.xmax < horizon.xmax)
+        {
             // Transaction ids went back (another database?): read everything again.
             read = store::activity_heads_since(pool, None).await?;
             full = true;

@@ -366,38 +366,58 @@ pub async fn list_activities(
 /// since: what a reload needs to bring its snapshot up to date.
 #[derive(Debug)]
 pub struct Heads {
-    /// The oldest transaction still running when these were read: every change by an older one
-    /// is in them; changes by this one or later may not be. The next reload reads from here.
-    pub horizon: i64,
+    /// What these were read at: the next reload reads the changes this read could not see.
+    pub horizon: Horizon,
     pub heads: Vec<ActivityRecord>,
     /// Activities deleted since `since` (empty for a full read).
     pub gone: Vec<ActivityId>,
 }
 
+/// The snapshot a reload read at: the changes it could not see are those of transactions from
+/// `xmax` on and of the ones still `running` then. (Not "from the oldest running one on": one
+/// long transaction anywhere on the server would make every reload read again everything
+/// changed since it began.)
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Horizon {
+    pub xmax: i64,
+    pub running: Vec<i64>,
+}
+
 /// Reads [`Heads`]: every live activity when `since` is `None`, else only those changed by
-/// transactions from the horizon `since` on, in one snapshot.
-pub async fn activity_heads_since(pool: &PgPool, since: Option<i64>) -> Result<Heads, StoreError> {
+/// transactions the snapshot of `since` could not see, in one snapshot.
+pub async fn activity_heads_since(
+    pool: &PgPool,
+    since: Option<&Horizon>,
+) -> Result<Heads, StoreError> {
     let mut tx = pool.begin().await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .execute(&mut *tx)
         .await?;
-    let horizon: i64 =
-        sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
-            .fetch_one(&mut *tx)
-            .await?;
+    let (xmax, running): (i64, Vec<i64>) = sqlx::query_as(
+        "SELECT pg_snapshot_xmax(s)::text::bigint, \
+                ARRAY(SELECT x::text::bigint FROM pg_snapshot_xip(s) x) \
+         FROM (SELECT pg_current_snapshot() AS s) q",
+    )
+    .fetch_one(&mut *tx)
+    .await?;
     let heads = live_activities(&mut tx, "'null'::jsonb AS spec,", None, since).await?;
     let gone: Vec<(Uuid,)> = match since {
         None => Vec::new(),
         Some(since) => {
             sqlx::query_as(
                 "SELECT id FROM activities \
-                 WHERE deleted_at IS NOT NULL AND changed_xid >= $1::bigint::text::xid8",
+                 WHERE deleted_at IS NOT NULL \
+                   AND (changed_xid >= $1::bigint::text::xid8 \
+                        OR changed_xid = ANY($2::bigint[]::text[]::xid8[]))",
             )
-            .bind(since)
+            .persistent(false)
+            .bind(since.xmax)
+            .bind(&since.running)
             .fetch_all(&mut *tx)
             .await?
         }
     };
+    let horizon = Horizon { xmax, running };
     tx.commit().await?;
     Ok(Heads {
         horizon,
@@ -423,23 +443,27 @@ pub async fn load_live_activities(
 }
 
 /// Live activities at their current version with `spec_column` for their spec: only those of
-/// `only`, and only those changed by transactions from the horizon `since` on, when given.
+/// `only`, and only those changed by transactions the snapshot of `since` could not see, when
+/// given.
 async fn live_activities(
     connection: &mut sqlx::PgConnection,
     spec_column: &str,
     only: Option<&[Uuid]>,
-    since: Option<i64>,
+    since: Option<&Horizon>,
 ) -> Result<Vec<ActivityRecord>, StoreError> {
     let columns = ACTIVITY_COLUMNS.replacen("v.spec,", spec_column, 1);
     let query = format!(
         "SELECT {columns} FROM activities a \
          JOIN activity_versions v ON v.activity_id = a.id AND v.version = a.current_version \
          WHERE a.deleted_at IS NULL AND ($1::uuid[] IS NULL OR a.id = ANY($1)) \
-           AND ($2::bigint IS NULL OR a.changed_xid >= $2::bigint::text::xid8)"
+           AND ($2::bigint IS NULL OR a.changed_xid >= $2::bigint::text::xid8 \
+                OR a.changed_xid = ANY($3::bigint[]::text[]::xid8[]))"
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(query))
+        .persistent(false)
         .bind(only)
-        .bind(since)
+        .bind(since.map(|h| h.xmax))
+        .bind(since.map(|h| h.running.clone()))
         .fetch_all(connection)
         .await?;
     Ok(rows
