@@ -914,3 +914,55 @@ async fn a_task_waiting_for_its_next_attempt_in_a_deleted_tasks_stream_gets_it()
     .await?;
     Ok(())
 }
+
+/// Executors watch the finished-tasks bucket's `complete` key instead of reading it before every
+/// attempt. The watch must never outlive its bucket: deleted and declared again (empty, not yet
+/// refilled), the bucket is not complete, whatever the watch of the old one saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_watched_complete_key_is_forgotten_when_the_bucket_is_recreated() -> anyhow::Result<()>
+{
+    use taskfactory_model::subjects::{FINISHED_TASKS_BUCKET, FINISHED_TASKS_COMPLETE_KEY};
+    use taskfactory_runtime::finished_tasks::CompleteWatch;
+    use taskfactory_runtime::nats;
+
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let js = env.js().await?;
+    let declare = || async {
+        nats::ensure_bucket(&js, nats::finished_tasks_config(1))
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    };
+    let kv = declare().await?;
+    let watch = CompleteWatch::default();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(watch.clone().run(
+        js.clone(),
+        kv.clone(),
+        Duration::from_millis(200),
+        shutdown.clone(),
+    ));
+    let becomes = |want: bool, what: &'static str| {
+        let watch = watch.clone();
+        wait_for(what, Duration::from_secs(10), move || {
+            let watch = watch.clone();
+            async move { Ok((watch.is_complete() == want).then_some(())) }
+        })
+    };
+    becomes(false, "an incomplete bucket, seen so").await?;
+    kv.create(FINISHED_TASKS_COMPLETE_KEY, "now".into()).await?;
+    becomes(true, "the complete key, seen").await?;
+
+    // Deleted and declared again at once, empty: not complete.
+    js.delete_key_value(FINISHED_TASKS_BUCKET).await?;
+    let kv = declare().await?;
+    becomes(false, "the recreated bucket, seen as not complete").await?;
+    // Refilled: complete again, through a watch of the new bucket.
+    kv.create(FINISHED_TASKS_COMPLETE_KEY, "again".into())
+        .await?;
+    becomes(true, "the new bucket's complete key, seen").await?;
+    // A deleted key is not complete either.
+    kv.delete(FINISHED_TASKS_COMPLETE_KEY).await?;
+    becomes(false, "the deleted key, seen").await?;
+    shutdown.cancel();
+    Ok(())
+}

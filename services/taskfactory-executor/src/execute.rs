@@ -49,6 +49,8 @@ pub struct Executor {
     /// Finished tasks: read before each attempt (a finished task never runs again), written once
     /// the stream has a final result of ours.
     pub finished_tasks: async_nats::jetstream::kv::Store,
+    /// Whether that bucket is complete (watched, not read per attempt).
+    pub complete: finished_tasks::CompleteWatch,
 }
 
 /// Cancelled runs: checked before each attempt, and watched to stop attempts in flight.
@@ -313,7 +315,12 @@ impl Executor {
         let in_flight = self.cancellations.register(&task.run_id);
         let (cancelled, finished) = tokio::join!(
             self.cancellations.reason(&task.run_id),
-            finished_tasks::check(&self.finished_tasks, &task.task_id, task.attempt_base)
+            finished_tasks::check(
+                &self.finished_tasks,
+                &self.complete,
+                &task.task_id,
+                task.attempt_base
+            )
         );
         let cancelled = cancelled.map_err(|error| {
             TaskError::Transient(format!(

@@ -152,6 +152,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             .await
             .map_err(|e| anyhow::anyhow!("the cancelled-runs bucket: {e}"))?,
     ));
+    let finished_tasks = nats::ensure_bucket(
+        &js,
+        nats::finished_tasks_config(config.nats.stream_replicas),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("the finished-tasks bucket: {e}"))?;
+    let complete = taskfactory_runtime::finished_tasks::CompleteWatch::default();
     let executor = Arc::new(execute::Executor {
         builtins: builtins::Builtins::new(egress, secrets, js.clone(), client.clone())
             .context("http client")?,
@@ -159,15 +166,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         ack_wait: config.ack_wait,
         cancellations: cancellations.clone(),
         max_deliveries: config.nats.max_deliveries,
-        finished_tasks: nats::ensure_bucket(
-            &js,
-            nats::finished_tasks_config(config.nats.stream_replicas),
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!("the finished-tasks bucket: {e}"))?,
+        finished_tasks: finished_tasks.clone(),
+        complete: complete.clone(),
     });
     let tracker = TaskTracker::new();
     tracker.spawn(cancellations.watch(shutdown.clone()));
+    tracker.spawn(complete.run(
+        js.clone(),
+        finished_tasks,
+        config.nats.declare_every,
+        shutdown.clone(),
+    ));
     let kept = Arc::new(nats::Kept::default());
     tracker.spawn(nats::keep_declared(
         js.clone(),
