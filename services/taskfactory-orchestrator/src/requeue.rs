@@ -22,13 +22,11 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use futures::future::join_all;
 use prost::Message as _;
 use sqlx::PgPool;
 use taskfactory_model::ids::TaskId;
 use taskfactory_model::subjects;
 use taskfactory_proto::v1::{RetryPolicy, TaskInstance};
-use taskfactory_runtime::messaging;
 use taskfactory_runtime::telemetry::error_chain;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -121,22 +119,18 @@ async fn republish(
         };
         after = last.id.0;
         let full = page.len() >= usize::try_from(PAGE).unwrap_or(usize::MAX);
-        let mut acks = Vec::with_capacity(page.len());
-        for task in &page {
-            let (msg_id, instance) = task.message()?;
-            let ack = messaging::publish(
-                js,
-                subjects::task_subject(&task.task_type),
-                &msg_id,
-                None,
-                instance.into(),
-            )
-            .await?;
-            acks.push(ack);
-        }
-        for ack in join_all(acks.into_iter().map(std::future::IntoFuture::into_future)).await {
-            ack?;
-        }
+        let messages = page
+            .iter()
+            .map(|task| Ok((task.id, task.message()?, task.task_type.as_str())))
+            .collect::<Result<Vec<_>, prost::DecodeError>>()?;
+        crate::spawn::publish_task_messages(
+            js,
+            messages.len(),
+            messages.iter().map(|(id, (msg_id, instance), task_type)| {
+                (*id, msg_id.clone(), *task_type, instance)
+            }),
+        )
+        .await?;
         published += page.len();
         if !full {
             return Ok(published);

@@ -775,41 +775,60 @@ impl Spawner {
 
     /// Publishes tasks concurrently (in bounded windows) and waits for every ack.
     async fn publish_tasks(&self, tasks: &[(TaskId, String, Vec<u8>)]) -> Result<(), SpawnError> {
-        for window in tasks.chunks(self.publish_window) {
-            let mut acks = Vec::with_capacity(window.len());
-            for (task_id, task_type, instance) in window {
-                let span = tracing::info_span!(
-                    "spawn task",
-                    otel.name = %format_args!("spawn {task_type}"),
-                    task.id = %task_id,
-                    task.type = %task_type,
-                );
-                let ack = messaging::publish(
-                    &self.js,
-                    subjects::task_subject(task_type),
-                    &task_id.to_string(),
-                    None,
-                    instance.clone().into(),
-                )
-                .instrument(span)
-                .await
-                .map_err(|source| SpawnError::Publish {
-                    task_id: *task_id,
-                    source,
-                })?;
-                acks.push((*task_id, ack));
-            }
-            let results = join_all(
-                acks.into_iter()
-                    .map(|(id, ack)| async move { (id, ack.await) }),
-            )
-            .await;
-            for (task_id, result) in results {
-                result.map_err(|source| SpawnError::Publish { task_id, source })?;
-            }
-        }
-        Ok(())
+        publish_task_messages(
+            &self.js,
+            self.publish_window,
+            tasks.iter().map(|(id, task_type, instance)| {
+                (*id, id.to_string(), task_type.as_str(), instance)
+            }),
+        )
+        .await
     }
+}
+
+/// Publishes task messages, `(task, message id, type, TaskInstance bytes)`, `window` at a time
+/// concurrently, and waits for every ack: a spawn's tasks, and tasks published again into a
+/// `FACTORY_TASKS` declared again ([`crate::requeue`]).
+pub async fn publish_task_messages<'a>(
+    js: &async_nats::jetstream::Context,
+    window: usize,
+    tasks: impl IntoIterator<Item = (TaskId, String, &'a str, &'a Vec<u8>)>,
+) -> Result<(), SpawnError> {
+    let tasks: Vec<_> = tasks.into_iter().collect();
+    for window in tasks.chunks(window.max(1)) {
+        let mut acks = Vec::with_capacity(window.len());
+        for (task_id, msg_id, task_type, instance) in window {
+            let span = tracing::info_span!(
+                "spawn task",
+                otel.name = %format_args!("spawn {task_type}"),
+                task.id = %task_id,
+                task.type = %task_type,
+            );
+            let ack = messaging::publish(
+                js,
+                subjects::task_subject(task_type),
+                msg_id,
+                None,
+                (*instance).clone().into(),
+            )
+            .instrument(span)
+            .await
+            .map_err(|source| SpawnError::Publish {
+                task_id: *task_id,
+                source,
+            })?;
+            acks.push((*task_id, ack));
+        }
+        let results = join_all(
+            acks.into_iter()
+                .map(|(id, ack)| async move { (id, ack.await) }),
+        )
+        .await;
+        for (task_id, result) in results {
+            result.map_err(|source| SpawnError::Publish { task_id, source })?;
+        }
+    }
+    Ok(())
 }
 
 /// Why a spec is evaluated.
