@@ -441,3 +441,64 @@ async fn a_start_report_with_an_execution_id_too_long_to_store_is_dead_lettered_
     .await?;
     Ok(())
 }
+
+/// Deliveries with the same dedupe key recorded at the same moment (event messages whose
+/// `dedupeKey` renders the same, or two trigger replicas): the fire's id is derived from the key,
+/// so when two inserts passed the conflict check together, the second met the first on the
+/// primary key, which the insert's conflict clause did not name, and failed with a unique
+/// violation; the event was taken again (a CI run saw it). Now it is a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fire_recorded_twice_at_once_is_a_duplicate_not_an_error() -> anyhow::Result<()> {
+    use taskfactory_model::ids::{ActivityId, FireId};
+    use taskfactory_trigger::store::{NewFire, record_fire};
+
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _trigger = env.start(taskfactory_tests::Service::Trigger);
+    env.wait_ready(&[taskfactory_tests::Service::Trigger])
+        .await?;
+    let mut admin = env.admin().await?;
+    let activity = create(
+        &mut admin,
+        "name: twice\ntrigger: {event: {subject: 'events.twice.*'}}\ntasks: [{name: t, type: noop}]\n",
+    )
+    .await?;
+    let activity_id = ActivityId(activity.id.parse()?);
+    let fire = |key: &str| NewFire {
+        id: FireId::derive(activity_id, key),
+        activity_id,
+        activity_name: "twice".to_owned(),
+        activity_version: 1,
+        source: "event",
+        dedupe_key: key.to_owned(),
+        scheduled_for: None,
+        fired_at: chrono::Utc::now(),
+        subject: "events.twice.x".to_owned(),
+        payload: None,
+        event: Vec::new(),
+        dst_note: None,
+        traceparent: String::new(),
+    };
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(32)
+        .connect(&env.db.url())
+        .await?;
+    // Many recordings of each key at once: some pass the conflict check together.
+    let mut recordings = tokio::task::JoinSet::new();
+    for key in 0..400 {
+        for _ in 0..8 {
+            let pool = pool.clone();
+            let again = fire(&format!("k{key}"));
+            recordings.spawn(async move { record_fire(&pool, &again, None).await });
+        }
+    }
+    let mut recorded = 0;
+    while let Some(outcome) = recordings.join_next().await {
+        match outcome? {
+            Ok(true) => recorded += 1,
+            Ok(false) => {}
+            Err(error) => anyhow::bail!("a recording failed: {error}"),
+        }
+    }
+    assert_eq!(recorded, 400, "each key recorded once");
+    Ok(())
+}

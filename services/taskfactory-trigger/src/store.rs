@@ -560,7 +560,8 @@ pub struct DecisionRow {
     pub decided_at: DateTime<Utc>,
 }
 
-/// Records a fire once per `(activity, dedupe key)`. For schedules the fence is checked, and the
+/// Records a fire once per `(activity, dedupe key)`. The conflict clause names no index: the id
+/// is derived from the key, and two recordings of one key at once can meet on either. For schedules the fence is checked, and the
 /// watermark and the decisions before the fire are written in the same transaction; a repeated
 /// scheduled fire is recorded as `DEDUPED`. Returns false when the fire was already recorded.
 pub async fn record_fire(
@@ -576,7 +577,7 @@ pub async fn record_fire(
         "INSERT INTO fires (id, activity_id, activity_name, activity_version, source, dedupe_key, \
              scheduled_for, fired_at, subject, payload, event, dst_note, traceparent) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
-         ON CONFLICT (activity_id, dedupe_key) DO NOTHING",
+         ON CONFLICT DO NOTHING",
     )
     .bind(fire.id.0)
     .bind(fire.activity_id.0)
