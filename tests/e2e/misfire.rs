@@ -732,3 +732,71 @@ async fn a_pause_and_resume_between_two_reloads_reach_the_scheduler_as_a_reactiv
     assert_ne!(before.activated_at, after.activated_at);
     Ok(())
 }
+
+/// A fire that is due on time but waits for the database past the misfire threshold is judged
+/// by the misfire policy when it is written, not recorded as on time: the cut-off was computed
+/// before the fire waited (a loaded trigger recorded fires 20 s late as on time). Here the
+/// fire's write waits on the scheduling fence, which the test holds, while the clock passes the
+/// threshold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fire_written_after_the_misfire_threshold_goes_to_the_misfire_policy()
+-> anyhow::Result<()> {
+    let (clock, _env, pool, _trigger, mut admin) = driven_trigger("2026-03-02T08:00:30Z").await?;
+    let activity = create(&mut admin, &minutely("slow-write", "MISFIRE_SKIP")).await?;
+    wait_for("the schedule to start", Duration::from_secs(30), || async {
+        watermark(&pool, &activity.id).await
+    })
+    .await?;
+    // 08:01 fires on time.
+    let first = next_minute(clock.now());
+    clock.set(first);
+    decided_through(&pool, &activity.id, first).await?;
+
+    // 08:02 is due, but its write waits for the fence...
+    let mut holder = pool.begin().await?;
+    sqlx::query("SELECT 1 FROM scheduler_fence FOR UPDATE")
+        .execute(&mut *holder)
+        .await?;
+    let second = next_minute(first);
+    clock.set(second);
+    wait_for(
+        "the fire to wait for the fence",
+        Duration::from_secs(30),
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'tuple' OR (NOT granted)",
+            )
+            .fetch_one(&pool)
+            .await?;
+            Ok((waiting > 0).then_some(()))
+        },
+    )
+    .await?;
+    // ... past the threshold (10 s).
+    clock.set(second + chrono::Duration::seconds(15));
+    holder.commit().await?;
+    decided_through(&pool, &activity.id, second).await?;
+
+    let ledger = occurrences(&mut admin, "slow-write", first, second).await?;
+    let decisions: Vec<(String, &str)> = ledger
+        .iter()
+        .map(|o| {
+            (
+                at(o).format("%H:%M").to_string(),
+                o.decision().as_str_name(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        decisions,
+        [
+            ("08:01".to_owned(), "FIRED"),
+            ("08:02".to_owned(), "MISSED_CATCHUP_WINDOW"),
+        ]
+    );
+    let fires: i64 = sqlx::query_scalar("SELECT count(*) FROM fires")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(fires, 1, "only 08:01 fired");
+    Ok(())
+}

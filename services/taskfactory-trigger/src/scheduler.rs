@@ -476,6 +476,12 @@ impl Writer {
                     tracing::warn!(activity.name = %self.activity.name, term = %term, "leadership lost; this replica stops scheduling");
                     return Flow::Stop;
                 }
+                // Nothing was written: decide again at once, when the occurrence is late and
+                // goes to the misfire policy.
+                Err(error @ StoreError::Late { .. }) => {
+                    tracing::info!(activity.name = %self.activity.name, %error, "scheduled fire too late to count as on time");
+                    continue;
+                }
                 Err(error) => {
                     tracing::warn!(activity.name = %self.activity.name, error = %error_chain(&error), "cannot record scheduled fires; retrying");
                 }
@@ -760,10 +766,15 @@ impl Writer {
             dst_note: occurrence.dst_note.clone(),
             overlap: taskfactory_proto::v1::OverlapPolicy::OverlapUnspecified,
         };
+        let late_after = (source == TriggerSource::Schedule).then(|| {
+            let margin = occurrence.at - self.late_limit(occurrence.at);
+            (occurrence.at + margin, &self.clock)
+        });
         let write = ScheduleWrite {
             term: self.term,
             watermark: occurrence.at,
             decisions,
+            late_after,
         };
         let fired = fire::fire(&self.pool, &self.js, request, Some(write)).await?;
         count_decisions(&self.activity.name, decisions);

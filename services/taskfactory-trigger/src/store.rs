@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row};
 use taskfactory_model::ids::{ActivityId, FireId};
 use taskfactory_model::sizes::{self, SizeError};
+use taskfactory_runtime::clock::ClockHandle;
 use uuid::Uuid;
 
 /// A stored activity at one version.
@@ -39,6 +40,15 @@ pub enum StoreError {
     Moved { expected: u32, now: u32 },
     #[error("this replica is no longer the scheduling leader (its term {term} was superseded)")]
     Deposed { term: Term },
+    /// A scheduled fire that would be written after its misfire threshold: nothing was written;
+    /// the occurrence goes to the misfire policy.
+    #[error(
+        "the occurrence at {scheduled_for} would be written after its misfire threshold ({late_after})"
+    )]
+    Late {
+        scheduled_for: DateTime<Utc>,
+        late_after: DateTime<Utc>,
+    },
     #[error(transparent)]
     TooLarge(#[from] SizeError),
     #[error("database error")]
@@ -542,6 +552,11 @@ pub struct ScheduleWrite<'a> {
     pub term: Term,
     pub watermark: DateTime<Utc>,
     pub decisions: &'a [DecisionRow],
+    /// An on-time fire: the instant after which it is late (its time plus the misfire threshold
+    /// and its jitter), and the scheduler's clock to judge it by. Judged once the fire's rows are
+    /// written, just before the commit: a fire that waited for the database past it is not
+    /// written ([`StoreError::Late`]). `None` for catch-up fires, late by design.
+    pub late_after: Option<(DateTime<Utc>, &'a ClockHandle)>,
 }
 
 /// One row of the decision ledger (see the `occurrences` table).
@@ -621,6 +636,16 @@ pub async fn record_fire(
             insert_decisions(&mut tx, std::slice::from_ref(&dedupe)).await?;
         }
         advance_watermark(&mut tx, fire.activity_id, write.watermark, inserted).await?;
+        if let Some((late_after, clock)) = write.late_after
+            && inserted
+            && clock.now() > late_after
+        {
+            tx.rollback().await?;
+            return Err(StoreError::Late {
+                scheduled_for: fire.scheduled_for.unwrap_or(write.watermark),
+                late_after,
+            });
+        }
     }
     tx.commit().await?;
     Ok(inserted)
