@@ -72,14 +72,20 @@ TRACE_HEADERS = ("traceparent", "tracestate")
 # KV bucket of cancelled runs (key: run id, value: the reason), written by the orchestrator before
 # CancelRun returns: checked before every attempt, watched to stop attempts in flight.
 CANCELLED_RUNS_BUCKET = "taskfactory_cancelled_runs"
-# KV bucket of finished tasks (key: task id, value: the highest attempt number whose final result
-# is known, in decimal; never lowered): read before every attempt, so that a finished task's
+# KV bucket of finished tasks (key: finished_task_key, `<task id>.<type>`; value: the highest
+# attempt number whose final result is known, in decimal): read before every attempt, so that a finished task's
 # message that comes back never runs again; written by this executor once the stream has a final
 # result of its own (and by the orchestrator when it records one).
 FINISHED_TASKS_BUCKET = "taskfactory_finished_tasks"
 # Its key that says the bucket is complete (the orchestrator writes it once it refilled a bucket
 # that was recreated empty): without it, no entry proves a task unfinished.
-FINISHED_TASKS_COMPLETE_KEY = "complete"
+FINISHED_TASKS_COMPLETE_KEY = "complete_by_type"
+
+
+def finished_task_key(task_id: str, task_type: str) -> str:
+    """A task's key in the finished-tasks bucket: by type, so that NATS permissions let an executor
+    write its own types' entries only (`$KV.taskfactory_finished_tasks.*.<type>`)."""
+    return f"{task_id}.{task_type}"
 
 
 def task_subject(task_type: str) -> str:
@@ -482,17 +488,17 @@ class FinishedTasks:
             self.kv = await self.js.key_value(FINISHED_TASKS_BUCKET)
         return self.kv
 
-    async def finished_by(self, task_id: str) -> int | None:
-        """The attempt that decided the task, or None if it is not finished; raises when that
-        cannot be known."""
+    async def finished_by(self, key: str) -> int | None:
+        """The attempt that decided the task whose key (finished_task_key) this is, or None if it
+        is not finished; raises when that cannot be known."""
         from nats.js.errors import InvalidKeyError, KeyNotFoundError
 
         kv = await self.bucket()
         try:
-            entry = await kv.get(task_id)
+            entry = await kv.get(key)
         except KeyNotFoundError:  # also a deleted key
             return None
-        except InvalidKeyError:  # no task of the orchestrator's has such an id (they are UUIDs)
+        except InvalidKeyError:  # no task of the orchestrator's has such a key (UUIDs and types)
             return None
         return parse_finished_by(entry.value)
 
@@ -508,8 +514,8 @@ class FinishedTasks:
             return False
         return True
 
-    async def mark(self, task_id: str, attempt: int) -> None:
-        """Raises the task's entry to `attempt`: created if absent, else compare-and-set, and only
+    async def mark(self, key: str, attempt: int) -> None:
+        """Raises the task's entry (its finished_task_key) to `attempt`: created if absent, else compare-and-set, and only
         upwards (services/taskfactory-runtime/src/finished_tasks.rs, `raise`). Raises when it
         cannot be written."""
         from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
@@ -518,23 +524,23 @@ class FinishedTasks:
         value = str(attempt).encode()
         for _ in range(5):  # another writer in between: look again
             try:
-                await kv.create(task_id, value)
+                await kv.create(key, value)
                 return
             except KeyWrongLastSequenceError:
                 pass
             try:
-                entry = await kv.get(task_id)
+                entry = await kv.get(key)
             except KeyNotFoundError:
                 continue
             held = parse_finished_by(entry.value)
             if held is not None and held >= attempt:
                 return
             try:
-                await kv.update(task_id, value, last=entry.revision)
+                await kv.update(key, value, last=entry.revision)
                 return
             except KeyWrongLastSequenceError:
                 continue
-        raise RuntimeError(f"conflicting writes to the entry of task {task_id}")
+        raise RuntimeError(f"conflicting writes to the entry {key}")
 
 
 class Executor:
@@ -744,7 +750,7 @@ class Executor:
         #    the result. Best effort: the orchestrator writes it too when it does.
         if status != FAILED:
             try:
-                await self.finished.mark(task.task_id, attempt)
+                await self.finished.mark(finished_task_key(task.task_id, task.type), attempt)
             except Exception as error:
                 log.warning("task %s: cannot mark it finished (%s); the orchestrator will", task.task_id, error)
 
@@ -780,7 +786,7 @@ class Executor:
         # finished-tasks bucket complete, so that no entry means not finished)?
         checks = await asyncio.gather(
             self.cancellations.reason(task.run_id),
-            self.finished.finished_by(task.task_id),
+            self.finished.finished_by(finished_task_key(task.task_id, task.type)),
             self.finished.complete(),
             return_exceptions=True,
         )

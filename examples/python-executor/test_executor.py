@@ -188,6 +188,8 @@ def is_start(headers) -> bool:
 
 
 TASK_ID = "0b6f4a34-0000-4000-8000-000000000001"
+# Its key in the finished-tasks bucket.
+TASK_KEY = f"{TASK_ID}.uppercase"
 
 
 def task_bytes(params=None, **fields) -> bytes:
@@ -503,7 +505,7 @@ class OneAttempt(unittest.TestCase):
     def test_a_finished_task_is_acked_without_running_or_reporting(self) -> None:
         for value in ("1", "3", " 2\n"):
             events: list = []
-            executor = make_executor(events, recording(events), finished=finished_bucket({TASK_ID: value}))
+            executor = make_executor(events, recording(events), finished=finished_bucket({TASK_KEY: value}))
             _run(executor.process("uppercase", FakeMessage(task_bytes({"text": "x"}), events, delivered=2)))
             self.assertEqual(events, [("ack",)], f"finished by attempt {value!r}")
             self.assertEqual(executor.cancellations.in_flight, {})
@@ -512,22 +514,22 @@ class OneAttempt(unittest.TestCase):
         events = self.attempt(
             task_bytes({"text": "x"}),
             cancelled=FakeKeyValue({"run-1": "cancelled"}),
-            finished=finished_bucket({TASK_ID: "1"}),
+            finished=finished_bucket({TASK_KEY: "1"}),
         )
         self.assertEqual(events, [("ack",)])
 
     def test_a_redrive_after_the_finishing_attempt_runs(self) -> None:
         # RetryTask after attempt 3 decided the task: the new series starts at attempt_base 3.
-        events = self.attempt(task_bytes({"text": "x"}, attempt_base=3), finished=finished_bucket({TASK_ID: "3"}))
+        events = self.attempt(task_bytes({"text": "x"}, attempt_base=3), finished=finished_bucket({TASK_KEY: "3"}))
         self.assertEqual(self.kinds(events), ["RUNNING", "SUCCEEDED", "ack"])
         self.assertEqual(self.result(events[1]).attempt, 4)
         # ...but a message of that series, once it was decided in turn, does not.
-        events = self.attempt(task_bytes({"text": "x"}, attempt_base=3), finished=finished_bucket({TASK_ID: "4"}))
+        events = self.attempt(task_bytes({"text": "x"}, attempt_base=3), finished=finished_bucket({TASK_KEY: "4"}))
         self.assertEqual(events, [("ack",)])
 
     def test_a_finished_value_that_is_no_attempt_number_finishes_nothing(self) -> None:
         for value in ("", "done", "-1", "1.0", "4294967296"):
-            events = self.attempt(task_bytes({"text": "x"}), finished=finished_bucket({TASK_ID: value}))
+            events = self.attempt(task_bytes({"text": "x"}), finished=finished_bucket({TASK_KEY: value}))
             self.assertEqual(self.kinds(events), ["RUNNING", "SUCCEEDED", "ack"], repr(value))
 
     def test_when_finished_tasks_cannot_be_read_the_task_waits(self) -> None:
@@ -551,23 +553,23 @@ class OneAttempt(unittest.TestCase):
         finished = finished_bucket()
         events = self.attempt(task_bytes({"text": "x"}), delivered=2, finished=finished)
         self.assertEqual(self.kinds(events), ["RUNNING", "SUCCEEDED", "ack"])
-        self.assertEqual(finished.entries[TASK_ID], "2")
+        self.assertEqual(finished.entries[TASK_KEY], "2")
         finished = finished_bucket()
         events = self.attempt(task_bytes({}), finished=finished)
         self.assertEqual(self.kinds(events), ["RUNNING", "DEAD", "dlq", "ack"])
-        self.assertEqual(finished.entries[TASK_ID], "1")
+        self.assertEqual(finished.entries[TASK_KEY], "1")
 
     def test_a_failed_attempt_marks_nothing(self) -> None:
         finished = finished_bucket()
         events = self.attempt(task_bytes({"text": "x", "failAttempts": 1}), finished=finished)
         self.assertEqual(self.kinds(events), ["RUNNING", "FAILED", "nak"])
-        self.assertNotIn(TASK_ID, finished.entries)
+        self.assertNotIn(TASK_KEY, finished.entries)
 
     def test_a_task_is_not_run_while_the_finished_tasks_bucket_is_refilled(self) -> None:
         events = self.attempt(task_bytes({"text": "x"}), finished=finished_bucket(complete=False))
         self.assertEqual(events, [("nak", ex.Executor.UNPROVEN_RETRY)])
         # ...but a task its entry finishes is acked as ever.
-        events = self.attempt(task_bytes({"text": "x"}), finished=finished_bucket({TASK_ID: "1"}, complete=False))
+        events = self.attempt(task_bytes({"text": "x"}), finished=finished_bucket({TASK_KEY: "1"}, complete=False))
         self.assertEqual(events, [("ack",)])
 
     def test_output_that_is_not_json_is_dead(self) -> None:

@@ -515,3 +515,61 @@ async fn cancelling_a_run_stops_its_running_attempts() -> anyhow::Result<()> {
     assert_eq!(run.status(), RunStatus::RunCancelled);
     Ok(())
 }
+
+/// A finished entry above every attempt ever handed out (forged by credentials that may write
+/// the entries of the task's type) would make executors skip every later series of the task:
+/// `RetryTask` lowers it to the new series' base, and the task runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_forged_finished_entry_does_not_keep_a_redriven_task_from_running() -> anyhow::Result<()>
+{
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    let (url, calls, failing) = switchable().await?;
+    failing.store(true, Ordering::SeqCst);
+    create(
+        &mut admin,
+        &format!(
+            "name: forged\ntrigger: {{manual: {{}}}}\ntasks: [{{name: call, type: http, params: {{url: '{url}'}}, retry: {{maxAttempts: 1}}}}]\n"
+        ),
+    )
+    .await?;
+    let run = fire(&mut admin, "forged", serde_json::json!({})).await?;
+    let dead = tasks(&mut admin, &run.id).await?.remove(0);
+    assert_eq!((dead.status(), dead.attempts), (TaskStatus::Dead, 1));
+    let js = env.js().await?;
+    let kv = js
+        .get_key_value(taskfactory_model::subjects::FINISHED_TASKS_BUCKET)
+        .await?;
+    let key = taskfactory_model::subjects::finished_task_key(&dead.id, "http");
+    kv.put(&key, u32::MAX.to_string().into()).await?;
+    let before = calls.load(Ordering::SeqCst);
+
+    failing.store(false, Ordering::SeqCst);
+    admin
+        .retry_task(RetryTaskRequest {
+            id: dead.id.clone(),
+        })
+        .await?;
+    let task = wait_for(
+        "the redriven task to succeed",
+        Duration::from_secs(30),
+        || {
+            let mut admin = admin.clone();
+            let id = dead.id.clone();
+            async move {
+                let task = admin.get_task(GetTaskRequest { id }).await?.into_inner();
+                Ok((task.status() == TaskStatus::Succeeded).then_some(task))
+            }
+        },
+    )
+    .await?;
+    assert_eq!(task.attempts, 2);
+    assert_eq!(calls.load(Ordering::SeqCst), before + 1, "it ran once more");
+    assert_eq!(
+        kv.get(&key).await?.as_deref(),
+        Some(&b"2"[..]),
+        "lowered to the new series' base, then raised by its result"
+    );
+    Ok(())
+}

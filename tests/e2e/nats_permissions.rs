@@ -325,6 +325,20 @@ async fn what_a_user_may_not_do_is_refused_by_the_server_and_changes_nothing() -
         subjects::FINISHED_TASKS_COMPLETE_KEY
     );
     executor.publish_refused(&complete).await?;
+    // ... and only the entries of their own types: the built-in executor cannot mark a `vision`
+    // task finished (nor the external `vision` executor an `http` one), which would keep it from
+    // ever running.
+    let entry = |task_type: &str| {
+        format!(
+            "$KV.{}.{}",
+            subjects::FINISHED_TASKS_BUCKET,
+            subjects::finished_task_key("some-task", task_type)
+        )
+    };
+    executor.publish_refused(&entry("vision")).await?;
+    executor
+        .publish_refused("$KV.taskfactory_finished_tasks.some-task")
+        .await?;
     for user in [&mut sources, &mut publisher, &mut trigger] {
         user.publish_refused(&format!(
             "$KV.{}.some-task",
@@ -356,6 +370,8 @@ async fn what_a_user_may_not_do_is_refused_by_the_server_and_changes_nothing() -
         vision.publish_refused(subject).await?;
     }
     vision.publish_refused(&complete).await?;
+    vision.publish_refused(&entry("http")).await?;
+    vision.publish_refused(&entry("vision.v2")).await?;
     js.publish("tasks.http", Bytes::from_static(b"queued too"))
         .await?
         .await?;
@@ -507,12 +523,10 @@ async fn vision_does_its_own_work(env: &TestEnv, admin: &jetstream::Context) -> 
     assert!(finished.get("no-such-task").await?.is_none());
     // It marks its finished tasks (create, then raise by compare-and-set), as the contract
     // recommends.
-    let revision = finished.create("vision-task", "1".into()).await?;
-    finished.update("vision-task", "2".into(), revision).await?;
-    assert_eq!(
-        finished.get("vision-task").await?.as_deref(),
-        Some(&b"2"[..])
-    );
+    let key = subjects::finished_task_key("vision-task", "vision");
+    let revision = finished.create(&key, "1".into()).await?;
+    finished.update(&key, "2".into(), revision).await?;
+    assert_eq!(finished.get(&key).await?.as_deref(), Some(&b"2"[..]));
     wait_for("the vision task acked", Duration::from_secs(10), || {
         let stream = stream.clone();
         async move {

@@ -498,7 +498,8 @@ async fn a_finished_task_never_runs_again_after_the_finished_tasks_bucket_is_rec
         let (kv, listed) = (kv.clone(), listed.clone());
         async move {
             for task in &listed {
-                if kv.get(&task.id).await?.is_none() {
+                let key = subjects::finished_task_key(&task.id, &task.r#type);
+                if kv.get(&key).await?.is_none() {
                     return Ok(None);
                 }
             }

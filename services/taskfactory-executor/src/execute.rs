@@ -313,12 +313,13 @@ impl Executor {
         let started_at = Utc::now();
         // Registered before the check, so a cancel landing in between is still seen.
         let in_flight = self.cancellations.register(&task.run_id);
+        let finished_key = subjects::finished_task_key(&task.task_id, &task_type);
         let (cancelled, finished) = tokio::join!(
             self.cancellations.reason(&task.run_id),
             finished_tasks::check(
                 &self.finished_tasks,
                 &self.complete,
-                &task.task_id,
+                &finished_key,
                 task.attempt_base
             )
         );
@@ -461,7 +462,7 @@ impl Executor {
             // orchestrator records the result. If this fails, the orchestrator writes it when it
             // records the result; not worth running the task again for.
             if let Err(error) =
-                finished_tasks::raise(&self.finished_tasks, &task.task_id, attempt, true).await
+                finished_tasks::raise(&self.finished_tasks, &finished_key, attempt, true).await
             {
                 tracing::warn!(task.id = %task.task_id, attempt, %error, "task finished but not marked finished yet (the orchestrator will)");
             }

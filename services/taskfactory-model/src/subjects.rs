@@ -27,17 +27,26 @@ pub const RUN_COMMANDS: &str = "taskfactory.internal.commands";
 /// The KV bucket of cancelled runs (key = run id): executors check it before each attempt and watch
 /// it to stop attempts in flight.
 pub const CANCELLED_RUNS_BUCKET: &str = "taskfactory_cancelled_runs";
-/// Tasks that reached a final state: key the task id, value the highest attempt number whose
-/// final result is known (decimal text, never lowered). Executors write it once the results
-/// stream has a final result of theirs, the orchestrator when it records one (and refills the
-/// bucket from Postgres when it was recreated); executors read it before each attempt and never
-/// run a finished task.
+/// Tasks that reached a final state: key [`finished_task_key`] (`<task id>.<task type>`), value
+/// the highest attempt number whose final result is known (decimal text, never lowered but by a
+/// `RetryTask`). Executors write it once the results stream has a final result of theirs, the
+/// orchestrator when it records one (and refills the bucket from Postgres when it was
+/// recreated); executors read it before each attempt and never run a finished task.
 pub const FINISHED_TASKS_BUCKET: &str = "taskfactory_finished_tasks";
 /// The key of [`FINISHED_TASKS_BUCKET`] that says the bucket is complete: every task that was
-/// final when the bucket was created is in it. The orchestrator writes it (its value: the
-/// bucket's creation time) once its refill from Postgres is done; a bucket without it (recreated
-/// empty) proves no task unfinished. No task id looks like it.
-pub const FINISHED_TASKS_COMPLETE_KEY: &str = "complete";
+/// final when the bucket was created is in it, under its [`finished_task_key`]. The orchestrator
+/// writes it (its value: the bucket's creation time) once its refill from Postgres is done; a
+/// bucket without it (recreated empty) proves no task unfinished. No task's key looks like it
+/// (it has no dot). Named anew when the keys changed (they were the task id alone, under the key
+/// `complete`), so that a bucket of the old keys is refilled once.
+pub const FINISHED_TASKS_COMPLETE_KEY: &str = "complete_by_type";
+
+/// A task's key in [`FINISHED_TASKS_BUCKET`]: its id, then its type, so that NATS permissions can
+/// let an executor write the entries of its own types only (`$KV.taskfactory_finished_tasks.*.<type>`)
+/// and no other: an executor's credentials cannot mark another type's tasks finished.
+pub fn finished_task_key(task_id: &str, task_type: &str) -> String {
+    format!("{task_id}.{task_type}")
+}
 /// The queue group orchestrators answer previews in (one answers each).
 pub const PREVIEW_QUEUE: &str = "taskfactory-orchestrator";
 /// Published by the orchestrator when a run reaches a terminal state; activities can chain on it.

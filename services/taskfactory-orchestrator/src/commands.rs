@@ -16,8 +16,8 @@ use serde_json::json;
 use taskfactory_model::ids::{RunId, TaskId};
 use taskfactory_model::subjects;
 use taskfactory_proto::v1::{TaskInstance, TaskStatus};
-use taskfactory_runtime::messaging;
 use taskfactory_runtime::telemetry::error_chain;
+use taskfactory_runtime::{finished_tasks, messaging};
 use tokio_util::sync::CancellationToken;
 
 use crate::completion;
@@ -28,6 +28,7 @@ use crate::store::{self, Cancelled, Recorded, ResultRecord};
 pub struct Commands {
     pub spawner: Arc<Spawner>,
     pub cancelled_runs: async_nats::jetstream::kv::Store,
+    pub finished_tasks: async_nats::jetstream::kv::Store,
 }
 
 /// A command that could not be carried out, with the gRPC-ish code the admin API maps it to.
@@ -249,6 +250,12 @@ impl Commands {
         // A task stored before result tokens gets its token now (the redrive requires it).
         instance.result_token =
             taskfactory_model::results::result_token(&self.spawner.result_key, task.0);
+        // Executors skip a task whose entry is above the series' base: one above every attempt
+        // handed out (forged) must not keep the new series from running.
+        let key = subjects::finished_task_key(&task.to_string(), &state.task_type);
+        finished_tasks::lower_to(&self.finished_tasks, &key, redriven.attempts)
+            .await
+            .map_err(|e| refuse("internal", format!("preparing the retry: {e}")))?;
         let series = redriven.series;
         messaging::publish_confirmed(
             &self.spawner.js,

@@ -456,7 +456,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         shutdown.clone(),
     ));
     let sink = Arc::new(results::ResultSink {
-        finished_tasks,
+        finished_tasks: finished_tasks.clone(),
         pool: pool.clone(),
         js: js.clone(),
         spawner: spawner.clone(),
@@ -467,6 +467,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let commands = Arc::new(commands::Commands {
         spawner: spawner.clone(),
         cancelled_runs: cancelled_runs.clone(),
+        finished_tasks,
     });
     let kept = Arc::new(nats::Kept::default());
     tracker.spawn(nats::keep_declared(

@@ -33,7 +33,9 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv};
 use futures::StreamExt as _;
 use sqlx::PgPool;
-use taskfactory_model::subjects::{FINISHED_TASKS_BUCKET, FINISHED_TASKS_COMPLETE_KEY};
+use taskfactory_model::subjects::{
+    FINISHED_TASKS_BUCKET, FINISHED_TASKS_COMPLETE_KEY, finished_task_key,
+};
 use taskfactory_runtime::finished_tasks;
 use taskfactory_runtime::telemetry::error_chain;
 use tokio_util::sync::CancellationToken;
@@ -101,15 +103,16 @@ pub async fn check(pool: &PgPool, js: &jetstream::Context, kv: &kv::Store) -> Re
         let page = crate::store::final_tasks_page(pool, after, since, PAGE)
             .await
             .map_err(|error| format!("cannot read final tasks: {}", error_chain(&error)))?;
-        let Some((last, _)) = page.last() else {
+        let Some((last, _, _)) = page.last() else {
             break;
         };
         after = Some(*last);
         let full = page.len() as i64 == PAGE;
         let mut writes = futures::stream::iter(page)
-            .map(|(task, attempts)| async move {
+            .map(|(task, task_type, attempts)| async move {
                 let attempt = u32::try_from(attempts).unwrap_or(0);
-                finished_tasks::raise(kv, &task.to_string(), attempt, true).await
+                let key = finished_task_key(&task.to_string(), &task_type);
+                finished_tasks::raise(kv, &key, attempt, true).await
             })
             .buffer_unordered(WRITES_AT_ONCE);
         while let Some(outcome) = writes.next().await {

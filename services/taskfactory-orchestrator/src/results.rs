@@ -21,7 +21,7 @@ use sqlx::PgPool;
 use taskfactory_model::ids::TaskId;
 use taskfactory_model::results::{Claim, Refusal, is_result_status};
 use taskfactory_model::spec::timestamp_to_chrono;
-use taskfactory_model::values;
+use taskfactory_model::{subjects, values};
 use taskfactory_proto::v1::{TaskResult, TaskStatus};
 use taskfactory_runtime::db;
 use taskfactory_runtime::finished_tasks;
@@ -317,13 +317,13 @@ impl ResultSink {
                 tracing::debug!(task.id = %task_id, attempt = result.attempt, "late result kept as an attempt");
                 // Possibly the redelivery of the result that decided the task, whose entry was not
                 // written the first time.
-                self.remember_finished(task_id, status, result.attempt)
+                self.remember_finished(task_id, &result.r#type, status, result.attempt)
                     .await?;
                 // A redelivery after the run finished but before it was announced lands here.
                 self.retry_announcement(&result).await
             }
             Ok(Recorded::Applied(completed)) => {
-                self.remember_finished(task_id, status, result.attempt)
+                self.remember_finished(task_id, &result.r#type, status, result.attempt)
                     .await?;
                 if let Some(run) = completed {
                     if let Err(error) = completion::announce(&self.pool, &self.js, &run).await {
@@ -364,16 +364,20 @@ impl ResultSink {
     /// message ([`taskfactory_runtime::finished_tasks`]), so this usually reads it and writes
     /// nothing. It stays as the repair: an executor that crashed between its result and the
     /// entry, an external executor that does not write it, a dead letter made into a result.
+    ///
+    /// `task_type` is the result's, which [`results::judge`] held to the task's own.
     async fn remember_finished(
         &self,
         task_id: TaskId,
+        task_type: &str,
         status: TaskStatus,
         attempt: u32,
     ) -> Result<(), ResultError> {
         if !taskfactory_model::status::task_is_terminal(status) {
             return Ok(());
         }
-        finished_tasks::raise(&self.finished_tasks, &task_id.to_string(), attempt, false)
+        let key = subjects::finished_task_key(&task_id.to_string(), task_type);
+        finished_tasks::raise(&self.finished_tasks, &key, attempt, false)
             .await
             .map_err(|error| {
                 ResultError::Transient(format!(

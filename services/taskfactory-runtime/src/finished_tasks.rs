@@ -27,18 +27,19 @@ use tokio_util::sync::CancellationToken;
 /// Compare-and-set conflicts (another writer in between) tried again, at most.
 const CONFLICTS: usize = 5;
 
-/// Raises the entry of `task_id` to `attempt` (creates it if absent; never lowers it). `likely_new`
+/// Raises the entry `key` (a task's [`finished_task_key`](taskfactory_model::subjects::finished_task_key))
+/// to `attempt` (creates it if absent; never lowers it). `likely_new`
 /// tries the create first (an executor: most tasks finish once), else reads first (the
 /// orchestrator: an executor usually wrote it already, and then nothing is written).
 pub async fn raise(
     kv: &kv::Store,
-    task_id: &str,
+    key: &str,
     attempt: u32,
     likely_new: bool,
 ) -> Result<(), String> {
     let value = || bytes::Bytes::from(attempt.to_string());
     if likely_new {
-        match kv.create(task_id, value()).await {
+        match kv.create(key, value()).await {
             Ok(_) => return Ok(()),
             Err(error) if error.kind() == kv::CreateErrorKind::AlreadyExists => {}
             Err(error) => return Err(format!("cannot write {FINISHED_TASKS_BUCKET}: {error}")),
@@ -46,12 +47,12 @@ pub async fn raise(
     }
     let mut last = String::new();
     for _ in 0..CONFLICTS {
-        let written = match kv.entry(task_id).await {
+        let written = match kv.entry(key).await {
             Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
                 if !raises_marker(finished_marker(&entry.value), attempt) {
                     return Ok(());
                 }
-                kv.update(task_id, value(), entry.revision)
+                kv.update(key, value(), entry.revision)
                     .await
                     .map(drop)
                     .map_err(|e| {
@@ -62,7 +63,7 @@ pub async fn raise(
                     })
             }
             // Absent, or deleted (`create` writes over a delete marker).
-            Ok(_) => kv.create(task_id, value()).await.map(drop).map_err(|e| {
+            Ok(_) => kv.create(key, value()).await.map(drop).map_err(|e| {
                 (
                     e.kind() == kv::CreateErrorKind::AlreadyExists,
                     e.to_string(),
@@ -83,24 +84,55 @@ pub async fn raise(
     ))
 }
 
+/// Lowers the entry `key` to `attempt` when it is above it, for a task redriven (`RetryTask`)
+/// into a new attempt series after `attempt`: an entry above the attempts ever handed out was not
+/// written by a final result of this system (a forged one, by credentials that may write the
+/// entries of the task's type) and would otherwise keep the new series from ever running.
+pub async fn lower_to(kv: &kv::Store, key: &str, attempt: u32) -> Result<(), String> {
+    let mut last = String::new();
+    for _ in 0..CONFLICTS {
+        let entry = match kv.entry(key).await {
+            Ok(Some(entry)) if entry.operation == kv::Operation::Put => entry,
+            Ok(_) => return Ok(()),
+            Err(error) => return Err(format!("cannot read {FINISHED_TASKS_BUCKET}: {error}")),
+        };
+        if !finished_marker(&entry.value).is_none_or(|held| held > attempt) {
+            return Ok(());
+        }
+        match kv
+            .update(key, bytes::Bytes::from(attempt.to_string()), entry.revision)
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(error) if error.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                last = error.to_string();
+            }
+            Err(error) => return Err(format!("cannot write {FINISHED_TASKS_BUCKET}: {error}")),
+        }
+    }
+    Err(format!(
+        "cannot write {FINISHED_TASKS_BUCKET}: {CONFLICTS} conflicting writes in a row: {last}"
+    ))
+}
+
 /// What an executor checks before an attempt: whether the task is finished, and, when its entry
 /// is missing, whether the bucket is complete enough to trust that. With `complete` known from a
 /// [`CompleteWatch`], one read; otherwise the complete key is read beside the entry.
 pub async fn check(
     kv: &kv::Store,
     complete: &CompleteWatch,
-    task_id: &str,
+    key: &str,
     attempt_base: u32,
 ) -> Result<FinishedCheck, String> {
     if complete.is_complete() {
-        let held = kv.get(task_id).await.map_err(|e| e.to_string())?;
+        let held = kv.get(key).await.map_err(|e| e.to_string())?;
         return Ok(check_finished(
             held.as_deref().and_then(finished_marker),
             true,
             attempt_base,
         ));
     }
-    let (held, complete) = tokio::join!(kv.get(task_id), kv.get(FINISHED_TASKS_COMPLETE_KEY));
+    let (held, complete) = tokio::join!(kv.get(key), kv.get(FINISHED_TASKS_COMPLETE_KEY));
     let held = held.map_err(|e| e.to_string())?;
     let complete = complete.map_err(|e| e.to_string())?.is_some();
     Ok(check_finished(

@@ -6,16 +6,16 @@ use uuid::Uuid;
 
 /// A page of final tasks (`SUCCEEDED`, `DEAD`, `CANCELLED`) with an attempt of their current
 /// series, finished at or after `since` (all of them when `None`), in id order after `after`:
-/// each with its highest attempt number. Keyset paging by the primary key: the whole refill is
+/// each with its type and highest attempt number. Keyset paging by the primary key: the whole refill is
 /// one pass over the tasks, with no index of its own.
 pub async fn final_tasks_page(
     pool: &PgPool,
     after: Option<Uuid>,
     since: Option<DateTime<Utc>>,
     limit: i64,
-) -> Result<Vec<(Uuid, i32)>, sqlx::Error> {
+) -> Result<Vec<(Uuid, String, i32)>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT id, attempts FROM tasks \
+        "SELECT id, type, attempts FROM tasks \
          WHERE ($1::uuid IS NULL OR id > $1) \
            AND status IN ('SUCCEEDED', 'DEAD', 'CANCELLED') \
            AND attempts > attempt_base \
