@@ -96,7 +96,7 @@ pub async fn lower_to(kv: &kv::Store, key: &str, attempt: u32) -> Result<(), Str
             Ok(_) => return Ok(()),
             Err(error) => return Err(format!("cannot read {FINISHED_TASKS_BUCKET}: {error}")),
         };
-        if !finished_marker(&entry.value).is_none_or(|held| held > attempt) {
+        if finished_marker(&entry.value).is_some_and(|held| held <= attempt) {
             return Ok(());
         }
         match kv
