@@ -49,3 +49,9 @@ bench-memory *args:
     scripts/tools.sh nats >/dev/null
     cargo build --release --workspace --bins
     cargo run --release -p taskfactory-tests --bin taskfactory-membench -- {{args}}
+
+# Many schedules in one trigger: creation rate, load time, RSS, fire lateness and misses at a sustained rate (BENCHMARKS.md); e.g. just bench-schedules --schedules 100000 --rate 2000
+bench-schedules *args:
+    scripts/tools.sh nats >/dev/null
+    cargo build --release --workspace --bins
+    cargo run --release -p taskfactory-tests --bin taskfactory-schedbench -- {{args}}
