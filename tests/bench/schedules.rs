@@ -9,8 +9,9 @@
 //!
 //! The release binaries run as processes of their own, on a fresh `nats-server` and database
 //! from the test harness. By default only the trigger runs (the fires' runs wait in
-//! `FACTORY_TRIGGERS`): the figures are the scheduler's own. `--with-runs` starts the orchestrator
-//! and a noop executor too.
+//! `FACTORY_TRIGGERS`), with its reconciler slowed to once an hour (it would republish every fire
+//! whose run does not appear): the figures are the scheduler's own. `--with-runs` starts the
+//! orchestrator and a noop executor too, and leaves the reconciler at its default.
 //!
 //! 1. **create** — `--schedules` activities, each with a schedule whose fires, all schedules
 //!    together, come at `--rate` per second, evenly (schedule `i` fires every `schedules / rate`
@@ -285,7 +286,12 @@ async fn main() -> anyhow::Result<()> {
     })
     .await?;
     let pool = env.db.pool().await?;
-    let mut trigger = env.spawn_process(Service::Trigger, &[])?;
+    let trigger_env: &[(&str, &str)] = if args.with_runs {
+        &[]
+    } else {
+        &[("TASKFACTORY_RECONCILE_INTERVAL", "1h")]
+    };
+    let mut trigger = env.spawn_process(Service::Trigger, trigger_env)?;
     let mut others: Vec<(Service, Running)> = Vec::new();
     if args.with_runs {
         for service in [Service::Orchestrator, Service::Executor] {
@@ -346,7 +352,7 @@ async fn main() -> anyhow::Result<()> {
     trigger.stop().await.context("the trigger did not stop")?;
     let restarted = Utc::now();
     let began = Instant::now();
-    trigger = env.spawn_process(Service::Trigger, &[])?;
+    trigger = env.spawn_process(Service::Trigger, trigger_env)?;
     wait_for("the admin API", Duration::from_secs(120), || async {
         Ok(env.admin().await.ok())
     })
