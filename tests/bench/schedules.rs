@@ -19,7 +19,7 @@
 //!    cron expressions over a cycle of minutes). Created `--create-concurrency` at a time;
 //!    the CreateActivity rate is reported per tenth of them, against the number present.
 //! 2. **load** — the trigger is stopped and started again: the time until its admin API answers,
-//!    and until every schedule has decided an occurrence after the start.
+//!    and until its scheduler has every schedule in hand (`taskfactory_schedules_active`).
 //! 3. **sustain** — for `--duration-secs`, every occurrence in the window is looked up: fired
 //!    (lateness = the fire's publish minus its `scheduledFor`, p50 / p99 / max) or not (missed: a
 //!    misfire decision, or nothing at all).
@@ -196,7 +196,7 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "Restart: admin API answering after {:.1} s; every schedule deciding after {}.\n",
+            "Restart: admin API answering after {:.1} s; every schedule in the scheduler's hands after {}.\n",
             self.restart_admin.as_secs_f64(),
             self.restart_all_decided.map_or(
                 "(not within the time allowed)".to_owned(),
@@ -258,6 +258,23 @@ impl Report {
     }
 }
 
+/// The trigger's `taskfactory_schedules_active` gauge.
+async fn active_schedules(addr: &str) -> anyhow::Result<usize> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    response
+        .lines()
+        .find_map(|line| line.strip_prefix("taskfactory_schedules_active "))
+        .and_then(|value| value.trim().parse::<f64>().ok())
+        .map(|value| value as usize)
+        .context("no taskfactory_schedules_active gauge")
+}
+
 async fn commits(pool: &sqlx::PgPool) -> anyhow::Result<i64> {
     Ok(sqlx::query_scalar(
         "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
@@ -286,11 +303,12 @@ async fn main() -> anyhow::Result<()> {
     })
     .await?;
     let pool = env.db.pool().await?;
-    let trigger_env: &[(&str, &str)] = if args.with_runs {
-        &[]
-    } else {
-        &[("TASKFACTORY_RECONCILE_INTERVAL", "1h")]
-    };
+    let metrics_addr = format!("127.0.0.1:{}", taskfactory_tests::free_port());
+    let mut trigger_env = vec![("TASKFACTORY_METRICS_ADDR", metrics_addr.as_str())];
+    if !args.with_runs {
+        trigger_env.push(("TASKFACTORY_RECONCILE_INTERVAL", "1h"));
+    }
+    let trigger_env = trigger_env.as_slice();
     let mut trigger = env.spawn_process(Service::Trigger, trigger_env)?;
     let mut others: Vec<(Service, Running)> = Vec::new();
     if args.with_runs {
@@ -350,7 +368,6 @@ async fn main() -> anyhow::Result<()> {
     // 2. load: the trigger starts again over all of them.
     progress("restarting the trigger");
     trigger.stop().await.context("the trigger did not stop")?;
-    let restarted = Utc::now();
     let began = Instant::now();
     trigger = env.spawn_process(Service::Trigger, trigger_env)?;
     wait_for("the admin API", Duration::from_secs(120), || async {
@@ -360,21 +377,17 @@ async fn main() -> anyhow::Result<()> {
     let restart_admin = began.elapsed();
     let schedules = i64::try_from(args.schedules)?;
     let restart_all_decided = wait_for(
-        "every schedule deciding after the restart",
-        Duration::from_secs(120 + 2 * period),
+        "every schedule in the scheduler's hands after the restart",
+        Duration::from_secs(300),
         || async {
-            let deciding: i64 =
-                sqlx::query_scalar("SELECT count(*) FROM schedule_state WHERE watermark >= $1")
-                    .bind(restarted)
-                    .fetch_one(&pool)
-                    .await?;
-            Ok((deciding >= schedules).then(|| began.elapsed()))
+            let active = active_schedules(&metrics_addr).await.unwrap_or(0);
+            Ok((active >= args.schedules).then(|| began.elapsed()))
         },
     )
     .await
     .ok();
     progress(&format!(
-        "restarted: admin API after {restart_admin:.1?}, all deciding after {restart_all_decided:.1?}"
+        "restarted: admin API after {restart_admin:.1?}, all schedules in hand after {restart_all_decided:.1?}"
     ));
 
     // 3. sustain: a window of whole periods, starting on a whole second after things settled.

@@ -30,6 +30,9 @@ pub const EVENTS: &str = "taskfactory_events_total";
 /// decision (`fired`, `duplicate`).
 pub const FIRES: &str = "taskfactory_fires_total";
 
+/// Trigger: schedules the scheduling leader has in hand (0 on a replica that is not the leader).
+pub const SCHEDULES_ACTIVE: &str = "taskfactory_schedules_active";
+
 /// Trigger: how long after its scheduled time a scheduled occurrence fired, by activity.
 pub const FIRE_LATENESS: &str = "taskfactory_fire_lateness_seconds";
 
@@ -189,6 +192,10 @@ fn describe() {
         "Seconds each task attempt ran, by type and outcome"
     );
     describe_gauge!(
+        SCHEDULES_ACTIVE,
+        "Schedules the scheduling leader has in hand (0 on a replica that is not the leader)"
+    );
+    describe_gauge!(
         DLQ_MESSAGES,
         "Messages in the dead-letter stream, by kind of subject"
     );
@@ -297,6 +304,12 @@ pub fn count_dead_lettered(kind: &'static str) {
 pub fn record_definitions_signals(n: u64) {
     handle();
     metrics::counter!(DEFINITIONS_SIGNALS).increment(n);
+}
+
+/// How many schedules the scheduler has in hand.
+pub fn set_active_schedules(count: usize) {
+    handle();
+    metrics::gauge!(SCHEDULES_ACTIVE).set(count as f64);
 }
 
 /// Counts a reload of the live definitions by outcome; a reload that loaded `generation` sets it.

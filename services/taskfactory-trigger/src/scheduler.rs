@@ -21,7 +21,7 @@
 //!
 //! Time comes from a [`Clock`], so tests can drive it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -79,6 +79,9 @@ pub struct Scheduler {
     tracker: TaskTracker,
     shutdown: CancellationToken,
     entries: HashMap<ActivityId, Entry>,
+    /// Every entry's next due time, in order: the timer's next wake is its first, and a wake
+    /// looks only at the entries due (never at every schedule).
+    timeline: BTreeSet<(DateTime<Utc>, ActivityId)>,
     /// After the first sync, a new entry means an activity became active (created, resumed,
     /// enabled); in the first, it means scheduling (re)started here.
     synced_once: bool,
@@ -102,6 +105,7 @@ impl Scheduler {
             tracker: TaskTracker::new(),
             shutdown,
             entries: HashMap::new(),
+            timeline: BTreeSet::new(),
             synced_once: false,
         }
     }
@@ -113,11 +117,7 @@ impl Scheduler {
         self.sync(&initial.activities, None).await;
         let mut synced = initial.serial;
         loop {
-            let due = self
-                .entries
-                .values()
-                .filter_map(|e| e.next.map(|(_, due)| due))
-                .min();
+            let due = self.timeline.first().map(|(due, _)| *due);
             let until = due.unwrap_or_else(|| self.clock.now() + chrono::Duration::hours(1));
             // A definition change first: a schedule paused a moment before its time comes does
             // not fire.
@@ -144,6 +144,8 @@ impl Scheduler {
         }
         // Each writer finishes the fire in hand, then stops.
         self.entries.clear();
+        self.timeline.clear();
+        metrics::set_active_schedules(0);
         self.tracker.close();
         self.tracker.wait().await;
     }
@@ -180,6 +182,9 @@ impl Scheduler {
         let mut stopping = Vec::new();
         for id in retired {
             if let Some(entry) = self.entries.remove(&id) {
+                if let Some((_, due)) = entry.next {
+                    self.timeline.remove(&(due, id));
+                }
                 replaced.insert(id, entry.activity.activated_at);
                 drop(entry.retire); // cancels the writer
                 stopping.push(entry.writer);
@@ -234,9 +239,13 @@ impl Scheduler {
                 writer,
             };
             schedule_next(&mut entry, now);
+            if let Some((_, due)) = entry.next {
+                self.timeline.insert((due, activity.id));
+            }
             self.entries.insert(activity.id, entry);
         }
         self.synced_once = true;
+        metrics::set_active_schedules(self.entries.len());
     }
 
     async fn load_state(&self, ids: &[ActivityId]) -> HashMap<ActivityId, (DateTime<Utc>, u64)> {
@@ -257,21 +266,28 @@ impl Scheduler {
         }
     }
 
-    /// Signals every schedule whose next occurrence is due, and moves it to the following one.
+    /// Signals every schedule whose next occurrence is due, and moves it to the following one:
+    /// the entries due only, taken off the front of the timeline.
     fn signal_due(&mut self, now: DateTime<Utc>) {
-        for entry in self.entries.values_mut() {
-            let Some((occurrence, due)) = entry.next else {
+        // Occurrences already far behind need no signal of their own: the writer decides them
+        // with the next one.
+        let late_limit = now - chrono::Duration::from_std(MISFIRE_THRESHOLD).unwrap_or_default();
+        while let Some(&(due, id)) = self.timeline.first() {
+            if due > now {
+                break;
+            }
+            self.timeline.pop_first();
+            let Some(entry) = self.entries.get_mut(&id) else {
                 continue;
             };
-            if due > now {
+            let Some((occurrence, _)) = entry.next else {
                 continue;
-            }
+            };
             entry.due.send_replace(Some(occurrence));
-            // Occurrences already far behind need no signal of their own: the writer decides
-            // them with the next one.
-            let late_limit =
-                now - chrono::Duration::from_std(MISFIRE_THRESHOLD).unwrap_or_default();
             schedule_next(entry, occurrence.max(late_limit));
+            if let Some((_, due)) = entry.next {
+                self.timeline.insert((due, id));
+            }
         }
     }
 }
