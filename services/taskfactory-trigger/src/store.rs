@@ -575,45 +575,92 @@ pub struct DecisionRow {
     pub decided_at: DateTime<Utc>,
 }
 
-/// Records a fire once per `(activity, dedupe key)`. The conflict clause names no index: the id
-/// is derived from the key, and two recordings of one key at once can meet on either. For schedules the fence is checked, and the
-/// watermark and the decisions before the fire are written in the same transaction; a repeated
-/// scheduled fire is recorded as `DEDUPED`. Returns false when the fire was already recorded.
+/// Records a fire once per `(activity, dedupe key)`: [`record_fires`] with one.
 pub async fn record_fire(
     pool: &PgPool,
     fire: &NewFire,
     schedule: Option<ScheduleWrite<'_>>,
 ) -> Result<bool, StoreError> {
+    record_fires(pool, &[FireWrite { fire, schedule }])
+        .await?
+        .pop()
+        .unwrap_or(Ok(false))
+}
+
+/// One fire to record, with the scheduler's side of it for a scheduled fire.
+#[derive(Clone, Copy, Debug)]
+pub struct FireWrite<'a> {
+    pub fire: &'a NewFire,
+    pub schedule: Option<ScheduleWrite<'a>>,
+}
+
+/// Records fires in one transaction, each once per `(activity, dedupe key)`. The conflict clause
+/// names no index: the id is derived from the key, and two recordings of one key at once can meet
+/// on either. For scheduled fires the fence of each term is checked once, and each one's
+/// watermark and the decisions before it are written with it; a repeated scheduled fire is
+/// recorded as `DEDUPED`, and a new on-time one judged late just before the commit is not
+/// written ([`StoreError::Late`]). Returns, per fire in order, whether it was new (false: recorded
+/// before), or why it was not written. An error of the whole transaction comes back as `Err`:
+/// nothing was written (a caller with several fires can try them one by one).
+pub async fn record_fires(
+    pool: &PgPool,
+    writes: &[FireWrite<'_>],
+) -> Result<Vec<Result<bool, StoreError>>, StoreError> {
     let mut tx = pool.begin().await?;
-    if let Some(write) = &schedule {
-        check_fence(&mut tx, write.term).await?;
+    let mut terms: Vec<Term> = writes
+        .iter()
+        .filter_map(|w| w.schedule.map(|s| s.term))
+        .collect();
+    terms.sort();
+    terms.dedup();
+    for term in terms {
+        check_fence(&mut tx, term).await?;
     }
-    let inserted = sqlx::query(
-        "INSERT INTO fires (id, activity_id, activity_name, activity_version, source, dedupe_key, \
-             scheduled_for, fired_at, subject, payload, event, dst_note, traceparent) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(fire.id.0)
-    .bind(fire.activity_id.0)
-    .bind(&fire.activity_name)
-    .bind(i32::try_from(fire.activity_version).unwrap_or(i32::MAX))
-    .bind(fire.source)
-    .bind(&fire.dedupe_key)
-    .bind(fire.scheduled_for)
-    .bind(fire.fired_at)
-    .bind(&fire.subject)
-    .bind(fire.payload.as_deref())
-    .bind(&fire.event)
-    .bind(&fire.dst_note)
-    .bind(&fire.traceparent)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected()
-        == 1;
-    if let Some(write) = schedule {
-        insert_decisions(&mut tx, write.decisions).await?;
-        if !inserted && let Some(at) = fire.scheduled_for {
+    let inserted = insert_fires(&mut tx, writes.iter().map(|w| w.fire)).await?;
+    // Judged once the fence is held and the rows are written, just before the commit: the wait
+    // for the pool, the connection and the fence (a deposed leader's fire in progress) counts. A
+    // late new fire is taken out again (nobody else has seen it); one recorded before is a
+    // duplicate, whenever it comes.
+    let late: Vec<Option<StoreError>> = writes
+        .iter()
+        .map(|w| {
+            let write = w.schedule?;
+            let (late_after, clock) = write.late_after?;
+            (inserted.contains(&w.fire.id.0) && clock.now() > late_after).then(|| {
+                StoreError::Late {
+                    scheduled_for: w.fire.scheduled_for.unwrap_or(write.watermark),
+                    late_after,
+                }
+            })
+        })
+        .collect();
+    let taken_out: Vec<Uuid> = writes
+        .iter()
+        .zip(&late)
+        .filter(|(_, late)| late.is_some())
+        .map(|(w, _)| w.fire.id.0)
+        .collect();
+    if !taken_out.is_empty() {
+        sqlx::query("DELETE FROM fires WHERE id = ANY($1)")
+            .bind(&taken_out)
+            .execute(&mut *tx)
+            .await?;
+    }
+    let written: Vec<&FireWrite<'_>> = writes
+        .iter()
+        .zip(&late)
+        .filter(|(_, late)| late.is_none())
+        .map(|(w, _)| w)
+        .collect();
+    let mut watermarks = Vec::new();
+    for write in &written {
+        let Some(schedule) = write.schedule else {
+            continue;
+        };
+        let fire = write.fire;
+        let new = inserted.contains(&fire.id.0);
+        insert_decisions(&mut tx, schedule.decisions).await?;
+        if !new && let Some(at) = fire.scheduled_for {
             let (source,): (String,) = sqlx::query_as(
                 "SELECT source FROM fires WHERE activity_id = $1 AND dedupe_key = $2",
             )
@@ -635,20 +682,69 @@ pub async fn record_fire(
             };
             insert_decisions(&mut tx, std::slice::from_ref(&dedupe)).await?;
         }
-        advance_watermark(&mut tx, fire.activity_id, write.watermark, inserted).await?;
-        if let Some((late_after, clock)) = write.late_after
-            && inserted
-            && clock.now() > late_after
-        {
-            tx.rollback().await?;
-            return Err(StoreError::Late {
-                scheduled_for: fire.scheduled_for.unwrap_or(write.watermark),
-                late_after,
-            });
-        }
+        watermarks.push((fire.activity_id, schedule.watermark, new));
     }
+    advance_watermarks(&mut tx, &watermarks).await?;
     tx.commit().await?;
-    Ok(inserted)
+    Ok(writes
+        .iter()
+        .zip(late)
+        .map(|(w, late)| match late {
+            Some(late) => Err(late),
+            None => Ok(inserted.contains(&w.fire.id.0)),
+        })
+        .collect())
+}
+
+/// Inserts fires in one statement, skipping those recorded before; returns the ids inserted.
+async fn insert_fires<'a>(
+    tx: &mut sqlx::PgConnection,
+    fires: impl Iterator<Item = &'a NewFire>,
+) -> Result<std::collections::HashSet<Uuid>, StoreError> {
+    let fires: Vec<&NewFire> = fires.collect();
+    if fires.is_empty() {
+        return Ok(std::collections::HashSet::new());
+    }
+    let column = |f: fn(&NewFire) -> String| fires.iter().map(|fire| f(fire)).collect::<Vec<_>>();
+    let ids: Vec<Uuid> = fires.iter().map(|f| f.id.0).collect();
+    let activities: Vec<Uuid> = fires.iter().map(|f| f.activity_id.0).collect();
+    let versions: Vec<i32> = fires
+        .iter()
+        .map(|f| i32::try_from(f.activity_version).unwrap_or(i32::MAX))
+        .collect();
+    let scheduled: Vec<Option<DateTime<Utc>>> = fires.iter().map(|f| f.scheduled_for).collect();
+    let fired: Vec<DateTime<Utc>> = fires.iter().map(|f| f.fired_at).collect();
+    let payloads: Vec<Option<sqlx::types::Json<&serde_json::Value>>> = fires
+        .iter()
+        .map(|f| f.payload.as_deref().map(sqlx::types::Json))
+        .collect();
+    let events: Vec<&[u8]> = fires.iter().map(|f| f.event.as_slice()).collect();
+    let notes: Vec<Option<&str>> = fires.iter().map(|f| f.dst_note.as_deref()).collect();
+    let rows: Vec<(Uuid,)> = sqlx::query_as(
+        "INSERT INTO fires (id, activity_id, activity_name, activity_version, source, dedupe_key, \
+             scheduled_for, fired_at, subject, payload, event, dst_note, traceparent) \
+         SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::int4[], $5::text[], \
+             $6::text[], $7::timestamptz[], $8::timestamptz[], $9::text[], $10::jsonb[], \
+             $11::bytea[], $12::text[], $13::text[]) \
+         ON CONFLICT DO NOTHING \
+         RETURNING id",
+    )
+    .bind(&ids)
+    .bind(&activities)
+    .bind(column(|f| f.activity_name.clone()))
+    .bind(&versions)
+    .bind(column(|f| f.source.to_owned()))
+    .bind(column(|f| f.dedupe_key.clone()))
+    .bind(&scheduled)
+    .bind(&fired)
+    .bind(column(|f| f.subject.clone()))
+    .bind(&payloads)
+    .bind(&events)
+    .bind(&notes)
+    .bind(column(|f| f.traceparent.clone()))
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(rows.into_iter().map(|(id,)| id).collect())
 }
 
 /// Records decisions that come with no fire, and moves the watermark past them.
@@ -745,15 +841,30 @@ async fn advance_watermark(
     watermark: DateTime<Utc>,
     counted: bool,
 ) -> Result<(), StoreError> {
+    advance_watermarks(tx, &[(activity_id, watermark, counted)]).await
+}
+
+/// Moves each schedule's watermark forward (never back), counting a fire where `counted`.
+async fn advance_watermarks(
+    tx: &mut sqlx::PgConnection,
+    moves: &[(ActivityId, DateTime<Utc>, bool)],
+) -> Result<(), StoreError> {
+    if moves.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = moves.iter().map(|(a, _, _)| a.0).collect();
+    let watermarks: Vec<DateTime<Utc>> = moves.iter().map(|(_, w, _)| *w).collect();
+    let counted: Vec<i64> = moves.iter().map(|(_, _, c)| i64::from(*c)).collect();
     sqlx::query(
-        "INSERT INTO schedule_state (activity_id, watermark, fires) VALUES ($1, $2, $3) \
+        "INSERT INTO schedule_state (activity_id, watermark, fires) \
+         SELECT * FROM UNNEST($1::uuid[], $2::timestamptz[], $3::int8[]) \
          ON CONFLICT (activity_id) DO UPDATE SET \
              watermark = GREATEST(schedule_state.watermark, EXCLUDED.watermark), \
              fires = schedule_state.fires + EXCLUDED.fires, updated_at = now()",
     )
-    .bind(activity_id.0)
-    .bind(watermark)
-    .bind(i64::from(counted))
+    .bind(&ids)
+    .bind(&watermarks)
+    .bind(&counted)
     .execute(tx)
     .await?;
     Ok(())
@@ -779,10 +890,21 @@ pub async fn schedule_states_of(
 }
 
 pub async fn mark_published(pool: &PgPool, fire: FireId) -> Result<(), StoreError> {
-    sqlx::query("UPDATE fires SET published_at = now() WHERE id = $1 AND published_at IS NULL")
-        .bind(fire.0)
-        .execute(pool)
-        .await?;
+    mark_all_published(pool, &[fire]).await
+}
+
+/// Marks fires published, in one statement.
+pub async fn mark_all_published(pool: &PgPool, fires: &[FireId]) -> Result<(), StoreError> {
+    if fires.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = fires.iter().map(|f| f.0).collect();
+    sqlx::query(
+        "UPDATE fires SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL",
+    )
+    .bind(&ids)
+    .execute(pool)
+    .await?;
     Ok(())
 }
 
