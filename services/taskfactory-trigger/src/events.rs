@@ -182,8 +182,11 @@ impl EventIngress {
                         error_chain(&error)
                     );
                     // What the database refuses for this event's data, it refuses every time.
-                    if let Some(code) = db::input_refused_by_database(&error) {
-                        let why = format!("{why} (SQLSTATE {code}: refused for this event's data)");
+                    if let Some(refusal) = db::input_refused_by_database(&error) {
+                        let why = format!(
+                            "{why} (SQLSTATE {}: refused for this event's data)",
+                            refusal.code
+                        );
                         return self
                             .reject(message, sequence, msg_id.as_deref(), &why)
                             .await;
