@@ -692,3 +692,121 @@ async fn a_dead_letter_the_database_refuses_still_ends_its_task_and_run() -> any
     );
     Ok(())
 }
+
+/// One event, several activities: a fire the database refused for one activity rejected the
+/// whole event, and the activities after it in the loop never fired. The refusal is that
+/// activity's: recorded once (a rejected event and a dead letter naming it), and every other
+/// activity fires, once. Two events, each refused for another of two activities, so whichever
+/// order the activities are tried in, one event has its refused activity first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fire_the_database_refuses_for_one_activity_does_not_stop_the_others()
+-> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions {
+        max_deliveries: 2,
+        ..EnvOptions::default()
+    })
+    .await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    for name in ["first", "second"] {
+        create(
+            &mut admin,
+            &format!(
+                "name: {name}\ntrigger: {{event: {{subject: 'events.both.*', dedupeKey: '{{{{ event.{name} }}}}'}}}}\ntasks: [{{name: t, type: noop}}]\n"
+            ),
+        )
+        .await?;
+    }
+    refuse(&env, "fires", "dedupe_key NOT LIKE 'refused-%'").await?;
+    let mut sequences = Vec::new();
+    for (msg_id, body) in [
+        ("one", json!({"first": "refused-1", "second": "fires-1"})),
+        ("two", json!({"first": "fires-2", "second": "refused-2"})),
+    ] {
+        let ack = publish_event(
+            &js,
+            "events.both.x",
+            serde_json::to_vec(&body)?,
+            Some(msg_id),
+        )
+        .await?;
+        sequences.push(ack.sequence);
+    }
+    for (sequence, refused) in sequences.iter().zip(["first", "second"]) {
+        let error = dead_letter(
+            &js,
+            subjects::EVENTS_DLQ_SUBJECT,
+            subjects::EVENTS_STREAM,
+            *sequence,
+        )
+        .await?;
+        assert!(
+            error.contains(&format!("activity {refused}")) && error.contains("SQLSTATE 23514"),
+            "{error}"
+        );
+    }
+    let pool = env.db.pool().await?;
+    let fired: Vec<(String, String)> = wait_for("the runs", Duration::from_secs(30), || async {
+        let fired: Vec<(String, String)> = sqlx::query_as(
+            "SELECT a.name, r.dedupe_key FROM runs r JOIN activities a ON a.id = r.activity_id \
+             ORDER BY a.name",
+        )
+        .fetch_all(&pool)
+        .await?;
+        Ok((fired.len() >= 2).then_some(fired))
+    })
+    .await?;
+    settled(
+        &js,
+        subjects::EVENTS_STREAM,
+        subjects::TRIGGER_EVENTS_CONSUMER,
+    )
+    .await?;
+    // (Counted as redeliveries: the runs' completion events land in the same stream meanwhile.)
+    assert_eq!(
+        redelivered(
+            &js,
+            subjects::EVENTS_STREAM,
+            subjects::TRIGGER_EVENTS_CONSUMER
+        )
+        .await?,
+        0,
+        "an event was delivered again"
+    );
+    assert_eq!(
+        fired,
+        [
+            ("first".to_owned(), "fires-2".to_owned()),
+            ("second".to_owned(), "fires-1".to_owned())
+        ],
+        "each other activity fired once"
+    );
+    let fires: i64 = sqlx::query_scalar("SELECT count(*) FROM fires")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(fires, 2);
+    let rejected: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT stream_sequence, error FROM rejected_events ORDER BY stream_sequence",
+    )
+    .fetch_all(&pool)
+    .await?;
+    assert_eq!(
+        rejected.len(),
+        2,
+        "each refusal recorded once: {rejected:?}"
+    );
+    for ((sequence, error), (expected, refused)) in rejected
+        .iter()
+        .zip(sequences.iter().zip(["first", "second"]))
+    {
+        assert_eq!(u64::try_from(*sequence)?, *expected);
+        assert!(error.contains(&format!("activity {refused}")), "{error}");
+    }
+    assert_eq!(
+        dead_letters(&js, subjects::EVENTS_DLQ_SUBJECT).await?.len(),
+        2,
+        "each event dead-lettered once"
+    );
+    Ok(())
+}
