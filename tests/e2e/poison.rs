@@ -502,3 +502,311 @@ async fn a_fire_recorded_twice_at_once_is_a_duplicate_not_an_error() -> anyhow::
     assert_eq!(recorded, 400, "each key recorded once");
     Ok(())
 }
+
+/// Makes the test's database refuse what it would otherwise store: a CHECK constraint on
+/// `table` (real Postgres refusing real data, SQLSTATE 23514). Every value from outside is made
+/// storable before it is written (NUL characters replaced, long keys digested), so no input
+/// known today makes Postgres refuse a result or a fire; this stands in for the next one (a
+/// limit, a new column) and proves what happens then.
+async fn refuse(env: &TestEnv, table: &str, check: &str) -> anyhow::Result<()> {
+    let pool = env.db.pool().await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER TABLE {table} ADD CONSTRAINT refused_by_the_test CHECK ({check})"
+    )))
+    .execute(&pool)
+    .await?;
+    pool.close().await;
+    Ok(())
+}
+
+/// The one task of `run_id`, once it is there.
+async fn the_task(
+    admin: &crate::support::Admin,
+    run_id: &str,
+) -> anyhow::Result<taskfactory_proto::v1::Task> {
+    wait_for("the task", Duration::from_secs(30), || {
+        let (mut admin, run_id) = (admin.clone(), run_id.to_owned());
+        async move { Ok(tasks(&mut admin, &run_id).await?.into_iter().next()) }
+    })
+    .await
+}
+
+/// A result the database refuses for its data was dead-lettered once, but its task stayed as it
+/// was: its executor had marked it finished (so it never ran again) and its run never ended. The
+/// task now takes the attempt with an error naming the refusal: a failed attempt shows `FAILED`
+/// (its executor retries), a final one ends the task `DEAD` and the run with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_result_the_database_refuses_still_moves_its_task_and_a_final_one_ends_the_run()
+-> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions {
+        max_deliveries: 2,
+        ..EnvOptions::default()
+    })
+    .await?;
+    let _services = env.start_all().await?;
+    let key = crate::support::result_key(&env).await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    // `external`: nobody serves it, so the task waits for the results played below.
+    create(
+        &mut admin,
+        "name: ext\ntrigger: {manual: {}}\ntasks: [{name: t, type: external, retry: {maxAttempts: 2}}]\n",
+    )
+    .await?;
+    refuse(
+        &env,
+        "task_attempts",
+        "octet_length(error) <= 4096 AND octet_length(coalesce(output::text, '')) <= 4096",
+    )
+    .await?;
+    let run_id = fire(&mut admin, "ext", "once").await?;
+    let task = the_task(&admin, &run_id).await?;
+
+    // Attempt 1 fails with an error too long to store: the task shows the attempt failed.
+    let mut failed = crate::support::played_result(&key, &task, 1, TaskStatus::Failed);
+    failed.error = "e".repeat(8192);
+    publish(
+        &js,
+        subjects::result_subject("ext", &run_id),
+        "failed-1",
+        failed.encode_to_vec(),
+    )
+    .await?;
+    let shown = wait_for("the failed attempt", Duration::from_secs(20), || {
+        let (mut admin, run_id) = (admin.clone(), run_id.clone());
+        async move {
+            let task = tasks(&mut admin, &run_id).await?.remove(0);
+            Ok((task.status() == TaskStatus::Failed).then_some(task))
+        }
+    })
+    .await?;
+    assert!(
+        shown
+            .last_error
+            .contains("the FAILED result of attempt 1 could not be stored")
+            && shown.last_error.contains("23514"),
+        "the task says why: {}",
+        shown.last_error
+    );
+
+    // Attempt 2 succeeds with an output too long to store: the task ends DEAD, its run FAILED.
+    let mut succeeded = crate::support::played_result(&key, &task, 2, TaskStatus::Succeeded);
+    succeeded.output = Some(json_to_value(&json!({ "report": "o".repeat(8192) })));
+    publish(
+        &js,
+        subjects::result_subject("ext", &run_id),
+        "succeeded-2",
+        succeeded.encode_to_vec(),
+    )
+    .await?;
+    let run = finished_run(&admin, &run_id, Duration::from_secs(30)).await?;
+    assert_eq!(run.status(), RunStatus::RunFailed);
+    let listed = tasks(&mut admin, &run_id).await?;
+    assert_eq!(listed[0].status(), TaskStatus::Dead);
+    assert!(
+        listed[0]
+            .last_error
+            .contains("the SUCCEEDED result of attempt 2 could not be stored")
+            && listed[0].last_error.contains("refused_by_the_test")
+            && listed[0].last_error.len() <= 1024,
+        "the task says why: {}",
+        listed[0].last_error
+    );
+
+    // Each result dead-lettered once, as it was sent; none delivered again.
+    settled(
+        &js,
+        subjects::RESULTS_STREAM,
+        subjects::ORCHESTRATOR_RESULTS_CONSUMER,
+    )
+    .await?;
+    assert_eq!(
+        redelivered(
+            &js,
+            subjects::RESULTS_STREAM,
+            subjects::ORCHESTRATOR_RESULTS_CONSUMER
+        )
+        .await?,
+        0,
+        "a result was delivered again"
+    );
+    let letters = dead_letters(&js, subjects::RESULTS_DLQ_SUBJECT).await?;
+    assert_eq!(letters.len(), 2);
+    for letter in &letters {
+        assert!(letter.error.contains("SQLSTATE 23514"), "{}", letter.error);
+    }
+    let pool = env.db.pool().await?;
+    let history: Vec<(i32, String)> = sqlx::query_as(
+        "SELECT attempt, status FROM task_attempts WHERE task_id = $1::uuid ORDER BY attempt",
+    )
+    .bind(&task.id)
+    .fetch_all(&pool)
+    .await?;
+    assert_eq!(
+        history,
+        [(1, "FAILED".to_owned()), (2, "DEAD".to_owned())],
+        "each attempt in the history, as recorded"
+    );
+    Ok(())
+}
+
+/// A task an executor dead-lettered, whose `DEAD` the database refuses (here: the letter's
+/// error too long), was only logged: the task and its run waited for ever. It ends `DEAD` with
+/// an error naming the refusal, and its run ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_letter_the_database_refuses_still_ends_its_task_and_run() -> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    create(
+        &mut admin,
+        "name: lettered\ntrigger: {manual: {}}\ntasks: [{name: t, type: external}]\n",
+    )
+    .await?;
+    refuse(&env, "task_attempts", "octet_length(error) <= 4096").await?;
+    let run_id = fire(&mut admin, "lettered", "once").await?;
+    let task = queued_task(&js, "tasks.external").await?;
+    // As an executor dead-letters a task it cannot run (no attempt count: no result before it).
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(subjects::HEADER_ERROR, "x".repeat(8192).as_str());
+    js.publish_with_headers(
+        subjects::task_dlq_subject("external"),
+        headers,
+        task.encode_to_vec().into(),
+    )
+    .await?
+    .await?;
+
+    let run = finished_run(&admin, &run_id, Duration::from_secs(30)).await?;
+    assert_eq!(run.status(), RunStatus::RunFailed);
+    let listed = tasks(&mut admin, &run_id).await?;
+    assert_eq!(listed[0].status(), TaskStatus::Dead);
+    assert!(
+        listed[0]
+            .last_error
+            .contains("the DEAD result of attempt 1 could not be stored")
+            && listed[0].last_error.contains("23514"),
+        "the task says why: {}",
+        listed[0].last_error
+    );
+    Ok(())
+}
+
+/// One event, several activities: a fire the database refused for one activity rejected the
+/// whole event, and the activities after it in the loop never fired. The refusal is that
+/// activity's: recorded once (a rejected event and a dead letter naming it), and every other
+/// activity fires, once. Two events, each refused for another of two activities, so whichever
+/// order the activities are tried in, one event has its refused activity first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fire_the_database_refuses_for_one_activity_does_not_stop_the_others()
+-> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions {
+        max_deliveries: 2,
+        ..EnvOptions::default()
+    })
+    .await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    for name in ["first", "second"] {
+        create(
+            &mut admin,
+            &format!(
+                "name: {name}\ntrigger: {{event: {{subject: 'events.both.*', dedupeKey: '{{{{ event.{name} }}}}'}}}}\ntasks: [{{name: t, type: noop}}]\n"
+            ),
+        )
+        .await?;
+    }
+    refuse(&env, "fires", "dedupe_key NOT LIKE 'refused-%'").await?;
+    let mut sequences = Vec::new();
+    for (msg_id, body) in [
+        ("one", json!({"first": "refused-1", "second": "fires-1"})),
+        ("two", json!({"first": "fires-2", "second": "refused-2"})),
+    ] {
+        let ack = publish_event(
+            &js,
+            "events.both.x",
+            serde_json::to_vec(&body)?,
+            Some(msg_id),
+        )
+        .await?;
+        sequences.push(ack.sequence);
+    }
+    for (sequence, refused) in sequences.iter().zip(["first", "second"]) {
+        let error = dead_letter(
+            &js,
+            subjects::EVENTS_DLQ_SUBJECT,
+            subjects::EVENTS_STREAM,
+            *sequence,
+        )
+        .await?;
+        assert!(
+            error.contains(&format!("activity {refused}")) && error.contains("SQLSTATE 23514"),
+            "{error}"
+        );
+    }
+    let pool = env.db.pool().await?;
+    let fired: Vec<(String, String)> = wait_for("the runs", Duration::from_secs(30), || async {
+        let fired: Vec<(String, String)> = sqlx::query_as(
+            "SELECT a.name, r.dedupe_key FROM runs r JOIN activities a ON a.id = r.activity_id \
+             ORDER BY a.name",
+        )
+        .fetch_all(&pool)
+        .await?;
+        Ok((fired.len() >= 2).then_some(fired))
+    })
+    .await?;
+    settled(
+        &js,
+        subjects::EVENTS_STREAM,
+        subjects::TRIGGER_EVENTS_CONSUMER,
+    )
+    .await?;
+    // (Counted as redeliveries: the runs' completion events land in the same stream meanwhile.)
+    assert_eq!(
+        redelivered(
+            &js,
+            subjects::EVENTS_STREAM,
+            subjects::TRIGGER_EVENTS_CONSUMER
+        )
+        .await?,
+        0,
+        "an event was delivered again"
+    );
+    assert_eq!(
+        fired,
+        [
+            ("first".to_owned(), "fires-2".to_owned()),
+            ("second".to_owned(), "fires-1".to_owned())
+        ],
+        "each other activity fired once"
+    );
+    let fires: i64 = sqlx::query_scalar("SELECT count(*) FROM fires")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(fires, 2);
+    let rejected: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT stream_sequence, error FROM rejected_events ORDER BY stream_sequence",
+    )
+    .fetch_all(&pool)
+    .await?;
+    assert_eq!(
+        rejected.len(),
+        2,
+        "each refusal recorded once: {rejected:?}"
+    );
+    for ((sequence, error), (expected, refused)) in rejected
+        .iter()
+        .zip(sequences.iter().zip(["first", "second"]))
+    {
+        assert_eq!(u64::try_from(*sequence)?, *expected);
+        assert!(error.contains(&format!("activity {refused}")), "{error}");
+    }
+    assert_eq!(
+        dead_letters(&js, subjects::EVENTS_DLQ_SUBJECT).await?.len(),
+        2,
+        "each event dead-lettered once"
+    );
+    Ok(())
+}

@@ -304,6 +304,52 @@ pub fn judge(facts: &TaskFacts<'_>, now: TaskState, report: &Report<'_>) -> Verd
     Verdict::Recorded(change)
 }
 
+/// What a result the database refuses for its data is recorded as, in its place (the same
+/// attempt, with [`unstorable_error`] and nothing else it carried), so its task does not wait for
+/// a result no executor sends again: a `FAILED` attempt stays `FAILED` (its executor retries it);
+/// a success ends the task `DEAD` (what it produced is lost, and its executor marked the task
+/// finished: no attempt follows); `DEAD` and `CANCELLED` stay. A start report (`RUNNING`) has
+/// none: it changes nothing final, and its attempt's outcome follows.
+pub fn unstorable_status(status: TaskStatus) -> Option<TaskStatus> {
+    match status {
+        TaskStatus::Succeeded => Some(TaskStatus::Dead),
+        TaskStatus::Failed | TaskStatus::Dead | TaskStatus::Cancelled => Some(status),
+        _ => None,
+    }
+}
+
+/// The longest error [`unstorable_error`] makes.
+pub const MAX_UNSTORABLE_ERROR_BYTES: usize = 1024;
+
+/// The error recorded in place of a result the database refused (`code`, `message`: its SQLSTATE
+/// and message, never the refused data): one line of at most [`MAX_UNSTORABLE_ERROR_BYTES`], with
+/// no NUL, so it is stored where the result was not.
+pub fn unstorable_error(status: TaskStatus, attempt: u32, code: &str, message: &str) -> String {
+    let mut error = format!(
+        "the {} result of attempt {attempt} could not be stored: SQLSTATE {code}: {message} \
+         (the result as sent is on the dead-letter stream)",
+        status.as_str_name()
+    );
+    error = error
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    crate::values::truncate_text(&mut error, MAX_UNSTORABLE_ERROR_BYTES);
+    error
+}
+
+/// The executor name recorded with an [`unstorable_error`]: the result's, cut to at most
+/// [`MAX_UNSTORABLE_EXECUTOR_BYTES`], with no NUL.
+pub fn unstorable_executor(executor: &str) -> String {
+    let mut executor = executor.replace('\0', "\u{fffd}");
+    crate::values::truncate_text(&mut executor, MAX_UNSTORABLE_EXECUTOR_BYTES);
+    executor
+}
+
+/// The longest executor name [`unstorable_executor`] keeps (names are short; this one's
+/// result was refused, and its name may be why).
+pub const MAX_UNSTORABLE_EXECUTOR_BYTES: usize = 256;
+
 /// One row of a task's attempt history, as far as repeated starts are concerned.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Seen {
@@ -854,5 +900,44 @@ mod tests {
             ),
             Verdict::Recorded(Some(_))
         ));
+    }
+
+    #[test]
+    fn a_refused_result_is_recorded_as_a_failure_that_ends_the_task_when_it_was_final() {
+        assert_eq!(
+            unstorable_status(TaskStatus::Failed),
+            Some(TaskStatus::Failed)
+        );
+        assert_eq!(
+            unstorable_status(TaskStatus::Succeeded),
+            Some(TaskStatus::Dead)
+        );
+        assert_eq!(unstorable_status(TaskStatus::Dead), Some(TaskStatus::Dead));
+        assert_eq!(
+            unstorable_status(TaskStatus::Cancelled),
+            Some(TaskStatus::Cancelled)
+        );
+        assert_eq!(unstorable_status(TaskStatus::Running), None);
+        for status in [TaskStatus::Failed, TaskStatus::Succeeded, TaskStatus::Dead] {
+            let recorded = unstorable_status(status).expect("a result status");
+            // The same finality: a final result still ends the task, a failed attempt does not.
+            assert_eq!(task_is_terminal(recorded), task_is_terminal(status));
+        }
+    }
+
+    #[test]
+    fn the_error_of_a_refused_result_is_bounded_one_line_and_storable() {
+        let error = unstorable_error(TaskStatus::Succeeded, 2, "22P05", "bad \0 value\nhere");
+        assert!(error.starts_with(
+            "the SUCCEEDED result of attempt 2 could not be stored: SQLSTATE 22P05: bad"
+        ));
+        assert!(!error.contains('\0') && !error.contains('\n'), "{error}");
+        let long = unstorable_error(TaskStatus::Dead, 1, "54000", &"é".repeat(5000));
+        assert!(long.len() <= MAX_UNSTORABLE_ERROR_BYTES && long.len() > 1000);
+        assert_eq!(unstorable_executor("pod-1\0"), "pod-1\u{fffd}");
+        assert_eq!(
+            unstorable_executor(&"é".repeat(200)).len(),
+            MAX_UNSTORABLE_EXECUTOR_BYTES
+        );
     }
 }

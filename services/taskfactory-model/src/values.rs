@@ -89,6 +89,17 @@ pub fn make_storable_text(text: &mut String) {
     }
 }
 
+/// Cuts `text` to at most `max_bytes`, at a character boundary.
+pub fn truncate_text(text: &mut String, max_bytes: usize) {
+    if text.len() > max_bytes {
+        let mut cut = max_bytes;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+    }
+}
+
 /// The longest dedupe key stored as it is. Dedupe keys are unique keys in Postgres (an index
 /// row has room for about 2.7 KB), and come from outside: an event's `Nats-Msg-Id`, a
 /// `dedupeKey` template over its payload, an idempotency key.

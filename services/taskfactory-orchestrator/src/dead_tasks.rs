@@ -9,7 +9,8 @@
 //! is judged like any executor's result (`model::results::judge`): it needs the task's result
 //! token, names the task's type, run and activity, and changes nothing about a task already final.
 //! A dead letter that is not a task, or that its task refuses, is only logged and counted: it is a
-//! dead letter already.
+//! dead letter already. One whose `DEAD` the database refuses for its data ends the task `DEAD`
+//! all the same, with an error naming the refusal ([`ResultSink::process`]).
 
 use async_nats::jetstream::Message;
 use prost::Message as _;
@@ -80,8 +81,10 @@ impl Handler for DeadTasks {
                 taskfactory_runtime::metrics::record_refused("dead_task", refusal.reason());
                 Ok(())
             }
+            // The task took the attempt with the reason in its place, unless that was refused too
+            // (the error says which): the letter stays on the dead-letter stream as it is.
             Err(ResultError::Unstorable(error)) => {
-                tracing::error!(%error, "a dead-lettered task whose DEAD result the database refuses; not recorded");
+                tracing::error!(%error, "a dead-lettered task whose DEAD result the database refuses");
                 taskfactory_runtime::metrics::record_refused("dead_task", "unstorable");
                 Ok(())
             }

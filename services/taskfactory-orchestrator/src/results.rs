@@ -7,6 +7,10 @@
 //! completes one), one naming another task type, run or activity, or an attempt its series never
 //! handed out is refused — dead-lettered once to `dlq.results` with the reason, logged, counted
 //! (`taskfactory_refused_messages_total{kind="result"}`), and nothing about the task changes.
+//!
+//! A result the database refuses for its data is dead-lettered as it was sent, and its task takes
+//! the attempt all the same, with an error naming the refusal
+//! ([`taskfactory_model::results::unstorable_status`]): a final one ends the task and its run.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,7 +23,7 @@ use async_nats::jetstream::Message;
 use prost::Message as _;
 use sqlx::PgPool;
 use taskfactory_model::ids::TaskId;
-use taskfactory_model::results::{Claim, Refusal, is_result_status};
+use taskfactory_model::results::{self, Claim, Refusal, is_result_status};
 use taskfactory_model::spec::timestamp_to_chrono;
 use taskfactory_model::{subjects, values};
 use taskfactory_proto::v1::{TaskResult, TaskStatus};
@@ -204,7 +208,8 @@ pub enum ResultError {
     /// Refused by its task ([`taskfactory_model::results::judge`]): dead-lettered and counted.
     #[error("result for task {task} refused: {refusal}")]
     Refused { task: TaskId, refusal: Refusal },
-    /// The database refuses its data, and would every time: dead-lettered.
+    /// The database refuses its data, and would every time: dead-lettered (its task took the
+    /// attempt in its place, with the reason: [`ResultSink::record_unstorable`]).
     #[error("{0}")]
     Unstorable(String),
     /// The database or NATS: delivered again.
@@ -281,11 +286,21 @@ impl ResultSink {
         task_id: TaskId,
         status: TaskStatus,
     ) -> Result<(), ResultError> {
-        let mut record = ResultRecord {
+        let mut record = self.record_of(&result, task_id);
+        record.make_storable();
+        match self.batcher.record(result.run_id.clone(), record).await {
+            Ok(recorded) => self.settle(&result, task_id, status, recorded).await,
+            Err(error) => self.record_unstorable(&result, task_id, error).await,
+        }
+    }
+
+    /// What is recorded of a result.
+    fn record_of(&self, result: &TaskResult, task_id: TaskId) -> ResultRecord {
+        ResultRecord {
             execution: result.execution.clone(),
             task_id,
             attempt: result.attempt,
-            status,
+            status: result.status(),
             error: result.error.clone(),
             output: result.output.as_ref().map(values::value_to_json),
             executor: result.executor.clone(),
@@ -301,35 +316,44 @@ impl ResultSink {
                 run_id: result.run_id.clone(),
                 activity_id: result.activity_id.clone(),
             }),
-        };
-        record.make_storable();
-        let recorded = self.batcher.record(result.run_id.clone(), record).await;
+        }
+    }
+
+    /// Carries out what recording a result (recorded as `status`) did: executors told a final
+    /// task is finished, the run announced when it was the last, the next buffered run started.
+    async fn settle(
+        &self,
+        result: &TaskResult,
+        task_id: TaskId,
+        status: TaskStatus,
+        recorded: Recorded,
+    ) -> Result<(), ResultError> {
         match recorded {
-            Ok(Recorded::UnknownTask) => {
+            Recorded::UnknownTask => {
                 tracing::warn!(task.id = %task_id, "result for an unknown task ignored");
                 Ok(())
             }
-            Ok(Recorded::Refused(refusal)) => Err(ResultError::Refused {
+            Recorded::Refused(refusal) => Err(ResultError::Refused {
                 task: task_id,
                 refusal,
             }),
-            Ok(Recorded::AlreadyFinal) => {
+            Recorded::AlreadyFinal => {
                 tracing::debug!(task.id = %task_id, attempt = result.attempt, "late result kept as an attempt");
                 // Possibly the redelivery of the result that decided the task, whose entry was not
                 // written the first time.
                 self.remember_finished(task_id, &result.r#type, status, result.attempt)
                     .await?;
                 // A redelivery after the run finished but before it was announced lands here.
-                self.retry_announcement(&result).await
+                self.retry_announcement(result).await
             }
-            Ok(Recorded::Applied(completed)) => {
+            Recorded::Applied(completed) => {
                 self.remember_finished(task_id, &result.r#type, status, result.attempt)
                     .await?;
                 if let Some(run) = completed {
                     if let Err(error) = completion::announce(&self.pool, &self.js, &run).await {
                         tracing::warn!(run.id = %run.id, error = %error_chain(&error), "run finished but not announced; will retry");
                         // The result is recorded; the redelivery finds the run unannounced.
-                        return self.retry_announcement(&result).await;
+                        return self.retry_announcement(result).await;
                     }
                     if let Err(error) = self.spawner.start_next(run.activity_id).await {
                         // The overlap sweeper starts it if this did not.
@@ -338,20 +362,71 @@ impl ResultSink {
                 }
                 Ok(())
             }
-            Err(error) => {
-                let why = format!(
-                    "cannot record the result of task {task_id}: {}",
-                    error_chain(&error)
-                );
-                // Recorded on its own (a batch that fails is recorded one by one), so this is
-                // this result's data, refused every time.
-                match db::input_refused_by_database(&error) {
-                    Some(code) => Err(ResultError::Unstorable(format!(
-                        "{why} (SQLSTATE {code}: refused for this result's data)"
-                    ))),
-                    None => Err(ResultError::Transient(why)),
-                }
+        }
+    }
+
+    /// A result that could not be recorded. It was recorded on its own (a batch that fails is
+    /// recorded one by one), so a refusal of its data ([`db::input_refused_by_database`]) meets
+    /// it every time: in its place, the task takes the attempt as
+    /// [`results::unstorable_status`] says, with an error naming the refusal, and the result is
+    /// dead-lettered as it was sent. Without that, a final result's task would wait for ever: its
+    /// executor marked it finished, so it never runs again. Anything else is retried.
+    async fn record_unstorable(
+        &self,
+        result: &TaskResult,
+        task_id: TaskId,
+        error: sqlx::Error,
+    ) -> Result<(), ResultError> {
+        let why = format!(
+            "cannot record the result of task {task_id}: {}",
+            error_chain(&error)
+        );
+        let Some(refused) = db::input_refused_by_database(&error) else {
+            return Err(ResultError::Transient(why));
+        };
+        let why = format!(
+            "{why} (SQLSTATE {}: refused for this result's data)",
+            refused.code
+        );
+        let status = result.status();
+        let Some(instead) = results::unstorable_status(status) else {
+            return Err(ResultError::Unstorable(why));
+        };
+        let mut record = ResultRecord {
+            status: instead,
+            error: results::unstorable_error(
+                status,
+                result.attempt,
+                &refused.code,
+                &refused.message,
+            ),
+            output: None,
+            executor: results::unstorable_executor(&result.executor),
+            ..self.record_of(result, task_id)
+        };
+        record.make_storable();
+        match self.batcher.record(result.run_id.clone(), record).await {
+            Ok(recorded) => {
+                self.settle(result, task_id, instead, recorded).await?;
+                Err(ResultError::Unstorable(format!(
+                    "{why}; the task took attempt {} as {} with the reason",
+                    result.attempt,
+                    instead.as_str_name()
+                )))
             }
+            Err(error) => match db::input_refused_by_database(&error) {
+                Some(again) => {
+                    tracing::error!(task.id = %task_id, error = %error_chain(&error), "the reason a result could not be stored cannot be stored either; the task does not change");
+                    Err(ResultError::Unstorable(format!(
+                        "{why}; nor its reason (SQLSTATE {}): the task does not change",
+                        again.code
+                    )))
+                }
+                None => Err(ResultError::Transient(format!(
+                    "cannot record the reason the result of task {task_id} could not be stored: {}",
+                    error_chain(&error)
+                ))),
+            },
         }
     }
 

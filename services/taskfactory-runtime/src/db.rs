@@ -123,13 +123,23 @@ async fn create_database(options: &PgConnectOptions, database: &str) -> Result<(
     }
 }
 
-/// The SQLSTATE of a database error in `error`'s chain that the same input would meet on every
-/// try: a data exception (class 22: a value out of range, an invalid encoding), a program limit
-/// (class 54: an index row or a value too large), a NOT NULL or CHECK violation (23502, 23514).
-/// A handler that would otherwise retry for as long as the database is down dead-letters such
-/// input instead of looping. Unique and foreign-key violations are left out: a race between
-/// replicas produces them, and a retry sees the winner's row.
-pub fn input_refused_by_database(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+/// A database error that the same input would meet on every try: its SQLSTATE and message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefusedInput {
+    pub code: String,
+    /// The server's message (no detail: that may quote the refused row).
+    pub message: String,
+}
+
+/// The database error in `error`'s chain that the same input would meet on every try: a data
+/// exception (class 22: a value out of range, an invalid encoding), a program limit (class 54:
+/// an index row or a value too large), a NOT NULL or CHECK violation (23502, 23514). A handler
+/// that would otherwise retry for as long as the database is down dead-letters such input
+/// instead of looping. Unique and foreign-key violations are left out: a race between replicas
+/// produces them, and a retry sees the winner's row.
+pub fn input_refused_by_database(
+    error: &(dyn std::error::Error + 'static),
+) -> Option<RefusedInput> {
     let mut current = Some(error);
     while let Some(error) = current {
         if let Some(sqlx::Error::Database(db)) = error.downcast_ref::<sqlx::Error>()
@@ -139,7 +149,10 @@ pub fn input_refused_by_database(error: &(dyn std::error::Error + 'static)) -> O
                 || code == "23502"
                 || code == "23514")
         {
-            return Some(code.into_owned());
+            return Some(RefusedInput {
+                code: code.into_owned(),
+                message: db.message().to_owned(),
+            });
         }
         current = error.source();
     }

@@ -9,7 +9,9 @@
 //!   published ([`crate::fire`]). A filter or key that fails on this event skips that activity
 //!   with a warning; it does not reject the event for the others.
 //! - The event is acked once every fire is recorded; a database failure retries the whole event
-//!   (fires already recorded are recognised as duplicates).
+//!   (fires already recorded are recognised as duplicates). A fire the database refuses for its
+//!   data (it would every time) is that activity's alone: the others fire, and the event is then
+//!   rejected once, naming each activity refused.
 //!
 //! # Memory
 //!
@@ -152,7 +154,13 @@ impl EventIngress {
             None => format!("seq:{sequence}:{published}"),
         };
         let decided = decide(&listening, subject, &payload, default_key);
+        let tried = decided.len();
         let payload = Arc::new(payload);
+        // Fires the database refuses for their data (an activity's dedupe key), which it would
+        // refuse every time: each is that activity's, and the others still fire. They are
+        // recorded once every fire is decided, so an event retried for a transient failure
+        // records none twice.
+        let mut refused = Vec::new();
         for Decided {
             activity,
             dedupe_key,
@@ -181,18 +189,27 @@ impl EventIngress {
                         activity.name,
                         error_chain(&error)
                     );
-                    // What the database refuses for this event's data, it refuses every time.
-                    if let Some(code) = db::input_refused_by_database(&error) {
-                        let why = format!("{why} (SQLSTATE {code}: refused for this event's data)");
-                        return self
-                            .reject(message, sequence, msg_id.as_deref(), &why)
-                            .await;
-                    }
-                    return Err(EventError::Transient(why));
+                    let Some(refusal) = db::input_refused_by_database(&error) else {
+                        // Fires recorded before this one are duplicates when the event returns.
+                        return Err(EventError::Transient(why));
+                    };
+                    refused.push(format!(
+                        "{why} (SQLSTATE {}: refused for this event's data; not fired)",
+                        refusal.code
+                    ));
                 }
             }
         }
-        Ok(())
+        if refused.is_empty() {
+            return Ok(());
+        }
+        let why = format!(
+            "{} ({} of the {tried} activities it matched fired)",
+            refused.join("; "),
+            tried - refused.len()
+        );
+        self.reject(message, sequence, msg_id.as_deref(), &why)
+            .await
     }
 
     /// Waits for room for the message's bytes among the events in hand (all of the budget for
