@@ -32,6 +32,7 @@ use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::store::{self, NewFire, ScheduleWrite, StoreError};
+use taskfactory_runtime::clock::ClockHandle;
 
 /// What to fire.
 #[derive(Clone, Debug)]
@@ -72,6 +73,33 @@ pub async fn fire(
     request: FireRequest,
     schedule: Option<ScheduleWrite<'_>>,
 ) -> Result<Fired, StoreError> {
+    fire_via(Via::Alone { pool, js }, request, schedule).await
+}
+
+/// [`fire`], recorded and published together with the other fires `batcher` has in hand.
+pub async fn fire_batched(
+    batcher: &FireBatcher,
+    request: FireRequest,
+    schedule: Option<ScheduleWrite<'_>>,
+) -> Result<Fired, StoreError> {
+    fire_via(Via::Batched(batcher), request, schedule).await
+}
+
+/// How a fire is recorded and published: alone, or in a batch.
+#[derive(Clone, Copy)]
+enum Via<'a> {
+    Alone {
+        pool: &'a PgPool,
+        js: &'a async_nats::jetstream::Context,
+    },
+    Batched(&'a FireBatcher),
+}
+
+async fn fire_via(
+    via: Via<'_>,
+    request: FireRequest,
+    schedule: Option<ScheduleWrite<'_>>,
+) -> Result<Fired, StoreError> {
     // Stored as it is published: Postgres takes no NUL character, and a unique key has a length
     // limit (the key is scrubbed, and a long one digested, before any id is derived from it, so a
     // repeat still dedupes).
@@ -106,7 +134,7 @@ pub async fn fire(
     if let Some(note) = &request.dst_note {
         span.set_attribute("fire.dst_note", note.clone());
     }
-    let fired = fire_in_span(pool, js, request, schedule)
+    let fired = fire_in_span(via, request, schedule, &span)
         .instrument(span.clone())
         .await;
     match &fired {
@@ -122,10 +150,10 @@ pub async fn fire(
 }
 
 async fn fire_in_span(
-    pool: &PgPool,
-    js: &async_nats::jetstream::Context,
+    via: Via<'_>,
     mut request: FireRequest,
     schedule: Option<ScheduleWrite<'_>>,
+    span: &tracing::Span,
 ) -> Result<Fired, StoreError> {
     let fire_id = FireId::derive(request.activity_id, &request.dedupe_key);
     let run_id = RunId::derive(request.activity_id, &request.dedupe_key);
@@ -160,7 +188,31 @@ async fn fire_in_span(
         dst_note: request.dst_note.clone(),
         traceparent: taskfactory_runtime::propagation::current_traceparent().unwrap_or_default(),
     };
-    let inserted = store::record_fire(pool, &new_fire, schedule).await?;
+    let inserted = match via {
+        Via::Alone { pool, js } => {
+            let inserted = store::record_fire(pool, &new_fire, schedule).await?;
+            if inserted {
+                let published = publish_fire(
+                    js,
+                    &request.activity_name,
+                    request.activity_id,
+                    &request.dedupe_key,
+                    encoded,
+                )
+                .await;
+                match published {
+                    Ok(()) => mark_published(pool, &[fire_id]).await,
+                    Err(error) => not_published(&new_fire, &error),
+                }
+            }
+            inserted
+        }
+        Via::Batched(batcher) => {
+            batcher
+                .record(new_fire, schedule.map(Scheduled::of), span.clone())
+                .await?
+        }
+    };
     if !inserted {
         tracing::debug!(activity.id = %request.activity_id, dedupe_key = %request.dedupe_key, "duplicate fire");
         metrics::record_fire(
@@ -173,24 +225,6 @@ async fn fire_in_span(
             run_id,
             duplicate: true,
         });
-    }
-    match publish_fire(
-        js,
-        &request.activity_name,
-        request.activity_id,
-        &request.dedupe_key,
-        encoded,
-    )
-    .await
-    {
-        Ok(()) => {
-            if let Err(error) = store::mark_published(pool, fire_id).await {
-                tracing::warn!(fire.id = %fire_id, error = %error_chain(&error), "fire published but not marked; the reconciler will republish it (deduplicated)");
-            }
-        }
-        Err(error) => {
-            tracing::warn!(fire.id = %fire_id, activity.name = %request.activity_name, error = %error_chain(&error), "fire recorded but not published; the reconciler will publish it");
-        }
     }
     tracing::info!(activity.name = %request.activity_name, fire.id = %fire_id, run.id = %run_id, source = source_name(request.source), scheduled_for = ?request.scheduled_for, "fired");
     metrics::record_fire(&request.activity_name, source_name(request.source), "fired");
@@ -209,6 +243,177 @@ async fn fire_in_span(
         run_id,
         duplicate: false,
     })
+}
+
+async fn mark_published(pool: &PgPool, fires: &[FireId]) {
+    if let Err(error) = store::mark_all_published(pool, fires).await {
+        tracing::warn!(fires = fires.len(), error = %error_chain(&error), "fires published but not marked; the reconciler will republish them (deduplicated)");
+    }
+}
+
+fn not_published(fire: &NewFire, error: &(dyn std::error::Error + 'static)) {
+    tracing::warn!(fire.id = %fire.id, activity.name = %fire.activity_name, error = %error_chain(error), "fire recorded but not published; the reconciler will publish it");
+}
+
+/// Fires in one batch at most.
+const BATCH: usize = 512;
+
+/// A scheduled fire's side of the write, owned (it waits in the batcher's queue).
+struct Scheduled {
+    term: store::Term,
+    watermark: DateTime<Utc>,
+    decisions: Vec<store::DecisionRow>,
+    late_after: Option<DateTime<Utc>>,
+}
+
+impl Scheduled {
+    fn of(write: ScheduleWrite<'_>) -> Self {
+        Self {
+            term: write.term,
+            watermark: write.watermark,
+            decisions: write.decisions.to_vec(),
+            late_after: write.late_after.map(|(at, _)| at),
+        }
+    }
+}
+
+struct Job {
+    fire: NewFire,
+    schedule: Option<Scheduled>,
+    /// The fire's span: its publish belongs to the fire's trace.
+    span: tracing::Span,
+    reply: tokio::sync::oneshot::Sender<Result<bool, StoreError>>,
+}
+
+/// Group commit of fires: whatever fires wait when a batch begins (at most [`BATCH`]) are
+/// recorded in one transaction ([`store::record_fires`]), then published together, then marked
+/// published in one statement; each caller hears of its own fire once that is done. One fire's
+/// failure never holds back the others: a batch whose transaction fails is recorded again one
+/// fire at a time, so each gets its own outcome. Stops when every handle is dropped, after the
+/// fires in hand.
+#[derive(Clone)]
+pub struct FireBatcher {
+    jobs: tokio::sync::mpsc::UnboundedSender<Job>,
+}
+
+impl FireBatcher {
+    /// Starts the batch writer; lateness is judged on `clock`.
+    pub fn start(
+        pool: PgPool,
+        js: async_nats::jetstream::Context,
+        clock: ClockHandle,
+        tracker: &tokio_util::task::TaskTracker,
+    ) -> Self {
+        let (jobs, queue) = tokio::sync::mpsc::unbounded_channel();
+        tracker.spawn(write_batches(pool, js, clock, queue));
+        Self { jobs }
+    }
+
+    async fn record(
+        &self,
+        fire: NewFire,
+        schedule: Option<Scheduled>,
+        span: tracing::Span,
+    ) -> Result<bool, StoreError> {
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        let job = Job {
+            fire,
+            schedule,
+            span,
+            reply,
+        };
+        if self.jobs.send(job).is_err() {
+            return Err(StoreError::Database(sqlx::Error::PoolClosed));
+        }
+        outcome
+            .await
+            .unwrap_or(Err(StoreError::Database(sqlx::Error::PoolClosed)))
+    }
+}
+
+async fn write_batches(
+    pool: PgPool,
+    js: async_nats::jetstream::Context,
+    clock: ClockHandle,
+    mut queue: tokio::sync::mpsc::UnboundedReceiver<Job>,
+) {
+    let mut jobs = Vec::with_capacity(BATCH);
+    while queue.recv_many(&mut jobs, BATCH).await > 0 {
+        let outcomes = record_batch(&pool, &clock, &jobs).await;
+        // Published together: every publish is sent, then the acks are awaited.
+        let mut acks = Vec::new();
+        for (job, outcome) in jobs.iter().zip(&outcomes) {
+            if !matches!(outcome, Ok(true)) {
+                continue;
+            }
+            let fire = &job.fire;
+            let sent = messaging::publish(
+                &js,
+                subjects::trigger_subject(&fire.activity_name),
+                &subjects::trigger_msg_id(&fire.activity_id.to_string(), &fire.dedupe_key),
+                None,
+                fire.event.clone().into(),
+            )
+            .instrument(job.span.clone())
+            .await;
+            match sent {
+                Ok(ack) => acks.push((fire, ack)),
+                Err(error) => not_published(fire, &error),
+            }
+        }
+        let mut published = Vec::with_capacity(acks.len());
+        for (fire, ack) in acks {
+            match ack.await {
+                Ok(_) => published.push(fire.id),
+                Err(error) => not_published(fire, &error),
+            }
+        }
+        mark_published(&pool, &published).await;
+        for (job, outcome) in jobs.drain(..).zip(outcomes) {
+            let _ = job.reply.send(outcome);
+        }
+    }
+}
+
+/// Records a batch in one transaction, or, when that fails, each fire on its own.
+async fn record_batch(
+    pool: &PgPool,
+    clock: &ClockHandle,
+    jobs: &[Job],
+) -> Vec<Result<bool, StoreError>> {
+    let writes: Vec<store::FireWrite<'_>> = jobs
+        .iter()
+        .map(|job| store::FireWrite {
+            fire: &job.fire,
+            schedule: job.schedule.as_ref().map(|s| ScheduleWrite {
+                term: s.term,
+                watermark: s.watermark,
+                decisions: &s.decisions,
+                late_after: s.late_after.map(|at| (at, clock)),
+            }),
+        })
+        .collect();
+    match store::record_fires(pool, &writes).await {
+        Ok(outcomes) => return outcomes,
+        Err(error) if jobs.len() == 1 => return vec![Err(error)],
+        Err(StoreError::Deposed { term }) => {
+            return jobs
+                .iter()
+                .map(|_| Err(StoreError::Deposed { term }))
+                .collect();
+        }
+        Err(error) => {
+            tracing::warn!(fires = jobs.len(), error = %error_chain(&error), "a batch of fires failed; recording them one at a time");
+        }
+    }
+    let mut outcomes = Vec::with_capacity(jobs.len());
+    for write in writes {
+        outcomes.push(match store::record_fires(pool, &[write]).await {
+            Ok(mut outcome) => outcome.pop().unwrap_or(Ok(false)),
+            Err(error) => Err(error),
+        });
+    }
+    outcomes
 }
 
 async fn publish_fire(

@@ -72,11 +72,12 @@ enum StartMode {
 
 pub struct Scheduler {
     pool: PgPool,
-    js: async_nats::jetstream::Context,
     registry: Registry,
     clock: ClockHandle,
     term: Term,
     tracker: TaskTracker,
+    /// Writes the writers' fires together ([`fire::FireBatcher`]).
+    batcher: fire::FireBatcher,
     shutdown: CancellationToken,
     entries: HashMap<ActivityId, Entry>,
     /// Every entry's next due time, in order: the timer's next wake is its first, and a wake
@@ -96,13 +97,15 @@ impl Scheduler {
         term: Term,
         shutdown: CancellationToken,
     ) -> Self {
+        let tracker = TaskTracker::new();
+        let batcher = fire::FireBatcher::start(pool.clone(), js.clone(), clock.clone(), &tracker);
         Self {
             pool,
-            js,
             registry,
             clock,
             term,
-            tracker: TaskTracker::new(),
+            tracker,
+            batcher,
             shutdown,
             entries: HashMap::new(),
             timeline: BTreeSet::new(),
@@ -142,12 +145,19 @@ impl Scheduler {
             }
             self.signal_due(self.clock.now());
         }
-        // Each writer finishes the fire in hand, then stops.
-        self.entries.clear();
-        self.timeline.clear();
+        // Each writer finishes the fire in hand, then stops; the batcher, once the last writer
+        // is gone, after the fires in hand.
+        let Self {
+            entries,
+            tracker,
+            batcher,
+            ..
+        } = self;
+        drop(entries);
+        drop(batcher);
         metrics::set_active_schedules(0);
-        self.tracker.close();
-        self.tracker.wait().await;
+        tracker.close();
+        tracker.wait().await;
     }
 
     /// Brings the entries in line with the registry: new or changed schedules get a writer.
@@ -221,7 +231,7 @@ impl Scheduler {
             let retire = self.shutdown.child_token();
             let writer = Writer {
                 pool: self.pool.clone(),
-                js: self.js.clone(),
+                batcher: self.batcher.clone(),
                 clock: self.clock.clone(),
                 term: self.term,
                 activity: activity.clone(),
@@ -352,7 +362,7 @@ fn schedule_next(entry: &mut Entry, after: DateTime<Utc>) {
 /// The single writer of one schedule's fires and decisions.
 struct Writer {
     pool: PgPool,
-    js: async_nats::jetstream::Context,
+    batcher: fire::FireBatcher,
     clock: ClockHandle,
     term: Term,
     activity: Arc<LiveActivity>,
@@ -792,7 +802,7 @@ impl Writer {
             decisions,
             late_after,
         };
-        let fired = fire::fire(&self.pool, &self.js, request, Some(write)).await?;
+        let fired = fire::fire_batched(&self.batcher, request, Some(write)).await?;
         count_decisions(&self.activity.name, decisions);
         if fired.duplicate {
             metrics::count_occurrences(&self.activity.name, "DEDUPED", 1);
