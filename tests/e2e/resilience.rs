@@ -966,3 +966,111 @@ async fn the_watched_complete_key_is_forgotten_when_the_bucket_is_recreated() ->
     shutdown.cancel();
     Ok(())
 }
+
+/// A dead task put back by `RetryTask` while no executor runs (its redrive message waits in
+/// `FACTORY_TASKS`) and then lost with the stream is published again as its new series: numbered
+/// after the attempts it had, with its result token (this one was stored before tokens existed),
+/// so an executor runs it instead of taking it for finished by its first series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redriven_task_lost_with_a_deleted_tasks_stream_runs_its_new_series() -> anyhow::Result<()>
+{
+    use taskfactory_model::subjects;
+    use taskfactory_proto::v1::{GetTaskRequest, RetryTaskRequest};
+
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _trigger = env.start(Service::Trigger);
+    let _orchestrator = env.start(Service::Orchestrator);
+    let executor = env.start(Service::Executor);
+    env.wait_ready(&[Service::Trigger, Service::Orchestrator, Service::Executor])
+        .await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    create(
+        &mut admin,
+        "name: once\ntrigger: {manual: {}}\ntasks: [{name: c, type: http, params: {url: 'http://127.0.0.1:1/x'}, retry: {maxAttempts: 1}}]\n",
+    )
+    .await?;
+    let run_id = admin
+        .trigger_activity(TriggerActivityRequest {
+            id: "once".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .run_id;
+    let run = finished_run(&admin, &run_id, Duration::from_secs(30)).await?;
+    assert_eq!(run.status(), RunStatus::RunFailed);
+    let dead = tasks(&mut admin, &run_id).await?.remove(0);
+    assert_eq!((dead.status(), dead.attempts), (TaskStatus::Dead, 1));
+
+    // Stored before result tokens existed: only its redrive gives it one.
+    let pool = env.db.pool().await?;
+    let task_id = uuid::Uuid::parse_str(&dead.id)?;
+    let stored: Vec<u8> = sqlx::query_scalar("SELECT instance FROM tasks WHERE id = $1")
+        .bind(task_id)
+        .fetch_one(&pool)
+        .await?;
+    let mut legacy =
+        <taskfactory_proto::v1::TaskInstance as prost::Message>::decode(stored.as_slice())?;
+    legacy.result_token.clear();
+    sqlx::query("UPDATE tasks SET instance = $2, result_token_required = false WHERE id = $1")
+        .bind(task_id)
+        .bind(prost::Message::encode_to_vec(&legacy))
+        .execute(&pool)
+        .await?;
+
+    // Redriven while the executors are down; the stream with its redrive message is then lost.
+    executor.kill();
+    admin
+        .retry_task(RetryTaskRequest {
+            id: dead.id.clone(),
+        })
+        .await?;
+    assert_eq!(stream_messages(&js, subjects::TASKS_STREAM).await?, 1);
+    assert!(js.delete_stream(subjects::TASKS_STREAM).await?.success);
+    wait_for(
+        "the task published into the stream declared again",
+        Duration::from_secs(30),
+        || {
+            let js = js.clone();
+            async move {
+                Ok((stream_messages(&js, subjects::TASKS_STREAM)
+                    .await
+                    .unwrap_or(0)
+                    == 1)
+                    .then_some(()))
+            }
+        },
+    )
+    .await?;
+
+    // Its second series runs (and fails like the first): attempt 2, recorded, and the run ends.
+    let _executor = env.start(Service::Executor);
+    let outcome = finished_run(&admin, &run_id, Duration::from_secs(30)).await;
+    let task = admin
+        .get_task(GetTaskRequest {
+            id: dead.id.clone(),
+        })
+        .await?
+        .into_inner();
+    let history: Vec<_> = task
+        .attempt_history
+        .iter()
+        .map(|a| (a.attempt, a.status()))
+        .collect();
+    assert!(
+        outcome.is_ok(),
+        "the run never ended: the task is {:?} with history {history:?}",
+        task.status()
+    );
+    assert_eq!(
+        (task.status(), task.attempts),
+        (TaskStatus::Dead, 2),
+        "{history:?}"
+    );
+    assert!(
+        history.contains(&(2, TaskStatus::Dead)),
+        "the new series ran: {history:?}"
+    );
+    Ok(())
+}

@@ -11,9 +11,16 @@
 //! (a run's own spawn publishing it at the same time is dropped as a duplicate), and executors
 //! skip finished tasks (`taskfactory_finished_tasks`), so several replicas may do it at once.
 //!
-//! A `FAILED` task continues its attempt numbering: its message starts a series after its
-//! attempts so far (`attempt_base`), with the attempts it has left as its `maxAttempts`, so it
-//! gets no more attempts in all than its policy allows.
+//! Each message is built from the task's row, never republished as stored (the stored instance
+//! is the one its spawn made: a `RetryTask` redrive publishes a patched copy and stores none),
+//! and carries the task's result token as every publisher's does:
+//! - a `PENDING` task goes out as its current series: numbered after `attempt_base` (0, or the
+//!   attempts before its last redrive), under the message id its publisher used
+//!   (`store::series_message_id`). Sent with the spawn's `attempt_base` 0, a redriven task's
+//!   message was taken by executors for finished by its earlier series, and never ran.
+//! - a `FAILED` task continues its attempt numbering: its message starts a series after its
+//!   attempts so far (`attempt_base`), with the attempts it has left as its `maxAttempts`, so it
+//!   gets no more attempts in all than its policy allows.
 //!
 //! Not republished: `RUNNING` tasks (an executor has it in hand and reports its result; one that
 //! fails after the stream was replaced waits for `RetryTask`), and tasks of runs that are not
@@ -24,6 +31,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use prost::Message as _;
 use sqlx::PgPool;
+use std::sync::Arc;
+
 use taskfactory_model::ids::TaskId;
 use taskfactory_model::subjects;
 use taskfactory_proto::v1::{RetryPolicy, TaskInstance};
@@ -35,10 +44,11 @@ use uuid::Uuid;
 const PAGE: i64 = 500;
 
 /// Every `every`, looks at `FACTORY_TASKS`'s creation time and publishes the tasks still to be
-/// run again when it is a new stream, until shutdown.
+/// run again when it is a new stream, until shutdown. `result_key` makes their result tokens.
 pub async fn run(
     pool: PgPool,
     js: async_nats::jetstream::Context,
+    result_key: Arc<[u8]>,
     every: Duration,
     shutdown: CancellationToken,
 ) {
@@ -51,7 +61,7 @@ pub async fn run(
         }
         let looked = tokio::select! {
             _ = shutdown.cancelled() => return,
-            looked = look(&pool, &js) => looked,
+            looked = look(&pool, &js, &result_key) => looked,
         };
         if let Err(error) = looked {
             tracing::warn!(error = %error_chain(error.as_ref()), "cannot check whether FACTORY_TASKS was replaced");
@@ -63,6 +73,7 @@ pub async fn run(
 async fn look(
     pool: &PgPool,
     js: &async_nats::jetstream::Context,
+    result_key: &[u8],
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let stream = match js.get_stream(subjects::TASKS_STREAM).await {
         Ok(stream) => stream,
@@ -81,7 +92,7 @@ async fn look(
         Some((recorded,)) if recorded == created => return Ok(()),
         Some((recorded,)) => {
             tracing::warn!(%recorded, %created, "FACTORY_TASKS was deleted and declared again; publishing the tasks still to be run again");
-            let published = republish(pool, js).await?;
+            let published = republish(pool, js, result_key).await?;
             tracing::warn!(
                 published,
                 "tasks still to be run published into the new FACTORY_TASKS"
@@ -109,6 +120,7 @@ fn epoch(created_nanos: i128) -> DateTime<Utc> {
 async fn republish(
     pool: &PgPool,
     js: &async_nats::jetstream::Context,
+    result_key: &[u8],
 ) -> Result<usize, Box<dyn std::error::Error + Send + Sync>> {
     let mut after = Uuid::nil();
     let mut published = 0;
@@ -121,7 +133,7 @@ async fn republish(
         let full = page.len() >= usize::try_from(PAGE).unwrap_or(usize::MAX);
         let messages = page
             .iter()
-            .map(|task| Ok((task.id, task.message()?, task.task_type.as_str())))
+            .map(|task| Ok((task.id, task.message(result_key)?, task.task_type.as_str())))
             .collect::<Result<Vec<_>, prost::DecodeError>>()?;
         crate::spawn::publish_task_messages(
             js,
@@ -146,16 +158,25 @@ struct ToRun {
     failed: bool,
     attempts: i32,
     attempt_base: i32,
+    /// Its `RetryTask` redrives: the number of its current series.
+    redrives: i32,
 }
 
 impl ToRun {
-    /// Its message id and TaskInstance: as spawned for a `PENDING` task; for a `FAILED` one, a
-    /// series after its attempts so far with the attempts it has left.
-    fn message(&self) -> Result<(String, Vec<u8>), prost::DecodeError> {
-        if !self.failed {
-            return Ok((self.id.to_string(), self.instance.clone()));
-        }
+    /// Its message id and TaskInstance: for a `PENDING` task, its current series as its publisher
+    /// sent it; for a `FAILED` one, a series after its attempts so far with the attempts it has
+    /// left. Either with the task's result token.
+    fn message(&self, result_key: &[u8]) -> Result<(String, Vec<u8>), prost::DecodeError> {
         let mut instance = TaskInstance::decode(self.instance.as_slice())?;
+        instance.result_token = taskfactory_model::results::result_token(result_key, self.id.0);
+        if !self.failed {
+            instance.attempt_base = u32::try_from(self.attempt_base).unwrap_or(0);
+            let series = u32::try_from(self.redrives).unwrap_or(0);
+            return Ok((
+                crate::store::series_message_id(self.id, series),
+                instance.encode_to_vec(),
+            ));
+        }
         let attempts = u32::try_from(self.attempts).unwrap_or(0);
         let used = u32::try_from(self.attempts.saturating_sub(self.attempt_base)).unwrap_or(0);
         let retry = taskfactory_model::spec::effective_retry(instance.retry.as_ref());
@@ -171,10 +192,13 @@ impl ToRun {
     }
 }
 
+/// `(id, type, instance, status, attempts, attempt_base, redrives)`.
+type TaskRow = (Uuid, String, Vec<u8>, String, i32, i32, i32);
+
 /// Tasks of `RUNNING` runs that are `PENDING` or `FAILED`, in id order after `after`.
 async fn tasks_to_run(pool: &PgPool, after: Uuid, limit: i64) -> Result<Vec<ToRun>, sqlx::Error> {
-    let rows: Vec<(Uuid, String, Vec<u8>, String, i32, i32)> = sqlx::query_as(
-        "SELECT t.id, t.type, t.instance, t.status, t.attempts, t.attempt_base \
+    let rows: Vec<TaskRow> = sqlx::query_as(
+        "SELECT t.id, t.type, t.instance, t.status, t.attempts, t.attempt_base, t.redrives \
          FROM tasks t JOIN runs r ON r.id = t.run_id \
          WHERE t.status IN ('PENDING', 'FAILED') AND r.status = 'RUNNING' AND t.id > $1 \
          ORDER BY t.id LIMIT $2",
@@ -186,13 +210,14 @@ async fn tasks_to_run(pool: &PgPool, after: Uuid, limit: i64) -> Result<Vec<ToRu
     Ok(rows
         .into_iter()
         .map(
-            |(id, task_type, instance, status, attempts, attempt_base)| ToRun {
+            |(id, task_type, instance, status, attempts, attempt_base, redrives)| ToRun {
                 id: TaskId(id),
                 task_type,
                 instance,
                 failed: status == "FAILED",
                 attempts,
                 attempt_base,
+                redrives,
             },
         )
         .collect())
@@ -213,8 +238,16 @@ mod tests {
         .encode_to_vec()
     }
 
+    const KEY: &[u8] = b"the installation's key";
+
+    fn message_of(task: &ToRun) -> (String, TaskInstance) {
+        let (msg_id, bytes) = task.message(KEY).unwrap();
+        (msg_id, TaskInstance::decode(bytes.as_slice()).unwrap())
+    }
+
     #[test]
-    fn a_pending_task_goes_out_as_spawned() {
+    fn a_pending_task_goes_out_as_spawned_with_its_token() {
+        // Stored without a token (before tokens existed): it gets its own.
         let task = ToRun {
             id: TaskId(Uuid::from_u128(7)),
             task_type: "noop".to_owned(),
@@ -222,10 +255,42 @@ mod tests {
             failed: false,
             attempts: 0,
             attempt_base: 0,
+            redrives: 0,
         };
-        let (msg_id, bytes) = task.message().unwrap();
+        let (msg_id, sent) = message_of(&task);
         assert_eq!(msg_id, task.id.to_string());
-        assert_eq!(bytes, task.instance);
+        assert_eq!(sent.attempt_base, 0);
+        assert_eq!(sent.retry.unwrap().max_attempts, 3);
+        assert!(taskfactory_model::results::verify_result_token(
+            KEY,
+            task.id.0,
+            &sent.result_token
+        ));
+    }
+
+    #[test]
+    fn a_redriven_pending_task_goes_out_as_its_redrive_did() {
+        // Died after 4 attempts, redriven twice: its series starts after them, whatever the
+        // stored instance (its spawn's) says.
+        let task = ToRun {
+            id: TaskId(Uuid::from_u128(7)),
+            task_type: "http".to_owned(),
+            instance: instance(5),
+            failed: false,
+            attempts: 4,
+            attempt_base: 4,
+            redrives: 2,
+        };
+        let (msg_id, sent) = message_of(&task);
+        assert_eq!(msg_id, crate::store::series_message_id(task.id, 2));
+        assert_eq!(msg_id, format!("{}:redrive:2", task.id));
+        assert_eq!(sent.attempt_base, 4);
+        assert_eq!(sent.retry.unwrap().max_attempts, 5);
+        assert!(taskfactory_model::results::verify_result_token(
+            KEY,
+            task.id.0,
+            &sent.result_token
+        ));
     }
 
     #[test]
@@ -238,19 +303,23 @@ mod tests {
             failed: true,
             attempts: 6,
             attempt_base: 4,
+            redrives: 1,
         };
-        let (msg_id, bytes) = task.message().unwrap();
+        let (msg_id, sent) = message_of(&task);
         assert_eq!(msg_id, format!("{}:requeued:6", task.id));
-        let sent = TaskInstance::decode(bytes.as_slice()).unwrap();
         assert_eq!(sent.attempt_base, 6);
         assert_eq!(sent.retry.unwrap().max_attempts, 3);
+        assert!(taskfactory_model::results::verify_result_token(
+            KEY,
+            task.id.0,
+            &sent.result_token
+        ));
         // Never fewer than one: the task is not final, so it has one more coming.
         let spent = ToRun {
             attempts: 9,
             ..task
         };
-        let (_, bytes) = spent.message().unwrap();
-        let sent = TaskInstance::decode(bytes.as_slice()).unwrap();
+        let (_, sent) = message_of(&spent);
         assert_eq!(sent.retry.unwrap().max_attempts, 1);
     }
 

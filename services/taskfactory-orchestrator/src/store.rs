@@ -812,6 +812,17 @@ pub struct Redriven {
     pub series: u32,
 }
 
+/// The message id of a task's attempt series as its publisher gives it: the task id for the
+/// series its spawn publishes, `{task}:redrive:{series}` for a `RetryTask` redrive's. Whoever
+/// publishes the same series again (`requeue`) uses it too, so JetStream keeps one copy.
+pub fn series_message_id(task: TaskId, series: u32) -> String {
+    if series == 0 {
+        task.to_string()
+    } else {
+        format!("{task}:redrive:{series}")
+    }
+}
+
 /// Puts a dead task back to `PENDING` for a new attempt series, and reopens its run if the task's
 /// death had finished it. `None` when the task is not dead (or its run was cancelled).
 pub async fn redrive_task(pool: &PgPool, task: TaskId) -> Result<Option<Redriven>, sqlx::Error> {
