@@ -555,6 +555,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         pool.clone(),
         js.clone(),
         requeue_key,
+        config.publish_window.max(1),
         config.nats.declare_every,
         shutdown.clone(),
     ));

@@ -44,11 +44,13 @@ use uuid::Uuid;
 const PAGE: i64 = 500;
 
 /// Every `every`, looks at `FACTORY_TASKS`'s creation time and publishes the tasks still to be
-/// run again when it is a new stream, until shutdown. `result_key` makes their result tokens.
+/// run again when it is a new stream, until shutdown. `result_key` makes their result tokens;
+/// `publish_window` publishes are in flight at once (`--publish-window`, as for a spawn).
 pub async fn run(
     pool: PgPool,
     js: async_nats::jetstream::Context,
     result_key: Arc<[u8]>,
+    publish_window: usize,
     every: Duration,
     shutdown: CancellationToken,
 ) {
@@ -61,7 +63,7 @@ pub async fn run(
         }
         let looked = tokio::select! {
             _ = shutdown.cancelled() => return,
-            looked = look(&pool, &js, &result_key) => looked,
+            looked = look(&pool, &js, &result_key, publish_window) => looked,
         };
         if let Err(error) = looked {
             tracing::warn!(error = %error_chain(error.as_ref()), "cannot check whether FACTORY_TASKS was replaced");
@@ -74,6 +76,7 @@ async fn look(
     pool: &PgPool,
     js: &async_nats::jetstream::Context,
     result_key: &[u8],
+    publish_window: usize,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let stream = match js.get_stream(subjects::TASKS_STREAM).await {
         Ok(stream) => stream,
@@ -92,7 +95,7 @@ async fn look(
         Some((recorded,)) if recorded == created => return Ok(()),
         Some((recorded,)) => {
             tracing::warn!(%recorded, %created, "FACTORY_TASKS was deleted and declared again; publishing the tasks still to be run again");
-            let published = republish(pool, js, result_key).await?;
+            let published = republish(pool, js, result_key, publish_window).await?;
             tracing::warn!(
                 published,
                 "tasks still to be run published into the new FACTORY_TASKS"
@@ -121,6 +124,7 @@ async fn republish(
     pool: &PgPool,
     js: &async_nats::jetstream::Context,
     result_key: &[u8],
+    publish_window: usize,
 ) -> Result<usize, Box<dyn std::error::Error + Send + Sync>> {
     let mut after = Uuid::nil();
     let mut published = 0;
@@ -137,7 +141,7 @@ async fn republish(
             .collect::<Result<Vec<_>, prost::DecodeError>>()?;
         crate::spawn::publish_task_messages(
             js,
-            messages.len(),
+            publish_window,
             messages.iter().map(|(id, (msg_id, instance), task_type)| {
                 (*id, msg_id.clone(), *task_type, instance)
             }),
