@@ -860,6 +860,7 @@ pub async fn redrive_task(pool: &PgPool, task: TaskId) -> Result<Option<Redriven
     // the task's count never took). Reusing one would merge the new series' rows into the old.
     let (attempts, series): (i32, i32) = sqlx::query_as(
         "UPDATE tasks SET status = 'PENDING', redrives = redrives + 1, finished_at = NULL, \
+             redriven_at = now(), \
              attempts = GREATEST(attempts, (SELECT COALESCE(max(attempt), 0) \
                                             FROM task_attempts WHERE task_id = $1)), \
              attempt_base = GREATEST(attempts, (SELECT COALESCE(max(attempt), 0) \
