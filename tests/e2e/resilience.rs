@@ -1,5 +1,7 @@
 //! Crashes, signals and restarts: nothing lost, nothing done twice.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -965,5 +967,320 @@ async fn the_watched_complete_key_is_forgotten_when_the_bucket_is_recreated() ->
     kv.delete(FINISHED_TASKS_COMPLETE_KEY).await?;
     becomes(false, "the deleted key, seen").await?;
     shutdown.cancel();
+    Ok(())
+}
+
+/// A dead task put back by `RetryTask` while no executor runs (its redrive message waits in
+/// `FACTORY_TASKS`) and then lost with the stream is published again as its new series: numbered
+/// after the attempts it had, with its result token (this one was stored before tokens existed),
+/// so an executor runs it instead of taking it for finished by its first series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redriven_task_lost_with_a_deleted_tasks_stream_runs_its_new_series() -> anyhow::Result<()>
+{
+    use taskfactory_model::subjects;
+    use taskfactory_proto::v1::{GetTaskRequest, RetryTaskRequest};
+
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _trigger = env.start(Service::Trigger);
+    let _orchestrator = env.start(Service::Orchestrator);
+    let executor = env.start(Service::Executor);
+    env.wait_ready(&[Service::Trigger, Service::Orchestrator, Service::Executor])
+        .await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    create(
+        &mut admin,
+        "name: once\ntrigger: {manual: {}}\ntasks: [{name: c, type: http, params: {url: 'http://127.0.0.1:1/x'}, retry: {maxAttempts: 1}}]\n",
+    )
+    .await?;
+    let run_id = admin
+        .trigger_activity(TriggerActivityRequest {
+            id: "once".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .run_id;
+    let run = finished_run(&admin, &run_id, Duration::from_secs(30)).await?;
+    assert_eq!(run.status(), RunStatus::RunFailed);
+    let dead = tasks(&mut admin, &run_id).await?.remove(0);
+    assert_eq!((dead.status(), dead.attempts), (TaskStatus::Dead, 1));
+
+    // Stored before result tokens existed: only its redrive gives it one.
+    let pool = env.db.pool().await?;
+    let task_id = uuid::Uuid::parse_str(&dead.id)?;
+    let stored: Vec<u8> = sqlx::query_scalar("SELECT instance FROM tasks WHERE id = $1")
+        .bind(task_id)
+        .fetch_one(&pool)
+        .await?;
+    let mut legacy =
+        <taskfactory_proto::v1::TaskInstance as prost::Message>::decode(stored.as_slice())?;
+    legacy.result_token.clear();
+    sqlx::query("UPDATE tasks SET instance = $2, result_token_required = false WHERE id = $1")
+        .bind(task_id)
+        .bind(prost::Message::encode_to_vec(&legacy))
+        .execute(&pool)
+        .await?;
+
+    // Redriven while the executors are down; the stream with its redrive message is then lost.
+    executor.kill();
+    admin
+        .retry_task(RetryTaskRequest {
+            id: dead.id.clone(),
+        })
+        .await?;
+    assert_eq!(stream_messages(&js, subjects::TASKS_STREAM).await?, 1);
+    assert!(js.delete_stream(subjects::TASKS_STREAM).await?.success);
+    wait_for(
+        "the task published into the stream declared again",
+        Duration::from_secs(30),
+        || {
+            let js = js.clone();
+            async move {
+                Ok((stream_messages(&js, subjects::TASKS_STREAM)
+                    .await
+                    .unwrap_or(0)
+                    == 1)
+                    .then_some(()))
+            }
+        },
+    )
+    .await?;
+
+    // Its second series runs (and fails like the first): attempt 2, recorded, and the run ends.
+    let _executor = env.start(Service::Executor);
+    let outcome = finished_run(&admin, &run_id, Duration::from_secs(30)).await;
+    let task = admin
+        .get_task(GetTaskRequest {
+            id: dead.id.clone(),
+        })
+        .await?
+        .into_inner();
+    let history: Vec<_> = task
+        .attempt_history
+        .iter()
+        .map(|a| (a.attempt, a.status()))
+        .collect();
+    assert!(
+        outcome.is_ok(),
+        "the run never ended: the task is {:?} with history {history:?}",
+        task.status()
+    );
+    assert_eq!(
+        (task.status(), task.attempts),
+        (TaskStatus::Dead, 2),
+        "{history:?}"
+    );
+    assert!(
+        history.contains(&(2, TaskStatus::Dead)),
+        "the new series ran: {history:?}"
+    );
+    Ok(())
+}
+
+/// Every task message published on `tasks.>` from now on, per task id: a core subscriber sees
+/// each publish, those JetStream then drops as duplicates included.
+#[derive(Clone, Default)]
+struct Published(Arc<Mutex<HashMap<uuid::Uuid, u32>>>);
+
+impl Published {
+    async fn watch(client: async_nats::Client) -> anyhow::Result<Self> {
+        use futures::StreamExt as _;
+        let published = Self::default();
+        let mut subscriber = client.subscribe("tasks.>").await?;
+        client.flush().await?;
+        let counts = published.0.clone();
+        tokio::spawn(async move {
+            while let Some(message) = subscriber.next().await {
+                let instance = <taskfactory_proto::v1::TaskInstance as prost::Message>::decode(
+                    message.payload.as_ref(),
+                )
+                .expect("a task message");
+                let id = uuid::Uuid::parse_str(&instance.task_id).expect("a task id");
+                *counts.lock().unwrap().entry(id).or_default() += 1;
+            }
+        });
+        Ok(published)
+    }
+
+    /// Waits until each of `tasks` tasks was published (the subscriber may trail the acks).
+    async fn every_task(&self, tasks: u32) -> anyhow::Result<()> {
+        wait_for("every task published", Duration::from_secs(10), || {
+            let published = self.0.lock().unwrap().len();
+            async move { Ok((published == tasks as usize).then_some(())) }
+        })
+        .await
+    }
+
+    fn total(&self) -> u32 {
+        self.0.lock().unwrap().values().sum()
+    }
+
+    fn counts(&self) -> HashMap<uuid::Uuid, u32> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// `tasks` tasks of one run waiting in `FACTORY_TASKS` (no executor runs), the stream then
+/// deleted and declared again by the trigger's keeper while no orchestrator runs: the run's id.
+async fn tasks_lost_with_their_stream(
+    env: &TestEnv,
+    url: &str,
+    tasks: u32,
+) -> anyhow::Result<String> {
+    use taskfactory_model::subjects;
+
+    let orchestrator = env.start(Service::Orchestrator);
+    env.wait_ready(&[Service::Trigger, Service::Orchestrator])
+        .await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    create(&mut admin, &fan_out_spec("requeued", url, tasks)).await?;
+    let run_id = admin
+        .trigger_activity(TriggerActivityRequest {
+            id: "requeued".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .run_id;
+    wait_for("the tasks queued", Duration::from_secs(60), || {
+        let js = js.clone();
+        async move {
+            Ok(
+                (stream_messages(&js, subjects::TASKS_STREAM).await? == u64::from(tasks))
+                    .then_some(()),
+            )
+        }
+    })
+    .await?;
+    orchestrator.stop().await?;
+    assert!(js.delete_stream(subjects::TASKS_STREAM).await?.success);
+    wait_for(
+        "FACTORY_TASKS declared again",
+        Duration::from_secs(20),
+        || {
+            let js = js.clone();
+            async move { Ok(js.get_stream(subjects::TASKS_STREAM).await.ok().map(drop)) }
+        },
+    )
+    .await?;
+    Ok(run_id)
+}
+
+/// Waits until the requeue into the current `FACTORY_TASKS` is done: its creation time is the
+/// epoch recorded.
+async fn requeue_done(env: &TestEnv) -> anyhow::Result<()> {
+    use taskfactory_model::subjects;
+
+    let js = env.js().await?;
+    let pool = env.db.pool().await?;
+    let stream = js.get_stream(subjects::TASKS_STREAM).await?;
+    let created = stream.cached_info().created.unix_timestamp_nanos() / 1000;
+    wait_for("the requeue done", Duration::from_secs(60), || {
+        let pool = pool.clone();
+        async move {
+            let recorded: Option<DateTime<Utc>> =
+                sqlx::query_scalar("SELECT created FROM task_stream_epochs WHERE stream = $1")
+                    .bind(subjects::TASKS_STREAM)
+                    .fetch_optional(&pool)
+                    .await?;
+            Ok(recorded
+                .is_some_and(|r| i128::from(r.timestamp_micros()) == created)
+                .then_some(()))
+        }
+    })
+    .await
+}
+
+/// Two orchestrators that come up at once after `FACTORY_TASKS` was replaced (each with one
+/// publish in flight at a time, so their requeues overlap) publish each task once between them,
+/// and each task runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_orchestrators_requeue_a_replaced_tasks_stream_once_between_them() -> anyhow::Result<()>
+{
+    const TASKS: u32 = 1100;
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _trigger = env.start(Service::Trigger);
+    let server = RecordingServer::start(Duration::ZERO).await?;
+    let run_id = tasks_lost_with_their_stream(&env, &server.url, TASKS).await?;
+
+    let published = Published::watch(env.nats_client().await?).await?;
+    let slow = [("TASKFACTORY_PUBLISH_WINDOW", "1")];
+    let _first = env.spawn_process(Service::Orchestrator, &slow)?;
+    let _second = env.spawn_process(Service::Orchestrator, &slow)?;
+    requeue_done(&env).await?;
+    published.every_task(TASKS).await?;
+    let _executor = env.start(Service::Executor);
+    let admin = env.admin().await?;
+    let run = finished_run(&admin, &run_id, Duration::from_secs(120)).await?;
+    assert_eq!(run.status(), RunStatus::RunSucceeded);
+
+    let counts = published.counts();
+    let twice: Vec<_> = counts.values().filter(|n| **n != 1).collect();
+    assert!(
+        twice.is_empty(),
+        "{} tasks published more than once ({} publishes in all)",
+        twice.len(),
+        published.total()
+    );
+    let calls = server.counts();
+    assert_eq!(calls.len(), TASKS as usize, "every task ran");
+    let twice: Vec<_> = calls.values().filter(|n| **n != 1).collect();
+    assert!(twice.is_empty(), "{} tasks ran more than once", twice.len());
+    Ok(())
+}
+
+/// An orchestrator killed in the middle of a requeue leaves it where it stopped: the next one
+/// goes on from there, and publishes no page the first finished (only the one it was in the
+/// middle of may go out twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_requeue_interrupted_midway_goes_on_where_it_stopped() -> anyhow::Result<()> {
+    const TASKS: u32 = 1200;
+    const PAGE: usize = 500;
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _trigger = env.start(Service::Trigger);
+    let server = RecordingServer::start(Duration::ZERO).await?;
+    let run_id = tasks_lost_with_their_stream(&env, &server.url, TASKS).await?;
+
+    let published = Published::watch(env.nats_client().await?).await?;
+    // One publish at a time: killed once its first page is out and its second under way.
+    let slow = [("TASKFACTORY_PUBLISH_WINDOW", "1")];
+    let first = env.spawn_process(Service::Orchestrator, &slow)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while published.total() <= PAGE as u32 + 50 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the requeue never got past its first page"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    first.kill();
+    let at_kill = published.total();
+    assert!(
+        at_kill < TASKS,
+        "the kill landed midway ({at_kill} of {TASKS} published)"
+    );
+
+    let _second = env.start(Service::Orchestrator);
+    requeue_done(&env).await?;
+    published.every_task(TASKS).await?;
+    let counts = published.counts();
+    let mut ids: Vec<_> = counts.keys().copied().collect();
+    ids.sort();
+    let first_page: Vec<_> = ids[..PAGE].iter().filter(|id| counts[id] != 1).collect();
+    assert!(
+        first_page.is_empty(),
+        "{} tasks of the first page published again ({} publishes in all, {at_kill} before the kill)",
+        first_page.len(),
+        published.total()
+    );
+    let twice = counts.values().filter(|n| **n != 1).count();
+    assert!(twice <= PAGE, "{twice} tasks published twice");
+
+    let _executor = env.start(Service::Executor);
+    let admin = env.admin().await?;
+    let run = finished_run(&admin, &run_id, Duration::from_secs(120)).await?;
+    assert_eq!(run.status(), RunStatus::RunSucceeded);
     Ok(())
 }

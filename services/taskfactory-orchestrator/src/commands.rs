@@ -260,7 +260,7 @@ impl Commands {
         messaging::publish_confirmed(
             &self.spawner.js,
             subjects::task_subject(&state.task_type),
-            &format!("{task}:redrive:{series}"),
+            &store::series_message_id(task, series),
             None,
             instance.encode_to_vec().into(),
         )

@@ -423,6 +423,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         specs: SpecCache::new(config.spec_cache_bytes),
         sources: sources.clone(),
     });
+    let requeue_key = spawner.result_key.clone();
     let tracker = TaskTracker::new();
     let (batcher, batches) = results::Batcher::start(pool.clone(), config.result_transactions);
     let finished_tasks = nats::ensure_bucket(
@@ -554,6 +555,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     tracker.spawn(requeue::run(
         pool.clone(),
         js.clone(),
+        requeue_key,
+        config.publish_window.max(1),
         config.nats.declare_every,
         shutdown.clone(),
     ));

@@ -812,6 +812,17 @@ pub struct Redriven {
     pub series: u32,
 }
 
+/// The message id of a task's attempt series as its publisher gives it: the task id for the
+/// series its spawn publishes, `{task}:redrive:{series}` for a `RetryTask` redrive's. Whoever
+/// publishes the same series again (`requeue`) uses it too, so JetStream keeps one copy.
+pub fn series_message_id(task: TaskId, series: u32) -> String {
+    if series == 0 {
+        task.to_string()
+    } else {
+        format!("{task}:redrive:{series}")
+    }
+}
+
 /// Puts a dead task back to `PENDING` for a new attempt series, and reopens its run if the task's
 /// death had finished it. `None` when the task is not dead (or its run was cancelled).
 pub async fn redrive_task(pool: &PgPool, task: TaskId) -> Result<Option<Redriven>, sqlx::Error> {
@@ -849,6 +860,7 @@ pub async fn redrive_task(pool: &PgPool, task: TaskId) -> Result<Option<Redriven
     // the task's count never took). Reusing one would merge the new series' rows into the old.
     let (attempts, series): (i32, i32) = sqlx::query_as(
         "UPDATE tasks SET status = 'PENDING', redrives = redrives + 1, finished_at = NULL, \
+             redriven_at = now(), \
              attempts = GREATEST(attempts, (SELECT COALESCE(max(attempt), 0) \
                                             FROM task_attempts WHERE task_id = $1)), \
              attempt_base = GREATEST(attempts, (SELECT COALESCE(max(attempt), 0) \
