@@ -384,6 +384,14 @@ impl Sources {
     }
 }
 
+/// The most a `sql` source holds at once while it reads its rows, with `max_bytes` of
+/// `--max-source-bytes`: the rows kept (at most `max_bytes` as compact JSON), one row's text as
+/// the server sends it (at most [`RowBounds::wire_bytes`]) and that row parsed (about as much).
+pub(super) fn most_held(max_bytes: usize) -> usize {
+    let wire = usize::try_from(wire_bytes(max_bytes)).unwrap_or(usize::MAX);
+    max_bytes.saturating_add(wire.saturating_mul(2))
+}
+
 /// How much of a query's result a source may hold: its rows, and their bytes as compact JSON
 /// (`--max-source-bytes`).
 #[derive(Clone, Copy, Debug)]
@@ -397,8 +405,13 @@ impl RowBounds {
     /// jsonb with a space after each `:` and `,`, so its text of rows whose compact JSON fits
     /// is at most about 1.5 times as long; the exact limit is checked on the compact form.
     fn wire_bytes(self) -> u64 {
-        (self.max_bytes as u64).saturating_mul(2)
+        wire_bytes(self.max_bytes)
     }
+}
+
+/// [`RowBounds::wire_bytes`] for `max_bytes`.
+fn wire_bytes(max_bytes: usize) -> u64 {
+    (max_bytes as u64).saturating_mul(2)
 }
 
 /// The user's query, bounded where its rows are made, so that this process never receives more
