@@ -126,13 +126,32 @@ tasks:
         assert_eq!(context(&run)["customers"], serde_json::json!([]), "{evil}");
     }
 
-    // Writing is refused, however it is dressed up.
+    // Writing is refused, however it is dressed up: by validation where the text says so...
     for (name, query, refusal) in [
         (
             "insert",
             "INSERT INTO customers VALUES (9, 'Eve', $1)",
-            "only queries that read",
+            "is not a query that reads",
         ),
+        (
+            "stacked",
+            "SELECT 1 AS one WHERE $1 = $1; DELETE FROM customers",
+            "is more than one statement",
+        ),
+    ] {
+        let status = create(&mut admin, &activity(name, query, ""))
+            .await
+            .expect_err(name)
+            .downcast::<tonic::Status>()?;
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{name}");
+        assert!(
+            status.message().contains("context[0].sql.query") && status.message().contains(refusal),
+            "{name}: {}",
+            status.message()
+        );
+    }
+    // ... and by the database where it is not.
+    for (name, query, refusal) in [
         (
             "cte-delete",
             "WITH gone AS (DELETE FROM customers WHERE tier = $1 RETURNING id) SELECT * FROM gone",
@@ -142,11 +161,6 @@ tasks:
             "nextval",
             "SELECT nextval('tickets') AS n, $1::text AS t",
             "read-only transaction",
-        ),
-        (
-            "stacked",
-            "SELECT 1 AS one WHERE $1 = $1; DELETE FROM customers",
-            "",
         ),
     ] {
         create(&mut admin, &activity(name, query, "")).await?;

@@ -93,19 +93,19 @@ async fn large_runs_queue_for_room_instead_of_overcommitting() -> anyhow::Result
     Ok(())
 }
 
-/// A run takes room before its context sources are resolved, for what they may hold
-/// (`--max-source-bytes` each, out of `--source-bytes-in-flight`): with room for one run's
-/// sources, runs fired together resolve theirs one run at a time. (They were resolved before any
-/// room was taken: every run's sources at once, however many runs.)
+/// A run takes room before its context sources are resolved, for what they may hold (an `http`
+/// source twice `--max-source-bytes`: its body and its parse; out of `--source-bytes-in-flight`):
+/// with room for one run's sources, runs fired together resolve theirs one run at a time. (They
+/// were resolved before any room was taken: every run's sources at once, however many runs.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn runs_take_room_for_their_sources_before_resolving_them() -> anyhow::Result<()> {
     let env = TestEnv::new(EnvOptions::default()).await?;
     let _trigger = env.start(Service::Trigger);
-    // Room for one run's sources (1 MiB for each of its two), and for runs to be evaluated.
+    // Room for one run's sources (2 MiB for each of its two), and for runs to be evaluated.
     let _orchestrator = env.spawn_process(
         Service::Orchestrator,
         &[
-            ("TASKFACTORY_SOURCE_BYTES_IN_FLIGHT", "2097152"),
+            ("TASKFACTORY_SOURCE_BYTES_IN_FLIGHT", "4194304"),
             ("TASKFACTORY_EVALUATION_BYTES_IN_FLIGHT", "3145728"),
             ("TASKFACTORY_MAX_RUN_BYTES", "1048576"),
             ("TASKFACTORY_MAX_SOURCE_BYTES", "1048576"),
@@ -168,5 +168,163 @@ async fn runs_take_room_for_their_sources_before_resolving_them() -> anyhow::Res
             );
         }
     }
+    Ok(())
+}
+
+/// A `kv` or `request` source receives its NATS message whole before it can judge its size: up
+/// to the server's largest message (8 MB here), however small `--max-source-bytes`. A run of
+/// eight `request` sources may hold eight of those at once; with room for two in
+/// `--source-bytes-in-flight` it asks two at a time (a slow service sees at most two questions
+/// at once), and every answer still arrives. A `kv` entry is read only by direct get (the entry
+/// as stored); a `kv` source that may hold more than the whole room fails, naming it, instead of
+/// taking the room and going past it. (A run reserved at most
+/// the whole room and resolved every source at once: eight questions, eight messages of up to
+/// 8 MB in 20 MiB; and a `kv` source read its entry in a room smaller than one message.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_sources_resolve_within_the_source_room_however_many_a_run_has() -> anyhow::Result<()>
+{
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use futures::StreamExt as _;
+
+    use crate::support::finished_run;
+
+    // NATS without users: sources use the orchestrator's connection (the shipped permissions give
+    // sources a user of their own that reaches nothing until the operator allows it).
+    let env = TestEnv::new(EnvOptions {
+        sources_allow_subjects: "lookup.>".to_owned(),
+        sources_allow_buckets: "config".to_owned(),
+        nats_users: false,
+        ..EnvOptions::default()
+    })
+    .await?;
+    let _trigger = env.start(Service::Trigger);
+    let _executor = env.start(Service::Executor);
+    let limits = |room: &'static str| {
+        [
+            ("TASKFACTORY_SOURCE_BYTES_IN_FLIGHT", room),
+            ("TASKFACTORY_MAX_SOURCE_BYTES", "1048576"),
+        ]
+    };
+    // Room for two: each may receive 8 MB and keep 1 MiB of it.
+    let orchestrator = env.spawn_process(Service::Orchestrator, &limits("20971520"))?;
+    env.wait_ready(&[Service::Trigger, Service::Executor, Service::Orchestrator])
+        .await?;
+
+    // A slow service that counts the questions it holds at once.
+    let nats = env.nats_client().await?;
+    let mut questions = nats.subscribe("lookup.>").await?;
+    let (holding, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    {
+        let (nats, holding, most) = (nats.clone(), holding.clone(), most.clone());
+        tokio::spawn(async move {
+            while let Some(question) = questions.next().await {
+                let (nats, holding, most) = (nats.clone(), holding.clone(), most.clone());
+                tokio::spawn(async move {
+                    let now = holding.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    // The service takes its time: questions asked together overlap here.
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    holding.fetch_sub(1, Ordering::SeqCst);
+                    if let Some(reply) = question.reply {
+                        let answer = serde_json::json!({"asked": question.subject.as_str()});
+                        let _ = nats
+                            .publish(
+                                reply,
+                                serde_json::to_vec(&answer).unwrap_or_default().into(),
+                            )
+                            .await;
+                    }
+                });
+            }
+        });
+    }
+    let mut admin = env.admin().await?;
+    let asks = 8;
+    let context: Vec<String> = (0..asks)
+        .map(|n| format!("{{name: r{n}, request: {{subject: lookup.{n}}}}}"))
+        .collect();
+    create(
+        &mut admin,
+        &format!(
+            "name: asks\ntrigger: {{manual: {{}}}}\ncontext: [{}]\ntasks: [{{name: t, type: log}}]\n",
+            context.join(", ")
+        ),
+    )
+    .await?;
+    let run_id = crate::support::fire(&mut admin, "asks", "once").await?;
+    let run = finished_run(&admin, &run_id, Duration::from_secs(60)).await?;
+    let values =
+        taskfactory_model::values::struct_to_json(&run.context.clone().unwrap_or_default());
+    for n in 0..asks {
+        assert_eq!(
+            values[format!("r{n}")]["asked"],
+            format!("lookup.{n}"),
+            "r{n}: {}",
+            run.error
+        );
+    }
+    let most = most.load(Ordering::SeqCst);
+    assert!(
+        (1..=2).contains(&most),
+        "with room for two, the run's request sources asked {most} questions at once"
+    );
+
+    // A kv entry is read by direct get (the entry as stored) or not at all: without it, it would
+    // come base64-encoded in a JSON answer, several times what the room counts.
+    let js = env.js().await?;
+    js.create_key_value(async_nats::jetstream::kv::Config {
+        bucket: "config".to_owned(),
+        ..Default::default()
+    })
+    .await?
+    .put("flags", "{\"beta\": true}".into())
+    .await?;
+    create(
+        &mut admin,
+        "name: flags\ntrigger: {manual: {}}\ncontext: [{name: flags, kv: {bucket: config, key: flags}}]\ntasks: [{name: t, type: log}]\n",
+    )
+    .await?;
+    let run_id = crate::support::fire(&mut admin, "flags", "direct").await?;
+    let run = finished_run(&admin, &run_id, Duration::from_secs(60)).await?;
+    assert_eq!(
+        taskfactory_model::values::struct_to_json(&run.context.clone().unwrap_or_default())["flags"],
+        serde_json::json!({"beta": true}),
+        "{}",
+        run.error
+    );
+    let mut stream = js.get_stream("KV_config").await?;
+    let mut config = stream.info().await?.config.clone();
+    config.allow_direct = false;
+    js.update_stream(config).await?;
+    let run_id = crate::support::fire(&mut admin, "flags", "indirect").await?;
+    let run = finished_run(&admin, &run_id, Duration::from_secs(60)).await?;
+    assert!(
+        run.error
+            .contains("KV bucket \"config\" does not allow direct get"),
+        "{:?}: {}",
+        run.status(),
+        run.error
+    );
+    config = stream.info().await?.config.clone();
+    config.allow_direct = true;
+    js.update_stream(config).await?;
+
+    // Room for less than one message: a kv source fails, naming the room.
+    drop(orchestrator);
+    let _orchestrator = env.spawn_process(Service::Orchestrator, &limits("4194304"))?;
+    env.wait_ready(&[Service::Orchestrator]).await?;
+    let run_id = crate::support::fire(&mut admin, "flags", "once").await?;
+    let run = finished_run(&admin, &run_id, Duration::from_secs(60)).await?;
+    assert!(
+        run.error.contains("context source \"flags\"")
+            && run.error.contains(
+                "more than the 4194304 bytes a run's sources may have of --source-bytes-in-flight"
+            ),
+        "{:?}: {}",
+        run.status(),
+        run.error
+    );
     Ok(())
 }

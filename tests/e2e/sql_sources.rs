@@ -421,3 +421,165 @@ async fn a_sql_source_holds_no_more_than_max_source_bytes_of_its_rows() -> anyho
     assert!(context.get("many").is_none());
     Ok(())
 }
+
+/// A query that closes the parentheses of the statement bounding it: the rest of its text
+/// becomes a branch of that statement of its own, outside the row limit and the byte bound, here
+/// one row of a 100 MB value.
+const ESCAPING_QUERY: &str = "SELECT 1) AS q) AS t) AS r) AS s UNION ALL SELECT repeat('x', 100000000), 0 FROM (SELECT 1 AS total, 1 AS len FROM (SELECT 1 FROM (SELECT 1 FROM (SELECT 1";
+
+/// Validation refuses, naming the field and what is wrong, a query that is not one statement
+/// closed on itself; parentheses and semicolons inside strings, quoted names, dollar quotes and
+/// comments are text, not structure. (Escaping queries were accepted, then ran.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sql_query_that_is_not_one_closed_statement_is_refused_at_the_api() -> anyhow::Result<()>
+{
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    let spec = |query: &str| {
+        with_source(
+            "q",
+            &format!("{{name: q, sql: {{database: crm, query: {query:?}}}}}"),
+        )
+    };
+    for (query, named) in [
+        (ESCAPING_QUERY, "closes a parenthesis it did not open"),
+        (
+            "SELECT 1 AS x) AS q, (SELECT * FROM pg_class -- ",
+            "closes a parenthesis it did not open",
+        ),
+        ("SELECT 1; SELECT 2", "more than one statement"),
+        ("SELECT 1; -- and then", "more than one statement"),
+        ("SELECT (1", "leaves 1 parenthesis open"),
+        ("SELECT 1 /* never closed", "a comment that is never closed"),
+        ("SELECT 'never closed", "a string that is never closed"),
+        (
+            "SELECT $a$ never closed",
+            "a dollar-quoted string that is never closed",
+        ),
+        ("DELETE FROM t", "is not a query that reads"),
+    ] {
+        let status = preview(&mut admin, &spec(query), serde_json::json!({}))
+            .await
+            .expect_err(query);
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{query}");
+        assert!(
+            status.message().contains("context[0].sql.query") && status.message().contains(named),
+            "{query}: {}",
+            status.message()
+        );
+    }
+    for query in [
+        "SELECT ')' AS \"a;)\", $x$ ; ( $x$ AS b, E'\\');' AS c -- ; )\n",
+        "/* (; */ (SELECT 1 AS a);;",
+        "WITH t AS (VALUES (1), (2)) SELECT * FROM t /* a /* nested ) */ comment */",
+    ] {
+        preview(&mut admin, &spec(query), serde_json::json!({}))
+            .await
+            .map_err(|status| anyhow::anyhow!("{query}: {status}"))?;
+    }
+    Ok(())
+}
+
+/// Whatever a query's text, the statement that bounds it keeps its shape: the query must be one
+/// statement as the database itself reads it (the same transaction prepares it alone first), so
+/// no text brings back rows or bytes past the bounds. Here the database reads strings the old way
+/// (`standard_conforming_strings = off`), so validation, which reads them the standard way, sees
+/// a query of two strings where the database sees the escape. (It ran: three such sources took
+/// the orchestrator's memory past 300 MB.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sql_source_keeps_its_bounds_whatever_its_query_text() -> anyhow::Result<()> {
+    use taskfactory_proto::v1::TriggerActivityRequest;
+    use taskfactory_tests::Service;
+
+    use crate::support::{create, finished_run, proc_status_kib};
+
+    let crm = TestDb::create().await?;
+    as_superuser(
+        &crm,
+        &[format!(
+            "ALTER DATABASE \"{}\" SET standard_conforming_strings = off",
+            crm.name
+        )],
+    )
+    .await?;
+    let role = SourceRole::create(&crm, &[]).await?;
+    let env = TestEnv::new(EnvOptions {
+        sql_databases: vec![("crm".to_owned(), role.dsn())],
+        ..EnvOptions::default()
+    })
+    .await?;
+    let _trigger = env.start(Service::Trigger);
+    let _executor = env.start(Service::Executor);
+    let orchestrator = env.spawn_process(Service::Orchestrator, &[])?;
+    let pid = orchestrator
+        .pid()
+        .ok_or_else(|| anyhow::anyhow!("a process"))?;
+    env.wait_ready(&[Service::Trigger, Service::Executor, Service::Orchestrator])
+        .await?;
+    let mut admin = env.admin().await?;
+    // The standard way: two strings. The old way: `'a\', '` is one string, and then the escape.
+    let escaping = "SELECT 'a\\', ') AS q) AS t) AS r) AS s UNION ALL SELECT repeat($$x$$, 100000000), 0 FROM (SELECT 1 AS total, 1 AS len FROM (SELECT 1 FROM (SELECT 1 FROM (SELECT 1 --'";
+    let mut sources: Vec<String> = (0..3)
+        .map(|i| {
+            format!("{{name: huge{i}, onError: OMIT, sql: {{database: crm, query: {escaping:?}}}}}")
+        })
+        .collect();
+    // The pool still serves an honest query.
+    sources.push("{name: fits, sql: {database: crm, query: \"SELECT n FROM generate_series(1, 3) AS n ORDER BY n\"}}".to_owned());
+    create(
+        &mut admin,
+        &format!(
+            "name: escape\ntrigger: {{manual: {{}}}}\ncontext: [{}]\ntasks: [{{name: t, type: log}}]\n",
+            sources.join(", ")
+        ),
+    )
+    .await?;
+    let before = proc_status_kib(pid, "VmRSS");
+    let run_id = admin
+        .trigger_activity(TriggerActivityRequest {
+            id: "escape".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .run_id;
+    let run = finished_run(&admin, &run_id, Duration::from_secs(120)).await?;
+    let peak = proc_status_kib(pid, "VmHWM");
+    let grew_mib = peak.saturating_sub(before) / 1024;
+    eprintln!(
+        "orchestrator: {} MiB before the run, peak {} MiB",
+        before / 1024,
+        peak / 1024
+    );
+    assert!(
+        grew_mib < 64,
+        "three sources whose text escapes the bounding statement took the orchestrator from {} MiB \
+         to a peak of {} MiB (+{grew_mib} MiB); run {:?}: {}",
+        before / 1024,
+        peak / 1024,
+        run.status(),
+        run.error
+    );
+    for name in ["huge0", "huge1", "huge2"] {
+        let note = run
+            .evaluation
+            .iter()
+            .find(|e| e.template == format!("context.{name}"))
+            .ok_or_else(|| anyhow::anyhow!("no note for {name}: {:?}", run.evaluation))?;
+        assert!(
+            note.error.contains("query on database \"crm\"") && note.error.contains("syntax error"),
+            "{name}: {}",
+            note.error
+        );
+    }
+    let context =
+        taskfactory_model::values::struct_to_json(&run.context.clone().unwrap_or_default());
+    assert_eq!(
+        context["fits"],
+        serde_json::json!([{"n": 1}, {"n": 2}, {"n": 3}]),
+        "{}",
+        run.error
+    );
+    Ok(())
+}

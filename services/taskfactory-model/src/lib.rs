@@ -19,6 +19,8 @@
 //! - [`sizes`]: how large a spec may be, and all live specs together.
 //! - [`sql_params`]: the type each `sql` source parameter is bound as; the statement text that
 //!   keeps prepared statements apart by those types.
+//! - [`sql_query`]: the shape of a `sql` source's query: one statement that reads, closed on
+//!   itself (it runs inside a statement that bounds it).
 //! - [`sql_role`]: whether a database role is fit for `sql` sources; what must not outlive a query.
 //! - [`subjects`]: stream, subject, consumer and header names.
 //! - [`values`]: protobuf `Value`/`Struct` ↔ JSON.
@@ -37,6 +39,7 @@ pub mod sizes;
 pub mod sources;
 pub mod spec;
 pub mod sql_params;
+pub mod sql_query;
 pub mod sql_role;
 pub mod status;
 pub mod subjects;

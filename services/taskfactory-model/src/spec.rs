@@ -583,6 +583,8 @@ fn validate_context_source(
             }
             if sql.query.trim().is_empty() {
                 errors.push(field(format!("{prefix}.sql.query"), "is required"));
+            } else if let Err(problem) = crate::sql_query::check(&sql.query) {
+                errors.push(field(format!("{prefix}.sql.query"), problem.to_string()));
             }
         }
         Some(context_source::Kind::Http(http)) => {
@@ -1034,6 +1036,14 @@ tasks:
             ),
             (
                 "{name: x, sql: {database: billing, query: ''}}",
+                "context[0].sql.query",
+            ),
+            (
+                "{name: x, sql: {database: billing, query: 'select 1) as q, (select * from t'}}",
+                "context[0].sql.query",
+            ),
+            (
+                "{name: x, sql: {database: billing, query: 'select 1; delete from t'}}",
                 "context[0].sql.query",
             ),
             (

@@ -126,9 +126,10 @@ pub struct Config {
     )]
     pub trigger_bytes_in_flight: usize,
     /// Bytes the context sources of the runs being spawned may hold together while they are
-    /// resolved: a run waits for room for what its sources may hold (`--max-source-bytes` each;
-    /// a `kv` or `request` source the NATS server's largest message if that is more) before it
-    /// resolves them, then moves their context into the evaluation room.
+    /// resolved: a run waits for room for the most its sources may hold (`http` twice
+    /// `--max-source-bytes`, `sql` five times, `kv` and `request` the NATS server's largest
+    /// message and what is kept of it), at most all of it, before it resolves them (a few at a
+    /// time if they may hold more), then moves their context into the evaluation room.
     #[arg(
         long = "source-bytes-in-flight",
         env = "TASKFACTORY_SOURCE_BYTES_IN_FLIGHT",

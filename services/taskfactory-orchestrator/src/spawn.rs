@@ -610,7 +610,14 @@ impl Spawner {
         };
         let resolved = self
             .sources
-            .resolve(spec, &sources_scope, purpose == Purpose::Run)
+            .resolve(
+                spec,
+                &sources_scope,
+                purpose == Purpose::Run,
+                sources_room
+                    .as_ref()
+                    .map(tokio::sync::OwnedSemaphorePermit::num_permits),
+            )
             .await;
         // Templates see the context as it is stored, sensitive values included; the run keeps
         // only markers for those.

@@ -2,8 +2,16 @@
 //!
 //! Every source of a spec is resolved concurrently, each under its own timeout; its parameters are
 //! templates over `event`, `trigger` and `activity` (never over other sources). A spec has at
-//! most `model::spec::MAX_CONTEXT_SOURCES` of them, and a run takes room in the evaluation budget
-//! for what they may hold ([`Sources::bytes_to_resolve`]) before they are resolved. Kinds:
+//! most `model::spec::MAX_CONTEXT_SOURCES` of them.
+//!
+//! **Room.** Before a run resolves them it takes room in `--source-bytes-in-flight` for what they
+//! may hold together ([`Sources::bytes_to_resolve`]: each source's [`Sources::most_held`], the
+//! most it holds at once while it is resolved), in one acquisition, at most the whole budget.
+//! What the sources hold never passes what the run took: a source starts only while the most that
+//! those in flight may hold, and the values of those resolved, fit in the run's room
+//! ([`Sources::resolve`]). With room for all, all start at once; with less (a run whose sources
+//! may hold more than the whole budget), they resolve a few at a time; one that cannot fit even
+//! alone fails, naming the budget. Kinds:
 //!
 //! - `static`: the value as written.
 //! - `sql` ([`sql`]): a read-only query against a database *named* in the orchestrator's
@@ -27,9 +35,12 @@ use std::sync::Arc;
 use std::time::Duration;
 use tracing::Instrument as _;
 
+use futures::StreamExt as _;
 use futures::future::join_all;
+use futures::stream::FuturesUnordered;
 use taskfactory_model::egress::EgressPolicy;
 use taskfactory_model::expr::{self, Engine, Limits};
+use taskfactory_model::sizes;
 use taskfactory_model::sources::{BucketAllowList, SubjectAllowList};
 use taskfactory_model::spec::std_duration;
 use taskfactory_model::values;
@@ -137,73 +148,65 @@ impl Sources {
         self.databases.warnings()
     }
 
-    /// Bytes that resolving `spec`'s sources may hold at once, at most: what a run takes of the
-    /// evaluation budget before they are resolved, so that runs with sources queue rather than
-    /// overcommit. A `sql` or `http` source holds about `--max-source-bytes` of its answer at
-    /// most; a `kv` or `request` source receives its NATS message whole before it is judged, so
-    /// as much as the server's largest message when that is more; a `static` source's value is
-    /// in the spec already.
+    /// Bytes that resolving `spec`'s sources may hold at once, at most: what a run takes of
+    /// `--source-bytes-in-flight` before they are resolved (at most all of it), so that runs with
+    /// sources queue rather than overcommit.
     pub fn bytes_to_resolve(&self, spec: &ActivitySpec) -> usize {
-        let nats_message = self.nats.client.server_info().max_payload;
         let mut bytes = 0usize;
         for source in &spec.context {
-            let most = match &source.kind {
-                Some(context_source::Kind::Sql(_) | context_source::Kind::Http(_)) => {
-                    self.max_bytes
-                }
-                Some(context_source::Kind::Kv(_) | context_source::Kind::Request(_)) => {
-                    self.max_bytes.max(nats_message)
-                }
-                Some(context_source::Kind::Static(_)) | None => 0,
-            };
-            bytes = bytes.saturating_add(most);
+            bytes = bytes.saturating_add(self.most_held(source));
         }
         bytes
     }
 
-    /// Resolves every source of `spec` concurrently. `scope` holds `event`, `trigger` and
-    /// `activity`. Only real runs are `counted` in the metrics (a preview's draft names would be
-    /// label values nobody bounds, and its dry runs no production latency).
+    /// The most resolving `source` holds at once, in bytes of its answer:
+    ///
+    /// - `sql`: the rows kept (`--max-source-bytes`), and one row's text as the server sends it
+    ///   (the server stops at twice that, [`sql::most_held`]) with that row parsed;
+    /// - `http`: the body (read with a cap of `--max-source-bytes`) and its parse;
+    /// - `kv` and `request`: the NATS message, received whole before its size can be judged (up
+    ///   to the server's largest, `max_payload`; a `kv` entry only by direct get, which sends the
+    ///   entry as it is), and its parse (only if it is within `--max-source-bytes`);
+    /// - `static`: nothing; its value is in the spec already.
+    pub fn most_held(&self, source: &ContextSource) -> usize {
+        match &source.kind {
+            Some(context_source::Kind::Sql(_)) => sql::most_held(self.max_bytes),
+            Some(context_source::Kind::Http(_)) => self.max_bytes.saturating_mul(2),
+            Some(context_source::Kind::Kv(_) | context_source::Kind::Request(_)) => {
+                let message = self.nats.client.server_info().max_payload;
+                message.saturating_add(message.min(self.max_bytes))
+            }
+            Some(context_source::Kind::Static(_)) | None => 0,
+        }
+    }
+
+    /// Resolves the sources of `spec`. `scope` holds `event`, `trigger` and `activity`. A run
+    /// passes the `room` it took for them ([`Sources::bytes_to_resolve`], or less: at most the
+    /// whole budget): a source starts only while the [`Sources::most_held`] of those in flight,
+    /// the values of those resolved (as compact JSON) and its own fit in it, so they never hold
+    /// more; a source that cannot fit with nothing else in flight fails. Without a `room` (a
+    /// preview) all start at once. Only real runs are `counted` in the metrics (a preview's
+    /// draft names would be label values nobody bounds, and its dry runs no production latency).
     pub async fn resolve(
         &self,
         spec: &ActivitySpec,
         scope: &serde_json::Value,
         counted: bool,
+        room: Option<usize>,
     ) -> Resolved {
-        let outcomes = join_all(spec.context.iter().map(|source| async move {
-            let timeout = source
-                .timeout
-                .as_ref()
-                .and_then(std_duration)
-                .filter(|d| !d.is_zero())
-                .unwrap_or(self.default_timeout);
-            let span = source_span(source);
-            let started = std::time::Instant::now();
-            let value =
-                match tokio::time::timeout(timeout, self.resolve_one(source, scope, timeout))
-                    .instrument(span.clone())
-                    .await
-                {
-                    Ok(result) => result,
-                    Err(_) => Err(format!("timed out after {}", humane(timeout))),
-                };
-            if let Err(error) = &value {
-                span.record("otel.status_code", "ERROR");
-                span.record("otel.status_description", error.as_str());
+        let outcomes = match room {
+            Some(room) => self.resolve_within(spec, scope, counted, room).await,
+            None => {
+                join_all(
+                    spec.context
+                        .iter()
+                        .map(|source| self.resolve_timed(source, scope, counted)),
+                )
+                .await
             }
-            let took = started.elapsed();
-            if counted {
-                metrics::record_context_source(
-                    source_kind(source),
-                    source_outcome(&value, took >= timeout),
-                    took,
-                );
-            }
-            (source, value)
-        }))
-        .await;
+        };
         let mut resolved = Resolved::default();
-        for (source, value) in outcomes {
+        for (source, value) in spec.context.iter().zip(outcomes) {
             match value {
                 Ok(value) => {
                     if source.sensitive {
@@ -253,6 +256,104 @@ impl Sources {
             }
         }
         resolved
+    }
+
+    /// The sources of `spec` resolved, in their order, holding at most `room` bytes together
+    /// (see [`Sources::resolve`]).
+    async fn resolve_within(
+        &self,
+        spec: &ActivitySpec,
+        scope: &serde_json::Value,
+        counted: bool,
+        room: usize,
+    ) -> Vec<Result<serde_json::Value, String>> {
+        let mut outcomes: Vec<Option<Result<serde_json::Value, String>>> =
+            vec![None; spec.context.len()];
+        let mut waiting: Vec<usize> = (0..spec.context.len()).collect();
+        let mut in_flight = FuturesUnordered::new();
+        // The most the sources in flight may hold, and what the resolved ones keep.
+        let mut held = 0usize;
+        loop {
+            let mut still_waiting = Vec::with_capacity(waiting.len());
+            for index in waiting {
+                let source = &spec.context[index];
+                let most = self.most_held(source);
+                if held.saturating_add(most) <= room {
+                    held += most;
+                    in_flight.push(async move {
+                        (
+                            index,
+                            most,
+                            self.resolve_timed(source, scope, counted).await,
+                        )
+                    });
+                } else {
+                    still_waiting.push(index);
+                }
+            }
+            waiting = still_waiting;
+            let Some((index, most, value)) = in_flight.next().await else {
+                // Nothing in flight, and none of those left fits beside what the others keep.
+                for index in waiting {
+                    let most = self.most_held(&spec.context[index]);
+                    outcomes[index] = Some(Err(no_room(most, room, held)));
+                }
+                break;
+            };
+            held -= most;
+            if let Ok(value) = &value
+                && !matches!(
+                    spec.context[index].kind,
+                    Some(context_source::Kind::Static(_))
+                )
+            {
+                held = held.saturating_add(
+                    usize::try_from(sizes::json_bytes(value)).unwrap_or(usize::MAX),
+                );
+            }
+            outcomes[index] = Some(value);
+        }
+        outcomes
+            .into_iter()
+            .map(|outcome| outcome.unwrap_or_else(|| Err("not resolved".to_owned())))
+            .collect()
+    }
+
+    /// One source, under its timeout, in its span, counted in the metrics if `counted`.
+    async fn resolve_timed(
+        &self,
+        source: &ContextSource,
+        scope: &serde_json::Value,
+        counted: bool,
+    ) -> Result<serde_json::Value, String> {
+        let timeout = source
+            .timeout
+            .as_ref()
+            .and_then(std_duration)
+            .filter(|d| !d.is_zero())
+            .unwrap_or(self.default_timeout);
+        let span = source_span(source);
+        let started = std::time::Instant::now();
+        let value = match tokio::time::timeout(timeout, self.resolve_one(source, scope, timeout))
+            .instrument(span.clone())
+            .await
+        {
+            Ok(result) => result,
+            Err(_) => Err(format!("timed out after {}", humane(timeout))),
+        };
+        if let Err(error) = &value {
+            span.record("otel.status_code", "ERROR");
+            span.record("otel.status_description", error.as_str());
+        }
+        let took = started.elapsed();
+        if counted {
+            metrics::record_context_source(
+                source_kind(source),
+                source_outcome(&value, took >= timeout),
+                took,
+            );
+        }
+        value
     }
 
     async fn resolve_one(
@@ -315,6 +416,21 @@ impl Sources {
         Ok(serde_json::from_slice(bytes).unwrap_or_else(|_| {
             serde_json::Value::String(String::from_utf8_lossy(bytes).into_owned())
         }))
+    }
+}
+
+/// Why a source that may hold `most` bytes did not start: with nothing else in flight, it does
+/// not fit in the run's `room` beside the `kept` bytes of the values already resolved.
+fn no_room(most: usize, room: usize, kept: usize) -> String {
+    const FLAG: &str = "--source-bytes-in-flight (TASKFACTORY_SOURCE_BYTES_IN_FLIGHT)";
+    if kept == 0 {
+        format!(
+            "resolving it may hold {most} bytes at once, more than the {room} bytes a run's sources may have of {FLAG}; raise it, or lower --max-source-bytes (or the NATS server's max_payload, for kv and request sources)"
+        )
+    } else {
+        format!(
+            "resolving it may hold {most} bytes at once, more than is left of the {room} bytes a run's sources may have of {FLAG} beside the {kept} bytes of the sources resolved before it; raise it, or give the run fewer sources"
+        )
     }
 }
 

@@ -1,5 +1,8 @@
 //! `kv` and `request` sources: NATS, kept away from the control plane.
 //!
+//! A `kv` entry is read by direct get only (the entry as it is stored, one message: what
+//! `Sources::most_held` counts on); a bucket that does not allow it is refused.
+//!
 //! The rendered subject, bucket and key are judged by [`taskfactory_model::sources`] before
 //! anything is sent: never JetStream's API, our KV buckets, system or inbox subjects or our own
 //! streams' subjects; only what the operator allow-listed. Sources can also run under a NATS
@@ -160,6 +163,13 @@ impl Sources {
             .get_key_value(&bucket)
             .await
             .map_err(|e| format!("KV bucket {bucket:?}: {e}"))?;
+        // Without direct get an entry comes base64-encoded in a JSON answer, and is decoded
+        // beside it: several times the bytes `Sources::most_held` takes room for.
+        if !store.stream.cached_info().config.allow_direct {
+            return Err(format!(
+                "KV bucket {bucket:?} does not allow direct get (its stream KV_{bucket} has allow_direct off); kv sources read only buckets that do (buckets made since NATS 2.9 do; `nats stream edit KV_{bucket} --allow-direct` turns it on)"
+            ));
+        }
         let entry = store
             .get(&key)
             .await

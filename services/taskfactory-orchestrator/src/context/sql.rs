@@ -11,7 +11,10 @@
 //!   with a loud warning at start and on `/readyz`.
 //! - **The query** runs in a `READ ONLY` transaction with `statement_timeout` and `lock_timeout`,
 //!   parameters bound (never interpolated), as a subquery (so only a query that reads fits), with
-//!   a row cap; the rows become a list of objects.
+//!   a row cap; the rows become a list of objects. Its text must be one statement closed on
+//!   itself ([`taskfactory_model::sql_query`]), and the same transaction has the database
+//!   prepare it alone before it runs inside the bounding statement ([`read_only_query`]): no text
+//!   changes the shape of the statement that bounds it.
 //! - **Its size.** The server stops sending rows once their text passes about twice
 //!   `--max-source-bytes` (a single huge value too: it never leaves the server), and the rows are
 //!   read one at a time, the source failing as soon as their compact JSON passes the limit
@@ -36,6 +39,7 @@ use sqlx::postgres::{
 };
 use taskfactory_model::sizes;
 use taskfactory_model::sql_params::{self, SqlParam};
+use taskfactory_model::sql_query;
 use taskfactory_model::sql_role::{self, RoleFacts, SessionState};
 use taskfactory_proto::v1::SqlSource;
 use taskfactory_runtime::telemetry::error_chain;
@@ -318,22 +322,13 @@ impl Sources {
         } else {
             sql.max_rows.min(self.max_rows)
         };
-        let query = sql.query.trim().trim_end_matches(';').trim_end();
-        let first_word = query
-            .split(|c: char| !c.is_ascii_alphabetic())
-            .next()
-            .unwrap_or_default()
-            .to_ascii_uppercase();
-        if !matches!(first_word.as_str(), "SELECT" | "WITH" | "VALUES" | "TABLE") {
-            return Err(format!(
-                "only queries that read are allowed (SELECT, WITH, VALUES, TABLE), not {first_word}: sql sources run in a read-only transaction"
-            ));
-        }
+        // Validation checked it too, but a version stored before that check runs here as well.
+        let query =
+            sql_query::check(&sql.query).map_err(|problem| format!("the query {problem}"))?;
         let bounds = RowBounds {
             max_rows,
             max_bytes: self.max_bytes,
         };
-        let wrapped = bounded_query(query, bounds);
         let mut conn = database.pool.acquire().await.map_err(|e| {
             format!(
                 "connecting to database {:?}: {}",
@@ -341,7 +336,7 @@ impl Sources {
                 error_chain(&e)
             )
         })?;
-        let rows = read_only_query(&mut conn, &wrapped, &params, timeout, bounds).await;
+        let rows = read_only_query(&mut conn, query, &params, timeout, bounds).await;
         // Whatever the query did, nothing of it may stay on the connection.
         match session_state(&mut conn).await {
             Ok(state) => {
@@ -370,6 +365,10 @@ impl Sources {
                     db_error(&e, &params)
                 )
             }
+            QueryError::NoColumns => format!(
+                "the query on database {:?} returns no columns: a source's value is its rows, each an object of its columns",
+                sql.database
+            ),
             QueryError::TooManyRows => format!(
                 "the query returned more than {max_rows} rows; narrow it (or raise maxRows)"
             ),
@@ -385,6 +384,14 @@ impl Sources {
     }
 }
 
+/// The most a `sql` source holds at once while it reads its rows, with `max_bytes` of
+/// `--max-source-bytes`: the rows kept (at most `max_bytes` as compact JSON), one row's text as
+/// the server sends it (at most [`RowBounds::wire_bytes`]) and that row parsed (about as much).
+pub(super) fn most_held(max_bytes: usize) -> usize {
+    let wire = usize::try_from(wire_bytes(max_bytes)).unwrap_or(usize::MAX);
+    max_bytes.saturating_add(wire.saturating_mul(2))
+}
+
 /// How much of a query's result a source may hold: its rows, and their bytes as compact JSON
 /// (`--max-source-bytes`).
 #[derive(Clone, Copy, Debug)]
@@ -398,14 +405,21 @@ impl RowBounds {
     /// jsonb with a space after each `:` and `,`, so its text of rows whose compact JSON fits
     /// is at most about 1.5 times as long; the exact limit is checked on the compact form.
     fn wire_bytes(self) -> u64 {
-        (self.max_bytes as u64).saturating_mul(2)
+        wire_bytes(self.max_bytes)
     }
+}
+
+/// [`RowBounds::wire_bytes`] for `max_bytes`.
+fn wire_bytes(max_bytes: usize) -> u64 {
+    (max_bytes as u64).saturating_mul(2)
 }
 
 /// The user's query, bounded where its rows are made, so that this process never receives more
 /// than the bounds allow.
 ///
 /// - The user's query is a subquery: only a SELECT (or VALUES, or a read-only WITH) fits there,
+///   and only because it is one statement closed on itself (no `)` of its own closes ours: the
+///   database prepared it alone first, [`read_only_query`]) is it that subquery and no more,
 ///   and each row becomes one JSON object's text (`to_jsonb(q)::text`), at most `max_rows + 1`
 ///   of them (one more than allowed says "too many").
 /// - The server counts those texts' bytes as it goes (a running sum) and sends a row's text only
@@ -431,8 +445,10 @@ fn bounded_query(query: &str, bounds: RowBounds) -> String {
 enum QueryError {
     /// Beginning the transaction or setting it up.
     Setup(sqlx::Error),
-    /// The user's query.
+    /// The user's query (prepared alone, or run bounded).
     Query(sqlx::Error),
+    /// The query, prepared alone, returns no columns (it is no query, or one of no columns).
+    NoColumns,
     /// More rows than `max_rows`.
     TooManyRows,
     /// The rows passed `max_bytes` (as compact JSON) or the server stopped sending them.
@@ -441,14 +457,22 @@ enum QueryError {
     Decode(serde_json::Error),
 }
 
-/// Runs `wrapped` ([`bounded_query`]) with `params` bound in a read-only transaction, rolled back
-/// either way, reading its rows one at a time as they arrive and stopping at the first that
-/// passes `bounds`: what this holds is the rows within the bounds, and one row's text of at most
-/// [`RowBounds::wire_bytes`]. The statement is prepared (and cached by sqlx) under
+/// Runs `query` bounded ([`bounded_query`]) with `params` bound in a read-only transaction,
+/// rolled back either way, reading its rows one at a time as they arrive and stopping at the
+/// first that passes `bounds`: what this holds is the rows within the bounds, and one row's text
+/// of at most [`RowBounds::wire_bytes`].
+///
+/// First the database prepares `query` alone, with the same parameter types: it must be one
+/// statement (the extended protocol refuses more) that returns columns. Only a text that parses
+/// whole on its own, its parentheses paired and nothing after it, goes into the bounding
+/// statement, where it can then be nothing but the subquery; the database decides, as it reads
+/// the text (whatever its `standard_conforming_strings`), not a lexer of ours.
+///
+/// Both statements are prepared (and cached by sqlx, per connection) under
 /// [`sql_params::statement_text`], which names the types the same `params` are bound with.
 async fn read_only_query(
     conn: &mut PgConnection,
-    wrapped: &str,
+    query: &str,
     params: &[SqlParam<'_>],
     timeout: Duration,
     bounds: RowBounds,
@@ -467,8 +491,22 @@ async fn read_only_query(
             .await
             .map_err(QueryError::Setup)?;
     }
+    let types: Vec<PgTypeInfo> = params.iter().map(pg_type).collect();
+    let alone = sqlx::Executor::prepare_with(
+        &mut *tx,
+        sqlx::SqlSafeStr::into_sql_str(sqlx::AssertSqlSafe(sql_params::statement_text(
+            query, params,
+        ))),
+        &types,
+    )
+    .await
+    .map_err(QueryError::Query)?;
+    if sqlx::Statement::columns(&alone).is_empty() {
+        return Err(QueryError::NoColumns);
+    }
+    let wrapped = bounded_query(query, bounds);
     let mut query = sqlx::query_as::<_, (Option<String>, i64)>(sqlx::AssertSqlSafe(
-        sql_params::statement_text(wrapped, params),
+        sql_params::statement_text(&wrapped, params),
     ));
     for param in params {
         query = query.bind(Bound(param));
@@ -523,6 +561,21 @@ fn db_error(error: &sqlx::Error, params: &[SqlParam<'_>]) -> String {
     }
 }
 
+/// The type a parameter is declared as ([`SqlParam::sql_type`]).
+fn pg_type(param: &SqlParam<'_>) -> PgTypeInfo {
+    /// `numeric`'s OID (sqlx names it only with a decimal crate's feature).
+    const NUMERIC: Oid = Oid(1700);
+    match param {
+        SqlParam::Text(_) | SqlParam::Null => <&str as sqlx::Type<Postgres>>::type_info(),
+        SqlParam::Int8(_) => <i64 as sqlx::Type<Postgres>>::type_info(),
+        SqlParam::Numeric(_) => PgTypeInfo::with_oid(NUMERIC),
+        SqlParam::Bool(_) => <bool as sqlx::Type<Postgres>>::type_info(),
+        SqlParam::Jsonb(_) => {
+            <sqlx::types::Json<&serde_json::Value> as sqlx::Type<Postgres>>::type_info()
+        }
+    }
+}
+
 /// One parameter as sqlx binds it: declared at prepare time with the type [`SqlParam`] chose
 /// (`produces`), encoded for exactly that type.
 struct Bound<'p, 'v>(&'p SqlParam<'v>);
@@ -536,17 +589,7 @@ impl sqlx::Type<Postgres> for Bound<'_, '_> {
 
 impl sqlx::Encode<'_, Postgres> for Bound<'_, '_> {
     fn produces(&self) -> Option<PgTypeInfo> {
-        /// `numeric`'s OID (sqlx names it only with a decimal crate's feature).
-        const NUMERIC: Oid = Oid(1700);
-        Some(match self.0 {
-            SqlParam::Text(_) | SqlParam::Null => <&str as sqlx::Type<Postgres>>::type_info(),
-            SqlParam::Int8(_) => <i64 as sqlx::Type<Postgres>>::type_info(),
-            SqlParam::Numeric(_) => PgTypeInfo::with_oid(NUMERIC),
-            SqlParam::Bool(_) => <bool as sqlx::Type<Postgres>>::type_info(),
-            SqlParam::Jsonb(_) => {
-                <sqlx::types::Json<&serde_json::Value> as sqlx::Type<Postgres>>::type_info()
-            }
-        })
+        Some(pg_type(self.0))
     }
 
     fn encode_by_ref(
