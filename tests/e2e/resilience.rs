@@ -7,7 +7,7 @@ use taskfactory_model::spec::timestamp_to_chrono;
 use taskfactory_proto::v1::{RunStatus, TaskStatus, TriggerActivityRequest};
 use taskfactory_tests::{EnvOptions, Service, TestEnv, wait_for};
 
-use crate::support::{RecordingServer, create, finished_run, runs, settled, tasks};
+use crate::support::{RecordingServer, create, finished_run, runs, settled, tasks, wait_bucket};
 
 fn fan_out_spec(name: &str, url: &str, count: u32) -> String {
     format!(
@@ -964,5 +964,69 @@ async fn the_watched_complete_key_is_forgotten_when_the_bucket_is_recreated() ->
     kv.delete(FINISHED_TASKS_COMPLETE_KEY).await?;
     becomes(false, "the deleted key, seen").await?;
     shutdown.cancel();
+    Ok(())
+}
+
+/// While the finished-tasks bucket is refilled (recreated empty, the orchestrator that refills it
+/// not running yet), executors take no task message: a delivery handed back meanwhile would count
+/// as an attempt (the delivery count is the attempt number), so a long refill would cost tasks
+/// their retries or dead-letter them. Once the refill is done, every queued task runs as its
+/// first attempt and nothing is dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tasks_queued_while_the_finished_tasks_bucket_is_refilled_lose_no_attempts()
+-> anyhow::Result<()> {
+    use taskfactory_model::subjects;
+
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _trigger = env.start(Service::Trigger);
+    let orchestrator = env.start(Service::Orchestrator);
+    env.wait_ready(&[Service::Trigger, Service::Orchestrator])
+        .await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    let server = RecordingServer::start(Duration::ZERO).await?;
+    create(&mut admin, &fan_out_spec("queued", &server.url, 4)).await?;
+    let run_id = admin
+        .trigger_activity(TriggerActivityRequest {
+            id: "queued".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .run_id;
+    wait_for("the tasks queued", Duration::from_secs(30), || async {
+        Ok((stream_messages(&js, subjects::TASKS_STREAM).await? == 4).then_some(()))
+    })
+    .await?;
+    // The orchestrator stops, the bucket is deleted, and an executor starts: it declares the
+    // bucket again, empty and not complete, and nobody refills it for a while.
+    orchestrator.stop().await?;
+    js.delete_key_value(subjects::FINISHED_TASKS_BUCKET).await?;
+    let _executor = env.start(Service::Executor);
+    env.wait_ready(&[Service::Executor]).await?;
+    wait_bucket(&js, subjects::FINISHED_TASKS_BUCKET).await?;
+    // The refill held back: long enough for several deliveries at the transient backoff.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(server.calls().is_empty(), "a task ran before the refill");
+
+    let _orchestrator = env.start(Service::Orchestrator);
+    let run = finished_run(&admin, &run_id, Duration::from_secs(60)).await?;
+    assert_eq!(run.status(), RunStatus::RunSucceeded);
+    assert_eq!(server.calls().len(), 4);
+    let attempts: Vec<u32> = tasks(&mut admin, &run_id)
+        .await?
+        .iter()
+        .map(|task| task.attempts)
+        .collect();
+    assert_eq!(
+        attempts,
+        [1, 1, 1, 1],
+        "attempts were spent while the bucket was refilled"
+    );
+    assert_eq!(
+        stream_messages(&js, subjects::DLQ_STREAM).await?,
+        0,
+        "nothing is dead-lettered"
+    );
     Ok(())
 }

@@ -49,8 +49,11 @@ pub struct Executor {
     /// Finished tasks: read before each attempt (a finished task never runs again), written once
     /// the stream has a final result of ours.
     pub finished_tasks: async_nats::jetstream::kv::Store,
-    /// Whether that bucket is complete (watched, not read per attempt).
+    /// Whether that bucket is complete (watched, not read per attempt). No message is taken
+    /// while it is not ([`Handler::ready`]), and one in hand waits for it.
     pub complete: finished_tasks::CompleteWatch,
+    /// Stops a wait for the bucket to be complete.
+    pub shutdown: CancellationToken,
 }
 
 /// Cancelled runs: checked before each attempt, and watched to stop attempts in flight.
@@ -212,6 +215,12 @@ impl Handler for Executor {
     async fn handle(&self, message: &Message) -> Result<(), TaskError> {
         self.process(message).await
     }
+
+    /// No task message is taken while the finished-tasks bucket is being refilled: it could only
+    /// be handed back, and every delivery is an attempt of the task.
+    fn ready(&self) -> impl std::future::Future<Output = ()> + Send {
+        self.complete.wait_complete()
+    }
 }
 
 impl Executor {
@@ -310,52 +319,64 @@ impl Executor {
             .map(values::struct_to_json)
             .unwrap_or_else(|| serde_json::json!({}));
 
-        let started_at = Utc::now();
         // Registered before the check, so a cancel landing in between is still seen.
         let in_flight = self.cancellations.register(&task.run_id);
-        let (cancelled, finished) = tokio::join!(
-            self.cancellations.reason(&task.run_id),
-            finished_tasks::check(
-                &self.finished_tasks,
-                &self.complete,
-                &task.task_id,
-                task.attempt_base
-            )
-        );
-        let cancelled = cancelled.map_err(|error| {
-            TaskError::Transient(format!(
-                "cannot check whether the run of task {} was cancelled: {error}",
-                task.task_id
-            ))
-        })?;
-        let finished = finished.map_err(|error| {
-            TaskError::Transient(format!(
-                "cannot check whether task {} is finished: {error}",
-                task.task_id
-            ))
-        })?;
-        match finished {
-            FinishedCheck::Finished(by) => {
-                // Its message came back after the task ended (a consumer recreated over messages
-                // a server failed to remove, a copy published again): never run it again.
-                tracing::warn!(task.id = %task.task_id, finished_by = by, attempt, "task already finished; not run again");
-                metrics::record_attempt(&task_type, "already_finished", Duration::ZERO);
-                return Ok(());
-            }
-            FinishedCheck::Unproven => {
-                // The bucket was recreated and the orchestrator has not refilled it from Postgres
-                // yet: the task may be finished. Delivered again with the transient backoff (1 s
-                // doubling to 30 s), which gives a refill minutes before the task's deliveries
-                // run out.
-                return Err(TaskError::Transient(format!(
-                    "cannot tell whether task {} is finished: the finished-tasks bucket is being refilled",
-                    task.task_id
-                )));
-            }
-            FinishedCheck::ToRun => {}
-        }
-        // Alive from here: the start report's ack may take a while too.
+        // Alive from here: a wait for the bucket, and the start report's ack, may take a while.
         let heartbeat = messaging::heartbeat(message, self.ack_wait / 3);
+        let cancelled = loop {
+            // The bucket was recreated and the orchestrator has not refilled it from Postgres
+            // yet: the task may be finished. Kept in hand (a hand-back would be one more
+            // delivery, an attempt lost) until the refill is done.
+            tokio::select! {
+                _ = self.complete.wait_complete() => {}
+                _ = self.shutdown.cancelled() => {
+                    return Err(TaskError::Transient(format!(
+                        "task {} not run: shutting down while the finished-tasks bucket is refilled",
+                        task.task_id
+                    )));
+                }
+            }
+            let (cancelled, finished) = tokio::join!(
+                self.cancellations.reason(&task.run_id),
+                finished_tasks::check(
+                    &self.finished_tasks,
+                    &self.complete,
+                    &task.task_id,
+                    task.attempt_base
+                )
+            );
+            let cancelled = cancelled.map_err(|error| {
+                TaskError::Transient(format!(
+                    "cannot check whether the run of task {} was cancelled: {error}",
+                    task.task_id
+                ))
+            })?;
+            let finished = match finished {
+                // Read while the bucket was being deleted: wait for the one declared again.
+                Err(_) if !self.complete.is_complete() => continue,
+                finished => finished.map_err(|error| {
+                    TaskError::Transient(format!(
+                        "cannot check whether task {} is finished: {error}",
+                        task.task_id
+                    ))
+                })?,
+            };
+            match finished {
+                FinishedCheck::Finished(by) => {
+                    // Its message came back after the task ended (a consumer recreated over
+                    // messages a server failed to remove, a copy published again): never run
+                    // it again.
+                    tracing::warn!(task.id = %task.task_id, finished_by = by, attempt, "task already finished; not run again");
+                    metrics::record_attempt(&task_type, "already_finished", Duration::ZERO);
+                    return Ok(());
+                }
+                FinishedCheck::Unproven => {
+                    tracing::info!(task.id = %task.task_id, "the finished-tasks bucket is being refilled; the task waits for it");
+                }
+                FinishedCheck::ToRun => break cancelled,
+            }
+        };
+        let started_at = Utc::now();
         if cancelled.is_none() {
             // Every start is on record before anything runs: a start whose result a crash loses
             // still shows in the attempt history, and a task whose report can go nowhere never runs.

@@ -168,6 +168,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         max_deliveries: config.nats.max_deliveries,
         finished_tasks: finished_tasks.clone(),
         complete: complete.clone(),
+        shutdown: shutdown.clone(),
     });
     let tracker = TaskTracker::new();
     tracker.spawn(cancellations.watch(shutdown.clone()));

@@ -9,8 +9,8 @@
 //! refilled). A bucket recreated empty — by whichever service's keeper saw it missing — has no
 //! such key from its first moment, so there is no window in which an executor could take it for
 //! complete: an executor that finds no entry for a task in a bucket that is not complete cannot
-//! prove the task unfinished, and hands the message back with the transient backoff instead of
-//! running it ([`taskfactory_model::results::check_finished`]). The other way round (a "refill in
+//! prove the task unfinished, and does not run it ([`taskfactory_model::results::check_finished`]):
+//! it pulls no task message until the bucket is complete, and one in hand waits for it. The other way round (a "refill in
 //! progress" key) would leave the moments between the recreation and the orchestrator noticing
 //! it unguarded. The price: one more read per attempt (in parallel with the others), and while a
 //! bucket is not complete, no task runs unless its entry finishes it; executors of an older
@@ -69,7 +69,7 @@ pub async fn keep_complete(
             checked = check(&pool, &js, &kv) => checked,
         };
         if let Err(error) = checked {
-            tracing::warn!(bucket = FINISHED_TASKS_BUCKET, %error, "cannot make the finished-tasks bucket complete yet; executors hand back tasks they cannot prove unfinished");
+            tracing::warn!(bucket = FINISHED_TASKS_BUCKET, %error, "cannot make the finished-tasks bucket complete yet; executors take no tasks until it is");
         }
     }
 }

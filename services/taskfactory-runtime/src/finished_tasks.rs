@@ -15,13 +15,13 @@
 //! ([`taskfactory_model::results::raises_marker`]), by compare-and-set on the entry's revision.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
 use futures::StreamExt as _;
 use taskfactory_model::results::{FinishedCheck, check_finished, finished_marker, raises_marker};
 use taskfactory_model::subjects::{FINISHED_TASKS_BUCKET, FINISHED_TASKS_COMPLETE_KEY};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// Compare-and-set conflicts (another writer in between) tried again, at most.
@@ -84,44 +84,57 @@ pub async fn raise(
 }
 
 /// What an executor checks before an attempt: whether the task is finished, and, when its entry
-/// is missing, whether the bucket is complete enough to trust that. With `complete` known from a
-/// [`CompleteWatch`], one read; otherwise the complete key is read beside the entry.
+/// is missing, whether the bucket is complete enough to trust that ([`CompleteWatch`], looked at
+/// after the read). One read.
 pub async fn check(
     kv: &kv::Store,
     complete: &CompleteWatch,
     task_id: &str,
     attempt_base: u32,
 ) -> Result<FinishedCheck, String> {
-    if complete.is_complete() {
-        let held = kv.get(task_id).await.map_err(|e| e.to_string())?;
-        return Ok(check_finished(
-            held.as_deref().and_then(finished_marker),
-            true,
-            attempt_base,
-        ));
-    }
-    let (held, complete) = tokio::join!(kv.get(task_id), kv.get(FINISHED_TASKS_COMPLETE_KEY));
-    let held = held.map_err(|e| e.to_string())?;
-    let complete = complete.map_err(|e| e.to_string())?.is_some();
+    let held = kv.get(task_id).await.map_err(|e| e.to_string())?;
     Ok(check_finished(
         held.as_deref().and_then(finished_marker),
-        complete,
+        complete.is_complete(),
         attempt_base,
     ))
 }
 
 /// Whether the bucket is known to be complete, kept by watching its complete key, so that an
-/// executor does not read that key before every attempt. Known only while the watch is healthy,
-/// the key's last entry is a put, and the bucket is still the one the watch began on (its
-/// stream's creation time, looked at every `every`): a bucket deleted and declared again is not
-/// complete until the orchestrator has refilled it, whatever a watch of the old one saw. When not
-/// known, [`check`] reads the key itself.
-#[derive(Clone, Default)]
-pub struct CompleteWatch(Arc<AtomicBool>);
+/// executor does not read that key before every attempt, and can wait for it
+/// ([`CompleteWatch::wait_complete`]) rather than take tasks it could only hand back. Known only
+/// while the watch is healthy, the key's last entry is a put, and the bucket is still the one the
+/// watch began on (its stream's creation time, looked at every `every`): a bucket deleted and
+/// declared again is not complete until the orchestrator has refilled it, whatever a watch of the
+/// old one saw. When the key cannot be watched (a NATS user without the permission), it is read
+/// every [`POLL_EVERY`] instead.
+#[derive(Clone)]
+pub struct CompleteWatch(Arc<watch::Sender<bool>>);
+
+/// How often the complete key is read when it cannot be watched.
+pub const POLL_EVERY: Duration = Duration::from_secs(1);
+
+impl Default for CompleteWatch {
+    fn default() -> Self {
+        Self(Arc::new(watch::channel(false).0))
+    }
+}
 
 impl CompleteWatch {
     pub fn is_complete(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        *self.0.borrow()
+    }
+
+    /// Waits until the bucket is known to be complete.
+    pub async fn wait_complete(&self) {
+        let mut known = self.0.subscribe();
+        // The sender lives as long as `self`.
+        let _ = known.wait_for(|complete| *complete).await;
+    }
+
+    fn set(&self, complete: bool) {
+        self.0
+            .send_if_modified(|held| std::mem::replace(held, complete) != complete);
     }
 
     /// Watches until shutdown.
@@ -140,19 +153,24 @@ impl CompleteWatch {
                 .map(|stream| stream.cached_info().created)
         };
         loop {
-            self.0.store(false, Ordering::Release);
+            self.set(false);
             let began = bucket_created().await;
             let watched = match began {
                 Some(_) => kv
                     .watch_with_history(FINISHED_TASKS_COMPLETE_KEY)
                     .await
-                    .ok(),
-                None => None,
+                    .map_err(|error| error.to_string()),
+                None => Err("the bucket is missing".to_owned()),
             };
-            let Some(mut entries) = watched else {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(every) => continue,
+            let mut entries = match watched {
+                Ok(entries) => entries,
+                Err(error) => {
+                    tracing::warn!(bucket = FINISHED_TASKS_BUCKET, %error, "cannot watch the complete key; reading it every second instead");
+                    self.poll(&kv, every, &shutdown).await;
+                    if shutdown.is_cancelled() {
+                        return;
+                    }
+                    continue;
                 }
             };
             let mut look = tokio::time::interval(every);
@@ -161,9 +179,7 @@ impl CompleteWatch {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     entry = entries.next() => match entry {
-                        Some(Ok(entry)) => self
-                            .0
-                            .store(entry.operation == kv::Operation::Put, Ordering::Release),
+                        Some(Ok(entry)) => self.set(entry.operation == kv::Operation::Put),
                         _ => break,
                     },
                     _ = look.tick() => {
@@ -172,6 +188,22 @@ impl CompleteWatch {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Reads the key every [`POLL_EVERY`] for `every` (or until shutdown).
+    async fn poll(&self, kv: &kv::Store, every: Duration, shutdown: &CancellationToken) {
+        let until = tokio::time::Instant::now() + every.max(POLL_EVERY);
+        while tokio::time::Instant::now() < until {
+            let complete = matches!(
+                kv.entry(FINISHED_TASKS_COMPLETE_KEY).await,
+                Ok(Some(entry)) if entry.operation == kv::Operation::Put
+            );
+            self.set(complete);
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(POLL_EVERY) => {}
             }
         }
     }
