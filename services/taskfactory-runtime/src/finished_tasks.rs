@@ -9,20 +9,18 @@
 //!   redelivery), as the repair of an executor that crashed in between or does not write it
 //!   (an external one); usually the entry is there and this costs one read;
 //! - the orchestrator, refilling a recreated bucket from Postgres, after which it writes
-//!   [`FINISHED_TASKS_COMPLETE_KEY`].
+//!   [`FINISHED_TASKS_COMPLETE_KEY`], whose value is the creation time of the bucket it refilled
+//!   ([`crate::complete`]): until then, and whenever the key names another bucket, a missing
+//!   entry proves nothing and executors take no task message.
 //!
 //! The value is the attempt number as decimal text and only ever grows
 //! ([`taskfactory_model::results::raises_marker`]), by compare-and-set on the entry's revision.
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use async_nats::jetstream::{self, kv};
-use futures::StreamExt as _;
+use async_nats::jetstream::kv;
 use taskfactory_model::results::{FinishedCheck, check_finished, finished_marker, raises_marker};
 use taskfactory_model::subjects::{FINISHED_TASKS_BUCKET, FINISHED_TASKS_COMPLETE_KEY};
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
+
+pub use crate::complete::CompleteWatch;
 
 /// Compare-and-set conflicts (another writer in between) tried again, at most.
 const CONFLICTS: usize = 5;
@@ -100,111 +98,7 @@ pub async fn check(
     ))
 }
 
-/// Whether the bucket is known to be complete, kept by watching its complete key, so that an
-/// executor does not read that key before every attempt, and can wait for it
-/// ([`CompleteWatch::wait_complete`]) rather than take tasks it could only hand back. Known only
-/// while the watch is healthy, the key's last entry is a put, and the bucket is still the one the
-/// watch began on (its stream's creation time, looked at every `every`): a bucket deleted and
-/// declared again is not complete until the orchestrator has refilled it, whatever a watch of the
-/// old one saw. When the key cannot be watched (a NATS user without the permission), it is read
-/// every [`POLL_EVERY`] instead.
-#[derive(Clone)]
-pub struct CompleteWatch(Arc<watch::Sender<bool>>);
-
-/// How often the complete key is read when it cannot be watched.
-pub const POLL_EVERY: Duration = Duration::from_secs(1);
-
-impl Default for CompleteWatch {
-    fn default() -> Self {
-        Self(Arc::new(watch::channel(false).0))
-    }
-}
-
-impl CompleteWatch {
-    pub fn is_complete(&self) -> bool {
-        *self.0.borrow()
-    }
-
-    /// Waits until the bucket is known to be complete.
-    pub async fn wait_complete(&self) {
-        let mut known = self.0.subscribe();
-        // The sender lives as long as `self`.
-        let _ = known.wait_for(|complete| *complete).await;
-    }
-
-    fn set(&self, complete: bool) {
-        self.0
-            .send_if_modified(|held| std::mem::replace(held, complete) != complete);
-    }
-
-    /// Watches until shutdown.
-    pub async fn run(
-        self,
-        js: jetstream::Context,
-        kv: kv::Store,
-        every: Duration,
-        shutdown: CancellationToken,
-    ) {
-        let every = every.max(Duration::from_millis(100));
-        let bucket_created = || async {
-            js.get_stream(format!("KV_{FINISHED_TASKS_BUCKET}"))
-                .await
-                .ok()
-                .map(|stream| stream.cached_info().created)
-        };
-        loop {
-            self.set(false);
-            let began = bucket_created().await;
-            let watched = match began {
-                Some(_) => kv
-                    .watch_with_history(FINISHED_TASKS_COMPLETE_KEY)
-                    .await
-                    .map_err(|error| error.to_string()),
-                None => Err("the bucket is missing".to_owned()),
-            };
-            let mut entries = match watched {
-                Ok(entries) => entries,
-                Err(error) => {
-                    tracing::warn!(bucket = FINISHED_TASKS_BUCKET, %error, "cannot watch the complete key; reading it every second instead");
-                    self.poll(&kv, every, &shutdown).await;
-                    if shutdown.is_cancelled() {
-                        return;
-                    }
-                    continue;
-                }
-            };
-            let mut look = tokio::time::interval(every);
-            look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    entry = entries.next() => match entry {
-                        Some(Ok(entry)) => self.set(entry.operation == kv::Operation::Put),
-                        _ => break,
-                    },
-                    _ = look.tick() => {
-                        if bucket_created().await != began {
-                            break;
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// Reads the key every [`POLL_EVERY`] for `every` (or until shutdown).
-    async fn poll(&self, kv: &kv::Store, every: Duration, shutdown: &CancellationToken) {
-        let until = tokio::time::Instant::now() + every.max(POLL_EVERY);
-        while tokio::time::Instant::now() < until {
-            let complete = matches!(
-                kv.entry(FINISHED_TASKS_COMPLETE_KEY).await,
-                Ok(Some(entry)) if entry.operation == kv::Operation::Put
-            );
-            self.set(complete);
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(POLL_EVERY) => {}
-            }
-        }
-    }
+/// The watch of this bucket's complete key.
+pub fn complete_watch() -> CompleteWatch {
+    CompleteWatch::new(FINISHED_TASKS_BUCKET, FINISHED_TASKS_COMPLETE_KEY)
 }
