@@ -1220,3 +1220,80 @@ async fn queued_tasks_of_a_cancelled_run_do_not_run_after_the_cancelled_runs_buc
     );
     Ok(())
 }
+
+/// A refill cut short (the orchestrator's patience at start ran out) resumes from the last page it
+/// wrote, rather than from the first: here a refill one task per page, stopped after a few pages,
+/// then looked at again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refill_cut_short_resumes_where_it_got() -> anyhow::Result<()> {
+    use taskfactory_model::complete::proves_complete;
+    use taskfactory_model::subjects::{FINISHED_TASKS_BUCKET, FINISHED_TASKS_COMPLETE_KEY};
+    use taskfactory_orchestrator::refill::{Looked, Refill, Refilled};
+
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _trigger = env.start(Service::Trigger);
+    let orchestrator = env.start(Service::Orchestrator);
+    let _executor = env.start(Service::Executor);
+    env.wait_ready(&[Service::Trigger, Service::Orchestrator, Service::Executor])
+        .await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    create(
+        &mut admin,
+        "name: many\ntrigger: {manual: {}}\ntasks: [{name: t, type: noop, forEach: 'range(40)'}]\n",
+    )
+    .await?;
+    let run_id = admin
+        .trigger_activity(TriggerActivityRequest {
+            id: "many".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .run_id;
+    let run = finished_run(&admin, &run_id, Duration::from_secs(60)).await?;
+    assert_eq!(run.status(), RunStatus::RunSucceeded);
+    orchestrator.stop().await?;
+    js.delete_key_value(FINISHED_TASKS_BUCKET).await?;
+    let kv = taskfactory_runtime::nats::ensure_bucket(
+        &js,
+        taskfactory_runtime::nats::finished_tasks_config(1),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    let pool = env.db.pool().await?;
+    let refill = Refill::with_page(Refilled::FinishedTasks, kv.clone(), 1);
+    tokio::select! {
+        looked = refill.check(&pool, &js) => {
+            anyhow::bail!("the refill ended before it was cut short: {looked:?}")
+        }
+        _ = async {
+            while refill.unfinished() < 5 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        } => {}
+    }
+    let looked = refill.check(&pool, &js).await.map_err(anyhow::Error::msg)?;
+    let Looked::Refilled { resumed, written } = looked else {
+        anyhow::bail!("not refilled: {looked:?}");
+    };
+    assert!(resumed >= 5, "started over: {looked:?}");
+    assert_eq!(resumed + written, 40, "{looked:?}");
+    let created = taskfactory_runtime::complete::bucket_created(&js, FINISHED_TASKS_BUCKET)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let key = kv
+        .get(FINISHED_TASKS_COMPLETE_KEY)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no complete key"))?;
+    assert!(proves_complete(&key, created));
+    for task in tasks(&mut admin, &run_id).await? {
+        assert!(
+            kv.get(&task.id).await?.is_some(),
+            "task {} not refilled",
+            task.id
+        );
+    }
+    Ok(())
+}
