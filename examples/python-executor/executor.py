@@ -14,7 +14,7 @@ The contract it implements is the README's "Writing an external executor"; in sh
 message on `tasks.<type>` (stream FACTORY_TASKS, durable pull consumer `python-executor-<type>`):
 
   decode TaskInstance → read the cancelled-runs and finished-tasks buckets (a finished task: ack,
-  nothing else; a bucket not complete: NAK, not run) → report the start (`RUNNING`) and wait for
+  nothing else; a bucket not complete, its key missing or naming another bucket: NAK, not run) → report the start (`RUNNING`) and wait for
   the stream's ack → run the handler (timeout, heartbeats) → publish one TaskResult to
   `results.<activity name>.<run id>` with `Nats-Msg-Id: <task id>:<attempt>:<STATUS>` and wait for
   the stream's ack → (DEAD only) publish the task to `dlq.tasks.<type>` → (a final result) mark
@@ -77,15 +77,49 @@ CANCELLED_RUNS_BUCKET = "taskfactory_cancelled_runs"
 # message that comes back never runs again; written by this executor once the stream has a final
 # result of its own (and by the orchestrator when it records one).
 FINISHED_TASKS_BUCKET = "taskfactory_finished_tasks"
-# Its key that says the bucket is complete (the orchestrator writes it once it refilled a bucket
-# that was recreated empty): without it, no entry proves a task unfinished.
+# The key of each bucket that says the bucket is complete (the orchestrator writes it once it
+# refilled a bucket that was recreated empty): its value is the creation time of the bucket's
+# stream, KV_<bucket> (RFC 3339). Without it, or with a value naming another time (a bucket since
+# replaced), no entry proves a task unfinished or a run not cancelled.
 FINISHED_TASKS_COMPLETE_KEY = "complete_by_type"
+CANCELLED_RUNS_COMPLETE_KEY = "complete"
 
 
 def finished_task_key(task_id: str, task_type: str) -> str:
     """A task's key in the finished-tasks bucket: by type, so that NATS permissions let an executor
     write its own types' entries only (`$KV.taskfactory_finished_tasks.*.<type>`)."""
     return f"{task_id}.{task_type}"
+
+
+def rfc3339_instant(text: str) -> datetime:
+    """An RFC 3339 time, to the microsecond (nats-py reads a stream's `created` so; the services
+    write nanoseconds)."""
+    text = text.strip().replace("Z", "+00:00").replace("z", "+00:00")
+    head, dot, rest = text.partition(".")
+    if dot:
+        digits = len(rest) - len(rest.lstrip("0123456789"))
+        text = f"{head}.{rest[:min(digits, 6)]}{rest[digits:]}"
+    return datetime.fromisoformat(text)
+
+
+async def bucket_complete(js: Any, kv: Any, bucket: str, key: str) -> bool:
+    """Whether the bucket is complete: its complete key is there and names the bucket's stream's
+    creation time. Raises when that cannot be known."""
+    from nats.js.errors import KeyNotFoundError
+
+    async def held() -> bytes | None:
+        try:
+            return (await kv.get(key)).value or b""
+        except KeyNotFoundError:
+            return None
+
+    value, info = await asyncio.gather(held(), js.stream_info(f"KV_{bucket}"))
+    if value is None or info.created is None:
+        return False
+    try:
+        return rfc3339_instant(value.decode()) == info.created
+    except ValueError:  # not a time: proves nothing
+        return False
 
 
 def task_subject(task_type: str) -> str:
@@ -435,6 +469,12 @@ class Cancellations:
             return None
         return (entry.value or b"").decode(errors="replace") or "cancelled"
 
+    async def complete(self) -> bool:
+        """Whether the bucket is complete (its key names the bucket), so that no entry means not
+        cancelled; raises when that cannot be known."""
+        kv = await self.bucket()
+        return await bucket_complete(self.js, kv, CANCELLED_RUNS_BUCKET, CANCELLED_RUNS_COMPLETE_KEY)
+
     def register(self, run_id: str) -> asyncio.Event:
         event = asyncio.Event()
         self.in_flight.setdefault(run_id, set()).add(event)
@@ -503,16 +543,10 @@ class FinishedTasks:
         return parse_finished_by(entry.value)
 
     async def complete(self) -> bool:
-        """Whether the bucket is complete (FINISHED_TASKS_COMPLETE_KEY is there); raises when that
-        cannot be known."""
-        from nats.js.errors import KeyNotFoundError
-
+        """Whether the bucket is complete (its key names the bucket); raises when that cannot be
+        known."""
         kv = await self.bucket()
-        try:
-            await kv.get(FINISHED_TASKS_COMPLETE_KEY)
-        except KeyNotFoundError:
-            return False
-        return True
+        return await bucket_complete(self.js, kv, FINISHED_TASKS_BUCKET, FINISHED_TASKS_COMPLETE_KEY)
 
     async def mark(self, key: str, attempt: int) -> None:
         """Raises the task's entry (its finished_task_key) to `attempt`: created if absent, else compare-and-set, and only
@@ -782,31 +816,33 @@ class Executor:
         """The checks, the start report, then the handler (stopped if the run is cancelled meanwhile):
         (status, error, output Value or None) to report; None when the message was settled here
         (its task is finished: acked; a check or the start report failed: NAKed, not run)."""
-        # Both buckets at once: was the run cancelled, is the task finished (and is the
-        # finished-tasks bucket complete, so that no entry means not finished)?
+        # Both buckets at once: was the run cancelled, is the task finished (and is each bucket
+        # complete, so that no entry means not cancelled, not finished)?
         checks = await asyncio.gather(
             self.cancellations.reason(task.run_id),
+            self.cancellations.complete(),
             self.finished.finished_by(finished_task_key(task.task_id, task.type)),
             self.finished.complete(),
             return_exceptions=True,
         )
-        whats = ("whether its run was cancelled", "whether it is finished", "whether it is finished")
+        whats = ("whether its run was cancelled",) * 2 + ("whether it is finished",) * 2
         for what, outcome in zip(whats, checks):
             if isinstance(outcome, BaseException):
                 log.warning("task %s: cannot check %s (%s); retrying", task.task_id, what, outcome)
                 await _quietly(message.nak(delay=self.SETTLE_RETRY))
                 return None
-        cancelled, finished_by, complete = checks
+        cancelled, cancelled_complete, finished_by, finished_complete = checks
         if finished_by is not None and already_finished(finished_by, task.attempt_base):
             # Its message came back after the task ended (a consumer recreated over messages a
             # server failed to remove, a copy published again): never run it again, report nothing.
             log.warning("task %s already finished (by attempt %d); not run again", task.task_id, finished_by)
             await message.ack()
             return None
-        if not complete:
-            # The bucket was recreated and the orchestrator has not refilled it yet: the task may
-            # be finished. Not run; back after a while (each delivery counts toward the limit).
-            log.warning("task %s: the finished-tasks bucket is being refilled; retrying", task.task_id)
+        if not finished_complete or (cancelled is None and not cancelled_complete):
+            # A bucket was recreated and the orchestrator has not refilled it yet: the task may be
+            # finished, or its run cancelled. Not run; back after a while (each delivery counts
+            # toward the limit: the built-in executor keeps the message and pulls no more instead).
+            log.warning("task %s: a bucket is being refilled; retrying", task.task_id)
             await _quietly(message.nak(delay=self.UNPROVEN_RETRY))
             return None
         if cancelled is not None:

@@ -174,6 +174,10 @@ class FakeJetStream:
         self.fail = (lambda headers: True) if fail is True else (fail or (lambda headers: False))
         self.ack_delay = ack_delay
 
+    async def stream_info(self, name):
+        """Every bucket's stream was created at BUCKETS_CREATED."""
+        return SimpleNamespace(created=ex.rfc3339_instant(BUCKETS_CREATED))
+
     async def publish(self, subject, payload, timeout=None, headers=None):
         if self.ack_delay:
             await asyncio.sleep(self.ack_delay)
@@ -190,6 +194,8 @@ def is_start(headers) -> bool:
 TASK_ID = "0b6f4a34-0000-4000-8000-000000000001"
 # Its key in the finished-tasks bucket.
 TASK_KEY = f"{TASK_ID}.uppercase"
+# When the fake buckets' streams were created, as the server says it (to the nanosecond).
+BUCKETS_CREATED = "2026-12-06T00:00:00.123456789Z"
 
 
 def task_bytes(params=None, **fields) -> bytes:
@@ -253,10 +259,19 @@ class FakeKeyValue:
 
 
 def finished_bucket(entries=None, complete=True, **options) -> FakeKeyValue:
-    """The finished-tasks bucket: complete (refilled) unless told otherwise."""
+    """The finished-tasks bucket: complete (refilled) unless told otherwise; `complete` may be
+    the complete key's value."""
     entries = dict(entries or {})
     if complete:
-        entries[ex.FINISHED_TASKS_COMPLETE_KEY] = "2026-12-06T00:00:00Z"
+        entries[ex.FINISHED_TASKS_COMPLETE_KEY] = BUCKETS_CREATED if complete is True else complete
+    return FakeKeyValue(entries, **options)
+
+
+def cancelled_bucket(entries=None, complete=True, **options) -> FakeKeyValue:
+    """The cancelled-runs bucket: complete (refilled) unless told otherwise."""
+    entries = dict(entries or {})
+    if complete:
+        entries[ex.CANCELLED_RUNS_COMPLETE_KEY] = BUCKETS_CREATED
     return FakeKeyValue(entries, **options)
 
 
@@ -280,7 +295,7 @@ def make_executor(events: list, handlers=None, *, fail=False, ack_delay=0.0, ack
     """An executor over fakes: both buckets empty unless given."""
     executor = ex.Executor(FakeJetStream(events, fail, ack_delay), "python-executor@test",
                            ex.HANDLERS if handlers is None else handlers, ack_wait=ack_wait)
-    executor.cancellations.kv = cancelled or FakeKeyValue()
+    executor.cancellations.kv = cancelled or cancelled_bucket()
     executor.finished.kv = finished or finished_bucket()
     return executor
 
@@ -544,7 +559,7 @@ class OneAttempt(unittest.TestCase):
         rendezvous = Rendezvous(2)
         events = self.attempt(
             task_bytes({"text": "x"}),
-            cancelled=FakeKeyValue(rendezvous=rendezvous),
+            cancelled=cancelled_bucket(rendezvous=rendezvous),
             finished=finished_bucket(rendezvous=rendezvous),
         )
         self.assertEqual(self.kinds(events), ["RUNNING", "SUCCEEDED", "ack"])
@@ -571,6 +586,23 @@ class OneAttempt(unittest.TestCase):
         # ...but a task its entry finishes is acked as ever.
         events = self.attempt(task_bytes({"text": "x"}), finished=finished_bucket({TASK_KEY: "1"}, complete=False))
         self.assertEqual(events, [("ack",)])
+
+    def test_a_complete_key_naming_another_bucket_proves_nothing(self) -> None:
+        for value in ("2026-12-06T00:00:00.124Z", "yes", ""):
+            events = self.attempt(task_bytes({"text": "x"}), finished=finished_bucket(complete=value))
+            self.assertEqual(events, [("nak", ex.Executor.UNPROVEN_RETRY)], value)
+        # The same instant in another spelling names the bucket.
+        events = self.attempt(task_bytes({"text": "x"}),
+                              finished=finished_bucket(complete="2026-12-06T01:00:00.123456+01:00"))
+        self.assertEqual(self.kinds(events), ["RUNNING", "SUCCEEDED", "ack"])
+
+    def test_a_task_is_not_run_while_the_cancelled_runs_bucket_is_refilled(self) -> None:
+        events = self.attempt(task_bytes({"text": "x"}), cancelled=cancelled_bucket(complete=False))
+        self.assertEqual(events, [("nak", ex.Executor.UNPROVEN_RETRY)])
+        # ...but a run it names is cancelled as ever.
+        events = self.attempt(task_bytes({"text": "x"}),
+                              cancelled=cancelled_bucket({"run-1": "stop"}, complete=False))
+        self.assertEqual(self.kinds(events), ["CANCELLED", "ack"])
 
     def test_output_that_is_not_json_is_dead(self) -> None:
         async def bad(attempt):

@@ -536,3 +536,65 @@ async fn vision_does_its_own_work(env: &TestEnv, admin: &jetstream::Context) -> 
     })
     .await
 }
+
+/// The executor, as the `executor` user, watches both refilled buckets' `complete` keys (rather
+/// than reading them every second) and hears of their replacement: the watches exist on the
+/// server, the executor reports each bucket complete through its watch
+/// (`taskfactory_bucket_watched` 1 and `taskfactory_bucket_complete` 1: reading the key instead
+/// would report 0 watched), and a bucket deleted and declared again is seen as not complete at
+/// once (the stream advisory), with the keepers' next look an hour away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_executor_watches_the_complete_keys_as_its_own_nats_user() -> anyhow::Result<()> {
+    use taskfactory_runtime::metrics::{BUCKET_COMPLETE, BUCKET_WATCHED};
+
+    let env = TestEnv::new(EnvOptions {
+        declare_every: Duration::from_secs(3600),
+        ..EnvOptions::default()
+    })
+    .await?;
+    let _orchestrator = env.start(Service::Orchestrator);
+    let _executor = env.start(Service::Executor);
+    env.wait_ready(&[Service::Orchestrator, Service::Executor])
+        .await?;
+    let admin = env.js().await?;
+    let state = |bucket: &'static str| async move {
+        let metrics =
+            crate::support::Scrape::parse(&taskfactory_runtime::metrics::handle().render())?;
+        Ok::<_, anyhow::Error>((
+            metrics.get(BUCKET_WATCHED, &[("bucket", bucket)]),
+            metrics.get(BUCKET_COMPLETE, &[("bucket", bucket)]),
+        ))
+    };
+    for bucket in [
+        subjects::FINISHED_TASKS_BUCKET,
+        subjects::CANCELLED_RUNS_BUCKET,
+    ] {
+        wait_for(
+            &format!("{bucket} complete, through a watch"),
+            Duration::from_secs(20),
+            || async { Ok((state(bucket).await? == (Some(1.0), Some(1.0))).then_some(())) },
+        )
+        .await?;
+        let watches = consumer_names(&admin, &format!("KV_{bucket}")).await?;
+        assert!(!watches.is_empty(), "no watch of {bucket} on the server");
+    }
+    admin
+        .delete_key_value(subjects::CANCELLED_RUNS_BUCKET)
+        .await?;
+    taskfactory_runtime::nats::ensure_bucket(
+        &admin,
+        taskfactory_runtime::nats::cancelled_runs_config(1),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    wait_for(
+        "the replaced bucket seen as not complete",
+        Duration::from_secs(5),
+        || async {
+            let (_, complete) = state(subjects::CANCELLED_RUNS_BUCKET).await?;
+            Ok((complete == Some(0.0)).then_some(()))
+        },
+    )
+    .await?;
+    Ok(())
+}

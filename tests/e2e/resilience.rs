@@ -9,7 +9,7 @@ use taskfactory_model::spec::timestamp_to_chrono;
 use taskfactory_proto::v1::{RunStatus, TaskStatus, TriggerActivityRequest};
 use taskfactory_tests::{EnvOptions, Service, TestEnv, wait_for};
 
-use crate::support::{RecordingServer, create, finished_run, runs, settled, tasks};
+use crate::support::{RecordingServer, create, finished_run, runs, settled, tasks, wait_bucket};
 
 fn fan_out_spec(name: &str, url: &str, count: u32) -> String {
     format!(
@@ -919,13 +919,15 @@ async fn a_task_waiting_for_its_next_attempt_in_a_deleted_tasks_stream_gets_it()
 }
 
 /// Executors watch the finished-tasks bucket's `complete` key instead of reading it before every
-/// attempt. The watch must never outlive its bucket: deleted and declared again (empty, not yet
-/// refilled), the bucket is not complete, whatever the watch of the old one saw.
+/// attempt. The watch must never outlive its bucket, nor trust a key that names another: deleted
+/// and declared again (empty, not yet refilled), the bucket is not complete at once (not when the
+/// watch looks again, here an hour later), and a key whose value is not the bucket's creation
+/// time proves nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_watched_complete_key_is_forgotten_when_the_bucket_is_recreated() -> anyhow::Result<()>
-{
+async fn the_watched_complete_key_proves_only_its_own_bucket_complete() -> anyhow::Result<()> {
+    use taskfactory_model::complete::complete_value;
     use taskfactory_model::subjects::{FINISHED_TASKS_BUCKET, FINISHED_TASKS_COMPLETE_KEY};
-    use taskfactory_runtime::finished_tasks::CompleteWatch;
+    use taskfactory_runtime::complete::bucket_created;
     use taskfactory_runtime::nats;
 
     let env = TestEnv::new(EnvOptions::default()).await?;
@@ -935,13 +937,18 @@ async fn the_watched_complete_key_is_forgotten_when_the_bucket_is_recreated() ->
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))
     };
+    let created = || async {
+        bucket_created(&js, FINISHED_TASKS_BUCKET)
+            .await
+            .map_err(anyhow::Error::msg)
+    };
     let kv = declare().await?;
-    let watch = CompleteWatch::default();
+    let watch = taskfactory_runtime::finished_tasks::complete_watch();
     let shutdown = tokio_util::sync::CancellationToken::new();
     tokio::spawn(watch.clone().run(
         js.clone(),
         kv.clone(),
-        Duration::from_millis(200),
+        Duration::from_secs(3600),
         shutdown.clone(),
     ));
     let becomes = |want: bool, what: &'static str| {
@@ -952,16 +959,28 @@ async fn the_watched_complete_key_is_forgotten_when_the_bucket_is_recreated() ->
         })
     };
     becomes(false, "an incomplete bucket, seen so").await?;
-    kv.create(FINISHED_TASKS_COMPLETE_KEY, "now".into()).await?;
+    let first = created().await?;
+    kv.create(FINISHED_TASKS_COMPLETE_KEY, complete_value(first).into())
+        .await?;
     becomes(true, "the complete key, seen").await?;
+    let other = first + chrono::Duration::nanoseconds(1);
+    kv.put(FINISHED_TASKS_COMPLETE_KEY, complete_value(other).into())
+        .await?;
+    becomes(false, "a key naming another bucket, distrusted").await?;
+    kv.put(FINISHED_TASKS_COMPLETE_KEY, complete_value(first).into())
+        .await?;
+    becomes(true, "the key naming the bucket again").await?;
 
-    // Deleted and declared again at once, empty: not complete.
+    // Deleted and declared again at once, empty: not complete, long before the watch looks.
     js.delete_key_value(FINISHED_TASKS_BUCKET).await?;
     let kv = declare().await?;
     becomes(false, "the recreated bucket, seen as not complete").await?;
     // Refilled: complete again, through a watch of the new bucket.
-    kv.create(FINISHED_TASKS_COMPLETE_KEY, "again".into())
-        .await?;
+    kv.create(
+        FINISHED_TASKS_COMPLETE_KEY,
+        complete_value(created().await?).into(),
+    )
+    .await?;
     becomes(true, "the new bucket's complete key, seen").await?;
     // A deleted key is not complete either.
     kv.delete(FINISHED_TASKS_COMPLETE_KEY).await?;
@@ -1282,5 +1301,318 @@ async fn a_requeue_interrupted_midway_goes_on_where_it_stopped() -> anyhow::Resu
     let admin = env.admin().await?;
     let run = finished_run(&admin, &run_id, Duration::from_secs(120)).await?;
     assert_eq!(run.status(), RunStatus::RunSucceeded);
+    Ok(())
+}
+
+/// While the finished-tasks bucket is refilled (recreated empty, the orchestrator that refills it
+/// not running yet), executors take no task message: a delivery handed back meanwhile would count
+/// as an attempt (the delivery count is the attempt number), so a long refill would cost tasks
+/// their retries or dead-letter them. Once the refill is done, every queued task runs as its
+/// first attempt and nothing is dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tasks_queued_while_the_finished_tasks_bucket_is_refilled_lose_no_attempts()
+-> anyhow::Result<()> {
+    use taskfactory_model::subjects;
+
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _trigger = env.start(Service::Trigger);
+    let orchestrator = env.start(Service::Orchestrator);
+    env.wait_ready(&[Service::Trigger, Service::Orchestrator])
+        .await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    let server = RecordingServer::start(Duration::ZERO).await?;
+    create(&mut admin, &fan_out_spec("queued", &server.url, 4)).await?;
+    let run_id = admin
+        .trigger_activity(TriggerActivityRequest {
+            id: "queued".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .run_id;
+    wait_for("the tasks queued", Duration::from_secs(30), || async {
+        Ok((stream_messages(&js, subjects::TASKS_STREAM).await? == 4).then_some(()))
+    })
+    .await?;
+    // The orchestrator stops, the bucket is deleted, and an executor starts: it declares the
+    // bucket again, empty and not complete, and nobody refills it for a while.
+    orchestrator.stop().await?;
+    js.delete_key_value(subjects::FINISHED_TASKS_BUCKET).await?;
+    let _executor = env.start(Service::Executor);
+    env.wait_ready(&[Service::Executor]).await?;
+    wait_bucket(&js, subjects::FINISHED_TASKS_BUCKET).await?;
+    // The refill held back: long enough for several deliveries at the transient backoff.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(server.calls().is_empty(), "a task ran before the refill");
+
+    let _orchestrator = env.start(Service::Orchestrator);
+    let run = finished_run(&admin, &run_id, Duration::from_secs(60)).await?;
+    assert_eq!(run.status(), RunStatus::RunSucceeded);
+    assert_eq!(server.calls().len(), 4);
+    let attempts: Vec<u32> = tasks(&mut admin, &run_id)
+        .await?
+        .iter()
+        .map(|task| task.attempts)
+        .collect();
+    assert_eq!(
+        attempts,
+        [1, 1, 1, 1],
+        "attempts were spent while the bucket was refilled"
+    );
+    assert_eq!(
+        stream_messages(&js, subjects::DLQ_STREAM).await?,
+        0,
+        "nothing is dead-lettered"
+    );
+    Ok(())
+}
+
+/// The finished-tasks bucket replaced under running services, with the keepers' look an hour
+/// away: executors must not go on trusting a watch of the old bucket (a watch resumes on a
+/// recreated stream without a word), nor a `complete` key that names another bucket (what a
+/// refill leaves when the bucket it refilled is replaced just before it writes the key). The
+/// finished tasks' messages that come back wait for the refill, and never run again.
+async fn finished_tasks_are_not_run_again_in_a_replaced_bucket(
+    stale_key: bool,
+) -> anyhow::Result<()> {
+    use futures::StreamExt as _;
+    use taskfactory_model::subjects::{FINISHED_TASKS_BUCKET, FINISHED_TASKS_COMPLETE_KEY};
+
+    let env = TestEnv::new(EnvOptions {
+        declare_every: Duration::from_secs(3600),
+        ..EnvOptions::default()
+    })
+    .await?;
+    let _trigger = env.start(Service::Trigger);
+    let orchestrator = env.start(Service::Orchestrator);
+    let _executor = env.start(Service::Executor);
+    env.wait_ready(&[Service::Trigger, Service::Orchestrator, Service::Executor])
+        .await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    let server = RecordingServer::start(Duration::ZERO).await?;
+    create(&mut admin, &fan_out_spec("replaced", &server.url, 2)).await?;
+    let mut copies = env.nats_client().await?.subscribe("tasks.http").await?;
+    let run_id = admin
+        .trigger_activity(TriggerActivityRequest {
+            id: "replaced".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .run_id;
+    let run = finished_run(&admin, &run_id, Duration::from_secs(30)).await?;
+    assert_eq!(run.status(), RunStatus::RunSucceeded);
+    let mut messages = Vec::new();
+    while messages.len() < 2 {
+        let message = tokio::time::timeout(Duration::from_secs(5), copies.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no copy"))?;
+        messages.push(message.payload);
+    }
+    let old_key = js
+        .get_key_value(FINISHED_TASKS_BUCKET)
+        .await?
+        .get(FINISHED_TASKS_COMPLETE_KEY)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("the bucket is not complete"))?;
+
+    // The orchestrator stops; the bucket is deleted and declared again, empty.
+    orchestrator.stop().await?;
+    js.delete_key_value(FINISHED_TASKS_BUCKET).await?;
+    let kv = taskfactory_runtime::nats::ensure_bucket(
+        &js,
+        taskfactory_runtime::nats::finished_tasks_config(1),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if stale_key {
+        // The old bucket's key, written into the new one.
+        kv.create(FINISHED_TASKS_COMPLETE_KEY, old_key).await?;
+    }
+    // The finished tasks' messages come back.
+    for (n, payload) in messages.into_iter().enumerate() {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", format!("back-{n}").as_str());
+        js.publish_with_headers("tasks.http", headers, payload)
+            .await?
+            .await?;
+    }
+    // The refill, at the orchestrator's start.
+    let _orchestrator = env.start(Service::Orchestrator);
+    settled(
+        &js,
+        taskfactory_model::subjects::TASKS_STREAM,
+        &taskfactory_model::subjects::executor_consumer("http"),
+    )
+    .await?;
+    assert_eq!(
+        server.calls().len(),
+        2,
+        "a finished task ran again in the replaced bucket"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn finished_tasks_are_not_run_again_in_a_bucket_replaced_under_a_watch() -> anyhow::Result<()>
+{
+    finished_tasks_are_not_run_again_in_a_replaced_bucket(false).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_complete_key_naming_another_bucket_proves_nothing() -> anyhow::Result<()> {
+    finished_tasks_are_not_run_again_in_a_replaced_bucket(true).await
+}
+
+/// The cancelled-runs bucket deleted and declared again (empty) while tasks of a cancelled run
+/// are still queued: the orchestrator refills it from Postgres, and until it has, executors take
+/// no task, so the cancelled run's tasks never run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn queued_tasks_of_a_cancelled_run_do_not_run_after_the_cancelled_runs_bucket_is_recreated()
+-> anyhow::Result<()> {
+    use taskfactory_model::subjects;
+    use taskfactory_proto::v1::CancelRunRequest;
+
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _trigger = env.start(Service::Trigger);
+    let _orchestrator = env.start(Service::Orchestrator);
+    env.wait_ready(&[Service::Trigger, Service::Orchestrator])
+        .await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    let server = RecordingServer::start(Duration::ZERO).await?;
+    create(&mut admin, &fan_out_spec("called-off", &server.url, 3)).await?;
+    let run_id = admin
+        .trigger_activity(TriggerActivityRequest {
+            id: "called-off".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .run_id;
+    wait_for("the tasks queued", Duration::from_secs(30), || async {
+        Ok((stream_messages(&js, subjects::TASKS_STREAM).await? == 3).then_some(()))
+    })
+    .await?;
+    admin
+        .cancel_run(CancelRunRequest {
+            id: run_id.clone(),
+            reason: "not today".to_owned(),
+        })
+        .await?;
+    // Deleted, and declared again (empty) by the orchestrator's keeper.
+    let bucket_stream = format!("KV_{}", subjects::CANCELLED_RUNS_BUCKET);
+    let before = js.get_stream(&bucket_stream).await?.cached_info().created;
+    js.delete_key_value(subjects::CANCELLED_RUNS_BUCKET).await?;
+    wait_for("the bucket declared again", Duration::from_secs(20), || {
+        let (js, bucket_stream) = (js.clone(), bucket_stream.clone());
+        async move {
+            Ok(js
+                .get_stream(&bucket_stream)
+                .await
+                .ok()
+                .filter(|stream| stream.cached_info().created != before)
+                .map(drop))
+        }
+    })
+    .await?;
+    let _executor = env.start(Service::Executor);
+    env.wait_ready(&[Service::Executor]).await?;
+    settled(
+        &js,
+        subjects::TASKS_STREAM,
+        &subjects::executor_consumer("http"),
+    )
+    .await?;
+    assert!(
+        server.calls().is_empty(),
+        "a task of the cancelled run ran: {:?}",
+        server.calls()
+    );
+    let listed = tasks(&mut admin, &run_id).await?;
+    assert!(
+        listed.iter().all(|t| t.status() == TaskStatus::Cancelled),
+        "{listed:?}"
+    );
+    Ok(())
+}
+
+/// A refill cut short (the orchestrator's patience at start ran out) resumes from the last page it
+/// wrote, rather than from the first: here a refill one task per page, stopped after a few pages,
+/// then looked at again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refill_cut_short_resumes_where_it_got() -> anyhow::Result<()> {
+    use taskfactory_model::complete::proves_complete;
+    use taskfactory_model::subjects::{FINISHED_TASKS_BUCKET, FINISHED_TASKS_COMPLETE_KEY};
+    use taskfactory_orchestrator::refill::{Looked, Refill, Refilled};
+
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _trigger = env.start(Service::Trigger);
+    let orchestrator = env.start(Service::Orchestrator);
+    let _executor = env.start(Service::Executor);
+    env.wait_ready(&[Service::Trigger, Service::Orchestrator, Service::Executor])
+        .await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    create(
+        &mut admin,
+        "name: many\ntrigger: {manual: {}}\ntasks: [{name: t, type: noop, forEach: 'range(40)'}]\n",
+    )
+    .await?;
+    let run_id = admin
+        .trigger_activity(TriggerActivityRequest {
+            id: "many".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .run_id;
+    let run = finished_run(&admin, &run_id, Duration::from_secs(60)).await?;
+    assert_eq!(run.status(), RunStatus::RunSucceeded);
+    orchestrator.stop().await?;
+    js.delete_key_value(FINISHED_TASKS_BUCKET).await?;
+    let kv = taskfactory_runtime::nats::ensure_bucket(
+        &js,
+        taskfactory_runtime::nats::finished_tasks_config(1),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    let pool = env.db.pool().await?;
+    let refill = Refill::with_page(Refilled::FinishedTasks, kv.clone(), 1);
+    tokio::select! {
+        looked = refill.check(&pool, &js) => {
+            anyhow::bail!("the refill ended before it was cut short: {looked:?}")
+        }
+        _ = async {
+            while refill.unfinished() < 5 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        } => {}
+    }
+    let looked = refill.check(&pool, &js).await.map_err(anyhow::Error::msg)?;
+    let Looked::Refilled { resumed, written } = looked else {
+        anyhow::bail!("not refilled: {looked:?}");
+    };
+    assert!(resumed >= 5, "started over: {looked:?}");
+    assert_eq!(resumed + written, 40, "{looked:?}");
+    let created = taskfactory_runtime::complete::bucket_created(&js, FINISHED_TASKS_BUCKET)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let key = kv
+        .get(FINISHED_TASKS_COMPLETE_KEY)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no complete key"))?;
+    assert!(proves_complete(&key, created));
+    for task in tasks(&mut admin, &run_id).await? {
+        let key = taskfactory_model::subjects::finished_task_key(&task.id, &task.r#type);
+        assert!(
+            kv.get(&key).await?.is_some(),
+            "task {} not refilled",
+            task.id
+        );
+    }
     Ok(())
 }

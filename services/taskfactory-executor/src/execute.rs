@@ -29,11 +29,14 @@ use tracing::Instrument as _;
 use async_nats::jetstream::Message;
 use chrono::Utc;
 use prost::Message as _;
-use taskfactory_model::results::{FinishedCheck, REDELIVERY_ALLOWANCE};
+use taskfactory_model::results::{
+    CancelledCheck, FinishedCheck, REDELIVERY_ALLOWANCE, check_cancelled,
+};
 use taskfactory_model::spec::{chrono_to_timestamp, effective_retry, std_duration};
 use taskfactory_model::status::{task_is_terminal, task_outcome};
 use taskfactory_model::{subjects, values};
 use taskfactory_proto::v1::{RetryPolicy, TaskInstance, TaskResult, TaskStatus};
+use taskfactory_runtime::complete::CompleteWatch;
 use taskfactory_runtime::messaging::{self, Handler, Then, Unfinished};
 use taskfactory_runtime::{finished_tasks, metrics};
 
@@ -49,13 +52,20 @@ pub struct Executor {
     /// Finished tasks: read before each attempt (a finished task never runs again), written once
     /// the stream has a final result of ours.
     pub finished_tasks: async_nats::jetstream::kv::Store,
-    /// Whether that bucket is complete (watched, not read per attempt).
-    pub complete: finished_tasks::CompleteWatch,
+    /// Whether that bucket is complete (watched, not read per attempt). No message is taken
+    /// while it or the cancelled-runs bucket is not ([`Handler::ready`]), and one in hand waits
+    /// for them.
+    pub complete: CompleteWatch,
+    /// Stops a wait for the bucket to be complete.
+    pub shutdown: CancellationToken,
 }
 
-/// Cancelled runs: checked before each attempt, and watched to stop attempts in flight.
+/// Cancelled runs: checked before each attempt, and watched to stop attempts in flight. A missing
+/// run proves it not cancelled only while the bucket is complete (`complete`: refilled from
+/// Postgres after it was recreated).
 pub struct Cancellations {
     kv: async_nats::jetstream::kv::Store,
+    pub complete: CompleteWatch,
     in_flight: std::sync::Mutex<HashMap<String, Vec<(u64, CancellationToken)>>>,
     next_id: std::sync::atomic::AtomicU64,
 }
@@ -64,9 +74,18 @@ impl Cancellations {
     pub fn new(kv: async_nats::jetstream::kv::Store) -> Self {
         Self {
             kv,
+            complete: CompleteWatch::new(
+                subjects::CANCELLED_RUNS_BUCKET,
+                subjects::CANCELLED_RUNS_COMPLETE_KEY,
+            ),
             in_flight: std::sync::Mutex::new(HashMap::new()),
             next_id: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// The bucket whose completeness `complete` keeps.
+    pub fn bucket(&self) -> async_nats::jetstream::kv::Store {
+        self.kv.clone()
     }
 
     /// Registers an attempt of a task of `run`; the token is cancelled if the run is.
@@ -89,19 +108,23 @@ impl Cancellations {
         }
     }
 
-    /// The reason the run was cancelled, if it was.
-    async fn reason(&self, run: &str) -> Result<Option<String>, String> {
-        match self.kv.get(run).await {
-            Ok(Some(reason)) => Ok(Some(String::from_utf8_lossy(&reason).into_owned())),
-            Ok(None) => Ok(None),
-            Err(error) => Err(error.to_string()),
-        }
+    /// Whether the run was cancelled (and why), as far as the bucket can tell: one read, and the
+    /// bucket's completeness looked at after it.
+    async fn check(&self, run: &str) -> Result<CancelledCheck, String> {
+        let held = self.kv.get(run).await.map_err(|error| error.to_string())?;
+        Ok(check_cancelled(
+            held.map(|reason| String::from_utf8_lossy(&reason).into_owned()),
+            self.complete.is_complete(),
+        ))
     }
 
-    /// Cancels the attempts in flight of runs as they are cancelled, until shutdown.
+    /// Cancels the attempts in flight of runs as they are cancelled, until shutdown. Watched
+    /// again, from what the bucket holds, whenever the bucket is found complete anew (refilled
+    /// after it was replaced: a watch does not follow a recreated bucket).
     pub async fn watch(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut found_complete = self.complete.changes();
         loop {
-            let mut updates = match self.kv.watch_all().await {
+            let mut updates = match self.kv.watch_with_history(">").await {
                 Ok(updates) => updates,
                 Err(error) => {
                     tracing::warn!(error = %error_chain(&error), "cannot watch cancelled runs; retrying");
@@ -115,6 +138,12 @@ impl Cancellations {
                 let entry = tokio::select! {
                     _ = shutdown.cancelled() => return,
                     entry = updates.next() => entry,
+                    changed = found_complete.changed() => {
+                        if changed.is_err() || *found_complete.borrow_and_update() {
+                            break;
+                        }
+                        continue;
+                    }
                 };
                 match entry {
                     Some(Ok(entry))
@@ -212,9 +241,23 @@ impl Handler for Executor {
     async fn handle(&self, message: &Message) -> Result<(), TaskError> {
         self.process(message).await
     }
+
+    /// No task message is taken while the finished-tasks or the cancelled-runs bucket is being
+    /// refilled: it could only be handed back, and every delivery is an attempt of the task.
+    fn ready(&self) -> impl std::future::Future<Output = ()> + Send {
+        self.buckets_complete()
+    }
 }
 
 impl Executor {
+    /// Waits until both buckets are known complete.
+    async fn buckets_complete(&self) {
+        tokio::join!(
+            self.complete.wait_complete(),
+            self.cancellations.complete.wait_complete()
+        );
+    }
+
     async fn process(&self, message: &Message) -> Result<(), TaskError> {
         let task = match TaskInstance::decode(message.payload.as_ref()) {
             Ok(task) if !task.task_id.is_empty() => task,
@@ -310,53 +353,78 @@ impl Executor {
             .map(values::struct_to_json)
             .unwrap_or_else(|| serde_json::json!({}));
 
-        let started_at = Utc::now();
         // Registered before the check, so a cancel landing in between is still seen.
         let in_flight = self.cancellations.register(&task.run_id);
         let finished_key = subjects::finished_task_key(&task.task_id, &task_type);
-        let (cancelled, finished) = tokio::join!(
-            self.cancellations.reason(&task.run_id),
-            finished_tasks::check(
-                &self.finished_tasks,
-                &self.complete,
-                &finished_key,
-                task.attempt_base
-            )
-        );
-        let cancelled = cancelled.map_err(|error| {
-            TaskError::Transient(format!(
-                "cannot check whether the run of task {} was cancelled: {error}",
-                task.task_id
-            ))
-        })?;
-        let finished = finished.map_err(|error| {
-            TaskError::Transient(format!(
-                "cannot check whether task {} is finished: {error}",
-                task.task_id
-            ))
-        })?;
-        match finished {
-            FinishedCheck::Finished(by) => {
-                // Its message came back after the task ended (a consumer recreated over messages
-                // a server failed to remove, a copy published again): never run it again.
-                tracing::warn!(task.id = %task.task_id, finished_by = by, attempt, "task already finished; not run again");
-                metrics::record_attempt(&task_type, "already_finished", Duration::ZERO);
-                return Ok(());
-            }
-            FinishedCheck::Unproven => {
-                // The bucket was recreated and the orchestrator has not refilled it from Postgres
-                // yet: the task may be finished. Delivered again with the transient backoff (1 s
-                // doubling to 30 s), which gives a refill minutes before the task's deliveries
-                // run out.
-                return Err(TaskError::Transient(format!(
-                    "cannot tell whether task {} is finished: the finished-tasks bucket is being refilled",
-                    task.task_id
-                )));
-            }
-            FinishedCheck::ToRun => {}
-        }
-        // Alive from here: the start report's ack may take a while too.
+        // Alive from here: a wait for the bucket, and the start report's ack, may take a while.
         let heartbeat = messaging::heartbeat(message, self.ack_wait / 3);
+        let cancelled = loop {
+            // A bucket was recreated and the orchestrator has not refilled it from Postgres
+            // yet: the task may be finished, or its run cancelled. Kept in hand (a hand-back
+            // would be one more delivery, an attempt lost) until the refill is done.
+            tokio::select! {
+                _ = self.buckets_complete() => {}
+                _ = self.shutdown.cancelled() => {
+                    return Err(TaskError::Transient(format!(
+                        "task {} not run: shutting down while a bucket is refilled",
+                        task.task_id
+                    )));
+                }
+            }
+            let (cancelled, finished) = tokio::join!(
+                self.cancellations.check(&task.run_id),
+                finished_tasks::check(
+                    &self.finished_tasks,
+                    &self.complete,
+                    &finished_key,
+                    task.attempt_base
+                )
+            );
+            // Read while a bucket was being deleted: wait for the one declared again.
+            let replaced =
+                !self.complete.is_complete() || !self.cancellations.complete.is_complete();
+            let cancelled = match cancelled {
+                Err(_) if replaced => continue,
+                cancelled => cancelled.map_err(|error| {
+                    TaskError::Transient(format!(
+                        "cannot check whether the run of task {} was cancelled: {error}",
+                        task.task_id
+                    ))
+                })?,
+            };
+            let finished = match finished {
+                Err(_) if replaced => continue,
+                finished => finished.map_err(|error| {
+                    TaskError::Transient(format!(
+                        "cannot check whether task {} is finished: {error}",
+                        task.task_id
+                    ))
+                })?,
+            };
+            match finished {
+                FinishedCheck::Finished(by) => {
+                    // Its message came back after the task ended (a consumer recreated over
+                    // messages a server failed to remove, a copy published again): never run
+                    // it again.
+                    tracing::warn!(task.id = %task.task_id, finished_by = by, attempt, "task already finished; not run again");
+                    metrics::record_attempt(&task_type, "already_finished", Duration::ZERO);
+                    return Ok(());
+                }
+                FinishedCheck::Unproven => {
+                    tracing::info!(task.id = %task.task_id, "the finished-tasks bucket is being refilled; the task waits for it");
+                    continue;
+                }
+                FinishedCheck::ToRun => {}
+            }
+            match cancelled {
+                CancelledCheck::Cancelled(reason) => break Some(reason),
+                CancelledCheck::NotCancelled => break None,
+                CancelledCheck::Unproven => {
+                    tracing::info!(task.id = %task.task_id, "the cancelled-runs bucket is being refilled; the task waits for it");
+                }
+            }
+        };
+        let started_at = Utc::now();
         if cancelled.is_none() {
             // Every start is on record before anything runs: a start whose result a crash loses
             // still shows in the attempt history, and a task whose report can go nowhere never runs.

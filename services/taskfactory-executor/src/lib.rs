@@ -158,7 +158,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     )
     .await
     .map_err(|e| anyhow::anyhow!("the finished-tasks bucket: {e}"))?;
-    let complete = taskfactory_runtime::finished_tasks::CompleteWatch::default();
+    let complete = taskfactory_runtime::finished_tasks::complete_watch();
     let executor = Arc::new(execute::Executor {
         builtins: builtins::Builtins::new(egress, secrets, js.clone(), client.clone())
             .context("http client")?,
@@ -168,8 +168,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         max_deliveries: config.nats.max_deliveries,
         finished_tasks: finished_tasks.clone(),
         complete: complete.clone(),
+        shutdown: shutdown.clone(),
     });
     let tracker = TaskTracker::new();
+    tracker.spawn(cancellations.complete.clone().run(
+        js.clone(),
+        cancellations.bucket(),
+        config.nats.declare_every,
+        shutdown.clone(),
+    ));
     tracker.spawn(cancellations.watch(shutdown.clone()));
     tracker.spawn(complete.run(
         js.clone(),

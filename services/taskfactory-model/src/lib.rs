@@ -14,6 +14,7 @@
 //! - [`redact`]: what callers below admin do not see (values shaped or named like credentials).
 //! - [`status`]: run and task states, their database spelling and their transitions.
 //! - [`results`]: what one result does to its task (refused, history only, or a move forward).
+//! - [`complete`]: when a bucket refilled from Postgres is complete (its complete key's value).
 //! - [`egress`]: which hosts and addresses outbound HTTP may reach.
 //! - [`sources`]: what `request` and `kv` context sources may reach (never the control plane).
 //! - [`sizes`]: how large a spec may be, and all live specs together.
@@ -26,6 +27,7 @@
 //! - [`values`]: protobuf `Value`/`Struct` ↔ JSON.
 
 pub mod access;
+pub mod complete;
 pub mod egress;
 pub mod expr;
 pub mod ids;

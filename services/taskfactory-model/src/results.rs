@@ -68,6 +68,27 @@ pub fn check_finished(held: Option<u32>, complete: bool, attempt_base: u32) -> F
     }
 }
 
+/// What an executor does with a task message, from the cancelled-runs bucket: the run's entry
+/// (`held`, the reason it was cancelled) and whether the bucket is complete.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CancelledCheck {
+    /// The run was cancelled, for this reason: report the task `CANCELLED`, never run it.
+    Cancelled(String),
+    /// No entry, but the bucket is not complete (recreated empty, its refill from Postgres not
+    /// done): the run may be cancelled all the same. Not run yet.
+    Unproven,
+    /// Not cancelled.
+    NotCancelled,
+}
+
+pub fn check_cancelled(held: Option<String>, complete: bool) -> CancelledCheck {
+    match held {
+        Some(reason) => CancelledCheck::Cancelled(reason),
+        None if !complete => CancelledCheck::Unproven,
+        None => CancelledCheck::NotCancelled,
+    }
+}
+
 /// Whether a finished-tasks entry holding `held` is raised by writing `attempt`: values only
 /// ever grow, so a late result of an earlier series never lowers it.
 pub fn raises_marker(held: Option<u32>, attempt: u32) -> bool {
@@ -443,6 +464,16 @@ fn check_claim(facts: &TaskFacts<'_>, claim: &Claim, attempt: u32) -> Result<(),
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_cancelled_run_proves_nothing_in_an_incomplete_bucket() {
+        assert_eq!(
+            check_cancelled(Some("why".into()), false),
+            CancelledCheck::Cancelled("why".into())
+        );
+        assert_eq!(check_cancelled(None, false), CancelledCheck::Unproven);
+        assert_eq!(check_cancelled(None, true), CancelledCheck::NotCancelled);
+    }
 
     #[test]
     fn a_task_runs_only_when_the_complete_bucket_has_no_entry_finishing_its_series() {

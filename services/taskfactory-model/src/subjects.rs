@@ -27,6 +27,12 @@ pub const RUN_COMMANDS: &str = "taskfactory.internal.commands";
 /// The KV bucket of cancelled runs (key = run id): executors check it before each attempt and watch
 /// it to stop attempts in flight.
 pub const CANCELLED_RUNS_BUCKET: &str = "taskfactory_cancelled_runs";
+/// The key of [`CANCELLED_RUNS_BUCKET`] that says the bucket is complete: every run cancelled
+/// when the bucket was created is in it. Written like [`FINISHED_TASKS_COMPLETE_KEY`] (its value:
+/// the bucket's creation time, [`crate::complete`]) once the orchestrator refilled the bucket
+/// from Postgres; a bucket without it (recreated empty) proves no run not cancelled. No run id
+/// looks like it.
+pub const CANCELLED_RUNS_COMPLETE_KEY: &str = "complete";
 /// Tasks that reached a final state: key [`finished_task_key`] (`<task id>.<task type>`), value
 /// the highest attempt number whose final result is known (decimal text, never lowered but by a
 /// `RetryTask`). Executors write it once the results stream has a final result of theirs, the
@@ -35,10 +41,11 @@ pub const CANCELLED_RUNS_BUCKET: &str = "taskfactory_cancelled_runs";
 pub const FINISHED_TASKS_BUCKET: &str = "taskfactory_finished_tasks";
 /// The key of [`FINISHED_TASKS_BUCKET`] that says the bucket is complete: every task that was
 /// final when the bucket was created is in it, under its [`finished_task_key`]. The orchestrator
-/// writes it (its value: the bucket's creation time) once its refill from Postgres is done; a
-/// bucket without it (recreated empty) proves no task unfinished. No task's key looks like it
-/// (it has no dot). Named anew when the keys changed (they were the task id alone, under the key
-/// `complete`), so that a bucket of the old keys is refilled once.
+/// writes it (its value: the bucket's creation time, [`crate::complete`]) once its refill from
+/// Postgres is done; a bucket without it (recreated empty), or whose key names another bucket,
+/// proves no task unfinished. No task's key looks like it (it has no dot). Named anew when the
+/// keys changed (they were the task id alone, under the key `complete`), so that a bucket of the
+/// old keys is refilled once.
 pub const FINISHED_TASKS_COMPLETE_KEY: &str = "complete_by_type";
 
 /// A task's key in [`FINISHED_TASKS_BUCKET`]: its id, then its type, so that NATS permissions can

@@ -17,7 +17,8 @@
 //! - [`admin_requests`]: commands and previews are carried out only when the admin API recorded
 //!   them (once, fresh).
 //! - [`unserved`]: tasks of a type no executor serves die after a grace period.
-//! - [`refill`]: the finished-tasks bucket, refilled from Postgres when it was recreated.
+//! - [`refill`]: the finished-tasks and cancelled-runs buckets, refilled from Postgres when they
+//!   were recreated.
 //! - [`requeue`]: tasks still to be run are published again into a `FACTORY_TASKS` that was
 //!   deleted and declared again.
 //! - [`spec_cache`]: the activity versions runs use, parsed once, bounded in bytes.
@@ -433,30 +434,44 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     )
     .await
     .map_err(|e| anyhow::anyhow!("the finished-tasks bucket: {e}"))?;
-    // A bucket found incomplete at start (a new installation, or one deleted while this was
-    // down) is made complete before any trigger is taken in, so that executors do not hand back
-    // the first tasks while it is; a long refill goes on in the background.
-    match tokio::time::timeout(
-        Duration::from_secs(60),
-        refill::check(&pool, &js, &finished_tasks),
-    )
-    .await
-    {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => {
-            tracing::warn!(%error, "cannot make the finished-tasks bucket complete yet; will try again")
+    // Buckets found incomplete at start (a new installation, or deleted while this was down)
+    // are made complete before any trigger is taken in, so that executors do not wait on the
+    // first tasks; a long refill goes on in the background, from where it got.
+    let refills = [
+        Arc::new(refill::Refill::new(
+            refill::Refilled::FinishedTasks,
+            finished_tasks.clone(),
+        )),
+        Arc::new(refill::Refill::new(
+            refill::Refilled::CancelledRuns,
+            cancelled_runs.clone(),
+        )),
+    ];
+    let at_start = futures::future::join_all(
+        refills
+            .iter()
+            .map(|refill| async { (refill.which.bucket(), refill.check(&pool, &js).await) }),
+    );
+    match tokio::time::timeout(Duration::from_secs(60), at_start).await {
+        Ok(looked) => {
+            for (bucket, looked) in looked {
+                if let Err(error) = looked {
+                    tracing::warn!(bucket, %error, "cannot make the bucket complete yet; will try again");
+                }
+            }
         }
         Err(_) => tracing::warn!(
-            "the finished-tasks bucket is still being refilled after 60 s; going on in the background"
+            "the buckets are still being refilled after 60 s; going on in the background, from where they got"
         ),
     }
-    tracker.spawn(refill::keep_complete(
-        pool.clone(),
-        js.clone(),
-        finished_tasks.clone(),
-        config.nats.declare_every,
-        shutdown.clone(),
-    ));
+    for refill in refills {
+        tracker.spawn(refill.keep_complete(
+            pool.clone(),
+            js.clone(),
+            config.nats.declare_every,
+            shutdown.clone(),
+        ));
+    }
     let sink = Arc::new(results::ResultSink {
         finished_tasks: finished_tasks.clone(),
         pool: pool.clone(),

@@ -12,7 +12,7 @@ use uuid::Uuid;
 mod finished_tasks;
 mod results;
 
-pub use finished_tasks::final_tasks_page;
+pub use finished_tasks::{cancelled_runs_page, final_tasks_page};
 pub use results::{Recorded, ResultRecord, record_result, record_results, record_running};
 
 /// What the orchestrator knows of a run it may have seen before.

@@ -9,20 +9,18 @@
 //!   redelivery), as the repair of an executor that crashed in between or does not write it
 //!   (an external one); usually the entry is there and this costs one read;
 //! - the orchestrator, refilling a recreated bucket from Postgres, after which it writes
-//!   [`FINISHED_TASKS_COMPLETE_KEY`].
+//!   [`FINISHED_TASKS_COMPLETE_KEY`], whose value is the creation time of the bucket it refilled
+//!   ([`crate::complete`]): until then, and whenever the key names another bucket, a missing
+//!   entry proves nothing and executors take no task message.
 //!
 //! The value is the attempt number as decimal text and only ever grows
 //! ([`taskfactory_model::results::raises_marker`]), by compare-and-set on the entry's revision.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
-
-use async_nats::jetstream::{self, kv};
-use futures::StreamExt as _;
+use async_nats::jetstream::kv;
 use taskfactory_model::results::{FinishedCheck, check_finished, finished_marker, raises_marker};
 use taskfactory_model::subjects::{FINISHED_TASKS_BUCKET, FINISHED_TASKS_COMPLETE_KEY};
-use tokio_util::sync::CancellationToken;
+
+pub use crate::complete::CompleteWatch;
 
 /// Compare-and-set conflicts (another writer in between) tried again, at most.
 const CONFLICTS: usize = 5;
@@ -116,95 +114,23 @@ pub async fn lower_to(kv: &kv::Store, key: &str, attempt: u32) -> Result<(), Str
 }
 
 /// What an executor checks before an attempt: whether the task is finished, and, when its entry
-/// is missing, whether the bucket is complete enough to trust that. With `complete` known from a
-/// [`CompleteWatch`], one read; otherwise the complete key is read beside the entry.
+/// is missing, whether the bucket is complete enough to trust that ([`CompleteWatch`], looked at
+/// after the read). One read.
 pub async fn check(
     kv: &kv::Store,
     complete: &CompleteWatch,
     key: &str,
     attempt_base: u32,
 ) -> Result<FinishedCheck, String> {
-    if complete.is_complete() {
-        let held = kv.get(key).await.map_err(|e| e.to_string())?;
-        return Ok(check_finished(
-            held.as_deref().and_then(finished_marker),
-            true,
-            attempt_base,
-        ));
-    }
-    let (held, complete) = tokio::join!(kv.get(key), kv.get(FINISHED_TASKS_COMPLETE_KEY));
-    let held = held.map_err(|e| e.to_string())?;
-    let complete = complete.map_err(|e| e.to_string())?.is_some();
+    let held = kv.get(key).await.map_err(|e| e.to_string())?;
     Ok(check_finished(
         held.as_deref().and_then(finished_marker),
-        complete,
+        complete.is_complete(),
         attempt_base,
     ))
 }
 
-/// Whether the bucket is known to be complete, kept by watching its complete key, so that an
-/// executor does not read that key before every attempt. Known only while the watch is healthy,
-/// the key's last entry is a put, and the bucket is still the one the watch began on (its
-/// stream's creation time, looked at every `every`): a bucket deleted and declared again is not
-/// complete until the orchestrator has refilled it, whatever a watch of the old one saw. When not
-/// known, [`check`] reads the key itself.
-#[derive(Clone, Default)]
-pub struct CompleteWatch(Arc<AtomicBool>);
-
-impl CompleteWatch {
-    pub fn is_complete(&self) -> bool {
-        self.0.load(Ordering::Acquire)
-    }
-
-    /// Watches until shutdown.
-    pub async fn run(
-        self,
-        js: jetstream::Context,
-        kv: kv::Store,
-        every: Duration,
-        shutdown: CancellationToken,
-    ) {
-        let every = every.max(Duration::from_millis(100));
-        let bucket_created = || async {
-            js.get_stream(format!("KV_{FINISHED_TASKS_BUCKET}"))
-                .await
-                .ok()
-                .map(|stream| stream.cached_info().created)
-        };
-        loop {
-            self.0.store(false, Ordering::Release);
-            let began = bucket_created().await;
-            let watched = match began {
-                Some(_) => kv
-                    .watch_with_history(FINISHED_TASKS_COMPLETE_KEY)
-                    .await
-                    .ok(),
-                None => None,
-            };
-            let Some(mut entries) = watched else {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(every) => continue,
-                }
-            };
-            let mut look = tokio::time::interval(every);
-            look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    entry = entries.next() => match entry {
-                        Some(Ok(entry)) => self
-                            .0
-                            .store(entry.operation == kv::Operation::Put, Ordering::Release),
-                        _ => break,
-                    },
-                    _ = look.tick() => {
-                        if bucket_created().await != began {
-                            break;
-                        }
-                    }
-                }
-            }
-        }
-    }
+/// The watch of this bucket's complete key.
+pub fn complete_watch() -> CompleteWatch {
+    CompleteWatch::new(FINISHED_TASKS_BUCKET, FINISHED_TASKS_COMPLETE_KEY)
 }

@@ -8,6 +8,7 @@
 //! - [`nats`]: connecting, and declaring the streams (idempotently, at every start).
 //! - [`egress`]: outbound HTTP guarded by the egress policy (tasks and context sources).
 //! - [`finished_tasks`]: the finished-tasks bucket: raising a task's entry, an executor's check.
+//! - [`complete`]: whether a bucket refilled from Postgres is complete, as executors watch it.
 //! - [`db`]: creating the database if absent, the pool, and the embedded migrations.
 //! - [`messaging`]: the one publish helper and the one consume loop (acks, concurrency, DLQ).
 //! - [`metrics`]: the Prometheus recorder and the `/metrics` endpoint.
@@ -17,6 +18,7 @@
 //! - [`telemetry`]: structured logs (pretty for development, JSON for production) and OTLP traces.
 
 pub mod clock;
+pub mod complete;
 pub mod config;
 pub mod db;
 pub mod egress;

@@ -115,6 +115,13 @@ pub trait Handler: Send + Sync + 'static {
     type Error: Unfinished;
 
     fn handle(&self, message: &Message) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
+    /// Waits until the handler can take messages; [`consume`] pulls none before. A message it
+    /// took could only be handed back, and every delivery counts toward the message's limit (an
+    /// executor's: the task's attempts). Ready at once unless a handler says otherwise.
+    fn ready(&self) -> impl Future<Output = ()> + Send {
+        std::future::ready(())
+    }
 }
 
 /// The delay before redelivering a message that failed transiently on its `delivered`th
@@ -434,7 +441,8 @@ pub async fn put_back_consumer(
 /// Pulls messages and runs `handler` on each, at most `spec.concurrency` at a time, until
 /// `shutdown`; then waits (up to `spec.drain_timeout`) for the handlers in flight.
 ///
-/// Messages are requested only for free handler slots (a pull batch sized to them), so no message
+/// Messages are requested only once the handler is ready ([`Handler::ready`]) and only for free
+/// handler slots (a pull batch sized to them), so no message
 /// ever waits in a client buffer while its `ack_wait` runs out — the prefetch pitfall that would
 /// otherwise redeliver, and run twice, messages nobody had started. The consumer is recreated
 /// whenever pulling fails (server restart, consumer deleted).
@@ -477,6 +485,10 @@ pub async fn consume<H: Handler>(
 
         let mut empty_pulls = 0u32;
         loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break 'reconnect,
+                _ = handler.ready() => {}
+            }
             // Wait for one free slot, then take every other free one.
             let first = tokio::select! {
                 _ = shutdown.cancelled() => break 'reconnect,

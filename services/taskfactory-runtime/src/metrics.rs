@@ -121,6 +121,14 @@ pub const DEFINITIONS_GENERATION: &str = "taskfactory_definitions_generation";
 /// one before; this growing with every reload by the number of activities means it does not).
 pub const DEFINITIONS_READ: &str = "taskfactory_definitions_read_total";
 
+/// Executor: whether a bucket refilled from Postgres (`bucket`: finished tasks, cancelled runs)
+/// is known to be complete; while it is 0 no task message is taken.
+pub const BUCKET_COMPLETE: &str = "taskfactory_bucket_complete";
+
+/// Executor: 1 while a bucket's complete key is watched, 0 while it is read every second instead
+/// (the watch cannot be opened: see the log).
+pub const BUCKET_WATCHED: &str = "taskfactory_bucket_watched";
+
 /// Buckets of the result batch sizes.
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 
@@ -263,6 +271,14 @@ fn describe() {
         DEFINITIONS_GENERATION,
         "The definitions generation this replica has loaded"
     );
+    describe_gauge!(
+        BUCKET_COMPLETE,
+        "Whether a bucket refilled from Postgres is known to be complete (no task is taken while 0)"
+    );
+    describe_gauge!(
+        BUCKET_WATCHED,
+        "1 while a bucket's complete key is watched, 0 while it is read every second instead"
+    );
     describe_counter!(
         DEFINITIONS_READ,
         "Activities read by definition reloads (only those changed since the reload before)"
@@ -398,6 +414,14 @@ pub fn record_attempt(task_type: &str, outcome: &'static str, duration: Duration
 pub fn set_dlq_messages(subject_kind: &'static str, messages: u64) {
     handle();
     metrics::gauge!(DLQ_MESSAGES, "subject_kind" => subject_kind).set(messages as f64);
+}
+
+/// Sets what an executor knows of a refilled bucket: complete or not, and whether its complete key
+/// is watched or read.
+pub fn set_bucket_state(bucket: &'static str, complete: bool, watched: bool) {
+    handle();
+    metrics::gauge!(BUCKET_COMPLETE, "bucket" => bucket).set(f64::from(u8::from(complete)));
+    metrics::gauge!(BUCKET_WATCHED, "bucket" => bucket).set(f64::from(u8::from(watched)));
 }
 
 /// Sets a durable consumer's sampled state.
