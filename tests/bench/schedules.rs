@@ -258,8 +258,8 @@ impl Report {
     }
 }
 
-/// The trigger's `taskfactory_schedules_active` gauge.
-async fn active_schedules(addr: &str) -> anyhow::Result<usize> {
+/// The trigger's `taskfactory_schedules_active` gauge (`None`: the trigger has no such gauge).
+async fn active_schedules(addr: &str) -> anyhow::Result<Option<usize>> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
     stream
@@ -267,12 +267,14 @@ async fn active_schedules(addr: &str) -> anyhow::Result<usize> {
         .await?;
     let mut response = String::new();
     stream.read_to_string(&mut response).await?;
-    response
+    if !response.starts_with("HTTP/1.1 200") && !response.starts_with("HTTP/1.0 200") {
+        bail!("/metrics did not answer 200");
+    }
+    Ok(response
         .lines()
         .find_map(|line| line.strip_prefix("taskfactory_schedules_active "))
         .and_then(|value| value.trim().parse::<f64>().ok())
-        .map(|value| value as usize)
-        .context("no taskfactory_schedules_active gauge")
+        .map(|value| value as usize))
 }
 
 async fn commits(pool: &sqlx::PgPool) -> anyhow::Result<i64> {
@@ -380,12 +382,17 @@ async fn main() -> anyhow::Result<()> {
         "every schedule in the scheduler's hands after the restart",
         Duration::from_secs(300),
         || async {
-            let active = active_schedules(&metrics_addr).await.unwrap_or(0);
-            Ok((active >= args.schedules).then(|| began.elapsed()))
+            Ok(match active_schedules(&metrics_addr).await {
+                // Not set yet, or a release without the gauge (not measured, after a minute).
+                Ok(None) => (began.elapsed() > Duration::from_secs(60)).then_some(None),
+                Ok(Some(active)) => (active >= args.schedules).then(|| Some(began.elapsed())),
+                Err(_) => None,
+            })
         },
     )
     .await
-    .ok();
+    .ok()
+    .flatten();
     progress(&format!(
         "restarted: admin API after {restart_admin:.1?}, all schedules in hand after {restart_all_decided:.1?}"
     ));
