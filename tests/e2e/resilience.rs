@@ -1616,3 +1616,175 @@ async fn a_refill_cut_short_resumes_where_it_got() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A task whose attempt is in flight when `FACTORY_TASKS` is deleted is not requeued (it is
+/// RUNNING); when that attempt then fails with attempts left, its NAK goes to the deleted stream.
+/// It stayed FAILED and its run RUNNING for ever (RetryTask takes no FAILED task); now a later
+/// requeue look publishes it into the new stream, once, and it gets its next attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_task_failing_in_flight_across_a_deleted_tasks_stream_gets_its_next_attempt()
+-> anyhow::Result<()> {
+    use taskfactory_model::subjects;
+    use taskfactory_proto::v1::{GetTaskRequest, RetryTaskRequest};
+
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    // Answers after 60 s; the task gives up after 4 s (retryable), its next attempt 1 s later.
+    let server = RecordingServer::start(Duration::from_secs(60)).await?;
+    create(
+        &mut admin,
+        &format!(
+            "name: inflight\ntrigger: {{manual: {{}}}}\ntasks: [{{name: c, type: http, timeout: 4s, params: {{url: '{}', body: {{}}}}, retry: {{maxAttempts: 3, initialBackoff: 1s, maxBackoff: 1s}}}}]\n",
+            server.url
+        ),
+    )
+    .await?;
+    let run_id = admin
+        .trigger_activity(TriggerActivityRequest {
+            id: "inflight".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .run_id;
+    wait_for("attempt 1 running", Duration::from_secs(30), || {
+        let mut admin = admin.clone();
+        let run_id = run_id.clone();
+        async move {
+            let listed = tasks(&mut admin, &run_id).await?;
+            Ok(listed
+                .first()
+                .is_some_and(|t| t.status() == TaskStatus::Running)
+                .then_some(()))
+        }
+    })
+    .await?;
+    assert!(js.delete_stream(subjects::TASKS_STREAM).await?.success);
+    let task_id = tasks(&mut admin, &run_id).await?.remove(0).id;
+    let failed = |admin: &crate::support::Admin| {
+        let mut admin = admin.clone();
+        let id = task_id.clone();
+        async move {
+            let task = admin.get_task(GetTaskRequest { id }).await?.into_inner();
+            Ok::<_, anyhow::Error>(
+                task.attempt_history
+                    .iter()
+                    .filter(|a| a.status() == TaskStatus::Failed)
+                    .map(|a| a.attempt)
+                    .collect::<Vec<_>>(),
+            )
+        }
+    };
+    wait_for("attempt 1 failed", Duration::from_secs(30), || {
+        let f = failed(&admin);
+        async move { Ok((f.await? == [1]).then_some(())) }
+    })
+    .await?;
+    let outcome = wait_for("attempt 2 failed too", Duration::from_secs(30), || {
+        let f = failed(&admin);
+        async move { Ok((f.await?.len() >= 2).then_some(())) }
+    })
+    .await;
+    if outcome.is_err() {
+        let task = tasks(&mut admin, &run_id).await?.remove(0);
+        let retried = admin
+            .retry_task(RetryTaskRequest {
+                id: task.id.clone(),
+            })
+            .await;
+        anyhow::bail!(
+            "stranded: task {:?} attempts {}, stream holds {} messages, RetryTask: {:?}",
+            task.status(),
+            task.attempts,
+            stream_messages(&js, subjects::TASKS_STREAM).await?,
+            retried.map(|_| ()).map_err(|s| s.message().to_owned())
+        );
+    }
+    Ok(())
+}
+
+/// RetryTask commits the redrive (task PENDING, run RUNNING) before it lowers the finished-tasks
+/// entry and publishes the task. Either failing (here the bucket is missing for a moment), or a
+/// crash in between, left the task PENDING with no message anywhere, and a second RetryTask was
+/// refused (only DEAD tasks): the run never ended. Now a RetryTask of a redriven task whose
+/// series never started publishes that series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retry_whose_publish_fails_after_its_redrive_can_be_retried_again() -> anyhow::Result<()>
+{
+    use taskfactory_model::subjects;
+    use taskfactory_proto::v1::RetryTaskRequest;
+
+    // The keepers look every 4 s: the bucket stays gone for the first RetryTask.
+    let env = TestEnv::new(EnvOptions {
+        declare_every: Duration::from_secs(4),
+        ..EnvOptions::default()
+    })
+    .await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    create(
+        &mut admin,
+        "name: once\ntrigger: {manual: {}}\ntasks: [{name: c, type: http, params: {url: 'http://127.0.0.1:1/x'}, retry: {maxAttempts: 1}}]\n",
+    )
+    .await?;
+    let run_id = admin
+        .trigger_activity(TriggerActivityRequest {
+            id: "once".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .run_id;
+    let run = finished_run(&admin, &run_id, Duration::from_secs(30)).await?;
+    assert_eq!(run.status(), RunStatus::RunFailed);
+    let dead = tasks(&mut admin, &run_id).await?.remove(0);
+    js.delete_key_value(subjects::FINISHED_TASKS_BUCKET).await?;
+    let first = admin
+        .retry_task(RetryTaskRequest {
+            id: dead.id.clone(),
+        })
+        .await;
+    // (The admin API answers an internal error; its log says to retry again.)
+    first.expect_err("the bucket is gone: the retry cannot be prepared");
+    wait_bucket(&js, subjects::FINISHED_TASKS_BUCKET).await?;
+    wait_for("the retry taken again", Duration::from_secs(30), || {
+        let mut admin = admin.clone();
+        let id = dead.id.clone();
+        async move {
+            Ok(admin
+                .retry_task(RetryTaskRequest { id })
+                .await
+                .ok()
+                .map(drop))
+        }
+    })
+    .await?;
+    let ended = wait_for("the task ran again", Duration::from_secs(40), || {
+        let mut admin = admin.clone();
+        let run_id = run_id.clone();
+        async move {
+            let task = tasks(&mut admin, &run_id).await?.remove(0);
+            Ok((task.attempts >= 2).then_some(()))
+        }
+    })
+    .await;
+    if ended.is_err() {
+        let task = tasks(&mut admin, &run_id).await?.remove(0);
+        let second = admin
+            .retry_task(RetryTaskRequest {
+                id: task.id.clone(),
+            })
+            .await;
+        anyhow::bail!(
+            "stranded: task {:?} attempts {}, stream holds {} messages, second RetryTask: {:?}",
+            task.status(),
+            task.attempts,
+            stream_messages(&js, subjects::TASKS_STREAM).await?,
+            second.map(|_| ()).map_err(|s| s.message().to_owned())
+        );
+    }
+    Ok(())
+}

@@ -225,21 +225,29 @@ impl Commands {
         let state = store::task_state(&self.spawner.pool, task)
             .await?
             .ok_or_else(|| refuse("not_found", format!("task {task} not found")))?;
-        if state.status != TaskStatus::Dead {
-            return Err(refuse(
-                "failed_precondition",
-                format!(
-                    "task {task} is {}; only a DEAD task can be retried",
-                    state.status.as_str_name()
-                ),
-            ));
-        }
+        // A DEAD task gets a new series. A redriven task whose series never started gets its
+        // series published again: that redrive's publish failed after it committed (an error
+        // answered, or the orchestrator died in between), and nothing else would publish it.
+        let redriven = match state.status {
+            TaskStatus::Dead => store::redrive_task(&self.spawner.pool, task).await?,
+            TaskStatus::Pending => store::unstarted_redrive(&self.spawner.pool, task).await?,
+            status => {
+                return Err(refuse(
+                    "failed_precondition",
+                    format!(
+                        "task {task} is {}; only a DEAD task can be retried",
+                        status.as_str_name()
+                    ),
+                ));
+            }
+        };
         // The numbers come from the redrive itself: two retries racing each get their own.
-        let Some(redriven) = store::redrive_task(&self.spawner.pool, task).await? else {
+        let Some(redriven) = redriven else {
             return Err(refuse(
                 "failed_precondition",
                 format!(
-                    "task {task} cannot be retried: it is no longer dead, or its run was cancelled"
+                    "task {task} cannot be retried: it is no longer dead (or its retried series \
+                     started), or its run was cancelled"
                 ),
             ));
         };
@@ -255,7 +263,12 @@ impl Commands {
         let key = subjects::finished_task_key(&task.to_string(), &state.task_type);
         finished_tasks::lower_to(&self.finished_tasks, &key, redriven.attempts)
             .await
-            .map_err(|e| refuse("internal", format!("preparing the retry: {e}")))?;
+            .map_err(|e| {
+                refuse(
+                    "internal",
+                    format!("preparing the retry: {e}; the task waits, PENDING: retry it again"),
+                )
+            })?;
         let series = redriven.series;
         messaging::publish_confirmed(
             &self.spawner.js,
@@ -265,7 +278,12 @@ impl Commands {
             instance.encode_to_vec().into(),
         )
         .await
-        .map_err(|e| refuse("internal", format!("publishing the task again: {e}")))?;
+        .map_err(|e| {
+            refuse(
+                "internal",
+                format!("publishing the task again: {e}; the task waits, PENDING: retry it again"),
+            )
+        })?;
         tracing::info!(task.id = %task, run.id = %state.run, activity.id = %state.activity, series, "dead task redriven");
         Ok(())
     }

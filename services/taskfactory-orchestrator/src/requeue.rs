@@ -38,10 +38,12 @@
 //!   attempts so far (`attempt_base`), with the attempts it has left as its `maxAttempts`, so it
 //!   gets no more attempts in all than its policy allows.
 //!
-//! Not republished: `RUNNING` tasks (an executor has it in hand and reports its result; one that
-//! fails after the stream was replaced waits for `RetryTask`), the same for an executor holding a
-//! message of the old stream whose start or end is recorded only after the new stream was
-//! created, and tasks of runs that are not `RUNNING`.
+//! Not republished by the requeue: `RUNNING` tasks (an executor has it in hand and reports its
+//! result), the same for an executor holding a message of the old stream whose start or end is
+//! recorded only after the new stream was created, and tasks of runs that are not `RUNNING`. One
+//! of those whose attempt then fails (its next attempt's message went to the deleted stream) is
+//! published by a later look, once ([`publish_stragglers`], `tasks.requeued_for`). One whose
+//! executor dies with it stays `RUNNING`: nothing tells it from a long attempt.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -135,7 +137,9 @@ async fn look(
             return Ok(());
         }
         // Equal, not older: a stream declared again on a server whose clock is behind is new too.
-        Some((recorded,)) if recorded == created => return Ok(()),
+        Some((recorded,)) if recorded == created => {
+            return publish_stragglers(pool, js, result_key, publish_window, created).await;
+        }
         Some(_) => {}
     }
     results_recorded(js).await?;
@@ -230,7 +234,7 @@ async fn publish_page(
             Uuid::nil()
         }
     };
-    let page = tasks_to_run(&mut tx, after, created, PAGE).await?;
+    let page = tasks_to_run(&mut tx, after, created, PAGE, Which::PendingOrFailed).await?;
     let messages = page
         .iter()
         .map(|task| Ok((task.id, task.message(result_key)?, task.task_type.as_str())))
@@ -243,6 +247,7 @@ async fn publish_page(
             .map(|(id, (msg_id, instance), task_type)| (*id, msg_id.clone(), *task_type, instance)),
     )
     .await?;
+    mark_requeued(&mut tx, &page, created).await?;
     let full = page.len() >= usize::try_from(PAGE).unwrap_or(usize::MAX);
     let step = match page.last() {
         Some(last) if full => {
@@ -271,6 +276,79 @@ async fn publish_page(
     };
     tx.commit().await?;
     Ok(step)
+}
+
+/// Publishes the tasks the requeue into the stream created at `created` left behind: those an
+/// executor had in hand when the stream was replaced (`RUNNING`, so not requeued) whose attempt
+/// failed afterwards; their next attempt's message went to the deleted stream. Each is published
+/// into the stream once (`tasks.requeued_for`), under the epoch row's lock, once the requeue
+/// itself is done.
+async fn publish_stragglers(
+    pool: &PgPool,
+    js: &async_nats::jetstream::Context,
+    result_key: &[u8],
+    publish_window: usize,
+    created: DateTime<Utc>,
+) -> Result<(), BoxError> {
+    let mut tx = pool.begin().await?;
+    let claimed: Option<EpochRow> = sqlx::query_as(
+        "SELECT created, requeue_of, requeue_after FROM task_stream_epochs \
+         WHERE stream = $1 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(subjects::TASKS_STREAM)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if !matches!(claimed, Some((recorded, _, _)) if recorded == created) {
+        return Ok(());
+    }
+    let page = tasks_to_run(&mut tx, Uuid::nil(), created, PAGE, Which::Failed).await?;
+    if page.is_empty() {
+        return Ok(());
+    }
+    let messages = page
+        .iter()
+        .map(|task| Ok((task.id, task.message(result_key)?, task.task_type.as_str())))
+        .collect::<Result<Vec<_>, prost::DecodeError>>()?;
+    crate::spawn::publish_task_messages(
+        js,
+        publish_window,
+        messages
+            .iter()
+            .map(|(id, (msg_id, instance), task_type)| (*id, msg_id.clone(), *task_type, instance)),
+    )
+    .await?;
+    mark_requeued(&mut tx, &page, created).await?;
+    tx.commit().await?;
+    tracing::warn!(
+        published = page.len(),
+        %created,
+        "tasks whose attempt failed after FACTORY_TASKS was replaced published into the new one"
+    );
+    Ok(())
+}
+
+/// Records that these tasks were published into the stream created at `created`.
+async fn mark_requeued(
+    tx: &mut PgConnection,
+    page: &[ToRun],
+    created: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    let ids: Vec<Uuid> = page.iter().map(|task| task.id.0).collect();
+    sqlx::query("UPDATE tasks SET requeued_for = $2 WHERE id = ANY($1)")
+        .bind(&ids)
+        .bind(created)
+        .execute(tx)
+        .await?;
+    Ok(())
+}
+
+/// Which tasks a requeue reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Which {
+    /// The requeue itself: every task still to be run.
+    PendingOrFailed,
+    /// After it: the tasks that failed since (see [`publish_stragglers`]).
+    Failed,
 }
 
 /// A task still to be run, as stored.
@@ -325,16 +403,22 @@ async fn tasks_to_run(
     after: Uuid,
     created: DateTime<Utc>,
     limit: i64,
+    which: Which,
 ) -> Result<Vec<ToRun>, sqlx::Error> {
-    let rows: Vec<TaskRow> = sqlx::query_as(
+    let statuses = match which {
+        Which::PendingOrFailed => "t.status IN ('PENDING', 'FAILED')",
+        Which::Failed => "t.status = 'FAILED'",
+    };
+    let rows: Vec<TaskRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT t.id, t.type, t.instance, t.status, t.attempts, t.attempt_base, t.redrives \
          FROM tasks t JOIN runs r ON r.id = t.run_id \
-         WHERE t.status IN ('PENDING', 'FAILED') AND r.status = 'RUNNING' AND t.id > $1 \
+         WHERE {statuses} AND r.status = 'RUNNING' AND t.id > $1 \
+           AND t.requeued_for IS DISTINCT FROM $3 \
            AND t.created_at < $3 AND (t.redriven_at IS NULL OR t.redriven_at < $3) \
            AND NOT EXISTS (SELECT 1 FROM task_attempts a \
                            WHERE a.task_id = t.id AND a.started_at >= $3) \
-         ORDER BY t.id LIMIT $2",
-    )
+         ORDER BY t.id LIMIT $2"
+    )))
     .bind(after)
     .bind(limit)
     .bind(created)

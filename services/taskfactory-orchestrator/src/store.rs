@@ -823,6 +823,29 @@ pub fn series_message_id(task: TaskId, series: u32) -> String {
     }
 }
 
+/// A redriven task whose new series never started: `PENDING` after a `RetryTask`, its run
+/// `RUNNING`, no attempt past its base. Its redrive's publish may have failed after the redrive
+/// committed (or the orchestrator died in between), so `RetryTask` publishes it again. Returns the
+/// series' base and number.
+pub async fn unstarted_redrive(
+    pool: &PgPool,
+    task: TaskId,
+) -> Result<Option<Redriven>, sqlx::Error> {
+    let row: Option<(i32, i32)> = sqlx::query_as(
+        "SELECT t.attempt_base, t.redrives FROM tasks t JOIN runs r ON r.id = t.run_id \
+         WHERE t.id = $1 AND t.status = 'PENDING' AND t.redrives > 0 AND r.status = 'RUNNING' \
+           AND NOT EXISTS (SELECT 1 FROM task_attempts a \
+                           WHERE a.task_id = t.id AND a.attempt > t.attempt_base)",
+    )
+    .bind(task.0)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|(base, series)| Redriven {
+        attempts: u32::try_from(base).unwrap_or(0),
+        series: u32::try_from(series).unwrap_or(0),
+    }))
+}
+
 /// Puts a dead task back to `PENDING` for a new attempt series, and reopens its run if the task's
 /// death had finished it. `None` when the task is not dead (or its run was cancelled).
 pub async fn redrive_task(pool: &PgPool, task: TaskId) -> Result<Option<Redriven>, sqlx::Error> {
