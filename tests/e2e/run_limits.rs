@@ -183,12 +183,7 @@ async fn runs_take_room_for_their_sources_before_resolving_them() -> anyhow::Res
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nats_sources_resolve_within_the_source_room_however_many_a_run_has() -> anyhow::Result<()>
 {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    use futures::StreamExt as _;
-
-    use crate::support::finished_run;
+    use crate::support::{SlowService, finished_run};
 
     // NATS without users: sources use the orchestrator's connection (the shipped permissions give
     // sources a user of their own that reaches nothing until the operator allows it).
@@ -214,32 +209,7 @@ async fn nats_sources_resolve_within_the_source_room_however_many_a_run_has() ->
 
     // A slow service that counts the questions it holds at once.
     let nats = env.nats_client().await?;
-    let mut questions = nats.subscribe("lookup.>").await?;
-    let (holding, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    {
-        let (nats, holding, most) = (nats.clone(), holding.clone(), most.clone());
-        tokio::spawn(async move {
-            while let Some(question) = questions.next().await {
-                let (nats, holding, most) = (nats.clone(), holding.clone(), most.clone());
-                tokio::spawn(async move {
-                    let now = holding.fetch_add(1, Ordering::SeqCst) + 1;
-                    most.fetch_max(now, Ordering::SeqCst);
-                    // The service takes its time: questions asked together overlap here.
-                    tokio::time::sleep(Duration::from_millis(300)).await;
-                    holding.fetch_sub(1, Ordering::SeqCst);
-                    if let Some(reply) = question.reply {
-                        let answer = serde_json::json!({"asked": question.subject.as_str()});
-                        let _ = nats
-                            .publish(
-                                reply,
-                                serde_json::to_vec(&answer).unwrap_or_default().into(),
-                            )
-                            .await;
-                    }
-                });
-            }
-        });
-    }
+    let service = SlowService::start(&nats, "lookup.>", Duration::from_millis(300)).await?;
     let mut admin = env.admin().await?;
     let asks = 8;
     let context: Vec<String> = (0..asks)
@@ -265,7 +235,7 @@ async fn nats_sources_resolve_within_the_source_room_however_many_a_run_has() ->
             run.error
         );
     }
-    let most = most.load(Ordering::SeqCst);
+    let most = service.most_at_once();
     assert!(
         (1..=2).contains(&most),
         "with room for two, the run's request sources asked {most} questions at once"
@@ -326,5 +296,148 @@ async fn nats_sources_resolve_within_the_source_room_however_many_a_run_has() ->
         run.status(),
         run.error
     );
+    Ok(())
+}
+
+/// A preview resolves its sources within `--source-bytes-in-flight` as a run does: eight slow
+/// `request` sources in room for two ask at most two questions at once, and every answer
+/// arrives; a source that cannot fit even alone fails, naming the room. And an orchestrator
+/// answers a few previews at once (four): one more is told at once that it is busy, and is
+/// answered once one of them is done. (A preview started every source at once, outside the room,
+/// and every preview request got a task of its own however many were in hand.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn previews_resolve_within_the_source_room_and_a_few_at_once() -> anyhow::Result<()> {
+    use crate::support::{SlowService, preview, with_source};
+    use taskfactory_model::values::struct_to_json;
+
+    let env = TestEnv::new(EnvOptions {
+        sources_allow_subjects: "lookup.>".to_owned(),
+        nats_users: false,
+        // The trigger lets more previews through than an orchestrator answers at once.
+        spec_limits: taskfactory_trigger::admin::SpecLimits {
+            spec_calls_at_once: 8,
+            ..Default::default()
+        },
+        ..EnvOptions::default()
+    })
+    .await?;
+    let _trigger = env.start(Service::Trigger);
+    // Room for two `request` sources: each may receive 8 MB and keep 1 MiB of it.
+    let orchestrator = env.spawn_process(
+        Service::Orchestrator,
+        &[
+            ("TASKFACTORY_SOURCE_BYTES_IN_FLIGHT", "20971520"),
+            ("TASKFACTORY_MAX_SOURCE_BYTES", "1048576"),
+        ],
+    )?;
+    env.wait_ready(&[Service::Trigger, Service::Orchestrator])
+        .await?;
+    let nats = env.nats_client().await?;
+    let service = SlowService::start(&nats, "lookup.>", Duration::from_millis(300)).await?;
+    let mut admin = env.admin().await?;
+    let asks = 8;
+    let context: Vec<String> = (0..asks)
+        .map(|n| format!("{{name: r{n}, request: {{subject: lookup.{n}}}}}"))
+        .collect();
+    let asking = format!(
+        "name: asks\ntrigger: {{manual: {{}}}}\ncontext: [{}]\ntasks: [{{name: t, type: log}}]\n",
+        context.join(", ")
+    );
+    let answer = preview(&mut admin, &asking, serde_json::json!({})).await?;
+    let values = struct_to_json(&answer.context.clone().unwrap_or_default());
+    for n in 0..asks {
+        assert_eq!(
+            values[format!("r{n}")]["asked"],
+            format!("lookup.{n}"),
+            "r{n}: {:?}",
+            answer.evaluation
+        );
+    }
+    let most = service.most_at_once();
+    assert!(
+        (1..=2).contains(&most),
+        "with room for two, the preview's request sources asked {most} questions at once"
+    );
+
+    // Room for less than one message (but for a few `http` sources of 64 KiB): a `request`
+    // source fails, naming the room.
+    drop(orchestrator);
+    let _orchestrator = env.spawn_process(
+        Service::Orchestrator,
+        &[
+            ("TASKFACTORY_SOURCE_BYTES_IN_FLIGHT", "4194304"),
+            ("TASKFACTORY_MAX_SOURCE_BYTES", "65536"),
+        ],
+    )?;
+    env.wait_ready(&[Service::Orchestrator]).await?;
+    // Ready, but perhaps not yet subscribed to previews: asked again while nobody answers.
+    let alone = with_source("ask", "{name: r, request: {subject: lookup.alone}}");
+    let answer = wait_for("a preview answered", Duration::from_secs(20), || {
+        let (mut admin, alone) = (admin.clone(), alone.clone());
+        async move {
+            match preview(&mut admin, &alone, serde_json::json!({})).await {
+                Ok(answer) => Ok(Some(answer)),
+                Err(status) if status.message().contains("no responders") => Ok(None),
+                Err(status) => Err(status.into()),
+            }
+        }
+    })
+    .await?;
+    assert!(
+        answer.evaluation.iter().any(|e| e.error.contains(
+            "more than the 4194304 bytes a run's sources may have of --source-bytes-in-flight"
+        )),
+        "{:?}",
+        answer.evaluation
+    );
+
+    // Four previews whose source's server takes the connection and says nothing hold the four.
+    let server = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let slow = |name: &str| {
+        with_source(
+            name,
+            &format!(
+                "{{name: slow, http: {{url: \"http://{}/slow\"}}, onError: USE_DEFAULT, default: 0, timeout: 30s}}",
+                server.local_addr().expect("a bound listener")
+            ),
+        )
+    };
+    let mut previewing = Vec::new();
+    for n in 0..4 {
+        let (mut admin, spec) = (admin.clone(), slow(&format!("held{n}")));
+        previewing.push(tokio::spawn(async move {
+            preview(&mut admin, &spec, serde_json::json!({})).await
+        }));
+    }
+    let mut held = Vec::new();
+    while held.len() < 4 {
+        let (connection, _) = tokio::time::timeout(Duration::from_secs(20), server.accept())
+            .await
+            .context("the held previews' sources never called")??;
+        held.push(connection);
+    }
+    let busy = tokio::time::timeout(
+        Duration::from_secs(10),
+        preview(&mut admin, &slow("one-more"), serde_json::json!({})),
+    )
+    .await
+    .context("a fifth preview was not told at once that the orchestrator is busy")?
+    .expect_err("a fifth preview was answered while four were in hand");
+    assert_eq!(busy.code(), tonic::Code::Unavailable, "{busy:?}");
+    assert!(
+        busy.message().contains("previews at once"),
+        "{}",
+        busy.message()
+    );
+    drop(held);
+    for previewing in previewing {
+        previewing.await??;
+    }
+    preview(
+        &mut admin,
+        &with_source("after", "{name: s, static: 1}"),
+        serde_json::json!({}),
+    )
+    .await?;
     Ok(())
 }

@@ -662,3 +662,63 @@ pub async fn publish(
         .await?
         .sequence)
 }
+
+/// A slow NATS service on `subjects` (a subscription, not a queue group): answers each question
+/// `{"asked": <its subject>}` after `delay`, counting the questions it holds at once. Stops when
+/// dropped.
+pub struct SlowService {
+    most: Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SlowService {
+    pub async fn start(
+        nats: &async_nats::Client,
+        subjects: &str,
+        delay: Duration,
+    ) -> anyhow::Result<Self> {
+        use futures::StreamExt as _;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        let mut questions = nats.subscribe(subjects.to_owned()).await?;
+        // Subscribed on the server before a question can be asked.
+        nats.flush().await?;
+        let (holding, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let task = {
+            let (nats, holding, most) = (nats.clone(), holding.clone(), most.clone());
+            tokio::spawn(async move {
+                while let Some(question) = questions.next().await {
+                    let (nats, holding, most) = (nats.clone(), holding.clone(), most.clone());
+                    tokio::spawn(async move {
+                        let now = holding.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(now, Ordering::SeqCst);
+                        // The service takes its time: questions asked together overlap here.
+                        tokio::time::sleep(delay).await;
+                        holding.fetch_sub(1, Ordering::SeqCst);
+                        if let Some(reply) = question.reply {
+                            let answer = serde_json::json!({"asked": question.subject.as_str()});
+                            let _ = nats
+                                .publish(
+                                    reply,
+                                    serde_json::to_vec(&answer).unwrap_or_default().into(),
+                                )
+                                .await;
+                        }
+                    });
+                }
+            })
+        };
+        Ok(Self { most, task })
+    }
+
+    /// The most questions it has held at once.
+    pub fn most_at_once(&self) -> usize {
+        self.most.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for SlowService {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -21,6 +21,10 @@ pub const DLQ_SUBJECTS: &str = "dlq.>";
 pub const DEFINITIONS_CHANGED: &str = "taskfactory.internal.definitions-changed";
 /// Request/reply: the trigger asks an orchestrator to preview a run (`PreviewRun`).
 pub const PREVIEW_REQUESTS: &str = "taskfactory.internal.preview";
+/// How long the trigger waits for the answer to a request on [`PREVIEW_REQUESTS`]. An
+/// orchestrator gives a preview up a little before (its sources and its wait for their room
+/// with it), so it answers while someone still waits and holds nothing for a preview nobody does.
+pub const PREVIEW_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// Request/reply: the trigger's admin API asks an orchestrator to cancel a run, complete a human
 /// task or redrive a dead one (the orchestrator owns runs and tasks).
 pub const RUN_COMMANDS: &str = "taskfactory.internal.commands";

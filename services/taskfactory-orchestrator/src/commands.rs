@@ -50,6 +50,10 @@ impl From<sqlx::Error> for Refusal {
     }
 }
 
+/// Commands carried out at once, at most: each is a few statements on one connection, and the
+/// admin API asks for one per call.
+const COMMANDS_AT_ONCE: usize = 32;
+
 /// Answers commands until shutdown.
 pub async fn serve(nats: async_nats::Client, commands: Arc<Commands>, shutdown: CancellationToken) {
     messaging::answer_requests(
@@ -57,6 +61,13 @@ pub async fn serve(nats: async_nats::Client, commands: Arc<Commands>, shutdown: 
         subjects::RUN_COMMANDS,
         subjects::PREVIEW_QUEUE,
         "CancelRun, CompleteTask and RetryTask",
+        messaging::AtOnce {
+            requests: COMMANDS_AT_ONCE,
+            busy: json!({
+                "error": format!("this orchestrator is carrying out {COMMANDS_AT_ONCE} commands at once already; retry in a moment"),
+                "code": "unavailable",
+            }),
+        },
         shutdown,
         move |headers, payload| {
             let commands = commands.clone();

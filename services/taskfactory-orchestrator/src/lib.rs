@@ -126,8 +126,8 @@ pub struct Config {
         default_value_t = 4 * 1024 * 1024
     )]
     pub trigger_bytes_in_flight: usize,
-    /// Bytes the context sources of the runs being spawned may hold together while they are
-    /// resolved: a run waits for room for the most its sources may hold (`http` twice
+    /// Bytes the context sources of the runs being spawned (and of previews) may hold together
+    /// while they are resolved: a run waits for room for the most its sources may hold (`http` twice
     /// `--max-source-bytes`, `sql` five times, `kv` and `request` the NATS server's largest
     /// message and what is kept of it), at most all of it, before it resolves them (a few at a
     /// time if they may hold more), then moves their context into the evaluation room.

@@ -4,9 +4,18 @@
 //! answers with the would-be tasks and the evaluation. Nothing is recorded or published.
 //!
 //! Messages are proto3 JSON: the request `{"spec": ActivitySpec, "event": TriggerEvent}`, the
-//! answer a `PreviewRunResponse`, or `{"error": "..."}`.
+//! answer a `PreviewRunResponse`, or `{"error": "...", "code": "..."}` (the code, when there is
+//! one, is the gRPC code the admin API answers with).
+//!
+//! **Bounds.** A preview's sources take room in `--source-bytes-in-flight` as a run's do (it
+//! waits for it behind runs and other previews, and a source that cannot fit even alone fails,
+//! naming it). At most [`PREVIEWS_AT_ONCE`] are in hand; one more is answered "busy" at once.
+//! Each is given up after [`PREVIEW_DEADLINE`], a little before the trigger stops waiting
+//! (`subjects::PREVIEW_TIMEOUT`), with its sources and its wait for room: an orchestrator holds
+//! nothing for a preview nobody waits for, however long its sources' timeouts.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use prost::Message as _;
 use taskfactory_model::ids::{ActivityId, RunId};
@@ -18,6 +27,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::spawn::{Purpose, Spawner};
 
+/// Previews in hand at once, at most. Few: a preview is a person at the admin API, and each may
+/// hold up to a spec and its context; the source room, not this, bounds what their sources hold.
+const PREVIEWS_AT_ONCE: usize = 4;
+
+/// How long a preview may take here: the trigger's wait, less time for the answer to reach it.
+const PREVIEW_DEADLINE: Duration = subjects::PREVIEW_TIMEOUT.saturating_sub(Duration::from_secs(5));
+
 /// Answers preview requests until shutdown.
 pub async fn serve(nats: async_nats::Client, spawner: Arc<Spawner>, shutdown: CancellationToken) {
     taskfactory_runtime::messaging::answer_requests(
@@ -25,6 +41,13 @@ pub async fn serve(nats: async_nats::Client, spawner: Arc<Spawner>, shutdown: Ca
         subjects::PREVIEW_REQUESTS,
         subjects::PREVIEW_QUEUE,
         "PreviewRun",
+        taskfactory_runtime::messaging::AtOnce {
+            requests: PREVIEWS_AT_ONCE,
+            busy: serde_json::json!({
+                "error": format!("this orchestrator is answering {PREVIEWS_AT_ONCE} previews at once already; retry in a moment"),
+                "code": "unavailable",
+            }),
+        },
         shutdown,
         move |headers, payload| {
             let spawner = spawner.clone();
@@ -39,9 +62,16 @@ pub async fn serve(nats: async_nats::Client, spawner: Arc<Spawner>, shutdown: Ca
                 {
                     return serde_json::json!({ "error": refusal.message, "code": "permission_denied" });
                 }
-                match preview(&spawner, &payload).await {
-                    Ok(response) => taskfactory_proto::to_json(&response),
-                    Err(error) => serde_json::json!({ "error": error }),
+                match tokio::time::timeout(PREVIEW_DEADLINE, preview(&spawner, &payload)).await {
+                    Ok(Ok(response)) => taskfactory_proto::to_json(&response),
+                    Ok(Err(error)) => serde_json::json!({ "error": error }),
+                    Err(_) => serde_json::json!({
+                        "error": format!(
+                            "the preview did not finish within {}s: its context sources waited that long for room in --source-bytes-in-flight (TASKFACTORY_SOURCE_BYTES_IN_FLIGHT), which runs and other previews hold, or took that long to answer; retry, or give them shorter timeouts",
+                            PREVIEW_DEADLINE.as_secs()
+                        ),
+                        "code": "deadline_exceeded",
+                    }),
                 }
             }
         },

@@ -73,8 +73,9 @@ pub struct Spawner {
     /// holding its trees at once.
     pub trigger_room: messaging::ByteBudget,
     /// Bytes the context sources being resolved may hold together (`--source-bytes-in-flight`):
-    /// a run takes room for what its sources may hold before it resolves them. Taken before the
-    /// evaluation room, never while holding it, so the two cannot wait on each other.
+    /// a run (or a preview) takes room for what its sources may hold before it resolves them.
+    /// Taken before the evaluation room, never while holding it, so the two cannot wait on each
+    /// other.
     pub source_room: messaging::ByteBudget,
 }
 
@@ -596,27 +597,22 @@ impl Spawner {
             "activity": scope.activity,
         });
         // Room for what the sources may hold while they are resolved, taken before anything is
-        // fetched (a slow source holds it while it answers: `timeout` bounds that); then room for
-        // the largest run and the context while it is evaluated; then only for what the run
-        // really holds. Runs queue rather than overcommit, and runs with sources still resolve
-        // them side by side while others are evaluated.
-        let sources_room = match purpose {
-            Purpose::Run => Some(
-                self.source_room
-                    .room_for(self.sources.bytes_to_resolve(spec))
-                    .await,
-            ),
-            _ => None,
-        };
+        // fetched (a slow source holds it while it answers: `timeout` bounds that), by runs and
+        // previews alike; then, for a run, room for the largest run and the context while it is
+        // evaluated; then only for what the run really holds. Runs queue rather than
+        // overcommit, and runs with sources still resolve them side by side while others are
+        // evaluated. (A preview gives up waiting at its deadline, `preview`.)
+        let sources_room = self
+            .source_room
+            .room_for(self.sources.bytes_to_resolve(spec))
+            .await;
         let resolved = self
             .sources
             .resolve(
                 spec,
                 &sources_scope,
                 purpose == Purpose::Run,
-                sources_room
-                    .as_ref()
-                    .map(tokio::sync::OwnedSemaphorePermit::num_permits),
+                sources_room.num_permits(),
             )
             .await;
         // Templates see the context as it is stored, sensitive values included; the run keeps
@@ -627,15 +623,12 @@ impl Spawner {
         // Held from here on: the context twice while the templates are evaluated (theirs and the
         // stored form), the stored form until the run is recorded.
         let context_bytes = usize::try_from(sizes::json_bytes(&context)).unwrap_or(usize::MAX);
-        let mut room = match sources_room {
-            Some(sources_room) => {
-                let room = self.room_for_a_run(context_bytes.saturating_mul(2)).await;
-                // The context is counted in the evaluation room from here on.
-                drop(sources_room);
-                Some(room)
-            }
-            None => None,
+        let mut room = match purpose {
+            Purpose::Run => Some(self.room_for_a_run(context_bytes.saturating_mul(2)).await),
+            Purpose::Preview => None,
         };
+        // The context is counted in the evaluation room from here on (a run's).
+        drop(sources_room);
         let source_notes: Vec<serde_json::Value> = resolved
             .notes
             .iter()

@@ -712,14 +712,24 @@ fn consumer_span(message: &Message, durable: &str) -> tracing::Span {
     span
 }
 
+/// How many requests [`answer_requests`] handles at once, and what it answers those beyond them.
+pub struct AtOnce {
+    pub requests: usize,
+    /// The answer to a request that arrives while `requests` are in hand, sent at once.
+    pub busy: serde_json::Value,
+}
+
 /// Answers core NATS requests on `subject` (in a queue group, so one replica answers each) until
 /// shutdown: each in its own task and span, continuing the requester's trace, with the handler's
-/// JSON as the reply. `what` says in the log what stops working if the subscription fails.
+/// JSON as the reply; at most `at_once.requests` of them at a time, the others answered
+/// `at_once.busy` right away (waiting, they would pile up in memory, unanswered). `what` says in
+/// the log what stops working if the subscription fails.
 pub async fn answer_requests<F, Fut>(
     nats: async_nats::Client,
     subject: &'static str,
     queue: &'static str,
     what: &'static str,
+    at_once: AtOnce,
     shutdown: CancellationToken,
     handler: F,
 ) where
@@ -734,6 +744,10 @@ pub async fn answer_requests<F, Fut>(
         }
     };
     let handler = Arc::new(handler);
+    let slots = Arc::new(Semaphore::new(
+        at_once.requests.clamp(1, Semaphore::MAX_PERMITS),
+    ));
+    let busy: Bytes = serde_json::to_vec(&at_once.busy).unwrap_or_default().into();
     loop {
         let request = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -745,10 +759,18 @@ pub async fn answer_requests<F, Fut>(
         let Some(reply) = request.reply.clone() else {
             continue;
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::info!(%subject, at_once = at_once.requests, "busy; a request answered so");
+            if let Err(error) = nats.publish(reply, busy.clone()).await {
+                tracing::warn!(%subject, error = %error_chain(&error), "cannot answer a request");
+            }
+            continue;
+        };
         let (nats, handler) = (nats.clone(), handler.clone());
         let span = request_span(&request);
         tokio::spawn(
             async move {
+                let _slot = slot;
                 let answer = handler(request.headers, request.payload).await;
                 let body = serde_json::to_vec(&answer).unwrap_or_default();
                 if let Err(error) = nats.publish(reply, body.into()).await {

@@ -4,9 +4,10 @@
 //! templates over `event`, `trigger` and `activity` (never over other sources). A spec has at
 //! most `model::spec::MAX_CONTEXT_SOURCES` of them.
 //!
-//! **Room.** Before a run resolves them it takes room in `--source-bytes-in-flight` for what they
-//! may hold together ([`Sources::bytes_to_resolve`]: each source's [`Sources::most_held`], the
-//! most it holds at once while it is resolved), in one acquisition, at most the whole budget.
+//! **Room.** Before a run (or a preview) resolves them it takes room in
+//! `--source-bytes-in-flight` for what they may hold together ([`Sources::bytes_to_resolve`]:
+//! each source's [`Sources::most_held`], the most it holds at once while it is resolved), in one
+//! acquisition, at most the whole budget.
 //! What the sources hold never passes what the run took: a source starts only while the most that
 //! those in flight may hold, and the values of those resolved, fit in the run's room
 //! ([`Sources::resolve`]). With room for all, all start at once; with less (a run whose sources
@@ -36,7 +37,6 @@ use std::time::Duration;
 use tracing::Instrument as _;
 
 use futures::StreamExt as _;
-use futures::future::join_all;
 use futures::stream::FuturesUnordered;
 use taskfactory_model::egress::EgressPolicy;
 use taskfactory_model::expr::{self, Engine, Limits};
@@ -181,30 +181,20 @@ impl Sources {
     }
 
     /// Resolves the sources of `spec`. `scope` holds `event`, `trigger` and `activity`. A run
-    /// passes the `room` it took for them ([`Sources::bytes_to_resolve`], or less: at most the
-    /// whole budget): a source starts only while the [`Sources::most_held`] of those in flight,
-    /// the values of those resolved (as compact JSON) and its own fit in it, so they never hold
-    /// more; a source that cannot fit with nothing else in flight fails. Without a `room` (a
-    /// preview) all start at once. Only real runs are `counted` in the metrics (a preview's
-    /// draft names would be label values nobody bounds, and its dry runs no production latency).
+    /// or a preview passes the `room` it took for them ([`Sources::bytes_to_resolve`], or less:
+    /// at most the whole budget): a source starts only while the [`Sources::most_held`] of those
+    /// in flight, the values of those resolved (as compact JSON) and its own fit in it, so they
+    /// never hold more; a source that cannot fit with nothing else in flight fails. Only real
+    /// runs are `counted` in the metrics (a preview's draft names would be label values nobody
+    /// bounds, and its dry runs no production latency).
     pub async fn resolve(
         &self,
         spec: &ActivitySpec,
         scope: &serde_json::Value,
         counted: bool,
-        room: Option<usize>,
+        room: usize,
     ) -> Resolved {
-        let outcomes = match room {
-            Some(room) => self.resolve_within(spec, scope, counted, room).await,
-            None => {
-                join_all(
-                    spec.context
-                        .iter()
-                        .map(|source| self.resolve_timed(source, scope, counted)),
-                )
-                .await
-            }
-        };
+        let outcomes = self.resolve_within(spec, scope, counted, room).await;
         let mut resolved = Resolved::default();
         for (source, value) in spec.context.iter().zip(outcomes) {
             match value {

@@ -19,8 +19,6 @@ use crate::fire::{self, FireRequest};
 use crate::ledger;
 use crate::registry::LiveActivity;
 
-/// How long `PreviewRun` waits for an orchestrator (sources have their own timeouts).
-const PREVIEW_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// Fire times one `Backfill` call may cover.
 const MAX_BACKFILL: usize = 10_000;
 
@@ -277,16 +275,14 @@ impl Admin {
             "preview",
             &caller.subject,
             serde_json::to_vec(body).unwrap_or_default(),
-            PREVIEW_TIMEOUT,
+            taskfactory_model::subjects::PREVIEW_TIMEOUT,
         )
         .await
         .map_err(super::runs::internal_error)?;
         let answer: serde_json::Value = serde_json::from_slice(&reply.payload)
             .map_err(|e| AdminError::Internal(anyhow::anyhow!("preview answer: {e}")))?;
-        if let Some(error) = answer.get("error").and_then(|e| e.as_str()) {
-            return Err(AdminError::Internal(anyhow::anyhow!(
-                "preview failed: {error}"
-            )));
+        if answer.get("error").is_some() {
+            return Err(super::runs::orchestrator_refusal(&answer, "preview failed"));
         }
         taskfactory_proto::from_json(&answer)
             .map_err(|e| AdminError::Internal(anyhow::anyhow!("preview answer: {e}")))

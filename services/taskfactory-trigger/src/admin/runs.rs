@@ -31,6 +31,20 @@ pub(super) fn internal_error(error: crate::internal::RequestError) -> AdminError
     }
 }
 
+/// An orchestrator's `{"error", "code"}` answer (to a command or a preview) as the caller's
+/// status; an error without a code the caller can act on is internal, prefixed with `what`.
+pub(super) fn orchestrator_refusal(answer: &serde_json::Value, what: &str) -> AdminError {
+    let message = answer["error"].as_str().unwrap_or("failed").to_owned();
+    match answer["code"].as_str() {
+        Some("not_found") => AdminError::Status(tonic::Status::not_found(message)),
+        Some("failed_precondition") => AdminError::FailedPrecondition(message),
+        Some("permission_denied") => AdminError::PermissionDenied(message),
+        Some("unavailable") => AdminError::Status(tonic::Status::unavailable(message)),
+        Some("deadline_exceeded") => AdminError::Status(tonic::Status::deadline_exceeded(message)),
+        _ => AdminError::Internal(anyhow::anyhow!("{what}: {message}")),
+    }
+}
+
 impl Admin {
     /// Asks an orchestrator to carry out a command on runs or tasks (it owns them).
     async fn command(&self, caller: &Principal, body: serde_json::Value) -> Result<(), AdminError> {
@@ -51,13 +65,7 @@ impl Admin {
         if answer["ok"].as_bool() == Some(true) {
             return Ok(());
         }
-        let message = answer["error"].as_str().unwrap_or("failed").to_owned();
-        Err(match answer["code"].as_str() {
-            Some("not_found") => AdminError::Status(tonic::Status::not_found(message)),
-            Some("failed_precondition") => AdminError::FailedPrecondition(message),
-            Some("permission_denied") => AdminError::PermissionDenied(message),
-            _ => AdminError::Internal(anyhow::anyhow!(message)),
-        })
+        Err(orchestrator_refusal(&answer, "failed"))
     }
 
     async fn run_view(&self, id: Uuid, shown: &str, redacted: bool) -> Result<Run, AdminError> {
