@@ -1304,6 +1304,115 @@ async fn a_requeue_interrupted_midway_goes_on_where_it_stopped() -> anyhow::Resu
     Ok(())
 }
 
+/// A requeue look reads `FACTORY_TASKS`'s creation time first and publishes later (after the
+/// results published before it are recorded: up to 30 s). Should the stream be replaced again
+/// meanwhile and another replica requeue into the newer one, the look leaves it be. Before, it
+/// published every task again and recorded the older stream's epoch: the epoch moved backwards,
+/// and the next look requeued everything once more. The look is held, just after it read the
+/// creation time, by a lock on `task_stream_epochs`; the other replica's requeue is the newer
+/// epoch the test records under that lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_requeue_look_overtaken_by_a_newer_tasks_stream_leaves_its_epoch_alone()
+-> anyhow::Result<()> {
+    use taskfactory_model::subjects;
+
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let js = env.js().await?;
+    let pool = env.db.pool().await?;
+    let stream_created = || async {
+        let stream = js.get_stream(subjects::TASKS_STREAM).await?;
+        let micros = stream.cached_info().created.unix_timestamp_nanos() / 1000;
+        anyhow::Ok(
+            DateTime::<Utc>::from_timestamp_micros(i64::try_from(micros)?).unwrap_or_default(),
+        )
+    };
+    let first = env.start(Service::Orchestrator);
+    env.wait_ready(&[Service::Orchestrator]).await?;
+    requeue_done(&env).await?;
+    first.stop().await?;
+    let older = stream_created().await?;
+
+    let mut hold = pool.begin().await?;
+    sqlx::query("LOCK TABLE task_stream_epochs IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *hold)
+        .await?;
+    let logs = tempfile::tempdir()?;
+    let log = logs.path().join("orchestrator.log");
+    let _orchestrator =
+        env.spawn_process_logged(Service::Orchestrator, &[("RUST_LOG", "warn")], &log)?;
+    wait_for(
+        "a look waiting for the epoch, the stream's creation time read",
+        Duration::from_secs(60),
+        || {
+            let pool = pool.clone();
+            async move {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event_type = 'Lock' \
+                       AND query LIKE 'SELECT created FROM task_stream_epochs WHERE%'",
+                )
+                .fetch_one(&pool)
+                .await?;
+                Ok((waiting > 0).then_some(()))
+            }
+        },
+    )
+    .await?;
+    assert!(js.delete_stream(subjects::TASKS_STREAM).await?.success);
+    let newer = wait_for(
+        "FACTORY_TASKS declared again",
+        Duration::from_secs(20),
+        || async {
+            Ok(match stream_created().await {
+                Ok(created) if created != older => Some(created),
+                _ => None,
+            })
+        },
+    )
+    .await?;
+    sqlx::query("UPDATE task_stream_epochs SET created = $2 WHERE stream = $1")
+        .bind(subjects::TASKS_STREAM)
+        .bind(newer)
+        .execute(&mut *hold)
+        .await?;
+    hold.commit().await?;
+
+    // The epoch an older look records is soon put right by the next look: its log is what lasts.
+    let requeued_older = format!("created={older}");
+    let left_alone = wait_for(
+        "the look given up on the older stream",
+        Duration::from_secs(60),
+        || {
+            let (log, requeued_older) = (log.clone(), requeued_older.clone());
+            async move {
+                let logged = std::fs::read_to_string(&log)?;
+                if logged.contains("FACTORY_TASKS was replaced again during the look") {
+                    return Ok(Some(true));
+                }
+                Ok(logged
+                    .lines()
+                    .any(|line| {
+                        line.contains("published into the new one")
+                            && line.contains(&requeued_older)
+                    })
+                    .then_some(false))
+            }
+        },
+    )
+    .await?;
+    assert!(
+        left_alone,
+        "the look requeued into the older stream ({older}) and recorded its epoch over the newer one's ({newer})"
+    );
+    let recorded: DateTime<Utc> =
+        sqlx::query_scalar("SELECT created FROM task_stream_epochs WHERE stream = $1")
+            .bind(subjects::TASKS_STREAM)
+            .fetch_one(&pool)
+            .await?;
+    assert_eq!(recorded, newer);
+    Ok(())
+}
+
 /// While the finished-tasks bucket is refilled (recreated empty, the orchestrator that refills it
 /// not running yet), executors take no task message: a delivery handed back meanwhile would count
 /// as an attempt (the delivery count is the attempt number), so a long refill would cost tasks

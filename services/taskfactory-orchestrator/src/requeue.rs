@@ -16,6 +16,12 @@
 //! message id (within JetStream's two-minute duplicate window, a copy dropped), and executors
 //! skip finished tasks (`taskfactory_finished_tasks`).
 //!
+//! Only into the stream the look began with: under the row lock, each page reads the stream's
+//! creation time again, and a look that finds the stream replaced since (while it waited for the
+//! results, say) stops there, leaving the newer stream to the next look. So the epoch recorded is
+//! always the creation time of a stream there while its row was locked, and never goes back to an
+//! older stream's once another replica has recorded a newer one.
+//!
 //! What the tasks show must be up to date: before its first page, a look waits until the
 //! orchestrators have recorded every result published so far (the results consumer's ack floor),
 //! so a task whose executor reported its start (or its end) before then no longer reads as
@@ -202,9 +208,10 @@ enum Page {
 /// `(created, requeue_of, requeue_after)` of `task_stream_epochs`.
 type EpochRow = (DateTime<Utc>, Option<DateTime<Utc>>, Option<Uuid>);
 
-/// Claims the requeue into the stream created at `created` (the epoch row's lock), publishes the
-/// page after its cursor, and moves the cursor on (or records the epoch after the last page), in
-/// one transaction: a crash before its commit leaves the cursor where it was.
+/// Claims the requeue into the stream created at `created` (the epoch row's lock), if that stream
+/// is still there, publishes the page after its cursor, and moves the cursor on (or records the
+/// epoch after the last page), in one transaction: a crash before its commit leaves the cursor
+/// where it was.
 async fn publish_page(
     pool: &PgPool,
     js: &async_nats::jetstream::Context,
@@ -224,6 +231,15 @@ async fn publish_page(
         return Ok(Page::NotMine);
     };
     if recorded == created {
+        return Ok(Page::NotMine);
+    }
+    let now = match js.get_stream(subjects::TASKS_STREAM).await {
+        Ok(stream) => epoch(stream.cached_info().created.unix_timestamp_nanos()),
+        // Missing (being declared again) or not answering: the next look sees the new one.
+        Err(_) => return Ok(Page::NotMine),
+    };
+    if now != created {
+        tracing::warn!(%created, %now, "FACTORY_TASKS was replaced again during the look; the next look publishes into the new one");
         return Ok(Page::NotMine);
     }
     // A cursor of another stream's requeue counts for nothing: this one starts from page one.
