@@ -317,6 +317,11 @@ async fn publish_stragglers(
     if !matches!(claimed, Some((recorded, _, _)) if recorded == created) {
         return Ok(());
     }
+    // Still the stream the look began with (as for a page of the requeue).
+    match js.get_stream(subjects::TASKS_STREAM).await {
+        Ok(stream) if epoch(stream.cached_info().created.unix_timestamp_nanos()) == created => {}
+        _ => return Ok(()),
+    }
     let page = tasks_to_run(&mut tx, Uuid::nil(), created, PAGE, Which::Failed).await?;
     if page.is_empty() {
         return Ok(());
