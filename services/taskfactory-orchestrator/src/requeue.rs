@@ -118,12 +118,10 @@ async fn look(
     result_key: &[u8],
     publish_window: usize,
 ) -> Result<(), BoxError> {
-    let stream = match js.get_stream(subjects::TASKS_STREAM).await {
-        Ok(stream) => stream,
-        // Missing (being declared again) or not answering: the next look sees the new one.
-        Err(_) => return Ok(()),
+    // Missing (being declared again) or not answering: the next look sees the new one.
+    let Some(created) = stream_created(js).await else {
+        return Ok(());
     };
-    let created = epoch(stream.cached_info().created.unix_timestamp_nanos());
     let recorded: Option<(DateTime<Utc>,)> =
         sqlx::query_as("SELECT created FROM task_stream_epochs WHERE stream = $1")
             .bind(subjects::TASKS_STREAM)
@@ -220,23 +218,16 @@ async fn publish_page(
     created: DateTime<Utc>,
 ) -> Result<Page, BoxError> {
     let mut tx = pool.begin().await?;
-    let claimed: Option<EpochRow> = sqlx::query_as(
-        "SELECT created, requeue_of, requeue_after FROM task_stream_epochs \
-         WHERE stream = $1 FOR UPDATE SKIP LOCKED",
-    )
-    .bind(subjects::TASKS_STREAM)
-    .fetch_optional(&mut *tx)
-    .await?;
+    let claimed = claim_epoch(&mut tx).await?;
     let Some((recorded, requeue_of, requeue_after)) = claimed else {
         return Ok(Page::NotMine);
     };
     if recorded == created {
         return Ok(Page::NotMine);
     }
-    let now = match js.get_stream(subjects::TASKS_STREAM).await {
-        Ok(stream) => epoch(stream.cached_info().created.unix_timestamp_nanos()),
-        // Missing (being declared again) or not answering: the next look sees the new one.
-        Err(_) => return Ok(Page::NotMine),
+    // Missing (being declared again) or not answering: the next look sees the new one.
+    let Some(now) = stream_created(js).await else {
+        return Ok(Page::NotMine);
     };
     if now != created {
         tracing::warn!(%created, %now, "FACTORY_TASKS was replaced again during the look; the next look publishes into the new one");
@@ -251,19 +242,7 @@ async fn publish_page(
         }
     };
     let page = tasks_to_run(&mut tx, after, created, PAGE, Which::PendingOrFailed).await?;
-    let messages = page
-        .iter()
-        .map(|task| Ok((task.id, task.message(result_key)?, task.task_type.as_str())))
-        .collect::<Result<Vec<_>, prost::DecodeError>>()?;
-    crate::spawn::publish_task_messages(
-        js,
-        publish_window,
-        messages
-            .iter()
-            .map(|(id, (msg_id, instance), task_type)| (*id, msg_id.clone(), *task_type, instance)),
-    )
-    .await?;
-    mark_requeued(&mut tx, &page, created).await?;
+    publish(&mut tx, js, result_key, publish_window, &page, created).await?;
     let full = page.len() >= usize::try_from(PAGE).unwrap_or(usize::MAX);
     let step = match page.last() {
         Some(last) if full => {
@@ -307,25 +286,55 @@ async fn publish_stragglers(
     created: DateTime<Utc>,
 ) -> Result<(), BoxError> {
     let mut tx = pool.begin().await?;
-    let claimed: Option<EpochRow> = sqlx::query_as(
-        "SELECT created, requeue_of, requeue_after FROM task_stream_epochs \
-         WHERE stream = $1 FOR UPDATE SKIP LOCKED",
-    )
-    .bind(subjects::TASKS_STREAM)
-    .fetch_optional(&mut *tx)
-    .await?;
+    let claimed = claim_epoch(&mut tx).await?;
     if !matches!(claimed, Some((recorded, _, _)) if recorded == created) {
         return Ok(());
     }
     // Still the stream the look began with (as for a page of the requeue).
-    match js.get_stream(subjects::TASKS_STREAM).await {
-        Ok(stream) if epoch(stream.cached_info().created.unix_timestamp_nanos()) == created => {}
-        _ => return Ok(()),
+    if stream_created(js).await != Some(created) {
+        return Ok(());
     }
     let page = tasks_to_run(&mut tx, Uuid::nil(), created, PAGE, Which::Failed).await?;
     if page.is_empty() {
         return Ok(());
     }
+    publish(&mut tx, js, result_key, publish_window, &page, created).await?;
+    tx.commit().await?;
+    tracing::warn!(
+        published = page.len(),
+        %created,
+        "tasks whose attempt failed after FACTORY_TASKS was replaced published into the new one"
+    );
+    Ok(())
+}
+
+/// The epoch row, locked for the rest of the transaction; `None` while another replica holds it.
+async fn claim_epoch(tx: &mut PgConnection) -> Result<Option<EpochRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT created, requeue_of, requeue_after FROM task_stream_epochs \
+         WHERE stream = $1 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(subjects::TASKS_STREAM)
+    .fetch_optional(tx)
+    .await
+}
+
+/// `FACTORY_TASKS`'s creation time; `None` while it is missing or not answering.
+async fn stream_created(js: &async_nats::jetstream::Context) -> Option<DateTime<Utc>> {
+    let stream = js.get_stream(subjects::TASKS_STREAM).await.ok()?;
+    Some(epoch(stream.cached_info().created.unix_timestamp_nanos()))
+}
+
+/// Publishes `page` into the stream created at `created` (each task built from its row) and
+/// records that it was, in `tx`.
+async fn publish(
+    tx: &mut PgConnection,
+    js: &async_nats::jetstream::Context,
+    result_key: &[u8],
+    publish_window: usize,
+    page: &[ToRun],
+    created: DateTime<Utc>,
+) -> Result<(), BoxError> {
     let messages = page
         .iter()
         .map(|task| Ok((task.id, task.message(result_key)?, task.task_type.as_str())))
@@ -338,13 +347,7 @@ async fn publish_stragglers(
             .map(|(id, (msg_id, instance), task_type)| (*id, msg_id.clone(), *task_type, instance)),
     )
     .await?;
-    mark_requeued(&mut tx, &page, created).await?;
-    tx.commit().await?;
-    tracing::warn!(
-        published = page.len(),
-        %created,
-        "tasks whose attempt failed after FACTORY_TASKS was replaced published into the new one"
-    );
+    mark_requeued(tx, page, created).await?;
     Ok(())
 }
 
