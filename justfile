@@ -39,9 +39,10 @@ apply +paths:
     TASKFACTORY_TOKEN="${TASKFACTORY_TOKEN:-$(cat .state/admin-token 2>/dev/null || true)}" \
         cargo run -q --bin taskfactory-trigger -- apply {{paths}}
 
-# Throughput and latency of a fan-out beside a raw JetStream baseline (BENCHMARKS.md); e.g. just bench --events 200 --fan-out 10
+# Throughput and latency of a fan-out beside a raw JetStream baseline (BENCHMARKS.md); e.g. just bench --processes --events 3000 --fan-out 1
 bench *args:
     scripts/tools.sh nats >/dev/null
+    cargo build --release --workspace --bins
     cargo run --release -p taskfactory-tests --bin taskfactory-bench -- {{args}}
 
 # Each service's peak memory under issue 12's attacks, release binaries as processes (BENCHMARKS.md); e.g. just bench-memory --only events

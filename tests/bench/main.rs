@@ -4,6 +4,7 @@
 //! ```text
 //! just bench                       # = cargo run --release -p taskfactory-tests --bin taskfactory-bench --
 //! just bench --events 1000 --fan-out 40 --json
+//! just bench --processes --events 3000 --fan-out 1   # the services as deployed
 //! ```
 //!
 //! Two phases share one fresh `nats-server` (and one fresh database) from the test harness:
@@ -13,7 +14,8 @@
 //!    publishes N messages per input to `BENCH_OUT` with `Nats-Msg-Id`, awaits their acks, and acks
 //!    the input; a second pull consumer acks and counts the outputs. An input is done when its N-th
 //!    output is acked.
-//! 2. **taskfactory** — the three services in this process; one activity with an event trigger on
+//! 2. **taskfactory** — the three services in this process, or with `--processes` as processes of
+//!    their own from the release binaries, as deployed (the headline figures); one activity with an event trigger on
 //!    `events.bench.*` and one `noop` template with `forEach: range(N)`. E events with distinct
 //!    `Nats-Msg-Id`s; an event is done when this process receives the run's
 //!    `events.taskfactory.run.completed`. Postgres is then read to check the counts and to split
@@ -45,7 +47,7 @@ use taskfactory_model::spec::spec_from_yaml;
 use taskfactory_model::subjects;
 use taskfactory_proto::v1::CreateActivityRequest;
 use taskfactory_runtime::messaging::{self, ConsumerSpec, Handler, Then, Unfinished};
-use taskfactory_tests::{EnvOptions, TestEnv};
+use taskfactory_tests::{EnvOptions, Service, TestEnv};
 use tokio_util::sync::CancellationToken;
 
 /// Measures events/s, tasks/s and publish → completion latency of taskfactory beside a raw
@@ -92,6 +94,13 @@ struct Args {
     /// send stderr to /dev/null). Without it only warnings are logged.
     #[arg(long, value_enum)]
     logs: Option<taskfactory_runtime::telemetry::LogFormat>,
+    /// Run the three services as processes of their own (the release binaries in `--binaries`),
+    /// as they are deployed: the headline figures. Reports each one's CPU and peak RSS.
+    #[arg(long)]
+    processes: bool,
+    /// With `--processes`: where the service binaries are (relative to the workspace root).
+    #[arg(long, default_value = "target/release")]
+    binaries: String,
 }
 
 #[tokio::main]
@@ -123,7 +132,11 @@ async fn main() -> anyhow::Result<()> {
         "taskfactory-bench: {} events × fan-out {} (+{} warm-up), {} CPUs",
         args.events, args.fan_out, args.warmup, machine.cpus
     ));
-    let env = TestEnv::new(EnvOptions::default()).await?;
+    let env = TestEnv::new(EnvOptions {
+        binaries: taskfactory_tests::workspace_root().join(&args.binaries),
+        ..EnvOptions::default()
+    })
+    .await?;
     let baseline = if args.skip_baseline {
         None
     } else {
@@ -134,7 +147,11 @@ async fn main() -> anyhow::Result<()> {
                 .context("baseline phase")?,
         )
     };
-    progress("taskfactory: NATS + Postgres + the three services in-process …");
+    progress(if args.processes {
+        "taskfactory: NATS + Postgres + the three services as processes …"
+    } else {
+        "taskfactory: NATS + Postgres + the three services in-process …"
+    });
     let taskfactory = taskfactory_phase(&env, &args)
         .await
         .context("taskfactory phase")?;
@@ -386,11 +403,24 @@ struct CpuUse {
     nats_server: f64,
     /// Backends of the benchmark's database (taskfactory phase only).
     postgres: Option<f64>,
+    /// With `--processes`: each service process, and its peak RSS in KiB at the end.
+    services: Vec<ServiceUse>,
+}
+
+/// One service process's share of a phase.
+#[derive(Clone)]
+struct ServiceUse {
+    name: &'static str,
+    cpu: f64,
+    peak_rss_kib: u64,
 }
 
 impl CpuUse {
     fn total(&self) -> f64 {
-        self.this_process + self.nats_server + self.postgres.unwrap_or(0.0)
+        self.this_process
+            + self.nats_server
+            + self.postgres.unwrap_or(0.0)
+            + self.services.iter().map(|s| s.cpu).sum::<f64>()
     }
 
     fn json(&self) -> serde_json::Value {
@@ -398,9 +428,27 @@ impl CpuUse {
             "this_process": self.this_process,
             "nats_server": self.nats_server,
             "postgres_backends": self.postgres,
+            "services": self.services.iter().map(|s| serde_json::json!({
+                "service": s.name,
+                "cpu_secs": s.cpu,
+                "peak_rss_mib": s.peak_rss_kib as f64 / 1024.0,
+            })).collect::<Vec<_>>(),
             "total": self.total(),
         })
     }
+}
+
+/// A process's peak resident set so far, in KiB (`VmHWM`).
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmHWM:"))
+                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// CPU seconds a process has used so far (`/proc/<pid>/stat` utime + stime).
@@ -440,11 +488,14 @@ struct CpuMark {
     this_process: f64,
     nats_server: f64,
     postgres: HashMap<u32, f64>,
+    services: HashMap<u32, f64>,
 }
 
 struct CpuProbe {
     ticks: f64,
     nats_pid: Option<u32>,
+    /// With `--processes`: the services' processes.
+    services: Vec<(&'static str, u32)>,
 }
 
 impl CpuProbe {
@@ -459,7 +510,13 @@ impl CpuProbe {
         Self {
             ticks,
             nats_pid: nats_server_pid(),
+            services: Vec::new(),
         }
+    }
+
+    fn with_services(mut self, services: Vec<(&'static str, u32)>) -> Self {
+        self.services = services;
+        self
     }
 
     fn mark(&self, postgres_pids: &[u32]) -> CpuMark {
@@ -470,6 +527,10 @@ impl CpuProbe {
                 .and_then(|pid| cpu_secs(pid, self.ticks))
                 .unwrap_or(0.0),
             postgres: cpu_by_pid(postgres_pids, self.ticks),
+            services: cpu_by_pid(
+                &self.services.iter().map(|(_, pid)| *pid).collect::<Vec<_>>(),
+                self.ticks,
+            ),
         }
     }
 
@@ -482,10 +543,21 @@ impl CpuProbe {
                 .map(|(pid, secs)| secs - start.postgres.get(pid).copied().unwrap_or(0.0))
                 .sum()
         });
+        let services = self
+            .services
+            .iter()
+            .map(|(name, pid)| ServiceUse {
+                name,
+                cpu: end.services.get(pid).copied().unwrap_or(0.0)
+                    - start.services.get(pid).copied().unwrap_or(0.0),
+                peak_rss_kib: peak_rss_kib(*pid),
+            })
+            .collect();
         CpuUse {
             this_process: end.this_process - start.this_process,
             nats_server: end.nats_server - start.nats_server,
             postgres,
+            services,
         }
     }
 }
@@ -500,6 +572,20 @@ async fn postgres_pids(pool: &sqlx::PgPool) -> anyhow::Result<Vec<u32>> {
         .into_iter()
         .filter_map(|(p,)| u32::try_from(p).ok())
         .collect())
+}
+
+/// The bench database's committed and rolled back transactions so far (`pg_stat_database`;
+/// the statistics are flushed by each backend about once a second, so the reading waits a moment).
+async fn database_transactions(pool: &sqlx::PgPool) -> anyhow::Result<(i64, i64)> {
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let _ = sqlx::query("SELECT pg_stat_clear_snapshot()")
+        .execute(pool)
+        .await;
+    Ok(sqlx::query_as(
+        "SELECT xact_commit, xact_rollback FROM pg_stat_database WHERE datname = current_database()",
+    )
+    .fetch_one(pool)
+    .await?)
 }
 
 /// Where the machine's Postgres was: the transaction id counter and the WAL position.
@@ -693,6 +779,10 @@ struct TaskfactoryResult {
     stages: Vec<Stage>,
     /// Write transactions (xids) and WAL bytes on the machine's Postgres during the burst.
     xids: i64,
+    /// Every transaction's end in the bench's database during the burst (reads too; the
+    /// statistics collector's view, a few queries of this process included).
+    commits: i64,
+    rollbacks: i64,
     wal_bytes: f64,
     /// Completion events that reported a status other than RUN_SUCCEEDED.
     not_succeeded: usize,
@@ -770,7 +860,22 @@ async fn taskfactory_phase(env: &TestEnv, args: &Args) -> anyhow::Result<Taskfac
     let slots = measured.end;
     let timeout = Duration::from_secs(args.timeout_secs);
 
-    let services = env.start_all().await?;
+    let all = [Service::Trigger, Service::Orchestrator, Service::Executor];
+    let services = if args.processes {
+        let mut running = Vec::new();
+        for service in all {
+            running.push(env.spawn_process(service, &[])?);
+        }
+        env.wait_ready(&all).await?;
+        running
+    } else {
+        env.start_all().await?
+    };
+    let service_pids: Vec<(&'static str, u32)> = all
+        .iter()
+        .zip(&services)
+        .filter_map(|(service, running)| Some((service.binary_name(), running.pid()?)))
+        .collect();
     let mut admin = env.admin().await?;
     let activity = admin
         .create_activity(CreateActivityRequest {
@@ -830,15 +935,17 @@ async fn taskfactory_phase(env: &TestEnv, args: &Args) -> anyhow::Result<Taskfac
 
     let pool = env.db.pool().await?;
     let pids_before = postgres_pids(&pool).await?;
-    let probe = CpuProbe::new();
+    let probe = CpuProbe::new().with_services(service_pids);
     let cpu_start = probe.mark(&pids_before);
     let (xid_start, lsn_start) = postgres_counters(&pool).await?;
+    let xacts_start = database_transactions(&pool).await?;
     let (started, last_ack) =
         burst(&js, &make, measured.clone(), args.publish_window, args.rate).await?;
     let all = tracker
         .wait(measured.clone(), Instant::now() + timeout)
         .await;
     let (xid_end, lsn_end) = postgres_counters(&pool).await?;
+    let xacts_end = database_transactions(&pool).await?;
     let pids_after = postgres_pids(&pool).await?;
     let cpu = probe.since(&cpu_start, Some(&pids_after));
     if !all {
@@ -881,6 +988,8 @@ async fn taskfactory_phase(env: &TestEnv, args: &Args) -> anyhow::Result<Taskfac
         stages,
         // txid_current() takes an id itself: one of the two calls is ours.
         xids: xid_end - xid_start - 1,
+        commits: xacts_end.0 - xacts_start.0,
+        rollbacks: xacts_end.1 - xacts_start.1,
         wal_bytes,
         not_succeeded: not_succeeded.load(Ordering::Relaxed),
     })
@@ -1148,6 +1257,22 @@ impl Report {
             format!("{:.2}", tf.cpu.nats_server),
             String::new(),
         );
+        for service in &tf.cpu.services {
+            row(
+                &format!("CPU s: {}", service.name),
+                dash(),
+                format!("{:.2}", service.cpu),
+                String::new(),
+            );
+        }
+        for service in &tf.cpu.services {
+            row(
+                &format!("peak RSS MiB: {}", service.name),
+                dash(),
+                format!("{:.1}", service.peak_rss_kib as f64 / 1024.0),
+                String::new(),
+            );
+        }
         row(
             "CPU s: Postgres backends",
             dash(),
@@ -1172,6 +1297,14 @@ impl Report {
             t.xids as f64 / (tf.events * tf.fan_out).max(1) as f64,
             t.wal_bytes / 1024.0,
             per_run(t.wal_bytes) / 1024.0
+        );
+        let _ = writeln!(
+            out,
+            "Postgres transactions ended in the bench database: {} commits ({:.1} per event), {} rollbacks ({:.2} per event)",
+            t.commits,
+            per_run(t.commits as f64),
+            t.rollbacks,
+            per_run(t.rollbacks as f64)
         );
         let c = &t.check;
         let _ = writeln!(
@@ -1242,6 +1375,7 @@ impl Report {
                 "rate": self.args.rate,
                 "baseline_in_concurrency": self.args.baseline_in_concurrency,
                 "baseline_out_concurrency": self.args.baseline_out_concurrency,
+                "processes": self.args.processes,
             },
             "machine": {
                 "cpus": self.machine.cpus,
@@ -1256,6 +1390,10 @@ impl Report {
                 "write_transactions_per_event": t.xids as f64 / tf.events.max(1) as f64,
                 "wal_bytes": t.wal_bytes,
                 "wal_bytes_per_event": t.wal_bytes / tf.events.max(1) as f64,
+                "commits": t.commits,
+                "commits_per_event": t.commits as f64 / tf.events.max(1) as f64,
+                "rollbacks": t.rollbacks,
+                "rollbacks_per_event": t.rollbacks as f64 / tf.events.max(1) as f64,
             },
             "check": {
                 "fires": c.fires,

@@ -1382,12 +1382,7 @@ async fn a_batch_of_results_ends_as_recording_them_one_by_one_would() -> anyhow:
         let after_batch = repeated();
         let mut one_by_one = Vec::new();
         for record in step(&single) {
-            let recorded = if record.status == TaskStatus::Running {
-                store::record_running(&pool, &record).await?
-            } else {
-                store::record_result(&pool, &record).await?
-            };
-            one_by_one.push(kind(&recorded));
+            one_by_one.push(kind(&store::record_result(&pool, &record).await?));
         }
         assert_eq!(batch, one_by_one);
         outcomes.push(batch);

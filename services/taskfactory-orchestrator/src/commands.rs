@@ -20,7 +20,6 @@ use taskfactory_runtime::telemetry::error_chain;
 use taskfactory_runtime::{finished_tasks, messaging};
 use tokio_util::sync::CancellationToken;
 
-use crate::completion;
 use crate::spawn::Spawner;
 use crate::store::{self, Cancelled, Recorded, ResultRecord};
 
@@ -148,14 +147,8 @@ impl Commands {
                         )
                     })?;
                 tracing::info!(run.id = %run, %reason, "run cancelled");
-                if let Err(error) =
-                    completion::announce_if_finished(&self.spawner.pool, &self.spawner.js, run)
-                        .await
-                {
+                if let Err(error) = self.spawner.run_may_have_finished(run, activity).await {
                     tracing::warn!(run.id = %run, error = %error_chain(&error), "cancelled run not announced yet; the sweeper will");
-                }
-                if let Err(error) = self.spawner.start_next(activity).await {
-                    tracing::warn!(error = %error_chain(&error), "cannot start the next buffered run yet");
                 }
                 Ok(())
             }
@@ -217,15 +210,10 @@ impl Commands {
                 Err(refuse("failed_precondition", "the task finished meanwhile"))
             }
             Recorded::Applied(completed) => {
-                if let Some(run) = completed {
-                    if let Err(error) =
-                        completion::announce(&self.spawner.pool, &self.spawner.js, &run).await
-                    {
-                        tracing::warn!(run.id = %run.id, error = %error_chain(&error), "finished run not announced yet; the sweeper will");
-                    }
-                    if let Err(error) = self.spawner.start_next(run.activity_id).await {
-                        tracing::warn!(error = %error_chain(&error), "cannot start the next buffered run yet");
-                    }
+                if let Some(run) = completed
+                    && let Err(error) = self.spawner.run_finished(&run).await
+                {
+                    tracing::warn!(run.id = %run.id, error = %error_chain(&error), "finished run not announced yet; the sweeper will");
                 }
                 Ok(())
             }

@@ -5,17 +5,18 @@
 //! repaired by the next delivery of any message about the run, or else by [`run_sweeper`]
 //! (deduplicated by JetStream either way).
 
-use sqlx::PgPool;
 use taskfactory_model::ids::RunId;
 use taskfactory_model::subjects;
 use taskfactory_runtime::messaging;
 
-use crate::store::{self, CompletedRun};
+use crate::store::{self, CompletedRun, RunMarks};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AnnounceError {
     #[error("database error")]
     Database(#[from] sqlx::Error),
+    #[error(transparent)]
+    Mark(#[from] store::MarkError),
     #[error("failed to publish run completion")]
     Publish(#[from] async_nats::jetstream::context::PublishError),
 }
@@ -35,7 +36,7 @@ pub fn completion_event(run: &CompletedRun) -> serde_json::Value {
 }
 
 pub async fn announce(
-    pool: &PgPool,
+    marks: &RunMarks,
     js: &async_nats::jetstream::Context,
     run: &CompletedRun,
 ) -> Result<(), AnnounceError> {
@@ -48,26 +49,26 @@ pub async fn announce(
         body.into(),
     )
     .await?;
-    store::mark_announced(pool, run.id).await?;
+    marks.announced(run.id).await?;
     tracing::info!(run.id = %run.id, activity.name = %run.activity_name, status = run.status.as_str_name(), "run finished");
     Ok(())
 }
 
 /// Announces the run if it is finished and not announced yet.
 pub async fn announce_if_finished(
-    pool: &PgPool,
+    marks: &RunMarks,
     js: &async_nats::jetstream::Context,
     run: RunId,
 ) -> Result<(), AnnounceError> {
-    if let Some(completed) = store::unannounced_completion(pool, run).await? {
-        announce(pool, js, &completed).await?;
+    if let Some(completed) = store::unannounced_completion(marks.pool(), run).await? {
+        announce(marks, js, &completed).await?;
     }
     Ok(())
 }
 
 /// Announces finished runs that were missed, every `every`, until shutdown.
 pub async fn run_sweeper(
-    pool: PgPool,
+    marks: RunMarks,
     js: async_nats::jetstream::Context,
     every: std::time::Duration,
     shutdown: tokio_util::sync::CancellationToken,
@@ -80,7 +81,7 @@ pub async fn run_sweeper(
             _ = tick.tick() => {}
         }
         let before = chrono::Utc::now() - chrono::Duration::from_std(every).unwrap_or_default();
-        let runs = match store::unannounced_runs(&pool, before, 500).await {
+        let runs = match store::unannounced_runs(marks.pool(), before, 500).await {
             Ok(runs) => runs,
             Err(error) => {
                 tracing::warn!(error = %taskfactory_runtime::telemetry::error_chain(&error), "cannot look for unannounced runs");
@@ -91,7 +92,7 @@ pub async fn run_sweeper(
             if shutdown.is_cancelled() {
                 return;
             }
-            if let Err(error) = announce_if_finished(&pool, &js, run).await {
+            if let Err(error) = announce_if_finished(&marks, &js, run).await {
                 tracing::warn!(run.id = %run, error = %taskfactory_runtime::telemetry::error_chain(&error), "cannot announce a finished run; will retry");
                 break;
             }

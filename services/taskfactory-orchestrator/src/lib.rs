@@ -75,7 +75,8 @@ pub struct Config {
         default_value_t = 32
     )]
     pub result_concurrency: usize,
-    /// Transactions recording results at once (each records one run's waiting results).
+    /// Transactions recording results at once (each records the results waiting, of any runs),
+    /// and new runs at once.
     #[arg(
         long = "result-transactions",
         env = "TASKFACTORY_RESULT_TRANSACTIONS",
@@ -410,6 +411,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         result_key,
         cancelled_runs: cancelled_runs.clone(),
         pool: pool.clone(),
+        marks: store::RunMarks::start(pool.clone()),
+        runs: store::RunWriter::start(pool.clone(), config.result_transactions),
         js: js.clone(),
         limits: PlanLimits {
             expr: Limits {
@@ -426,6 +429,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         sources: sources.clone(),
     });
     let requeue_key = spawner.result_key.clone();
+    let marks = spawner.marks.clone();
+    let unserved_spawner = spawner.clone();
     let tracker = TaskTracker::new();
     let (batcher, batches) = results::Batcher::start(pool.clone(), config.result_transactions);
     let finished_tasks = nats::ensure_bucket(
@@ -577,7 +582,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         shutdown.clone(),
     ));
     tracker.spawn(completion::run_sweeper(
-        pool.clone(),
+        marks,
         js.clone(),
         Duration::from_secs(30),
         shutdown.clone(),
@@ -598,8 +603,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         shutdown.clone(),
     ));
     tracker.spawn(unserved::run_sweeper(
-        pool.clone(),
-        js.clone(),
+        unserved_spawner,
         config.unserved_grace,
         (config.unserved_grace / 4).clamp(Duration::from_secs(1), Duration::from_secs(60)),
         shutdown.clone(),

@@ -32,7 +32,6 @@ use taskfactory_runtime::finished_tasks;
 use taskfactory_runtime::messaging::{Handler, Then, Unfinished};
 use taskfactory_runtime::telemetry::error_chain;
 
-use crate::completion;
 use crate::store::{self, Recorded, ResultRecord};
 
 pub struct ResultSink {
@@ -54,20 +53,24 @@ struct Queued {
     reply: oneshot::Sender<Result<Recorded, sqlx::Error>>,
 }
 
-/// Records results (and running reports: an executor's start record) in batches: whatever results are waiting when a batch starts are grouped by
-/// run and each group is recorded in one transaction ([`store::record_results`]), so the results
-/// of a fan-out that arrive together take one run lock and one commit, not one each. Nothing waits
-/// to fill a batch: a lone result is recorded at once; batches form while earlier ones commit.
+/// Records results (and running reports: an executor's start record) in batches, across runs:
+/// whatever results are waiting when a transaction is free are recorded together in one
+/// transaction ([`store::record_results`]), so a burst of runs' starts and results takes one
+/// commit, not one each. Nothing waits to fill a batch: a lone result is recorded at once;
+/// batches form while earlier ones commit. The results of a run whose batch is being recorded
+/// wait for it and go in the next one (no two transactions of this orchestrator queue on one
+/// run's lock, and a run's results are recorded in the order they came).
 #[derive(Clone)]
 pub struct Batcher {
     queue: mpsc::Sender<Queued>,
 }
 
-/// Results in one batch, at most.
-const MAX_BATCH: usize = 256;
+/// Results in one batch, at most (a run's results that waited for its previous batch may add a
+/// few).
+const MAX_BATCH: usize = 512;
 
 impl Batcher {
-    /// Starts the batching task; `transactions` bounds the group transactions at once. The task
+    /// Starts the batching task; `transactions` bounds the batch transactions at once. The task
     /// ends once every `Batcher` is dropped and what was queued is recorded.
     pub fn start(pool: PgPool, transactions: usize) -> (Self, tokio::task::JoinHandle<()>) {
         let (queue, receiver) = mpsc::channel(MAX_BATCH);
@@ -87,115 +90,128 @@ impl Batcher {
     }
 }
 
-/// Groups what is waiting by run and records each group; while a run's group is being recorded,
-/// that run's next results wait and go together as its next group (so no two transactions of one
-/// run queue on its lock, and a fan-out's results gather into few transactions).
+/// What is waiting to be recorded: results ready for the next batch, in the order they came,
+/// and those of runs with a batch being recorded, which wait for it.
+#[derive(Default)]
+struct Waiting {
+    ready: Vec<Queued>,
+    /// Runs with a batch being recorded, and their results that came meanwhile.
+    busy: HashMap<String, Vec<Queued>>,
+}
+
+impl Waiting {
+    fn arrive(&mut self, queued: Queued) {
+        match self.busy.get_mut(&queued.run) {
+            Some(waiting) => waiting.push(queued),
+            None => self.ready.push(queued),
+        }
+    }
+
+    /// A run's batch is over: its results that waited are ready.
+    fn finished(&mut self, run: &str) {
+        if let Some(waiting) = self.busy.remove(run) {
+            self.ready.extend(waiting);
+        }
+    }
+
+    /// Takes what is ready as the next batch; its runs are busy until [`Waiting::finished`].
+    fn take_batch(&mut self) -> (Vec<Queued>, Vec<String>) {
+        let batch = std::mem::take(&mut self.ready);
+        let mut runs: Vec<String> = batch.iter().map(|q| q.run.clone()).collect();
+        runs.sort_unstable();
+        runs.dedup();
+        for run in &runs {
+            self.busy.insert(run.clone(), Vec::new());
+        }
+        (batch, runs)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ready.is_empty() && self.busy.is_empty()
+    }
+}
+
+/// Takes results as they come and records what is ready whenever a transaction is free.
 async fn run_batches(pool: PgPool, mut receiver: mpsc::Receiver<Queued>, transactions: usize) {
     let permits = Arc::new(Semaphore::new(transactions));
-    let groups = TaskTracker::new();
-    let (done, mut finished) = mpsc::unbounded_channel::<String>();
-    // Runs with a group being recorded, and their results waiting for it to finish.
-    let mut busy: HashMap<String, Vec<Queued>> = HashMap::new();
+    let batches = TaskTracker::new();
+    let (done, mut finished) = mpsc::unbounded_channel::<Vec<String>>();
+    let mut waiting = Waiting::default();
     let mut open = true;
-    while open || !busy.is_empty() {
-        let mut ready: Vec<(String, Vec<Queued>)> = Vec::new();
+    while open || !waiting.is_empty() {
         tokio::select! {
             biased;
-            Some(run) = finished.recv() => {
-                if let Some(waiting) = busy.remove(&run)
-                    && !waiting.is_empty()
-                {
-                    ready.push((run, waiting));
+            Some(runs) = finished.recv() => {
+                for run in &runs {
+                    waiting.finished(run);
                 }
             }
-            next = receiver.recv(), if open => {
+            next = receiver.recv(), if open && waiting.ready.len() < MAX_BATCH => {
                 let Some(first) = next else {
                     open = false;
                     continue;
                 };
-                let mut batch = vec![first];
-                while batch.len() < MAX_BATCH {
+                waiting.arrive(first);
+                while waiting.ready.len() < MAX_BATCH {
                     match receiver.try_recv() {
-                        Ok(next) => batch.push(next),
+                        Ok(next) => waiting.arrive(next),
                         Err(_) => break,
                     }
                 }
-                let mut by_run: HashMap<String, Vec<Queued>> = HashMap::new();
-                for queued in batch {
-                    by_run.entry(queued.run.clone()).or_default().push(queued);
-                }
-                for (run, group) in by_run {
-                    match busy.get_mut(&run) {
-                        Some(waiting) => waiting.extend(group),
-                        None => ready.push((run, group)),
-                    }
-                }
+            }
+            permit = permits.clone().acquire_owned(), if !waiting.ready.is_empty() => {
+                let Ok(permit) = permit else {
+                    return;
+                };
+                let (batch, runs) = waiting.take_batch();
+                // Said when the batch is over however it ends, so its runs' next results never
+                // wait for a batch that is gone.
+                let finished = Finished(Some((runs, done.clone())));
+                batches.spawn(record_batch(pool.clone(), batch, permit, finished));
             }
         }
-        for (run, group) in ready {
-            busy.insert(run.clone(), Vec::new());
-            // While every transaction is busy, results gather for the next batch.
-            let Ok(permit) = permits.clone().acquire_owned().await else {
-                return;
-            };
-            // Said when the group is over however it ends, so the run's next results never wait
-            // for a group that is gone.
-            let finished = Finished(Some((run, done.clone())));
-            groups.spawn(record_group(pool.clone(), group, permit, finished));
-        }
     }
-    groups.close();
-    groups.wait().await;
+    batches.close();
+    batches.wait().await;
 }
 
-/// Tells the batcher, when dropped, that a run's group is over.
-struct Finished(Option<(String, mpsc::UnboundedSender<String>)>);
+/// Tells the batcher, when dropped, that a batch of these runs is over.
+struct Finished(Option<(Vec<String>, mpsc::UnboundedSender<Vec<String>>)>);
 
 impl Drop for Finished {
     fn drop(&mut self) {
-        if let Some((run, done)) = self.0.take() {
-            let _ = done.send(run);
+        if let Some((runs, done)) = self.0.take() {
+            let _ = done.send(runs);
         }
     }
 }
 
-/// Records one run's results in one transaction. If that fails, each is recorded on its own, so
+/// Records one batch in one transaction. If that fails, each result is recorded on its own, so
 /// one result the database refuses cannot hold back the others.
-async fn record_group(
+async fn record_batch(
     pool: PgPool,
-    group: Vec<Queued>,
+    batch: Vec<Queued>,
     _permit: OwnedSemaphorePermit,
     _finished: Finished,
 ) {
     let (records, replies): (Vec<ResultRecord>, Vec<_>) =
-        group.into_iter().map(|q| (q.record, q.reply)).unzip();
+        batch.into_iter().map(|q| (q.record, q.reply)).unzip();
     taskfactory_runtime::metrics::record_result_batch(records.len());
-    let outcomes: Vec<Result<Recorded, sqlx::Error>> = if records.len() == 1 {
-        vec![record_one(&pool, &records[0]).await]
-    } else {
+    let outcomes: Vec<Result<Recorded, sqlx::Error>> =
         match store::record_results(&pool, &records).await {
             Ok(recorded) => recorded.into_iter().map(Ok).collect(),
+            Err(error) if records.len() == 1 => vec![Err(error)],
             Err(error) => {
                 tracing::debug!(results = records.len(), error = %error_chain(&error), "batch not recorded; recording its results one by one");
                 let mut one_by_one = Vec::with_capacity(records.len());
                 for record in &records {
-                    one_by_one.push(record_one(&pool, record).await);
+                    one_by_one.push(store::record_result(&pool, record).await);
                 }
                 one_by_one
             }
-        }
-    };
+        };
     for (reply, outcome) in replies.into_iter().zip(outcomes) {
         let _ = reply.send(outcome);
-    }
-}
-
-/// Records a result or a running report that is alone.
-async fn record_one(pool: &PgPool, record: &ResultRecord) -> Result<Recorded, sqlx::Error> {
-    if record.status == TaskStatus::Running {
-        store::record_running(pool, record).await
-    } else {
-        store::record_result(pool, record).await
     }
 }
 
@@ -349,16 +365,12 @@ impl ResultSink {
             Recorded::Applied(completed) => {
                 self.remember_finished(task_id, &result.r#type, status, result.attempt)
                     .await?;
-                if let Some(run) = completed {
-                    if let Err(error) = completion::announce(&self.pool, &self.js, &run).await {
-                        tracing::warn!(run.id = %run.id, error = %error_chain(&error), "run finished but not announced; will retry");
-                        // The result is recorded; the redelivery finds the run unannounced.
-                        return self.retry_announcement(result).await;
-                    }
-                    if let Err(error) = self.spawner.start_next(run.activity_id).await {
-                        // The overlap sweeper starts it if this did not.
-                        tracing::warn!(activity.id = %run.activity_id, error = %error_chain(&error), "cannot start the next buffered run yet");
-                    }
+                if let Some(run) = completed
+                    && let Err(error) = self.spawner.run_finished(&run).await
+                {
+                    tracing::warn!(run.id = %run.id, error = %error_chain(&error), "run finished but not announced; will retry");
+                    // The result is recorded; the redelivery finds the run unannounced.
+                    return self.retry_announcement(result).await;
                 }
                 Ok(())
             }
@@ -462,23 +474,18 @@ impl ResultSink {
     }
 
     async fn retry_announcement(&self, result: &TaskResult) -> Result<(), ResultError> {
-        let Ok(run) = result.run_id.parse() else {
+        let (Ok(run), Ok(activity)) = (result.run_id.parse(), result.activity_id.parse()) else {
             return Ok(());
         };
-        completion::announce_if_finished(&self.pool, &self.js, run)
+        // The run that finished may have buffered runs behind it.
+        self.spawner
+            .run_may_have_finished(run, activity)
             .await
             .map_err(|error| {
                 ResultError::Transient(format!(
                     "cannot announce the finished run {run}: {}",
                     error_chain(&error)
                 ))
-            })?;
-        // The run that finished may have buffered runs behind it.
-        if let Ok(activity) = result.activity_id.parse()
-            && let Err(error) = self.spawner.start_next(activity).await
-        {
-            tracing::warn!(error = %error_chain(&error), "cannot start the next buffered run yet");
-        }
-        Ok(())
+            })
     }
 }

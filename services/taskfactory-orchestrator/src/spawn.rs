@@ -51,6 +51,10 @@ use crate::store::{self, Admission, Ledger, NewRun, NewTask, RunState};
 
 pub struct Spawner {
     pub pool: PgPool,
+    /// Runs' bookkeeping marks (spawned, announced), written in group commit.
+    pub marks: store::RunMarks,
+    /// New runs and their tasks, written in group commit.
+    pub runs: store::RunWriter,
     pub js: async_nats::jetstream::Context,
     pub limits: PlanLimits,
     pub ack_wait: Duration,
@@ -121,6 +125,8 @@ pub enum SpawnError {
     },
     #[error("database error")]
     Database(#[from] sqlx::Error),
+    #[error(transparent)]
+    Mark(#[from] store::MarkError),
     #[error("failed to announce the finished run")]
     Announce(#[from] completion::AnnounceError),
     #[error("failed to publish task {task_id}")]
@@ -145,7 +151,10 @@ impl Unfinished for SpawnError {
             SpawnError::DiffersFromLedger { .. } => Then::DeadLetter {
                 refused: Some("differs_from_ledger"),
             },
-            SpawnError::Database(_) | SpawnError::Announce(_) | SpawnError::Publish { .. } => {
+            SpawnError::Database(_)
+            | SpawnError::Mark(_)
+            | SpawnError::Announce(_)
+            | SpawnError::Publish { .. } => {
                 Then::Backoff
             }
         }
@@ -251,11 +260,11 @@ impl Spawner {
             }
             if !state.spawn_complete {
                 self.publish_pending(run_id).await?;
-                store::mark_spawn_complete(&self.pool, run_id).await?;
+                self.marks.spawn_complete(run_id).await?;
                 tracing::info!(run.id = %run_id, "resumed interrupted spawn");
             }
             if !state.announced {
-                completion::announce_if_finished(&self.pool, &self.js, run_id).await?;
+                completion::announce_if_finished(&self.marks, &self.js, run_id).await?;
             }
             return Ok(());
         }
@@ -274,8 +283,10 @@ impl Spawner {
         // (taken in the evaluation, before the context sources are resolved).
         let (new_run, tasks, room) = self.evaluate(event, activity_id, run_id).await?;
         let status = new_run.status;
+        let activity_name = new_run.activity_name.clone();
         record_run_outcome(&new_run, tasks.len());
-        if !store::insert_run(&self.pool, &new_run, &tasks).await? {
+        let (inserted, tasks) = self.runs.insert(new_run, tasks).await?;
+        if !inserted {
             // Another delivery recorded it first; continue from what it recorded (once: a run that
             // still is not there means the key belongs to some other run).
             let Some(state) = store::run_state(&self.pool, run_id).await? else {
@@ -288,12 +299,12 @@ impl Spawner {
             return Box::pin(self.process_run(message, event, activity_id, run_id, Some(state)))
                 .await;
         }
-        tracing::info!(run.id = %run_id, activity.name = %new_run.activity_name, tasks = tasks.len(), status = ?status, "run recorded");
+        tracing::info!(run.id = %run_id, activity.name = %activity_name, tasks = tasks.len(), status = ?status, "run recorded");
         if status == RunStatus::RunRunning {
             self.publish_tasks(&publishable(tasks)).await?;
-            store::mark_spawn_complete(&self.pool, run_id).await?;
+            self.marks.spawn_complete(run_id).await?;
         } else {
-            completion::announce_if_finished(&self.pool, &self.js, run_id).await?;
+            completion::announce_if_finished(&self.marks, &self.js, run_id).await?;
         }
         Ok(())
     }
@@ -348,7 +359,7 @@ impl Spawner {
             {
                 tracing::warn!(run.id = %run, error = %error, "cannot tell executors about the cancelled run; its queued tasks may still run");
             }
-            completion::announce_if_finished(&self.pool, &self.js, run).await?;
+            completion::announce_if_finished(&self.marks, &self.js, run).await?;
         }
         match admission {
             Admission::Start => self.start_admitted_here(run_id).await,
@@ -449,14 +460,44 @@ impl Spawner {
             .is_some_and(|state| state.status == RunStatus::RunCancelled);
         if run.status == RunStatus::RunRunning && !cancelled {
             self.publish_tasks(&publishable(tasks)).await?;
-            store::mark_spawn_complete(&self.pool, run_id).await?;
+            self.marks.spawn_complete(run_id).await?;
         } else {
             // The next run needs room of its own: never wait for it while holding this one's.
             drop(room);
-            completion::announce_if_finished(&self.pool, &self.js, run_id).await?;
+            completion::announce_if_finished(&self.marks, &self.js, run_id).await?;
             Box::pin(self.start_next(activity_id)).await?;
         }
         Ok(())
+    }
+
+    /// A run finished: announce it, then start its activity's next buffered run. The one rule
+    /// for every place a run ends (a result, a command, a deadline, a type nobody serves, a
+    /// cancel). A next run that cannot start yet is left to the overlap sweeper; an
+    /// announcement that fails is returned (the caller's redelivery or the completion sweeper
+    /// announces it).
+    pub async fn run_finished(&self, run: &store::CompletedRun) -> Result<(), SpawnError> {
+        completion::announce(&self.marks, &self.js, run).await?;
+        self.start_next_or_leave(run.activity_id).await;
+        Ok(())
+    }
+
+    /// [`Spawner::run_finished`] for a run that may have finished: announced if it is finished
+    /// and not announced yet; the activity's next buffered run started either way.
+    pub async fn run_may_have_finished(
+        &self,
+        run: RunId,
+        activity: ActivityId,
+    ) -> Result<(), SpawnError> {
+        completion::announce_if_finished(&self.marks, &self.js, run).await?;
+        self.start_next_or_leave(activity).await;
+        Ok(())
+    }
+
+    /// Starts the activity's next buffered run, or leaves it to the overlap sweeper.
+    async fn start_next_or_leave(&self, activity: ActivityId) {
+        if let Err(error) = Box::pin(self.start_next(activity)).await {
+            tracing::warn!(activity.id = %activity, error = %error_chain(&error), "cannot start the next buffered run yet; the overlap sweeper will");
+        }
     }
 
     /// After one of the activity's runs finished: starts its oldest waiting run, if nothing else
@@ -484,7 +525,7 @@ impl Spawner {
                         if state.status == RunStatus::RunRunning && !state.spawn_complete =>
                     {
                         self.publish_pending(run).await?;
-                        store::mark_spawn_complete(&self.pool, run).await?;
+                        self.marks.spawn_complete(run).await?;
                         Ok(())
                     }
                     _ => Ok(()),

@@ -13,7 +13,8 @@ mod finished_tasks;
 mod results;
 
 pub use finished_tasks::{cancelled_runs_page, final_tasks_page};
-pub use results::{Recorded, ResultRecord, record_result, record_results, record_running};
+use taskfactory_runtime::batch::GroupCommit;
+pub use results::{Recorded, ResultRecord, record_result, record_results};
 
 /// What the orchestrator knows of a run it may have seen before.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -229,46 +230,55 @@ async fn insert_run_row(
         == 1)
 }
 
+/// Inserts the tasks of runs, many runs' tasks per statement.
 async fn insert_tasks(
     tx: &mut sqlx::PgConnection,
-    run: &NewRun,
-    tasks: &[NewTask],
+    runs: &[(&NewRun, &[NewTask])],
 ) -> Result<(), sqlx::Error> {
+    let rows: Vec<(&NewRun, &NewTask)> = runs
+        .iter()
+        .flat_map(|(run, tasks)| tasks.iter().map(move |task| (*run, task)))
+        .collect();
     // In chunks, so one statement's parameters stay small.
-    for chunk in tasks.chunks(1000) {
-        let ids: Vec<Uuid> = chunk.iter().map(|t| t.id.0).collect();
-        let templates: Vec<&str> = chunk.iter().map(|t| t.template.as_str()).collect();
+    for chunk in rows.chunks(1000) {
+        let run_ids: Vec<Uuid> = chunk.iter().map(|(r, _)| r.id.0).collect();
+        let activities: Vec<Uuid> = chunk.iter().map(|(r, _)| r.activity_id.0).collect();
+        let names: Vec<&str> = chunk.iter().map(|(r, _)| r.activity_name.as_str()).collect();
+        let ids: Vec<Uuid> = chunk.iter().map(|(_, t)| t.id.0).collect();
+        let templates: Vec<&str> = chunk.iter().map(|(_, t)| t.template.as_str()).collect();
         let indexes: Vec<i32> = chunk
             .iter()
-            .map(|t| i32::try_from(t.item_index).unwrap_or(i32::MAX))
+            .map(|(_, t)| i32::try_from(t.item_index).unwrap_or(i32::MAX))
             .collect();
-        let types: Vec<&str> = chunk.iter().map(|t| t.task_type.as_str()).collect();
-        let params: Vec<&serde_json::Value> = chunk.iter().map(|t| &t.params).collect();
-        let instances: Vec<&[u8]> = chunk.iter().map(|t| t.instance.as_slice()).collect();
-        let created: Vec<DateTime<Utc>> = chunk.iter().map(|t| t.created_at).collect();
+        let types: Vec<&str> = chunk.iter().map(|(_, t)| t.task_type.as_str()).collect();
+        let params: Vec<&serde_json::Value> = chunk.iter().map(|(_, t)| &t.params).collect();
+        let instances: Vec<&[u8]> = chunk.iter().map(|(_, t)| t.instance.as_slice()).collect();
+        let created: Vec<DateTime<Utc>> = chunk.iter().map(|(_, t)| t.created_at).collect();
         let statuses: Vec<&str> = chunk
             .iter()
-            .map(|t| status::task_status_db(t.status))
+            .map(|(_, t)| status::task_status_db(t.status))
             .collect();
-        let deadlines: Vec<Option<DateTime<Utc>>> = chunk.iter().map(|t| t.deadline).collect();
+        let deadlines: Vec<Option<DateTime<Utc>>> = chunk.iter().map(|(_, t)| t.deadline).collect();
         let max_attempts: Vec<i32> = chunk
             .iter()
-            .map(|t| i32::try_from(t.max_attempts).unwrap_or(i32::MAX))
+            .map(|(_, t)| i32::try_from(t.max_attempts).unwrap_or(i32::MAX))
             .collect();
         sqlx::query(
             "INSERT INTO tasks (id, run_id, activity_id, activity_name, template, item_index, type, \
                  params, instance, status, created_at, deadline, max_attempts, result_token_required) \
-             SELECT u.id, $1, $2, $3, u.template, u.item_index, u.type, u.params, u.instance, \
-                 u.status, u.created_at, u.deadline, u.max_attempts, true \
-             FROM UNNEST($4::uuid[], $5::text[], $6::int4[], $7::text[], $8::jsonb[], $9::bytea[], \
-                 $10::timestamptz[], $11::text[], $12::timestamptz[], $13::int4[]) \
-                 AS u(id, template, item_index, type, params, instance, created_at, status, deadline, \
-                     max_attempts) \
+             SELECT u.id, u.run_id, u.activity_id, u.activity_name, u.template, u.item_index, \
+                 u.type, u.params, u.instance, u.status, u.created_at, u.deadline, \
+                 u.max_attempts, true \
+             FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::uuid[], $5::text[], $6::int4[], \
+                 $7::text[], $8::jsonb[], $9::bytea[], $10::timestamptz[], $11::text[], \
+                 $12::timestamptz[], $13::int4[]) \
+                 AS u(run_id, activity_id, activity_name, id, template, item_index, type, params, \
+                     instance, created_at, status, deadline, max_attempts) \
              ON CONFLICT (id) DO NOTHING",
         )
-        .bind(run.id.0)
-        .bind(run.activity_id.0)
-        .bind(&run.activity_name)
+        .bind(&run_ids)
+        .bind(&activities)
+        .bind(&names)
         .bind(&ids)
         .bind(&templates)
         .bind(&indexes)
@@ -285,22 +295,95 @@ async fn insert_tasks(
     Ok(())
 }
 
-/// Records a run and all its tasks in one transaction. Returns false when the run already existed
-/// (another delivery of the same trigger got there first); then nothing is written.
-pub async fn insert_run(
+/// Records runs and all their tasks in one transaction, in order; per run, false when it already
+/// existed (another delivery of the same trigger got there first, or an earlier run of this
+/// batch): then nothing of it is written. An error of the transaction writes nothing (a caller
+/// with several runs can record them one by one).
+pub async fn insert_runs(
     pool: &PgPool,
-    run: &NewRun,
-    tasks: &[NewTask],
-) -> Result<bool, sqlx::Error> {
+    runs: &[(&NewRun, &[NewTask])],
+) -> Result<Vec<bool>, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    if !insert_run_row(&mut tx, run, tasks.len(), RowExtras::default()).await? {
-        tx.rollback().await?;
-        return Ok(false);
+    let mut inserted = Vec::with_capacity(runs.len());
+    let mut written = Vec::with_capacity(runs.len());
+    for &(run, tasks) in runs {
+        let new = insert_run_row(&mut tx, run, tasks.len(), RowExtras::default()).await?;
+        if new {
+            written.push((run, tasks));
+        }
+        inserted.push(new);
     }
-    insert_tasks(&mut tx, run, tasks).await?;
+    insert_tasks(&mut tx, &written).await?;
     tx.commit().await?;
-    record_run_finished(&run.activity_name, run.status);
-    Ok(true)
+    for (run, _) in written {
+        record_run_finished(&run.activity_name, run.status);
+    }
+    Ok(inserted)
+}
+
+/// What [`RunWriter`] says of a run: whether it was new, and its tasks handed back.
+type RunWritten = Result<(bool, Vec<NewTask>), sqlx::Error>;
+
+/// Records new runs (with all their tasks) in group commit: the runs that wait together are
+/// written in one transaction ([`insert_runs`]); a batch the database refuses is written run by
+/// run, so one bad run holds back no other.
+#[derive(Clone)]
+pub struct RunWriter(GroupCommit<(NewRun, Vec<NewTask>), RunWritten>);
+
+/// Runs in one transaction, at most.
+const RUNS_AT_ONCE: usize = 256;
+
+impl RunWriter {
+    /// Starts the writer; `transactions` bounds its transactions at once.
+    pub fn start(pool: PgPool, transactions: usize) -> Self {
+        Self(GroupCommit::start(
+            RUNS_AT_ONCE,
+            transactions,
+            move |batch: Vec<(NewRun, Vec<NewTask>)>| {
+                let pool = pool.clone();
+                async move {
+                    let outcomes = write_runs(&pool, &batch).await;
+                    outcomes
+                        .into_iter()
+                        .zip(batch)
+                        .map(|(outcome, (_, tasks))| outcome.map(|new| (new, tasks)))
+                        .collect()
+                }
+            },
+        ))
+    }
+
+    /// Records a run and all its tasks (false: the run already existed, and nothing was
+    /// written); the tasks come back.
+    pub async fn insert(&self, run: NewRun, tasks: Vec<NewTask>) -> RunWritten {
+        self.0
+            .submit((run, tasks))
+            .await
+            .unwrap_or(Err(sqlx::Error::PoolClosed))
+    }
+}
+
+async fn write_runs(
+    pool: &PgPool,
+    batch: &[(NewRun, Vec<NewTask>)],
+) -> Vec<Result<bool, sqlx::Error>> {
+    let runs: Vec<(&NewRun, &[NewTask])> = batch.iter().map(|(r, t)| (r, t.as_slice())).collect();
+    match insert_runs(pool, &runs).await {
+        Ok(inserted) => return inserted.into_iter().map(Ok).collect(),
+        Err(error) if runs.len() == 1 => return vec![Err(error)],
+        Err(error) => {
+            tracing::debug!(runs = runs.len(), error = %taskfactory_runtime::telemetry::error_chain(&error), "a batch of runs was not recorded; recording them one by one");
+        }
+    }
+    let mut outcomes = Vec::with_capacity(runs.len());
+    for run in runs {
+        outcomes.push(
+            insert_runs(pool, std::slice::from_ref(&run))
+                .await
+                .map(|mut inserted| inserted.pop().unwrap_or(false)),
+        );
+    }
+    outcomes
 }
 
 /// What the overlap policy decided about a new run.
@@ -554,7 +637,7 @@ pub async fn fill_run(pool: &PgPool, run: &NewRun, tasks: &[NewTask]) -> Result<
         tx.rollback().await?;
         return Ok(false);
     }
-    insert_tasks(&mut tx, run, tasks).await?;
+    insert_tasks(&mut tx, &[(run, tasks)]).await?;
     tx.commit().await?;
     record_run_finished(&run.activity_name, run.status);
     Ok(true)
@@ -645,20 +728,99 @@ pub async fn pending_instances(
         .collect())
 }
 
-pub async fn mark_spawn_complete(pool: &PgPool, run: RunId) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE runs SET spawn_complete = true WHERE id = $1")
-        .bind(run.0)
-        .execute(pool)
-        .await?;
-    Ok(())
+/// The two marks of a run's bookkeeping, each written in group commit: every mark waiting when
+/// the previous statement ends is written by the next one (one statement, one commit, however
+/// many runs), and each caller hears of its own once it is committed. `spawn_complete` says the
+/// run's tasks are all published; `announced_at`, that its completion was published.
+#[derive(Clone)]
+pub struct RunMarks {
+    pool: PgPool,
+    spawned: GroupCommit<Uuid, Result<(), String>>,
+    announced: GroupCommit<Uuid, Result<(), String>>,
 }
 
-pub async fn mark_announced(pool: &PgPool, run: RunId) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE runs SET announced_at = now() WHERE id = $1 AND announced_at IS NULL")
-        .bind(run.0)
-        .execute(pool)
-        .await?;
-    Ok(())
+/// A mark that could not be written (the database; the caller retries).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot mark run {run} {what}: {error}")]
+pub struct MarkError {
+    run: RunId,
+    what: &'static str,
+    error: String,
+}
+
+/// Marks in one statement, at most.
+const MARKS_AT_ONCE: usize = 1024;
+
+impl RunMarks {
+    /// Starts the two mark writers; each ends once every handle is dropped.
+    pub fn start(pool: PgPool) -> Self {
+        // The runs are locked in id order before they are updated, the order every writer of
+        // runs takes several in, so a mark never deadlocks with a batch of results.
+        let spawned = marks_writer(
+            pool.clone(),
+            "UPDATE runs SET spawn_complete = true \
+             FROM (SELECT id FROM runs WHERE id = ANY($1) ORDER BY id FOR UPDATE) locked \
+             WHERE runs.id = locked.id",
+        );
+        let announced = marks_writer(
+            pool.clone(),
+            "UPDATE runs SET announced_at = now() \
+             FROM (SELECT id FROM runs WHERE id = ANY($1) AND announced_at IS NULL \
+                 ORDER BY id FOR UPDATE) locked \
+             WHERE runs.id = locked.id",
+        );
+        Self {
+            pool,
+            spawned,
+            announced,
+        }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Marks the run's tasks all published.
+    pub async fn spawn_complete(&self, run: RunId) -> Result<(), MarkError> {
+        Self::mark(&self.spawned, run, "spawned").await
+    }
+
+    /// Marks the run's completion published.
+    pub async fn announced(&self, run: RunId) -> Result<(), MarkError> {
+        Self::mark(&self.announced, run, "announced").await
+    }
+
+    async fn mark(
+        writer: &GroupCommit<Uuid, Result<(), String>>,
+        run: RunId,
+        what: &'static str,
+    ) -> Result<(), MarkError> {
+        let outcome = match writer.submit(run.0).await {
+            Ok(outcome) => outcome,
+            Err(stopped) => Err(stopped.to_string()),
+        };
+        outcome.map_err(|error| MarkError { run, what, error })
+    }
+}
+
+/// Writes the marks that wait, many runs per statement (one at a time).
+fn marks_writer(pool: PgPool, statement: &'static str) -> GroupCommit<Uuid, Result<(), String>> {
+    GroupCommit::start(MARKS_AT_ONCE, 1, move |marks: Vec<Uuid>| {
+        let pool = pool.clone();
+        async move {
+            let mut runs = marks.clone();
+            runs.sort_unstable();
+            runs.dedup();
+            let outcome = sqlx::query(statement)
+                .persistent(false)
+                .bind(&runs)
+                .execute(&pool)
+                .await
+                .map(drop)
+                .map_err(|error| taskfactory_runtime::telemetry::error_chain(&error));
+            vec![outcome; marks.len()]
+        }
+    })
 }
 
 /// A finished run that has not been announced yet.

@@ -7,7 +7,6 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use futures::TryStreamExt as _;
-use sqlx::PgPool;
 use taskfactory_model::ids::TaskId;
 use taskfactory_model::subjects;
 use taskfactory_proto::v1::TaskStatus;
@@ -19,8 +18,7 @@ use crate::store::{self, Recorded, ResultRecord};
 
 /// Every `every`, fails the tasks of unserved types that waited longer than `grace`.
 pub async fn run_sweeper(
-    pool: PgPool,
-    js: async_nats::jetstream::Context,
+    spawner: std::sync::Arc<crate::spawn::Spawner>,
     grace: Duration,
     every: Duration,
     shutdown: CancellationToken,
@@ -32,17 +30,14 @@ pub async fn run_sweeper(
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if let Err(error) = sweep(&pool, &js, grace).await {
+        if let Err(error) = sweep(&spawner, grace).await {
             tracing::warn!(error = %error_chain(error.as_ref()), "cannot look for tasks nobody serves");
         }
     }
 }
 
-async fn sweep(
-    pool: &PgPool,
-    js: &async_nats::jetstream::Context,
-    grace: Duration,
-) -> anyhow::Result<()> {
+async fn sweep(spawner: &crate::spawn::Spawner, grace: Duration) -> anyhow::Result<()> {
+    let (pool, js) = (&spawner.pool, &spawner.js);
     let before = chrono::Utc::now() - chrono::Duration::from_std(grace)?;
     let types: Vec<(String,)> = sqlx::query_as(
         "SELECT DISTINCT type FROM tasks WHERE status = 'PENDING' AND created_at < $1 AND type <> 'human'",
@@ -99,7 +94,7 @@ async fn sweep(
                 claim: None,
             };
             if let Recorded::Applied(Some(run)) = store::record_result(pool, &record).await?
-                && let Err(error) = crate::completion::announce(pool, js, &run).await
+                && let Err(error) = spawner.run_finished(&run).await
             {
                 tracing::warn!(run.id = %run.id, error = %error_chain(&error), "finished run not announced yet; the sweeper will");
             }

@@ -3,6 +3,8 @@
 //!
 //! # Layout
 //!
+//! - [`batch`]: group commit: items that wait together are written together, each caller
+//!   hearing its own outcome.
 //! - [`clock`]: the scheduler's notion of time (system, or driven by tests).
 //! - [`config`]: flags with environment fallbacks common to the services.
 //! - [`nats`]: connecting, and declaring the streams (idempotently, at every start).
@@ -17,6 +19,7 @@
 //! - [`shutdown`]: SIGTERM/SIGINT → a `CancellationToken`; a second signal exits at once.
 //! - [`telemetry`]: structured logs (pretty for development, JSON for production) and OTLP traces.
 
+pub mod batch;
 pub mod clock;
 pub mod complete;
 pub mod config;

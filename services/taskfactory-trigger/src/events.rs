@@ -6,7 +6,8 @@
 //!   the consumer and the next event is handled as usual;
 //! - otherwise each matching activity's `filter` decides, its `dedupeKey` (else the
 //!   `Nats-Msg-Id` header, else the stream sequence) names the fire, and the fire is recorded and
-//!   published ([`crate::fire`]). A filter or key that fails on this event skips that activity
+//!   published ([`crate::fire`]), together with the fires of the other events in hand
+//!   ([`FireBatcher`]: one transaction, one publish round, one published mark). A filter or key that fails on this event skips that activity
 //!   with a warning; it does not reject the event for the others.
 //! - The event is acked once every fire is recorded; a database failure retries the whole event
 //!   (fires already recorded are recognised as duplicates). A fire the database refuses for its
@@ -38,7 +39,7 @@ use taskfactory_proto::v1::TriggerSource;
 use taskfactory_runtime::messaging::{ByteBudget, Handler, Then, Unfinished};
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::fire::{self, FireRequest};
+use crate::fire::{self, FireBatcher, FireRequest};
 use crate::registry::{LiveActivity, Registry};
 use crate::store;
 use crate::webhook;
@@ -48,7 +49,8 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
 pub struct EventIngress {
     pub pool: PgPool,
-    pub js: async_nats::jetstream::Context,
+    /// Records and publishes the fires of the events in hand together (group commit).
+    fires: FireBatcher,
     pub registry: Registry,
     pub max_event_bytes: usize,
     /// Bytes of events in hand at most (`--event-bytes-in-flight`).
@@ -92,14 +94,14 @@ struct Decided<'a> {
 impl EventIngress {
     pub fn new(
         pool: PgPool,
-        js: async_nats::jetstream::Context,
+        fires: FireBatcher,
         registry: Registry,
         max_event_bytes: usize,
         bytes_in_flight: usize,
     ) -> Self {
         Self {
             pool,
-            js,
+            fires,
             registry,
             max_event_bytes,
             in_flight: ByteBudget::new(bytes_in_flight),
@@ -179,7 +181,7 @@ impl EventIngress {
                 dst_note: None,
                 overlap: taskfactory_proto::v1::OverlapPolicy::OverlapUnspecified,
             };
-            match fire::fire(&self.pool, &self.js, request, None).await {
+            match fire::fire_batched(&self.fires, request, None).await {
                 Ok(fired) => {
                     metrics::count_events(if fired.duplicate { "deduped" } else { "fired" })
                 }

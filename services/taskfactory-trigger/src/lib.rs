@@ -277,9 +277,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         work_shutdown.clone(),
         lead,
     ));
-    let ingress = Arc::new(events::EventIngress::new(
+    // Events' fires have a batcher of their own: a scheduled fire's fence refused (a deposed
+    // leader) must never take an event's fire with it.
+    let event_fires = fire::FireBatcher::start(
         pool.clone(),
         js.clone(),
+        taskfactory_runtime::clock::ClockHandle::system(),
+        &tracker,
+    );
+    let ingress = Arc::new(events::EventIngress::new(
+        pool.clone(),
+        event_fires,
         registry.clone(),
         config.max_event_bytes,
         config.event_bytes_in_flight,

@@ -617,16 +617,24 @@ pub async fn record_fires(
         check_fence(&mut tx, term).await?;
     }
     let inserted = insert_fires(&mut tx, writes.iter().map(|w| w.fire)).await?;
+    // Per write, whether it is the one that recorded its fire: of two writes of one key in this
+    // batch (two events with one dedupe key), the first; the other is a duplicate.
+    let mut claimed = std::collections::HashSet::new();
+    let new: Vec<bool> = writes
+        .iter()
+        .map(|w| inserted.contains(&w.fire.id.0) && claimed.insert(w.fire.id.0))
+        .collect();
     // Judged once the fence is held and the rows are written, just before the commit: the wait
     // for the pool, the connection and the fence (a deposed leader's fire in progress) counts. A
     // late new fire is taken out again (nobody else has seen it); one recorded before is a
     // duplicate, whenever it comes.
     let late: Vec<Option<StoreError>> = writes
         .iter()
-        .map(|w| {
+        .zip(&new)
+        .map(|(w, &new)| {
             let write = w.schedule?;
             let (late_after, clock) = write.late_after?;
-            (inserted.contains(&w.fire.id.0) && clock.now() > late_after).then(|| {
+            (new && clock.now() > late_after).then(|| {
                 StoreError::Late {
                     scheduled_for: w.fire.scheduled_for.unwrap_or(write.watermark),
                     late_after,
@@ -646,19 +654,19 @@ pub async fn record_fires(
             .execute(&mut *tx)
             .await?;
     }
-    let written: Vec<&FireWrite<'_>> = writes
+    let written: Vec<(&FireWrite<'_>, bool)> = writes
         .iter()
+        .zip(&new)
         .zip(&late)
         .filter(|(_, late)| late.is_none())
-        .map(|(w, _)| w)
+        .map(|((w, &new), _)| (w, new))
         .collect();
     let mut watermarks = Vec::new();
-    for write in &written {
+    for &(write, new) in &written {
         let Some(schedule) = write.schedule else {
             continue;
         };
         let fire = write.fire;
-        let new = inserted.contains(&fire.id.0);
         insert_decisions(&mut tx, schedule.decisions).await?;
         if !new && let Some(at) = fire.scheduled_for {
             let (source,): (String,) = sqlx::query_as(
@@ -686,12 +694,12 @@ pub async fn record_fires(
     }
     advance_watermarks(&mut tx, &watermarks).await?;
     tx.commit().await?;
-    Ok(writes
-        .iter()
+    Ok(new
+        .into_iter()
         .zip(late)
-        .map(|(w, late)| match late {
+        .map(|(new, late)| match late {
             Some(late) => Err(late),
-            None => Ok(inserted.contains(&w.fire.id.0)),
+            None => Ok(new),
         })
         .collect())
 }

@@ -1,7 +1,8 @@
 //! Recording results: the attempt history, the task's state and the run's counters. What each
-//! result does is decided by [`taskfactory_model::results::judge`], the one rule for all three
-//! ways in (a running report, a result alone, a batch of one run's results); this module only
-//! reads the task, asks, and writes what the answer says.
+//! result does is decided by [`taskfactory_model::results::judge`], the one rule; this module
+//! only reads the tasks, asks, and writes what the answers say, in one code path
+//! ([`record_results`]) for a batch of any runs' results and running reports, a single one being
+//! a batch of one.
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row};
@@ -131,70 +132,6 @@ fn int(value: u32) -> i32 {
     i32::try_from(value).unwrap_or(i32::MAX)
 }
 
-/// An attempt its executor reports still running: the task shows `RUNNING` (with the attempt's
-/// number) when [`results::judge`] says so, and the report joins the attempt history unless it is
-/// refused. One row lock, no run lock: the run's counters do not change.
-pub async fn record_running(pool: &PgPool, result: &ResultRecord) -> Result<Recorded, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let task: Option<TaskRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {TASK_ROW} FROM tasks WHERE id = $1 FOR UPDATE"
-    )))
-    .bind(result.task_id.0)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some(task) = task else {
-        tx.rollback().await?;
-        return Ok(Recorded::UnknownTask);
-    };
-    let verdict = results::judge(&task.facts(), task.state(), &result.report());
-    if let Verdict::Refused(refusal) = verdict {
-        tx.rollback().await?;
-        return Ok(Recorded::Refused(refusal));
-    }
-    if let Verdict::Recorded(Some(change)) = verdict {
-        sqlx::query("UPDATE tasks SET status = $2, attempts = $3 WHERE id = $1")
-            .bind(task.id)
-            .bind(status::task_status_db(change.status))
-            .bind(int(change.attempts))
-            .execute(&mut *tx)
-            .await?;
-    }
-    let history = if result.execution.is_empty() || !task.may_have_started() {
-        Vec::new()
-    } else {
-        attempt_history(&mut tx, &[task.id])
-            .await?
-            .into_iter()
-            .map(|(_, seen)| seen)
-            .collect()
-    };
-    let repeated = results::repeated_start(
-        &history,
-        result.attempt,
-        &result.execution,
-        count(task.attempt_base),
-        task.state().status,
-    );
-    let inserted = sqlx::query(
-        "INSERT INTO task_attempts (task_id, attempt, status, executor, started_at, execution) \
-         VALUES ($1, $2, 'RUNNING', $3, $4, $5) ON CONFLICT DO NOTHING",
-    )
-    .bind(result.task_id.0)
-    .bind(int(result.attempt))
-    .bind(&result.executor)
-    .bind(result.started_at)
-    .bind(&result.execution)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    tx.commit().await?;
-    if repeated && inserted > 0 {
-        count_repeated(result, &task.task_type);
-    }
-    // A running report never finishes anything, whatever the task's state.
-    Ok(Recorded::Applied(None))
-}
-
 /// The attempt history of `tasks` that tells repeated starts ([`results::repeated_start`]).
 async fn attempt_history(
     tx: &mut sqlx::PgConnection,
@@ -225,111 +162,11 @@ fn count_repeated(result: &ResultRecord, task_type: &str) {
     metrics::count_repeated_execution(task_type);
 }
 
-/// Records a result: the attempt row, the task's state as [`results::judge`] decides, and the
-/// run's counters and completion, in one transaction. [`record_results`] does the same for
-/// several at once; this one, for a result that comes alone, keeps to single-row statements with
-/// cached plans (the array statements are planned on each use).
+/// Records one result or running report: [`record_results`] with a batch of one (one
+/// implementation of the rules for every way in).
 pub async fn record_result(pool: &PgPool, result: &ResultRecord) -> Result<Recorded, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    // Lock order, everywhere: the run, then its tasks (a cancel takes them in that order too).
-    let run: Option<(Uuid,)> = sqlx::query_as("SELECT run_id FROM tasks WHERE id = $1")
-        .bind(result.task_id.0)
-        .fetch_optional(&mut *tx)
-        .await?;
-    if let Some((run,)) = run {
-        sqlx::query("SELECT 1 FROM runs WHERE id = $1 FOR UPDATE")
-            .bind(run)
-            .execute(&mut *tx)
-            .await?;
-    }
-    let task: Option<TaskRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {TASK_ROW} FROM tasks WHERE id = $1 FOR UPDATE"
-    )))
-    .bind(result.task_id.0)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some(task) = task else {
-        tx.rollback().await?;
-        return Ok(Recorded::UnknownTask);
-    };
-    let change = match results::judge(&task.facts(), task.state(), &result.report()) {
-        Verdict::Refused(refusal) => {
-            tx.rollback().await?;
-            return Ok(Recorded::Refused(refusal));
-        }
-        Verdict::TaskFinal => {
-            insert_attempt(&mut tx, result).await?;
-            tx.commit().await?;
-            return Ok(Recorded::AlreadyFinal);
-        }
-        Verdict::Recorded(None) => {
-            insert_attempt(&mut tx, result).await?;
-            tx.commit().await?;
-            return Ok(Recorded::Applied(None));
-        }
-        Verdict::Recorded(Some(change)) => change,
-    };
-    insert_attempt(&mut tx, result).await?;
-    sqlx::query(
-        "UPDATE tasks SET status = $2, attempts = $3, \
-             last_error = CASE WHEN $4 THEN $5 ELSE last_error END, \
-             output = CASE WHEN $4 THEN COALESCE($6, output) ELSE output END, \
-             finished_at = CASE WHEN $7 THEN COALESCE($8, now()) ELSE finished_at END \
-         WHERE id = $1",
-    )
-    .bind(task.id)
-    .bind(status::task_status_db(change.status))
-    .bind(int(change.attempts))
-    .bind(change.takes_result)
-    .bind(&result.error)
-    .bind(&result.output)
-    .bind(change.finishes)
-    .bind(result.finished_at)
-    .execute(&mut *tx)
-    .await?;
-    let mut completed = None;
-    let mut run_finished = None;
-    if change.finishes {
-        let succeeded = change.status == TaskStatus::Succeeded;
-        let row = count_finished_tasks(
-            &mut tx,
-            task.run_id,
-            i32::from(succeeded),
-            i32::from(!succeeded),
-        )
-        .await?;
-        completed = completed_from_row(&row)?;
-        run_finished = run_finished_now(&row)?;
-    }
-    tx.commit().await?;
-    if change.finishes {
-        metrics::record_tasks_finished(&task.task_type, status::task_outcome(change.status), 1);
-    }
-    if let Some((activity, status)) = run_finished {
-        record_run_finished(&activity, status);
-    }
-    Ok(Recorded::Applied(completed))
-}
-
-async fn insert_attempt(
-    tx: &mut sqlx::PgConnection,
-    result: &ResultRecord,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO task_attempts (task_id, attempt, status, error, output, executor, started_at, finished_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING",
-    )
-    .bind(result.task_id.0)
-    .bind(int(result.attempt))
-    .bind(status::task_status_db(result.status))
-    .bind(&result.error)
-    .bind(&result.output)
-    .bind(&result.executor)
-    .bind(result.started_at)
-    .bind(result.finished_at)
-    .execute(tx)
-    .await?;
-    Ok(())
+    let mut recorded = record_results(pool, std::slice::from_ref(result)).await?;
+    Ok(recorded.pop().unwrap_or(Recorded::UnknownTask))
 }
 
 /// A task as a batch of results found it, and what the batch makes of it.
@@ -345,8 +182,8 @@ struct TaskInBatch {
     finished_at: Option<DateTime<Utc>>,
 }
 
-/// Records results and running reports, in order, in one transaction, with the same outcome as
-/// recording them one by one: the same [`results::judge`] applied to each in turn, in memory. One
+/// Records results and running reports of any runs, in order, in one transaction, with the same
+/// outcome as recording them one by one: the same [`results::judge`] applied to each in turn, in memory. One
 /// lock of each run (taken in id order, before its tasks, as everywhere), one statement for the
 /// attempts, one for the tasks and one per run, however many results: a fan-out's results cost
 /// one commit, not one each. Returns what happened to each result, in order; a run finished by
