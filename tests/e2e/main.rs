@@ -9,6 +9,7 @@ mod context;
 mod depth;
 mod event_limits;
 mod events;
+mod group_commit;
 mod examples;
 mod execution;
 mod external_executor;

@@ -262,7 +262,7 @@ async fn a_malformed_event_published_with_an_expected_stream_is_dead_lettered_on
 
 /// How many deliveries the durable consumer (whose filter takes the whole stream) made beyond
 /// one per message it has delivered.
-async fn redelivered(js: &jetstream::Context, stream: &str, durable: &str) -> anyhow::Result<u64> {
+pub(crate) async fn redelivered(js: &jetstream::Context, stream: &str, durable: &str) -> anyhow::Result<u64> {
     let mut consumer: jetstream::consumer::PullConsumer = js
         .get_stream(stream)
         .await?
@@ -508,7 +508,7 @@ async fn a_fire_recorded_twice_at_once_is_a_duplicate_not_an_error() -> anyhow::
 /// storable before it is written (NUL characters replaced, long keys digested), so no input
 /// known today makes Postgres refuse a result or a fire; this stands in for the next one (a
 /// limit, a new column) and proves what happens then.
-async fn refuse(env: &TestEnv, table: &str, check: &str) -> anyhow::Result<()> {
+pub(crate) async fn refuse(env: &TestEnv, table: &str, check: &str) -> anyhow::Result<()> {
     let pool = env.db.pool().await?;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "ALTER TABLE {table} ADD CONSTRAINT refused_by_the_test CHECK ({check})"

@@ -137,6 +137,7 @@ pub async fn dead_letter(
 
 /// A dead letter: the stream and sequence of the message it copies, and the error it was refused
 /// with.
+#[derive(Debug)]
 pub struct Letter {
     pub stream: String,
     pub sequence: u64,

@@ -88,6 +88,11 @@ impl Handler for DeadTasks {
                 taskfactory_runtime::metrics::record_refused("dead_task", "unstorable");
                 Ok(())
             }
+            Err(ResultError::UnknownTask(task)) => {
+                tracing::warn!(task.id = %task, "a dead-lettered task that does not exist; not recorded");
+                taskfactory_runtime::metrics::record_refused("dead_task", "unknown_task");
+                Ok(())
+            }
             Err(ResultError::Undecodable(error)) => {
                 tracing::warn!(%error, "a dead-lettered task that names no task; not recorded");
                 taskfactory_runtime::metrics::record_refused("dead_task", "not_a_task");

@@ -6,7 +6,8 @@
 //! ([`taskfactory_model::results::judge`]): a result for a human task (only `CompleteTask`
 //! completes one), one naming another task type, run or activity, or an attempt its series never
 //! handed out is refused — dead-lettered once to `dlq.results` with the reason, logged, counted
-//! (`taskfactory_refused_messages_total{kind="result"}`), and nothing about the task changes.
+//! (`taskfactory_refused_messages_total{kind="result"}`), and nothing about the task changes. So
+//! is a result for a task that does not exist (`unknown_task`).
 //!
 //! A result the database refuses for its data is dead-lettered as it was sent, and its task takes
 //! the attempt all the same, with an error naming the refusal
@@ -221,6 +222,10 @@ pub enum ResultError {
     /// Not a result at all: dead-lettered.
     #[error("{0}")]
     Undecodable(String),
+    /// No such task (nothing this system made, or made and since deleted): dead-lettered once
+    /// and counted, like a refusal.
+    #[error("result for task {0} refused: no such task")]
+    UnknownTask(TaskId),
     /// Refused by its task ([`taskfactory_model::results::judge`]): dead-lettered and counted.
     #[error("result for task {task} refused: {refusal}")]
     Refused { task: TaskId, refusal: Refusal },
@@ -239,6 +244,9 @@ impl Unfinished for ResultError {
             ResultError::Undecodable(_) => Then::DeadLetter { refused: None },
             ResultError::Refused { refusal, .. } => Then::DeadLetter {
                 refused: Some(refusal.reason()),
+            },
+            ResultError::UnknownTask(_) => Then::DeadLetter {
+                refused: Some("unknown_task"),
             },
             ResultError::Unstorable(_) => Then::DeadLetter {
                 refused: Some("unstorable"),
@@ -345,10 +353,7 @@ impl ResultSink {
         recorded: Recorded,
     ) -> Result<(), ResultError> {
         match recorded {
-            Recorded::UnknownTask => {
-                tracing::warn!(task.id = %task_id, "result for an unknown task ignored");
-                Ok(())
-            }
+            Recorded::UnknownTask => Err(ResultError::UnknownTask(task_id)),
             Recorded::Refused(refusal) => Err(ResultError::Refused {
                 task: task_id,
                 refusal,

@@ -477,7 +477,9 @@ impl Spawner {
     /// announces it).
     pub async fn run_finished(&self, run: &store::CompletedRun) -> Result<(), SpawnError> {
         completion::announce(&self.marks, &self.js, run).await?;
-        self.start_next_or_leave(run.activity_id).await;
+        if run.waiting_behind {
+            self.start_next_or_leave(run.activity_id).await;
+        }
         Ok(())
     }
 

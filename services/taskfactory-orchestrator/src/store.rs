@@ -834,6 +834,10 @@ pub struct CompletedRun {
     pub tasks_succeeded: u32,
     pub tasks_failed: u32,
     pub finished_at: Option<DateTime<Utc>>,
+    /// Whether runs of its activity wait behind another, as the transaction that found it
+    /// finished saw under the activity's overlap lock (true when not known): only then is there
+    /// a next run to start.
+    pub waiting_behind: bool,
 }
 
 /// Runs that finished before `before` and were never announced (the announcing orchestrator died
@@ -892,6 +896,7 @@ pub(crate) fn completed_from_row(
         tasks_succeeded: count("tasks_succeeded")?,
         tasks_failed: count("tasks_failed")?,
         finished_at: row.try_get("finished_at")?,
+        waiting_behind: true,
     }))
 }
 

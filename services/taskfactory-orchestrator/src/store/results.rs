@@ -204,14 +204,23 @@ pub async fn record_results(
     // The statements over arrays are planned on each use (`persistent(false)`): a plan cached
     // while the tables were nearly empty scans them whole once they are not (measured: a
     // sequential scan of `tasks` per batch). Two index lookups here, not one join.
-    let mut run_ids: Vec<(Uuid,)> = sqlx::query_as("SELECT run_id FROM tasks WHERE id = ANY($1)")
-        .persistent(false)
-        .bind(&task_ids)
-        .fetch_all(&mut *tx)
-        .await?;
+    let owners: Vec<(Uuid, Uuid)> =
+        sqlx::query_as("SELECT DISTINCT run_id, activity_id FROM tasks WHERE id = ANY($1)")
+            .persistent(false)
+            .bind(&task_ids)
+            .fetch_all(&mut *tx)
+            .await?;
+    let mut run_ids: Vec<Uuid> = owners.iter().map(|(run, _)| *run).collect();
     run_ids.sort_unstable();
     run_ids.dedup();
-    let run_ids: Vec<Uuid> = run_ids.into_iter().map(|(id,)| id).collect();
+    let mut activities: Vec<Uuid> = owners.iter().map(|(_, activity)| *activity).collect();
+    activities.sort_unstable();
+    activities.dedup();
+    // The activities' overlap locks, shared (results never wait on one another for them), before
+    // any run: an admission or a promotion (which holds one exclusively) either committed before
+    // this batch, or waits for it and then sees its runs finished. So when a run finishes here,
+    // whether runs wait behind it is known exactly below, without a locked look per run.
+    lock_activities_shared(&mut tx, &activities).await?;
     sqlx::query("SELECT 1 FROM runs WHERE id = ANY($1) ORDER BY id FOR UPDATE")
         .persistent(false)
         .bind(&run_ids)
@@ -353,11 +362,28 @@ pub async fn record_results(
     update_tasks(&mut tx, &changed).await?;
 
     let mut runs_finished = Vec::new();
+    let mut completed = Vec::new();
     for (run_id, (succeeded, failed, last)) in runs {
         let row = count_finished_tasks(&mut tx, run_id, succeeded, failed).await?;
-        recorded[last] = Recorded::Applied(completed_from_row(&row)?);
+        if let Some(run) = completed_from_row(&row)? {
+            completed.push((last, run));
+        }
         if let Some(finished) = run_finished_now(&row)? {
             runs_finished.push(finished);
+        }
+    }
+    if !completed.is_empty() {
+        let waiting = activities_with_waiting_runs(
+            &mut tx,
+            &completed
+                .iter()
+                .map(|(_, run)| run.activity_id.0)
+                .collect::<Vec<_>>(),
+        )
+        .await?;
+        for (last, mut run) in completed {
+            run.waiting_behind = waiting.contains(&run.activity_id.0);
+            recorded[last] = Recorded::Applied(Some(run));
         }
     }
     tx.commit().await?;
@@ -371,6 +397,39 @@ pub async fn record_results(
         record_run_finished(&activity, status);
     }
     Ok(recorded)
+}
+
+/// Takes the overlap locks of `activities` (sorted), shared, for the transaction.
+async fn lock_activities_shared(
+    tx: &mut sqlx::PgConnection,
+    activities: &[Uuid],
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "SELECT count(pg_advisory_xact_lock_shared( \
+             hashtextextended('taskfactory-overlap:' || a::text, 0))) \
+         FROM (SELECT a FROM unnest($1::uuid[]) AS a ORDER BY a) sorted",
+    )
+    .persistent(false)
+    .bind(activities)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+/// Which of `activities` have runs waiting behind another (under their overlap locks).
+async fn activities_with_waiting_runs(
+    tx: &mut sqlx::PgConnection,
+    activities: &[Uuid],
+) -> Result<std::collections::HashSet<Uuid>, sqlx::Error> {
+    let rows: Vec<(Uuid,)> = sqlx::query_as(
+        "SELECT DISTINCT activity_id FROM runs \
+         WHERE activity_id = ANY($1) AND waiting AND status = 'PENDING'",
+    )
+    .persistent(false)
+    .bind(activities)
+    .fetch_all(tx)
+    .await?;
+    Ok(rows.into_iter().map(|(id,)| id).collect())
 }
 
 /// The attempt rows of a batch, in one statement.

@@ -1,0 +1,304 @@
+//! Group commit (issue 13): fires, runs, results and marks of many messages are written together,
+//! and that changes none of the guarantees. A bad item in a batch is that item's alone (the
+//! good ones commit, each bad one is dead-lettered once); a finished run of an activity that
+//! buffers nothing takes no lock and no transaction of its own; a service killed in the middle
+//! of a burst loses nothing and runs nothing twice.
+
+use std::time::Duration;
+
+use sqlx::Connection as _;
+
+use futures::future::join_all;
+use prost::Message as _;
+use serde_json::json;
+use taskfactory_model::subjects;
+use taskfactory_model::values::json_to_value;
+use taskfactory_proto::v1::{TaskResult, TaskStatus, TriggerEvent, TriggerSource};
+use taskfactory_tests::{EnvOptions, Service, TestEnv, wait_for};
+
+use crate::poison::{redelivered, refuse};
+use crate::support::{create, dead_letters, publish, publish_event, settled};
+
+/// Runs of the database by status.
+async fn runs_by_status(pool: &sqlx::PgPool) -> anyhow::Result<Vec<(String, i64)>> {
+    Ok(sqlx::query_as(
+        "SELECT status, count(*) FROM runs GROUP BY status ORDER BY status",
+    )
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Good events, events whose fire the database refuses, forged triggers and results for tasks
+/// that do not exist, all published at once so that each batch of each stage mixes them: every
+/// good one makes its run, and each bad one is dead-lettered once and delivered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_mixing_good_and_bad_messages_commits_the_good_and_dead_letters_each_bad_one_once()
+-> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions {
+        max_deliveries: 2,
+        ..EnvOptions::default()
+    })
+    .await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    create(
+        &mut admin,
+        "name: mixed\ntrigger: {event: {subject: 'events.mixed.*', dedupeKey: '{{ event.key }}'}}\ntasks: [{name: t, type: noop}]\n",
+    )
+    .await?;
+    refuse(&env, "fires", "dedupe_key NOT LIKE 'refused-%'").await?;
+    let good = 80;
+    let bad = 4;
+    let mut sends = Vec::new();
+    for n in 0..good {
+        let events = js.clone();
+        sends.push(tokio::spawn(async move {
+            let js = events;
+            let body = serde_json::to_vec(&json!({ "key": format!("good-{n}") }))?;
+            publish_event(&js, "events.mixed.x", body, Some(&format!("good-{n}"))).await?;
+            anyhow::Ok(())
+        }));
+        if n % (good / bad) != 0 {
+            continue;
+        }
+        let k = n / (good / bad);
+        let js = js.clone();
+        sends.push(tokio::spawn(async move {
+            let body = serde_json::to_vec(&json!({ "key": format!("refused-{k}") }))?;
+            publish_event(&js, "events.mixed.x", body, Some(&format!("refused-{k}"))).await?;
+            let forged = TriggerEvent {
+                event_id: uuid::Uuid::new_v4().to_string(),
+                activity_id: uuid::Uuid::new_v4().to_string(),
+                activity_version: 1,
+                source: TriggerSource::Manual as i32,
+                dedupe_key: format!("forged-{k}"),
+                payload: Some(json_to_value(&json!({}))),
+                activity_name: "ghost".to_owned(),
+                ..Default::default()
+            };
+            publish(
+                &js,
+                "triggers.ghost".to_owned(),
+                &format!("forged-{k}"),
+                forged.encode_to_vec(),
+            )
+            .await?;
+            let result = TaskResult {
+                task_id: uuid::Uuid::new_v4().to_string(),
+                run_id: uuid::Uuid::new_v4().to_string(),
+                activity_id: uuid::Uuid::new_v4().to_string(),
+                r#type: "noop".to_owned(),
+                attempt: 1,
+                status: TaskStatus::Succeeded as i32,
+                executor: "nobody".to_owned(),
+                ..Default::default()
+            };
+            publish(
+                &js,
+                format!("results.mixed.{}", result.run_id),
+                &format!("unknown-{k}"),
+                result.encode_to_vec(),
+            )
+            .await?;
+            anyhow::Ok(())
+        }));
+    }
+    for sent in join_all(sends).await {
+        sent??;
+    }
+    let pool = env.db.pool().await?;
+    wait_for("every good run", Duration::from_secs(60), || async {
+        let runs = runs_by_status(&pool).await?;
+        Ok((runs == [("SUCCEEDED".to_owned(), good as i64)]).then_some(()))
+    })
+    .await?;
+    for (subject, stream, durable) in [
+        (
+            subjects::EVENTS_DLQ_SUBJECT,
+            subjects::EVENTS_STREAM,
+            subjects::TRIGGER_EVENTS_CONSUMER,
+        ),
+        (
+            subjects::TRIGGERS_DLQ_SUBJECT,
+            subjects::TRIGGERS_STREAM,
+            subjects::ORCHESTRATOR_TRIGGERS_CONSUMER,
+        ),
+        (
+            subjects::RESULTS_DLQ_SUBJECT,
+            subjects::RESULTS_STREAM,
+            subjects::ORCHESTRATOR_RESULTS_CONSUMER,
+        ),
+    ] {
+        settled(&js, stream, durable).await?;
+        let letters = wait_for(subject, Duration::from_secs(20), || async {
+            let letters = dead_letters(&js, subject).await?;
+            Ok((letters.len() >= bad).then_some(letters))
+        })
+        .await?;
+        assert_eq!(letters.len(), bad, "each dead-lettered once: {letters:?}");
+        assert_eq!(
+            redelivered(&js, stream, durable).await?,
+            0,
+            "nothing on {stream} was delivered again"
+        );
+    }
+    let fires: i64 = sqlx::query_scalar("SELECT count(*) FROM fires")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(fires, good as i64, "the good events fired, and only they");
+    let unknown = dead_letters(&js, subjects::RESULTS_DLQ_SUBJECT).await?;
+    assert!(
+        unknown.iter().all(|l| l.error.contains("no such task")),
+        "{unknown:?}"
+    );
+    Ok(())
+}
+
+/// Each finished run looked, in a transaction of its own under its activity's lock, for a
+/// buffered run to start, and rolled it back when there was none: one rollback per run, and every
+/// run of an activity queued on one lock. Now the transaction that finishes a run knows whether
+/// any wait behind it; a run of an activity that buffers nothing ends without either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_run_with_nothing_waiting_behind_it_finishes_without_a_transaction_of_its_own()
+-> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    create(
+        &mut admin,
+        "name: plain\ntrigger: {event: {subject: 'events.plain.*'}}\ntasks: [{name: t, type: noop}]\n",
+    )
+    .await?;
+    let runs = 30;
+    for n in 0..runs {
+        publish_event(&js, "events.plain.x", b"{}".to_vec(), Some(&format!("e-{n}"))).await?;
+    }
+    let pool = env.db.pool().await?;
+    wait_for("the runs", Duration::from_secs(60), || async {
+        let finished = runs_by_status(&pool).await?;
+        Ok((finished == [("SUCCEEDED".to_owned(), runs)]).then_some(()))
+    })
+    .await?;
+    pool.close().await;
+    // The services' connections report their statistics when they close.
+    for service in services {
+        service.stop().await?;
+    }
+    let mut connection = sqlx::PgConnection::connect(&env.db.url()).await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let rollbacks = loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        sqlx::query("SELECT pg_stat_clear_snapshot()")
+            .execute(&mut connection)
+            .await?;
+        let (rollbacks, others): (i64, i64) = sqlx::query_as(
+            "SELECT xact_rollback, (SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()) \
+             FROM pg_stat_database WHERE datname = current_database()",
+        )
+        .fetch_one(&mut connection)
+        .await?;
+        if others == 0 {
+            break rollbacks;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the services' connections did not close"
+        );
+    };
+    assert!(
+        rollbacks < runs / 3,
+        "{rollbacks} transactions rolled back for {runs} runs"
+    );
+    Ok(())
+}
+
+/// The trigger, the orchestrator and the executor, each killed (SIGKILL) once in the middle of
+/// a burst and started again: every event makes exactly one run, every task ends `SUCCEEDED`, and
+/// no task has two final attempts, counted in Postgres.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_service_killed_mid_burst_loses_no_run_and_runs_no_task_twice() -> anyhow::Result<()>
+{
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let all = [Service::Trigger, Service::Orchestrator, Service::Executor];
+    let mut running = Vec::new();
+    for service in all {
+        running.push(Some(env.spawn_process(service, &[])?));
+    }
+    env.wait_ready(&all).await?;
+    let mut admin = env.admin().await?;
+    create(
+        &mut admin,
+        "name: burst\ntrigger: {event: {subject: 'events.burst.*'}}\ntasks: [{name: t, type: noop, forEach: 'range(3)', params: {i: '{{ item }}'}}]\n",
+    )
+    .await?;
+    drop(admin);
+    let js = env.js().await?;
+    let events: i64 = 600;
+    let publisher = {
+        let js = js.clone();
+        tokio::spawn(async move {
+            for n in 0..events {
+                publish_event(&js, "events.burst.x", b"{}".to_vec(), Some(&format!("b-{n}")))
+                    .await?;
+                if n % 50 == 0 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            anyhow::Ok(())
+        })
+    };
+    let pool = env.db.pool().await?;
+    let count = |sql: &'static str| {
+        let pool = pool.clone();
+        async move { anyhow::Ok(sqlx::query_scalar::<_, i64>(sql).fetch_one(&pool).await?) }
+    };
+    // Each service in turn, once the burst has reached it.
+    for (index, (service, sql, at)) in [
+        (Service::Trigger, "SELECT count(*) FROM fires", events / 6),
+        (Service::Orchestrator, "SELECT count(*) FROM runs", events / 3),
+        (
+            Service::Executor,
+            "SELECT count(*) FROM tasks WHERE status = 'SUCCEEDED'",
+            events,
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        wait_for(&format!("{sql} ≥ {at}"), Duration::from_secs(120), || {
+            let count = count(sql);
+            async move { Ok((count.await? >= at).then_some(())) }
+        })
+        .await?;
+        if let Some(process) = running[index].take() {
+            process.kill();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        running[index] = Some(env.spawn_process(service, &[])?);
+        env.wait_ready(&[service]).await?;
+    }
+    publisher.await??;
+    wait_for("every run finished", Duration::from_secs(180), || async {
+        let runs = runs_by_status(&pool).await?;
+        Ok((runs == [("SUCCEEDED".to_owned(), events)]).then_some(()))
+    })
+    .await?;
+    assert_eq!(count("SELECT count(*) FROM fires").await?, events);
+    assert_eq!(
+        count("SELECT count(*) FROM tasks WHERE status = 'SUCCEEDED'").await?,
+        events * 3
+    );
+    assert_eq!(
+        count(
+            "SELECT count(*) FROM (SELECT task_id FROM task_attempts WHERE status <> 'RUNNING' \
+             GROUP BY task_id HAVING count(*) > 1) twice"
+        )
+        .await?,
+        0,
+        "a task ended twice"
+    );
+    Ok(())
+}
