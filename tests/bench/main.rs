@@ -528,7 +528,11 @@ impl CpuProbe {
                 .unwrap_or(0.0),
             postgres: cpu_by_pid(postgres_pids, self.ticks),
             services: cpu_by_pid(
-                &self.services.iter().map(|(_, pid)| *pid).collect::<Vec<_>>(),
+                &self
+                    .services
+                    .iter()
+                    .map(|(_, pid)| *pid)
+                    .collect::<Vec<_>>(),
                 self.ticks,
             ),
         }
@@ -643,6 +647,7 @@ async fn baseline_phase(env: &TestEnv, args: &Args) -> anyhow::Result<Phase> {
             durable: "bench-relay".to_owned(),
             filter_subject: "bench.in.>".to_owned(),
             concurrency: args.baseline_in_concurrency,
+            bytes_in_hand: 0,
             ack_wait: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(5),
             max_deliveries: 20,
@@ -664,6 +669,7 @@ async fn baseline_phase(env: &TestEnv, args: &Args) -> anyhow::Result<Phase> {
             durable: "bench-sink".to_owned(),
             filter_subject: "bench.out.>".to_owned(),
             concurrency: args.baseline_out_concurrency,
+            bytes_in_hand: 0,
             ack_wait: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(5),
             max_deliveries: 20,

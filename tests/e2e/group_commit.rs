@@ -21,11 +21,11 @@ use crate::support::{create, dead_letters, publish, publish_event, settled};
 
 /// Runs of the database by status.
 async fn runs_by_status(pool: &sqlx::PgPool) -> anyhow::Result<Vec<(String, i64)>> {
-    Ok(sqlx::query_as(
-        "SELECT status, count(*) FROM runs GROUP BY status ORDER BY status",
+    Ok(
+        sqlx::query_as("SELECT status, count(*) FROM runs GROUP BY status ORDER BY status")
+            .fetch_all(pool)
+            .await?,
     )
-    .fetch_all(pool)
-    .await?)
 }
 
 /// Good events, events whose fire the database refuses, forged triggers and results for tasks
@@ -173,7 +173,13 @@ async fn a_run_with_nothing_waiting_behind_it_finishes_without_a_transaction_of_
     .await?;
     let runs = 30;
     for n in 0..runs {
-        publish_event(&js, "events.plain.x", b"{}".to_vec(), Some(&format!("e-{n}"))).await?;
+        publish_event(
+            &js,
+            "events.plain.x",
+            b"{}".to_vec(),
+            Some(&format!("e-{n}")),
+        )
+        .await?;
     }
     let pool = env.db.pool().await?;
     wait_for("the runs", Duration::from_secs(60), || async {
@@ -219,8 +225,7 @@ async fn a_run_with_nothing_waiting_behind_it_finishes_without_a_transaction_of_
 /// a burst and started again: every event makes exactly one run, every task ends `SUCCEEDED`, and
 /// no task has two final attempts, counted in Postgres.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn each_service_killed_mid_burst_loses_no_run_and_runs_no_task_twice() -> anyhow::Result<()>
-{
+async fn each_service_killed_mid_burst_loses_no_run_and_runs_no_task_twice() -> anyhow::Result<()> {
     let env = TestEnv::new(EnvOptions::default()).await?;
     let all = [Service::Trigger, Service::Orchestrator, Service::Executor];
     let mut running = Vec::new();
@@ -241,8 +246,13 @@ async fn each_service_killed_mid_burst_loses_no_run_and_runs_no_task_twice() -> 
         let js = js.clone();
         tokio::spawn(async move {
             for n in 0..events {
-                publish_event(&js, "events.burst.x", b"{}".to_vec(), Some(&format!("b-{n}")))
-                    .await?;
+                publish_event(
+                    &js,
+                    "events.burst.x",
+                    b"{}".to_vec(),
+                    Some(&format!("b-{n}")),
+                )
+                .await?;
                 if n % 50 == 0 {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
@@ -258,7 +268,11 @@ async fn each_service_killed_mid_burst_loses_no_run_and_runs_no_task_twice() -> 
     // Each service in turn, once the burst has reached it.
     for (index, (service, sql, at)) in [
         (Service::Trigger, "SELECT count(*) FROM fires", events / 6),
-        (Service::Orchestrator, "SELECT count(*) FROM runs", events / 3),
+        (
+            Service::Orchestrator,
+            "SELECT count(*) FROM runs",
+            events / 3,
+        ),
         (
             Service::Executor,
             "SELECT count(*) FROM tasks WHERE status = 'SUCCEEDED'",
@@ -299,6 +313,135 @@ async fn each_service_killed_mid_burst_loses_no_run_and_runs_no_task_twice() -> 
         .await?,
         0,
         "a task ended twice"
+    );
+    Ok(())
+}
+
+/// Counts what a handler has in hand: the most bytes at once while several messages were, the
+/// most messages at once, and each message it took.
+struct Holding {
+    now: std::sync::Mutex<(usize, usize)>,
+    most_of_several: std::sync::atomic::AtomicUsize,
+    most_messages: std::sync::atomic::AtomicUsize,
+    taken: std::sync::Mutex<Vec<String>>,
+}
+
+/// Never returned.
+#[derive(Debug)]
+struct Never;
+
+impl std::fmt::Display for Never {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("never")
+    }
+}
+
+impl taskfactory_runtime::messaging::Unfinished for Never {
+    fn then(&self) -> taskfactory_runtime::messaging::Then {
+        taskfactory_runtime::messaging::Then::Backoff
+    }
+}
+
+impl taskfactory_runtime::messaging::Handler for Holding {
+    type Error = Never;
+
+    async fn handle(&self, message: &async_nats::jetstream::Message) -> Result<(), Never> {
+        use std::sync::atomic::Ordering;
+        let bytes = message.payload.len();
+        {
+            let mut now = self.now.lock().unwrap();
+            now.0 += bytes;
+            now.1 += 1;
+            if now.1 > 1 {
+                self.most_of_several.fetch_max(now.0, Ordering::SeqCst);
+            }
+            self.most_messages.fetch_max(now.1, Ordering::SeqCst);
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        {
+            let mut now = self.now.lock().unwrap();
+            now.0 -= bytes;
+            now.1 -= 1;
+        }
+        self.taken.lock().unwrap().push(message.subject.to_string());
+        Ok(())
+    }
+}
+
+/// With many handler slots (so that many small messages are in hand together, and their writes
+/// batch), a consumer still holds no more message bytes than its bound: each pull asks for the
+/// room left. One message larger than the bound is taken alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_consumer_holds_no_more_message_bytes_than_its_bound_however_many_slots_it_has()
+-> anyhow::Result<()> {
+    use std::sync::Arc;
+    use taskfactory_runtime::messaging::{self, ConsumerSpec};
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let js = env.nats_client().await.map(async_nats::jetstream::new)?;
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "HOLDING".to_owned(),
+        subjects: vec!["holding.>".to_owned()],
+        ..Default::default()
+    })
+    .await?;
+    let small = 100 * 1024;
+    let bound = 300 * 1024;
+    let mut sent = Vec::new();
+    for n in 0..30 {
+        let size = if n == 15 { 600 * 1024 } else { small };
+        let subject = format!("holding.{n}");
+        js.publish(subject.clone(), vec![b'x'; size].into())
+            .await?
+            .await?;
+        sent.push(subject);
+    }
+    let holding = Arc::new(Holding {
+        now: Default::default(),
+        most_of_several: Default::default(),
+        most_messages: Default::default(),
+        taken: Default::default(),
+    });
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let consuming = tokio::spawn(messaging::consume(
+        js.clone(),
+        ConsumerSpec {
+            stream: "HOLDING",
+            durable: "holding".to_owned(),
+            filter_subject: "holding.>".to_owned(),
+            concurrency: 64,
+            bytes_in_hand: bound,
+            ack_wait: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(5),
+            max_deliveries: 5,
+            dead_letters: |_| "holding.dlq".to_owned(),
+            kind: "test",
+        },
+        shutdown.clone(),
+        holding.clone(),
+    ));
+    wait_for("every message", Duration::from_secs(30), || async {
+        Ok((holding.taken.lock().unwrap().len() >= sent.len()).then_some(()))
+    })
+    .await?;
+    shutdown.cancel();
+    consuming.await?;
+    let mut taken = holding.taken.lock().unwrap().clone();
+    taken.sort();
+    sent.sort();
+    assert_eq!(taken, sent, "each message taken once");
+    let most = holding
+        .most_of_several
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        most <= bound,
+        "{most} bytes of several messages in hand at once, over the bound of {bound}"
+    );
+    let together = holding
+        .most_messages
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        together >= 2,
+        "small messages were in hand together ({together} at most)"
     );
     Ok(())
 }

@@ -262,7 +262,11 @@ async fn a_malformed_event_published_with_an_expected_stream_is_dead_lettered_on
 
 /// How many deliveries the durable consumer (whose filter takes the whole stream) made beyond
 /// one per message it has delivered.
-pub(crate) async fn redelivered(js: &jetstream::Context, stream: &str, durable: &str) -> anyhow::Result<u64> {
+pub(crate) async fn redelivered(
+    js: &jetstream::Context,
+    stream: &str,
+    durable: &str,
+) -> anyhow::Result<u64> {
     let mut consumer: jetstream::consumer::PullConsumer = js
         .get_stream(stream)
         .await?

@@ -210,6 +210,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 durable: subjects::executor_consumer(task_type),
                 filter_subject: subjects::task_subject(task_type),
                 concurrency: config.concurrency_of(task_type),
+                bytes_in_hand: 0,
                 ack_wait: config.ack_wait,
                 drain_timeout: config.lifecycle.drain_timeout,
                 // A task's own attempts, then the deliveries the orchestrator still accepts results

@@ -198,19 +198,20 @@ async fn record_batch(
     let (records, replies): (Vec<ResultRecord>, Vec<_>) =
         batch.into_iter().map(|q| (q.record, q.reply)).unzip();
     taskfactory_runtime::metrics::record_result_batch(records.len());
-    let outcomes: Vec<Result<Recorded, sqlx::Error>> =
-        match store::record_results(&pool, &records).await {
-            Ok(recorded) => recorded.into_iter().map(Ok).collect(),
-            Err(error) if records.len() == 1 => vec![Err(error)],
-            Err(error) => {
-                tracing::debug!(results = records.len(), error = %error_chain(&error), "batch not recorded; recording its results one by one");
-                let mut one_by_one = Vec::with_capacity(records.len());
-                for record in &records {
-                    one_by_one.push(store::record_result(&pool, record).await);
-                }
-                one_by_one
+    let outcomes: Vec<Result<Recorded, sqlx::Error>> = match store::record_results(&pool, &records)
+        .await
+    {
+        Ok(recorded) => recorded.into_iter().map(Ok).collect(),
+        Err(error) if records.len() == 1 => vec![Err(error)],
+        Err(error) => {
+            tracing::debug!(results = records.len(), error = %error_chain(&error), "batch not recorded; recording its results one by one");
+            let mut one_by_one = Vec::with_capacity(records.len());
+            for record in &records {
+                one_by_one.push(store::record_result(&pool, record).await);
             }
-        };
+            one_by_one
+        }
+    };
     for (reply, outcome) in replies.into_iter().zip(outcomes) {
         let _ = reply.send(outcome);
     }

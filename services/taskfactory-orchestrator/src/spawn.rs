@@ -154,9 +154,7 @@ impl Unfinished for SpawnError {
             SpawnError::Database(_)
             | SpawnError::Mark(_)
             | SpawnError::Announce(_)
-            | SpawnError::Publish { .. } => {
-                Then::Backoff
-            }
+            | SpawnError::Publish { .. } => Then::Backoff,
         }
     }
 }

@@ -13,8 +13,8 @@ mod finished_tasks;
 mod results;
 
 pub use finished_tasks::{cancelled_runs_page, final_tasks_page};
-use taskfactory_runtime::batch::GroupCommit;
 pub use results::{Recorded, ResultRecord, record_result, record_results};
+use taskfactory_runtime::batch::GroupCommit;
 
 /// What the orchestrator knows of a run it may have seen before.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -243,7 +243,10 @@ async fn insert_tasks(
     for chunk in rows.chunks(1000) {
         let run_ids: Vec<Uuid> = chunk.iter().map(|(r, _)| r.id.0).collect();
         let activities: Vec<Uuid> = chunk.iter().map(|(r, _)| r.activity_id.0).collect();
-        let names: Vec<&str> = chunk.iter().map(|(r, _)| r.activity_name.as_str()).collect();
+        let names: Vec<&str> = chunk
+            .iter()
+            .map(|(r, _)| r.activity_name.as_str())
+            .collect();
         let ids: Vec<Uuid> = chunk.iter().map(|(_, t)| t.id.0).collect();
         let templates: Vec<&str> = chunk.iter().map(|(_, t)| t.template.as_str()).collect();
         let indexes: Vec<i32> = chunk

@@ -327,6 +327,11 @@ pub struct ConsumerSpec {
     pub filter_subject: String,
     /// Messages in hand at once; also the fetch batch.
     pub concurrency: usize,
+    /// Bytes of messages in hand at once, at most (0: bounded by `concurrency` alone): each
+    /// pull asks the server for no more than the room left, so many small messages can be in
+    /// hand together and a few large ones cannot exceed it. With nothing in hand a pull takes
+    /// one message of any size the server allows.
+    pub bytes_in_hand: usize,
     pub ack_wait: Duration,
     /// At shutdown, how long handlers in flight may take to finish; messages of those still
     /// running after it are redelivered (after `ack_wait`) once the process is gone.
@@ -461,6 +466,7 @@ pub async fn consume<H: Handler>(
     });
     let tracker = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(spec.concurrency.max(1)));
+    let held = Arc::new(HeldBytes::default());
     // Its own task, stopped (mid-request if need be) when the loop ends.
     let sampler = tokio::spawn(sample_consumer(
         js.clone(),
@@ -498,9 +504,22 @@ pub async fn consume<H: Handler>(
             while let Ok(slot) = slots.clone().try_acquire_owned() {
                 free.push(slot);
             }
+            let max_bytes = if spec.bytes_in_hand == 0 {
+                0
+            } else {
+                let (bytes, one_only) = tokio::select! {
+                    _ = shutdown.cancelled() => break 'reconnect,
+                    room = held.room(spec.bytes_in_hand, max_payload(&js)) => room,
+                };
+                if one_only {
+                    free.truncate(1);
+                }
+                bytes
+            };
             let batch = consumer
                 .batch()
                 .max_messages(free.len())
+                .max_bytes(max_bytes)
                 .expires(PULL_EXPIRY)
                 .messages()
                 .await;
@@ -541,13 +560,26 @@ pub async fn consume<H: Handler>(
                         );
                         let (handler, settler) = (handler.clone(), settler.clone());
                         let span = consumer_span(&message, &spec.durable);
+                        let bytes = held.take(message.length);
                         tracker.spawn(
                             async move {
                                 settler.run(&*handler, &message).await;
-                                drop(slot);
+                                drop((slot, bytes));
                             }
                             .instrument(span),
                         );
+                    }
+                    // The next message would pass the bytes asked for: the pull is over, and
+                    // the next one waits for room.
+                    Some(Err(error)) if is_max_bytes_end(&*error) => {
+                        if !received {
+                            tokio::select! {
+                                _ = shutdown.cancelled() => break 'reconnect,
+                                _ = held.released() => {}
+                            }
+                        }
+                        received = true;
+                        break;
                     }
                     Some(Err(error)) => {
                         tracing::warn!(consumer = %spec.durable, error = %error_chain(&*error), "pull failed; re-subscribing");
@@ -592,6 +624,88 @@ pub async fn consume<H: Handler>(
     {
         tracing::warn!(consumer = %spec.durable, in_flight = tracker.len(), "drain timeout: leaving messages in flight to be redelivered");
     }
+}
+
+/// Bytes of the messages a consume loop has in hand, and a signal when some are given back.
+#[derive(Default)]
+struct HeldBytes {
+    bytes: std::sync::atomic::AtomicUsize,
+    given_back: tokio::sync::Notify,
+}
+
+/// A message's bytes, counted in hand until dropped.
+struct Held {
+    held: Arc<HeldBytes>,
+    bytes: usize,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.held
+            .bytes
+            .fetch_sub(self.bytes, std::sync::atomic::Ordering::AcqRel);
+        self.held.given_back.notify_waiters();
+    }
+}
+
+/// Room under which a pull is not worth making while messages are in hand: it waits for some to
+/// be given back instead.
+const MIN_PULL_BYTES: usize = 16 * 1024;
+
+impl HeldBytes {
+    fn take(self: &Arc<Self>, bytes: usize) -> Held {
+        self.bytes
+            .fetch_add(bytes, std::sync::atomic::Ordering::AcqRel);
+        Held {
+            held: self.clone(),
+            bytes,
+        }
+    }
+
+    /// Waits until a pull is worth making; returns the bytes it may ask for, and whether it
+    /// must take one message only: the room left under `limit`, or, with nothing in hand and a
+    /// limit below the largest message the server takes (`largest`), one message of any size.
+    async fn room(&self, limit: usize, largest: usize) -> (usize, bool) {
+        loop {
+            let released = self.given_back.notified();
+            let held = self.bytes.load(std::sync::atomic::Ordering::Acquire);
+            if held == 0 {
+                return if limit >= largest {
+                    (limit, false)
+                } else {
+                    (largest, true)
+                };
+            }
+            let room = limit.saturating_sub(held);
+            if room >= MIN_PULL_BYTES.min(limit) {
+                return (room, false);
+            }
+            released.await;
+        }
+    }
+
+    /// Waits until some bytes in hand are given back (at once when none are held).
+    async fn released(&self) {
+        let released = self.given_back.notified();
+        if self.bytes.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            return;
+        }
+        released.await;
+    }
+}
+
+/// The largest message the server takes, with room for its subject and headers.
+fn max_payload(js: &jetstream::Context) -> usize {
+    js.client()
+        .server_info()
+        .max_payload
+        .saturating_add(64 * 1024)
+}
+
+/// Whether a pull's error is the server ending it because the next message would pass the
+/// bytes it asked for (status 409, `Message Size Exceeds MaxBytes`): not a failure.
+fn is_max_bytes_end(error: &(dyn std::error::Error + 'static)) -> bool {
+    error.to_string().contains("Exceeds MaxBytes")
 }
 
 /// Settles what handlers return, the same way for every consumer.

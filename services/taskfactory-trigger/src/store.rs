@@ -634,11 +634,9 @@ pub async fn record_fires(
         .map(|(w, &new)| {
             let write = w.schedule?;
             let (late_after, clock) = write.late_after?;
-            (new && clock.now() > late_after).then(|| {
-                StoreError::Late {
-                    scheduled_for: w.fire.scheduled_for.unwrap_or(write.watermark),
-                    late_after,
-                }
+            (new && clock.now() > late_after).then(|| StoreError::Late {
+                scheduled_for: w.fire.scheduled_for.unwrap_or(write.watermark),
+                late_after,
             })
         })
         .collect();

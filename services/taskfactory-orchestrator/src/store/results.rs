@@ -363,8 +363,11 @@ pub async fn record_results(
 
     let mut runs_finished = Vec::new();
     let mut completed = Vec::new();
-    for (run_id, (succeeded, failed, last)) in runs {
-        let row = count_finished_tasks(&mut tx, run_id, succeeded, failed).await?;
+    for row in count_finished_tasks(&mut tx, &runs).await? {
+        let id: Uuid = row.try_get("id")?;
+        let Some(&(_, _, last)) = runs.get(&id) else {
+            continue;
+        };
         if let Some(run) = completed_from_row(&row)? {
             completed.push((last, run));
         }
@@ -515,37 +518,42 @@ async fn update_tasks(
     Ok(())
 }
 
-/// Counts finished tasks toward their run and finishes the run when none is left. Returns the
-/// run as updated, with `status_before` (the status this statement found), for
-/// [`completed_from_row`] and [`run_finished_now`].
+/// Counts finished tasks toward their runs (`runs`: succeeded, failed, by run) and finishes
+/// each run none is left of, in one statement. Returns the runs as updated, each with
+/// `status_before` (the status this statement found), for [`completed_from_row`] and
+/// [`run_finished_now`].
 async fn count_finished_tasks(
     tx: &mut sqlx::PgConnection,
-    run_id: Uuid,
-    succeeded: i32,
-    failed: i32,
-) -> Result<sqlx::postgres::PgRow, sqlx::Error> {
-    // `before` reads the run as it was before this statement (one snapshot for both).
+    runs: &std::collections::BTreeMap<Uuid, (i32, i32, usize)>,
+) -> Result<Vec<sqlx::postgres::PgRow>, sqlx::Error> {
+    if runs.is_empty() {
+        return Ok(Vec::new());
+    }
+    // `before` reads the runs as they were before this statement (one snapshot for both; they
+    // are locked by this transaction).
     sqlx::query(
-        "WITH before AS (SELECT status FROM runs WHERE id = $1) \
-         UPDATE runs SET \
-             tasks_succeeded = tasks_succeeded + $2, \
-             tasks_failed = tasks_failed + $3, \
-             status = CASE WHEN status = 'RUNNING' \
-                 AND tasks_succeeded + $2 + tasks_failed + $3 >= tasks_spawned \
-                 THEN CASE WHEN tasks_failed + $3 > 0 THEN 'FAILED' ELSE 'SUCCEEDED' END \
-                 ELSE status END, \
-             finished_at = CASE WHEN status = 'RUNNING' \
-                 AND tasks_succeeded + $2 + tasks_failed + $3 >= tasks_spawned \
-                 THEN now() ELSE finished_at END \
-         WHERE id = $1 \
-         RETURNING id, activity_id, activity_name, status, tasks_spawned, tasks_succeeded, \
-             tasks_failed, finished_at, announced_at, \
-             (SELECT status FROM before) AS status_before",
+        "UPDATE runs r SET \
+             tasks_succeeded = r.tasks_succeeded + u.succeeded, \
+             tasks_failed = r.tasks_failed + u.failed, \
+             status = CASE WHEN r.status = 'RUNNING' \
+                 AND r.tasks_succeeded + u.succeeded + r.tasks_failed + u.failed >= r.tasks_spawned \
+                 THEN CASE WHEN r.tasks_failed + u.failed > 0 THEN 'FAILED' ELSE 'SUCCEEDED' END \
+                 ELSE r.status END, \
+             finished_at = CASE WHEN r.status = 'RUNNING' \
+                 AND r.tasks_succeeded + u.succeeded + r.tasks_failed + u.failed >= r.tasks_spawned \
+                 THEN now() ELSE r.finished_at END \
+         FROM unnest($1::uuid[], $2::int4[], $3::int4[]) AS u(id, succeeded, failed) \
+         JOIN runs before ON before.id = u.id \
+         WHERE r.id = u.id \
+         RETURNING r.id, r.activity_id, r.activity_name, r.status, r.tasks_spawned, \
+             r.tasks_succeeded, r.tasks_failed, r.finished_at, r.announced_at, \
+             before.status AS status_before",
     )
-    .bind(run_id)
-    .bind(succeeded)
-    .bind(failed)
-    .fetch_one(tx)
+    .persistent(false)
+    .bind(runs.keys().copied().collect::<Vec<_>>())
+    .bind(runs.values().map(|(s, _, _)| *s).collect::<Vec<_>>())
+    .bind(runs.values().map(|(_, f, _)| *f).collect::<Vec<_>>())
+    .fetch_all(tx)
     .await
 }
 
