@@ -204,23 +204,27 @@ pub async fn record_results(
     // The statements over arrays are planned on each use (`persistent(false)`): a plan cached
     // while the tables were nearly empty scans them whole once they are not (measured: a
     // sequential scan of `tasks` per batch). Two index lookups here, not one join.
-    let owners: Vec<(Uuid, Uuid)> =
-        sqlx::query_as("SELECT DISTINCT run_id, activity_id FROM tasks WHERE id = ANY($1)")
-            .persistent(false)
-            .bind(&task_ids)
-            .fetch_all(&mut *tx)
-            .await?;
-    let mut run_ids: Vec<Uuid> = owners.iter().map(|(run, _)| *run).collect();
+    // The runs and activities of the tasks, and the activities' overlap locks, shared (results
+    // never wait on one another for them), taken before any run's: an admission or a promotion
+    // (which holds one exclusively) either committed before this batch, or waits for it and then
+    // sees its runs finished. So when a run finishes here, whether runs wait behind it is known
+    // exactly (`count_finished_tasks`), without a locked look per run. (The locks are an
+    // uncorrelated subquery: taken once, in activity order, before the rows are returned.)
+    let owners: Vec<(Uuid, Uuid, i64)> = sqlx::query_as(
+        "WITH owners AS (SELECT DISTINCT run_id, activity_id FROM tasks WHERE id = ANY($1)) \
+         SELECT run_id, activity_id, \
+             (SELECT count(pg_advisory_xact_lock_shared( \
+                  hashtextextended('taskfactory-overlap:' || a::text, 0))) \
+              FROM (SELECT DISTINCT activity_id AS a FROM owners ORDER BY 1) sorted) AS locked \
+         FROM owners",
+    )
+    .persistent(false)
+    .bind(&task_ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut run_ids: Vec<Uuid> = owners.iter().map(|(run, _, _)| *run).collect();
     run_ids.sort_unstable();
     run_ids.dedup();
-    let mut activities: Vec<Uuid> = owners.iter().map(|(_, activity)| *activity).collect();
-    activities.sort_unstable();
-    activities.dedup();
-    // The activities' overlap locks, shared (results never wait on one another for them), before
-    // any run: an admission or a promotion (which holds one exclusively) either committed before
-    // this batch, or waits for it and then sees its runs finished. So when a run finishes here,
-    // whether runs wait behind it is known exactly below, without a locked look per run.
-    lock_activities_shared(&mut tx, &activities).await?;
     sqlx::query("SELECT 1 FROM runs WHERE id = ANY($1) ORDER BY id FOR UPDATE")
         .persistent(false)
         .bind(&run_ids)
@@ -368,26 +372,16 @@ pub async fn record_results(
         let Some(&(_, _, last)) = runs.get(&id) else {
             continue;
         };
-        if let Some(run) = completed_from_row(&row)? {
+        if let Some(mut run) = completed_from_row(&row)? {
+            run.waiting_behind = row.try_get("waiting_behind")?;
             completed.push((last, run));
         }
         if let Some(finished) = run_finished_now(&row)? {
             runs_finished.push(finished);
         }
     }
-    if !completed.is_empty() {
-        let waiting = activities_with_waiting_runs(
-            &mut tx,
-            &completed
-                .iter()
-                .map(|(_, run)| run.activity_id.0)
-                .collect::<Vec<_>>(),
-        )
-        .await?;
-        for (last, mut run) in completed {
-            run.waiting_behind = waiting.contains(&run.activity_id.0);
-            recorded[last] = Recorded::Applied(Some(run));
-        }
+    for (last, run) in completed {
+        recorded[last] = Recorded::Applied(Some(run));
     }
     tx.commit().await?;
     for (result, task_type) in repeated {
@@ -400,39 +394,6 @@ pub async fn record_results(
         record_run_finished(&activity, status);
     }
     Ok(recorded)
-}
-
-/// Takes the overlap locks of `activities` (sorted), shared, for the transaction.
-async fn lock_activities_shared(
-    tx: &mut sqlx::PgConnection,
-    activities: &[Uuid],
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "SELECT count(pg_advisory_xact_lock_shared( \
-             hashtextextended('taskfactory-overlap:' || a::text, 0))) \
-         FROM (SELECT a FROM unnest($1::uuid[]) AS a ORDER BY a) sorted",
-    )
-    .persistent(false)
-    .bind(activities)
-    .execute(tx)
-    .await?;
-    Ok(())
-}
-
-/// Which of `activities` have runs waiting behind another (under their overlap locks).
-async fn activities_with_waiting_runs(
-    tx: &mut sqlx::PgConnection,
-    activities: &[Uuid],
-) -> Result<std::collections::HashSet<Uuid>, sqlx::Error> {
-    let rows: Vec<(Uuid,)> = sqlx::query_as(
-        "SELECT DISTINCT activity_id FROM runs \
-         WHERE activity_id = ANY($1) AND waiting AND status = 'PENDING'",
-    )
-    .persistent(false)
-    .bind(activities)
-    .fetch_all(tx)
-    .await?;
-    Ok(rows.into_iter().map(|(id,)| id).collect())
 }
 
 /// The attempt rows of a batch, in one statement.
@@ -521,7 +482,8 @@ async fn update_tasks(
 /// Counts finished tasks toward their runs (`runs`: succeeded, failed, by run) and finishes
 /// each run none is left of, in one statement. Returns the runs as updated, each with
 /// `status_before` (the status this statement found), for [`completed_from_row`] and
-/// [`run_finished_now`].
+/// [`run_finished_now`], and `waiting_behind`: whether runs of its activity wait behind another
+/// (read under the activities' shared overlap locks, taken by the batch first).
 async fn count_finished_tasks(
     tx: &mut sqlx::PgConnection,
     runs: &std::collections::BTreeMap<Uuid, (i32, i32, usize)>,
@@ -547,7 +509,9 @@ async fn count_finished_tasks(
          WHERE r.id = u.id \
          RETURNING r.id, r.activity_id, r.activity_name, r.status, r.tasks_spawned, \
              r.tasks_succeeded, r.tasks_failed, r.finished_at, r.announced_at, \
-             before.status AS status_before",
+             before.status AS status_before, \
+             EXISTS (SELECT 1 FROM runs w WHERE w.activity_id = r.activity_id \
+                 AND w.waiting AND w.status = 'PENDING') AS waiting_behind",
     )
     .persistent(false)
     .bind(runs.keys().copied().collect::<Vec<_>>())
