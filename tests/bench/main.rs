@@ -72,10 +72,10 @@ struct Args {
     #[arg(long, default_value_t = 0.0)]
     rate: f64,
     /// Baseline: input messages in hand at once (the orchestrator's default trigger concurrency).
-    #[arg(long = "baseline-in-concurrency", default_value_t = 8)]
+    #[arg(long = "baseline-in-concurrency", default_value_t = 256)]
     baseline_in_concurrency: usize,
     /// Baseline: output messages in hand at once (the orchestrator's default result concurrency).
-    #[arg(long = "baseline-out-concurrency", default_value_t = 32)]
+    #[arg(long = "baseline-out-concurrency", default_value_t = 256)]
     baseline_out_concurrency: usize,
     /// Give up on a phase after this many seconds.
     #[arg(long = "timeout-secs", default_value_t = 600)]
