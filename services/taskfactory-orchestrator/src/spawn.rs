@@ -474,11 +474,12 @@ impl Spawner {
     /// announcement that fails is returned (the caller's redelivery or the completion sweeper
     /// announces it).
     pub async fn run_finished(&self, run: &store::CompletedRun) -> Result<(), SpawnError> {
-        completion::announce(&self.marks, &self.js, run).await?;
+        let announced = completion::announce(&self.marks, &self.js, run).await;
+        // Whatever became of the announcement: not every caller is delivered again.
         if run.waiting_behind {
             self.start_next_or_leave(run.activity_id).await;
         }
-        Ok(())
+        Ok(announced?)
     }
 
     /// [`Spawner::run_finished`] for a run that may have finished: announced if it is finished
@@ -488,9 +489,9 @@ impl Spawner {
         run: RunId,
         activity: ActivityId,
     ) -> Result<(), SpawnError> {
-        completion::announce_if_finished(&self.marks, &self.js, run).await?;
+        let announced = completion::announce_if_finished(&self.marks, &self.js, run).await;
         self.start_next_or_leave(activity).await;
-        Ok(())
+        Ok(announced?)
     }
 
     /// Starts the activity's next buffered run, or leaves it to the overlap sweeper.

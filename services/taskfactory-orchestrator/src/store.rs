@@ -307,14 +307,19 @@ pub async fn insert_runs(
     runs: &[(&NewRun, &[NewTask])],
 ) -> Result<Vec<bool>, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let mut inserted = Vec::with_capacity(runs.len());
+    let mut inserted = vec![false; runs.len()];
     let mut written = Vec::with_capacity(runs.len());
-    for &(run, tasks) in runs {
+    // In run id order, as every writer of several runs: two batches holding the same new runs
+    // (a trigger delivered twice at once) never wait on each other's inserts.
+    let mut order: Vec<usize> = (0..runs.len()).collect();
+    order.sort_by_key(|&i| runs[i].0.id.0);
+    for i in order {
+        let (run, tasks) = runs[i];
         let new = insert_run_row(&mut tx, run, tasks.len(), RowExtras::default()).await?;
         if new {
             written.push((run, tasks));
         }
-        inserted.push(new);
+        inserted[i] = new;
     }
     insert_tasks(&mut tx, &written).await?;
     tx.commit().await?;
@@ -374,6 +379,14 @@ async fn write_runs(
     match insert_runs(pool, &runs).await {
         Ok(inserted) => return inserted.into_iter().map(Ok).collect(),
         Err(error) if runs.len() == 1 => return vec![Err(error)],
+        // Anything but a refusal of some run's data would fail one by one as well, only slower.
+        Err(error) if taskfactory_runtime::db::input_refused_by_database(&error).is_none() => {
+            let why = taskfactory_runtime::telemetry::error_chain(&error);
+            return runs
+                .iter()
+                .map(|_| Err(sqlx::Error::Protocol(why.clone())))
+                .collect();
+        }
         Err(error) => {
             tracing::debug!(runs = runs.len(), error = %taskfactory_runtime::telemetry::error_chain(&error), "a batch of runs was not recorded; recording them one by one");
         }
@@ -808,7 +821,8 @@ impl RunMarks {
 
 /// Writes the marks that wait, many runs per statement (one at a time).
 fn marks_writer(pool: PgPool, statement: &'static str) -> GroupCommit<Uuid, Result<(), String>> {
-    GroupCommit::start(MARKS_AT_ONCE, 1, move |marks: Vec<Uuid>| {
+    // A few statements at once: one mark held up by a run's lock does not hold back the others.
+    GroupCommit::start(MARKS_AT_ONCE, 4, move |marks: Vec<Uuid>| {
         let pool = pool.clone();
         async move {
             let mut runs = marks.clone();

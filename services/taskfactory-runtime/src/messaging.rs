@@ -490,6 +490,9 @@ pub async fn consume<H: Handler>(
         };
 
         let mut empty_pulls = 0u32;
+        // Set when a message did not fit even with nothing in hand: the next pull takes it
+        // alone, whatever its size.
+        let mut take_one_whole = false;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break 'reconnect,
@@ -504,7 +507,12 @@ pub async fn consume<H: Handler>(
             while let Ok(slot) = slots.clone().try_acquire_owned() {
                 free.push(slot);
             }
+            let held_at_pull = held.bytes();
             let max_bytes = if spec.bytes_in_hand == 0 {
+                0
+            } else if take_one_whole {
+                take_one_whole = false;
+                free.truncate(1);
                 0
             } else {
                 let (bytes, one_only) = tokio::select! {
@@ -573,9 +581,14 @@ pub async fn consume<H: Handler>(
                     // the next one waits for room.
                     Some(Err(error)) if is_max_bytes_end(&*error) => {
                         if !received {
-                            tokio::select! {
-                                _ = shutdown.cancelled() => break 'reconnect,
-                                _ = held.released() => {}
+                            if held.bytes() == 0 {
+                                tracing::warn!(consumer = %spec.durable, "a message larger than a pull may ask for; taking it alone");
+                                take_one_whole = true;
+                            } else {
+                                tokio::select! {
+                                    _ = shutdown.cancelled() => break 'reconnect,
+                                    _ = held.released_since(held_at_pull) => {}
+                                }
                             }
                         }
                         received = true;
@@ -684,13 +697,19 @@ impl HeldBytes {
         }
     }
 
-    /// Waits until some bytes in hand are given back (at once when none are held).
-    async fn released(&self) {
-        let released = self.given_back.notified();
-        if self.bytes.load(std::sync::atomic::Ordering::Acquire) == 0 {
-            return;
+    fn bytes(&self) -> usize {
+        self.bytes.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Waits until fewer bytes than `before` are in hand (at once if that is so already).
+    async fn released_since(&self, before: usize) {
+        loop {
+            let released = self.given_back.notified();
+            if self.bytes() < before || self.bytes() == 0 {
+                return;
+            }
+            released.await;
         }
-        released.await;
     }
 }
 

@@ -402,8 +402,18 @@ async fn record_batch(
                 .map(|_| Err(StoreError::Deposed { term }))
                 .collect();
         }
+        // Anything but a refusal of some fire's data would fail one by one as well, only slower.
+        Err(StoreError::Database(error))
+            if taskfactory_runtime::db::input_refused_by_database(&error).is_none() =>
+        {
+            let why = error_chain(&error);
+            return jobs
+                .iter()
+                .map(|_| Err(StoreError::Database(sqlx::Error::Protocol(why.clone()))))
+                .collect();
+        }
         Err(error) => {
-            tracing::warn!(fires = jobs.len(), error = %error_chain(&error), "a batch of fires failed; recording them one at a time");
+            tracing::warn!(fires = jobs.len(), error = %error_chain(&error), "a batch of fires was refused for some fire's data; recording them one at a time");
         }
     }
     let mut outcomes = Vec::with_capacity(jobs.len());

@@ -279,11 +279,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     ));
     // Events' fires have a batcher of their own: a scheduled fire's fence refused (a deposed
     // leader) must never take an event's fire with it.
+    // Not on the service's tracker: it ends when the last event handler lets go of it, and a
+    // handler the drain gave up on must not hold the shutdown.
     let event_fires = fire::FireBatcher::start(
         pool.clone(),
         js.clone(),
         taskfactory_runtime::clock::ClockHandle::system(),
-        &tracker,
+        &tokio_util::task::TaskTracker::new(),
     );
     let ingress = Arc::new(events::EventIngress::new(
         pool.clone(),
