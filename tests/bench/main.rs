@@ -71,10 +71,10 @@ struct Args {
     /// Pace the burst at this many events/s (0: as fast as acks allow).
     #[arg(long, default_value_t = 0.0)]
     rate: f64,
-    /// Baseline: input messages in hand at once (the orchestrator's default trigger concurrency).
+    /// Baseline: input messages in hand at once (as many as taskfactory's triggers at most).
     #[arg(long = "baseline-in-concurrency", default_value_t = 256)]
     baseline_in_concurrency: usize,
-    /// Baseline: output messages in hand at once (the orchestrator's default result concurrency).
+    /// Baseline: output messages in hand at once (as many as taskfactory's results at most).
     #[arg(long = "baseline-out-concurrency", default_value_t = 256)]
     baseline_out_concurrency: usize,
     /// Give up on a phase after this many seconds.
