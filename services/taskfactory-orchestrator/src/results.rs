@@ -203,14 +203,8 @@ async fn record_batch(
     {
         Ok(recorded) => recorded.into_iter().map(Ok).collect(),
         Err(error) if records.len() == 1 => vec![Err(error)],
-        // Anything but a refusal of some result's data (the database down, a pool timeout)
-        // would fail one by one as well, only slower: every result hears it and comes back.
-        Err(error) if db::input_refused_by_database(&error).is_none() => {
-            let why = error_chain(&error);
-            records
-                .iter()
-                .map(|_| Err(sqlx::Error::Protocol(why.clone())))
-                .collect()
+        Err(error) if let Some(each) = db::batch_failed(&error, records.len()) => {
+            each.into_iter().map(Err).collect()
         }
         Err(error) => {
             tracing::debug!(results = records.len(), error = %error_chain(&error), "batch refused for some result's data; recording its results one by one");

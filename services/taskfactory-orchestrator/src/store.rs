@@ -379,13 +379,10 @@ async fn write_runs(
     match insert_runs(pool, &runs).await {
         Ok(inserted) => return inserted.into_iter().map(Ok).collect(),
         Err(error) if runs.len() == 1 => return vec![Err(error)],
-        // Anything but a refusal of some run's data would fail one by one as well, only slower.
-        Err(error) if taskfactory_runtime::db::input_refused_by_database(&error).is_none() => {
-            let why = taskfactory_runtime::telemetry::error_chain(&error);
-            return runs
-                .iter()
-                .map(|_| Err(sqlx::Error::Protocol(why.clone())))
-                .collect();
+        Err(error)
+            if let Some(each) = taskfactory_runtime::db::batch_failed(&error, runs.len()) =>
+        {
+            return each.into_iter().map(Err).collect();
         }
         Err(error) => {
             tracing::debug!(runs = runs.len(), error = %taskfactory_runtime::telemetry::error_chain(&error), "a batch of runs was not recorded; recording them one by one");

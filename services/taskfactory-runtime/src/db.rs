@@ -137,6 +137,22 @@ pub struct RefusedInput {
 /// that would otherwise retry for as long as the database is down dead-letters such input
 /// instead of looping. Unique and foreign-key violations are left out: a race between replicas
 /// produces them, and a retry sees the winner's row.
+/// What becomes of a batch the database failed as a whole (the one rule of every group commit):
+/// `None` when it refused some item's data, so the items are written one by one and the bad one
+/// alone fails; otherwise (the database down, a pool timeout: each item would fail as well, only
+/// slower) the error once for each of the `items`.
+pub fn batch_failed(error: &sqlx::Error, items: usize) -> Option<Vec<sqlx::Error>> {
+    if input_refused_by_database(error).is_some() {
+        return None;
+    }
+    let why = crate::telemetry::error_chain(error);
+    Some(
+        (0..items)
+            .map(|_| sqlx::Error::Protocol(why.clone()))
+            .collect(),
+    )
+}
+
 pub fn input_refused_by_database(
     error: &(dyn std::error::Error + 'static),
 ) -> Option<RefusedInput> {

@@ -402,14 +402,12 @@ async fn record_batch(
                 .map(|_| Err(StoreError::Deposed { term }))
                 .collect();
         }
-        // Anything but a refusal of some fire's data would fail one by one as well, only slower.
         Err(StoreError::Database(error))
-            if taskfactory_runtime::db::input_refused_by_database(&error).is_none() =>
+            if let Some(each) = taskfactory_runtime::db::batch_failed(&error, jobs.len()) =>
         {
-            let why = error_chain(&error);
-            return jobs
-                .iter()
-                .map(|_| Err(StoreError::Database(sqlx::Error::Protocol(why.clone()))))
+            return each
+                .into_iter()
+                .map(|error| Err(StoreError::Database(error)))
                 .collect();
         }
         Err(error) => {
