@@ -445,3 +445,60 @@ async fn a_consumer_holds_no_more_message_bytes_than_its_bound_however_many_slot
     );
     Ok(())
 }
+
+/// The admin API has connections of its own: with the scheduler's pool exhausted (its one
+/// connection waiting on a lock held here), definitions are still read and created at once. It
+/// used to share that pool, so every admin call waited behind the scheduler until the pool gave
+/// up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn admin_calls_do_not_wait_behind_the_schedulers_connections() -> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _trigger =
+        env.spawn_process(Service::Trigger, &[("TASKFACTORY_DATABASE_POOL_SIZE", "1")])?;
+    env.wait_ready(&[Service::Trigger]).await?;
+    let mut admin = env.admin().await?;
+    create(
+        &mut admin,
+        "name: every-second\ntrigger: {schedule: {cron: ['* * * * * *'], timezone: UTC}}\ntasks: [{name: t, type: noop}]\n",
+    )
+    .await?;
+    let pool = env.db.pool().await?;
+    wait_for("the schedule fires", Duration::from_secs(20), || async {
+        let fires: i64 = sqlx::query_scalar("SELECT count(*) FROM fires")
+            .fetch_one(&pool)
+            .await?;
+        Ok((fires > 0).then_some(()))
+    })
+    .await?;
+    // The scheduler's next fire waits for this lock on the fence, holding the pool's only
+    // connection.
+    let mut holder = sqlx::PgConnection::connect(&env.db.url()).await?;
+    let mut held = holder.begin().await?;
+    sqlx::query("SELECT term FROM scheduler_fence FOR UPDATE")
+        .execute(&mut *held)
+        .await?;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let waiting: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%scheduler_fence%'",
+    )
+    .fetch_one(&pool)
+    .await?;
+    assert!(waiting >= 1, "the scheduler is not waiting on the fence");
+
+    let calls = async {
+        admin
+            .list_activities(taskfactory_proto::v1::ListActivitiesRequest::default())
+            .await?;
+        create(
+            &mut admin,
+            "name: made-meanwhile\ntrigger: {manual: {}}\ntasks: [{name: t, type: noop}]\n",
+        )
+        .await?;
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(5), calls)
+        .await
+        .map_err(|_| anyhow::anyhow!("admin calls waited behind the scheduler"))??;
+    held.rollback().await?;
+    Ok(())
+}

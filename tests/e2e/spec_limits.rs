@@ -548,3 +548,99 @@ async fn a_long_transaction_elsewhere_does_not_make_reloads_read_everything_agai
     );
     Ok(())
 }
+
+/// A subscriber that missed snapshots (several changes came while it was busy) learns from the
+/// registry what changed in between, so it never compares every activity; the event matcher's
+/// map holds the activities with an event trigger only. The scheduler used to compare all its
+/// schedules whenever it had missed a snapshot, which under a stream of creates was on almost
+/// every change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_subscriber_behind_by_several_snapshots_learns_only_what_changed_in_between()
+-> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _trigger = env.start(Service::Trigger);
+    env.wait_ready(&[Service::Trigger]).await?;
+    let mut admin = env.admin().await?;
+    for i in 0..5 {
+        create(&mut admin, padded(&format!("m{i}"), 10)?).await?;
+    }
+    let listens = |name: &str| -> anyhow::Result<ActivitySpec> {
+        Ok(spec_from_yaml(&format!(
+            "name: {name}\ntrigger: {{event: {{subject: events.orders.created}}}}\ntasks: [{{name: t, type: noop}}]\n"
+        ))?)
+    };
+    create(&mut admin, listens("e0")?).await?;
+    let pool = env.db.pool().await?;
+    let registry = taskfactory_trigger::registry::Registry::new();
+    registry.reload(&pool).await?;
+    let first = registry.current().serial;
+    let id_of = |name: &str| {
+        registry
+            .current()
+            .activities
+            .values()
+            .find(|a| a.name == name)
+            .map(|a| a.id)
+    };
+    assert_eq!(
+        registry.changes(first - 1, first),
+        None,
+        "a full load says nothing about what changed"
+    );
+
+    create(&mut admin, padded("new", 10)?).await?;
+    registry.reload(&pool).await?;
+    update(&mut admin, padded("m1", 20)?).await?;
+    create(&mut admin, listens("e1")?).await?;
+    registry.reload(&pool).await?;
+    let m2 = id_of("m2").context("m2 is live")?;
+    admin
+        .delete_activity(DeleteActivityRequest {
+            id: "m2".to_owned(),
+        })
+        .await?;
+    registry.reload(&pool).await?;
+    let last = registry.current().serial;
+    assert_eq!(
+        last,
+        first + 3,
+        "one snapshot per reload that found a change"
+    );
+
+    let names = |ids: Vec<taskfactory_model::ids::ActivityId>| {
+        let snapshot = registry.current();
+        let mut names: Vec<String> = ids
+            .iter()
+            .map(|id| {
+                snapshot
+                    .activities
+                    .get(id)
+                    .map_or_else(|| format!("gone {}", *id == m2), |a| a.name.clone())
+            })
+            .collect();
+        names.sort();
+        names
+    };
+    let all = registry
+        .changes(first, last)
+        .context("every change is known")?;
+    assert_eq!(names(all), ["e1", "gone true", "m1", "new"]);
+    let later = registry
+        .changes(first + 1, last)
+        .context("every change is known")?;
+    assert_eq!(names(later), ["e1", "gone true", "m1"]);
+    assert_eq!(registry.changes(last, last), Some(Vec::new()));
+
+    let listeners: std::collections::BTreeSet<String> = registry
+        .current()
+        .listeners
+        .values()
+        .map(|a| a.name.clone())
+        .collect();
+    assert_eq!(
+        listeners.into_iter().collect::<Vec<_>>(),
+        ["e0", "e1"],
+        "only activities with an event trigger"
+    );
+    Ok(())
+}

@@ -68,6 +68,20 @@ pub async fn connect_and_migrate(
     }
 }
 
+/// Another pool on the same database, of `size` connections, for work that must not wait behind
+/// the service's main pool (a trigger's admin API behind its scheduler). Connects lazily: the
+/// database is there, since [`connect_and_migrate`] returned.
+pub fn another_pool(args: &DatabaseArgs, size: u32) -> Result<PgPool, DbError> {
+    let options = PgConnectOptions::from_str(&args.url)
+        .map_err(DbError::Url)?
+        .log_statements(tracing::log::LevelFilter::Debug)
+        .options([("idle_in_transaction_session_timeout", "15s")]);
+    Ok(PgPoolOptions::new()
+        .max_connections(size.max(1))
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_lazy_with(options))
+}
+
 async fn try_connect(options: &PgConnectOptions, pool_size: u32) -> Result<PgPool, DbError> {
     let connect = |options: PgConnectOptions| {
         PgPoolOptions::new()

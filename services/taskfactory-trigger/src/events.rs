@@ -123,7 +123,7 @@ impl EventIngress {
         };
         let snapshot = self.registry.current();
         let listening: Vec<&LiveActivity> = snapshot
-            .activities
+            .listeners
             .values()
             .map(Arc::as_ref)
             .filter(|activity| {

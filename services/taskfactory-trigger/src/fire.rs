@@ -19,6 +19,7 @@ use std::time::Duration;
 use taskfactory_runtime::telemetry::error_chain;
 
 use chrono::{DateTime, Utc};
+use futures::StreamExt as _;
 use prost::Message;
 use sqlx::PgPool;
 use taskfactory_model::ids::{ActivityId, FireId, RunId};
@@ -201,7 +202,7 @@ async fn fire_in_span(
                 )
                 .await;
                 match published {
-                    Ok(()) => mark_published(pool, &[fire_id]).await,
+                    Ok(()) => mark_published(pool, &[(fire_id, Utc::now())]).await,
                     Err(error) => not_published(&new_fire, &error),
                 }
             }
@@ -245,7 +246,7 @@ async fn fire_in_span(
     })
 }
 
-async fn mark_published(pool: &PgPool, fires: &[FireId]) {
+async fn mark_published(pool: &PgPool, fires: &[(FireId, DateTime<Utc>)]) {
     if let Err(error) = store::mark_all_published(pool, fires).await {
         tracing::warn!(fires = fires.len(), error = %error_chain(&error), "fires published but not marked; the reconciler will republish them (deduplicated)");
     }
@@ -287,7 +288,8 @@ struct Job {
 
 /// Group commit of fires: whatever fires wait when a batch begins (at most [`BATCH`]) are
 /// recorded in one transaction ([`store::record_fires`]), then published together, then marked
-/// published in one statement; each caller hears of its own fire once that is done. One fire's
+/// published in one statement; each caller hears of its own fire once that is done. The three
+/// steps are stages that overlap: while one batch is published, the next is recorded. One fire's
 /// failure never holds back the others: a batch whose transaction fails is recorded again one
 /// fire at a time, so each gets its own outcome. Stops when every handle is dropped, after the
 /// fires in hand.
@@ -337,42 +339,123 @@ async fn write_batches(
     clock: ClockHandle,
     mut queue: tokio::sync::mpsc::UnboundedReceiver<Job>,
 ) {
+    // Three stages that overlap, so a fire that comes due while a batch is on its way waits
+    // for the recording stage only, not for the whole cycle: batch k+1 is recorded while batch
+    // k is published, and batch k-1's acks are awaited and marked.
+    let (to_publish, mut recorded) = tokio::sync::mpsc::channel::<Batch>(STAGED);
+    let (to_confirm, mut sent) = tokio::sync::mpsc::channel::<Sent>(STAGED);
+    let record = {
+        let pool = pool.clone();
+        async move {
+            // Up to RECORDING batches are recorded at once, each in its own transaction, and
+            // handed on in the order they were taken. One schedule never has two fires in
+            // flight (its writer waits for each), and each batch writes in key order, so two
+            // batches never wait on each other in a cycle.
+            let mut recording = futures::stream::FuturesOrdered::new();
+            let mut open = true;
+            while open || !recording.is_empty() {
+                tokio::select! {
+                    biased;
+                    Some(batch) = recording.next(), if !recording.is_empty() => {
+                        if to_publish.send(batch).await.is_err() {
+                            return;
+                        }
+                    }
+                    taken = take_batch(&mut queue), if open && recording.len() < RECORDING => {
+                        let Some(mut jobs) = taken else {
+                            open = false;
+                            continue;
+                        };
+                        jobs.sort_by(|a, b| {
+                            (a.fire.activity_id.0, &a.fire.dedupe_key)
+                                .cmp(&(b.fire.activity_id.0, &b.fire.dedupe_key))
+                        });
+                        let (pool, clock) = (pool.clone(), clock.clone());
+                        recording.push_back(async move {
+                            let outcomes = record_batch(&pool, &clock, &jobs).await;
+                            Batch { jobs, outcomes }
+                        });
+                    }
+                }
+            }
+        }
+    };
+    let publish = async move {
+        while let Some(batch) = recorded.recv().await {
+            // Every publish is sent, then the next stage awaits the acks.
+            let mut acks = Vec::new();
+            for (index, (job, outcome)) in batch.jobs.iter().zip(&batch.outcomes).enumerate() {
+                if !matches!(outcome, Ok(true)) {
+                    continue;
+                }
+                let fire = &job.fire;
+                let sent = messaging::publish(
+                    &js,
+                    subjects::trigger_subject(&fire.activity_name),
+                    &subjects::trigger_msg_id(&fire.activity_id.to_string(), &fire.dedupe_key),
+                    None,
+                    fire.event.clone().into(),
+                )
+                .instrument(job.span.clone())
+                .await;
+                match sent {
+                    Ok(ack) => acks.push((index, ack)),
+                    Err(error) => not_published(fire, &error),
+                }
+            }
+            if to_confirm.send(Sent { batch, acks }).await.is_err() {
+                break;
+            }
+        }
+    };
+    let confirm = async move {
+        let mut waiting = Vec::new();
+        // Every batch sent by now is confirmed together: its acks awaited, marked published in
+        // one statement (each fire with the instant its ack came), and its callers answered.
+        while sent.recv_many(&mut waiting, STAGED).await > 0 {
+            let mut published = Vec::new();
+            for Sent { batch, acks } in &mut waiting {
+                for (index, ack) in acks.drain(..) {
+                    let fire = &batch.jobs[index].fire;
+                    match ack.await {
+                        Ok(_) => published.push((fire.id, Utc::now())),
+                        Err(error) => not_published(fire, &error),
+                    }
+                }
+            }
+            mark_published(&pool, &published).await;
+            for Sent { batch, .. } in waiting.drain(..) {
+                for (job, outcome) in batch.jobs.into_iter().zip(batch.outcomes) {
+                    let _ = job.reply.send(outcome);
+                }
+            }
+        }
+    };
+    tokio::join!(record, publish, confirm);
+}
+
+/// Batches between two stages of [`write_batches`], at most.
+const STAGED: usize = 2;
+
+/// Batches recorded at once (each in a transaction of its own).
+const RECORDING: usize = 2;
+
+/// The fires waiting, at most [`BATCH`]; `None` once every handle is gone and none wait.
+async fn take_batch(queue: &mut tokio::sync::mpsc::UnboundedReceiver<Job>) -> Option<Vec<Job>> {
     let mut jobs = Vec::with_capacity(BATCH);
-    while queue.recv_many(&mut jobs, BATCH).await > 0 {
-        let outcomes = record_batch(&pool, &clock, &jobs).await;
-        // Published together: every publish is sent, then the acks are awaited.
-        let mut acks = Vec::new();
-        for (job, outcome) in jobs.iter().zip(&outcomes) {
-            if !matches!(outcome, Ok(true)) {
-                continue;
-            }
-            let fire = &job.fire;
-            let sent = messaging::publish(
-                &js,
-                subjects::trigger_subject(&fire.activity_name),
-                &subjects::trigger_msg_id(&fire.activity_id.to_string(), &fire.dedupe_key),
-                None,
-                fire.event.clone().into(),
-            )
-            .instrument(job.span.clone())
-            .await;
-            match sent {
-                Ok(ack) => acks.push((fire, ack)),
-                Err(error) => not_published(fire, &error),
-            }
-        }
-        let mut published = Vec::with_capacity(acks.len());
-        for (fire, ack) in acks {
-            match ack.await {
-                Ok(_) => published.push(fire.id),
-                Err(error) => not_published(fire, &error),
-            }
-        }
-        mark_published(&pool, &published).await;
-        for (job, outcome) in jobs.drain(..).zip(outcomes) {
-            let _ = job.reply.send(outcome);
-        }
-    }
+    (queue.recv_many(&mut jobs, BATCH).await > 0).then_some(jobs)
+}
+
+/// A batch recorded: each job's outcome.
+struct Batch {
+    jobs: Vec<Job>,
+    outcomes: Vec<Result<bool, StoreError>>,
+}
+
+/// A batch whose publishes are sent: the acks to await, by job.
+struct Sent {
+    batch: Batch,
+    acks: Vec<(usize, async_nats::jetstream::context::PublishAckFuture)>,
 }
 
 /// Records a batch in one transaction, or, when that fails, each fire on its own.

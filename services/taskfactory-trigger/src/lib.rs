@@ -56,6 +56,15 @@ pub struct Config {
     pub nats: NatsArgs,
     #[command(flatten)]
     pub database: DatabaseArgs,
+    /// Connections of the admin API's own pool: its calls never wait for a connection behind
+    /// the scheduler's and the events' writes, which use the main pool
+    /// (`TASKFACTORY_DATABASE_POOL_SIZE`).
+    #[arg(
+        long = "admin-database-pool-size",
+        env = "TASKFACTORY_ADMIN_DATABASE_POOL_SIZE",
+        default_value_t = 4
+    )]
+    pub admin_pool_size: u32,
     /// Address of the admin gRPC API. Without authentication (`--auth-file`, OIDC or a client
     /// CA) only a loopback address is allowed, unless `--insecure-no-auth`.
     #[arg(
@@ -136,6 +145,7 @@ impl Config {
         Self {
             nats: NatsArgs::local(nats_url),
             database: DatabaseArgs::new(database_url),
+            admin_pool_size: 4,
             grpc_addr,
             auth: auth::AuthArgs::default(),
             spec_limits: admin::SpecLimits::default(),
@@ -174,6 +184,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let pool = db::connect_and_migrate(&config.database, config.lifecycle.startup_patience)
         .await
         .context("postgres")?;
+    // The admin API's own connections (see `Config::admin_pool_size`).
+    let admin_pool = db::another_pool(&config.database, config.admin_pool_size)
+        .context("postgres (admin API pool)")?;
     let (client, js) = nats::connect_and_declare(
         &config.nats,
         "taskfactory-trigger",
@@ -318,7 +331,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
 
     let admin = Arc::new(admin::Admin {
-        pool: pool.clone(),
+        pool: admin_pool.clone(),
         js: js.clone(),
         nats: client.clone(),
         registry: registry.clone(),
@@ -354,7 +367,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .layer(tower::util::MapResponseLayer::new(
             taskfactory_runtime::propagation::record_grpc_status,
         ))
-        .layer(auth::layer::AuthLayer::new(authenticator, pool.clone()))
+        .layer(auth::layer::AuthLayer::new(
+            authenticator,
+            admin_pool.clone(),
+        ))
         .layer(admin::SpecCallsLayer::new(
             config.spec_limits.spec_calls_at_once,
         ))

@@ -6,14 +6,17 @@
 //! `taskfactory.internal.definitions-changed`, and every reload interval (polled, so a lost
 //! announcement only delays a change, never drops it). A reload reads only the activities changed
 //! since the one before (by transactions not finished at its snapshot), so its cost does not grow
-//! with the number of activities; building the snapshot copies a map of pointers.
+//! with the number of activities. The snapshot's maps are persistent (`imbl`): a new snapshot
+//! shares everything unchanged with the one before, so a change costs O(log n), not a copy of
+//! every activity. Subscribers that missed snapshots (a burst of changes) ask
+//! [`Registry::changes`] what changed in between, so they too never look at every activity.
 //!
 //! Anyone who can publish on NATS can send the announcement, so it is cheap by construction: the
 //! signals waiting are answered by one reload, at most one reload runs at a time with at most one
 //! more pending, and signalled reloads are at least [`SIGNALLED_RELOAD_GAP`] apart. A flood of
 //! signals costs a few reloads a second, and a reload that finds nothing changed wakes nobody.
 
-use std::collections::HashMap;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use taskfactory_runtime::telemetry::error_chain;
@@ -37,6 +40,15 @@ pub const SIGNALLED_RELOAD_GAP: Duration = Duration::from_millis(250);
 
 /// Signals taken off the subscription at once before the loop looks at its other work.
 const SIGNALS_AT_ONCE: u64 = 4096;
+
+/// Snapshots whose changes are kept for subscribers that fell behind ([`Registry::changes`]).
+const CHANGES_KEPT: usize = 1024;
+
+/// The activities each recent snapshot changed, by serial, oldest first.
+type RecentChanges = VecDeque<(u64, Arc<[ActivityId]>)>;
+
+/// Live activities by id, shared between snapshots.
+pub type Activities = imbl::HashMap<ActivityId, Arc<LiveActivity>>;
 
 /// One live activity at its current version.
 #[derive(Debug)]
@@ -126,7 +138,10 @@ pub struct Snapshot {
     /// The activities that differ from snapshot `serial - 1` (added, changed or gone); `None`:
     /// not known (a full load), compare everything.
     pub changed: Option<Vec<ActivityId>>,
-    pub activities: HashMap<ActivityId, Arc<LiveActivity>>,
+    pub activities: Activities,
+    /// Those of `activities` with an event trigger (active or not): the event matcher looks at
+    /// these only.
+    pub listeners: Activities,
 }
 
 /// Holds the current snapshot and tells subscribers when it changes.
@@ -137,6 +152,8 @@ pub struct Registry {
     /// Where the next load reads changes from (`store::Heads::horizon`; `None`: read all),
     /// held by the load in progress: loads build on the snapshot before them, one at a time.
     horizon: Arc<tokio::sync::Mutex<Option<store::Horizon>>>,
+    /// The changes of the last [`CHANGES_KEPT`] snapshots, by serial (a full load breaks it).
+    recent: Arc<std::sync::Mutex<RecentChanges>>,
 }
 
 impl Registry {
@@ -146,7 +163,28 @@ impl Registry {
             sender: Arc::new(sender),
             changed: Arc::new(Notify::new()),
             horizon: Arc::new(tokio::sync::Mutex::new(None)),
+            recent: Arc::new(std::sync::Mutex::new(VecDeque::new())),
         }
+    }
+
+    /// The activities that differ between snapshot `after` and snapshot `upto` (added, changed
+    /// or gone), if every snapshot in between is still known; `None`: compare everything.
+    pub fn changes(&self, after: u64, upto: u64) -> Option<Vec<ActivityId>> {
+        let recent = self
+            .recent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let wanted = upto.checked_sub(after)?;
+        let mut ids = Vec::new();
+        let mut seen = HashSet::new();
+        let mut found = 0;
+        for (serial, changed) in recent.iter() {
+            if *serial > after && *serial <= upto {
+                found += 1;
+                ids.extend(changed.iter().filter(|id| seen.insert(**id)));
+            }
+        }
+        (found == wanted).then_some(ids)
     }
 
     pub fn current(&self) -> Arc<Snapshot> {
@@ -207,14 +245,15 @@ impl Registry {
             *horizon = Some(read.horizon);
             return Ok((previous.generation, false, count));
         }
-        let mut activities = if full {
-            HashMap::with_capacity(read.heads.len())
+        let (mut activities, mut listeners) = if full {
+            (Activities::new(), Activities::new())
         } else {
-            previous.activities.clone()
+            (previous.activities.clone(), previous.listeners.clone())
         };
         // What differs from the snapshot before (in an incremental load).
         let mut touched = Vec::new();
         for id in &read.gone {
+            listeners.remove(id);
             if activities.remove(id).is_some() {
                 touched.push(*id);
             }
@@ -233,10 +272,14 @@ impl Registry {
                 && old.resumed_at == head.resumed_at
                 && old.pause_note == head.pause_note
             {
+                if old.event_trigger().is_some() {
+                    listeners.insert(head.id, old.clone());
+                }
                 activities.insert(head.id, old.clone());
             } else {
                 // Gone until its new version is built (a spec that no longer builds stays out).
                 activities.remove(&head.id);
+                listeners.remove(&head.id);
                 touched.push(head.id);
                 to_load.push(head.id.0);
             }
@@ -244,7 +287,11 @@ impl Registry {
         if !to_load.is_empty() {
             for record in store::load_live_activities(pool, &to_load).await? {
                 if let Some(live) = LiveActivity::from_record(&record) {
-                    activities.insert(record.id, Arc::new(live));
+                    let live = Arc::new(live);
+                    if live.event_trigger().is_some() {
+                        listeners.insert(record.id, live.clone());
+                    }
+                    activities.insert(record.id, live);
                 }
             }
         }
@@ -262,11 +309,28 @@ impl Registry {
                 !touched.is_empty()
             };
         if changed {
+            let serial = previous.serial + 1;
+            {
+                // Kept before the snapshot is seen, so a subscriber that sees it finds its changes.
+                let mut recent = self
+                    .recent
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if full {
+                    recent.clear();
+                } else {
+                    recent.push_back((serial, Arc::from(touched.as_slice())));
+                    while recent.len() > CHANGES_KEPT {
+                        recent.pop_front();
+                    }
+                }
+            }
             self.sender.send_replace(Arc::new(Snapshot {
                 generation,
-                serial: previous.serial + 1,
+                serial,
                 changed: (!full).then_some(touched),
                 activities,
+                listeners,
             }));
         }
         *horizon = Some(read.horizon);

@@ -132,12 +132,9 @@ impl Scheduler {
                         break;
                     }
                     let snapshot = snapshots.borrow_and_update().clone();
-                    // Only what changed, when this follows the snapshot synced last.
-                    let only = snapshot
-                        .changed
-                        .as_deref()
-                        .filter(|_| snapshot.serial == synced + 1);
-                    self.sync(&snapshot.activities, only).await;
+                    // Only what changed since the snapshot synced last, when that is known.
+                    let only = self.registry.changes(synced, snapshot.serial);
+                    self.sync(&snapshot.activities, only.as_deref()).await;
                     synced = snapshot.serial;
                     continue;
                 }
@@ -165,7 +162,7 @@ impl Scheduler {
     /// `None`: look at every one.
     async fn sync(
         &mut self,
-        activities: &HashMap<ActivityId, Arc<LiveActivity>>,
+        activities: &crate::registry::Activities,
         only: Option<&[ActivityId]>,
     ) {
         // Schedules replaced by a new version while staying active were running here a moment ago:

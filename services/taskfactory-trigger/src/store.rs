@@ -895,20 +895,22 @@ pub async fn schedule_states_of(
         .collect())
 }
 
-pub async fn mark_published(pool: &PgPool, fire: FireId) -> Result<(), StoreError> {
-    mark_all_published(pool, &[fire]).await
-}
-
-/// Marks fires published, in one statement.
-pub async fn mark_all_published(pool: &PgPool, fires: &[FireId]) -> Result<(), StoreError> {
+/// Marks fires published, in one statement: each with the instant its publish was acknowledged.
+pub async fn mark_all_published(
+    pool: &PgPool,
+    fires: &[(FireId, DateTime<Utc>)],
+) -> Result<(), StoreError> {
     if fires.is_empty() {
         return Ok(());
     }
-    let ids: Vec<Uuid> = fires.iter().map(|f| f.0).collect();
+    let ids: Vec<Uuid> = fires.iter().map(|(f, _)| f.0).collect();
+    let at: Vec<DateTime<Utc>> = fires.iter().map(|(_, at)| *at).collect();
     sqlx::query(
-        "UPDATE fires SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL",
+        "UPDATE fires SET published_at = p.at FROM UNNEST($1::uuid[], $2::timestamptz[]) AS p (id, at) \
+         WHERE fires.id = p.id AND fires.published_at IS NULL",
     )
     .bind(&ids)
+    .bind(&at)
     .execute(pool)
     .await?;
     Ok(())
