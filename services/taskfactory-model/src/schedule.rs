@@ -67,8 +67,58 @@ pub struct CronExpr {
 
 #[derive(Clone, Debug)]
 struct CronPart {
-    schedule: cron::Schedule,
+    /// Shared by every schedule with the same expression ([`parsed_cron`]).
+    schedule: std::sync::Arc<cron::Schedule>,
     wildcard_hour: bool,
+}
+
+/// A parsed cron expression, shared with every other schedule that uses the same one: a parsed
+/// expression holds a set per field (a few KiB), and a trigger holds every live schedule's, so
+/// 100,000 schedules on a few distinct expressions (the usual case) take the memory of a few.
+/// Entries whose last user is gone are swept out as the table grows.
+fn parsed_cron(source: &str) -> Result<std::sync::Arc<cron::Schedule>, cron::error::Error> {
+    use std::sync::{Arc, PoisonError, Weak};
+    let table = cron_table();
+    if let Some(shared) = table
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .parsed
+        .get(source)
+        .and_then(Weak::upgrade)
+    {
+        return Ok(shared);
+    }
+    // Parsed outside the lock.
+    let parsed = Arc::new(cron::Schedule::from_str(source)?);
+    let mut table = table.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(shared) = table.parsed.get(source).and_then(Weak::upgrade) {
+        return Ok(shared);
+    }
+    table
+        .parsed
+        .insert(source.to_owned(), Arc::downgrade(&parsed));
+    if table.parsed.len() >= (2 * table.swept_at).max(1024) {
+        table.parsed.retain(|_, weak| weak.strong_count() > 0);
+        table.swept_at = table.parsed.len();
+    }
+    Ok(parsed)
+}
+
+/// The parsed expressions in use, by source ([`parsed_cron`]).
+struct CronTable {
+    parsed: std::collections::HashMap<String, std::sync::Weak<cron::Schedule>>,
+    /// The table's size after its last sweep: the next comes when it has doubled.
+    swept_at: usize,
+}
+
+fn cron_table() -> &'static std::sync::Mutex<CronTable> {
+    static TABLE: std::sync::OnceLock<std::sync::Mutex<CronTable>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        std::sync::Mutex::new(CronTable {
+            parsed: std::collections::HashMap::new(),
+            swept_at: 0,
+        })
+    })
 }
 
 const FIELD_NAMES_6: [&str; 6] = [
@@ -147,7 +197,7 @@ impl CronExpr {
         };
         let mut parts = Vec::with_capacity(sources.len());
         for source in sources {
-            let schedule = cron::Schedule::from_str(&source).map_err(|e| {
+            let schedule = parsed_cron(&source).map_err(|e| {
                 ScheduleError::new(format!("{trimmed:?} is not valid: {}", cron_error_text(&e)))
             })?;
             let wildcard_hour = schedule.hours().is_all();
@@ -1099,6 +1149,51 @@ pub fn jitter_delay(
     bytes.copy_from_slice(&digest[..16]);
     let nanos = u128::from_le_bytes(bytes) % limit_nanos;
     std::time::Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod shared_parse_tests {
+    use super::*;
+
+    #[test]
+    fn expressions_written_alike_share_one_parse_and_others_do_not() {
+        let a = CronExpr::parse("7 */5 * * * *").expect("valid");
+        let b = CronExpr::parse("  7 */5 * * * * ").expect("valid");
+        let c = CronExpr::parse("8 */5 * * * *").expect("valid");
+        assert!(std::sync::Arc::ptr_eq(
+            &a.parts[0].schedule,
+            &b.parts[0].schedule
+        ));
+        assert!(!std::sync::Arc::ptr_eq(
+            &a.parts[0].schedule,
+            &c.parts[0].schedule
+        ));
+        // Shared, the parse still answers for each.
+        let at = Utc.with_ymd_and_hms(2026, 1, 1, 0, 5, 7).unwrap();
+        assert!(a.matches_wall(at.naive_utc()) && b.matches_wall(at.naive_utc()));
+        assert!(!c.matches_wall(at.naive_utc()));
+    }
+
+    #[test]
+    fn a_parse_nobody_uses_any_more_is_swept_out() {
+        for i in 0..3000 {
+            let expr = CronExpr::parse(&format!("{} {} 1 * * *", i % 60, i / 60)).expect("valid");
+            drop(expr);
+        }
+        let size = cron_table()
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .parsed
+            .len();
+        // Swept when it reached 1,024 and 2,048 (other tests parse meanwhile, so not exact).
+        assert!(size < 2500, "{size} parses kept for 3,000 no longer used");
+        let kept = CronExpr::parse("1 2 3 * * *").expect("valid");
+        let again = CronExpr::parse("1 2 3 * * *").expect("valid");
+        assert!(std::sync::Arc::ptr_eq(
+            &kept.parts[0].schedule,
+            &again.parts[0].schedule
+        ));
+    }
 }
 
 #[cfg(test)]

@@ -350,13 +350,18 @@ async fn write_batches(
             // Up to RECORDING batches are recorded at once, each in its own transaction, and
             // handed on in the order they were taken. One schedule never has two fires in
             // flight (its writer waits for each), and each batch writes in key order, so two
-            // batches never wait on each other in a cycle.
+            // batches never wait on each other in a cycle. Each recording is a task of its own:
+            // it goes on to its commit while this loop waits to hand a batch on (an open
+            // transaction left waiting would hold its locks and its connection meanwhile).
             let mut recording = futures::stream::FuturesOrdered::new();
             let mut open = true;
             while open || !recording.is_empty() {
                 tokio::select! {
                     biased;
-                    Some(batch) = recording.next(), if !recording.is_empty() => {
+                    Some(recorded) = recording.next(), if !recording.is_empty() => {
+                        // A recording that panicked dropped its callers' replies: they hear
+                        // of a failure and try again.
+                        let Ok(batch) = recorded else { continue };
                         if to_publish.send(batch).await.is_err() {
                             return;
                         }
@@ -371,10 +376,10 @@ async fn write_batches(
                                 .cmp(&(b.fire.activity_id.0, &b.fire.dedupe_key))
                         });
                         let (pool, clock) = (pool.clone(), clock.clone());
-                        recording.push_back(async move {
+                        recording.push_back(tokio::spawn(async move {
                             let outcomes = record_batch(&pool, &clock, &jobs).await;
                             Batch { jobs, outcomes }
-                        });
+                        }));
                     }
                 }
             }
@@ -442,7 +447,8 @@ const RECORDING: usize = 2;
 
 /// The fires waiting, at most [`BATCH`]; `None` once every handle is gone and none wait.
 async fn take_batch(queue: &mut tokio::sync::mpsc::UnboundedReceiver<Job>) -> Option<Vec<Job>> {
-    let mut jobs = Vec::with_capacity(BATCH);
+    // Grown as jobs come (a batch of one is the usual case at a low rate).
+    let mut jobs = Vec::new();
     (queue.recv_many(&mut jobs, BATCH).await > 0).then_some(jobs)
 }
 

@@ -244,8 +244,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         work_shutdown.clone(),
     );
 
+    // On the admin API's pool: a change made there reloads under the same lock as the reloader
+    // (loads run one at a time), so the reloader must not wait behind the scheduler either.
     tracker.spawn(registry.clone().run_reloader(
-        pool.clone(),
+        admin_pool.clone(),
         client.clone(),
         config.reload_interval,
         work_shutdown.clone(),

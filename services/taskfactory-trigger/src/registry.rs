@@ -41,8 +41,21 @@ pub const SIGNALLED_RELOAD_GAP: Duration = Duration::from_millis(250);
 /// Signals taken off the subscription at once before the loop looks at its other work.
 const SIGNALS_AT_ONCE: u64 = 4096;
 
-/// Snapshots whose changes are kept for subscribers that fell behind ([`Registry::changes`]).
+/// Snapshots whose changes are kept for subscribers that fell behind ([`Registry::changes`]),
+/// and the ids they may name in all, at most (a subscriber further behind compares everything).
 const CHANGES_KEPT: usize = 1024;
+const CHANGED_IDS_KEPT: usize = 100_000;
+
+/// Activities whose specs one query reads, at most.
+const LOAD_CHUNK: usize = 2000;
+
+/// The registry's reads look activities up by the transaction that changed them
+/// (`activities_changed`), which the planner chooses only if its statistics of `activities` are
+/// current. Autovacuum keeps them so, unless it is off or behind a bulk load (10,000 creates in a
+/// minute); then a reload scans every activity, and each create costs in proportion to how many
+/// exist. So the registry has the table analyzed itself whenever the live activities have
+/// doubled since it last did (from this many on).
+const ANALYZE_FROM: usize = 1000;
 
 /// The activities each recent snapshot changed, by serial, oldest first.
 type RecentChanges = VecDeque<(u64, Arc<[ActivityId]>)>;
@@ -154,6 +167,9 @@ pub struct Registry {
     horizon: Arc<tokio::sync::Mutex<Option<store::Horizon>>>,
     /// The changes of the last [`CHANGES_KEPT`] snapshots, by serial (a full load breaks it).
     recent: Arc<std::sync::Mutex<RecentChanges>>,
+    /// Live activities when the registry last had `activities` analyzed (see [`ANALYZE_FROM`]);
+    /// `usize::MAX` once the database refused (no right to).
+    analyzed_at: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Registry {
@@ -164,7 +180,46 @@ impl Registry {
             changed: Arc::new(Notify::new()),
             horizon: Arc::new(tokio::sync::Mutex::new(None)),
             recent: Arc::new(std::sync::Mutex::new(VecDeque::new())),
+            analyzed_at: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         }
+    }
+
+    /// Has `activities` analyzed, in the background, when the live activities have doubled
+    /// since the last time (see [`ANALYZE_FROM`]).
+    fn analyze_if_grown(&self, pool: &PgPool, live: usize) {
+        use std::sync::atomic::Ordering;
+        let last = self.analyzed_at.load(Ordering::Relaxed);
+        if live < ANALYZE_FROM || live < last.saturating_mul(2) {
+            return;
+        }
+        if self
+            .analyzed_at
+            .compare_exchange(last, live, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            return; // another load is on it
+        }
+        let (pool, analyzed_at) = (pool.clone(), self.analyzed_at.clone());
+        tokio::spawn(async move {
+            match sqlx::query("ANALYZE activities").execute(&pool).await {
+                Ok(_) => {
+                    tracing::debug!(
+                        activities = live,
+                        "analyzed activities for the registry's reads"
+                    )
+                }
+                Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("42501") => {
+                    tracing::info!(
+                        "no right to analyze activities (not its owner); the registry relies on autovacuum for its statistics"
+                    );
+                    analyzed_at.store(usize::MAX, Ordering::Relaxed);
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error_chain(&error), "could not analyze activities; will try again");
+                    analyzed_at.store(last, Ordering::Relaxed);
+                }
+            }
+        });
     }
 
     /// The activities that differ between snapshot `after` and snapshot `upto` (added, changed
@@ -284,8 +339,9 @@ impl Registry {
                 to_load.push(head.id.0);
             }
         }
-        if !to_load.is_empty() {
-            for record in store::load_live_activities(pool, &to_load).await? {
+        // In chunks: a full load of 100,000 activities never holds all their stored specs at once.
+        for chunk in to_load.chunks(LOAD_CHUNK) {
+            for record in store::load_live_activities(pool, chunk).await? {
                 if let Some(live) = LiveActivity::from_record(&record) {
                     let live = Arc::new(live);
                     if live.event_trigger().is_some() {
@@ -308,6 +364,7 @@ impl Registry {
             } else {
                 !touched.is_empty()
             };
+        self.analyze_if_grown(pool, activities.len());
         if changed {
             let serial = previous.serial + 1;
             {
@@ -320,8 +377,12 @@ impl Registry {
                     recent.clear();
                 } else {
                     recent.push_back((serial, Arc::from(touched.as_slice())));
-                    while recent.len() > CHANGES_KEPT {
-                        recent.pop_front();
+                    let mut ids: usize = recent.iter().map(|(_, ids)| ids.len()).sum();
+                    while recent.len() > CHANGES_KEPT || ids > CHANGED_IDS_KEPT {
+                        let Some((_, dropped)) = recent.pop_front() else {
+                            break;
+                        };
+                        ids -= dropped.len();
                     }
                 }
             }
