@@ -440,7 +440,10 @@ async fn main() -> anyhow::Result<()> {
     let commits_before = commits(&pool).await?;
     progress(&format!("observing {start} .. {end}"));
     let trigger_pid = trigger.pid().context("the trigger's pid")?;
-    let wait = (end - Utc::now()).to_std().unwrap_or_default() + Duration::from_secs(15);
+    // The last occurrences of the window are due up to a jitter after it.
+    let wait = (end - Utc::now()).to_std().unwrap_or_default()
+        + Duration::from_secs(args.jitter_secs)
+        + Duration::from_secs(15);
     tokio::time::sleep(wait).await;
     let commits_after = commits(&pool).await?;
     let expected = u64::try_from(schedules)? * periods;

@@ -644,3 +644,67 @@ async fn a_subscriber_behind_by_several_snapshots_learns_only_what_changed_in_be
     );
     Ok(())
 }
+
+/// Past a thousand activities the registry has `activities` analyzed itself, so the planner
+/// looks changes up by their transaction (the `activities_changed` index) even when autovacuum
+/// is off or behind a bulk load. Without statistics every reload scanned every activity, and a
+/// create cost in proportion to how many existed (the Postgres these tests run on has
+/// autovacuum off).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_registry_keeps_the_activities_statistics_current_as_they_grow() -> anyhow::Result<()> {
+    use futures::StreamExt as _;
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _trigger = env.start(Service::Trigger);
+    env.wait_ready(&[Service::Trigger]).await?;
+    let pool = env.db.pool().await?;
+    let analyzed = || async {
+        let at: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
+            "SELECT greatest(last_analyze, last_autoanalyze) FROM pg_stat_user_tables WHERE relname = 'activities'",
+        )
+        .fetch_one(&pool)
+        .await?;
+        anyhow::Ok(at)
+    };
+    let before = analyzed().await?;
+    let mut admins = Vec::new();
+    for _ in 0..8 {
+        admins.push(env.admin().await?);
+    }
+    let admins = std::sync::Arc::new(tokio::sync::Mutex::new(admins));
+    let mut creates = futures::stream::iter(0..1000)
+        .map(|i| {
+            let admins = admins.clone();
+            async move {
+                let mut admin = admins.lock().await.pop().context("an admin client")?;
+                let created = create(&mut admin, padded(&format!("bulk{i:04}"), 1)?).await;
+                admins.lock().await.push(admin);
+                created.map_err(anyhow::Error::from)
+            }
+        })
+        .buffer_unordered(8);
+    while let Some(created) = creates.next().await {
+        created?;
+    }
+    let after =
+        taskfactory_tests::wait_for("activities analyzed", Duration::from_secs(30), || async {
+            Ok(analyzed().await?.filter(|at| Some(*at) > before))
+        })
+        .await?;
+    assert!(Some(after) > before);
+    // And the planner now takes the index for a reload's read of recent changes.
+    let recent: i64 =
+        sqlx::query_scalar("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint - 5")
+            .fetch_one(&pool)
+            .await?;
+    let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "EXPLAIN SELECT id FROM activities WHERE deleted_at IS NULL \
+         AND changed_xid >= '{recent}'::xid8"
+    )))
+    .fetch_all(&pool)
+    .await?;
+    assert!(
+        plan.iter().any(|line| line.contains("activities_changed")),
+        "{plan:#?}"
+    );
+    Ok(())
+}
