@@ -38,12 +38,7 @@ pub async fn connect_and_migrate(
     args: &DatabaseArgs,
     patience: Duration,
 ) -> Result<PgPool, DbError> {
-    let options = PgConnectOptions::from_str(&args.url).map_err(DbError::Url)?;
-    let options = options
-        .log_statements(tracing::log::LevelFilter::Debug)
-        // A process that froze (or lost the network) inside a transaction must not hold its
-        // locks for long: the scheduling fence, a run's overlap lock.
-        .options([("idle_in_transaction_session_timeout", "15s")]);
+    let options = connect_options(args)?;
     let started = tokio::time::Instant::now();
     let mut delay = Duration::from_millis(100);
     loop {
@@ -72,23 +67,28 @@ pub async fn connect_and_migrate(
 /// the service's main pool (a trigger's admin API behind its scheduler). Connects lazily: the
 /// database is there, since [`connect_and_migrate`] returned.
 pub fn another_pool(args: &DatabaseArgs, size: u32) -> Result<PgPool, DbError> {
-    let options = PgConnectOptions::from_str(&args.url)
+    Ok(pool_options(size).connect_lazy_with(connect_options(args)?))
+}
+
+/// How every connection of a service is made.
+fn connect_options(args: &DatabaseArgs) -> Result<PgConnectOptions, DbError> {
+    Ok(PgConnectOptions::from_str(&args.url)
         .map_err(DbError::Url)?
         .log_statements(tracing::log::LevelFilter::Debug)
-        .options([("idle_in_transaction_session_timeout", "15s")]);
-    Ok(PgPoolOptions::new()
+        // A process that froze (or lost the network) inside a transaction must not hold its
+        // locks for long: the scheduling fence, a run's overlap lock.
+        .options([("idle_in_transaction_session_timeout", "15s")]))
+}
+
+/// Every pool of a service, of `size` connections.
+fn pool_options(size: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
         .max_connections(size.max(1))
         .acquire_timeout(Duration::from_secs(10))
-        .connect_lazy_with(options))
 }
 
 async fn try_connect(options: &PgConnectOptions, pool_size: u32) -> Result<PgPool, DbError> {
-    let connect = |options: PgConnectOptions| {
-        PgPoolOptions::new()
-            .max_connections(pool_size.max(1))
-            .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options)
-    };
+    let connect = |options: PgConnectOptions| pool_options(pool_size).connect_with(options);
     match connect(options.clone()).await {
         Ok(pool) => Ok(pool),
         // 3D000: invalid_catalog_name — the database does not exist yet.
@@ -145,12 +145,6 @@ pub struct RefusedInput {
     pub message: String,
 }
 
-/// The database error in `error`'s chain that the same input would meet on every try: a data
-/// exception (class 22: a value out of range, an invalid encoding), a program limit (class 54:
-/// an index row or a value too large), a NOT NULL or CHECK violation (23502, 23514). A handler
-/// that would otherwise retry for as long as the database is down dead-letters such input
-/// instead of looping. Unique and foreign-key violations are left out: a race between replicas
-/// produces them, and a retry sees the winner's row.
 /// What becomes of a batch the database failed as a whole (the one rule of every group commit):
 /// `None` when it refused some item's data, so the items are written one by one and the bad one
 /// alone fails; otherwise (the database down, a pool timeout: each item would fail as well, only
@@ -167,6 +161,12 @@ pub fn batch_failed(error: &sqlx::Error, items: usize) -> Option<Vec<sqlx::Error
     )
 }
 
+/// The database error in `error`'s chain that the same input would meet on every try: a data
+/// exception (class 22: a value out of range, an invalid encoding), a program limit (class 54:
+/// an index row or a value too large), a NOT NULL or CHECK violation (23502, 23514). A handler
+/// that would otherwise retry for as long as the database is down dead-letters such input
+/// instead of looping. Unique and foreign-key violations are left out: a race between replicas
+/// produces them, and a retry sees the winner's row.
 pub fn input_refused_by_database(
     error: &(dyn std::error::Error + 'static),
 ) -> Option<RefusedInput> {

@@ -157,6 +157,31 @@ pub struct Snapshot {
     pub listeners: Activities,
 }
 
+/// A snapshot's maps while a load builds them: `listeners` always holds those of `activities`
+/// with an event trigger.
+#[derive(Default)]
+struct LiveMaps {
+    activities: Activities,
+    listeners: Activities,
+}
+
+impl LiveMaps {
+    fn put(&mut self, live: Arc<LiveActivity>) {
+        if live.event_trigger().is_some() {
+            self.listeners.insert(live.id, live.clone());
+        } else {
+            self.listeners.remove(&live.id);
+        }
+        self.activities.insert(live.id, live);
+    }
+
+    /// Whether it was there.
+    fn remove(&mut self, id: &ActivityId) -> bool {
+        self.listeners.remove(id);
+        self.activities.remove(id).is_some()
+    }
+}
+
 /// Holds the current snapshot and tells subscribers when it changes.
 #[derive(Clone)]
 pub struct Registry {
@@ -300,16 +325,18 @@ impl Registry {
             *horizon = Some(read.horizon);
             return Ok((previous.generation, false, count));
         }
-        let (mut activities, mut listeners) = if full {
-            (Activities::new(), Activities::new())
+        let mut live = if full {
+            LiveMaps::default()
         } else {
-            (previous.activities.clone(), previous.listeners.clone())
+            LiveMaps {
+                activities: previous.activities.clone(),
+                listeners: previous.listeners.clone(),
+            }
         };
         // What differs from the snapshot before (in an incremental load).
         let mut touched = Vec::new();
         for id in &read.gone {
-            listeners.remove(id);
-            if activities.remove(id).is_some() {
+            if live.remove(id) {
                 touched.push(*id);
             }
         }
@@ -327,14 +354,10 @@ impl Registry {
                 && old.resumed_at == head.resumed_at
                 && old.pause_note == head.pause_note
             {
-                if old.event_trigger().is_some() {
-                    listeners.insert(head.id, old.clone());
-                }
-                activities.insert(head.id, old.clone());
+                live.put(old.clone());
             } else {
                 // Gone until its new version is built (a spec that no longer builds stays out).
-                activities.remove(&head.id);
-                listeners.remove(&head.id);
+                live.remove(&head.id);
                 touched.push(head.id);
                 to_load.push(head.id.0);
             }
@@ -342,15 +365,15 @@ impl Registry {
         // In chunks: a full load of 100,000 activities never holds all their stored specs at once.
         for chunk in to_load.chunks(LOAD_CHUNK) {
             for record in store::load_live_activities(pool, chunk).await? {
-                if let Some(live) = LiveActivity::from_record(&record) {
-                    let live = Arc::new(live);
-                    if live.event_trigger().is_some() {
-                        listeners.insert(record.id, live.clone());
-                    }
-                    activities.insert(record.id, live);
+                if let Some(built) = LiveActivity::from_record(&record) {
+                    live.put(Arc::new(built));
                 }
             }
         }
+        let LiveMaps {
+            activities,
+            listeners,
+        } = live;
         // Unchanged entries are the very same `Arc`s as before.
         let changed = generation != previous.generation
             || if full {
