@@ -324,6 +324,8 @@ struct Holding {
     most_of_several: std::sync::atomic::AtomicUsize,
     most_messages: std::sync::atomic::AtomicUsize,
     taken: std::sync::Mutex<Vec<String>>,
+    /// Deliveries after the first.
+    redelivered: std::sync::atomic::AtomicUsize,
 }
 
 /// Never returned.
@@ -348,6 +350,9 @@ impl taskfactory_runtime::messaging::Handler for Holding {
     async fn handle(&self, message: &async_nats::jetstream::Message) -> Result<(), Never> {
         use std::sync::atomic::Ordering;
         let bytes = message.payload.len();
+        if message.info().map_or(1, |info| info.delivered) > 1 {
+            self.redelivered.fetch_add(1, Ordering::SeqCst);
+        }
         {
             let mut now = self.now.lock().unwrap();
             now.0 += bytes;
@@ -374,13 +379,42 @@ impl taskfactory_runtime::messaging::Handler for Holding {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_consumer_holds_no_more_message_bytes_than_its_bound_however_many_slots_it_has()
 -> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    hold_within_the_bound(&env, 1, Some(15)).await
+}
+
+/// On a stream replicated on three servers, the server delivers a pull's messages only once
+/// their delivery is replicated, but says at once that the pull is over when its bytes are used
+/// up: a consumer that stopped listening then lost those messages until `ack_wait` ran out
+/// (here 60 s), and the services could not bound their pulls by bytes. Every message is taken
+/// at once, and once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_byte_bounded_consumer_takes_every_message_of_a_replicated_stream_at_once()
+-> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions {
+        nats_servers: 3,
+        stream_replicas: 3,
+        ..EnvOptions::default()
+    })
+    .await?;
+    hold_within_the_bound(&env, 3, None).await
+}
+
+/// Publishes 30 messages of 100 KiB (one of 600 KiB at `large`) to a stream of `replicas`, and
+/// consumes them with 64 slots and a bound of 300 KiB, an `ack_wait` of 60 s: each is taken once,
+/// with no redelivery, within 30 s, and never more than the bound is in hand.
+async fn hold_within_the_bound(
+    env: &TestEnv,
+    replicas: usize,
+    large: Option<usize>,
+) -> anyhow::Result<()> {
     use std::sync::Arc;
     use taskfactory_runtime::messaging::{self, ConsumerSpec};
-    let env = TestEnv::new(EnvOptions::default()).await?;
     let js = env.nats_client().await.map(async_nats::jetstream::new)?;
     js.create_stream(async_nats::jetstream::stream::Config {
         name: "HOLDING".to_owned(),
         subjects: vec!["holding.>".to_owned()],
+        num_replicas: replicas,
         ..Default::default()
     })
     .await?;
@@ -388,7 +422,7 @@ async fn a_consumer_holds_no_more_message_bytes_than_its_bound_however_many_slot
     let bound = 300 * 1024;
     let mut sent = Vec::new();
     for n in 0..30 {
-        let size = if n == 15 { 600 * 1024 } else { small };
+        let size = if Some(n) == large { 600 * 1024 } else { small };
         let subject = format!("holding.{n}");
         js.publish(subject.clone(), vec![b'x'; size].into())
             .await?
@@ -400,6 +434,7 @@ async fn a_consumer_holds_no_more_message_bytes_than_its_bound_however_many_slot
         most_of_several: Default::default(),
         most_messages: Default::default(),
         taken: Default::default(),
+        redelivered: Default::default(),
     });
     let shutdown = tokio_util::sync::CancellationToken::new();
     let consuming = tokio::spawn(messaging::consume(
@@ -410,7 +445,7 @@ async fn a_consumer_holds_no_more_message_bytes_than_its_bound_however_many_slot
             filter_subject: "holding.>".to_owned(),
             concurrency: 64,
             bytes_in_hand: bound,
-            ack_wait: Duration::from_secs(30),
+            ack_wait: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(5),
             max_deliveries: 5,
             dead_letters: |_| "holding.dlq".to_owned(),
@@ -429,6 +464,10 @@ async fn a_consumer_holds_no_more_message_bytes_than_its_bound_however_many_slot
     taken.sort();
     sent.sort();
     assert_eq!(taken, sent, "each message taken once");
+    let redelivered = holding
+        .redelivered
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(redelivered, 0, "messages delivered more than once");
     let most = holding
         .most_of_several
         .load(std::sync::atomic::Ordering::SeqCst);

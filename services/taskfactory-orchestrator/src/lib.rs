@@ -65,16 +65,24 @@ pub struct Config {
     #[arg(
         long = "trigger-concurrency",
         env = "TASKFACTORY_TRIGGER_CONCURRENCY",
-        default_value_t = 64
+        default_value_t = 256
     )]
     pub trigger_concurrency: usize,
     /// Results handled at once.
     #[arg(
         long = "result-concurrency",
         env = "TASKFACTORY_RESULT_CONCURRENCY",
-        default_value_t = 128
+        default_value_t = 256
     )]
     pub result_concurrency: usize,
+    /// Bytes of result messages in hand at once (their outputs mostly): the results consumer
+    /// pulls no more than the room left (one larger than this alone).
+    #[arg(
+        long = "result-bytes-in-flight",
+        env = "TASKFACTORY_RESULT_BYTES_IN_FLIGHT",
+        default_value_t = 16 * 1024 * 1024
+    )]
+    pub result_bytes_in_flight: usize,
     /// Transactions recording results at once (each records the results waiting, of any runs),
     /// and new runs at once.
     #[arg(
@@ -292,8 +300,9 @@ impl Config {
         Self {
             nats: NatsArgs::local(nats_url),
             database: DatabaseArgs::new(database_url),
-            trigger_concurrency: 64,
-            result_concurrency: 128,
+            trigger_concurrency: 256,
+            result_concurrency: 256,
+            result_bytes_in_flight: 16 * 1024 * 1024,
             result_transactions: 4,
             ack_wait: Duration::from_secs(30),
             publish_window: 256,
@@ -528,7 +537,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             durable: subjects::ORCHESTRATOR_TRIGGERS_CONSUMER.to_owned(),
             filter_subject: subjects::TRIGGERS_SUBJECTS.to_owned(),
             concurrency: config.trigger_concurrency,
-            bytes_in_hand: 0,
+            bytes_in_hand: config.trigger_bytes_in_flight,
             ack_wait: config.ack_wait,
             drain_timeout: config.lifecycle.drain_timeout,
             max_deliveries: config.nats.max_deliveries,
@@ -545,7 +554,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             durable: subjects::ORCHESTRATOR_RESULTS_CONSUMER.to_owned(),
             filter_subject: subjects::RESULTS_SUBJECTS.to_owned(),
             concurrency: config.result_concurrency,
-            bytes_in_hand: 0,
+            bytes_in_hand: config.result_bytes_in_flight,
             ack_wait: Duration::from_secs(30),
             drain_timeout: config.lifecycle.drain_timeout,
             // A result dead-lettered would be lost (its task message is acked), and its handler

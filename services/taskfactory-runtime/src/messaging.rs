@@ -20,6 +20,7 @@
 //!   ([`crate::propagation`]). Names and attributes follow the OpenTelemetry messaging
 //!   conventions (`publish <subject>`, `process <subject>`, `messaging.*`).
 
+use crate::pull::{Pulled, Puller};
 use crate::telemetry::error_chain;
 use std::future::Future;
 use std::sync::Arc;
@@ -330,11 +331,8 @@ pub struct ConsumerSpec {
     /// Bytes of messages in hand at once, at most (0: bounded by `concurrency` alone): each
     /// pull asks the server for no more than the room left, so many small messages can be in
     /// hand together and a few large ones cannot exceed it. With nothing in hand a pull takes
-    /// one message of any size the server allows.
-    ///
-    /// Not used by the services yet: on a clustered stream (three servers, R3) a consumer
-    /// pulling with a byte limit received nothing (`cluster::runs_complete_exactly_once_…`),
-    /// not yet understood. Until it is, the services pass 0.
+    /// one message of any size the server allows. (A message of an earlier pull that came
+    /// later than the server said, `pull`, is taken if a slot is free, whatever its bytes.)
     pub bytes_in_hand: usize,
     pub ack_wait: Duration,
     /// At shutdown, how long handlers in flight may take to finish; messages of those still
@@ -479,7 +477,25 @@ pub async fn consume<H: Handler>(
         shutdown.clone(),
     ));
     let mut backoff = Duration::from_millis(100);
+    let mut puller: Option<Puller> = None;
     'reconnect: while !shutdown.is_cancelled() {
+        if puller.is_none() {
+            match Puller::new(&js.client()).await {
+                Ok(made) => puller = Some(made),
+                Err(error) => {
+                    tracing::warn!(consumer = %spec.durable, error = %error_chain(&*error), "cannot subscribe for pulls yet; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break 'reconnect,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            }
+        }
+        let Some(puller) = puller.as_mut() else {
+            continue;
+        };
         let mut consumer = match ensure_consumer(&js, &spec).await {
             Ok(consumer) => consumer,
             Err(error) => {
@@ -528,43 +544,41 @@ pub async fn consume<H: Handler>(
                 }
                 bytes
             };
-            let batch = consumer
-                .batch()
-                .max_messages(free.len())
-                .max_bytes(max_bytes)
-                .expires(PULL_EXPIRY)
-                .messages()
-                .await;
-            let mut batch = match batch {
-                Ok(batch) => batch,
-                Err(error) => {
-                    tracing::warn!(consumer = %spec.durable, error = %error_chain(&error), "pull failed; re-subscribing");
-                    crate::metrics::count_consumer_recreated(&spec.durable);
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break 'reconnect,
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    continue 'reconnect;
+            if let Err(error) = puller
+                .request(&consumer, free.len(), max_bytes, PULL_EXPIRY)
+                .await
+            {
+                tracing::warn!(consumer = %spec.durable, error = %error_chain(&*error), "pull failed; re-subscribing");
+                crate::metrics::count_consumer_recreated(&spec.durable);
+                tokio::select! {
+                    _ = shutdown.cancelled() => break 'reconnect,
+                    _ = tokio::time::sleep(backoff) => {}
                 }
-            };
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue 'reconnect;
+            }
             let mut received = false;
             loop {
                 let next = tokio::select! {
-                    _ = shutdown.cancelled() => {
-                        hand_back_buffered(&mut batch).await;
-                        break 'reconnect;
-                    }
-                    next = batch.next() => next,
+                    _ = shutdown.cancelled() => break 'reconnect,
+                    next = puller.next(&js) => next,
                 };
                 match next {
-                    Some(Ok(message)) => {
+                    Pulled::Message(message) => {
                         received = true;
                         backoff = Duration::from_millis(100);
-                        let Some(slot) = free.pop() else {
-                            // More than asked for: never expected; give it back at once.
-                            settle(&message, Disposition::Retry(Duration::ZERO)).await;
-                            continue;
+                        // A slot asked for; or, for a message of an earlier request that came
+                        // after its grace, any free one.
+                        let slot = match free.pop() {
+                            Some(slot) => slot,
+                            None => match slots.clone().try_acquire_owned() {
+                                Ok(slot) => slot,
+                                Err(_) => {
+                                    // No room: give it back at once.
+                                    settle(&message, Disposition::Retry(Duration::ZERO)).await;
+                                    continue;
+                                }
+                            },
                         };
                         crate::metrics::record_delivery(
                             &spec.durable,
@@ -581,15 +595,9 @@ pub async fn consume<H: Handler>(
                             .instrument(span),
                         );
                     }
-                    // The next message would pass the bytes asked for: the pull is over, and
-                    // the next one waits for room.
-                    // The server says the pull is complete (its bytes were used up exactly, or
-                    // it ended the request): not a failure; pull again.
-                    Some(Err(error)) if is_batch_completed(&*error) => {
-                        received = true;
-                        break;
-                    }
-                    Some(Err(error)) if is_max_bytes_end(&*error) => {
+                    // The next message would pass the bytes asked for: the next pull waits for
+                    // room, or takes it alone if nothing is in hand.
+                    Pulled::Over { too_large: true } => {
                         if !received {
                             if held.bytes() == 0 {
                                 tracing::warn!(consumer = %spec.durable, "a message larger than a pull may ask for; taking it alone");
@@ -604,8 +612,10 @@ pub async fn consume<H: Handler>(
                         received = true;
                         break;
                     }
-                    Some(Err(error)) => {
-                        tracing::warn!(consumer = %spec.durable, error = %error_chain(&*error), "pull failed; re-subscribing");
+                    // Complete, or expired with slots left: pull again.
+                    Pulled::Over { too_large: false } => break,
+                    Pulled::Failed(error) => {
+                        tracing::warn!(consumer = %spec.durable, %error, "pull failed; re-subscribing");
                         crate::metrics::count_consumer_recreated(&spec.durable);
                         tokio::select! {
                             _ = shutdown.cancelled() => break 'reconnect,
@@ -614,8 +624,6 @@ pub async fn consume<H: Handler>(
                         backoff = (backoff * 2).min(Duration::from_secs(5));
                         continue 'reconnect;
                     }
-                    // The batch is complete, or expired with slots left: pull again.
-                    None => break,
                 }
             }
             // Pulls that keep coming back empty while the stream holds messages for us: the
@@ -640,6 +648,9 @@ pub async fn consume<H: Handler>(
         }
     }
     sampler.abort();
+    if let Some(puller) = puller.as_mut() {
+        puller.hand_back(&js).await;
+    }
     tracker.close();
     if tokio::time::timeout(spec.drain_timeout, tracker.wait())
         .await
@@ -729,18 +740,6 @@ fn max_payload(js: &jetstream::Context) -> usize {
         .server_info()
         .max_payload
         .saturating_add(64 * 1024)
-}
-
-/// Whether a pull's error is the server ending it because the next message would pass the
-/// bytes it asked for (status 409, `Message Size Exceeds MaxBytes`): not a failure.
-fn is_max_bytes_end(error: &(dyn std::error::Error + 'static)) -> bool {
-    error.to_string().contains("Exceeds MaxBytes")
-}
-
-/// Whether a pull's error is the server saying the request is complete (status 409, `Batch
-/// Completed`: sent when a pull asking for bytes got exactly those): not a failure.
-fn is_batch_completed(error: &(dyn std::error::Error + 'static)) -> bool {
-    error.to_string().contains("Batch Completed")
 }
 
 /// Settles what handlers return, the same way for every consumer.
@@ -996,23 +995,7 @@ async fn sample_consumer(
 /// stall.
 const STALL_PULLS: u32 = 3;
 
-/// How long one pull request waits for messages before it is renewed; also how long a pull that a
-/// restarted server forgot can stall. No idle heartbeat: async-nats 0.51's `Batch` returns
-/// `Pending` after consuming a heartbeat without arranging a wake-up, which stalls the pull until
-/// its expiry (measured: 10 s stalls with a 2 s heartbeat).
+/// How long one pull request waits for messages before it is renewed; a request a restarted
+/// server forgot is taken as over a few seconds after it (`pull`), and the consumer checked after
+/// [`STALL_PULLS`] of those.
 const PULL_EXPIRY: Duration = Duration::from_secs(5);
-
-/// On shutdown: messages of the open pull that were delivered, or are still on their way, but not
-/// started go back to the server at once (a NAK without delay), so another replica — or this one
-/// after a restart — gets them without waiting for `ack_wait`.
-async fn hand_back_buffered<S, E>(messages: &mut S)
-where
-    S: futures::Stream<Item = Result<Message, E>> + Unpin,
-{
-    const IN_TRANSIT: Duration = Duration::from_millis(250);
-    while let Ok(Some(Ok(message))) = tokio::time::timeout(IN_TRANSIT, messages.next()).await {
-        if let Err(error) = message.ack_with(AckKind::Nak(None)).await {
-            tracing::debug!(error = %error_chain(&*error), "could not hand back a message");
-        }
-    }
-}

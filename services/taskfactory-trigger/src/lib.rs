@@ -84,7 +84,7 @@ pub struct Config {
     #[arg(
         long = "event-concurrency",
         env = "TASKFACTORY_EVENT_CONCURRENCY",
-        default_value_t = 64
+        default_value_t = 256
     )]
     pub event_concurrency: usize,
     /// Bytes of events handled at once (an event's JSON tree takes up to tens of times its
@@ -150,7 +150,7 @@ impl Config {
             auth: auth::AuthArgs::default(),
             spec_limits: admin::SpecLimits::default(),
             max_event_bytes: 1024 * 1024,
-            event_concurrency: 64,
+            event_concurrency: 256,
             event_bytes_in_flight: 4 * 1024 * 1024,
             reconcile_interval: Duration::from_secs(5),
             reload_interval: Duration::from_secs(5),
@@ -316,7 +316,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             durable: subjects::TRIGGER_EVENTS_CONSUMER.to_owned(),
             filter_subject: subjects::EVENTS_SUBJECTS.to_owned(),
             concurrency: config.event_concurrency,
-            bytes_in_hand: 0,
+            bytes_in_hand: config.event_bytes_in_flight,
             ack_wait: Duration::from_secs(30),
             drain_timeout: config.lifecycle.drain_timeout,
             // An event dead-lettered would be lost (nothing sends it again), and its handler
