@@ -479,6 +479,9 @@ pub async fn consume<H: Handler>(
     let mut backoff = Duration::from_millis(100);
     let mut puller: Option<Puller> = None;
     'reconnect: while !shutdown.is_cancelled() {
+        if puller.as_ref().is_some_and(Puller::is_closed) {
+            puller = None;
+        }
         if puller.is_none() {
             match Puller::new(&js.client()).await {
                 Ok(made) => puller = Some(made),
@@ -514,14 +517,24 @@ pub async fn consume<H: Handler>(
         // alone, whatever its size.
         let mut take_one_whole = false;
         loop {
+            // While waiting for the handler, for a slot or for room, a message an earlier pull
+            // was owed and that comes late has no slot or room: it goes back at once.
             tokio::select! {
                 _ = shutdown.cancelled() => break 'reconnect,
                 _ = handler.ready() => {}
+                late = puller.late_message(&js) => {
+                    settle(&late, Disposition::Retry(Duration::ZERO)).await;
+                    continue;
+                }
             }
             // Wait for one free slot, then take every other free one.
             let first = tokio::select! {
                 _ = shutdown.cancelled() => break 'reconnect,
                 slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+                late = puller.late_message(&js) => {
+                    settle(&late, Disposition::Retry(Duration::ZERO)).await;
+                    continue;
+                }
             };
             let mut free = vec![first];
             while let Ok(slot) = slots.clone().try_acquire_owned() {
@@ -538,6 +551,10 @@ pub async fn consume<H: Handler>(
                 let (bytes, one_only) = tokio::select! {
                     _ = shutdown.cancelled() => break 'reconnect,
                     room = held.room(spec.bytes_in_hand, max_payload(&js)) => room,
+                    late = puller.late_message(&js) => {
+                        settle(&late, Disposition::Retry(Duration::ZERO)).await;
+                        continue;
+                    }
                 };
                 if one_only {
                     free.truncate(1);
@@ -564,21 +581,19 @@ pub async fn consume<H: Handler>(
                     next = puller.next(&js) => next,
                 };
                 match next {
-                    Pulled::Message(message) => {
+                    Pulled::Message { message, late } => {
                         received = true;
                         backoff = Duration::from_millis(100);
-                        // A slot asked for; or, for a message of an earlier request that came
-                        // after its grace, any free one.
-                        let slot = match free.pop() {
-                            Some(slot) => slot,
-                            None => match slots.clone().try_acquire_owned() {
-                                Ok(slot) => slot,
-                                Err(_) => {
-                                    // No room: give it back at once.
-                                    settle(&message, Disposition::Retry(Duration::ZERO)).await;
-                                    continue;
-                                }
-                            },
+                        // A slot asked for; for a message an earlier pull was owed, one free
+                        // now, if any (whatever its bytes).
+                        let slot = if late {
+                            slots.clone().try_acquire_owned().ok()
+                        } else {
+                            free.pop()
+                        };
+                        let Some(slot) = slot else {
+                            settle(&message, Disposition::Retry(Duration::ZERO)).await;
+                            continue;
                         };
                         crate::metrics::record_delivery(
                             &spec.durable,
@@ -603,9 +618,14 @@ pub async fn consume<H: Handler>(
                                 tracing::warn!(consumer = %spec.durable, "a message larger than a pull may ask for; taking it alone");
                                 take_one_whole = true;
                             } else {
-                                tokio::select! {
-                                    _ = shutdown.cancelled() => break 'reconnect,
-                                    _ = held.released_since(held_at_pull) => {}
+                                loop {
+                                    tokio::select! {
+                                        _ = shutdown.cancelled() => break 'reconnect,
+                                        _ = held.released_since(held_at_pull) => break,
+                                        late = puller.late_message(&js) => {
+                                            settle(&late, Disposition::Retry(Duration::ZERO)).await;
+                                        }
+                                    }
                                 }
                             }
                         }
