@@ -140,6 +140,11 @@ const SECONDS_BUCKETS: &[f64] = &[
 /// How often gauges read from the server (consumer state, dead letters) are sampled.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(5);
 
+/// How often the samples histograms took are folded into their buckets. The exporter keeps
+/// every sample until then: without it they piled up until `/metrics` was read (8 bytes a fire
+/// or a task, for ever if nothing scrapes).
+pub const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// The process's recorder (installed on first use; services sharing a process share it).
@@ -161,6 +166,18 @@ pub fn handle() -> &'static PrometheusHandle {
             tracing::warn!("a metrics recorder was already installed; /metrics shows only ours");
         }
         describe();
+        let upkept = handle.clone();
+        let upkeep = std::thread::Builder::new()
+            .name("metrics-upkeep".to_owned())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(UPKEEP_EVERY);
+                    upkept.run_upkeep();
+                }
+            });
+        if let Err(error) = upkeep {
+            tracing::warn!(%error, "cannot start the metrics upkeep; histogram samples are kept until /metrics is read");
+        }
         handle
     })
 }
