@@ -14,7 +14,7 @@
 //! - [`db`]: creating the database if absent, the pool, and the embedded migrations.
 //! - [`messaging`]: the one publish helper and the one consume loop (acks, concurrency, DLQ).
 //! - [`metrics`]: the Prometheus recorder and the `/metrics` endpoint.
-//! - `pull`: a consume loop's pull requests, on a subscription that outlives each of them.
+//! - `pull`: a consume loop's pull requests, each read until what the server owes it has come.
 //! - [`propagation`]: W3C trace context in NATS headers, HTTP headers and gRPC metadata.
 //! - [`secrets`]: named secrets resolved where a request is sent (env, files), bound to hosts.
 //! - [`shutdown`]: SIGTERM/SIGINT → a `CancellationToken`; a second signal exits at once.

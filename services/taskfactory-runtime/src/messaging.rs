@@ -477,28 +477,8 @@ pub async fn consume<H: Handler>(
         shutdown.clone(),
     ));
     let mut backoff = Duration::from_millis(100);
-    let mut puller: Option<Puller> = None;
+    let mut puller = Puller::new(js.client());
     'reconnect: while !shutdown.is_cancelled() {
-        if puller.as_ref().is_some_and(Puller::is_closed) {
-            puller = None;
-        }
-        if puller.is_none() {
-            match Puller::new(&js.client()).await {
-                Ok(made) => puller = Some(made),
-                Err(error) => {
-                    tracing::warn!(consumer = %spec.durable, error = %error_chain(&*error), "cannot subscribe for pulls yet; retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break 'reconnect,
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    continue;
-                }
-            }
-        }
-        let Some(puller) = puller.as_mut() else {
-            continue;
-        };
         let mut consumer = match ensure_consumer(&js, &spec).await {
             Ok(consumer) => consumer,
             Err(error) => {
@@ -517,24 +497,14 @@ pub async fn consume<H: Handler>(
         // alone, whatever its size.
         let mut take_one_whole = false;
         loop {
-            // While waiting for the handler, for a slot or for room, a message an earlier pull
-            // was owed and that comes late has no slot or room: it goes back at once.
             tokio::select! {
                 _ = shutdown.cancelled() => break 'reconnect,
                 _ = handler.ready() => {}
-                late = puller.late_message(&js) => {
-                    settle(&late, Disposition::Retry(Duration::ZERO)).await;
-                    continue;
-                }
             }
             // Wait for one free slot, then take every other free one.
             let first = tokio::select! {
                 _ = shutdown.cancelled() => break 'reconnect,
                 slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
-                late = puller.late_message(&js) => {
-                    settle(&late, Disposition::Retry(Duration::ZERO)).await;
-                    continue;
-                }
             };
             let mut free = vec![first];
             while let Ok(slot) = slots.clone().try_acquire_owned() {
@@ -551,10 +521,6 @@ pub async fn consume<H: Handler>(
                 let (bytes, one_only) = tokio::select! {
                     _ = shutdown.cancelled() => break 'reconnect,
                     room = held.room(spec.bytes_in_hand, max_payload(&js)) => room,
-                    late = puller.late_message(&js) => {
-                        settle(&late, Disposition::Retry(Duration::ZERO)).await;
-                        continue;
-                    }
                 };
                 if one_only {
                     free.truncate(1);
@@ -581,17 +547,11 @@ pub async fn consume<H: Handler>(
                     next = puller.next(&js) => next,
                 };
                 match next {
-                    Pulled::Message { message, late } => {
+                    Pulled::Message(message) => {
                         received = true;
                         backoff = Duration::from_millis(100);
-                        // A slot asked for; for a message an earlier pull was owed, one free
-                        // now, if any (whatever its bytes).
-                        let slot = if late {
-                            slots.clone().try_acquire_owned().ok()
-                        } else {
-                            free.pop()
-                        };
-                        let Some(slot) = slot else {
+                        let Some(slot) = free.pop() else {
+                            // More than asked for: never expected; give it back at once.
                             settle(&message, Disposition::Retry(Duration::ZERO)).await;
                             continue;
                         };
@@ -618,14 +578,9 @@ pub async fn consume<H: Handler>(
                                 tracing::warn!(consumer = %spec.durable, "a message larger than a pull may ask for; taking it alone");
                                 take_one_whole = true;
                             } else {
-                                loop {
-                                    tokio::select! {
-                                        _ = shutdown.cancelled() => break 'reconnect,
-                                        _ = held.released_since(held_at_pull) => break,
-                                        late = puller.late_message(&js) => {
-                                            settle(&late, Disposition::Retry(Duration::ZERO)).await;
-                                        }
-                                    }
+                                tokio::select! {
+                                    _ = shutdown.cancelled() => break 'reconnect,
+                                    _ = held.released_since(held_at_pull) => {}
                                 }
                             }
                         }
@@ -668,9 +623,7 @@ pub async fn consume<H: Handler>(
         }
     }
     sampler.abort();
-    if let Some(puller) = puller.as_mut() {
-        puller.hand_back(&js).await;
-    }
+    puller.hand_back(&js).await;
     tracker.close();
     if tokio::time::timeout(spec.drain_timeout, tracker.wait())
         .await
