@@ -331,8 +331,7 @@ pub struct ConsumerSpec {
     /// Bytes of messages in hand at once, at most (0: bounded by `concurrency` alone): each
     /// pull asks the server for no more than the room left, so many small messages can be in
     /// hand together and a few large ones cannot exceed it. With nothing in hand a pull takes
-    /// one message of any size the server allows. (A message of an earlier pull that came
-    /// later than the server said, `pull`, is taken if a slot is free, whatever its bytes.)
+    /// one message of any size the server allows.
     pub bytes_in_hand: usize,
     pub ack_wait: Duration,
     /// At shutdown, how long handlers in flight may take to finish; messages of those still
