@@ -526,24 +526,20 @@ pub async fn consume<H: Handler>(
                 }
                 bytes
             };
-            if let Err(error) = puller
+            // A request that could not be sent fails like one the server refused.
+            let mut unsent = puller
                 .request(&consumer, free.len(), max_bytes, PULL_EXPIRY)
                 .await
-            {
-                tracing::warn!(consumer = %spec.durable, error = %error_chain(&*error), "pull failed; re-subscribing");
-                crate::metrics::count_consumer_recreated(&spec.durable);
-                tokio::select! {
-                    _ = shutdown.cancelled() => break 'reconnect,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue 'reconnect;
-            }
+                .err()
+                .map(|error| error_chain(&*error));
             let mut received = false;
             loop {
-                let next = tokio::select! {
-                    _ = shutdown.cancelled() => break 'reconnect,
-                    next = puller.next(&js) => next,
+                let next = match unsent.take() {
+                    Some(error) => Pulled::Failed(error),
+                    None => tokio::select! {
+                        _ = shutdown.cancelled() => break 'reconnect,
+                        next = puller.next(&js) => next,
+                    },
                 };
                 match next {
                     Pulled::Message(message) => {
