@@ -466,7 +466,7 @@ async fn always_failing_tasks_die_after_five_attempts_on_the_backoff_and_are_dea
             let expected = nominal[i];
             // The delay the executor asked for on this attempt: the redelivery cannot come sooner.
             let asked =
-                taskfactory_executor::execute::backoff(&policy, i as u32 + 1, key).as_secs_f64();
+                taskfactory_model::attempt::backoff(&policy, i as u32 + 1, key).as_secs_f64();
             if gap < 0.75 * expected || gap > expected * 1.25 + 1.5 || gap < asked - 0.02 {
                 problems.push(format!(
                     "{key}: gap {} after attempt {} is {gap:.3}s (nominal {expected}s, asked {asked:.3}s)",

@@ -4,7 +4,9 @@
 //! settled, so an outcome is never lost: a crash in between means the task runs again (at least
 //! once), and the orchestrator keeps only the first terminal result.
 //!
-//! - success → `SUCCEEDED`, ack;
+//! The status and what becomes of the message come from `taskfactory_model::attempt`:
+//!
+//! - success → `SUCCEEDED`, ack; the run was cancelled → `CANCELLED`, ack;
 //! - a retryable failure with attempts left → `FAILED`, delayed NAK (exponential backoff with
 //!   jitter, capped);
 //! - otherwise → `DEAD`, a copy to `dlq.tasks.<type>` with the error and attempt count,
@@ -29,13 +31,14 @@ use tracing::Instrument as _;
 use async_nats::jetstream::Message;
 use chrono::Utc;
 use prost::Message as _;
+use taskfactory_model::attempt::{self, AttemptEnd, Disposition, Verdict};
 use taskfactory_model::results::{
     CancelledCheck, FinishedCheck, REDELIVERY_ALLOWANCE, check_cancelled,
 };
 use taskfactory_model::spec::{chrono_to_timestamp, effective_retry, std_duration};
 use taskfactory_model::status::{task_is_terminal, task_outcome};
 use taskfactory_model::{subjects, values};
-use taskfactory_proto::v1::{RetryPolicy, TaskInstance, TaskResult, TaskStatus};
+use taskfactory_proto::v1::{TaskInstance, TaskResult, TaskStatus};
 use taskfactory_runtime::complete::CompleteWatch;
 use taskfactory_runtime::messaging::{self, Handler, Then, Unfinished};
 use taskfactory_runtime::{finished_tasks, metrics};
@@ -308,8 +311,8 @@ impl Executor {
         // Deliveries past the task's attempts: at most the limit, and never more than the attempt
         // numbers the orchestrator accepts past them (a later result would be refused).
         let max_attempts = effective_retry(task.retry.as_ref()).max_attempts;
-        let deliveries = max_attempts.saturating_add(self.max_deliveries.min(REDELIVERY_ALLOWANCE));
-        if series_attempt > max_attempts.saturating_add(REDELIVERY_ALLOWANCE) {
+        let deliveries = attempt::gives_up_at(max_attempts, self.max_deliveries);
+        if !attempt::may_run(series_attempt, max_attempts) {
             return Err(TaskError::Unrunnable(format!(
                 "task {} not run: delivered {series_attempt} times, past its {max_attempts} attempts and the {REDELIVERY_ALLOWANCE} deliveries allowed beyond them (earlier deliveries crashed or could not report)",
                 task.task_id
@@ -461,26 +464,35 @@ impl Executor {
         drop(heartbeat);
         drop(in_flight);
 
-        let (status, retry_in, error, output) = match outcome {
-            Err(Stopped::Cancelled(reason)) => {
-                tracing::info!(task.id = %task.task_id, run.id = %task.run_id, "task of a cancelled run not run");
-                (TaskStatus::Cancelled, None, reason, None)
-            }
-            Ok(output) => (TaskStatus::Succeeded, None, String::new(), Some(output)),
-            Err(Stopped::Failed(failure))
-                if failure.retryable && series_attempt < retry.max_attempts =>
-            {
-                // The other side's Retry-After wins over our backoff when it asks for longer.
-                let delay = backoff(&retry, series_attempt, &task.task_id)
-                    .max(failure.retry_after.unwrap_or_default());
-                tracing::warn!(task.id = %task.task_id, task.type = %task.r#type, attempt, error = %failure.message, retry_in = ?delay, "task attempt failed");
-                (TaskStatus::Failed, Some(delay), failure.message, None)
-            }
-            Err(Stopped::Failed(failure)) => {
-                tracing::warn!(task.id = %task.task_id, task.type = %task.r#type, attempt, error = %failure.message, "task dead");
-                (TaskStatus::Dead, None, failure.message, None)
-            }
+        let end = match &outcome {
+            Ok(_) => AttemptEnd::Succeeded,
+            Err(Stopped::Cancelled(_)) => AttemptEnd::Cancelled,
+            Err(Stopped::Failed(failure)) => AttemptEnd::Failed {
+                retryable: failure.retryable,
+                retry_after: failure.retry_after,
+            },
         };
+        let Verdict {
+            status,
+            disposition,
+        } = attempt::verdict(end, series_attempt, &retry, &task.task_id);
+        let (error, output) = match outcome {
+            Ok(output) => (String::new(), Some(output)),
+            Err(Stopped::Cancelled(reason)) => (reason, None),
+            Err(Stopped::Failed(failure)) => (failure.message, None),
+        };
+        match disposition {
+            Disposition::Ack if status == TaskStatus::Cancelled => {
+                tracing::info!(task.id = %task.task_id, run.id = %task.run_id, "task of a cancelled run not run");
+            }
+            Disposition::Ack => {}
+            Disposition::RetryAfter(delay) => {
+                tracing::warn!(task.id = %task.task_id, task.type = %task.r#type, attempt, error = %error, retry_in = ?delay, "task attempt failed");
+            }
+            Disposition::DeadLetter => {
+                tracing::warn!(task.id = %task.task_id, task.type = %task.r#type, attempt, error = %error, "task dead");
+            }
+        }
         let span = tracing::Span::current();
         span.record("task.status", status.as_str_name());
         if matches!(status, TaskStatus::Failed | TaskStatus::Dead) {
@@ -535,10 +547,10 @@ impl Executor {
                 tracing::warn!(task.id = %task.task_id, attempt, %error, "task finished but not marked finished yet (the orchestrator will)");
             }
         }
-        match (status, retry_in) {
-            (TaskStatus::Dead, _) => Err(TaskError::Dead { error, attempt }),
-            (_, Some(delay)) => Err(TaskError::Retry { delay, error }),
-            _ => Ok(()),
+        match disposition {
+            Disposition::Ack => Ok(()),
+            Disposition::RetryAfter(delay) => Err(TaskError::Retry { delay, error }),
+            Disposition::DeadLetter => Err(TaskError::Dead { error, attempt }),
         }
     }
 
@@ -580,71 +592,8 @@ impl Executor {
     }
 }
 
-/// Exponential backoff from the policy, with ±20% jitter derived from the task and attempt.
 /// Why an attempt did not succeed.
 enum Stopped {
     Failed(TaskFailure),
     Cancelled(String),
-}
-
-pub fn backoff(retry: &RetryPolicy, attempt: u32, task_id: &str) -> Duration {
-    let initial = retry
-        .initial_backoff
-        .as_ref()
-        .and_then(std_duration)
-        .unwrap_or(Duration::from_secs(1));
-    let max = retry
-        .max_backoff
-        .as_ref()
-        .and_then(std_duration)
-        .unwrap_or(Duration::from_secs(60));
-    let multiplier = if retry.multiplier >= 1.0 {
-        retry.multiplier
-    } else {
-        2.0
-    };
-    let exponent = i32::try_from(attempt.saturating_sub(1))
-        .unwrap_or(i32::MAX)
-        .min(64);
-    let base = initial.as_secs_f64() * multiplier.powi(exponent);
-    let capped = base.min(max.as_secs_f64());
-    let hash = task_id
-        .bytes()
-        .chain(attempt.to_le_bytes())
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        });
-    let jitter = 0.8 + 0.4 * ((hash % 10_000) as f64 / 10_000.0);
-    Duration::from_secs_f64((capped * jitter).min(max.as_secs_f64()).max(0.0))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn policy(initial: i64, max: i64) -> RetryPolicy {
-        RetryPolicy {
-            max_attempts: 5,
-            initial_backoff: Some(prost_types::Duration {
-                seconds: initial,
-                nanos: 0,
-            }),
-            max_backoff: Some(prost_types::Duration {
-                seconds: max,
-                nanos: 0,
-            }),
-            multiplier: 2.0,
-        }
-    }
-
-    #[test]
-    fn backoff_grows_exponentially_with_bounded_jitter_and_a_cap() {
-        let p = policy(1, 10);
-        let first = backoff(&p, 1, "t").as_secs_f64();
-        let third = backoff(&p, 3, "t").as_secs_f64();
-        assert!((0.8..=1.2).contains(&first), "{first}");
-        assert!((3.2..=4.8).contains(&third), "{third}");
-        assert!(backoff(&p, 30, "t") <= Duration::from_secs(10));
-        assert_eq!(backoff(&p, 2, "t"), backoff(&p, 2, "t"));
-    }
 }

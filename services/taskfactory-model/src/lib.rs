@@ -5,9 +5,12 @@
 //!
 //! - [`ids`]: typed ids; run, fire and task ids are derived (UUIDv5) from what identifies them.
 //! - [`access`]: roles, grants scoped to activities, and the role each admin RPC needs.
+//! - [`attempt`]: what an executor makes of a task attempt: status, retry or dead letter, backoff.
 //! - [`spec`]: loading activity specs (YAML / proto3 JSON), defaults, validation with field paths.
 //! - [`schedule`]: the cron engine — POSIX cron on local wall time, mapped to UTC under DST policies.
 //! - [`misfire`]: what a schedule does about occurrences it missed (policy, window, cap).
+//! - [`overlap`]: what a new run does while others of its activity are unfinished; which waiting
+//!   run starts next.
 //! - [`secrets`]: secret names, the hosts each may be sent to, what a sensitive source leaves.
 //! - [`plan`]: evaluating task templates into tasks, with a per-template evaluation.
 //! - [`expr`]: the sandboxed expression and template engine (`forEach`, `when`, `params`, filters).
@@ -27,11 +30,13 @@
 //! - [`values`]: protobuf `Value`/`Struct` ↔ JSON.
 
 pub mod access;
+pub mod attempt;
 pub mod complete;
 pub mod egress;
 pub mod expr;
 pub mod ids;
 pub mod misfire;
+pub mod overlap;
 pub mod plan;
 pub mod redact;
 pub mod results;

@@ -351,7 +351,7 @@ impl Spawner {
                 .cancelled_runs
                 .put(
                     run.to_string(),
-                    format!("cancelled by overlap CANCEL_OTHER: run {run_id} started").into(),
+                    taskfactory_model::overlap::cancelled_by(run_id).into(),
                 )
                 .await
             {

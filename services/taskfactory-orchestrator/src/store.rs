@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row};
 use taskfactory_model::ids::{ActivityId, RunId, TaskId};
-use taskfactory_model::status;
+use taskfactory_model::{overlap, status};
 use taskfactory_proto::v1::{OverlapPolicy, RunStatus, TaskStatus};
 use taskfactory_runtime::metrics;
 use uuid::Uuid;
@@ -424,11 +424,11 @@ async fn lock_activity(
     Ok(())
 }
 
-/// The activity's unfinished runs, oldest first: `(id, waiting)`.
+/// The activity's unfinished runs, oldest first.
 async fn active_runs(
     tx: &mut sqlx::PgConnection,
     activity: ActivityId,
-) -> Result<Vec<(RunId, bool)>, sqlx::Error> {
+) -> Result<Vec<overlap::Unfinished>, sqlx::Error> {
     let rows: Vec<(Uuid, bool)> = sqlx::query_as(
         "SELECT id, waiting FROM runs WHERE activity_id = $1 AND status IN ('PENDING', 'RUNNING') \
          ORDER BY COALESCE(scheduled_for, fired_at), created_at, id",
@@ -436,12 +436,18 @@ async fn active_runs(
     .bind(activity.0)
     .fetch_all(tx)
     .await?;
-    Ok(rows.into_iter().map(|(id, w)| (RunId(id), w)).collect())
+    Ok(rows
+        .into_iter()
+        .map(|(id, waiting)| overlap::Unfinished {
+            id: RunId(id),
+            waiting,
+        })
+        .collect())
 }
 
-/// Applies `policy` to a new run against the activity's unfinished runs and records the outcome
-/// (with the TriggerEvent, for whoever starts it). `CANCEL_OTHER` cancels those runs first; they
-/// are returned so their end can be announced.
+/// Applies `policy` to a new run against the activity's unfinished runs ([`overlap::admit`]) and
+/// records the outcome (with the TriggerEvent, for whoever starts it). `CANCEL_OTHER` cancels
+/// those runs first; they are returned so their end can be announced.
 pub async fn admit_run(
     pool: &PgPool,
     run: &NewRun,
@@ -459,47 +465,18 @@ pub async fn admit_run(
         return Ok((Admission::AlreadyRecorded, Vec::new()));
     }
     let active = active_runs(&mut tx, run.activity_id).await?;
-    let running: Vec<RunId> = active
-        .iter()
-        .filter(|(_, w)| !w)
-        .map(|(id, _)| *id)
-        .collect();
-    let waiting: Vec<RunId> = active
-        .iter()
-        .filter(|(_, w)| *w)
-        .map(|(id, _)| *id)
-        .collect();
-    let policy_name = policy.as_str_name();
     let mut cancelled = Vec::new();
     let mut finished = Finished::default();
-    let admission = match policy {
-        OverlapPolicy::Skip => match running.first().or(waiting.first()) {
-            Some(other) => Admission::Skipped {
-                reason: format!("overlap SKIP: run {other} of this activity was still running"),
-            },
-            None => Admission::Start,
-        },
-        OverlapPolicy::BufferOne => match (running.first(), waiting.first()) {
-            (_, Some(buffered)) => Admission::Skipped {
-                reason: format!(
-                    "overlap BUFFER_ONE: run {buffered} is already waiting for the running run"
-                ),
-            },
-            (Some(other), None) => Admission::Buffered { behind: *other },
-            (None, None) => Admission::Start,
-        },
-        OverlapPolicy::BufferAll => match active.last() {
-            Some((other, _)) => Admission::Buffered { behind: *other },
-            None => Admission::Start,
-        },
-        OverlapPolicy::CancelOther => {
-            cancelled = active.iter().map(|(id, _)| *id).collect();
-            let reason = format!("cancelled by overlap CANCEL_OTHER: run {} started", run.id);
-            finished = cancel_runs(&mut tx, &cancelled, &reason).await?;
+    let admission = match overlap::admit(policy, run.id, &active) {
+        overlap::Admission::Start { cancel } => {
+            finished = cancel_runs(&mut tx, &cancel, &overlap::cancelled_by(run.id)).await?;
+            cancelled = cancel;
             Admission::Start
         }
-        OverlapPolicy::AllowAll | OverlapPolicy::OverlapUnspecified => Admission::Start,
+        overlap::Admission::Buffered { behind } => Admission::Buffered { behind },
+        overlap::Admission::Skipped { reason } => Admission::Skipped { reason },
     };
+    let policy_name = policy.as_str_name();
     let mut row = NewRun {
         status: RunStatus::RunPending,
         ..run.clone()
@@ -656,7 +633,8 @@ pub async fn fill_run(pool: &PgPool, run: &NewRun, tasks: &[NewTask]) -> Result<
     Ok(true)
 }
 
-/// When none of the activity's runs is running, admits its oldest waiting run: the run to start.
+/// When none of the activity's runs is running, admits its oldest waiting run
+/// ([`overlap::next_to_start`]): the run to start.
 pub async fn promote_next(
     pool: &PgPool,
     activity: ActivityId,
@@ -664,11 +642,7 @@ pub async fn promote_next(
     let mut tx = pool.begin().await?;
     lock_activity(&mut tx, activity).await?;
     let active = active_runs(&mut tx, activity).await?;
-    if active.iter().any(|(_, waiting)| !waiting) {
-        tx.rollback().await?;
-        return Ok(None);
-    }
-    let Some((next, _)) = active.first() else {
+    let Some(next) = overlap::next_to_start(&active) else {
         tx.rollback().await?;
         return Ok(None);
     };
@@ -677,7 +651,7 @@ pub async fn promote_next(
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
-    Ok(Some(*next))
+    Ok(Some(next))
 }
 
 /// Overlap work left undone by an orchestrator that stopped mid-way, older than `before`:
