@@ -503,6 +503,71 @@ async fn a_reload_reads_only_the_activities_that_changed() -> anyhow::Result<()>
     Ok(())
 }
 
+/// Reloads asked for at once share loads: while one load runs, the requests that come meanwhile
+/// wait for it and are then answered together by one more. Every CreateActivity asks for a
+/// reload after its commit, and 32 creates at once used to run 32 loads one after another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reloads_asked_for_at_once_share_loads() -> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _trigger = env.start(Service::Trigger);
+    env.wait_ready(&[Service::Trigger]).await?;
+    let mut admin = env.admin().await?;
+    create(&mut admin, padded("before", 10)?).await?;
+    let pool = env.db.pool().await?;
+    let registry = taskfactory_trigger::registry::Registry::new();
+    registry.reload(&pool).await?;
+    create(&mut admin, padded("after", 10)?).await?;
+    let loads_before = registry.loads();
+
+    // The first load waits on a lock the test holds, so the other requests surely come while it
+    // runs.
+    let mut holder = pool.begin().await?;
+    sqlx::query("LOCK TABLE activities IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *holder)
+        .await?;
+    let requests = 16;
+    let reloads = futures::future::join_all((0..requests).map(|_| registry.reload(&pool)));
+    let release = async {
+        taskfactory_tests::wait_for(
+            "the first load waiting on the lock",
+            Duration::from_secs(10),
+            || async {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_locks \
+                     WHERE NOT granted AND relation = 'activities'::regclass",
+                )
+                .fetch_one(&pool)
+                .await?;
+                Ok((waiting > 0).then_some(()))
+            },
+        )
+        .await?;
+        holder.rollback().await?;
+        anyhow::Ok(())
+    };
+    let (reloaded, released) = tokio::join!(reloads, release);
+    released?;
+    let read: usize = reloaded.into_iter().sum::<Result<usize, _>>()?;
+    assert_eq!(
+        registry.loads() - loads_before,
+        2,
+        "{requests} reloads asked for at once: the one that ran first, then one for the rest"
+    );
+    assert!(
+        (1..=2).contains(&read),
+        "only the new activity was read (give or take one a snapshot saw in flight): {read}"
+    );
+    assert!(
+        registry
+            .current()
+            .activities
+            .values()
+            .any(|a| a.name == "after"),
+        "the change is in the snapshot"
+    );
+    Ok(())
+}
+
 /// A reload reads the activities changed by transactions its previous snapshot could not see.
 /// It read those changed since that snapshot's oldest running transaction: one long write
 /// transaction anywhere on the Postgres server (a backup, a bulk load in another database) made

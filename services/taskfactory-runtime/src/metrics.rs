@@ -278,7 +278,7 @@ fn describe() {
     );
     describe_counter!(
         DEFINITION_RELOADS,
-        "Reloads of the live definitions, by outcome (changed, unchanged, failed)"
+        "Reloads of the live definitions, by outcome (changed, unchanged, failed; shared: answered by a load that began after it was asked for)"
     );
     describe_counter!(
         DEFINITIONS_SIGNALS,

@@ -182,14 +182,28 @@ impl LiveMaps {
     }
 }
 
+/// What the loads so far leave to the next one.
+#[derive(Default)]
+struct Loaded {
+    /// Where the next load reads changes from (`store::Heads::horizon`; `None`: read all).
+    horizon: Option<store::Horizon>,
+    /// Every reload request with a ticket up to this was taken before a load that has finished
+    /// began: what changed before it is in the snapshot.
+    answered: u64,
+}
+
 /// Holds the current snapshot and tells subscribers when it changes.
 #[derive(Clone)]
 pub struct Registry {
     sender: Arc<watch::Sender<Arc<Snapshot>>>,
     changed: Arc<Notify>,
-    /// Where the next load reads changes from (`store::Heads::horizon`; `None`: read all),
-    /// held by the load in progress: loads build on the snapshot before them, one at a time.
-    horizon: Arc<tokio::sync::Mutex<Option<store::Horizon>>>,
+    /// Where the next load reads changes from, and which reload requests are answered; held by
+    /// the load in progress: loads build on the snapshot before them, one at a time.
+    loaded: Arc<tokio::sync::Mutex<Loaded>>,
+    /// Reload requests so far: each [`Registry::reload`] takes the next number as its ticket.
+    requested: Arc<std::sync::atomic::AtomicU64>,
+    /// Loads run so far (a reload answered by another's load runs none).
+    loads: Arc<std::sync::atomic::AtomicU64>,
     /// The changes of the last [`CHANGES_KEPT`] snapshots, by serial (a full load breaks it).
     recent: Arc<std::sync::Mutex<RecentChanges>>,
     /// Live activities when the registry last had `activities` analyzed (see [`ANALYZE_FROM`]);
@@ -203,7 +217,9 @@ impl Registry {
         Self {
             sender: Arc::new(sender),
             changed: Arc::new(Notify::new()),
-            horizon: Arc::new(tokio::sync::Mutex::new(None)),
+            loaded: Arc::new(tokio::sync::Mutex::new(Loaded::default())),
+            requested: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            loads: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             recent: Arc::new(std::sync::Mutex::new(VecDeque::new())),
             analyzed_at: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         }
@@ -280,14 +296,30 @@ impl Registry {
         self.changed.notify_one();
     }
 
-    /// Loads every live activity from Postgres and publishes the new snapshot (subscribers are
-    /// woken only when something changed).
-    /// Returns how many activities it read (those changed since the reload before, or all
-    /// of them the first time).
+    /// Brings the snapshot up to date with what Postgres has now, and publishes it (subscribers
+    /// are woken only when something changed). Returns how many activities it read (those
+    /// changed since the load before, or all of them the first time).
+    ///
+    /// Reloads asked for at once share loads: a request is answered by any load that begins after
+    /// it was made (so after the change that asked for it committed). While one load runs, the
+    /// requests that come meanwhile wait for it and are then answered together by one more, so
+    /// 32 creates at once cost two loads, not 32. A request answered by another's load reads
+    /// nothing and returns 0.
     pub async fn reload(&self, pool: &PgPool) -> Result<usize, store::StoreError> {
-        let reloaded = self.load(pool).await;
+        use std::sync::atomic::Ordering;
+        let ticket = self.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut loaded = self.loaded.lock().await;
+        if loaded.answered >= ticket {
+            taskfactory_runtime::metrics::record_definitions_reload("shared", None);
+            return Ok(0);
+        }
+        // Every request up to here was made before this load reads anything.
+        let answers = self.requested.load(Ordering::SeqCst);
+        self.loads.fetch_add(1, Ordering::Relaxed);
+        let reloaded = self.load(pool, &mut loaded).await;
         match &reloaded {
             Ok((generation, changed, _)) => {
+                loaded.answered = answers;
                 taskfactory_runtime::metrics::record_definitions_reload(
                     if *changed { "changed" } else { "unchanged" },
                     Some(*generation),
@@ -298,14 +330,23 @@ impl Registry {
         reloaded.map(|(_, _, read)| read)
     }
 
+    /// Loads run so far: a reload answered by another's load runs none.
+    pub fn loads(&self) -> u64 {
+        self.loads.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Loads the snapshot; returns its generation, whether it differs from the one before, and
     /// how many activities it read.
     /// Only what changed since the last load is read (the activities changed by transactions not
     /// finished at its snapshot, see `store::activity_heads_since`), and specs only of the
     /// activities that are new or changed: a change costs the same however many activities there
-    /// are. Loads run one at a time.
-    async fn load(&self, pool: &PgPool) -> Result<(i64, bool, usize), store::StoreError> {
-        let mut horizon = self.horizon.lock().await;
+    /// are. Loads run one at a time: the caller holds `loaded`.
+    async fn load(
+        &self,
+        pool: &PgPool,
+        loaded: &mut Loaded,
+    ) -> Result<(i64, bool, usize), store::StoreError> {
+        let horizon = &mut loaded.horizon;
         let previous = self.current();
         let generation = store::definitions_generation(pool).await?;
         let mut read = store::activity_heads_since(pool, horizon.as_ref()).await?;
@@ -363,12 +404,30 @@ impl Registry {
             }
         }
         // In chunks: a full load of 100,000 activities never holds all their stored specs at once.
-        for chunk in to_load.chunks(LOAD_CHUNK) {
-            for record in store::load_live_activities(pool, chunk).await? {
-                if let Some(built) = LiveActivity::from_record(&record) {
-                    live.put(Arc::new(built));
+        // Parsing the specs is most of a full load's time (at start), so each chunk is parsed on
+        // a blocking thread while the next one is read.
+        let mut chunks = to_load.chunks(LOAD_CHUNK);
+        let mut parsing: Option<tokio::task::JoinHandle<Vec<LiveActivity>>> = None;
+        loop {
+            let read = match chunks.next() {
+                Some(chunk) => Some(store::load_live_activities(pool, chunk).await?),
+                None => None,
+            };
+            if let Some(parsing) = parsing.take() {
+                let built = parsing
+                    .await
+                    .unwrap_or_else(|error| std::panic::resume_unwind(error.into_panic()));
+                for activity in built {
+                    live.put(Arc::new(activity));
                 }
             }
+            let Some(records) = read else { break };
+            parsing = Some(tokio::task::spawn_blocking(move || {
+                records
+                    .iter()
+                    .filter_map(LiveActivity::from_record)
+                    .collect()
+            }));
         }
         let LiveMaps {
             activities,
