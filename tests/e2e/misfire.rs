@@ -378,6 +378,95 @@ async fn downtime_with_misfire_all_catches_up_at_most_max_catchup() -> anyhow::R
     Ok(())
 }
 
+/// After a restart every schedule may have missed occurrences to decide at once; each decision
+/// holds about 15 KiB until it is recorded, so 100,000 schedules took 1.5 GB at once and the
+/// trigger's memory never came down. Only `--schedule-decisions-at-once` decide at a time; the
+/// others wait for a turn, and every occurrence is still decided.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_a_restart_schedules_decide_a_few_at_a_time_and_all_catch_up() -> anyhow::Result<()> {
+    let addr: std::net::SocketAddr =
+        format!("127.0.0.1:{}", taskfactory_tests::free_port()).parse()?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(taskfactory_runtime::metrics::serve(
+        addr,
+        taskfactory_runtime::metrics::Routes {
+            metrics: true,
+            probes: None,
+        },
+        stop.clone(),
+    ));
+    let clock = ManualClock::new(utc("2026-01-05T10:00:30Z"));
+    let env = TestEnv::new(EnvOptions {
+        clock: ClockHandle::manual(&clock),
+        schedule_decisions_at_once: 2,
+        ..EnvOptions::default()
+    })
+    .await?;
+    let pool = env.db.pool().await?;
+    let trigger = env.start(Service::Trigger);
+    env.wait_ready(&[Service::Trigger]).await?;
+    let mut admin = env.admin().await?;
+    let schedules = 12;
+    let mut ids = Vec::new();
+    for i in 0..schedules {
+        ids.push(
+            create(&mut admin, &minutely(&format!("turn-{i}"), "MISFIRE_ALL"))
+                .await?
+                .id,
+        );
+    }
+    for id in &ids {
+        wait_for("the schedule to start", Duration::from_secs(30), || async {
+            watermark(&pool, id).await
+        })
+        .await?;
+    }
+    trigger.stop().await?;
+
+    // Down for five minutes: every schedule has five occurrences to catch up at once.
+    clock.advance(chrono::Duration::minutes(5));
+    let newest_missed = minute_of(clock.now());
+    let _trigger = env.start(Service::Trigger);
+    env.wait_ready(&[Service::Trigger]).await?;
+    let _orchestrator = env.start(Service::Orchestrator);
+    for id in &ids {
+        decided_through(&pool, id, newest_missed).await?;
+    }
+    let fired: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT (activity_id, scheduled_for)) FROM fires WHERE scheduled_for <= $1",
+    )
+    .bind(newest_missed)
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!(
+        fired,
+        5 * schedules as i64,
+        "every missed occurrence caught up once"
+    );
+
+    let page = wait_for("the metrics endpoint", Duration::from_secs(10), || async {
+        Ok(crate::support::http_get(addr, "/metrics")
+            .await
+            .ok()
+            .filter(|(status, _)| *status == 200)
+            .map(|(_, page)| page))
+    })
+    .await?;
+    let scrape = crate::support::Scrape::parse(&page)?;
+    let queued: f64 = scrape
+        .matching(taskfactory_runtime::metrics::SCHEDULE_DECISIONS_QUEUED, &[])
+        .iter()
+        .map(|sample| sample.value)
+        .sum();
+    assert!(
+        queued >= (schedules - 2) as f64,
+        "{schedules} schedules with 2 turns: at least {} waited, {queued} counted\n{page}",
+        schedules - 2
+    );
+    stop.cancel();
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_paused_schedule_records_why_it_did_not_fire_and_resumes() -> anyhow::Result<()> {
     let (clock, _env, pool, _trigger, mut admin) = driven_trigger("2026-03-02T08:00:30Z").await?;

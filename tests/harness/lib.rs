@@ -453,6 +453,8 @@ pub struct EnvOptions {
     pub http_limits: taskfactory_trigger::webhook::HttpLimits,
     /// Trigger (in-process): how large a spec may be, and all live specs together.
     pub spec_limits: taskfactory_trigger::admin::SpecLimits,
+    /// Trigger (in-process): schedules deciding at once, at most.
+    pub schedule_decisions_at_once: u32,
     /// NATS speaks only TLS and verifies clients; services and test clients get certificates.
     pub nats_tls: bool,
     /// NATS servers: 1, or a JetStream cluster of this many ([`TestEnv::nats_peers`]).
@@ -493,6 +495,7 @@ impl Default for EnvOptions {
             webhooks: Vec::new(),
             http_limits: taskfactory_trigger::webhook::HttpLimits::default(),
             spec_limits: taskfactory_trigger::admin::SpecLimits::default(),
+            schedule_decisions_at_once: 2048,
             nats_tls: false,
             nats_servers: 1,
             stream_replicas: 1,
@@ -590,6 +593,7 @@ impl TestEnv {
                 config.hooks = self.options.webhooks.clone();
                 config.http_limits = self.options.http_limits.clone();
                 config.spec_limits = self.options.spec_limits;
+                config.schedule_decisions_at_once = self.options.schedule_decisions_at_once;
                 config.auth = self.options.auth.clone();
                 if let Some(tokens) = &self.tokens {
                     config.auth.auth_file = Some(tokens.file.clone());

@@ -33,6 +33,10 @@ pub const FIRES: &str = "taskfactory_fires_total";
 /// Trigger: schedules the scheduling leader has in hand (0 on a replica that is not the leader).
 pub const SCHEDULES_ACTIVE: &str = "taskfactory_schedules_active";
 
+/// Trigger: decisions of schedule writers that waited for a turn (more schedules had something to
+/// decide at once than `--schedule-decisions-at-once`, mostly right after a restart).
+pub const SCHEDULE_DECISIONS_QUEUED: &str = "taskfactory_schedule_decisions_queued_total";
+
 /// Trigger: how long after its scheduled time a scheduled occurrence fired, by activity.
 pub const FIRE_LATENESS: &str = "taskfactory_fire_lateness_seconds";
 
@@ -220,6 +224,10 @@ fn describe() {
         SCHEDULES_ACTIVE,
         "Schedules the scheduling leader has in hand (0 on a replica that is not the leader)"
     );
+    describe_counter!(
+        SCHEDULE_DECISIONS_QUEUED,
+        "Schedule decisions that waited for a turn (more schedules had something to decide at once than allowed)"
+    );
     describe_gauge!(
         DLQ_MESSAGES,
         "Messages in the dead-letter stream, by kind of subject"
@@ -352,6 +360,12 @@ pub fn record_definitions_reload(outcome: &'static str, generation: Option<i64>)
     if let Some(generation) = generation {
         metrics::gauge!(DEFINITIONS_GENERATION).set(generation as f64);
     }
+}
+
+/// Counts a schedule decision that waited for a turn.
+pub fn count_schedule_decision_queued() {
+    handle();
+    metrics::counter!(SCHEDULE_DECISIONS_QUEUED).increment(1);
 }
 
 /// Counts activities a definitions reload read.

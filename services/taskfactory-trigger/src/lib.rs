@@ -95,6 +95,16 @@ pub struct Config {
         default_value_t = 4 * 1024 * 1024
     )]
     pub event_bytes_in_flight: usize,
+    /// Schedules deciding their occurrences at once, at most; the others wait for a turn. Each
+    /// holds about 15 KiB while it decides, and after a restart every schedule may have missed
+    /// occurrences to decide: 100,000 at once would take 1.5 GB.
+    #[arg(
+        long = "schedule-decisions-at-once",
+        env = "TASKFACTORY_SCHEDULE_DECISIONS_AT_ONCE",
+        default_value_t = 2048,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub schedule_decisions_at_once: u32,
     /// How often to republish fires that did not reach JetStream.
     #[arg(long = "reconcile-interval", env = "TASKFACTORY_RECONCILE_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     pub reconcile_interval: Duration,
@@ -152,6 +162,7 @@ impl Config {
             max_event_bytes: 1024 * 1024,
             event_concurrency: 256,
             event_bytes_in_flight: 4 * 1024 * 1024,
+            schedule_decisions_at_once: 2048,
             reconcile_interval: Duration::from_secs(5),
             reload_interval: Duration::from_secs(5),
             lease_ttl: Duration::from_secs(5),
@@ -260,6 +271,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             config.clock.clone(),
         );
         let reconcile_interval = config.reconcile_interval;
+        let decisions_at_once = config.schedule_decisions_at_once as usize;
         move |term, stop: CancellationToken| {
             let scheduler = scheduler::Scheduler::new(
                 pool.clone(),
@@ -268,6 +280,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 clock.clone(),
                 term,
                 stop.clone(),
+                decisions_at_once,
             );
             let reconciler =
                 fire::run_reconciler(pool.clone(), js.clone(), reconcile_interval, stop);

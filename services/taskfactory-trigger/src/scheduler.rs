@@ -35,7 +35,7 @@ use taskfactory_proto::v1::TriggerSource;
 use taskfactory_runtime::clock::ClockHandle;
 use taskfactory_runtime::metrics;
 use taskfactory_runtime::telemetry::error_chain;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -79,6 +79,8 @@ pub struct Scheduler {
     /// Writes the writers' fires together ([`fire::FireBatcher`]).
     batcher: fire::FireBatcher,
     shutdown: CancellationToken,
+    /// Turns to decide: at most this many writers hold a decision's state at once.
+    deciding: Arc<Semaphore>,
     entries: HashMap<ActivityId, Entry>,
     /// Every entry's next due time, in order: the timer's next wake is its first, and a wake
     /// looks only at the entries due (never at every schedule).
@@ -96,6 +98,7 @@ impl Scheduler {
         clock: ClockHandle,
         term: Term,
         shutdown: CancellationToken,
+        decisions_at_once: usize,
     ) -> Self {
         let tracker = TaskTracker::new();
         let batcher = fire::FireBatcher::start(pool.clone(), js.clone(), clock.clone(), &tracker);
@@ -107,6 +110,7 @@ impl Scheduler {
             tracker,
             batcher,
             shutdown,
+            deciding: Arc::new(Semaphore::new(decisions_at_once.max(1))),
             entries: HashMap::new(),
             timeline: BTreeSet::new(),
             synced_once: false,
@@ -229,6 +233,7 @@ impl Scheduler {
             let writer = Writer {
                 pool: self.pool.clone(),
                 batcher: self.batcher.clone(),
+                deciding: self.deciding.clone(),
                 clock: self.clock.clone(),
                 term: self.term,
                 activity: activity.clone(),
@@ -360,6 +365,8 @@ fn schedule_next(entry: &mut Entry, after: DateTime<Utc>) {
 struct Writer {
     pool: PgPool,
     batcher: fire::FireBatcher,
+    /// The scheduler's turns to decide (see [`Writer::decide_through`]).
+    deciding: Arc<Semaphore>,
     clock: ClockHandle,
     term: Term,
     activity: Arc<LiveActivity>,
@@ -476,7 +483,25 @@ impl Writer {
     /// Decides every occurrence in `(watermark, through]` — those before `late_before` by the
     /// misfire policy, the rest by firing them — retrying until it is all recorded or the writer
     /// stops. A retry moves `late_before` along, so an outage turns into misfires, not a flood.
+    ///
+    /// It waits for a turn first: a decision holds about 15 KiB (the occurrences, the rows, the
+    /// fire and its writes) until it is recorded, and after a restart every schedule may have
+    /// something to decide at once. Turns are handed out in the order asked for.
     async fn decide_through(&mut self, through: DateTime<Utc>, late_before: DateTime<Utc>) -> Flow {
+        let deciding = self.deciding.clone();
+        let _turn = match deciding.try_acquire() {
+            Ok(turn) => turn,
+            Err(_) => {
+                metrics::count_schedule_decision_queued();
+                tokio::select! {
+                    turn = deciding.acquire() => match turn {
+                        Ok(turn) => turn,
+                        Err(_) => return Flow::Stop, // never closed
+                    },
+                    _ = self.shutdown.cancelled() => return Flow::Stop,
+                }
+            }
+        };
         let mut late_before = late_before;
         self.retrying(move |writer| {
             late_before = late_before.max(writer.late_limit(writer.clock.now()));
