@@ -49,6 +49,10 @@ const CHANGED_IDS_KEPT: usize = 100_000;
 /// Activities whose specs one query reads, at most.
 const LOAD_CHUNK: usize = 2000;
 
+/// Chunks of this many specs or more are parsed on a blocking thread while the next is read;
+/// smaller ones (a reload after a change) at once.
+const PARSE_APART_FROM: usize = 64;
+
 /// The registry's reads look activities up by the transaction that changed them
 /// (`activities_changed`), which the planner chooses only if its statistics of `activities` are
 /// current. Autovacuum keeps them so, unless it is off or behind a bulk load (10,000 creates in a
@@ -404,8 +408,8 @@ impl Registry {
             }
         }
         // In chunks: a full load of 100,000 activities never holds all their stored specs at once.
-        // Parsing the specs is most of a full load's time (at start), so each chunk is parsed on
-        // a blocking thread while the next one is read.
+        // Parsing the specs is most of a full load's time (at start), so a large chunk is parsed
+        // on a blocking thread while the next one is read.
         let mut chunks = to_load.chunks(LOAD_CHUNK);
         let mut parsing: Option<tokio::task::JoinHandle<Vec<LiveActivity>>> = None;
         loop {
@@ -414,19 +418,35 @@ impl Registry {
                 None => None,
             };
             if let Some(parsing) = parsing.take() {
-                let built = parsing
-                    .await
-                    .unwrap_or_else(|error| std::panic::resume_unwind(error.into_panic()));
+                let built = match parsing.await {
+                    Ok(built) => built,
+                    Err(error) => match error.try_into_panic() {
+                        Ok(panic) => std::panic::resume_unwind(panic),
+                        // Only at the runtime's shutdown.
+                        Err(_) => return Err(sqlx::Error::WorkerCrashed.into()),
+                    },
+                };
                 for activity in built {
                     live.put(Arc::new(activity));
                 }
             }
             let Some(records) = read else { break };
+            if records.len() < PARSE_APART_FROM {
+                for record in &records {
+                    if let Some(built) = LiveActivity::from_record(record) {
+                        live.put(Arc::new(built));
+                    }
+                }
+                continue;
+            }
+            let span = tracing::Span::current();
             parsing = Some(tokio::task::spawn_blocking(move || {
-                records
-                    .iter()
-                    .filter_map(LiveActivity::from_record)
-                    .collect()
+                span.in_scope(|| {
+                    records
+                        .iter()
+                        .filter_map(LiveActivity::from_record)
+                        .collect()
+                })
             }));
         }
         let LiveMaps {

@@ -483,25 +483,7 @@ impl Writer {
     /// Decides every occurrence in `(watermark, through]` — those before `late_before` by the
     /// misfire policy, the rest by firing them — retrying until it is all recorded or the writer
     /// stops. A retry moves `late_before` along, so an outage turns into misfires, not a flood.
-    ///
-    /// It waits for a turn first: a decision holds about 15 KiB (the occurrences, the rows, the
-    /// fire and its writes) until it is recorded, and after a restart every schedule may have
-    /// something to decide at once. Turns are handed out in the order asked for.
     async fn decide_through(&mut self, through: DateTime<Utc>, late_before: DateTime<Utc>) -> Flow {
-        let deciding = self.deciding.clone();
-        let _turn = match deciding.try_acquire() {
-            Ok(turn) => turn,
-            Err(_) => {
-                metrics::count_schedule_decision_queued();
-                tokio::select! {
-                    turn = deciding.acquire() => match turn {
-                        Ok(turn) => turn,
-                        Err(_) => return Flow::Stop, // never closed
-                    },
-                    _ = self.shutdown.cancelled() => return Flow::Stop,
-                }
-            }
-        };
         let mut late_before = late_before;
         self.retrying(move |writer| {
             late_before = late_before.max(writer.late_limit(writer.clock.now()));
@@ -510,7 +492,22 @@ impl Writer {
         .await
     }
 
-    /// Runs `attempt` until it succeeds, the writer stops, or leadership is lost.
+    /// A turn to decide, in the order asked for; `None` once the writer stops. An attempt holds
+    /// about 15 KiB (the occurrences, the rows, the fire and its writes) until it is recorded,
+    /// and after a restart every schedule may have something to decide at once.
+    async fn turn(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        if let Ok(turn) = self.deciding.clone().try_acquire_owned() {
+            return Some(turn);
+        }
+        metrics::count_schedule_decision_queued();
+        tokio::select! {
+            turn = self.deciding.clone().acquire_owned() => turn.ok(), // never closed
+            _ = self.shutdown.cancelled() => None,
+        }
+    }
+
+    /// Runs `attempt` until it succeeds, the writer stops, or leadership is lost. Each attempt
+    /// waits for a turn ([`Writer::turn`]) and gives it back before a retry's pause.
     async fn retrying<F>(&mut self, mut attempt: F) -> Flow
     where
         F: for<'a> FnMut(
@@ -521,7 +518,12 @@ impl Writer {
     {
         let mut backoff = Duration::from_millis(200);
         loop {
-            match attempt(self).await {
+            let Some(turn) = self.turn().await else {
+                return Flow::Stop;
+            };
+            let attempted = attempt(self).await;
+            drop(turn);
+            match attempted {
                 Ok(flow) => return flow,
                 Err(StoreError::Deposed { term }) => {
                     tracing::warn!(activity.name = %self.activity.name, term = %term, "leadership lost; this replica stops scheduling");

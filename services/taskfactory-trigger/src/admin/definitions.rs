@@ -11,6 +11,7 @@ use taskfactory_proto::v1::{
     ListActivityVersionsRequest, ListActivityVersionsResponse, UpdateActivityRequest, trigger,
 };
 
+use super::spec_calls::SpecCallSlot;
 use super::{Admin, AdminError, SpecLimits, invalid, page_size};
 use crate::audit::AuditEntry;
 use crate::store::{self, ActivityRecord};
@@ -141,6 +142,7 @@ impl Admin {
         caller: &Principal,
         request: CreateActivityRequest,
         audit: &mut AuditEntry,
+        slot: Option<SpecCallSlot>,
     ) -> Result<Activity, AdminError> {
         let valid = validated_spec(request.spec, &self.limits)?;
         let spec = &valid.spec;
@@ -158,8 +160,12 @@ impl Admin {
         audit.activity(record.id, &record.name);
         audit.version_after = Some(record.version);
         tracing::info!(activity.id = %record.id, activity.name = %record.name, principal = %caller.subject, "activity created");
+        let view = self.activity_view(caller, &record).await;
+        // The spec trees are gone: the slot is free for the next call while this one waits for
+        // the registry (reloads asked for at once share loads).
+        drop((valid, record, slot));
         self.definitions_changed().await;
-        self.activity_view(caller, &record).await
+        view
     }
 
     pub(super) async fn update_activity_for(
@@ -167,6 +173,7 @@ impl Admin {
         caller: &Principal,
         request: UpdateActivityRequest,
         audit: &mut AuditEntry,
+        slot: Option<SpecCallSlot>,
     ) -> Result<Activity, AdminError> {
         let current = self
             .audited_activity(caller, &request.id, Role::Editor, audit)
@@ -204,9 +211,14 @@ impl Admin {
         audit.detail("changed", changed);
         if changed {
             tracing::info!(activity.id = %record.id, activity.name = %record.name, version = record.version, principal = %caller.subject, "activity updated");
+        }
+        let view = self.activity_view(caller, &record).await;
+        // As for a create: the slot is free before the registry is brought up to date.
+        drop((valid, current, record, slot));
+        if changed {
             self.definitions_changed().await;
         }
-        self.activity_view(caller, &record).await
+        view
     }
 
     pub(super) async fn get_activity_for(

@@ -359,9 +359,8 @@ impl AdminService for Admin {
         let slot = SpecCallSlot::of(&request);
         let (caller, audit, request) = audited_caller(request, "CreateActivity")?;
         self.audited(caller, audit, move |admin, caller, mut audit| async move {
-            let _slot = slot;
             let result = admin
-                .create_activity_for(&caller, request, &mut audit)
+                .create_activity_for(&caller, request, &mut audit, slot)
                 .await;
             (audit, result)
         })
@@ -375,9 +374,8 @@ impl AdminService for Admin {
         let slot = SpecCallSlot::of(&request);
         let (caller, audit, request) = audited_caller(request, "UpdateActivity")?;
         self.audited(caller, audit, move |admin, caller, mut audit| async move {
-            let _slot = slot;
             let result = admin
-                .update_activity_for(&caller, request, &mut audit)
+                .update_activity_for(&caller, request, &mut audit, slot)
                 .await;
             (audit, result)
         })
