@@ -365,7 +365,7 @@ fn schedule_next(entry: &mut Entry, after: DateTime<Utc>) {
 struct Writer {
     pool: PgPool,
     batcher: fire::FireBatcher,
-    /// The scheduler's turns to decide (see [`Writer::decide_through`]).
+    /// The scheduler's turns to decide (see [`Writer::turn`]).
     deciding: Arc<Semaphore>,
     clock: ClockHandle,
     term: Term,
