@@ -317,6 +317,39 @@ async fn downtime_with_misfire_latest_fires_the_newest_once() -> anyhow::Result<
 }
 
 /// Occurrences decided `decision`, over every activity.
+/// This test process's own metrics, served on a free port (each test runs in its own process,
+/// so the counters are the test's alone); cancel the token to stop serving.
+fn serve_metrics() -> anyhow::Result<(std::net::SocketAddr, tokio_util::sync::CancellationToken)> {
+    let addr: std::net::SocketAddr =
+        format!("127.0.0.1:{}", taskfactory_tests::free_port()).parse()?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(taskfactory_runtime::metrics::serve(
+        addr,
+        taskfactory_runtime::metrics::Routes {
+            metrics: true,
+            probes: None,
+        },
+        stop.clone(),
+    ));
+    Ok((addr, stop))
+}
+
+/// The metrics page, once the endpoint answers, and its samples.
+async fn metrics_page(
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<(String, crate::support::Scrape)> {
+    let page = wait_for("the metrics endpoint", Duration::from_secs(10), || async {
+        Ok(crate::support::http_get(addr, "/metrics")
+            .await
+            .ok()
+            .filter(|(status, _)| *status == 200)
+            .map(|(_, page)| page))
+    })
+    .await?;
+    let scrape = crate::support::Scrape::parse(&page)?;
+    Ok((page, scrape))
+}
+
 fn decided(page: &crate::support::Scrape, decision: &str) -> f64 {
     page.matching(
         taskfactory_runtime::metrics::OCCURRENCES,
@@ -330,17 +363,7 @@ fn decided(page: &crate::support::Scrape, decision: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn downtime_with_misfire_all_catches_up_at_most_max_catchup() -> anyhow::Result<()> {
     // Each test runs in its own process: the counters are this test's alone.
-    let addr: std::net::SocketAddr =
-        format!("127.0.0.1:{}", taskfactory_tests::free_port()).parse()?;
-    let stop = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(taskfactory_runtime::metrics::serve(
-        addr,
-        taskfactory_runtime::metrics::Routes {
-            metrics: true,
-            probes: None,
-        },
-        stop.clone(),
-    ));
+    let (addr, stop) = serve_metrics()?;
     downtime_under(
         "MISFIRE_ALL",
         &[
@@ -363,15 +386,7 @@ async fn downtime_with_misfire_all_catches_up_at_most_max_catchup() -> anyhow::R
     )
     .await?;
     // Every decision is counted: 3 on time + the catch-up + 1 on time again, per downtime.
-    let page = wait_for("the metrics endpoint", Duration::from_secs(10), || async {
-        Ok(crate::support::http_get(addr, "/metrics")
-            .await
-            .ok()
-            .filter(|(status, _)| *status == 200)
-            .map(|(_, page)| page))
-    })
-    .await?;
-    let scrape = crate::support::Scrape::parse(&page)?;
+    let (page, scrape) = metrics_page(addr).await?;
     assert_eq!(decided(&scrape, "FIRED"), (5 + 14 + 104) as f64, "{page}");
     assert_eq!(decided(&scrape, "MISSED_CATCHUP_WINDOW"), 80.0, "{page}");
     stop.cancel();
@@ -384,17 +399,7 @@ async fn downtime_with_misfire_all_catches_up_at_most_max_catchup() -> anyhow::R
 /// others wait for a turn, and every occurrence is still decided.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn after_a_restart_schedules_decide_a_few_at_a_time_and_all_catch_up() -> anyhow::Result<()> {
-    let addr: std::net::SocketAddr =
-        format!("127.0.0.1:{}", taskfactory_tests::free_port()).parse()?;
-    let stop = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(taskfactory_runtime::metrics::serve(
-        addr,
-        taskfactory_runtime::metrics::Routes {
-            metrics: true,
-            probes: None,
-        },
-        stop.clone(),
-    ));
+    let (addr, stop) = serve_metrics()?;
     let clock = ManualClock::new(utc("2026-01-05T10:00:30Z"));
     let env = TestEnv::new(EnvOptions {
         clock: ClockHandle::manual(&clock),
@@ -444,15 +449,7 @@ async fn after_a_restart_schedules_decide_a_few_at_a_time_and_all_catch_up() -> 
         "every missed occurrence caught up once"
     );
 
-    let page = wait_for("the metrics endpoint", Duration::from_secs(10), || async {
-        Ok(crate::support::http_get(addr, "/metrics")
-            .await
-            .ok()
-            .filter(|(status, _)| *status == 200)
-            .map(|(_, page)| page))
-    })
-    .await?;
-    let scrape = crate::support::Scrape::parse(&page)?;
+    let (page, scrape) = metrics_page(addr).await?;
     let queued: f64 = scrape
         .matching(taskfactory_runtime::metrics::SCHEDULE_DECISIONS_QUEUED, &[])
         .iter()
