@@ -5,6 +5,7 @@ mod access;
 mod apply;
 mod authentication;
 mod cluster;
+mod connections;
 mod context;
 mod depth;
 mod event_limits;
