@@ -377,7 +377,9 @@ async fn write_batches(
                         });
                         let (pool, clock) = (pool.clone(), clock.clone());
                         recording.push_back(tokio::spawn(async move {
+                            let began = std::time::Instant::now();
                             let outcomes = record_batch(&pool, &clock, &jobs).await;
+                            tracing::debug!(fires = jobs.len(), took = ?began.elapsed(), "fire batch recorded");
                             Batch { jobs, outcomes }
                         }));
                     }
@@ -413,30 +415,48 @@ async fn write_batches(
             }
         }
     };
+    // Acks are awaited as they come, each fire stamped with the instant its ack came, and handed
+    // to the marking stage at once: marking (an UPDATE and a commit, slower as `fires` grows)
+    // never holds back the publishes behind it. Only when MARKING batches wait to be marked does
+    // this stage wait.
+    let (to_mark, mut acked) = tokio::sync::mpsc::channel::<Acked>(MARKING);
     let confirm = async move {
-        let mut waiting = Vec::new();
-        // Every batch sent by now is confirmed together: its acks awaited, marked published in
-        // one statement (each fire with the instant its ack came), and its callers answered.
-        while sent.recv_many(&mut waiting, STAGED).await > 0 {
-            let mut published = Vec::new();
-            for Sent { batch, acks } in &mut waiting {
-                for (index, ack) in acks.drain(..) {
-                    let fire = &batch.jobs[index].fire;
-                    match ack.await {
-                        Ok(_) => published.push((fire.id, Utc::now())),
-                        Err(error) => not_published(fire, &error),
-                    }
+        while let Some(Sent { batch, acks }) = sent.recv().await {
+            let began = std::time::Instant::now();
+            let mut published = Vec::with_capacity(acks.len());
+            for (index, ack) in acks {
+                let fire = &batch.jobs[index].fire;
+                match ack.await {
+                    Ok(_) => published.push((fire.id, Utc::now())),
+                    Err(error) => not_published(fire, &error),
                 }
             }
+            tracing::debug!(fires = published.len(), took = ?began.elapsed(), "fire batch acked");
+            if to_mark.send(Acked { batch, published }).await.is_err() {
+                break;
+            }
+        }
+    };
+    let mark = async move {
+        let mut waiting = Vec::new();
+        // Every batch acked by now is marked published in one statement (each fire with the
+        // instant its ack came), then its callers are answered.
+        while acked.recv_many(&mut waiting, MARKING).await > 0 {
+            let published: Vec<(FireId, DateTime<Utc>)> = waiting
+                .iter()
+                .flat_map(|acked| acked.published.iter().copied())
+                .collect();
+            let began = std::time::Instant::now();
             mark_published(&pool, &published).await;
-            for Sent { batch, .. } in waiting.drain(..) {
+            tracing::debug!(fires = published.len(), batches = waiting.len(), took = ?began.elapsed(), "fires marked published");
+            for Acked { batch, .. } in waiting.drain(..) {
                 for (job, outcome) in batch.jobs.into_iter().zip(batch.outcomes) {
                     let _ = job.reply.send(outcome);
                 }
             }
         }
     };
-    tokio::join!(record, publish, confirm);
+    tokio::join!(record, publish, confirm, mark);
 }
 
 /// Batches between two stages of [`write_batches`], at most.
@@ -444,6 +464,9 @@ const STAGED: usize = 2;
 
 /// Batches recorded at once (each in a transaction of its own).
 const RECORDING: usize = 2;
+
+/// Batches acked and waiting to be marked published, at most; those waiting are marked together.
+const MARKING: usize = 64;
 
 /// The fires waiting, at most [`BATCH`]; `None` once every handle is gone and none wait.
 async fn take_batch(queue: &mut tokio::sync::mpsc::UnboundedReceiver<Job>) -> Option<Vec<Job>> {
@@ -456,6 +479,12 @@ async fn take_batch(queue: &mut tokio::sync::mpsc::UnboundedReceiver<Job>) -> Op
 struct Batch {
     jobs: Vec<Job>,
     outcomes: Vec<Result<bool, StoreError>>,
+}
+
+/// A batch whose acks came: the fires published, each with the instant its ack came.
+struct Acked {
+    batch: Batch,
+    published: Vec<(FireId, DateTime<Utc>)>,
 }
 
 /// A batch whose publishes are sent: the acks to await, by job.
