@@ -288,8 +288,9 @@ struct Job {
 
 /// Group commit of fires: whatever fires wait when a batch begins (at most [`BATCH`]) are
 /// recorded in one transaction ([`store::record_fires`]), then published together, then marked
-/// published in one statement; each caller hears of its own fire once that is done. The three
-/// steps are stages that overlap: while one batch is published, the next is recorded. One fire's
+/// published in one statement; each caller hears of its own fire once that is done. The steps
+/// are stages that overlap: while one batch is published, the next is recorded, and acks are
+/// awaited while earlier batches are marked (a mark never delays a publish). One fire's
 /// failure never holds back the others: a batch whose transaction fails is recorded again one
 /// fire at a time, so each gets its own outcome. Stops when every handle is dropped, after the
 /// fires in hand.
