@@ -290,7 +290,8 @@ struct Job {
 /// recorded in one transaction ([`store::record_fires`]), then published together, then marked
 /// published in one statement; each caller hears of its own fire once that is done. The steps
 /// are stages that overlap: while one batch is published, the next is recorded, and acks are
-/// awaited while earlier batches are marked (a mark never delays a publish). One fire's
+/// awaited while earlier batches are marked (a slow mark delays publishing only once
+/// [`MARKING`] batches wait for it). One fire's
 /// failure never holds back the others: a batch whose transaction fails is recorded again one
 /// fire at a time, so each gets its own outcome. Stops when every handle is dropped, after the
 /// fires in hand.
@@ -340,9 +341,9 @@ async fn write_batches(
     clock: ClockHandle,
     mut queue: tokio::sync::mpsc::UnboundedReceiver<Job>,
 ) {
-    // Three stages that overlap, so a fire that comes due while a batch is on its way waits
-    // for the recording stage only, not for the whole cycle: batch k+1 is recorded while batch
-    // k is published, and batch k-1's acks are awaited and marked.
+    // Four stages that overlap, so a fire that comes due while a batch is on its way waits for
+    // the recording stage only, not for the whole cycle: batch k+1 is recorded while batch k is
+    // published, batch k-1's acks are awaited, and the batches before it are marked.
     let (to_publish, mut recorded) = tokio::sync::mpsc::channel::<Batch>(STAGED);
     let (to_confirm, mut sent) = tokio::sync::mpsc::channel::<Sent>(STAGED);
     let record = {
@@ -418,8 +419,9 @@ async fn write_batches(
     };
     // Acks are awaited as they come, each fire stamped with the instant its ack came, and handed
     // to the marking stage at once: marking (an UPDATE and a commit, slower as `fires` grows)
-    // never holds back the publishes behind it. Only when MARKING batches wait to be marked does
-    // this stage wait.
+    // holds back the publishes behind it only once it lags by MARKING batches (up to MARKING
+    // more are in its hands). Fires acked but not marked yet are safe: the reconciler would
+    // publish them again (deduplicated by their message id) only after `--reconcile-interval`.
     let (to_mark, mut acked) = tokio::sync::mpsc::channel::<Acked>(MARKING);
     let confirm = async move {
         while let Some(Sent { batch, acks }) = sent.recv().await {
@@ -466,7 +468,8 @@ const STAGED: usize = 2;
 /// Batches recorded at once (each in a transaction of its own).
 const RECORDING: usize = 2;
 
-/// Batches acked and waiting to be marked published, at most; those waiting are marked together.
+/// Batches acked and waiting to be marked published, at most (the marking stage holds up to as
+/// many more, marked together in one statement).
 const MARKING: usize = 64;
 
 /// The fires waiting, at most [`BATCH`]; `None` once every handle is gone and none wait.
