@@ -316,7 +316,6 @@ async fn downtime_with_misfire_latest_fires_the_newest_once() -> anyhow::Result<
     .await
 }
 
-/// Occurrences decided `decision`, over every activity.
 /// This test process's own metrics, served on a free port (each test runs in its own process,
 /// so the counters are the test's alone); cancel the token to stop serving.
 fn serve_metrics() -> anyhow::Result<(std::net::SocketAddr, tokio_util::sync::CancellationToken)> {
@@ -350,6 +349,7 @@ async fn metrics_page(
     Ok((page, scrape))
 }
 
+/// Occurrences decided `decision`, over every activity.
 fn decided(page: &crate::support::Scrape, decision: &str) -> f64 {
     page.matching(
         taskfactory_runtime::metrics::OCCURRENCES,
@@ -362,7 +362,6 @@ fn decided(page: &crate::support::Scrape, decision: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn downtime_with_misfire_all_catches_up_at_most_max_catchup() -> anyhow::Result<()> {
-    // Each test runs in its own process: the counters are this test's alone.
     let (addr, stop) = serve_metrics()?;
     downtime_under(
         "MISFIRE_ALL",

@@ -431,23 +431,21 @@ impl Registry {
                 }
             }
             let Some(records) = read else { break };
-            if records.len() < PARSE_APART_FROM {
-                for record in &records {
-                    if let Some(built) = LiveActivity::from_record(record) {
-                        live.put(Arc::new(built));
-                    }
+            let small = records.len() < PARSE_APART_FROM;
+            let parse = move || -> Vec<LiveActivity> {
+                records
+                    .iter()
+                    .filter_map(LiveActivity::from_record)
+                    .collect()
+            };
+            if small {
+                for built in parse() {
+                    live.put(Arc::new(built));
                 }
                 continue;
             }
             let span = tracing::Span::current();
-            parsing = Some(tokio::task::spawn_blocking(move || {
-                span.in_scope(|| {
-                    records
-                        .iter()
-                        .filter_map(LiveActivity::from_record)
-                        .collect()
-                })
-            }));
+            parsing = Some(tokio::task::spawn_blocking(move || span.in_scope(parse)));
         }
         let LiveMaps {
             activities,
