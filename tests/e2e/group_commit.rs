@@ -541,3 +541,151 @@ async fn admin_calls_do_not_wait_behind_the_schedulers_connections() -> anyhow::
     held.rollback().await?;
     Ok(())
 }
+
+/// The orchestrator's batched statements answer each item of a batch for itself, in order:
+/// runs written together (a trigger delivered twice in one batch, a run already recorded, a
+/// dedupe key another run holds) and trigger messages looked up together (the ledger's fire,
+/// someone else's bytes under its key, a key the ledger does not hold).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn runs_written_and_triggers_looked_up_together_each_get_their_own_answer()
+-> anyhow::Result<()> {
+    use taskfactory_model::ids::{ActivityId, RunId};
+    use taskfactory_orchestrator::store::{self, Ledger, NewRun, TriggerKey};
+    use taskfactory_proto::v1::RunStatus;
+    let db = taskfactory_tests::TestDb::create().await?;
+    let pool = taskfactory_runtime::db::connect_and_migrate(
+        &taskfactory_runtime::config::DatabaseArgs::new(db.url()),
+        Duration::from_secs(10),
+    )
+    .await?;
+    let activity = ActivityId(uuid::Uuid::new_v4());
+    sqlx::query(
+        "INSERT INTO activities (id, name, current_version, enabled, trigger_kind, activated_at) \
+         VALUES ($1, 'together', 1, true, 'event', now())",
+    )
+    .bind(activity.0)
+    .execute(&pool)
+    .await?;
+    let run = |key: &str, id: RunId| NewRun {
+        id,
+        activity_id: activity,
+        activity_name: "together".to_owned(),
+        activity_version: 1,
+        event_id: uuid::Uuid::new_v4(),
+        source: "event".to_owned(),
+        dedupe_key: key.to_owned(),
+        scheduled_for: None,
+        fired_at: chrono::Utc::now(),
+        subject: format!("events.together.{key}"),
+        payload: Some(json!({"key": key})),
+        status: RunStatus::RunRunning,
+        context: json!({}),
+        evaluation: json!({}),
+        error: String::new(),
+        trace_id: String::new(),
+        traceparent: String::new(),
+    };
+    let derived = |key: &str| RunId::derive(activity, key);
+    let earlier = run("earlier", derived("earlier"));
+    assert_eq!(store::insert_runs(&pool, &[(&earlier, &[])]).await?, [true]);
+
+    let a = run("a", derived("a"));
+    let b = run("b", derived("b"));
+    let twice = run("a", derived("a"));
+    // Another id under b's dedupe key: the key is taken, so it is not written.
+    let foreign = run("b", RunId(uuid::Uuid::new_v4()));
+    let again = run("earlier", derived("earlier"));
+    let written =
+        store::insert_runs(&pool, &[(&b, &[]), (&a, &[]), (&twice, &[]), (&again, &[])]).await?;
+    assert_eq!(written, [true, true, false, false]);
+    assert_eq!(
+        store::insert_runs(&pool, &[(&foreign, &[])]).await?,
+        [false]
+    );
+    let keys: Vec<(String, uuid::Uuid)> =
+        sqlx::query_as("SELECT dedupe_key, id FROM runs ORDER BY dedupe_key")
+            .fetch_all(&pool)
+            .await?;
+    assert_eq!(
+        keys,
+        [
+            ("a".to_owned(), derived("a").0),
+            ("b".to_owned(), derived("b").0),
+            ("earlier".to_owned(), derived("earlier").0),
+        ]
+    );
+
+    // The ledger holds fires for a and for c (which has no run yet).
+    for key in ["a", "c"] {
+        sqlx::query(
+            "INSERT INTO fires (id, activity_id, activity_name, activity_version, source, \
+                 dedupe_key, fired_at, event) \
+             VALUES ($1, $2, 'together', 1, 'event', $3, now(), $4)",
+        )
+        .bind(uuid::Uuid::new_v4())
+        .bind(activity.0)
+        .bind(key)
+        .bind(format!("fire {key}").into_bytes())
+        .execute(&pool)
+        .await?;
+    }
+    let key = |key: &str, message: &str| TriggerKey {
+        activity,
+        dedupe_key: key.to_owned(),
+        run: derived(key),
+        message: bytes::Bytes::from(message.to_owned()),
+    };
+    let looked_up = store::trigger_states(
+        &pool,
+        &[
+            key("c", "fire c"),
+            key("a", "fire a"),
+            key("a", "someone else's"),
+            key("b", "fire b"),
+            key("a", "fire a"),
+        ],
+    )
+    .await?;
+    let seen: Vec<(Ledger, Option<RunStatus>)> = looked_up
+        .iter()
+        .map(|(ledger, run)| (*ledger, run.as_ref().map(|r| r.status)))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (Ledger::Recorded, None),
+            (Ledger::Recorded, Some(RunStatus::RunRunning)),
+            (Ledger::Differs, Some(RunStatus::RunRunning)),
+            (Ledger::Missing, Some(RunStatus::RunRunning)),
+            (Ledger::Recorded, Some(RunStatus::RunRunning)),
+        ]
+    );
+
+    // Through the group-commit reader, at once: each caller hears of its own.
+    let lookups = store::TriggerLookups::start(pool.clone(), 2);
+    let answers = join_all((0..64).map(|i| {
+        let lookups = lookups.clone();
+        let (k, message) = match i % 3 {
+            0 => ("a", "fire a"),
+            1 => ("a", "forged"),
+            _ => ("c", "fire c"),
+        };
+        let k = key(k, message);
+        async move {
+            lookups
+                .get(k)
+                .await
+                .map(|(ledger, run)| (ledger, run.is_some()))
+        }
+    }))
+    .await;
+    for (i, answer) in answers.into_iter().enumerate() {
+        let expected = match i % 3 {
+            0 => (Ledger::Recorded, true),
+            1 => (Ledger::Differs, true),
+            _ => (Ledger::Recorded, false),
+        };
+        assert_eq!(answer?, expected, "lookup {i}");
+    }
+    Ok(())
+}

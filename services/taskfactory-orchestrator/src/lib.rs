@@ -422,6 +422,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         pool: pool.clone(),
         marks: store::RunMarks::start(pool.clone()),
         runs: store::RunWriter::start(pool.clone(), config.result_transactions),
+        lookups: store::TriggerLookups::start(pool.clone(), config.result_transactions),
         js: js.clone(),
         limits: PlanLimits {
             expr: Limits {

@@ -55,6 +55,8 @@ pub struct Spawner {
     pub marks: store::RunMarks,
     /// New runs and their tasks, written in group commit.
     pub runs: store::RunWriter,
+    /// Trigger messages looked up in the fire ledger, many per statement.
+    pub lookups: store::TriggerLookups,
     pub js: async_nats::jetstream::Context,
     pub limits: PlanLimits,
     pub ack_wait: Duration,
@@ -204,14 +206,15 @@ impl Spawner {
             )));
         }
         let run_id = RunId::derive(activity_id, &event.dedupe_key);
-        let (ledger, state) = store::trigger_state(
-            &self.pool,
-            activity_id,
-            &event.dedupe_key,
-            run_id,
-            message.payload.as_ref(),
-        )
-        .await?;
+        let (ledger, state) = self
+            .lookups
+            .get(store::TriggerKey {
+                activity: activity_id,
+                dedupe_key: event.dedupe_key.clone(),
+                run: run_id,
+                message: message.payload.clone(),
+            })
+            .await?;
         match ledger {
             Ledger::Recorded => {}
             Ledger::Missing => {

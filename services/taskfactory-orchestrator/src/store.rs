@@ -63,55 +63,135 @@ pub enum Ledger {
     Missing,
 }
 
-/// Whether the message is the ledger's fire (NULL: no fire), and the run's state columns (NULL:
-/// no run).
-type TriggerStateRow = (
-    Option<bool>,
-    Option<String>,
-    Option<bool>,
-    Option<DateTime<Utc>>,
-    Option<bool>,
-);
+/// A trigger message to look up in the fire ledger: the fire it claims to be, and the run it
+/// names.
+pub struct TriggerKey {
+    pub activity: ActivityId,
+    pub dedupe_key: String,
+    pub run: RunId,
+    pub message: bytes::Bytes,
+}
 
-/// Looks a trigger message up in the fire ledger, with the state of the run it names: one round
-/// trip, on the ledger's unique key and the run's primary key. The message is compared whole
-/// (the trigger publishes exactly the bytes it recorded), so an id, version, payload or overlap
-/// policy of someone else's is as refused as an unknown key.
-pub async fn trigger_state(
+/// What the ledger says of a trigger message, and the state of the run it names.
+pub type TriggerState = (Ledger, Option<RunState>);
+
+/// Looks trigger messages up in the fire ledger, with the state of the run each names: one round
+/// trip for all of them, on the ledger's unique key and the run's primary key. A message is
+/// compared whole (the trigger publishes exactly the bytes it recorded), so an id, version,
+/// payload or overlap policy of someone else's is as refused as an unknown key.
+pub async fn trigger_states(
     pool: &PgPool,
-    activity: ActivityId,
-    dedupe_key: &str,
-    run: RunId,
-    message: &[u8],
-) -> Result<(Ledger, Option<RunState>), sqlx::Error> {
-    let row: TriggerStateRow = sqlx::query_as(
-        "SELECT f.event = $3, r.status, r.spawn_complete, r.announced_at, r.waiting \
-         FROM (SELECT 1) AS one \
-         LEFT JOIN fires f ON f.activity_id = $1 AND f.dedupe_key = $2 \
-         LEFT JOIN runs r ON r.id = $4",
+    keys: &[TriggerKey],
+) -> Result<Vec<TriggerState>, sqlx::Error> {
+    let activities: Vec<Uuid> = keys.iter().map(|k| k.activity.0).collect();
+    let dedupe_keys: Vec<&str> = keys.iter().map(|k| k.dedupe_key.as_str()).collect();
+    let messages: Vec<&[u8]> = keys.iter().map(|k| k.message.as_ref()).collect();
+    let runs: Vec<Uuid> = keys.iter().map(|k| k.run.0).collect();
+    let rows: Vec<(
+        i64,
+        Option<bool>,
+        Option<String>,
+        Option<bool>,
+        Option<DateTime<Utc>>,
+        Option<bool>,
+    )> = sqlx::query_as(
+        "SELECT k.i, f.event = k.message, r.status, r.spawn_complete, r.announced_at, \
+                 r.waiting \
+             FROM UNNEST($1::uuid[], $2::text[], $3::bytea[], $4::uuid[]) WITH ORDINALITY \
+                 AS k(activity_id, dedupe_key, message, run_id, i) \
+             LEFT JOIN fires f ON f.activity_id = k.activity_id AND f.dedupe_key = k.dedupe_key \
+             LEFT JOIN runs r ON r.id = k.run_id",
     )
     // Planned on each use: a generic plan made while the tables were small (the start of a
     // burst) can join by scanning them, which grows with the ledger.
     .persistent(false)
-    .bind(activity.0)
-    .bind(dedupe_key)
-    .bind(message)
-    .bind(run.0)
-    .fetch_one(pool)
+    .bind(&activities)
+    .bind(&dedupe_keys)
+    .bind(&messages)
+    .bind(&runs)
+    .fetch_all(pool)
     .await?;
-    let (same, status, spawn_complete, announced, waiting) = row;
-    let ledger = match same {
-        Some(true) => Ledger::Recorded,
-        Some(false) => Ledger::Differs,
-        None => Ledger::Missing,
-    };
-    let run = status.map(|status| RunState {
-        status: status::run_status_from_db(&status),
-        spawn_complete: spawn_complete.unwrap_or(false),
-        announced: announced.is_some(),
-        waiting: waiting.unwrap_or(false),
-    });
-    Ok((ledger, run))
+    let mut states: Vec<Option<TriggerState>> = keys.iter().map(|_| None).collect();
+    for (i, same, status, spawn_complete, announced, waiting) in rows {
+        let ledger = match same {
+            Some(true) => Ledger::Recorded,
+            Some(false) => Ledger::Differs,
+            None => Ledger::Missing,
+        };
+        let run = status.map(|status| RunState {
+            status: status::run_status_from_db(&status),
+            spawn_complete: spawn_complete.unwrap_or(false),
+            announced: announced.is_some(),
+            waiting: waiting.unwrap_or(false),
+        });
+        let slot = usize::try_from(i - 1)
+            .ok()
+            .and_then(|i| states.get_mut(i))
+            .ok_or_else(|| sqlx::Error::Protocol(format!("trigger lookup returned row {i}")))?;
+        *slot = Some((ledger, run));
+    }
+    states
+        .into_iter()
+        .enumerate()
+        .map(|(i, state)| {
+            state.ok_or_else(|| {
+                sqlx::Error::Protocol(format!("trigger lookup returned no row {}", i + 1))
+            })
+        })
+        .collect()
+}
+
+/// Looks trigger messages up ([`trigger_states`]) in group commit: the triggers whose lookups
+/// wait together are read by one statement. A statement the database refuses is tried key by key,
+/// so each caller gets its own error.
+#[derive(Clone)]
+pub struct TriggerLookups(GroupCommit<TriggerKey, Result<TriggerState, sqlx::Error>>);
+
+/// Trigger messages looked up by one statement, at most.
+const LOOKUPS_AT_ONCE: usize = 256;
+
+impl TriggerLookups {
+    /// Starts the reader; `statements` bounds its statements at once.
+    pub fn start(pool: PgPool, statements: usize) -> Self {
+        Self(GroupCommit::start(
+            LOOKUPS_AT_ONCE,
+            statements,
+            move |keys: Vec<TriggerKey>| {
+                let pool = pool.clone();
+                async move {
+                    match trigger_states(&pool, &keys).await {
+                        Ok(states) => states.into_iter().map(Ok).collect(),
+                        Err(error) if keys.len() == 1 => vec![Err(error)],
+                        Err(_) => {
+                            let mut each = Vec::with_capacity(keys.len());
+                            for key in keys {
+                                each.push(
+                                    trigger_states(&pool, std::slice::from_ref(&key))
+                                        .await
+                                        .and_then(|mut one| {
+                                            one.pop().ok_or_else(|| {
+                                                sqlx::Error::Protocol(
+                                                    "trigger lookup returned no row".to_owned(),
+                                                )
+                                            })
+                                        }),
+                                );
+                            }
+                            each
+                        }
+                    }
+                }
+            },
+        ))
+    }
+
+    /// What the ledger says of one trigger message, and its run's state.
+    pub async fn get(&self, key: TriggerKey) -> Result<TriggerState, sqlx::Error> {
+        self.0
+            .submit(key)
+            .await
+            .unwrap_or(Err(sqlx::Error::PoolClosed))
+    }
 }
 
 /// The spec of an activity at a version, in its proto3 JSON form.
@@ -183,51 +263,117 @@ struct RowExtras<'a> {
     quiet: bool,
 }
 
-async fn insert_run_row(
+/// A run row to write: the run, how many tasks it spawned, and how it is written besides.
+type RunRow<'a> = (&'a NewRun, usize, RowExtras<'a>);
+
+/// Inserts run rows, many per statement, in run id order (the order every writer of several runs
+/// takes them in, so two batches holding the same new runs never wait on each other); returns
+/// the ids inserted. A run whose id or dedupe key is already taken is not written; a row is never
+/// given twice (the callers keep the first of an id).
+async fn insert_run_rows(
     tx: &mut sqlx::PgConnection,
-    run: &NewRun,
-    tasks_spawned: usize,
-    extras: RowExtras<'_>,
-) -> Result<bool, sqlx::Error> {
-    let terminal = status::run_is_terminal(run.status);
-    Ok(sqlx::query(
+    rows: &[RunRow<'_>],
+) -> Result<std::collections::HashSet<Uuid>, sqlx::Error> {
+    let mut inserted = std::collections::HashSet::with_capacity(rows.len());
+    if rows.is_empty() {
+        return Ok(inserted);
+    }
+    let ids: Vec<Uuid> = rows.iter().map(|(r, _, _)| r.id.0).collect();
+    let activities: Vec<Uuid> = rows.iter().map(|(r, _, _)| r.activity_id.0).collect();
+    let names: Vec<&str> = rows
+        .iter()
+        .map(|(r, _, _)| r.activity_name.as_str())
+        .collect();
+    let versions: Vec<i32> = rows
+        .iter()
+        .map(|(r, _, _)| i32::try_from(r.activity_version).unwrap_or(i32::MAX))
+        .collect();
+    let events: Vec<Uuid> = rows.iter().map(|(r, _, _)| r.event_id).collect();
+    let sources: Vec<&str> = rows.iter().map(|(r, _, _)| r.source.as_str()).collect();
+    let keys: Vec<&str> = rows.iter().map(|(r, _, _)| r.dedupe_key.as_str()).collect();
+    let scheduled: Vec<Option<DateTime<Utc>>> =
+        rows.iter().map(|(r, _, _)| r.scheduled_for).collect();
+    let fired: Vec<DateTime<Utc>> = rows.iter().map(|(r, _, _)| r.fired_at).collect();
+    let subjects: Vec<&str> = rows.iter().map(|(r, _, _)| r.subject.as_str()).collect();
+    let payloads: Vec<Option<&serde_json::Value>> =
+        rows.iter().map(|(r, _, _)| r.payload.as_ref()).collect();
+    let statuses: Vec<&str> = rows
+        .iter()
+        .map(|(r, _, _)| status::run_status_db(r.status))
+        .collect();
+    let contexts: Vec<&serde_json::Value> = rows.iter().map(|(r, _, _)| &r.context).collect();
+    let evaluations: Vec<&serde_json::Value> = rows.iter().map(|(r, _, _)| &r.evaluation).collect();
+    let errors: Vec<&str> = rows.iter().map(|(r, _, _)| r.error.as_str()).collect();
+    let spawned: Vec<i32> = rows
+        .iter()
+        .map(|(_, n, _)| i32::try_from(*n).unwrap_or(i32::MAX))
+        .collect();
+    let terminal: Vec<bool> = rows
+        .iter()
+        .map(|(r, _, _)| status::run_is_terminal(r.status))
+        .collect();
+    let traces: Vec<&str> = rows.iter().map(|(r, _, _)| r.trace_id.as_str()).collect();
+    let waiting: Vec<bool> = rows.iter().map(|(_, _, x)| x.waiting).collect();
+    let trigger_events: Vec<Option<&[u8]>> = rows.iter().map(|(_, _, x)| x.trigger_event).collect();
+    let overlaps: Vec<&str> = rows.iter().map(|(_, _, x)| x.overlap).collect();
+    let started: Vec<bool> = rows.iter().map(|(_, _, x)| x.started).collect();
+    let quiet: Vec<bool> = rows.iter().map(|(_, _, x)| x.quiet).collect();
+    let parents: Vec<&str> = rows
+        .iter()
+        .map(|(r, _, _)| r.traceparent.as_str())
+        .collect();
+    let ids_inserted: Vec<(Uuid,)> = sqlx::query_as(
         "INSERT INTO runs (id, activity_id, activity_name, activity_version, event_id, source, \
              dedupe_key, scheduled_for, fired_at, subject, payload, status, context, evaluation, \
              error, tasks_spawned, spawn_complete, trace_id, finished_at, waiting, trigger_event, \
              overlap, started_at, announced_at, traceparent) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
-             CASE WHEN $17 THEN now() END, $19, $20, $21, CASE WHEN $22 THEN now() END, \
-             CASE WHEN $23 THEN now() END, $24) \
-         ON CONFLICT DO NOTHING",
+         SELECT u.id, u.activity_id, u.activity_name, u.activity_version, u.event_id, u.source, \
+             u.dedupe_key, u.scheduled_for, u.fired_at, u.subject, u.payload, u.status, \
+             u.context, u.evaluation, u.error, u.tasks_spawned, u.terminal, u.trace_id, \
+             CASE WHEN u.terminal THEN now() END, u.waiting, u.trigger_event, u.overlap, \
+             CASE WHEN u.started THEN now() END, CASE WHEN u.quiet THEN now() END, \
+             u.traceparent \
+         FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::int4[], $5::uuid[], $6::text[], \
+             $7::text[], $8::timestamptz[], $9::timestamptz[], $10::text[], $11::jsonb[], \
+             $12::text[], $13::jsonb[], $14::jsonb[], $15::text[], $16::int4[], $17::bool[], \
+             $18::text[], $19::bool[], $20::bytea[], $21::text[], $22::bool[], $23::bool[], \
+             $24::text[]) \
+             AS u(id, activity_id, activity_name, activity_version, event_id, source, dedupe_key, \
+                 scheduled_for, fired_at, subject, payload, status, context, evaluation, error, \
+                 tasks_spawned, terminal, trace_id, waiting, trigger_event, overlap, started, \
+                 quiet, traceparent) \
+         ORDER BY u.id \
+         ON CONFLICT DO NOTHING \
+         RETURNING id",
     )
-    .bind(run.id.0)
-    .bind(run.activity_id.0)
-    .bind(&run.activity_name)
-    .bind(i32::try_from(run.activity_version).unwrap_or(i32::MAX))
-    .bind(run.event_id)
-    .bind(&run.source)
-    .bind(&run.dedupe_key)
-    .bind(run.scheduled_for)
-    .bind(run.fired_at)
-    .bind(&run.subject)
-    .bind(&run.payload)
-    .bind(status::run_status_db(run.status))
-    .bind(&run.context)
-    .bind(&run.evaluation)
-    .bind(&run.error)
-    .bind(i32::try_from(tasks_spawned).unwrap_or(i32::MAX))
-    .bind(terminal)
-    .bind(&run.trace_id)
-    .bind(extras.waiting)
-    .bind(extras.trigger_event)
-    .bind(extras.overlap)
-    .bind(extras.started)
-    .bind(extras.quiet)
-    .bind(&run.traceparent)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected()
-        == 1)
+    .bind(&ids)
+    .bind(&activities)
+    .bind(&names)
+    .bind(&versions)
+    .bind(&events)
+    .bind(&sources)
+    .bind(&keys)
+    .bind(&scheduled)
+    .bind(&fired)
+    .bind(&subjects)
+    .bind(&payloads)
+    .bind(&statuses)
+    .bind(&contexts)
+    .bind(&evaluations)
+    .bind(&errors)
+    .bind(&spawned)
+    .bind(&terminal)
+    .bind(&traces)
+    .bind(&waiting)
+    .bind(&trigger_events)
+    .bind(&overlaps)
+    .bind(&started)
+    .bind(&quiet)
+    .bind(&parents)
+    .fetch_all(&mut *tx)
+    .await?;
+    inserted.extend(ids_inserted.into_iter().map(|(id,)| id));
+    Ok(inserted)
 }
 
 /// Inserts the tasks of runs, many runs' tasks per statement.
@@ -307,20 +453,24 @@ pub async fn insert_runs(
     runs: &[(&NewRun, &[NewTask])],
 ) -> Result<Vec<bool>, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let mut inserted = vec![false; runs.len()];
-    let mut written = Vec::with_capacity(runs.len());
-    // In run id order, as every writer of several runs: two batches holding the same new runs
-    // (a trigger delivered twice at once) never wait on each other's inserts.
-    let mut order: Vec<usize> = (0..runs.len()).collect();
-    order.sort_by_key(|&i| runs[i].0.id.0);
-    for i in order {
-        let (run, tasks) = runs[i];
-        let new = insert_run_row(&mut tx, run, tasks.len(), RowExtras::default()).await?;
-        if new {
-            written.push((run, tasks));
-        }
-        inserted[i] = new;
-    }
+    // The first run of each id (a later one of this batch is a trigger delivered twice).
+    let mut ids = std::collections::HashSet::with_capacity(runs.len());
+    let rows: Vec<RunRow<'_>> = runs
+        .iter()
+        .filter(|(run, _)| ids.insert(run.id.0))
+        .map(|(run, tasks)| (*run, tasks.len(), RowExtras::default()))
+        .collect();
+    let mut new = insert_run_rows(&mut tx, &rows).await?;
+    // Each id is inserted for the first run that has it, and only that one.
+    let inserted: Vec<bool> = runs.iter().map(|(run, _)| new.remove(&run.id.0)).collect();
+    let mut written: Vec<(&NewRun, &[NewTask])> = runs
+        .iter()
+        .zip(&inserted)
+        .filter(|(_, new)| **new)
+        .map(|(run, _)| *run)
+        .collect();
+    // In run id order, as every writer of several runs.
+    written.sort_by_key(|(run, _)| run.id.0);
     insert_tasks(&mut tx, &written).await?;
     tx.commit().await?;
     for (run, _) in written {
@@ -497,7 +647,10 @@ pub async fn admit_run(
         }
         Admission::AlreadyRecorded => {}
     }
-    if !insert_run_row(&mut tx, &row, 0, extras).await? {
+    if !insert_run_rows(&mut tx, &[(&row, 0, extras)])
+        .await?
+        .contains(&row.id.0)
+    {
         // Its dedupe key belongs to another run (it has not this id): nothing is cancelled or
         // recorded for a trigger that is not this run's.
         tx.rollback().await?;
