@@ -101,6 +101,12 @@ struct Args {
     /// With `--processes`: where the service binaries are (relative to the workspace root).
     #[arg(long, default_value = "target/release")]
     binaries: String,
+    /// With `--processes`: SIGKILL each service once during the burst and start it again (the
+    /// trigger once a sixth of the fires are recorded, the orchestrator once a third of the runs,
+    /// the executor once half of the tasks have succeeded), then count in Postgres the runs lost
+    /// and the tasks that ended twice. The services' CPU is not reported (their processes change).
+    #[arg(long, requires = "processes")]
+    kill: bool,
 }
 
 #[tokio::main]
@@ -805,6 +811,22 @@ struct PgCheck {
     attempts: i64,
     expected_runs: i64,
     expected_tasks: i64,
+    /// Tasks with more than one final attempt row: run twice.
+    tasks_ended_twice: i64,
+    /// Tasks with more than one start on record (an execution a kill cut short, run again).
+    tasks_started_again: i64,
+    /// With `--kill`: each service killed, in turn.
+    kills: Vec<Kill>,
+}
+
+/// A service killed during the burst (`--kill`) and started again.
+#[derive(Debug)]
+struct Kill {
+    service: &'static str,
+    /// Since the burst's first publish.
+    at: Duration,
+    /// What the database held when it was killed (fires, runs or tasks succeeded).
+    reached: String,
 }
 
 impl PgCheck {
@@ -815,6 +837,7 @@ impl PgCheck {
             self.runs_succeeded != self.expected_runs,
             self.tasks != self.expected_tasks,
             self.tasks_succeeded != self.expected_tasks,
+            self.tasks_ended_twice != 0,
         ]
         .iter()
         .filter(|p| **p)
@@ -867,7 +890,7 @@ async fn taskfactory_phase(env: &TestEnv, args: &Args) -> anyhow::Result<Taskfac
     let timeout = Duration::from_secs(args.timeout_secs);
 
     let all = [Service::Trigger, Service::Orchestrator, Service::Executor];
-    let services = if args.processes {
+    let mut services = if args.processes {
         let mut running = Vec::new();
         for service in all {
             running.push(env.spawn_process(service, &[])?);
@@ -877,9 +900,11 @@ async fn taskfactory_phase(env: &TestEnv, args: &Args) -> anyhow::Result<Taskfac
     } else {
         env.start_all().await?
     };
+    // Killed services are new processes afterwards: their CPU is not followed.
     let service_pids: Vec<(&'static str, u32)> = all
         .iter()
         .zip(&services)
+        .filter(|_| !args.kill)
         .filter_map(|(service, running)| Some((service.binary_name(), running.pid()?)))
         .collect();
     let mut admin = env.admin().await?;
@@ -945,11 +970,25 @@ async fn taskfactory_phase(env: &TestEnv, args: &Args) -> anyhow::Result<Taskfac
     let cpu_start = probe.mark(&pids_before);
     let (xid_start, lsn_start) = postgres_counters(&pool).await?;
     let xacts_start = database_transactions(&pool).await?;
-    let (started, last_ack) =
-        burst(&js, &make, measured.clone(), args.publish_window, args.rate).await?;
-    let all = tracker
-        .wait(measured.clone(), Instant::now() + timeout)
-        .await;
+    let burst_started = Instant::now();
+    let load = async {
+        let (started, last_ack) =
+            burst(&js, &make, measured.clone(), args.publish_window, args.rate).await?;
+        let all = tracker
+            .wait(measured.clone(), Instant::now() + timeout)
+            .await;
+        anyhow::Ok((started, last_ack, all))
+    };
+    let (loaded, kills) = if args.kill {
+        let (loaded, kills) = tokio::join!(
+            load,
+            kill_each_once(env, &mut services, &pool, args, burst_started)
+        );
+        (loaded, kills?)
+    } else {
+        (load.await, Vec::new())
+    };
+    let (started, last_ack, all) = loaded?;
     let (xid_end, lsn_end) = postgres_counters(&pool).await?;
     let xacts_end = database_transactions(&pool).await?;
     let pids_after = postgres_pids(&pool).await?;
@@ -975,7 +1014,8 @@ async fn taskfactory_phase(env: &TestEnv, args: &Args) -> anyhow::Result<Taskfac
         .chain(&started)
         .map(|(_, wall)| *wall)
         .collect();
-    let (check, stages) = postgres_view(&pool, activity_id, args, &tracker, &published).await?;
+    let (mut check, stages) = postgres_view(&pool, activity_id, args, &tracker, &published).await?;
+    check.kills = kills;
     pool.close().await;
     for service in services {
         service.stop().await?;
@@ -999,6 +1039,75 @@ async fn taskfactory_phase(env: &TestEnv, args: &Args) -> anyhow::Result<Taskfac
         wal_bytes,
         not_succeeded: not_succeeded.load(Ordering::Relaxed),
     })
+}
+
+/// `--kill`: SIGKILLs each service once, in turn, when the burst has reached it in the database,
+/// and starts it again at once.
+async fn kill_each_once(
+    env: &TestEnv,
+    services: &mut [taskfactory_tests::Running],
+    pool: &sqlx::PgPool,
+    args: &Args,
+    burst_started: Instant,
+) -> anyhow::Result<Vec<Kill>> {
+    let events = i64::try_from(args.events)?;
+    let tasks = i64::try_from(args.events * args.fan_out)?;
+    let plan = [
+        (
+            Service::Trigger,
+            "fires",
+            "SELECT count(*) FROM fires WHERE dedupe_key LIKE 'bench-%'",
+            events / 6,
+        ),
+        (
+            Service::Orchestrator,
+            "runs",
+            "SELECT count(*) FROM runs WHERE dedupe_key LIKE 'bench-%'",
+            events / 3,
+        ),
+        (
+            Service::Executor,
+            "tasks succeeded",
+            "SELECT count(*) FROM tasks WHERE status = 'SUCCEEDED'",
+            tasks / 2,
+        ),
+    ];
+    let mut kills = Vec::new();
+    for (index, (service, what, sql, at)) in plan.into_iter().enumerate() {
+        let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
+        let reached = loop {
+            let now: i64 = sqlx::query_scalar(sql).fetch_one(pool).await?;
+            if now >= at {
+                break now;
+            }
+            if Instant::now() > deadline {
+                bail!("--kill: {what} never reached {at} (at {now})");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let killed_at = Instant::now();
+        let Some(running) = services.get_mut(index) else {
+            bail!("--kill: no {} running", service.binary_name());
+        };
+        // Killed before the new process starts (dropping the old one afterwards reaps it).
+        let pid = running
+            .pid()
+            .context("--kill: the service is not a process")?;
+        let killed = std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()?;
+        if !killed.success() {
+            bail!("--kill: kill -KILL {pid} failed");
+        }
+        let replacement = env.spawn_process(service, &[])?;
+        std::mem::replace(running, replacement).kill();
+        kills.push(Kill {
+            service: service.binary_name(),
+            at: killed_at - burst_started,
+            reached: format!("{reached} {what}"),
+        });
+    }
+    Ok(kills)
 }
 
 /// Counts of the burst and per-run stage timestamps of every run (warm-up and burst), from
@@ -1033,8 +1142,23 @@ async fn postgres_view(
     .fetch_all(pool)
     .await?;
 
+    let (tasks_ended_twice, tasks_started_again): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE ended > 1), count(*) FILTER (WHERE started > 1) \
+         FROM (SELECT t.id, \
+                 count(a.task_id) FILTER (WHERE a.status <> 'RUNNING') AS ended, \
+                 count(a.task_id) FILTER (WHERE a.status = 'RUNNING') AS started \
+             FROM runs r JOIN tasks t ON t.run_id = r.id \
+             LEFT JOIN task_attempts a ON a.task_id = t.id \
+             WHERE r.activity_id = $1 AND r.dedupe_key LIKE 'bench-%' \
+             GROUP BY t.id) per_task",
+    )
+    .bind(activity.0)
+    .fetch_one(pool)
+    .await?;
     let mut check = PgCheck {
         fires: fires.0,
+        tasks_ended_twice,
+        tasks_started_again,
         expected_runs: args.events as i64,
         expected_tasks: (args.events * args.fan_out) as i64,
         ..Default::default()
@@ -1332,6 +1456,22 @@ impl Report {
                 "  <-- MISMATCH"
             }
         );
+        let _ = writeln!(
+            out,
+            "runs lost: {}; tasks that ended twice: {}; tasks started more than once: {}",
+            c.expected_runs - c.runs,
+            c.tasks_ended_twice,
+            c.tasks_started_again
+        );
+        for kill in &c.kills {
+            let _ = writeln!(
+                out,
+                "killed {} (SIGKILL) {:.2} s into the burst, at {}, and started again at once",
+                kill.service,
+                kill.at.as_secs_f64(),
+                kill.reached,
+            );
+        }
         let _ = writeln!(out);
         let _ = writeln!(
             out,
@@ -1382,6 +1522,7 @@ impl Report {
                 "baseline_in_concurrency": self.args.baseline_in_concurrency,
                 "baseline_out_concurrency": self.args.baseline_out_concurrency,
                 "processes": self.args.processes,
+                "kill": self.args.kill,
             },
             "machine": {
                 "cpus": self.machine.cpus,
@@ -1411,6 +1552,14 @@ impl Report {
                 "expected_runs": c.expected_runs,
                 "expected_tasks": c.expected_tasks,
                 "completions_not_succeeded": t.not_succeeded,
+                "runs_lost": c.expected_runs - c.runs,
+                "tasks_ended_twice": c.tasks_ended_twice,
+                "tasks_started_again": c.tasks_started_again,
+                "kills": c.kills.iter().map(|k| serde_json::json!({
+                    "service": k.service,
+                    "at_secs": k.at.as_secs_f64(),
+                    "reached": k.reached,
+                })).collect::<Vec<_>>(),
                 "ok": c.problems() == 0,
             },
             "stages_ms": t.stages.iter().map(|s| serde_json::json!({

@@ -75,6 +75,17 @@ pub struct TriggerKey {
 /// What the ledger says of a trigger message, and the state of the run it names.
 pub type TriggerState = (Ledger, Option<RunState>);
 
+/// A trigger's place in its batch; whether it is the ledger's fire (NULL: no fire), and the run's
+/// state columns (NULL: no run).
+type TriggerStateRow = (
+    i64,
+    Option<bool>,
+    Option<String>,
+    Option<bool>,
+    Option<DateTime<Utc>>,
+    Option<bool>,
+);
+
 /// Looks trigger messages up in the fire ledger, with the state of the run each names: one round
 /// trip for all of them, on the ledger's unique key and the run's primary key. A message is
 /// compared whole (the trigger publishes exactly the bytes it recorded), so an id, version,
@@ -87,14 +98,7 @@ pub async fn trigger_states(
     let dedupe_keys: Vec<&str> = keys.iter().map(|k| k.dedupe_key.as_str()).collect();
     let messages: Vec<&[u8]> = keys.iter().map(|k| k.message.as_ref()).collect();
     let runs: Vec<Uuid> = keys.iter().map(|k| k.run.0).collect();
-    let rows: Vec<(
-        i64,
-        Option<bool>,
-        Option<String>,
-        Option<bool>,
-        Option<DateTime<Utc>>,
-        Option<bool>,
-    )> = sqlx::query_as(
+    let rows: Vec<TriggerStateRow> = sqlx::query_as(
         "SELECT k.i, f.event = k.message, r.status, r.spawn_complete, r.announced_at, \
                  r.waiting \
              FROM UNNEST($1::uuid[], $2::text[], $3::bytea[], $4::uuid[]) WITH ORDINALITY \
