@@ -979,16 +979,14 @@ async fn taskfactory_phase(env: &TestEnv, args: &Args) -> anyhow::Result<Taskfac
             .await;
         anyhow::Ok((started, last_ack, all))
     };
-    let (loaded, kills) = if args.kill {
-        let (loaded, kills) = tokio::join!(
+    let ((started, last_ack, all), kills) = if args.kill {
+        tokio::try_join!(
             load,
             kill_each_once(env, &mut services, &pool, args, burst_started)
-        );
-        (loaded, kills?)
+        )?
     } else {
-        (load.await, Vec::new())
+        (load.await?, Vec::new())
     };
-    let (started, last_ack, all) = loaded?;
     let (xid_end, lsn_end) = postgres_counters(&pool).await?;
     let xacts_end = database_transactions(&pool).await?;
     let pids_after = postgres_pids(&pool).await?;
@@ -1052,24 +1050,26 @@ async fn kill_each_once(
 ) -> anyhow::Result<Vec<Kill>> {
     let events = i64::try_from(args.events)?;
     let tasks = i64::try_from(args.events * args.fan_out)?;
+    // The burst's only (the warm-up's are there already), and at least one of each.
     let plan = [
         (
             Service::Trigger,
             "fires",
             "SELECT count(*) FROM fires WHERE dedupe_key LIKE 'bench-%'",
-            events / 6,
+            (events / 6).max(1),
         ),
         (
             Service::Orchestrator,
             "runs",
             "SELECT count(*) FROM runs WHERE dedupe_key LIKE 'bench-%'",
-            events / 3,
+            (events / 3).max(1),
         ),
         (
             Service::Executor,
             "tasks succeeded",
-            "SELECT count(*) FROM tasks WHERE status = 'SUCCEEDED'",
-            tasks / 2,
+            "SELECT count(*) FROM tasks t JOIN runs r ON r.id = t.run_id \
+             WHERE t.status = 'SUCCEEDED' AND r.dedupe_key LIKE 'bench-%'",
+            (tasks / 2).max(1),
         ),
     ];
     let mut kills = Vec::new();
@@ -1100,7 +1100,15 @@ async fn kill_each_once(
             bail!("--kill: kill -KILL {pid} failed");
         }
         let replacement = env.spawn_process(service, &[])?;
+        let new_pid = replacement.pid().context("--kill: no process started")?;
         std::mem::replace(running, replacement).kill();
+        // Still there a moment later: it started (its consumers already exist, so readiness as
+        // the harness checks it says nothing of a process that was just started again).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let state = std::fs::read_to_string(format!("/proc/{new_pid}/stat")).unwrap_or_default();
+        if state.is_empty() || state.split_whitespace().nth(2) == Some("Z") {
+            bail!("--kill: {} did not start again", service.binary_name());
+        }
         kills.push(Kill {
             service: service.binary_name(),
             at: killed_at - burst_started,
@@ -1466,10 +1474,15 @@ impl Report {
         for kill in &c.kills {
             let _ = writeln!(
                 out,
-                "killed {} (SIGKILL) {:.2} s into the burst, at {}, and started again at once",
+                "killed {} (SIGKILL) {:.2} s into the burst, at {}, and started again at once{}",
                 kill.service,
                 kill.at.as_secs_f64(),
                 kill.reached,
+                if kill.at >= tf.wall {
+                    "  <-- after the burst was over"
+                } else {
+                    ""
+                }
             );
         }
         let _ = writeln!(out);

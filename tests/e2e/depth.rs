@@ -110,6 +110,14 @@ async fn a_forged_trigger_makes_no_run_and_is_dead_lettered_once() -> anyhow::Re
             "manual:real",
             OverlapPolicy::OverlapUnspecified,
         ),
+        // A key Postgres cannot store (NUL): refused as no fire of the ledger, once, and without
+        // failing the lookup of the triggers looked up with it.
+        forged_trigger(
+            &by_hand,
+            "by-hand",
+            "mallory\0nul",
+            OverlapPolicy::OverlapUnspecified,
+        ),
     ];
     let mut sequences = Vec::new();
     for (n, trigger) in forged.iter().enumerate() {
@@ -148,7 +156,7 @@ async fn a_forged_trigger_makes_no_run_and_is_dead_lettered_once() -> anyhow::Re
         dead_letters(&js, subjects::TRIGGERS_DLQ_SUBJECT)
             .await?
             .len(),
-        3
+        4
     );
     // No run: not of the schedule-only activity, not a second one of the real fire.
     assert_eq!(runs(&mut admin, "yearly").await?.len(), 0);
@@ -161,7 +169,7 @@ async fn a_forged_trigger_makes_no_run_and_is_dead_lettered_once() -> anyhow::Re
             taskfactory_runtime::metrics::REFUSED_MESSAGES,
             &[("kind", "trigger"), ("reason", "not_in_ledger")]
         ),
-        2.0
+        3.0
     );
     assert_eq!(
         metrics.count(

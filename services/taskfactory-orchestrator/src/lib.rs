@@ -84,7 +84,7 @@ pub struct Config {
     )]
     pub result_bytes_in_flight: usize,
     /// Transactions recording results at once (each records the results waiting, of any runs),
-    /// and new runs at once.
+    /// new runs at once, and trigger lookups in the fire ledger at once.
     #[arg(
         long = "result-transactions",
         env = "TASKFACTORY_RESULT_TRANSACTIONS",

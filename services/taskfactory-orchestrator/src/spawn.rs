@@ -205,6 +205,14 @@ impl Spawner {
                 "trigger refused: {problem}"
             )));
         }
+        // Postgres text holds no NUL, so the ledger cannot hold such a key (and looking it up
+        // would fail the statement of every trigger looked up with it).
+        if event.dedupe_key.contains('\0') {
+            return Err(SpawnError::NotInLedger {
+                activity: activity_id,
+                dedupe_key: event.dedupe_key,
+            });
+        }
         let run_id = RunId::derive(activity_id, &event.dedupe_key);
         let (ledger, state) = self
             .lookups

@@ -146,8 +146,10 @@ pub async fn trigger_states(
 }
 
 /// Looks trigger messages up ([`trigger_states`]) in group commit: the triggers whose lookups
-/// wait together are read by one statement. A statement the database refuses is tried key by key,
-/// so each caller gets its own error.
+/// wait together are read by one statement. As every group commit
+/// ([`taskfactory_runtime::db::batch_failed`]): a statement the database refused for some key's
+/// data is tried key by key, so only that key fails; any other failure (the database down, a pool
+/// timeout) is every caller's at once.
 #[derive(Clone)]
 pub struct TriggerLookups(GroupCommit<TriggerKey, Result<TriggerState, sqlx::Error>>);
 
@@ -166,6 +168,12 @@ impl TriggerLookups {
                     match trigger_states(&pool, &keys).await {
                         Ok(states) => states.into_iter().map(Ok).collect(),
                         Err(error) if keys.len() == 1 => vec![Err(error)],
+                        Err(error)
+                            if let Some(each) =
+                                taskfactory_runtime::db::batch_failed(&error, keys.len()) =>
+                        {
+                            each.into_iter().map(Err).collect()
+                        }
                         Err(_) => {
                             let mut each = Vec::with_capacity(keys.len());
                             for key in keys {
