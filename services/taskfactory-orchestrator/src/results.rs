@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
@@ -58,9 +59,13 @@ struct Queued {
 /// whatever results are waiting when a transaction is free are recorded together in one
 /// transaction ([`store::record_results`]), so a burst of runs' starts and results takes one
 /// commit, not one each. Nothing waits to fill a batch: a lone result is recorded at once;
-/// batches form while earlier ones commit. The results of a run whose batch is being recorded
-/// wait for it and go in the next one (no two transactions of this orchestrator queue on one
-/// run's lock, and a run's results are recorded in the order they came).
+/// batches form while earlier ones commit. The one exception is a start report that is its
+/// run's only item in hand, which nobody waits on (the executor waits for the stream's ack, not
+/// for this record): it waits up to [`START_LINGER`] for its run's next report, so that a short
+/// task's start and end share one transaction instead of the end waiting behind the start's; any
+/// batch taken meanwhile takes it along. The results of a run whose batch is being recorded wait for it and go in the next one
+/// (no two transactions of this orchestrator queue on one run's lock, and a run's results are
+/// recorded in the order they came).
 #[derive(Clone)]
 pub struct Batcher {
     queue: mpsc::Sender<Queued>,
@@ -69,6 +74,9 @@ pub struct Batcher {
 /// Results in one batch, at most (a run's results that waited for its previous batch may add a
 /// few).
 const MAX_BATCH: usize = 512;
+
+/// How long a start report waits for its run's next result before it is recorded alone.
+pub const START_LINGER: std::time::Duration = std::time::Duration::from_millis(2);
 
 impl Batcher {
     /// Starts the batching task; `transactions` bounds the batch transactions at once. The task
@@ -91,21 +99,60 @@ impl Batcher {
     }
 }
 
-/// What is waiting to be recorded: results ready for the next batch, in the order they came,
-/// and those of runs with a batch being recorded, which wait for it.
+/// What is waiting to be recorded: results ready for the next batch, in the order they came;
+/// start reports lingering (of runs with no batch being recorded), in the order they came, each
+/// until its deadline; and the results of runs with a batch being recorded, which wait for it.
+/// A run's lingering start reports came before any of its results that are ready.
 #[derive(Default)]
 struct Waiting {
     ready: Vec<Queued>,
+    lingering: std::collections::VecDeque<(Instant, Queued)>,
     /// Runs with a batch being recorded, and their results that came meanwhile.
     busy: HashMap<String, Vec<Queued>>,
 }
 
 impl Waiting {
-    fn arrive(&mut self, queued: Queued) {
-        match self.busy.get_mut(&queued.run) {
-            Some(waiting) => waiting.push(queued),
-            None => self.ready.push(queued),
+    fn arrive(&mut self, queued: Queued, now: Instant) {
+        if let Some(waiting) = self.busy.get_mut(&queued.run) {
+            waiting.push(queued);
+            return;
         }
+        let lingers = self.lingering.iter().any(|(_, q)| q.run == queued.run);
+        // A start report waits for company only while it is its run's one item in hand: a
+        // second start (a fan-out) would only make the first batch of its run begin later.
+        if queued.record.status == TaskStatus::Running && !lingers {
+            self.lingering.push_back((now + START_LINGER, queued));
+            return;
+        }
+        // The run's start reports that linger came first: they go first.
+        if lingers {
+            let (theirs, others) =
+                std::mem::take(&mut self.lingering)
+                    .into_iter()
+                    .partition::<std::collections::VecDeque<_>, _>(|(_, q)| q.run == queued.run);
+            self.ready.extend(theirs.into_iter().map(|(_, q)| q));
+            self.lingering = others;
+        }
+        self.ready.push(queued);
+    }
+
+    /// Start reports whose wait is over are ready.
+    fn linger_over(&mut self, now: Instant) {
+        while self.lingering.front().is_some_and(|(due, _)| *due <= now) {
+            if let Some((_, queued)) = self.lingering.pop_front() {
+                self.ready.push(queued);
+            }
+        }
+    }
+
+    /// When the first lingering start report's wait is over.
+    fn next_due(&self) -> Option<Instant> {
+        self.lingering.front().map(|(due, _)| *due)
+    }
+
+    /// Everything waiting but the busy runs' results.
+    fn held(&self) -> usize {
+        self.ready.len() + self.lingering.len()
     }
 
     /// A run's batch is over: its results that waited are ready.
@@ -115,9 +162,12 @@ impl Waiting {
         }
     }
 
-    /// Takes what is ready as the next batch; its runs are busy until [`Waiting::finished`].
+    /// Takes what is ready as the next batch, with the start reports that linger (the same one
+    /// transaction either way; they came after their runs' ready results); its runs are busy
+    /// until [`Waiting::finished`].
     fn take_batch(&mut self) -> (Vec<Queued>, Vec<String>) {
-        let batch = std::mem::take(&mut self.ready);
+        let mut batch = std::mem::take(&mut self.ready);
+        batch.extend(self.lingering.drain(..).map(|(_, queued)| queued));
         let mut runs: Vec<String> = batch.iter().map(|q| q.run.clone()).collect();
         runs.sort_unstable();
         runs.dedup();
@@ -128,7 +178,7 @@ impl Waiting {
     }
 
     fn is_empty(&self) -> bool {
-        self.ready.is_empty() && self.busy.is_empty()
+        self.ready.is_empty() && self.lingering.is_empty() && self.busy.is_empty()
     }
 }
 
@@ -140,6 +190,7 @@ async fn run_batches(pool: PgPool, mut receiver: mpsc::Receiver<Queued>, transac
     let mut waiting = Waiting::default();
     let mut open = true;
     while open || !waiting.is_empty() {
+        let due = waiting.next_due();
         tokio::select! {
             biased;
             Some(runs) = finished.recv() => {
@@ -147,18 +198,23 @@ async fn run_batches(pool: PgPool, mut receiver: mpsc::Receiver<Queued>, transac
                     waiting.finished(run);
                 }
             }
-            next = receiver.recv(), if open && waiting.ready.len() < MAX_BATCH => {
+            next = receiver.recv(), if open && waiting.held() < MAX_BATCH => {
                 let Some(first) = next else {
                     open = false;
+                    // Nothing more is coming for them.
+                    waiting.linger_over(Instant::now() + START_LINGER);
                     continue;
                 };
-                waiting.arrive(first);
-                while waiting.ready.len() < MAX_BATCH {
+                waiting.arrive(first, Instant::now());
+                while waiting.held() < MAX_BATCH {
                     match receiver.try_recv() {
-                        Ok(next) => waiting.arrive(next),
+                        Ok(next) => waiting.arrive(next, Instant::now()),
                         Err(_) => break,
                     }
                 }
+            }
+            () = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
+                waiting.linger_over(Instant::now());
             }
             permit = permits.clone().acquire_owned(), if !waiting.ready.is_empty() => {
                 let Ok(permit) = permit else {
@@ -496,5 +552,95 @@ impl ResultSink {
                     error_chain(&error)
                 ))
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queued(run: &str, status: TaskStatus, label: &str) -> Queued {
+        let (reply, _) = oneshot::channel();
+        Queued {
+            run: run.to_owned(),
+            record: ResultRecord {
+                task_id: TaskId(uuid::Uuid::new_v4()),
+                attempt: 1,
+                status,
+                error: label.to_owned(),
+                output: None,
+                executor: String::new(),
+                started_at: None,
+                finished_at: None,
+                execution: String::new(),
+                claim: None,
+            },
+            reply,
+        }
+    }
+
+    fn labels(batch: &[Queued]) -> Vec<&str> {
+        batch.iter().map(|q| q.record.error.as_str()).collect()
+    }
+
+    #[test]
+    fn a_start_report_waits_for_its_runs_next_result_and_goes_first() {
+        let now = Instant::now();
+        let mut waiting = Waiting::default();
+        waiting.arrive(queued("a", TaskStatus::Running, "a start"), now);
+        waiting.arrive(queued("b", TaskStatus::Running, "b start"), now);
+        assert!(waiting.ready.is_empty(), "start reports wait");
+        assert_eq!(waiting.next_due(), Some(now + START_LINGER));
+        waiting.arrive(queued("a", TaskStatus::Succeeded, "a end"), now);
+        assert_eq!(labels(&waiting.ready), ["a start", "a end"]);
+        assert_eq!(waiting.lingering.len(), 1, "b's start still waits");
+        assert_eq!(waiting.held(), 3);
+    }
+
+    #[test]
+    fn a_second_start_report_of_a_run_ends_the_wait_of_the_first() {
+        let now = Instant::now();
+        let mut waiting = Waiting::default();
+        waiting.arrive(queued("a", TaskStatus::Running, "a first start"), now);
+        waiting.arrive(queued("b", TaskStatus::Running, "b start"), now);
+        waiting.arrive(queued("a", TaskStatus::Running, "a second start"), now);
+        assert_eq!(labels(&waiting.ready), ["a first start", "a second start"]);
+        assert_eq!(waiting.lingering.len(), 1, "b's start still waits");
+    }
+
+    #[test]
+    fn a_start_report_is_ready_once_its_wait_is_over() {
+        let now = Instant::now();
+        let mut waiting = Waiting::default();
+        waiting.arrive(queued("a", TaskStatus::Running, "a start"), now);
+        waiting.linger_over(now + START_LINGER / 2);
+        assert!(waiting.ready.is_empty());
+        waiting.arrive(
+            queued("b", TaskStatus::Running, "b start"),
+            now + START_LINGER / 2,
+        );
+        waiting.linger_over(now + START_LINGER);
+        assert_eq!(labels(&waiting.ready), ["a start"]);
+        assert_eq!(waiting.next_due(), Some(now + START_LINGER * 3 / 2));
+    }
+
+    #[test]
+    fn a_batch_takes_the_lingering_start_reports_along_after_what_was_ready() {
+        let now = Instant::now();
+        let mut waiting = Waiting::default();
+        waiting.arrive(queued("a", TaskStatus::Running, "a start"), now);
+        waiting.arrive(queued("b", TaskStatus::Succeeded, "b end"), now);
+        waiting.arrive(queued("c", TaskStatus::Running, "c start"), now);
+        let (batch, runs) = waiting.take_batch();
+        assert_eq!(labels(&batch), ["b end", "a start", "c start"]);
+        assert_eq!(runs, ["a", "b", "c"]);
+        assert!(waiting.lingering.is_empty());
+        // While a's batch is recorded, its start reports wait with its results, in order.
+        waiting.arrive(queued("a", TaskStatus::Running, "a third start"), now);
+        waiting.arrive(queued("a", TaskStatus::Succeeded, "a end"), now);
+        assert!(waiting.ready.is_empty() && waiting.lingering.is_empty());
+        waiting.finished("a");
+        assert_eq!(labels(&waiting.ready), ["a third start", "a end"]);
+        assert!(!waiting.is_empty());
     }
 }
