@@ -205,8 +205,8 @@ impl Spawner {
                 "trigger refused: {problem}"
             )));
         }
-        // Postgres text holds no NUL, so the ledger cannot hold such a key (and looking it up
-        // would fail the statement of every trigger looked up with it).
+        // Postgres text holds no NUL and the trigger scrubs every key it records, so no fire of
+        // the ledger has such a key: refused without asking the database.
         if event.dedupe_key.contains('\0') {
             return Err(SpawnError::NotInLedger {
                 activity: activity_id,
