@@ -59,11 +59,12 @@ struct Queued {
 /// whatever results are waiting when a transaction is free are recorded together in one
 /// transaction ([`store::record_results`]), so a burst of runs' starts and results takes one
 /// commit, not one each. Nothing waits to fill a batch: a lone result is recorded at once;
-/// batches form while earlier ones commit. The one exception is a start report that is its
-/// run's only item in hand, which nobody waits on (the executor waits for the stream's ack, not
-/// for this record): it waits up to [`START_LINGER`] for its run's next report, so that a short
-/// task's start and end share one transaction instead of the end waiting behind the start's; any
-/// batch taken meanwhile takes it along. The results of a run whose batch is being recorded wait for it and go in the next one
+/// batches form while earlier ones commit. The one exception is a start report, which nobody
+/// waits on (the executor waits for the stream's ack, not for this record), unless another start
+/// report of its run already waits: it waits about [`START_LINGER`] (the timer counts whole
+/// milliseconds) for its run's next report, so that a short task's start and end share one
+/// transaction instead of the end waiting behind the start's; any batch taken meanwhile takes it
+/// along. The results of a run whose batch is being recorded wait for it and go in the next one
 /// (no two transactions of this orchestrator queue on one run's lock, and a run's results are
 /// recorded in the order they came).
 #[derive(Clone)]
@@ -102,7 +103,8 @@ impl Batcher {
 /// What is waiting to be recorded: results ready for the next batch, in the order they came;
 /// start reports lingering (of runs with no batch being recorded), in the order they came, each
 /// until its deadline; and the results of runs with a batch being recorded, which wait for it.
-/// A run's lingering start reports came before any of its results that are ready.
+/// A run has one start report lingering at most, and it came after all of its run's ready
+/// results (anything of the run that arrives after it makes it ready first).
 #[derive(Default)]
 struct Waiting {
     ready: Vec<Queued>,
@@ -118,8 +120,8 @@ impl Waiting {
             return;
         }
         let lingers = self.lingering.iter().any(|(_, q)| q.run == queued.run);
-        // A start report waits for company only while it is its run's one item in hand: a
-        // second start (a fan-out) would only make the first batch of its run begin later.
+        // A start report waits for company unless one of its run already waits: a second start
+        // (a fan-out) would only make the first batch of its run begin later.
         if queued.record.status == TaskStatus::Running && !lingers {
             self.lingering.push_back((now + START_LINGER, queued));
             return;
@@ -216,7 +218,10 @@ async fn run_batches(pool: PgPool, mut receiver: mpsc::Receiver<Queued>, transac
             () = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
                 waiting.linger_over(Instant::now());
             }
-            permit = permits.clone().acquire_owned(), if !waiting.ready.is_empty() => {
+            // Also when the start reports that linger fill a batch: nothing more is taken in
+            // until they are recorded.
+            permit = permits.clone().acquire_owned(),
+                if !waiting.ready.is_empty() || waiting.held() >= MAX_BATCH => {
                 let Ok(permit) = permit else {
                     return;
                 };
@@ -606,6 +611,18 @@ mod tests {
         waiting.arrive(queued("a", TaskStatus::Running, "a second start"), now);
         assert_eq!(labels(&waiting.ready), ["a first start", "a second start"]);
         assert_eq!(waiting.lingering.len(), 1, "b's start still waits");
+    }
+
+    #[test]
+    fn a_start_after_its_runs_ready_results_waits_and_goes_after_them() {
+        let now = Instant::now();
+        let mut waiting = Waiting::default();
+        waiting.arrive(queued("a", TaskStatus::Running, "a start"), now);
+        waiting.arrive(queued("a", TaskStatus::Succeeded, "a end"), now);
+        waiting.arrive(queued("a", TaskStatus::Running, "a next start"), now);
+        assert_eq!(labels(&waiting.ready), ["a start", "a end"]);
+        let (batch, _) = waiting.take_batch();
+        assert_eq!(labels(&batch), ["a start", "a end", "a next start"]);
     }
 
     #[test]
