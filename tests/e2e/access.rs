@@ -674,11 +674,7 @@ async fn an_update_checked_against_a_version_that_moved_meanwhile_is_refused() -
     // in between (say, an admin removing the label that gave the caller its scope) wins.
     use taskfactory_trigger::store;
     let db = taskfactory_tests::TestDb::create().await?;
-    let pool = taskfactory_runtime::db::connect_and_migrate(
-        &taskfactory_runtime::config::DatabaseArgs::new(db.url()),
-        Duration::from_secs(10),
-    )
-    .await?;
+    let pool = db.migrated_pool().await?;
     let spec = taskfactory_model::spec::spec_from_yaml(BILLING)?;
     let json = taskfactory_proto::to_json(&spec);
     let version = |json| store::NewVersion {

@@ -553,11 +553,7 @@ async fn runs_written_and_triggers_looked_up_together_each_get_their_own_answer(
     use taskfactory_orchestrator::store::{self, Ledger, NewRun, TriggerKey};
     use taskfactory_proto::v1::RunStatus;
     let db = taskfactory_tests::TestDb::create().await?;
-    let pool = taskfactory_runtime::db::connect_and_migrate(
-        &taskfactory_runtime::config::DatabaseArgs::new(db.url()),
-        Duration::from_secs(10),
-    )
-    .await?;
+    let pool = db.migrated_pool().await?;
     let activity = ActivityId(uuid::Uuid::new_v4());
     sqlx::query(
         "INSERT INTO activities (id, name, current_version, enabled, trigger_kind, activated_at) \

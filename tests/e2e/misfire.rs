@@ -773,11 +773,7 @@ async fn a_pause_and_resume_between_two_reloads_reach_the_scheduler_as_a_reactiv
     // (else it would take the change for a new version and skip what was missed, unrecorded).
     use taskfactory_trigger::{registry::Registry, store};
     let db = taskfactory_tests::TestDb::create().await?;
-    let pool = taskfactory_runtime::db::connect_and_migrate(
-        &taskfactory_runtime::config::DatabaseArgs::new(db.url()),
-        Duration::from_secs(10),
-    )
-    .await?;
+    let pool = db.migrated_pool().await?;
     let spec = taskfactory_model::spec::spec_from_yaml(&minutely("coalesced", "MISFIRE_ALL"))?;
     let id = taskfactory_model::ids::ActivityId(uuid::Uuid::new_v4());
     let json = taskfactory_proto::to_json(&spec);

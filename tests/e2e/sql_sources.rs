@@ -114,13 +114,7 @@ async fn a_privileged_sql_source_role_stops_the_orchestrator_unless_allowed() ->
     }
 
     // A source on taskfactory's own database that may read its result-token key.
-    taskfactory_runtime::db::connect_and_migrate(
-        &taskfactory_runtime::config::DatabaseArgs::new(env.db.url()),
-        Duration::from_secs(10),
-    )
-    .await?
-    .close()
-    .await;
+    env.db.migrated_pool().await?.close().await;
     let reader = SourceRole::create(&env.db, &["result_token_key"]).await?;
     let (_running, ended) = start_orchestrator(&env, &reader.dsn(), false, None).await;
     let error = format!("{:#}", ended.expect("refused").unwrap_err());

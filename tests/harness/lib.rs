@@ -287,6 +287,15 @@ impl TestDb {
     pub async fn pool(&self) -> anyhow::Result<sqlx::PgPool> {
         Ok(sqlx::PgPool::connect(&self.url()).await?)
     }
+
+    /// A pool made and migrated the way every service makes its own (`runtime::db`).
+    pub async fn migrated_pool(&self) -> anyhow::Result<sqlx::PgPool> {
+        Ok(taskfactory_runtime::db::connect_and_migrate(
+            &taskfactory_runtime::config::DatabaseArgs::new(self.url()),
+            Duration::from_secs(10),
+        )
+        .await?)
+    }
 }
 
 impl Drop for TestDb {

@@ -119,21 +119,17 @@ impl Waiting {
             waiting.push(queued);
             return;
         }
-        let lingers = self.lingering.iter().any(|(_, q)| q.run == queued.run);
+        // At most one start report of a run lingers.
+        let lingering = self.lingering.iter().position(|(_, q)| q.run == queued.run);
         // A start report waits for company unless one of its run already waits: a second start
         // (a fan-out) would only make the first batch of its run begin later.
-        if queued.record.status == TaskStatus::Running && !lingers {
+        if queued.record.status == TaskStatus::Running && lingering.is_none() {
             self.lingering.push_back((now + START_LINGER, queued));
             return;
         }
-        // The run's start reports that linger came first: they go first.
-        if lingers {
-            let (theirs, others) =
-                std::mem::take(&mut self.lingering)
-                    .into_iter()
-                    .partition::<std::collections::VecDeque<_>, _>(|(_, q)| q.run == queued.run);
-            self.ready.extend(theirs.into_iter().map(|(_, q)| q));
-            self.lingering = others;
+        // The run's start report that lingers came first: it goes first.
+        if let Some((_, start)) = lingering.and_then(|at| self.lingering.remove(at)) {
+            self.ready.push(start);
         }
         self.ready.push(queued);
     }
