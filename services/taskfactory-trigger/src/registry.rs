@@ -510,7 +510,16 @@ impl Registry {
         shutdown: CancellationToken,
     ) {
         let mut announcements = match nats.subscribe(subjects::DEFINITIONS_CHANGED).await {
-            Ok(subscription) => Some(subscription),
+            Ok(subscription) => {
+                // The server has the subscription before the first reload below reads anything:
+                // a change committed after that read is announced to this replica. (Without the
+                // flush, an announcement could reach the server before the subscription did, and
+                // its change wait for the next poll.)
+                if let Err(error) = nats.flush().await {
+                    tracing::warn!(error = %error_chain(&error), "cannot confirm the subscription to definition announcements; the next poll covers a miss");
+                }
+                Some(subscription)
+            }
             Err(error) => {
                 tracing::warn!(error = %error_chain(&error), "cannot subscribe to definition announcements; relying on polling");
                 None
