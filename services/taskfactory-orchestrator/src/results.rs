@@ -429,11 +429,21 @@ impl ResultSink {
                 self.retry_announcement(result).await
             }
             Recorded::Applied(completed) => {
-                self.remember_finished(task_id, &result.r#type, status, result.attempt)
-                    .await?;
-                if let Some(run) = completed
-                    && let Err(error) = self.spawner.run_finished(&run).await
-                {
+                // Neither waits for the other (the announcement is on the path of every run's
+                // completion, the entry a round trip to NATS): both are done before the ack,
+                // and a redelivery repairs whichever failed (it is `AlreadyFinal` then).
+                let announce = async {
+                    match &completed {
+                        Some(run) => self.spawner.run_finished(run).await,
+                        None => Ok(()),
+                    }
+                };
+                let (remembered, announced) = tokio::join!(
+                    self.remember_finished(task_id, &result.r#type, status, result.attempt),
+                    announce
+                );
+                remembered?;
+                if let (Some(run), Err(error)) = (&completed, announced) {
                     tracing::warn!(run.id = %run.id, error = %error_chain(&error), "run finished but not announced; will retry");
                     // The result is recorded; the redelivery finds the run unannounced.
                     return self.retry_announcement(result).await;

@@ -184,9 +184,9 @@ struct TaskInBatch {
 
 /// Records results and running reports of any runs, in order, in one transaction, with the same
 /// outcome as recording them one by one: the same [`results::judge`] applied to each in turn, in memory. One
-/// lock of each run (taken in id order, before its tasks, as everywhere), one statement for the
-/// attempts, one for the tasks and one per run, however many results: a fan-out's results cost
-/// one commit, not one each. Returns what happened to each result, in order; a run finished by
+/// lock of each run (taken in id order, before its tasks, as everywhere), one statement writes
+/// the attempts, the tasks and the runs ([`write_batch`]), however many results: a fan-out's
+/// results cost one commit, not one each. Returns what happened to each result, in order; a run finished by
 /// the batch is reported with its last terminal result.
 pub async fn record_results(
     pool: &PgPool,
@@ -208,7 +208,7 @@ pub async fn record_results(
     // never wait on one another for them), taken before any run's: an admission or a promotion
     // (which holds one exclusively) either committed before this batch, or waits for it and then
     // sees its runs finished. So when a run finishes here, whether runs wait behind it is known
-    // exactly (`count_finished_tasks`), without a locked look per run. (The locks are an
+    // exactly (`write_batch`), without a locked look per run. (The locks are an
     // uncorrelated subquery: taken once, in activity order, before the rows are returned.)
     let owners: Vec<(Uuid, Uuid, i64)> = sqlx::query_as(
         "WITH owners AS (SELECT DISTINCT run_id, activity_id FROM tasks WHERE id = ANY($1)) \
@@ -361,13 +361,10 @@ pub async fn record_results(
         recorded.push(Recorded::Applied(None));
     }
 
-    insert_attempts(&mut tx, &attempts).await?;
     let changed: Vec<&TaskInBatch> = tasks.values().filter(|t| t.changed).collect();
-    update_tasks(&mut tx, &changed).await?;
-
     let mut runs_finished = Vec::new();
     let mut completed = Vec::new();
-    for row in count_finished_tasks(&mut tx, &runs).await? {
+    for row in write_batch(&mut tx, &attempts, &changed, &runs).await? {
         let id: Uuid = row.try_get("id")?;
         let Some(&(_, _, last)) = runs.get(&id) else {
             continue;
@@ -396,25 +393,65 @@ pub async fn record_results(
     Ok(recorded)
 }
 
-/// The attempt rows of a batch, in one statement.
-async fn insert_attempts(
+/// Writes what a batch decided, in one statement (one round trip): the attempt rows, the tasks
+/// it changed, and the finished tasks counted toward their runs (`runs`: succeeded, failed, by
+/// run), each run none is left of finished. Returns the runs as updated, each with
+/// `status_before` (the status this statement found), for [`completed_from_row`] and
+/// [`run_finished_now`], and `waiting_behind`: whether runs of its activity wait behind another
+/// (read under the activities' shared overlap locks, taken by the batch first).
+///
+/// The three parts are data-modifying parts of one statement: each reads the snapshot the
+/// statement began with, and none reads what another writes (the runs' counters come from
+/// `runs`, computed here; the tasks and runs are locked by this transaction already).
+async fn write_batch(
     tx: &mut sqlx::PgConnection,
     attempts: &[&ResultRecord],
-) -> Result<(), sqlx::Error> {
-    if attempts.is_empty() {
-        return Ok(());
+    changed: &[&TaskInBatch],
+    runs: &std::collections::BTreeMap<Uuid, (i32, i32, usize)>,
+) -> Result<Vec<sqlx::postgres::PgRow>, sqlx::Error> {
+    if attempts.is_empty() && changed.is_empty() && runs.is_empty() {
+        return Ok(Vec::new());
     }
     let column = |f: fn(&ResultRecord) -> Option<String>| -> Vec<Option<String>> {
         attempts.iter().map(|r| f(r)).collect()
     };
     sqlx::query(
-        "INSERT INTO task_attempts (task_id, attempt, status, error, output, executor, \
-             started_at, finished_at, execution) \
-         SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::jsonb[], \
-             $6::text[], $7::timestamptz[], $8::timestamptz[], $9::text[]) \
-         ON CONFLICT DO NOTHING",
+        "WITH attempts AS ( \
+             INSERT INTO task_attempts (task_id, attempt, status, error, output, executor, \
+                 started_at, finished_at, execution) \
+             SELECT * FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[], $5::jsonb[], \
+                 $6::text[], $7::timestamptz[], $8::timestamptz[], $9::text[]) \
+             ON CONFLICT DO NOTHING \
+         ), changed AS ( \
+             UPDATE tasks t SET status = u.status, \
+                 last_error = COALESCE(u.last_error, t.last_error), \
+                 attempts = u.attempts, output = COALESCE(u.output, t.output), \
+                 finished_at = COALESCE(u.finished_at, t.finished_at) \
+             FROM unnest($10::uuid[], $11::text[], $12::text[], $13::int[], $14::jsonb[], \
+                 $15::timestamptz[]) AS u(id, status, last_error, attempts, output, finished_at) \
+             WHERE t.id = u.id AND t.id = ANY($10) \
+         ) \
+         UPDATE runs r SET \
+             tasks_succeeded = r.tasks_succeeded + u.succeeded, \
+             tasks_failed = r.tasks_failed + u.failed, \
+             status = CASE WHEN r.status = 'RUNNING' \
+                 AND r.tasks_succeeded + u.succeeded + r.tasks_failed + u.failed >= r.tasks_spawned \
+                 THEN CASE WHEN r.tasks_failed + u.failed > 0 THEN 'FAILED' ELSE 'SUCCEEDED' END \
+                 ELSE r.status END, \
+             finished_at = CASE WHEN r.status = 'RUNNING' \
+                 AND r.tasks_succeeded + u.succeeded + r.tasks_failed + u.failed >= r.tasks_spawned \
+                 THEN now() ELSE r.finished_at END \
+         FROM unnest($16::uuid[], $17::int4[], $18::int4[]) AS u(id, succeeded, failed) \
+         JOIN runs before ON before.id = u.id \
+         WHERE r.id = u.id \
+         RETURNING r.id, r.activity_id, r.activity_name, r.status, r.tasks_spawned, \
+             r.tasks_succeeded, r.tasks_failed, r.finished_at, r.announced_at, \
+             before.status AS status_before, \
+             EXISTS (SELECT 1 FROM runs w WHERE w.activity_id = r.activity_id \
+                 AND w.waiting AND w.status = 'PENDING') AS waiting_behind",
     )
     .persistent(false)
+    // The attempts.
     .bind(attempts.iter().map(|r| r.task_id.0).collect::<Vec<_>>())
     .bind(attempts.iter().map(|r| int(r.attempt)).collect::<Vec<_>>())
     .bind(column(|r| {
@@ -431,28 +468,7 @@ async fn insert_attempts(
     .bind(attempts.iter().map(|r| r.started_at).collect::<Vec<_>>())
     .bind(attempts.iter().map(|r| r.finished_at).collect::<Vec<_>>())
     .bind(column(|r| Some(r.row_execution().to_owned())))
-    .execute(tx)
-    .await?;
-    Ok(())
-}
-
-/// The tasks a batch changed, in one statement.
-async fn update_tasks(
-    tx: &mut sqlx::PgConnection,
-    changed: &[&TaskInBatch],
-) -> Result<(), sqlx::Error> {
-    if changed.is_empty() {
-        return Ok(());
-    }
-    sqlx::query(
-        "UPDATE tasks t SET status = u.status, last_error = COALESCE(u.last_error, t.last_error), \
-             attempts = u.attempts, output = COALESCE(u.output, t.output), \
-             finished_at = COALESCE(u.finished_at, t.finished_at) \
-         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int[], $5::jsonb[], \
-             $6::timestamptz[]) AS u(id, status, last_error, attempts, output, finished_at) \
-         WHERE t.id = u.id AND t.id = ANY($1)",
-    )
-    .persistent(false)
+    // The tasks.
     .bind(changed.iter().map(|t| t.row.id).collect::<Vec<_>>())
     .bind(
         changed
@@ -474,46 +490,7 @@ async fn update_tasks(
     )
     .bind(changed.iter().map(|t| t.output.clone()).collect::<Vec<_>>())
     .bind(changed.iter().map(|t| t.finished_at).collect::<Vec<_>>())
-    .execute(tx)
-    .await?;
-    Ok(())
-}
-
-/// Counts finished tasks toward their runs (`runs`: succeeded, failed, by run) and finishes
-/// each run none is left of, in one statement. Returns the runs as updated, each with
-/// `status_before` (the status this statement found), for [`completed_from_row`] and
-/// [`run_finished_now`], and `waiting_behind`: whether runs of its activity wait behind another
-/// (read under the activities' shared overlap locks, taken by the batch first).
-async fn count_finished_tasks(
-    tx: &mut sqlx::PgConnection,
-    runs: &std::collections::BTreeMap<Uuid, (i32, i32, usize)>,
-) -> Result<Vec<sqlx::postgres::PgRow>, sqlx::Error> {
-    if runs.is_empty() {
-        return Ok(Vec::new());
-    }
-    // `before` reads the runs as they were before this statement (one snapshot for both; they
-    // are locked by this transaction).
-    sqlx::query(
-        "UPDATE runs r SET \
-             tasks_succeeded = r.tasks_succeeded + u.succeeded, \
-             tasks_failed = r.tasks_failed + u.failed, \
-             status = CASE WHEN r.status = 'RUNNING' \
-                 AND r.tasks_succeeded + u.succeeded + r.tasks_failed + u.failed >= r.tasks_spawned \
-                 THEN CASE WHEN r.tasks_failed + u.failed > 0 THEN 'FAILED' ELSE 'SUCCEEDED' END \
-                 ELSE r.status END, \
-             finished_at = CASE WHEN r.status = 'RUNNING' \
-                 AND r.tasks_succeeded + u.succeeded + r.tasks_failed + u.failed >= r.tasks_spawned \
-                 THEN now() ELSE r.finished_at END \
-         FROM unnest($1::uuid[], $2::int4[], $3::int4[]) AS u(id, succeeded, failed) \
-         JOIN runs before ON before.id = u.id \
-         WHERE r.id = u.id \
-         RETURNING r.id, r.activity_id, r.activity_name, r.status, r.tasks_spawned, \
-             r.tasks_succeeded, r.tasks_failed, r.finished_at, r.announced_at, \
-             before.status AS status_before, \
-             EXISTS (SELECT 1 FROM runs w WHERE w.activity_id = r.activity_id \
-                 AND w.waiting AND w.status = 'PENDING') AS waiting_behind",
-    )
-    .persistent(false)
+    // The runs.
     .bind(runs.keys().copied().collect::<Vec<_>>())
     .bind(runs.values().map(|(s, _, _)| *s).collect::<Vec<_>>())
     .bind(runs.values().map(|(_, f, _)| *f).collect::<Vec<_>>())
