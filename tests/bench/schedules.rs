@@ -174,7 +174,8 @@ struct Report {
     misfired: u64,
     undecided: u64,
     lateness_ms: Vec<f64>,
-    /// Of the lateness, the part before the scheduler took the fire in hand (`fired_at`).
+    /// Of the lateness, the part before the fire was recorded (`fired_at` minus due: 0 for a fire
+    /// recorded ahead of its instant, whose `fired_at` is that instant).
     wake_ms: Vec<f64>,
     commits_per_fire: f64,
     rss: Vec<(Service, u64, u64)>,
@@ -241,11 +242,17 @@ impl Report {
         );
         let mut wake = self.wake_ms.clone();
         wake.sort_by(f64::total_cmp);
+        let ahead = wake.iter().filter(|ms| **ms <= 0.0).count();
+        let over = |limit: f64| sorted.iter().filter(|ms| **ms > limit).count();
         let _ = writeln!(
             out,
-            "Of the lateness, before the scheduler took the fire in hand (`fired_at` minus due): p50 {:.1} ms, p99 {:.1} ms; the rest is recording and publishing.\n",
+            "Recorded ahead of their instant (`fired_at` = due): {ahead} of {} fires. Of the lateness, before the fire was recorded (`fired_at` minus due): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; the rest is recording (if not ahead) and publishing. Later than 10 ms: {} fires; later than 100 ms: {}.\n",
+            wake.len(),
             percentile(&wake, 50.0),
             percentile(&wake, 99.0),
+            wake.last().copied().unwrap_or(f64::NAN),
+            over(10.0),
+            over(100.0),
         );
         out.push_str("| service | peak RSS (VmHWM) | RSS at the end |\n|---|---:|---:|\n");
         for (service, peak, end) in &self.rss {

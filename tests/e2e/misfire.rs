@@ -881,3 +881,168 @@ async fn a_fire_written_after_the_misfire_threshold_goes_to_the_misfire_policy()
     assert_eq!(fires, 1, "only 08:01 fired");
     Ok(())
 }
+
+/// A schedule's fire of `at`, as recorded: (activity version, fired_at, published_at).
+async fn fire_of(
+    pool: &sqlx::PgPool,
+    activity: &str,
+    at: DateTime<Utc>,
+) -> anyhow::Result<Option<(i32, DateTime<Utc>, Option<DateTime<Utc>>)>> {
+    Ok(sqlx::query_as(
+        "SELECT activity_version, fired_at, published_at FROM fires \
+         WHERE activity_id = $1 AND scheduled_for = $2",
+    )
+    .bind(uuid::Uuid::parse_str(activity)?)
+    .bind(at)
+    .fetch_optional(pool)
+    .await?)
+}
+
+/// Sets the clock a moment before `at` (within the scheduler's lead) and waits until the fire of
+/// `at` is recorded: not published, due at `at`.
+async fn recorded_ahead(
+    clock: &ManualClock,
+    pool: &sqlx::PgPool,
+    activity: &str,
+    at: DateTime<Utc>,
+) -> anyhow::Result<()> {
+    clock.set(at - chrono::Duration::milliseconds(200));
+    let (_, fired_at, published_at) = wait_for(
+        "the fire to be recorded ahead of its time",
+        Duration::from_secs(30),
+        || async { fire_of(pool, activity, at).await },
+    )
+    .await?;
+    assert_eq!(fired_at, at, "it fires at its instant");
+    assert_eq!(published_at, None, "it is not published before its instant");
+    // Nor a little later, while the clock stands before its instant.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(fire_of(pool, activity, at).await?.and_then(|f| f.2), None);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fire_is_recorded_ahead_of_its_time_and_published_at_it() -> anyhow::Result<()> {
+    let (clock, _env, pool, _trigger, mut admin) = driven_trigger("2026-03-02T08:00:30Z").await?;
+    let activity = create(&mut admin, &minutely("ahead", "MISFIRE_SKIP")).await?;
+    wait_for("the schedule to start", Duration::from_secs(30), || async {
+        watermark(&pool, &activity.id).await
+    })
+    .await?;
+    let first = next_minute(clock.now());
+    recorded_ahead(&clock, &pool, &activity.id, first).await?;
+    assert_eq!(watermark(&pool, &activity.id).await?, Some(first));
+
+    clock.set(first);
+    wait_for(
+        "the fire to be published",
+        Duration::from_secs(30),
+        || async { Ok(fire_of(&pool, &activity.id, first).await?.and_then(|f| f.2)) },
+    )
+    .await?;
+    let ledger = occurrences(&mut admin, "ahead", first, first).await?;
+    assert_eq!(by_decision(&ledger), BTreeMap::from([("FIRED".into(), 1)]));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedule_paused_after_its_fire_was_recorded_ahead_takes_the_fire_back()
+-> anyhow::Result<()> {
+    let (clock, _env, pool, _trigger, mut admin) = driven_trigger("2026-03-02T08:00:30Z").await?;
+    let activity = create(&mut admin, &minutely("taken-back", "MISFIRE_SKIP")).await?;
+    wait_for("the schedule to start", Duration::from_secs(30), || async {
+        watermark(&pool, &activity.id).await
+    })
+    .await?;
+    let first = next_minute(clock.now());
+    recorded_ahead(&clock, &pool, &activity.id, first).await?;
+
+    admin
+        .pause_activity(PauseActivityRequest {
+            id: "taken-back".to_owned(),
+            note: "paused just before".to_owned(),
+        })
+        .await?;
+    wait_for(
+        "the fire to be taken back",
+        Duration::from_secs(30),
+        || async {
+            Ok(fire_of(&pool, &activity.id, first)
+                .await?
+                .is_none()
+                .then_some(()))
+        },
+    )
+    .await?;
+    assert_eq!(
+        watermark(&pool, &activity.id).await?,
+        Some(first - chrono::Duration::microseconds(1)),
+        "the occurrence is undecided again"
+    );
+    // Its instant passes while paused: it never fires.
+    clock.set(first + chrono::Duration::seconds(5));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(fire_of(&pool, &activity.id, first).await?.is_none());
+
+    admin
+        .resume_activity(ResumeActivityRequest {
+            id: "taken-back".to_owned(),
+            note: String::new(),
+        })
+        .await?;
+    let next = next_minute(clock.now());
+    clock.set(next);
+    decided_through(&pool, &activity.id, next).await?;
+    let ledger = occurrences(&mut admin, "taken-back", first, next).await?;
+    let decisions: Vec<&str> = ledger.iter().map(|o| o.decision().as_str_name()).collect();
+    assert_eq!(decisions, ["SKIPPED_PAUSED", "FIRED"], "{ledger:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_version_after_a_fire_was_recorded_ahead_fires_that_time_itself() -> anyhow::Result<()>
+{
+    let (clock, _env, pool, _trigger, mut admin) = driven_trigger("2026-03-02T08:00:30Z").await?;
+    let activity = create(&mut admin, &minutely("replaced", "MISFIRE_SKIP")).await?;
+    wait_for("the schedule to start", Duration::from_secs(30), || async {
+        watermark(&pool, &activity.id).await
+    })
+    .await?;
+    let first = next_minute(clock.now());
+    recorded_ahead(&clock, &pool, &activity.id, first).await?;
+
+    let mut spec = taskfactory_model::spec::spec_from_yaml(&minutely("replaced", "MISFIRE_SKIP"))?;
+    spec.description = "version 2".to_owned();
+    admin
+        .update_activity(taskfactory_proto::v1::UpdateActivityRequest {
+            id: "replaced".to_owned(),
+            spec: Some(spec),
+        })
+        .await?;
+    wait_for(
+        "the fire to be taken back",
+        Duration::from_secs(30),
+        || async {
+            Ok(fire_of(&pool, &activity.id, first)
+                .await?
+                .is_none()
+                .then_some(()))
+        },
+    )
+    .await?;
+    clock.set(first);
+    let (version, _, _) = wait_for(
+        "the new version to fire the time",
+        Duration::from_secs(30),
+        || async {
+            Ok(fire_of(&pool, &activity.id, first)
+                .await?
+                .filter(|f| f.2.is_some()))
+        },
+    )
+    .await?;
+    assert_eq!(version, 2, "the time is fired by the version current at it");
+    let ledger = occurrences(&mut admin, "replaced", first, first).await?;
+    assert_eq!(by_decision(&ledger), BTreeMap::from([("FIRED".into(), 1)]));
+    Ok(())
+}

@@ -74,7 +74,7 @@ pub async fn fire(
     request: FireRequest,
     schedule: Option<ScheduleWrite<'_>>,
 ) -> Result<Fired, StoreError> {
-    fire_via(Via::Alone { pool, js }, request, schedule).await
+    fire_via(Via::Alone { pool, js }, request, schedule, &mut None).await
 }
 
 /// [`fire`], recorded and published together with the other fires `batcher` has in hand.
@@ -83,23 +83,68 @@ pub async fn fire_batched(
     request: FireRequest,
     schedule: Option<ScheduleWrite<'_>>,
 ) -> Result<Fired, StoreError> {
-    fire_via(Via::Batched(batcher), request, schedule).await
+    let mut held = None;
+    fire_via(Via::Batched(batcher, false), request, schedule, &mut held).await
 }
 
-/// How a fire is recorded and published: alone, or in a batch.
+/// [`fire_batched`] for a fire recorded ahead of its time: the call returns once it is recorded,
+/// with the fire in hand ([`Held`], for a new fire), to be published when it is due
+/// ([`Held::publish`]) or taken back before that ([`store::withdraw_fire`]).
+pub async fn fire_ahead(
+    batcher: &FireBatcher,
+    request: FireRequest,
+    schedule: ScheduleWrite<'_>,
+) -> Result<(Fired, Option<Held>), StoreError> {
+    let mut held = None;
+    let fired = fire_via(
+        Via::Batched(batcher, true),
+        request,
+        Some(schedule),
+        &mut held,
+    )
+    .await?;
+    Ok((fired, held))
+}
+
+/// A fire recorded and not published yet ([`fire_ahead`]).
+pub struct Held {
+    job: Job,
+    released: tokio::sync::mpsc::UnboundedSender<Job>,
+}
+
+impl Held {
+    pub fn id(&self) -> FireId {
+        self.job.fire.id
+    }
+
+    /// Publishes the fire (with the other fires released meanwhile) and marks it published; the
+    /// batcher does it, so this returns at once. A fire whose publish fails is left to the
+    /// reconciler, like any other.
+    pub fn publish(self) {
+        if let Err(unsent) = self.released.send(self.job) {
+            // The batcher is gone (the process is stopping): the reconciler publishes it.
+            let fire = &unsent.0.fire;
+            tracing::warn!(fire.id = %fire.id, activity.name = %fire.activity_name, "the trigger is stopping: a fire recorded ahead is left to the reconciler");
+        }
+    }
+}
+
+/// How a fire is recorded and published: alone, or in a batch (held after recording when
+/// `true`).
 #[derive(Clone, Copy)]
 enum Via<'a> {
     Alone {
         pool: &'a PgPool,
         js: &'a async_nats::jetstream::Context,
     },
-    Batched(&'a FireBatcher),
+    Batched(&'a FireBatcher, bool),
 }
 
 async fn fire_via(
     via: Via<'_>,
     request: FireRequest,
     schedule: Option<ScheduleWrite<'_>>,
+    held: &mut Option<Held>,
 ) -> Result<Fired, StoreError> {
     // Stored as it is published: Postgres takes no NUL character, and a unique key has a length
     // limit (the key is scrubbed, and a long one digested, before any id is derived from it, so a
@@ -135,7 +180,7 @@ async fn fire_via(
     if let Some(note) = &request.dst_note {
         span.set_attribute("fire.dst_note", note.clone());
     }
-    let fired = fire_in_span(via, request, schedule, &span)
+    let fired = fire_in_span(via, request, schedule, &span, held)
         .instrument(span.clone())
         .await;
     match &fired {
@@ -155,6 +200,7 @@ async fn fire_in_span(
     mut request: FireRequest,
     schedule: Option<ScheduleWrite<'_>>,
     span: &tracing::Span,
+    held: &mut Option<Held>,
 ) -> Result<Fired, StoreError> {
     let fire_id = FireId::derive(request.activity_id, &request.dedupe_key);
     let run_id = RunId::derive(request.activity_id, &request.dedupe_key);
@@ -208,10 +254,12 @@ async fn fire_in_span(
             }
             inserted
         }
-        Via::Batched(batcher) => {
-            batcher
-                .record(new_fire, schedule.map(Scheduled::of), span.clone())
-                .await?
+        Via::Batched(batcher, hold) => {
+            let (inserted, kept) = batcher
+                .record(new_fire, schedule.map(Scheduled::of), span.clone(), hold)
+                .await?;
+            *held = kept;
+            inserted
         }
     };
     if !inserted {
@@ -283,7 +331,17 @@ struct Job {
     schedule: Option<Scheduled>,
     /// The fire's span: its publish belongs to the fire's trace.
     span: tracing::Span,
-    reply: tokio::sync::oneshot::Sender<Result<bool, StoreError>>,
+    reply: Reply,
+}
+
+/// Who hears of a fire's outcome, and when.
+enum Reply {
+    /// Once it is recorded, published and marked.
+    Published(tokio::sync::oneshot::Sender<Result<bool, StoreError>>),
+    /// Once it is recorded, with the fire in hand when it is new ([`fire_ahead`]).
+    Recorded(tokio::sync::oneshot::Sender<(Result<bool, StoreError>, Option<Held>)>),
+    /// Nobody: a held fire released ([`Held::publish`]).
+    Nobody,
 }
 
 /// Group commit of fires: whatever fires wait when a batch begins (at most [`BATCH`]) are
@@ -309,29 +367,38 @@ impl FireBatcher {
         tracker: &tokio_util::task::TaskTracker,
     ) -> Self {
         let (jobs, queue) = tokio::sync::mpsc::unbounded_channel();
-        tracker.spawn(write_batches(pool, js, clock, queue));
+        let (released, due) = tokio::sync::mpsc::unbounded_channel();
+        tracker.spawn(write_batches(pool, js, clock, queue, due, released));
         Self { jobs }
     }
 
+    /// Records the fire; then, unless `hold`, publishes and marks it. Returns whether it was new,
+    /// and when held, the new fire in hand.
     async fn record(
         &self,
         fire: NewFire,
         schedule: Option<Scheduled>,
         span: tracing::Span,
-    ) -> Result<bool, StoreError> {
-        let (reply, outcome) = tokio::sync::oneshot::channel();
-        let job = Job {
+        hold: bool,
+    ) -> Result<(bool, Option<Held>), StoreError> {
+        let closed = || StoreError::Database(sqlx::Error::PoolClosed);
+        let mut job = Job {
             fire,
             schedule,
             span,
-            reply,
+            reply: Reply::Nobody,
         };
-        if self.jobs.send(job).is_err() {
-            return Err(StoreError::Database(sqlx::Error::PoolClosed));
+        if hold {
+            let (reply, outcome) = tokio::sync::oneshot::channel();
+            job.reply = Reply::Recorded(reply);
+            self.jobs.send(job).map_err(|_| closed())?;
+            let (inserted, held) = outcome.await.map_err(|_| closed())?;
+            return Ok((inserted?, held));
         }
-        outcome
-            .await
-            .unwrap_or(Err(StoreError::Database(sqlx::Error::PoolClosed)))
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        job.reply = Reply::Published(reply);
+        self.jobs.send(job).map_err(|_| closed())?;
+        Ok((outcome.await.unwrap_or_else(|_| Err(closed()))?, None))
     }
 }
 
@@ -340,6 +407,8 @@ async fn write_batches(
     js: async_nats::jetstream::Context,
     clock: ClockHandle,
     mut queue: tokio::sync::mpsc::UnboundedReceiver<Job>,
+    mut due: tokio::sync::mpsc::UnboundedReceiver<Job>,
+    released: tokio::sync::mpsc::UnboundedSender<Job>,
 ) {
     // Four stages that overlap, so a fire that comes due while a batch is on its way waits for
     // the recording stage only, not for the whole cycle: batch k+1 is recorded while batch k is
@@ -363,7 +432,12 @@ async fn write_batches(
                     Some(recorded) = recording.next(), if !recording.is_empty() => {
                         // A recording that panicked dropped its callers' replies: they hear
                         // of a failure and try again.
-                        let Ok(batch) = recorded else { continue };
+                        let Ok(mut batch): Result<Batch, _> = recorded else { continue };
+                        // Held fires are answered now and published when released.
+                        batch.answer_held(&released);
+                        if batch.jobs.is_empty() {
+                            continue;
+                        }
                         if to_publish.send(batch).await.is_err() {
                             return;
                         }
@@ -389,8 +463,33 @@ async fn write_batches(
             }
         }
     };
+    // The record stage's own handle on `released` goes with it, so the publish stage ends once
+    // the batcher and every held fire are gone.
     let publish = async move {
-        while let Some(batch) = recorded.recv().await {
+        let (mut recorded_open, mut due_open) = (true, true);
+        let mut came_due = Vec::new();
+        while recorded_open || due_open {
+            // Fires coming due first: they were recorded ahead to be on time, and a flood of
+            // new batches (a restart's catch-up) must not hold them back.
+            let batch = tokio::select! {
+                biased;
+                taken = due.recv_many(&mut came_due, BATCH), if due_open => {
+                    if taken == 0 {
+                        due_open = false;
+                        continue;
+                    }
+                    let jobs: Vec<Job> = std::mem::take(&mut came_due);
+                    let outcomes = jobs.iter().map(|_| Ok(true)).collect();
+                    Batch { jobs, outcomes }
+                }
+                batch = recorded.recv(), if recorded_open => match batch {
+                    Some(batch) => batch,
+                    None => {
+                        recorded_open = false;
+                        continue;
+                    }
+                },
+            };
             // Every publish is sent, then the next stage awaits the acks.
             let mut acks = Vec::new();
             for (index, (job, outcome)) in batch.jobs.iter().zip(&batch.outcomes).enumerate() {
@@ -454,7 +553,9 @@ async fn write_batches(
             tracing::debug!(fires = published.len(), batches = waiting.len(), took = ?began.elapsed(), "fires marked published");
             for Acked { batch, .. } in waiting.drain(..) {
                 for (job, outcome) in batch.jobs.into_iter().zip(batch.outcomes) {
-                    let _ = job.reply.send(outcome);
+                    if let Reply::Published(reply) = job.reply {
+                        let _ = reply.send(outcome);
+                    }
                 }
             }
         }
@@ -483,6 +584,37 @@ async fn take_batch(queue: &mut tokio::sync::mpsc::UnboundedReceiver<Job>) -> Op
 struct Batch {
     jobs: Vec<Job>,
     outcomes: Vec<Result<bool, StoreError>>,
+}
+
+impl Batch {
+    /// Answers the held fires and takes them out of the batch: each new one goes back to its
+    /// caller in hand, to be released into `released` when it is due.
+    fn answer_held(&mut self, released: &tokio::sync::mpsc::UnboundedSender<Job>) {
+        if !self
+            .jobs
+            .iter()
+            .any(|job| matches!(job.reply, Reply::Recorded(_)))
+        {
+            return;
+        }
+        let jobs = std::mem::take(&mut self.jobs);
+        let outcomes = std::mem::take(&mut self.outcomes);
+        for (mut job, outcome) in jobs.into_iter().zip(outcomes) {
+            if !matches!(job.reply, Reply::Recorded(_)) {
+                self.jobs.push(job);
+                self.outcomes.push(outcome);
+                continue;
+            }
+            let Reply::Recorded(reply) = std::mem::replace(&mut job.reply, Reply::Nobody) else {
+                unreachable!("matched above");
+            };
+            let held = matches!(outcome, Ok(true)).then(|| Held {
+                job,
+                released: released.clone(),
+            });
+            let _ = reply.send((outcome, held));
+        }
+    }
 }
 
 /// A batch whose acks came: the fires published, each with the instant its ack came.
@@ -568,6 +700,7 @@ async fn publish_fire(
 pub async fn run_reconciler(
     pool: PgPool,
     js: async_nats::jetstream::Context,
+    clock: ClockHandle,
     every: Duration,
     shutdown: CancellationToken,
 ) {
@@ -580,13 +713,16 @@ pub async fn run_reconciler(
         }
         let now = Utc::now();
         let older_than = now - chrono::Duration::from_std(every).unwrap_or_default();
-        let pending = match store::fires_to_republish(&pool, older_than, now, 500).await {
-            Ok(pending) => pending,
-            Err(error) => {
-                tracing::warn!(error = %error_chain(&error), "reconciler cannot read fires");
-                continue;
-            }
-        };
+        // A scheduled fire recorded ahead of its instant is never published before it, whatever
+        // the two clocks say (the scheduler's may be driven).
+        let pending =
+            match store::fires_to_republish(&pool, older_than, now, clock.now(), 500).await {
+                Ok(pending) => pending,
+                Err(error) => {
+                    tracing::warn!(error = %error_chain(&error), "reconciler cannot read fires");
+                    continue;
+                }
+            };
         for fire in pending {
             if shutdown.is_cancelled() {
                 return;
@@ -623,5 +759,80 @@ pub async fn run_reconciler(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::NewFire;
+
+    fn job(key: &str, reply: Reply) -> Job {
+        let activity_id = ActivityId(uuid::Uuid::nil());
+        Job {
+            fire: NewFire {
+                id: FireId::derive(activity_id, key),
+                activity_id,
+                activity_name: "a".to_owned(),
+                activity_version: 1,
+                source: "schedule",
+                dedupe_key: key.to_owned(),
+                scheduled_for: None,
+                fired_at: Utc::now(),
+                subject: String::new(),
+                payload: None,
+                event: Vec::new(),
+                dst_note: None,
+                traceparent: String::new(),
+            },
+            schedule: None,
+            span: tracing::Span::none(),
+            reply,
+        }
+    }
+
+    #[test]
+    fn held_fires_are_answered_at_once_and_the_others_stay_in_the_batch_with_their_callers() {
+        let (released, mut came_due) = tokio::sync::mpsc::unbounded_channel();
+        let (published, mut published_outcome) = tokio::sync::oneshot::channel();
+        let (held_new, mut held_new_outcome) = tokio::sync::oneshot::channel();
+        let (held_old, mut held_old_outcome) = tokio::sync::oneshot::channel();
+        let mut batch = Batch {
+            jobs: vec![
+                job("published", Reply::Published(published)),
+                job("held new", Reply::Recorded(held_new)),
+                job("held duplicate", Reply::Recorded(held_old)),
+            ],
+            outcomes: vec![Ok(true), Ok(true), Ok(false)],
+        };
+        batch.answer_held(&released);
+
+        // The fire published with its batch keeps its caller, who hears once it is marked.
+        assert_eq!(batch.jobs.len(), 1);
+        assert_eq!(batch.jobs[0].fire.dedupe_key, "published");
+        assert!(matches!(batch.jobs[0].reply, Reply::Published(_)));
+        assert!(matches!(batch.outcomes[..], [Ok(true)]));
+        assert!(matches!(
+            published_outcome.try_recv(),
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+        ));
+
+        // A new held fire comes back in hand, and goes to the publish stage when released.
+        let (inserted, held) = held_new_outcome.try_recv().expect("answered at once");
+        assert!(matches!(inserted, Ok(true)));
+        let held = held.expect("a new fire is held");
+        assert_eq!(
+            held.id(),
+            FireId::derive(ActivityId(uuid::Uuid::nil()), "held new")
+        );
+        held.publish();
+        let released = came_due.try_recv().expect("released");
+        assert_eq!(released.fire.dedupe_key, "held new");
+        assert!(matches!(released.reply, Reply::Nobody));
+
+        // A fire recorded before is a duplicate: nothing to hold.
+        let (inserted, held) = held_old_outcome.try_recv().expect("answered at once");
+        assert!(matches!(inserted, Ok(false)));
+        assert!(held.is_none());
     }
 }

@@ -282,8 +282,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                 stop.clone(),
                 decisions_at_once,
             );
-            let reconciler =
-                fire::run_reconciler(pool.clone(), js.clone(), reconcile_interval, stop);
+            let reconciler = fire::run_reconciler(
+                pool.clone(),
+                js.clone(),
+                clock.clone(),
+                reconcile_interval,
+                stop,
+            );
             async move {
                 tokio::join!(scheduler.run(), reconciler);
             }

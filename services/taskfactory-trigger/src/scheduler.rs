@@ -2,9 +2,9 @@
 //!
 //! Two parts:
 //!
-//! - **The timer** (one loop for all schedules) knows each schedule's next occurrence. When an
-//!   occurrence's time plus its deterministic jitter comes, it tells that schedule's writer
-//!   "everything through this occurrence is due".
+//! - **The timer** (one loop for all schedules) knows each schedule's next occurrence. Shortly
+//!   before an occurrence's time plus its deterministic jitter comes ([`LEAD`]), it tells that
+//!   schedule's writer "everything through this occurrence is due, this one at that instant".
 //! - **The writer** (one task per schedule) is the only one that records the schedule's fires,
 //!   strictly in order, starting from the watermark persisted in Postgres. For each signal it
 //!   decides every occurrence between the watermark and the signalled one: an occurrence less than
@@ -12,6 +12,17 @@
 //!   ([`taskfactory_model::misfire`]). A fire that cannot be recorded (database down) is retried;
 //!   as time passes its occurrence becomes late and falls under the misfire policy, so an outage
 //!   never releases a flood, and a restart, a pause or a disabled spell is handled the same way.
+//!
+//! **Recorded ahead, published on time.** An on-time fire is recorded [`LEAD`] (at least
+//! [`LEAD`] − [`TICK`]) before it is due, and held by its writer until its instant, when it is
+//! published: a fire's lateness is the timer's and the publish's, not the database's (a commit
+//! that stalls for less than the lead delays nothing). The wakes of the timer come at most every
+//! [`TICK`] while fires come due, so the fires of that span are recorded together. If the
+//! schedule changes or ends before the instant (paused, disabled, a new version, deleted), the
+//! writer takes the fire back ([`store::withdraw_fire`]): deleted, with the watermark moved back
+//! before it, so what comes next decides that occurrence as it would have without the lead. A
+//! fire held when the scheduler stops (shutdown, leadership lost) is published at its instant
+//! all the same; one held by a process that dies is published by the reconciler.
 //!
 //! Every occurrence gets a decision ([`taskfactory_model::misfire`]): fired, or recorded in the
 //! `occurrences` ledger with why not. The watermark moves only in the transaction that records a
@@ -47,11 +58,19 @@ use crate::store::{self, DecisionRow, ScheduleWrite, StoreError, Term};
 /// decides about it.
 pub const MISFIRE_THRESHOLD: Duration = Duration::from_secs(10);
 
+/// How long before it is due an on-time fire is recorded, at most (see the module docs).
+pub const LEAD: Duration = Duration::from_millis(250);
+
+/// The timer wakes at most this often while fires come due (fires due within a tick of each
+/// other are recorded together); so a fire is recorded at least `LEAD - TICK` before its instant.
+pub const TICK: Duration = Duration::from_millis(100);
+
 struct Entry {
     activity: Arc<LiveActivity>,
     /// The next occurrence and when it is due (its instant plus jitter).
     next: Option<(DateTime<Utc>, DateTime<Utc>)>,
-    /// Tells the writer: every occurrence up to and including this instant is due.
+    /// Tells the writer: every occurrence up to and including this instant is due (or will be
+    /// within [`LEAD`]; the writer knows each one's instant, its time plus jitter).
     due: watch::Sender<Option<DateTime<Utc>>>,
     /// Stops the writer (even mid-retry) when the entry goes: the schedule changed or ended.
     retire: tokio_util::sync::DropGuard,
@@ -124,8 +143,14 @@ impl Scheduler {
         self.sync(&initial.activities, None).await;
         let mut synced = initial.serial;
         loop {
-            let due = self.timeline.first().map(|(due, _)| *due);
-            let until = due.unwrap_or_else(|| self.clock.now() + chrono::Duration::hours(1));
+            // The first fire's lead before it is due, but no sooner than a tick from now (the
+            // fires of one tick are recorded together) unless its lead would fall below
+            // `LEAD - TICK` by then (a schedule just added, due soon).
+            let now = self.clock.now();
+            let until = match self.timeline.first().map(|(due, _)| *due) {
+                Some(due) => (due - lead()).max((now + tick()).min(due - lead() + tick())),
+                None => now + chrono::Duration::hours(1),
+            };
             // A definition change first: a schedule paused a moment before its time comes does
             // not fire.
             tokio::select! {
@@ -144,7 +169,8 @@ impl Scheduler {
                 }
                 _ = self.clock.sleep_until(until) => {}
             }
-            self.signal_due(self.clock.now());
+            let now = self.clock.now();
+            self.signal_due(now, now + lead());
         }
         // Each writer finishes the fire in hand, then stops; the batcher, once the last writer
         // is gone, after the fires in hand.
@@ -238,6 +264,8 @@ impl Scheduler {
                 term: self.term,
                 activity: activity.clone(),
                 shutdown: retire.clone(),
+                stopping: self.shutdown.clone(),
+                held: None,
                 watermark: state.map(|(w, _)| w),
                 fires: state.map_or(0, |(_, n)| n),
             };
@@ -278,14 +306,14 @@ impl Scheduler {
         }
     }
 
-    /// Signals every schedule whose next occurrence is due, and moves it to the following one:
-    /// the entries due only, taken off the front of the timeline.
-    fn signal_due(&mut self, now: DateTime<Utc>) {
+    /// Signals every schedule whose next occurrence is due by `horizon`, and moves it to the
+    /// following one: the entries due only, taken off the front of the timeline.
+    fn signal_due(&mut self, now: DateTime<Utc>, horizon: DateTime<Utc>) {
         // Occurrences already far behind need no signal of their own: the writer decides them
         // with the next one.
         let late_limit = now - chrono::Duration::from_std(MISFIRE_THRESHOLD).unwrap_or_default();
         while let Some(&(due, id)) = self.timeline.first() {
-            if due > now {
+            if due > horizon {
                 break;
             }
             self.timeline.pop_first();
@@ -332,33 +360,50 @@ fn schedule_next(entry: &mut Entry, after: DateTime<Utc>) {
         .schedule
         .as_ref()
         .expect("only schedules get entries");
-    let jitter = entry
-        .activity
+    let mut upcoming = schedule.occurrences_after(after);
+    entry.next = upcoming.next().map(|occurrence| {
+        let due = due_instant(&entry.activity, occurrence.at, || {
+            upcoming.next().map(|o| o.at)
+        });
+        (occurrence.at, due)
+    });
+}
+
+/// When the occurrence at `at` is due: its time plus the schedule's deterministic jitter (which
+/// depends on the occurrence after it, `following`, asked for only when there is jitter).
+fn due_instant(
+    activity: &LiveActivity,
+    at: DateTime<Utc>,
+    following: impl FnOnce() -> Option<DateTime<Utc>>,
+) -> DateTime<Utc> {
+    let jitter = activity
         .schedule_trigger()
         .and_then(|t| t.jitter.as_ref())
         .and_then(std_duration)
         .unwrap_or_default();
-    let mut upcoming = schedule.occurrences_after(after);
-    entry.next = upcoming.next().map(|occurrence| {
-        let delay = if jitter.is_zero() {
-            Duration::ZERO
-        } else {
-            let following = upcoming.next().map(|o| o.at);
-            jitter_delay(
-                &entry.activity.id.to_string(),
-                occurrence.at,
-                jitter,
-                following,
-            )
-        };
-        (
-            occurrence.at,
-            chrono::Duration::from_std(delay)
-                .ok()
-                .and_then(|d| occurrence.at.checked_add_signed(d))
-                .unwrap_or(occurrence.at),
-        )
-    });
+    if jitter.is_zero() {
+        return at;
+    }
+    let delay = jitter_delay(&activity.id.to_string(), at, jitter, following());
+    chrono::Duration::from_std(delay)
+        .ok()
+        .and_then(|d| at.checked_add_signed(d))
+        .unwrap_or(at)
+}
+
+/// A fire recorded ahead of its instant ([`LEAD`]).
+struct HeldFire {
+    fire: fire::Held,
+    occurrence: DateTime<Utc>,
+    due: DateTime<Utc>,
+}
+
+fn lead() -> chrono::Duration {
+    chrono::Duration::from_std(LEAD).unwrap_or_default()
+}
+
+fn tick() -> chrono::Duration {
+    chrono::Duration::from_std(TICK).unwrap_or_default()
 }
 
 /// The single writer of one schedule's fires and decisions.
@@ -372,6 +417,11 @@ struct Writer {
     activity: Arc<LiveActivity>,
     /// Cancelled at shutdown, when leadership is lost, or when the schedule changes or ends.
     shutdown: CancellationToken,
+    /// The scheduler's own: cancelled at shutdown and when leadership is lost (not when the
+    /// schedule changes or ends).
+    stopping: CancellationToken,
+    /// A fire recorded ahead of its instant, not published yet (boxed: the writer waits small).
+    held: Option<Box<HeldFire>>,
     /// The newest occurrence decided (fired or not), as recorded.
     watermark: Option<DateTime<Utc>>,
     /// Fires so far (for `maxRuns`).
@@ -432,7 +482,14 @@ impl Writer {
                 // Boxed, like every write above: the writer spends its life waiting for its next
                 // signal, and its future is only as large as what it holds while it waits, not
                 // as large as the writes' futures (one writer per schedule: 100,000 of them).
-                if Box::pin(self.decide_through(through, late_before)).await == Flow::Stop {
+                let flow = Box::pin(self.decide_through(through, late_before)).await;
+                // Its turn given back: the fire recorded ahead waits for its instant.
+                if let Some(held) = self.held.take()
+                    && Box::pin(self.release(held)).await == Flow::Stop
+                {
+                    return;
+                }
+                if flow == Flow::Stop {
                     return;
                 }
             }
@@ -446,6 +503,52 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// Publishes the fire recorded ahead when its instant comes, or takes it back if the schedule
+    /// changes or ends first. `Stop`: the writer is done (retired or stopping).
+    async fn release(&mut self, held: Box<HeldFire>) -> Flow {
+        let HeldFire {
+            fire,
+            occurrence,
+            due,
+        } = *held;
+        tokio::select! {
+            biased;
+            _ = self.shutdown.cancelled() => {}
+            _ = self.clock.sleep_until(due) => {
+                fire.publish();
+                return Flow::Continue;
+            }
+        }
+        // Retired: the schedule changed or ended. Before the fire's instant, the fire is taken
+        // back; from its instant on, it stands. The scheduler stopping (shutdown, leadership
+        // lost) publishes it at its instant all the same.
+        if !self.stopping.is_cancelled() && self.clock.now() < due {
+            let id = fire.id();
+            match store::withdraw_fire(&self.pool, self.term, self.activity.id, id, occurrence)
+                .await
+            {
+                Ok(true) => {
+                    tracing::info!(activity.name = %self.activity.name, fire.id = %id, scheduled_for = %occurrence, "the schedule changed before its fire was due; the fire recorded ahead is taken back");
+                    metrics::count_occurrences(&self.activity.name, "WITHDRAWN", 1);
+                    return Flow::Stop;
+                }
+                Ok(false) => {}
+                Err(error) => {
+                    // It may have been taken back all the same (a commit whose answer was
+                    // lost): never published here, so a fire taken back is never published. If
+                    // it still stands, the reconciler publishes it after its instant.
+                    tracing::warn!(activity.name = %self.activity.name, fire.id = %id, error = %error_chain(&error), "cannot take back a fire recorded ahead; if it stands, the reconciler publishes it");
+                    return Flow::Stop;
+                }
+            }
+        }
+        // Its instant is at most `LEAD` away; real time bounds the wait too, so a stop never
+        // waits on a clock that is not moving (a driven one).
+        let _ = tokio::time::timeout(LEAD, self.clock.sleep_until(due)).await;
+        fire.publish();
+        Flow::Stop
     }
 
     /// Occurrences before this are late (missed): more than the misfire threshold behind, not
@@ -650,6 +753,15 @@ impl Writer {
                         tracing::info!(activity.name = %self.activity.name, max_runs = trigger.max_runs, "schedule reached maxRuns; it fires no more");
                         return Ok(Flow::Stop);
                     }
+                    // A fire still held (two instants of this schedule within the lead, with
+                    // jitter) is published at its instant before the next is recorded, so fires
+                    // go out in order; if the schedule changed meanwhile, it was taken back and
+                    // nothing after it is decided.
+                    if let Some(held) = self.held.take()
+                        && Box::pin(self.release(held)).await == Flow::Stop
+                    {
+                        return Ok(Flow::Stop);
+                    }
                     let rows = self.rows(&pending, Some(&occurrence), trigger, now);
                     self.fire(&occurrence, source, &rows).await?;
                     pending.clear();
@@ -811,6 +923,19 @@ impl Writer {
         if let Some(note) = &occurrence.dst_note {
             tracing::info!(activity.name = %self.activity.name, scheduled_for = %occurrence.at, note = %note, "daylight saving time adjusted this occurrence");
         }
+        // An on-time occurrence signalled ahead of its instant is recorded now and published then.
+        let now = self.clock.now();
+        let ahead = if source == TriggerSource::Schedule {
+            let schedule = self.activity.schedule.as_ref();
+            let due = due_instant(&self.activity, occurrence.at, || {
+                schedule
+                    .and_then(|s| s.occurrences_after(occurrence.at).next())
+                    .map(|o| o.at)
+            });
+            (due > now).then_some(due)
+        } else {
+            None
+        };
         let request = FireRequest {
             activity_id: self.activity.id,
             activity_name: self.activity.name.clone(),
@@ -820,7 +945,7 @@ impl Writer {
             scheduled_for: Some(occurrence.at),
             payload: None,
             subject: String::new(),
-            fired_at: self.clock.now(),
+            fired_at: ahead.unwrap_or(now),
             dst_note: occurrence.dst_note.clone(),
             overlap: taskfactory_proto::v1::OverlapPolicy::OverlapUnspecified,
         };
@@ -834,7 +959,20 @@ impl Writer {
             decisions,
             late_after,
         };
-        let fired = fire::fire_batched(&self.batcher, request, Some(write)).await?;
+        let fired = match ahead {
+            Some(due) => {
+                let (fired, held) = fire::fire_ahead(&self.batcher, request, write).await?;
+                self.held = held.map(|fire| {
+                    Box::new(HeldFire {
+                        fire,
+                        occurrence: occurrence.at,
+                        due,
+                    })
+                });
+                fired
+            }
+            None => fire::fire_batched(&self.batcher, request, Some(write)).await?,
+        };
         count_decisions(&self.activity.name, decisions);
         if fired.duplicate {
             metrics::count_occurrences(&self.activity.name, "DEDUPED", 1);

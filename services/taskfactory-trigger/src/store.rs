@@ -796,6 +796,56 @@ async fn insert_decisions(
     Ok(())
 }
 
+/// Takes back a scheduled fire recorded ahead of its time ([`crate::fire::fire_ahead`]) and not
+/// published: its schedule changed or ended before it was due. The fire is deleted and the
+/// schedule's watermark moved back to just before the occurrence, so whoever schedules next
+/// decides it again (a new version fires it; a resumed schedule's misfire policy decides it).
+/// Under the leader's fence. False when there was nothing to take back (the fire was published,
+/// or this replica no longer leads: then the fire stands and is published).
+pub async fn withdraw_fire(
+    pool: &PgPool,
+    term: Term,
+    activity: ActivityId,
+    fire: FireId,
+    scheduled_for: DateTime<Utc>,
+) -> Result<bool, StoreError> {
+    let mut tx = pool.begin().await?;
+    match check_fence(&mut tx, term).await {
+        Err(StoreError::Deposed { .. }) => return Ok(false),
+        checked => checked?,
+    }
+    let deleted = sqlx::query(
+        "DELETE FROM fires WHERE id = $1 AND activity_id = $2 AND published_at IS NULL",
+    )
+    .bind(fire.0)
+    .bind(activity.0)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if deleted == 0 {
+        return Ok(false);
+    }
+    // The fire was the last thing decided; anything else (which nothing should write) and the
+    // fire stands.
+    let moved = sqlx::query(
+        "UPDATE schedule_state SET watermark = $2, fires = GREATEST(fires - 1, 0), \
+             updated_at = now() \
+         WHERE activity_id = $1 AND watermark = $3",
+    )
+    .bind(activity.0)
+    .bind(scheduled_for - chrono::Duration::microseconds(1))
+    .bind(scheduled_for)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if moved != 1 {
+        tx.rollback().await?;
+        return Ok(false);
+    }
+    tx.commit().await?;
+    Ok(true)
+}
+
 /// Holds the fence for the rest of the transaction (shared: scheduled fires of many schedules go
 /// on concurrently) and fails if another leader has taken it since `term`.
 async fn check_fence(tx: &mut sqlx::PgConnection, term: Term) -> Result<(), StoreError> {
@@ -939,6 +989,7 @@ pub async fn fires_to_republish(
     pool: &PgPool,
     older_than: DateTime<Utc>,
     now: DateTime<Utc>,
+    scheduler_now: DateTime<Utc>,
     limit: i64,
 ) -> Result<Vec<PendingFire>, StoreError> {
     // Planned on each use: a plan cached while `runs` was small hashes the whole table on every
@@ -953,7 +1004,9 @@ pub async fn fires_to_republish(
     .await?;
     let rows = sqlx::query(
         "(SELECT f.id, f.activity_id, f.activity_name, f.dedupe_key, f.event, f.traceparent FROM fires f \
-           WHERE f.published_at IS NULL AND f.fired_at < $1 ORDER BY f.fired_at LIMIT $3) \
+           WHERE f.published_at IS NULL AND f.fired_at < $1 \
+             AND NOT (f.source = 'schedule' AND f.fired_at > $5) \
+           ORDER BY f.fired_at LIMIT $3) \
          UNION ALL \
          (SELECT f.id, f.activity_id, f.activity_name, f.dedupe_key, f.event, f.traceparent FROM fires f \
            WHERE f.confirmed_at IS NULL AND f.published_at IS NOT NULL \
@@ -965,6 +1018,7 @@ pub async fn fires_to_republish(
     .bind(now)
     .bind(limit)
     .bind(MAX_REPUBLISHES)
+    .bind(scheduler_now)
     .fetch_all(pool)
     .await?;
     let mut fires = Vec::with_capacity(rows.len());
