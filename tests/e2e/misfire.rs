@@ -915,8 +915,9 @@ async fn recorded_ahead(
     .await?;
     assert_eq!(fired_at, at, "it fires at its instant");
     assert_eq!(published_at, None, "it is not published before its instant");
-    // Nor a little later, while the clock stands before its instant.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Nor later, while the clock stands before its instant: not by the reconciler either (every
+    // 2 s in tests, on the system clock, which is months past the driven one).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(fire_of(pool, activity, at).await?.and_then(|f| f.2), None);
     Ok(())
 }
@@ -1044,5 +1045,75 @@ async fn a_new_version_after_a_fire_was_recorded_ahead_fires_that_time_itself() 
     assert_eq!(version, 2, "the time is fired by the version current at it");
     let ledger = occurrences(&mut admin, "replaced", first, first).await?;
     assert_eq!(by_decision(&ledger), BTreeMap::from([("FIRED".into(), 1)]));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fire_recorded_ahead_at_a_restart_is_published_at_its_instant() -> anyhow::Result<()> {
+    // The reconciler slowed to once an hour: only the scheduler can publish the fire in time.
+    let clock = ManualClock::new(utc("2026-05-04T09:59:30Z"));
+    let env = TestEnv::new(EnvOptions {
+        clock: ClockHandle::manual(&clock),
+        reconcile_interval: Duration::from_secs(3600),
+        ..EnvOptions::default()
+    })
+    .await?;
+    let pool = env.db.pool().await?;
+    let trigger = env.start(Service::Trigger);
+    env.wait_ready(&[Service::Trigger]).await?;
+    let mut admin = env.admin().await?;
+    let activity = create(
+        &mut admin,
+        "name: daily\ntrigger: {schedule: {cron: ['0 10 * * *'], timezone: UTC, jitter: 40s, misfire: MISFIRE_SKIP}}\ntasks: [{name: a, type: log}]\n",
+    )
+    .await?;
+    wait_for("the schedule to start", Duration::from_secs(30), || async {
+        watermark(&pool, &activity.id).await
+    })
+    .await?;
+    // The occurrence's instant, with its jitter (tomorrow's occurrence bounds it).
+    let occurrence = utc("2026-05-04T10:00:00Z");
+    let delay = taskfactory_model::schedule::jitter_delay(
+        &activity.id,
+        occurrence,
+        Duration::from_secs(40),
+        Some(occurrence + chrono::Duration::days(1)),
+    );
+    let due = occurrence + chrono::Duration::from_std(delay)?;
+
+    // The trigger restarts after the occurrence, a moment before its instant: the restart
+    // decides it on time and records it ahead.
+    trigger.stop().await?;
+    clock.set((due - chrono::Duration::milliseconds(100)).max(occurrence));
+    let _trigger = env.start(Service::Trigger);
+    env.wait_ready(&[Service::Trigger]).await?;
+    let (_, fired_at, published_at) = wait_for(
+        "the fire to be recorded",
+        Duration::from_secs(30),
+        || async { fire_of(&pool, &activity.id, occurrence).await },
+    )
+    .await?;
+    // Stored to the microsecond.
+    assert!(
+        (fired_at - due)
+            .num_microseconds()
+            .unwrap_or(i64::MAX)
+            .abs()
+            <= 1,
+        "it fires at its instant: {fired_at} against {due}"
+    );
+    assert_eq!(published_at, None, "not before it");
+
+    clock.set(due);
+    wait_for(
+        "the fire to be published at its instant",
+        Duration::from_secs(10),
+        || async {
+            Ok(fire_of(&pool, &activity.id, occurrence)
+                .await?
+                .and_then(|f| f.2))
+        },
+    )
+    .await?;
     Ok(())
 }

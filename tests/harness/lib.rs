@@ -464,6 +464,8 @@ pub struct EnvOptions {
     pub spec_limits: taskfactory_trigger::admin::SpecLimits,
     /// Trigger (in-process): schedules deciding at once, at most.
     pub schedule_decisions_at_once: u32,
+    /// The trigger's reconciler interval (2 s in tests unless set).
+    pub reconcile_interval: Duration,
     /// NATS speaks only TLS and verifies clients; services and test clients get certificates.
     pub nats_tls: bool,
     /// NATS servers: 1, or a JetStream cluster of this many ([`TestEnv::nats_peers`]).
@@ -505,6 +507,7 @@ impl Default for EnvOptions {
             http_limits: taskfactory_trigger::webhook::HttpLimits::default(),
             spec_limits: taskfactory_trigger::admin::SpecLimits::default(),
             schedule_decisions_at_once: 2048,
+            reconcile_interval: Duration::from_secs(2),
             nats_tls: false,
             nats_servers: 1,
             stream_replicas: 1,
@@ -595,7 +598,7 @@ impl TestEnv {
                     taskfactory_trigger::Config::local(&nats, &database, self.grpc_addr);
                 config.nats = self.nats_args(service.nats_user());
                 config.max_event_bytes = self.options.max_event_bytes;
-                config.reconcile_interval = Duration::from_secs(2);
+                config.reconcile_interval = self.options.reconcile_interval;
                 config.clock = self.options.clock.clone();
                 config.lease_ttl = self.options.lease_ttl;
                 config.http_addr = self.http_addr;

@@ -706,6 +706,10 @@ pub async fn run_reconciler(
 ) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first pass of a leadership term (the reconciler runs with the scheduler) publishes at
+    // once the scheduled fires whose instant has passed: a leader that died left the fires it
+    // had recorded ahead, and its successor comes at least a lease later, past their instants.
+    let mut taking_over = true;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -715,8 +719,12 @@ pub async fn run_reconciler(
         let older_than = now - chrono::Duration::from_std(every).unwrap_or_default();
         // A scheduled fire recorded ahead of its instant is never published before it, whatever
         // the two clocks say (the scheduler's may be driven).
+        let scheduler_now = clock.now();
+        let due_by = std::mem::take(&mut taking_over).then_some(scheduler_now);
         let pending =
-            match store::fires_to_republish(&pool, older_than, now, clock.now(), 500).await {
+            match store::fires_to_republish(&pool, older_than, now, scheduler_now, due_by, 500)
+                .await
+            {
                 Ok(pending) => pending,
                 Err(error) => {
                     tracing::warn!(error = %error_chain(&error), "reconciler cannot read fires");

@@ -22,7 +22,8 @@
 //! writer takes the fire back ([`store::withdraw_fire`]): deleted, with the watermark moved back
 //! before it, so what comes next decides that occurrence as it would have without the lead. A
 //! fire held when the scheduler stops (shutdown, leadership lost) is published at its instant
-//! all the same; one held by a process that dies is published by the reconciler.
+//! all the same; one held by a leader that dies is published by its successor's reconciler as
+//! soon as the new term starts.
 //!
 //! Every occurrence gets a decision ([`taskfactory_model::misfire`]): fired, or recorded in the
 //! `occurrences` ledger with why not. The watermark moves only in the transaction that records a
@@ -472,6 +473,12 @@ impl Writer {
             Some(_) => Box::pin(self.decide_through(started, late_before)).await,
             None => Box::pin(self.start_fresh(started)).await,
         };
+        // A fire it recorded ahead (an occurrence just passed whose jittered instant is near).
+        if let Some(held) = self.held.take()
+            && Box::pin(self.release(held)).await == Flow::Stop
+        {
+            return;
+        }
         if flow == Flow::Stop {
             return;
         }
@@ -932,7 +939,9 @@ impl Writer {
                     .and_then(|s| s.occurrences_after(occurrence.at).next())
                     .map(|o| o.at)
             });
-            (due > now).then_some(due)
+            // Only within the lead: an older occurrence decided at a start (a restart, a new
+            // version) is fired at once, as always, whatever its jitter.
+            (due > now && due - now <= lead()).then_some(due)
         } else {
             None
         };

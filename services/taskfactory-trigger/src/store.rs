@@ -981,7 +981,9 @@ pub struct PendingFire {
 /// hours of doubling waits); the orchestrator dead-letters fires it cannot use, with the reason.
 pub const MAX_REPUBLISHES: i32 = 10;
 
-/// Fires recorded but not published, older than `older_than`, plus published fires for which no
+/// Fires recorded but not published, older than `older_than` (scheduled ones also when their
+/// instant is at or before `scheduled_due_by`, and never before their instant by the scheduler's
+/// clock, `scheduler_now`), plus published fires for which no
 /// run appeared (their message may have been lost): first a minute after publishing, then with
 /// doubling waits up to an hour, so a stopped orchestrator is not flooded. Fires whose run exists
 /// are confirmed first and never examined again, so each pass only looks at recent fires.
@@ -990,6 +992,7 @@ pub async fn fires_to_republish(
     older_than: DateTime<Utc>,
     now: DateTime<Utc>,
     scheduler_now: DateTime<Utc>,
+    scheduled_due_by: Option<DateTime<Utc>>,
     limit: i64,
 ) -> Result<Vec<PendingFire>, StoreError> {
     // Planned on each use: a plan cached while `runs` was small hashes the whole table on every
@@ -1004,7 +1007,8 @@ pub async fn fires_to_republish(
     .await?;
     let rows = sqlx::query(
         "(SELECT f.id, f.activity_id, f.activity_name, f.dedupe_key, f.event, f.traceparent FROM fires f \
-           WHERE f.published_at IS NULL AND f.fired_at < $1 \
+           WHERE f.published_at IS NULL \
+             AND (f.fired_at < $1 OR (f.source = 'schedule' AND f.fired_at <= $6)) \
              AND NOT (f.source = 'schedule' AND f.fired_at > $5) \
            ORDER BY f.fired_at LIMIT $3) \
          UNION ALL \
@@ -1019,6 +1023,7 @@ pub async fn fires_to_republish(
     .bind(limit)
     .bind(MAX_REPUBLISHES)
     .bind(scheduler_now)
+    .bind(scheduled_due_by)
     .fetch_all(pool)
     .await?;
     let mut fires = Vec::with_capacity(rows.len());
