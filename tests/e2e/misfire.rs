@@ -924,6 +924,7 @@ async fn recorded_ahead(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fire_is_recorded_ahead_of_its_time_and_published_at_it() -> anyhow::Result<()> {
+    let (addr, stop) = serve_metrics()?;
     let (clock, _env, pool, _trigger, mut admin) = driven_trigger("2026-03-02T08:00:30Z").await?;
     let activity = create(&mut admin, &minutely("ahead", "MISFIRE_SKIP")).await?;
     wait_for("the schedule to start", Duration::from_secs(30), || async {
@@ -934,7 +935,9 @@ async fn a_fire_is_recorded_ahead_of_its_time_and_published_at_it() -> anyhow::R
     recorded_ahead(&clock, &pool, &activity.id, first).await?;
     assert_eq!(watermark(&pool, &activity.id).await?, Some(first));
 
-    clock.set(first);
+    // The clock comes 3 s past the instant (a slow scheduler, say): the fire goes out then, and
+    // its lateness is observed as it goes, not when it was recorded.
+    clock.set(first + chrono::Duration::seconds(3));
     wait_for(
         "the fire to be published",
         Duration::from_secs(30),
@@ -943,6 +946,20 @@ async fn a_fire_is_recorded_ahead_of_its_time_and_published_at_it() -> anyhow::R
     .await?;
     let ledger = occurrences(&mut admin, "ahead", first, first).await?;
     assert_eq!(by_decision(&ledger), BTreeMap::from([("FIRED".into(), 1)]));
+    let (page, scrape) = metrics_page(addr).await?;
+    let lateness = |suffix: &str| -> f64 {
+        scrape
+            .matching(
+                &format!("{}_{suffix}", taskfactory_runtime::metrics::FIRE_LATENESS),
+                &[("activity", "ahead"), ("source", "schedule")],
+            )
+            .iter()
+            .map(|sample| sample.value)
+            .sum()
+    };
+    assert_eq!(lateness("count"), 1.0, "{page}");
+    assert!((3.0..3.5).contains(&lateness("sum")), "{page}");
+    stop.cancel();
     Ok(())
 }
 

@@ -277,9 +277,10 @@ async fn fire_in_span(
     }
     tracing::info!(activity.name = %request.activity_name, fire.id = %fire_id, run.id = %run_id, source = source_name(request.source), scheduled_for = ?request.scheduled_for, "fired");
     metrics::record_fire(&request.activity_name, source_name(request.source), "fired");
-    // Catch-up fires are the late ones an alert wants to see; backfills are late by request.
-    if let (TriggerSource::Schedule | TriggerSource::Catchup, Some(scheduled_for)) =
-        (request.source, request.scheduled_for)
+    // Catch-up fires are the late ones an alert wants to see; backfills are late by request. A
+    // fire held for its instant is observed when it is released (`scheduler::Writer::release`).
+    if let (TriggerSource::Schedule | TriggerSource::Catchup, Some(scheduled_for), None) =
+        (request.source, request.scheduled_for, held.as_ref())
     {
         metrics::record_fire_lateness(
             &request.activity_name,

@@ -524,7 +524,7 @@ impl Writer {
             biased;
             _ = self.shutdown.cancelled() => {}
             _ = self.clock.sleep_until(due) => {
-                fire.publish();
+                self.publish(fire, occurrence);
                 return Flow::Continue;
             }
         }
@@ -554,8 +554,19 @@ impl Writer {
         // Its instant is at most `LEAD` away; real time bounds the wait too, so a stop never
         // waits on a clock that is not moving (a driven one).
         let _ = tokio::time::timeout(LEAD, self.clock.sleep_until(due)).await;
-        fire.publish();
+        self.publish(fire, occurrence);
         Flow::Stop
+    }
+
+    /// Publishes a fire recorded ahead, observing its lateness as it goes (for an on-time fire,
+    /// from its time: the jitter and the wake).
+    fn publish(&self, fire: fire::Held, occurrence: DateTime<Utc>) {
+        metrics::record_fire_lateness(
+            &self.activity.name,
+            taskfactory_model::status::source_name(TriggerSource::Schedule),
+            self.clock.now() - occurrence,
+        );
+        fire.publish();
     }
 
     /// Occurrences before this are late (missed): more than the misfire threshold behind, not
