@@ -82,6 +82,27 @@ async fn watermark(pool: &sqlx::PgPool, activity: &str) -> anyhow::Result<Option
     Ok(row.map(|(w,)| w))
 }
 
+/// Waits until the schedule has recorded its start (its watermark): from then on it decides
+/// from "now".
+async fn started(pool: &sqlx::PgPool, activity: &str) -> anyhow::Result<()> {
+    wait_for("the schedule to start", Duration::from_secs(30), || async {
+        watermark(pool, activity).await
+    })
+    .await
+    .map(|_| ())
+}
+
+/// Creates the activity and waits until its schedule has started ([`started`]).
+async fn create_started(
+    admin: &mut Admin,
+    pool: &sqlx::PgPool,
+    yaml: &str,
+) -> anyhow::Result<taskfactory_proto::v1::Activity> {
+    let activity = create(admin, yaml).await?;
+    started(pool, &activity.id).await?;
+    Ok(activity)
+}
+
 /// Waits until the schedule has decided everything up to `at`.
 async fn decided_through(
     pool: &sqlx::PgPool,
@@ -148,12 +169,8 @@ async fn downtime_under(misfire: &str, cases: &[Expected]) -> anyhow::Result<()>
         let trigger = env.start(Service::Trigger);
         env.wait_ready(&[Service::Trigger]).await?;
         let mut admin = env.admin().await?;
-        let activity = create(&mut admin, &minutely(&name, misfire)).await?;
         // The schedule starts from "now" once it has recorded its start.
-        wait_for("the schedule to start", Duration::from_secs(30), || async {
-            watermark(&pool, &activity.id).await
-        })
-        .await?;
+        let activity = create_started(&mut admin, &pool, &minutely(&name, misfire)).await?;
 
         let created = clock.now();
         let mut on_time = Vec::new();
@@ -420,10 +437,7 @@ async fn after_a_restart_schedules_decide_a_few_at_a_time_and_all_catch_up() -> 
         );
     }
     for id in &ids {
-        wait_for("the schedule to start", Duration::from_secs(30), || async {
-            watermark(&pool, id).await
-        })
-        .await?;
+        started(&pool, id).await?;
     }
     trigger.stop().await?;
 
@@ -466,11 +480,7 @@ async fn after_a_restart_schedules_decide_a_few_at_a_time_and_all_catch_up() -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_paused_schedule_records_why_it_did_not_fire_and_resumes() -> anyhow::Result<()> {
     let (clock, _env, pool, _trigger, mut admin) = driven_trigger("2026-03-02T08:00:30Z").await?;
-    let activity = create(&mut admin, &minutely("paused", "MISFIRE_SKIP")).await?;
-    wait_for("the schedule to start", Duration::from_secs(30), || async {
-        watermark(&pool, &activity.id).await
-    })
-    .await?;
+    let activity = create_started(&mut admin, &pool, &minutely("paused", "MISFIRE_SKIP")).await?;
     let first = next_minute(clock.now());
     clock.set(first);
     decided_through(&pool, &activity.id, first).await?;
@@ -823,11 +833,8 @@ async fn a_pause_and_resume_between_two_reloads_reach_the_scheduler_as_a_reactiv
 async fn a_fire_written_after_the_misfire_threshold_goes_to_the_misfire_policy()
 -> anyhow::Result<()> {
     let (clock, _env, pool, _trigger, mut admin) = driven_trigger("2026-03-02T08:00:30Z").await?;
-    let activity = create(&mut admin, &minutely("slow-write", "MISFIRE_SKIP")).await?;
-    wait_for("the schedule to start", Duration::from_secs(30), || async {
-        watermark(&pool, &activity.id).await
-    })
-    .await?;
+    let activity =
+        create_started(&mut admin, &pool, &minutely("slow-write", "MISFIRE_SKIP")).await?;
     // 08:01 fires on time.
     let first = next_minute(clock.now());
     clock.set(first);
@@ -898,6 +905,16 @@ async fn fire_of(
     .await?)
 }
 
+/// Waits until the fire of `at`, recorded ahead, is taken back (gone from the ledger).
+async fn taken_back(pool: &sqlx::PgPool, activity: &str, at: DateTime<Utc>) -> anyhow::Result<()> {
+    wait_for(
+        "the fire to be taken back",
+        Duration::from_secs(30),
+        || async { Ok(fire_of(pool, activity, at).await?.is_none().then_some(())) },
+    )
+    .await
+}
+
 /// Sets the clock a moment before `at` (within the scheduler's lead) and waits until the fire of
 /// `at` is recorded: not published, due at `at`.
 async fn recorded_ahead(
@@ -926,11 +943,7 @@ async fn recorded_ahead(
 async fn a_fire_is_recorded_ahead_of_its_time_and_published_at_it() -> anyhow::Result<()> {
     let (addr, stop) = serve_metrics()?;
     let (clock, _env, pool, _trigger, mut admin) = driven_trigger("2026-03-02T08:00:30Z").await?;
-    let activity = create(&mut admin, &minutely("ahead", "MISFIRE_SKIP")).await?;
-    wait_for("the schedule to start", Duration::from_secs(30), || async {
-        watermark(&pool, &activity.id).await
-    })
-    .await?;
+    let activity = create_started(&mut admin, &pool, &minutely("ahead", "MISFIRE_SKIP")).await?;
     let first = next_minute(clock.now());
     recorded_ahead(&clock, &pool, &activity.id, first).await?;
     assert_eq!(watermark(&pool, &activity.id).await?, Some(first));
@@ -967,11 +980,8 @@ async fn a_fire_is_recorded_ahead_of_its_time_and_published_at_it() -> anyhow::R
 async fn a_schedule_paused_after_its_fire_was_recorded_ahead_takes_the_fire_back()
 -> anyhow::Result<()> {
     let (clock, _env, pool, _trigger, mut admin) = driven_trigger("2026-03-02T08:00:30Z").await?;
-    let activity = create(&mut admin, &minutely("taken-back", "MISFIRE_SKIP")).await?;
-    wait_for("the schedule to start", Duration::from_secs(30), || async {
-        watermark(&pool, &activity.id).await
-    })
-    .await?;
+    let activity =
+        create_started(&mut admin, &pool, &minutely("taken-back", "MISFIRE_SKIP")).await?;
     let first = next_minute(clock.now());
     recorded_ahead(&clock, &pool, &activity.id, first).await?;
 
@@ -981,17 +991,7 @@ async fn a_schedule_paused_after_its_fire_was_recorded_ahead_takes_the_fire_back
             note: "paused just before".to_owned(),
         })
         .await?;
-    wait_for(
-        "the fire to be taken back",
-        Duration::from_secs(30),
-        || async {
-            Ok(fire_of(&pool, &activity.id, first)
-                .await?
-                .is_none()
-                .then_some(()))
-        },
-    )
-    .await?;
+    taken_back(&pool, &activity.id, first).await?;
     assert_eq!(
         watermark(&pool, &activity.id).await?,
         Some(first - chrono::Duration::microseconds(1)),
@@ -1021,11 +1021,7 @@ async fn a_schedule_paused_after_its_fire_was_recorded_ahead_takes_the_fire_back
 async fn a_new_version_after_a_fire_was_recorded_ahead_fires_that_time_itself() -> anyhow::Result<()>
 {
     let (clock, _env, pool, _trigger, mut admin) = driven_trigger("2026-03-02T08:00:30Z").await?;
-    let activity = create(&mut admin, &minutely("replaced", "MISFIRE_SKIP")).await?;
-    wait_for("the schedule to start", Duration::from_secs(30), || async {
-        watermark(&pool, &activity.id).await
-    })
-    .await?;
+    let activity = create_started(&mut admin, &pool, &minutely("replaced", "MISFIRE_SKIP")).await?;
     let first = next_minute(clock.now());
     recorded_ahead(&clock, &pool, &activity.id, first).await?;
 
@@ -1037,17 +1033,7 @@ async fn a_new_version_after_a_fire_was_recorded_ahead_fires_that_time_itself() 
             spec: Some(spec),
         })
         .await?;
-    wait_for(
-        "the fire to be taken back",
-        Duration::from_secs(30),
-        || async {
-            Ok(fire_of(&pool, &activity.id, first)
-                .await?
-                .is_none()
-                .then_some(()))
-        },
-    )
-    .await?;
+    taken_back(&pool, &activity.id, first).await?;
     clock.set(first);
     let (version, _, _) = wait_for(
         "the new version to fire the time",
@@ -1065,6 +1051,9 @@ async fn a_new_version_after_a_fire_was_recorded_ahead_fires_that_time_itself() 
     Ok(())
 }
 
+/// Daily at 10:00 UTC, jittered by up to 40 s.
+const DAILY_JITTERED: &str = "name: daily\ntrigger: {schedule: {cron: ['0 10 * * *'], timezone: UTC, jitter: 40s, misfire: MISFIRE_SKIP}}\ntasks: [{name: a, type: log}]\n";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fire_recorded_ahead_at_a_restart_is_published_at_its_instant() -> anyhow::Result<()> {
     // The reconciler slowed to once an hour: only the scheduler can publish the fire in time.
@@ -1079,15 +1068,7 @@ async fn a_fire_recorded_ahead_at_a_restart_is_published_at_its_instant() -> any
     let trigger = env.start(Service::Trigger);
     env.wait_ready(&[Service::Trigger]).await?;
     let mut admin = env.admin().await?;
-    let activity = create(
-        &mut admin,
-        "name: daily\ntrigger: {schedule: {cron: ['0 10 * * *'], timezone: UTC, jitter: 40s, misfire: MISFIRE_SKIP}}\ntasks: [{name: a, type: log}]\n",
-    )
-    .await?;
-    wait_for("the schedule to start", Duration::from_secs(30), || async {
-        watermark(&pool, &activity.id).await
-    })
-    .await?;
+    let activity = create_started(&mut admin, &pool, DAILY_JITTERED).await?;
     // The occurrence's instant, with its jitter (tomorrow's occurrence bounds it).
     let occurrence = utc("2026-05-04T10:00:00Z");
     let delay = taskfactory_model::schedule::jitter_delay(

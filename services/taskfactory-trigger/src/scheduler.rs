@@ -474,9 +474,7 @@ impl Writer {
             None => Box::pin(self.start_fresh(started)).await,
         };
         // A fire it recorded ahead (an occurrence just passed whose jittered instant is near).
-        if let Some(held) = self.held.take()
-            && Box::pin(self.release(held)).await == Flow::Stop
-        {
+        if self.release_held().await == Flow::Stop {
             return;
         }
         if flow == Flow::Stop {
@@ -491,9 +489,7 @@ impl Writer {
                 // as large as the writes' futures (one writer per schedule: 100,000 of them).
                 let flow = Box::pin(self.decide_through(through, late_before)).await;
                 // Its turn given back: the fire recorded ahead waits for its instant.
-                if let Some(held) = self.held.take()
-                    && Box::pin(self.release(held)).await == Flow::Stop
-                {
+                if self.release_held().await == Flow::Stop {
                     return;
                 }
                 if flow == Flow::Stop {
@@ -509,6 +505,15 @@ impl Writer {
                     through = *due.borrow_and_update();
                 }
             }
+        }
+    }
+
+    /// [`Writer::release`] of the fire held, if there is one (boxed, like every write: the
+    /// writer's future stays small).
+    async fn release_held(&mut self) -> Flow {
+        match self.held.take() {
+            Some(held) => Box::pin(self.release(held)).await,
+            None => Flow::Continue,
         }
     }
 
@@ -775,9 +780,7 @@ impl Writer {
                     // jitter) is published at its instant before the next is recorded, so fires
                     // go out in order; if the schedule changed meanwhile, it was taken back and
                     // nothing after it is decided.
-                    if let Some(held) = self.held.take()
-                        && Box::pin(self.release(held)).await == Flow::Stop
-                    {
+                    if self.release_held().await == Flow::Stop {
                         return Ok(Flow::Stop);
                     }
                     let rows = self.rows(&pending, Some(&occurrence), trigger, now);
