@@ -13,7 +13,7 @@ use futures::StreamExt;
 use taskfactory_model::values::struct_to_json;
 use taskfactory_proto::v1::{RunStatus, TriggerSource};
 use taskfactory_tests::{EnvOptions, Service, TestEnv, wait_for};
-use taskfactory_trigger::webhook::{self, Hook, Secret};
+use taskfactory_trigger::webhook::{self, Hook, Provider, Secret};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::support::{create, finished_run, runs, tasks};
@@ -28,6 +28,7 @@ fn shop_hook() -> Hook {
         subject: SUBJECT.to_owned(),
         secrets: vec![Secret::new(SECRET), Secret::new(OLD_SECRET)],
         max_body_bytes: Some(1024),
+        ..Hook::new("shop", SUBJECT, SECRET)
     }
 }
 
@@ -490,5 +491,283 @@ async fn a_body_over_the_nats_max_payload_is_413_not_503() -> anyhow::Result<()>
         .fetch_one(&pool)
         .await?;
     assert_eq!(kept, 0);
+    Ok(())
+}
+
+/// HMAC-SHA256 of `parts` under `key`, written here from the providers' documents (not the
+/// gateway's code).
+fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> Vec<u8> {
+    use hmac::Mac as _;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).expect("any key");
+    for part in parts {
+        mac.update(part);
+    }
+    mac.finalize().into_bytes().to_vec()
+}
+
+fn header(name: &str, value: impl Into<String>) -> (String, String) {
+    (name.to_owned(), value.into())
+}
+
+const GITHUB_SECRET: &str = "github-webhook-secret-0001";
+const STRIPE_SECRET: &str = "whsec_stripe-endpoint-secret-0001";
+const SLACK_SECRET: &str = "8f742231b10e8888abcd99yyyzzz85a5";
+const STANDARD_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+fn github(secret: &str, delivery: &str, event: &str, body: &[u8]) -> Headers {
+    let signature = hex::encode(hmac_sha256(secret.as_bytes(), &[body]));
+    vec![
+        header("X-GitHub-Delivery", delivery),
+        header("X-GitHub-Event", event),
+        header("X-Hub-Signature-256", format!("sha256={signature}")),
+        header("User-Agent", "GitHub-Hookshot/044aadd"),
+    ]
+}
+
+fn stripe(secret: &str, timestamp: i64, body: &[u8]) -> Headers {
+    let t = timestamp.to_string();
+    let v1 = hex::encode(hmac_sha256(secret.as_bytes(), &[t.as_bytes(), b".", body]));
+    vec![header("Stripe-Signature", format!("t={t},v1={v1}"))]
+}
+
+fn slack(secret: &str, timestamp: i64, body: &[u8]) -> Headers {
+    let t = timestamp.to_string();
+    let v0 = hex::encode(hmac_sha256(
+        secret.as_bytes(),
+        &[b"v0:", t.as_bytes(), b":", body],
+    ));
+    vec![
+        header("X-Slack-Request-Timestamp", t),
+        header("X-Slack-Signature", format!("v0={v0}")),
+    ]
+}
+
+fn standard(secret: &str, id: &str, timestamp: i64, body: &[u8]) -> Headers {
+    use base64::Engine as _;
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(secret.trim_start_matches("whsec_"))
+        .expect("base64");
+    let t = timestamp.to_string();
+    let mac = hmac_sha256(&key, &[id.as_bytes(), b".", t.as_bytes(), b".", body]);
+    vec![
+        header("webhook-id", id),
+        header("webhook-timestamp", t),
+        header(
+            "webhook-signature",
+            format!(
+                "v1,{}",
+                base64::engine::general_purpose::STANDARD.encode(mac)
+            ),
+        ),
+    ]
+}
+
+/// GitHub, Stripe, Slack and Standard Webhooks senders post straight to their hooks: each signed
+/// delivery fires one run (GitHub's event names the subject), a delivery sent again is answered
+/// 200 "duplicate" and publishes nothing, forgeries and stale timestamps get 401, and Slack's
+/// url_verification is answered with its challenge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn provider_deliveries_fire_once_and_are_answered_as_each_provider_expects()
+-> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions {
+        webhooks: vec![
+            Hook::from_provider("gh", "events.github", GITHUB_SECRET, Provider::Github),
+            Hook::from_provider("pay", "events.stripe", STRIPE_SECRET, Provider::Stripe),
+            Hook::from_provider("chat", "events.slack", SLACK_SECRET, Provider::Slack),
+            Hook::from_provider(
+                "std",
+                "events.standard",
+                STANDARD_SECRET,
+                Provider::StandardWebhooks,
+            ),
+        ],
+        ..Default::default()
+    })
+    .await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    for (name, subject, field) in [
+        ("pushes", "events.github.push", "ref"),
+        ("payments", "events.stripe", "type"),
+        ("mentions", "events.slack", "event_id"),
+        ("standard", "events.standard", "type"),
+    ] {
+        create(
+            &mut admin,
+            &format!(
+                "name: {name}\ntrigger: {{event: {{subject: {subject}}}}}\ntasks: [{{name: t, type: log, params: {{got: '{{{{ event.{field} }}}}'}}}}]"
+            ),
+        )
+        .await?;
+    }
+    let send = |path: &'static str, headers: Headers, body: &'static [u8]| {
+        let addr = env.http_addr;
+        async move { post(addr, path, &headers, body).await }
+    };
+
+    // GitHub: no timestamp; the delivery GUID is the id, and a redelivery carries the same one.
+    let push =
+        br#"{"ref": "refs/heads/main", "after": "6113728f27ae82c7b1a177c8d03f9e96e0adf246"}"#;
+    let guid = "72d3162e-cc78-11e3-81ab-4c9367dc0958";
+    let forged = send(
+        "/hooks/gh",
+        github("not-the-secret-at-all", guid, "push", push),
+        push,
+    )
+    .await?;
+    assert_eq!(forged.status, 401, "{forged:?}");
+    let answer = send("/hooks/gh", github(GITHUB_SECRET, guid, "push", push), push).await?;
+    assert_eq!(answer.status, 202, "{answer:?}");
+    assert_eq!(answer.body["subject"], "events.github.push");
+    let again = send("/hooks/gh", github(GITHUB_SECRET, guid, "push", push), push).await?;
+    assert_eq!(
+        (again.status, &again.body["duplicate"]),
+        (200, &serde_json::json!(true)),
+        "{again:?}"
+    );
+    let ping = br#"{"zen": "Keep it logically awesome.", "hook_id": 1}"#;
+    let answer = send(
+        "/hooks/gh",
+        github(
+            GITHUB_SECRET,
+            "0b6f4c4e-0000-11e3-81ab-4c9367dc0958",
+            "ping",
+            ping,
+        ),
+        ping,
+    )
+    .await?;
+    assert_eq!(answer.body["subject"], "events.github.ping", "{answer:?}");
+
+    // Stripe: the event's id is the delivery; a retry is signed anew with a new timestamp.
+    let paid = br#"{"id": "evt_1NG8Du2eZvKYlo2CUI79vXWy", "object": "event", "type": "payment_intent.succeeded"}"#;
+    let answer = send("/hooks/pay", stripe(STRIPE_SECRET, now(), paid), paid).await?;
+    assert_eq!(answer.status, 202, "{answer:?}");
+    assert_eq!(answer.body["deliveryId"], "evt_1NG8Du2eZvKYlo2CUI79vXWy");
+    let retry = send("/hooks/pay", stripe(STRIPE_SECRET, now() + 1, paid), paid).await?;
+    assert_eq!(
+        (retry.status, &retry.body["duplicate"]),
+        (200, &serde_json::json!(true)),
+        "{retry:?}"
+    );
+    let stale = send("/hooks/pay", stripe(STRIPE_SECRET, now() - 600, paid), paid).await?;
+    assert_eq!(stale.status, 401, "{stale:?}");
+    // The key is the whole whsec_ secret.
+    let stripped = send(
+        "/hooks/pay",
+        stripe(STRIPE_SECRET.trim_start_matches("whsec_"), now(), paid),
+        paid,
+    )
+    .await?;
+    assert_eq!(stripped.status, 401, "{stripped:?}");
+
+    // Slack: url_verification gets its challenge back (and publishes nothing); events by event_id.
+    let challenge = br#"{"token": "Jhj5dZrVaK7ZwHHjRyZWjbDl", "challenge": "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P", "type": "url_verification"}"#;
+    let unsigned = send(
+        "/hooks/chat",
+        slack("another-signing-secret-000", now(), challenge),
+        challenge,
+    )
+    .await?;
+    assert_eq!(unsigned.status, 401, "{unsigned:?}");
+    let answer = send(
+        "/hooks/chat",
+        slack(SLACK_SECRET, now(), challenge),
+        challenge,
+    )
+    .await?;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(
+        answer.body["challenge"],
+        "3eZbrw1aBm2rZgRNFdxV2595E9CY3gmdALWMmHkvFXO7tYXAYM8P"
+    );
+    let mention = br#"{"type": "event_callback", "event_id": "Ev08MFMKH6", "event": {"type": "app_mention", "text": "hi"}}"#;
+    let answer = send("/hooks/chat", slack(SLACK_SECRET, now(), mention), mention).await?;
+    assert_eq!(answer.status, 202, "{answer:?}");
+    let mut retried = slack(SLACK_SECRET, now(), mention);
+    retried.push(header("X-Slack-Retry-Num", "1"));
+    let retried = send("/hooks/chat", retried, mention).await?;
+    assert_eq!(retried.status, 200, "{retried:?}");
+
+    // Standard Webhooks: webhook-id, the key base64 after whsec_.
+    let created = br#"{"type": "invoice.created", "data": {"id": "inv_1"}}"#;
+    let answer = send(
+        "/hooks/std",
+        standard(
+            STANDARD_SECRET,
+            "msg_2bJ0e3Yd6YdRJd3ZjLq5bB8RRvU",
+            now(),
+            created,
+        ),
+        created,
+    )
+    .await?;
+    assert_eq!(answer.status, 202, "{answer:?}");
+    let whole_key = {
+        let mut headers = standard(STANDARD_SECRET, "msg_other", now(), created);
+        let t = headers[1].1.clone();
+        use base64::Engine as _;
+        headers[2].1 = format!(
+            "v1,{}",
+            base64::engine::general_purpose::STANDARD.encode(hmac_sha256(
+                STANDARD_SECRET.as_bytes(),
+                &[b"msg_other.", t.as_bytes(), b".", created]
+            ))
+        );
+        headers
+    };
+    let answer = send("/hooks/std", whole_key, created).await?;
+    assert_eq!(answer.status, 401, "{answer:?}");
+
+    // One run each, named by the provider's delivery id.
+    for (activity, key, got) in [
+        ("pushes", format!("webhook:gh:{guid}"), "refs/heads/main"),
+        (
+            "payments",
+            "webhook:pay:evt_1NG8Du2eZvKYlo2CUI79vXWy".to_owned(),
+            "payment_intent.succeeded",
+        ),
+        (
+            "mentions",
+            "webhook:chat:Ev08MFMKH6".to_owned(),
+            "Ev08MFMKH6",
+        ),
+        (
+            "standard",
+            "webhook:std:msg_2bJ0e3Yd6YdRJd3ZjLq5bB8RRvU".to_owned(),
+            "invoice.created",
+        ),
+    ] {
+        let run = wait_for(activity, Duration::from_secs(20), || {
+            let mut admin = admin.clone();
+            async move { Ok(runs(&mut admin, activity).await?.into_iter().next()) }
+        })
+        .await?;
+        let run = finished_run(&admin, &run.id, Duration::from_secs(20)).await?;
+        assert_eq!(run.status(), RunStatus::RunSucceeded, "{activity}");
+        assert_eq!(run.source(), TriggerSource::Webhook, "{activity}");
+        assert_eq!(run.dedupe_key, key);
+        let task = tasks(&mut admin, &run.id).await?.remove(0);
+        assert_eq!(struct_to_json(task.params.as_ref().unwrap())["got"], got);
+        assert_eq!(runs(&mut admin, activity).await?.len(), 1, "{activity}");
+    }
+    for (subject, published) in [
+        ("events.github.push", 1),
+        ("events.github.ping", 1),
+        ("events.stripe", 1),
+        ("events.slack", 1),
+        ("events.standard", 1),
+    ] {
+        assert_eq!(messages_on(&env, subject).await?, published, "{subject}");
+    }
+    let metrics = metrics_text();
+    for outcome in ["duplicate", "challenge"] {
+        assert!(
+            metrics.contains(&format!(
+                r#"taskfactory_webhook_deliveries_total{{outcome="{outcome}"}}"#
+            )),
+            "{metrics}"
+        );
+    }
     Ok(())
 }

@@ -33,7 +33,16 @@
 //!    could never succeed).
 //!
 //! The replay check comes after the signature so that nobody without the secret can use up
-//! delivery ids. Every rejection answers `{"error": "..."}`, is logged and is counted in
+//! delivery ids.
+//!
+//! # Providers
+//!
+//! A hook may instead take deliveries signed by GitHub, Stripe, Slack or a Standard Webhooks
+//! sender ([`providers`]): the same checks in the same order, with the provider's headers, signed
+//! bytes, key and delivery id (Stripe's and Slack's are in the body, read after the signature).
+//! A delivery whose id was taken before is answered 200 "duplicate" (providers resend with the
+//! same id when they missed our answer), GitHub's event name is appended to the hook's subject,
+//! and Slack's `url_verification` is answered with its challenge and not published. Every rejection answers `{"error": "..."}`, is logged and is counted in
 //! [`WEBHOOK_DELIVERIES`](taskfactory_runtime::metrics::WEBHOOK_DELIVERIES) by outcome.
 //!
 //! # Exactly once in effect
@@ -55,8 +64,10 @@
 //! reach it, before any signature is checked.
 
 mod connections;
+mod providers;
 
 pub use connections::{HttpLimits, MAX_HEAD_BYTES};
+pub use providers::{Claim, Identified, Provider};
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -73,8 +84,6 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
 use sqlx::PgPool;
 use taskfactory_model::subjects;
 use taskfactory_runtime::messaging;
@@ -141,6 +150,8 @@ pub struct Hook {
     pub secrets: Vec<Secret>,
     /// The largest body taken; `None`: `--max-event-bytes`.
     pub max_body_bytes: Option<usize>,
+    /// Whose signature scheme its deliveries carry.
+    pub provider: Provider,
 }
 
 impl Hook {
@@ -150,6 +161,15 @@ impl Hook {
             subject: subject.to_owned(),
             secrets: vec![Secret::new(secret)],
             max_body_bytes: None,
+            provider: Provider::Taskfactory,
+        }
+    }
+
+    /// A hook whose deliveries come signed by `provider`.
+    pub fn from_provider(name: &str, subject: &str, secret: &str, provider: Provider) -> Self {
+        Self {
+            provider,
+            ..Self::new(name, subject, secret)
         }
     }
 }
@@ -178,6 +198,9 @@ struct HookEntry {
     secret: OneOrMany,
     #[serde(default)]
     max_body_bytes: Option<usize>,
+    /// `taskfactory` (the default), `github`, `stripe`, `slack` or `standard-webhooks`.
+    #[serde(default)]
+    provider: Provider,
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -256,6 +279,7 @@ fn parse_hooks_file(
             subject: entry.subject,
             secrets,
             max_body_bytes: entry.max_body_bytes,
+            provider: entry.provider,
         };
         check_hook(&hook, max_event_bytes).map_err(|problem| format!("{label}: {problem}"))?;
         hooks.push(hook);
@@ -295,11 +319,8 @@ fn check_hook(hook: &Hook, max_event_bytes: usize) -> Result<(), String> {
         return Err("no secret: set secretEnv (or secret, for development)".to_owned());
     }
     for secret in &hook.secrets {
-        if secret.bytes().len() < MIN_SECRET_BYTES {
-            return Err(format!(
-                "a secret is {} bytes; at least {MIN_SECRET_BYTES} are needed",
-                secret.bytes().len()
-            ));
+        if let Some(problem) = hook.provider.secret_error(secret) {
+            return Err(problem);
         }
     }
     if let Some(limit) = hook.max_body_bytes
@@ -316,28 +337,28 @@ fn check_hook(hook: &Hook, max_event_bytes: usize) -> Result<(), String> {
 // ---------------------------------------------------------------------------------------------
 // Signatures (pure)
 
-/// The hex HMAC-SHA256 a sender puts after `v1=`.
+/// The hex HMAC-SHA256 a taskfactory sender puts after `v1=`.
 pub fn sign(secret: &[u8], timestamp: &str, delivery: &str, body: &[u8]) -> String {
-    hex::encode(
-        keyed(secret, timestamp, delivery, body)
-            .finalize()
-            .into_bytes(),
-    )
+    let signed = providers::sign(
+        Provider::Taskfactory,
+        &Secret::new(secret),
+        &taskfactory_claim(timestamp, delivery, Vec::new()),
+        body,
+    );
+    signed.trim_start_matches("v1=").to_owned()
 }
 
-fn keyed(secret: &[u8], timestamp: &str, delivery: &str, body: &[u8]) -> Hmac<Sha256> {
-    let mut mac =
-        <Hmac<Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes keys of any length");
-    mac.update(timestamp.as_bytes());
-    mac.update(b".");
-    mac.update(delivery.as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    mac
+fn taskfactory_claim(timestamp: &str, delivery: &str, signatures: Vec<Vec<u8>>) -> Claim {
+    Claim {
+        delivery: Some(delivery.to_owned()),
+        timestamp: Some((timestamp.to_owned(), 0)),
+        signatures,
+        event: None,
+    }
 }
 
-/// Whether any of `signatures` is the HMAC of the delivery under any of `secrets`. Each comparison
-/// takes the same time wherever the bytes differ.
+/// Whether any of `signatures` is the HMAC of a taskfactory delivery under any of `secrets`.
+/// Each comparison takes the same time wherever the bytes differ.
 pub fn verify(
     secrets: &[Secret],
     timestamp: &str,
@@ -345,16 +366,12 @@ pub fn verify(
     body: &[u8],
     signatures: &[Vec<u8>],
 ) -> bool {
-    let mut matched = false;
-    for secret in secrets {
-        let mac = keyed(secret.bytes(), timestamp, delivery, body);
-        for signature in signatures {
-            if mac.clone().verify_slice(signature).is_ok() {
-                matched = true;
-            }
-        }
-    }
-    matched
+    providers::verify(
+        Provider::Taskfactory,
+        secrets,
+        &taskfactory_claim(timestamp, delivery, signatures.to_vec()),
+        body,
+    )
 }
 
 /// The `v1=` values of a `Taskfactory-Signature` header, decoded; values of other schemes are
@@ -454,6 +471,12 @@ impl Gateway {
         shutdown: CancellationToken,
     ) {
         let names: Vec<&str> = self.hooks.iter().map(|h| h.name.as_str()).collect();
+        let long: Vec<String> = self
+            .hooks
+            .iter()
+            .filter(|h| h.provider.delivery_retention() > DELIVERY_RETENTION)
+            .map(|h| h.name.clone())
+            .collect();
         tracing::info!(addr = %self.addr, hooks = ?names, "webhook gateway listening on /hooks/{{name}}");
         let state = Arc::new(Receiver {
             hooks: self
@@ -479,7 +502,7 @@ impl Gateway {
             shutdown.clone(),
             self.drain_timeout,
         ));
-        tracker.spawn(prune_deliveries(pool, shutdown));
+        tracker.spawn(prune_deliveries(pool, long, shutdown));
     }
 }
 
@@ -526,6 +549,8 @@ enum Rejection {
     NotJson(String),
     #[error("delivery {0:?} was already received")]
     Replayed(String),
+    #[error("{0}")]
+    Invalid(String),
     #[error("the event could not be stored; send the same delivery again later")]
     Unavailable(#[source] anyhow::Error),
 }
@@ -542,9 +567,10 @@ impl Rejection {
             Rejection::TooLarge { .. } | Rejection::OverMaxPayload { .. } => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
-            Rejection::Unreadable | Rejection::SlowBody(_) | Rejection::NotJson(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            Rejection::Unreadable
+            | Rejection::SlowBody(_)
+            | Rejection::NotJson(_)
+            | Rejection::Invalid(_) => StatusCode::BAD_REQUEST,
             Rejection::Unavailable(_) | Rejection::Busy => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -559,19 +585,30 @@ impl Rejection {
             Rejection::Stale => "stale",
             Rejection::Replayed(_) => "replayed",
             Rejection::TooLarge { .. } | Rejection::OverMaxPayload { .. } => "too_large",
-            Rejection::Unreadable | Rejection::SlowBody(_) | Rejection::NotJson(_) => "bad_request",
+            Rejection::Unreadable
+            | Rejection::SlowBody(_)
+            | Rejection::NotJson(_)
+            | Rejection::Invalid(_) => "bad_request",
             Rejection::Unavailable(_) => "unavailable",
             Rejection::Busy => "busy",
         }
     }
 }
 
-/// A published delivery.
+/// A published delivery, or one received before (`repeated`: nothing published again).
 struct Accepted {
     delivery: String,
     subject: String,
     sequence: u64,
     duplicate: bool,
+    repeated: bool,
+}
+
+/// How a delivery was taken.
+enum Taken {
+    Accepted(Accepted),
+    /// Slack's `url_verification`: its challenge, answered back.
+    Challenge(String),
 }
 
 async fn receive(
@@ -601,12 +638,17 @@ async fn receive(
         .instrument(span.clone())
         .await;
     let outcome = match &result {
-        Ok(_) => "accepted",
+        Ok(Taken::Accepted(accepted)) if accepted.repeated => "duplicate",
+        Ok(Taken::Accepted(_)) => "accepted",
+        Ok(Taken::Challenge(_)) => "challenge",
         Err(rejection) => rejection.outcome(),
     };
     span.record("webhook.outcome", outcome);
     match &result {
-        Ok(_) => span.record("http.response.status_code", StatusCode::ACCEPTED.as_u16()),
+        Ok(Taken::Accepted(accepted)) if !accepted.repeated => {
+            span.record("http.response.status_code", StatusCode::ACCEPTED.as_u16())
+        }
+        Ok(_) => span.record("http.response.status_code", StatusCode::OK.as_u16()),
         Err(rejection) => {
             // HTTP server conventions: a refusal of the sender's request (4xx) is not our error.
             if rejection.status().is_server_error() {
@@ -618,7 +660,15 @@ async fn receive(
     let _entered = span.enter();
     taskfactory_runtime::metrics::record_webhook_delivery(outcome);
     match result {
-        Ok(accepted) => {
+        Ok(Taken::Accepted(accepted)) if accepted.repeated => {
+            tracing::info!(webhook.name = %name, webhook.delivery = %accepted.delivery, "webhook delivery received again; already taken");
+            let body = serde_json::json!({
+                "deliveryId": accepted.delivery,
+                "duplicate": true,
+            });
+            (StatusCode::OK, axum::Json(body)).into_response()
+        }
+        Ok(Taken::Accepted(accepted)) => {
             tracing::info!(webhook.name = %name, webhook.delivery = %accepted.delivery, subject = %accepted.subject, stream.sequence = accepted.sequence, duplicate = accepted.duplicate, "webhook delivery accepted");
             let body = serde_json::json!({
                 "deliveryId": accepted.delivery,
@@ -626,6 +676,11 @@ async fn receive(
                 "sequence": accepted.sequence,
             });
             (StatusCode::ACCEPTED, axum::Json(body)).into_response()
+        }
+        Ok(Taken::Challenge(challenge)) => {
+            tracing::info!(webhook.name = %name, "webhook url_verification answered");
+            let body = serde_json::json!({ "challenge": challenge });
+            (StatusCode::OK, axum::Json(body)).into_response()
         }
         Err(rejection) => {
             let delivery = headers
@@ -655,30 +710,15 @@ impl Receiver {
         name: &str,
         headers: &HeaderMap,
         body: Body,
-    ) -> Result<Accepted, Rejection> {
+    ) -> Result<Taken, Rejection> {
         let hook = self
             .hooks
             .get(name)
             .ok_or_else(|| Rejection::UnknownHook(name.to_owned()))?;
-        let delivery = required_header(headers, HEADER_DELIVERY)?;
-        check_delivery_id(delivery).map_err(|why| Rejection::MalformedHeader {
-            header: HEADER_DELIVERY,
-            why,
-        })?;
-        let timestamp_text = required_header(headers, HEADER_TIMESTAMP)?;
-        let timestamp =
-            parse_timestamp(timestamp_text).map_err(|why| Rejection::MalformedHeader {
-                header: HEADER_TIMESTAMP,
-                why,
-            })?;
-        let signatures =
-            parse_signatures(required_header(headers, HEADER_SIGNATURE)?).map_err(|why| {
-                Rejection::MalformedHeader {
-                    header: HEADER_SIGNATURE,
-                    why,
-                }
-            })?;
-        if !within_window(timestamp, chrono::Utc::now().timestamp()) {
+        let claim = providers::claim(hook.provider, headers)?;
+        if let Some((_, timestamp)) = claim.timestamp
+            && !within_window(timestamp, chrono::Utc::now().timestamp())
+        {
             return Err(Rejection::Stale);
         }
 
@@ -693,11 +733,17 @@ impl Receiver {
         // Held until the body is published and dropped.
         let (body, _room) = self.read_body(body, declared, limit).await?;
 
-        if !verify(&hook.secrets, timestamp_text, delivery, &body, &signatures) {
+        if !providers::verify(hook.provider, &hook.secrets, &claim, &body) {
             return Err(Rejection::BadSignature);
         }
         crate::events::check_event(&body, limit).map_err(Rejection::NotJson)?;
-        self.record_and_publish(hook, delivery, body).await
+        match providers::identify(hook.provider, &hook.subject, &claim, &body)? {
+            Identified::Challenge(challenge) => Ok(Taken::Challenge(challenge)),
+            Identified::Event { delivery, subject } => self
+                .record_and_publish(hook, &delivery, &subject, body)
+                .await
+                .map(Taken::Accepted),
+        }
     }
 
     /// Records the delivery id and publishes the event in one transaction (see the module doc).
@@ -705,6 +751,7 @@ impl Receiver {
         &self,
         hook: &Hook,
         delivery: &str,
+        subject: &str,
         body: Bytes,
     ) -> Result<Accepted, Rejection> {
         let unavailable = |e: anyhow::Error| Rejection::Unavailable(e);
@@ -722,6 +769,15 @@ impl Receiver {
         .map_err(|e| unavailable(anyhow::Error::new(e).context("recording the delivery")))?
         .rows_affected();
         if inserted == 0 {
+            if hook.provider.answers_duplicates() {
+                return Ok(Accepted {
+                    delivery: delivery.to_owned(),
+                    subject: subject.to_owned(),
+                    sequence: 0,
+                    duplicate: true,
+                    repeated: true,
+                });
+            }
             return Err(Rejection::Replayed(delivery.to_owned()));
         }
 
@@ -732,7 +788,7 @@ impl Receiver {
         let publish = async {
             messaging::publish(
                 &self.js,
-                hook.subject.clone(),
+                subject.to_owned(),
                 &msg_id,
                 Some(nats_headers),
                 body,
@@ -766,9 +822,10 @@ impl Receiver {
             .map_err(|e| unavailable(anyhow::Error::new(e).context("committing the delivery")))?;
         Ok(Accepted {
             delivery: delivery.to_owned(),
-            subject: hook.subject.clone(),
+            subject: subject.to_owned(),
             sequence: ack.sequence,
             duplicate: ack.duplicate,
+            repeated: false,
         })
     }
 }
@@ -825,18 +882,22 @@ impl Receiver {
     }
 }
 
-/// Forgets delivery ids older than [`DELIVERY_RETENTION`], every minute, until `shutdown`. Every
-/// replica does it; the deletes are idempotent.
-async fn prune_deliveries(pool: PgPool, shutdown: CancellationToken) {
+/// Forgets delivery ids older than their hook's retention (`long`: the hooks whose ids are kept
+/// for [`providers::GITHUB_DELIVERY_RETENTION`], the others for [`DELIVERY_RETENTION`]), every
+/// minute, until `shutdown`. Every replica does it; the deletes are idempotent.
+async fn prune_deliveries(pool: PgPool, long: Vec<String>, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(PRUNE_INTERVAL) => {}
         }
         let pruned = sqlx::query(
-            "DELETE FROM webhook_deliveries WHERE received_at < now() - make_interval(secs => $1)",
+            "DELETE FROM webhook_deliveries WHERE received_at < now() - make_interval(secs => $1) \
+             AND (hook <> ALL($3) OR received_at < now() - make_interval(secs => $2))",
         )
         .bind(DELIVERY_RETENTION.as_secs_f64())
+        .bind(providers::GITHUB_DELIVERY_RETENTION.as_secs_f64())
+        .bind(&long)
         .execute(&pool)
         .await;
         match pruned {
