@@ -88,9 +88,13 @@ async fn post(
 }
 
 fn request_head(path: &str, headers: &[(String, String)]) -> String {
-    let mut head = format!(
-        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nConnection: close\r\n"
-    );
+    let mut head = format!("POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
+    if !headers
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("content-type"))
+    {
+        head.push_str("Content-Type: application/json\r\n");
+    }
     for (name, value) in headers {
         head.push_str(&format!("{name}: {value}\r\n"));
     }
@@ -505,6 +509,20 @@ fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> Vec<u8> {
     mac.finalize().into_bytes().to_vec()
 }
 
+/// `application/x-www-form-urlencoded` bytes, as a browser or GitHub encodes them.
+fn form_encode(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|&b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' => {
+                (b as char).to_string()
+            }
+            b' ' => "+".to_owned(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 fn header(name: &str, value: impl Into<String>) -> (String, String) {
     (name.to_owned(), value.into())
 }
@@ -625,6 +643,47 @@ async fn provider_deliveries_fire_once_and_are_answered_as_each_provider_expects
         (200, &serde_json::json!(true)),
         "{again:?}"
     );
+    // GitHub signs neither the id nor the event name: the same signed body under another id, or
+    // another event, is the delivery taken before, not a new event.
+    let replayed = send(
+        "/hooks/gh",
+        github(GITHUB_SECRET, "a-new-guid-0001", "push", push),
+        push,
+    )
+    .await?;
+    assert_eq!(
+        (replayed.status, &replayed.body["duplicate"]),
+        (200, &serde_json::json!(true)),
+        "{replayed:?}"
+    );
+    let moved = send(
+        "/hooks/gh",
+        github(GITHUB_SECRET, "a-new-guid-0002", "release", push),
+        push,
+    )
+    .await?;
+    assert_eq!(
+        (moved.status, &moved.body["duplicate"]),
+        (200, &serde_json::json!(true)),
+        "{moved:?}"
+    );
+    // GitHub's `form` content type: the JSON is the payload field, the signature over the form.
+    let form = format!(
+        "payload={}",
+        form_encode(
+            br#"{"ref": "refs/heads/dev", "after": "0d1a26e67d8f5eaf1f6ba5c57fc3c7d91ac0fd1c"}"#
+        )
+    );
+    let form: &'static [u8] = Box::leak(form.into_bytes().into_boxed_slice());
+    let mut headers = github(
+        GITHUB_SECRET,
+        "9e3f0c2a-cc78-11e3-81ab-4c9367dc0958",
+        "push",
+        form,
+    );
+    headers.push(header("Content-Type", "application/x-www-form-urlencoded"));
+    let answer = send("/hooks/gh", headers, form).await?;
+    assert_eq!(answer.status, 202, "{answer:?}");
     let ping = br#"{"zen": "Keep it logically awesome.", "hook_id": 1}"#;
     let answer = send(
         "/hooks/gh",
@@ -684,6 +743,13 @@ async fn provider_deliveries_fire_once_and_are_answered_as_each_provider_expects
     let mention = br#"{"type": "event_callback", "event_id": "Ev08MFMKH6", "event": {"type": "app_mention", "text": "hi"}}"#;
     let answer = send("/hooks/chat", slack(SLACK_SECRET, now(), mention), mention).await?;
     assert_eq!(answer.status, 202, "{answer:?}");
+    let stale = send(
+        "/hooks/chat",
+        slack(SLACK_SECRET, now() - 301, mention),
+        mention,
+    )
+    .await?;
+    assert_eq!(stale.status, 401, "{stale:?}");
     let mut retried = slack(SLACK_SECRET, now(), mention);
     retried.push(header("X-Slack-Retry-Num", "1"));
     let retried = send("/hooks/chat", retried, mention).await?;
@@ -703,6 +769,13 @@ async fn provider_deliveries_fire_once_and_are_answered_as_each_provider_expects
     )
     .await?;
     assert_eq!(answer.status, 202, "{answer:?}");
+    let ahead = send(
+        "/hooks/std",
+        standard(STANDARD_SECRET, "msg_ahead", now() + 400, created),
+        created,
+    )
+    .await?;
+    assert_eq!(ahead.status, 401, "{ahead:?}");
     let whole_key = {
         let mut headers = standard(STANDARD_SECRET, "msg_other", now(), created);
         let t = headers[1].1.clone();
@@ -719,7 +792,7 @@ async fn provider_deliveries_fire_once_and_are_answered_as_each_provider_expects
     let answer = send("/hooks/std", whole_key, created).await?;
     assert_eq!(answer.status, 401, "{answer:?}");
 
-    // One run each, named by the provider's delivery id.
+    // One run each, named by the provider's delivery id (two for GitHub's pushes: the form's too).
     for (activity, key, got) in [
         ("pushes", format!("webhook:gh:{guid}"), "refs/heads/main"),
         (
@@ -740,19 +813,63 @@ async fn provider_deliveries_fire_once_and_are_answered_as_each_provider_expects
     ] {
         let run = wait_for(activity, Duration::from_secs(20), || {
             let mut admin = admin.clone();
-            async move { Ok(runs(&mut admin, activity).await?.into_iter().next()) }
+            let key = key.clone();
+            async move {
+                Ok(runs(&mut admin, activity)
+                    .await?
+                    .into_iter()
+                    .find(|run| run.dedupe_key == key))
+            }
         })
         .await?;
         let run = finished_run(&admin, &run.id, Duration::from_secs(20)).await?;
         assert_eq!(run.status(), RunStatus::RunSucceeded, "{activity}");
         assert_eq!(run.source(), TriggerSource::Webhook, "{activity}");
-        assert_eq!(run.dedupe_key, key);
         let task = tasks(&mut admin, &run.id).await?.remove(0);
         assert_eq!(struct_to_json(task.params.as_ref().unwrap())["got"], got);
-        assert_eq!(runs(&mut admin, activity).await?.len(), 1, "{activity}");
+        let expected = if activity == "pushes" { 2 } else { 1 };
+        wait_for(activity, Duration::from_secs(20), || {
+            let mut admin = admin.clone();
+            async move { Ok((runs(&mut admin, activity).await?.len() == expected).then_some(())) }
+        })
+        .await?;
     }
+    let pushes = runs(&mut admin, "pushes").await?;
+    let dev = pushes
+        .iter()
+        .find(|run| run.dedupe_key == "webhook:gh:9e3f0c2a-cc78-11e3-81ab-4c9367dc0958")
+        .context("the form-encoded push's run")?;
+    let dev = finished_run(&admin, &dev.id, Duration::from_secs(20)).await?;
+    let task = tasks(&mut admin, &dev.id).await?.remove(0);
+    assert_eq!(
+        struct_to_json(task.params.as_ref().unwrap())["got"],
+        "refs/heads/dev"
+    );
+    // Delivery ids are kept as long as each provider sends a delivery again.
+    let pool = env.db.pool().await?;
+    let kept: Vec<(String, f64)> = sqlx::query_as(
+        "SELECT hook, extract(epoch FROM expires_at - received_at)::float8 FROM webhook_deliveries \
+         GROUP BY hook, 2 ORDER BY hook",
+    )
+    .fetch_all(&pool)
+    .await?;
+    let week = 7.0 * 24.0 * 3600.0;
+    let kept: Vec<(&str, bool)> = kept
+        .iter()
+        .map(|(hook, secs)| {
+            (
+                hook.as_str(),
+                (*secs - week).abs() < 60.0 || (*secs - 900.0).abs() < 60.0 && hook == "chat",
+            )
+        })
+        .collect();
+    assert_eq!(
+        kept,
+        [("chat", true), ("gh", true), ("pay", true), ("std", true)],
+        "{kept:?}"
+    );
     for (subject, published) in [
-        ("events.github.push", 1),
+        ("events.github.push", 2),
         ("events.github.ping", 1),
         ("events.stripe", 1),
         ("events.slack", 1),
@@ -760,6 +877,7 @@ async fn provider_deliveries_fire_once_and_are_answered_as_each_provider_expects
     ] {
         assert_eq!(messages_on(&env, subject).await?, published, "{subject}");
     }
+    assert_eq!(messages_on(&env, "events.github.release").await?, 0);
     let metrics = metrics_text();
     for outcome in ["duplicate", "challenge"] {
         assert!(
@@ -769,5 +887,30 @@ async fn provider_deliveries_fire_once_and_are_answered_as_each_provider_expects
             "{metrics}"
         );
     }
+    Ok(())
+}
+
+/// Delivery ids are pruned at their own expiry, whatever hooks the pruning replica has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn delivery_ids_are_pruned_at_their_own_expiry() -> anyhow::Result<()> {
+    let env = TestEnv::new(options()).await?;
+    let _trigger = env.start(Service::Trigger);
+    env.wait_ready(&[Service::Trigger]).await?;
+    let pool = env.db.pool().await?;
+    sqlx::query(
+        "INSERT INTO webhook_deliveries (hook, delivery_id, received_at, expires_at) VALUES \
+         ('gone', 'a', now() - interval '8 days', now() - interval '1 day'), \
+         ('shop', 'b', now() - interval '20 minutes', now() - interval '5 minutes'), \
+         ('gh', 'c', now() - interval '1 day', now() + interval '6 days'), \
+         ('shop', 'd', now(), now() + interval '15 minutes')",
+    )
+    .execute(&pool)
+    .await?;
+    assert_eq!(webhook::prune_expired(&pool).await?, 2);
+    let left: Vec<String> =
+        sqlx::query_scalar("SELECT delivery_id FROM webhook_deliveries ORDER BY delivery_id")
+            .fetch_all(&pool)
+            .await?;
+    assert_eq!(left, ["c", "d"]);
     Ok(())
 }

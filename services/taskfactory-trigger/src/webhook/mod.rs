@@ -33,17 +33,18 @@
 //!    could never succeed).
 //!
 //! The replay check comes after the signature so that nobody without the secret can use up
-//! delivery ids.
+//! delivery ids. Every rejection answers `{"error": "..."}`, is logged and is counted in
+//! [`WEBHOOK_DELIVERIES`](taskfactory_runtime::metrics::WEBHOOK_DELIVERIES) by outcome.
 //!
 //! # Providers
 //!
 //! A hook may instead take deliveries signed by GitHub, Stripe, Slack or a Standard Webhooks
 //! sender ([`providers`]): the same checks in the same order, with the provider's headers, signed
 //! bytes, key and delivery id (Stripe's and Slack's are in the body, read after the signature).
-//! A delivery whose id was taken before is answered 200 "duplicate" (providers resend with the
-//! same id when they missed our answer), GitHub's event name is appended to the hook's subject,
-//! and Slack's `url_verification` is answered with its challenge and not published. Every rejection answers `{"error": "..."}`, is logged and is counted in
-//! [`WEBHOOK_DELIVERIES`](taskfactory_runtime::metrics::WEBHOOK_DELIVERIES) by outcome.
+//! A delivery taken before is answered 200 "duplicate" (providers resend with the same id when
+//! they missed our answer), GitHub's event name is appended to the hook's subject, a GitHub
+//! delivery is also taken once by its body (GitHub signs neither id nor event), and Slack's
+//! `url_verification` is answered with its challenge and not published.
 //!
 //! # Exactly once in effect
 //!
@@ -55,7 +56,9 @@
 //! the sender gets 503: the same delivery may be sent again. If the commit fails after the publish,
 //! the sender's retry publishes the same `Nats-Msg-Id`, which JetStream drops inside its duplicate
 //! window and event ingress dedupes by after it (the id is the default dedupe key of the fire).
-//! Rows are pruned after [`DELIVERY_RETENTION`]: by then the signed timestamp rejects the delivery.
+//! Rows are pruned at their expiry, set when taken in: [`DELIVERY_RETENTION`] for taskfactory's
+//! own senders and Slack (by then the signed timestamp rejects the delivery), longer for senders
+//! that send a delivery again for days ([`Provider::delivery_retention`]).
 //!
 //! # Bounds
 //!
@@ -309,7 +312,12 @@ fn check_hook(hook: &Hook, max_event_bytes: usize) -> Result<(), String> {
             hook.subject
         ));
     }
-    if hook.subject.starts_with(RESERVED_SUBJECTS) {
+    // A GitHub hook's subject is a prefix: its events go to `<subject>.<event>`.
+    let published = match hook.provider {
+        Provider::Github => format!("{}.", hook.subject),
+        _ => hook.subject.clone(),
+    };
+    if published.starts_with(RESERVED_SUBJECTS) {
         return Err(format!(
             "subject {:?} is under {RESERVED_SUBJECTS}, which taskfactory announces on",
             hook.subject
@@ -471,12 +479,7 @@ impl Gateway {
         shutdown: CancellationToken,
     ) {
         let names: Vec<&str> = self.hooks.iter().map(|h| h.name.as_str()).collect();
-        let long: Vec<String> = self
-            .hooks
-            .iter()
-            .filter(|h| h.provider.delivery_retention() > DELIVERY_RETENTION)
-            .map(|h| h.name.clone())
-            .collect();
+
         tracing::info!(addr = %self.addr, hooks = ?names, "webhook gateway listening on /hooks/{{name}}");
         let state = Arc::new(Receiver {
             hooks: self
@@ -502,7 +505,7 @@ impl Gateway {
             shutdown.clone(),
             self.drain_timeout,
         ));
-        tracker.spawn(prune_deliveries(pool, long, shutdown));
+        tracker.spawn(prune_deliveries(pool, shutdown));
     }
 }
 
@@ -683,8 +686,14 @@ async fn receive(
             (StatusCode::OK, axum::Json(body)).into_response()
         }
         Err(rejection) => {
-            let delivery = headers
-                .get(HEADER_DELIVERY)
+            let id_header = receiver
+                .hooks
+                .get(&name)
+                .map_or(Some(HEADER_DELIVERY), |hook| {
+                    hook.provider.delivery_header()
+                });
+            let delivery = id_header
+                .and_then(|id| headers.get(id))
                 .and_then(|v| v.to_str().ok())
                 .filter(|id| check_delivery_id(id).is_ok())
                 .unwrap_or_default();
@@ -736,13 +745,23 @@ impl Receiver {
         if !providers::verify(hook.provider, &hook.secrets, &claim, &body) {
             return Err(Rejection::BadSignature);
         }
+        let signed = body.clone();
+        let body = match hook.provider {
+            Provider::Github => {
+                providers::github_form_payload(headers, &body).unwrap_or(Ok(body))?
+            }
+            _ => body,
+        };
         crate::events::check_event(&body, limit).map_err(Rejection::NotJson)?;
         match providers::identify(hook.provider, &hook.subject, &claim, &body)? {
             Identified::Challenge(challenge) => Ok(Taken::Challenge(challenge)),
-            Identified::Event { delivery, subject } => self
-                .record_and_publish(hook, &delivery, &subject, body)
-                .await
-                .map(Taken::Accepted),
+            Identified::Event { delivery, subject } => {
+                let keys = providers::delivery_keys(hook.provider, &delivery, &signed);
+                drop(signed);
+                self.record_and_publish(hook, &delivery, &keys, &subject, body)
+                    .await
+                    .map(Taken::Accepted)
+            }
         }
     }
 
@@ -751,6 +770,7 @@ impl Receiver {
         &self,
         hook: &Hook,
         delivery: &str,
+        keys: &[String],
         subject: &str,
         body: Bytes,
     ) -> Result<Accepted, Rejection> {
@@ -759,16 +779,20 @@ impl Receiver {
             self.pool.begin().await.map_err(|e| {
                 unavailable(anyhow::Error::new(e).context("starting a transaction"))
             })?;
+        // Every key new, or the delivery was taken before (the transaction, dropped, rolls back).
         let inserted = sqlx::query(
-            "INSERT INTO webhook_deliveries (hook, delivery_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            "INSERT INTO webhook_deliveries (hook, delivery_id, expires_at) \
+             SELECT $1, key, now() + make_interval(secs => $3) FROM unnest($2::text[]) AS key \
+             ON CONFLICT DO NOTHING",
         )
         .bind(&hook.name)
-        .bind(delivery)
+        .bind(keys)
+        .bind(hook.provider.delivery_retention().as_secs_f64())
         .execute(&mut *tx)
         .await
         .map_err(|e| unavailable(anyhow::Error::new(e).context("recording the delivery")))?
         .rows_affected();
-        if inserted == 0 {
+        if inserted < keys.len() as u64 {
             if hook.provider.answers_duplicates() {
                 return Ok(Accepted {
                     delivery: delivery.to_owned(),
@@ -882,37 +906,30 @@ impl Receiver {
     }
 }
 
-/// Forgets delivery ids older than their hook's retention (`long`: the hooks whose ids are kept
-/// for [`providers::GITHUB_DELIVERY_RETENTION`], the others for [`DELIVERY_RETENTION`]), every
-/// minute, until `shutdown`. Every replica does it; the deletes are idempotent.
-async fn prune_deliveries(pool: PgPool, long: Vec<String>, shutdown: CancellationToken) {
+/// Forgets the delivery ids past their expiry (set when each was taken in, by its hook's
+/// provider), every minute, until `shutdown`. Every replica does it; the deletes are idempotent.
+async fn prune_deliveries(pool: PgPool, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(PRUNE_INTERVAL) => {}
         }
-        let pruned = sqlx::query(
-            "DELETE FROM webhook_deliveries WHERE received_at < now() - make_interval(secs => $1) \
-             AND (hook <> ALL($3) OR received_at < now() - make_interval(secs => $2))",
-        )
-        .bind(DELIVERY_RETENTION.as_secs_f64())
-        .bind(providers::GITHUB_DELIVERY_RETENTION.as_secs_f64())
-        .bind(&long)
-        .execute(&pool)
-        .await;
-        match pruned {
-            Ok(done) if done.rows_affected() > 0 => {
-                tracing::debug!(
-                    rows = done.rows_affected(),
-                    "pruned old webhook delivery ids"
-                );
-            }
-            Ok(_) => {}
+        match prune_expired(&pool).await {
+            Ok(0) => {}
+            Ok(rows) => tracing::debug!(rows, "pruned expired webhook delivery ids"),
             Err(error) => {
                 tracing::warn!(error = %error_chain(&error), "cannot prune webhook delivery ids; will try again");
             }
         }
     }
+}
+
+/// Deletes the delivery ids past their expiry; how many.
+pub async fn prune_expired(pool: &PgPool) -> Result<u64, sqlx::Error> {
+    sqlx::query("DELETE FROM webhook_deliveries WHERE expires_at < now()")
+        .execute(pool)
+        .await
+        .map(|done| done.rows_affected())
 }
 
 #[cfg(test)]

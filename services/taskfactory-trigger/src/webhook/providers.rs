@@ -13,8 +13,16 @@
 //! its secret) and several secrets (the receiver rolling) are tried pairwise. Signatures of other
 //! schemes or versions in the same header (Stripe's `v0`, Standard Webhooks' `v1a`) are ignored.
 //! A timestamp must be within [`TIMESTAMP_TOLERANCE`](super::TIMESTAMP_TOLERANCE) of our clock
-//! (five minutes, what each provider's own libraries use); GitHub signs none, so its delivery ids
-//! are remembered longer ([`GITHUB_DELIVERY_RETENTION`]).
+//! (five minutes, what each provider's own libraries use).
+//!
+//! GitHub signs the body only: neither a time, nor its delivery id, nor its event name. So a
+//! GitHub delivery is taken once by its id *and* once by its body's SHA-256: the same signed body
+//! sent again under another id or event name is a duplicate, not a new event.
+//!
+//! Delivery ids are kept as long as a sender may send a delivery again
+//! ([`Provider::delivery_retention`]): Stripe retries for three days and Standard Webhooks
+//! senders for about as long, each time with a fresh timestamp, and a GitHub delivery can be sent
+//! again by hand for three days; so theirs are kept [`LONG_DELIVERY_RETENTION`].
 
 use std::borrow::Cow;
 use std::time::Duration;
@@ -36,9 +44,9 @@ pub const STANDARD_ID: &str = "webhook-id";
 pub const STANDARD_TIMESTAMP: &str = "webhook-timestamp";
 pub const STANDARD_SIGNATURE: &str = "webhook-signature";
 
-/// How long a GitHub hook's delivery ids are remembered: GitHub signs no timestamp, and a
-/// delivery can be sent again by hand (with the same id) for three days.
-pub const GITHUB_DELIVERY_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How long the delivery ids of GitHub, Stripe and Standard Webhooks hooks are kept: longer than
+/// each sends a delivery again.
+pub const LONG_DELIVERY_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// The longest GitHub event name taken (they are short: `push`, `pull_request`, …).
 const MAX_EVENT_NAME_CHARS: usize = 64;
 /// A Standard Webhooks secret's key, decoded (the specification's bounds).
@@ -71,8 +79,20 @@ impl Provider {
     /// How long the hook's delivery ids are remembered.
     pub fn delivery_retention(self) -> Duration {
         match self {
-            Provider::Github => GITHUB_DELIVERY_RETENTION,
-            _ => super::DELIVERY_RETENTION,
+            Provider::Github | Provider::Stripe | Provider::StandardWebhooks => {
+                LONG_DELIVERY_RETENTION
+            }
+            Provider::Taskfactory | Provider::Slack => super::DELIVERY_RETENTION,
+        }
+    }
+
+    /// The header carrying the delivery id, when one does (for logs of refused deliveries).
+    pub fn delivery_header(self) -> Option<&'static str> {
+        match self {
+            Provider::Taskfactory => Some(super::HEADER_DELIVERY),
+            Provider::Github => Some(GITHUB_DELIVERY),
+            Provider::StandardWebhooks => Some(STANDARD_ID),
+            Provider::Stripe | Provider::Slack => None,
         }
     }
 
@@ -87,12 +107,12 @@ impl Provider {
     pub fn secret_error(self, secret: &Secret) -> Option<String> {
         match self {
             Provider::StandardWebhooks => match standard_key(secret.bytes()) {
-                Ok(key) if STANDARD_KEY_BYTES.contains(&key.len()) => None,
-                Ok(key) => Some(format!(
+                Some(key) if STANDARD_KEY_BYTES.contains(&key.len()) => None,
+                Some(key) => Some(format!(
                     "a standard-webhooks secret decodes to {} bytes; the specification asks for 24 to 64",
                     key.len()
                 )),
-                Err(why) => Some(why.to_owned()),
+                None => Some("a standard-webhooks secret is base64, after whsec_".to_owned()),
             },
             _ if secret.bytes().len() < super::MIN_SECRET_BYTES => Some(format!(
                 "a secret is {} bytes; at least {} are needed",
@@ -103,24 +123,28 @@ impl Provider {
         }
     }
 
-    /// The HMAC key of a secret.
-    fn key(self, secret: &Secret) -> Cow<'_, [u8]> {
-        match self {
-            // Checked when the hook was loaded; a secret that does not decode matches nothing.
-            Provider::StandardWebhooks => {
-                Cow::Owned(standard_key(secret.bytes()).unwrap_or_default())
-            }
+    /// The HMAC key of a secret; `None` for one that is not a key (it then verifies nothing:
+    /// never an empty key, which anyone could sign with).
+    fn key(self, secret: &Secret) -> Option<Cow<'_, [u8]>> {
+        let key = match self {
+            Provider::StandardWebhooks => Cow::Owned(standard_key(secret.bytes())?),
             _ => Cow::Borrowed(secret.bytes()),
-        }
+        };
+        (!key.is_empty()).then_some(key)
     }
 }
 
+/// Standard base64, padded or not (secrets are copied by hand).
+const BASE64_ANY_PADDING: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    base64::engine::GeneralPurposeConfig::new()
+        .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+);
+
 /// A Standard Webhooks secret's key: base64 after an optional `whsec_`.
-fn standard_key(secret: &[u8]) -> Result<Vec<u8>, &'static str> {
+fn standard_key(secret: &[u8]) -> Option<Vec<u8>> {
     let encoded = secret.strip_prefix(b"whsec_").unwrap_or(secret);
-    base64::engine::general_purpose::STANDARD
-        .decode(encoded)
-        .map_err(|_| "a standard-webhooks secret is whsec_ and then base64")
+    BASE64_ANY_PADDING.decode(encoded).ok()
 }
 
 /// What a delivery's headers claim, read before its body.
@@ -202,14 +226,16 @@ pub fn claim(provider: Provider, headers: &HeaderMap) -> Result<Claim, Rejection
         Provider::Stripe => {
             let text = header(headers, STRIPE_SIGNATURE)?;
             let parts: Vec<&str> = text.split(',').map(str::trim).collect();
-            if parts.len() > MAX_SIGNATURES + 1 {
-                return Err(malformed(STRIPE_SIGNATURE, "more than 8 signatures"));
+            if parts.len() > 2 * MAX_SIGNATURES {
+                return Err(malformed(STRIPE_SIGNATURE, "more than 16 parts"));
             }
             let mut timestamp = None;
             let mut signatures = Vec::new();
             for part in parts {
+                // As Stripe's libraries read it: a part of another scheme (`v0`, test mode's),
+                // or not of the form `scheme=value`, is no signature to try.
                 let Some((scheme, value)) = part.split_once('=') else {
-                    return Err(malformed(STRIPE_SIGNATURE, "a list of t=… and v1=…"));
+                    continue;
                 };
                 match scheme {
                     "t" => {
@@ -219,10 +245,13 @@ pub fn claim(provider: Provider, headers: &HeaderMap) -> Result<Claim, Rejection
                             return Err(malformed(STRIPE_SIGNATURE, "t= is given twice"));
                         }
                     }
-                    "v1" => signatures.push(hex_mac(value).ok_or_else(|| {
-                        malformed(STRIPE_SIGNATURE, "a v1= signature is 64 hex digits")
-                    })?),
-                    // v0 (test mode's) and schemes to come.
+                    "v1" => {
+                        if signatures.len() == MAX_SIGNATURES {
+                            return Err(malformed(STRIPE_SIGNATURE, "more than 8 v1= signatures"));
+                        }
+                        // One that is not 64 hex digits matches nothing.
+                        signatures.extend(hex_mac(value));
+                    }
                     _ => {}
                 }
             }
@@ -264,23 +293,14 @@ pub fn claim(provider: Provider, headers: &HeaderMap) -> Result<Claim, Rejection
             }
             let mut signatures = Vec::new();
             for entry in entries {
-                let Some((version, value)) = entry.split_once(',') else {
-                    return Err(malformed(
-                        STANDARD_SIGNATURE,
-                        "space-separated version,signature pairs",
-                    ));
-                };
-                if version == "v1" {
-                    let bytes = base64::engine::general_purpose::STANDARD
-                        .decode(value)
-                        .ok()
-                        .filter(|bytes| bytes.len() == 32)
-                        .ok_or_else(|| {
-                            malformed(STANDARD_SIGNATURE, "a v1 signature is 32 bytes in base64")
-                        })?;
+                // As the specification's libraries read it: entries of other versions (`v1a`,
+                // asymmetric) and malformed ones are no signature to try.
+                if let Some(("v1", value)) = entry.split_once(',')
+                    && let Ok(bytes) = BASE64_ANY_PADDING.decode(value)
+                    && bytes.len() == 32
+                {
                     signatures.push(bytes);
                 }
-                // v1a (asymmetric) and versions to come.
             }
             if signatures.is_empty() {
                 return Err(malformed(STANDARD_SIGNATURE, "no v1 signature"));
@@ -320,9 +340,8 @@ fn mac(provider: Provider, key: &[u8], claim: &Claim, body: &[u8]) -> Hmac<Sha25
 /// The signature a `provider` sender would send for this delivery under `secret` (for tests and
 /// senders), as its header carries it.
 pub fn sign(provider: Provider, secret: &Secret, claim: &Claim, body: &[u8]) -> String {
-    let bytes = mac(provider, &provider.key(secret), claim, body)
-        .finalize()
-        .into_bytes();
+    let key = provider.key(secret).unwrap_or_default();
+    let bytes = mac(provider, &key, claim, body).finalize().into_bytes();
     match provider {
         Provider::Taskfactory | Provider::Stripe => format!("v1={}", hex::encode(bytes)),
         Provider::Github => format!("sha256={}", hex::encode(bytes)),
@@ -339,7 +358,10 @@ pub fn sign(provider: Provider, secret: &Secret, claim: &Claim, body: &[u8]) -> 
 pub fn verify(provider: Provider, secrets: &[Secret], claim: &Claim, body: &[u8]) -> bool {
     let mut matched = false;
     for secret in secrets {
-        let mac = mac(provider, &provider.key(secret), claim, body);
+        let Some(key) = provider.key(secret) else {
+            continue;
+        };
+        let mac = mac(provider, &key, claim, body);
         for signature in &claim.signatures {
             if mac.clone().verify_slice(signature).is_ok() {
                 matched = true;
@@ -347,6 +369,47 @@ pub fn verify(provider: Provider, secrets: &[Secret], claim: &Claim, body: &[u8]
         }
     }
     matched
+}
+
+/// The keys a verified delivery is taken once by: its id, and for GitHub (which signs neither the
+/// id nor the event name) also its body's SHA-256.
+pub fn delivery_keys(provider: Provider, delivery: &str, signed_body: &[u8]) -> Vec<String> {
+    let mut keys = vec![delivery.to_owned()];
+    if provider == Provider::Github {
+        keys.push(format!(
+            "sha256:{}",
+            hex::encode(Sha256::digest(signed_body))
+        ));
+    }
+    keys
+}
+
+/// The JSON of a GitHub delivery sent with the content type `application/x-www-form-urlencoded`
+/// (GitHub's `form`): its `payload` field. `None` if the delivery is not form-encoded.
+pub fn github_form_payload(
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Option<Result<bytes::Bytes, Rejection>> {
+    let form = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(';').next().is_some_and(|t| {
+                t.trim()
+                    .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+            })
+        });
+    if !form {
+        return None;
+    }
+    let payload = url::form_urlencoded::parse(body)
+        .find(|(name, _)| name == "payload")
+        .map(|(_, value)| bytes::Bytes::from(value.into_owned().into_bytes()));
+    Some(payload.ok_or_else(|| {
+        Rejection::Invalid(
+            "a form-encoded GitHub delivery carries its JSON in a payload field".to_owned(),
+        )
+    }))
 }
 
 /// What a verified delivery is, once its body is read.
@@ -384,7 +447,7 @@ pub fn identify(
         Provider::Taskfactory | Provider::StandardWebhooks | Provider::Github => claim
             .delivery
             .clone()
-            .expect("these providers' claims carry the delivery id"),
+            .ok_or_else(|| bad("no delivery id".to_owned()))?,
         Provider::Stripe => {
             let event: StripeBody = serde_json::from_slice(body)
                 .map_err(|e| bad(format!("a Stripe event's id is a string: {e}")))?;
@@ -432,6 +495,12 @@ pub fn identify(
     };
     if let Some(problem) = taskfactory_model::subjects::subject_error(&subject, false) {
         return Err(bad(format!("the event's subject {problem}")));
+    }
+    if subject.starts_with(super::RESERVED_SUBJECTS) {
+        return Err(bad(format!(
+            "the event's subject {subject:?} is under {}, which taskfactory announces on",
+            super::RESERVED_SUBJECTS
+        )));
     }
     Ok(Identified::Event { delivery, subject })
 }
@@ -510,7 +579,23 @@ mod tests {
             ],
             br#"{"foo":"bar"}"#,
         );
-        // The event names the subject; the legacy SHA-1 header alone is not taken.
+        // Taken once by id and once by body: GitHub signs neither the id nor the event name.
+        assert_eq!(
+            delivery_keys(Provider::Github, "72d3162e", b"Hello, World!"),
+            [
+                "72d3162e",
+                "sha256:dffd6021bb2bd5b0af676290809ec3a53191dd81c7f70a4b28688a362182986f"
+            ]
+        );
+        assert_eq!(delivery_keys(Provider::Stripe, "evt_1", b"{}"), ["evt_1"]);
+        // The event names the subject, never one taskfactory announces on; the legacy SHA-1
+        // header alone is not taken.
+        assert!(
+            identify(Provider::Github, "events.taskfactory", &claim, b"{}")
+                .unwrap_err()
+                .to_string()
+                .contains("which taskfactory announces on")
+        );
         assert_eq!(
             identify(Provider::Github, "events.github", &claim, b"{}").unwrap(),
             Identified::Event {
@@ -692,13 +777,39 @@ mod tests {
         assert_eq!(error(secret), None);
         assert_eq!(
             error("whsec_not base64!").unwrap(),
-            "a standard-webhooks secret is whsec_ and then base64"
+            "a standard-webhooks secret is base64, after whsec_"
         );
         assert!(
             error("whsec_c2hvcnQ=")
                 .unwrap()
                 .contains("decodes to 5 bytes")
         );
+        // The prefix and the padding may be left out (secrets are copied by hand).
+        assert_eq!(error("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"), None);
+        assert_eq!(error("whsec_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAQ"), None);
+        assert_eq!(
+            standard_key(b"whsec_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAQ").map(|k| k.len()),
+            Some(25)
+        );
+        // A secret that is no key verifies nothing, not even what an empty key signs.
+        let empty_key_mac = {
+            let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(b"").unwrap();
+            mac.update(b"msg_p5jXN8AQM9LWM0D4loKWxJek.1614265330.");
+            mac.update(body);
+            mac.finalize().into_bytes().to_vec()
+        };
+        let forged = Claim {
+            signatures: vec![empty_key_mac],
+            ..super::claim(Provider::StandardWebhooks, &pairs(good)).unwrap()
+        };
+        assert!(!verify(
+            Provider::StandardWebhooks,
+            &secrets("whsec_!!!"),
+            &forged,
+            body
+        ));
+        // Malformed entries are passed over, as the libraries do; one good v1 is enough.
+        assert!(check(&format!("v1 v1,%%% v1,aGVsbG8= {good}")));
     }
 
     #[test]
@@ -771,7 +882,15 @@ mod tests {
                 .to_string()
                 .contains("id is a string")
         );
+        // Parts that are no v1 signature are passed over, as Stripe's libraries do.
+        verifies(
+            Provider::Stripe,
+            secret,
+            &[(STRIPE_SIGNATURE, &format!("t=1492774577,v1=00,junk,{v1}"))],
+            body,
+        );
         // Headers without what is needed are named.
+        let many = format!("t=1,{}", [v1; 9].join(","));
         for (header, why) in [
             (
                 "v0=6ffbb59b2300aae63f272406069a9788598b792a944a07aba816edb039989a39,t=1",
@@ -779,9 +898,9 @@ mod tests {
             ),
             (v1, "no t="),
             ("t=1,t=2,v1=00", "t= is given twice"),
-            ("t=1,v1=00", "a v1= signature is 64 hex digits"),
+            ("t=1,v1=00", "no v1= signature"),
             ("t=soon,v1=00", "t= is unix seconds"),
-            ("t:1,v1=00", "a list of t=… and v1=…"),
+            (many.as_str(), "more than 8 v1= signatures"),
         ] {
             assert_eq!(
                 claim_error(Provider::Stripe, &[(STRIPE_SIGNATURE, header)]),
