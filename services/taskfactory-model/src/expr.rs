@@ -239,7 +239,7 @@ impl CompiledExpr<'_, '_> {
     pub fn eval(&self, scope: &Value) -> Result<Value, ExprError> {
         self.expr
             .eval(scope.clone())
-            .map_err(|e| ExprError::from_minijinja(&e))
+            .map_err(|e| naming_undefined(&e, self.expr.undeclared_variables(true), scope))
     }
 
     /// Truthiness, as in `when` and `filter`: undefined and null are false.
@@ -251,7 +251,12 @@ impl CompiledExpr<'_, '_> {
     pub fn eval_list(&self, scope: &Value) -> Result<Vec<Value>, ExprError> {
         let value = self.eval(scope)?;
         if value.is_undefined() {
-            return Err(ExprError::new("is undefined (check the names it uses)"));
+            return Err(
+                undefined_names(self.expr.undeclared_variables(true), scope).map_or_else(
+                    || ExprError::new("is undefined (check the names it uses)"),
+                    ExprError::new,
+                ),
+            );
         }
         match value.kind() {
             minijinja::value::ValueKind::Seq | minijinja::value::ValueKind::Iterable => {
@@ -273,6 +278,62 @@ impl CompiledExpr<'_, '_> {
                 shape(&value)
             ))),
         }
+    }
+}
+
+/// The names of global functions (`range`, `dict`, …): used by expressions, never in a scope.
+static GLOBALS: std::sync::LazyLock<std::collections::HashSet<String>> =
+    std::sync::LazyLock::new(|| {
+        Environment::new()
+            .globals()
+            .map(|(name, _)| name.to_owned())
+            .collect()
+    });
+
+/// The error of a failed evaluation; one about an undefined value names what is undefined
+/// (`item.emial is undefined`) when the names the source reads tell.
+fn naming_undefined(
+    error: &minijinja::Error,
+    names: std::collections::HashSet<String>,
+    scope: &Value,
+) -> ExprError {
+    if error.kind() == minijinja::ErrorKind::UndefinedError
+        && let Some(message) = undefined_names(names, scope)
+    {
+        return ExprError::new(message);
+    }
+    ExprError::from_minijinja(error)
+}
+
+/// "`a.b` is undefined" for the names (dotted paths, as the source reads them) that `scope` lacks,
+/// each by its shortest undefined prefix; `None` if every one is defined. Names only, never
+/// values: a scope may hold what a context source returned.
+fn undefined_names(names: std::collections::HashSet<String>, scope: &Value) -> Option<String> {
+    let mut missing: Vec<String> = Vec::new();
+    for name in names {
+        let mut value = scope.clone();
+        let mut path = String::new();
+        for (i, segment) in name.split('.').enumerate() {
+            if i == 0 && GLOBALS.contains(segment) {
+                break;
+            }
+            if !path.is_empty() {
+                path.push('.');
+            }
+            path.push_str(segment);
+            value = value.get_attr(segment).unwrap_or(Value::UNDEFINED);
+            if value.is_undefined() {
+                missing.push(path);
+                break;
+            }
+        }
+    }
+    missing.sort();
+    missing.dedup();
+    match missing.as_slice() {
+        [] => None,
+        [one] => Some(format!("{one} is undefined")),
+        [rest @ .., last] => Some(format!("{} and {last} are undefined", rest.join(", "))),
     }
 }
 
@@ -305,11 +366,13 @@ impl CompiledTemplate<'_, '_> {
             CompiledTemplate::Expression(expr) => {
                 let value = expr
                     .eval(scope.clone())
-                    .map_err(|e| ExprError::from_minijinja(&e))?;
+                    .map_err(|e| naming_undefined(&e, expr.undeclared_variables(true), scope))?;
                 if value.is_undefined() {
-                    return Err(ExprError::new(
-                        "expression is undefined (check the names it uses)",
-                    ));
+                    return Err(undefined_names(expr.undeclared_variables(true), scope)
+                        .map_or_else(
+                            || ExprError::new("expression is undefined (check the names it uses)"),
+                            ExprError::new,
+                        ));
                 }
                 serde_json::to_value(&value)
                     .map_err(|e| ExprError::new(format!("result is not JSON: {e}")))
@@ -317,7 +380,7 @@ impl CompiledTemplate<'_, '_> {
             CompiledTemplate::Template(template) => template
                 .render(scope.clone())
                 .map(serde_json::Value::String)
-                .map_err(|e| ExprError::from_minijinja(&e)),
+                .map_err(|e| naming_undefined(&e, template.undeclared_variables(true), scope)),
         }
     }
 
@@ -471,6 +534,66 @@ mod tests {
                 .unwrap()
                 .render(&s)
                 .is_err()
+        );
+        assert!(
+            !engine
+                .expression("item.flag")
+                .unwrap()
+                .eval_bool(&s)
+                .unwrap()
+        );
+    }
+
+    #[test]
+    fn an_undefined_name_is_named_in_expressions_and_templates_alike() {
+        let engine = Engine::new(Limits::default());
+        let s = scope(json!({"item": {"email": "a@b.c"}, "event": {"tier": "gold"}}));
+        let render = |source: &'static str| {
+            engine
+                .template(source)
+                .unwrap()
+                .render(&s)
+                .unwrap_err()
+                .message
+        };
+        assert_eq!(render("{{ item.emial }}"), "item.emial is undefined");
+        assert_eq!(render("to {{ item.emial }}!"), "item.emial is undefined");
+        assert_eq!(
+            render("{{ item.email ~ order.id }}"),
+            "order is undefined",
+            "the shortest undefined prefix"
+        );
+        let eval = |source: &'static str| {
+            engine
+                .expression(source)
+                .unwrap()
+                .eval_bool(&s)
+                .unwrap_err()
+                .message
+        };
+        // A filter comparing a missing field names it (it was "undefined value").
+        assert_eq!(eval("amount > 100"), "amount is undefined");
+        assert_eq!(eval("event.amount > 100"), "event.amount is undefined");
+        assert_eq!(
+            eval("event.amount > event.limit"),
+            "event.amount and event.limit are undefined"
+        );
+        assert_eq!(
+            engine
+                .expression("item.emails")
+                .unwrap()
+                .eval_list(&s)
+                .unwrap_err()
+                .message,
+            "item.emails is undefined"
+        );
+        // Functions are not names of the scope; a defined test and a condition stay as they were.
+        assert!(
+            engine
+                .expression("range(3) | length > 2 and missing is not defined")
+                .unwrap()
+                .eval_bool(&s)
+                .unwrap()
         );
         assert!(
             !engine
