@@ -555,3 +555,76 @@ tasks:
     );
     Ok(())
 }
+
+/// A filter comparing values of different types fails instead of passing (`"abc" > 100` was
+/// true: Jinja orders strings after numbers), as does one reading a missing field; neither fires.
+/// A filter whose comparisons cannot be checked is refused when the activity is created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_filter_comparing_different_types_fails_and_does_not_fire() -> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    create(
+        &mut admin,
+        "name: big-orders\ntrigger: {event: {subject: events.orders.>, filter: 'event.amount > 100'}}\ntasks: [{name: t, type: log}]",
+    )
+    .await?;
+    let mut nested = "event.amount".to_owned();
+    for _ in 0..30 {
+        nested = format!("0 < ({nested}) < 1");
+    }
+    let refused = create(
+        &mut admin,
+        &format!(
+            "name: nested\ntrigger: {{event: {{subject: events.orders.>, filter: '{nested}'}}}}\ntasks: [{{name: t, type: log}}]"
+        ),
+    )
+    .await
+    .expect_err("refused");
+    let refused = refused
+        .downcast_ref::<tonic::Status>()
+        .expect("a status")
+        .clone();
+    assert!(
+        refused.message().contains("nest too deeply"),
+        "{}",
+        refused.message()
+    );
+    for (id, body) in [
+        ("o-abc", r#"{"amount": "abc"}"#),
+        ("o-150", r#"{"amount": 150}"#),
+        ("o-50", r#"{"amount": 50}"#),
+        ("o-none", r#"{"total": 1000}"#),
+    ] {
+        publish_event(
+            &js,
+            "events.orders.placed",
+            body.as_bytes().to_vec(),
+            Some(id),
+        )
+        .await?;
+    }
+    wait_for("the big order's run", Duration::from_secs(20), || {
+        let mut admin = admin.clone();
+        async move { Ok((!runs(&mut admin, "big-orders").await?.is_empty()).then_some(())) }
+    })
+    .await?;
+    wait_for_triggers_drained(&js).await?;
+    let keys: Vec<String> = runs(&mut admin, "big-orders")
+        .await?
+        .into_iter()
+        .map(|run| run.dedupe_key)
+        .collect();
+    assert_eq!(keys, ["o-150"]);
+    let page = taskfactory_runtime::metrics::handle().render();
+    assert!(
+        page.contains("taskfactory_events_total{outcome=\"filter_error\"} 2"),
+        "the string and the missing amount: {page}"
+    );
+    assert!(
+        page.contains("taskfactory_events_total{outcome=\"filtered\"} 1"),
+        "{page}"
+    );
+    Ok(())
+}

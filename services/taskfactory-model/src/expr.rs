@@ -47,6 +47,11 @@ impl ExprError {
     }
 
     fn from_minijinja(e: &minijinja::Error) -> Self {
+        if let Some(detail) = e.detail()
+            && crate::expr_strict::is_comparison_error(detail)
+        {
+            return Self::new(detail);
+        }
         let mut message = e.to_string();
         if let Some(detail) = e.detail()
             && !message.contains(detail)
@@ -73,6 +78,7 @@ impl<'src> Engine<'src> {
         env.set_undefined_behavior(UndefinedBehavior::SemiStrict);
         env.set_auto_escape_callback(|_| AutoEscape::None);
         env.set_recursion_limit(64);
+        crate::expr_strict::install(&mut env);
         Self { env, limits }
     }
 
@@ -92,10 +98,35 @@ impl<'src> Engine<'src> {
                 "{trimmed:?} is an expression, not a template: write it without {{{{ }}}}"
             )));
         }
-        self.env
-            .compile_expression(trimmed)
+        self.compile_strict(trimmed)
             .map(|expr| CompiledExpr { expr })
-            .map_err(|e| ExprError::from_minijinja(&e))
+    }
+
+    /// Compiles an expression with its comparisons made strict (see [`crate::expr_strict`]).
+    fn compile_strict(&self, source: &'src str) -> Result<Expression<'_, 'src>, ExprError> {
+        crate::expr_strict::check_reserved(source).map_err(ExprError::new)?;
+        let as_written = || {
+            self.env
+                .compile_expression(source)
+                .map_err(|e| ExprError::from_minijinja(&e))
+        };
+        match crate::expr_strict::rewrite(source) {
+            // Also what does not parse: compiling it names the error in the user's text.
+            crate::expr_strict::Rewrite::AsWritten => as_written(),
+            crate::expr_strict::Rewrite::Strict(strict) => {
+                match self.env.compile_expression_owned(strict) {
+                    Ok(expr) => Ok(expr),
+                    // The error of the user's text if it has one; else the rewrite's.
+                    Err(_) => as_written().and_then(|_| {
+                        Err(ExprError::new(
+                            "its comparisons cannot be checked (too deeply nested once written \
+                             out); simplify it",
+                        ))
+                    }),
+                }
+            }
+            crate::expr_strict::Rewrite::Refused(why) => Err(ExprError::new(why)),
+        }
     }
 
     /// Compiles one string of params (or a `dedupeKey`): a literal, a typed single expression, or
@@ -106,12 +137,9 @@ impl<'src> Engine<'src> {
         }
         check_complexity(source)?;
         if let Some(inner) = single_expression(source) {
-            return self
-                .env
-                .compile_expression(inner)
-                .map(CompiledTemplate::Expression)
-                .map_err(|e| ExprError::from_minijinja(&e));
+            return self.compile_strict(inner).map(CompiledTemplate::Expression);
         }
+        crate::expr_strict::check_reserved(source).map_err(ExprError::new)?;
         self.env
             .template_from_str(source)
             .map(CompiledTemplate::Template)
@@ -287,6 +315,7 @@ static GLOBALS: std::sync::LazyLock<std::collections::HashSet<String>> =
         Environment::new()
             .globals()
             .map(|(name, _)| name.to_owned())
+            .chain([crate::expr_strict::COMPARE.to_owned()])
             .collect()
     });
 

@@ -34,6 +34,7 @@ pub mod attempt;
 pub mod complete;
 pub mod egress;
 pub mod expr;
+mod expr_strict;
 pub mod ids;
 pub mod misfire;
 pub mod overlap;
