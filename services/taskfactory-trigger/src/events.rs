@@ -268,7 +268,10 @@ fn decide<'a>(
     payload: &serde_json::Value,
     default_key: impl Fn() -> String,
 ) -> Vec<Decided<'a>> {
-    let engine = Engine::new(Limits::default());
+    // Built only for an activity with a filter or a key template (it registers the strict
+    // comparisons: a few microseconds an event otherwise).
+    let engine = std::cell::OnceCell::new();
+    let engine = || engine.get_or_init(|| Engine::new(Limits::default()));
     let mut scope = None;
     let mut decided = Vec::new();
     for &activity in listening {
@@ -281,7 +284,7 @@ fn decide<'a>(
         }
         if !trigger.filter.trim().is_empty() {
             let scope = scope.get_or_insert_with(|| expr::event_scope(payload, subject));
-            let passes = engine
+            let passes = engine()
                 .expression(&trigger.filter)
                 .and_then(|f| f.eval_bool(scope));
             match passes {
@@ -301,7 +304,7 @@ fn decide<'a>(
             default_key()
         } else {
             let scope = scope.get_or_insert_with(|| expr::event_scope(payload, subject));
-            match engine
+            match engine()
                 .template(&trigger.dedupe_key)
                 .and_then(|t| t.render_string(scope))
             {
