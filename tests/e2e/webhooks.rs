@@ -498,6 +498,15 @@ async fn a_body_over_the_nats_max_payload_is_413_not_503() -> anyhow::Result<()>
     Ok(())
 }
 
+/// A provider's delivery answered as one taken before: 200, and nothing published again.
+fn assert_duplicate(answer: &Answer) {
+    assert_eq!(
+        (answer.status, &answer.body["duplicate"]),
+        (200, &serde_json::json!(true)),
+        "{answer:?}"
+    );
+}
+
 /// HMAC-SHA256 of `parts` under `key`, written here from the providers' documents (not the
 /// gateway's code).
 fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> Vec<u8> {
@@ -638,11 +647,7 @@ async fn provider_deliveries_fire_once_and_are_answered_as_each_provider_expects
     assert_eq!(answer.status, 202, "{answer:?}");
     assert_eq!(answer.body["subject"], "events.github.push");
     let again = send("/hooks/gh", github(GITHUB_SECRET, guid, "push", push), push).await?;
-    assert_eq!(
-        (again.status, &again.body["duplicate"]),
-        (200, &serde_json::json!(true)),
-        "{again:?}"
-    );
+    assert_duplicate(&again);
     // GitHub signs neither the id nor the event name: the same signed body under another id, or
     // another event, is the delivery taken before, not a new event.
     let replayed = send(
@@ -651,22 +656,14 @@ async fn provider_deliveries_fire_once_and_are_answered_as_each_provider_expects
         push,
     )
     .await?;
-    assert_eq!(
-        (replayed.status, &replayed.body["duplicate"]),
-        (200, &serde_json::json!(true)),
-        "{replayed:?}"
-    );
+    assert_duplicate(&replayed);
     let moved = send(
         "/hooks/gh",
         github(GITHUB_SECRET, "a-new-guid-0002", "release", push),
         push,
     )
     .await?;
-    assert_eq!(
-        (moved.status, &moved.body["duplicate"]),
-        (200, &serde_json::json!(true)),
-        "{moved:?}"
-    );
+    assert_duplicate(&moved);
     // GitHub's `form` content type: the JSON is the payload field, the signature over the form.
     let form = format!(
         "payload={}",
@@ -704,11 +701,7 @@ async fn provider_deliveries_fire_once_and_are_answered_as_each_provider_expects
     assert_eq!(answer.status, 202, "{answer:?}");
     assert_eq!(answer.body["deliveryId"], "evt_1NG8Du2eZvKYlo2CUI79vXWy");
     let retry = send("/hooks/pay", stripe(STRIPE_SECRET, now() + 1, paid), paid).await?;
-    assert_eq!(
-        (retry.status, &retry.body["duplicate"]),
-        (200, &serde_json::json!(true)),
-        "{retry:?}"
-    );
+    assert_duplicate(&retry);
     let stale = send("/hooks/pay", stripe(STRIPE_SECRET, now() - 600, paid), paid).await?;
     assert_eq!(stale.status, 401, "{stale:?}");
     // The key is the whole whsec_ secret.

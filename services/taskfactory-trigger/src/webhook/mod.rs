@@ -392,10 +392,7 @@ pub fn parse_signatures(header: &str) -> Result<Vec<Vec<u8>>, &'static str> {
     let mut signatures = Vec::new();
     for part in parts {
         if let Some(value) = part.strip_prefix("v1=") {
-            match hex::decode(value) {
-                Ok(bytes) if bytes.len() == 32 => signatures.push(bytes),
-                _ => return Err("a v1= signature is 64 hex digits"),
-            }
+            signatures.push(providers::hex_mac(value).ok_or("a v1= signature is 64 hex digits")?);
         }
     }
     if signatures.is_empty() {

@@ -181,7 +181,7 @@ fn delivery(headers: &HeaderMap, name: &'static str) -> Result<String, Rejection
 }
 
 /// A hex HMAC-SHA256 (64 hex digits).
-fn hex_mac(text: &str) -> Option<Vec<u8>> {
+pub(super) fn hex_mac(text: &str) -> Option<Vec<u8>> {
     hex::decode(text).ok().filter(|bytes| bytes.len() == 32)
 }
 
