@@ -8,6 +8,7 @@ mod cluster;
 mod connections;
 mod context;
 mod depth;
+mod event_decisions;
 mod event_limits;
 mod events;
 mod examples;

@@ -9,7 +9,10 @@ use prost::Message as _;
 use serde_json::json;
 use taskfactory_model::subjects;
 use taskfactory_model::values::json_to_value;
-use taskfactory_proto::v1::{RunStatus, TaskInstance, TaskStatus, TriggerEvent, TriggerSource};
+use taskfactory_proto::v1::event_decision::Decision;
+use taskfactory_proto::v1::{
+    ListEventDecisionsRequest, RunStatus, TaskInstance, TaskStatus, TriggerEvent, TriggerSource,
+};
 use taskfactory_tests::{EnvOptions, TestEnv, wait_for};
 
 use crate::support::{
@@ -481,6 +484,7 @@ async fn a_fire_recorded_twice_at_once_is_a_duplicate_not_an_error() -> anyhow::
         event: Vec::new(),
         dst_note: None,
         traceparent: String::new(),
+        origin: None,
     };
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(32)
@@ -812,5 +816,39 @@ async fn a_fire_the_database_refuses_for_one_activity_does_not_stop_the_others()
         2,
         "each event dead-lettered once"
     );
+    // Each event's decision at each activity: the refusal at the one, the fire at the other.
+    let mut decided: Vec<(String, String, Decision, String)> = crate::event_decisions::decisions(
+        &mut admin,
+        ListEventDecisionsRequest {
+            page_size: 100,
+            ..Default::default()
+        },
+    )
+    .await?
+    .into_iter()
+    .map(|d| {
+        (
+            d.event_id.clone(),
+            d.activity_name.clone(),
+            d.decision(),
+            d.reason,
+        )
+    })
+    .collect();
+    decided.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+    let outcome: Vec<(&str, &str, Decision)> = decided
+        .iter()
+        .map(|(event, activity, decision, _)| (event.as_str(), activity.as_str(), *decision))
+        .collect();
+    assert_eq!(
+        outcome,
+        [
+            ("one", "first", Decision::Rejected),
+            ("one", "second", Decision::Fired),
+            ("two", "first", Decision::Fired),
+            ("two", "second", Decision::Rejected),
+        ]
+    );
+    assert!(decided[0].3.contains("SQLSTATE 23514"), "{:?}", decided[0]);
     Ok(())
 }

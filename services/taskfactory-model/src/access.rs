@@ -306,6 +306,7 @@ pub const RPCS: &[RpcRule] = &[
     rule("ListActivityVersions", Role::Viewer, false),
     rule("ListScheduleTimes", Role::Viewer, false),
     rule("ListOccurrences", Role::Viewer, false),
+    rule("ListEventDecisions", Role::Viewer, false),
     rule("ListRuns", Role::Viewer, false),
     rule("GetRun", Role::Viewer, false),
     rule("ListTasks", Role::Viewer, false),

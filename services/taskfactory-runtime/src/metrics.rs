@@ -26,6 +26,11 @@ pub const OCCURRENCES: &str = "taskfactory_schedule_occurrences_total";
 /// `dedupe_key_error` per activity they matched; `rejected` before matching).
 pub const EVENTS: &str = "taskfactory_events_total";
 
+/// Trigger: the event-decision ledger's decisions as they are written, by activity and decision
+/// (`fired`, `deduped`, `filtered`, `filter_error`, `key_error`, `paused`, `rejected`): one per
+/// event and activity it reached, however often the event is delivered.
+pub const EVENT_DECISIONS: &str = "taskfactory_event_decisions_total";
+
 /// Trigger: every fire decision by activity, source (`schedule`, `event`, `manual`, …) and
 /// decision (`fired`, `duplicate`).
 pub const FIRES: &str = "taskfactory_fires_total";
@@ -194,6 +199,10 @@ fn describe() {
         "Schedule occurrences by activity and the decision taken about them"
     );
     describe_counter!(EVENTS, "Events taken in, by outcome per matching activity");
+    describe_counter!(
+        EVENT_DECISIONS,
+        "Event decisions written to the ledger, by activity and decision"
+    );
     describe_counter!(
         FIRES,
         "Fire decisions by activity, source and decision (fired or duplicate)"
@@ -391,6 +400,13 @@ pub fn count_occurrences(activity: &str, decision: &'static str, n: u64) {
 pub fn count_events(outcome: &'static str) {
     handle();
     metrics::counter!(EVENTS, "outcome" => outcome).increment(1);
+}
+
+/// Counts an event decision written to the ledger.
+pub fn count_event_decision(activity: &str, decision: &'static str) {
+    handle();
+    metrics::counter!(EVENT_DECISIONS, "activity" => activity.to_owned(), "decision" => decision)
+        .increment(1);
 }
 
 /// Counts a fire decision (`fired` or `duplicate`) of `activity` from `source`.

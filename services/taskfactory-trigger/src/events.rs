@@ -36,9 +36,11 @@ use sqlx::PgPool;
 use taskfactory_model::expr::{self, Engine, Limits};
 use taskfactory_model::subjects;
 use taskfactory_proto::v1::TriggerSource;
+use taskfactory_proto::v1::event_decision::Decision;
 use taskfactory_runtime::messaging::{ByteBudget, Handler, Then, Unfinished};
 use tokio::sync::OwnedSemaphorePermit;
 
+use crate::event_ledger::{DecisionRow, DecisionWriter, EventOrigin};
 use crate::fire::{self, FireBatcher, FireRequest};
 use crate::registry::{LiveActivity, Registry};
 use crate::store;
@@ -51,6 +53,8 @@ pub struct EventIngress {
     pub pool: PgPool,
     /// Records and publishes the fires of the events in hand together (group commit).
     fires: FireBatcher,
+    /// Records the decisions of the events in hand that made no fire (group commit).
+    decisions: DecisionWriter,
     pub registry: Registry,
     pub max_event_bytes: usize,
     /// Bytes of events in hand at most (`--event-bytes-in-flight`).
@@ -85,12 +89,6 @@ impl Handler for EventIngress {
     }
 }
 
-/// One activity the event fires, and the fire's dedupe key.
-struct Decided<'a> {
-    activity: &'a LiveActivity,
-    dedupe_key: String,
-}
-
 impl EventIngress {
     pub fn new(
         pool: PgPool,
@@ -100,6 +98,7 @@ impl EventIngress {
         bytes_in_flight: usize,
     ) -> Self {
         Self {
+            decisions: DecisionWriter::start(pool.clone()),
             pool,
             fires,
             registry,
@@ -121,65 +120,87 @@ impl EventIngress {
             Ok(info) => (info.stream_sequence, info.published.unix_timestamp_nanos()),
             Err(_) => (0, 0),
         };
+        let origin = Arc::new(EventOrigin {
+            sequence,
+            published_ns: i64::try_from(published).unwrap_or(i64::MAX),
+            msg_id: msg_id.clone(),
+            subject: subject.to_owned(),
+        });
         let snapshot = self.registry.current();
-        let listening: Vec<&LiveActivity> = snapshot
+        // Paused activities are reached too: their decision says so.
+        let reached: Vec<&LiveActivity> = snapshot
             .listeners
             .values()
             .map(Arc::as_ref)
             .filter(|activity| {
-                activity.is_active()
+                activity.enabled
                     && activity
                         .event_trigger()
                         .is_some_and(|trigger| subjects::subject_matches(&trigger.subject, subject))
             })
             .collect();
-        if listening.is_empty() {
+        let default_key = || match &msg_id {
+            Some(id) => id.clone(),
+            None => format!("seq:{sequence}:{published}"),
+        };
+        if reached.is_empty() {
             // Nothing to fire: checked as it would be parsed, without building it.
             return match check_event(&message.payload, self.max_event_bytes) {
                 Ok(()) => Ok(()),
-                Err(error) => {
-                    self.reject(message, sequence, msg_id.as_deref(), &error)
-                        .await
-                }
+                Err(error) => self.reject(message, &origin, &[], &error).await,
             };
         }
         let payload = match parse_event(&message.payload, self.max_event_bytes) {
             Ok(payload) => payload,
             Err(error) => {
-                return self
-                    .reject(message, sequence, msg_id.as_deref(), &error)
-                    .await;
+                let key = default_key();
+                let rejected: Vec<DecisionRow> = reached
+                    .iter()
+                    .map(|activity| {
+                        decision_row(activity, &origin, key.clone(), Decision::Rejected, &error)
+                    })
+                    .collect();
+                return self.reject(message, &origin, &rejected, &error).await;
             }
         };
-        let default_key = || match &msg_id {
-            Some(id) => id.clone(),
-            None => format!("seq:{sequence}:{published}"),
-        };
-        let decided = decide(&listening, subject, &payload, default_key);
-        let tried = decided.len();
+        let verdicts = decide(&reached, subject, &payload, default_key);
         let payload = Arc::new(payload);
+        let mut decisions = Vec::new();
+        let mut fires = Vec::new();
+        for verdict in verdicts {
+            match verdict {
+                Verdict::Fire {
+                    activity,
+                    dedupe_key,
+                } => fires.push((activity, dedupe_key)),
+                Verdict::Not {
+                    activity,
+                    key,
+                    decision,
+                    reason,
+                } => decisions.push(decision_row(activity, &origin, key, decision, &reason)),
+            }
+        }
+        let tried = fires.len();
         // Fires the database refuses for their data (an activity's dedupe key), which it would
         // refuse every time: each is that activity's, and the others still fire. They are
         // recorded once every fire is decided, so an event retried for a transient failure
         // records none twice.
         let mut refused = Vec::new();
-        for Decided {
-            activity,
-            dedupe_key,
-        } in decided
-        {
+        for (activity, dedupe_key) in fires {
             let request = FireRequest {
                 activity_id: activity.id,
                 activity_name: activity.name.clone(),
                 activity_version: activity.version,
                 source: event_source(message.headers.as_ref()),
-                dedupe_key,
+                dedupe_key: dedupe_key.clone(),
                 scheduled_for: None,
                 payload: Some(payload.clone()),
                 subject: subject.to_owned(),
                 fired_at: chrono::Utc::now(),
                 dst_note: None,
                 overlap: taskfactory_proto::v1::OverlapPolicy::OverlapUnspecified,
+                origin: Some(origin.clone()),
             };
             match fire::fire_batched(&self.fires, request, None).await {
                 Ok(fired) => {
@@ -195,23 +216,41 @@ impl EventIngress {
                         // Fires recorded before this one are duplicates when the event returns.
                         return Err(EventError::Transient(why));
                     };
-                    refused.push(format!(
+                    let why = format!(
                         "{why} (SQLSTATE {}: refused for this event's data; not fired)",
                         refusal.code
+                    );
+                    decisions.push(decision_row(
+                        activity,
+                        &origin,
+                        dedupe_key,
+                        Decision::Rejected,
+                        &why,
                     ));
+                    refused.push(why);
                 }
             }
         }
         if refused.is_empty() {
-            return Ok(());
+            return self.record(decisions).await;
         }
         let why = format!(
             "{} ({} of the {tried} activities it matched fired)",
             refused.join("; "),
             tried - refused.len()
         );
-        self.reject(message, sequence, msg_id.as_deref(), &why)
-            .await
+        self.reject(message, &origin, &decisions, &why).await
+    }
+
+    /// Records the decisions about an event that made no fire at their activities.
+    async fn record(&self, decisions: Vec<DecisionRow>) -> Result<(), EventError> {
+        let recorded =
+            futures::future::join_all(decisions.into_iter().map(|row| self.decisions.record(row)))
+                .await;
+        match recorded.into_iter().find_map(Result::err) {
+            None => Ok(()),
+            Some(error) => Err(EventError::Transient(error)),
+        }
     }
 
     /// Waits for room for the message's bytes among the events in hand (all of the budget for
@@ -231,20 +270,23 @@ impl EventIngress {
         }
     }
 
+    /// Rejects the event: its `decisions` (at the activities it reached) and the event itself
+    /// are recorded, and it is dead-lettered.
     async fn reject(
         &self,
         message: &Message,
-        sequence: u64,
-        msg_id: Option<&str>,
+        origin: &EventOrigin,
+        decisions: &[DecisionRow],
         error: &str,
     ) -> Result<(), EventError> {
-        tracing::warn!(subject = %message.subject, stream.sequence = sequence, %error, "rejected event");
+        tracing::warn!(subject = %message.subject, stream.sequence = origin.sequence, %error, "rejected event");
         metrics::count_events("rejected");
+        self.record(decisions.to_vec()).await?;
         if let Err(e) = store::record_rejected_event(
             &self.pool,
             &message.subject,
-            sequence,
-            msg_id,
+            origin.sequence,
+            origin.msg_id.as_deref(),
             error,
             &message.payload,
         )
@@ -259,22 +301,60 @@ impl EventIngress {
     }
 }
 
-/// Which of the `listening` activities the event fires, and with which dedupe key. The
-/// expressions' copy of the event is built only if a filter or a key template needs it, and is
-/// gone when this returns.
+/// The decision about an event at an activity that did not fire.
+fn decision_row(
+    activity: &LiveActivity,
+    origin: &Arc<EventOrigin>,
+    key: String,
+    decision: Decision,
+    reason: &str,
+) -> DecisionRow {
+    DecisionRow {
+        activity_id: activity.id,
+        activity_name: activity.name.clone(),
+        activity_version: activity.version,
+        origin: origin.clone(),
+        key,
+        decision,
+        reason: reason.to_owned(),
+        run_id: None,
+        decided_at: chrono::Utc::now(),
+    }
+}
+
+/// What an event does at one activity it reached.
+enum Verdict<'a> {
+    /// It fires, under this key.
+    Fire {
+        activity: &'a LiveActivity,
+        dedupe_key: String,
+    },
+    /// It does not: why, and the key its fire would have had (where it could be rendered).
+    Not {
+        activity: &'a LiveActivity,
+        key: String,
+        decision: Decision,
+        reason: String,
+    },
+}
+
+/// What the event does at each activity it `reached`: fire (with its dedupe key) or why not.
+/// The expressions' copy of the event is built only if a filter or a key template needs it, and
+/// is gone when this returns.
 fn decide<'a>(
-    listening: &[&'a LiveActivity],
+    reached: &[&'a LiveActivity],
     subject: &str,
     payload: &serde_json::Value,
     default_key: impl Fn() -> String,
-) -> Vec<Decided<'a>> {
+) -> Vec<Verdict<'a>> {
     // Built only for an activity with a filter or a key template (it registers the strict
     // comparisons: a few microseconds an event otherwise).
     let engine = std::cell::OnceCell::new();
     let engine = || engine.get_or_init(|| Engine::new(Limits::default()));
-    let mut scope = None;
-    let mut decided = Vec::new();
-    for &activity in listening {
+    let scope = std::cell::OnceCell::new();
+    let scope = || scope.get_or_init(|| expr::event_scope(payload, subject));
+    let mut verdicts = Vec::new();
+    for &activity in reached {
         let Some(trigger) = activity.event_trigger() else {
             continue;
         };
@@ -282,51 +362,71 @@ fn decide<'a>(
             // An activity never fires on the completion of its own runs: that would loop.
             continue;
         }
+        let key = || -> Result<String, String> {
+            if trigger.dedupe_key.is_empty() {
+                return Ok(default_key());
+            }
+            match engine()
+                .template(&trigger.dedupe_key)
+                .and_then(|t| t.render_string(scope()))
+            {
+                Ok(key) if !key.is_empty() => Ok(key),
+                Ok(_) => Err("dedupeKey rendered empty on this event".to_owned()),
+                Err(error) => Err(format!("dedupeKey: {}", error_chain(&error))),
+            }
+        };
+        let not = |key: Result<String, String>, decision, reason: String| Verdict::Not {
+            activity,
+            key: key.unwrap_or_else(|_| default_key()),
+            decision,
+            reason,
+        };
+        if activity.paused {
+            verdicts.push(not(
+                key(),
+                Decision::Paused,
+                "the activity was paused".to_owned(),
+            ));
+            continue;
+        }
         if !trigger.filter.trim().is_empty() {
-            let scope = scope.get_or_insert_with(|| expr::event_scope(payload, subject));
             let passes = engine()
                 .expression(&trigger.filter)
-                .and_then(|f| f.eval_bool(scope));
+                .and_then(|f| f.eval_bool(scope()));
             match passes {
                 Ok(true) => {}
                 Ok(false) => {
                     metrics::count_events("filtered");
+                    let reason = format!("the filter `{}` was false", trigger.filter.trim());
+                    verdicts.push(not(key(), Decision::Filtered, reason));
                     continue;
                 }
                 Err(error) => {
                     metrics::count_events("filter_error");
-                    tracing::warn!(activity.name = %activity.name, %subject, error = %error_chain(&error), "event filter failed on this event; activity not fired");
+                    let error = error_chain(&error);
+                    tracing::warn!(activity.name = %activity.name, %subject, %error, "event filter failed on this event; activity not fired");
+                    let reason = format!(
+                        "the filter `{}` failed on this event: {error}",
+                        trigger.filter.trim()
+                    );
+                    verdicts.push(not(key(), Decision::FilterError, reason));
                     continue;
                 }
             }
         }
-        let dedupe_key = if trigger.dedupe_key.is_empty() {
-            default_key()
-        } else {
-            let scope = scope.get_or_insert_with(|| expr::event_scope(payload, subject));
-            match engine()
-                .template(&trigger.dedupe_key)
-                .and_then(|t| t.render_string(scope))
-            {
-                Ok(key) if !key.is_empty() => key,
-                Ok(_) => {
-                    metrics::count_events("dedupe_key_error");
-                    tracing::warn!(activity.name = %activity.name, %subject, "dedupeKey rendered empty on this event; activity not fired");
-                    continue;
-                }
-                Err(error) => {
-                    metrics::count_events("dedupe_key_error");
-                    tracing::warn!(activity.name = %activity.name, %subject, error = %error_chain(&error), "dedupeKey failed on this event; activity not fired");
-                    continue;
-                }
+        match key() {
+            Ok(dedupe_key) => verdicts.push(Verdict::Fire {
+                activity,
+                dedupe_key,
+            }),
+            Err(reason) => {
+                metrics::count_events("dedupe_key_error");
+                tracing::warn!(activity.name = %activity.name, %subject, error = %reason, "dedupeKey failed on this event; activity not fired");
+                verdicts.push(not(Err(reason.clone()), Decision::KeyError, reason));
             }
-        };
-        decided.push(Decided {
-            activity,
-            dedupe_key,
-        });
+        }
     }
-    decided
+    verdicts
 }
 
 /// Whether the event announces the completion of a run of `activity_id` itself.

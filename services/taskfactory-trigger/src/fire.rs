@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
+use crate::event_ledger::EventOrigin;
 use crate::store::{self, NewFire, ScheduleWrite, StoreError};
 use taskfactory_runtime::clock::ClockHandle;
 
@@ -54,6 +55,8 @@ pub struct FireRequest {
     pub dst_note: Option<String>,
     /// An overlap policy overriding the activity's (manual fires, backfills).
     pub overlap: OverlapPolicy,
+    /// Events: the event, whose decision is recorded with the fire.
+    pub origin: Option<Arc<EventOrigin>>,
 }
 
 /// What happened.
@@ -234,6 +237,7 @@ async fn fire_in_span(
         event: encoded.clone(),
         dst_note: request.dst_note.clone(),
         traceparent: taskfactory_runtime::propagation::current_traceparent().unwrap_or_default(),
+        origin: request.origin.take(),
     };
     let inserted = match via {
         Via::Alone { pool, js } => {
@@ -793,6 +797,7 @@ mod tests {
                 event: Vec::new(),
                 dst_note: None,
                 traceparent: String::new(),
+                origin: None,
             },
             schedule: None,
             span: tracing::Span::none(),

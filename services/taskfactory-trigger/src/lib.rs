@@ -12,7 +12,8 @@
 //! - [`registry`]: the in-memory snapshot of live activities, reloaded on change.
 //! - [`lease`]: scheduling leadership (one replica schedules; NATS KV lease, Postgres fence).
 //! - [`scheduler`]: fires schedules on time; misfire policy after downtime; the decision ledger.
-//! - [`events`]: event ingress — matching, filters, dedupe keys, rejecting malformed events.
+//! - [`events`]: event ingress — matching, filters, dedupe keys, rejecting malformed events;
+//!   [`event_ledger`]: the decision about every event at every activity it reached.
 //! - [`webhook`]: the HTTP webhook gateway — signed deliveries become events on `events.>`.
 //! - [`internal`]: requests to an orchestrator (commands, previews), recorded before they are sent.
 //! - [`fire`]: recording and publishing a fire (outbox), and the reconciler.
@@ -23,6 +24,7 @@ pub mod admin;
 pub mod apply;
 pub mod audit;
 pub mod auth;
+pub mod event_ledger;
 pub mod events;
 pub mod fire;
 pub mod internal;

@@ -971,6 +971,7 @@ impl Writer {
             fired_at: ahead.unwrap_or(now),
             dst_note: occurrence.dst_note.clone(),
             overlap: taskfactory_proto::v1::OverlapPolicy::OverlapUnspecified,
+            origin: None,
         };
         let late_after = (source == TriggerSource::Schedule).then(|| {
             let margin = occurrence.at - self.late_limit(occurrence.at);

@@ -4,7 +4,10 @@
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row};
-use taskfactory_model::ids::{ActivityId, FireId};
+use taskfactory_model::ids::{ActivityId, FireId, RunId};
+use taskfactory_proto::v1::event_decision::Decision;
+
+use crate::event_ledger;
 use taskfactory_model::sizes::{self, SizeError};
 use taskfactory_runtime::clock::ClockHandle;
 use uuid::Uuid;
@@ -529,6 +532,8 @@ pub struct NewFire {
     pub dst_note: Option<String>,
     /// The fire's trace context (empty when traces are off), for the reconciler's republish.
     pub traceparent: String,
+    /// Events: the event, whose decision (`FIRED` or `DEDUPED`) is written with the fire.
+    pub origin: Option<std::sync::Arc<crate::event_ledger::EventOrigin>>,
 }
 
 /// A scheduling leadership term: the lease bucket's creation time (a recreated bucket is a newer
@@ -691,7 +696,15 @@ pub async fn record_fires(
         watermarks.push((fire.activity_id, schedule.watermark, new));
     }
     advance_watermarks(&mut tx, &watermarks).await?;
+    // An event's decision at this activity: the fire's, or the earlier fire of its key. An
+    // event delivered again after its fire was recorded finds its decision made.
+    let decisions: Vec<event_ledger::DecisionRow> = written
+        .iter()
+        .filter_map(|&(write, new)| event_decision(write.fire, new))
+        .collect();
+    let decided = event_ledger::insert(&mut tx, &decisions).await?;
     tx.commit().await?;
+    event_ledger::count(&decisions, &decided);
     Ok(new
         .into_iter()
         .zip(late)
@@ -700,6 +713,31 @@ pub async fn record_fires(
             None => Ok(new),
         })
         .collect())
+}
+
+/// The decision about the event behind `fire`, if an event is behind it.
+fn event_decision(fire: &NewFire, new: bool) -> Option<event_ledger::DecisionRow> {
+    let origin = fire.origin.clone()?;
+    let run = RunId::derive(fire.activity_id, &fire.dedupe_key);
+    Some(event_ledger::DecisionRow {
+        activity_id: fire.activity_id,
+        activity_name: fire.activity_name.clone(),
+        activity_version: fire.activity_version,
+        origin,
+        key: fire.dedupe_key.clone(),
+        decision: if new {
+            Decision::Fired
+        } else {
+            Decision::Deduped
+        },
+        reason: if new {
+            String::new()
+        } else {
+            format!("its key {:?} fired before, as run {run}", fire.dedupe_key)
+        },
+        run_id: Some(run),
+        decided_at: fire.fired_at,
+    })
 }
 
 /// Inserts fires in one statement, skipping those recorded before; returns the ids inserted.

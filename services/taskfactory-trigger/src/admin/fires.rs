@@ -1,4 +1,5 @@
-//! Fires by hand (TriggerActivity, Backfill), previews, and what schedules will do and did.
+//! Fires by hand (TriggerActivity, Backfill), previews, what schedules will do and did, and what
+//! became of each event (ListEventDecisions).
 
 use chrono::Utc;
 use taskfactory_model::access::{ActivityRef, Principal, Role};
@@ -6,15 +7,17 @@ use taskfactory_model::ids::ActivityId;
 use taskfactory_model::spec::{self, SpecErrors, chrono_to_timestamp};
 use taskfactory_model::{redact, values};
 use taskfactory_proto::v1::{
-    self, BackfillRequest, BackfillResponse, ListOccurrencesRequest, ListOccurrencesResponse,
-    ListScheduleTimesRequest, ListScheduleTimesResponse, PreviewRunRequest, PreviewRunResponse,
-    TriggerActivityRequest, TriggerActivityResponse, TriggerSource,
+    self, BackfillRequest, BackfillResponse, ListEventDecisionsRequest, ListEventDecisionsResponse,
+    ListOccurrencesRequest, ListOccurrencesResponse, ListScheduleTimesRequest,
+    ListScheduleTimesResponse, PreviewRunRequest, PreviewRunResponse, TriggerActivityRequest,
+    TriggerActivityResponse, TriggerSource,
 };
 use uuid::Uuid;
 
 use super::definitions::{stored_spec, validated_spec};
-use super::{Admin, AdminError, invalid, overlap_override, timestamp};
+use super::{Admin, AdminError, invalid, overlap_override, page_size, timestamp};
 use crate::audit::AuditEntry;
+use crate::event_ledger;
 use crate::fire::{self, FireRequest};
 use crate::ledger;
 use crate::registry::LiveActivity;
@@ -64,6 +67,7 @@ impl Admin {
                 fired_at: Utc::now(),
                 dst_note: None,
                 overlap,
+                origin: None,
             },
             None,
         )
@@ -153,6 +157,7 @@ impl Admin {
                     fired_at: now,
                     dst_note: occurrence.dst_note.clone(),
                     overlap,
+                    origin: None,
                 },
                 None,
             )
@@ -364,5 +369,78 @@ impl Admin {
         }
         let occurrences = ledger::list_occurrences(&self.pool, record.id, start, end).await?;
         Ok(ListOccurrencesResponse { occurrences })
+    }
+
+    pub(super) async fn list_event_decisions_for(
+        &self,
+        caller: &Principal,
+        request: ListEventDecisionsRequest,
+    ) -> Result<ListEventDecisionsResponse, AdminError> {
+        use v1::event_decision::Decision;
+        // A deleted activity's decisions stay readable by its id.
+        let activity_id = if request.activity.is_empty() {
+            None
+        } else if let Ok(id) = Uuid::parse_str(&request.activity) {
+            Some(id)
+        } else {
+            Some(
+                self.activity_for(caller, &request.activity, None, Role::Viewer)
+                    .await?
+                    .id
+                    .0,
+            )
+        };
+        let mut decisions = Vec::with_capacity(request.decisions.len());
+        for &value in &request.decisions {
+            match Decision::try_from(value) {
+                Ok(Decision::Unspecified) | Err(_) => {
+                    return Err(invalid(
+                        "decisions",
+                        format!("{value} is not an event decision"),
+                    ));
+                }
+                Ok(decision) => decisions.push(decision),
+            }
+        }
+        let start = timestamp("start", request.start.as_ref())?;
+        let end = timestamp("end", request.end.as_ref())?;
+        if let (Some(start), Some(end)) = (start, end)
+            && start > end
+        {
+            return Err(invalid("start", "must not be after end"));
+        }
+        let after = if request.page_token.is_empty() {
+            None
+        } else {
+            Some(
+                event_ledger::Cursor::decode(&request.page_token)
+                    .ok_or_else(|| invalid("pageToken", "is not a token this API returned"))?,
+            )
+        };
+        let query = event_ledger::Query {
+            activity_id,
+            key: (!request.key.is_empty()).then(|| request.key.clone()),
+            event_id: (!request.event_id.is_empty()).then(|| request.event_id.clone()),
+            decisions,
+            start,
+            end,
+            only: self.visible_activities(caller).await?,
+            after,
+            limit: page_size(request.page_size),
+        };
+        let (mut decisions, next) = event_ledger::list(&self.pool, &query).await?;
+        // Keys and reasons are the events' data: credential-shaped values are hidden from
+        // callers below admin, as in runs.
+        let redaction = self.redaction(caller).await?;
+        for decision in &mut decisions {
+            if redaction.applies_to(&decision.activity_id) {
+                redact::redact_text(&mut decision.key);
+                redact::redact_text(&mut decision.reason);
+            }
+        }
+        Ok(ListEventDecisionsResponse {
+            decisions,
+            next_page_token: next.map(|c| c.encode()).unwrap_or_default(),
+        })
     }
 }

@@ -13,7 +13,8 @@
 //! - this file: the service itself (one short method per RPC: caller, audit, handler), errors;
 //! - [`guard`]: scope checks against activities, runs and tasks; what is redacted for whom;
 //! - [`definitions`]: create, update, read, list, delete, pause, resume;
-//! - [`fires`]: TriggerActivity, Backfill, PreviewRun, ListScheduleTimes, ListOccurrences;
+//! - [`fires`]: TriggerActivity, Backfill, PreviewRun, ListScheduleTimes, ListOccurrences,
+//!   ListEventDecisions;
 //! - [`runs`]: runs, tasks, the commands on them, and the audit log;
 //! - [`spec_calls`]: how many calls that carry a spec are handled at once.
 
@@ -38,11 +39,12 @@ use taskfactory_proto::v1::{
     CreateActivityRequest, DeleteActivityRequest, DeleteActivityResponse, GetActivityRequest,
     GetRunRequest, GetTaskRequest, ListActivitiesRequest, ListActivitiesResponse,
     ListActivityVersionsRequest, ListActivityVersionsResponse, ListAuditEventsRequest,
-    ListAuditEventsResponse, ListOccurrencesRequest, ListOccurrencesResponse, ListRunsRequest,
-    ListRunsResponse, ListScheduleTimesRequest, ListScheduleTimesResponse, ListTasksRequest,
-    ListTasksResponse, PauseActivityRequest, PreviewRunRequest, PreviewRunResponse,
-    ResumeActivityRequest, RetryTaskRequest, Run, Task, TriggerActivityRequest,
-    TriggerActivityResponse, UpdateActivityRequest,
+    ListAuditEventsResponse, ListEventDecisionsRequest, ListEventDecisionsResponse,
+    ListOccurrencesRequest, ListOccurrencesResponse, ListRunsRequest, ListRunsResponse,
+    ListScheduleTimesRequest, ListScheduleTimesResponse, ListTasksRequest, ListTasksResponse,
+    PauseActivityRequest, PreviewRunRequest, PreviewRunResponse, ResumeActivityRequest,
+    RetryTaskRequest, Run, Task, TriggerActivityRequest, TriggerActivityResponse,
+    UpdateActivityRequest,
 };
 use taskfactory_runtime::clock::ClockHandle;
 use taskfactory_runtime::telemetry::error_chain;
@@ -502,6 +504,14 @@ impl AdminService for Admin {
     ) -> Result<Response<ListOccurrencesResponse>, Status> {
         let (caller, request) = caller(request)?;
         answer(self.list_occurrences_for(&caller, request).await)
+    }
+
+    async fn list_event_decisions(
+        &self,
+        request: Request<ListEventDecisionsRequest>,
+    ) -> Result<Response<ListEventDecisionsResponse>, Status> {
+        let (caller, request) = caller(request)?;
+        answer(self.list_event_decisions_for(&caller, request).await)
     }
 
     async fn list_runs(
