@@ -364,6 +364,7 @@ async fn an_event_recorded_again_keeps_its_one_decision() -> anyhow::Result<()> 
         dst_note: None,
         traceparent: String::new(),
         origin: Some(origin),
+        rate_limit: None,
     };
     let pool = env.db.pool().await?;
     assert!(record_fire(&pool, &fire(event(7, "m7")), None).await?);

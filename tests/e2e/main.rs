@@ -14,6 +14,7 @@ mod events;
 mod examples;
 mod execution;
 mod external_executor;
+mod flow_control;
 mod group_commit;
 mod hostile;
 mod leadership;

@@ -485,6 +485,7 @@ async fn a_fire_recorded_twice_at_once_is_a_duplicate_not_an_error() -> anyhow::
         dst_note: None,
         traceparent: String::new(),
         origin: None,
+        rate_limit: None,
     };
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(32)

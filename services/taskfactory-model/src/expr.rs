@@ -270,6 +270,26 @@ impl CompiledExpr<'_, '_> {
             .map_err(|e| naming_undefined(&e, self.expr.undeclared_variables(true), scope))
     }
 
+    /// A key, as flow control reads one (`event.customer_id`): a string as it is, any other
+    /// defined value as its JSON text (`42`, `true`, `null`, `["a",1]`). Undefined is an error
+    /// naming what is undefined: a key must not silently put every event in one bucket.
+    pub fn eval_key(&self, scope: &Value) -> Result<String, ExprError> {
+        let value = self.eval(scope)?;
+        if value.is_undefined() {
+            return Err(
+                undefined_names(self.expr.undeclared_variables(true), scope).map_or_else(
+                    || ExprError::new("is undefined (check the names it uses)"),
+                    ExprError::new,
+                ),
+            );
+        }
+        if let Some(text) = value.as_str() {
+            return Ok(text.to_owned());
+        }
+        serde_json::to_string(&value)
+            .map_err(|e| ExprError::new(format!("cannot be used as a key: {e}")))
+    }
+
     /// Truthiness, as in `when` and `filter`: undefined and null are false.
     pub fn eval_bool(&self, scope: &Value) -> Result<bool, ExprError> {
         Ok(self.eval(scope)?.is_true())
@@ -526,6 +546,38 @@ mod tests {
                 "{source}"
             );
         }
+    }
+
+    #[test]
+    fn a_key_is_a_string_as_it_is_and_any_other_value_as_json() {
+        let engine = Engine::new(Limits::default());
+        let s = event_scope(
+            &json!({"customer": "c-1", "n": 42, "ok": true, "z": null, "tags": ["a", 1]}),
+            "events.a",
+        );
+        for (source, key) in [
+            ("event.customer", "c-1"),
+            ("event.n", "42"),
+            ("event.ok", "true"),
+            ("event.z", "null"),
+            ("event.tags", r#"["a",1]"#),
+            ("event.customer ~ '/' ~ subject", "c-1/events.a"),
+        ] {
+            assert_eq!(
+                engine.expression(source).unwrap().eval_key(&s).unwrap(),
+                key,
+                "{source}"
+            );
+        }
+        let error = engine
+            .expression("event.custmer")
+            .unwrap()
+            .eval_key(&s)
+            .unwrap_err();
+        assert!(
+            error.message.contains("event.custmer is undefined"),
+            "{error:?}"
+        );
     }
 
     #[test]

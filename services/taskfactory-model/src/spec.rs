@@ -318,6 +318,16 @@ pub fn validate(spec: &ActivitySpec, now: DateTime<Utc>) -> Result<(), SpecError
         Some(trigger::Kind::Manual(_)) => {}
     }
 
+    if let Some(flow) = &spec.flow {
+        let is_event = matches!(
+            spec.trigger.as_ref().and_then(|t| t.kind.as_ref()),
+            Some(trigger::Kind::Event(_))
+        );
+        for e in validate_flow(flow, is_event, &engine) {
+            err(e.field, e.message);
+        }
+    }
+
     if spec.context.len() > MAX_CONTEXT_SOURCES {
         err(
             "context".to_owned(),
@@ -512,6 +522,51 @@ fn validate_event(event: &EventTrigger, engine: &Engine<'_>) -> Vec<FieldError> 
         && let Err(e) = engine.template(&event.dedupe_key)
     {
         errors.push(field(format!("{prefix}.dedupeKey"), e.message));
+    }
+    errors
+}
+
+/// The longest a rate limit's period may be.
+const MAX_RATE_PERIOD: Duration = Duration::from_secs(7 * 86_400);
+
+fn validate_flow(flow: &v1::Flow, is_event: bool, engine: &Engine<'_>) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    if let Some(limit) = &flow.rate_limit {
+        let prefix = "flow.rateLimit";
+        if !is_event {
+            errors.push(field(
+                prefix,
+                "applies to events only: this activity's trigger is not an event trigger",
+            ));
+        }
+        if !limit.key.trim().is_empty()
+            && let Err(e) = engine.expression(&limit.key)
+        {
+            errors.push(field(format!("{prefix}.key"), e.message));
+        }
+        if limit.limit == 0 {
+            errors.push(field(
+                format!("{prefix}.limit"),
+                "is required: at least 1 event per period",
+            ));
+        }
+        match limit.period.as_ref().map(std_duration) {
+            None => errors.push(field(
+                format!("{prefix}.period"),
+                "is required: a duration such as 10s or 1m",
+            )),
+            Some(None) => errors.push(field(
+                format!("{prefix}.period"),
+                "must be a non-negative duration",
+            )),
+            Some(Some(period)) if period < Duration::from_millis(1) => {
+                errors.push(field(format!("{prefix}.period"), "must be at least 1ms"))
+            }
+            Some(Some(period)) if period > MAX_RATE_PERIOD => {
+                errors.push(field(format!("{prefix}.period"), "must be at most 7 days"))
+            }
+            Some(Some(_)) => {}
+        }
     }
     errors
 }
@@ -867,6 +922,60 @@ tasks:
     retry: {maxAttempts: 5, initialBackoff: 1s, maxBackoff: 5m}
     timeout: 30s
 "#;
+
+    #[test]
+    fn a_rate_limit_that_makes_no_sense_is_refused_naming_the_field() {
+        let event = |flow: &str| {
+            format!(
+                "name: limited\ntrigger: {{event: {{subject: events.x}}}}\nflow: {flow}\ntasks: [{{name: t, type: noop}}]\n"
+            )
+        };
+        assert!(
+            errors_of(&event(
+                "{rateLimit: {key: event.account, limit: 1, period: 10s}}"
+            ))
+            .is_empty()
+        );
+        assert!(errors_of(&event("{rateLimit: {limit: 5, period: 7d}}")).is_empty());
+        for (flow, field, says) in [
+            (
+                "{rateLimit: {key: 'event.account ==', limit: 1, period: 10s}}",
+                "flow.rateLimit.key",
+                "",
+            ),
+            (
+                "{rateLimit: {key: event.a, period: 10s}}",
+                "flow.rateLimit.limit",
+                "at least 1",
+            ),
+            (
+                "{rateLimit: {key: event.a, limit: 1}}",
+                "flow.rateLimit.period",
+                "is required",
+            ),
+            (
+                "{rateLimit: {key: event.a, limit: 1, period: 0s}}",
+                "flow.rateLimit.period",
+                "at least 1ms",
+            ),
+            (
+                "{rateLimit: {key: event.a, limit: 1, period: 8d}}",
+                "flow.rateLimit.period",
+                "at most 7 days",
+            ),
+        ] {
+            let errors = errors_of(&event(flow));
+            assert_eq!(errors.len(), 1, "{flow}: {errors:?}");
+            assert_eq!(errors[0].field, field, "{flow}");
+            assert!(errors[0].message.contains(says), "{flow}: {errors:?}");
+        }
+        let errors = errors_of(
+            "name: limited\ntrigger: {schedule: {cron: ['* * * * *'], timezone: UTC}}\nflow: {rateLimit: {limit: 1, period: 1s}}\ntasks: [{name: t, type: noop}]\n",
+        );
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].field, "flow.rateLimit");
+        assert!(errors[0].message.contains("events only"), "{errors:?}");
+    }
 
     #[test]
     fn retries_that_could_outlive_the_tasks_stream_are_refused_naming_the_field() {

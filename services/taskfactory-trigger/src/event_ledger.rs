@@ -2,7 +2,8 @@
 //!
 //! Every event that reaches an activity (its subject matches the activity's event trigger) gets
 //! exactly one decision for it, with a reason: `FIRED` (with the run), `DEDUPED` (with the run
-//! its key made before), `FILTERED`, `FILTER_ERROR`, `KEY_ERROR`, `PAUSED` or `REJECTED`.
+//! its key made before), `FILTERED`, `FILTER_ERROR`, `KEY_ERROR`, `PAUSED`, `RATE_LIMITED` or
+//! `REJECTED`.
 //!
 //! - A fire's decision (`FIRED` or `DEDUPED`) is written in the transaction that records the fire
 //!   (`store::record_fires`), so there is never a fire without its decision or the reverse.
@@ -65,6 +66,8 @@ pub struct DecisionRow {
     pub reason: String,
     pub run_id: Option<RunId>,
     pub decided_at: DateTime<Utc>,
+    /// `RATE_LIMITED`: the value of the rate limit's key.
+    pub flow_key: Option<String>,
 }
 
 impl DecisionRow {
@@ -72,6 +75,9 @@ impl DecisionRow {
     pub fn storable(mut self) -> Self {
         values::make_storable_key(&mut self.key);
         values::make_storable_text(&mut self.reason);
+        if let Some(key) = self.flow_key.as_mut() {
+            values::make_storable_key(key);
+        }
         self
     }
 }
@@ -88,6 +94,7 @@ pub fn decision_db(decision: Decision) -> &'static str {
         Decision::Queued => "QUEUED",
         Decision::Paused => "PAUSED",
         Decision::Rejected => "REJECTED",
+        Decision::RateLimited => "RATE_LIMITED",
     }
 }
 
@@ -106,6 +113,7 @@ fn metric_label(decision: Decision) -> &'static str {
         Decision::Queued => "queued",
         Decision::Paused => "paused",
         Decision::Rejected => "rejected",
+        Decision::RateLimited => "rate_limited",
     }
 }
 
@@ -146,11 +154,14 @@ pub(crate) async fn insert(
     let decisions: Vec<&str> = rows.iter().map(|r| decision_db(r.decision)).collect();
     let runs: Vec<Option<Uuid>> = rows.iter().map(|r| r.run_id.map(|id| id.0)).collect();
     let decided: Vec<DateTime<Utc>> = rows.iter().map(|r| r.decided_at).collect();
+    let flow_keys: Vec<Option<&str>> = rows.iter().map(|r| r.flow_key.as_deref()).collect();
     let written: Vec<(Uuid, i64, i64)> = sqlx::query_as(
         "INSERT INTO event_decisions (activity_id, activity_version, stream_sequence, \
-             stream_published, msg_id, subject, event_key, decision, reason, run_id, decided_at) \
+             stream_published, msg_id, subject, event_key, decision, reason, run_id, decided_at, \
+             flow_key) \
          SELECT * FROM UNNEST($1::uuid[], $2::int4[], $3::int8[], $4::int8[], $5::text[], \
-             $6::text[], $7::text[], $8::text[], $9::text[], $10::uuid[], $11::timestamptz[]) \
+             $6::text[], $7::text[], $8::text[], $9::text[], $10::uuid[], $11::timestamptz[], \
+             $12::text[]) \
          ON CONFLICT DO NOTHING \
          RETURNING activity_id, stream_sequence, stream_published",
     )
@@ -165,6 +176,7 @@ pub(crate) async fn insert(
     .bind(column(|r| r.reason.clone()))
     .bind(&runs)
     .bind(&decided)
+    .bind(&flow_keys)
     .fetch_all(conn)
     .await?;
     let mut written: HashSet<(Uuid, i64, i64)> = written.into_iter().collect();
@@ -315,7 +327,7 @@ pub async fn list(
     let rows = sqlx::query(
         "SELECT d.activity_id, coalesce(a.name, '') AS activity_name, d.activity_version, \
              d.stream_sequence, d.stream_published, d.msg_id, d.subject, d.event_key, \
-             d.decision, d.reason, d.run_id, d.decided_at, r.status AS run_status, \
+             d.decision, d.reason, d.run_id, d.decided_at, d.flow_key, r.status AS run_status, \
              coalesce(r.waiting AND r.status = 'PENDING', false) AS run_waits \
          FROM event_decisions d \
          LEFT JOIN activities a ON a.id = d.activity_id \
@@ -387,6 +399,9 @@ fn from_row(row: &sqlx::postgres::PgRow) -> Result<(EventDecision, Cursor), sqlx
             stream_sequence: sequence_u64,
             subject: row.try_get("subject")?,
             key: row.try_get("event_key")?,
+            flow_key: row
+                .try_get::<Option<String>, _>("flow_key")?
+                .unwrap_or_default(),
             decision: decision as i32,
             reason,
             run_id: run_id.map(|id| id.to_string()).unwrap_or_default(),
@@ -432,7 +447,7 @@ mod tests {
 
     #[test]
     fn every_decision_has_a_spelling_the_contract_reads_back() {
-        for value in 0..=8 {
+        for value in 0..=9 {
             let decision = Decision::try_from(value).unwrap();
             assert_eq!(decision_from_db(decision_db(decision)), decision);
         }

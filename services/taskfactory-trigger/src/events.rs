@@ -42,8 +42,9 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::event_ledger::{DecisionRow, DecisionWriter, EventOrigin};
 use crate::fire::{self, FireBatcher, FireRequest};
+use crate::flow::RateLimit;
 use crate::registry::{LiveActivity, Registry};
-use crate::store;
+use crate::store::{self, StoreError};
 use crate::webhook;
 
 /// How often a message waiting for room is reported in progress (well within its ack wait).
@@ -172,7 +173,8 @@ impl EventIngress {
                 Verdict::Fire {
                     activity,
                     dedupe_key,
-                } => fires.push((activity, dedupe_key)),
+                    rate_limit,
+                } => fires.push((activity, dedupe_key, rate_limit)),
                 Verdict::Not {
                     activity,
                     key,
@@ -187,7 +189,7 @@ impl EventIngress {
         // recorded once every fire is decided, so an event retried for a transient failure
         // records none twice.
         let mut refused = Vec::new();
-        for (activity, dedupe_key) in fires {
+        for (activity, dedupe_key, rate_limit) in fires {
             let request = FireRequest {
                 activity_id: activity.id,
                 activity_name: activity.name.clone(),
@@ -201,11 +203,14 @@ impl EventIngress {
                 dst_note: None,
                 overlap: taskfactory_proto::v1::OverlapPolicy::OverlapUnspecified,
                 origin: Some(origin.clone()),
+                rate_limit,
             };
             match fire::fire_batched(&self.fires, request, None).await {
                 Ok(fired) => {
                     metrics::count_events(if fired.duplicate { "deduped" } else { "fired" })
                 }
+                // Dropped, and recorded so with the other fires.
+                Err(StoreError::RateLimited { .. }) => metrics::count_events("rate_limited"),
                 Err(error) => {
                     let why = format!(
                         "cannot record the fire of activity {}: {}",
@@ -319,15 +324,17 @@ fn decision_row(
         reason: reason.to_owned(),
         run_id: None,
         decided_at: chrono::Utc::now(),
+        flow_key: None,
     }
 }
 
 /// What an event does at one activity it reached.
 enum Verdict<'a> {
-    /// It fires, under this key.
+    /// It fires, under this key (and its rate limit, if the activity has one).
     Fire {
         activity: &'a LiveActivity,
         dedupe_key: String,
+        rate_limit: Option<RateLimit>,
     },
     /// It does not: why, and the key its fire would have had (where it could be rendered).
     Not {
@@ -414,19 +421,68 @@ fn decide<'a>(
                 }
             }
         }
-        match key() {
-            Ok(dedupe_key) => verdicts.push(Verdict::Fire {
-                activity,
-                dedupe_key,
-            }),
+        let dedupe_key = match key() {
+            Ok(dedupe_key) => dedupe_key,
             Err(reason) => {
                 metrics::count_events("dedupe_key_error");
                 tracing::warn!(activity.name = %activity.name, %subject, error = %reason, "dedupeKey failed on this event; activity not fired");
                 verdicts.push(not(Err(reason.clone()), Decision::KeyError, reason));
+                continue;
             }
-        }
+        };
+        let rate_limit = match rate_limit_of(activity, |source| {
+            engine()
+                .expression(source)
+                .and_then(|key| key.eval_key(scope()))
+        }) {
+            Ok(limit) => limit,
+            Err(reason) => {
+                metrics::count_events("dedupe_key_error");
+                tracing::warn!(activity.name = %activity.name, %subject, error = %reason, "flow.rateLimit.key failed on this event; activity not fired");
+                verdicts.push(not(Ok(dedupe_key), Decision::KeyError, reason));
+                continue;
+            }
+        };
+        verdicts.push(Verdict::Fire {
+            activity,
+            dedupe_key,
+            rate_limit,
+        });
     }
     verdicts
+}
+
+/// The activity's rate limit with this event's key (`eval_key` computes a key expression), if
+/// it has one; `Err` says why the key could not be computed.
+fn rate_limit_of(
+    activity: &LiveActivity,
+    eval_key: impl FnOnce(&str) -> Result<String, expr::ExprError>,
+) -> Result<Option<RateLimit>, String> {
+    let Some(limit) = activity
+        .spec
+        .flow
+        .as_ref()
+        .and_then(|f| f.rate_limit.as_ref())
+    else {
+        return Ok(None);
+    };
+    let period = limit
+        .period
+        .as_ref()
+        .and_then(taskfactory_model::spec::std_duration)
+        .unwrap_or_default();
+    let mut key = if limit.key.trim().is_empty() {
+        String::new()
+    } else {
+        eval_key(&limit.key)
+            .map_err(|error| format!("flow.rateLimit.key: {}", error_chain(&error)))?
+    };
+    taskfactory_model::values::make_storable_key(&mut key);
+    Ok(Some(RateLimit {
+        key,
+        limit: limit.limit,
+        period,
+    }))
 }
 
 /// Whether the event announces the completion of a run of `activity_id` itself.

@@ -57,6 +57,8 @@ pub struct FireRequest {
     pub overlap: OverlapPolicy,
     /// Events: the event, whose decision is recorded with the fire.
     pub origin: Option<Arc<EventOrigin>>,
+    /// Events of an activity with a rate limit: the limit and this event's key.
+    pub rate_limit: Option<crate::flow::RateLimit>,
 }
 
 /// What happened.
@@ -238,6 +240,7 @@ async fn fire_in_span(
         dst_note: request.dst_note.clone(),
         traceparent: taskfactory_runtime::propagation::current_traceparent().unwrap_or_default(),
         origin: request.origin.take(),
+        rate_limit: request.rate_limit.take(),
     };
     let inserted = match via {
         Via::Alone { pool, js } => {
@@ -798,6 +801,7 @@ mod tests {
                 dst_note: None,
                 traceparent: String::new(),
                 origin: None,
+                rate_limit: None,
             },
             schedule: None,
             span: tracing::Span::none(),

@@ -17,6 +17,7 @@
 //! - [`webhook`]: the HTTP webhook gateway — signed deliveries become events on `events.>`.
 //! - [`internal`]: requests to an orchestrator (commands, previews), recorded before they are sent.
 //! - [`fire`]: recording and publishing a fire (outbox), and the reconciler.
+//! - [`flow`]: flow control in the trigger (the rate limit).
 //! - [`store`] / [`views`]: Postgres access.
 //! - [`apply`]: the `apply` command (create or update activities from YAML/JSON files).
 
@@ -27,6 +28,7 @@ pub mod auth;
 pub mod event_ledger;
 pub mod events;
 pub mod fire;
+pub mod flow;
 pub mod internal;
 pub mod lease;
 pub mod ledger;
@@ -347,6 +349,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }),
         work_shutdown.clone(),
         ingress,
+    ));
+    // Rate limits: the state of keys idle for a whole period is deleted (any replica may do it).
+    tracker.spawn(flow::run_pruner(
+        pool.clone(),
+        Duration::from_secs(30),
+        work_shutdown.clone(),
     ));
     if let Some(webhooks) = webhooks {
         webhooks.spawn(&tracker, pool.clone(), js.clone(), work_shutdown.clone());

@@ -972,6 +972,7 @@ impl Writer {
             dst_note: occurrence.dst_note.clone(),
             overlap: taskfactory_proto::v1::OverlapPolicy::OverlapUnspecified,
             origin: None,
+            rate_limit: None,
         };
         let late_after = (source == TriggerSource::Schedule).then(|| {
             let margin = occurrence.at - self.late_limit(occurrence.at);

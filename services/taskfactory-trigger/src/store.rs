@@ -7,7 +7,7 @@ use sqlx::{PgPool, Row};
 use taskfactory_model::ids::{ActivityId, FireId, RunId};
 use taskfactory_proto::v1::event_decision::Decision;
 
-use crate::event_ledger;
+use crate::{event_ledger, flow};
 use taskfactory_model::sizes::{self, SizeError};
 use taskfactory_runtime::clock::ClockHandle;
 use uuid::Uuid;
@@ -52,6 +52,9 @@ pub enum StoreError {
         scheduled_for: DateTime<Utc>,
         late_after: DateTime<Utc>,
     },
+    /// An event over its activity's rate limit: not fired, recorded `RATE_LIMITED`.
+    #[error("{reason}")]
+    RateLimited { reason: String },
     #[error(transparent)]
     TooLarge(#[from] SizeError),
     #[error("database error")]
@@ -534,6 +537,8 @@ pub struct NewFire {
     pub traceparent: String,
     /// Events: the event, whose decision (`FIRED` or `DEDUPED`) is written with the fire.
     pub origin: Option<std::sync::Arc<crate::event_ledger::EventOrigin>>,
+    /// Events of an activity with a rate limit: the limit and this event's key.
+    pub rate_limit: Option<flow::RateLimit>,
 }
 
 /// A scheduling leadership term: the lease bucket's creation time (a recreated bucket is a newer
@@ -621,7 +626,17 @@ pub async fn record_fires(
     for term in terms {
         check_fence(&mut tx, term).await?;
     }
-    let inserted = insert_fires(&mut tx, writes.iter().map(|w| w.fire)).await?;
+    // Over their rate limit: judged before any fire is written, and not written.
+    let limited = rate_limited(&mut tx, writes).await?;
+    let inserted = insert_fires(
+        &mut tx,
+        writes
+            .iter()
+            .zip(&limited)
+            .filter(|(_, limited)| limited.is_none())
+            .map(|(w, _)| w.fire),
+    )
+    .await?;
     // Per write, whether it is the one that recorded its fire: of two writes of one key in this
     // batch (two events with one dedupe key), the first; the other is a duplicate.
     let mut claimed = std::collections::HashSet::new();
@@ -645,10 +660,15 @@ pub async fn record_fires(
             })
         })
         .collect();
+    let late: Vec<Option<StoreError>> = late
+        .into_iter()
+        .zip(limited)
+        .map(|(late, limited)| late.or(limited))
+        .collect();
     let taken_out: Vec<Uuid> = writes
         .iter()
         .zip(&late)
-        .filter(|(_, late)| late.is_some())
+        .filter(|(_, late)| matches!(late, Some(StoreError::Late { .. })))
         .map(|(w, _)| w.fire.id.0)
         .collect();
     if !taken_out.is_empty() {
@@ -698,10 +718,21 @@ pub async fn record_fires(
     advance_watermarks(&mut tx, &watermarks).await?;
     // An event's decision at this activity: the fire's, or the earlier fire of its key. An
     // event delivered again after its fire was recorded finds its decision made.
-    let decisions: Vec<event_ledger::DecisionRow> = written
+    let mut decisions: Vec<event_ledger::DecisionRow> = written
         .iter()
         .filter_map(|&(write, new)| event_decision(write.fire, new))
         .collect();
+    decisions.extend(
+        writes
+            .iter()
+            .zip(&late)
+            .filter_map(|(write, refused)| match refused {
+                Some(StoreError::RateLimited { reason }) => {
+                    rate_limited_decision(write.fire, reason)
+                }
+                _ => None,
+            }),
+    );
     let decided = event_ledger::insert(&mut tx, &decisions).await?;
     tx.commit().await?;
     event_ledger::count(&decisions, &decided);
@@ -737,7 +768,117 @@ fn event_decision(fire: &NewFire, new: bool) -> Option<event_ledger::DecisionRow
         },
         run_id: Some(run),
         decided_at: fire.fired_at,
+        flow_key: None,
     })
+}
+
+/// The decision about the event behind `fire`, dropped over its rate limit.
+fn rate_limited_decision(fire: &NewFire, reason: &str) -> Option<event_ledger::DecisionRow> {
+    let origin = fire.origin.clone()?;
+    Some(event_ledger::DecisionRow {
+        activity_id: fire.activity_id,
+        activity_name: fire.activity_name.clone(),
+        activity_version: fire.activity_version,
+        origin,
+        key: fire.dedupe_key.clone(),
+        decision: Decision::RateLimited,
+        reason: reason.to_owned(),
+        run_id: None,
+        decided_at: fire.fired_at,
+        flow_key: fire.rate_limit.as_ref().map(|limit| limit.key.clone()),
+    })
+}
+
+/// Per write, whether its fire is dropped over its activity's rate limit (`flow`): an event
+/// decided before (delivered again) as it was decided, without taking a share again; a fire whose
+/// key fired before is a duplicate and takes none; each other one is judged against its key's
+/// state, which is written in this transaction.
+async fn rate_limited(
+    tx: &mut sqlx::PgConnection,
+    writes: &[FireWrite<'_>],
+) -> Result<Vec<Option<StoreError>>, StoreError> {
+    let mut out: Vec<Option<StoreError>> = writes.iter().map(|_| None).collect();
+    let candidates: Vec<(usize, &event_ledger::EventOrigin, &flow::RateLimit)> = writes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, w)| Some((i, w.fire.origin.as_deref()?, w.fire.rate_limit.as_ref()?)))
+        .collect();
+    if candidates.is_empty() {
+        return Ok(out);
+    }
+    let activities: Vec<Uuid> = candidates
+        .iter()
+        .map(|&(i, _, _)| writes[i].fire.activity_id.0)
+        .collect();
+    let sequences: Vec<i64> = candidates
+        .iter()
+        .map(|(_, origin, _)| i64::try_from(origin.sequence).unwrap_or(i64::MAX))
+        .collect();
+    let published: Vec<i64> = candidates.iter().map(|(_, o, _)| o.published_ns).collect();
+    let decided: Vec<(Uuid, i64, i64, String)> = sqlx::query_as(
+        "SELECT activity_id, stream_sequence, stream_published, decision FROM event_decisions \
+         WHERE (activity_id, stream_sequence, stream_published) IN \
+             (SELECT * FROM UNNEST($1::uuid[], $2::int8[], $3::int8[]))",
+    )
+    .bind(&activities)
+    .bind(&sequences)
+    .bind(&published)
+    .fetch_all(&mut *tx)
+    .await?;
+    let decided: std::collections::HashMap<(Uuid, i64, i64), String> = decided
+        .into_iter()
+        .map(|(a, s, p, d)| ((a, s, p), d))
+        .collect();
+    let ids: Vec<Uuid> = candidates
+        .iter()
+        .map(|&(i, _, _)| writes[i].fire.id.0)
+        .collect();
+    let fired: std::collections::HashSet<Uuid> =
+        sqlx::query_scalar("SELECT id FROM fires WHERE id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect();
+    let mut claimed = std::collections::HashSet::new();
+    let mut judged = Vec::new();
+    let mut judged_at = Vec::new();
+    for (n, &(i, _, limit)) in candidates.iter().enumerate() {
+        let fire = writes[i].fire;
+        match decided.get(&(activities[n], sequences[n], published[n])) {
+            Some(decision) if decision == "RATE_LIMITED" => {
+                out[i] = Some(StoreError::RateLimited {
+                    reason: limit.reason(),
+                });
+                continue;
+            }
+            Some(_) => continue,
+            None => {}
+        }
+        if fired.contains(&fire.id.0) || !claimed.insert(fire.id.0) {
+            continue;
+        }
+        judged.push(flow::Judged {
+            activity: fire.activity_id,
+            limit,
+            at: fire.fired_at,
+        });
+        judged_at.push(i);
+    }
+    let fits = flow::judge(tx, &judged).await?;
+    for (i, fit) in judged_at.into_iter().zip(fits) {
+        if !fit {
+            let limit = writes[i]
+                .fire
+                .rate_limit
+                .as_ref()
+                .map(flow::RateLimit::reason);
+            out[i] = Some(StoreError::RateLimited {
+                reason: limit.unwrap_or_default(),
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// Inserts fires in one statement, skipping those recorded before; returns the ids inserted.

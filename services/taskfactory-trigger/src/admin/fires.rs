@@ -68,6 +68,7 @@ impl Admin {
                 dst_note: None,
                 overlap,
                 origin: None,
+                rate_limit: None,
             },
             None,
         )
@@ -158,6 +159,7 @@ impl Admin {
                     dst_note: occurrence.dst_note.clone(),
                     overlap,
                     origin: None,
+                    rate_limit: None,
                 },
                 None,
             )

@@ -1,0 +1,253 @@
+//! Flow control: the rate limit (`flow.rateLimit`), each decision recorded.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use taskfactory_model::ids::{ActivityId, FireId};
+use taskfactory_proto::v1::ListEventDecisionsRequest;
+use taskfactory_proto::v1::event_decision::Decision;
+use taskfactory_tests::{EnvOptions, TestEnv, wait_for};
+use taskfactory_trigger::event_ledger::EventOrigin;
+use taskfactory_trigger::flow::{RateLimit, prune_rate_limits};
+use taskfactory_trigger::store::{NewFire, StoreError, record_fire};
+
+use crate::event_decisions::decisions;
+use crate::schedules::wait_for_triggers_drained;
+use crate::support::{create, publish_event, runs};
+
+fn of_activity(activity: &str) -> ListEventDecisionsRequest {
+    ListEventDecisionsRequest {
+        activity: activity.to_owned(),
+        page_size: 1000,
+        ..Default::default()
+    }
+}
+
+fn count(rows: &[taskfactory_proto::v1::EventDecision], decision: Decision, key: &str) -> usize {
+    rows.iter()
+        .filter(|d| d.decision() == decision && d.flow_key == key)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rate_limit_drops_the_events_over_it_per_key_and_records_each() -> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    create(
+        &mut admin,
+        "name: per-account\ntrigger: {event: {subject: 'events.calls.*'}}\nflow: {rateLimit: {key: event.account, limit: 1, period: 10s}}\ntasks: [{name: t, type: noop}]",
+    )
+    .await?;
+    create(
+        &mut admin,
+        "name: three-a-minute\ntrigger: {event: {subject: 'events.calls.*'}}\nflow: {rateLimit: {limit: 3, period: 1m}}\ntasks: [{name: t, type: noop}]",
+    )
+    .await?;
+    let mut published = 0;
+    for (account, n) in [("a", 20), ("b", 10)] {
+        for i in 0..n {
+            let body = serde_json::json!({"account": account, "i": i});
+            publish_event(
+                &js,
+                "events.calls.made",
+                serde_json::to_vec(&body)?,
+                Some(&format!("{account}{i}")),
+            )
+            .await?;
+            published += 1;
+        }
+    }
+    publish_event(
+        &js,
+        "events.calls.made",
+        br#"{"i": 99}"#.to_vec(),
+        Some("nobody"),
+    )
+    .await?;
+    published += 1;
+    wait_for("every decision", Duration::from_secs(30), || {
+        let mut admin = admin.clone();
+        async move {
+            let made = decisions(&mut admin, of_activity("")).await?;
+            Ok((made.len() >= 2 * published).then_some(made))
+        }
+    })
+    .await?;
+    wait_for_triggers_drained(&js).await?;
+
+    let per_account = decisions(&mut admin, of_activity("per-account")).await?;
+    assert_eq!(per_account.len(), published);
+    assert_eq!(count(&per_account, Decision::Fired, ""), 2, "one per key");
+    assert_eq!(count(&per_account, Decision::RateLimited, "a"), 19);
+    assert_eq!(count(&per_account, Decision::RateLimited, "b"), 9);
+    let limited = per_account
+        .iter()
+        .find(|d| d.decision() == Decision::RateLimited)
+        .unwrap();
+    assert!(
+        limited.reason.contains("rate limit of 1 per 10s"),
+        "{limited:?}"
+    );
+    let missing = per_account.iter().find(|d| d.event_id == "nobody").unwrap();
+    assert_eq!(missing.decision(), Decision::KeyError);
+    assert!(
+        missing.reason.contains("flow.rateLimit.key")
+            && missing.reason.contains("event.account is undefined"),
+        "{missing:?}"
+    );
+    let three = decisions(&mut admin, of_activity("three-a-minute")).await?;
+    assert_eq!(count(&three, Decision::Fired, ""), 3);
+    assert_eq!(count(&three, Decision::RateLimited, ""), published - 3);
+    assert_eq!(runs(&mut admin, "per-account").await?.len(), 2);
+    assert_eq!(runs(&mut admin, "three-a-minute").await?.len(), 3);
+    let page = taskfactory_runtime::metrics::handle().render();
+    for (activity, decision, n) in [
+        ("per-account", "fired", 2),
+        ("per-account", "rate_limited", 28),
+        ("per-account", "key_error", 1),
+        ("three-a-minute", "fired", 3),
+        ("three-a-minute", "rate_limited", published - 3),
+    ] {
+        let line = format!(
+            "taskfactory_event_decisions_total{{activity=\"{activity}\",decision=\"{decision}\"}} {n}"
+        );
+        assert!(page.contains(&line), "{line} in {page}");
+    }
+
+    // A period after its fire, a key has its budget again; an idle key's state is pruned.
+    let last_fire = per_account
+        .iter()
+        .filter(|d| d.decision() == Decision::Fired)
+        .filter_map(|d| d.decided_at.clone())
+        .map(|t| std::time::SystemTime::try_from(t).unwrap())
+        .max()
+        .unwrap();
+    let reopens = last_fire + Duration::from_millis(10_300);
+    if let Ok(wait) = reopens.duration_since(std::time::SystemTime::now()) {
+        tokio::time::sleep(wait).await;
+    }
+    publish_event(
+        &js,
+        "events.calls.made",
+        br#"{"account": "a", "i": 100}"#.to_vec(),
+        Some("a-again"),
+    )
+    .await?;
+    let again = wait_for("the next event of a", Duration::from_secs(20), || {
+        let mut admin = admin.clone();
+        async move {
+            let made = decisions(
+                &mut admin,
+                ListEventDecisionsRequest {
+                    event_id: "a-again".to_owned(),
+                    ..of_activity("per-account")
+                },
+            )
+            .await?;
+            Ok(made.into_iter().next())
+        }
+    })
+    .await?;
+    assert_eq!(again.decision(), Decision::Fired, "{again:?}");
+    let pool = env.db.pool().await?;
+    prune_rate_limits(&pool).await?;
+    let mut kept: Vec<(String, String)> = sqlx::query_as(
+        "SELECT a.name, l.key FROM rate_limits l JOIN activities a ON a.id = l.activity_id",
+    )
+    .fetch_all(&pool)
+    .await?;
+    kept.sort();
+    assert_eq!(
+        kept,
+        [
+            ("per-account".to_owned(), "a".to_owned()),
+            ("three-a-minute".to_owned(), String::new())
+        ],
+        "b's period has passed: its state is gone"
+    );
+    Ok(())
+}
+
+/// An event delivered again is decided as it was, taking no second share of the budget; an event
+/// whose key fired before is a duplicate, not rate limited, and takes none either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rate_limited_event_delivered_again_takes_no_second_share() -> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _trigger = env.start(taskfactory_tests::Service::Trigger);
+    env.wait_ready(&[taskfactory_tests::Service::Trigger])
+        .await?;
+    let mut admin = env.admin().await?;
+    let activity = create(
+        &mut admin,
+        "name: hourly\ntrigger: {event: {subject: 'events.h.*'}}\nflow: {rateLimit: {limit: 1, period: 1h}}\ntasks: [{name: t, type: noop}]\n",
+    )
+    .await?;
+    let activity_id = ActivityId(activity.id.parse()?);
+    let fire = |sequence: u64, key: &str| NewFire {
+        id: FireId::derive(activity_id, key),
+        activity_id,
+        activity_name: "hourly".to_owned(),
+        activity_version: 1,
+        source: "event",
+        dedupe_key: key.to_owned(),
+        scheduled_for: None,
+        fired_at: chrono::Utc::now(),
+        subject: "events.h.x".to_owned(),
+        payload: None,
+        event: Vec::new(),
+        dst_note: None,
+        traceparent: String::new(),
+        origin: Some(Arc::new(EventOrigin {
+            sequence,
+            published_ns: 1_765_000_000_000_000_000 + i64::try_from(sequence).unwrap(),
+            msg_id: Some(format!("e{sequence}")),
+            subject: "events.h.x".to_owned(),
+        })),
+        rate_limit: Some(RateLimit {
+            key: String::new(),
+            limit: 1,
+            period: Duration::from_secs(3600),
+        }),
+    };
+    let pool = env.db.pool().await?;
+    let tat = || async {
+        sqlx::query_scalar::<_, chrono::DateTime<chrono::Utc>>("SELECT tat FROM rate_limits")
+            .fetch_one(&pool)
+            .await
+    };
+    assert!(record_fire(&pool, &fire(1, "k1"), None).await?);
+    let first = tat().await?;
+    assert!(!record_fire(&pool, &fire(1, "k1"), None).await?);
+    for _ in 0..2 {
+        match record_fire(&pool, &fire(2, "k2"), None).await {
+            Err(StoreError::RateLimited { reason }) => {
+                assert!(reason.contains("1 per 1h"), "{reason}")
+            }
+            other => anyhow::bail!("not rate limited: {other:?}"),
+        }
+    }
+    assert!(
+        !record_fire(&pool, &fire(3, "k1"), None).await?,
+        "a duplicate"
+    );
+    assert_eq!(tat().await?, first, "only the first took a share");
+    let made = decisions(&mut admin, of_activity("hourly")).await?;
+    let made: Vec<(String, Decision)> = made
+        .iter()
+        .map(|d| (d.event_id.clone(), d.decision()))
+        .collect();
+    assert_eq!(
+        made,
+        [
+            ("e3".to_owned(), Decision::Deduped),
+            ("e2".to_owned(), Decision::RateLimited),
+            ("e1".to_owned(), Decision::Fired),
+        ]
+    );
+    let page = taskfactory_runtime::metrics::handle().render();
+    let line = "taskfactory_event_decisions_total{activity=\"hourly\",decision=\"rate_limited\"} 1";
+    assert!(page.contains(line), "{line} in {page}");
+    Ok(())
+}
