@@ -13,7 +13,7 @@ use taskfactory_trigger::store::{NewFire, StoreError, record_fire};
 
 use crate::event_decisions::decisions;
 use crate::schedules::wait_for_triggers_drained;
-use crate::support::{create, publish_event, runs};
+use crate::support::{RecordingServer, create, publish_event, runs};
 
 fn of_activity(activity: &str) -> ListEventDecisionsRequest {
     ListEventDecisionsRequest {
@@ -249,5 +249,231 @@ async fn a_rate_limited_event_delivered_again_takes_no_second_share() -> anyhow:
     let page = taskfactory_runtime::metrics::handle().render();
     let line = "taskfactory_event_decisions_total{activity=\"hourly\",decision=\"rate_limited\"} 1";
     assert!(page.contains(line), "{line} in {page}");
+    Ok(())
+}
+
+/// How many of `intervals` (start, end) overlap at most at one instant.
+fn most_at_once<T: Ord + Copy>(intervals: &[(T, T)]) -> usize {
+    let mut edges: Vec<(T, i32)> = intervals
+        .iter()
+        .flat_map(|&(start, end)| [(start, 1), (end, -1)])
+        .collect();
+    // At one instant, an end before a start: touching intervals do not overlap.
+    edges.sort();
+    let (mut now, mut most) = (0i32, 0i32);
+    for (_, step) in edges {
+        now += step;
+        most = most.max(now);
+    }
+    usize::try_from(most).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrency_per_key_holds_for_a_thousand_events_over_fifty_keys() -> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions {
+        executor_concurrency: 128,
+        ..EnvOptions::default()
+    })
+    .await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    let server = RecordingServer::start(Duration::from_millis(200)).await?;
+    create(
+        &mut admin,
+        &format!(
+            "name: per-customer\ntrigger: {{event: {{subject: 'events.orders.*'}}}}\nflow: {{concurrency: {{key: event.customer, limit: 2}}}}\ntasks: [{{name: call, type: http, params: {{url: '{}', body: {{customer: '{{{{ event.customer }}}}', n: '{{{{ event.n }}}}'}}}}}}]",
+            server.url
+        ),
+    )
+    .await?;
+    const EVENTS: usize = 1000;
+    for n in 0..EVENTS {
+        let body = serde_json::json!({"customer": format!("c{}", n % 50), "n": n});
+        publish_event(
+            &js,
+            "events.orders.placed",
+            serde_json::to_vec(&body)?,
+            Some(&format!("o{n}")),
+        )
+        .await?;
+    }
+    let pool = env.db.pool().await?;
+    wait_for("every run finished", Duration::from_secs(180), || async {
+        let done: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM runs WHERE status = 'SUCCEEDED' AND activity_name = 'per-customer'",
+        )
+        .fetch_one(&pool)
+        .await?;
+        Ok((usize::try_from(done)? == EVENTS).then_some(()))
+    })
+    .await?;
+
+    // Every event ran once.
+    let calls = server.timed_calls();
+    let mut ran: Vec<i64> = calls
+        .iter()
+        .map(|c| c.body["n"].as_i64().unwrap())
+        .collect();
+    ran.sort_unstable();
+    assert_eq!(
+        ran,
+        (0..EVENTS as i64).collect::<Vec<_>>(),
+        "each event once"
+    );
+    // No key ever had more than 2 running, from the runs' own record...
+    let rows: Vec<(
+        String,
+        chrono::DateTime<chrono::Utc>,
+        chrono::DateTime<chrono::Utc>,
+    )> = sqlx::query_as(
+        "SELECT flow_key, started_at, finished_at FROM runs WHERE activity_name = 'per-customer'",
+    )
+    .fetch_all(&pool)
+    .await?;
+    assert_eq!(rows.len(), EVENTS);
+    let mut by_key: std::collections::BTreeMap<String, Vec<_>> = Default::default();
+    for (key, started, finished) in rows {
+        by_key.entry(key).or_default().push((started, finished));
+    }
+    assert_eq!(by_key.len(), 50);
+    let mut busiest = 0;
+    for (key, runs) in &by_key {
+        let most = most_at_once(runs);
+        assert!(most <= 2, "key {key}: {most} runs at once");
+        busiest = busiest.max(most);
+    }
+    assert_eq!(busiest, 2, "the limit was reached, not just respected");
+    // ...and from the calls the server saw.
+    let mut calls_by_key: std::collections::BTreeMap<String, Vec<_>> = Default::default();
+    for call in &calls {
+        calls_by_key
+            .entry(call.body["customer"].as_str().unwrap().to_owned())
+            .or_default()
+            .push((call.started, call.finished));
+    }
+    for (key, calls) in &calls_by_key {
+        let most = most_at_once(calls);
+        assert!(most <= 2, "key {key}: {most} calls at once");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn waiting_runs_start_in_priority_order_and_their_events_are_queued() -> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    let server = RecordingServer::start(Duration::from_millis(1500)).await?;
+    create(
+        &mut admin,
+        &format!(
+            "name: ranked\ntrigger: {{event: {{subject: 'events.jobs.*'}}}}\nflow: {{concurrency: {{limit: 1}}, priority: event.rank}}\ntasks: [{{name: call, type: http, params: {{url: '{}', body: {{id: '{{{{ event.id }}}}'}}}}}}]",
+            server.url
+        ),
+    )
+    .await?;
+    publish_event(
+        &js,
+        "events.jobs.new",
+        br#"{"id": "first", "rank": 0}"#.to_vec(),
+        Some("first"),
+    )
+    .await?;
+    let pool = env.db.pool().await?;
+    wait_for(
+        "the first run admitted",
+        Duration::from_secs(20),
+        || async {
+            let started: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM runs WHERE activity_name = 'ranked' AND started_at IS NOT NULL",
+        )
+        .fetch_one(&pool)
+        .await?;
+            Ok((started == 1).then_some(()))
+        },
+    )
+    .await?;
+    for (id, rank) in [("r1", 5), ("r2", 50), ("r3", 10), ("r4", 50), ("r5", 1)] {
+        let body = serde_json::json!({"id": id, "rank": rank});
+        publish_event(&js, "events.jobs.new", serde_json::to_vec(&body)?, Some(id)).await?;
+    }
+    // Queued, each event, while the first runs.
+    let queued = wait_for("five events queued", Duration::from_secs(20), || {
+        let mut admin = admin.clone();
+        async move {
+            let queued = decisions(
+                &mut admin,
+                ListEventDecisionsRequest {
+                    decisions: vec![Decision::Queued as i32],
+                    ..of_activity("ranked")
+                },
+            )
+            .await?;
+            Ok((queued.len() == 5).then_some(queued))
+        }
+    })
+    .await?;
+    assert!(
+        queued.iter().all(|d| d.reason.contains("waits")),
+        "{queued:#?}"
+    );
+    // A manual fire with a higher priority goes before them; one without a rank is refused.
+    admin
+        .trigger_activity(taskfactory_proto::v1::TriggerActivityRequest {
+            id: "ranked".to_owned(),
+            payload: Some(taskfactory_model::values::json_to_value(
+                &serde_json::json!({"id": "manual", "rank": 99}),
+            )),
+            idempotency_key: "m".to_owned(),
+            ..Default::default()
+        })
+        .await?;
+    let refused = admin
+        .trigger_activity(taskfactory_proto::v1::TriggerActivityRequest {
+            id: "ranked".to_owned(),
+            payload: Some(taskfactory_model::values::json_to_value(
+                &serde_json::json!({"id": "unranked"}),
+            )),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(
+        refused.message().contains("flow.priority")
+            && refused.message().contains("event.rank is undefined"),
+        "{refused:?}"
+    );
+    wait_for("every run finished", Duration::from_secs(60), || async {
+        let done: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM runs WHERE activity_name = 'ranked' AND status = 'SUCCEEDED'",
+        )
+        .fetch_one(&pool)
+        .await?;
+        Ok((done == 7).then_some(()))
+    })
+    .await?;
+    let order: Vec<String> = sqlx::query_scalar(
+        "SELECT dedupe_key FROM runs WHERE activity_name = 'ranked' ORDER BY started_at",
+    )
+    .fetch_all(&pool)
+    .await?;
+    assert_eq!(
+        order,
+        ["first", "manual:m", "r2", "r4", "r3", "r1", "r5"],
+        "priority first, then the earlier fire"
+    );
+    let intervals: Vec<(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)> =
+        sqlx::query_as("SELECT started_at, finished_at FROM runs WHERE activity_name = 'ranked'")
+            .fetch_all(&pool)
+            .await?;
+    assert_eq!(most_at_once(&intervals), 1);
+    let fired = decisions(&mut admin, of_activity("ranked")).await?;
+    assert!(
+        fired.iter().all(|d| d.decision() == Decision::Fired),
+        "queued until they ran: {fired:#?}"
+    );
     Ok(())
 }

@@ -442,6 +442,8 @@ pub struct EnvOptions {
     pub egress_allow: String,
     /// Executor (in-process): how long a task may run without a heartbeat before redelivery.
     pub executor_ack_wait: Duration,
+    /// Executor (in-process): tasks of one type run at once (its `--concurrency`).
+    pub executor_concurrency: usize,
     /// Trigger: the largest event body taken in.
     pub max_event_bytes: usize,
     /// Trigger (in-process): the scheduler's clock; tests that drive time pass a manual one.
@@ -496,6 +498,7 @@ impl Default for EnvOptions {
             orchestrator_ack_wait: Duration::from_secs(30),
             egress_allow: "127.0.0.1".to_owned(),
             executor_ack_wait: Duration::from_secs(30),
+            executor_concurrency: 16,
             max_event_bytes: 1024 * 1024,
             clock: ClockHandle::system(),
             lease_ttl: Duration::from_secs(5),
@@ -628,6 +631,7 @@ impl TestEnv {
                 config.nats = self.nats_args(service.nats_user());
                 config.egress_allow = self.options.egress_allow.clone();
                 config.ack_wait = self.options.executor_ack_wait;
+                config.concurrency = self.options.executor_concurrency;
                 tokio::spawn(taskfactory_executor::run(config, token))
             }
         };

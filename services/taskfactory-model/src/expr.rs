@@ -290,6 +290,35 @@ impl CompiledExpr<'_, '_> {
             .map_err(|e| ExprError::new(format!("cannot be used as a key: {e}")))
     }
 
+    /// A priority: a number (a fraction is cut to its integer part; beyond the range of a
+    /// 64-bit integer it is clamped). Anything else is an error naming what it was.
+    pub fn eval_priority(&self, scope: &Value) -> Result<i64, ExprError> {
+        let value = self.eval(scope)?;
+        if value.is_undefined() {
+            return Err(
+                undefined_names(self.expr.undeclared_variables(true), scope).map_or_else(
+                    || ExprError::new("is undefined (check the names it uses)"),
+                    ExprError::new,
+                ),
+            );
+        }
+        if value.kind() == minijinja::value::ValueKind::Number {
+            if let Some(n) = value.as_i64() {
+                return Ok(n);
+            }
+            if let Ok(n) = f64::try_from(value.clone())
+                && !n.is_nan()
+            {
+                // `as` saturates at the ends of the range.
+                return Ok(n.trunc() as i64);
+            }
+        }
+        Err(ExprError::new(format!(
+            "must be a number, not {} ({value})",
+            value.kind()
+        )))
+    }
+
     /// Truthiness, as in `when` and `filter`: undefined and null are false.
     pub fn eval_bool(&self, scope: &Value) -> Result<bool, ExprError> {
         Ok(self.eval(scope)?.is_true())
@@ -578,6 +607,44 @@ mod tests {
             error.message.contains("event.custmer is undefined"),
             "{error:?}"
         );
+    }
+
+    #[test]
+    fn a_priority_is_a_number() {
+        let engine = Engine::new(Limits::default());
+        let s = event_scope(
+            &json!({"tier": "gold", "n": 7, "f": -2.9, "big": 1e300, "s": "5"}),
+            "events.a",
+        );
+        for (source, priority) in [
+            ("100 if event.tier == 'gold' else 0", 100),
+            ("event.n", 7),
+            ("event.f", -2),
+            ("event.big", i64::MAX),
+            ("-event.big", i64::MIN),
+        ] {
+            assert_eq!(
+                engine
+                    .expression(source)
+                    .unwrap()
+                    .eval_priority(&s)
+                    .unwrap(),
+                priority,
+                "{source}"
+            );
+        }
+        for (source, says) in [
+            ("event.s", "must be a number, not string"),
+            ("none", "must be a number, not none"),
+            ("event.tierr", "event.tierr is undefined"),
+        ] {
+            let error = engine
+                .expression(source)
+                .unwrap()
+                .eval_priority(&s)
+                .unwrap_err();
+            assert!(error.message.contains(says), "{source}: {error:?}");
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! - [`misfire`]: what a schedule does about occurrences it missed (policy, window, cap).
 //! - [`overlap`]: what a new run does while others of its activity are unfinished; which waiting
 //!   run starts next.
+//! - [`flow`]: what a fire of an activity with `flow.concurrency` carries (key, limit, priority).
 //! - [`secrets`]: secret names, the hosts each may be sent to, what a sensitive source leaves.
 //! - [`plan`]: evaluating task templates into tasks, with a per-template evaluation.
 //! - [`expr`]: the sandboxed expression and template engine (`forEach`, `when`, `params`, filters).
@@ -35,6 +36,7 @@ pub mod complete;
 pub mod egress;
 pub mod expr;
 mod expr_strict;
+pub mod flow;
 pub mod ids;
 pub mod misfire;
 pub mod overlap;

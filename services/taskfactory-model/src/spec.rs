@@ -323,7 +323,11 @@ pub fn validate(spec: &ActivitySpec, now: DateTime<Utc>) -> Result<(), SpecError
             spec.trigger.as_ref().and_then(|t| t.kind.as_ref()),
             Some(trigger::Kind::Event(_))
         );
-        for e in validate_flow(flow, is_event, &engine) {
+        let schedule = match spec.trigger.as_ref().and_then(|t| t.kind.as_ref()) {
+            Some(trigger::Kind::Schedule(schedule)) => Some(schedule),
+            _ => None,
+        };
+        for e in validate_flow(flow, is_event, schedule, &engine) {
             err(e.field, e.message);
         }
     }
@@ -529,8 +533,60 @@ fn validate_event(event: &EventTrigger, engine: &Engine<'_>) -> Vec<FieldError> 
 /// The longest a rate limit's period may be.
 const MAX_RATE_PERIOD: Duration = Duration::from_secs(7 * 86_400);
 
-fn validate_flow(flow: &v1::Flow, is_event: bool, engine: &Engine<'_>) -> Vec<FieldError> {
+fn validate_flow(
+    flow: &v1::Flow,
+    is_event: bool,
+    schedule: Option<&ScheduleTrigger>,
+    engine: &Engine<'_>,
+) -> Vec<FieldError> {
     let mut errors = Vec::new();
+    if let Some(concurrency) = &flow.concurrency {
+        let prefix = "flow.concurrency";
+        if concurrency.limit == 0 {
+            errors.push(field(
+                format!("{prefix}.limit"),
+                "is required: at least 1 run at once",
+            ));
+        }
+        if !concurrency.key.trim().is_empty() {
+            if schedule.is_some() {
+                errors.push(field(
+                    format!("{prefix}.key"),
+                    "must be empty for a schedule (its fires carry no event to key on): the limit \
+                     is then over the whole activity",
+                ));
+            } else if let Err(e) = engine.expression(&concurrency.key) {
+                errors.push(field(format!("{prefix}.key"), e.message));
+            }
+        }
+        if let Some(schedule) = schedule
+            && !matches!(
+                v1::OverlapPolicy::try_from(schedule.overlap),
+                Ok(v1::OverlapPolicy::OverlapUnspecified | v1::OverlapPolicy::AllowAll)
+            )
+        {
+            errors.push(field(
+                prefix,
+                "cannot be combined with trigger.schedule.overlap: both decide when a run may \
+                 start; use one of them",
+            ));
+        }
+    }
+    if !flow.priority.trim().is_empty() {
+        if flow.concurrency.is_none() {
+            errors.push(field(
+                "flow.priority",
+                "orders the runs waiting under flow.concurrency: set flow.concurrency too",
+            ));
+        } else if schedule.is_some() {
+            errors.push(field(
+                "flow.priority",
+                "must be empty for a schedule (its fires carry no event to rank)",
+            ));
+        } else if let Err(e) = engine.expression(&flow.priority) {
+            errors.push(field("flow.priority", e.message));
+        }
+    }
     if let Some(limit) = &flow.rate_limit {
         let prefix = "flow.rateLimit";
         if !is_event {
@@ -975,6 +1031,71 @@ tasks:
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert_eq!(errors[0].field, "flow.rateLimit");
         assert!(errors[0].message.contains("events only"), "{errors:?}");
+    }
+
+    #[test]
+    fn concurrency_and_priority_that_make_no_sense_are_refused_naming_the_field() {
+        let event = |flow: &str| {
+            format!(
+                "name: limited\ntrigger: {{event: {{subject: events.x}}}}\nflow: {flow}\ntasks: [{{name: t, type: noop}}]\n"
+            )
+        };
+        let schedule = |overlap: &str, flow: &str| {
+            format!(
+                "name: limited\ntrigger: {{schedule: {{cron: ['* * * * *'], timezone: UTC{overlap}}}}}\nflow: {flow}\ntasks: [{{name: t, type: noop}}]\n"
+            )
+        };
+        for good in [
+            event("{concurrency: {key: event.customer, limit: 2}}"),
+            event("{concurrency: {limit: 1}, priority: \"100 if event.tier == 'gold' else 0\"}"),
+            schedule("", "{concurrency: {limit: 3}}"),
+            schedule(", overlap: ALLOW_ALL", "{concurrency: {limit: 3}}"),
+            "name: m\ntrigger: {manual: {}}\nflow: {concurrency: {key: event.user, limit: 1}, priority: event.rank}\ntasks: [{name: t, type: noop}]\n".to_owned(),
+        ] {
+            assert!(errors_of(&good).is_empty(), "{good}: {:?}", errors_of(&good));
+        }
+        for (spec, field, says) in [
+            (
+                event("{concurrency: {key: event.customer}}"),
+                "flow.concurrency.limit",
+                "at least 1",
+            ),
+            (
+                event("{concurrency: {key: 'event.customer ==', limit: 1}}"),
+                "flow.concurrency.key",
+                "",
+            ),
+            (
+                event("{priority: event.rank}"),
+                "flow.priority",
+                "set flow.concurrency",
+            ),
+            (
+                event("{concurrency: {limit: 1}, priority: 'event.rank +'}"),
+                "flow.priority",
+                "",
+            ),
+            (
+                schedule("", "{concurrency: {key: event.x, limit: 1}}"),
+                "flow.concurrency.key",
+                "must be empty for a schedule",
+            ),
+            (
+                schedule(", overlap: SKIP", "{concurrency: {limit: 1}}"),
+                "flow.concurrency",
+                "trigger.schedule.overlap",
+            ),
+            (
+                schedule("", "{concurrency: {limit: 1}, priority: '1'}"),
+                "flow.priority",
+                "must be empty for a schedule",
+            ),
+        ] {
+            let errors = errors_of(&spec);
+            assert_eq!(errors.len(), 1, "{spec}: {errors:?}");
+            assert_eq!(errors[0].field, field, "{spec}");
+            assert!(errors[0].message.contains(says), "{spec}: {errors:?}");
+        }
     }
 
     #[test]

@@ -38,7 +38,8 @@ use taskfactory_model::spec::{
 use taskfactory_model::status::source_name;
 use taskfactory_model::{sizes, subjects, values};
 use taskfactory_proto::v1::{
-    ActivitySpec, OverlapPolicy, RunStatus, TaskInstance, TaskStatus, TriggerEvent, trigger,
+    ActivitySpec, FlowAdmission, OverlapPolicy, RunStatus, TaskInstance, TaskStatus, TriggerEvent,
+    trigger,
 };
 use taskfactory_runtime::messaging::{self, Handler, Then, Unfinished};
 use taskfactory_runtime::propagation;
@@ -278,6 +279,13 @@ impl Spawner {
             return Ok(());
         }
 
+        if let Some(flow) = &event.flow
+            && event.overlap() == OverlapPolicy::OverlapUnspecified
+        {
+            return self
+                .admit_flow(event, activity_id, run_id, flow, message.payload.as_ref())
+                .await;
+        }
         let policy = self.overlap_policy(event, activity_id).await?;
         if !matches!(
             policy,
@@ -410,6 +418,49 @@ impl Spawner {
         }
     }
 
+    /// Records a run of an activity with `flow.concurrency` as waiting under its key, and starts
+    /// whatever there is room for now (this run, unless runs of a higher priority or an earlier
+    /// fire wait before it). One that waits starts when a run of its key ends.
+    async fn admit_flow(
+        &self,
+        event: &TriggerEvent,
+        activity_id: ActivityId,
+        run_id: RunId,
+        flow: &FlowAdmission,
+        encoded_event: &[u8],
+    ) -> Result<(), SpawnError> {
+        let header = run_header(event, activity_id, run_id);
+        let Some(started) = store::admit_flow_run(&self.pool, &header, flow, encoded_event).await?
+        else {
+            // Another delivery recorded it first; continue from what it recorded.
+            if store::admitted_trigger_event(&self.pool, run_id)
+                .await?
+                .is_some()
+            {
+                self.start_admitted_here(run_id).await?;
+            } else if store::run_state(&self.pool, run_id).await?.is_none() {
+                return Err(SpawnError::Conflict(format!(
+                    "activity {activity_id} already has a run for dedupe key {:?}, and it is not run {run_id}",
+                    event.dedupe_key
+                )));
+            }
+            return Ok(());
+        };
+        if !started.contains(&run_id) {
+            tracing::Span::current().record("run.admission", "queued");
+            tracing::info!(run.id = %run_id, activity.name = %event.activity_name, concurrency.key = %flow.concurrency_key, concurrency.limit = flow.concurrency_limit, priority = flow.priority, "run waits for room under its concurrency key");
+        }
+        for id in started {
+            if id == run_id {
+                self.start_admitted_here(id).await?;
+            } else if let Err(error) = Box::pin(self.start_admitted(id)).await {
+                // Admitted and recorded so: the sweeper starts it.
+                tracing::warn!(run.id = %id, error = %error_chain(&error), "cannot start a run admitted under its concurrency key yet; the overlap sweeper will");
+            }
+        }
+        Ok(())
+    }
+
     /// Starts a run its overlap policy admitted: evaluates it as of now, records its tasks and
     /// publishes them. A run that ends at once (no tasks, evaluation failed) lets the next waiting
     /// run start.
@@ -474,7 +525,11 @@ impl Spawner {
             // The next run needs room of its own: never wait for it while holding this one's.
             drop(room);
             completion::announce_if_finished(&self.marks, &self.js, run_id).await?;
-            Box::pin(self.start_next(activity_id)).await?;
+            let flow = event
+                .flow
+                .as_ref()
+                .map(|f| (f.concurrency_key.clone(), f.concurrency_limit));
+            Box::pin(self.start_next_for(activity_id, flow.as_ref())).await?;
         }
         Ok(())
     }
@@ -488,7 +543,8 @@ impl Spawner {
         let announced = completion::announce(&self.marks, &self.js, run).await;
         // Whatever became of the announcement: not every caller is delivered again.
         if run.waiting_behind {
-            self.start_next_or_leave(run.activity_id).await;
+            self.start_next_or_leave(run.activity_id, run.flow.as_ref())
+                .await;
         }
         Ok(announced?)
     }
@@ -501,15 +557,49 @@ impl Spawner {
         activity: ActivityId,
     ) -> Result<(), SpawnError> {
         let announced = completion::announce_if_finished(&self.marks, &self.js, run).await;
-        self.start_next_or_leave(activity).await;
+        let flow = match store::run_flow(&self.pool, run).await {
+            Ok(flow) => flow,
+            Err(error) => {
+                tracing::warn!(run.id = %run, error = %error_chain(&error), "cannot read the run's concurrency key; the overlap sweeper will start what waits");
+                None
+            }
+        };
+        self.start_next_or_leave(activity, flow.as_ref()).await;
         Ok(announced?)
     }
 
-    /// Starts the activity's next buffered run, or leaves it to the overlap sweeper.
-    async fn start_next_or_leave(&self, activity: ActivityId) {
-        if let Err(error) = Box::pin(self.start_next(activity)).await {
+    /// Starts the activity's next buffered run (under `flow.concurrency`: what its key has room
+    /// for), or leaves it to the overlap sweeper.
+    async fn start_next_or_leave(&self, activity: ActivityId, flow: Option<&(String, u32)>) {
+        if let Err(error) = Box::pin(self.start_next_for(activity, flow)).await {
             tracing::warn!(activity.id = %activity, error = %error_chain(&error), "cannot start the next buffered run yet; the overlap sweeper will");
         }
+    }
+
+    /// [`Self::start_next`], or under `flow.concurrency` ([`Self::start_next_flow`]).
+    async fn start_next_for(
+        &self,
+        activity: ActivityId,
+        flow: Option<&(String, u32)>,
+    ) -> Result<(), SpawnError> {
+        match flow {
+            Some((key, limit)) => self.start_next_flow(activity, key, *limit).await,
+            None => self.start_next(activity).await,
+        }
+    }
+
+    /// After a run of the key ended: starts what waits under it, as far as there is room.
+    pub async fn start_next_flow(
+        &self,
+        activity: ActivityId,
+        key: &str,
+        limit: u32,
+    ) -> Result<(), SpawnError> {
+        for next in store::promote_flow(&self.pool, activity, key, limit).await? {
+            tracing::info!(run.id = %next, activity.id = %activity, concurrency.key = %key, "starting a run that waited under its concurrency key");
+            Box::pin(self.start_admitted(next)).await?;
+        }
+        Ok(())
     }
 
     /// After one of the activity's runs finished: starts its oldest waiting run, if nothing else
@@ -550,6 +640,11 @@ impl Spawner {
         for activity in activities {
             if let Err(error) = self.start_next(activity).await {
                 tracing::warn!(activity.id = %activity, error = %error_chain(&error), "cannot start a buffered run yet");
+            }
+        }
+        for (activity, key, limit) in store::stalled_flow_keys(&self.pool, before).await? {
+            if let Err(error) = self.start_next_flow(activity, &key, limit).await {
+                tracing::warn!(activity.id = %activity, concurrency.key = %key, error = %error_chain(&error), "cannot start a run waiting under its concurrency key yet");
             }
         }
         Ok(())

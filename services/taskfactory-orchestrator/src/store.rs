@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row};
 use taskfactory_model::ids::{ActivityId, RunId, TaskId};
 use taskfactory_model::{overlap, status};
-use taskfactory_proto::v1::{OverlapPolicy, RunStatus, TaskStatus};
+use taskfactory_proto::v1::{FlowAdmission, OverlapPolicy, RunStatus, TaskStatus};
 use taskfactory_runtime::metrics;
 use uuid::Uuid;
 
@@ -586,6 +586,134 @@ async fn lock_activity(
     Ok(())
 }
 
+/// Serializes the admissions and promotions of one concurrency key across orchestrators
+/// (transaction-scoped). Taken where an activity's overlap lock would be (before runs and tasks);
+/// never together with it, and one key at a time.
+async fn lock_flow_key(
+    tx: &mut sqlx::PgConnection,
+    activity: ActivityId,
+    key: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(format!("taskfactory-flow:{}:{key}", activity.0))
+        .execute(tx)
+        .await?;
+    Ok(())
+}
+
+/// Records a new run of an activity with `flow.concurrency` as waiting for room under its key,
+/// then starts as many of the key's waiting runs as there is room for ([`promote_flow`]'s
+/// rule), all in one transaction under the key's lock. Returns the runs to start now (this one
+/// among them, or not), or `None` when the run was recorded before (a redelivered trigger).
+pub async fn admit_flow_run(
+    pool: &PgPool,
+    run: &NewRun,
+    flow: &FlowAdmission,
+    trigger_event: &[u8],
+) -> Result<Option<Vec<RunId>>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    lock_flow_key(&mut tx, run.activity_id, &flow.concurrency_key).await?;
+    let row = NewRun {
+        status: RunStatus::RunPending,
+        ..run.clone()
+    };
+    let extras = RowExtras {
+        overlap: "CONCURRENCY",
+        trigger_event: Some(trigger_event),
+        waiting: true,
+        ..RowExtras::default()
+    };
+    if !insert_run_rows(&mut tx, &[(&row, 0, extras)])
+        .await?
+        .contains(&row.id.0)
+    {
+        tx.rollback().await?;
+        return Ok(None);
+    }
+    sqlx::query("UPDATE runs SET flow_key = $2, flow_limit = $3, priority = $4 WHERE id = $1")
+        .bind(row.id.0)
+        .bind(&flow.concurrency_key)
+        .bind(i32::try_from(flow.concurrency_limit).unwrap_or(i32::MAX))
+        .bind(flow.priority)
+        .execute(&mut *tx)
+        .await?;
+    let started = promote_flow_locked(
+        &mut tx,
+        run.activity_id,
+        &flow.concurrency_key,
+        flow.concurrency_limit,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Some(started))
+}
+
+/// Starts as many of the key's waiting runs as there is room for under `limit` (and under each
+/// one's own limit, that of the version it fired under): the highest priority first, then the
+/// earliest fire. Returns them, to be evaluated and spawned.
+pub async fn promote_flow(
+    pool: &PgPool,
+    activity: ActivityId,
+    key: &str,
+    limit: u32,
+) -> Result<Vec<RunId>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    lock_flow_key(&mut tx, activity, key).await?;
+    let started = promote_flow_locked(&mut tx, activity, key, limit).await?;
+    tx.commit().await?;
+    Ok(started)
+}
+
+async fn promote_flow_locked(
+    tx: &mut sqlx::PgConnection,
+    activity: ActivityId,
+    key: &str,
+    limit: u32,
+) -> Result<Vec<RunId>, sqlx::Error> {
+    let admitted: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM runs WHERE activity_id = $1 AND flow_key = $2 \
+           AND NOT waiting AND status IN ('PENDING', 'RUNNING')",
+    )
+    .bind(activity.0)
+    .bind(key)
+    .fetch_one(&mut *tx)
+    .await?;
+    let room = i64::from(limit) - admitted;
+    if room <= 0 {
+        return Ok(Vec::new());
+    }
+    let waiting: Vec<(Uuid, Option<i32>)> = sqlx::query_as(
+        "SELECT id, flow_limit FROM runs WHERE activity_id = $1 AND flow_key = $2 \
+           AND waiting AND status = 'PENDING' \
+         ORDER BY priority DESC, fired_at, id LIMIT $3",
+    )
+    .bind(activity.0)
+    .bind(key)
+    .bind(room)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut started = Vec::new();
+    let mut admitted = admitted;
+    for (id, own_limit) in waiting {
+        if admitted >= i64::from(own_limit.unwrap_or(i32::MAX)) {
+            break;
+        }
+        started.push(id);
+        admitted += 1;
+    }
+    if !started.is_empty() {
+        // The instant it is admitted, not the transaction's start (which may come before the
+        // commit that freed the room, and the end of the run before it).
+        sqlx::query(
+            "UPDATE runs SET waiting = false, started_at = clock_timestamp() WHERE id = ANY($1)",
+        )
+        .bind(&started)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(started.into_iter().map(RunId).collect())
+}
+
 /// The activity's unfinished runs, oldest first.
 async fn active_runs(
     tx: &mut sqlx::PgConnection,
@@ -593,6 +721,7 @@ async fn active_runs(
 ) -> Result<Vec<overlap::Unfinished>, sqlx::Error> {
     let rows: Vec<(Uuid, bool)> = sqlx::query_as(
         "SELECT id, waiting FROM runs WHERE activity_id = $1 AND status IN ('PENDING', 'RUNNING') \
+             AND flow_key IS NULL \
          ORDER BY COALESCE(scheduled_for, fired_at), created_at, id",
     )
     .bind(activity.0)
@@ -828,9 +957,9 @@ pub async fn stalled_overlap_work(
 ) -> Result<(Vec<ActivityId>, Vec<RunId>), sqlx::Error> {
     let activities: Vec<(Uuid,)> = sqlx::query_as(
         "SELECT DISTINCT w.activity_id FROM runs w \
-         WHERE w.status = 'PENDING' AND w.waiting AND w.created_at < $1 \
+         WHERE w.status = 'PENDING' AND w.waiting AND w.created_at < $1 AND w.flow_key IS NULL \
            AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.activity_id = w.activity_id \
-               AND r.status IN ('PENDING', 'RUNNING') AND NOT r.waiting)",
+               AND r.status IN ('PENDING', 'RUNNING') AND NOT r.waiting AND r.flow_key IS NULL)",
     )
     .bind(before)
     .fetch_all(pool)
@@ -847,6 +976,45 @@ pub async fn stalled_overlap_work(
         activities.into_iter().map(|(id,)| ActivityId(id)).collect(),
         runs.into_iter().map(|(id,)| RunId(id)).collect(),
     ))
+}
+
+/// A run's concurrency key and limit, when it has one.
+pub async fn run_flow(pool: &PgPool, run: RunId) -> Result<Option<(String, u32)>, sqlx::Error> {
+    let row = sqlx::query("SELECT flow_key, flow_limit FROM runs WHERE id = $1")
+        .bind(run.0)
+        .fetch_optional(pool)
+        .await?;
+    match row {
+        Some(row) => flow_of(&row),
+        None => Ok(None),
+    }
+}
+
+/// Concurrency keys with runs waiting since before `before` and room to start one (the
+/// orchestrator that should have started it stopped mid-way): `(activity, key, limit)`.
+pub async fn stalled_flow_keys(
+    pool: &PgPool,
+    before: DateTime<Utc>,
+) -> Result<Vec<(ActivityId, String, u32)>, sqlx::Error> {
+    let keys: Vec<(Uuid, String, i32)> = sqlx::query_as(
+        "SELECT w.activity_id, w.flow_key, max(w.flow_limit) FROM runs w \
+         WHERE w.status = 'PENDING' AND w.waiting AND w.flow_key IS NOT NULL \
+           AND w.created_at < $1 \
+         GROUP BY w.activity_id, w.flow_key \
+         HAVING (SELECT count(*) FROM runs r WHERE r.activity_id = w.activity_id \
+             AND r.flow_key = w.flow_key AND NOT r.waiting \
+             AND r.status IN ('PENDING', 'RUNNING')) < max(w.flow_limit) \
+         LIMIT 500",
+    )
+    .bind(before)
+    .fetch_all(pool)
+    .await?;
+    Ok(keys
+        .into_iter()
+        .map(|(activity, key, limit)| {
+            (ActivityId(activity), key, u32::try_from(limit).unwrap_or(1))
+        })
+        .collect())
 }
 
 /// A task to publish, `(id, type, TaskInstance bytes)`, and where it stands in its run
@@ -989,8 +1157,10 @@ pub struct CompletedRun {
     pub finished_at: Option<DateTime<Utc>>,
     /// Whether runs of its activity wait behind another, as the transaction that found it
     /// finished saw under the activity's overlap lock (true when not known): only then is there
-    /// a next run to start.
+    /// a next run to start. (Under `flow.concurrency`: runs of its key.)
     pub waiting_behind: bool,
+    /// Under `flow.concurrency`: its key and limit, whose room it frees.
+    pub flow: Option<(String, u32)>,
 }
 
 /// Runs that finished before `before` and were never announced (the announcing orchestrator died
@@ -1018,7 +1188,7 @@ pub async fn unannounced_completion(
 ) -> Result<Option<CompletedRun>, sqlx::Error> {
     let row = sqlx::query(
         "SELECT id, activity_id, activity_name, status, tasks_spawned, tasks_succeeded, \
-             tasks_failed, finished_at, announced_at FROM runs WHERE id = $1",
+             tasks_failed, finished_at, announced_at, flow_key, flow_limit FROM runs WHERE id = $1",
     )
     .bind(run.0)
     .fetch_optional(pool)
@@ -1050,7 +1220,15 @@ pub(crate) fn completed_from_row(
         tasks_failed: count("tasks_failed")?,
         finished_at: row.try_get("finished_at")?,
         waiting_behind: true,
+        flow: flow_of(row)?,
     }))
+}
+
+/// A run row's `flow_key` and `flow_limit`, when it has them.
+pub(crate) fn flow_of(row: &sqlx::postgres::PgRow) -> Result<Option<(String, u32)>, sqlx::Error> {
+    let key: Option<String> = row.try_get("flow_key")?;
+    let limit: Option<i32> = row.try_get("flow_limit")?;
+    Ok(key.map(|key| (key, limit.and_then(|l| u32::try_from(l).ok()).unwrap_or(1))))
 }
 
 /// What cancelling a run found.

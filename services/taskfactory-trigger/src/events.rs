@@ -174,7 +174,8 @@ impl EventIngress {
                     activity,
                     dedupe_key,
                     rate_limit,
-                } => fires.push((activity, dedupe_key, rate_limit)),
+                    flow,
+                } => fires.push((activity, dedupe_key, rate_limit, flow)),
                 Verdict::Not {
                     activity,
                     key,
@@ -189,7 +190,7 @@ impl EventIngress {
         // recorded once every fire is decided, so an event retried for a transient failure
         // records none twice.
         let mut refused = Vec::new();
-        for (activity, dedupe_key, rate_limit) in fires {
+        for (activity, dedupe_key, rate_limit, flow) in fires {
             let request = FireRequest {
                 activity_id: activity.id,
                 activity_name: activity.name.clone(),
@@ -204,6 +205,7 @@ impl EventIngress {
                 overlap: taskfactory_proto::v1::OverlapPolicy::OverlapUnspecified,
                 origin: Some(origin.clone()),
                 rate_limit,
+                flow,
             };
             match fire::fire_batched(&self.fires, request, None).await {
                 Ok(fired) => {
@@ -335,6 +337,7 @@ enum Verdict<'a> {
         activity: &'a LiveActivity,
         dedupe_key: String,
         rate_limit: Option<RateLimit>,
+        flow: Option<taskfactory_proto::v1::FlowAdmission>,
     },
     /// It does not: why, and the key its fire would have had (where it could be rendered).
     Not {
@@ -443,10 +446,25 @@ fn decide<'a>(
                 continue;
             }
         };
+        let flow = taskfactory_model::flow::admission(
+            &activity.spec,
+            |source| engine().expression(source)?.eval_key(scope()),
+            |source| engine().expression(source)?.eval_priority(scope()),
+        );
+        let flow = match flow {
+            Ok(flow) => flow,
+            Err(reason) => {
+                metrics::count_events("dedupe_key_error");
+                tracing::warn!(activity.name = %activity.name, %subject, error = %reason, "a flow key failed on this event; activity not fired");
+                verdicts.push(not(Ok(dedupe_key), Decision::KeyError, reason));
+                continue;
+            }
+        };
         verdicts.push(Verdict::Fire {
             activity,
             dedupe_key,
             rate_limit,
+            flow,
         });
     }
     verdicts

@@ -59,6 +59,8 @@ pub struct FireRequest {
     pub origin: Option<Arc<EventOrigin>>,
     /// Events of an activity with a rate limit: the limit and this event's key.
     pub rate_limit: Option<crate::flow::RateLimit>,
+    /// An activity with `flow.concurrency`: how its run is admitted.
+    pub flow: Option<taskfactory_proto::v1::FlowAdmission>,
 }
 
 /// What happened.
@@ -223,6 +225,7 @@ async fn fire_in_span(
         subject: request.subject.clone(),
         activity_name: request.activity_name.clone(),
         overlap: request.overlap as i32,
+        flow: request.flow.clone(),
     }
     .encode_to_vec();
     let new_fire = NewFire {

@@ -262,12 +262,18 @@ mod tests {
             .collect();
         // Any second: at most the burst of 7 and what came back during it.
         for (i, &start) in fitted.iter().enumerate() {
-            let within = fitted[i..].iter().take_while(|&&t| t < start + 1_000).count();
+            let within = fitted[i..]
+                .iter()
+                .take_while(|&&t| t < start + 1_000)
+                .count();
             assert!(within <= 2 * 7 - 1, "{within} within a second from {start}");
         }
         // Any ten seconds: the rate, and the burst once.
         for (i, &start) in fitted.iter().enumerate() {
-            let within = fitted[i..].iter().take_while(|&&t| t < start + 10_000).count();
+            let within = fitted[i..]
+                .iter()
+                .take_while(|&&t| t < start + 10_000)
+                .count();
             assert!(within <= 70 + 7, "{within} within ten seconds from {start}");
         }
         // And the rate is used: 7 per second over 20 s, plus the burst.

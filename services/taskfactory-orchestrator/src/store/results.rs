@@ -446,9 +446,13 @@ async fn write_batch(
          WHERE r.id = u.id \
          RETURNING r.id, r.activity_id, r.activity_name, r.status, r.tasks_spawned, \
              r.tasks_succeeded, r.tasks_failed, r.finished_at, r.announced_at, \
-             before.status AS status_before, \
-             EXISTS (SELECT 1 FROM runs w WHERE w.activity_id = r.activity_id \
-                 AND w.waiting AND w.status = 'PENDING') AS waiting_behind",
+             before.status AS status_before, r.flow_key, r.flow_limit, \
+             CASE WHEN r.flow_key IS NULL \
+                 THEN EXISTS (SELECT 1 FROM runs w WHERE w.activity_id = r.activity_id \
+                     AND w.flow_key IS NULL AND w.waiting AND w.status = 'PENDING') \
+                 ELSE EXISTS (SELECT 1 FROM runs w WHERE w.activity_id = r.activity_id \
+                     AND w.flow_key = r.flow_key AND w.waiting AND w.status = 'PENDING') \
+             END AS waiting_behind",
     )
     .persistent(false)
     // The attempts.

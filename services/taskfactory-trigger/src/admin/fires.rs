@@ -22,6 +22,30 @@ use crate::fire::{self, FireRequest};
 use crate::ledger;
 use crate::registry::LiveActivity;
 
+/// The admission of a manual fire of an activity with `flow.concurrency`: its key and priority
+/// over the fire's payload (`event`). One that cannot be computed refuses the call, naming the
+/// field.
+fn manual_admission(
+    spec: &v1::ActivitySpec,
+    payload: Option<&serde_json::Value>,
+) -> Result<Option<v1::FlowAdmission>, AdminError> {
+    use taskfactory_model::expr::{Engine, Limits, event_scope};
+    if spec.flow.as_ref().is_none_or(|f| f.concurrency.is_none()) {
+        return Ok(None);
+    }
+    let engine = Engine::new(Limits::default());
+    let scope = event_scope(payload.unwrap_or(&serde_json::Value::Null), "");
+    taskfactory_model::flow::admission(
+        spec,
+        |source| engine.expression(source)?.eval_key(&scope),
+        |source| engine.expression(source)?.eval_priority(&scope),
+    )
+    .map_err(|error| match error.split_once(": ") {
+        Some((field, message)) => invalid(field, format!("on this payload: {message}")),
+        None => invalid("flow", error),
+    })
+}
+
 /// Fire times one `Backfill` call may cover.
 const MAX_BACKFILL: usize = 10_000;
 
@@ -43,6 +67,21 @@ impl Admin {
             )));
         }
         let overlap = overlap_override(request.overlap)?;
+        let spec: v1::ActivitySpec =
+            taskfactory_proto::from_json(&record.spec).map_err(|error| {
+                AdminError::Internal(anyhow::anyhow!(
+                    "stored spec of {} does not load: {error}",
+                    record.name
+                ))
+            })?;
+        if overlap != v1::OverlapPolicy::OverlapUnspecified
+            && spec.flow.as_ref().is_some_and(|f| f.concurrency.is_some())
+        {
+            return Err(invalid(
+                "overlap",
+                "this activity's runs are admitted by its flow.concurrency; an overlap override does not apply",
+            ));
+        }
         let dedupe_key = if request.idempotency_key.is_empty() {
             format!("manual:{}", Uuid::new_v4())
         } else {
@@ -52,6 +91,7 @@ impl Admin {
         if let Some(payload) = &payload {
             audit.detail("payloadBytes", payload.to_string().len());
         }
+        let flow = manual_admission(&spec, payload.as_ref())?;
         let fired = fire::fire(
             &self.pool,
             &self.js,
@@ -69,6 +109,7 @@ impl Admin {
                 overlap,
                 origin: None,
                 rate_limit: None,
+                flow,
             },
             None,
         )
@@ -160,6 +201,7 @@ impl Admin {
                     overlap,
                     origin: None,
                     rate_limit: None,
+                    flow: crate::scheduler::schedule_admission(&live.spec),
                 },
                 None,
             )
@@ -250,6 +292,7 @@ impl Admin {
             subject: String::new(),
             activity_name: spec.name.clone(),
             overlap: 0,
+            flow: None,
         };
         let body = serde_json::json!({
             "spec": taskfactory_proto::to_json(&spec),
