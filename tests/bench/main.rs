@@ -107,6 +107,13 @@ struct Args {
     /// and the tasks that ended twice. The services' CPU is not reported (their processes change).
     #[arg(long, requires = "processes")]
     kill: bool,
+    /// Flow control: the activity has `flow.concurrency` keyed on the event's `k`, and event `i`
+    /// has `k = i mod this` (0: no flow control).
+    #[arg(long = "concurrency-keys", default_value_t = 0)]
+    concurrency_keys: usize,
+    /// With `--concurrency-keys`: runs of one key at once.
+    #[arg(long = "concurrency-limit", default_value_t = 1)]
+    concurrency_limit: u32,
 }
 
 #[tokio::main]
@@ -864,7 +871,10 @@ const STAGES: [&str; 7] = [
     "run finished → completion event received",
 ];
 
-fn activity_yaml(fan_out: usize) -> String {
+fn activity_yaml(fan_out: usize, concurrency: Option<u32>) -> String {
+    let flow = concurrency.map_or_else(String::new, |limit| {
+        format!("flow: {{concurrency: {{key: event.k, limit: {limit}}}}}\n")
+    });
     format!(
         r#"
 name: bench-fanout
@@ -872,7 +882,7 @@ description: taskfactory-bench — {fan_out} noop tasks per event
 trigger:
   event:
     subject: "events.bench.*"
-tasks:
+{flow}tasks:
   - name: noop
     type: noop
     forEach: "range({fan_out})"
@@ -910,7 +920,10 @@ async fn taskfactory_phase(env: &TestEnv, args: &Args) -> anyhow::Result<Taskfac
     let mut admin = env.admin().await?;
     let activity = admin
         .create_activity(CreateActivityRequest {
-            spec: Some(spec_from_yaml(&activity_yaml(args.fan_out))?),
+            spec: Some(spec_from_yaml(&activity_yaml(
+                args.fan_out,
+                (args.concurrency_keys > 0).then_some(args.concurrency_limit),
+            ))?),
         })
         .await
         .context("CreateActivity")?
@@ -959,7 +972,10 @@ async fn taskfactory_phase(env: &TestEnv, args: &Args) -> anyhow::Result<Taskfac
         (
             "events.bench.created".to_owned(),
             msg_id(slot),
-            Bytes::from(format!("{{\"i\":{slot}}}")),
+            Bytes::from(format!(
+                "{{\"i\":{slot},\"k\":{}}}",
+                slot % args.concurrency_keys.max(1)
+            )),
         )
     };
     let warm_started = warm_up(&js, &make, &tracker, warm.clone(), timeout).await?;

@@ -477,3 +477,124 @@ async fn waiting_runs_start_in_priority_order_and_their_events_are_queued() -> a
     );
     Ok(())
 }
+
+/// SIGKILL the trigger and then the orchestrator while runs wait under their keys: every event
+/// is decided once, every run runs once, and no key ever has more than its limit running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn queued_runs_survive_a_killed_trigger_and_orchestrator() -> anyhow::Result<()> {
+    use taskfactory_tests::Service;
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let server = RecordingServer::start(Duration::from_millis(40)).await?;
+    let all = [Service::Trigger, Service::Orchestrator, Service::Executor];
+    let mut running = Vec::new();
+    for service in all {
+        running.push(Some(env.spawn_process(service, &[])?));
+    }
+    env.wait_ready(&all).await?;
+    let mut admin = env.admin().await?;
+    create(
+        &mut admin,
+        &format!(
+            "name: keyed\ntrigger: {{event: {{subject: 'events.k.*'}}}}\nflow: {{concurrency: {{key: event.k, limit: 1}}}}\ntasks: [{{name: call, type: http, params: {{url: '{}', body: {{n: '{{{{ event.n }}}}'}}}}}}]",
+            server.url
+        ),
+    )
+    .await?;
+    let js = env.js().await?;
+    const EVENTS: i64 = 300;
+    let publisher = {
+        let js = js.clone();
+        tokio::spawn(async move {
+            for n in 0..EVENTS {
+                let body = serde_json::json!({"k": n % 5, "n": n});
+                publish_event(
+                    &js,
+                    "events.k.x",
+                    serde_json::to_vec(&body)?,
+                    Some(&format!("n{n}")),
+                )
+                .await?;
+                if n % 30 == 0 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            anyhow::Ok(())
+        })
+    };
+    let pool = env.db.pool().await?;
+    for (index, service, sql, at) in [
+        (
+            0,
+            Service::Trigger,
+            "SELECT count(*) FROM fires",
+            EVENTS / 6,
+        ),
+        (
+            1,
+            Service::Orchestrator,
+            "SELECT count(*) FROM runs WHERE waiting",
+            10,
+        ),
+    ] {
+        wait_for(&format!("{sql} ≥ {at}"), Duration::from_secs(120), || {
+            let pool = pool.clone();
+            async move {
+                let n: i64 = sqlx::query_scalar(sql).fetch_one(&pool).await?;
+                Ok((n >= at).then_some(()))
+            }
+        })
+        .await?;
+        if let Some(process) = running[index].take() {
+            process.kill();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        running[index] = Some(env.spawn_process(service, &[])?);
+        env.wait_ready(&[service]).await?;
+    }
+    publisher.await??;
+    wait_for("every run finished", Duration::from_secs(240), || async {
+        let done: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE status = 'SUCCEEDED'")
+            .fetch_one(&pool)
+            .await?;
+        Ok((done == EVENTS).then_some(()))
+    })
+    .await?;
+    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM runs")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(runs, EVENTS, "no run doubled");
+    let made = decisions(&mut admin, of_activity("keyed")).await?;
+    let mut events: Vec<&str> = made.iter().map(|d| d.event_id.as_str()).collect();
+    events.sort_unstable();
+    events.dedup();
+    assert_eq!(made.len(), events.len(), "one decision per event");
+    assert_eq!(made.len(), usize::try_from(EVENTS)?);
+    assert!(made.iter().all(|d| d.decision() == Decision::Fired));
+    let mut called: Vec<i64> = server
+        .calls()
+        .iter()
+        .map(|(_, body)| body["n"].as_i64().unwrap())
+        .collect();
+    called.sort_unstable();
+    called.dedup();
+    assert_eq!(
+        called,
+        (0..EVENTS).collect::<Vec<_>>(),
+        "every event's task ran"
+    );
+    let rows: Vec<(
+        String,
+        chrono::DateTime<chrono::Utc>,
+        chrono::DateTime<chrono::Utc>,
+    )> = sqlx::query_as("SELECT flow_key, started_at, finished_at FROM runs")
+        .fetch_all(&pool)
+        .await?;
+    let mut by_key: std::collections::BTreeMap<String, Vec<_>> = Default::default();
+    for (key, started, finished) in rows {
+        by_key.entry(key).or_default().push((started, finished));
+    }
+    for (key, runs) in &by_key {
+        assert_eq!(most_at_once(runs), 1, "key {key}");
+    }
+    Ok(())
+}
