@@ -23,11 +23,11 @@ CREATE TABLE event_decisions (
     -- FIRED and DEDUPED: the run the key names.
     run_id           uuid,
     decided_at       timestamptz NOT NULL,
-    PRIMARY KEY (activity_id, stream_sequence, stream_published)
+    -- Also the order an activity's decisions are listed in (newest event first, read backwards).
+    PRIMARY KEY (activity_id, stream_published, stream_sequence)
 );
 
--- Listed newest event first: by the instant the stream took it.
-CREATE INDEX event_decisions_activity_time ON event_decisions (activity_id, stream_published DESC);
+-- Every activity's decisions, newest event first: by the instant the stream took it.
 CREATE INDEX event_decisions_time ON event_decisions (stream_published DESC);
 CREATE INDEX event_decisions_key ON event_decisions (event_key);
 

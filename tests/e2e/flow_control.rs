@@ -120,7 +120,7 @@ async fn a_rate_limit_drops_the_events_over_it_per_key_and_records_each() -> any
     let last_fire = per_account
         .iter()
         .filter(|d| d.decision() == Decision::Fired)
-        .filter_map(|d| d.decided_at.clone())
+        .filter_map(|d| d.decided_at)
         .map(|t| std::time::SystemTime::try_from(t).unwrap())
         .max()
         .unwrap();
@@ -430,6 +430,19 @@ async fn waiting_runs_start_in_priority_order_and_their_events_are_queued() -> a
             ..Default::default()
         })
         .await?;
+    let overridden = admin
+        .trigger_activity(taskfactory_proto::v1::TriggerActivityRequest {
+            id: "ranked".to_owned(),
+            payload: Some(taskfactory_model::values::json_to_value(
+                &serde_json::json!({"id": "overridden", "rank": 1}),
+            )),
+            overlap: taskfactory_proto::v1::OverlapPolicy::AllowAll as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(overridden.code(), tonic::Code::InvalidArgument);
+    assert!(overridden.message().contains("overlap"), "{overridden:?}");
     let refused = admin
         .trigger_activity(taskfactory_proto::v1::TriggerActivityRequest {
             id: "ranked".to_owned(),
@@ -479,11 +492,18 @@ async fn waiting_runs_start_in_priority_order_and_their_events_are_queued() -> a
 }
 
 /// SIGKILL the trigger and then the orchestrator while runs wait under their keys: every event
-/// is decided once, every run runs once, and no key ever has more than its limit running.
+/// is decided once, every run runs once, and no key ever has more than its limit running. (A
+/// run the killed orchestrator finished without starting the next of its key is followed by
+/// the redelivery of its result, or the sweeper.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn queued_runs_survive_a_killed_trigger_and_orchestrator() -> anyhow::Result<()> {
     use taskfactory_tests::Service;
-    let env = TestEnv::new(EnvOptions::default()).await?;
+    // What the killed orchestrator held comes back within 5 s (its runs are short).
+    let env = TestEnv::new(EnvOptions {
+        orchestrator_ack_wait: Duration::from_secs(5),
+        ..EnvOptions::default()
+    })
+    .await?;
     let server = RecordingServer::start(Duration::from_millis(40)).await?;
     let all = [Service::Trigger, Service::Orchestrator, Service::Executor];
     let mut running = Vec::new();
@@ -596,5 +616,199 @@ async fn queued_runs_survive_a_killed_trigger_and_orchestrator() -> anyhow::Resu
     for (key, runs) in &by_key {
         assert_eq!(most_at_once(runs), 1, "key {key}");
     }
+    Ok(())
+}
+
+/// Two events with one key in one batch of fires, both under a rate limit: the second is judged
+/// when the first is refused (not taken for its duplicate), and takes no share when the first
+/// fits; the one that fits is the fire, published as such.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_events_of_one_key_in_one_batch_are_judged_each_once() -> anyhow::Result<()> {
+    use taskfactory_trigger::store::{FireWrite, record_fires};
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _trigger = env.start(taskfactory_tests::Service::Trigger);
+    env.wait_ready(&[taskfactory_tests::Service::Trigger])
+        .await?;
+    let mut admin = env.admin().await?;
+    let activity = create(
+        &mut admin,
+        "name: twice\ntrigger: {event: {subject: 'events.t.*'}}\nflow: {rateLimit: {key: event.k, limit: 1, period: 1h}}\ntasks: [{name: t, type: noop}]\n",
+    )
+    .await?;
+    let activity_id = ActivityId(activity.id.parse()?);
+    let fire = |sequence: u64, dedupe: &str, key: &str| NewFire {
+        id: FireId::derive(activity_id, dedupe),
+        activity_id,
+        activity_name: "twice".to_owned(),
+        activity_version: 1,
+        source: "event",
+        dedupe_key: dedupe.to_owned(),
+        scheduled_for: None,
+        fired_at: chrono::Utc::now(),
+        subject: "events.t.x".to_owned(),
+        payload: None,
+        event: Vec::new(),
+        dst_note: None,
+        traceparent: String::new(),
+        origin: Some(Arc::new(EventOrigin {
+            sequence,
+            published_ns: 1_765_000_000_000_000_000 + i64::try_from(sequence).unwrap(),
+            msg_id: Some(format!("e{sequence}")),
+            subject: "events.t.x".to_owned(),
+        })),
+        rate_limit: Some(RateLimit {
+            key: key.to_owned(),
+            limit: 1,
+            period: Duration::from_secs(3600),
+        }),
+    };
+    let pool = env.db.pool().await?;
+    let outcome = |r: &Result<bool, StoreError>| match r {
+        Ok(true) => "fired",
+        Ok(false) => "duplicate",
+        Err(StoreError::RateLimited { .. }) => "rate limited",
+        Err(_) => "error",
+    };
+    // Key "a" spent first; then its two events of one dedupe key, together: both refused.
+    assert!(record_fire(&pool, &fire(1, "d1", "a"), None).await?);
+    let (two, three) = (fire(2, "d2", "a"), fire(3, "d2", "a"));
+    let both = record_fires(
+        &pool,
+        &[
+            FireWrite {
+                fire: &two,
+                schedule: None,
+            },
+            FireWrite {
+                fire: &three,
+                schedule: None,
+            },
+        ],
+    )
+    .await?;
+    assert_eq!(
+        both.iter().map(outcome).collect::<Vec<_>>(),
+        ["rate limited", "rate limited"]
+    );
+    // Key "b" has its budget: the first fires, the second is its duplicate, and "b" is spent
+    // once (a third event of "b" is refused, not a fourth of another key).
+    let (four, five) = (fire(4, "d4", "b"), fire(5, "d4", "b"));
+    let both = record_fires(
+        &pool,
+        &[
+            FireWrite {
+                fire: &four,
+                schedule: None,
+            },
+            FireWrite {
+                fire: &five,
+                schedule: None,
+            },
+        ],
+    )
+    .await?;
+    assert_eq!(
+        both.iter().map(outcome).collect::<Vec<_>>(),
+        ["fired", "duplicate"]
+    );
+    let fires: i64 = sqlx::query_scalar("SELECT count(*) FROM fires")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(fires, 2, "d1 and d4");
+    let made: Vec<(String, Decision)> = decisions(&mut admin, of_activity("twice"))
+        .await?
+        .iter()
+        .map(|d| (d.event_id.clone(), d.decision()))
+        .collect();
+    assert_eq!(
+        made,
+        [
+            ("e5".to_owned(), Decision::Deduped),
+            ("e4".to_owned(), Decision::Fired),
+            ("e3".to_owned(), Decision::RateLimited),
+            ("e2".to_owned(), Decision::RateLimited),
+            ("e1".to_owned(), Decision::Fired),
+        ]
+    );
+    Ok(())
+}
+
+/// A dead task of a finished run under `flow.concurrency` runs again only if its key has room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retrying_a_task_takes_room_under_its_concurrency_key() -> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    let slow = RecordingServer::start(Duration::from_secs(3)).await?;
+    // A refused connection: the task dies on its one attempt.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let dead_url = format!("http://{}/nothing", closed.local_addr()?);
+    drop(closed);
+    create(
+        &mut admin,
+        "name: one-by-one\ntrigger: {event: {subject: 'events.one.*'}}\nflow: {concurrency: {limit: 1}}\ntasks: [{name: call, type: http, retry: {maxAttempts: 1}, params: {url: '{{ event.url }}'}}]",
+    )
+    .await?;
+    let body = serde_json::json!({"url": dead_url});
+    publish_event(
+        &js,
+        "events.one.x",
+        serde_json::to_vec(&body)?,
+        Some("dies"),
+    )
+    .await?;
+    let pool = env.db.pool().await?;
+    let dead: uuid::Uuid = wait_for("the dead task", Duration::from_secs(30), || async {
+        Ok(
+            sqlx::query_scalar("SELECT id FROM tasks WHERE status = 'DEAD'")
+                .fetch_optional(&pool)
+                .await?,
+        )
+    })
+    .await?;
+    let body = serde_json::json!({"url": slow.url});
+    publish_event(
+        &js,
+        "events.one.x",
+        serde_json::to_vec(&body)?,
+        Some("slow"),
+    )
+    .await?;
+    wait_for("the slow run admitted", Duration::from_secs(30), || async {
+        let running: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM runs WHERE dedupe_key = 'slow' AND started_at IS NOT NULL",
+        )
+        .fetch_one(&pool)
+        .await?;
+        Ok((running == 1).then_some(()))
+    })
+    .await?;
+    let refused = admin
+        .retry_task(taskfactory_proto::v1::RetryTaskRequest {
+            id: dead.to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(refused.message().contains("concurrency key"), "{refused:?}");
+    wait_for("the slow run finished", Duration::from_secs(30), || async {
+        let done: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM runs WHERE dedupe_key = 'slow' AND status = 'SUCCEEDED'",
+        )
+        .fetch_one(&pool)
+        .await?;
+        Ok((done == 1).then_some(()))
+    })
+    .await?;
+    admin
+        .retry_task(taskfactory_proto::v1::RetryTaskRequest {
+            id: dead.to_string(),
+        })
+        .await?;
     Ok(())
 }

@@ -228,7 +228,16 @@ impl Commands {
         // series published again: that redrive's publish failed after it committed (an error
         // answered, or the orchestrator died in between), and nothing else would publish it.
         let redriven = match state.status {
-            TaskStatus::Dead => store::redrive_task(&self.spawner.pool, task).await?,
+            TaskStatus::Dead => match store::redrive_task(&self.spawner.pool, task).await {
+                Ok(redriven) => redriven,
+                Err(store::RedriveError::Database(error)) => return Err(error.into()),
+                Err(no_room) => {
+                    return Err(refuse(
+                        "failed_precondition",
+                        format!("task {task} cannot be retried now: {no_room}"),
+                    ));
+                }
+            },
             TaskStatus::Pending => store::unstarted_redrive(&self.spawner.pool, task).await?,
             status => {
                 return Err(refuse(

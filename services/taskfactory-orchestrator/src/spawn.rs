@@ -525,9 +525,11 @@ impl Spawner {
             // The next run needs room of its own: never wait for it while holding this one's.
             drop(room);
             completion::announce_if_finished(&self.marks, &self.js, run_id).await?;
+            // Admitted under its key only when no overlap override took it another way.
             let flow = event
                 .flow
                 .as_ref()
+                .filter(|_| event.overlap() == OverlapPolicy::OverlapUnspecified)
                 .map(|f| (f.concurrency_key.clone(), f.concurrency_limit));
             Box::pin(self.start_next_for(activity_id, flow.as_ref())).await?;
         }

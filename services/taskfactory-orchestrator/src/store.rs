@@ -670,9 +670,13 @@ async fn promote_flow_locked(
     key: &str,
     limit: u32,
 ) -> Result<Vec<RunId>, sqlx::Error> {
+    // The admitted runs are locked, not only counted: a run ending meanwhile (its results
+    // batch holds its row) is waited for, and then seen ended, so this never leaves a run waiting
+    // that the batch did not see (the batch, in turn, reads the waiting runs only once its rows
+    // are locked: after this transaction, if it came second).
     let admitted: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM runs WHERE activity_id = $1 AND flow_key = $2 \
-           AND NOT waiting AND status IN ('PENDING', 'RUNNING')",
+        "SELECT count(*) FROM (SELECT 1 FROM runs WHERE activity_id = $1 AND flow_key = $2 \
+           AND NOT waiting AND status IN ('PENDING', 'RUNNING') FOR UPDATE) admitted",
     )
     .bind(activity.0)
     .bind(key)
@@ -692,15 +696,12 @@ async fn promote_flow_locked(
     .bind(room)
     .fetch_all(&mut *tx)
     .await?;
-    let mut started = Vec::new();
-    let mut admitted = admitted;
-    for (id, own_limit) in waiting {
-        if admitted >= i64::from(own_limit.unwrap_or(i32::MAX)) {
-            break;
-        }
-        started.push(id);
-        admitted += 1;
-    }
+    // In order, each while the runs admitted before it leave room under its own limit.
+    let started: Vec<Uuid> = (admitted..)
+        .zip(waiting)
+        .take_while(|(before, (_, own_limit))| *before < i64::from(own_limit.unwrap_or(i32::MAX)))
+        .map(|(_, (id, _))| id)
+        .collect();
     if !started.is_empty() {
         // The instant it is admitted, not the transaction's start (which may come before the
         // commit that freed the room, and the end of the run before it).
@@ -1302,6 +1303,19 @@ pub async fn task_state(pool: &PgPool, task: TaskId) -> Result<Option<TaskState>
     }))
 }
 
+/// Why a task could not be retried.
+#[derive(Debug, thiserror::Error)]
+pub enum RedriveError {
+    /// Its run is finished, and its concurrency key has no room for it to run again.
+    #[error(
+        "its run would run again, and its concurrency key {key:?} has {limit} runs running (its \
+         limit): retry it once one of them ends"
+    )]
+    NoRoom { key: String, limit: i32 },
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
 /// A dead task put back for a new attempt series: the attempts before it (its `attempt_base`) and
 /// the series number, as of the redrive itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1346,18 +1360,45 @@ pub async fn unstarted_redrive(
 
 /// Puts a dead task back to `PENDING` for a new attempt series, and reopens its run if the task's
 /// death had finished it. `None` when the task is not dead (or its run was cancelled).
-pub async fn redrive_task(pool: &PgPool, task: TaskId) -> Result<Option<Redriven>, sqlx::Error> {
+pub async fn redrive_task(pool: &PgPool, task: TaskId) -> Result<Option<Redriven>, RedriveError> {
     let mut tx = pool.begin().await?;
     // The run, then the task: the order every writer takes them in (a join locking both takes the
     // task first, and deadlocks against a late result of the task).
-    let run: Option<(Uuid,)> = sqlx::query_as("SELECT run_id FROM tasks WHERE id = $1")
-        .bind(task.0)
-        .fetch_optional(&mut *tx)
-        .await?;
-    let Some((run,)) = run else {
+    let run: Option<(Uuid, Uuid, Option<String>, Option<i32>)> = sqlx::query_as(
+        "SELECT t.run_id, r.activity_id, r.flow_key, r.flow_limit \
+         FROM tasks t JOIN runs r ON r.id = t.run_id WHERE t.id = $1",
+    )
+    .bind(task.0)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((run, activity, flow_key, flow_limit)) = run else {
         tx.rollback().await?;
         return Ok(None);
     };
+    // Under flow.concurrency a finished run that runs again takes room under its key: only if
+    // there is some (the key's lock first, as every admission takes it, then the runs).
+    if let Some(key) = &flow_key {
+        lock_flow_key(&mut tx, ActivityId(activity), key).await?;
+        let limit = flow_limit.unwrap_or(1);
+        let (admitted, finished): (i64, bool) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM (SELECT 1 FROM runs WHERE activity_id = $1 \
+                 AND flow_key = $2 AND id <> $3 AND NOT waiting \
+                 AND status IN ('PENDING', 'RUNNING') FOR UPDATE) admitted), \
+                 (SELECT status NOT IN ('PENDING', 'RUNNING') FROM runs WHERE id = $3)",
+        )
+        .bind(activity)
+        .bind(key)
+        .bind(run)
+        .fetch_one(&mut *tx)
+        .await?;
+        if finished && admitted >= i64::from(limit) {
+            tx.rollback().await?;
+            return Err(RedriveError::NoRoom {
+                key: key.clone(),
+                limit,
+            });
+        }
+    }
     let (run_status,): (String,) =
         sqlx::query_as("SELECT status FROM runs WHERE id = $1 FOR UPDATE")
             .bind(run)

@@ -189,6 +189,27 @@ pub(crate) async fn insert(
         .collect())
 }
 
+/// Of `activities`, those that have a decision about the event already (it is delivered
+/// again): the first decision stands, whatever would be decided now (the activity paused or
+/// resumed, its spec changed meanwhile).
+pub async fn decided(
+    pool: &PgPool,
+    activities: &[ActivityId],
+    origin: &EventOrigin,
+) -> Result<HashSet<ActivityId>, sqlx::Error> {
+    let ids: Vec<Uuid> = activities.iter().map(|a| a.0).collect();
+    let decided: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT activity_id FROM event_decisions \
+         WHERE activity_id = ANY($1) AND stream_published = $2 AND stream_sequence = $3",
+    )
+    .bind(&ids)
+    .bind(origin.published_ns)
+    .bind(i64::try_from(origin.sequence).unwrap_or(i64::MAX))
+    .fetch_all(pool)
+    .await?;
+    Ok(decided.into_iter().map(ActivityId).collect())
+}
+
 /// Counts the decisions written (after their commit).
 pub(crate) fn count(rows: &[DecisionRow], written: &[bool]) {
     for (row, _) in rows.iter().zip(written).filter(|(_, written)| **written) {

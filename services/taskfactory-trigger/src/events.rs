@@ -40,7 +40,7 @@ use taskfactory_proto::v1::event_decision::Decision;
 use taskfactory_runtime::messaging::{ByteBudget, Handler, Then, Unfinished};
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::event_ledger::{DecisionRow, DecisionWriter, EventOrigin};
+use crate::event_ledger::{self, DecisionRow, DecisionWriter, EventOrigin};
 use crate::fire::{self, FireBatcher, FireRequest};
 use crate::flow::RateLimit;
 use crate::registry::{LiveActivity, Registry};
@@ -117,9 +117,13 @@ impl EventIngress {
             .and_then(|h| h.get(subjects::HEADER_MSG_ID))
             .map(|v| v.as_str().to_owned())
             .filter(|v| !v.is_empty());
-        let (sequence, published) = match message.info() {
-            Ok(info) => (info.stream_sequence, info.published.unix_timestamp_nanos()),
-            Err(_) => (0, 0),
+        let (sequence, published, delivered) = match message.info() {
+            Ok(info) => (
+                info.stream_sequence,
+                info.published.unix_timestamp_nanos(),
+                info.delivered,
+            ),
+            Err(_) => (0, 0, 1),
         };
         let origin = Arc::new(EventOrigin {
             sequence,
@@ -129,7 +133,7 @@ impl EventIngress {
         });
         let snapshot = self.registry.current();
         // Paused activities are reached too: their decision says so.
-        let reached: Vec<&LiveActivity> = snapshot
+        let mut reached: Vec<&LiveActivity> = snapshot
             .listeners
             .values()
             .map(Arc::as_ref)
@@ -140,6 +144,20 @@ impl EventIngress {
                         .is_some_and(|trigger| subjects::subject_matches(&trigger.subject, subject))
             })
             .collect();
+        if delivered > 1 && !reached.is_empty() {
+            // Delivered again: an activity decided about it keeps that decision (a fire
+            // recorded is published by the reconciler).
+            let ids: Vec<_> = reached.iter().map(|a| a.id).collect();
+            let decided = event_ledger::decided(&self.pool, &ids, &origin)
+                .await
+                .map_err(|e| {
+                    EventError::Transient(format!(
+                        "cannot read the event's decisions: {}",
+                        error_chain(&e)
+                    ))
+                })?;
+            reached.retain(|activity| !decided.contains(&activity.id));
+        }
         let default_key = || match &msg_id {
             Some(id) => id.clone(),
             None => format!("seq:{sequence}:{published}"),

@@ -1023,6 +1023,28 @@ pub fn schedule_dedupe_key(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
 }
 
+/// The admission of a scheduled fire of an activity with `flow.concurrency`: the limit over the
+/// whole activity (a schedule's concurrency has no key and its fires no priority: validation
+/// sees to it).
+pub(crate) fn schedule_admission(
+    spec: &taskfactory_proto::v1::ActivitySpec,
+) -> Option<taskfactory_proto::v1::FlowAdmission> {
+    let no_event = || taskfactory_model::expr::ExprError {
+        message: "a schedule's fire has no event to read".to_owned(),
+    };
+    taskfactory_model::flow::admission(spec, |_| Err(no_event()), |_| Err(no_event())).unwrap_or_else(|error| {
+        tracing::warn!(%error, "a schedule's concurrency reads its event; its fires are admitted without a key");
+        spec.flow
+            .as_ref()
+            .and_then(|f| f.concurrency.as_ref())
+            .map(|c| taskfactory_proto::v1::FlowAdmission {
+                concurrency_key: String::new(),
+                concurrency_limit: c.limit,
+                priority: 0,
+            })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1073,26 +1095,4 @@ mod tests {
         // Created, resumed or enabled while no writer ran here.
         assert_eq!(start_mode(true, None, &now), StartMode::Activated);
     }
-}
-
-/// The admission of a scheduled fire of an activity with `flow.concurrency`: the limit over the
-/// whole activity (a schedule's concurrency has no key and its fires no priority: validation
-/// sees to it).
-pub(crate) fn schedule_admission(
-    spec: &taskfactory_proto::v1::ActivitySpec,
-) -> Option<taskfactory_proto::v1::FlowAdmission> {
-    let no_event = || taskfactory_model::expr::ExprError {
-        message: "a schedule's fire has no event to read".to_owned(),
-    };
-    taskfactory_model::flow::admission(spec, |_| Err(no_event()), |_| Err(no_event())).unwrap_or_else(|error| {
-        tracing::warn!(%error, "a schedule's concurrency reads its event; its fires are admitted without a key");
-        spec.flow
-            .as_ref()
-            .and_then(|f| f.concurrency.as_ref())
-            .map(|c| taskfactory_proto::v1::FlowAdmission {
-                concurrency_key: String::new(),
-                concurrency_limit: c.limit,
-                priority: 0,
-            })
-    })
 }

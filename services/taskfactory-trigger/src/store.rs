@@ -642,7 +642,10 @@ pub async fn record_fires(
     let mut claimed = std::collections::HashSet::new();
     let new: Vec<bool> = writes
         .iter()
-        .map(|w| inserted.contains(&w.fire.id.0) && claimed.insert(w.fire.id.0))
+        .zip(&limited)
+        .map(|(w, limited)| {
+            limited.is_none() && inserted.contains(&w.fire.id.0) && claimed.insert(w.fire.id.0)
+        })
         .collect();
     // Judged once the fence is held and the rows are written, just before the commit: the wait
     // for the pool, the connection and the fence (a deposed leader's fire in progress) counts. A
@@ -806,6 +809,16 @@ async fn rate_limited(
     if candidates.is_empty() {
         return Ok(out);
     }
+    // The keys' state is locked first: what is read after it (decisions, fires) is then what
+    // any other judge of these keys left, and none judges them meanwhile (one event handled by
+    // two replicas at once takes one share).
+    let locked = flow::lock(
+        &mut *tx,
+        candidates
+            .iter()
+            .map(|&(i, _, limit)| (writes[i].fire.activity_id, limit.key.as_str())),
+    )
+    .await?;
     let activities: Vec<Uuid> = candidates
         .iter()
         .map(|&(i, _, _)| writes[i].fire.activity_id.0)
@@ -840,32 +853,33 @@ async fn rate_limited(
             .await?
             .into_iter()
             .collect();
-    let mut claimed = std::collections::HashSet::new();
     let mut judged = Vec::new();
     let mut judged_at = Vec::new();
     for (n, &(i, _, limit)) in candidates.iter().enumerate() {
         let fire = writes[i].fire;
-        match decided.get(&(activities[n], sequences[n], published[n])) {
-            Some(decision) if decision == "RATE_LIMITED" => {
-                out[i] = Some(StoreError::RateLimited {
-                    reason: limit.reason(),
-                });
-                continue;
-            }
-            Some(_) => continue,
-            None => {}
+        // An event decided before stays as decided: over the limit, or fired (the fire is
+        // there: a duplicate, as below). (Events decided otherwise do not reach here.)
+        if decided
+            .get(&(activities[n], sequences[n], published[n]))
+            .is_some_and(|decision| decision == "RATE_LIMITED")
+        {
+            out[i] = Some(StoreError::RateLimited {
+                reason: limit.reason(),
+            });
+            continue;
         }
-        if fired.contains(&fire.id.0) || !claimed.insert(fire.id.0) {
+        if fired.contains(&fire.id.0) {
             continue;
         }
         judged.push(flow::Judged {
             activity: fire.activity_id,
             limit,
             at: fire.fired_at,
+            fire: fire.id.0,
         });
         judged_at.push(i);
     }
-    let fits = flow::judge(tx, &judged).await?;
+    let fits = flow::judge(tx, locked, &judged).await?;
     for (i, fit) in judged_at.into_iter().zip(fits) {
         if !fit {
             let limit = writes[i]

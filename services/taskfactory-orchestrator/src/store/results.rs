@@ -209,20 +209,13 @@ pub async fn record_results(
     // (which holds one exclusively) either committed before this batch, or waits for it and then
     // sees its runs finished. So when a run finishes here, whether runs wait behind it is known
     // exactly (`write_batch`), without a locked look per run. (The locks are an
-    // uncorrelated subquery: taken once, in the order of their names, before the rows are
-    // returned.) The same for the concurrency keys of runs under `flow.concurrency`, whose
-    // admissions and promotions hold their key's lock exclusively: a run admitted meanwhile is
-    // either seen waiting by this batch, or sees this batch's runs finished.
+    // uncorrelated subquery: taken once, in activity order, before the rows are returned.)
     let owners: Vec<(Uuid, Uuid, i64)> = sqlx::query_as(
-        "WITH owners AS (SELECT DISTINCT t.run_id, t.activity_id, r.flow_key \
-             FROM tasks t JOIN runs r ON r.id = t.run_id WHERE t.id = ANY($1)) \
+        "WITH owners AS (SELECT DISTINCT run_id, activity_id FROM tasks WHERE id = ANY($1)) \
          SELECT run_id, activity_id, \
-             (SELECT count(pg_advisory_xact_lock_shared(hashtextextended(l, 0))) \
-              FROM (SELECT DISTINCT l FROM ( \
-                  SELECT 'taskfactory-overlap:' || activity_id::text AS l FROM owners \
-                  UNION ALL \
-                  SELECT 'taskfactory-flow:' || activity_id::text || ':' || flow_key FROM owners \
-                  WHERE flow_key IS NOT NULL) names ORDER BY 1) sorted) AS locked \
+             (SELECT count(pg_advisory_xact_lock_shared( \
+                  hashtextextended('taskfactory-overlap:' || a::text, 0))) \
+              FROM (SELECT DISTINCT activity_id AS a FROM owners ORDER BY 1) sorted) AS locked \
          FROM owners",
     )
     .persistent(false)

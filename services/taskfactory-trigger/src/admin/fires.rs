@@ -163,6 +163,18 @@ impl Admin {
                 record.name
             ))
         })?;
+        if overlap != v1::OverlapPolicy::OverlapUnspecified
+            && live
+                .spec
+                .flow
+                .as_ref()
+                .is_some_and(|f| f.concurrency.is_some())
+        {
+            return Err(invalid(
+                "overlap",
+                "this activity's runs are admitted by its flow.concurrency; an overlap override does not apply",
+            ));
+        }
         let Some(schedule) = live.schedule.clone() else {
             return Err(AdminError::FailedPrecondition(format!(
                 "activity {:?} has no schedule trigger; only schedules can be backfilled (use TriggerActivity)",
@@ -480,6 +492,7 @@ impl Admin {
         for decision in &mut decisions {
             if redaction.applies_to(&decision.activity_id) {
                 redact::redact_text(&mut decision.key);
+                redact::redact_text(&mut decision.flow_key);
                 redact::redact_text(&mut decision.reason);
             }
         }
