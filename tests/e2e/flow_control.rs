@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use taskfactory_model::ids::{ActivityId, FireId};
-use taskfactory_proto::v1::ListEventDecisionsRequest;
 use taskfactory_proto::v1::event_decision::Decision;
+use taskfactory_proto::v1::{ListEventDecisionsRequest, PauseActivityRequest};
 use taskfactory_tests::{EnvOptions, TestEnv, wait_for};
 use taskfactory_trigger::event_ledger::EventOrigin;
 use taskfactory_trigger::flow::{RateLimit, prune_rate_limits};
@@ -810,5 +810,63 @@ async fn retrying_a_task_takes_room_under_its_concurrency_key() -> anyhow::Resul
             id: dead.to_string(),
         })
         .await?;
+    Ok(())
+}
+
+/// A schedule under `flow.concurrency` without a key: its runs never overlap beyond the limit,
+/// and none is skipped (every fire waits its turn).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_schedule_under_concurrency_runs_every_fire_one_at_a_time() -> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    let slow = RecordingServer::start(Duration::from_millis(1500)).await?;
+    create(
+        &mut admin,
+        &format!(
+            "name: ticking\ntrigger: {{schedule: {{cron: ['* * * * * *'], timezone: UTC}}}}\nflow: {{concurrency: {{limit: 1}}}}\ntasks: [{{name: call, type: http, params: {{url: '{}', body: {{at: '{{{{ trigger.scheduled_for }}}}'}}}}}}]",
+            slow.url
+        ),
+    )
+    .await?;
+    let pool = env.db.pool().await?;
+    // Fires come every second and each run takes 1.5 s: runs wait.
+    wait_for("runs waiting", Duration::from_secs(30), || async {
+        let waiting: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM runs WHERE waiting AND status = 'PENDING'")
+                .fetch_one(&pool)
+                .await?;
+        Ok((waiting >= 2).then_some(()))
+    })
+    .await?;
+    admin
+        .pause_activity(PauseActivityRequest {
+            id: "ticking".to_owned(),
+            note: "enough".to_owned(),
+        })
+        .await?;
+    wait_for("every run finished", Duration::from_secs(60), || async {
+        let unfinished: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM runs WHERE status IN ('PENDING', 'RUNNING')")
+                .fetch_one(&pool)
+                .await?;
+        Ok((unfinished == 0).then_some(()))
+    })
+    .await?;
+    let rows: Vec<(
+        String,
+        chrono::DateTime<chrono::Utc>,
+        chrono::DateTime<chrono::Utc>,
+    )> = sqlx::query_as("SELECT status, started_at, finished_at FROM runs")
+        .fetch_all(&pool)
+        .await?;
+    assert!(rows.len() >= 3, "{rows:?}");
+    assert!(
+        rows.iter().all(|(status, _, _)| status == "SUCCEEDED"),
+        "none skipped: {rows:?}"
+    );
+    let intervals: Vec<_> = rows.iter().map(|(_, s, f)| (*s, *f)).collect();
+    assert_eq!(most_at_once(&intervals), 1);
+    assert_eq!(slow.calls().len(), rows.len());
     Ok(())
 }

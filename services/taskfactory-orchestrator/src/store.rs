@@ -631,6 +631,7 @@ pub async fn admit_flow_run(
         return Ok(None);
     }
     sqlx::query("UPDATE runs SET flow_key = $2, flow_limit = $3, priority = $4 WHERE id = $1")
+        .persistent(false)
         .bind(row.id.0)
         .bind(&flow.concurrency_key)
         .bind(i32::try_from(flow.concurrency_limit).unwrap_or(i32::MAX))
@@ -678,6 +679,8 @@ async fn promote_flow_locked(
         "SELECT count(*) FROM (SELECT 1 FROM runs WHERE activity_id = $1 AND flow_key = $2 \
            AND NOT waiting AND status IN ('PENDING', 'RUNNING') FOR UPDATE) admitted",
     )
+    // Planned on each use: a plan made while `runs` was nearly empty would scan it whole.
+    .persistent(false)
     .bind(activity.0)
     .bind(key)
     .fetch_one(&mut *tx)
@@ -691,6 +694,7 @@ async fn promote_flow_locked(
            AND waiting AND status = 'PENDING' \
          ORDER BY priority DESC, fired_at, id LIMIT $3",
     )
+    .persistent(false)
     .bind(activity.0)
     .bind(key)
     .bind(room)
@@ -708,6 +712,7 @@ async fn promote_flow_locked(
         sqlx::query(
             "UPDATE runs SET waiting = false, started_at = clock_timestamp() WHERE id = ANY($1)",
         )
+        .persistent(false)
         .bind(&started)
         .execute(&mut *tx)
         .await?;
