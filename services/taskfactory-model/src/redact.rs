@@ -370,6 +370,7 @@ pub fn redact_run(run: &mut Run) {
         redact_value(payload);
     }
     redact_text(&mut run.error);
+    redact_text(&mut run.concurrency_key);
     redact_evaluation(&mut run.evaluation);
 }
 
