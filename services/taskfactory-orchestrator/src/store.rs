@@ -706,17 +706,20 @@ async fn promote_flow_locked(
         .take_while(|(before, (_, own_limit))| *before < i64::from(own_limit.unwrap_or(i32::MAX)))
         .map(|(_, (id, _))| id)
         .collect();
-    if !started.is_empty() {
-        // The instant it is admitted, not the transaction's start (which may come before the
-        // commit that freed the room, and the end of the run before it).
-        sqlx::query(
-            "UPDATE runs SET waiting = false, started_at = clock_timestamp() WHERE id = ANY($1)",
-        )
-        .persistent(false)
-        .bind(&started)
-        .execute(&mut *tx)
-        .await?;
+    if started.is_empty() {
+        return Ok(Vec::new());
     }
+    // The instant it is admitted, not the transaction's start (which may come before the commit
+    // that freed the room, and the end of the run before it). A run cancelled since it was
+    // chosen (a cancel takes no key lock) stays as it is, and is not started.
+    let started: Vec<Uuid> = sqlx::query_scalar(
+        "UPDATE runs SET waiting = false, started_at = clock_timestamp() \
+         WHERE id = ANY($1) AND waiting AND status = 'PENDING' RETURNING id",
+    )
+    .persistent(false)
+    .bind(&started)
+    .fetch_all(&mut *tx)
+    .await?;
     Ok(started.into_iter().map(RunId).collect())
 }
 
