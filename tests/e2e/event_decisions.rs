@@ -12,7 +12,7 @@ use taskfactory_tests::{EnvOptions, TestEnv, wait_for};
 use tonic::Code;
 
 use crate::schedules::wait_for_triggers_drained;
-use crate::support::{Admin, create, finished_run, publish_event};
+use crate::support::{Admin, create, event_fire, finished_run, publish_event};
 
 /// Every decision `request` selects, newest first, read `page_size` at a time.
 pub(crate) async fn decisions(
@@ -37,7 +37,7 @@ pub(crate) async fn decisions(
     }
 }
 
-fn of_activity(activity: &str) -> ListEventDecisionsRequest {
+pub(crate) fn of_activity(activity: &str) -> ListEventDecisionsRequest {
     ListEventDecisionsRequest {
         activity: activity.to_owned(),
         page_size: 1000,
@@ -46,7 +46,7 @@ fn of_activity(activity: &str) -> ListEventDecisionsRequest {
 }
 
 /// `(event id, decision)` per row.
-fn summary(rows: &[EventDecision]) -> Vec<(String, Decision)> {
+pub(crate) fn summary(rows: &[EventDecision]) -> Vec<(String, Decision)> {
     rows.iter()
         .map(|d| (d.event_id.clone(), d.decision()))
         .collect()
@@ -325,10 +325,7 @@ async fn every_event_gets_one_decision_at_each_activity_it_reaches_with_the_reas
 /// once. Another event with the same key is `DEDUPED`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_event_recorded_again_keeps_its_one_decision() -> anyhow::Result<()> {
-    use std::sync::Arc;
-    use taskfactory_model::ids::{ActivityId, FireId};
-    use taskfactory_trigger::event_ledger::EventOrigin;
-    use taskfactory_trigger::store::{NewFire, record_fire};
+    use taskfactory_trigger::store::record_fire;
 
     let env = TestEnv::new(EnvOptions::default()).await?;
     let _trigger = env.start(taskfactory_tests::Service::Trigger);
@@ -340,37 +337,12 @@ async fn an_event_recorded_again_keeps_its_one_decision() -> anyhow::Result<()> 
         "name: again\ntrigger: {event: {subject: 'events.again.*'}}\ntasks: [{name: t, type: noop}]\n",
     )
     .await?;
-    let activity_id = ActivityId(activity.id.parse()?);
-    let event = |sequence: u64, msg_id: &str| {
-        Arc::new(EventOrigin {
-            sequence,
-            published_ns: 1_765_000_000_000_000_000 + i64::try_from(sequence).unwrap(),
-            msg_id: Some(msg_id.to_owned()),
-            subject: "events.again.x".to_owned(),
-        })
-    };
-    let fire = |origin: Arc<EventOrigin>| NewFire {
-        id: FireId::derive(activity_id, "k"),
-        activity_id,
-        activity_name: "again".to_owned(),
-        activity_version: 1,
-        source: "event",
-        dedupe_key: "k".to_owned(),
-        scheduled_for: None,
-        fired_at: chrono::Utc::now(),
-        subject: "events.again.x".to_owned(),
-        payload: None,
-        event: Vec::new(),
-        dst_note: None,
-        traceparent: String::new(),
-        origin: Some(origin),
-        rate_limit: None,
-    };
+    let fire = |sequence: u64, msg_id: &str| event_fire(&activity, sequence, msg_id, "k", None);
     let pool = env.db.pool().await?;
-    assert!(record_fire(&pool, &fire(event(7, "m7")), None).await?);
-    assert!(!record_fire(&pool, &fire(event(7, "m7")), None).await?);
-    assert!(!record_fire(&pool, &fire(event(8, "m8")), None).await?);
-    assert!(!record_fire(&pool, &fire(event(8, "m8")), None).await?);
+    assert!(record_fire(&pool, &fire(7, "m7")?, None).await?);
+    assert!(!record_fire(&pool, &fire(7, "m7")?, None).await?);
+    assert!(!record_fire(&pool, &fire(8, "m8")?, None).await?);
+    assert!(!record_fire(&pool, &fire(8, "m8")?, None).await?);
     let made = decisions(&mut admin, of_activity("again")).await?;
     assert_eq!(
         summary(&made),

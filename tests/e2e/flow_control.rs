@@ -1,27 +1,16 @@
 //! Flow control: the rate limit (`flow.rateLimit`), each decision recorded.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use taskfactory_model::ids::{ActivityId, FireId};
 use taskfactory_proto::v1::event_decision::Decision;
 use taskfactory_proto::v1::{ListEventDecisionsRequest, PauseActivityRequest};
 use taskfactory_tests::{EnvOptions, TestEnv, wait_for};
-use taskfactory_trigger::event_ledger::EventOrigin;
 use taskfactory_trigger::flow::{RateLimit, prune_rate_limits};
-use taskfactory_trigger::store::{NewFire, StoreError, record_fire};
+use taskfactory_trigger::store::{StoreError, record_fire};
 
-use crate::event_decisions::decisions;
+use crate::event_decisions::{decisions, of_activity};
 use crate::schedules::wait_for_triggers_drained;
-use crate::support::{RecordingServer, create, publish_event, runs};
-
-fn of_activity(activity: &str) -> ListEventDecisionsRequest {
-    ListEventDecisionsRequest {
-        activity: activity.to_owned(),
-        page_size: 1000,
-        ..Default::default()
-    }
-}
+use crate::support::{RecordingServer, create, event_fire, publish_event, runs};
 
 fn count(rows: &[taskfactory_proto::v1::EventDecision], decision: Decision, key: &str) -> usize {
     rows.iter()
@@ -184,32 +173,19 @@ async fn a_rate_limited_event_delivered_again_takes_no_second_share() -> anyhow:
         "name: hourly\ntrigger: {event: {subject: 'events.h.*'}}\nflow: {rateLimit: {limit: 1, period: 1h}}\ntasks: [{name: t, type: noop}]\n",
     )
     .await?;
-    let activity_id = ActivityId(activity.id.parse()?);
-    let fire = |sequence: u64, key: &str| NewFire {
-        id: FireId::derive(activity_id, key),
-        activity_id,
-        activity_name: "hourly".to_owned(),
-        activity_version: 1,
-        source: "event",
-        dedupe_key: key.to_owned(),
-        scheduled_for: None,
-        fired_at: chrono::Utc::now(),
-        subject: "events.h.x".to_owned(),
-        payload: None,
-        event: Vec::new(),
-        dst_note: None,
-        traceparent: String::new(),
-        origin: Some(Arc::new(EventOrigin {
-            sequence,
-            published_ns: 1_765_000_000_000_000_000 + i64::try_from(sequence).unwrap(),
-            msg_id: Some(format!("e{sequence}")),
-            subject: "events.h.x".to_owned(),
-        })),
-        rate_limit: Some(RateLimit {
+    let fire = |sequence: u64, key: &str| {
+        let limit = RateLimit {
             key: String::new(),
             limit: 1,
             period: Duration::from_secs(3600),
-        }),
+        };
+        event_fire(
+            &activity,
+            sequence,
+            &format!("e{sequence}"),
+            key,
+            Some(limit),
+        )
     };
     let pool = env.db.pool().await?;
     let tat = || async {
@@ -217,11 +193,11 @@ async fn a_rate_limited_event_delivered_again_takes_no_second_share() -> anyhow:
             .fetch_one(&pool)
             .await
     };
-    assert!(record_fire(&pool, &fire(1, "k1"), None).await?);
+    assert!(record_fire(&pool, &fire(1, "k1")?, None).await?);
     let first = tat().await?;
-    assert!(!record_fire(&pool, &fire(1, "k1"), None).await?);
+    assert!(!record_fire(&pool, &fire(1, "k1")?, None).await?);
     for _ in 0..2 {
-        match record_fire(&pool, &fire(2, "k2"), None).await {
+        match record_fire(&pool, &fire(2, "k2")?, None).await {
             Err(StoreError::RateLimited { reason }) => {
                 assert!(reason.contains("1 per 1h"), "{reason}")
             }
@@ -229,7 +205,7 @@ async fn a_rate_limited_event_delivered_again_takes_no_second_share() -> anyhow:
         }
     }
     assert!(
-        !record_fire(&pool, &fire(3, "k1"), None).await?,
+        !record_fire(&pool, &fire(3, "k1")?, None).await?,
         "a duplicate"
     );
     assert_eq!(tat().await?, first, "only the first took a share");
@@ -250,6 +226,15 @@ async fn a_rate_limited_event_delivered_again_takes_no_second_share() -> anyhow:
     let line = "taskfactory_event_decisions_total{activity=\"hourly\",decision=\"rate_limited\"} 1";
     assert!(page.contains(line), "{line} in {page}");
     Ok(())
+}
+
+/// `(key, start, end)` rows grouped by key.
+fn per_key<T>(rows: Vec<(String, T, T)>) -> std::collections::BTreeMap<String, Vec<(T, T)>> {
+    let mut by_key: std::collections::BTreeMap<String, Vec<(T, T)>> = Default::default();
+    for (key, start, end) in rows {
+        by_key.entry(key).or_default().push((start, end));
+    }
+    by_key
 }
 
 /// How many of `intervals` (start, end) overlap at most at one instant.
@@ -332,10 +317,7 @@ async fn concurrency_per_key_holds_for_a_thousand_events_over_fifty_keys() -> an
     .fetch_all(&pool)
     .await?;
     assert_eq!(rows.len(), EVENTS);
-    let mut by_key: std::collections::BTreeMap<String, Vec<_>> = Default::default();
-    for (key, started, finished) in rows {
-        by_key.entry(key).or_default().push((started, finished));
-    }
+    let by_key = per_key(rows);
     assert_eq!(by_key.len(), 50);
     let mut busiest = 0;
     for (key, runs) in &by_key {
@@ -345,13 +327,18 @@ async fn concurrency_per_key_holds_for_a_thousand_events_over_fifty_keys() -> an
     }
     assert_eq!(busiest, 2, "the limit was reached, not just respected");
     // ...and from the calls the server saw.
-    let mut calls_by_key: std::collections::BTreeMap<String, Vec<_>> = Default::default();
-    for call in &calls {
-        calls_by_key
-            .entry(call.body["customer"].as_str().unwrap().to_owned())
-            .or_default()
-            .push((call.started, call.finished));
-    }
+    let calls_by_key = per_key(
+        calls
+            .iter()
+            .map(|c| {
+                (
+                    c.body["customer"].as_str().unwrap().to_owned(),
+                    c.started,
+                    c.finished,
+                )
+            })
+            .collect(),
+    );
     for (key, calls) in &calls_by_key {
         let most = most_at_once(calls);
         assert!(most <= 2, "key {key}: {most} calls at once");
@@ -609,10 +596,7 @@ async fn queued_runs_survive_a_killed_trigger_and_orchestrator() -> anyhow::Resu
     )> = sqlx::query_as("SELECT flow_key, started_at, finished_at FROM runs")
         .fetch_all(&pool)
         .await?;
-    let mut by_key: std::collections::BTreeMap<String, Vec<_>> = Default::default();
-    for (key, started, finished) in rows {
-        by_key.entry(key).or_default().push((started, finished));
-    }
+    let by_key = per_key(rows);
     for (key, runs) in &by_key {
         assert_eq!(most_at_once(runs), 1, "key {key}");
     }
@@ -635,32 +619,19 @@ async fn two_events_of_one_key_in_one_batch_are_judged_each_once() -> anyhow::Re
         "name: twice\ntrigger: {event: {subject: 'events.t.*'}}\nflow: {rateLimit: {key: event.k, limit: 1, period: 1h}}\ntasks: [{name: t, type: noop}]\n",
     )
     .await?;
-    let activity_id = ActivityId(activity.id.parse()?);
-    let fire = |sequence: u64, dedupe: &str, key: &str| NewFire {
-        id: FireId::derive(activity_id, dedupe),
-        activity_id,
-        activity_name: "twice".to_owned(),
-        activity_version: 1,
-        source: "event",
-        dedupe_key: dedupe.to_owned(),
-        scheduled_for: None,
-        fired_at: chrono::Utc::now(),
-        subject: "events.t.x".to_owned(),
-        payload: None,
-        event: Vec::new(),
-        dst_note: None,
-        traceparent: String::new(),
-        origin: Some(Arc::new(EventOrigin {
-            sequence,
-            published_ns: 1_765_000_000_000_000_000 + i64::try_from(sequence).unwrap(),
-            msg_id: Some(format!("e{sequence}")),
-            subject: "events.t.x".to_owned(),
-        })),
-        rate_limit: Some(RateLimit {
+    let fire = |sequence: u64, dedupe: &str, key: &str| {
+        let limit = RateLimit {
             key: key.to_owned(),
             limit: 1,
             period: Duration::from_secs(3600),
-        }),
+        };
+        event_fire(
+            &activity,
+            sequence,
+            &format!("e{sequence}"),
+            dedupe,
+            Some(limit),
+        )
     };
     let pool = env.db.pool().await?;
     let outcome = |r: &Result<bool, StoreError>| match r {
@@ -670,8 +641,8 @@ async fn two_events_of_one_key_in_one_batch_are_judged_each_once() -> anyhow::Re
         Err(_) => "error",
     };
     // Key "a" spent first; then its two events of one dedupe key, together: both refused.
-    assert!(record_fire(&pool, &fire(1, "d1", "a"), None).await?);
-    let (two, three) = (fire(2, "d2", "a"), fire(3, "d2", "a"));
+    assert!(record_fire(&pool, &fire(1, "d1", "a")?, None).await?);
+    let (two, three) = (fire(2, "d2", "a")?, fire(3, "d2", "a")?);
     let both = record_fires(
         &pool,
         &[
@@ -692,7 +663,7 @@ async fn two_events_of_one_key_in_one_batch_are_judged_each_once() -> anyhow::Re
     );
     // Key "b" has its budget: the first fires, the second is its duplicate, and "b" is spent
     // once (a third event of "b" is refused, not a fourth of another key).
-    let (four, five) = (fire(4, "d4", "b"), fire(5, "d4", "b"));
+    let (four, five) = (fire(4, "d4", "b")?, fire(5, "d4", "b")?);
     let both = record_fires(
         &pool,
         &[

@@ -15,6 +15,47 @@ use taskfactory_tests::wait_for;
 
 pub type Admin = taskfactory_trigger::auth::client::AdminClient;
 
+/// A fire of `activity` for the event of stream sequence `sequence` (published at an instant
+/// derived from it) with `Nats-Msg-Id` `msg_id`, as event ingress hands one to the store: for
+/// tests that record fires directly.
+pub fn event_fire(
+    activity: &Activity,
+    sequence: u64,
+    msg_id: &str,
+    dedupe_key: &str,
+    rate_limit: Option<taskfactory_trigger::flow::RateLimit>,
+) -> anyhow::Result<taskfactory_trigger::store::NewFire> {
+    use taskfactory_model::ids::{ActivityId, FireId};
+    let activity_id = ActivityId(activity.id.parse()?);
+    let name = activity
+        .spec
+        .as_ref()
+        .map(|s| s.name.clone())
+        .unwrap_or_default();
+    Ok(taskfactory_trigger::store::NewFire {
+        id: FireId::derive(activity_id, dedupe_key),
+        activity_id,
+        activity_name: name,
+        activity_version: activity.version,
+        source: "event",
+        dedupe_key: dedupe_key.to_owned(),
+        scheduled_for: None,
+        fired_at: chrono::Utc::now(),
+        subject: "events.test.x".to_owned(),
+        payload: None,
+        event: Vec::new(),
+        dst_note: None,
+        traceparent: String::new(),
+        origin: Some(Arc::new(taskfactory_trigger::event_ledger::EventOrigin {
+            sequence,
+            published_ns: 1_765_000_000_000_000_000 + i64::try_from(sequence)?,
+            msg_id: Some(msg_id.to_owned()),
+            subject: "events.test.x".to_owned(),
+        })),
+        rate_limit,
+    })
+}
+
 pub async fn create(admin: &mut Admin, yaml: &str) -> anyhow::Result<Activity> {
     let spec = spec_from_yaml(yaml)?;
     Ok(admin

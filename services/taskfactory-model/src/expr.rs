@@ -270,10 +270,8 @@ impl CompiledExpr<'_, '_> {
             .map_err(|e| naming_undefined(&e, self.expr.undeclared_variables(true), scope))
     }
 
-    /// A key, as flow control reads one (`event.customer_id`): a string as it is, any other
-    /// defined value as its JSON text (`42`, `true`, `null`, `["a",1]`). Undefined is an error
-    /// naming what is undefined: a key must not silently put every event in one bucket.
-    pub fn eval_key(&self, scope: &Value) -> Result<String, ExprError> {
+    /// [`Self::eval`], where undefined is an error naming what is undefined.
+    fn eval_defined(&self, scope: &Value) -> Result<Value, ExprError> {
         let value = self.eval(scope)?;
         if value.is_undefined() {
             return Err(
@@ -283,6 +281,14 @@ impl CompiledExpr<'_, '_> {
                 ),
             );
         }
+        Ok(value)
+    }
+
+    /// A key, as flow control reads one (`event.customer_id`): a string as it is, any other
+    /// defined value as its JSON text (`42`, `true`, `null`, `["a",1]`). Undefined is an error
+    /// naming what is undefined: a key must not silently put every event in one bucket.
+    pub fn eval_key(&self, scope: &Value) -> Result<String, ExprError> {
+        let value = self.eval_defined(scope)?;
         if let Some(text) = value.as_str() {
             return Ok(text.to_owned());
         }
@@ -293,15 +299,7 @@ impl CompiledExpr<'_, '_> {
     /// A priority: a number (a fraction is cut to its integer part; beyond the range of a
     /// 64-bit integer it is clamped). Anything else is an error naming what it was.
     pub fn eval_priority(&self, scope: &Value) -> Result<i64, ExprError> {
-        let value = self.eval(scope)?;
-        if value.is_undefined() {
-            return Err(
-                undefined_names(self.expr.undeclared_variables(true), scope).map_or_else(
-                    || ExprError::new("is undefined (check the names it uses)"),
-                    ExprError::new,
-                ),
-            );
-        }
+        let value = self.eval_defined(scope)?;
         if value.kind() == minijinja::value::ValueKind::Number {
             if let Some(n) = value.as_i64() {
                 return Ok(n);
@@ -326,15 +324,7 @@ impl CompiledExpr<'_, '_> {
 
     /// A list, as `forEach` needs: every element, in order.
     pub fn eval_list(&self, scope: &Value) -> Result<Vec<Value>, ExprError> {
-        let value = self.eval(scope)?;
-        if value.is_undefined() {
-            return Err(
-                undefined_names(self.expr.undeclared_variables(true), scope).map_or_else(
-                    || ExprError::new("is undefined (check the names it uses)"),
-                    ExprError::new,
-                ),
-            );
-        }
+        let value = self.eval_defined(scope)?;
         match value.kind() {
             minijinja::value::ValueKind::Seq | minijinja::value::ValueKind::Iterable => {
                 // Lazily repeated or generated sequences are only counted here: stop at the cap.

@@ -5,12 +5,12 @@
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row};
 use taskfactory_model::ids::{ActivityId, FireId, RunId};
-use taskfactory_proto::v1::event_decision::Decision;
-
-use crate::{event_ledger, flow};
 use taskfactory_model::sizes::{self, SizeError};
+use taskfactory_proto::v1::event_decision::Decision;
 use taskfactory_runtime::clock::ClockHandle;
 use uuid::Uuid;
+
+use crate::{event_ledger, flow};
 
 /// A stored activity at one version.
 #[derive(Clone, Debug)]
@@ -749,46 +749,47 @@ pub async fn record_fires(
         .collect())
 }
 
-/// The decision about the event behind `fire`, if an event is behind it.
+/// The decision about the event behind `fire`, if an event is behind it: fired (`new`), or
+/// the earlier fire of its key.
 fn event_decision(fire: &NewFire, new: bool) -> Option<event_ledger::DecisionRow> {
-    let origin = fire.origin.clone()?;
     let run = RunId::derive(fire.activity_id, &fire.dedupe_key);
-    Some(event_ledger::DecisionRow {
-        activity_id: fire.activity_id,
-        activity_name: fire.activity_name.clone(),
-        activity_version: fire.activity_version,
-        origin,
-        key: fire.dedupe_key.clone(),
-        decision: if new {
-            Decision::Fired
-        } else {
-            Decision::Deduped
-        },
-        reason: if new {
-            String::new()
-        } else {
-            format!("its key {:?} fired before, as run {run}", fire.dedupe_key)
-        },
-        run_id: Some(run),
-        decided_at: fire.fired_at,
-        flow_key: None,
-    })
+    if new {
+        return fire_decision(fire, Decision::Fired, String::new(), Some(run), None);
+    }
+    let reason = format!("its key {:?} fired before, as run {run}", fire.dedupe_key);
+    fire_decision(fire, Decision::Deduped, reason, Some(run), None)
 }
 
 /// The decision about the event behind `fire`, dropped over its rate limit.
 fn rate_limited_decision(fire: &NewFire, reason: &str) -> Option<event_ledger::DecisionRow> {
-    let origin = fire.origin.clone()?;
+    let flow_key = fire.rate_limit.as_ref().map(|limit| limit.key.clone());
+    fire_decision(
+        fire,
+        Decision::RateLimited,
+        reason.to_owned(),
+        None,
+        flow_key,
+    )
+}
+
+fn fire_decision(
+    fire: &NewFire,
+    decision: Decision,
+    reason: String,
+    run_id: Option<RunId>,
+    flow_key: Option<String>,
+) -> Option<event_ledger::DecisionRow> {
     Some(event_ledger::DecisionRow {
         activity_id: fire.activity_id,
         activity_name: fire.activity_name.clone(),
         activity_version: fire.activity_version,
-        origin,
+        origin: fire.origin.clone()?,
         key: fire.dedupe_key.clone(),
-        decision: Decision::RateLimited,
-        reason: reason.to_owned(),
-        run_id: None,
+        decision,
+        reason,
+        run_id,
         decided_at: fire.fired_at,
-        flow_key: fire.rate_limit.as_ref().map(|limit| limit.key.clone()),
+        flow_key,
     })
 }
 
@@ -800,6 +801,9 @@ async fn rate_limited(
     tx: &mut sqlx::PgConnection,
     writes: &[FireWrite<'_>],
 ) -> Result<Vec<Option<StoreError>>, StoreError> {
+    let over = |limit: &flow::RateLimit| StoreError::RateLimited {
+        reason: limit.reason(),
+    };
     let mut out: Vec<Option<StoreError>> = writes.iter().map(|_| None).collect();
     let candidates: Vec<(usize, &event_ledger::EventOrigin, &flow::RateLimit)> = writes
         .iter()
@@ -863,9 +867,7 @@ async fn rate_limited(
             .get(&(activities[n], sequences[n], published[n]))
             .is_some_and(|decision| decision == "RATE_LIMITED")
         {
-            out[i] = Some(StoreError::RateLimited {
-                reason: limit.reason(),
-            });
+            out[i] = Some(over(limit));
             continue;
         }
         if fired.contains(&fire.id.0) {
@@ -877,19 +879,12 @@ async fn rate_limited(
             at: fire.fired_at,
             fire: fire.id.0,
         });
-        judged_at.push(i);
+        judged_at.push((i, limit));
     }
     let fits = flow::judge(tx, locked, &judged).await?;
-    for (i, fit) in judged_at.into_iter().zip(fits) {
+    for ((i, limit), fit) in judged_at.into_iter().zip(fits) {
         if !fit {
-            let limit = writes[i]
-                .fire
-                .rate_limit
-                .as_ref()
-                .map(flow::RateLimit::reason);
-            out[i] = Some(StoreError::RateLimited {
-                reason: limit.unwrap_or_default(),
-            });
+            out[i] = Some(over(limit));
         }
     }
     Ok(out)
