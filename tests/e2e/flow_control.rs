@@ -229,7 +229,9 @@ async fn a_rate_limited_event_delivered_again_takes_no_second_share() -> anyhow:
 }
 
 /// `(key, start, end)` rows grouped by key.
-fn per_key<T>(rows: Vec<(String, T, T)>) -> std::collections::BTreeMap<String, Vec<(T, T)>> {
+pub(crate) fn per_key<T>(
+    rows: Vec<(String, T, T)>,
+) -> std::collections::BTreeMap<String, Vec<(T, T)>> {
     let mut by_key: std::collections::BTreeMap<String, Vec<(T, T)>> = Default::default();
     for (key, start, end) in rows {
         by_key.entry(key).or_default().push((start, end));
@@ -238,7 +240,7 @@ fn per_key<T>(rows: Vec<(String, T, T)>) -> std::collections::BTreeMap<String, V
 }
 
 /// How many of `intervals` (start, end) overlap at most at one instant.
-fn most_at_once<T: Ord + Copy>(intervals: &[(T, T)]) -> usize {
+pub(crate) fn most_at_once<T: Ord + Copy>(intervals: &[(T, T)]) -> usize {
     let mut edges: Vec<(T, i32)> = intervals
         .iter()
         .flat_map(|&(start, end)| [(start, 1), (end, -1)])

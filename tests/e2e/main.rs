@@ -36,6 +36,7 @@ mod sql_parameters;
 mod sql_sources;
 mod ssrf;
 mod support;
+mod throttle;
 mod tracing;
 mod validation;
 mod webhook_limits;

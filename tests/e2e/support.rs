@@ -150,6 +150,28 @@ pub async fn publish_event(
         .await?)
 }
 
+/// Publishes events to the events stream back to back, `(body, Nats-Msg-Id)` each, then waits
+/// for every ack: a burst as fast as one client sends it.
+pub async fn publish_burst(
+    js: &async_nats::jetstream::Context,
+    subject: &str,
+    events: Vec<(Vec<u8>, String)>,
+) -> anyhow::Result<()> {
+    let mut acks = Vec::with_capacity(events.len());
+    for (body, id) in events {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", id.as_str());
+        acks.push(
+            js.publish_with_headers(subject.to_owned(), headers, body.into())
+                .await?,
+        );
+    }
+    for ack in acks {
+        ack.await?;
+    }
+    Ok(())
+}
+
 /// The dead letter of the message stored at `sequence` of `stream`, once it is there: its error.
 pub async fn dead_letter(
     js: &async_nats::jetstream::Context,

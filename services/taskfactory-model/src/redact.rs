@@ -371,6 +371,7 @@ pub fn redact_run(run: &mut Run) {
     }
     redact_text(&mut run.error);
     redact_text(&mut run.concurrency_key);
+    redact_text(&mut run.throttle_key);
     redact_evaluation(&mut run.evaluation);
 }
 

@@ -573,10 +573,10 @@ fn validate_flow(
         }
     }
     if !flow.priority.trim().is_empty() {
-        if flow.concurrency.is_none() {
+        if flow.concurrency.is_none() && flow.throttle.is_none() {
             errors.push(field(
                 "flow.priority",
-                "orders the runs waiting under flow.concurrency: set flow.concurrency too",
+                "orders the runs waiting under flow.concurrency or flow.throttle: set one of them",
             ));
         } else if schedule.is_some() {
             errors.push(field(
@@ -595,34 +595,83 @@ fn validate_flow(
                 "applies to events only: this activity's trigger is not an event trigger",
             ));
         }
-        if !limit.key.trim().is_empty()
-            && let Err(e) = engine.expression(&limit.key)
-        {
-            errors.push(field(format!("{prefix}.key"), e.message));
-        }
-        if limit.limit == 0 {
+        errors.extend(validate_rate(
+            prefix,
+            &limit.key,
+            limit.limit,
+            limit.period.as_ref(),
+            "event",
+            engine,
+        ));
+    }
+    if let Some(throttle) = &flow.throttle {
+        let prefix = "flow.throttle";
+        if schedule.is_some() {
             errors.push(field(
-                format!("{prefix}.limit"),
-                "is required: at least 1 event per period",
+                prefix,
+                "does not apply to a schedule, whose fires come at the times it says: use \
+                 flow.concurrency or trigger.schedule.overlap to hold its runs back",
             ));
         }
-        match limit.period.as_ref().map(std_duration) {
-            None => errors.push(field(
-                format!("{prefix}.period"),
-                "is required: a duration such as 10s or 1m",
-            )),
-            Some(None) => errors.push(field(
-                format!("{prefix}.period"),
-                "must be a non-negative duration",
-            )),
-            Some(Some(period)) if period < Duration::from_millis(1) => {
-                errors.push(field(format!("{prefix}.period"), "must be at least 1ms"))
-            }
-            Some(Some(period)) if period > MAX_RATE_PERIOD => {
-                errors.push(field(format!("{prefix}.period"), "must be at most 7 days"))
-            }
-            Some(Some(_)) => {}
+        errors.extend(validate_rate(
+            prefix,
+            &throttle.key,
+            throttle.limit,
+            throttle.period.as_ref(),
+            "run",
+            engine,
+        ));
+        if throttle.burst > throttle.limit.max(1) {
+            errors.push(field(
+                format!("{prefix}.burst"),
+                format!(
+                    "must be at most the limit ({}): the runs that may start at once after a pause",
+                    throttle.limit
+                ),
+            ));
         }
+    }
+    errors
+}
+
+/// The key, limit and period of a rate (`flow.rateLimit`, `flow.throttle`) at `prefix`: the key
+/// compiles, at least one `unit` per period, and a period of 1 ms to 7 days.
+fn validate_rate(
+    prefix: &str,
+    key: &str,
+    limit: u32,
+    period: Option<&prost_types::Duration>,
+    unit: &str,
+    engine: &Engine<'_>,
+) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    if !key.trim().is_empty()
+        && let Err(e) = engine.expression(key)
+    {
+        errors.push(field(format!("{prefix}.key"), e.message));
+    }
+    if limit == 0 {
+        errors.push(field(
+            format!("{prefix}.limit"),
+            format!("is required: at least 1 {unit} per period"),
+        ));
+    }
+    match period.map(std_duration) {
+        None => errors.push(field(
+            format!("{prefix}.period"),
+            "is required: a duration such as 10s or 1m",
+        )),
+        Some(None) => errors.push(field(
+            format!("{prefix}.period"),
+            "must be a non-negative duration",
+        )),
+        Some(Some(period)) if period < Duration::from_millis(1) => {
+            errors.push(field(format!("{prefix}.period"), "must be at least 1ms"))
+        }
+        Some(Some(period)) if period > MAX_RATE_PERIOD => {
+            errors.push(field(format!("{prefix}.period"), "must be at most 7 days"))
+        }
+        Some(Some(_)) => {}
     }
     errors
 }
@@ -1034,6 +1083,78 @@ tasks:
     }
 
     #[test]
+    fn a_throttle_that_makes_no_sense_is_refused_naming_the_field() {
+        let with = |trigger: &str, flow: &str| {
+            format!(
+                "name: throttled\ntrigger: {trigger}\nflow: {flow}\ntasks: [{{name: t, type: noop}}]\n"
+            )
+        };
+        let event = |flow: &str| with("{event: {subject: events.x}}", flow);
+        for good in [
+            event("{throttle: {key: event.customer, limit: 10, period: 1m, burst: 2}}"),
+            event("{throttle: {limit: 1, period: 1s}, priority: event.rank}"),
+            event(
+                "{throttle: {key: event.c, limit: 10, period: 1s}, concurrency: {key: event.c, limit: 2}}",
+            ),
+            with(
+                "{manual: {}}",
+                "{throttle: {key: event.user, limit: 5, period: 1s}}",
+            ),
+        ] {
+            assert!(
+                errors_of(&good).is_empty(),
+                "{good}: {:?}",
+                errors_of(&good)
+            );
+        }
+        for (spec, field, says) in [
+            (
+                event("{throttle: {key: 'event.c ==', limit: 1, period: 1s}}"),
+                "flow.throttle.key",
+                "",
+            ),
+            (
+                event("{throttle: {key: event.c, period: 1s}}"),
+                "flow.throttle.limit",
+                "at least 1 run per period",
+            ),
+            (
+                event("{throttle: {key: event.c, limit: 1}}"),
+                "flow.throttle.period",
+                "is required",
+            ),
+            (
+                event("{throttle: {limit: 1, period: 0.0001s}}"),
+                "flow.throttle.period",
+                "at least 1ms",
+            ),
+            (
+                event("{throttle: {limit: 1, period: 8d}}"),
+                "flow.throttle.period",
+                "at most 7 days",
+            ),
+            (
+                event("{throttle: {limit: 2, period: 1s, burst: 3}}"),
+                "flow.throttle.burst",
+                "at most the limit (2)",
+            ),
+            (
+                with(
+                    "{schedule: {cron: ['* * * * *'], timezone: UTC}}",
+                    "{throttle: {limit: 1, period: 1s}}",
+                ),
+                "flow.throttle",
+                "does not apply to a schedule",
+            ),
+        ] {
+            let errors = errors_of(&spec);
+            assert_eq!(errors.len(), 1, "{spec}: {errors:?}");
+            assert_eq!(errors[0].field, field, "{spec}");
+            assert!(errors[0].message.contains(says), "{spec}: {errors:?}");
+        }
+    }
+
+    #[test]
     fn concurrency_and_priority_that_make_no_sense_are_refused_naming_the_field() {
         let event = |flow: &str| {
             format!(
@@ -1068,7 +1189,7 @@ tasks:
             (
                 event("{priority: event.rank}"),
                 "flow.priority",
-                "set flow.concurrency",
+                "flow.concurrency or flow.throttle",
             ),
             (
                 event("{concurrency: {limit: 1}, priority: 'event.rank +'}"),

@@ -36,6 +36,7 @@ pub mod results;
 pub mod spawn;
 pub mod spec_cache;
 pub mod store;
+pub mod throttle;
 pub mod unserved;
 
 pub use spec_cache::SpecCache;
@@ -165,6 +166,11 @@ pub struct Config {
     /// How long tasks of a type no executor consumes may wait before they die.
     #[arg(long = "unserved-grace", env = "TASKFACTORY_UNSERVED_GRACE", default_value = "10m", value_parser = parse_duration)]
     pub unserved_grace: Duration,
+    /// How long a run held by `flow.throttle` waits at least after its event reached the stream,
+    /// so that the runs of events that came together start in the order the events came (they
+    /// reach the orchestrator in any order). 0 starts each as soon as the budget allows.
+    #[arg(long = "throttle-order-window", env = "TASKFACTORY_THROTTLE_ORDER_WINDOW", default_value = "500ms", value_parser = parse_duration)]
+    pub throttle_order_window: Duration,
     /// Wall-clock time one run's template evaluation may take (a run that needs more fails).
     #[arg(long = "evaluation-timeout", env = "TASKFACTORY_EVALUATION_TIMEOUT", default_value = "800ms", value_parser = parse_duration)]
     pub evaluation_timeout: Duration,
@@ -315,6 +321,7 @@ impl Config {
             template_fuel: 50_000,
             evaluation_timeout: Duration::from_millis(800),
             unserved_grace: Duration::from_secs(600),
+            throttle_order_window: Duration::from_millis(500),
             sql_databases: Vec::new(),
             sql_allow_privileged: Vec::new(),
             sources_allow_subjects: String::new(),
@@ -437,6 +444,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         publish_window: config.publish_window.max(1),
         specs: SpecCache::new(config.spec_cache_bytes),
         sources: sources.clone(),
+        throttle_due: Arc::new(tokio::sync::Notify::new()),
+        throttle_window: config.throttle_order_window,
     });
     let requeue_key = spawner.result_key.clone();
     let marks = spawner.marks.clone();
@@ -623,6 +632,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     ));
     tracker.spawn(taskfactory_runtime::metrics::run_dlq_sampler(
         js.clone(),
+        shutdown.clone(),
+    ));
+    tracker.spawn(throttle::run_timer(
+        overlap_spawner.clone(),
         shutdown.clone(),
     ));
     tracker.spawn(spawn::run_overlap_sweeper(

@@ -84,6 +84,11 @@ pub struct Spawner {
     /// Taken before the evaluation room, never while holding it, so the two cannot wait on each
     /// other.
     pub source_room: messaging::ByteBudget,
+    /// Wakes the throttle timer ([`crate::throttle::run_timer`]) when a run is held by its
+    /// throttle here.
+    pub throttle_due: Arc<tokio::sync::Notify>,
+    /// `--throttle-order-window`: how long a throttled run waits at least after its event came.
+    pub throttle_window: Duration,
 }
 
 /// A run as evaluated: its row, its tasks, and (for a real run) its room in the evaluation budget.
@@ -282,9 +287,22 @@ impl Spawner {
         if let Some(flow) = &event.flow
             && event.overlap() == OverlapPolicy::OverlapUnspecified
         {
-            return self
-                .admit_flow(event, activity_id, run_id, flow, message.payload.as_ref())
-                .await;
+            if let Some(throttle) = &flow.throttle {
+                return self
+                    .admit_throttled(
+                        event,
+                        (activity_id, run_id),
+                        flow,
+                        throttle,
+                        message.payload.as_ref(),
+                    )
+                    .await;
+            }
+            if flow.concurrency_limit > 0 {
+                return self
+                    .admit_flow(event, activity_id, run_id, flow, message.payload.as_ref())
+                    .await;
+            }
         }
         let policy = self.overlap_policy(event, activity_id).await?;
         if !matches!(
@@ -400,22 +418,31 @@ impl Spawner {
                 tracing::info!(run.id = %run_id, activity.name = %event.activity_name, %reason, "run skipped");
                 Ok(())
             }
-            Admission::AlreadyRecorded => {
-                // Another delivery recorded it first; continue from what it recorded.
-                if store::admitted_trigger_event(&self.pool, run_id)
-                    .await?
-                    .is_some()
-                {
-                    self.start_admitted_here(run_id).await?;
-                } else if store::run_state(&self.pool, run_id).await?.is_none() {
-                    return Err(SpawnError::Conflict(format!(
-                        "activity {activity_id} already has a run for dedupe key {:?}, and it is not run {run_id}",
-                        event.dedupe_key
-                    )));
-                }
-                Ok(())
-            }
+            Admission::AlreadyRecorded => self.admitted_before(event, activity_id, run_id).await,
         }
+    }
+
+    /// A run another delivery of its trigger admitted first: continues from what it recorded
+    /// (starts it if it was admitted and not started). A run that is not there means the dedupe
+    /// key belongs to some other run.
+    pub(crate) async fn admitted_before(
+        &self,
+        event: &TriggerEvent,
+        activity_id: ActivityId,
+        run_id: RunId,
+    ) -> Result<(), SpawnError> {
+        if store::admitted_trigger_event(&self.pool, run_id)
+            .await?
+            .is_some()
+        {
+            self.start_admitted_here(run_id).await?;
+        } else if store::run_state(&self.pool, run_id).await?.is_none() {
+            return Err(SpawnError::Conflict(format!(
+                "activity {activity_id} already has a run for dedupe key {:?}, and it is not run {run_id}",
+                event.dedupe_key
+            )));
+        }
+        Ok(())
     }
 
     /// Records a run of an activity with `flow.concurrency` as waiting under its key, and starts
@@ -432,19 +459,7 @@ impl Spawner {
         let header = run_header(event, activity_id, run_id);
         let Some(started) = store::admit_flow_run(&self.pool, &header, flow, encoded_event).await?
         else {
-            // Another delivery recorded it first; continue from what it recorded.
-            if store::admitted_trigger_event(&self.pool, run_id)
-                .await?
-                .is_some()
-            {
-                self.start_admitted_here(run_id).await?;
-            } else if store::run_state(&self.pool, run_id).await?.is_none() {
-                return Err(SpawnError::Conflict(format!(
-                    "activity {activity_id} already has a run for dedupe key {:?}, and it is not run {run_id}",
-                    event.dedupe_key
-                )));
-            }
-            return Ok(());
+            return self.admitted_before(event, activity_id, run_id).await;
         };
         if !started.contains(&run_id) {
             tracing::Span::current().record("run.admission", "queued");
@@ -529,7 +544,9 @@ impl Spawner {
             let flow = event
                 .flow
                 .as_ref()
-                .filter(|_| event.overlap() == OverlapPolicy::OverlapUnspecified)
+                .filter(|f| {
+                    event.overlap() == OverlapPolicy::OverlapUnspecified && f.concurrency_limit > 0
+                })
                 .map(|f| (f.concurrency_key.clone(), f.concurrency_limit));
             Box::pin(self.start_next_for(activity_id, flow.as_ref())).await?;
         }
@@ -1025,7 +1042,7 @@ pub fn make_storable_trigger(event: &mut TriggerEvent) {
 }
 
 /// The run a fire makes, before evaluation (status RUNNING, nothing resolved yet).
-fn run_header(event: &TriggerEvent, activity_id: ActivityId, run_id: RunId) -> NewRun {
+pub(crate) fn run_header(event: &TriggerEvent, activity_id: ActivityId, run_id: RunId) -> NewRun {
     NewRun {
         id: run_id,
         activity_id,

@@ -11,10 +11,15 @@ use uuid::Uuid;
 
 mod finished_tasks;
 mod results;
+mod throttle;
 
 pub use finished_tasks::{cancelled_runs_page, final_tasks_page};
 pub use results::{Recorded, ResultRecord, record_result, record_results};
 use taskfactory_runtime::batch::GroupCommit;
+pub use throttle::{
+    Released, admit_throttled_run, due_throttles, next_throttle_due, prune_throttles,
+    release_throttled,
+};
 
 /// What the orchestrator knows of a run it may have seen before.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -601,6 +606,11 @@ async fn lock_flow_key(
     Ok(())
 }
 
+/// A flow-controlled run's place among the waiting (`$5`: its admission's `arrival_ns`; a fire
+/// from a trigger without it: its fire time).
+const ARRIVAL: &str =
+    "COALESCE(NULLIF($5::int8, 0), (extract(epoch FROM fired_at) * 1000000)::int8 * 1000)";
+
 /// Records a new run of an activity with `flow.concurrency` as waiting for room under its key,
 /// then starts as many of the key's waiting runs as there is room for ([`promote_flow`]'s
 /// rule), all in one transaction under the key's lock. Returns the runs to start now (this one
@@ -630,14 +640,18 @@ pub async fn admit_flow_run(
         tx.rollback().await?;
         return Ok(None);
     }
-    sqlx::query("UPDATE runs SET flow_key = $2, flow_limit = $3, priority = $4 WHERE id = $1")
-        .persistent(false)
-        .bind(row.id.0)
-        .bind(&flow.concurrency_key)
-        .bind(i32::try_from(flow.concurrency_limit).unwrap_or(i32::MAX))
-        .bind(flow.priority)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE runs SET flow_key = $2, flow_limit = $3, priority = $4, arrival_ns = {ARRIVAL} \
+         WHERE id = $1"
+    )))
+    .persistent(false)
+    .bind(row.id.0)
+    .bind(&flow.concurrency_key)
+    .bind(i32::try_from(flow.concurrency_limit).unwrap_or(i32::MAX))
+    .bind(flow.priority)
+    .bind(flow.arrival_ns)
+    .execute(&mut *tx)
+    .await?;
     let started = promote_flow_locked(
         &mut tx,
         run.activity_id,
@@ -691,8 +705,8 @@ async fn promote_flow_locked(
     }
     let waiting: Vec<(Uuid, Option<i32>)> = sqlx::query_as(
         "SELECT id, flow_limit FROM runs WHERE activity_id = $1 AND flow_key = $2 \
-           AND waiting AND status = 'PENDING' \
-         ORDER BY priority DESC, fired_at, id LIMIT $3",
+           AND waiting AND NOT throttled AND status = 'PENDING' \
+         ORDER BY priority DESC, arrival_ns, id LIMIT $3",
     )
     .persistent(false)
     .bind(activity.0)
@@ -714,7 +728,7 @@ async fn promote_flow_locked(
     // chosen (a cancel takes no key lock) stays as it is, and is not started.
     let started: Vec<Uuid> = sqlx::query_scalar(
         "UPDATE runs SET waiting = false, started_at = clock_timestamp() \
-         WHERE id = ANY($1) AND waiting AND status = 'PENDING' RETURNING id",
+         WHERE id = ANY($1) AND waiting AND NOT throttled AND status = 'PENDING' RETURNING id",
     )
     .persistent(false)
     .bind(&started)
@@ -730,7 +744,7 @@ async fn active_runs(
 ) -> Result<Vec<overlap::Unfinished>, sqlx::Error> {
     let rows: Vec<(Uuid, bool)> = sqlx::query_as(
         "SELECT id, waiting FROM runs WHERE activity_id = $1 AND status IN ('PENDING', 'RUNNING') \
-             AND flow_key IS NULL \
+             AND flow_key IS NULL AND throttle_key IS NULL \
          ORDER BY COALESCE(scheduled_for, fired_at), created_at, id",
     )
     .bind(activity.0)
@@ -967,8 +981,10 @@ pub async fn stalled_overlap_work(
     let activities: Vec<(Uuid,)> = sqlx::query_as(
         "SELECT DISTINCT w.activity_id FROM runs w \
          WHERE w.status = 'PENDING' AND w.waiting AND w.created_at < $1 AND w.flow_key IS NULL \
+           AND w.throttle_key IS NULL \
            AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.activity_id = w.activity_id \
-               AND r.status IN ('PENDING', 'RUNNING') AND NOT r.waiting AND r.flow_key IS NULL)",
+               AND r.status IN ('PENDING', 'RUNNING') AND NOT r.waiting AND r.flow_key IS NULL \
+               AND r.throttle_key IS NULL)",
     )
     .bind(before)
     .fetch_all(pool)
@@ -1007,7 +1023,7 @@ pub async fn stalled_flow_keys(
 ) -> Result<Vec<(ActivityId, String, u32)>, sqlx::Error> {
     let keys: Vec<(Uuid, String, i32)> = sqlx::query_as(
         "SELECT w.activity_id, w.flow_key, max(w.flow_limit) FROM runs w \
-         WHERE w.status = 'PENDING' AND w.waiting AND w.flow_key IS NOT NULL \
+         WHERE w.status = 'PENDING' AND w.waiting AND NOT w.throttled AND w.flow_key IS NOT NULL \
            AND w.created_at < $1 \
          GROUP BY w.activity_id, w.flow_key \
          HAVING (SELECT count(*) FROM runs r WHERE r.activity_id = w.activity_id \

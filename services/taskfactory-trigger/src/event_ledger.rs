@@ -349,7 +349,9 @@ pub async fn list(
         "SELECT d.activity_id, coalesce(a.name, '') AS activity_name, d.activity_version, \
              d.stream_sequence, d.stream_published, d.msg_id, d.subject, d.event_key, \
              d.decision, d.reason, d.run_id, d.decided_at, d.flow_key, r.status AS run_status, \
-             coalesce(r.waiting AND r.status = 'PENDING', false) AS run_waits \
+             coalesce(r.waiting AND r.status = 'PENDING', false) AS run_waits, \
+             r.throttled AS run_throttled, r.throttle_key AS run_throttle_key, \
+             r.flow_key AS run_flow_key \
          FROM event_decisions d \
          LEFT JOIN activities a ON a.id = d.activity_id \
          LEFT JOIN runs r ON r.id = d.run_id \
@@ -404,10 +406,30 @@ fn from_row(row: &sqlx::postgres::PgRow) -> Result<(EventDecision, Cursor), sqlx
     let run_status: Option<String> = row.try_get("run_status")?;
     let mut decision = decision_from_db(row.try_get::<&str, _>("decision")?);
     let mut reason: String = row.try_get("reason")?;
+    let mut flow_key: Option<String> = row.try_get("flow_key")?;
     if decision == Decision::Fired && row.try_get::<bool, _>("run_waits")? {
         decision = Decision::Queued;
-        reason =
-            "its run waits for the activity's runs before it to finish (overlap policy)".to_owned();
+        let throttle_key: Option<String> = row.try_get("run_throttle_key")?;
+        let concurrency_key: Option<String> = row.try_get("run_flow_key")?;
+        (reason, flow_key) = match (
+            row.try_get::<Option<bool>, _>("run_throttled")?,
+            throttle_key,
+            concurrency_key,
+        ) {
+            (Some(true), Some(key), _) => (
+                format!("its run waits for flow.throttle to let it through (key {key:?})"),
+                Some(key),
+            ),
+            (_, _, Some(key)) => (
+                format!("its run waits for room under flow.concurrency (key {key:?})"),
+                Some(key),
+            ),
+            _ => (
+                "its run waits for the activity's runs before it to finish (overlap policy)"
+                    .to_owned(),
+                flow_key,
+            ),
+        };
     }
     let sequence_u64 = u64::try_from(sequence).unwrap_or(0);
     Ok((
@@ -420,9 +442,7 @@ fn from_row(row: &sqlx::postgres::PgRow) -> Result<(EventDecision, Cursor), sqlx
             stream_sequence: sequence_u64,
             subject: row.try_get("subject")?,
             key: row.try_get("event_key")?,
-            flow_key: row
-                .try_get::<Option<String>, _>("flow_key")?
-                .unwrap_or_default(),
+            flow_key: flow_key.unwrap_or_default(),
             decision: decision as i32,
             reason,
             run_id: run_id.map(|id| id.to_string()).unwrap_or_default(),

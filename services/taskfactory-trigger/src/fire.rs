@@ -202,6 +202,19 @@ async fn fire_via(
     fired
 }
 
+/// When a fire's event reached its stream, else when it was scheduled, else fired (ns since the
+/// epoch): the order in which its run waits under flow control.
+fn arrival_ns(request: &FireRequest, fired_at: DateTime<Utc>) -> i64 {
+    match &request.origin {
+        Some(origin) => origin.published_ns,
+        None => request
+            .scheduled_for
+            .unwrap_or(fired_at)
+            .timestamp_nanos_opt()
+            .unwrap_or(i64::MAX),
+    }
+}
+
 async fn fire_in_span(
     via: Via<'_>,
     mut request: FireRequest,
@@ -225,7 +238,10 @@ async fn fire_in_span(
         subject: request.subject.clone(),
         activity_name: request.activity_name.clone(),
         overlap: request.overlap as i32,
-        flow: request.flow.clone(),
+        flow: request.flow.clone().map(|mut flow| {
+            flow.arrival_ns = arrival_ns(&request, fired_at);
+            flow
+        }),
     }
     .encode_to_vec();
     let new_fire = NewFire {

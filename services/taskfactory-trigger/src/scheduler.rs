@@ -1041,6 +1041,8 @@ pub(crate) fn schedule_admission(
                 concurrency_key: String::new(),
                 concurrency_limit: c.limit,
                 priority: 0,
+                throttle: None,
+                arrival_ns: 0,
             })
     })
 }

@@ -33,7 +33,7 @@ impl Cursor {
 const RUN_COLUMNS: &str = "id, activity_id, activity_name, activity_version, event_id, source, \
     dedupe_key, scheduled_for, fired_at, subject, payload, status, context, evaluation, error, \
     tasks_spawned, tasks_succeeded, tasks_failed, trace_id, created_at, finished_at, flow_key, \
-    priority, waiting";
+    priority, waiting, throttle_key, throttled";
 
 fn run_from_row(row: &sqlx::postgres::PgRow, with_details: bool) -> Result<Run, sqlx::Error> {
     let status_text: String = row.try_get("status")?;
@@ -87,6 +87,10 @@ fn run_from_row(row: &sqlx::postgres::PgRow, with_details: bool) -> Result<Run, 
             .unwrap_or_default(),
         priority: row.try_get("priority")?,
         waiting: row.try_get::<bool, _>("waiting")? && status_text == "PENDING",
+        throttle_key: row
+            .try_get::<Option<String>, _>("throttle_key")?
+            .unwrap_or_default(),
+        throttled: row.try_get::<bool, _>("throttled")? && status_text == "PENDING",
     })
 }
 

@@ -447,11 +447,15 @@ async fn write_batch(
          RETURNING r.id, r.activity_id, r.activity_name, r.status, r.tasks_spawned, \
              r.tasks_succeeded, r.tasks_failed, r.finished_at, r.announced_at, \
              before.status AS status_before, r.flow_key, r.flow_limit, \
-             CASE WHEN r.flow_key IS NULL \
+             CASE WHEN r.flow_key IS NOT NULL \
                  THEN EXISTS (SELECT 1 FROM runs w WHERE w.activity_id = r.activity_id \
-                     AND w.flow_key IS NULL AND w.waiting AND w.status = 'PENDING') \
-                 ELSE EXISTS (SELECT 1 FROM runs w WHERE w.activity_id = r.activity_id \
-                     AND w.flow_key = r.flow_key AND w.waiting AND w.status = 'PENDING') \
+                     AND w.flow_key = r.flow_key AND w.waiting AND NOT w.throttled \
+                     AND w.status = 'PENDING') \
+                 WHEN r.throttle_key IS NULL \
+                 THEN EXISTS (SELECT 1 FROM runs w WHERE w.activity_id = r.activity_id \
+                     AND w.flow_key IS NULL AND w.throttle_key IS NULL AND w.waiting \
+                     AND w.status = 'PENDING') \
+                 ELSE false \
              END AS waiting_behind",
     )
     .persistent(false)

@@ -22,15 +22,15 @@ use crate::fire::{self, FireRequest};
 use crate::ledger;
 use crate::registry::LiveActivity;
 
-/// The admission of a manual fire of an activity with `flow.concurrency`: its key and priority
-/// over the fire's payload (`event`). One that cannot be computed refuses the call, naming the
-/// field.
+/// The admission of a manual fire of an activity with `flow.concurrency` or `flow.throttle`: its
+/// keys and priority over the fire's payload (`event`). One that cannot be computed refuses the
+/// call, naming the field.
 fn manual_admission(
     spec: &v1::ActivitySpec,
     payload: Option<&serde_json::Value>,
 ) -> Result<Option<v1::FlowAdmission>, AdminError> {
     use taskfactory_model::expr::{Engine, Limits, event_scope};
-    if spec.flow.as_ref().is_none_or(|f| f.concurrency.is_none()) {
+    if admitted_by_flow(spec).is_none() {
         return Ok(None);
     }
     let engine = Engine::new(Limits::default());
@@ -44,6 +44,34 @@ fn manual_admission(
         Some((field, message)) => invalid(field, format!("on this payload: {message}")),
         None => invalid("flow", error),
     })
+}
+
+/// The flow control that admits the activity's runs, if any (an overlap override does not apply).
+fn admitted_by_flow(spec: &v1::ActivitySpec) -> Option<&'static str> {
+    let flow = spec.flow.as_ref()?;
+    if flow.concurrency.is_some() {
+        Some("flow.concurrency")
+    } else if flow.throttle.is_some() {
+        Some("flow.throttle")
+    } else {
+        None
+    }
+}
+
+/// Refuses an overlap override for an activity whose runs its flow control admits.
+fn refuse_overlap_under_flow(
+    overlap: v1::OverlapPolicy,
+    spec: &v1::ActivitySpec,
+) -> Result<(), AdminError> {
+    match admitted_by_flow(spec) {
+        Some(by) if overlap != v1::OverlapPolicy::OverlapUnspecified => Err(invalid(
+            "overlap",
+            format!(
+                "this activity's runs are admitted by its {by}; an overlap override does not apply"
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Fire times one `Backfill` call may cover.
@@ -74,14 +102,7 @@ impl Admin {
                     record.name
                 ))
             })?;
-        if overlap != v1::OverlapPolicy::OverlapUnspecified
-            && spec.flow.as_ref().is_some_and(|f| f.concurrency.is_some())
-        {
-            return Err(invalid(
-                "overlap",
-                "this activity's runs are admitted by its flow.concurrency; an overlap override does not apply",
-            ));
-        }
+        refuse_overlap_under_flow(overlap, &spec)?;
         let dedupe_key = if request.idempotency_key.is_empty() {
             format!("manual:{}", Uuid::new_v4())
         } else {
@@ -163,18 +184,7 @@ impl Admin {
                 record.name
             ))
         })?;
-        if overlap != v1::OverlapPolicy::OverlapUnspecified
-            && live
-                .spec
-                .flow
-                .as_ref()
-                .is_some_and(|f| f.concurrency.is_some())
-        {
-            return Err(invalid(
-                "overlap",
-                "this activity's runs are admitted by its flow.concurrency; an overlap override does not apply",
-            ));
-        }
+        refuse_overlap_under_flow(overlap, &live.spec)?;
         let Some(schedule) = live.schedule.clone() else {
             return Err(AdminError::FailedPrecondition(format!(
                 "activity {:?} has no schedule trigger; only schedules can be backfilled (use TriggerActivity)",
