@@ -15,6 +15,7 @@ mod examples;
 mod execution;
 mod external_executor;
 mod flow_control;
+mod gather;
 mod group_commit;
 mod hostile;
 mod leadership;

@@ -330,6 +330,13 @@ pub fn validate(spec: &ActivitySpec, now: DateTime<Utc>) -> Result<(), SpecError
         for e in validate_flow(flow, is_event, schedule, &engine) {
             err(e.field, e.message);
         }
+        let event = match spec.trigger.as_ref().and_then(|t| t.kind.as_ref()) {
+            Some(trigger::Kind::Event(event)) => Some(event),
+            _ => None,
+        };
+        for e in validate_buffers(flow, event, &engine) {
+            err(e.field, e.message);
+        }
     }
 
     if spec.context.len() > MAX_CONTEXT_SOURCES {
@@ -634,6 +641,126 @@ fn validate_flow(
     errors
 }
 
+/// Most events one batch may hold (`flow.batch.maxSize`).
+pub const MAX_BATCH_SIZE: u32 = 10_000;
+
+/// `flow.debounce` and `flow.batch`: for event triggers, one of them, each with a key that
+/// compiles and times in range, and (in this version) without the controls that act on one event's
+/// fire (a rate limit, a dedupeKey) or on its run (concurrency, throttle, priority).
+fn validate_buffers(
+    flow: &v1::Flow,
+    event: Option<&v1::EventTrigger>,
+    engine: &Engine<'_>,
+) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    let mut buffered = None;
+    if let Some(debounce) = &flow.debounce {
+        let prefix = "flow.debounce";
+        buffered = Some(prefix);
+        if !debounce.key.trim().is_empty()
+            && let Err(e) = engine.expression(&debounce.key)
+        {
+            errors.push(field(format!("{prefix}.key"), e.message));
+        }
+        let period = debounce.period.as_ref().and_then(std_duration);
+        errors.extend(check_window(
+            &format!("{prefix}.period"),
+            debounce.period.as_ref(),
+            true,
+        ));
+        errors.extend(check_window(
+            &format!("{prefix}.timeout"),
+            debounce.timeout.as_ref(),
+            false,
+        ));
+        if let (Some(period), Some(timeout)) =
+            (period, debounce.timeout.as_ref().and_then(std_duration))
+            && timeout < period
+        {
+            errors.push(field(
+                format!("{prefix}.timeout"),
+                "must be at least the period: it bounds how long a burst puts its run off",
+            ));
+        }
+        if v1::debounce::Keep::try_from(debounce.keep).is_err() {
+            errors.push(field(format!("{prefix}.keep"), "must be LAST or ALL"));
+        }
+    }
+    if let Some(batch) = &flow.batch {
+        let prefix = "flow.batch";
+        if buffered.is_some() {
+            errors.push(field(
+                prefix,
+                "cannot be combined with flow.debounce: both gather a key's events into one run; use one",
+            ));
+        }
+        buffered = Some(prefix);
+        if !batch.key.trim().is_empty()
+            && let Err(e) = engine.expression(&batch.key)
+        {
+            errors.push(field(format!("{prefix}.key"), e.message));
+        }
+        if batch.max_size == 0 || batch.max_size > MAX_BATCH_SIZE {
+            errors.push(field(
+                format!("{prefix}.maxSize"),
+                format!("must be 1 to {MAX_BATCH_SIZE} events"),
+            ));
+        }
+        errors.extend(check_window(
+            &format!("{prefix}.timeout"),
+            batch.timeout.as_ref(),
+            true,
+        ));
+    }
+    let Some(prefix) = buffered else {
+        return errors;
+    };
+    let Some(event) = event else {
+        errors.push(field(
+            prefix,
+            "applies to events only: this activity's trigger is not an event trigger",
+        ));
+        return errors;
+    };
+    if !event.dedupe_key.trim().is_empty() {
+        errors.push(field(
+            prefix,
+            "cannot be combined with trigger.event.dedupeKey: the run is keyed by its first event \
+             (an event delivered again is still counted once)",
+        ));
+    }
+    for (set, other) in [
+        (flow.rate_limit.is_some(), "flow.rateLimit"),
+        (flow.concurrency.is_some(), "flow.concurrency"),
+        (flow.throttle.is_some(), "flow.throttle"),
+        (!flow.priority.trim().is_empty(), "flow.priority"),
+    ] {
+        if set {
+            errors.push(field(
+                prefix,
+                format!("cannot be combined with {other} (not supported yet)"),
+            ));
+        }
+    }
+    errors
+}
+
+/// A duration of 1 ms to 7 days at `path` (`required`, or absent).
+fn check_window(
+    path: &str,
+    duration: Option<&prost_types::Duration>,
+    required: bool,
+) -> Option<FieldError> {
+    match duration.map(std_duration) {
+        None if required => Some(field(path, "is required: a duration such as 5s or 1m")),
+        None => None,
+        Some(None) => Some(field(path, "must be a non-negative duration")),
+        Some(Some(d)) if d < Duration::from_millis(1) => Some(field(path, "must be at least 1ms")),
+        Some(Some(d)) if d > MAX_RATE_PERIOD => Some(field(path, "must be at most 7 days")),
+        Some(Some(_)) => None,
+    }
+}
+
 /// The key, limit and period of a rate (`flow.rateLimit`, `flow.throttle`) at `prefix`: the key
 /// compiles, at least one `unit` per period, and a period of 1 ms to 7 days.
 fn validate_rate(
@@ -656,23 +783,7 @@ fn validate_rate(
             format!("is required: at least 1 {unit} per period"),
         ));
     }
-    match period.map(std_duration) {
-        None => errors.push(field(
-            format!("{prefix}.period"),
-            "is required: a duration such as 10s or 1m",
-        )),
-        Some(None) => errors.push(field(
-            format!("{prefix}.period"),
-            "must be a non-negative duration",
-        )),
-        Some(Some(period)) if period < Duration::from_millis(1) => {
-            errors.push(field(format!("{prefix}.period"), "must be at least 1ms"))
-        }
-        Some(Some(period)) if period > MAX_RATE_PERIOD => {
-            errors.push(field(format!("{prefix}.period"), "must be at most 7 days"))
-        }
-        Some(Some(_)) => {}
-    }
+    errors.extend(check_window(&format!("{prefix}.period"), period, true));
     errors
 }
 
@@ -1145,6 +1256,98 @@ tasks:
                 ),
                 "flow.throttle",
                 "does not apply to a schedule",
+            ),
+        ] {
+            let errors = errors_of(&spec);
+            assert_eq!(errors.len(), 1, "{spec}: {errors:?}");
+            assert_eq!(errors[0].field, field, "{spec}");
+            assert!(errors[0].message.contains(says), "{spec}: {errors:?}");
+        }
+    }
+
+    #[test]
+    fn a_debounce_or_batch_that_makes_no_sense_is_refused_naming_the_field() {
+        let with = |trigger: &str, flow: &str| {
+            format!(
+                "name: gathered\ntrigger: {trigger}\nflow: {flow}\ntasks: [{{name: t, type: noop}}]\n"
+            )
+        };
+        let event = |flow: &str| with("{event: {subject: events.x}}", flow);
+        for good in [
+            event("{debounce: {key: event.user, period: 5s, timeout: 1m, keep: ALL}}"),
+            event("{debounce: {period: 5s}}"),
+            event("{batch: {key: event.table, maxSize: 100, timeout: 2s}}"),
+            event("{batch: {maxSize: 10000, timeout: 7d}}"),
+        ] {
+            assert!(
+                errors_of(&good).is_empty(),
+                "{good}: {:?}",
+                errors_of(&good)
+            );
+        }
+        for (spec, field, says) in [
+            (
+                event("{debounce: {key: 'event.user ==', period: 5s}}"),
+                "flow.debounce.key",
+                "",
+            ),
+            (
+                event("{debounce: {key: event.u}}"),
+                "flow.debounce.period",
+                "is required",
+            ),
+            (
+                event("{debounce: {period: 5s, timeout: 2s}}"),
+                "flow.debounce.timeout",
+                "at least the period",
+            ),
+            (
+                event("{debounce: {period: 5s, timeout: 8d}}"),
+                "flow.debounce.timeout",
+                "at most 7 days",
+            ),
+            (
+                event("{batch: {timeout: 2s}}"),
+                "flow.batch.maxSize",
+                "1 to 10000",
+            ),
+            (
+                event("{batch: {maxSize: 10001, timeout: 2s}}"),
+                "flow.batch.maxSize",
+                "1 to 10000",
+            ),
+            (
+                event("{batch: {maxSize: 5}}"),
+                "flow.batch.timeout",
+                "is required",
+            ),
+            (
+                event("{batch: {maxSize: 5, timeout: 1s}, debounce: {period: 1s}}"),
+                "flow.batch",
+                "flow.debounce",
+            ),
+            (
+                event("{batch: {maxSize: 5, timeout: 1s}, rateLimit: {limit: 1, period: 1s}}"),
+                "flow.batch",
+                "flow.rateLimit",
+            ),
+            (
+                event("{debounce: {period: 1s}, concurrency: {limit: 1}}"),
+                "flow.debounce",
+                "flow.concurrency",
+            ),
+            (
+                with(
+                    "{event: {subject: events.x, dedupeKey: '{{ event.id }}'}}",
+                    "{batch: {maxSize: 5, timeout: 1s}}",
+                ),
+                "flow.batch",
+                "dedupeKey",
+            ),
+            (
+                with("{manual: {}}", "{debounce: {period: 1s}}"),
+                "flow.debounce",
+                "events only",
             ),
         ] {
             let errors = errors_of(&spec);

@@ -95,6 +95,8 @@ pub fn decision_db(decision: Decision) -> &'static str {
         Decision::Paused => "PAUSED",
         Decision::Rejected => "REJECTED",
         Decision::RateLimited => "RATE_LIMITED",
+        Decision::Debounced => "DEBOUNCED",
+        Decision::Batched => "BATCHED",
     }
 }
 
@@ -114,6 +116,8 @@ fn metric_label(decision: Decision) -> &'static str {
         Decision::Paused => "paused",
         Decision::Rejected => "rejected",
         Decision::RateLimited => "rate_limited",
+        Decision::Debounced => "debounced",
+        Decision::Batched => "batched",
     }
 }
 

@@ -40,6 +40,7 @@ use taskfactory_proto::v1::event_decision::Decision;
 use taskfactory_runtime::messaging::{ByteBudget, Handler, Then, Unfinished};
 use tokio::sync::OwnedSemaphorePermit;
 
+use crate::buffers::{self, Buffers, Gather};
 use crate::event_ledger::{self, DecisionRow, DecisionWriter, EventOrigin};
 use crate::fire::{self, FireBatcher, FireRequest};
 use crate::flow::RateLimit;
@@ -56,6 +57,8 @@ pub struct EventIngress {
     fires: FireBatcher,
     /// Records the decisions of the events in hand that made no fire (group commit).
     decisions: DecisionWriter,
+    /// Debounce and batch buffers.
+    buffers: Arc<Buffers>,
     pub registry: Registry,
     pub max_event_bytes: usize,
     /// Bytes of events in hand at most (`--event-bytes-in-flight`).
@@ -94,6 +97,7 @@ impl EventIngress {
     pub fn new(
         pool: PgPool,
         fires: FireBatcher,
+        buffers: Arc<Buffers>,
         registry: Registry,
         max_event_bytes: usize,
         bytes_in_flight: usize,
@@ -102,6 +106,7 @@ impl EventIngress {
             decisions: DecisionWriter::start(pool.clone()),
             pool,
             fires,
+            buffers,
             registry,
             max_event_bytes,
             in_flight: ByteBudget::new(bytes_in_flight),
@@ -186,6 +191,7 @@ impl EventIngress {
         let payload = Arc::new(payload);
         let mut decisions = Vec::new();
         let mut fires = Vec::new();
+        let mut gathered = Vec::new();
         for verdict in verdicts {
             match verdict {
                 Verdict::Fire {
@@ -194,6 +200,12 @@ impl EventIngress {
                     rate_limit,
                     flow,
                 } => fires.push((activity, dedupe_key, rate_limit, flow)),
+                Verdict::Gather {
+                    activity,
+                    gather,
+                    key,
+                    event_key,
+                } => gathered.push((activity, gather, key, event_key)),
                 Verdict::Not {
                     activity,
                     key,
@@ -202,12 +214,51 @@ impl EventIngress {
                 } => decisions.push(decision_row(activity, &origin, key, decision, &reason)),
             }
         }
-        let tried = fires.len();
+        let tried = fires.len() + gathered.len();
+        let mut refused = Vec::new();
+        for (activity, gather, key, event_key) in gathered {
+            let taken = self
+                .buffers
+                .take(buffers::Event {
+                    activity,
+                    gather,
+                    key: &key,
+                    event_key: event_key.clone(),
+                    origin: &origin,
+                    payload: &payload,
+                })
+                .await;
+            match taken {
+                Ok(_) => metrics::count_events("gathered"),
+                Err(error) => {
+                    let why = format!(
+                        "cannot take the event into a buffer of activity {}: {}",
+                        activity.name,
+                        error_chain(&error)
+                    );
+                    let Some(refusal) = db::input_refused_by_database(&error) else {
+                        // Events taken before this one keep their decision when it returns.
+                        return Err(EventError::Transient(why));
+                    };
+                    let why = format!(
+                        "{why} (SQLSTATE {}: refused for this event's data; not taken)",
+                        refusal.code
+                    );
+                    decisions.push(decision_row(
+                        activity,
+                        &origin,
+                        event_key,
+                        Decision::Rejected,
+                        &why,
+                    ));
+                    refused.push(why);
+                }
+            }
+        }
         // Fires the database refuses for their data (an activity's dedupe key), which it would
         // refuse every time: each is that activity's, and the others still fire. They are
         // recorded once every fire is decided, so an event retried for a transient failure
         // records none twice.
-        let mut refused = Vec::new();
         for (activity, dedupe_key, rate_limit, flow) in fires {
             let request = FireRequest {
                 activity_id: activity.id,
@@ -357,6 +408,13 @@ enum Verdict<'a> {
         rate_limit: Option<RateLimit>,
         flow: Option<taskfactory_proto::v1::FlowAdmission>,
     },
+    /// It is gathered (`flow.debounce`, `flow.batch`) into its key's buffer.
+    Gather {
+        activity: &'a LiveActivity,
+        gather: Gather,
+        key: String,
+        event_key: String,
+    },
     /// It does not: why, and the key its fire would have had (where it could be rendered).
     Not {
         activity: &'a LiveActivity,
@@ -451,6 +509,33 @@ fn decide<'a>(
                 continue;
             }
         };
+        if let Some((gather, source)) = Gather::of(activity.spec.flow.as_ref()) {
+            let key = if source.trim().is_empty() {
+                Ok(String::new())
+            } else {
+                engine()
+                    .expression(source)
+                    .and_then(|key| key.eval_key(scope()))
+                    .map_err(|e| format!("{}.key: {e}", gather_field(gather)))
+            };
+            match key {
+                Ok(mut key) => {
+                    taskfactory_model::values::make_storable_key(&mut key);
+                    verdicts.push(Verdict::Gather {
+                        activity,
+                        gather,
+                        key,
+                        event_key: dedupe_key,
+                    });
+                }
+                Err(reason) => {
+                    metrics::count_events("dedupe_key_error");
+                    tracing::warn!(activity.name = %activity.name, %subject, error = %reason, "a flow key failed on this event; activity not fired");
+                    verdicts.push(not(Ok(dedupe_key), Decision::KeyError, reason));
+                }
+            }
+            continue;
+        }
         let rate_limit = match rate_limit_of(activity, |source| {
             engine()
                 .expression(source)
@@ -486,6 +571,14 @@ fn decide<'a>(
         });
     }
     verdicts
+}
+
+/// The spec field of a way of gathering events.
+fn gather_field(gather: Gather) -> &'static str {
+    match gather {
+        Gather::Debounce { .. } => "flow.debounce",
+        Gather::Batch { .. } => "flow.batch",
+    }
 }
 
 /// The activity's rate limit with this event's key (`eval_key` computes a key expression), if

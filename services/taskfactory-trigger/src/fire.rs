@@ -215,15 +215,10 @@ fn arrival_ns(request: &FireRequest, fired_at: DateTime<Utc>) -> i64 {
     }
 }
 
-async fn fire_in_span(
-    via: Via<'_>,
-    mut request: FireRequest,
-    schedule: Option<ScheduleWrite<'_>>,
-    span: &tracing::Span,
-    held: &mut Option<Held>,
-) -> Result<Fired, StoreError> {
+/// The fire `request` asks for, as it is recorded, its TriggerEvent encoded (its payload, origin
+/// and rate limit are taken out of `request`).
+pub(crate) fn prepare(request: &mut FireRequest) -> NewFire {
     let fire_id = FireId::derive(request.activity_id, &request.dedupe_key);
-    let run_id = RunId::derive(request.activity_id, &request.dedupe_key);
     let fired_at = request.fired_at;
     // Encoded at once: its `Struct` copy of the payload lives no longer than that.
     let encoded = TriggerEvent {
@@ -239,12 +234,12 @@ async fn fire_in_span(
         activity_name: request.activity_name.clone(),
         overlap: request.overlap as i32,
         flow: request.flow.clone().map(|mut flow| {
-            flow.arrival_ns = arrival_ns(&request, fired_at);
+            flow.arrival_ns = arrival_ns(request, fired_at);
             flow
         }),
     }
     .encode_to_vec();
-    let new_fire = NewFire {
+    NewFire {
         id: fire_id,
         activity_id: request.activity_id,
         activity_name: request.activity_name.clone(),
@@ -255,12 +250,53 @@ async fn fire_in_span(
         fired_at,
         subject: request.subject.clone(),
         payload: request.payload.take(),
-        event: encoded.clone(),
+        event: encoded,
         dst_note: request.dst_note.clone(),
         traceparent: taskfactory_runtime::propagation::current_traceparent().unwrap_or_default(),
         origin: request.origin.take(),
         rate_limit: request.rate_limit.take(),
-    };
+    }
+}
+
+/// Publishes fires recorded elsewhere (a batch or a burst, `buffers`), and marks those that made
+/// it; the reconciler publishes the others.
+pub(crate) async fn publish_recorded(
+    pool: &PgPool,
+    js: &async_nats::jetstream::Context,
+    fires: &[NewFire],
+) {
+    let mut published = Vec::with_capacity(fires.len());
+    for fire in fires {
+        match publish_fire(
+            js,
+            &fire.activity_name,
+            fire.activity_id,
+            &fire.dedupe_key,
+            fire.event.clone(),
+        )
+        .await
+        {
+            Ok(()) => published.push((fire.id, Utc::now())),
+            Err(error) => not_published(fire, &error),
+        }
+    }
+    if !published.is_empty() {
+        mark_published(pool, &published).await;
+    }
+}
+
+async fn fire_in_span(
+    via: Via<'_>,
+    mut request: FireRequest,
+    schedule: Option<ScheduleWrite<'_>>,
+    span: &tracing::Span,
+    held: &mut Option<Held>,
+) -> Result<Fired, StoreError> {
+    let fire_id = FireId::derive(request.activity_id, &request.dedupe_key);
+    let run_id = RunId::derive(request.activity_id, &request.dedupe_key);
+    let fired_at = request.fired_at;
+    let new_fire = prepare(&mut request);
+    let encoded = new_fire.event.clone();
     let inserted = match via {
         Via::Alone { pool, js } => {
             let inserted = store::record_fire(pool, &new_fire, schedule).await?;

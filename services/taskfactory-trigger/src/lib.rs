@@ -25,6 +25,7 @@ pub mod admin;
 pub mod apply;
 pub mod audit;
 pub mod auth;
+pub mod buffers;
 pub mod event_ledger;
 pub mod events;
 pub mod fire;
@@ -84,6 +85,10 @@ pub struct Config {
     /// Largest event body taken in; larger events are rejected (recorded, dead-lettered).
     #[arg(long = "max-event-bytes", env = "TASKFACTORY_MAX_EVENT_BYTES", default_value_t = 1024 * 1024)]
     pub max_event_bytes: usize,
+    /// Largest sum of event bytes one debounce (keep ALL) or batch holds: an event that would
+    /// pass it fires the buffer first (the run gets fewer events) and opens the next.
+    #[arg(long = "max-batch-bytes", env = "TASKFACTORY_MAX_BATCH_BYTES", default_value_t = 512 * 1024)]
+    pub max_batch_bytes: usize,
     /// Events handled at once.
     #[arg(
         long = "event-concurrency",
@@ -164,6 +169,7 @@ impl Config {
             auth: auth::AuthArgs::default(),
             spec_limits: admin::SpecLimits::default(),
             max_event_bytes: 1024 * 1024,
+            max_batch_bytes: 512 * 1024,
             event_concurrency: 256,
             event_bytes_in_flight: 4 * 1024 * 1024,
             schedule_decisions_at_once: 2048,
@@ -324,9 +330,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         taskfactory_runtime::clock::ClockHandle::system(),
         &tokio_util::task::TaskTracker::new(),
     );
+    // Debounce and batch buffers: taken in by the events' handler, fired when full there, or when
+    // due by the flusher (every replica runs one).
+    let buffers = Arc::new(buffers::Buffers {
+        pool: pool.clone(),
+        js: js.clone(),
+        clock: config.clock.clone(),
+        max_bytes: config.max_batch_bytes.max(1),
+        opened: tokio::sync::Notify::new(),
+    });
+    tracker.spawn(buffers::run_flusher(buffers.clone(), work_shutdown.clone()));
     let ingress = Arc::new(events::EventIngress::new(
         pool.clone(),
         event_fires,
+        buffers,
         registry.clone(),
         config.max_event_bytes,
         config.event_bytes_in_flight,

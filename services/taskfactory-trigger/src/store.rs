@@ -617,6 +617,28 @@ pub async fn record_fires(
     writes: &[FireWrite<'_>],
 ) -> Result<Vec<Result<bool, StoreError>>, StoreError> {
     let mut tx = pool.begin().await?;
+    let (recorded, decided) = record_fires_in(&mut tx, writes).await?;
+    tx.commit().await?;
+    decided.count();
+    Ok(recorded)
+}
+
+/// Event decisions written in a transaction, to count once it is committed.
+#[must_use]
+pub(crate) struct Decided(Vec<event_ledger::DecisionRow>, Vec<bool>);
+
+impl Decided {
+    pub(crate) fn count(&self) {
+        event_ledger::count(&self.0, &self.1);
+    }
+}
+
+/// [`record_fires`] in `tx`, the caller's transaction (which it commits, then counts the
+/// decisions written).
+pub(crate) async fn record_fires_in(
+    tx: &mut sqlx::PgConnection,
+    writes: &[FireWrite<'_>],
+) -> Result<(Vec<Result<bool, StoreError>>, Decided), StoreError> {
     let mut terms: Vec<Term> = writes
         .iter()
         .filter_map(|w| w.schedule.map(|s| s.term))
@@ -624,12 +646,12 @@ pub async fn record_fires(
     terms.sort();
     terms.dedup();
     for term in terms {
-        check_fence(&mut tx, term).await?;
+        check_fence(&mut *tx, term).await?;
     }
     // Over their rate limit: judged before any fire is written, and not written.
-    let limited = rate_limited(&mut tx, writes).await?;
+    let limited = rate_limited(&mut *tx, writes).await?;
     let inserted = insert_fires(
-        &mut tx,
+        &mut *tx,
         writes
             .iter()
             .zip(&limited)
@@ -693,7 +715,7 @@ pub async fn record_fires(
             continue;
         };
         let fire = write.fire;
-        insert_decisions(&mut tx, schedule.decisions).await?;
+        insert_decisions(&mut *tx, schedule.decisions).await?;
         if !new && let Some(at) = fire.scheduled_for {
             let (source,): (String,) = sqlx::query_as(
                 "SELECT source FROM fires WHERE activity_id = $1 AND dedupe_key = $2",
@@ -714,11 +736,11 @@ pub async fn record_fires(
                 dst_note: fire.dst_note.clone(),
                 decided_at: fire.fired_at,
             };
-            insert_decisions(&mut tx, std::slice::from_ref(&dedupe)).await?;
+            insert_decisions(&mut *tx, std::slice::from_ref(&dedupe)).await?;
         }
         watermarks.push((fire.activity_id, schedule.watermark, new));
     }
-    advance_watermarks(&mut tx, &watermarks).await?;
+    advance_watermarks(&mut *tx, &watermarks).await?;
     // An event's decision at this activity: the fire's, or the earlier fire of its key. An
     // event delivered again after its fire was recorded finds its decision made.
     let mut decisions: Vec<event_ledger::DecisionRow> = written
@@ -736,17 +758,16 @@ pub async fn record_fires(
                 _ => None,
             }),
     );
-    let decided = event_ledger::insert(&mut tx, &decisions).await?;
-    tx.commit().await?;
-    event_ledger::count(&decisions, &decided);
-    Ok(new
+    let decided = event_ledger::insert(&mut *tx, &decisions).await?;
+    let recorded = new
         .into_iter()
         .zip(late)
         .map(|(new, late)| match late {
             Some(late) => Err(late),
             None => Ok(new),
         })
-        .collect())
+        .collect();
+    Ok((recorded, Decided(decisions, decided)))
 }
 
 /// The decision about the event behind `fire`, if an event is behind it: fired (`new`), or

@@ -1,0 +1,384 @@
+//! Flow control's debounce and batch (`flow.debounce`, `flow.batch`): a key's events make one
+//! run, each event recorded once with that run; under a driven clock, with real services, and
+//! across a killed trigger.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use taskfactory_proto::v1::event_decision::Decision;
+use taskfactory_runtime::clock::{ClockHandle, ManualClock};
+use taskfactory_tests::{EnvOptions, Service, TestEnv, wait_for};
+
+use crate::event_decisions::{decisions, of_activity};
+use crate::support::{create, publish_burst, publish_event};
+
+/// The fires of `activity`: `(dedupe key, payload)`, in the order they were recorded.
+async fn fires(
+    pool: &sqlx::PgPool,
+    activity: &str,
+) -> anyhow::Result<Vec<(String, serde_json::Value)>> {
+    Ok(sqlx::query_as(
+        "SELECT dedupe_key, payload FROM fires WHERE activity_name = $1 ORDER BY fired_at, id",
+    )
+    .bind(activity)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// The `n` of each event of a gathered payload (`{batch: [...]}`), in its order.
+fn ns(payload: &serde_json::Value) -> Vec<i64> {
+    payload["batch"]
+        .as_array()
+        .map(|batch| batch.iter().map(|e| e["n"].as_i64().unwrap()).collect())
+        .unwrap_or_default()
+}
+
+/// Waits until `activity` has `n` decisions of `decision`.
+async fn wait_decided(
+    pool: &sqlx::PgPool,
+    activity: &str,
+    decision: &str,
+    n: i64,
+) -> anyhow::Result<()> {
+    wait_for(
+        &format!("{n} {decision} decisions at {activity}"),
+        Duration::from_secs(30),
+        || async {
+            let made: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM event_decisions d JOIN activities a ON a.id = d.activity_id \
+                 WHERE a.name = $1 AND d.decision = $2",
+            )
+            .bind(activity)
+            .bind(decision)
+            .fetch_one(pool)
+            .await?;
+            Ok((made >= n).then_some(()))
+        },
+    )
+    .await
+}
+
+/// Waits until `activity` has `n` fires; then gives the flusher a moment and checks no more came.
+async fn wait_fires(
+    pool: &sqlx::PgPool,
+    activity: &str,
+    n: usize,
+) -> anyhow::Result<Vec<(String, serde_json::Value)>> {
+    wait_for(
+        &format!("{n} fires of {activity}"),
+        Duration::from_secs(30),
+        || async {
+            let made = fires(pool, activity).await?;
+            Ok((made.len() >= n).then_some(()))
+        },
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let made = fires(pool, activity).await?;
+    assert_eq!(made.len(), n, "{activity}: {made:#?}");
+    Ok(made)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_debounce_on_a_driven_clock_fires_once_per_burst_and_at_its_timeout() -> anyhow::Result<()>
+{
+    let clock =
+        ManualClock::new(DateTime::parse_from_rfc3339("2026-03-02T09:00:00Z")?.with_timezone(&Utc));
+    let env = TestEnv::new(EnvOptions {
+        clock: ClockHandle::manual(&clock),
+        ..EnvOptions::default()
+    })
+    .await?;
+    let _trigger = env.start(Service::Trigger);
+    env.wait_ready(&[Service::Trigger]).await?;
+    let mut admin = env.admin().await?;
+    let pool = env.db.pool().await?;
+    let js = env.js().await?;
+    create(
+        &mut admin,
+        "name: every\ntrigger: {event: {subject: 'events.profile.*'}}\nflow: {debounce: {key: event.user, period: 5s, timeout: 30s, keep: ALL}}\ntasks: [{name: t, type: noop}]",
+    )
+    .await?;
+    create(
+        &mut admin,
+        "name: last\ntrigger: {event: {subject: 'events.profile.*'}}\nflow: {debounce: {key: event.user, period: 5s}}\ntasks: [{name: t, type: noop}]",
+    )
+    .await?;
+    let n = std::cell::Cell::new(0_i64);
+    // Publishes one event of `user` and waits until both activities took it.
+    let event = async |user: &str| -> anyhow::Result<()> {
+        let at = n.get();
+        let body = serde_json::json!({"user": user, "n": at});
+        publish_event(
+            &js,
+            "events.profile.updated",
+            body.to_string().into_bytes(),
+            Some(&format!("p{at}")),
+        )
+        .await?;
+        n.set(at + 1);
+        wait_decided(&pool, "every", "DEBOUNCED", at + 1).await?;
+        wait_decided(&pool, "last", "DEBOUNCED", at + 1).await
+    };
+    let seconds = |s: i64| chrono::TimeDelta::seconds(s);
+
+    // A burst: three events at once, a fourth 4 s later, quiet after it.
+    for _ in 0..3 {
+        event("ann").await?;
+    }
+    clock.advance(seconds(4));
+    event("ann").await?;
+    clock.advance(seconds(4)); // 4 s after the last: not quiet for 5 s yet
+    let made = wait_fires(&pool, "every", 0).await?;
+    assert!(made.is_empty());
+    clock.advance(seconds(2));
+    let made = wait_fires(&pool, "every", 1).await?;
+    assert_eq!(ns(&made[0].1), [0, 1, 2, 3], "every event, in order");
+    assert_eq!(made[0].1["key"], "ann");
+    assert_eq!(made[0].1["size"], 4);
+    let last = wait_fires(&pool, "last", 1).await?;
+    assert_eq!(last[0].1["n"], 3, "the burst's last event");
+
+    // Another user's burst meanwhile is its own; a second burst of ann is its own run.
+    clock.advance(seconds(10));
+    event("bob").await?;
+    event("ann").await?;
+    clock.advance(seconds(6));
+    let made = wait_fires(&pool, "every", 3).await?;
+    let mut bursts: Vec<Vec<i64>> = made[1..].iter().map(|(_, p)| ns(p)).collect();
+    bursts.sort();
+    assert_eq!(bursts, [vec![4], vec![5]]);
+
+    // An endless burst (an event every 4 s): the timeout fires it 30 s after its first event.
+    let first = n.get();
+    for _ in 0..8 {
+        event("cy").await?;
+        clock.advance(seconds(4));
+    }
+    // 32 s after the first: fired at 30 s with the eight events before it.
+    let made = wait_fires(&pool, "every", 4).await?;
+    assert_eq!(ns(&made[3].1), (first..first + 8).collect::<Vec<_>>());
+    event("cy").await?; // the burst goes on: a new run
+    clock.advance(seconds(5));
+    let made = wait_fires(&pool, "every", 5).await?;
+    assert_eq!(ns(&made[4].1), [first + 8]);
+
+    // Every event decided once at each activity, with the run its burst made.
+    let every = decisions(&mut admin, of_activity("every")).await?;
+    assert_eq!(every.len(), usize::try_from(n.get())?);
+    assert!(every.iter().all(|d| d.decision() == Decision::Debounced));
+    let runs: std::collections::BTreeSet<&str> = every.iter().map(|d| d.run_id.as_str()).collect();
+    assert_eq!(runs.len(), 5, "one run per burst");
+    assert!(
+        every[0].reason.contains("quiet for 5s") && every[0].reason.contains("30s"),
+        "{}",
+        every[0].reason
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_of_a_hundred_makes_eleven_runs_of_1050_events() -> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    let pool = env.db.pool().await?;
+    create(
+        &mut admin,
+        "name: rows\ntrigger: {event: {subject: 'events.rows.*'}}\nflow: {batch: {key: event.table, maxSize: 100, timeout: 2s}}\ntasks: [{name: load, type: noop, params: {rows: '{{ event.size }}'}}]",
+    )
+    .await?;
+    const EVENTS: i64 = 1050;
+    let burst = (0..EVENTS)
+        .map(|n| {
+            let body = serde_json::json!({"table": "orders", "n": n});
+            (body.to_string().into_bytes(), format!("r{n}"))
+        })
+        .collect();
+    publish_burst(&js, "events.rows.changed", burst).await?;
+    wait_for("11 runs succeeded", Duration::from_secs(60), || async {
+        let done: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM runs WHERE activity_name = 'rows' AND status = 'SUCCEEDED'",
+        )
+        .fetch_one(&pool)
+        .await?;
+        Ok((done >= 11).then_some(()))
+    })
+    .await?;
+    let runs: Vec<(serde_json::Value, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT payload, fired_at FROM runs WHERE activity_name = 'rows' ORDER BY fired_at",
+    )
+    .fetch_all(&pool)
+    .await?;
+    assert_eq!(runs.len(), 11);
+    let mut seen: Vec<i64> = Vec::new();
+    let mut sizes = Vec::new();
+    for (payload, _) in &runs {
+        let batch = ns(payload);
+        assert!(batch.windows(2).all(|w| w[0] < w[1]), "in order: {batch:?}");
+        assert_eq!(payload["size"].as_i64(), Some(i64::try_from(batch.len())?));
+        sizes.push(batch.len());
+        seen.extend(batch);
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, (0..EVENTS).collect::<Vec<_>>(), "every event once");
+    sizes.sort_unstable();
+    assert_eq!(sizes[0], 50);
+    assert!(sizes[1..].iter().all(|s| *s == 100), "{sizes:?}");
+    // The partial batch fired at its timeout, two seconds after its first event came.
+    let partial = runs.iter().find(|(p, _)| ns(p).len() == 50).unwrap();
+    let first = ns(&partial.0)[0];
+    let came: DateTime<Utc> =
+        sqlx::query_scalar("SELECT decided_at FROM event_decisions WHERE msg_id = $1")
+            .bind(format!("r{first}"))
+            .fetch_one(&pool)
+            .await?;
+    let waited = partial.1 - came;
+    assert!(
+        waited >= chrono::TimeDelta::milliseconds(1_900)
+            && waited < chrono::TimeDelta::milliseconds(3_500),
+        "the partial batch fired {waited} after its first event"
+    );
+    // Each event BATCHED once, with the run its batch made.
+    let made = decisions(&mut admin, of_activity("rows")).await?;
+    assert_eq!(made.len(), usize::try_from(EVENTS)?);
+    let mut per_run: BTreeMap<String, usize> = BTreeMap::new();
+    for d in &made {
+        assert_eq!(d.decision(), Decision::Batched, "{d:?}");
+        assert_eq!(d.flow_key, "orders");
+        *per_run.entry(d.run_id.clone()).or_default() += 1;
+    }
+    let mut counts: Vec<usize> = per_run.values().copied().collect();
+    counts.sort_unstable();
+    assert_eq!(counts, sizes, "each event names the run its batch made");
+    Ok(())
+}
+
+/// SIGKILL the trigger while a batch is half full and a burst is open, and while more events come:
+/// every event is decided once, lands in exactly one run, and no run is doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gathered_events_survive_a_killed_trigger() -> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let all = [Service::Trigger, Service::Orchestrator, Service::Executor];
+    let mut running = Vec::new();
+    for service in all {
+        running.push(Some(env.spawn_process(service, &[])?));
+    }
+    env.wait_ready(&all).await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    let pool = env.db.pool().await?;
+    create(
+        &mut admin,
+        "name: batched\ntrigger: {event: {subject: 'events.k.*'}}\nflow: {batch: {key: event.k, maxSize: 40, timeout: 3s}}\ntasks: [{name: t, type: noop}]",
+    )
+    .await?;
+    create(
+        &mut admin,
+        "name: debounced\ntrigger: {event: {subject: 'events.k.*'}}\nflow: {debounce: {key: event.k, period: 1s, timeout: 4s, keep: ALL}}\ntasks: [{name: t, type: noop}]",
+    )
+    .await?;
+    const EVENTS: i64 = 300;
+    let publisher = {
+        let js = js.clone();
+        tokio::spawn(async move {
+            for n in 0..EVENTS {
+                let body = serde_json::json!({"k": n % 3, "n": n});
+                publish_event(
+                    &js,
+                    "events.k.x",
+                    body.to_string().into_bytes(),
+                    Some(&format!("e{n}")),
+                )
+                .await?;
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+            anyhow::Ok(())
+        })
+    };
+    wait_for("a half-full batch", Duration::from_secs(30), || async {
+        let open: i64 = sqlx::query_scalar("SELECT count(*) FROM event_buffer_items")
+            .fetch_one(&pool)
+            .await?;
+        Ok((open >= 30).then_some(()))
+    })
+    .await?;
+    if let Some(process) = running[0].take() {
+        process.kill();
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    running[0] = Some(env.spawn_process(Service::Trigger, &[])?);
+    env.wait_ready(&[Service::Trigger]).await?;
+    publisher.await??;
+    for (activity, decision) in [("batched", "BATCHED"), ("debounced", "DEBOUNCED")] {
+        wait_decided(&pool, activity, decision, EVENTS).await?;
+        wait_for(
+            &format!("every event of {activity} in a finished run"),
+            Duration::from_secs(60),
+            || async {
+                let open: i64 =
+                    sqlx::query_scalar("SELECT count(*) FROM event_buffers b JOIN activities a ON a.id = b.activity_id WHERE a.name = $1")
+                        .bind(activity)
+                        .fetch_one(&pool)
+                        .await?;
+                let pending: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM runs WHERE activity_name = $1 AND status <> 'SUCCEEDED'",
+                )
+                .bind(activity)
+                .fetch_one(&pool)
+                .await?;
+                let fired: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM fires WHERE activity_name = $1",
+                )
+                .bind(activity)
+                .fetch_one(&pool)
+                .await?;
+                let ran: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM runs WHERE activity_name = $1",
+                )
+                .bind(activity)
+                .fetch_one(&pool)
+                .await?;
+                Ok((open == 0 && pending == 0 && fired == ran).then_some(()))
+            },
+        )
+        .await?;
+        let made = decisions(&mut admin, of_activity(activity)).await?;
+        let mut events: Vec<&str> = made.iter().map(|d| d.event_id.as_str()).collect();
+        events.sort_unstable();
+        events.dedup();
+        assert_eq!(
+            made.len(),
+            events.len(),
+            "{activity}: one decision per event"
+        );
+        assert_eq!(made.len(), usize::try_from(EVENTS)?, "{activity}");
+        let payloads: Vec<(String, serde_json::Value)> =
+            sqlx::query_as("SELECT id::text, payload FROM runs WHERE activity_name = $1")
+                .bind(activity)
+                .fetch_all(&pool)
+                .await?;
+        let mut seen: Vec<i64> = payloads.iter().flat_map(|(_, p)| ns(p)).collect();
+        seen.sort_unstable();
+        assert_eq!(
+            seen,
+            (0..EVENTS).collect::<Vec<_>>(),
+            "{activity}: every event in exactly one run"
+        );
+        // Each event names the run that holds it.
+        let holds: BTreeMap<String, Vec<i64>> =
+            payloads.iter().map(|(id, p)| (id.clone(), ns(p))).collect();
+        for d in &made {
+            assert_eq!(d.decision() == Decision::Batched, activity == "batched");
+            let n: i64 = d.event_id.trim_start_matches('e').parse()?;
+            assert!(
+                holds.get(&d.run_id).is_some_and(|batch| batch.contains(&n)),
+                "{activity}: event {n} names run {} that does not hold it",
+                d.run_id
+            );
+        }
+    }
+    Ok(())
+}
