@@ -18,9 +18,11 @@ UPDATE runs SET arrival_ns = (extract(epoch FROM fired_at) * 1000000)::bigint * 
     WHERE waiting AND status = 'PENDING';
 CREATE INDEX runs_throttled ON runs (activity_id, throttle_key, priority DESC, arrival_ns, id)
     WHERE throttled AND status = 'PENDING';
+-- The waiting runs' index leaves out the runs a throttle holds (they wait for their budget, in
+-- runs_throttled, before they wait for room).
 DROP INDEX runs_waiting;
 CREATE INDEX runs_waiting ON runs (activity_id, flow_key, priority DESC, arrival_ns, id)
-    WHERE waiting AND status = 'PENDING';
+    WHERE waiting AND NOT throttled AND status = 'PENDING';
 CREATE TABLE throttles (
     activity_id uuid NOT NULL,
     key text NOT NULL,

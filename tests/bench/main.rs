@@ -114,6 +114,24 @@ struct Args {
     /// With `--concurrency-keys`: runs of one key at once.
     #[arg(long = "concurrency-limit", default_value_t = 1)]
     concurrency_limit: u32,
+    /// Flow control: the activity has `flow.throttle` keyed on the event's `k`, and event `i` has
+    /// `k = i mod this` (0: no throttle). Not with `--concurrency-keys`.
+    #[arg(
+        long = "throttle-keys",
+        default_value_t = 0,
+        conflicts_with = "concurrency_keys"
+    )]
+    throttle_keys: usize,
+    /// With `--throttle-keys`: runs of one key started per second (and at once after a pause).
+    #[arg(long = "throttle-limit", default_value_t = 10)]
+    throttle_limit: u32,
+}
+
+/// The flow control the bench's activity has.
+#[derive(Clone, Copy, Debug)]
+enum BenchFlow {
+    Concurrency(u32),
+    Throttle(u32),
 }
 
 #[tokio::main]
@@ -871,10 +889,16 @@ const STAGES: [&str; 7] = [
     "run finished → completion event received",
 ];
 
-fn activity_yaml(fan_out: usize, concurrency: Option<u32>) -> String {
-    let flow = concurrency.map_or_else(String::new, |limit| {
-        format!("flow: {{concurrency: {{key: event.k, limit: {limit}}}}}\n")
-    });
+fn activity_yaml(fan_out: usize, flow: Option<BenchFlow>) -> String {
+    let flow = match flow {
+        None => String::new(),
+        Some(BenchFlow::Concurrency(limit)) => {
+            format!("flow: {{concurrency: {{key: event.k, limit: {limit}}}}}\n")
+        }
+        Some(BenchFlow::Throttle(limit)) => format!(
+            "flow: {{throttle: {{key: event.k, limit: {limit}, period: 1s, burst: {limit}}}}}\n"
+        ),
+    };
     format!(
         r#"
 name: bench-fanout
@@ -922,7 +946,13 @@ async fn taskfactory_phase(env: &TestEnv, args: &Args) -> anyhow::Result<Taskfac
         .create_activity(CreateActivityRequest {
             spec: Some(spec_from_yaml(&activity_yaml(
                 args.fan_out,
-                (args.concurrency_keys > 0).then_some(args.concurrency_limit),
+                if args.concurrency_keys > 0 {
+                    Some(BenchFlow::Concurrency(args.concurrency_limit))
+                } else if args.throttle_keys > 0 {
+                    Some(BenchFlow::Throttle(args.throttle_limit))
+                } else {
+                    None
+                },
             ))?),
         })
         .await
@@ -974,7 +1004,7 @@ async fn taskfactory_phase(env: &TestEnv, args: &Args) -> anyhow::Result<Taskfac
             msg_id(slot),
             Bytes::from(format!(
                 "{{\"i\":{slot},\"k\":{}}}",
-                slot % args.concurrency_keys.max(1)
+                slot % args.concurrency_keys.max(args.throttle_keys).max(1)
             )),
         )
     };

@@ -18,7 +18,7 @@ pub use results::{Recorded, ResultRecord, record_result, record_results};
 use taskfactory_runtime::batch::GroupCommit;
 pub use throttle::{
     Released, admit_throttled_run, due_throttles, next_throttle_due, prune_throttles,
-    release_throttled,
+    release_throttled, repair_throttles,
 };
 
 /// What the orchestrator knows of a run it may have seen before.
@@ -980,8 +980,8 @@ pub async fn stalled_overlap_work(
 ) -> Result<(Vec<ActivityId>, Vec<RunId>), sqlx::Error> {
     let activities: Vec<(Uuid,)> = sqlx::query_as(
         "SELECT DISTINCT w.activity_id FROM runs w \
-         WHERE w.status = 'PENDING' AND w.waiting AND w.created_at < $1 AND w.flow_key IS NULL \
-           AND w.throttle_key IS NULL \
+         WHERE w.status = 'PENDING' AND w.waiting AND NOT w.throttled AND w.created_at < $1 \
+           AND w.flow_key IS NULL AND w.throttle_key IS NULL \
            AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.activity_id = w.activity_id \
                AND r.status IN ('PENDING', 'RUNNING') AND NOT r.waiting AND r.flow_key IS NULL \
                AND r.throttle_key IS NULL)",

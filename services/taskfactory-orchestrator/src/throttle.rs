@@ -24,6 +24,9 @@ const LONGEST_SLEEP: Duration = Duration::from_secs(1);
 const DUE_BATCH: i64 = 500;
 const AT_ONCE: usize = 16;
 
+/// Keys whose released runs are being started at once, at most.
+const STARTING_AT_ONCE: usize = 64;
+
 /// How often idle keys' state is deleted.
 const PRUNE_EVERY: Duration = Duration::from_secs(30);
 
@@ -80,14 +83,6 @@ impl Spawner {
             }
         }
     }
-
-    /// Lets through what the key's budget allows now, and starts it.
-    async fn release(&self, activity: ActivityId, key: &str) -> Result<(), SpawnError> {
-        let released =
-            store::release_throttled(&self.pool, activity, key, self.throttle_window).await?;
-        self.start_released(activity, released).await;
-        Ok(())
-    }
 }
 
 /// The throttle timer: lets through the held runs of every key that is due, then sleeps until the
@@ -96,6 +91,9 @@ impl Spawner {
 /// lets one of them through at a time, and a run let through is started once.
 pub async fn run_timer(spawner: Arc<Spawner>, shutdown: CancellationToken) {
     let mut pruned = Instant::now();
+    // Runs let through are started off the timer, a key's in the order they go, so that one
+    // key's starts never hold up another key being let through.
+    let starting = Arc::new(tokio::sync::Semaphore::new(STARTING_AT_ONCE));
     loop {
         let due = match store::due_throttles(&spawner.pool, DUE_BATCH).await {
             Ok(due) => due,
@@ -107,16 +105,48 @@ pub async fn run_timer(spawner: Arc<Spawner>, shutdown: CancellationToken) {
         let full = i64::try_from(due.len()).unwrap_or(i64::MAX) >= DUE_BATCH;
         futures::stream::iter(due)
             .for_each_concurrent(AT_ONCE, |(activity, key)| {
-                let spawner = &spawner;
+                let (spawner, starting) = (&spawner, &starting);
                 async move {
-                    if let Err(error) = spawner.release(activity, &key).await {
-                        tracing::warn!(activity.id = %activity, throttle.key = %key, error = %error_chain(&error), "cannot let a throttled run through yet; will retry");
+                    let released = match store::release_throttled(
+                        &spawner.pool,
+                        activity,
+                        &key,
+                        spawner.throttle_window,
+                    )
+                    .await
+                    {
+                        Ok(released) => released,
+                        Err(error) => {
+                            tracing::warn!(activity.id = %activity, throttle.key = %key, error = %error_chain(&error), "cannot let a throttled run through yet; will retry");
+                            return;
+                        }
+                    };
+                    if released.is_empty() {
+                        return;
                     }
+                    let Ok(permit) = starting.clone().acquire_owned().await else {
+                        return;
+                    };
+                    let spawner = spawner.clone();
+                    tokio::spawn(async move {
+                        spawner.start_released(activity, released).await;
+                        drop(permit);
+                    });
                 }
             })
             .await;
         if pruned.elapsed() >= PRUNE_EVERY {
             pruned = Instant::now();
+            match store::repair_throttles(&spawner.pool).await {
+                Ok(0) => {}
+                Ok(n) => tracing::warn!(
+                    keys = n,
+                    "throttled keys holding runs were not due; marked due"
+                ),
+                Err(error) => {
+                    tracing::warn!(error = %error_chain(&error), "cannot check the throttled keys")
+                }
+            }
             match store::prune_throttles(&spawner.pool).await {
                 Ok(0) => {}
                 Ok(n) => tracing::debug!(pruned = n, "idle throttle keys pruned"),

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use prost::Message as _;
 use sqlx::PgPool;
 use taskfactory_model::ids::{ActivityId, RunId};
 use taskfactory_model::values;
@@ -149,6 +150,8 @@ pub struct Buffers {
 pub enum Taken {
     /// Taken into the buffer whose run is this.
     Into(RunId),
+    /// Its key was taken before, into the buffer of this run: recorded `DEDUPED`.
+    Duplicate(RunId),
     /// Decided before (delivered again): nothing done.
     Before,
 }
@@ -178,8 +181,8 @@ impl Buffers {
             payload,
         } = event;
         let now = self.clock.now();
-        let text = payload.to_string();
-        let bytes = i64::try_from(text.len()).unwrap_or(i64::MAX);
+        // As the run's TriggerEvent will carry it (a protobuf Struct, larger than the JSON).
+        let bytes = i64::try_from(values::json_to_value(payload).encoded_len()).unwrap_or(i64::MAX);
         let keeps_all = !matches!(
             gather,
             Gather::Debounce {
@@ -189,7 +192,7 @@ impl Buffers {
         );
         let mut fired = Vec::new();
         let mut tx = self.pool.begin().await?;
-        let (dedupe_key, size, opened) = loop {
+        let (size, opened, run) = loop {
             let mut opening = format!(
                 "{}:{}:{}:{key}",
                 gather.kind().to_ascii_lowercase(),
@@ -198,13 +201,13 @@ impl Buffers {
             );
             values::make_storable_key(&mut opening);
             // Locks the key's buffer, opening it with this event first if there is none.
-            let (dedupe_key, size, held, opened): (String, i32, i64, DateTime<Utc>) =
+            let (dedupe_key, size, held, opened, kind): (String, i32, i64, DateTime<Utc>, String) =
                 sqlx::query_as(
                     "INSERT INTO event_buffers (activity_id, key, kind, activity_version, \
                      activity_name, dedupe_key, subject, opened_at, last_at, due_at) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9) \
                  ON CONFLICT (activity_id, key) DO UPDATE SET last_at = event_buffers.last_at \
-                 RETURNING dedupe_key, size, bytes, opened_at",
+                 RETURNING dedupe_key, size, bytes, opened_at, kind",
                 )
                 .bind(activity.id.0)
                 .bind(key)
@@ -217,13 +220,60 @@ impl Buffers {
                 .bind(gather.due(now, now))
                 .fetch_one(&mut *tx)
                 .await?;
-            if keeps_all && size > 0 && held.saturating_add(bytes) > self.max_bytes_i64() {
+            // A buffer opened under another way of gathering (the spec changed) fires as it was
+            // gathered; so does one this event would take past its bytes.
+            let over = keeps_all && size > 0 && held.saturating_add(bytes) > self.max_bytes_i64();
+            if kind != gather.kind() || over {
                 fired.extend(flush_locked(&mut tx, activity.id, key, now).await?);
                 continue;
             }
-            break (dedupe_key, size, opened);
+            break (size, opened, RunId::derive(activity.id, &dedupe_key));
         };
-        let run = RunId::derive(activity.id, &dedupe_key);
+        // An event whose key was taken before (published again after the stream's duplicate
+        // window, a webhook delivered again): recorded DEDUPED with the run that has it.
+        let earlier: Option<Uuid> = sqlx::query_scalar(
+            "SELECT run_id FROM event_decisions WHERE activity_id = $1 AND event_key = $2 \
+                 AND decision IN ('DEBOUNCED', 'BATCHED') LIMIT 1",
+        )
+        .bind(activity.id.0)
+        .bind(&event_key)
+        .fetch_optional(&mut *tx)
+        .await?
+        .flatten();
+        if let Some(earlier) = earlier {
+            if size == 0 {
+                // Opened by this event: nothing to keep.
+                sqlx::query("DELETE FROM event_buffers WHERE activity_id = $1 AND key = $2")
+                    .bind(activity.id.0)
+                    .bind(key)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let earlier = RunId(earlier);
+            let decision = DecisionRow {
+                activity_id: activity.id,
+                activity_name: activity.name.clone(),
+                activity_version: activity.version,
+                origin: origin.clone(),
+                reason: format!(
+                    "its key {event_key:?} was taken before, into run {earlier}; not taken again"
+                ),
+                key: event_key,
+                decision: Decision::Deduped,
+                run_id: Some(earlier),
+                decided_at: now,
+                flow_key: Some(key.to_owned()),
+            };
+            let decided = event_ledger::insert(&mut tx, std::slice::from_ref(&decision)).await?;
+            tx.commit().await?;
+            event_ledger::count(std::slice::from_ref(&decision), &decided);
+            self.publish(&fired).await;
+            return Ok(if decided.first() == Some(&true) {
+                Taken::Duplicate(earlier)
+            } else {
+                Taken::Before
+            });
+        }
         let decision = DecisionRow {
             activity_id: activity.id,
             activity_name: activity.name.clone(),
@@ -256,10 +306,18 @@ impl Buffers {
             .execute(&mut *tx)
             .await?;
         }
+        // The last event is the latest in the stream of those taken (events are handled at
+        // once, and one delivered again comes late).
         sqlx::query(
             "UPDATE event_buffers SET size = size + 1, bytes = bytes + $3, last_at = $4, \
-                 subject = $5, activity_version = $6, due_at = $7, \
-                 last_payload = CASE WHEN $8 THEN NULL ELSE $9 END \
+                 activity_version = $6, due_at = $7, \
+                 subject = CASE WHEN latest THEN $5 ELSE subject END, \
+                 last_payload = CASE WHEN $8 THEN NULL WHEN latest THEN $9 ELSE last_payload END, \
+                 last_published = CASE WHEN latest THEN $10 ELSE last_published END, \
+                 last_sequence = CASE WHEN latest THEN $11 ELSE last_sequence END \
+             FROM (SELECT last_published IS NULL \
+                       OR ($10::int8, $11::int8) > (last_published, last_sequence) AS latest \
+                   FROM event_buffers WHERE activity_id = $1 AND key = $2) AS e \
              WHERE activity_id = $1 AND key = $2",
         )
         .bind(activity.id.0)
@@ -271,6 +329,8 @@ impl Buffers {
         .bind(gather.due(opened, now))
         .bind(keeps_all)
         .bind(sqlx::types::Json(payload))
+        .bind(origin.published_ns)
+        .bind(i64::try_from(origin.sequence).unwrap_or(i64::MAX))
         .execute(&mut *tx)
         .await?;
         if let Gather::Batch { max_size, .. } = gather
@@ -372,6 +432,11 @@ async fn flush_locked(
         return Ok(None);
     }
     let payload = if kind == "DEBOUNCE_LAST" {
+        sqlx::query("DELETE FROM event_buffer_items WHERE activity_id = $1 AND key = $2")
+            .bind(activity.0)
+            .bind(key)
+            .execute(&mut *tx)
+            .await?;
         last.unwrap_or(serde_json::Value::Null)
     } else {
         let mut items: Vec<(i64, i64, sqlx::types::Json<serde_json::Value>)> = sqlx::query_as(

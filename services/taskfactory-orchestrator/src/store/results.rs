@@ -454,7 +454,7 @@ async fn write_batch(
                  WHEN r.throttle_key IS NULL \
                  THEN EXISTS (SELECT 1 FROM runs w WHERE w.activity_id = r.activity_id \
                      AND w.flow_key IS NULL AND w.throttle_key IS NULL AND w.waiting \
-                     AND w.status = 'PENDING') \
+                     AND NOT w.throttled AND w.status = 'PENDING') \
                  ELSE false \
              END AS waiting_behind",
     )

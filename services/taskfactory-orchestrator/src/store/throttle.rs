@@ -59,10 +59,11 @@ impl Rate {
     }
 
     /// The TAT after a start at `now` of a run that could start from `eligible` (its order
-    /// window passed). A start the timer makes late (it woke after the run's time) takes its
-    /// share from when it should have come, so that lateness does not pile up; but only when
-    /// that is at most one interval ago: runs held while no orchestrator ran, or a key idle for
-    /// long, take it from `now`, and do not start at once to catch up.
+    /// window passed). A start the timer makes a little late (it woke after the run's time, by
+    /// at most a tenth of an interval) takes its share from when it should have come, so that
+    /// such lateness does not pile up, and two starts are never closer than nine tenths of an
+    /// interval; a later one (runs held while no orchestrator ran, a key idle for long) takes it
+    /// from `now`, and runs do not start at once to catch up.
     fn after_start(
         self,
         tat: DateTime<Utc>,
@@ -70,7 +71,11 @@ impl Rate {
         now: DateTime<Utc>,
     ) -> DateTime<Utc> {
         let due = (tat - self.tolerance()).max(eligible);
-        let from = if now - due <= self.interval { due } else { now };
+        let from = if now - due <= self.interval / 10 {
+            due
+        } else {
+            now
+        };
         tat.max(from) + self.interval
     }
 
@@ -174,39 +179,67 @@ pub async fn admit_throttled_run(
     .await?;
     let interval = rate.interval.num_nanoseconds().unwrap_or(i64::MAX);
     let burst = i32::try_from(rate.burst).unwrap_or(i32::MAX);
-    // When the timer should look at the key for this run: once its order window has passed.
+    // When the timer should look at the key for this run: once its order window has passed
+    // (from when its event came, by the database's clock if the stream's runs ahead).
     let ready: DateTime<Utc> = sqlx::query_scalar(
-        "SELECT to_timestamp(arrival_ns / 1e9) + $2::interval FROM runs WHERE id = $1",
+        "SELECT LEAST(to_timestamp(arrival_ns / 1e9), clock_timestamp()) + $2::interval \
+         FROM runs WHERE id = $1",
     )
     .persistent(false)
     .bind(row.id.0)
     .bind(TimeDelta::from_std(window).unwrap_or(TimeDelta::MAX))
     .fetch_one(&mut *tx)
     .await?;
-    // A new key: its row, with a whole budget, due when this run is ready.
-    sqlx::query(
-        "INSERT INTO throttles (activity_id, key, tat, interval_ns, burst, due_at) \
-         VALUES ($1, $2, 'epoch', $3, $4, $5) ON CONFLICT DO NOTHING",
-    )
-    .bind(run.activity_id.0)
-    .bind(&throttle.key)
-    .bind(interval)
-    .bind(burst)
-    .bind(ready)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query("SELECT 1 FROM throttles WHERE activity_id = $1 AND key = $2 FOR KEY SHARE")
+    // The key's row, held in KEY SHARE until the commit: the timer's FOR UPDATE then waits for
+    // this run, and the pruner (which skips locked rows) cannot delete the row under it. A new
+    // key's row starts with a whole budget, due when this run is ready; a row the pruner deleted
+    // between the insert and the lock is made again.
+    let mut attempts = 0;
+    loop {
+        sqlx::query(
+            "INSERT INTO throttles (activity_id, key, tat, interval_ns, burst, due_at) \
+             VALUES ($1, $2, 'epoch', $3, $4, $5) ON CONFLICT DO NOTHING",
+        )
         .bind(run.activity_id.0)
         .bind(&throttle.key)
+        .bind(interval)
+        .bind(burst)
+        .bind(ready)
         .execute(&mut *tx)
         .await?;
-    // A key not due (nothing held), or due after this run is ready, is due then; a spec's new
-    // rate applies from its first run on. (Otherwise the row is left unlocked for the other
-    // admissions.)
+        let locked: Option<i32> = sqlx::query_scalar(
+            "SELECT 1 FROM throttles WHERE activity_id = $1 AND key = $2 FOR KEY SHARE",
+        )
+        .bind(run.activity_id.0)
+        .bind(&throttle.key)
+        .fetch_optional(&mut *tx)
+        .await?;
+        attempts += 1;
+        if locked.is_some() {
+            break;
+        }
+        if attempts >= 10 {
+            return Err(sqlx::Error::Protocol(format!(
+                "the throttle state of key {:?} was deleted under each of {attempts} admissions",
+                throttle.key
+            )));
+        }
+    }
+    // The key is due when this run is ready, unless it is due sooner, or its budget holds it
+    // until later anyway (then the row is left unlocked for the other admissions). A new rate
+    // applies from this run on: the debt left under the old one is cut to the new one's burst.
     sqlx::query(
-        "UPDATE throttles SET due_at = LEAST(due_at, $5), interval_ns = $3, burst = $4 \
+        "UPDATE throttles SET \
+             due_at = LEAST(COALESCE(due_at, 'infinity'), \
+                 GREATEST($5, tat - make_interval(secs => (burst - 1) * interval_ns / 1e9))), \
+             tat = CASE WHEN interval_ns <> $3 OR burst <> $4 \
+                 THEN LEAST(tat, clock_timestamp() + make_interval(secs => $4 * $3 / 1e9)) \
+                 ELSE tat END, \
+             interval_ns = $3, burst = $4 \
          WHERE activity_id = $1 AND key = $2 \
-           AND (due_at IS NULL OR due_at > $5 OR interval_ns <> $3 OR burst <> $4)",
+           AND (due_at IS NULL \
+                OR due_at > GREATEST($5, tat - make_interval(secs => (burst - 1) * interval_ns / 1e9)) \
+                OR interval_ns <> $3 OR burst <> $4)",
     )
     .bind(run.activity_id.0)
     .bind(&throttle.key)
@@ -277,9 +310,10 @@ async fn release_locked(
     if most > 0 {
         // Locked, so that a cancel (which locks the run) either comes first and is seen, or
         // waits and finds the run let through.
-        let next: Vec<(Uuid, Option<i64>)> = sqlx::query_as(
-            "SELECT id, arrival_ns FROM runs WHERE activity_id = $1 AND throttle_key = $2 \
-                 AND throttled AND status = 'PENDING' \
+        // When each came: its event's arrival, or its admission if the stream's clock is ahead.
+        let next: Vec<(Uuid, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT id, LEAST(to_timestamp(arrival_ns / 1e9), created_at) FROM runs \
+             WHERE activity_id = $1 AND throttle_key = $2 AND throttled AND status = 'PENDING' \
              ORDER BY priority DESC, arrival_ns, id LIMIT $3 FOR UPDATE",
         )
         .persistent(false)
@@ -289,10 +323,7 @@ async fn release_locked(
         .fetch_all(&mut *tx)
         .await?;
         // When each could start: once its event is as old as the order window.
-        let eligibles: Vec<DateTime<Utc>> = next
-            .iter()
-            .map(|(_, ns)| DateTime::from_timestamp_nanos(ns.unwrap_or(0)) + window)
-            .collect();
+        let eligibles: Vec<DateTime<Utc>> = next.iter().map(|(_, came)| *came + window).collect();
         let ready = eligibles
             .iter()
             .position(|eligible| *eligible > now)
@@ -318,6 +349,9 @@ async fn release_locked(
         .bind(&ids)
         .fetch_all(&mut *tx)
         .await?;
+        // In the order they go (RETURNING keeps none).
+        let mut rows = rows;
+        rows.sort_by_key(|(id, _, _)| ids.iter().position(|i| i == id));
         released = rows
             .into_iter()
             .map(|(id, flow_key, flow_limit)| Released {
@@ -377,6 +411,21 @@ pub async fn next_throttle_due(pool: &PgPool) -> Result<Option<std::time::Durati
 
 /// Rows deleted per statement by the pruner.
 const PRUNE_BATCH: i64 = 10_000;
+
+/// Marks due the keys that hold runs but are not due (none should be; a safety net, run with
+/// the pruner). Returns how many.
+pub async fn repair_throttles(pool: &PgPool) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(
+        "UPDATE throttles t SET due_at = clock_timestamp() \
+         WHERE t.due_at IS NULL AND EXISTS (SELECT 1 FROM runs r \
+             WHERE r.activity_id = t.activity_id AND r.throttle_key = t.key \
+               AND r.throttled AND r.status = 'PENDING' \
+               AND r.created_at < clock_timestamp() - interval '10 seconds')",
+    )
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
 
 /// Deletes the state of idle keys: nothing held, and the TAT passed (a whole budget, as without
 /// a row). Returns how many.
@@ -442,8 +491,11 @@ mod tests {
         assert_eq!(starts[1], 100);
         assert_eq!(starts[199], 19_900);
         // A timer that wakes late each time does not stretch them.
-        let late = schedule(rate(10, 1_000, 1), 200, 30);
-        assert!((19_900..=19_930).contains(&late[199]), "{}", late[199]);
+        let late = schedule(rate(10, 1_000, 1), 200, 8);
+        assert!((19_900..=19_908).contains(&late[199]), "{}", late[199]);
+        // Later than a tenth of an interval: starts are never closer than nine tenths of one.
+        let later = schedule(rate(10, 1_000, 1), 20, 30);
+        assert!(later.windows(2).all(|w| w[1] - w[0] >= 90), "{later:?}");
     }
 
     #[test]
