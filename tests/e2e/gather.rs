@@ -11,7 +11,7 @@ use taskfactory_runtime::clock::{ClockHandle, ManualClock};
 use taskfactory_tests::{EnvOptions, Service, TestEnv, wait_for};
 
 use crate::event_decisions::{decisions, of_activity};
-use crate::support::{create, publish_burst, publish_event};
+use crate::support::{create, publish_burst, publish_event, wait_count};
 
 /// The fires of `activity`: `(dedupe key, payload)`, in the order they were recorded.
 async fn fires(
@@ -41,20 +41,14 @@ async fn wait_decided(
     decision: &str,
     n: i64,
 ) -> anyhow::Result<()> {
-    wait_for(
+    wait_count(
+        pool,
         &format!("{n} {decision} decisions at {activity}"),
+        "SELECT count(*) FROM event_decisions d JOIN activities a ON a.id = d.activity_id \
+         WHERE a.name = $1 AND d.decision = $2",
+        &[activity, decision],
+        n,
         Duration::from_secs(30),
-        || async {
-            let made: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM event_decisions d JOIN activities a ON a.id = d.activity_id \
-                 WHERE a.name = $1 AND d.decision = $2",
-            )
-            .bind(activity)
-            .bind(decision)
-            .fetch_one(pool)
-            .await?;
-            Ok((made >= n).then_some(()))
-        },
     )
     .await
 }

@@ -150,6 +150,26 @@ pub async fn publish_event(
         .await?)
 }
 
+/// Waits until `count` (a `SELECT count(*)` with its text parameters `binds`) is at least `n`.
+pub async fn wait_count(
+    pool: &sqlx::PgPool,
+    what: &str,
+    count: &'static str,
+    binds: &[&str],
+    n: i64,
+    within: Duration,
+) -> anyhow::Result<()> {
+    wait_for(what, within, || async {
+        let mut query = sqlx::query_scalar::<_, i64>(count);
+        for bind in binds {
+            query = query.bind(*bind);
+        }
+        let counted = query.fetch_one(pool).await?;
+        Ok((counted >= n).then_some(()))
+    })
+    .await
+}
+
 /// Publishes events to the events stream back to back, `(body, Nats-Msg-Id)` each, then waits
 /// for every ack: a burst as fast as one client sends it.
 pub async fn publish_burst(

@@ -10,7 +10,7 @@ use taskfactory_tests::{EnvOptions, TestEnv, wait_for};
 
 use crate::event_decisions::{decisions, of_activity};
 use crate::flow_control::{most_at_once, per_key};
-use crate::support::{RecordingServer, create, publish_burst, publish_event};
+use crate::support::{RecordingServer, create, publish_burst, publish_event, wait_count};
 
 /// Waits until `activity` has `n` succeeded runs.
 async fn wait_succeeded(
@@ -19,18 +19,13 @@ async fn wait_succeeded(
     n: i64,
     within: Duration,
 ) -> anyhow::Result<()> {
-    wait_for(
+    wait_count(
+        pool,
         &format!("{n} runs of {activity} succeeded"),
+        "SELECT count(*) FROM runs WHERE activity_name = $1 AND status = 'SUCCEEDED'",
+        &[activity],
+        n,
         within,
-        || async {
-            let done: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM runs WHERE activity_name = $1 AND status = 'SUCCEEDED'",
-            )
-            .bind(activity)
-            .fetch_one(pool)
-            .await?;
-            Ok((done >= n).then_some(()))
-        },
     )
     .await
 }

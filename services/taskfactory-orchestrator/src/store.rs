@@ -611,6 +611,51 @@ async fn lock_flow_key(
 const ARRIVAL: &str =
     "COALESCE(NULLIF($5::int8, 0), (extract(epoch FROM fired_at) * 1000000)::int8 * 1000)";
 
+/// Records a new run waiting under flow control (`overlap`: which), with its flow columns: its
+/// concurrency key and limit (when the admission has one), priority, place among the waiting,
+/// and the throttle key that holds it (`throttle`). False when the run was recorded before.
+pub(crate) async fn insert_waiting_run(
+    tx: &mut sqlx::PgConnection,
+    run: &NewRun,
+    overlap: &str,
+    trigger_event: &[u8],
+    flow: &FlowAdmission,
+    throttle: Option<&str>,
+) -> Result<bool, sqlx::Error> {
+    let row = NewRun {
+        status: RunStatus::RunPending,
+        ..run.clone()
+    };
+    let extras = RowExtras {
+        overlap,
+        trigger_event: Some(trigger_event),
+        waiting: true,
+        ..RowExtras::default()
+    };
+    if !insert_run_rows(&mut *tx, &[(&row, 0, extras)])
+        .await?
+        .contains(&row.id.0)
+    {
+        return Ok(false);
+    }
+    let concurrency = (flow.concurrency_limit > 0).then_some(&flow.concurrency_key);
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE runs SET flow_key = $2, flow_limit = $3, priority = $4, arrival_ns = {ARRIVAL}, \
+             throttle_key = $6, throttled = $6 IS NOT NULL \
+         WHERE id = $1"
+    )))
+    .persistent(false)
+    .bind(row.id.0)
+    .bind(concurrency)
+    .bind(concurrency.map(|_| i32::try_from(flow.concurrency_limit).unwrap_or(i32::MAX)))
+    .bind(flow.priority)
+    .bind(flow.arrival_ns)
+    .bind(throttle)
+    .execute(&mut *tx)
+    .await?;
+    Ok(true)
+}
+
 /// Records a new run of an activity with `flow.concurrency` as waiting for room under its key,
 /// then starts as many of the key's waiting runs as there is room for ([`promote_flow`]'s
 /// rule), all in one transaction under the key's lock. Returns the runs to start now (this one
@@ -623,35 +668,10 @@ pub async fn admit_flow_run(
 ) -> Result<Option<Vec<RunId>>, sqlx::Error> {
     let mut tx = pool.begin().await?;
     lock_flow_key(&mut tx, run.activity_id, &flow.concurrency_key).await?;
-    let row = NewRun {
-        status: RunStatus::RunPending,
-        ..run.clone()
-    };
-    let extras = RowExtras {
-        overlap: "CONCURRENCY",
-        trigger_event: Some(trigger_event),
-        waiting: true,
-        ..RowExtras::default()
-    };
-    if !insert_run_rows(&mut tx, &[(&row, 0, extras)])
-        .await?
-        .contains(&row.id.0)
-    {
+    if !insert_waiting_run(&mut tx, run, "CONCURRENCY", trigger_event, flow, None).await? {
         tx.rollback().await?;
         return Ok(None);
     }
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "UPDATE runs SET flow_key = $2, flow_limit = $3, priority = $4, arrival_ns = {ARRIVAL} \
-         WHERE id = $1"
-    )))
-    .persistent(false)
-    .bind(row.id.0)
-    .bind(&flow.concurrency_key)
-    .bind(i32::try_from(flow.concurrency_limit).unwrap_or(i32::MAX))
-    .bind(flow.priority)
-    .bind(flow.arrival_ns)
-    .execute(&mut *tx)
-    .await?;
     let started = promote_flow_locked(
         &mut tx,
         run.activity_id,

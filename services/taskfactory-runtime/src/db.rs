@@ -188,3 +188,25 @@ pub fn input_refused_by_database(
     }
     None
 }
+
+/// Runs `delete` (a `DELETE` of at most `$1` rows) until it deletes fewer than `batch` rows;
+/// returns how many it deleted. For pruners that must not hold many locks or a long
+/// transaction at once.
+pub async fn delete_in_batches(
+    pool: &PgPool,
+    delete: &'static str,
+    batch: i64,
+) -> Result<u64, sqlx::Error> {
+    let mut deleted = 0;
+    loop {
+        let now = sqlx::query(delete)
+            .bind(batch)
+            .execute(pool)
+            .await?
+            .rows_affected();
+        deleted += now;
+        if now < u64::try_from(batch).unwrap_or(u64::MAX) {
+            return Ok(deleted);
+        }
+    }
+}

@@ -180,24 +180,16 @@ const PRUNE_BATCH: i64 = 10_000;
 /// Deletes the state of keys whose TAT has passed (they have their whole budget, as without a
 /// row); returns how many.
 pub async fn prune_rate_limits(pool: &PgPool) -> Result<u64, sqlx::Error> {
-    let mut pruned = 0;
-    loop {
-        // Rows a recording transaction holds are skipped (it is judging them: they are not
-        // idle), so the pruner never waits on one, nor one on it.
-        let deleted = sqlx::query(
-            "DELETE FROM rate_limits WHERE (activity_id, key) IN \
-                 (SELECT activity_id, key FROM rate_limits WHERE tat < now() \
-                  LIMIT $1 FOR UPDATE SKIP LOCKED)",
-        )
-        .bind(PRUNE_BATCH)
-        .execute(pool)
-        .await?
-        .rows_affected();
-        pruned += deleted;
-        if deleted < u64::try_from(PRUNE_BATCH).unwrap_or(u64::MAX) {
-            return Ok(pruned);
-        }
-    }
+    // Rows a recording transaction holds are skipped (it is judging them: they are not idle), so
+    // the pruner never waits on one, nor one on it.
+    taskfactory_runtime::db::delete_in_batches(
+        pool,
+        "DELETE FROM rate_limits WHERE (activity_id, key) IN \
+             (SELECT activity_id, key FROM rate_limits WHERE tat < now() \
+              LIMIT $1 FOR UPDATE SKIP LOCKED)",
+        PRUNE_BATCH,
+    )
+    .await
 }
 
 /// Prunes the rate limits' idle keys every `every`, until `shutdown`.

@@ -16,10 +16,10 @@
 use chrono::{DateTime, TimeDelta, Utc};
 use sqlx::PgPool;
 use taskfactory_model::ids::{ActivityId, RunId};
-use taskfactory_proto::v1::{FlowAdmission, RunStatus, ThrottleAdmission};
+use taskfactory_proto::v1::{FlowAdmission, ThrottleAdmission};
 use uuid::Uuid;
 
-use super::{ARRIVAL, NewRun, RowExtras, insert_run_rows};
+use super::{NewRun, insert_waiting_run};
 
 /// Runs let through per key in one transaction (the rest on the timer's next turn, at once).
 const RELEASE_BATCH: usize = 1_000;
@@ -145,38 +145,19 @@ pub async fn admit_throttled_run(
 ) -> Result<bool, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let rate = Rate::of(throttle);
-    let row = NewRun {
-        status: RunStatus::RunPending,
-        ..run.clone()
-    };
-    let extras = RowExtras {
-        overlap: "THROTTLE",
-        trigger_event: Some(trigger_event),
-        waiting: true,
-        ..RowExtras::default()
-    };
-    if !insert_run_rows(&mut tx, &[(&row, 0, extras)])
-        .await?
-        .contains(&row.id.0)
+    if !insert_waiting_run(
+        &mut tx,
+        run,
+        "THROTTLE",
+        trigger_event,
+        flow,
+        Some(&throttle.key),
+    )
+    .await?
     {
         tx.rollback().await?;
         return Ok(false);
     }
-    let concurrency = (flow.concurrency_limit > 0).then_some(&flow.concurrency_key);
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "UPDATE runs SET flow_key = $2, flow_limit = $3, priority = $4, arrival_ns = {ARRIVAL}, \
-             throttle_key = $6, throttled = true \
-         WHERE id = $1"
-    )))
-    .persistent(false)
-    .bind(row.id.0)
-    .bind(concurrency)
-    .bind(concurrency.map(|_| i32::try_from(flow.concurrency_limit).unwrap_or(i32::MAX)))
-    .bind(flow.priority)
-    .bind(flow.arrival_ns)
-    .bind(&throttle.key)
-    .execute(&mut *tx)
-    .await?;
     let interval = rate.interval.num_nanoseconds().unwrap_or(i64::MAX);
     let burst = i32::try_from(rate.burst).unwrap_or(i32::MAX);
     // When the timer should look at the key for this run: once its order window has passed
@@ -186,7 +167,7 @@ pub async fn admit_throttled_run(
          FROM runs WHERE id = $1",
     )
     .persistent(false)
-    .bind(row.id.0)
+    .bind(run.id.0)
     .bind(TimeDelta::from_std(window).unwrap_or(TimeDelta::MAX))
     .fetch_one(&mut *tx)
     .await?;
@@ -430,23 +411,15 @@ pub async fn repair_throttles(pool: &PgPool) -> Result<u64, sqlx::Error> {
 /// Deletes the state of idle keys: nothing held, and the TAT passed (a whole budget, as without
 /// a row). Returns how many.
 pub async fn prune_throttles(pool: &PgPool) -> Result<u64, sqlx::Error> {
-    let mut pruned = 0;
-    loop {
-        // Rows an admission or the timer holds are skipped: they are not idle.
-        let deleted = sqlx::query(
-            "DELETE FROM throttles WHERE (activity_id, key) IN \
-                 (SELECT activity_id, key FROM throttles WHERE due_at IS NULL AND tat < now() \
-                  LIMIT $1 FOR UPDATE SKIP LOCKED)",
-        )
-        .bind(PRUNE_BATCH)
-        .execute(pool)
-        .await?
-        .rows_affected();
-        pruned += deleted;
-        if deleted < u64::try_from(PRUNE_BATCH).unwrap_or(u64::MAX) {
-            return Ok(pruned);
-        }
-    }
+    // Rows an admission or the timer holds are skipped: they are not idle.
+    taskfactory_runtime::db::delete_in_batches(
+        pool,
+        "DELETE FROM throttles WHERE (activity_id, key) IN \
+             (SELECT activity_id, key FROM throttles WHERE due_at IS NULL AND tat < now() \
+              LIMIT $1 FOR UPDATE SKIP LOCKED)",
+        PRUNE_BATCH,
+    )
+    .await
 }
 
 #[cfg(test)]
