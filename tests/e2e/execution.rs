@@ -1356,8 +1356,8 @@ async fn a_batch_of_results_ends_as_recording_them_one_by_one_would() -> anyhow:
         Recorded::UnknownTask => "unknown".to_owned(),
         Recorded::Refused(refusal) => format!("refused: {}", refusal.reason()),
         Recorded::AlreadyFinal => "already final".to_owned(),
-        Recorded::Applied(None) => "applied".to_owned(),
-        Recorded::Applied(Some(run)) => format!("applied, run {}", run.status.as_str_name()),
+        Recorded::Applied(None, _) => "applied".to_owned(),
+        Recorded::Applied(Some(run), _) => format!("applied, run {}", run.status.as_str_name()),
     };
     let repeated = || {
         let scrape =

@@ -37,6 +37,7 @@ mod sql_parameters;
 mod sql_sources;
 mod ssrf;
 mod support;
+mod task_concurrency;
 mod throttle;
 mod tracing;
 mod validation;

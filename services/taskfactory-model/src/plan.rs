@@ -57,6 +57,37 @@ pub struct PlannedTask {
     pub params: serde_json::Value,
     pub retry: RetryPolicy,
     pub timeout: Duration,
+    /// Under its template's `concurrency`: the key it counts against and its limit.
+    pub concurrency: Option<TaskKey>,
+}
+
+/// The concurrency key a task counts against ([`TaskKey::scoped`] is what is stored).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskKey {
+    /// The key expression's value, made storable (empty: no key expression).
+    pub value: String,
+    pub limit: u32,
+    /// Counted with every activity's tasks of the same key (scope GLOBAL), not the activity's.
+    pub global: bool,
+}
+
+impl TaskKey {
+    /// The key as counted: `global:<value>` for scope GLOBAL, `<activity id>:<value>` otherwise.
+    pub fn scoped(&self, activity: &str) -> String {
+        if self.global {
+            format!("global:{}", self.value)
+        } else {
+            format!("{activity}:{}", self.value)
+        }
+    }
+
+    /// The key as a user reads it, from its scoped form: the value, or `global:<value>`.
+    pub fn shown(scoped: &str) -> &str {
+        if scoped.starts_with("global:") {
+            return scoped;
+        }
+        scoped.split_once(':').map_or(scoped, |(_, value)| value)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -218,6 +249,18 @@ fn plan_template(
     let params = engine
         .params(&params_json)
         .map_err(|(path, e)| format!("params.{path}: {e}"))?;
+    let concurrency = match &template.concurrency {
+        Some(c) if !c.key.trim().is_empty() => Some((
+            c,
+            Some(
+                engine
+                    .expression(&c.key)
+                    .map_err(|e| format!("concurrency.key: {e}"))?,
+            ),
+        )),
+        Some(c) => Some((c, None)),
+        None => None,
+    };
     let retry = effective_retry(template.retry.as_ref());
     let timeout = std_duration(&effective_timeout(template)).unwrap_or(Duration::from_secs(60));
 
@@ -245,7 +288,25 @@ fn plan_template(
             .render(&scope, limits.expr.max_output_bytes)
             .map_err(|e| format!("item {index}: {e}"))?;
         budget.spend(&rendered)?;
+        let concurrency = match &concurrency {
+            None => None,
+            Some((c, key)) => {
+                let mut value = match key {
+                    None => String::new(),
+                    Some(key) => key
+                        .eval_key(&minijinja::context! { params => expr::to_value(&rendered), ..scope })
+                        .map_err(|e| format!("concurrency.key {:?}, item {index}: {e}", c.key))?,
+                };
+                crate::values::make_storable_key(&mut value);
+                Some(TaskKey {
+                    value,
+                    limit: c.limit,
+                    global: c.scope() == taskfactory_proto::v1::task_concurrency::Scope::Global,
+                })
+            }
+        };
         tasks.push(PlannedTask {
+            concurrency,
             template: template.name.clone(),
             item_index: u32::try_from(index).unwrap_or(u32::MAX),
             task_type: template.r#type.clone(),
@@ -348,5 +409,46 @@ tasks:
         let plan = plan_tasks(&spec, &scope(json!({"items": items})), &limits);
         assert!(plan.error.unwrap().contains("more than 50 tasks"));
         assert!(plan.tasks.is_empty());
+    }
+
+    #[test]
+    fn a_tasks_concurrency_key_sees_its_params_and_item_and_names_its_failure() {
+        let spec = spec_from_yaml(
+            r#"
+name: a
+trigger: {manual: {}}
+tasks:
+  - name: call
+    type: http
+    forEach: event.urls
+    params: {url: "{{ item.url }}", host: "{{ item.host }}"}
+    concurrency: {key: params.host, limit: 5}
+  - name: any
+    type: log
+    concurrency: {limit: 2, scope: GLOBAL}
+"#,
+        )
+        .unwrap();
+        let urls = json!({"urls": [{"url": "https://a.example/1", "host": "a.example"}, {"url": "https://b.example/1", "host": "b.example"}]});
+        let plan = plan_tasks(&spec, &scope(urls.clone()), &PlanLimits::default());
+        assert_eq!(plan.error, None);
+        let keys: Vec<_> = plan.tasks.iter().map(|t| t.concurrency.clone().unwrap()).collect();
+        assert_eq!(
+            keys.iter().map(|k| (k.value.as_str(), k.limit, k.global)).collect::<Vec<_>>(),
+            [("a.example", 5, false), ("b.example", 5, false), ("", 2, true)]
+        );
+        assert_eq!(keys[0].scoped("act"), "act:a.example");
+        assert_eq!(keys[2].scoped("act"), "global:");
+        assert_eq!(TaskKey::shown("act:a.example"), "a.example");
+        assert_eq!(TaskKey::shown("global:x"), "global:x");
+
+        let mut spec = spec;
+        spec.tasks[0].concurrency.as_mut().unwrap().key = "params.hots".to_owned();
+        let plan = plan_tasks(&spec, &scope(urls), &PlanLimits::default());
+        let error = plan.error.unwrap();
+        assert!(
+            error.contains("concurrency.key") && error.contains("params.hots is undefined"),
+            "{error}"
+        );
     }
 }

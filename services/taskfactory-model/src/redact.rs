@@ -394,6 +394,7 @@ pub fn redact_task(task: &mut Task) {
         redact_value(output);
     }
     redact_text(&mut task.last_error);
+    redact_text(&mut task.concurrency_key);
     for attempt in &mut task.attempt_history {
         if let Some(output) = attempt.output.as_mut() {
             redact_value(output);

@@ -971,6 +971,9 @@ fn validate_template(template: &TaskTemplate, i: usize, engine: &Engine<'_>) -> 
         }
     }
     errors.extend(validate_task_secrets(template, &prefix));
+    if let Some(concurrency) = &template.concurrency {
+        errors.extend(validate_task_concurrency(template, concurrency, &prefix, engine));
+    }
     if template.r#type == "publish"
         && let Some(subject) = template
             .params
@@ -1047,6 +1050,53 @@ fn validate_template(template: &TaskTemplate, i: usize, engine: &Engine<'_>) -> 
                 humantime::format_duration(MAX_TASK_LIFE)
             ),
         ));
+    }
+    errors
+}
+
+/// The most tasks of one key given to executors at once (`tasks[].concurrency.limit`).
+pub const MAX_TASK_CONCURRENCY: u32 = 10_000;
+
+/// A template's `concurrency`: a limit in range, a key that compiles, a type an executor runs,
+/// a scope that exists.
+fn validate_task_concurrency(
+    template: &TaskTemplate,
+    concurrency: &v1::TaskConcurrency,
+    prefix: &str,
+    engine: &Engine<'_>,
+) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    let prefix = format!("{prefix}.concurrency");
+    if template.r#type == crate::results::HUMAN_TASK_TYPE {
+        errors.push(field(
+            prefix.clone(),
+            "does not apply to human tasks: no executor runs them (they wait for CompleteTask)",
+        ));
+    }
+    if concurrency.limit == 0 {
+        errors.push(field(
+            format!("{prefix}.limit"),
+            "is required: at least 1 task at once",
+        ));
+    } else if concurrency.limit > MAX_TASK_CONCURRENCY {
+        errors.push(field(
+            format!("{prefix}.limit"),
+            format!(
+                "{} is over the limit of {MAX_TASK_CONCURRENCY}",
+                concurrency.limit
+            ),
+        ));
+    }
+    if v1::task_concurrency::Scope::try_from(concurrency.scope).is_err() {
+        errors.push(field(
+            format!("{prefix}.scope"),
+            format!("{} is not a scope: ACTIVITY or GLOBAL", concurrency.scope),
+        ));
+    }
+    if !concurrency.key.trim().is_empty()
+        && let Err(e) = engine.expression(&concurrency.key)
+    {
+        errors.push(field(format!("{prefix}.key"), e.message));
     }
     errors
 }
@@ -1704,5 +1754,27 @@ tasks:
         assert!(is_enabled(&spec));
         let spec = spec_from_yaml(&format!("{GOOD}\nenabled: false")).unwrap();
         assert!(!is_enabled(&spec));
+    }
+
+    #[test]
+    fn a_tasks_concurrency_is_checked_naming_its_field() {
+        let errors = |tasks: &str| -> Vec<String> {
+            let yaml = format!("name: a\ntrigger: {{manual: {{}}}}\ntasks: [{tasks}]\n");
+            match validate(&spec_from_yaml(&yaml).unwrap(), Utc::now()) {
+                Ok(()) => Vec::new(),
+                Err(e) => e.0.iter().map(|f| format!("{}: {}", f.field, f.message)).collect(),
+            }
+        };
+        assert_eq!(
+            errors("{name: t, type: http, params: {url: 'https://x.example'}, concurrency: {key: params.url, limit: 5}}"),
+            Vec::<String>::new()
+        );
+        let found = errors("{name: t, type: noop, concurrency: {key: 'params.(', limit: 0}}");
+        assert!(found.iter().any(|e| e.starts_with("tasks[0].concurrency.limit: is required")), "{found:?}");
+        assert!(found.iter().any(|e| e.starts_with("tasks[0].concurrency.key: ")), "{found:?}");
+        let found = errors("{name: t, type: noop, concurrency: {limit: 10001}}");
+        assert!(found.iter().any(|e| e.contains("10001 is over the limit of 10000")), "{found:?}");
+        let found = errors("{name: t, type: human, concurrency: {limit: 1}}");
+        assert!(found.iter().any(|e| e.starts_with("tasks[0].concurrency: does not apply to human tasks")), "{found:?}");
     }
 }

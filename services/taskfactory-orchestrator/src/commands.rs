@@ -147,6 +147,14 @@ impl Commands {
                         )
                     })?;
                 tracing::info!(run.id = %run, %reason, "run cancelled");
+                // Its tasks' places under their concurrency keys are free: a task in flight is
+                // stopped by its executor as soon as it hears of the cancel.
+                match store::run_task_keys(&self.spawner.pool, run).await {
+                    Ok(keys) => self.spawner.task_gate.ask_all(keys),
+                    Err(error) => {
+                        tracing::warn!(run.id = %run, error = %error_chain(&error), "cannot ask the cancelled run's concurrency keys; the sweep will");
+                    }
+                }
                 if let Err(error) = self.spawner.run_may_have_finished(run, activity).await {
                     tracing::warn!(run.id = %run, error = %error_chain(&error), "cancelled run not announced yet; the sweeper will");
                 }
@@ -209,7 +217,10 @@ impl Commands {
             Recorded::AlreadyFinal => {
                 Err(refuse("failed_precondition", "the task finished meanwhile"))
             }
-            Recorded::Applied(completed) => {
+            Recorded::Applied(completed, freed) => {
+                if let Some(key) = freed {
+                    self.spawner.task_gate.ask(key);
+                }
                 if let Some(run) = completed
                     && let Err(error) = self.spawner.run_finished(&run).await
                 {

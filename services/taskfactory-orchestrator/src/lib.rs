@@ -36,6 +36,7 @@ pub mod results;
 pub mod spawn;
 pub mod spec_cache;
 pub mod store;
+pub mod task_gate;
 pub mod throttle;
 pub mod unserved;
 
@@ -419,7 +420,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let evaluation_bytes = config
         .evaluation_bytes_in_flight
         .clamp(1, u32::MAX as usize);
+    let (task_gate, asked) = task_gate::TaskGate::new();
     let spawner = Arc::new(spawn::Spawner {
+        task_gate,
         evaluation_room: Arc::new(tokio::sync::Semaphore::new(evaluation_bytes)),
         evaluation_bytes,
         trigger_room: messaging::ByteBudget::new(config.trigger_bytes_in_flight),
@@ -636,6 +639,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     ));
     tracker.spawn(throttle::run_timer(
         overlap_spawner.clone(),
+        shutdown.clone(),
+    ));
+    tracker.spawn(task_gate::run(
+        overlap_spawner.clone(),
+        asked,
         shutdown.clone(),
     ));
     tracker.spawn(spawn::run_overlap_sweeper(

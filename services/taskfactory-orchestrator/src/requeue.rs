@@ -436,7 +436,7 @@ async fn tasks_to_run(
     let rows: Vec<TaskRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT t.id, t.type, t.instance, t.status, t.attempts, t.attempt_base, t.redrives \
          FROM tasks t JOIN runs r ON r.id = t.run_id \
-         WHERE {statuses} AND r.status = 'RUNNING' AND t.id > $1 \
+         WHERE {statuses} AND NOT t.held AND r.status = 'RUNNING' AND t.id > $1 \
            AND t.requeued_for IS DISTINCT FROM $3 \
            AND t.created_at < $3 AND (t.redriven_at IS NULL OR t.redriven_at < $3) \
            AND NOT EXISTS (SELECT 1 FROM task_attempts a \

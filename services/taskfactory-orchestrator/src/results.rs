@@ -428,7 +428,10 @@ impl ResultSink {
                 // A redelivery after the run finished but before it was announced lands here.
                 self.retry_announcement(result).await
             }
-            Recorded::Applied(completed) => {
+            Recorded::Applied(completed, freed) => {
+                if let Some(key) = freed {
+                    self.spawner.task_gate.ask(key);
+                }
                 // Neither waits for the other (the announcement is on the path of every run's
                 // completion, the entry a round trip to NATS): both are done before the ack,
                 // and a redelivery repairs whichever failed (it is `AlreadyFinal` then).

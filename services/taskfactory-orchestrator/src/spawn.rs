@@ -89,6 +89,8 @@ pub struct Spawner {
     pub throttle_due: Arc<tokio::sync::Notify>,
     /// `--throttle-order-window`: how long a throttled run waits at least after its event came.
     pub throttle_window: Duration,
+    /// Lets tasks held by their concurrency keys through ([`crate::task_gate`]).
+    pub task_gate: crate::task_gate::TaskGate,
 }
 
 /// A run as evaluated: its row, its tasks, and (for a real run) its room in the evaluation budget.
@@ -336,7 +338,7 @@ impl Spawner {
         }
         tracing::info!(run.id = %run_id, activity.name = %activity_name, tasks = tasks.len(), status = ?status, "run recorded");
         if status == RunStatus::RunRunning {
-            self.publish_tasks(&publishable(tasks)).await?;
+            self.hand_over(tasks).await?;
             self.marks.spawn_complete(run_id).await?;
         } else {
             completion::announce_if_finished(&self.marks, &self.js, run_id).await?;
@@ -534,7 +536,7 @@ impl Spawner {
             .await?
             .is_some_and(|state| state.status == RunStatus::RunCancelled);
         if run.status == RunStatus::RunRunning && !cancelled {
-            self.publish_tasks(&publishable(tasks)).await?;
+            self.hand_over(tasks).await?;
             self.marks.spawn_complete(run_id).await?;
         } else {
             // The next run needs room of its own: never wait for it while holding this one's.
@@ -916,28 +918,55 @@ impl Spawner {
                 },
                 deadline,
                 max_attempts: planned.retry.max_attempts,
+                concurrency: planned
+                    .concurrency
+                    .map(|key| (key.scoped(&event.activity_id), key.limit)),
             });
         }
         (run, tasks, room)
     }
 
     /// Publishes the run's tasks still `PENDING` (a spawn interrupted), a page at a time: a run
-    /// of any size is resumed in bounded memory.
+    /// of any size is resumed in bounded memory; then asks the concurrency keys of its tasks to
+    /// let through what they hold.
     async fn publish_pending(&self, run_id: RunId) -> Result<(), SpawnError> {
         let mut after = None;
         loop {
             let page = store::pending_instances(&self.pool, run_id, after, PENDING_PAGE).await?;
             let Some((_, last)) = page.last() else {
-                return Ok(());
+                break;
             };
             after = Some(last.clone());
             let full = page.len() >= PENDING_PAGE;
             let page: Vec<_> = page.into_iter().map(|(task, _)| task).collect();
             self.publish_tasks(&page).await?;
             if !full {
-                return Ok(());
+                break;
             }
         }
+        self.task_gate
+            .ask_all(store::run_task_keys(&self.pool, run_id).await?);
+        Ok(())
+    }
+
+    /// Hands a recorded run's tasks to executors: publishes those that go at once (all but
+    /// human tasks and those held by a concurrency key; what they carry is moved, not copied),
+    /// then asks the keys of the held ones to let them through.
+    async fn hand_over(&self, tasks: Vec<NewTask>) -> Result<(), SpawnError> {
+        let mut keys = std::collections::BTreeSet::new();
+        let mut now = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            if task.held() {
+                if let Some((key, _)) = task.concurrency {
+                    keys.insert(key);
+                }
+            } else if task.status == TaskStatus::Pending {
+                now.push((task.id, task.task_type, task.instance));
+            }
+        }
+        self.publish_tasks(&now).await?;
+        self.task_gate.ask_all(keys);
+        Ok(())
     }
 
     /// Publishes tasks concurrently (in bounded windows) and waits for every ack.
@@ -1011,16 +1040,6 @@ pub use taskfactory_model::results::HUMAN_TASK_TYPE;
 
 /// Tasks of an interrupted spawn read from the database at once, at most.
 const PENDING_PAGE: usize = 500;
-
-/// The tasks that go to executors (all but human tasks), as `(id, type, TaskInstance bytes)`,
-/// once they are recorded: what they carry is moved, not copied, and their params are dropped.
-fn publishable(tasks: Vec<NewTask>) -> Vec<(TaskId, String, Vec<u8>)> {
-    tasks
-        .into_iter()
-        .filter(|t| t.status == TaskStatus::Pending)
-        .map(|t| (t.id, t.task_type, t.instance))
-        .collect()
-}
 
 /// A trigger as the orchestrator works with it: decoded, and with NUL characters replaced in
 /// whatever it stores (a forged trigger may carry them; the trigger service never does), before

@@ -11,10 +11,14 @@ use uuid::Uuid;
 
 mod finished_tasks;
 mod results;
+mod task_gate;
 mod throttle;
 
 pub use finished_tasks::{cancelled_runs_page, final_tasks_page};
 pub use results::{Recorded, ResultRecord, record_result, record_results};
+pub use task_gate::{
+    LetThrough, let_through, mark_published, run_task_keys, stalled_keys, unpublished,
+};
 use taskfactory_runtime::batch::GroupCommit;
 pub use throttle::{
     Released, admit_throttled_run, due_throttles, next_throttle_due, prune_throttles,
@@ -267,6 +271,16 @@ pub struct NewTask {
     /// The effective `retry.maxAttempts`: results claiming attempts past it (and the redelivery
     /// allowance) are refused.
     pub max_attempts: u32,
+    /// Under its template's `concurrency`: its scoped key and limit. Such a task is recorded
+    /// held, and published when its key lets it through ([`task_gate`]).
+    pub concurrency: Option<(String, u32)>,
+}
+
+impl NewTask {
+    /// Recorded held back by its concurrency key, not published with its run.
+    pub fn held(&self) -> bool {
+        self.concurrency.is_some() && self.status == TaskStatus::Pending
+    }
 }
 
 /// How a run row is written besides its `NewRun` fields.
@@ -429,17 +443,32 @@ async fn insert_tasks(
             .iter()
             .map(|(_, t)| i32::try_from(t.max_attempts).unwrap_or(i32::MAX))
             .collect();
+        let keys: Vec<Option<&str>> = chunk
+            .iter()
+            .map(|(_, t)| t.concurrency.as_ref().map(|(key, _)| key.as_str()))
+            .collect();
+        let limits: Vec<Option<i32>> = chunk
+            .iter()
+            .map(|(_, t)| {
+                t.concurrency
+                    .as_ref()
+                    .map(|(_, limit)| i32::try_from(*limit).unwrap_or(i32::MAX))
+            })
+            .collect();
+        let held: Vec<bool> = chunk.iter().map(|(_, t)| t.held()).collect();
         sqlx::query(
             "INSERT INTO tasks (id, run_id, activity_id, activity_name, template, item_index, type, \
-                 params, instance, status, created_at, deadline, max_attempts, result_token_required) \
+                 params, instance, status, created_at, deadline, max_attempts, result_token_required, \
+                 concurrency_key, concurrency_limit, held) \
              SELECT u.id, u.run_id, u.activity_id, u.activity_name, u.template, u.item_index, \
                  u.type, u.params, u.instance, u.status, u.created_at, u.deadline, \
-                 u.max_attempts, true \
+                 u.max_attempts, true, u.concurrency_key, u.concurrency_limit, u.held \
              FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::uuid[], $5::text[], $6::int4[], \
                  $7::text[], $8::jsonb[], $9::bytea[], $10::timestamptz[], $11::text[], \
-                 $12::timestamptz[], $13::int4[]) \
+                 $12::timestamptz[], $13::int4[], $14::text[], $15::int4[], $16::bool[]) \
                  AS u(run_id, activity_id, activity_name, id, template, item_index, type, params, \
-                     instance, created_at, status, deadline, max_attempts) \
+                     instance, created_at, status, deadline, max_attempts, concurrency_key, \
+                     concurrency_limit, held) \
              ON CONFLICT (id) DO NOTHING",
         )
         .bind(&run_ids)
@@ -455,6 +484,9 @@ async fn insert_tasks(
         .bind(&statuses)
         .bind(&deadlines)
         .bind(&max_attempts)
+        .bind(&keys)
+        .bind(&limits)
+        .bind(&held)
         .execute(&mut *tx)
         .await?;
     }
@@ -1078,7 +1110,8 @@ pub async fn pending_instances(
     let (template, index) = after.unwrap_or((String::new(), -1));
     let rows: Vec<(Uuid, String, Vec<u8>, String, i32)> = sqlx::query_as(
         "SELECT id, type, instance, template, item_index FROM tasks \
-         WHERE run_id = $1 AND status = 'PENDING' AND (template, item_index) > ($2, $3) \
+         WHERE run_id = $1 AND status = 'PENDING' AND NOT held \
+           AND (template, item_index) > ($2, $3) \
          ORDER BY template, item_index LIMIT $4",
     )
     .bind(run.0)
@@ -1356,6 +1389,12 @@ pub enum RedriveError {
          limit): retry it once one of them ends"
     )]
     NoRoom { key: String, limit: i32 },
+    /// Its concurrency key (its template's `concurrency`) has no room for it.
+    #[error(
+        "its concurrency key {key:?} has {limit} tasks given to executors (its limit): retry it \
+         once one of them ends"
+    )]
+    NoTaskRoom { key: String, limit: i32 },
     #[error(transparent)]
     Database(#[from] sqlx::Error),
 }
@@ -1408,17 +1447,31 @@ pub async fn redrive_task(pool: &PgPool, task: TaskId) -> Result<Option<Redriven
     let mut tx = pool.begin().await?;
     // The run, then the task: the order every writer takes them in (a join locking both takes the
     // task first, and deadlocks against a late result of the task).
-    let run: Option<(Uuid, Uuid, Option<String>, Option<i32>)> = sqlx::query_as(
-        "SELECT t.run_id, r.activity_id, r.flow_key, r.flow_limit \
+    type Owner = (Uuid, Uuid, Option<String>, Option<i32>, Option<String>, Option<i32>);
+    let run: Option<Owner> = sqlx::query_as(
+        "SELECT t.run_id, r.activity_id, r.flow_key, r.flow_limit, t.concurrency_key, \
+             t.concurrency_limit \
          FROM tasks t JOIN runs r ON r.id = t.run_id WHERE t.id = $1",
     )
     .bind(task.0)
     .fetch_optional(&mut *tx)
     .await?;
-    let Some((run, activity, flow_key, flow_limit)) = run else {
+    let Some((run, activity, flow_key, flow_limit, task_key, task_limit)) = run else {
         tx.rollback().await?;
         return Ok(None);
     };
+    // Under a task concurrency key, the task runs again only if the key has room (its lock
+    // first, as every way into its count takes it).
+    if let Some(key) = &task_key {
+        let limit = task_limit.unwrap_or(1);
+        if !task_gate::key_has_room(&mut tx, key, limit).await? {
+            tx.rollback().await?;
+            return Err(RedriveError::NoTaskRoom {
+                key: taskfactory_model::plan::TaskKey::shown(key).to_owned(),
+                limit,
+            });
+        }
+    }
     // Under flow.concurrency a finished run that runs again takes room under its key: only if
     // there is some (the key's lock first, as every admission takes it, then the runs).
     if let Some(key) = &flow_key {

@@ -93,7 +93,7 @@ async fn sweep(spawner: &crate::spawn::Spawner, grace: Duration) -> anyhow::Resu
                 finished_at: Some(chrono::Utc::now()),
                 claim: None,
             };
-            if let Recorded::Applied(Some(run)) = store::record_result(pool, &record).await?
+            if let Recorded::Applied(Some(run), _) = store::record_result(pool, &record).await?
                 && let Err(error) = spawner.run_finished(&run).await
             {
                 tracing::warn!(run.id = %run.id, error = %error_chain(&error), "finished run not announced yet; the sweeper will");

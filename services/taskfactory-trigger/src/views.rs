@@ -4,6 +4,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row};
 use taskfactory_model::spec::chrono_to_timestamp;
+use taskfactory_model::plan::TaskKey;
 use taskfactory_model::status;
 use taskfactory_model::values;
 use taskfactory_proto::v1::{Run, RunStatus, Task, TaskAttempt, TaskStatus, TemplateEvaluation};
@@ -153,7 +154,7 @@ fn page<T>(
 }
 
 const TASK_COLUMNS: &str = "id, run_id, activity_id, activity_name, template, item_index, type, \
-    params, status, attempts, last_error, output, created_at, finished_at";
+    params, status, attempts, last_error, output, created_at, finished_at, concurrency_key, held";
 
 fn task_from_row(row: &sqlx::postgres::PgRow) -> Result<Task, sqlx::Error> {
     let status_text: String = row.try_get("status")?;
@@ -177,6 +178,11 @@ fn task_from_row(row: &sqlx::postgres::PgRow) -> Result<Task, sqlx::Error> {
         item_index: u32::try_from(row.try_get::<i32, _>("item_index")?).unwrap_or(0),
         activity_name: row.try_get("activity_name")?,
         attempt_history: Vec::new(),
+        concurrency_key: row
+            .try_get::<Option<String>, _>("concurrency_key")?
+            .map(|key| TaskKey::shown(&key).to_owned())
+            .unwrap_or_default(),
+        waiting: row.try_get::<bool, _>("held")? && status_text == "PENDING",
     })
 }
 

@@ -74,8 +74,9 @@ pub enum Recorded {
     /// The task was already terminal: the result is kept as an extra attempt only.
     AlreadyFinal,
     /// Recorded (the task moved, or the result only joined its history); when its run is
-    /// finished and not yet announced, that run.
-    Applied(Option<CompletedRun>),
+    /// finished and not yet announced, that run; when it ended a task under a concurrency key,
+    /// that key (to let the next task through).
+    Applied(Option<CompletedRun>, Option<String>),
 }
 
 /// A task as results see it, read under its row lock.
@@ -91,10 +92,11 @@ struct TaskRow {
     attempt_base: i32,
     max_attempts: Option<i32>,
     result_token_required: bool,
+    concurrency_key: Option<String>,
 }
 
 /// The columns of a [`TaskRow`].
-const TASK_ROW: &str = "id, run_id, activity_id, type, status, attempts, attempt_base, max_attempts, result_token_required";
+const TASK_ROW: &str = "id, run_id, activity_id, type, status, attempts, attempt_base, max_attempts, result_token_required, concurrency_key";
 
 impl TaskRow {
     fn facts(&self) -> TaskFacts<'_> {
@@ -323,7 +325,7 @@ pub async fn record_results(
             // A running report never finishes anything, whatever the task's state.
             Verdict::TaskFinal if result.status == TaskStatus::Running => {
                 attempts.push(result);
-                recorded.push(Recorded::Applied(None));
+                recorded.push(Recorded::Applied(None, None));
                 continue;
             }
             Verdict::TaskFinal => {
@@ -333,7 +335,7 @@ pub async fn record_results(
             }
             Verdict::Recorded(None) => {
                 attempts.push(result);
-                recorded.push(Recorded::Applied(None));
+                recorded.push(Recorded::Applied(None, None));
                 continue;
             }
             Verdict::Recorded(Some(change)) => change,
@@ -357,8 +359,10 @@ pub async fn record_results(
             }
             run.2 = index;
             finished_tasks.push((task.row.task_type.clone(), change.status));
+            recorded.push(Recorded::Applied(None, task.row.concurrency_key.clone()));
+            continue;
         }
-        recorded.push(Recorded::Applied(None));
+        recorded.push(Recorded::Applied(None, None));
     }
 
     let changed: Vec<&TaskInBatch> = tasks.values().filter(|t| t.changed).collect();
@@ -378,7 +382,9 @@ pub async fn record_results(
         }
     }
     for (last, run) in completed {
-        recorded[last] = Recorded::Applied(Some(run));
+        if let Recorded::Applied(completed, _) = &mut recorded[last] {
+            *completed = Some(run);
+        }
     }
     tx.commit().await?;
     for (result, task_type) in repeated {
