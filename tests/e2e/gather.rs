@@ -3,7 +3,7 @@
 //! across a killed trigger.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use taskfactory_proto::v1::event_decision::Decision;
@@ -11,7 +11,8 @@ use taskfactory_runtime::clock::{ClockHandle, ManualClock};
 use taskfactory_tests::{EnvOptions, Service, TestEnv, wait_for};
 
 use crate::event_decisions::{decisions, of_activity};
-use crate::support::{create, publish_burst, publish_event, wait_count};
+use crate::flow_control::{most_at_once, per_key};
+use crate::support::{RecordingServer, create, publish_burst, publish_event, wait_count};
 
 /// The fires of `activity`: `(dedupe key, payload)`, in the order they were recorded.
 async fn fires(
@@ -291,11 +292,119 @@ async fn a_batch_of_a_hundred_makes_eleven_runs_of_1050_events() -> anyhow::Resu
     Ok(())
 }
 
-/// SIGKILL the trigger while a batch is half full and a burst is open, and while more events come:
-/// every event is decided once, lands in exactly one run, and no run is doubled.
+/// A batch under a concurrency key and a throttle: events whose runs would go under other keys are
+/// gathered apart, each batch's run is admitted under its events' keys (one at a time per
+/// customer) and at the throttle's rate, and an event whose concurrency key fails is a KEY_ERROR.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn gathered_events_survive_a_killed_trigger() -> anyhow::Result<()> {
+async fn batches_are_gathered_per_concurrency_key_and_run_under_it() -> anyhow::Result<()> {
     let env = TestEnv::new(EnvOptions::default()).await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    let pool = env.db.pool().await?;
+    let server = RecordingServer::start(Duration::from_millis(300)).await?;
+    create(
+        &mut admin,
+        &format!(
+            "name: loads\ntrigger: {{event: {{subject: 'events.rows.*'}}}}\nflow: {{batch: {{key: event.table, maxSize: 10, timeout: 1s}}, concurrency: {{key: event.customer, limit: 1}}, throttle: {{limit: 100, period: 1s}}, priority: event.rank}}\ntasks: [{{name: load, type: http, params: {{url: '{}', body: {{size: '{{{{ event.size }}}}'}}}}}}]",
+            server.url
+        ),
+    )
+    .await?;
+    const EVENTS: i64 = 60;
+    let mut burst: Vec<(Vec<u8>, String)> = (0..EVENTS)
+        .map(|n| {
+            let customer = if n % 2 == 0 { "x" } else { "y" };
+            let body =
+                serde_json::json!({"table": "orders", "customer": customer, "n": n, "rank": 1});
+            (body.to_string().into_bytes(), format!("r{n}"))
+        })
+        .collect();
+    burst.push((
+        br#"{"table": "orders", "n": 99, "rank": 1}"#.to_vec(),
+        "nokey".to_owned(),
+    ));
+    publish_burst(&js, "events.rows.changed", burst).await?;
+    wait_count(
+        &pool,
+        "6 runs succeeded",
+        "SELECT count(*) FROM runs WHERE activity_name = $1 AND status = 'SUCCEEDED'",
+        &["loads"],
+        6,
+        Duration::from_secs(60),
+    )
+    .await?;
+    type RunRow = (
+        serde_json::Value,
+        Option<String>,
+        DateTime<Utc>,
+        DateTime<Utc>,
+    );
+    let runs: Vec<RunRow> = sqlx::query_as(
+        "SELECT payload, flow_key, started_at, finished_at FROM runs WHERE activity_name = 'loads'",
+    )
+    .fetch_all(&pool)
+    .await?;
+    assert_eq!(runs.len(), 6, "three batches of ten per customer");
+    let mut seen = Vec::new();
+    let mut spans = Vec::new();
+    for (payload, flow_key, started, finished) in &runs {
+        let batch = ns(payload);
+        assert_eq!(batch.len(), 10, "{payload}");
+        assert_eq!(payload["key"], "orders", "the run shows the batch's key");
+        let customer = flow_key.clone().unwrap_or_default();
+        let of_customer = if customer == "x" { 0 } else { 1 };
+        assert!(
+            batch.iter().all(|n| n % 2 == of_customer),
+            "a batch holds one customer's events: {customer} {batch:?}"
+        );
+        seen.extend(batch);
+        spans.push((customer, *started, *finished));
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, (0..EVENTS).collect::<Vec<_>>(), "every event once");
+    for (customer, runs) in per_key(spans) {
+        assert_eq!(
+            most_at_once(&runs),
+            1,
+            "customer {customer}: one run at a time"
+        );
+    }
+    let made = decisions(&mut admin, of_activity("loads")).await?;
+    assert_eq!(made.len(), usize::try_from(EVENTS)? + 1);
+    let failed: Vec<_> = made
+        .iter()
+        .filter(|d| d.decision() == Decision::KeyError)
+        .collect();
+    assert_eq!(failed.len(), 1, "{made:#?}");
+    assert!(
+        failed[0].reason.contains("flow.concurrency.key")
+            && failed[0].reason.contains("event.customer is undefined"),
+        "{}",
+        failed[0].reason
+    );
+    assert!(
+        made.iter()
+            .filter(|d| d.decision() == Decision::Batched)
+            .all(|d| d.flow_key == "orders")
+    );
+    Ok(())
+}
+
+/// SIGKILL the trigger and the orchestrator at once while a batch is half full, a burst is open,
+/// runs wait under their concurrency keys and tasks are held by theirs, and while more events
+/// come: every event is decided once at each activity, lands in exactly one run, no run is
+/// doubled, every queued event's task ran once, and no key ever ran more than its limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn flow_state_survives_killing_the_trigger_and_the_orchestrator_at_once() -> anyhow::Result<()>
+{
+    // What the killed orchestrator held comes back within 5 s.
+    let env = TestEnv::new(EnvOptions {
+        orchestrator_ack_wait: Duration::from_secs(5),
+        ..EnvOptions::default()
+    })
+    .await?;
+    let server = RecordingServer::start(Duration::from_millis(30)).await?;
     let all = [Service::Trigger, Service::Orchestrator, Service::Executor];
     let mut running = Vec::new();
     for service in all {
@@ -313,6 +422,15 @@ async fn gathered_events_survive_a_killed_trigger() -> anyhow::Result<()> {
     create(
         &mut admin,
         "name: debounced\ntrigger: {event: {subject: 'events.k.*'}}\nflow: {debounce: {key: event.k, period: 1s, timeout: 4s, keep: ALL}}\ntasks: [{name: t, type: noop}]",
+    )
+    .await?;
+    // One run per key at once (three keys), and two of their calls at once across them.
+    create(
+        &mut admin,
+        &format!(
+            "name: queued\ntrigger: {{event: {{subject: 'events.k.*'}}}}\nflow: {{concurrency: {{key: event.k, limit: 1}}}}\ntasks: [{{name: call, type: http, params: {{url: '{}', body: {{n: '{{{{ event.n }}}}'}}}}, concurrency: {{limit: 2}}}}]",
+            server.url
+        ),
     )
     .await?;
     const EVENTS: i64 = 300;
@@ -333,19 +451,31 @@ async fn gathered_events_survive_a_killed_trigger() -> anyhow::Result<()> {
             anyhow::Ok(())
         })
     };
-    wait_for("a half-full batch", Duration::from_secs(30), || async {
-        let open: i64 = sqlx::query_scalar("SELECT count(*) FROM event_buffer_items")
+    wait_for(
+        "a half-full batch, waiting runs and held tasks",
+        Duration::from_secs(30),
+        || async {
+            let (open, waiting, held): (i64, i64, i64) = sqlx::query_as(
+                "SELECT (SELECT count(*) FROM event_buffer_items), \
+                     (SELECT count(*) FROM runs WHERE waiting), \
+                     (SELECT count(*) FROM tasks WHERE held)",
+            )
             .fetch_one(&pool)
             .await?;
-        Ok((open >= 30).then_some(()))
-    })
+            Ok((open >= 30 && waiting >= 3 && held >= 1).then_some(()))
+        },
+    )
     .await?;
-    if let Some(process) = running[0].take() {
-        process.kill();
+    for process in running.iter_mut().take(2) {
+        if let Some(process) = process.take() {
+            process.kill();
+        }
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     running[0] = Some(env.spawn_process(Service::Trigger, &[])?);
-    env.wait_ready(&[Service::Trigger]).await?;
+    running[1] = Some(env.spawn_process(Service::Orchestrator, &[])?);
+    env.wait_ready(&[Service::Trigger, Service::Orchestrator])
+        .await?;
     publisher.await??;
     for (activity, decision) in [("batched", "BATCHED"), ("debounced", "DEBOUNCED")] {
         wait_decided(&pool, activity, decision, EVENTS).await?;
@@ -414,6 +544,54 @@ async fn gathered_events_survive_a_killed_trigger() -> anyhow::Result<()> {
                 d.run_id
             );
         }
+    }
+    wait_count(
+        &pool,
+        "every queued event's run succeeded",
+        "SELECT count(*) FROM runs WHERE activity_name = $1 AND status = 'SUCCEEDED'",
+        &["queued"],
+        EVENTS,
+        Duration::from_secs(180),
+    )
+    .await?;
+    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE activity_name = 'queued'")
+        .fetch_one(&pool)
+        .await?;
+    assert_eq!(runs, EVENTS, "queued: no run doubled");
+    let made = decisions(&mut admin, of_activity("queued")).await?;
+    let mut events: Vec<&str> = made.iter().map(|d| d.event_id.as_str()).collect();
+    events.sort_unstable();
+    events.dedup();
+    assert_eq!(made.len(), events.len(), "queued: one decision per event");
+    assert_eq!(made.len(), usize::try_from(EVENTS)?);
+    assert!(made.iter().all(|d| d.decision() == Decision::Fired));
+    // Every task called once (by task id), for every event.
+    let counts = server.counts();
+    assert_eq!(
+        counts.len(),
+        usize::try_from(EVENTS)?,
+        "every event's task ran"
+    );
+    assert!(
+        counts.values().all(|n| *n == 1),
+        "a task ran twice: {counts:?}"
+    );
+    let calls: Vec<(Instant, Instant)> = server
+        .timed_calls()
+        .iter()
+        .map(|c| (c.started, c.finished))
+        .collect();
+    assert!(most_at_once(&calls) <= 2, "the task key's limit of 2 held");
+    let rows: Vec<(String, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT flow_key, started_at, finished_at FROM runs WHERE activity_name = 'queued'",
+    )
+    .fetch_all(&pool)
+    .await?;
+    for (key, spans) in per_key(rows) {
+        assert!(
+            most_at_once(&spans) <= 1,
+            "run key {key}: more than one at once"
+        );
     }
     Ok(())
 }

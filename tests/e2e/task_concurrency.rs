@@ -35,7 +35,9 @@ impl CountingServer {
         let app = axum::Router::new().route(
             "/call",
             axum::routing::post(
-                move |axum::extract::Query(query): axum::extract::Query<HashMap<String, String>>,
+                move |axum::extract::Query(query): axum::extract::Query<
+                    HashMap<String, String>,
+                >,
                       headers: axum::http::HeaderMap| {
                     let state = shared.clone();
                     async move {
@@ -108,7 +110,11 @@ async fn fire_items(
     per_host: usize,
 ) -> anyhow::Result<String> {
     let items: Vec<serde_json::Value> = (0..per_host)
-        .flat_map(|n| hosts.iter().map(move |h| serde_json::json!({"host": h, "n": n})))
+        .flat_map(|n| {
+            hosts
+                .iter()
+                .map(move |h| serde_json::json!({"host": h, "n": n}))
+        })
         .collect();
     let payload = taskfactory_model::values::json_to_value(&serde_json::json!({"items": items}));
     Ok(admin
@@ -236,7 +242,11 @@ async fn a_global_key_counts_every_activity_and_held_tasks_survive_a_killed_orch
         let run = finished_run(&admin, run, Duration::from_secs(120)).await?;
         assert_eq!(run.status(), RunStatus::RunSucceeded, "{run:?}");
     }
-    assert_eq!(server.most_overall(), 3, "the most calls at once, both activities");
+    assert_eq!(
+        server.most_overall(),
+        3,
+        "the most calls at once, both activities"
+    );
     let calls = server.calls();
     assert_eq!(calls.len(), 40);
     assert!(calls.values().all(|n| *n == 1), "{calls:?}");
@@ -244,5 +254,81 @@ async fn a_global_key_counts_every_activity_and_held_tasks_survive_a_killed_orch
         .fetch_one(&pool)
         .await?;
     assert_eq!(key, "global:vendor");
+    Ok(())
+}
+
+/// A task that died while its key held it (its type unserved) and is retried takes a place
+/// under its key like any other: a second retry finds no room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retried_task_takes_its_place_under_its_key_even_if_it_died_held() -> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions {
+        unserved_grace: Duration::from_secs(2),
+        ..EnvOptions::default()
+    })
+    .await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    create(
+        &mut admin,
+        "name: orphan\ntrigger: {manual: {}}\ntasks: [{name: t, type: translate, forEach: 'range(3)', concurrency: {limit: 1}}]\n",
+    )
+    .await?;
+    let run = admin
+        .trigger_activity(TriggerActivityRequest {
+            id: "orphan".to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .run_id;
+    // Nobody serves `translate`: the task let through and the two held die.
+    let run = finished_run(&admin, &run, Duration::from_secs(30)).await?;
+    assert_eq!(run.status(), RunStatus::RunFailed);
+    let mut dead = tasks(&mut admin, &run.id).await?;
+    assert_eq!(dead.len(), 3);
+    // The first retried is one that died held.
+    let pool = env.db.pool().await?;
+    let died_held: String =
+        sqlx::query_scalar("SELECT id::text FROM tasks WHERE held AND status = 'DEAD' LIMIT 1")
+            .fetch_one(&pool)
+            .await?;
+    let at = dead.iter().position(|t| t.id == died_held).unwrap();
+    dead.swap(0, at);
+    // Now something serves it (a consumer that does not pull): a retried task stays with it.
+    env.js()
+        .await?
+        .get_stream("FACTORY_TASKS")
+        .await?
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some("translator".to_owned()),
+            filter_subject: "tasks.translate".to_owned(),
+            ..Default::default()
+        })
+        .await?;
+    admin
+        .retry_task(taskfactory_proto::v1::RetryTaskRequest {
+            id: dead[0].id.clone(),
+        })
+        .await?;
+    for task in &dead[1..] {
+        let refused = admin
+            .retry_task(taskfactory_proto::v1::RetryTaskRequest {
+                id: task.id.clone(),
+            })
+            .await
+            .expect_err("no room under the key");
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            refused.message().contains("concurrency key") && refused.message().contains("limit"),
+            "{}",
+            refused.message()
+        );
+    }
+    let (held, status): (bool, String) =
+        sqlx::query_as("SELECT held, status FROM tasks WHERE id = $1::uuid")
+            .bind(&dead[0].id)
+            .fetch_one(&pool)
+            .await?;
+    assert_eq!((held, status.as_str()), (false, "PENDING"));
     Ok(())
 }

@@ -294,7 +294,9 @@ fn plan_template(
                 let mut value = match key {
                     None => String::new(),
                     Some(key) => key
-                        .eval_key(&minijinja::context! { params => expr::to_value(&rendered), ..scope })
+                        .eval_key(
+                            &minijinja::context! { params => expr::to_value(&rendered), ..scope },
+                        )
                         .map_err(|e| format!("concurrency.key {:?}, item {index}: {e}", c.key))?,
                 };
                 crate::values::make_storable_key(&mut value);
@@ -432,10 +434,20 @@ tasks:
         let urls = json!({"urls": [{"url": "https://a.example/1", "host": "a.example"}, {"url": "https://b.example/1", "host": "b.example"}]});
         let plan = plan_tasks(&spec, &scope(urls.clone()), &PlanLimits::default());
         assert_eq!(plan.error, None);
-        let keys: Vec<_> = plan.tasks.iter().map(|t| t.concurrency.clone().unwrap()).collect();
+        let keys: Vec<_> = plan
+            .tasks
+            .iter()
+            .map(|t| t.concurrency.clone().unwrap())
+            .collect();
         assert_eq!(
-            keys.iter().map(|k| (k.value.as_str(), k.limit, k.global)).collect::<Vec<_>>(),
-            [("a.example", 5, false), ("b.example", 5, false), ("", 2, true)]
+            keys.iter()
+                .map(|k| (k.value.as_str(), k.limit, k.global))
+                .collect::<Vec<_>>(),
+            [
+                ("a.example", 5, false),
+                ("b.example", 5, false),
+                ("", 2, true)
+            ]
         );
         assert_eq!(keys[0].scoped("act"), "act:a.example");
         assert_eq!(keys[2].scoped("act"), "global:");

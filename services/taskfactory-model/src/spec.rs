@@ -729,18 +729,12 @@ fn validate_buffers(
              (an event delivered again is still counted once)",
         ));
     }
-    for (set, other) in [
-        (flow.rate_limit.is_some(), "flow.rateLimit"),
-        (flow.concurrency.is_some(), "flow.concurrency"),
-        (flow.throttle.is_some(), "flow.throttle"),
-        (!flow.priority.trim().is_empty(), "flow.priority"),
-    ] {
-        if set {
-            errors.push(field(
-                prefix,
-                format!("cannot be combined with {other} (not supported yet)"),
-            ));
-        }
+    if flow.rate_limit.is_some() {
+        errors.push(field(
+            prefix,
+            "cannot be combined with flow.rateLimit (not supported yet): gather first, then \
+             bound the runs with flow.throttle",
+        ));
     }
     errors
 }
@@ -972,7 +966,12 @@ fn validate_template(template: &TaskTemplate, i: usize, engine: &Engine<'_>) -> 
     }
     errors.extend(validate_task_secrets(template, &prefix));
     if let Some(concurrency) = &template.concurrency {
-        errors.extend(validate_task_concurrency(template, concurrency, &prefix, engine));
+        errors.extend(validate_task_concurrency(
+            template,
+            concurrency,
+            &prefix,
+            engine,
+        ));
     }
     if template.r#type == "publish"
         && let Some(subject) = template
@@ -1328,6 +1327,10 @@ tasks:
             event("{debounce: {period: 5s}}"),
             event("{batch: {key: event.table, maxSize: 100, timeout: 2s}}"),
             event("{batch: {maxSize: 10000, timeout: 7d}}"),
+            event("{debounce: {period: 1s}, concurrency: {key: event.k, limit: 1}}"),
+            event(
+                "{batch: {key: event.t, maxSize: 5, timeout: 1s}, throttle: {limit: 1, period: 1s}, concurrency: {limit: 2}, priority: event.p}",
+            ),
         ] {
             assert!(
                 errors_of(&good).is_empty(),
@@ -1380,11 +1383,6 @@ tasks:
                 event("{batch: {maxSize: 5, timeout: 1s}, rateLimit: {limit: 1, period: 1s}}"),
                 "flow.batch",
                 "flow.rateLimit",
-            ),
-            (
-                event("{debounce: {period: 1s}, concurrency: {limit: 1}}"),
-                "flow.debounce",
-                "flow.concurrency",
             ),
             (
                 with(
@@ -1762,19 +1760,45 @@ tasks:
             let yaml = format!("name: a\ntrigger: {{manual: {{}}}}\ntasks: [{tasks}]\n");
             match validate(&spec_from_yaml(&yaml).unwrap(), Utc::now()) {
                 Ok(()) => Vec::new(),
-                Err(e) => e.0.iter().map(|f| format!("{}: {}", f.field, f.message)).collect(),
+                Err(e) => {
+                    e.0.iter()
+                        .map(|f| format!("{}: {}", f.field, f.message))
+                        .collect()
+                }
             }
         };
         assert_eq!(
-            errors("{name: t, type: http, params: {url: 'https://x.example'}, concurrency: {key: params.url, limit: 5}}"),
+            errors(
+                "{name: t, type: http, params: {url: 'https://x.example'}, concurrency: {key: params.url, limit: 5}}"
+            ),
             Vec::<String>::new()
         );
         let found = errors("{name: t, type: noop, concurrency: {key: 'params.(', limit: 0}}");
-        assert!(found.iter().any(|e| e.starts_with("tasks[0].concurrency.limit: is required")), "{found:?}");
-        assert!(found.iter().any(|e| e.starts_with("tasks[0].concurrency.key: ")), "{found:?}");
+        assert!(
+            found
+                .iter()
+                .any(|e| e.starts_with("tasks[0].concurrency.limit: is required")),
+            "{found:?}"
+        );
+        assert!(
+            found
+                .iter()
+                .any(|e| e.starts_with("tasks[0].concurrency.key: ")),
+            "{found:?}"
+        );
         let found = errors("{name: t, type: noop, concurrency: {limit: 10001}}");
-        assert!(found.iter().any(|e| e.contains("10001 is over the limit of 10000")), "{found:?}");
+        assert!(
+            found
+                .iter()
+                .any(|e| e.contains("10001 is over the limit of 10000")),
+            "{found:?}"
+        );
         let found = errors("{name: t, type: human, concurrency: {limit: 1}}");
-        assert!(found.iter().any(|e| e.starts_with("tasks[0].concurrency: does not apply to human tasks")), "{found:?}");
+        assert!(
+            found
+                .iter()
+                .any(|e| e.starts_with("tasks[0].concurrency: does not apply to human tasks")),
+            "{found:?}"
+        );
     }
 }

@@ -17,7 +17,8 @@ mod throttle;
 pub use finished_tasks::{cancelled_runs_page, final_tasks_page};
 pub use results::{Recorded, ResultRecord, record_result, record_results};
 pub use task_gate::{
-    LetThrough, let_through, mark_published, run_task_keys, stalled_keys, unpublished,
+    LET_THROUGH_AT_ONCE, LetThrough, let_through, mark_published, run_task_keys, stalled_keys,
+    unpublished,
 };
 use taskfactory_runtime::batch::GroupCommit;
 pub use throttle::{
@@ -1447,7 +1448,14 @@ pub async fn redrive_task(pool: &PgPool, task: TaskId) -> Result<Option<Redriven
     let mut tx = pool.begin().await?;
     // The run, then the task: the order every writer takes them in (a join locking both takes the
     // task first, and deadlocks against a late result of the task).
-    type Owner = (Uuid, Uuid, Option<String>, Option<i32>, Option<String>, Option<i32>);
+    type Owner = (
+        Uuid,
+        Uuid,
+        Option<String>,
+        Option<i32>,
+        Option<String>,
+        Option<i32>,
+    );
     let run: Option<Owner> = sqlx::query_as(
         "SELECT t.run_id, r.activity_id, r.flow_key, r.flow_limit, t.concurrency_key, \
              t.concurrency_limit \
@@ -1519,7 +1527,7 @@ pub async fn redrive_task(pool: &PgPool, task: TaskId) -> Result<Option<Redriven
     // the task's count never took). Reusing one would merge the new series' rows into the old.
     let (attempts, series): (i32, i32) = sqlx::query_as(
         "UPDATE tasks SET status = 'PENDING', redrives = redrives + 1, finished_at = NULL, \
-             redriven_at = now(), \
+             redriven_at = now(), held = false, publish_due = NULL, \
              attempts = GREATEST(attempts, (SELECT COALESCE(max(attempt), 0) \
                                             FROM task_attempts WHERE task_id = $1)), \
              attempt_base = GREATEST(attempts, (SELECT COALESCE(max(attempt), 0) \

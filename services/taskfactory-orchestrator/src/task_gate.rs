@@ -40,7 +40,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(2);
 /// sweep takes it: long enough that it is not the work of an orchestrator still at it.
 const SWEEP_AFTER: Duration = Duration::from_secs(5);
 
-/// What the sweep takes at once.
+/// Keys holding tasks the sweep looks at each time (the next look goes on from the last).
 const SWEEP_BATCH: i64 = 1000;
 
 /// Where keys that may have room are asked to let their next tasks through.
@@ -72,8 +72,14 @@ impl TaskGate {
 
 /// The gate's loop: lets through what the keys asked have room for, and sweeps every
 /// [`SWEEP_EVERY`]. Every orchestrator runs one; a key's lock lets one through at a time.
-pub async fn run(spawner: Arc<Spawner>, mut asked: mpsc::Receiver<String>, shutdown: CancellationToken) {
+pub async fn run(
+    spawner: Arc<Spawner>,
+    mut asked: mpsc::Receiver<String>,
+    shutdown: CancellationToken,
+) {
     let mut swept = Instant::now();
+    // Where the sweep's look over the keys holding tasks goes on from.
+    let mut cursor: Option<String> = None;
     loop {
         let mut keys = BTreeSet::new();
         let wait = SWEEP_EVERY.saturating_sub(swept.elapsed());
@@ -97,12 +103,18 @@ pub async fn run(spawner: Arc<Spawner>, mut asked: mpsc::Receiver<String>, shutd
         }
         if swept.elapsed() >= SWEEP_EVERY {
             swept = Instant::now();
-            sweep(&spawner, &mut keys).await;
+            sweep(&spawner, &mut keys, &mut cursor).await;
         }
         let keys: Vec<String> = keys.into_iter().collect();
         for chunk in keys.chunks(KEYS_AT_ONCE) {
             match store::let_through(&spawner.pool, chunk).await {
-                Ok(tasks) => publish(&spawner, tasks).await,
+                Ok(tasks) => {
+                    // As many as one call lets through: some keys may have room left.
+                    if tasks.len() >= store::LET_THROUGH_AT_ONCE {
+                        spawner.task_gate.ask_all(chunk.iter().cloned());
+                    }
+                    publish(&spawner, tasks).await;
+                }
                 Err(error) => {
                     tracing::warn!(keys = chunk.len(), error = %error_chain(&error), "cannot let tasks through their concurrency keys yet; the sweep will");
                 }
@@ -113,11 +125,15 @@ pub async fn run(spawner: Arc<Spawner>, mut asked: mpsc::Receiver<String>, shutd
 
 /// Adds the keys nobody asked to `keys`, and publishes again the tasks let through and not noted
 /// published.
-async fn sweep(spawner: &Spawner, keys: &mut BTreeSet<String>) {
-    match store::stalled_keys(&spawner.pool, SWEEP_AFTER, SWEEP_BATCH).await {
-        Ok(stalled) => {
+async fn sweep(spawner: &Spawner, keys: &mut BTreeSet<String>, cursor: &mut Option<String>) {
+    match store::stalled_keys(&spawner.pool, SWEEP_AFTER, cursor.as_deref(), SWEEP_BATCH).await {
+        Ok((stalled, last)) => {
+            *cursor = last;
             if !stalled.is_empty() {
-                tracing::debug!(keys = stalled.len(), "concurrency keys with room that nobody asked; letting their tasks through");
+                tracing::debug!(
+                    keys = stalled.len(),
+                    "concurrency keys with room that nobody asked; letting their tasks through"
+                );
             }
             keys.extend(stalled);
         }
@@ -125,7 +141,8 @@ async fn sweep(spawner: &Spawner, keys: &mut BTreeSet<String>) {
             tracing::warn!(error = %error_chain(&error), "cannot look for concurrency keys holding tasks; will retry");
         }
     }
-    match store::unpublished(&spawner.pool, SWEEP_AFTER, SWEEP_BATCH).await {
+    let at_once = i64::try_from(store::LET_THROUGH_AT_ONCE).unwrap_or(i64::MAX);
+    match store::unpublished(&spawner.pool, SWEEP_AFTER, at_once).await {
         Ok(tasks) if tasks.is_empty() => {}
         Ok(tasks) => {
             tracing::warn!(

@@ -93,10 +93,16 @@ async fn sweep(spawner: &crate::spawn::Spawner, grace: Duration) -> anyhow::Resu
                 finished_at: Some(chrono::Utc::now()),
                 claim: None,
             };
-            if let Recorded::Applied(Some(run), _) = store::record_result(pool, &record).await?
-                && let Err(error) = spawner.run_finished(&run).await
+            if let Recorded::Applied(completed, freed) = store::record_result(pool, &record).await?
             {
-                tracing::warn!(run.id = %run.id, error = %error_chain(&error), "finished run not announced yet; the sweeper will");
+                if let Some(key) = freed {
+                    spawner.task_gate.ask(key);
+                }
+                if let Some(run) = completed
+                    && let Err(error) = spawner.run_finished(&run).await
+                {
+                    tracing::warn!(run.id = %run.id, error = %error_chain(&error), "finished run not announced yet; the sweeper will");
+                }
             }
         }
         // Nobody would take them: do not let them pile up in the work queue.

@@ -26,7 +26,7 @@ use sqlx::PgPool;
 use taskfactory_model::ids::{ActivityId, RunId};
 use taskfactory_model::values;
 use taskfactory_proto::v1::event_decision::Decision;
-use taskfactory_proto::v1::{Flow, OverlapPolicy, TriggerSource, debounce};
+use taskfactory_proto::v1::{Flow, FlowAdmission, OverlapPolicy, TriggerSource, debounce};
 use taskfactory_runtime::clock::ClockHandle;
 use taskfactory_runtime::metrics;
 use taskfactory_runtime::telemetry::error_chain;
@@ -132,6 +132,20 @@ impl Gather {
     }
 }
 
+/// The row key of a buffer: its key, and under flow.concurrency or flow.throttle the event's keys
+/// there too, so that events whose runs would be admitted under other keys are gathered apart.
+fn buffer_key(key: &str, flow: Option<&FlowAdmission>) -> String {
+    match flow {
+        None => key.to_owned(),
+        Some(flow) => {
+            let throttle = flow.throttle.as_ref().map_or("", |t| t.key.as_str());
+            let mut row = format!("{key}\u{1f}{}\u{1f}{throttle}", flow.concurrency_key);
+            values::make_storable_key(&mut row);
+            row
+        }
+    }
+}
+
 /// Debounce and batch buffers: taking events in, and firing them.
 pub struct Buffers {
     pub pool: PgPool,
@@ -156,11 +170,16 @@ pub enum Taken {
     Before,
 }
 
-/// An event to take: its activity, how it gathers, the buffer's key, and the event.
+/// An event to take: its activity, how it gathers, the buffer's key, how the buffer's run is
+/// admitted, and the event.
 pub struct Event<'a> {
     pub activity: &'a LiveActivity,
     pub gather: Gather,
     pub key: &'a str,
+    /// Under flow.concurrency or flow.throttle: the event's keys and priority. Events of one key
+    /// with other keys here are gathered apart (the buffer's row is that of all its keys), and
+    /// the run is admitted as its first event says.
+    pub flow: Option<FlowAdmission>,
     /// The key recorded with the event's decision (its id).
     pub event_key: String,
     pub origin: &'a Arc<EventOrigin>,
@@ -175,11 +194,15 @@ impl Buffers {
         let Event {
             activity,
             gather,
-            key,
+            key: shown_key,
+            flow,
             event_key,
             origin,
             payload,
         } = event;
+        let row_key = buffer_key(shown_key, flow.as_ref());
+        let key = row_key.as_str();
+        let admission = flow.as_ref().map(|flow| flow.encode_to_vec());
         let now = self.clock.now();
         // As the run's TriggerEvent will carry it (a protobuf Struct, larger than the JSON).
         let bytes = i64::try_from(values::json_to_value(payload).encoded_len()).unwrap_or(i64::MAX);
@@ -204,8 +227,9 @@ impl Buffers {
             let (dedupe_key, size, held, opened, kind): (String, i32, i64, DateTime<Utc>, String) =
                 sqlx::query_as(
                     "INSERT INTO event_buffers (activity_id, key, kind, activity_version, \
-                     activity_name, dedupe_key, subject, opened_at, last_at, due_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9) \
+                     activity_name, dedupe_key, subject, opened_at, last_at, due_at, flow, \
+                     shown_key) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9, $10, $11) \
                  ON CONFLICT (activity_id, key) DO UPDATE SET last_at = event_buffers.last_at \
                  RETURNING dedupe_key, size, bytes, opened_at, kind",
                 )
@@ -218,6 +242,8 @@ impl Buffers {
                 .bind(&origin.subject)
                 .bind(now)
                 .bind(gather.due(now, now))
+                .bind(admission.as_deref())
+                .bind(shown_key)
                 .fetch_one(&mut *tx)
                 .await?;
             // A buffer opened under another way of gathering (the spec changed) fires as it was
@@ -262,7 +288,7 @@ impl Buffers {
                 decision: Decision::Deduped,
                 run_id: Some(earlier),
                 decided_at: now,
-                flow_key: Some(key.to_owned()),
+                flow_key: Some(shown_key.to_owned()),
             };
             let decided = event_ledger::insert(&mut tx, std::slice::from_ref(&decision)).await?;
             tx.commit().await?;
@@ -281,10 +307,10 @@ impl Buffers {
             origin: origin.clone(),
             key: event_key,
             decision: gather.decision(),
-            reason: gather.reason(key, run),
+            reason: gather.reason(shown_key, run),
             run_id: Some(run),
             decided_at: now,
-            flow_key: Some(key.to_owned()),
+            flow_key: Some(shown_key.to_owned()),
         };
         let decided = event_ledger::insert(&mut tx, std::slice::from_ref(&decision)).await?;
         if decided.first() != Some(&true) {
@@ -403,18 +429,24 @@ async fn flush_locked(
         String,
         i32,
         Option<serde_json::Value>,
+        Option<Vec<u8>>,
+        Option<String>,
     );
     let row: Option<BufferRow> = sqlx::query_as(
         "DELETE FROM event_buffers WHERE activity_id = $1 AND key = $2 \
-         RETURNING kind, activity_version, activity_name, dedupe_key, subject, size, last_payload",
+         RETURNING kind, activity_version, activity_name, dedupe_key, subject, size, last_payload, \
+             flow, shown_key",
     )
     .bind(activity.0)
     .bind(key)
     .fetch_optional(&mut *tx)
     .await?;
-    let Some((kind, version, name, dedupe_key, subject, size, last)) = row else {
+    let Some((kind, version, name, dedupe_key, subject, size, last, admission, shown_key)) = row
+    else {
         return Ok(None);
     };
+    // Written by this service from a FlowAdmission: one that does not decode is no admission.
+    let flow = admission.and_then(|bytes| FlowAdmission::decode(bytes.as_slice()).ok());
     let deleted: bool =
         sqlx::query_scalar("SELECT deleted_at IS NOT NULL FROM activities WHERE id = $1")
             .bind(activity.0)
@@ -451,7 +483,7 @@ async fn flush_locked(
         items.sort_unstable_by_key(|(published, sequence, _)| (*published, *sequence));
         serde_json::json!({
             "batch": items.into_iter().map(|(_, _, item)| item.0).collect::<Vec<_>>(),
-            "key": key,
+            "key": shown_key.as_deref().unwrap_or(key),
             "size": size,
         })
     };
@@ -469,7 +501,7 @@ async fn flush_locked(
         overlap: OverlapPolicy::OverlapUnspecified,
         origin: None,
         rate_limit: None,
-        flow: None,
+        flow,
     };
     let fire = fire::prepare(&mut request);
     let (recorded, decided) = store::record_fires_in(

@@ -204,8 +204,9 @@ impl EventIngress {
                     activity,
                     gather,
                     key,
+                    flow,
                     event_key,
-                } => gathered.push((activity, gather, key, event_key)),
+                } => gathered.push((activity, gather, key, flow, event_key)),
                 Verdict::Not {
                     activity,
                     key,
@@ -216,13 +217,14 @@ impl EventIngress {
         }
         let tried = fires.len() + gathered.len();
         let mut refused = Vec::new();
-        for (activity, gather, key, event_key) in gathered {
+        for (activity, gather, key, flow, event_key) in gathered {
             let taken = self
                 .buffers
                 .take(buffers::Event {
                     activity,
                     gather,
                     key: &key,
+                    flow,
                     event_key: event_key.clone(),
                     origin: &origin,
                     payload: &payload,
@@ -413,6 +415,8 @@ enum Verdict<'a> {
         activity: &'a LiveActivity,
         gather: Gather,
         key: String,
+        /// How its run is admitted, if the activity has flow.concurrency or flow.throttle.
+        flow: Option<taskfactory_proto::v1::FlowAdmission>,
         event_key: String,
     },
     /// It does not: why, and the key its fire would have had (where it could be rendered).
@@ -518,13 +522,24 @@ fn decide<'a>(
                     .and_then(|key| key.eval_key(scope()))
                     .map_err(|e| format!("{}.key: {e}", gather_field(gather)))
             };
+            // How the gathered run is admitted (flow.concurrency, flow.throttle, flow.priority):
+            // computed on each event, whose buffer is that of its keys.
+            let key = key.and_then(|key| {
+                let flow = taskfactory_model::flow::admission(
+                    &activity.spec,
+                    |source| engine().expression(source)?.eval_key(scope()),
+                    |source| engine().expression(source)?.eval_priority(scope()),
+                )?;
+                Ok((key, flow))
+            });
             match key {
-                Ok(mut key) => {
+                Ok((mut key, flow)) => {
                     taskfactory_model::values::make_storable_key(&mut key);
                     verdicts.push(Verdict::Gather {
                         activity,
                         gather,
                         key,
+                        flow,
                         event_key: dedupe_key,
                     });
                 }

@@ -3,8 +3,8 @@
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row};
-use taskfactory_model::spec::chrono_to_timestamp;
 use taskfactory_model::plan::TaskKey;
+use taskfactory_model::spec::chrono_to_timestamp;
 use taskfactory_model::status;
 use taskfactory_model::values;
 use taskfactory_proto::v1::{Run, RunStatus, Task, TaskAttempt, TaskStatus, TemplateEvaluation};

@@ -75,9 +75,14 @@ pub(crate) async fn lock_task_keys(
     Ok(())
 }
 
+/// Tasks let through by one call, at most: what the gate holds in memory at once is this many
+/// task messages.
+pub const LET_THROUGH_AT_ONCE: usize = 256;
+
 /// Lets through, for each of `keys`, as many of its held tasks as it has room for (the limit of
 /// the task next in line, less its tasks handed over and not ended), in the order their runs made
-/// them; marks them due to be published. Returns them.
+/// them, [`LET_THROUGH_AT_ONCE`] at most in all (a caller given that many asks again); marks them
+/// due to be published. Returns them.
 pub async fn let_through(pool: &PgPool, keys: &[String]) -> Result<Vec<LetThrough>, sqlx::Error> {
     if keys.is_empty() {
         return Ok(Vec::new());
@@ -86,33 +91,48 @@ pub async fn let_through(pool: &PgPool, keys: &[String]) -> Result<Vec<LetThroug
     let mut tx = pool.begin().await?;
     lock_task_keys(&mut tx, &keys).await?;
     // A statement of its own, after the locks: its snapshot holds every task let through before.
-    let rows: Vec<TaskRow> =
-        sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "WITH keys AS (SELECT DISTINCT k AS key FROM unnest($1::text[]) AS k), \
-             heads AS ( \
-                 SELECT k.key, h.concurrency_limit AS lim, \
-                     (SELECT count(*) FROM tasks b WHERE b.concurrency_key = k.key \
-                         AND NOT b.held AND b.status IN {BUSY}) AS busy \
-                 FROM keys k CROSS JOIN LATERAL ( \
-                     SELECT t.concurrency_limit FROM tasks t \
-                     WHERE t.concurrency_key = k.key AND t.held AND t.status = 'PENDING' \
-                     ORDER BY t.created_at, t.run_id, t.template, t.item_index LIMIT 1) h \
-             ), chosen AS ( \
-                 SELECT c.id FROM heads h CROSS JOIN LATERAL ( \
-                     SELECT t.id FROM tasks t \
-                     WHERE t.concurrency_key = h.key AND t.held AND t.status = 'PENDING' \
-                     ORDER BY t.created_at, t.run_id, t.template, t.item_index \
-                     LIMIT GREATEST(h.lim - h.busy, 0)) c \
-             ) \
-             UPDATE tasks t SET held = false, publish_due = now() \
-             FROM chosen c WHERE t.id = c.id AND t.held AND t.status = 'PENDING' \
-             RETURNING t.id, t.type, t.instance, t.redrives, t.created_at, \
-                 (SELECT r.traceparent FROM runs r WHERE r.id = t.run_id)"
-        )))
-        .persistent(false)
-        .bind(&keys)
-        .fetch_all(&mut *tx)
-        .await?;
+    // Per key, the tasks next in line, as many as the limit of the first leaves room for, each
+    // let through only if the key's tasks with executors, it included, stay within its own limit
+    // (and none after one that does not). A held task a cancel holds locked is passed over (it
+    // is being cancelled; waiting for it could deadlock against the cancel's row order).
+    let rows: Vec<TaskRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "WITH keys AS (SELECT DISTINCT k AS key FROM unnest($1::text[]) AS k), \
+         heads AS ( \
+             SELECT k.key, h.concurrency_limit AS lim, \
+                 (SELECT count(*) FROM tasks b WHERE b.concurrency_key = k.key \
+                     AND NOT b.held AND b.status IN {BUSY}) AS busy \
+             FROM keys k CROSS JOIN LATERAL ( \
+                 SELECT t.concurrency_limit FROM tasks t \
+                 WHERE t.concurrency_key = k.key AND t.held AND t.status = 'PENDING' \
+                 ORDER BY t.created_at, t.run_id, t.template, t.item_index LIMIT 1) h \
+         ), candidates AS ( \
+             SELECT h.key, c.id, c.place, \
+                 bool_and(h.busy + c.place <= c.concurrency_limit) \
+                     OVER (PARTITION BY h.key ORDER BY c.place) AS fits \
+             FROM heads h CROSS JOIN LATERAL ( \
+                 SELECT t.id, t.concurrency_limit, \
+                     row_number() OVER (ORDER BY t.created_at, t.run_id, t.template, \
+                         t.item_index) AS place \
+                 FROM tasks t \
+                 WHERE t.concurrency_key = h.key AND t.held AND t.status = 'PENDING' \
+                 ORDER BY t.created_at, t.run_id, t.template, t.item_index \
+                 LIMIT GREATEST(h.lim - h.busy, 0)) c \
+         ), chosen AS ( \
+             SELECT id FROM candidates WHERE fits ORDER BY key, place LIMIT {LET_THROUGH_AT_ONCE} \
+         ), locked AS ( \
+             SELECT t.id FROM tasks t \
+             WHERE t.id IN (SELECT id FROM chosen) AND t.held AND t.status = 'PENDING' \
+             ORDER BY t.id FOR UPDATE SKIP LOCKED \
+         ) \
+         UPDATE tasks t SET held = false, publish_due = clock_timestamp() \
+         FROM locked l WHERE t.id = l.id \
+         RETURNING t.id, t.type, t.instance, t.redrives, t.created_at, \
+             (SELECT r.traceparent FROM runs r WHERE r.id = t.run_id)"
+    )))
+    .persistent(false)
+    .bind(&keys)
+    .fetch_all(&mut *tx)
+    .await?;
     tx.commit().await?;
     Ok(to_publish(rows))
 }
@@ -123,11 +143,13 @@ pub async fn mark_published(pool: &PgPool, tasks: &[TaskId]) -> Result<(), sqlx:
         return Ok(());
     }
     let ids: Vec<Uuid> = tasks.iter().map(|t| t.0).collect();
-    sqlx::query("UPDATE tasks SET publish_due = NULL WHERE id = ANY($1) AND publish_due IS NOT NULL")
-        .persistent(false)
-        .bind(&ids)
-        .execute(pool)
-        .await?;
+    sqlx::query(
+        "UPDATE tasks SET publish_due = NULL WHERE id = ANY($1) AND publish_due IS NOT NULL",
+    )
+    .persistent(false)
+    .bind(&ids)
+    .execute(pool)
+    .await?;
     Ok(())
 }
 
@@ -139,50 +161,83 @@ pub async fn unpublished(
     older_than: Duration,
     limit: i64,
 ) -> Result<Vec<LetThrough>, sqlx::Error> {
-    let older_than = chrono::Duration::from_std(older_than).unwrap_or(chrono::Duration::MAX);
-    let cutoff = Utc::now() - older_than;
+    let older_than = older_than.as_secs_f64();
+    // On the database's clock, which set `publish_due`.
     sqlx::query(
-        "UPDATE tasks SET publish_due = NULL WHERE publish_due < $1 AND status <> 'PENDING'",
+        "UPDATE tasks SET publish_due = NULL \
+         WHERE publish_due < clock_timestamp() - make_interval(secs => $1::float8) \
+           AND status <> 'PENDING'",
     )
-    .bind(cutoff)
+    .bind(older_than)
     .execute(pool)
     .await?;
     let rows: Vec<TaskRow> = sqlx::query_as(
         "SELECT t.id, t.type, t.instance, t.redrives, t.created_at, \
              (SELECT r.traceparent FROM runs r WHERE r.id = t.run_id) \
-         FROM tasks t WHERE t.publish_due < $1 AND t.status = 'PENDING' \
+         FROM tasks t \
+         WHERE t.publish_due < clock_timestamp() - make_interval(secs => $1::float8) \
+           AND t.status = 'PENDING' \
          ORDER BY t.publish_due LIMIT $2",
     )
-    .bind(cutoff)
+    .bind(older_than)
     .bind(limit)
     .fetch_all(pool)
     .await?;
     Ok(to_publish(rows))
 }
 
-/// Keys that hold tasks back (for longer than `older_than`) and have room for the next in line:
-/// nobody asked them to let it through (an orchestrator stopped, or its task ended by a way that
-/// does not ask). At most `limit`.
+/// Keys that hold tasks back (the one next in line for longer than `older_than`) and have room
+/// for it: nobody asked them to let it through (an orchestrator stopped, or its task ended by a
+/// way that does not ask). Looks at `limit` keys that hold tasks, in key order after `after`
+/// (from the first when `None`), one index probe each however many tasks they hold; returns
+/// those stalled, and the last key looked at (`None` when the look reached the end).
 pub async fn stalled_keys(
     pool: &PgPool,
     older_than: Duration,
+    after: Option<&str>,
     limit: i64,
-) -> Result<Vec<String>, sqlx::Error> {
-    let older_than = chrono::Duration::from_std(older_than).unwrap_or(chrono::Duration::MAX);
-    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT h.key FROM (SELECT DISTINCT concurrency_key AS key FROM tasks \
-             WHERE held AND status = 'PENDING' AND created_at < $1) h \
-         CROSS JOIN LATERAL (SELECT t.concurrency_limit FROM tasks t \
+) -> Result<(Vec<String>, Option<String>), sqlx::Error> {
+    let older_than = older_than.as_secs_f64();
+    let rows: Vec<(String, bool)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "WITH RECURSIVE holding(key, n) AS ( \
+             (SELECT concurrency_key, 1 FROM tasks \
+              WHERE held AND status = 'PENDING' AND ($1::text IS NULL OR concurrency_key > $1) \
+              ORDER BY concurrency_key LIMIT 1) \
+             UNION ALL \
+             SELECT (SELECT t.concurrency_key FROM tasks t \
+                     WHERE t.held AND t.status = 'PENDING' AND t.concurrency_key > h.key \
+                     ORDER BY t.concurrency_key LIMIT 1), h.n + 1 \
+             FROM holding h WHERE h.key IS NOT NULL AND h.n < $2 \
+         ) \
+         SELECT h.key, \
+             head.created_at < clock_timestamp() - make_interval(secs => $3::float8) \
+             AND (SELECT count(*) FROM tasks b WHERE b.concurrency_key = h.key \
+                  AND NOT b.held AND b.status IN {BUSY}) < head.concurrency_limit \
+         FROM holding h CROSS JOIN LATERAL ( \
+             SELECT t.concurrency_limit, t.created_at FROM tasks t \
              WHERE t.concurrency_key = h.key AND t.held AND t.status = 'PENDING' \
              ORDER BY t.created_at, t.run_id, t.template, t.item_index LIMIT 1) head \
-         WHERE (SELECT count(*) FROM tasks b WHERE b.concurrency_key = h.key \
-                AND NOT b.held AND b.status IN {BUSY}) < head.concurrency_limit \
-         LIMIT $2"
+         WHERE h.key IS NOT NULL \
+         ORDER BY h.key"
     )))
-    .bind(Utc::now() - older_than)
+    .persistent(false)
+    .bind(after)
     .bind(limit)
+    .bind(older_than)
     .fetch_all(pool)
-    .await
+    .await?;
+    let last = if i64::try_from(rows.len()).unwrap_or(i64::MAX) >= limit {
+        rows.last().map(|(key, _)| key.clone())
+    } else {
+        None
+    };
+    Ok((
+        rows.into_iter()
+            .filter(|(_, stalled)| *stalled)
+            .map(|(key, _)| key)
+            .collect(),
+        last,
+    ))
 }
 
 /// The concurrency keys of a run's tasks that are held back (to ask them when its spawn is
