@@ -125,6 +125,13 @@ struct Args {
     /// With `--throttle-keys`: runs of one key started per second (and at once after a pause).
     #[arg(long = "throttle-limit", default_value_t = 10)]
     throttle_limit: u32,
+    /// Task concurrency: the activity's tasks have `concurrency` keyed on the event's `k`, and
+    /// event `i` has `k = i mod this` (0: none).
+    #[arg(long = "task-keys", default_value_t = 0)]
+    task_keys: usize,
+    /// With `--task-keys`: tasks of one key with executors at once.
+    #[arg(long = "task-limit", default_value_t = 1)]
+    task_limit: u32,
 }
 
 /// The flow control the bench's activity has.
@@ -889,7 +896,10 @@ const STAGES: [&str; 7] = [
     "run finished → completion event received",
 ];
 
-fn activity_yaml(fan_out: usize, flow: Option<BenchFlow>) -> String {
+fn activity_yaml(fan_out: usize, flow: Option<BenchFlow>, task_limit: Option<u32>) -> String {
+    let task_concurrency = task_limit.map_or(String::new(), |limit| {
+        format!("    concurrency: {{key: event.k, limit: {limit}}}\n")
+    });
     let flow = match flow {
         None => String::new(),
         Some(BenchFlow::Concurrency(limit)) => {
@@ -911,7 +921,7 @@ trigger:
     type: noop
     forEach: "range({fan_out})"
     maxTasks: {fan_out}
-    params:
+{task_concurrency}    params:
       i: "{{{{ item }}}}"
 "#
     )
@@ -953,6 +963,7 @@ async fn taskfactory_phase(env: &TestEnv, args: &Args) -> anyhow::Result<Taskfac
                 } else {
                     None
                 },
+                (args.task_keys > 0).then_some(args.task_limit),
             ))?),
         })
         .await
@@ -1004,7 +1015,11 @@ async fn taskfactory_phase(env: &TestEnv, args: &Args) -> anyhow::Result<Taskfac
             msg_id(slot),
             Bytes::from(format!(
                 "{{\"i\":{slot},\"k\":{}}}",
-                slot % args.concurrency_keys.max(args.throttle_keys).max(1)
+                slot % args
+                    .concurrency_keys
+                    .max(args.throttle_keys)
+                    .max(args.task_keys)
+                    .max(1)
             )),
         )
     };

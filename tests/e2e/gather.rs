@@ -292,6 +292,67 @@ async fn a_batch_of_a_hundred_makes_eleven_runs_of_1050_events() -> anyhow::Resu
     Ok(())
 }
 
+/// Keys with line breaks (a `dedupeKey`, a batch's key: event data, in the message id of the
+/// run's trigger, which a NATS header cannot carry as is) fire like any other, each once, and
+/// keys that differ only in how a line break is written stay apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keys_with_line_breaks_fire_once_each() -> anyhow::Result<()> {
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _services = env.start_all().await?;
+    let mut admin = env.admin().await?;
+    let js = env.js().await?;
+    let pool = env.db.pool().await?;
+    create(
+        &mut admin,
+        "name: keyed\ntrigger: {event: {subject: 'events.lines.*', dedupeKey: '{{ event.id }}'}}\ntasks: [{name: t, type: noop}]",
+    )
+    .await?;
+    create(
+        &mut admin,
+        "name: batched\ntrigger: {event: {subject: 'events.lines.*'}}\nflow: {batch: {key: event.id, maxSize: 1, timeout: 1s}}\ntasks: [{name: t, type: noop}]",
+    )
+    .await?;
+    for (n, id) in ["a\r\nb", "a\\r\\nb", "c\n"].into_iter().enumerate() {
+        let body = serde_json::json!({"id": id});
+        publish_event(
+            &js,
+            "events.lines.x",
+            body.to_string().into_bytes(),
+            Some(&format!("m{n}")),
+        )
+        .await?;
+    }
+    for activity in ["keyed", "batched"] {
+        wait_count(
+            &pool,
+            &format!("three runs of {activity} succeeded"),
+            "SELECT count(*) FROM runs WHERE activity_name = $1 AND status = 'SUCCEEDED'",
+            &[activity],
+            3,
+            Duration::from_secs(30),
+        )
+        .await?;
+    }
+    // And the services go on: another event fires.
+    publish_event(
+        &js,
+        "events.lines.x",
+        br#"{"id": "plain"}"#.to_vec(),
+        Some("m9"),
+    )
+    .await?;
+    wait_count(
+        &pool,
+        "four runs of keyed",
+        "SELECT count(*) FROM runs WHERE activity_name = $1 AND status = 'SUCCEEDED'",
+        &["keyed"],
+        4,
+        Duration::from_secs(30),
+    )
+    .await?;
+    Ok(())
+}
+
 /// A batch under a concurrency key and a throttle: events whose runs would go under other keys are
 /// gathered apart, each batch's run is admitted under its events' keys (one at a time per
 /// customer) and at the throttle's rate, and an event whose concurrency key fails is a KEY_ERROR.

@@ -646,7 +646,8 @@ pub const MAX_BATCH_SIZE: u32 = 10_000;
 
 /// `flow.debounce` and `flow.batch`: for event triggers, one of them, each with a key that
 /// compiles and times in range, and (in this version) without the controls that act on one event's
-/// fire (a rate limit, a dedupeKey) or on its run (concurrency, throttle, priority).
+/// fire (a rate limit, a dedupeKey). Those that act on the run (concurrency, throttle, priority)
+/// admit the gathered run.
 fn validate_buffers(
     flow: &v1::Flow,
     event: Option<&v1::EventTrigger>,

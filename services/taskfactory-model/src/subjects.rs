@@ -171,6 +171,26 @@ pub fn executor_consumer(task_type: &str) -> String {
     format!("taskfactory-executor-{task_type}")
 }
 
+/// A message id as a NATS header can carry it: a header value holds no CR or LF, so those (and
+/// the backslash that escapes them) are written `\r`, `\n`, `\\`. One-to-one, so ids that
+/// differ stay apart, and the same id is always written the same (a republish is dropped as a
+/// duplicate). An id without any of the three passes unchanged.
+pub fn header_safe_msg_id(msg_id: &str) -> std::borrow::Cow<'_, str> {
+    if !msg_id.contains(['\r', '\n', '\\']) {
+        return std::borrow::Cow::Borrowed(msg_id);
+    }
+    let mut safe = String::with_capacity(msg_id.len() + 8);
+    for c in msg_id.chars() {
+        match c {
+            '\\' => safe.push_str("\\\\"),
+            '\r' => safe.push_str("\\r"),
+            '\n' => safe.push_str("\\n"),
+            c => safe.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(safe)
+}
+
 /// `Nats-Msg-Id` of a TriggerEvent: `<activity id>:<dedupe key>`.
 pub fn trigger_msg_id(activity_id: &str, dedupe_key: &str) -> String {
     format!("{activity_id}:{dedupe_key}")
@@ -317,5 +337,16 @@ mod tests {
         ] {
             assert_eq!(destination_template(subject), template, "{subject}");
         }
+    }
+
+    #[test]
+    fn a_message_id_with_line_breaks_is_escaped_one_to_one() {
+        assert_eq!(header_safe_msg_id("a:b c"), "a:b c");
+        assert_eq!(header_safe_msg_id("a\r\nb"), "a\\r\\nb");
+        // Distinct ids stay distinct: a backslash is always escaped.
+        assert_ne!(header_safe_msg_id("x\\n\n"), header_safe_msg_id("x\n\\n"));
+        assert_ne!(header_safe_msg_id("a\\r"), header_safe_msg_id("a\r"));
+        assert_eq!(header_safe_msg_id("a\\b"), "a\\\\b");
+        assert!(!header_safe_msg_id("\n\r").contains(['\r', '\n']));
     }
 }

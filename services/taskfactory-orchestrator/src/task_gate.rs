@@ -108,9 +108,9 @@ pub async fn run(
         let keys: Vec<String> = keys.into_iter().collect();
         for chunk in keys.chunks(KEYS_AT_ONCE) {
             match store::let_through(&spawner.pool, chunk).await {
-                Ok(tasks) => {
+                Ok((tasks, full)) => {
                     // As many as one call lets through: some keys may have room left.
-                    if tasks.len() >= store::LET_THROUGH_AT_ONCE {
+                    if full {
                         spawner.task_gate.ask_all(chunk.iter().cloned());
                     }
                     publish(&spawner, tasks).await;

@@ -61,7 +61,10 @@ pub async fn publish(
         messaging.message.body.size = payload.len(),
     );
     let mut headers = extra_headers.unwrap_or_default();
-    headers.insert(subjects::HEADER_MSG_ID, msg_id);
+    headers.insert(
+        subjects::HEADER_MSG_ID,
+        subjects::header_safe_msg_id(msg_id).as_ref(),
+    );
     crate::propagation::inject_nats(&span, &mut headers);
     js.send_publish(
         subject,

@@ -132,14 +132,22 @@ impl Gather {
     }
 }
 
-/// The row key of a buffer: its key, and under flow.concurrency or flow.throttle the event's keys
-/// there too, so that events whose runs would be admitted under other keys are gathered apart.
+/// The row key of a buffer: its key, and under flow.concurrency or flow.throttle a digest of how
+/// the event's run would be admitted (its keys and limits, not its priority), so that events whose
+/// runs would be admitted otherwise are gathered apart. (A change of those limits opens new
+/// buffers; one gathered before fires, when due, as it was gathered.)
 fn buffer_key(key: &str, flow: Option<&FlowAdmission>) -> String {
+    use sha2::Digest as _;
     match flow {
         None => key.to_owned(),
         Some(flow) => {
-            let throttle = flow.throttle.as_ref().map_or("", |t| t.key.as_str());
-            let mut row = format!("{key}\u{1f}{}\u{1f}{throttle}", flow.concurrency_key);
+            let admitted = FlowAdmission {
+                priority: 0,
+                arrival_ns: 0,
+                ..flow.clone()
+            };
+            let digest = hex::encode(sha2::Sha256::digest(admitted.encode_to_vec()));
+            let mut row = format!("{key}\u{1f}{digest}");
             values::make_storable_key(&mut row);
             row
         }
@@ -202,7 +210,11 @@ impl Buffers {
         } = event;
         let row_key = buffer_key(shown_key, flow.as_ref());
         let key = row_key.as_str();
-        let admission = flow.as_ref().map(|flow| flow.encode_to_vec());
+        // The run's place among those waiting under flow control: when its first event came.
+        let admission = flow.map(|mut flow| {
+            flow.arrival_ns = origin.published_ns;
+            flow.encode_to_vec()
+        });
         let now = self.clock.now();
         // As the run's TriggerEvent will carry it (a protobuf Struct, larger than the JSON).
         let bytes = i64::try_from(values::json_to_value(payload).encoded_len()).unwrap_or(i64::MAX);

@@ -233,8 +233,11 @@ pub(crate) fn prepare(request: &mut FireRequest) -> NewFire {
         subject: request.subject.clone(),
         activity_name: request.activity_name.clone(),
         overlap: request.overlap as i32,
+        // A gathered run's place was set when its first event came.
         flow: request.flow.clone().map(|mut flow| {
-            flow.arrival_ns = arrival_ns(request, fired_at);
+            if flow.arrival_ns == 0 {
+                flow.arrival_ns = arrival_ns(request, fired_at);
+            }
             flow
         }),
     }

@@ -81,11 +81,14 @@ pub const LET_THROUGH_AT_ONCE: usize = 256;
 
 /// Lets through, for each of `keys`, as many of its held tasks as it has room for (the limit of
 /// the task next in line, less its tasks handed over and not ended), in the order their runs made
-/// them, [`LET_THROUGH_AT_ONCE`] at most in all (a caller given that many asks again); marks them
-/// due to be published. Returns them.
-pub async fn let_through(pool: &PgPool, keys: &[String]) -> Result<Vec<LetThrough>, sqlx::Error> {
+/// them, [`LET_THROUGH_AT_ONCE`] at most in all; marks them due to be published. Returns them,
+/// and whether that many were chosen (some keys may have room left: ask them again).
+pub async fn let_through(
+    pool: &PgPool,
+    keys: &[String],
+) -> Result<(Vec<LetThrough>, bool), sqlx::Error> {
     if keys.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), false));
     }
     let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
     let mut tx = pool.begin().await?;
@@ -95,7 +98,15 @@ pub async fn let_through(pool: &PgPool, keys: &[String]) -> Result<Vec<LetThroug
     // let through only if the key's tasks with executors, it included, stay within its own limit
     // (and none after one that does not). A held task a cancel holds locked is passed over (it
     // is being cancelled; waiting for it could deadlock against the cancel's row order).
-    let rows: Vec<TaskRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+    let rows: Vec<(
+        Uuid,
+        String,
+        Vec<u8>,
+        i32,
+        DateTime<Utc>,
+        Option<String>,
+        i64,
+    )> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "WITH keys AS (SELECT DISTINCT k AS key FROM unnest($1::text[]) AS k), \
          heads AS ( \
              SELECT k.key, h.concurrency_limit AS lim, \
@@ -116,7 +127,7 @@ pub async fn let_through(pool: &PgPool, keys: &[String]) -> Result<Vec<LetThroug
                  FROM tasks t \
                  WHERE t.concurrency_key = h.key AND t.held AND t.status = 'PENDING' \
                  ORDER BY t.created_at, t.run_id, t.template, t.item_index \
-                 LIMIT GREATEST(h.lim - h.busy, 0)) c \
+                 LIMIT LEAST(GREATEST(h.lim - h.busy, 0), {LET_THROUGH_AT_ONCE})) c \
          ), chosen AS ( \
              SELECT id FROM candidates WHERE fits ORDER BY key, place LIMIT {LET_THROUGH_AT_ONCE} \
          ), locked AS ( \
@@ -127,14 +138,24 @@ pub async fn let_through(pool: &PgPool, keys: &[String]) -> Result<Vec<LetThroug
          UPDATE tasks t SET held = false, publish_due = clock_timestamp() \
          FROM locked l WHERE t.id = l.id \
          RETURNING t.id, t.type, t.instance, t.redrives, t.created_at, \
-             (SELECT r.traceparent FROM runs r WHERE r.id = t.run_id)"
+             (SELECT r.traceparent FROM runs r WHERE r.id = t.run_id), \
+             (SELECT count(*) FROM chosen) AS chosen"
     )))
     .persistent(false)
     .bind(&keys)
     .fetch_all(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(to_publish(rows))
+    let full = rows
+        .first()
+        .is_some_and(|row| row.6 >= i64::try_from(LET_THROUGH_AT_ONCE).unwrap_or(i64::MAX));
+    let rows = rows
+        .into_iter()
+        .map(|(id, task_type, instance, redrives, created, parent, _)| {
+            (id, task_type, instance, redrives, created, parent)
+        })
+        .collect();
+    Ok((to_publish(rows), full))
 }
 
 /// Notes that the tasks let through are in the stream.
