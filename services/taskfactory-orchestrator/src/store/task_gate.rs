@@ -39,6 +39,17 @@ pub struct LetThrough {
 /// A task to publish as read: id, type, instance, redrives, created, its run's traceparent.
 type TaskRow = (Uuid, String, Vec<u8>, i32, DateTime<Utc>, Option<String>);
 
+/// A [`TaskRow`] let through, with how many the call chose.
+type ChosenRow = (
+    Uuid,
+    String,
+    Vec<u8>,
+    i32,
+    DateTime<Utc>,
+    Option<String>,
+    i64,
+);
+
 fn to_publish(rows: Vec<TaskRow>) -> Vec<LetThrough> {
     let now = Utc::now();
     rows.into_iter()
@@ -98,15 +109,7 @@ pub async fn let_through(
     // let through only if the key's tasks with executors, it included, stay within its own limit
     // (and none after one that does not). A held task a cancel holds locked is passed over (it
     // is being cancelled; waiting for it could deadlock against the cancel's row order).
-    let rows: Vec<(
-        Uuid,
-        String,
-        Vec<u8>,
-        i32,
-        DateTime<Utc>,
-        Option<String>,
-        i64,
-    )> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+    let rows: Vec<ChosenRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "WITH keys AS (SELECT DISTINCT k AS key FROM unnest($1::text[]) AS k), \
          heads AS ( \
              SELECT k.key, h.concurrency_limit AS lim, \
