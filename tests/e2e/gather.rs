@@ -363,7 +363,7 @@ async fn batches_are_gathered_per_concurrency_key_and_run_under_it() -> anyhow::
     let mut admin = env.admin().await?;
     let js = env.js().await?;
     let pool = env.db.pool().await?;
-    let server = RecordingServer::start(Duration::from_millis(300)).await?;
+    let server = RecordingServer::start(Duration::from_millis(1000)).await?;
     create(
         &mut admin,
         &format!(
@@ -386,6 +386,23 @@ async fn batches_are_gathered_per_concurrency_key_and_run_under_it() -> anyhow::
         "nokey".to_owned(),
     ));
     publish_burst(&js, "events.rows.changed", burst).await?;
+    // While a customer's next batch waits for its first to finish, its events say so.
+    wait_for(
+        "a batched event whose run waits",
+        Duration::from_secs(30),
+        || {
+            let mut admin = admin.clone();
+            async move {
+                let made = decisions(&mut admin, of_activity("loads")).await?;
+                Ok(made.into_iter().find(|d| {
+                    d.decision() == Decision::Batched
+                        && d.reason
+                            .contains("its run waits for room under flow.concurrency")
+                }))
+            }
+        },
+    )
+    .await?;
     wait_count(
         &pool,
         "6 runs succeeded",

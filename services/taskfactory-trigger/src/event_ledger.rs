@@ -411,11 +411,11 @@ fn from_row(row: &sqlx::postgres::PgRow) -> Result<(EventDecision, Cursor), sqlx
     let mut decision = decision_from_db(row.try_get::<&str, _>("decision")?);
     let mut reason: String = row.try_get("reason")?;
     let mut flow_key: Option<String> = row.try_get("flow_key")?;
-    if decision == Decision::Fired && row.try_get::<bool, _>("run_waits")? {
-        decision = Decision::Queued;
+    let gathered = matches!(decision, Decision::Debounced | Decision::Batched);
+    if (decision == Decision::Fired || gathered) && row.try_get::<bool, _>("run_waits")? {
         let throttle_key: Option<String> = row.try_get("run_throttle_key")?;
         let concurrency_key: Option<String> = row.try_get("run_flow_key")?;
-        (reason, flow_key) = match (
+        let (wait, key) = match (
             row.try_get::<Option<bool>, _>("run_throttled")?,
             throttle_key,
             concurrency_key,
@@ -431,9 +431,17 @@ fn from_row(row: &sqlx::postgres::PgRow) -> Result<(EventDecision, Cursor), sqlx
             _ => (
                 "its run waits for the activity's runs before it to finish (overlap policy)"
                     .to_owned(),
-                flow_key,
+                None,
             ),
         };
+        if gathered {
+            // Its decision stands (the event is in that run); the wait is said beside it.
+            reason = format!("{reason}; {wait}");
+        } else {
+            decision = Decision::Queued;
+            reason = wait;
+            flow_key = key.or(flow_key);
+        }
     }
     let sequence_u64 = u64::try_from(sequence).unwrap_or(0);
     Ok((
