@@ -45,6 +45,21 @@ pub(crate) fn of_activity(activity: &str) -> ListEventDecisionsRequest {
     }
 }
 
+/// The decisions at `activity`, asserting there is exactly one for each of `events` events.
+pub(crate) async fn one_decision_each(
+    admin: &mut Admin,
+    activity: &str,
+    events: i64,
+) -> anyhow::Result<Vec<EventDecision>> {
+    let made = decisions(admin, of_activity(activity)).await?;
+    let mut ids: Vec<&str> = made.iter().map(|d| d.event_id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(made.len(), ids.len(), "{activity}: one decision per event");
+    assert_eq!(made.len(), usize::try_from(events)?, "{activity}");
+    Ok(made)
+}
+
 /// `(event id, decision)` per row.
 pub(crate) fn summary(rows: &[EventDecision]) -> Vec<(String, Decision)> {
     rows.iter()

@@ -239,6 +239,43 @@ pub(crate) fn per_key<T>(
     by_key
 }
 
+/// The limits held at `activity`: its server's calls never more than `calls` at once, and its
+/// runs never more than `runs` at once per concurrency key (from their start and finish).
+pub(crate) async fn assert_limits_held(
+    pool: &sqlx::PgPool,
+    activity: &str,
+    server: &RecordingServer,
+    calls: usize,
+    runs: usize,
+) -> anyhow::Result<()> {
+    let timed: Vec<(std::time::Instant, std::time::Instant)> = server
+        .timed_calls()
+        .iter()
+        .map(|c| (c.started, c.finished))
+        .collect();
+    assert!(
+        most_at_once(&timed) <= calls,
+        "{activity}: the task key's limit of {calls} held"
+    );
+    let rows: Vec<(
+        String,
+        chrono::DateTime<chrono::Utc>,
+        chrono::DateTime<chrono::Utc>,
+    )> = sqlx::query_as(
+        "SELECT flow_key, started_at, finished_at FROM runs WHERE activity_name = $1",
+    )
+    .bind(activity)
+    .fetch_all(pool)
+    .await?;
+    for (key, spans) in per_key(rows) {
+        assert!(
+            most_at_once(&spans) <= runs,
+            "{activity}: run key {key}: more than {runs} at once"
+        );
+    }
+    Ok(())
+}
+
 /// How many of `intervals` (start, end) overlap at most at one instant.
 pub(crate) fn most_at_once<T: Ord + Copy>(intervals: &[(T, T)]) -> usize {
     let mut edges: Vec<(T, i32)> = intervals
@@ -408,6 +445,10 @@ async fn waiting_runs_start_in_priority_order_and_their_events_are_queued() -> a
         queued.iter().all(|d| d.reason.contains("waits")),
         "{queued:#?}"
     );
+    // Counted as they were queued (a manual fire, which has no event, is not).
+    let page = taskfactory_runtime::metrics::handle().render();
+    let line = "taskfactory_event_decisions_total{activity=\"ranked\",decision=\"queued\"} 5";
+    assert!(page.contains(line), "{line} in {page}");
     // A manual fire with a higher priority goes before them; one without a rank is refused.
     admin
         .trigger_activity(taskfactory_proto::v1::TriggerActivityRequest {

@@ -3,15 +3,15 @@
 //! across a killed trigger.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use taskfactory_proto::v1::event_decision::Decision;
 use taskfactory_runtime::clock::{ClockHandle, ManualClock};
 use taskfactory_tests::{EnvOptions, Service, TestEnv, wait_for};
 
-use crate::event_decisions::{decisions, of_activity};
-use crate::flow_control::{most_at_once, per_key};
+use crate::event_decisions::{decisions, of_activity, one_decision_each};
+use crate::flow_control::{assert_limits_held, most_at_once, per_key};
 use crate::support::{RecordingServer, create, publish_burst, publish_event, wait_count};
 
 /// The fires of `activity`: `(dedupe key, payload)`, in the order they were recorded.
@@ -588,16 +588,7 @@ async fn flow_state_survives_killing_the_trigger_and_the_orchestrator_at_once() 
             },
         )
         .await?;
-        let made = decisions(&mut admin, of_activity(activity)).await?;
-        let mut events: Vec<&str> = made.iter().map(|d| d.event_id.as_str()).collect();
-        events.sort_unstable();
-        events.dedup();
-        assert_eq!(
-            made.len(),
-            events.len(),
-            "{activity}: one decision per event"
-        );
-        assert_eq!(made.len(), usize::try_from(EVENTS)?, "{activity}");
+        let made = one_decision_each(&mut admin, activity, EVENTS).await?;
         let payloads: Vec<(String, serde_json::Value)> =
             sqlx::query_as("SELECT id::text, payload FROM runs WHERE activity_name = $1")
                 .bind(activity)
@@ -636,12 +627,7 @@ async fn flow_state_survives_killing_the_trigger_and_the_orchestrator_at_once() 
         .fetch_one(&pool)
         .await?;
     assert_eq!(runs, EVENTS, "queued: no run doubled");
-    let made = decisions(&mut admin, of_activity("queued")).await?;
-    let mut events: Vec<&str> = made.iter().map(|d| d.event_id.as_str()).collect();
-    events.sort_unstable();
-    events.dedup();
-    assert_eq!(made.len(), events.len(), "queued: one decision per event");
-    assert_eq!(made.len(), usize::try_from(EVENTS)?);
+    let made = one_decision_each(&mut admin, "queued", EVENTS).await?;
     assert!(made.iter().all(|d| d.decision() == Decision::Fired));
     // Every task called once (by task id), for every event.
     let counts = server.counts();
@@ -654,22 +640,6 @@ async fn flow_state_survives_killing_the_trigger_and_the_orchestrator_at_once() 
         counts.values().all(|n| *n == 1),
         "a task ran twice: {counts:?}"
     );
-    let calls: Vec<(Instant, Instant)> = server
-        .timed_calls()
-        .iter()
-        .map(|c| (c.started, c.finished))
-        .collect();
-    assert!(most_at_once(&calls) <= 2, "the task key's limit of 2 held");
-    let rows: Vec<(String, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT flow_key, started_at, finished_at FROM runs WHERE activity_name = 'queued'",
-    )
-    .fetch_all(&pool)
-    .await?;
-    for (key, spans) in per_key(rows) {
-        assert!(
-            most_at_once(&spans) <= 1,
-            "run key {key}: more than one at once"
-        );
-    }
+    assert_limits_held(&pool, "queued", &server, 2, 1).await?;
     Ok(())
 }

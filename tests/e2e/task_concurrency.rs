@@ -332,3 +332,129 @@ async fn a_retried_task_takes_its_place_under_its_key_even_if_it_died_held() -> 
     assert_eq!((held, status.as_str()), (false, "PENDING"));
     Ok(())
 }
+
+/// Two triggers and two orchestrators at once: every event is decided once at each activity, no
+/// run is doubled, and the limits hold across the replicas (one run per key, three calls in all,
+/// every gathered event in exactly one run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn limits_hold_across_two_triggers_and_two_orchestrators() -> anyhow::Result<()> {
+    use crate::event_decisions::one_decision_each;
+    use crate::flow_control::assert_limits_held;
+    use crate::support::{RecordingServer, publish_event, wait_count};
+
+    let env = TestEnv::new(EnvOptions {
+        executor_concurrency: 64,
+        ..EnvOptions::default()
+    })
+    .await?;
+    let second_admin = format!("127.0.0.1:{}", taskfactory_tests::free_port());
+    let _replicas = [
+        env.spawn_process(
+            Service::Trigger,
+            &[
+                ("TASKFACTORY_INSTANCE_ID", "trigger-a"),
+                ("TASKFACTORY_RELOAD_INTERVAL", "300ms"),
+            ],
+        )?,
+        env.spawn_process(
+            Service::Trigger,
+            &[
+                ("TASKFACTORY_INSTANCE_ID", "trigger-b"),
+                ("TASKFACTORY_GRPC_ADDR", second_admin.as_str()),
+                ("TASKFACTORY_RELOAD_INTERVAL", "300ms"),
+            ],
+        )?,
+        env.spawn_process(Service::Orchestrator, &[])?,
+        env.spawn_process(Service::Orchestrator, &[])?,
+    ];
+    let _executor = env.start(Service::Executor);
+    env.wait_ready(&[Service::Trigger, Service::Orchestrator, Service::Executor])
+        .await?;
+    let mut admin = env.admin().await?;
+    let server = RecordingServer::start(Duration::from_millis(50)).await?;
+    create(
+        &mut admin,
+        &format!(
+            "name: keyed\ntrigger: {{event: {{subject: 'events.k.*'}}}}\nflow: {{concurrency: {{key: event.k, limit: 1}}}}\ntasks: [{{name: call, type: http, params: {{url: '{}', body: {{n: '{{{{ event.n }}}}'}}}}, concurrency: {{limit: 3}}}}]",
+            server.url
+        ),
+    )
+    .await?;
+    create(
+        &mut admin,
+        "name: batched\ntrigger: {event: {subject: 'events.k.*'}}\nflow: {batch: {key: event.k, maxSize: 10, timeout: 1s}}\ntasks: [{name: t, type: noop}]",
+    )
+    .await?;
+    // The replica whose admin API did not create them knows the activities within moments
+    // (the definitions-changed signal, at the latest its poll): events it takes before do not
+    // reach them.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let js = env.js().await?;
+    const EVENTS: i64 = 200;
+    for n in 0..EVENTS {
+        let body = serde_json::json!({"k": n % 5, "n": n});
+        publish_event(
+            &js,
+            "events.k.x",
+            body.to_string().into_bytes(),
+            Some(&format!("e{n}")),
+        )
+        .await?;
+    }
+    let pool = env.db.pool().await?;
+    wait_count(
+        &pool,
+        "every keyed run succeeded",
+        "SELECT count(*) FROM runs WHERE activity_name = $1 AND status = 'SUCCEEDED'",
+        &["keyed"],
+        EVENTS,
+        Duration::from_secs(120),
+    )
+    .await?;
+    wait_count(
+        &pool,
+        "every batched event in a finished run",
+        "SELECT coalesce(sum((payload->>'size')::int), 0)::int8 FROM runs \
+         WHERE activity_name = $1 AND status = 'SUCCEEDED'",
+        &["batched"],
+        EVENTS,
+        Duration::from_secs(60),
+    )
+    .await?;
+    for activity in ["keyed", "batched"] {
+        one_decision_each(&mut admin, activity, EVENTS).await?;
+    }
+    let (runs, fires): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM runs WHERE activity_name = 'keyed'), \
+             (SELECT count(*) FROM fires WHERE activity_name = 'keyed')",
+    )
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!((runs, fires), (EVENTS, EVENTS), "no run doubled");
+    let batched: Vec<serde_json::Value> =
+        sqlx::query_scalar("SELECT payload FROM runs WHERE activity_name = 'batched'")
+            .fetch_all(&pool)
+            .await?;
+    let mut seen: Vec<i64> = batched
+        .iter()
+        .flat_map(|p| {
+            p["batch"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|e| e["n"].as_i64().unwrap_or(-1))
+        })
+        .collect();
+    seen.sort_unstable();
+    assert_eq!(
+        seen,
+        (0..EVENTS).collect::<Vec<_>>(),
+        "every event in one batch"
+    );
+    let counts = server.counts();
+    assert_eq!(counts.len(), usize::try_from(EVENTS)?);
+    assert!(counts.values().all(|n| *n == 1), "a task ran twice");
+    assert_limits_held(&pool, "keyed", &server, 3, 1).await?;
+    Ok(())
+}

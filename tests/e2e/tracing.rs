@@ -553,3 +553,70 @@ async fn a_webhook_delivery_with_a_traceparent_continues_the_senders_trace() -> 
     assert_eq!(fire.attribute("fire.source"), Some("webhook"));
     Ok(())
 }
+
+/// A run that waits under its concurrency key shows the wait in its event's trace: the run is
+/// admitted (`run.admission` queued), and later started in the same trace, saying how long it
+/// waited (`run.waited_ms`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_queued_runs_wait_shows_in_its_events_trace() -> anyhow::Result<()> {
+    let receiver = OtlpReceiver::start().await?;
+    let env = TestEnv::new(EnvOptions::default()).await?;
+    let _services = start_traced(&env, &receiver.endpoint(), |_| Vec::new()).await?;
+    let mut admin = env.admin().await?;
+    let server = crate::support::RecordingServer::start(Duration::from_millis(1000)).await?;
+    create(
+        &mut admin,
+        &format!(
+            "name: one-at-a-time\ntrigger: {{event: {{subject: 'events.waits.*'}}}}\nflow: {{concurrency: {{limit: 1}}}}\ntasks: [{{name: call, type: http, params: {{url: '{}'}}}}]",
+            server.url
+        ),
+    )
+    .await?;
+    let js = env.js().await?;
+    let mut traces = Vec::new();
+    for n in 0..2 {
+        let (trace_id, span) = caller_context();
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("traceparent", format!("00-{trace_id}-{span}-01"));
+        headers.insert("Nats-Msg-Id", format!("w{n}"));
+        js.publish_with_headers("events.waits.x", headers, b"{}".to_vec().into())
+            .await?
+            .await?;
+        traces.push(trace_id);
+    }
+    // The second event's run waits for the first's call, about a second.
+    let second = traces[1].clone();
+    let spans = receiver
+        .wait_until(
+            "the waiting run's start",
+            Duration::from_secs(30),
+            |spans| {
+                spans.iter().any(|s| {
+                    s.trace_id == second && s.attribute("run.admission") == Some("started")
+                })
+            },
+        )
+        .await?;
+    let runs: Vec<&ReceivedSpan> = spans
+        .iter()
+        .filter(|s| s.trace_id == second && s.name == "run one-at-a-time")
+        .collect();
+    let admissions: Vec<&str> = runs
+        .iter()
+        .filter_map(|s| s.attribute("run.admission"))
+        .collect();
+    assert!(
+        admissions.contains(&"queued") && admissions.contains(&"started"),
+        "{admissions:?}"
+    );
+    let started = runs
+        .iter()
+        .find(|s| s.attribute("run.admission") == Some("started"))
+        .unwrap();
+    let waited: u64 = started
+        .attribute("run.waited_ms")
+        .ok_or_else(|| anyhow::anyhow!("no run.waited_ms: {:?}", started.attributes))?
+        .parse()?;
+    assert!(waited >= 500, "waited {waited} ms");
+    Ok(())
+}

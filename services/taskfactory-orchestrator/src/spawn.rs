@@ -42,8 +42,8 @@ use taskfactory_proto::v1::{
     trigger,
 };
 use taskfactory_runtime::messaging::{self, Handler, Then, Unfinished};
-use taskfactory_runtime::propagation;
 use taskfactory_runtime::telemetry::error_chain;
+use taskfactory_runtime::{metrics, propagation};
 use tracing::Instrument as _;
 use uuid::Uuid;
 
@@ -465,6 +465,7 @@ impl Spawner {
         };
         if !started.contains(&run_id) {
             tracing::Span::current().record("run.admission", "queued");
+            count_queued(event);
             tracing::info!(run.id = %run_id, activity.name = %event.activity_name, concurrency.key = %flow.concurrency_key, concurrency.limit = flow.concurrency_limit, priority = flow.priority, "run waits for room under its concurrency key");
         }
         for id in started {
@@ -482,16 +483,16 @@ impl Spawner {
     /// publishes them. A run that ends at once (no tasks, evaluation failed) lets the next waiting
     /// run start.
     pub async fn start_admitted(&self, run_id: RunId) -> Result<(), SpawnError> {
-        let Some((encoded, traceparent)) =
-            store::admitted_trigger_event(&self.pool, run_id).await?
-        else {
+        let Some(admitted) = store::admitted_trigger_event(&self.pool, run_id).await? else {
             return Ok(()); // started elsewhere meanwhile, or cancelled
         };
-        let event = decode_trigger(encoded.as_slice()).map_err(SpawnError::Decode)?;
-        // The run continues the trace of its fire, whoever starts it and whenever.
+        let event = decode_trigger(admitted.event.as_slice()).map_err(SpawnError::Decode)?;
+        // The run continues the trace of its fire, whoever starts it and whenever: the trace
+        // shows the wait between the run's admission and this start, and says how long it was.
         let span = run_span(&event, run_id);
         span.record("run.admission", "started");
-        propagation::set_parent(&span, propagation::parse_traceparent(&traceparent));
+        span.record("run.waited_ms", admitted.waited_ms);
+        propagation::set_parent(&span, propagation::parse_traceparent(&admitted.traceparent));
         self.start_admitted_event(run_id, event)
             .instrument(span)
             .await
@@ -499,10 +500,10 @@ impl Spawner {
 
     /// [`Self::start_admitted`] from inside the run's own span (the trigger being processed).
     async fn start_admitted_here(&self, run_id: RunId) -> Result<(), SpawnError> {
-        let Some((encoded, _)) = store::admitted_trigger_event(&self.pool, run_id).await? else {
+        let Some(admitted) = store::admitted_trigger_event(&self.pool, run_id).await? else {
             return Ok(());
         };
-        let event = decode_trigger(encoded.as_slice()).map_err(SpawnError::Decode)?;
+        let event = decode_trigger(admitted.event.as_slice()).map_err(SpawnError::Decode)?;
         tracing::Span::current().record("run.admission", "started");
         self.start_admitted_event(run_id, event).await
     }
@@ -1087,6 +1088,17 @@ pub(crate) fn run_header(event: &TriggerEvent, activity_id: ActivityId, run_id: 
     }
 }
 
+/// Counts an event's `QUEUED` decision (`taskfactory_event_decisions_total{decision="queued"}`):
+/// its run waits under flow control. (The event was counted `fired` by the trigger.)
+pub(crate) fn count_queued(event: &TriggerEvent) {
+    if matches!(
+        event.source(),
+        taskfactory_proto::v1::TriggerSource::Event | taskfactory_proto::v1::TriggerSource::Webhook
+    ) {
+        metrics::count_event_decision(&event.activity_name, "queued");
+    }
+}
+
 /// The span of one run: `run <activity>`, a child of its fire's span.
 fn run_span(event: &TriggerEvent, run_id: RunId) -> tracing::Span {
     tracing::info_span!(
@@ -1098,6 +1110,7 @@ fn run_span(event: &TriggerEvent, run_id: RunId) -> tracing::Span {
         run.status = tracing::field::Empty,
         run.tasks = tracing::field::Empty,
         run.admission = tracing::field::Empty,
+        run.waited_ms = tracing::field::Empty,
         activity.name = %event.activity_name,
         activity.id = %event.activity_id,
         activity.version = event.activity_version,

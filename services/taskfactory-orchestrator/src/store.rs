@@ -960,15 +960,30 @@ pub(crate) fn record_run_finished(activity: &str, status: RunStatus) {
 pub async fn admitted_trigger_event(
     pool: &PgPool,
     run: RunId,
-) -> Result<Option<(Vec<u8>, String)>, sqlx::Error> {
-    let row: Option<(Option<Vec<u8>>, String)> = sqlx::query_as(
-        "SELECT trigger_event, traceparent FROM runs \
-         WHERE id = $1 AND status = 'PENDING' AND NOT waiting",
+) -> Result<Option<AdmittedRun>, sqlx::Error> {
+    let row: Option<(Option<Vec<u8>>, String, i64)> = sqlx::query_as(
+        "SELECT trigger_event, traceparent, \
+             (extract(epoch FROM clock_timestamp() - created_at) * 1000)::int8 \
+         FROM runs WHERE id = $1 AND status = 'PENDING' AND NOT waiting",
     )
     .bind(run.0)
     .fetch_optional(pool)
     .await?;
-    Ok(row.and_then(|(event, traceparent)| event.map(|event| (event, traceparent))))
+    Ok(row.and_then(|(event, traceparent, waited_ms)| {
+        event.map(|event| AdmittedRun {
+            event,
+            traceparent,
+            waited_ms,
+        })
+    }))
+}
+
+/// A run admitted and not started: its encoded TriggerEvent, its trace context, and how long it
+/// has been recorded (ms).
+pub struct AdmittedRun {
+    pub event: Vec<u8>,
+    pub traceparent: String,
+    pub waited_ms: i64,
 }
 
 /// Fills an admitted run with its evaluation and tasks (status leaves PENDING). False when it is

@@ -55,6 +55,7 @@ impl Spawner {
             return self.admitted_before(event, activity_id, run_id).await;
         }
         tracing::Span::current().record("run.admission", "throttled");
+        crate::spawn::count_queued(event);
         tracing::debug!(run.id = %run_id, activity.name = %event.activity_name, throttle.key = %throttle.key, throttle.limit = throttle.limit, priority = flow.priority, "run held by its throttle until its key's budget lets it through");
         self.throttle_due.notify_one();
         Ok(())
