@@ -12,7 +12,9 @@ use taskfactory_tests::{EnvOptions, Service, TestEnv, wait_for};
 
 use crate::event_decisions::{decisions, of_activity, one_decision_each};
 use crate::flow_control::{assert_limits_held, most_at_once, per_key};
-use crate::support::{RecordingServer, create, publish_burst, publish_event, wait_count};
+use crate::support::{
+    RecordingServer, create, publish_burst, publish_event, wait_count, wait_succeeded,
+};
 
 /// The fires of `activity`: `(dedupe key, payload)`, in the order they were recorded.
 async fn fires(
@@ -323,15 +325,7 @@ async fn keys_with_line_breaks_fire_once_each() -> anyhow::Result<()> {
         .await?;
     }
     for activity in ["keyed", "batched"] {
-        wait_count(
-            &pool,
-            &format!("three runs of {activity} succeeded"),
-            "SELECT count(*) FROM runs WHERE activity_name = $1 AND status = 'SUCCEEDED'",
-            &[activity],
-            3,
-            Duration::from_secs(30),
-        )
-        .await?;
+        wait_succeeded(&pool, activity, 3, Duration::from_secs(30)).await?;
     }
     // And the services go on: another event fires.
     publish_event(
@@ -341,15 +335,7 @@ async fn keys_with_line_breaks_fire_once_each() -> anyhow::Result<()> {
         Some("m9"),
     )
     .await?;
-    wait_count(
-        &pool,
-        "four runs of keyed",
-        "SELECT count(*) FROM runs WHERE activity_name = $1 AND status = 'SUCCEEDED'",
-        &["keyed"],
-        4,
-        Duration::from_secs(30),
-    )
-    .await?;
+    wait_succeeded(&pool, "keyed", 4, Duration::from_secs(30)).await?;
     Ok(())
 }
 
@@ -403,15 +389,7 @@ async fn batches_are_gathered_per_concurrency_key_and_run_under_it() -> anyhow::
         },
     )
     .await?;
-    wait_count(
-        &pool,
-        "6 runs succeeded",
-        "SELECT count(*) FROM runs WHERE activity_name = $1 AND status = 'SUCCEEDED'",
-        &["loads"],
-        6,
-        Duration::from_secs(60),
-    )
-    .await?;
+    wait_succeeded(&pool, "loads", 6, Duration::from_secs(60)).await?;
     type RunRow = (
         serde_json::Value,
         Option<String>,
@@ -614,15 +592,7 @@ async fn flow_state_survives_killing_the_trigger_and_the_orchestrator_at_once() 
             );
         }
     }
-    wait_count(
-        &pool,
-        "every queued event's run succeeded",
-        "SELECT count(*) FROM runs WHERE activity_name = $1 AND status = 'SUCCEEDED'",
-        &["queued"],
-        EVENTS,
-        Duration::from_secs(180),
-    )
-    .await?;
+    wait_succeeded(&pool, "queued", EVENTS, Duration::from_secs(180)).await?;
     let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE activity_name = 'queued'")
         .fetch_one(&pool)
         .await?;

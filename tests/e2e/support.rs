@@ -170,6 +170,24 @@ pub async fn wait_count(
     .await
 }
 
+/// Waits until `activity` has at least `n` succeeded runs.
+pub async fn wait_succeeded(
+    pool: &sqlx::PgPool,
+    activity: &str,
+    n: i64,
+    within: Duration,
+) -> anyhow::Result<()> {
+    wait_count(
+        pool,
+        &format!("{n} runs of {activity} succeeded"),
+        "SELECT count(*) FROM runs WHERE activity_name = $1 AND status = 'SUCCEEDED'",
+        &[activity],
+        n,
+        within,
+    )
+    .await
+}
+
 /// Publishes events to the events stream back to back, `(body, Nats-Msg-Id)` each, then waits
 /// for every ack: a burst as fast as one client sends it.
 pub async fn publish_burst(

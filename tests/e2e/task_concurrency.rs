@@ -340,7 +340,7 @@ async fn a_retried_task_takes_its_place_under_its_key_even_if_it_died_held() -> 
 async fn limits_hold_across_two_triggers_and_two_orchestrators() -> anyhow::Result<()> {
     use crate::event_decisions::one_decision_each;
     use crate::flow_control::assert_limits_held;
-    use crate::support::{RecordingServer, publish_event, wait_count};
+    use crate::support::{RecordingServer, publish_event, wait_count, wait_succeeded};
 
     let env = TestEnv::new(EnvOptions {
         executor_concurrency: 64,
@@ -402,15 +402,7 @@ async fn limits_hold_across_two_triggers_and_two_orchestrators() -> anyhow::Resu
         .await?;
     }
     let pool = env.db.pool().await?;
-    wait_count(
-        &pool,
-        "every keyed run succeeded",
-        "SELECT count(*) FROM runs WHERE activity_name = $1 AND status = 'SUCCEEDED'",
-        &["keyed"],
-        EVENTS,
-        Duration::from_secs(120),
-    )
-    .await?;
+    wait_succeeded(&pool, "keyed", EVENTS, Duration::from_secs(120)).await?;
     wait_count(
         &pool,
         "every batched event in a finished run",

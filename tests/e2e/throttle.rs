@@ -10,25 +10,7 @@ use taskfactory_tests::{EnvOptions, TestEnv, wait_for};
 
 use crate::event_decisions::{decisions, of_activity};
 use crate::flow_control::{most_at_once, per_key};
-use crate::support::{RecordingServer, create, publish_burst, publish_event, wait_count};
-
-/// Waits until `activity` has `n` succeeded runs.
-async fn wait_succeeded(
-    pool: &sqlx::PgPool,
-    activity: &str,
-    n: i64,
-    within: Duration,
-) -> anyhow::Result<()> {
-    wait_count(
-        pool,
-        &format!("{n} runs of {activity} succeeded"),
-        "SELECT count(*) FROM runs WHERE activity_name = $1 AND status = 'SUCCEEDED'",
-        &[activity],
-        n,
-        within,
-    )
-    .await
-}
+use crate::support::{RecordingServer, create, publish_burst, publish_event, wait_succeeded};
 
 /// The runs of `activity` of one throttle key: `(event n, started_at)`, in the order they started.
 async fn starts(
